@@ -1,0 +1,1 @@
+"""inferd.daemon: the server process (sessions, batching threads, models)."""

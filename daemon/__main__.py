@@ -1,0 +1,120 @@
+"""``inferd``: run the daemon. ``inferd --help`` lists the flags; the TOML keys are in README.md.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration
+(the message names the key); 69 the socket path is taken (another daemon answers on it, or it is
+not a socket); 70 a device failed to load or warm the model.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_USAGE = 64
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferd", description="inferd: node-local image classification daemon")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--socket", metavar="PATH", help="listening socket (server.socket)")
+    p.add_argument("--model", metavar="NAME|PATH",
+                   help="built-in model name (shapes, resnet18, resnet50, noop) or a model file (model.builtin / model.path)")
+    p.add_argument("--device", action="append", metavar="SPEC",
+                   help="cpu, cpu:THREADS or cuda:N; repeat for several devices ([[device]])")
+    p.add_argument("--max-batch", type=int, help="batching.max_batch")
+    p.add_argument("--max-delay-ms", type=float, help="batching.max_delay_ms")
+    p.add_argument("--log-level", help="server.log_level")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any configuration key, value in TOML syntax (repeatable)")
+    return p
+
+
+def _overrides(args) -> dict:
+    from inferd.daemon.config import parse_override
+
+    out = dict(parse_override(text) for text in args.set)
+    if args.socket:
+        out["server.socket"] = args.socket
+    if args.model:
+        key = "model.path" if ("/" in args.model or "." in args.model) else "model.builtin"
+        out[key] = args.model
+    if args.max_batch is not None:
+        out["batching.max_batch"] = args.max_batch
+    if args.max_delay_ms is not None:
+        out["batching.max_delay_ms"] = args.max_delay_ms
+    if args.log_level:
+        out["server.log_level"] = args.log_level
+    return out
+
+
+def _devices(cfg, specs: list[str] | None):
+    import torch
+
+    from inferd.daemon.batcher import Device
+    from inferd.daemon.config import ConfigError, DeviceConfig, from_dict
+
+    if specs:
+        cfg.devices = []
+        for i, spec in enumerate(specs):
+            name, _, threads = spec.partition(":") if spec.startswith("cpu") else (spec, "", "")
+            if threads and not threads.isdigit():
+                raise ConfigError(f"--device {spec!r}: expected cpu, cpu:THREADS or cuda:N")
+            probe = from_dict({"device": [{"name": name, "threads": int(threads or 0)}]})
+            cfg.devices.append(probe.devices[0])
+    if not cfg.devices:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cfg.devices = [DeviceConfig(f"cuda:{i}") for i in range(count)] or [DeviceConfig("cpu")]
+    for i, dev in enumerate(cfg.devices):
+        if dev.name.startswith("cuda") and int(dev.name[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"device[{i}].name: {dev.name} is not present "
+                              f"({torch.cuda.device_count()} CUDA devices)")
+    return [Device(i, d.name, d.threads) for i, d in enumerate(cfg.devices)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from inferd.daemon import config as config_mod
+    from inferd.daemon.listener import Listener, ListenerError
+
+    try:
+        cfg = config_mod.load(args.config, _overrides(args))
+    except config_mod.ConfigError as exc:
+        print(f"inferd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=cfg.server.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("inferd")
+    try:
+        listener = Listener.bind(cfg.socket_path, cfg.server.socket_mode)
+    except ListenerError as exc:
+        log.error("%s", exc)
+        return EXIT_UNAVAILABLE
+    try:
+        return _serve(cfg, args, listener)
+    except config_mod.ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    finally:
+        listener.close()
+
+
+def _serve(cfg, args, listener) -> int:
+    import uvloop
+
+    from inferd.daemon import model as model_mod
+    from inferd.daemon.server import Server
+    from inferd.shm.ring import sweep_stale
+
+    removed = sweep_stale(cfg.ring.shm_prefix)
+    if removed:
+        logging.getLogger("inferd").warning("removed %d ring names left by a dead daemon: %s",
+                                            len(removed), ", ".join(removed))
+    devices = _devices(cfg, args.device)
+    model = model_mod.load(cfg.model)
+    return uvloop.run(Server(cfg, model, devices, listener).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The daemon's configuration: one home, documented defaults, every value checked at start-up.
+
+A TOML file (``inferd --config FILE``) gives sections ``[server]``, ``[ring]``, ``[batching]``,
+``[model]`` and a list ``[[device]]``; command-line flags override single keys
+(``--set batching.max_batch=16``, or the shortcuts ``--socket``, ``--model``, ...). An unknown key,
+a wrong type or a value out of range stops start-up with a :class:`ConfigError` whose message names
+the key and what is allowed. README.md's configuration reference is generated from the same
+table (``python -m inferd.daemon.config``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inferd.shm.ring import BACKENDS
+from inferd.shm.wire import default_socket_path
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MODEL_FORMATS = ("auto", "torchscript", "export")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message names the key and the allowed values."""
+
+
+def _opt(default, doc, *, lo=None, hi=None, choices=None):
+    return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass
+class ServerConfig:
+    socket: str = _opt("", "socket path; empty: /run/inferd/inferd.sock as root, else "
+                           "$XDG_RUNTIME_DIR/inferd/inferd.sock (/tmp/inferd-UID/inferd.sock without it)")
+    socket_mode: int = _opt(0o660, "permission bits of the socket file (TOML: 0o660 or \"0660\")",
+                            lo=0, hi=0o777)
+    allow_uids: list = _opt(None, "uids allowed to connect besides the daemon's own and root")
+    allow_gids: list = _opt(None, "gids whose members (primary gid of the peer) may connect")
+    max_clients: int = _opt(256, "concurrent client sessions", lo=1, hi=65536)
+    max_frame_bytes: int = _opt(65536, "largest request frame accepted", lo=256, hi=16 * 2**20)
+    hello_timeout_s: float = _opt(5.0, "time a new connection has to send hello", lo=0.01, hi=300.0)
+    drain_timeout_s: float = _opt(10.0, "SIGTERM: time allowed to finish in-flight work", lo=0.0, hi=3600.0)
+    log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
+
+
+@dataclass
+class RingConfig:
+    backend: str = _opt("memfd", "memfd (sealed, Linux) or posix (posix-ipc, unlinked at once)",
+                        choices=BACKENDS)
+    shm_prefix: str = _opt("inferd", "name prefix of rings and their start-up sweep")
+    default_slots: int = _opt(32, "slots of a ring whose client asks for 0", lo=1, hi=65536)
+    max_slots: int = _opt(1024, "most slots one client may ask for", lo=1, hi=65536)
+    max_ring_bytes: int = _opt(256 * 2**20, "largest ring one client may ask for",
+                               lo=4096, hi=64 * 2**30)
+
+
+@dataclass
+class BatchingConfig:
+    max_batch: int = _opt(32, "frames in one batch", lo=1, hi=4096)
+    max_delay_ms: float = _opt(2.0, "longest a batch waits for more frames after its first", lo=0.0, hi=10000.0)
+    queue_limit: int = _opt(1024, "frames queued or running per device before overloaded", lo=1, hi=1 << 20)
+    default_timeout_ms: float = _opt(30000.0, "deadline of a request that names none", lo=1.0, hi=3.6e6)
+
+
+@dataclass
+class ModelConfig:
+    builtin: str = _opt("shapes", "built-in model: shapes, resnet18, resnet50, noop (when path is empty)")
+    path: str = _opt("", "TorchScript (.pt) or torch.export (.pt2) file; overrides builtin")
+    format: str = _opt("auto", "how to load path", choices=MODEL_FORMATS)
+    input_height: int = _opt(0, "input height (0: the built-in model's own)", lo=0, hi=16384)
+    input_width: int = _opt(0, "input width (0: the built-in model's own)", lo=0, hi=16384)
+    mean: list = _opt(None, "per-channel mean after scaling to 0..1 (3 floats; default: the model's)")
+    std: list = _opt(None, "per-channel std (3 floats > 0; default: the model's)")
+    labels: str = _opt("", "labels file, one per line (required with path)")
+    top_k: int = _opt(5, "top-k a request gets when it names none", lo=1, hi=1000)
+    warmup_batches: int = _opt(2, "batches run on each device before READY", lo=0, hi=100)
+
+
+@dataclass
+class DeviceConfig:
+    name: str = _opt("cpu", "cpu or cuda:N")
+    threads: int = _opt(0, "torch intra-op threads for a cpu device (0: torch's default)", lo=0, hi=1024)
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
+
+    @property
+    def socket_path(self) -> str:
+        return self.server.socket or default_socket_path()
+
+
+SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig}
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its field's type and range; return it in the field's type."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    meta = f.metadata
+    if kind == "int":
+        if isinstance(value, str) and key.endswith("socket_mode"):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise ConfigError(f"{key}: {value!r} is not an octal mode such as \"0660\"") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif kind == "list":
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if lo is not None and not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo} to {hi}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _apply(obj, section: str, values: dict) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key; [{section}] takes {', '.join(fields)}")
+        setattr(obj, name, _coerce(key, fields[name], value))
+
+
+def _check_cross(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    for key in ("server.allow_uids", "server.allow_gids"):
+        ids = getattr(cfg.server, key.split(".")[1]) or []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids):
+            raise ConfigError(f"{key}: expected a list of ids 0 to {2**32 - 1}, got {ids!r}")
+    for key in ("model.mean", "model.std"):
+        vals = getattr(cfg.model, key.split(".")[1])
+        if vals is None:
+            continue
+        if len(vals) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel), got {vals!r}")
+        if key == "model.std" and not all(v > 0 for v in vals):
+            raise ConfigError(f"{key}: every std must be > 0, got {vals!r}")
+    if cfg.ring.default_slots > cfg.ring.max_slots:
+        raise ConfigError(f"ring.default_slots: {cfg.ring.default_slots} is above ring.max_slots "
+                          f"({cfg.ring.max_slots})")
+    if cfg.model.path:
+        if not cfg.model.input_height or not cfg.model.input_width:
+            raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
+        if not cfg.model.labels:
+            raise ConfigError("model.labels: a labels file is required with model.path")
+    seen = set()
+    for i, dev in enumerate(cfg.devices):
+        if dev.name != "cpu" and not (dev.name.startswith("cuda:") and dev.name[5:].isdigit()):
+            raise ConfigError(f"device[{i}].name: {dev.name!r} is not cpu or cuda:N")
+        if dev.name.startswith("cuda") and dev.name in seen:
+            raise ConfigError(f"device[{i}].name: {dev.name} is listed twice")
+        seen.add(dev.name)
+
+
+def from_dict(data: dict, overrides: dict | None = None) -> Config:
+    """Build and check a Config from parsed TOML plus ``{"section.key": value}`` overrides."""
+    cfg = Config()
+    for section, values in data.items():
+        if section == "device":
+            if not isinstance(values, list):
+                raise ConfigError("device: expected a list of tables ([[device]])")
+            for i, dev in enumerate(values):
+                d = DeviceConfig()
+                _apply(d, f"device[{i}]", dev)
+                cfg.devices.append(d)
+        elif section in SECTIONS:
+            _apply(getattr(cfg, section), section, values)
+        else:
+            raise ConfigError(f"[{section}]: unknown section; allowed: {', '.join([*SECTIONS, 'device'])}")
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"{dotted}: overrides take section.key with section one of {', '.join(SECTIONS)}")
+        _apply(getattr(cfg, section), section, {name: value})
+    _check_cross(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike | None, overrides: dict | None = None) -> Config:
+    """Read a TOML file (or nothing) and apply overrides. Raises ConfigError."""
+    data = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    return from_dict(data, overrides)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with value read as TOML (so 16, 2.5, "x", [1, 2] all work; a bare word
+    is taken as a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def reference() -> str:
+    """The configuration reference as a Markdown table (for README.md)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in [*SECTIONS.items(), ("device", DeviceConfig)]:
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if f.name == "socket_mode":
+                default = oct(default)
+            shown = "(see meaning)" if default in ("", None) else f"`{default!r}`"
+            rows.append(f"| `{section}.{f.name}` | {shown} | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference())

@@ -1,0 +1,307 @@
+"""The daemon's event loop: accept, hello handshake, admission, replies, and an orderly stop.
+
+Lifecycle::
+
+    bind socket -> start batching threads, wait until each has warmed its model -> accept
+    -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1: stop accepting, unlink the
+    socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
+    -> close sessions, stop and join batching threads, unmap every ring -> exit 0
+
+Handshake (on the raw socket, before the session protocol takes it over, because descriptors can
+only be sent with sendmsg): check the peer's uid/gid (SO_PEERCRED) against the allow-list, read one
+``hello`` frame within hello_timeout_s, check the asked ring geometry against the limits, create the
+ring, send the reply with the ring's descriptor attached (SCM_RIGHTS), close our copy of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import signal
+import time
+
+from inferd.daemon import dispatch
+from inferd.daemon.batcher import STOP, BatchingThread, BatchResult, Device, Request
+from inferd.daemon.config import Config
+from inferd.daemon.listener import Listener, peer_credentials, send_with_fds
+from inferd.daemon.model import LoadedModel
+from inferd.daemon.notify import notify
+from inferd.daemon.session import Rejected, Session, check_classify
+from inferd.shm import wire
+from inferd.shm.ring import Ring, RingGeometry
+
+log = logging.getLogger("inferd.server")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 70       # EX_SOFTWARE: a device failed to load or warm the model
+
+
+class Server:
+    def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
+                 clock=time.monotonic):
+        self.cfg = cfg
+        self.model = model
+        self.devices = devices
+        self.listener = listener
+        self.pid = os.getpid()
+        self.sessions: dict[int, Session] = {}
+        self.outstanding = 0
+        self.draining = False
+        self.counters = collections.Counter()
+        self._clock = clock
+        self._sids = itertools.count(1)
+        self._handshakes: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+
+    # lifecycle --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        if not await self._start_devices():
+            self._stop_devices()
+            self.listener.close()
+            return EXIT_STARTUP_FAILED
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_stop_signal, sig)
+        accept = loop.create_task(self._accept_loop())
+        notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
+               f"{', '.join(d.name for d in self.devices)}")
+        log.info("ready: serving %s on %s at %s", self.model.spec.name,
+                 ", ".join(d.name for d in self.devices), self.listener.path)
+        await self._stop.wait()
+        await self._drain(accept)
+        return EXIT_OK
+
+    def handle_stop_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: draining", signal.Signals(sig).name)
+        self._stop.set()
+
+    async def _start_devices(self) -> bool:
+        b = self.cfg.batching
+        for dev in self.devices:
+            dev.thread = BatchingThread(
+                dev, self.model, max_batch=b.max_batch, max_delay=b.max_delay_ms / 1000.0,
+                deliver=self._deliver_threadsafe, warmup_batches=self.cfg.model.warmup_batches,
+                clock=self._clock)
+            dev.thread.start()
+        for dev in self.devices:
+            await asyncio.to_thread(dev.thread.ready.wait)
+            if dev.thread.startup_error is not None:
+                log.error("device %s failed to start: %r", dev.name, dev.thread.startup_error)
+                return False
+        return True
+
+    def _deliver_threadsafe(self, result: BatchResult) -> None:
+        self._loop.call_soon_threadsafe(self.on_batch_done, result)
+
+    async def _drain(self, accept: asyncio.Task) -> None:
+        self.draining = True
+        notify("STOPPING=1")
+        accept.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        self.listener.close()
+        if self.outstanding:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.cfg.server.drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("drain: %d requests still in flight after %.1f s; stopping anyway",
+                            self.outstanding, self.cfg.server.drain_timeout_s)
+        for session in list(self.sessions.values()):
+            session.transport.close()
+        await asyncio.to_thread(self._stop_devices)
+        await asyncio.sleep(0)          # run the last on_batch_done callbacks the threads queued
+        for session in list(self.sessions.values()):
+            session.closed = True
+            session.release_ring()
+        self.sessions.clear()
+        log.info("stopped")
+
+    def _stop_devices(self) -> None:
+        for dev in self.devices:
+            if dev.thread is not None and dev.thread.is_alive():
+                dev.queue.put(STOP)
+        for dev in self.devices:
+            if dev.thread is not None:
+                dev.thread.join(timeout=max(self.cfg.server.drain_timeout_s, 1.0))
+                if dev.thread.is_alive():
+                    log.error("batching thread of %s did not stop", dev.name)
+
+    # accept and hello -------------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        loop = self._loop
+        while True:
+            conn, _ = await loop.sock_accept(self.listener.sock)
+            task = loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn) -> None:
+        conn.setblocking(False)
+        ring = None
+        try:
+            peer = peer_credentials(conn)
+            hello, leftover = await asyncio.wait_for(self._read_hello(conn),
+                                                     self.cfg.server.hello_timeout_s)
+            rid = hello.get("id") if type(hello.get("id")) is int else None
+            try:
+                geometry = self._check_hello(hello, peer)
+            except Rejected as exc:
+                log.info("hello from pid %d refused: %s", peer[0], exc)
+                await self._loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
+                conn.close()
+                return
+            ring, fd = Ring.create(geometry, backend=self.cfg.ring.backend, prefix=self.cfg.ring.shm_prefix)
+            sid = next(self._sids)
+            try:
+                await send_with_fds(self._loop, conn, wire.encode(self._hello_reply(rid, sid, geometry)), [fd])
+            finally:
+                os.close(fd)
+        except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
+            log.info("connection dropped during hello: %r", exc)
+            if ring is not None:
+                ring.close()
+            conn.close()
+            return
+        except asyncio.CancelledError:
+            if ring is not None:
+                ring.close()
+            conn.close()
+            raise
+        session = Session(self, sid, ring, peer, leftover)
+        self.sessions[sid] = session
+        await self._loop.connect_accepted_socket(lambda: session, conn)
+        self.counters["sessions"] += 1
+        log.debug("session %d: pid %d uid %d, ring %d x %d bytes", sid, *peer[:2], geometry.slots,
+                  geometry.slot_bytes)
+
+    async def _read_hello(self, conn) -> tuple[dict, bytes]:
+        """The first frame, and any bytes after it. Raises FrameError or EOFError."""
+        buf = b""
+        limit = self.cfg.server.max_frame_bytes
+        while True:
+            if len(buf) >= wire.HEADER_SIZE:
+                (length,) = wire.HEADER.unpack_from(buf)
+                if length > limit:
+                    await self._loop.sock_sendall(conn, wire.encode(wire.error(
+                        None, wire.E_FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {limit}")))
+                    raise wire.FrameError(wire.E_FRAME_TOO_LARGE, "hello frame too large")
+                end = wire.HEADER_SIZE + length
+                if len(buf) >= end:
+                    return wire.decode_body(buf[wire.HEADER_SIZE:end]), buf[end:]
+            data = await self._loop.sock_recv(conn, 65536)
+            if not data:
+                raise EOFError("peer closed before hello")
+            buf += data
+
+    def _check_hello(self, hello: dict, peer: tuple) -> RingGeometry:
+        s, r = self.cfg.server, self.cfg.ring
+        pid, uid, gid = peer
+        if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and gid not in (s.allow_gids or ()):
+            raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed; add it to "
+                           "server.allow_uids or server.allow_gids")
+        if hello.get("op") != "hello":
+            raise Rejected(wire.E_BAD_REQUEST, f"the first message must be hello, got op {hello.get('op')!r}")
+        if hello.get("version") != wire.PROTOCOL_VERSION:
+            raise Rejected(wire.E_UNSUPPORTED_VERSION, f"protocol version {hello.get('version')!r}; "
+                           f"this daemon speaks {wire.PROTOCOL_VERSION}")
+        if self.draining:
+            raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down")
+        if len(self.sessions) >= s.max_clients:
+            raise Rejected(wire.E_OVERLOADED, f"{s.max_clients} sessions are open (server.max_clients)")
+        slots, slot_bytes = hello.get("ring_slots", 0), hello.get("slot_bytes", 0)
+        frame = self.model.spec.frame_bytes
+        if type(slots) is not int or not 0 <= slots <= r.max_slots:
+            raise Rejected(wire.E_INVALID_INPUT, f"ring_slots {slots!r} is out of range: 0 (default "
+                           f"{r.default_slots}) to {r.max_slots}")
+        if type(slot_bytes) is not int or not (slot_bytes == 0 or frame <= slot_bytes <= r.max_ring_bytes):
+            raise Rejected(wire.E_INVALID_INPUT, f"slot_bytes {slot_bytes!r} is out of range: 0 (one "
+                           f"frame, {frame}) or {frame} to {r.max_ring_bytes}")
+        geometry = RingGeometry(slots or r.default_slots, slot_bytes or frame)
+        if geometry.total_size > r.max_ring_bytes:
+            raise Rejected(wire.E_INVALID_INPUT, f"a ring of {geometry.slots} x {geometry.slot_bytes} "
+                           f"bytes is over ring.max_ring_bytes ({r.max_ring_bytes}); ask for fewer slots")
+        return geometry
+
+    def _hello_reply(self, rid, sid: int, geometry: RingGeometry) -> dict:
+        return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
+                "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
+                "model": self.model.describe(),
+                "limits": {"max_frame_bytes": self.cfg.server.max_frame_bytes,
+                           "default_timeout_ms": self.cfg.batching.default_timeout_ms}}
+
+    # requests ---------------------------------------------------------------------------------
+    def classify(self, session: Session, rid: int, msg: dict) -> None:
+        """Check and admit one classify request (loop thread). Raises Rejected."""
+        if self.draining:
+            raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
+        slot, top_k, timeout = check_classify(msg, session.ring, self.model.spec, session.inflight,
+                                              self.cfg.batching.default_timeout_ms)
+        device = dispatch.choose(self.devices)
+        limit = self.cfg.batching.queue_limit
+        if device.outstanding >= limit:
+            self.counters["overloaded"] += 1
+            raise Rejected(wire.E_OVERLOADED, f"{device.outstanding} requests are queued on "
+                           f"{device.name} (batching.queue_limit {limit}); retry later",
+                           retry_after_ms=self._retry_after_ms(device))
+        now = self._clock()
+        request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, device)
+        session.inflight[slot] = rid
+        device.outstanding += 1
+        self.outstanding += 1
+        device.queue.put(request)
+
+    def _retry_after_ms(self, device: Device) -> float:
+        rate = self.counters["frames"] / max(self.counters["model_seconds"], 1e-9) or 100.0
+        return round(1000.0 * device.outstanding / rate / 2, 1)
+
+    def on_batch_done(self, result: BatchResult) -> None:
+        """All requests of one batch come back here (loop thread): reply, then release."""
+        replies: dict[Session, list[bytes]] = {}
+        for r, top in zip(result.done, result.top):
+            replies.setdefault(r.session, []).append(wire.encode({"id": r.id, "ok": True, "top": top}))
+        for r in result.expired:
+            replies.setdefault(r.session, []).append(wire.encode(wire.error(
+                r.id, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed")))
+        for r in result.failed:
+            replies.setdefault(r.session, []).append(wire.encode(wire.error(
+                r.id, wire.E_INTERNAL, f"the model failed on this request's batch: {result.error}")))
+        for session, chunks in replies.items():
+            session.write(b"".join(chunks))
+        c = self.counters
+        c["batches"] += bool(result.done)
+        c["frames"] += len(result.done)
+        c["model_seconds"] += result.seconds
+        c["expired"] += len(result.expired)
+        c["dropped"] += len(result.dropped)
+        c["failed"] += len(result.failed)
+        for requests in (result.done, result.expired, result.dropped, result.failed):
+            for r in requests:
+                self._finish(r)
+
+    def _finish(self, r: Request) -> None:
+        session = r.session
+        session.inflight.pop(r.slot, None)
+        r.device.outstanding -= 1
+        self.outstanding -= 1
+        if session.closed and not session.inflight:
+            session.release_ring()
+        if self.outstanding == 0 and self.draining:
+            self._drained.set()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.pop(session.sid, None)
+        if not session.inflight:
+            session.release_ring()
+
+    def info(self) -> dict:
+        c = self.counters
+        return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
+                "outstanding": self.outstanding,
+                "devices": [{"name": d.name, "index": d.index, "outstanding": d.outstanding}
+                            for d in self.devices],
+                "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}

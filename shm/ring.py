@@ -1,0 +1,204 @@
+"""A client's shared-memory ring: fixed-size slots that carry frames from one client to the daemon.
+
+One ring per client session. The daemon creates it, writes the header once, and hands the client a
+file descriptor over the session socket (SCM_RIGHTS). Only the descriptor crosses processes; each
+side maps it. The name is gone before the client even connects to it, so a SIGKILL of either side
+leaves nothing behind: the kernel frees the memory when the last mapping and descriptor close.
+
+Layout (all integers little-endian; the daemon writes the header at creation, nobody writes it after)::
+
+    offset  size  field
+    0       8     magic            b"INFDRING"
+    8       4     format version   u32, currently 1
+    12      4     slot count       u32
+    16      8     slot capacity    u64, payload bytes a slot can hold
+    24      8     slot stride      u64, bytes from one slot to the next (capacity rounded up to 64)
+    32      8     data offset      u64, byte offset of slot 0 (4096: slots start page-aligned)
+    40      8     total size       u64, = data offset + slot count * stride = size of the mapping
+    48      16    reserved         zero
+    ...           (zero up to data offset)
+    data offset + i * stride:      slot i payload, ``capacity`` bytes; written by the client only
+
+Slot states. Ownership moves with socket messages, which also give the ordering: the client writes
+the payload *then* sends ``classify`` (the send publishes the slot); the daemon copies the payload
+into private memory *then* sends the reply (the reply hands the slot back)::
+
+    FREE (client) --client writes payload--> WRITTEN (client)
+    WRITTEN --client sends classify{slot}--> SUBMITTED (daemon reads it; client must not write)
+    SUBMITTED --daemon sends the reply for that request--> FREE
+
+The daemon never writes a slot and never trusts the header read back from memory: it keeps the
+geometry it created and checks every slot, byte count and shape a client names against it. A client
+that writes a SUBMITTED slot can only spoil its own answer.
+
+Backends. ``memfd`` (default, Linux): an anonymous memfd sealed against shrinking and growing, so a
+hostile client cannot ftruncate the ring under the daemon's mapping (which would make the daemon's
+next read of it a SIGBUS); it never has a name in /dev/shm at all. ``posix``: a posix-ipc shared
+memory object, unlinked right after the daemon maps it (the client gets the descriptor, never the
+name); for hosts without memfd. It cannot be sealed; a name left by a daemon killed between create
+and unlink is removed by :func:`sweep_stale` at the next start.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"INFDRING"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQQ16x")
+DATA_OFFSET = 4096
+SLOT_ALIGN = 64
+BACKENDS = ("memfd", "posix")
+
+_counter = itertools.count()
+
+
+class RingError(Exception):
+    """A ring that cannot be created or attached: the message says which check failed."""
+
+
+@dataclass(frozen=True)
+class RingGeometry:
+    """Slot count and capacity; everything else follows. A frozen value both sides can carry."""
+
+    slots: int
+    slot_bytes: int
+
+    @property
+    def stride(self) -> int:
+        return -(-self.slot_bytes // SLOT_ALIGN) * SLOT_ALIGN
+
+    @property
+    def total_size(self) -> int:
+        return DATA_OFFSET + self.slots * self.stride
+
+    def offset(self, slot: int) -> int:
+        return DATA_OFFSET + slot * self.stride
+
+
+def _make_memfd(size: int, prefix: str) -> int:
+    fd = os.memfd_create(f"{prefix}-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_posix(size: int, prefix: str) -> int:
+    import posix_ipc
+
+    name = f"/{prefix}.{os.getpid()}.{next(_counter)}.{secrets.token_hex(4)}"
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+    try:
+        fd = os.dup(shm.fd)
+    finally:
+        # Unlink at once: from here on only descriptors keep the memory alive.
+        shm.close_fd()
+        shm.unlink()
+    return fd
+
+
+class Ring:
+    """One mapping of a ring. ``create`` on the daemon side, ``attach`` on the client side.
+
+    ``array`` is a flat uint8 view of the whole mapping; slices of it must not outlive ``close()``.
+    ``close()`` is idempotent and safe on a half-built ring.
+    """
+
+    def __init__(self, mm: mmap.mmap, geometry: RingGeometry):
+        self.geometry = geometry
+        self._mm = mm
+        self.array = np.frombuffer(mm, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, geometry: RingGeometry, *, backend: str = "memfd",
+               prefix: str = "inferd") -> tuple["Ring", int]:
+        """Create, map and write the header. Returns the ring and a descriptor to hand over
+        (the caller closes it once sent)."""
+        if backend not in BACKENDS:
+            raise RingError(f"ring backend {backend!r} is not one of {BACKENDS}")
+        size = geometry.total_size
+        fd = (_make_memfd if backend == "memfd" else _make_posix)(size, prefix)
+        try:
+            mm = mmap.mmap(fd, size)
+            _HEADER.pack_into(mm, 0, MAGIC, FORMAT_VERSION, geometry.slots, geometry.slot_bytes,
+                              geometry.stride, DATA_OFFSET, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(mm, geometry), fd
+
+    @classmethod
+    def attach(cls, fd: int) -> "Ring":
+        """Map a descriptor received from the daemon and check its header against its real size.
+        The descriptor stays open; the caller closes it."""
+        size = os.fstat(fd).st_size
+        if size < DATA_OFFSET:
+            raise RingError(f"ring of {size} bytes is smaller than its {DATA_OFFSET}-byte header")
+        mm = mmap.mmap(fd, size)
+        try:
+            magic, version, slots, slot_bytes, stride, data_offset, total = _HEADER.unpack_from(mm, 0)
+            if magic != MAGIC:
+                raise RingError(f"ring magic is {magic!r}, expected {MAGIC!r}")
+            if version != FORMAT_VERSION:
+                raise RingError(f"ring format version {version}; this library reads {FORMAT_VERSION}")
+            geometry = RingGeometry(slots, slot_bytes)
+            if (stride, data_offset, total) != (geometry.stride, DATA_OFFSET, geometry.total_size) \
+                    or total != size:
+                raise RingError(f"ring header geometry {(slots, slot_bytes, stride, data_offset, total)} "
+                                f"does not match a mapping of {size} bytes")
+        except BaseException:
+            mm.close()
+            raise
+        return cls(mm, geometry)
+
+    def slot(self, index: int, nbytes: int) -> np.ndarray:
+        """A view of the first ``nbytes`` of slot ``index``. Callers have checked both bounds."""
+        start = self.geometry.offset(index)
+        return self.array[start:start + nbytes]
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        self.array = None
+        if mm is not None:
+            mm.close()
+
+
+def sweep_stale(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove posix-backend ring names left by a daemon that died between create and unlink.
+
+    A name is ``{prefix}.{pid}.{n}.{random}``; it is removed only when that pid is not alive.
+    Returns the names removed.
+    """
+    import psutil
+
+    removed = []
+    try:
+        entries = os.listdir(shm_dir)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        parts = entry.split(".")
+        if len(parts) != 4 or parts[0] != prefix or not parts[1].isdigit():
+            continue
+        if psutil.pid_exists(int(parts[1])):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, entry))
+            removed.append(entry)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    return removed

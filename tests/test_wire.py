@@ -1,0 +1,43 @@
+"""Frames: split correctly, refuse an oversized header before reading its body, report bad bodies."""
+import msgpack
+import pytest
+
+from inferd.shm import wire
+
+
+def test_frames_split_across_and_within_chunks():
+    data = wire.encode({"op": "ping", "id": 1}) + wire.encode({"op": "ping", "id": 2})
+    reader = wire.FrameReader(1024)
+    got = []
+    for i in range(len(data)):                       # one byte at a time
+        got.extend(reader.feed(data[i:i + 1]))
+    assert [m["id"] for m in got] == [1, 2]
+    assert reader.pending() == 0
+
+
+def test_oversized_header_is_refused_before_the_body_arrives():
+    reader = wire.FrameReader(1024)
+    with pytest.raises(wire.FrameError) as err:
+        reader.feed(wire.HEADER.pack(4 * 2**30 - 1))  # header alone: 4 GiB announced
+    assert err.value.code == wire.E_FRAME_TOO_LARGE
+    assert "4294967295" in str(err.value) and "1024" in str(err.value)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (msgpack.packb({"op": "ping", "id": 1})[:-2], "not valid msgpack"),     # truncated
+    (msgpack.packb([1, 2, 3]), "must be a msgpack map"),
+    (msgpack.packb({"a": 1}) + b"\x01", "not valid msgpack"),             # trailing bytes
+    (msgpack.packb({"a": msgpack.ExtType(5, b"x")}), "extension type 5"),
+    (msgpack.packb({1: 2}), "not valid msgpack"),                          # non-str key
+])
+def test_bad_bodies_come_back_in_place_and_the_stream_stays_in_sync(body, fragment):
+    reader = wire.FrameReader(1024)
+    out = reader.feed(wire.HEADER.pack(len(body)) + body + wire.encode({"op": "ping", "id": 9}))
+    assert isinstance(out[0], wire.FrameError) and out[0].code == wire.E_BAD_FRAME
+    assert fragment in str(out[0])
+    assert out[1] == {"op": "ping", "id": 9}
+
+
+def test_error_reply_shape():
+    assert wire.error(3, wire.E_OVERLOADED, "busy", retry_after_ms=5.0) == {
+        "id": 3, "ok": False, "code": "overloaded", "message": "busy", "retry_after_ms": 5.0}
