@@ -83,9 +83,11 @@ class Daemon:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def ring_maps(self) -> int:
-        """How many ring mappings the daemon process holds (memfd backend), from /proc/PID/maps."""
+        """How many ring mappings the daemon process holds, from /proc/PID/maps (memfd rings show as
+        ``/memfd:PREFIX-ring``, posix rings as ``/dev/shm/PREFIX.PID.N.X (deleted)``)."""
+        marks = (f"memfd:{self.prefix}-ring", f"/dev/shm/{self.prefix}.")
         with open(f"/proc/{self.pid}/maps") as fh:
-            return sum(f"memfd:{self.prefix}-ring" in line for line in fh)
+            return sum(any(m in line for m in marks) for line in fh)
 
 
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
@@ -166,3 +168,28 @@ class RawClient:
             self.ring.close()
             os.close(self.fd)
             self.ring = None
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)  # noqa: sleep-ok: polling with a deadline, not waiting for things to settle
+
+
+def sample_images() -> list[tuple[str, "object"]]:
+    """The committed sample PNGs as (true label, uint8 HxWx3 array)."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent / "samples"
+    out = []
+    for path in sorted(root.glob("*.png")):
+        with Image.open(path) as img:
+            out.append((path.stem.rsplit("_", 1)[0], np.array(img.convert("RGB"))))
+    return out

@@ -1,0 +1,157 @@
+"""Start-up and shutdown: socket path rules, configuration errors, draining, and a killed daemon."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import RawClient, sample_images, shm_leftovers, short_dir, wait_until
+from inferd.client import Client, DaemonUnavailable
+from inferd.shm import wire
+
+pytestmark = pytest.mark.timeout(180)
+
+FRAME = np.zeros((64, 64, 3), np.uint8)
+
+
+def _run_daemon(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "inferd.daemon", "--device", "cpu:1", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sigterm_finishes_admitted_work_then_exits_cleanly(fresh_daemon):
+    # resnet50 with batches of 2: 32 admitted requests take several batches to finish.
+    d = fresh_daemon("--set", "batching.max_batch=2", "--set", "server.drain_timeout_s=120", model="resnet50")
+    c = RawClient(d.socket_path, ring_slots=32)
+    try:
+        frame = np.full((64, 64, 3), 3, np.uint8)
+        for i in range(32):
+            c.classify(i, i, frame)
+        c.send({"op": "ping", "id": 100})           # its pong proves all 32 were admitted
+        replies = [c.recv()]
+        while replies[-1]["id"] != 100:
+            replies.append(c.recv())
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_notify("STOPPING=1")
+        while (r := c.recv()) is not None:
+            replies.append(r)
+        assert d.proc.wait(120) == 0, d.log()
+    finally:
+        c.close()
+    answered = {r["id"]: r for r in replies}
+    assert all(answered[i]["ok"] and len(answered[i]["top"]) == 5 for i in range(32)), "admitted work lost"
+    assert not os.path.exists(d.socket_path)
+    assert not shm_leftovers(d.prefix)
+    assert "SIGTERM: draining" in d.log() and "stopped" in d.log()
+
+
+def test_requests_during_drain_are_refused_with_shutting_down(fresh_daemon):
+    d = fresh_daemon("--set", "batching.max_batch=1", "--set", "server.drain_timeout_s=120", model="resnet50")
+    c = RawClient(d.socket_path, ring_slots=8)
+    try:
+        for i in range(8):
+            c.classify(i, i, FRAME)
+        c.send({"op": "ping", "id": 50})
+        while c.recv()["id"] != 50:
+            pass
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_notify("STOPPING=1")
+        c.send({"op": "classify", "id": 60, "slot": 0, "shape": [64, 64, 3], "dtype": "uint8", "nbytes": FRAME.nbytes})
+        replies = []
+        while (r := c.recv()) is not None:
+            replies.append(r)
+    finally:
+        c.close()
+    refused = [r for r in replies if r["id"] == 60]
+    # slot 0 may still be in flight (slot_busy) or the daemon already refuses everything new
+    assert refused and refused[0]["code"] in (wire.E_SHUTTING_DOWN, wire.E_SLOT_BUSY)
+    assert d.proc.wait(120) == 0
+
+
+def test_stale_socket_is_replaced_and_a_file_is_not(fresh_daemon):
+    workdir = short_dir()
+    path = os.path.join(workdir, "stale.sock")
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(path)                 # bound, never listening, then closed: a crashed daemon's leftover
+    leftover.close()
+    d = fresh_daemon(socket_path=path, workdir=workdir)
+    with Client(path) as client:
+        assert client.ping() > 0
+    assert d.stop() == 0 and not os.path.exists(path)
+
+    regular = os.path.join(workdir, "file.sock")
+    open(regular, "w").close()
+    out = _run_daemon("--socket", regular)
+    assert out.returncode == 69 and f"{regular} exists and is not a socket" in out.stderr
+    assert os.path.exists(regular)
+
+
+def test_a_live_daemon_on_the_path_is_named_and_kept(daemon):
+    out = _run_daemon("--socket", daemon.socket_path)
+    assert out.returncode == 69
+    assert f"another daemon answers on {daemon.socket_path}" in out.stderr
+    with Client(daemon.socket_path) as client:        # the first daemon is untouched
+        assert client.ping() > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "batching.max_batch=0"], "batching.max_batch: 0 is out of range; allowed 1 to 4096"),
+    (["--model", "nosuchmodel"], "model.builtin: 'nosuchmodel' is not one of shapes, resnet18, resnet50, noop"),
+    (["--model", "/nonexistent/model.pt"], "model.input_height / model.input_width: required"),
+    (["--device", "gpu7"], "device[0].name: 'gpu7' is not cpu or cuda:N"),
+])
+def test_configuration_errors_exit_78_naming_the_key(args, message):
+    workdir = short_dir()
+    out = _run_daemon("--socket", os.path.join(workdir, "d.sock"), *args)
+    assert out.returncode == 78, out.stderr
+    assert message in out.stderr
+    assert not os.path.exists(os.path.join(workdir, "d.sock"))
+
+
+def test_no_daemon_means_daemon_unavailable():
+    with pytest.raises(DaemonUnavailable, match="no inferd daemon answers on"):
+        Client(os.path.join(short_dir(), "none.sock"))
+
+
+@pytest.mark.parametrize("backend", ["memfd", "posix"])
+def test_daemon_sigkilled_mid_request(fresh_daemon, backend):
+    """The client waiting on a reply raises DaemonUnavailable at once (EOF), nothing is left in
+    /dev/shm, and a new daemon takes over the stale socket path."""
+    d = fresh_daemon("--set", f'ring.backend="{backend}"', model="resnet50")
+    client = Client(d.socket_path, ring_slots=64)
+    errors = []
+
+    def flood():
+        try:
+            client.classify_many([FRAME] * 5000)
+        except DaemonUnavailable as exc:
+            errors.append(exc)
+    t = threading.Thread(target=flood)
+    t.start()
+    with Client(d.socket_path) as watcher:
+        wait_until(lambda: watcher.info()["outstanding"] > 0, what="requests in flight")
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(30)
+    t.join(30)
+    client.close()
+    assert not t.is_alive() and len(errors) == 1 and "closed the connection" in str(errors[0])
+    assert not shm_leftovers(d.prefix)
+    successor = fresh_daemon(socket_path=d.socket_path, workdir=d.workdir)
+    label, image = sample_images()[2]
+    with Client(successor.socket_path) as c:
+        assert c.classify(image)[0].label == label
+    assert successor.stop() == 0
+
+
+def test_posix_backend_serves_and_leaves_no_names(fresh_daemon):
+    d = fresh_daemon("--set", 'ring.backend="posix"')
+    label, image = sample_images()[4]
+    with Client(d.socket_path) as c:
+        assert c.classify(image)[0].label == label
+        assert not shm_leftovers(d.prefix)           # the name went away before the reply
+        assert d.ring_maps() == 1
+    assert d.stop() == 0
