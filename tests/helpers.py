@@ -1,85 +1,37 @@
 """Test helpers: a real daemon process, a raw protocol client, and leak probes.
 
-A daemon is started as ``python -m inferd.daemon`` with NOTIFY_SOCKET pointing at a datagram socket
-the test owns; the test waits (select on that socket and the process's pidfd) for READY=1, the
-same signal systemd waits for, so no test sleeps or polls a path. Every daemon gets its own socket
-path and ring name prefix.
+A daemon is started through inferd.daemon.launch, which waits for its sd_notify READY=1 (the signal
+systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
+ring name prefix.
 """
 from __future__ import annotations
 
 import array
 import os
 import secrets
-import select
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from inferd.daemon.launch import DaemonProcess
 from inferd.shm import wire
 from inferd.shm.ring import Ring
-
-START_TIMEOUT = 90.0
-
 
 def short_dir() -> str:
     """A fresh directory with a short path (AF_UNIX paths are limited to 107 bytes)."""
     return tempfile.mkdtemp(prefix="inferd-t", dir="/tmp")
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    socket_path: str
+class Daemon(DaemonProcess):
+    """A test's daemon: its own socket path, ring prefix and work directory."""
+
     prefix: str
     workdir: str
-    log_path: str
-    _notify: socket.socket = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")
-
-    def wait_notify(self, word: str, timeout: float = START_TIMEOUT) -> str:
-        """Wait for a notify datagram containing ``word``; fail if the daemon exits first."""
-        pidfd = os.pidfd_open(self.proc.pid)
-        try:
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                readable, _, _ = select.select([self._notify, pidfd], [], [], left)
-                if self._notify in readable:
-                    msg = self._notify.recv(4096).decode()
-                    if word in msg:
-                        return msg
-                elif pidfd in readable:
-                    raise AssertionError(f"daemon exited with {self.proc.wait()} before {word}:\n{self.log()}")
-            raise AssertionError(f"no {word} within {timeout} s:\n{self.log()}")
-        finally:
-            os.close(pidfd)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not stop within {timeout} s after {sig}:\n{self.log()}")
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._notify.close()
+        self.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def ring_maps(self) -> int:
@@ -91,24 +43,15 @@ class Daemon:
 
 
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
-                 socket_path: str | None = None, extra_env: dict | None = None) -> Daemon:
-    """Start a daemon with its own socket and ring prefix; by default wait for READY=1."""
+                 socket_path: str | None = None) -> Daemon:
+    """Start a daemon with its own socket and ring prefix, one torch thread; wait for READY=1."""
     workdir = workdir or short_dir()
-    socket_path = socket_path or os.path.join(workdir, "d.sock")
     prefix = f"inferdt{secrets.token_hex(4)}"
-    notify_path = os.path.join(workdir, f"n{secrets.token_hex(3)}")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    log_path = os.path.join(workdir, f"daemon-{secrets.token_hex(3)}.log")
-    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "inferd.daemon", "--socket", socket_path, "--model", model,
-           "--set", f'ring.shm_prefix="{prefix}"', "--set", "model.warmup_batches=1",
-           "--device", "cpu:1", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    d = Daemon(proc, socket_path, prefix, workdir, log_path, notify)
-    if wait:
-        d.wait_notify("READY=1")
+    d = Daemon.start(["--model", model, "--set", f'ring.shm_prefix="{prefix}"',
+                      "--set", "model.warmup_batches=1", "--device", "cpu:1", *args],
+                     socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
+                     wait=wait)
+    d.prefix, d.workdir = prefix, workdir
     return d
 
 
