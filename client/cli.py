@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 
 
-def _read_image(path: str) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
     if path.endswith(".npy"):
         return np.load(path, allow_pickle=False)
     try:
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        images = [_read_image(f) for f in args.files] if args.command == "classify" else []
+        images = [read_image(f) for f in args.files] if args.command == "classify" else []
     except (OSError, ValueError) as exc:
         print(f"inferctl: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -230,9 +230,9 @@ def reference() -> str:
     for section, cls in [*SECTIONS.items(), ("device", DeviceConfig)]:
         for f in dataclasses.fields(cls):
             default = f.default
-            if f.name == "socket_mode":
-                default = oct(default)
             shown = "(see meaning)" if default in ("", None) else f"`{default!r}`"
+            if f.name == "socket_mode":
+                shown = f"`{oct(default)}`"
             rows.append(f"| `{section}.{f.name}` | {shown} | {f.metadata['doc']} |")
     return "\n".join(rows)
 
