@@ -2,7 +2,7 @@
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration
 (the message names the key); 69 the socket path is taken (another daemon answers on it, or it is
-not a socket); 70 a device failed to load or warm the model.
+not a socket); 70 start-up failed otherwise (a device could not load or warm the model).
 """
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import argparse
 import logging
 import sys
 
-EXIT_USAGE = 64
-EXIT_UNAVAILABLE = 69
-EXIT_CONFIG = 78
+from inferd.daemon import exitcodes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +72,10 @@ def _devices(cfg, specs: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:          # argparse: 0 after --help, 2 on a usage error
+        return exitcodes.USAGE if exc.code == 2 else exc.code
     from inferd.daemon import config as config_mod
     from inferd.daemon.listener import Listener, ListenerError
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config, _overrides(args))
     except config_mod.ConfigError as exc:
         print(f"inferd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     logging.basicConfig(level=cfg.server.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("inferd")
@@ -90,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         listener = Listener.bind(cfg.socket_path, cfg.server.socket_mode)
     except ListenerError as exc:
         log.error("%s", exc)
-        return EXIT_UNAVAILABLE
+        return exitcodes.UNAVAILABLE
     try:
         return _serve(cfg, args, listener)
     except config_mod.ConfigError as exc:
         log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
+    except Exception:  # anything else at start-up: say so in the log, exit with a named code
+        log.exception("start-up failed")
+        return exitcodes.STARTUP_FAILED
     finally:
         listener.close()
 

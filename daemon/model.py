@@ -113,8 +113,8 @@ def _load_file(cfg: ModelConfig):
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises many types for a bad file; all mean "cannot load this"
         raise ConfigError(f"model.path: cannot load {path} as {fmt}: {exc}") from None
-    if hasattr(module, "eval"):
-        module.eval()
+    if fmt == "torchscript":
+        module.eval()          # an exported program is traced in eval mode and refuses eval()
     return module, _file_digest(path)
 
 

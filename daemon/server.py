@@ -22,7 +22,7 @@ import os
 import signal
 import time
 
-from inferd.daemon import dispatch
+from inferd.daemon import dispatch, exitcodes
 from inferd.daemon.batcher import STOP, BatchingThread, BatchResult, Device, Request
 from inferd.daemon.config import Config
 from inferd.daemon.listener import Listener, peer_credentials, send_with_fds
@@ -33,9 +33,6 @@ from inferd.shm import wire
 from inferd.shm.ring import Ring, RingGeometry
 
 log = logging.getLogger("inferd.server")
-
-EXIT_OK = 0
-EXIT_STARTUP_FAILED = 70       # EX_SOFTWARE: a device failed to load or warm the model
 
 
 class Server:
@@ -64,7 +61,7 @@ class Server:
         if not await self._start_devices():
             self._stop_devices()
             self.listener.close()
-            return EXIT_STARTUP_FAILED
+            return exitcodes.STARTUP_FAILED
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         accept = loop.create_task(self._accept_loop())
@@ -74,7 +71,7 @@ class Server:
                  ", ".join(d.name for d in self.devices), self.listener.path)
         await self._stop.wait()
         await self._drain(accept)
-        return EXIT_OK
+        return exitcodes.OK
 
     def handle_stop_signal(self, sig: signal.Signals) -> None:
         log.info("%s: draining", signal.Signals(sig).name)

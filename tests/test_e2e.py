@@ -55,6 +55,17 @@ def test_pipelining_over_few_slots_keeps_answers_in_order(daemon):
     assert len(many) == 120 and all(len(t) == 2 for t in many)
 
 
+def test_requests_in_flight_together_share_batches(daemon):
+    images, _ = make_dataset(64, seed=5)
+    with Client(daemon.socket_path, ring_slots=32) as client:
+        before = client.info()["counters"]
+        client.classify_many(list(images))
+        after = client.info()["counters"]
+    frames = after["frames"] - before.get("frames", 0)
+    batches = after["batches"] - before.get("batches", 0)
+    assert frames == 64 and batches < 64 / 2, (frames, batches)
+
+
 def test_torch_tensors_and_other_sizes_are_converted(daemon):
     label, image = sample_images()[0]
     bigger = np.array(Image.fromarray(image).resize((128, 128), Image.Resampling.NEAREST))

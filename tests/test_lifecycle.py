@@ -2,6 +2,7 @@
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -81,7 +82,8 @@ def test_stale_socket_is_replaced_and_a_file_is_not(fresh_daemon):
     d = fresh_daemon(socket_path=path, workdir=workdir)
     with Client(path) as client:
         assert client.ping() > 0
-    assert d.stop() == 0 and not os.path.exists(path)
+    assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert d.stop(signal.SIGINT) == 0 and not os.path.exists(path)     # SIGINT drains like SIGTERM
 
     regular = os.path.join(workdir, "file.sock")
     open(regular, "w").close()
@@ -110,6 +112,11 @@ def test_configuration_errors_exit_78_naming_the_key(args, message):
     assert out.returncode == 78, out.stderr
     assert message in out.stderr
     assert not os.path.exists(os.path.join(workdir, "d.sock"))
+
+
+def test_usage_error_exits_64():
+    out = _run_daemon("--no-such-flag")
+    assert out.returncode == 64 and "unrecognized arguments: --no-such-flag" in out.stderr
 
 
 def test_no_daemon_means_daemon_unavailable():
