@@ -10,7 +10,7 @@ NOTE [ request path ]
                                                    split off requests whose session closed
                                                      (dropped) or whose deadline passed (expired)
                                                    copy each slot into the private staging tensor
-                                                   to_input() on the device, model, softmax, top-k
+                                                   Preprocess on the device, model, softmax, top-k
     Server.on_batch_done(result)  <-------------   loop.call_soon_threadsafe(deliver, result):
       one reply per request, slot released,          one call per batch, every request accounted
       ring freed when a closed session's last        for (answered, expired, dropped or failed)
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from inferd.daemon.model import LoadedModel, logits_of
-from inferd.daemon.preprocess import to_input
+from inferd.daemon.preprocess import Preprocess
 
 log = logging.getLogger("inferd.batcher")
 
@@ -148,8 +148,7 @@ class BatchingThread(threading.Thread):
                               pin_memory=dev.type == "cuda")
         self._staging = staging
         self._staging_np = staging.numpy()
-        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=dev)
-        self._std = torch.tensor(spec.std, dtype=torch.float32, device=dev)
+        self._preprocess = Preprocess(spec.mean, spec.std, dev)
         for _ in range(self._warmup):
             self._forward(self._max_batch, 1)
         if dev.type == "cuda":
@@ -173,7 +172,7 @@ class BatchingThread(threading.Thread):
         if dev.type != "cpu":
             frames = frames.to(dev, non_blocking=True)
         with torch.inference_mode():
-            logits = logits_of(self._replica(to_input(frames, self._mean, self._std)))
+            logits = logits_of(self._replica(self._preprocess(frames)))
             scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
         return indices.cpu().tolist(), scores.cpu().tolist()
 

@@ -149,7 +149,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
 def _check_output(model: LoadedModel) -> None:
     spec = model.spec
     frames = torch.zeros((2, *spec.frame_shape), dtype=torch.uint8)
-    x = to_input(frames, torch.tensor(spec.mean), torch.tensor(spec.std))
+    x = to_input(frames, spec.mean, spec.std)
     try:
         with torch.inference_mode():
             out = logits_of(model.module(x))

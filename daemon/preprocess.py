@@ -1,21 +1,36 @@
 """The one definition of how a uint8 frame becomes a model input.
 
-The daemon's batching threads, the training script of the built-in model and the exactness tests
-all call :func:`to_input`, so "the same preprocessed tensor" means the same bytes everywhere.
+The daemon's batching threads (through :class:`Preprocess`), the training script of the built-in
+model and the exactness tests (through :func:`to_input`) compute the same thing, so "the same
+preprocessed tensor" means the same bytes everywhere.
 """
 from __future__ import annotations
 
 import torch
 
 
-def to_input(frames: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC (RGB, 0..255) -> float32 NCHW, scaled to 0..1 then normalised per channel.
+class Preprocess:
+    """uint8 NHWC (RGB, 0..255) -> float32 NCHW: ``(x / 255 - mean) / std`` per channel.
 
-    ``frames`` may live on any device; ``mean`` and ``std`` are float32 tensors of shape (3,) on
-    the same device. Returns a new contiguous tensor; ``frames`` is not modified.
+    Computed as one multiply-add, ``x * (1 / (255 std)) + (-mean / std)``, with both factors made
+    once here: on small batches torch's per-op overhead dominates, and this is two ops per batch
+    where the textbook form takes five.
     """
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
-        raise ValueError(f"expected uint8 NHWC frames with 3 channels, got {frames.dtype} {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
-    return x.contiguous()
+
+    def __init__(self, mean, std, device: torch.device | str = "cpu"):
+        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        std_t = torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
+        self.bias = (-mean_t / std_t).view(1, 3, 1, 1)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """``frames`` on the same device as this Preprocess; returns a new contiguous tensor."""
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
+            raise ValueError(f"expected uint8 NHWC frames with 3 channels, got {frames.dtype} {tuple(frames.shape)}")
+        x = frames.permute(0, 3, 1, 2).to(torch.float32)
+        return torch.addcmul(self.bias, x, self.scale).contiguous()
+
+
+def to_input(frames: torch.Tensor, mean, std) -> torch.Tensor:
+    """:class:`Preprocess` in one call (mean and std: 3 floats or tensors of shape (3,))."""
+    return Preprocess(mean, std, frames.device)(frames)
