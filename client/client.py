@@ -70,6 +70,7 @@ class Client:
         self._ring: Ring | None = None
         self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
         self._ready: list = []
+        self._wait: float | None = None        # the socket's current timeout
         try:
             self._connect(connect_timeout, ring_slots)
         except BaseException:
@@ -149,7 +150,9 @@ class Client:
         while not self._ready:
             if self._sock is None:
                 raise errors.DaemonUnavailable("this Client is closed")
-            self._sock.settimeout(wait)
+            if wait != self._wait:
+                self._sock.settimeout(wait)
+                self._wait = wait
             try:
                 data = self._sock.recv(1 << 16)
             except socket.timeout:
@@ -183,10 +186,17 @@ class Client:
             self._send(wire.encode({**message, "id": rid}))
             reply = self._read_reply(self.timeout + READ_GRACE_S)
             if reply.get("id") != rid:
-                raise errors.ProtocolError(f"reply for id {reply.get('id')!r}, expected {rid}")
+                raise self._desync(reply, f"reply for id {reply.get('id')!r}, expected {rid}")
             if not reply.get("ok"):
                 raise errors.from_reply(reply)
             return reply
+
+    def _desync(self, reply: dict, what: str) -> errors.ProtocolError:
+        """A reply this session did not ask for: which slots the daemon still holds is unknown, so
+        the session cannot go on. Close it; the caller raises the returned error."""
+        self.close()
+        detail = f": {reply.get('code')}: {reply.get('message')}" if not reply.get("ok") else ""
+        return errors.ProtocolError(f"{what}{detail}; the session is closed, open a new Client")
 
     # requests ---------------------------------------------------------------------------------
     def ping(self) -> float:
@@ -244,8 +254,7 @@ class Client:
             reply = self._read_reply(timeout + READ_GRACE_S)
             entry = pending.pop(reply.get("id"), None)
             if entry is None:
-                raise errors.ProtocolError(f"reply for unknown request id {reply.get('id')!r}: "
-                                           f"{reply.get('message', '')}")
+                raise self._desync(reply, f"reply for unknown request id {reply.get('id')!r}")
             index, slot = entry
             self._free.append(slot)
             if reply.get("ok"):

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from inferd.daemon.model import LoadedModel, logits_of
+from inferd.daemon.model import LoadedModel, check_output, logits_of
 from inferd.daemon.preprocess import Preprocess
 
 log = logging.getLogger("inferd.batcher")
@@ -149,6 +149,7 @@ class BatchingThread(threading.Thread):
         self._staging = staging
         self._staging_np = staging.numpy()
         self._preprocess = Preprocess(spec.mean, spec.std, dev)
+        check_output(spec, self._replica, dev)
         for _ in range(self._warmup):
             self._forward(self._max_batch, 1)
         if dev.type == "cuda":

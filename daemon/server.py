@@ -24,7 +24,7 @@ import time
 
 from inferd.daemon import dispatch, exitcodes
 from inferd.daemon.batcher import STOP, BatchingThread, BatchResult, Device, Request
-from inferd.daemon.config import Config
+from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.listener import Listener, peer_credentials, send_with_fds
 from inferd.daemon.model import LoadedModel
 from inferd.daemon.notify import notify
@@ -87,8 +87,12 @@ class Server:
             dev.thread.start()
         for dev in self.devices:
             await asyncio.to_thread(dev.thread.ready.wait)
-            if dev.thread.startup_error is not None:
-                log.error("device %s failed to start: %r", dev.name, dev.thread.startup_error)
+            error = dev.thread.startup_error
+            if isinstance(error, ConfigError):
+                self._stop_devices()
+                raise error                 # the model does not fit its spec: exit 78 with the key
+            if error is not None:
+                log.error("device %s failed to start: %r", dev.name, error)
                 return False
         return True
 

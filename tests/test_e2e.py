@@ -145,3 +145,17 @@ def test_inferctl_ping_info_and_classify(daemon, tmp_path):
     assert lines[0].startswith(f"{npy}: {label} ") and lines[1].split(": ")[1].startswith("circle ")
     missing = run("classify", str(tmp_path / "missing.npy"))
     assert missing.returncode == 2 and "missing.npy" in missing.stderr
+
+
+def test_a_reply_for_an_unknown_id_closes_the_session(daemon):
+    """If the stream ever carries a reply the client did not ask for, it closes rather than
+    read later replies out of step."""
+    from inferd.client import DaemonUnavailable, ProtocolError
+    from inferd.shm import wire
+
+    with Client(daemon.socket_path) as client:
+        client._sock.sendall(wire.encode({"op": "ping", "id": 10**6}))   # a reply nobody waits for
+        with pytest.raises(ProtocolError, match="reply for id 1000000, expected .*session is closed"):
+            client.ping()
+        with pytest.raises(DaemonUnavailable, match="closed"):
+            client.ping()

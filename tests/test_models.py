@@ -1,12 +1,14 @@
 """Models from files: TorchScript and torch.export programs serve the same answers as the built-in,
 and a file that cannot serve stops start-up with the key at fault."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import sample_images, spawn_daemon
+from helpers import sample_images, short_dir, spawn_daemon
 from inferd.client import Client
 from inferd.daemon import model as model_mod
 from inferd.daemon import zoo
@@ -54,8 +56,15 @@ def test_labels_that_do_not_match_the_output_stop_start_up(tmp_path):
     path = _save("torchscript", str(tmp_path))
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     cfg = ModelConfig(path=path, input_height=64, input_width=64, labels=str(tmp_path / "three.txt"), top_k=2)
+    model = model_mod.load(cfg)
     with pytest.raises(ConfigError, match=r"output shape \(2, 8\) for 2 frames does not match \(2, 3 labels\)"):
-        model_mod.load(cfg)
+        model_mod.check_output(model.spec, model.module)
+    workdir = short_dir()
+    out = subprocess.run([sys.executable, "-m", "inferd.daemon", "--socket", f"{workdir}/d.sock",
+                          "--model", path, "--set", "model.input_height=64", "--set", "model.input_width=64",
+                          "--set", f'model.labels="{tmp_path}/three.txt"', "--set", "model.top_k=2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 78 and "check model.labels" in out.stderr, out.stderr
 
 
 def test_a_file_that_is_not_a_model_is_named(tmp_path):
