@@ -1,0 +1,94 @@
+"""Part (a), the ceiling: what the model alone can do on this machine, with no daemon in the way.
+
+In a child process of its own (torch.set_num_threads(2), as the daemon's ``--device cpu:2``), the
+built-in ResNet-18-style model at 64x64 runs the same per-batch work as a daemon batching thread:
+copy uint8 frames into a staging tensor, ``to_input``, the model, softmax, top-k, ``tolist()``, under
+``torch.inference_mode``. For each batch size it warms up, then runs for a fixed time; img/s is
+frames done / elapsed. The ceiling is the best img/s over the batch sizes.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from common import run_in_child
+
+BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+MODEL = "resnet18"
+INPUT_SIZE = 64
+THREADS = 2
+TOP_K = 5
+
+
+def _make_step(model, spec, batch: int):
+    """A closure doing one batch of daemon-equivalent work on ``batch`` frames."""
+    import numpy as np
+    import torch
+
+    from common import frames
+    from inferd.daemon.model import logits_of
+    from inferd.daemon.preprocess import to_input
+
+    source = frames(batch, spec.input_height, seed=batch)
+    staging = torch.empty((batch, spec.input_height, spec.input_width, 3), dtype=torch.uint8)
+    staging_np = staging.numpy()
+    mean = torch.tensor(spec.mean, dtype=torch.float32)
+    std = torch.tensor(spec.std, dtype=torch.float32)
+
+    def step():
+        """Copy the frames in, preprocess, run the model, softmax, top-k, to Python lists."""
+        np.copyto(staging_np, source)
+        with torch.inference_mode():
+            logits = logits_of(model(to_input(staging, mean, std)))
+            scores, indices = torch.softmax(logits.float(), dim=1).topk(TOP_K, dim=1)
+        return indices.tolist(), scores.tolist()
+
+    return step
+
+
+def _time_batch(step, batch: int, warmup_s: float, seconds: float) -> dict:
+    """Warm up for ``warmup_s``, then run ``step`` for ``seconds``; img/s and per-batch times."""
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        step()
+    times = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < seconds:
+        step()
+        times.append(time.perf_counter() - now)
+    elapsed = time.perf_counter() - start
+    times.sort()
+    return {"batch": batch, "batches": len(times), "img_s": len(times) * batch / elapsed,
+            "batch_ms_p50": 1000.0 * times[len(times) // 2],
+            "batch_ms_mean": 1000.0 * sum(times) / len(times)}
+
+
+def _child(q, batch_sizes, warmup_s: float, seconds: float) -> None:
+    """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``."""
+    try:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        from inferd.daemon import zoo
+
+        model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
+        rows = [_time_batch(_make_step(model, spec, b), b, warmup_s, seconds) for b in batch_sizes]
+        q.put(("ok", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def measure(warmup_s: float, seconds: float, batch_sizes=BATCH_SIZES) -> dict:
+    """Part (a): img/s per batch size in a separate child process; the ceiling and batch-1 model time.
+
+    Returns ``{"rows": [...], "ceiling_img_s", "ceiling_batch", "model_ms_b1", "torch", "threads"}``;
+    ``model_ms_b1`` is the median time of one batch of 1 (the daemon's model time for a lone request).
+    """
+    budget = len(batch_sizes) * (warmup_s + seconds) + 60.0
+    out = run_in_child(_child, (tuple(batch_sizes), warmup_s, seconds), budget, "bench-ceiling")
+    best = max(out["rows"], key=lambda r: r["img_s"])
+    out["ceiling_img_s"], out["ceiling_batch"] = best["img_s"], best["batch"]
+    b1 = next((r for r in out["rows"] if r["batch"] == 1), None)
+    out["model_ms_b1"] = b1["batch_ms_p50"] if b1 else None
+    out.update(model=MODEL, input_size=INPUT_SIZE)
+    return out

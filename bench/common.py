@@ -1,0 +1,149 @@
+"""Shared pieces of the benchmark: statistics, test frames, child processes and daemons that are
+always cleaned up.
+
+Nothing here imports torch or matplotlib: every client process the benchmark spawns re-imports the
+main module (``bench/run.py``) and with it this module, so the imports must stay cheap.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+#: The multiprocessing context of every child: a fresh interpreter, nothing inherited from the parent
+#: (no torch state, no open daemon sockets).
+CTX = mp.get_context("spawn")
+#: How long the parent waits for a child's result beyond the time the child should need.
+RESULT_GRACE_S = 120.0
+#: Directory of the ring name prefix check: the daemons here use the memfd backend, so nothing
+#: should ever appear there; the benchmark checks it anyway.
+SHM_DIR = "/dev/shm"
+
+
+def latency_stats(seconds: list[float] | np.ndarray) -> dict:
+    """p50, p99, mean, min and max of a list of durations in seconds, as milliseconds, plus n."""
+    a = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if a.size == 0:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "mean_ms": None, "min_ms": None, "max_ms": None}
+    p50, p99 = np.percentile(a, [50, 99])
+    return {"n": int(a.size), "p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(a.mean()),
+            "min_ms": float(a.min()), "max_ms": float(a.max())}
+
+
+def frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 RGB frames of ``size`` x ``size`` (NHWC), reproducible by ``seed``."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def short_workdir() -> str:
+    """A fresh directory under /tmp with a short path (AF_UNIX socket paths are limited to 107 bytes)."""
+    return tempfile.mkdtemp(prefix="inferd-b", dir="/tmp")
+
+
+def shm_leftovers(prefix: str) -> list[str]:
+    """Names in /dev/shm that start with ``prefix`` (there should never be any)."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def stop_processes(procs: list, grace: float = 5.0) -> None:
+    """Give the multiprocessing children ``grace`` seconds in all to exit, then terminate (SIGTERM),
+    then kill, any still running; reap every one."""
+    deadline = time.monotonic() + grace
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(timeout=5.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def collect_results(q, procs: list, count: int, timeout: float) -> list:
+    """Take ``count`` results from queue ``q`` that the children in ``procs`` put there.
+
+    A child reports ``("ok", value)`` or ``("error", traceback text)``; an error, a child that dies
+    without reporting, or ``timeout`` seconds without all results raises RuntimeError.
+    """
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < count:
+        try:
+            kind, value = q.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"child {dead[0].name} exited with {dead[0].exitcode} before reporting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count - len(out)} of {count} child results missing after "
+                                   f"{timeout:.0f} s")
+            continue
+        if kind == "error":
+            raise RuntimeError(f"a benchmark child failed:\n{value}")
+        out.append(value)
+    return out
+
+
+def run_in_child(target, args: tuple, timeout: float, name: str):
+    """Run ``target(result_queue, *args)`` in one spawned process and return the value it reports."""
+    q = CTX.Queue()
+    p = CTX.Process(target=target, args=(q, *args), name=name, daemon=True)
+    try:
+        p.start()
+        return collect_results(q, [p], 1, timeout)[0]
+    finally:
+        stop_processes([p])
+
+
+@contextlib.contextmanager
+def daemon(args: list[str], env: dict | None = None):
+    """Start an inferd daemon with ``args`` (and ``env`` added to its environment) in a fresh work
+    directory and yield it; always stop it.
+
+    Yields a dict with ``proc`` (the DaemonProcess), ``socket`` and ``prefix`` (its ring name prefix);
+    after the block, ``exit_code`` (what SIGTERM made it return) and ``shm_leftovers`` are filled in.
+    """
+    from inferd.daemon.launch import DaemonProcess
+
+    workdir = short_workdir()
+    prefix = f"inferdbench{secrets.token_hex(3)}"
+    info = {"socket": os.path.join(workdir, "d.sock"), "prefix": prefix, "args": list(args)}
+    proc = None
+    try:
+        proc = DaemonProcess.start([*args, "--set", f'ring.shm_prefix="{prefix}"'],
+                                   socket_path=info["socket"], workdir=workdir, env=env)
+        info["proc"] = proc
+        yield info
+    finally:
+        if proc is not None:
+            try:
+                info["exit_code"] = proc.stop(timeout=30.0)
+            finally:
+                proc.kill()
+        info["shm_leftovers"] = shm_leftovers(prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def sigterm_as_exit() -> None:
+    """Turn SIGTERM into SystemExit so every ``finally`` (daemons, children) still runs."""
+    def handler(signum, frame):
+        """Raise SystemExit so the stack unwinds through every finally."""
+        print(f"bench: signal {signum}: stopping the daemons and child processes", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,154 @@
+"""Part (b), the daemon under load: N client processes in closed loop against one ResNet-18 daemon.
+
+Each client is a spawned process with its own ``inferd.client.Client``; it keeps ``depth`` frames in
+flight (depth 1: ``classify``; depth > 1: ``classify_many`` on ``depth`` frames at a time) and times
+every call with ``time.perf_counter``. The clients connect first, then the parent hands them one
+shared start time (CLOCK_MONOTONIC is system-wide), so every client warms up until the same moment
+and measures over the same window. A call counts when it *ends* inside the window; img/s is frames
+counted / window length. The parent reads the daemon's counters (``info``) and its CPU time
+(/proc/PID/stat) at the window's edges, to get the mean batch size, the daemon's own model time
+per batch, how busy the model was and how much CPU the daemon used; each client reports its own CPU
+use, so the report shows who used the two cores.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import numpy as np
+
+from common import CTX, RESULT_GRACE_S, collect_results, frames, latency_stats, stop_processes
+
+DEVICES = ("cpu:2",)
+
+
+def daemon_args(devices=DEVICES, max_delay_ms: float = 2.0) -> list[str]:
+    """The daemon's command line for part (b): ResNet-18, batches up to 32, the given devices."""
+    args = ["--model", "resnet18", "--set", "batching.max_batch=32",
+            "--set", f"batching.max_delay_ms={max_delay_ms}"]
+    for dev in devices:
+        args += ["--device", dev]
+    return args
+#: (clients, frames in flight per client) of each row, in the order they run.
+CASES = ((1, 1), (4, 1), (16, 1), (16, 4))
+INPUT_SIZE = 64
+START_LEAD_S = 0.2         # the shared start lies this far after the last client connected
+
+
+def _closed_loop(client, batch: list, t_measure: float, t_end: float) -> tuple[list[float], float]:
+    """Call ``client`` on ``batch`` back to back until ``t_end``. Returns the latencies of calls
+    ending in the window [t_measure, t_end] and this process's CPU use (cores) while it looped."""
+    call, arg = (client.classify, batch[0]) if len(batch) == 1 else (client.classify_many, batch)
+    lat = []
+    wall0, cpu0 = time.monotonic(), time.process_time()
+    while time.monotonic() < t_end:
+        t0 = time.perf_counter()
+        call(arg)
+        t1 = time.perf_counter()
+        if t_measure <= time.monotonic() <= t_end:
+            lat.append(t1 - t0)
+    return lat, (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+
+
+def _client(q, index: int, socket_path: str, depth: int, start, go, warmup_s: float,
+            seconds: float) -> None:
+    """Client process body: connect, report ready, wait for the shared start, run the closed loop."""
+    try:
+        from inferd.client import Client
+
+        batch = list(frames(depth, INPUT_SIZE, seed=1000 + index))
+        with Client(socket_path) as client:
+            client.classify(batch[0])                  # the session works before anyone starts
+            q.put(("ok", ("ready", index)))
+            if not go.wait(timeout=RESULT_GRACE_S):
+                raise RuntimeError("no start signal from the parent")
+            t_measure = start.value + warmup_s
+            _sleep_until(start.value)
+            lat, cpu = _closed_loop(client, batch, t_measure, t_measure + seconds)
+        q.put(("ok", ("done", index, lat, cpu)))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+def _counters(client) -> dict:
+    """The daemon's cumulative counters (frames, batches, model_seconds, ...)."""
+    return dict(client.info()["counters"])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _sleep_until(t: float) -> None:
+    """Sleep until monotonic time ``t`` (at once if it has passed)."""
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+def _window_counters(probe, pid: int, t_measure: float, seconds: float) -> dict:
+    """Daemon counter deltas over [t_measure, t_measure + seconds], read by the parent's ``probe``,
+    plus the daemon process's CPU use over the window (``cpu_cores``)."""
+    _sleep_until(t_measure)
+    before, cpu0 = _counters(probe), _cpu_seconds(pid)
+    _sleep_until(t_measure + seconds)
+    after, cpu1 = _counters(probe), _cpu_seconds(pid)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames", "batches", "model_seconds",
+                                                               "expired", "overloaded", "failed")}
+    delta["cpu_cores"] = (cpu1 - cpu0) / seconds
+    return delta
+
+
+def _summarise(n: int, depth: int, done: list, seconds: float, delta: dict, ceiling: float) -> dict:
+    """One table row from the clients' reports ``(_, index, latencies, cpu)`` and the daemon's deltas."""
+    lats = [d[2] for d in done]
+    img_s = sum(len(x) for x in lats) * depth / seconds
+    row = {"case": f"{n}x{depth}" if depth > 1 else f"{n}", "clients": n, "depth": depth,
+           "img_s": img_s, "ratio_to_ceiling": img_s / ceiling if ceiling else None,
+           "latency": latency_stats(np.concatenate([np.asarray(x) for x in lats])),
+           "per_client_img_s": [len(x) * depth / seconds for x in lats], "daemon": delta,
+           "clients_cpu_cores": sum(d[3] for d in done), "model_busy": delta["model_seconds"] / seconds}
+    if delta["batches"]:
+        row["mean_batch"] = delta["frames"] / delta["batches"]
+        row["model_ms_per_batch"] = 1000.0 * delta["model_seconds"] / delta["batches"]
+    return row
+
+
+def run_case(socket_path: str, pid: int, probe, n: int, depth: int, warmup_s: float, seconds: float,
+             ceiling: float) -> dict:
+    """One row of part (b): ``n`` client processes, ``depth`` frames in flight each, against the
+    daemon process ``pid`` listening on ``socket_path``."""
+    q, go, start = CTX.Queue(), CTX.Event(), CTX.Value("d", 0.0)
+    procs = [CTX.Process(target=_client, name=f"bench-client-{i}", daemon=True,
+                         args=(q, i, socket_path, depth, start, go, warmup_s, seconds)) for i in range(n)]
+    try:
+        for p in procs:
+            p.start()
+        collect_results(q, procs, n, RESULT_GRACE_S)                 # every client connected
+        start.value = time.monotonic() + START_LEAD_S
+        go.set()
+        t_measure = start.value + warmup_s
+        delta = _window_counters(probe, pid, t_measure, seconds)
+        done = collect_results(q, procs, n, warmup_s + seconds + RESULT_GRACE_S)
+    finally:
+        go.set()
+        stop_processes(procs)
+    return _summarise(n, depth, done, seconds, delta, ceiling)
+
+
+def measure(ceiling: float, warmup_s: float, seconds: float, cases=CASES, env: dict | None = None,
+            args: list[str] | None = None) -> dict:
+    """Part (b): start one daemon (``env`` added to its environment), run every case against it,
+    stop it. Rows in ``cases`` order."""
+    from common import daemon
+    from inferd.client import Client
+
+    args = args or daemon_args()
+    with daemon(args, env) as d:
+        with Client(d["socket"]) as probe:
+            rows = [run_case(d["socket"], d["proc"].pid, probe, n, depth, warmup_s, seconds, ceiling)
+                    for n, depth in cases]
+    return {"daemon_args": args, "daemon_env": env or {}, "rows": rows,
+            "daemon_exit_code": d.get("exit_code"), "shm_leftovers": d["shm_leftovers"]}

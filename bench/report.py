@@ -1,0 +1,115 @@
+"""The printed tables and the target summary of a benchmark run (plain text, from results.json's dict)."""
+from __future__ import annotations
+
+LOAD_TARGET = 0.90        # daemon img/s with 16 clients / in-process ceiling
+TRANSPORT_TARGET = 2.0    # no-op round trip through the daemon / bare socket ping-pong
+
+
+def targets(results: dict) -> list[dict]:
+    """The three targets, each with the measured value, the bound and whether it is met."""
+    rows = results["load"]["rows"]
+    r16 = next(r for r in rows if r["clients"] == 16 and r["depth"] == 1)
+    t, one = results["transport"], results["one_client"]
+    return [
+        {"name": "ResNet-18 @ 64x64: daemon img/s with 16 clients >= 90% of the in-process ceiling",
+         "value": r16["ratio_to_ceiling"], "bound": LOAD_TARGET, "unit": "x ceiling",
+         "met": r16["ratio_to_ceiling"] >= LOAD_TARGET},
+        {"name": "No-op round trip through the daemon <= 2x the bare socket ping-pong (p50)",
+         "value": t["ratio_p50"], "bound": TRANSPORT_TARGET, "unit": "x bare",
+         "met": t["ratio_p50"] <= TRANSPORT_TARGET},
+        {"name": "One client: p50 latency <= model time at batch 1 + max_delay + 0.5 ms",
+         "value": one["p50_ms"], "bound": one["bound_ms"], "unit": "ms",
+         "met": one["p50_ms"] <= one["bound_ms"]},
+    ]
+
+
+def _ceiling_table(c: dict) -> list[str]:
+    """Part (a): img/s and ms per batch for each batch size."""
+    out = [f"(a) Ceiling: {c['model']} @ {c['input_size']}x{c['input_size']} in-process, "
+           f"{c['threads']} threads, torch {c['torch']}",
+           f"    {'batch':>5}  {'img/s':>8}  {'ms/batch p50':>12}  {'x ceiling':>9}"]
+    for r in c["rows"]:
+        out.append(f"    {r['batch']:>5}  {r['img_s']:>8.1f}  {r['batch_ms_p50']:>12.2f}  "
+                   f"{r['img_s'] / c['ceiling_img_s']:>9.2f}")
+    out.append(f"    ceiling {c['ceiling_img_s']:.1f} img/s (batch {c['ceiling_batch']}); "
+               f"model time at batch 1: {c['model_ms_b1']:.2f} ms")
+    return out
+
+
+def _load_table(load: dict, ceiling: float) -> list[str]:
+    """Part (b): one line per case, with the daemon-side figures that explain it."""
+    env = " ".join(f"{k}={v}" for k, v in load.get("daemon_env", {}).items())
+    out = [f"(b) Daemon under load: {env + ' ' if env else ''}{' '.join(load['daemon_args'])}",
+           f"    {'clients':>7}  {'in flight':>9}  {'img/s':>8}  {'x ceiling':>9}  {'p50 ms':>8}  "
+           f"{'p99 ms':>8}  {'mean batch':>10}  {'model ms/batch':>14}  {'model busy':>10}  "
+           f"{'CPU daemon':>10}  {'CPU clients':>11}"]
+    for r in load["rows"]:
+        lat = r["latency"]
+        out.append(f"    {r['clients']:>7}  {r['clients'] * r['depth']:>9}  {r['img_s']:>8.1f}  "
+                   f"{r['ratio_to_ceiling']:>9.2f}  {lat['p50_ms']:>8.2f}  {lat['p99_ms']:>8.2f}  "
+                   f"{r.get('mean_batch', 0):>10.1f}  {r.get('model_ms_per_batch', 0):>14.2f}  "
+                   f"{r['model_busy']:>10.0%}  {r['daemon']['cpu_cores']:>10.2f}  "
+                   f"{r['clients_cpu_cores']:>11.2f}")
+    out.append(f"    (latency is per call: one frame, or 4 frames for the 4-in-flight row; ceiling "
+               f"{ceiling:.1f} img/s; CPU: cores used over the window)")
+    return out
+
+
+def _transport_table(t: dict) -> list[str]:
+    """Part (c): bare ping-pong, daemon ping and daemon no-op classify round trips."""
+    b, d = t["bare"], t["daemon"]
+    return [f"(c) Transport alone: {t['round_trips']} round trips; request {t['request_bytes']} B, "
+            f"reply {t['reply_bytes']} B on the wire",
+            f"    {'':<26}  {'p50 us':>8}  {'mean us':>8}  {'p99 us':>8}",
+            f"    {'bare AF_UNIX ping-pong':<26}  {b['p50_ms'] * 1e3:>8.1f}  {b['mean_ms'] * 1e3:>8.1f}  "
+            f"{b['p99_ms'] * 1e3:>8.1f}",
+            f"    {'daemon, ping (no model)':<26}  {d['ping']['p50_ms'] * 1e3:>8.1f}  "
+            f"{d['ping']['mean_ms'] * 1e3:>8.1f}  {d['ping']['p99_ms'] * 1e3:>8.1f}",
+            f"    {'daemon, classify no-op':<26}  {d['p50_ms'] * 1e3:>8.1f}  {d['mean_ms'] * 1e3:>8.1f}  "
+            f"{d['p99_ms'] * 1e3:>8.1f}",
+            f"    ratio classify/bare: p50 {t['ratio_p50']:.2f}x, mean {t['ratio_mean']:.2f}x "
+            f"(ping/bare p50 {d['ping']['p50_ms'] / b['p50_ms']:.2f}x; the daemon's batching-thread "
+            f"work per no-op frame: {d['daemon_model_us_per_frame']:.0f} us)"]
+
+
+def _recheck(first: dict, again: dict) -> list[str]:
+    """The end-of-run ceiling against the first one, per batch size."""
+    cells = []
+    for r in again["rows"]:
+        before = next(x for x in first["rows"] if x["batch"] == r["batch"])
+        cells.append(f"batch {r['batch']}: {r['img_s']:.1f} img/s ({r['img_s'] / before['img_s'] - 1:+.0%})")
+    return ["(a') Ceiling re-measured at the end (drift of the machine during the run): " + "; ".join(cells)]
+
+
+def _one_client(o: dict) -> list[str]:
+    """Part (d): one client's p50 against its bound."""
+    return ["(d) One client: p50 %.2f ms vs bound %.2f ms (= model %.2f + max_delay %.1f + %.1f); "
+            "margin %+.2f ms" % (o["p50_ms"], o["bound_ms"], o["model_ms_b1"], o["max_delay_ms"],
+                                 o["slack_ms"], o["margin_ms"])]
+
+
+def _summary(results: dict) -> list[str]:
+    """The three targets, met or missed, and what the machine was doing."""
+    out = ["Targets:"]
+    for t in results["targets"]:
+        out.append(f"  [{'MET ' if t['met'] else 'MISS'}] {t['name']}: "
+                   f"{t['value']:.2f} {t['unit']} (bound {t['bound']:.2f})")
+    m = results["machine"]
+    out.append(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, torch {m.get('torch')}; "
+               f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}; "
+               f"{'QUICK run' if results.get('quick') else 'full run'}, {results['wall_s']:.0f} s")
+    daemons = (results["load"], results["transport"]["daemon"])
+    leftovers = [n for d in daemons for n in d["shm_leftovers"]]
+    out.append(f"Cleanup: daemons exited with {', '.join(str(d['daemon_exit_code']) for d in daemons)} "
+               f"after SIGTERM; /dev/shm leftovers: {', '.join(leftovers) or 'none'}")
+    return out
+
+
+def render(results: dict) -> str:
+    """The whole printed report."""
+    parts = [_ceiling_table(results["ceiling"]),
+             _load_table(results["load"], results["ceiling"]["ceiling_img_s"]),
+             _transport_table(results["transport"]),
+             _recheck(results["ceiling"], results["ceiling_recheck"]), _one_client(results["one_client"]),
+             _summary(results)]
+    return "\n\n".join("\n".join(p) for p in parts)

@@ -1,0 +1,153 @@
+"""inferd benchmark: ``python bench/run.py [--quick] [--out bench/out] [--img-dir DIR]``.
+
+Measures, in one go and on this machine only:
+
+(a) the ceiling: ResNet-18 @ 64x64 in-process (a child process, 2 torch threads), img/s per batch size;
+(b) the daemon under load: 1, 4 and 16 closed-loop client processes, and 16 with 4 frames in flight;
+(c) transport alone: a no-op model through the daemon against a bare Unix-socket ping-pong;
+(d) the one-client latency check, from (a) and (b).
+
+Nothing is asserted: every figure is reported as a ratio to a baseline measured in the same run, and
+the summary says which targets were met. Writes ``OUT/results.json`` and two PNG plots (to docs/img,
+or with ``--quick`` to OUT so a smoke run does not replace the documented figures). See
+docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+if BENCH_DIR not in sys.path:        # spawned children find these modules through the same sys.path
+    sys.path.insert(0, BENCH_DIR)
+
+import ceiling       # noqa: E402
+import common        # noqa: E402
+import daemon_load   # noqa: E402
+import plots         # noqa: E402
+import report        # noqa: E402
+import transport     # noqa: E402
+
+#: Seconds (or round-trip counts) of each part; --quick takes the second set (about a minute in all).
+DURATIONS = {
+    "full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.5, "load_warmup_s": 1.5, "load_s": 8.0,
+             "rt_warmup": 300, "rt_count": 3000},
+    "quick": {"ceiling_warmup_s": 0.2, "ceiling_s": 0.5, "load_warmup_s": 0.5, "load_s": 2.0,
+              "rt_warmup": 100, "rt_count": 500},
+}
+MAX_DELAY_MS = 2.0
+LATENCY_SLACK_MS = 0.5
+
+
+def _args(argv):
+    """The command line; ``--daemon-env`` becomes a dict."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (about a minute): a smoke test")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="where results.json goes")
+    p.add_argument("--img-dir", default=None,
+                   help="where the PNG plots go (default: docs/img; with --quick: the --out folder)")
+    p.add_argument("--replot", metavar="RESULTS_JSON",
+                   help="measure nothing: redraw the plots and reprint the report from a results.json")
+    p.add_argument("--device", action="append", default=None, metavar="SPEC",
+                   help="daemon device for part (b), repeatable (default: cpu:2); e.g. --device cpu:1 --device cpu:1")
+    p.add_argument("--max-delay-ms", type=float, default=MAX_DELAY_MS, help="daemon batching.max_delay_ms for part (b)")
+    p.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="add to the daemons' environment (repeatable), e.g. OMP_NUM_THREADS=1 to "
+                        "compare a setting; the documented figures use none")
+    args = p.parse_args(argv)
+    args.daemon_env = dict(item.split("=", 1) for item in args.daemon_env)
+    return args
+
+
+def _machine() -> dict:
+    """What the figures depend on: cores, Python, the load other processes put on the machine."""
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_start": os.getloadavg()}
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, or ""."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def one_client_check(ceil: dict, load: dict) -> dict:
+    """Part (d): one client's p50 against batch-1 model time + max_delay + 0.5 ms."""
+    row = next(r for r in load["rows"] if r["clients"] == 1 and r["depth"] == 1)
+    max_delay = load.get("max_delay_ms", MAX_DELAY_MS)
+    bound = ceil["model_ms_b1"] + max_delay + LATENCY_SLACK_MS
+    p50 = row["latency"]["p50_ms"]
+    return {"p50_ms": p50, "model_ms_b1": ceil["model_ms_b1"], "max_delay_ms": max_delay,
+            "slack_ms": LATENCY_SLACK_MS, "bound_ms": bound, "margin_ms": bound - p50}
+
+
+def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DELAY_MS) -> dict:
+    """Parts (a) to (d) in order, then the ceiling once more (batch 1 and the best batch) to show
+    how much the machine drifted; the daemons and children of each part are gone when it returns."""
+    results = {"machine": _machine(), "durations": d}
+    t0 = time.monotonic()
+    log("(a) ceiling: in-process model, batch sizes %s ..." % (ceiling.BATCH_SIZES,))
+    results["ceiling"] = ceil = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"])
+    log("(b) daemon under load: cases %s ..." % (daemon_load.CASES,))
+    results["load"] = load = daemon_load.measure(
+        ceil["ceiling_img_s"], d["load_warmup_s"], d["load_s"], env=env,
+        args=daemon_load.daemon_args(devices or daemon_load.DEVICES, max_delay_ms))
+    load["max_delay_ms"] = max_delay_ms
+    log("(c) transport: %d round trips each ..." % d["rt_count"])
+    results["transport"] = transport.measure(d["rt_warmup"], d["rt_count"], env)
+    log("(a') ceiling again, batch 1 and %d ..." % ceil["ceiling_batch"])
+    results["ceiling_recheck"] = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"],
+                                                 sorted({1, ceil["ceiling_batch"]}))
+    results["one_client"] = one_client_check(ceil, load)
+    results["targets"] = report.targets(results)
+    results["machine"].update(loadavg_end=os.getloadavg(), torch=ceil["torch"])
+    results["wall_s"] = time.monotonic() - t0
+    return results
+
+
+def write_plots(results: dict, img_dir: str) -> list[str]:
+    """Both figures, from a results dict; returns their paths."""
+    return [plots.latency_throughput(results["load"], results["ceiling"]["ceiling_img_s"],
+                                     os.path.join(img_dir, "latency_throughput.png")),
+            plots.ceiling_batch(results["ceiling"], os.path.join(img_dir, "ceiling_batch.png"))]
+
+
+def main(argv=None) -> int:
+    """Run everything, write results.json and the plots, print the report."""
+    args = _args(argv)
+    common.sigterm_as_exit()
+    if args.replot:
+        with open(args.replot) as fh:
+            results = json.load(fh)
+        img_dir = args.img_dir or (args.out if results.get("quick") else os.path.join(REPO, "docs", "img"))
+        print(report.render(results))
+        print(f"\nredrew {', '.join(write_plots(results, img_dir))}")
+        return 0
+    durations = DURATIONS["quick" if args.quick else "full"]
+    img_dir = args.img_dir or (args.out if args.quick else os.path.join(REPO, "docs", "img"))
+    results = run_all(durations, args.daemon_env, lambda msg: print(msg, flush=True),
+                      args.device, args.max_delay_ms)
+    results.update(quick=args.quick, daemon_env=args.daemon_env, command=sys.argv)
+    results["plots"] = write_plots(results, img_dir)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(report.render(results))
+    print(f"\nwrote {path}, {', '.join(results['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
