@@ -6,9 +6,9 @@
 """
 from inferd.client.client import Client, ModelInfo, Prediction
 from inferd.client.errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed,
-                                  InvalidInput, Overloaded, PermissionDenied, ProtocolError,
-                                  ShuttingDown)
+                                  InvalidInput, NoHealthyDevice, Overloaded, PermissionDenied,
+                                  ProtocolError, ShuttingDown)
 
 __all__ = ["Client", "ModelInfo", "Prediction", "InferdError", "DaemonUnavailable", "ShuttingDown",
            "ProtocolError", "InvalidInput", "Overloaded", "DeadlineExceeded", "PermissionDenied",
-           "InferenceFailed"]
+           "InferenceFailed", "NoHealthyDevice"]

@@ -71,6 +71,12 @@ class InferenceFailed(InferdError):
     code = wire.E_INTERNAL
 
 
+class NoHealthyDevice(InferdError):
+    """Every device of the daemon is out of rotation (failed its health checks); retry later."""
+
+    code = wire.E_NO_HEALTHY_DEVICE
+
+
 _BY_CODE = {
     wire.E_BAD_FRAME: ProtocolError, wire.E_FRAME_TOO_LARGE: ProtocolError,
     wire.E_UNSUPPORTED_VERSION: ProtocolError, wire.E_UNKNOWN_OP: ProtocolError,
@@ -78,6 +84,7 @@ _BY_CODE = {
     wire.E_SLOT_BUSY: ProtocolError, wire.E_OVERLOADED: Overloaded,
     wire.E_DEADLINE_EXCEEDED: DeadlineExceeded, wire.E_PERMISSION_DENIED: PermissionDenied,
     wire.E_SHUTTING_DOWN: ShuttingDown, wire.E_INTERNAL: InferenceFailed,
+    wire.E_NO_HEALTHY_DEVICE: NoHealthyDevice,
 }
 
 

@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--socket", metavar="PATH", help="listening socket (server.socket)")
     p.add_argument("--model", metavar="NAME|PATH",
-                   help="built-in model name (shapes, resnet18, resnet50, noop) or a model file (model.builtin / model.path)")
+                   help="built-in model name (shapes, resnet18, resnet50, noop, synthetic) or a model file (model.builtin / model.path)")
     p.add_argument("--device", action="append", metavar="SPEC",
                    help="cpu, cpu:THREADS or cuda:N; repeat for several devices ([[device]])")
     p.add_argument("--max-batch", type=int, help="batching.max_batch")
@@ -50,7 +50,7 @@ def _overrides(args) -> dict:
 def _devices(cfg, specs: list[str] | None):
     import torch
 
-    from inferd.daemon.batcher import Device
+    from inferd.daemon.device import Device
     from inferd.daemon.config import ConfigError, DeviceConfig, from_dict
 
     if specs:

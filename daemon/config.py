@@ -1,7 +1,7 @@
 """The daemon's configuration: one home, documented defaults, every value checked at start-up.
 
 A TOML file (``inferd --config FILE``) gives sections ``[server]``, ``[ring]``, ``[batching]``,
-``[model]`` and a list ``[[device]]``; command-line flags override single keys
+``[model]``, ``[dispatch]``, ``[health]`` and a list ``[[device]]``; command-line flags override single keys
 (``--set batching.max_batch=16``, or the shortcuts ``--socket``, ``--model``, ...). An unknown key,
 a wrong type or a value out of range stops start-up with a :class:`ConfigError` whose message names
 the key and what is allowed. README.md's configuration reference is generated from the same
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inferd.daemon.policy import POLICIES
 from inferd.shm.ring import BACKENDS
 from inferd.shm.wire import default_socket_path
 
@@ -63,11 +64,33 @@ class BatchingConfig:
     max_delay_ms: float = _opt(2.0, "longest a batch waits for more frames after its first", lo=0.0, hi=10000.0)
     queue_limit: int = _opt(1024, "frames queued or running per device before overloaded", lo=1, hi=1 << 20)
     default_timeout_ms: float = _opt(30000.0, "deadline of a request that names none", lo=1.0, hi=3.6e6)
+    adaptive: bool = _opt(True, "pick batch sizes from the measured latency profile and deadlines "
+                                "(NOTE [ batch planning ] in daemon/queues.py); false: fixed window")
+
+
+@dataclass
+class DispatchConfig:
+    policy: str = _opt("weighted", "weighted (earliest expected finish, idle devices steal) or "
+                                   "round_robin", choices=POLICIES)
+
+
+@dataclass
+class HealthConfig:
+    max_failures: int = _opt(3, "batches in a row that raise before a device leaves rotation", lo=1, hi=1000)
+    watchdog_floor_s: float = _opt(1.0, "least time a batch may run before the device is called stuck",
+                                   lo=0.05, hi=3600.0)
+    watchdog_factor: float = _opt(10.0, "watchdog bound = max(floor, factor x measured batch time)",
+                                  lo=1.0, hi=1000.0)
+    backoff_s: float = _opt(1.0, "first wait before a canary batch probes a device out of rotation",
+                            lo=0.01, hi=3600.0)
+    backoff_max_s: float = _opt(30.0, "longest wait between canaries (doubles per failed canary)",
+                                lo=0.01, hi=86400.0)
+    max_attempts: int = _opt(3, "devices a request may be tried on before it fails", lo=1, hi=100)
 
 
 @dataclass
 class ModelConfig:
-    builtin: str = _opt("shapes", "built-in model: shapes, resnet18, resnet50, noop (when path is empty)")
+    builtin: str = _opt("shapes", "built-in model: shapes, resnet18, resnet50, noop, synthetic (when path is empty)")
     path: str = _opt("", "TorchScript (.pt) or torch.export (.pt2) file; overrides builtin")
     format: str = _opt("auto", "how to load path", choices=MODEL_FORMATS)
     input_height: int = _opt(0, "input height (0: the built-in model's own)", lo=0, hi=16384)
@@ -91,6 +114,8 @@ class Config:
     ring: RingConfig = field(default_factory=RingConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
     @property
@@ -98,7 +123,8 @@ class Config:
         return self.server.socket or default_socket_path()
 
 
-SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig}
+SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
+            "dispatch": DispatchConfig, "health": HealthConfig}
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -120,6 +146,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
     elif kind == "list":
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -156,6 +185,9 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel), got {vals!r}")
         if key == "model.std" and not all(v > 0 for v in vals):
             raise ConfigError(f"{key}: every std must be > 0, got {vals!r}")
+    if cfg.health.backoff_s > cfg.health.backoff_max_s:
+        raise ConfigError(f"health.backoff_s: {cfg.health.backoff_s} is above health.backoff_max_s "
+                          f"({cfg.health.backoff_max_s})")
     if cfg.ring.default_slots > cfg.ring.max_slots:
         raise ConfigError(f"ring.default_slots: {cfg.ring.default_slots} is above ring.max_slots "
                           f"({cfg.ring.max_slots})")

@@ -15,20 +15,21 @@ ring, send the reply with the ring's descriptor attached (SCM_RIGHTS), close our
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import os
 import signal
 import time
 
-from inferd.daemon import dispatch, exitcodes
-from inferd.daemon.batcher import STOP, BatchingThread, BatchResult, Device, Request
+from inferd.daemon import exitcodes
+from inferd.daemon.batcher import BatchingThread, BatchResult
+from inferd.daemon.device import Device
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.listener import Listener, peer_credentials, send_with_fds
 from inferd.daemon.model import LoadedModel
 from inferd.daemon.notify import notify
-from inferd.daemon.session import Rejected, Session, check_classify
+from inferd.daemon.scheduler import Scheduler
+from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
 from inferd.shm.ring import Ring, RingGeometry
 
@@ -44,9 +45,9 @@ class Server:
         self.listener = listener
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
-        self.outstanding = 0
         self.draining = False
-        self.counters = collections.Counter()
+        self.scheduler = Scheduler(cfg, model.spec, devices, clock)
+        self.counters = self.scheduler.counters
         self._clock = clock
         self._sids = itertools.count(1)
         self._handshakes: set[asyncio.Task] = set()
@@ -65,25 +66,34 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         accept = loop.create_task(self._accept_loop())
+        watchdog = loop.create_task(self._watchdog())
         notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s on %s at %s", self.model.spec.name,
                  ", ".join(d.name for d in self.devices), self.listener.path)
         await self._stop.wait()
+        watchdog.cancel()
         await self._drain(accept)
         return exitcodes.OK
+
+    async def _watchdog(self) -> None:
+        """Health checks on the loop (daemon/health.py): a timer, not a poll of anything the OS
+        could tell us; a stuck batch gives no event to wait on."""
+        health = self.scheduler.health
+        while True:
+            health.check()
+            await asyncio.sleep(health.tick)
 
     def handle_stop_signal(self, sig: signal.Signals) -> None:
         log.info("%s: draining", signal.Signals(sig).name)
         self._stop.set()
 
     async def _start_devices(self) -> bool:
-        b = self.cfg.batching
         for dev in self.devices:
             dev.thread = BatchingThread(
-                dev, self.model, max_batch=b.max_batch, max_delay=b.max_delay_ms / 1000.0,
-                deliver=self._deliver_threadsafe, warmup_batches=self.cfg.model.warmup_batches,
-                clock=self._clock)
+                dev, self.model, batching=self.cfg.batching, policy=self.scheduler.policy,
+                peers=self.devices, deliver=self._deliver_threadsafe,
+                warmup_batches=self.cfg.model.warmup_batches, clock=self._clock)
             dev.thread.start()
         for dev in self.devices:
             await asyncio.to_thread(dev.thread.ready.wait)
@@ -97,21 +107,22 @@ class Server:
         return True
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
-        self._loop.call_soon_threadsafe(self.on_batch_done, result)
+        self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
 
     async def _drain(self, accept: asyncio.Task) -> None:
-        self.draining = True
+        self.draining = self.scheduler.draining = True
+        self.scheduler.on_idle = self._drained.set
         notify("STOPPING=1")
         accept.cancel()
         for task in list(self._handshakes):
             task.cancel()
         self.listener.close()
-        if self.outstanding:
+        if self.scheduler.outstanding:
             try:
                 await asyncio.wait_for(self._drained.wait(), self.cfg.server.drain_timeout_s)
             except asyncio.TimeoutError:
                 log.warning("drain: %d requests still in flight after %.1f s; stopping anyway",
-                            self.outstanding, self.cfg.server.drain_timeout_s)
+                            self.scheduler.outstanding, self.cfg.server.drain_timeout_s)
         for session in list(self.sessions.values()):
             session.transport.close()
         await asyncio.to_thread(self._stop_devices)
@@ -124,8 +135,7 @@ class Server:
 
     def _stop_devices(self) -> None:
         for dev in self.devices:
-            if dev.thread is not None and dev.thread.is_alive():
-                dev.queue.put(STOP)
+            dev.queue.stop()
         for dev in self.devices:
             if dev.thread is not None:
                 dev.thread.join(timeout=max(self.cfg.server.drain_timeout_s, 1.0))
@@ -237,62 +247,7 @@ class Server:
 
     # requests ---------------------------------------------------------------------------------
     def classify(self, session: Session, rid: int, msg: dict) -> None:
-        """Check and admit one classify request (loop thread). Raises Rejected."""
-        if self.draining:
-            raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
-        slot, top_k, timeout = check_classify(msg, session.ring, self.model.spec, session.inflight,
-                                              self.cfg.batching.default_timeout_ms)
-        device = dispatch.choose(self.devices)
-        limit = self.cfg.batching.queue_limit
-        if device.outstanding >= limit:
-            self.counters["overloaded"] += 1
-            raise Rejected(wire.E_OVERLOADED, f"{device.outstanding} requests are queued on "
-                           f"{device.name} (batching.queue_limit {limit}); retry later",
-                           retry_after_ms=self._retry_after_ms(device))
-        now = self._clock()
-        request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, device)
-        session.inflight[slot] = rid
-        device.outstanding += 1
-        self.outstanding += 1
-        device.queue.put(request)
-
-    def _retry_after_ms(self, device: Device) -> float:
-        rate = self.counters["frames"] / max(self.counters["model_seconds"], 1e-9) or 100.0
-        return round(1000.0 * device.outstanding / rate / 2, 1)
-
-    def on_batch_done(self, result: BatchResult) -> None:
-        """All requests of one batch come back here (loop thread): reply, then release."""
-        replies: dict[Session, list[bytes]] = {}
-        for r, top in zip(result.done, result.top):
-            replies.setdefault(r.session, []).append(wire.encode({"id": r.id, "ok": True, "top": top}))
-        for r in result.expired:
-            replies.setdefault(r.session, []).append(wire.encode(wire.error(
-                r.id, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed")))
-        for r in result.failed:
-            replies.setdefault(r.session, []).append(wire.encode(wire.error(
-                r.id, wire.E_INTERNAL, f"the model failed on this request's batch: {result.error}")))
-        for session, chunks in replies.items():
-            session.write(b"".join(chunks))
-        c = self.counters
-        c["batches"] += bool(result.done)
-        c["frames"] += len(result.done)
-        c["model_seconds"] += result.seconds
-        c["expired"] += len(result.expired)
-        c["dropped"] += len(result.dropped)
-        c["failed"] += len(result.failed)
-        for requests in (result.done, result.expired, result.dropped, result.failed):
-            for r in requests:
-                self._finish(r)
-
-    def _finish(self, r: Request) -> None:
-        session = r.session
-        session.inflight.pop(r.slot, None)
-        r.device.outstanding -= 1
-        self.outstanding -= 1
-        if session.closed and not session.inflight:
-            session.release_ring()
-        if self.outstanding == 0 and self.draining:
-            self._drained.set()
+        self.scheduler.classify(session, rid, msg)
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.sid, None)
@@ -300,9 +255,5 @@ class Server:
             session.release_ring()
 
     def info(self) -> dict:
-        c = self.counters
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
-                "outstanding": self.outstanding,
-                "devices": [{"name": d.name, "index": d.index, "outstanding": d.outstanding}
-                            for d in self.devices],
-                "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}
+                **self.scheduler.stats()}

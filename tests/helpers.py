@@ -44,11 +44,13 @@ class Daemon(DaemonProcess):
 
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
                  socket_path: str | None = None) -> Daemon:
-    """Start a daemon with its own socket and ring prefix, one torch thread; wait for READY=1."""
+    """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
+    unless ``args`` name devices); wait for READY=1."""
     workdir = workdir or short_dir()
     prefix = f"inferdt{secrets.token_hex(4)}"
+    default_device = [] if "--device" in args else ["--device", "cpu:1"]
     d = Daemon.start(["--model", model, "--set", f'ring.shm_prefix="{prefix}"',
-                      "--set", "model.warmup_batches=1", "--device", "cpu:1", *args],
+                      "--set", "model.warmup_batches=1", *default_device, *args],
                      socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
                      wait=wait)
     d.prefix, d.workdir = prefix, workdir

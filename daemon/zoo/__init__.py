@@ -11,6 +11,8 @@ Built-ins (:data:`BUILTIN_NAMES`):
 * ``resnet18`` -- ResNet-18 layout, random weights, 1000 classes, 64x64 by default.
 * ``resnet50`` -- ResNet-50 layout, random weights, 1000 classes, 64x64 by default.
 * ``noop``     -- near-zero compute (:mod:`.noop`), 10 classes, 32x32 by default.
+* ``synthetic`` -- known cost per device and injectable faults (:mod:`.synthetic`), for tests and
+  benchmarks of device pools; 10 grey levels, 16x16 by default.
 
 ``input_size`` overrides the default square size where the model allows it (resnets: >= 32).
 """
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 # The model modules (and torch) are imported inside build(): importing this package stays cheap,
 # and ``python -m inferd.daemon.zoo.shapes`` does not find its module already imported by us.
 
-BUILTIN_NAMES = ("shapes", "resnet18", "resnet50", "noop")
+BUILTIN_NAMES = ("shapes", "resnet18", "resnet50", "noop", "synthetic")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +75,12 @@ def build(name: str, input_size: int | None = None) -> tuple[torch.nn.Module, Bu
         size = _square_size(name, input_size, default=64, minimum=_RESNET_MIN_SIZE)
         model = resnet18_style() if name == "resnet18" else resnet50_style()
         return model, BuiltinSpec(name, size, size, _IMAGENET_MEAN, _IMAGENET_STD, _IMAGENET_LABELS)
+    if name == "synthetic":
+        from inferd.daemon.zoo import synthetic
+
+        size = _square_size(name, input_size, default=synthetic.SIZE, minimum=1)
+        spec = BuiltinSpec(name, size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), synthetic.LABELS)
+        return synthetic.SyntheticNet().eval(), spec
     if name == "noop":
         size = _square_size(name, input_size, default=32, minimum=1)
         spec = BuiltinSpec(name, size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _NOOP_LABELS)

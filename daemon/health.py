@@ -1,0 +1,90 @@
+"""Device health: out of rotation on repeated failures or a stuck batch, back in by a canary.
+
+    HEALTHY --health.max_failures batches in a row raise--------------> OUT
+    HEALTHY --a batch runs past its watchdog bound---------------------> OUT (stuck)
+    OUT     --backoff elapsed: one canary batch (a blank frame) queued--> PROBING
+    PROBING --the canary succeeds----------------------------------------> HEALTHY (backoff reset)
+    PROBING --the canary raises or overruns its bound--------------------> OUT (backoff doubled)
+
+Watchdog bound of a batch of b frames: max(health.watchdog_floor_s, health.watchdog_factor * L(b))
+with L the device's measured profile. The monitor (``check``) runs on the event loop at least every
+``tick`` seconds, so a stuck batch leaves rotation by bound + tick after it started: with the
+defaults (floor 1.0 s, tick 0.1 s) within 1.1 s for any model whose batches take under 0.1 s.
+Backoff starts at health.backoff_s and doubles per failed canary up to health.backoff_max_s.
+
+Taking a device out is the scheduler's job (``on_out``): it re-dispatches the device's queued
+requests, and for a stuck device its running batch too, to healthy devices. Every transition is
+logged and counted.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from inferd.daemon.device import HEALTHY, OUT, PROBING
+
+log = logging.getLogger("inferd.health")
+
+
+class HealthMonitor:
+    def __init__(self, cfg, devices: list, *, on_out: Callable, send_canary: Callable, counters,
+                 clock: Callable[[], float]):
+        self.cfg = cfg                     # HealthConfig
+        self.devices = devices
+        self._on_out = on_out              # on_out(device, reason, stuck)
+        self._send_canary = send_canary    # send_canary(device)
+        self._counters = counters
+        self._clock = clock
+        self.tick = min(0.1, cfg.watchdog_floor_s / 5)
+
+    def bound(self, dev, size: int) -> float:
+        return max(self.cfg.watchdog_floor_s, self.cfg.watchdog_factor * dev.profile.latency(size))
+
+    def batch_ok(self, dev, canary: bool) -> None:
+        dev.failures = 0
+        if canary:
+            dev.canary_pending = False
+            if dev.state == PROBING:
+                self._transition(dev, HEALTHY, "canary batch succeeded")
+                dev.backoff = 0.0
+
+    def batch_failed(self, dev, canary: bool, error: str) -> None:
+        if canary:
+            dev.canary_pending = False
+            if dev.state == PROBING:
+                self._out(dev, f"canary batch failed: {error}", stuck=False)
+            return
+        dev.failures += 1
+        if dev.state == HEALTHY and dev.failures >= self.cfg.max_failures:
+            self._out(dev, f"{dev.failures} batches in a row failed, last: {error}", stuck=False)
+
+    def check(self) -> None:
+        """Watchdog and canary pass over every device (call at least every ``tick`` seconds)."""
+        now = self._clock()
+        for dev in self.devices:
+            started = dev.running_since
+            if dev.state != OUT and started is not None:
+                bound = self.bound(dev, dev.running_size)
+                if now - started > bound:
+                    self._out(dev, f"batch of {dev.running_size} running for {now - started:.2f} s, "
+                                   f"past its watchdog bound of {bound:.2f} s", stuck=True)
+                    continue
+            if dev.state == OUT and now >= dev.retry_at and not dev.canary_pending:
+                dev.canary_pending = True
+                self._transition(dev, PROBING, "backoff over; canary batch queued")
+                self._send_canary(dev)
+
+    def _out(self, dev, reason: str, stuck: bool) -> None:
+        h = self.cfg
+        dev.backoff = h.backoff_s if dev.backoff == 0.0 else min(dev.backoff * 2, h.backoff_max_s)
+        dev.retry_at = self._clock() + dev.backoff
+        if dev.state == PROBING and stuck:
+            dev.canary_pending = True      # the canary is what is stuck; no second one behind it
+        self._transition(dev, OUT, f"{reason}; retry in {dev.backoff:.1f} s")
+        self._on_out(dev, reason, stuck)
+
+    def _transition(self, dev, state: str, reason: str) -> None:
+        level = logging.INFO if state != OUT else logging.WARNING
+        log.log(level, "device %s: %s -> %s: %s", dev.label, dev.state, state, reason)
+        self._counters[f"health_{state}"] += 1
+        dev.state = state

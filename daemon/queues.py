@@ -1,0 +1,134 @@
+"""A device's queue of admitted requests, and the rule that decides when its next batch leaves.
+
+DeviceQueue is a deque under one lock: the event loop appends (admission) and drains it (a device
+taken out of rotation); the device's batching thread takes batches from the front; an idle peer's
+batching thread steals from the back. Nobody holds two queue locks at once, so there is no lock
+order to get wrong.
+
+NOTE [ batch planning ]
+
+``plan_batch(now, queued, ...)`` returns ``(n, 0.0)``: take the first n now, or ``(0, t)``: wait
+until t (or until another request arrives) and ask again. With L(b) the device's measured latency
+for a batch of b (daemon/profile.py), B = max_batch, W = max_delay, a0 the arrival of the oldest
+queued request, D(m) the earliest deadline among the first m, and g the smoothed gap between
+arrivals at this device:
+
+  1. Deadline cap. m = the largest size <= min(n, B) with now + L(m) <= D(m): the batch size at
+     which the oldest frames still meet their deadlines (in the spirit of Clipper's adaptive
+     batching, with the measured profile in place of AIMD probing). If m < min(n, B), go now
+     with m: more frames could only make the batch later.
+  2. Full. If m = B, go now.
+  3. Worth waiting? A batch of n < B waits for one more frame only if it is expected inside the
+     window, now + g <= a0 + W, and the larger batch would still meet the deadlines,
+     now + g + L(n+1) <= D(n). Otherwise it goes now: at low load (g large) a frame does not sit
+     through a window that will not bring company.
+  4. Else wait until min(a0 + W, D(n) - L(n+1)), and decide again when a request arrives.
+
+Before the profile knows anything, L = 0 and g = infinity: requests go at once, and the first
+batches teach both. With ``adaptive`` off the rule is the plain window of issue 2: go when
+n >= B or now >= a0 + W.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from typing import Callable
+
+
+def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
+               max_delay: float, gap: float, adaptive: bool = True) -> tuple[int, float]:
+    """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
+    ``deadline`` on each item); it is not modified."""
+    n = min(len(queued), max_batch)
+    window_end = queued[0].arrived + max_delay
+    if not adaptive:
+        return (n, 0.0) if n == max_batch or now >= window_end else (0, window_end)
+    deadlines = []
+    earliest = math.inf
+    for i in range(n):
+        earliest = min(earliest, queued[i].deadline)
+        deadlines.append(earliest)
+    m = n
+    while m > 1 and now + latency(m) > deadlines[m - 1]:
+        m -= 1
+    if m < n or m == max_batch:
+        return m, 0.0
+    next_at = now + gap
+    if next_at >= window_end or next_at + latency(n + 1) > deadlines[n - 1]:
+        return n, 0.0
+    return 0, min(window_end, deadlines[n - 1] - latency(n + 1))
+
+
+class DeviceQueue:
+    """Requests admitted to one device, oldest first. Thread-safe; see the module docstring."""
+
+    GAP_ALPHA = 0.1      # weight of the newest inter-arrival gap in the smoothed gap
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._clock = clock
+        self._last_put = None
+        self.gap = math.inf          # smoothed seconds between arrivals; read without the lock
+        self._stopped = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item) -> None:
+        with self._cond:
+            now = self._clock()
+            if self._last_put is not None:
+                dt = now - self._last_put
+                self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
+            self._last_put = now
+            self._items.append(item)
+            self._cond.notify()
+
+    def put_front(self, items: list) -> None:
+        """Put requests back at the front, oldest first (re-dispatched work keeps its age)."""
+        with self._cond:
+            self._items.extendleft(reversed(items))
+            self._cond.notify()
+
+    def drain(self) -> list:
+        """Take every queued request (the device leaves rotation)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+    def steal(self, count: int) -> list:
+        """Take up to ``count`` requests from the back (newest), oldest of them first."""
+        with self._cond:
+            taken = [self._items.pop() for _ in range(min(count, len(self._items)))]
+        taken.reverse()
+        return taken
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def take(self, plan: Callable[[float, collections.deque], tuple[int, float]],
+             idle_timeout: float) -> list | None:
+        """Block until ``plan`` says go, and return that many requests from the front. Returns []
+        when the queue stayed empty for ``idle_timeout`` (the caller may steal or beat its
+        heartbeat), None once stopped and empty."""
+        with self._cond:
+            idle_until = self._clock() + idle_timeout
+            while True:
+                if not self._items:
+                    if self._stopped:
+                        return None
+                    left = idle_until - self._clock()
+                    if left <= 0:
+                        return []
+                    self._cond.wait(left)
+                    continue
+                count, until = plan(self._clock(), self._items)
+                if count:
+                    return [self._items.popleft() for _ in range(count)]
+                self._cond.wait(max(until - self._clock(), 0.0))

@@ -1,0 +1,216 @@
+"""Batch planning, latency profiles, device queues, dispatch policies and the health state machine,
+driven by injected clocks and plain numbers: nothing here waits on real time."""
+import collections
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from inferd.daemon import policy as policies
+from inferd.daemon.config import HealthConfig
+from inferd.daemon.device import HEALTHY, OUT, PROBING, Device
+from inferd.daemon.health import HealthMonitor
+from inferd.daemon.profile import LatencyProfile
+from inferd.daemon.queues import DeviceQueue, plan_batch
+
+
+def req(arrived=100.0, deadline=200.0):
+    return SimpleNamespace(arrived=arrived, deadline=deadline, attempt=0)
+
+
+def linear(base, per):               # a latency profile as a function: base + per * b seconds
+    return lambda b: base + per * b
+
+
+# plan_batch -------------------------------------------------------------------------------------
+def test_fixed_window_full_batch_goes_at_once_and_a_lone_frame_waits_exactly_max_delay():
+    full = [req() for _ in range(4)]
+    assert plan_batch(100.0, full, linear(0, 0), 4, 0.002, math.inf, adaptive=False) == (4, 0.0)
+    assert plan_batch(100.0, [req()], linear(0, 0), 4, 0.002, math.inf, adaptive=False) == (0, 100.002)
+    assert plan_batch(100.002, [req()], linear(0, 0), 4, 0.002, math.inf, adaptive=False) == (1, 0.0)
+
+
+def test_fixed_window_counts_from_arrival_so_time_spent_queued_is_not_waited_again():
+    old = [req(arrived=99.990), req(arrived=99.995)]
+    assert plan_batch(100.0, old, linear(0, 0), 32, 0.002, math.inf, adaptive=False) == (2, 0.0)
+
+
+def test_adaptive_low_load_does_not_sit_through_the_window():
+    # next arrival expected in 50 ms, the window is 2 ms: waiting cannot help
+    assert plan_batch(100.0, [req()], linear(0.005, 0.001), 32, 0.002, gap=0.050) == (1, 0.0)
+
+
+def test_adaptive_waits_when_company_is_expected_inside_the_window():
+    n, until = plan_batch(100.0, [req()], linear(0.005, 0.001), 32, 0.004, gap=0.0005)
+    assert n == 0 and until == pytest.approx(100.004)
+
+
+def test_adaptive_never_waits_past_what_the_deadline_allows():
+    # deadline 10 ms away, a batch of 2 takes 7 ms: may wait until 100.003 at most
+    n, until = plan_batch(100.0, [req(deadline=100.010)], linear(0.005, 0.001), 32, 0.008, gap=0.001)
+    assert n == 0 and until == pytest.approx(100.003)
+    # expected company arrives too late for the deadline: go now
+    assert plan_batch(100.0, [req(deadline=100.010)], linear(0.005, 0.001), 32, 0.008, gap=0.004) == (1, 0.0)
+
+
+def test_adaptive_batch_size_keeps_the_oldest_deadline():
+    # 10 queued, the oldest due in 11.9 ms; L(b) = 2 ms + 1 ms * b: L(10) = 12 ms misses it,
+    # so a batch of 9 (11 ms) leaves now and the tenth waits for the next
+    queued = [req(deadline=100.0119)] + [req(deadline=101.0) for _ in range(9)]
+    assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, gap=0.0001) == (9, 0.0)
+
+
+def test_adaptive_full_batch_goes_at_once():
+    queued = [req() for _ in range(40)]
+    assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, gap=0.0001) == (32, 0.0)
+
+
+# profile ----------------------------------------------------------------------------------------
+def test_profile_smooths_per_size_and_interpolates():
+    p = LatencyProfile(alpha=0.5)
+    assert p.latency(8) == 0.0 and not p.known
+    p.observe(1, 0.010)
+    assert p.latency(4) == pytest.approx(0.040)              # one size: proportional
+    p.observe(16, 0.040)
+    assert p.latency(8) == pytest.approx(0.010 + 0.030 * 7 / 15)
+    assert p.latency(32) == pytest.approx(0.080)             # not cheaper per frame than b=16
+    p.observe(16, 0.060)
+    assert p.latency(16) == pytest.approx(0.050)             # EWMA, alpha 0.5
+    assert p.throughput(16) == pytest.approx(320.0)
+    assert p.snapshot() == {"1": 10.0, "16": 50.0}
+
+
+# queue ------------------------------------------------------------------------------------------
+def test_queue_take_steal_drain_and_put_front():
+    clock = iter(range(1000)).__next__
+    q = DeviceQueue(clock=lambda: float(clock()))
+    items = [req(arrived=i) for i in range(6)]
+    for it in items:
+        q.put(it)
+    assert q.gap == pytest.approx(1.0)
+    assert q.take(lambda now, queued: (2, 0.0), 0.1) == items[:2]
+    assert q.steal(2) == items[4:6]                           # newest, oldest of them first
+    q.put_front(items[:2])
+    assert q.drain() == items[:4] and len(q) == 0
+    assert q.take(lambda now, queued: (1, 0.0), 0.0) == []   # idle
+    q.stop()
+    assert q.take(lambda now, queued: (1, 0.0), 0.0) is None
+
+
+# policies ---------------------------------------------------------------------------------------
+def make_devices(*latencies):
+    devs = []
+    for i, lat in enumerate(latencies):
+        d = Device(i, "cpu", 1)
+        for b in (1, 32):
+            d.profile.observe(b, lat(b))
+        devs.append(d)
+    return devs
+
+
+def test_weighted_fills_devices_in_proportion_to_their_speed():
+    slow, fast = make_devices(linear(0.003, 0.003), linear(0.001, 0.001))
+    w = policies.Weighted()
+    chosen = collections.Counter()
+    for _ in range(400):                                      # fill the queues, as admission would
+        dev = w.choose([slow, fast], 0.0, 32)
+        dev.queue.put(req())
+        chosen[dev.index] += 1
+    assert 2.5 <= chosen[1] / chosen[0] <= 3.5, chosen
+
+
+def test_weighted_skips_unhealthy_and_excluded_devices():
+    a, b = make_devices(linear(0.001, 0.001), linear(0.001, 0.001))
+    w = policies.Weighted()
+    assert w.choose([a, b], 0.0, 32, exclude=a) is b
+    b.state = OUT
+    assert w.choose([a, b], 0.0, 32) is a
+    a.state = OUT
+    assert w.choose([a, b], 0.0, 32) is None
+
+
+def test_idle_fast_device_steals_but_a_slow_one_only_what_it_can_finish_sooner():
+    slow, fast = make_devices(linear(0.030, 0.030), linear(0.001, 0.001))
+    for _ in range(8):
+        slow.queue.put(req())
+    slow.running_since, slow.running_size = 0.0, 1
+    w = policies.Weighted()
+    victim, k = w.steal_from(fast, [slow, fast], 0.0, 32)
+    assert victim is slow and k == 4
+    fast.queue, slow.queue = slow.queue, DeviceQueue()        # now the fast one is the busy one
+    fast.running_since, fast.running_size, slow.running_since = 0.0, 1, None
+    assert w.steal_from(slow, [slow, fast], 0.0, 32) == (None, 0)
+    assert policies.RoundRobin().steal_from(slow, [slow, fast], 0.0, 32) == (None, 0)
+
+
+def test_round_robin_ignores_speed():
+    slow, fast = make_devices(linear(0.003, 0.003), linear(0.001, 0.001))
+    rr = policies.RoundRobin()
+    assert [rr.choose([slow, fast], 0.0, 32).index for _ in range(4)] == [0, 1, 0, 1]
+
+
+# health -----------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def monitor(devices, **overrides):
+    cfg = HealthConfig(**{"max_failures": 2, "watchdog_floor_s": 1.0, "watchdog_factor": 10.0,
+                          "backoff_s": 1.0, "backoff_max_s": 4.0, **overrides})
+    events = []
+    clock = Clock()
+    m = HealthMonitor(cfg, devices, on_out=lambda d, why, stuck: events.append(("out", d.index, stuck)),
+                      send_canary=lambda d: events.append(("canary", d.index)),
+                      counters=collections.Counter(), clock=clock)
+    return m, events, clock
+
+
+def test_failures_in_a_row_take_a_device_out_and_a_success_resets_the_count():
+    (dev,) = make_devices(linear(0.01, 0.0))
+    m, events, clock = monitor([dev])
+    m.batch_failed(dev, False, "boom")
+    m.batch_ok(dev, False)
+    m.batch_failed(dev, False, "boom")
+    assert dev.state == HEALTHY and events == []
+    m.batch_failed(dev, False, "boom")
+    assert dev.state == OUT and events == [("out", 0, False)]
+
+
+def test_watchdog_bound_is_the_floor_or_a_multiple_of_the_measured_batch_time():
+    fast, slow = make_devices(linear(0.01, 0.0), linear(0.5, 0.0))
+    m, events, clock = monitor([fast, slow])
+    assert m.bound(fast, 1) == 1.0 and m.bound(slow, 1) == pytest.approx(5.0)
+    fast.running_since, fast.running_size = 0.0, 1
+    clock.now = 0.99
+    m.check()
+    assert fast.state == HEALTHY
+    clock.now = 1.01
+    m.check()
+    assert fast.state == OUT and events == [("out", 0, True)]
+    assert m.tick <= 0.1          # removal within bound + tick
+
+
+def test_canary_after_backoff_readmits_or_doubles_the_backoff():
+    (dev,) = make_devices(linear(0.01, 0.0))
+    m, events, clock = monitor([dev])
+    m.batch_failed(dev, False, "x")
+    m.batch_failed(dev, False, "x")
+    assert dev.state == OUT and dev.retry_at == 1.0
+    clock.now = 0.5
+    m.check()
+    assert ("canary", 0) not in events
+    clock.now = 1.0
+    m.check()
+    assert dev.state == PROBING and events[-1] == ("canary", 0)
+    m.check()
+    assert events.count(("canary", 0)) == 1                   # one canary at a time
+    m.batch_failed(dev, True, "still broken")
+    assert dev.state == OUT and dev.backoff == 2.0 and dev.retry_at == 3.0
+    clock.now = 3.0
+    m.check()
+    m.batch_ok(dev, True)
+    assert dev.state == HEALTHY and dev.backoff == 0.0
