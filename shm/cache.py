@@ -1,0 +1,399 @@
+"""The result cache: top-k answers in one fixed-size mmap'ed file the daemon writes and clients read.
+
+Key = BLAKE3(model digest, preprocessing spec, frame content hash): a new model or spec makes keys
+no old entry can match. Only the daemon maps it writable (under an exclusive ``flock``) and inserts
+answers computed from its own private copy of the frame; clients map it ``ACCESS_READ``.
+
+File layout (all integers little-endian)::
+
+    offset  size  field                                                   written by the daemon
+    0       8     magic            b"INFDRCCH"                           \\
+    8       4     format version   u32, currently 1                       |
+    12      4     sets             u32                                    |  once, into a temporary
+    16      4     ways             u32, entries per set                   |  file that is linked or
+    20      4     entry size       u32, = 72 + 8 * max_k                  |  renamed into place only
+    24      4     max_k            u32, most (class, score) pairs         |  when complete
+    28      4     reserved         zero                                   |
+    32      8     file size        u64, bytes; the configured size        |
+    40      8     header check     BLAKE3(bytes 0..40)[:8]               /
+    48      16    reserved         zero
+    64      8     generation       u64 flush counter, written at flush; not under the check
+                                   (any value is valid: a kill mid-flush cannot spoil the header)
+    4096 + (set * ways + way) * entry size: one entry (72..4096 and the slack after the last: zero)
+
+Entry layout (written by the daemon only)::
+
+    offset  size     field
+    0       8        seq         u64 seqlock counter: odd while the daemon writes the entry
+    8       8        stamp       u64 recency for eviction (not under the check)
+    16      8        check       BLAKE3(bytes 24 .. 72 + 8k)[:8]
+    24      4        k           u32, pairs in this answer, 1..max_k; 0 = empty
+    28      4        reserved    zero
+    32      8        generation  u64, the header generation when written; another value = empty
+    40      32       key         see cache_key; the set is int.from_bytes(key[:8], "little") % sets
+    72      8*max_k  pairs       k times (class index u32, score f32); bytes after them are not read
+
+Eviction: per-set LRU. The daemon stamps an entry from a clock that only grows at insert and when
+its own ``lookup`` hits (clients never write: their hits do not count). An insert takes the key's
+way, else an empty one (k = 0, odd seq left by a kill, older generation), else the oldest stamp.
+
+Why a reader never returns a wrong answer, with no lock while the daemon writes: the daemon stores
+seq odd, then body and check, then seq even (seq only grows, so a write in between cannot look
+unchanged). A reader loads seq, copies the entry into a private bytes object, loads seq again, and
+answers only if both loads are the same even value and the copy's key, generation and check match.
+A Python slice of an mmap is not atomic and nothing orders the loads on memory models weaker than
+x86's: the check over the private copy is what guarantees the answer is exactly one the daemon wrote
+for this key (a torn copy passes with probability 2**-64). A daemon killed mid-write leaves seq odd
+or the check wrong: a miss, repaired by the next insert there.
+
+At daemon start a truncated, garbage, wrong-version or wrong-size file is set aside as
+``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS).
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import mmap
+import os
+import secrets
+import struct
+import threading
+import time
+from typing import NamedTuple
+
+import blake3
+import numpy as np
+
+MAGIC = b"INFDRCCH"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+GENERATION_OFFSET = 64
+KEY_OFFSET = 40
+PAIRS_OFFSET = 72
+
+_HEADER = struct.Struct("<8sIIIIIIQ")                    # bytes 0..40; the check follows at 40..48
+_ENTRY = struct.Struct("<QQ8sIIQ32s")                    # bytes 0..72 of an entry
+_BODY = struct.Struct("<IIQ32s")                         # bytes 24..72: k, reserved, generation, key
+_U64 = struct.Struct("<Q")
+_FIELDS = {"names": ["seq", "stamp", "k", "generation"], "formats": ["<u8", "<u8", "<u4", "<u8"],
+           "offsets": [0, 8, 24, 32]}
+_log = logging.getLogger("inferd.cache")
+
+
+class CacheError(Exception):
+    """A result cache that cannot be used as asked: the message says what to change."""
+
+
+class CacheUnavailable(CacheError):
+    """A client cannot map the cache; it sends every request to the daemon instead."""
+
+
+class CacheLocked(CacheError):
+    """Another process holds the writer lock on the cache file."""
+
+
+def content_hash(frame: np.ndarray) -> bytes:
+    """32-byte BLAKE3 of a frame's dtype (byte order included), shape and C-contiguous bytes."""
+    arr = np.ascontiguousarray(frame)
+    if arr.dtype.hasobject:                              # its bytes would be pointers
+        raise ValueError("content_hash needs a numeric array, got an object array")
+    dtype = arr.dtype.str.encode()
+    h = blake3.blake3(derive_key_context="inferd 2026-01 frame content hash v1")
+    h.update(struct.pack(f"<I{len(dtype)}sI{arr.ndim}Q", len(dtype), dtype, arr.ndim, *arr.shape))
+    h.update(memoryview(arr).cast("B"))
+    return h.digest()
+
+
+def cache_key(model_digest: str, preprocess: str, content_hash: bytes) -> bytes:
+    """32-byte cache key. Every field is length-prefixed, so ("ab", "c") and ("a", "bc") differ."""
+    if len(content_hash) != 32:
+        raise ValueError(f"content_hash must be 32 bytes (from content_hash()), got {len(content_hash)}")
+    h = blake3.blake3(derive_key_context="inferd 2026-01 result cache key v1")
+    for part in (model_digest.encode(), preprocess.encode(), bytes(content_hash)):
+        h.update(_U64.pack(len(part)) + part)
+    return h.digest()
+
+
+class CacheGeometry(NamedTuple):
+    sets: int
+    ways: int
+    max_k: int
+
+    @property
+    def entry_size(self) -> int:
+        return PAIRS_OFFSET + 8 * self.max_k
+
+
+def _parse_header(head: bytes, size: int) -> tuple[str | None, CacheGeometry | None]:
+    """(problem, None) or (None, geometry), from the first 48 bytes of a file of ``size`` bytes."""
+    if size < HEADER_SIZE:
+        return f"truncated to {size} bytes, less than the {HEADER_SIZE}-byte header", None
+    magic, version, sets, ways, entry_size, max_k, _, total = _HEADER.unpack_from(head)
+    geom = CacheGeometry(sets, ways, max_k)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return f"magic {magic!r} version {version}, expected {MAGIC!r} version {FORMAT_VERSION}", None
+    if blake3.blake3(head[:40]).digest(8) != head[40:48]:
+        return "header check does not match", None
+    if sets < 1 or entry_size != geom.entry_size or total != size \
+            or HEADER_SIZE + sets * ways * entry_size > total:
+        return f"truncated or inconsistent: header {geom}, {entry_size}-byte entries, {total} bytes; " \
+               f"the file has {size} bytes", None
+    return None, geom
+
+
+def _install(path: str, geom: CacheGeometry, size: int, mode: int, problem: str | None, log) -> int | None:
+    """Build an empty locked cache under a temporary name and put it at PATH: by link if PATH is
+    missing (None if another daemon got there first), else (the caller holds PATH's lock) by
+    hard-linking PATH aside and renaming over it. PATH never names a half-built file."""
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)                              # exactly: the umask must not decide who reads
+        os.ftruncate(fd, size)
+        head = _HEADER.pack(MAGIC, FORMAT_VERSION, geom.sets, geom.ways, geom.entry_size, geom.max_k, 0, size)
+        os.pwrite(fd, head + blake3.blake3(head).digest(8), 0)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else knows this name yet
+        if problem is None:
+            os.link(tmp, path)
+        else:
+            aside = f"{path}.corrupt-{int(time.time())}"
+            aside += f".{secrets.token_hex(3)}" if os.path.lexists(aside) else ""
+            os.link(path, aside)
+            os.rename(tmp, path)
+    except BaseException as exc:
+        os.close(fd)
+        os.unlink(tmp)
+        if problem is None and isinstance(exc, FileExistsError):
+            return None
+        raise
+    if problem is None:
+        os.unlink(tmp)
+    else:
+        log = _log if log is None else log
+        (log.warning if isinstance(log, logging.Logger) else log)(
+            f"result cache {path}: {problem}; set aside as {aside} and rebuilt empty")
+    return fd
+
+
+def _acquire(path: str, geom: CacheGeometry, size: int, mode: int, log) -> int:
+    """Open, lock, check, and create or rebuild PATH. The flock is on the file itself, so after
+    locking, PATH must still name the inode we locked (its last holder may have replaced it)."""
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if (fd := _install(path, geom, size, mode, None, log)) is not None:
+                return fd
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CacheLocked(f"result cache {path} is locked by another writer (another inferd "
+                                  f"daemon); stop that daemon or give this one its own path") from None
+            problem = new_fd = None
+            try:
+                current = os.path.samestat(os.stat(path), os.fstat(fd))
+            except FileNotFoundError:
+                current = False
+            if current:
+                actual = os.fstat(fd).st_size
+                problem, found = _parse_header(os.pread(fd, 48, 0), actual)
+                if problem is None and (found, actual) != (geom, size):
+                    problem = f"holds {found} in {actual} bytes; configured {geom} in {size} bytes"
+            if problem is not None:
+                new_fd = _install(path, geom, size, mode, problem, log)
+        except BaseException:
+            os.close(fd)
+            raise
+        if current and new_fd is None:
+            return fd
+        os.close(fd)
+        if new_fd is not None:
+            return new_fd
+    raise CacheError(f"result cache {path} kept being replaced while opening it; who recreates it?")
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs(k: int) -> struct.Struct:
+    return struct.Struct("<" + "If" * k)
+
+
+class ResultCache:
+    """One mapping of the cache file: ``open_writer`` in the daemon, ``open_reader`` in clients.
+    ``insert`` and ``flush`` need the writer (any thread: they take a lock). Counters (hits, misses,
+    torn, inserts, evictions) are this instance's, not the file's. ``close()`` is idempotent."""
+
+    def __init__(self, path: str, mm: mmap.mmap, fd: int | None, geom: CacheGeometry):
+        self.path = path
+        self.geometry = geom
+        self._mm = mm
+        self._fd = fd                                    # the writer's descriptor holds the flock
+        self._entry = geom.entry_size
+        self._set_bytes = geom.ways * geom.entry_size
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._torn = self._inserts = self._evictions = 0
+        self._clock = int(self._view()["stamp"].max()) if fd is not None else 0
+
+    @classmethod
+    def open_writer(cls, path, size_bytes: int, max_k: int = 16, *, ways: int = 8,
+                    mode: int = 0o644, log=None) -> "ResultCache":
+        """The daemon's mapping; creates PATH, or rebuilds it (one line to ``log``: a Logger, a
+        callable or None for ``inferd.cache``). ``mode`` is exact, not umasked: clients only read."""
+        set_bytes = ways * (PAIRS_OFFSET + 8 * max_k)
+        if not 1 <= max_k <= 1024 or ways < 1 or size_bytes < HEADER_SIZE + set_bytes:
+            raise ValueError(f"cache of {size_bytes} bytes with max_k={max_k}, ways={ways}: needs max_k "
+                             f"1..1024, ways >= 1 and at least {HEADER_SIZE + set_bytes} bytes")
+        geom = CacheGeometry(min((size_bytes - HEADER_SIZE) // set_bytes, 2**32 - 1), ways, max_k)
+        try:
+            fd = _acquire(path, geom, size_bytes, mode, log)
+        except OSError as exc:
+            raise CacheError(f"cannot open result cache {path}: {exc.strerror}; check that its "
+                             f"directory exists and the daemon's user may write there") from exc
+        try:
+            mm = mmap.mmap(fd, size_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, mm, fd, geom)
+
+    @classmethod
+    def open_reader(cls, path) -> "ResultCache":
+        """A client's ``ACCESS_READ`` mapping; CacheUnavailable if missing, unreadable or not valid."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CacheUnavailable(f"cannot read result cache {path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            problem, geom = _parse_header(os.pread(fd, 48, 0), size)
+            if problem is not None:
+                raise CacheUnavailable(f"result cache {path}: {problem}; the daemon rebuilds it at start")
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            return cls(path, mm, None, geom)
+        finally:
+            os.close(fd)                                 # the mapping keeps its own reference
+
+    def lookup(self, key: bytes) -> list[tuple[int, float]] | None:
+        """The stored answer for ``key``, or None (absent, being written, torn or corrupt)."""
+        generation, mm, base = self._generation(), self._mm, self._set_offset(key)   # raises once closed
+        off = mm.find(key, base + KEY_OFFSET, base + self._set_bytes) - KEY_OFFSET   # one C scan of the set
+        # Found off an entry's key field (only by a 2**-256 accident), or not at all: a miss.
+        top = self._read(mm, off, key, generation) if off >= base and not (off - base) % self._entry else None
+        if top is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        if self._fd is not None:                         # the daemon's own hits refresh recency
+            self._clock += 1                             # a race with insert only blurs recency
+            _U64.pack_into(mm, off + 8, self._clock)
+        return top
+
+    def _set_offset(self, key: bytes) -> int:
+        if len(key) != 32:
+            raise ValueError(f"a cache key is 32 bytes (from cache_key()), got {len(key)}")
+        return HEADER_SIZE + int.from_bytes(key[:8], "little") % self.geometry.sets * self._set_bytes
+
+    def _read(self, mm: mmap.mmap, off: int, key: bytes, gen: int) -> list[tuple[int, float]] | None:
+        """Seqlock read into a private copy; every check is made on the copy."""
+        seq = _U64.unpack_from(mm, off)[0]
+        body = mm[off:off + self._entry]
+        _, _, check, k, _, generation, stored = _ENTRY.unpack_from(body)
+        if seq & 1 or _U64.unpack_from(mm, off)[0] != seq or not 0 < k <= self.geometry.max_k \
+                or blake3.blake3(memoryview(body)[24:PAIRS_OFFSET + 8 * k]).digest(8) != check:
+            self._torn += 1                              # being written, torn or corrupt
+            return None
+        if stored != key or generation != gen:
+            return None
+        flat = _pairs(k).unpack_from(body, PAIRS_OFFSET)
+        return list(zip(flat[0::2], flat[1::2]))
+
+    def insert(self, key: bytes, top) -> bool:
+        """Store 1..max_k (class index, score) pairs under ``key``; True if another key was evicted."""
+        if self._fd is None:
+            raise CacheError(f"insert needs open_writer; result cache {self.path} is read-only or closed")
+        key, k = bytes(key), len(top)
+        base = self._set_offset(key)
+        if not 1 <= k <= self.geometry.max_k:
+            raise ValueError(f"an answer has 1..{self.geometry.max_k} pairs (max_k), got {k}")
+        try:
+            payload = _pairs(k).pack(*[v for pair in top for v in pair])
+        except (struct.error, OverflowError, TypeError) as exc:
+            raise ValueError(f"pairs must be (class index 0..2**32-1, float32 score): {exc}") from None
+        with self._lock:
+            off, evicted = self._choose_way(base, key)
+            self._write(off, key, k, payload)
+            self._inserts += 1
+            self._evictions += evicted
+        return evicted
+
+    def _choose_way(self, base: int, key: bytes) -> tuple[int, bool]:
+        """The way for ``key``: its own, else an empty one, else the least recently stamped."""
+        generation = self._generation()
+        empty = victim = None
+        oldest = 2**64
+        for off in range(base, base + self._set_bytes, self._entry):
+            seq, stamp, _, k, _, gen, stored = _ENTRY.unpack_from(self._mm, off)
+            if stored == key:
+                return off, False
+            if seq & 1 or k == 0 or gen != generation:
+                empty = off if empty is None else empty
+            elif stamp < oldest:
+                victim, oldest = off, stamp
+        return (empty, False) if empty is not None else (victim, True)
+
+    def _write(self, off: int, key: bytes, k: int, payload: bytes) -> None:
+        mm = self._mm
+        seq = _U64.unpack_from(mm, off)[0] | 1           # odd: being written (one left by a kill stays odd)
+        _U64.pack_into(mm, off, seq)
+        body = _BODY.pack(k, 0, self._generation(), key) + payload       # bytes 24.. of the entry
+        mm[off + 24:off + 24 + len(body)] = body
+        mm[off + 16:off + 24] = blake3.blake3(body).digest(8)
+        self._clock += 1
+        _U64.pack_into(mm, off + 8, self._clock)
+        _U64.pack_into(mm, off, seq + 1)                 # even, and larger than any earlier value
+
+    def flush(self) -> int:
+        """Empty the cache; returns the new generation. Readers miss everything from the bump on;
+        then every entry is cleared under its seqlock."""
+        if self._fd is None:
+            raise CacheError(f"flush needs open_writer; result cache {self.path} is read-only or closed")
+        with self._lock:
+            generation = self._generation() + 1
+            _U64.pack_into(self._mm, GENERATION_OFFSET, generation)
+            view = self._view()
+            raw = view.view(np.uint8).reshape(len(view), self._entry)
+            view["seq"] |= 1
+            raw[:, 8:] = 0
+            view["seq"] += 1
+            del view, raw                                # the mapping cannot close while viewed
+            self._clock = 0
+        return generation
+
+    def stats(self) -> dict:
+        """Geometry, entries in use (a scan), counters; ``torn``: misses refused by seq or check."""
+        generation, view = self._generation(), self._view()      # raises once closed
+        used = int(np.count_nonzero(((view["seq"] & 1) == 0) & (view["k"] > 0)
+                                    & (view["generation"] == generation)))
+        return {**self.geometry._asdict(), "entries": self.geometry.sets * self.geometry.ways,
+                "used": used, "generation": generation, "hits": self._hits, "misses": self._misses,
+                "torn": self._torn, "inserts": self._inserts, "evictions": self._evictions}
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        fd, self._fd = self._fd, None
+        if mm is not None:
+            mm.close()
+        if fd is not None:
+            os.close(fd)                                 # releases the writer lock
+
+    def _generation(self) -> int:
+        if self._mm is None:
+            raise CacheError(f"result cache {self.path} is closed")
+        return _U64.unpack_from(self._mm, GENERATION_OFFSET)[0]
+
+    def _view(self) -> np.ndarray:
+        dtype = np.dtype({**_FIELDS, "itemsize": self._entry})
+        return np.frombuffer(self._mm, dtype=dtype, count=self.geometry.sets * self.geometry.ways,
+                             offset=HEADER_SIZE)
