@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
+import numpy as np
+
 from inferd.client import errors
 from inferd.client.images import to_frame
 from inferd.shm import wire
@@ -37,6 +39,12 @@ class Prediction(NamedTuple):
     index: int
     label: str
     score: float
+
+
+class NearDuplicate(NamedTuple):
+    content_hash: bytes      # BLAKE3 of the stored frame (shape, dtype, bytes)
+    tag: str | None          # the tag it was stored with
+    similarity: float        # cosine similarity of the embeddings, -1..1
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,13 @@ class Client:
     """
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
-                 timeout: float = 30.0, connect_timeout: float = 5.0):
+                 timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True):
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
+        self._use_cache = cache
+        self._cache = None                      # read-only ResultCache, when the daemon has one
+        self.cache_hits = 0                     # answered here, without a round trip
+        self._unreported_hits = 0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
@@ -94,18 +106,46 @@ class Client:
         reply, fds = self._read_hello()
         if not reply.get("ok"):
             raise errors.from_reply(reply)
-        if len(fds) != 1:
-            raise errors.ProtocolError(f"hello reply carried {len(fds)} descriptors, expected 1")
+        m = reply["model"]
+        self.model = ModelInfo(m["name"], m["digest"], tuple(m["input"]), tuple(m["labels"]), m["top_k"])
+        want = 2 if reply.get("cache") else 1
         try:
+            if len(fds) != want:
+                raise errors.ProtocolError(f"hello reply carried {len(fds)} descriptors, expected {want}")
             self._ring = Ring.attach(fds[0])
+            if want == 2 and self._use_cache:
+                self._open_cache(fds[1], reply["cache"])
         except RingError as exc:
             raise errors.ProtocolError(f"the daemon's ring is unusable: {exc}") from None
         finally:
-            os.close(fds[0])
-        m = reply["model"]
-        self.model = ModelInfo(m["name"], m["digest"], tuple(m["input"]), tuple(m["labels"]), m["top_k"])
+            for fd in fds:
+                os.close(fd)
         self.session = reply["session"]
         self._free = list(range(self._ring.geometry.slots - 1, -1, -1))
+
+    def _open_cache(self, fd: int, info: dict) -> None:
+        """Map the daemon's result cache read-only from the descriptor it sent. A cache that cannot
+        be read only costs round trips, so it is skipped rather than fatal."""
+        from inferd.shm import cache as cachefile
+
+        try:
+            self._cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
+        except cachefile.CacheError:
+            return
+        self._preprocess_id = info["preprocess"]
+
+    def _local_answer(self, frame, top_k: int):
+        """Predictions from the read-only cache for a frame, or None (a miss)."""
+        from inferd.shm import cache as cachefile
+
+        key = cachefile.cache_key(self.model.digest, self._preprocess_id, cachefile.content_hash(frame))
+        hit = self._cache.lookup(key)
+        if hit is None or len(hit) < top_k:
+            return None
+        self.cache_hits += 1
+        self._unreported_hits += 1
+        labels = self.model.labels
+        return [Prediction(i, labels[i], s) for i, s in hit[:top_k]]
 
     def _read_hello(self) -> tuple[dict, list[int]]:
         fds: list[int] = []
@@ -130,6 +170,9 @@ class Client:
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.close()
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -209,27 +252,79 @@ class Client:
         """The daemon's model, devices and counters."""
         return self._call({"op": "info"})
 
-    def classify(self, image, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
+    def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
+                 tag: str | None = None) -> list[Prediction]:
         """Top-k predictions for one image (see inferd.client.images for what an image may be)."""
-        return self.classify_many([image], top_k, timeout=timeout)[0]
+        return self.classify_many([image], top_k, timeout=timeout, tag=tag)[0]
 
-    def classify_many(self, images: Iterable, top_k: int = 5, *,
-                      timeout: float | None = None) -> list[list[Prediction]]:
+    def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
+                      tag: str | None = None) -> list[list[Prediction]]:
         """Top-k predictions for each image, in order, keeping up to all ring slots in flight.
 
-        If any request fails, the others still complete (no slot is left in flight) and the first
-        error is raised.
+        A frame the daemon already answered is answered from the read-only result cache without a
+        round trip. ``tag`` (at most 64 bytes) is stored with the frames' embeddings, where the
+        model has them (see near_duplicates). If any request fails, the others still complete (no
+        slot is left in flight) and the first error is raised.
         """
-        images = list(images)
         h, w, _ = self.model.input_shape
         frames = [to_frame(img, h, w) for img in images]
+        timeout = self.timeout if timeout is None else timeout
+        self._check(top_k, timeout)
+        with self._lock:
+            if self._ring is None:
+                raise errors.DaemonUnavailable("this Client is closed")
+            results: list = [None] * len(frames)
+            todo = list(range(len(frames)))
+            if self._cache is not None:
+                for i in todo:
+                    results[i] = self._local_answer(frames[i], top_k)
+                todo = [i for i in todo if results[i] is None]
+            extra = {"top_k": top_k, "timeout_ms": timeout * 1000.0, **({"tag": tag} if tag else {})}
+            for i, reply in zip(todo, self._pipeline([frames[i] for i in todo], "classify", extra, timeout)):
+                labels = self.model.labels
+                results[i] = [Prediction(k, labels[k], s) for k, s in reply["top"]]
+            return results
+
+    def _check(self, top_k, timeout) -> None:
+        """The daemon's own range checks, made here too so a local cache hit answers a bad
+        argument the same way a round trip would."""
+        n = len(self.model.labels)
+        if type(top_k) is not int or not 1 <= top_k <= n:
+            raise errors.InvalidInput(f"top_k {top_k!r} is out of range: 1 to {n}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise errors.InvalidInput(f"timeout {timeout!r} is out of range: more than 0, at most 3600 s "
+                                      "(timeout_ms)")
+
+    def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
+        """The model's embedding of an image (float32, unit length), stored by the daemon under the
+        image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
+        return self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout)[0]
+
+    def near_duplicates(self, image, k: int = 5, min_similarity: float = 0.9, *,
+                        timeout: float | None = None) -> list[NearDuplicate]:
+        """The stored images most similar to this one (cosine of embeddings), best first, at most k
+        of them with similarity >= min_similarity. The query itself is not stored."""
+        return self._embedding_op(image, "near", {"k": k, "min_similarity": min_similarity}, timeout)[1]
+
+    def _embedding_op(self, image, op: str, extra: dict, timeout):
+        h, w, _ = self.model.input_shape
+        frame = to_frame(image, h, w)
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             if self._ring is None:
                 raise errors.DaemonUnavailable("this Client is closed")
-            return self._pipeline(frames, top_k, timeout)
+            (reply,) = self._pipeline([frame], op, {**extra, "timeout_ms": timeout * 1000.0}, timeout)
+        if op == "embed":
+            return np.frombuffer(reply["embedding"], dtype=np.float32).copy(), None
+        return None, [NearDuplicate(bytes.fromhex(h), tag, sim) for h, tag, sim in reply["matches"]]
 
-    def _pipeline(self, frames: list, top_k: int, timeout: float) -> list:
+    def flush_cache(self) -> int:
+        """Empty the daemon's result cache (root or the daemon's user only); entries dropped."""
+        return self._call({"op": "flush_cache"})["dropped"]
+
+    def _pipeline(self, frames: list, op: str, extra: dict, timeout: float) -> list:
+        """Send each frame as ``op`` with ``extra`` fields, up to the ring's slots at a time;
+        the replies in frame order."""
         results: list = [None] * len(frames)
         pending: dict[int, tuple[int, int]] = {}      # request id -> (frame index, slot)
         first_error: errors.InferdError | None = None
@@ -242,9 +337,11 @@ class Client:
                 frame = frames[nxt]
                 self._ring.slot(slot, frame.nbytes)[:] = frame.reshape(-1)
                 rid = next(self._ids)
-                out.append(wire.encode({"op": "classify", "id": rid, "slot": slot, "shape": shape,
-                                        "dtype": "uint8", "nbytes": frame.nbytes, "top_k": top_k,
-                                        "timeout_ms": timeout * 1000.0}))
+                msg = {"op": op, "id": rid, "slot": slot, "shape": shape, "dtype": "uint8",
+                       "nbytes": frame.nbytes, **extra}
+                if self._unreported_hits:
+                    msg["hits"], self._unreported_hits = self._unreported_hits, 0
+                out.append(wire.encode(msg))
                 pending[rid] = (nxt, slot)
                 nxt += 1
             if first_error is not None and not pending:
@@ -258,8 +355,7 @@ class Client:
             index, slot = entry
             self._free.append(slot)
             if reply.get("ok"):
-                labels = self.model.labels
-                results[index] = [Prediction(i, labels[i], s) for i, s in reply["top"]]
+                results[index] = reply
             elif first_error is None:
                 first_error = errors.from_reply(reply)
         if first_error is not None:

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.USAGE if exc.code == 2 else exc.code
     from inferd.daemon import config as config_mod
     from inferd.daemon.listener import Listener, ListenerError
+    from inferd.shm.cache import CacheError
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
@@ -97,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         log.error("configuration error: %s", exc)
         return exitcodes.CONFIG
+    except CacheError as exc:               # e.g. another daemon holds the cache file
+        log.error("cache.path: %s", exc)
+        return exitcodes.CONFIG
+    except OSError as exc:
+        log.error("start-up failed: %s", exc)
+        return exitcodes.STARTUP_FAILED
     except Exception:  # anything else at start-up: say so in the log, exit with a named code
         log.exception("start-up failed")
         return exitcodes.STARTUP_FAILED

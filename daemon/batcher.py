@@ -65,6 +65,13 @@ class Request:
     device: object = None    # the Device whose ``outstanding`` counts it
     attempt: int = 0         # bumped by each re-dispatch (daemon/scheduler.py)
     done: bool = False       # answered
+    frame: object = None     # the daemon's private copy of the frame (hashed), or None: read the slot
+    key: bytes = b""         # result-cache key of ``frame``
+    content: bytes = b""     # content hash of ``frame`` (keys the embedding store)
+    op: str = "classify"     # classify | embed | near
+    tag: str | None = None   # client tag stored with the embedding
+    args: object = None      # op-specific (near: (k, min_similarity))
+    followers: list = field(default_factory=list)   # identical frames of the session: (id, slot, top_k)
 
 
 @dataclass(slots=True)
@@ -77,7 +84,9 @@ class BatchResult:
     attempts: list
     canary: bool = False
     done: list = field(default_factory=list)       # Requests answered
-    top: list = field(default_factory=list)        # per done request: [[index, score], ...]
+    top: list = field(default_factory=list)        # per done request: [[index, score], ...] (keep_k+)
+    embeddings: object = None                      # float32 (len(done), dim) unit rows, or None
+    matches: dict = field(default_factory=dict)    # done index -> near-duplicate search result
     expired: list = field(default_factory=list)    # deadline passed while queued: not computed
     dropped: list = field(default_factory=list)    # session closed: not computed, no reply
     failed: list = field(default_factory=list)     # the batch raised: re-dispatched or failed
@@ -90,7 +99,7 @@ class BatchingThread(threading.Thread):
     thread-safe (the server passes a call_soon_threadsafe wrapper)."""
 
     def __init__(self, device, model: LoadedModel, *, batching, policy, peers: list,
-                 deliver: Callable[[BatchResult], None], warmup_batches: int = 0,
+                 deliver: Callable[[BatchResult], None], warmup_batches: int = 0, keep_k: int = 0,
                  clock: Callable[[], float] = time.monotonic):
         super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
         self.device = device
@@ -101,7 +110,10 @@ class BatchingThread(threading.Thread):
         self._peers = peers
         self._deliver = deliver
         self._warmup = warmup_batches
+        self._keep_k = keep_k
         self._clock = clock
+        self.embedding_dim = 0
+        self.store = None                  # the EmbeddingStore, set by the server once it is open
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
@@ -115,11 +127,13 @@ class BatchingThread(threading.Thread):
                               pin_memory=dev.type == "cuda")
         self._staging, self._staging_np = staging, staging.numpy()
         self._preprocess = Preprocess(spec.mean, spec.std, dev)
-        check_output(spec, self._replica, dev)
+        if spec.embedding_layer:
+            _hook(dict(self._replica.named_modules())[spec.embedding_layer])
+        self.embedding_dim = check_output(spec, self._replica, dev, embed=_embedding)
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in sorted({1, self._max_batch}):
                 t0 = time.perf_counter()
-                self._forward(size, 1)
+                self._forward(size, 1, want_embedding=True)
                 self.device.profile.observe(size, time.perf_counter() - t0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -149,15 +163,20 @@ class BatchingThread(threading.Thread):
         victim, count = self._policy.steal_from(dev, self._peers, self._clock(), self._max_batch)
         return victim.queue.steal(count) if victim is not None else []
 
-    def _forward(self, n: int, k: int) -> tuple[list, list]:
+    def _forward(self, n: int, k: int, want_embedding: bool = False):
+        """Top-k (indices, scores) lists of the first n staged frames, and their embeddings
+        (float32 unit rows, numpy) when asked for and the model has them."""
         frames = self._staging[:n]
         dev = self.device.torch_device
         if dev.type != "cpu":
             frames = frames.to(dev, non_blocking=True)
         with torch.inference_mode():
-            logits = logits_of(self._replica(self._preprocess(frames)))
-            scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-        return indices.cpu().tolist(), scores.cpu().tolist()
+            raw = self._replica(self._preprocess(frames))
+            scores, indices = torch.softmax(logits_of(raw).float(), dim=1).topk(k, dim=1)
+            vectors = _embedding(raw) if want_embedding and self.embedding_dim else None
+        if vectors is not None:
+            vectors = vectors.cpu().numpy()
+        return indices.cpu().tolist(), scores.cpu().tolist(), vectors
 
     def _run_batch(self, batch: list) -> BatchResult:
         dev = self.device
@@ -176,8 +195,12 @@ class BatchingThread(threading.Thread):
         dev.running = list(zip(batch, result.attempts))
         dev.running_size, dev.running_since = len(live), now
         try:
-            result.top, result.seconds = self._compute(live)
+            result.top, result.embeddings, result.seconds = self._compute(live)
             result.done = live
+            if self.store is not None and result.embeddings is not None:
+                # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
+                result.matches = {i: self.store.search(result.embeddings[i], *r.args)
+                                  for i, r in enumerate(live) if r.op == "near"}
             dev.profile.observe(len(live), result.seconds)
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
@@ -186,20 +209,47 @@ class BatchingThread(threading.Thread):
             dev.running_since, dev.running = None, []
         return result
 
-    def _compute(self, live: list) -> tuple[list, float]:
+    def _compute(self, live: list) -> tuple[list, object, float]:
         spec = self._model.spec
         shape, nbytes = spec.frame_shape, spec.frame_bytes
         t0 = time.perf_counter()
         for i, r in enumerate(live):
-            if r.ring is None:                      # canary: a blank frame
+            if r.frame is not None:                 # the daemon's private (hashed) copy
+                np.copyto(self._staging_np[i], r.frame.reshape(shape))
+            elif r.ring is None:                    # canary: a blank frame
                 self._staging_np[i].fill(0)
             else:
                 np.copyto(self._staging_np[i], r.ring.slot(r.slot, nbytes).reshape(shape))
-        indices, scores = self._forward(len(live), max(r.top_k for r in live))
+        keep = [max(r.top_k, self._keep_k) for r in live]
+        indices, scores, vectors = self._forward(len(live), max(keep), want_embedding=True)
         seconds = time.perf_counter() - t0
-        top = [[[i, s] for i, s in zip(idx[:r.top_k], sc[:r.top_k])]
-               for r, idx, sc in zip(live, indices, scores)]
-        return top, seconds
+        top = [[[i, s] for i, s in zip(idx[:k], sc[:k])] for k, idx, sc in zip(keep, indices, scores)]
+        return top, vectors, seconds
+
+
+def _capture(module, inputs, output) -> None:
+    _current.embedding = output
+
+
+def _hook(module) -> None:
+    """Capture ``module``'s output in the calling thread's slot. Registered once per module: CPU
+    devices share one module, and each batching thread reads only what its own forward wrote."""
+    if not getattr(module, "_inferd_hooked", False):
+        module.register_forward_hook(_capture)
+        module._inferd_hooked = True
+
+
+def _embedding(output):
+    """The embedding of a forward pass: the second element of a (logits, embedding) output, else
+    what the hooked layer produced in this thread; averaged over H, W if 4-D; unit length."""
+    vectors = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else \
+        getattr(_current, "embedding", None)
+    if vectors is None:
+        return None
+    _current.embedding = None
+    if vectors.dim() == 4:
+        vectors = vectors.mean(dim=(2, 3))
+    return torch.nn.functional.normalize(vectors.flatten(1).float(), dim=1)
 
 
 def _plan(device, batching, now: float, queued) -> tuple[int, float]:

@@ -100,6 +100,28 @@ class ModelConfig:
     labels: str = _opt("", "labels file, one per line (required with path)")
     top_k: int = _opt(5, "top-k a request gets when it names none", lo=1, hi=1000)
     warmup_batches: int = _opt(2, "batches run on each device before READY", lo=0, hi=100)
+    embedding_layer: str = _opt("", "submodule whose output is the embedding (a 4-D output is averaged "
+                                    "over height and width); empty: the built-in's own, or none for a file "
+                                    "model unless its forward returns (logits, embedding)")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _opt(True, "answer repeated frames from the result cache")
+    path: str = _opt("", "cache file; empty: $CACHE_DIRECTORY/results.cache under systemd, else "
+                         "/var/cache/inferd/results.cache as root, else ~/.cache/inferd/results.cache")
+    size_mb: int = _opt(64, "cache file size in MiB (fixed; a new size rebuilds the file)", lo=1, hi=1 << 20)
+    min_hit_rate: float = _opt(0.02, "below this observed hit rate, only 1 in sample_every misses is "
+                                     "inserted, so unique traffic does not pay for the cache", lo=0.0, hi=1.0)
+    sample_every: int = _opt(16, "insert 1 in this many misses while the hit rate is low", lo=1, hi=1 << 20)
+
+
+@dataclass
+class EmbeddingsConfig:
+    enabled: bool = _opt(True, "keep embeddings of models that expose one (model.embedding_layer)")
+    path: str = _opt("", "store file; empty: embeddings-<model digest>.store beside the result cache")
+    capacity: int = _opt(100_000, "embeddings kept (oldest replaced first); exact search is fine to ~100k",
+                         lo=1, hi=10_000_000)
 
 
 @dataclass
@@ -116,15 +138,31 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
     @property
     def socket_path(self) -> str:
         return self.server.socket or default_socket_path()
 
+    @property
+    def cache_path(self) -> str:
+        return self.cache.path or default_cache_path()
+
+
+def default_cache_path() -> str:
+    """$CACHE_DIRECTORY (systemd's CacheDirectory=), /var/cache/inferd as root, ~/.cache/inferd."""
+    base = os.environ.get("CACHE_DIRECTORY")
+    if not base:
+        base = "/var/cache/inferd" if os.geteuid() == 0 else os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inferd")
+    return os.path.join(base.split(":")[0], "results.cache")
+
 
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
-            "dispatch": DispatchConfig, "health": HealthConfig}
+            "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
+            "embeddings": EmbeddingsConfig}
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="inferd-demo-")
     socket_path = str(Path(workdir) / "inferd.sock")
     print(f"starting inferd (built-in model 'shapes') on {socket_path} ...", flush=True)
-    daemon = DaemonProcess.start(["--model", "shapes"], socket_path=socket_path, workdir=workdir)
+    daemon = DaemonProcess.start(["--model", "shapes", "--set", f'cache.path="{workdir}/results.cache"'],
+                                 socket_path=socket_path, workdir=workdir)
     try:
         with Client(socket_path) as client:
             m = client.model

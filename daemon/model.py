@@ -7,7 +7,7 @@ anything else TorchScript.
 
 Output convention: ``forward(x)`` takes float32 NCHW (see :mod:`inferd.daemon.preprocess`) and returns
 logits of shape (N, number of labels), or a tuple whose first element is those logits (the second,
-where present, is an embedding, used by later work). The spec and the output width are checked once
+where present, is an embedding, kept for near-duplicate search). The spec and the output width are checked once
 at load time, so a labels file that does not match the model stops start-up, not a request.
 """
 from __future__ import annotations
@@ -38,6 +38,13 @@ class ModelSpec:
     std: tuple
     labels: tuple
     top_k: int
+    embedding_layer: str = ""     # submodule whose output is the embedding; "" for none
+
+    @property
+    def preprocess_id(self) -> str:
+        """Everything that decides the model input besides the frame bytes: part of the cache key."""
+        return (f"rgb-u8 {self.input_height}x{self.input_width} mean={list(self.mean)} "
+                f"std={list(self.std)} inferd-preprocess-1")
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
@@ -71,6 +78,10 @@ class LoadedModel:
         s = self.spec
         return {"name": s.name, "digest": self.digest, "input": list(s.frame_shape),
                 "dtype": "uint8", "labels": list(s.labels), "top_k": s.top_k}
+
+
+# Where the built-ins keep a per-image feature vector (their last layer before the classifier).
+_BUILTIN_EMBEDDING = {"shapes": "features", "resnet18": "avgpool", "resnet50": "avgpool"}
 
 
 def _state_digest(module: torch.nn.Module) -> str:
@@ -138,17 +149,23 @@ def load(cfg: ModelConfig) -> LoadedModel:
         labels = _read_labels(cfg.labels) if cfg.labels else bspec.labels
         mean, std = cfg.mean or bspec.mean, cfg.std or bspec.std
         height, width = bspec.input_height, bspec.input_width
+    embedding_layer = cfg.embedding_layer or ("" if cfg.path else _BUILTIN_EMBEDDING.get(cfg.builtin, ""))
+    if embedding_layer and embedding_layer not in dict(module.named_modules()):
+        raise ConfigError(f"model.embedding_layer: the model has no submodule {embedding_layer!r}")
     if cfg.top_k > len(labels):
         raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(labels)} labels")
-    spec = ModelSpec(name, height, width, tuple(map(float, mean)), tuple(map(float, std)), labels, cfg.top_k)
+    spec = ModelSpec(name, height, width, tuple(map(float, mean)), tuple(map(float, std)), labels,
+                     cfg.top_k, embedding_layer)
     model = LoadedModel(module, spec, digest, source)
     log.info("model %s loaded: input %dx%d, %d labels, digest %s", name, height, width, len(labels), digest)
     return model
 
 
-def check_output(spec: ModelSpec, module, device: torch.device = torch.device("cpu")) -> None:
+def check_output(spec: ModelSpec, module, device: torch.device = torch.device("cpu"),
+                 embed=None) -> int:
     """Run two blank frames through ``module`` on ``device``; ConfigError unless the output is
-    (2, number of labels).
+    (2, number of labels). Returns the embedding width (0 without one); ``embed(output)`` extracts
+    the embedding (see inferd.daemon.batcher).
 
     Called by each batching thread before its warm-up, never on the main thread: a forward pass
     there, at torch's default thread count, left every later pass in a 2-thread batching thread
@@ -159,12 +176,15 @@ def check_output(spec: ModelSpec, module, device: torch.device = torch.device("c
     x = to_input(frames, spec.mean, spec.std)
     try:
         with torch.inference_mode():
-            out = logits_of(module(x))
+            raw = module(x)
+            out = logits_of(raw)
+            vectors = embed(raw) if embed is not None else None
     except Exception as exc:  # any failure of a user model on a well-formed input stops start-up
         raise ConfigError(f"model: a {tuple(x.shape)} input fails: {exc}") from None
     if out.dim() != 2 or out.shape != (2, len(spec.labels)):
         raise ConfigError(f"model: output shape {tuple(out.shape)} for 2 frames does not match "
                           f"(2, {len(spec.labels)} labels); check model.labels")
+    return 0 if vectors is None else int(vectors.shape[1])
 
 
 def logits_of(output) -> torch.Tensor:

@@ -20,17 +20,42 @@ from __future__ import annotations
 import collections
 import logging
 
+import numpy as np
+
 from inferd.daemon import policy as policies
 from inferd.daemon.batcher import BatchResult, Request
+from inferd.daemon.caching import Memory
 from inferd.daemon.health import HealthMonitor
 from inferd.daemon.session import Rejected, check_classify
 from inferd.shm import wire
 
 log = logging.getLogger("inferd.scheduler")
 
+MAX_TAG_BYTES = 64
+MAX_NEAR_K = 1000
+
+
+def _tag(value):
+    """A client's tag for its embeddings: None or a short string. Raises Rejected."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value.encode()) > MAX_TAG_BYTES:
+        raise Rejected(wire.E_INVALID_INPUT, f"tag must be a string of at most {MAX_TAG_BYTES} bytes")
+    return value
+
+
+def _near_args(msg: dict) -> tuple[int, float]:
+    """(k, min_similarity) of a near request. Raises Rejected."""
+    k, sim = msg.get("k", 5), msg.get("min_similarity", 0.9)
+    if type(k) is not int or not 1 <= k <= MAX_NEAR_K:
+        raise Rejected(wire.E_INVALID_INPUT, f"k {k!r} is out of range: 1 to {MAX_NEAR_K}")
+    if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not -1.0 <= sim <= 1.0:
+        raise Rejected(wire.E_INVALID_INPUT, f"min_similarity {sim!r} is out of range: -1 to 1")
+    return k, float(sim)
+
 
 class Scheduler:
-    def __init__(self, cfg, spec, devices: list, clock):
+    def __init__(self, cfg, spec, devices: list, clock, digest: str = ""):
         self.cfg = cfg
         self.spec = spec
         self.devices = devices
@@ -42,20 +67,57 @@ class Scheduler:
         self._clock = clock
         self.health = HealthMonitor(cfg.health, devices, on_out=self._device_out,
                                     send_canary=self._send_canary, counters=self.counters, clock=clock)
+        self.memory = Memory(cfg, spec, digest, self.counters)
 
     # admission --------------------------------------------------------------------------------
-    def classify(self, session, rid: int, msg: dict) -> None:
-        """Check and admit one classify request. Raises Rejected."""
+    def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
+        """Check and admit one classify / embed / near request. Raises Rejected."""
         if self.draining:
             raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
         slot, top_k, timeout = check_classify(msg, session.ring, self.spec, session.inflight,
                                               self.cfg.batching.default_timeout_ms)
+        memory = self.memory
+        memory.client_hits(msg.get("hits"))
+        if op != "classify" and memory.store is None:
+            raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: this model exposes none, or "
+                           "embeddings.enabled is false")
+        tag = _tag(msg.get("tag"))
         now = self._clock()
-        request = Request(session, session.ring, rid, slot, top_k, now, now + timeout)
+        frame = content = key = None
+        if memory.hashing:
+            frame, content, key = memory.private_copy(session.ring, slot)
+            if self._answered_at_once(session, rid, slot, top_k, op, key, content, msg):
+                return
+        request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
+                          key=key or b"", content=content or b"", op=op, tag=tag,
+                          args=_near_args(msg) if op == "near" else None)
         device = self._admit(request, now)
         session.inflight[slot] = rid
+        if key and op == "classify":
+            session.pending[key] = request
         self.outstanding += 1
         self._assign(request, device)
+
+    def _answered_at_once(self, session, rid, slot, top_k, op, key, content, msg) -> bool:
+        """A cache hit, a frame already in flight (coalesced), or an embedding already stored."""
+        memory = self.memory
+        if op == "classify" and memory.cache is not None:
+            hit = memory.lookup(key, top_k)
+            if hit is not None:
+                session.send({"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]], "cached": True})
+                return True
+            leader = session.pending.get(key)
+            if leader is not None and not leader.done:
+                leader.followers.append((rid, slot, top_k))
+                session.inflight[slot] = rid
+                self.counters["coalesced"] += 1
+                return True
+        if op == "embed":                   # (near always runs: its search belongs off the loop)
+            vector = memory.store.get(content)
+            if vector is not None:
+                session.send(self._embedding_reply(rid, op, vector, content, None))
+                return True
+        return False
 
     def _admit(self, request: Request, now: float):
         max_batch = self.cfg.batching.max_batch
@@ -93,14 +155,21 @@ class Scheduler:
             self.counters["stale_results"] += stale
             log.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
-        for r, top in zip(result.done, result.top):
+        vectors = result.embeddings
+        for i, (r, top) in enumerate(zip(result.done, result.top)):
             if live(r):
                 dev.frames += 1
-                self._reply(replies, r, {"id": r.id, "ok": True, "top": top})
+                vector = vectors[i] if vectors is not None else None
+                self.memory.remember(r.key if r.op == "classify" else b"", r.content, top, vector, r.tag)
+                if r.op == "classify":
+                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]})
+                else:
+                    message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
+                    self._answer(replies, r, lambda rid, k, m=message: m)
         for r in result.expired:
             if live(r):
-                self._reply(replies, r, wire.error(r.id, wire.E_DEADLINE_EXCEEDED,
-                                                   "the deadline passed while queued; not computed"))
+                self._answer(replies, r, lambda rid, k: wire.error(
+                    rid, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed"))
         for r in result.dropped:
             if live(r):
                 self._finish(r)
@@ -122,14 +191,31 @@ class Scheduler:
         c["expired"] += len(result.expired)
         c["dropped"] += len(result.dropped)
 
-    def _reply(self, replies: dict, r: Request, message: dict) -> None:
-        replies.setdefault(r.session, []).append(wire.encode(message))
+    def _answer(self, replies: dict, r: Request, make) -> None:
+        """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it."""
+        chunks = replies.setdefault(r.session, [])
+        chunks.append(wire.encode(make(r.id, r.top_k)))
+        for rid, slot, top_k in r.followers:
+            chunks.append(wire.encode(make(rid, top_k)))
+            r.session.inflight.pop(slot, None)
         self._finish(r)
+
+    def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
+        """The reply to embed (the vector) or near (``matches``, searched by the batching thread)."""
+        if vector is None or (op == "near" and matches is None):
+            return wire.error(rid, wire.E_INTERNAL, "the model produced no embedding for this frame")
+        if op == "embed":
+            return {"id": rid, "ok": True, "embedding": np.asarray(vector, np.float32).tobytes(),
+                    "content_hash": content.hex()}
+        return {"id": rid, "ok": True, "content_hash": content.hex(),
+                "matches": [[h.hex(), tag, float(sim)] for h, tag, sim in matches]}
 
     def _finish(self, r: Request) -> None:
         r.done = True
         session = r.session
         session.inflight.pop(r.slot, None)
+        if r.key and session.pending.get(r.key) is r:
+            del session.pending[r.key]
         r.device.outstanding -= 1
         self.outstanding -= 1
         if session.closed and not session.inflight:
@@ -149,9 +235,10 @@ class Scheduler:
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1
-                r.session.write(wire.encode(wire.error(
-                    r.id, code, f"not computed: {why} (tried on {r.attempt} device(s))")))
-                self._finish(r)
+                replies: dict = {}
+                self._answer(replies, r, lambda rid, k: wire.error(
+                    rid, code, f"not computed: {why} (tried on {r.attempt} device(s))"))
+                r.session.write(b"".join(replies[r.session]))
                 continue
             self.counters["redispatched"] += 1
             r.device.outstanding -= 1
@@ -176,5 +263,5 @@ class Scheduler:
     def stats(self) -> dict:
         c = self.counters
         return {"outstanding": self.outstanding, "policy": self.policy.name,
-                "devices": [d.describe() for d in self.devices],
+                "devices": [d.describe() for d in self.devices], "cache": self.memory.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}

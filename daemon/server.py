@@ -46,7 +46,7 @@ class Server:
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
         self.draining = False
-        self.scheduler = Scheduler(cfg, model.spec, devices, clock)
+        self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
         self.counters = self.scheduler.counters
         self._clock = clock
         self._sids = itertools.count(1)
@@ -89,11 +89,14 @@ class Server:
         self._stop.set()
 
     async def _start_devices(self) -> bool:
+        memory = self.scheduler.memory
+        if self.cfg.cache.enabled:
+            memory.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
         for dev in self.devices:
             dev.thread = BatchingThread(
                 dev, self.model, batching=self.cfg.batching, policy=self.scheduler.policy,
                 peers=self.devices, deliver=self._deliver_threadsafe,
-                warmup_batches=self.cfg.model.warmup_batches, clock=self._clock)
+                warmup_batches=self.cfg.model.warmup_batches, keep_k=memory.keep_k, clock=self._clock)
             dev.thread.start()
         for dev in self.devices:
             await asyncio.to_thread(dev.thread.ready.wait)
@@ -104,6 +107,12 @@ class Server:
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
+        dim = self.devices[0].thread.embedding_dim
+        if self.cfg.embeddings.enabled and dim:
+            memory.open_store(self.cfg.embeddings.path or os.path.join(
+                os.path.dirname(self.cfg.cache_path), f"embeddings-{self.model.digest[:16]}.store"), dim)
+            for dev in self.devices:
+                dev.thread.store = memory.store
         return True
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
@@ -131,6 +140,7 @@ class Server:
             session.closed = True
             session.release_ring()
         self.sessions.clear()
+        self.scheduler.memory.close()
         log.info("stopped")
 
     def _stop_devices(self) -> None:
@@ -167,11 +177,15 @@ class Server:
                 conn.close()
                 return
             ring, fd = Ring.create(geometry, backend=self.cfg.ring.backend, prefix=self.cfg.ring.shm_prefix)
+            fds = [fd]
+            if self.scheduler.memory.cache is not None:     # read-only: clients look up, never write
+                fds.append(os.open(self.cfg.cache_path, os.O_RDONLY | os.O_CLOEXEC))
             sid = next(self._sids)
             try:
-                await send_with_fds(self._loop, conn, wire.encode(self._hello_reply(rid, sid, geometry)), [fd])
+                await send_with_fds(self._loop, conn, wire.encode(self._hello_reply(rid, sid, geometry)), fds)
             finally:
-                os.close(fd)
+                for f in fds:
+                    os.close(f)
         except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
             log.info("connection dropped during hello: %r", exc)
             if ring is not None:
@@ -242,12 +256,25 @@ class Server:
         return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
                 "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
                 "model": self.model.describe(),
+                "cache": ({"max_k": self.scheduler.memory.keep_k, "preprocess": self.model.spec.preprocess_id}
+                          if self.scheduler.memory.cache is not None else None),
                 "limits": {"max_frame_bytes": self.cfg.server.max_frame_bytes,
                            "default_timeout_ms": self.cfg.batching.default_timeout_ms}}
 
     # requests ---------------------------------------------------------------------------------
-    def classify(self, session: Session, rid: int, msg: dict) -> None:
-        self.scheduler.classify(session, rid, msg)
+    def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
+        self.scheduler.submit(session, rid, msg, op)
+
+    def flush_cache(self, session: Session) -> dict:
+        """Empty the result cache; only root or the daemon's own uid may."""
+        if session.peer[1] not in (0, os.geteuid()):
+            raise Rejected(wire.E_PERMISSION_DENIED, "only root or the daemon's user may flush the cache")
+        cache = self.scheduler.memory.cache
+        if cache is None:
+            raise Rejected(wire.E_INVALID_INPUT, "the result cache is disabled (cache.enabled)")
+        dropped = cache.flush()
+        log.info("result cache flushed by pid %d: %d entries dropped", session.peer[0], dropped)
+        return {"dropped": dropped}
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.sid, None)

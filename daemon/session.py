@@ -85,6 +85,7 @@ class Session(asyncio.Protocol):
         self.ring = ring
         self.peer = peer                       # (pid, uid, gid)
         self.inflight: dict[int, int] = {}
+        self.pending: dict[bytes, object] = {}    # cache key -> Request in flight (coalescing)
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self._reader = wire.FrameReader(server.cfg.server.max_frame_bytes)
@@ -126,8 +127,10 @@ class Session(asyncio.Protocol):
             return
         op = msg.get("op")
         try:
-            if op == "classify":
-                self.server.classify(self, rid, msg)
+            if op in ("classify", "embed", "near"):
+                self.server.submit(self, rid, msg, op)
+            elif op == "flush_cache":
+                self.send({"id": rid, "ok": True, **self.server.flush_cache(self)})
             elif op == "ping":
                 self.send({"id": rid, "ok": True, "pid": self.server.pid})
             elif op == "info":
@@ -135,7 +138,8 @@ class Session(asyncio.Protocol):
             elif op == "hello":
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:
-                raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, ping, info")
+                raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
+                               "ping, info, flush_cache")
         except Rejected as exc:
             self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
 

@@ -50,7 +50,8 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
     prefix = f"inferdt{secrets.token_hex(4)}"
     default_device = [] if "--device" in args else ["--device", "cpu:1"]
     d = Daemon.start(["--model", model, "--set", f'ring.shm_prefix="{prefix}"',
-                      "--set", "model.warmup_batches=1", *default_device, *args],
+                      "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
+                      *default_device, *args],
                      socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
                      wait=wait)
     d.prefix, d.workdir = prefix, workdir

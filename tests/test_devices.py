@@ -34,7 +34,9 @@ class Pool:
         devices = [a for _ in speeds for a in ("--device", "cpu:1")]
         os.environ["INFERD_SYNTHETIC"] = self.control     # inherited by the daemon
         try:
-            self.d = fresh_daemon(*devices, *args, model="synthetic", workdir=self.workdir)
+            # the frames repeat (256 grey levels): with the cache on, most would never reach a device
+            self.d = fresh_daemon(*devices, "--set", "cache.enabled=false", *args, model="synthetic",
+                                  workdir=self.workdir)
         finally:
             del os.environ["INFERD_SYNTHETIC"]
 

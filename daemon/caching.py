@@ -1,0 +1,120 @@
+"""How the daemon uses its result cache (inferd.shm.cache) and embedding store (daemon/embeddings.py).
+
+The content hash that keys both is computed here, by the daemon, over its own private copy of the
+frame, taken from the client's slot at admission; that copy is also what the batching thread
+computes on. So the answer stored under a hash is the answer for exactly the bytes that hash
+covers, and no client can make another receive an answer for different bytes: whatever it writes
+into its slot, before or after submitting, is either what gets hashed and computed, or nothing
+(a client that rewrites its slot after admission changes nothing we read again). The hash a client
+computes for its own lookups is never trusted for writing.
+
+Insert sampling (no decay on unique traffic): the hit rate is an exponentially weighted average
+over lookups (daemon-side) and the hits clients report (client-side). While it is below
+``cache.min_hit_rate`` only 1 in ``cache.sample_every`` misses is inserted, so a stream of unique
+images costs a hash and a lookup per frame but almost no inserts; once repeats show up, inserts
+resume for every miss.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import numpy as np
+
+from inferd.shm import cache as cachefile
+
+log = logging.getLogger("inferd.caching")
+
+RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
+
+
+class Memory:
+    """Result cache plus embedding store, either of which may be absent."""
+
+    def __init__(self, cfg, spec, digest: str, counters: collections.Counter):
+        self.cfg = cfg
+        self.spec = spec
+        self.digest = digest
+        self.counters = counters
+        self.cache: cachefile.ResultCache | None = None
+        self.store = None
+        self.hit_rate = 1.0                 # optimistic until traffic says otherwise
+        self._misses = 0
+        self.keep_k = 0
+
+    @property
+    def hashing(self) -> bool:
+        return self.cache is not None or self.store is not None
+
+    def open_cache(self, path: str) -> None:
+        c = self.cfg.cache
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.cache = cachefile.ResultCache.open_writer(path, c.size_mb * 2**20, log=log)
+        self.keep_k = min(self.cache.geometry.max_k, len(self.spec.labels))
+        log.info("result cache %s: %d MiB", path, c.size_mb)
+
+    def open_store(self, path: str, dim: int) -> None:
+        from inferd.daemon.embeddings import EmbeddingStore
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim, log=log)
+        log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
+                 self.cfg.embeddings.capacity, dim)
+
+    def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
+        """(frame copy, content hash, cache key) for a checked slot."""
+        t0 = time.perf_counter()
+        frame = ring.slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape).copy()
+        content = cachefile.content_hash(frame)
+        key = cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
+        self.counters["hash_seconds"] += time.perf_counter() - t0
+        return frame, content, key
+
+    def lookup(self, key: bytes, top_k: int):
+        """Cached top pairs (at least top_k of them), or None. Counts the lookup."""
+        hit = self.cache.lookup(key)
+        ok = hit is not None and len(hit) >= top_k
+        self.counters["daemon_hits" if ok else "misses"] += 1
+        self.hit_rate += RATE_ALPHA * (ok - self.hit_rate)
+        return hit if ok else None
+
+    def client_hits(self, n) -> None:
+        """Hits a client answered itself, reported with its next request."""
+        if type(n) is int and 0 < n < 1 << 30:
+            self.counters["client_hits"] += n
+            self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
+
+    def remember(self, key: bytes, content: bytes, top: list, vector, tag) -> None:
+        """After a computed answer: insert (sampled while the hit rate is low), keep the embedding."""
+        if self.cache is not None and key:
+            self._misses += 1
+            if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0:
+                if self.cache.insert(key, top):
+                    self.counters["evictions"] += 1
+                self.counters["inserts"] += 1
+            else:
+                self.counters["inserts_skipped"] += 1
+        if self.store is not None and vector is not None and content:
+            self.store.add(content, vector, tag)
+
+    def stats(self) -> dict:
+        c = self.counters
+        lookups = c["daemon_hits"] + c["misses"] + c["client_hits"]
+        out = {"enabled": self.cache is not None, "hit_rate_smoothed": round(self.hit_rate, 4),
+               "hit_rate": round((c["daemon_hits"] + c["client_hits"]) / lookups, 4) if lookups else 0.0,
+               "hash_us_mean": round(1e6 * c["hash_seconds"] / max(lookups - c["client_hits"], 1), 2)}
+        for k in ("daemon_hits", "client_hits", "misses", "inserts", "inserts_skipped", "evictions",
+                  "coalesced"):
+            out[k] = c[k]
+        if self.cache is not None:
+            out["file"] = self.cache.stats()
+        if self.store is not None:
+            out["embeddings"] = len(self.store)
+        return out
+
+    def close(self) -> None:
+        for thing in (self.cache, self.store):
+            if thing is not None:
+                thing.close()
