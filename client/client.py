@@ -74,6 +74,7 @@ class Client:
         self.timeout = timeout
         self._use_cache = cache
         self._cache = None                      # read-only ResultCache, when the daemon has one
+        self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
         self.cache_hits = 0                     # answered here, without a round trip
         self._unreported_hits = 0
         self._lock = threading.Lock()
@@ -132,13 +133,13 @@ class Client:
             self._cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
         except cachefile.CacheError:
             return
-        self._preprocess_id = info["preprocess"]
+        self.preprocess_id = info["preprocess"]
 
     def _local_answer(self, frame, top_k: int):
         """Predictions from the read-only cache for a frame, or None (a miss)."""
         from inferd.shm import cache as cachefile
 
-        key = cachefile.cache_key(self.model.digest, self._preprocess_id, cachefile.content_hash(frame))
+        key = cachefile.cache_key(self.model.digest, self.preprocess_id, cachefile.content_hash(frame))
         hit = self._cache.lookup(key)
         if hit is None or len(hit) < top_k:
             return None
@@ -275,7 +276,7 @@ class Client:
                 raise errors.DaemonUnavailable("this Client is closed")
             results: list = [None] * len(frames)
             todo = list(range(len(frames)))
-            if self._cache is not None:
+            if self._cache is not None and tag is None:    # a tag must reach the daemon's store
                 for i in todo:
                     results[i] = self._local_answer(frames[i], top_k)
                 todo = [i for i in todo if results[i] is None]

@@ -99,6 +99,13 @@ class Memory:
         if self.store is not None and vector is not None and content:
             self.store.add(content, vector, tag)
 
+    def retag(self, content: bytes, tag) -> None:
+        """A tagged request answered from the cache: give its stored embedding the new tag."""
+        if tag is not None and self.store is not None:
+            vector = self.store.get(content)
+            if vector is not None:
+                self.store.add(content, vector, tag)
+
     def stats(self) -> dict:
         c = self.counters
         lookups = c["daemon_hits"] + c["misses"] + c["client_hits"]

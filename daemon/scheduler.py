@@ -86,7 +86,7 @@ class Scheduler:
         frame = content = key = None
         if memory.hashing:
             frame, content, key = memory.private_copy(session.ring, slot)
-            if self._answered_at_once(session, rid, slot, top_k, op, key, content, msg):
+            if self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                 return
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag,
@@ -98,12 +98,13 @@ class Scheduler:
         self.outstanding += 1
         self._assign(request, device)
 
-    def _answered_at_once(self, session, rid, slot, top_k, op, key, content, msg) -> bool:
+    def _answered_at_once(self, session, rid, slot, top_k, op, key, content, tag) -> bool:
         """A cache hit, a frame already in flight (coalesced), or an embedding already stored."""
         memory = self.memory
         if op == "classify" and memory.cache is not None:
             hit = memory.lookup(key, top_k)
             if hit is not None:
+                memory.retag(content, tag)
                 session.send({"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]], "cached": True})
                 return True
             leader = session.pending.get(key)
@@ -160,7 +161,8 @@ class Scheduler:
             if live(r):
                 dev.frames += 1
                 vector = vectors[i] if vectors is not None else None
-                self.memory.remember(r.key if r.op == "classify" else b"", r.content, top, vector, r.tag)
+                if r.op != "near":                         # a query is searched, never stored
+                    self.memory.remember(r.key if r.op == "classify" else b"", r.content, top, vector, r.tag)
                 if r.op == "classify":
                     self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]})
                 else:

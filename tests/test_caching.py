@@ -1,0 +1,271 @@
+"""The result cache and embeddings through real daemons: hits with and without a round trip, no
+poisoning, model change, flush, coalescing, sampling on unique traffic, crash safety, damaged files.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import RawClient, sample_images, short_dir
+from inferd.client import Client, DaemonUnavailable, InvalidInput
+from inferd.daemon import zoo
+from inferd.daemon.preprocess import to_input
+from inferd.daemon.zoo.shapes import make_dataset
+from inferd.shm import cache as cachefile
+from inferd.shm import wire
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def in_process(images, model_and_spec=None):
+    """Top-1 index and score of each image from the built-in shapes model, in this process."""
+    model, spec = model_and_spec or zoo.build("shapes")
+    with torch.inference_mode():
+        x = to_input(torch.from_numpy(np.stack(images)), spec.mean, spec.std)
+        scores, idx = torch.softmax(model(x), dim=1).max(dim=1)
+    return idx.tolist(), scores.tolist()
+
+
+def counters(client):
+    return client.info()["cache"]
+
+
+def test_a_repeat_is_answered_by_the_client_without_a_round_trip(daemon):
+    images, _ = make_dataset(3, seed=301)
+    with Client(daemon.socket_path) as c:
+        first = c.classify(images[0])
+        frames_before = c.info()["counters"]["frames"]
+        again = c.classify(images[0])
+        assert c.cache_hits == 1 and again == first
+        assert c.info()["counters"]["frames"] == frames_before      # nothing computed, nothing sent
+        c.classify(images[1])                                       # carries the hit report
+        assert counters(c)["client_hits"] >= 1
+
+
+def test_the_daemon_answers_a_repeat_from_the_cache(daemon):
+    images, _ = make_dataset(2, seed=302)
+    with Client(daemon.socket_path, cache=False) as c:
+        first = c.classify(images[0], top_k=3)
+        before, frames = counters(c)["daemon_hits"], c.info()["counters"]["frames"]
+        assert c.classify(images[0], top_k=3) == first
+        assert counters(c)["daemon_hits"] == before + 1
+        assert c.info()["counters"]["frames"] == frames
+        assert c.cache_hits == 0
+
+
+def test_a_lying_or_racing_client_cannot_poison_another(daemon):
+    """A client sends image B claiming A's hash, and rewrites its slot while requests are in
+    flight; another client still gets A's own answer for A and B's for B."""
+    (_, a), (_, b) = sample_images()[:2]                            # a circle and a cross
+    want, _ = in_process([a, b])
+    assert want[0] != want[1]
+    liar = RawClient(daemon.socket_path, ring_slots=4)
+    try:
+        claimed = cachefile.content_hash(a).hex()
+        liar.classify(1, 0, b, content_hash=claimed, hash=claimed, key=claimed)  # extra fields ignored
+        assert liar.recv()["top"][0][0] == want[1]                  # B's answer, for B
+        for i in range(60):                                          # rewrite the slot mid-flight
+            liar.classify(100 + i, 1, a if i % 2 else b)
+            liar.ring.slot(1, a.nbytes)[:] = (b if i % 2 else a).reshape(-1)
+            assert liar.recv()["ok"]
+    finally:
+        liar.close()
+    with Client(daemon.socket_path) as honest:
+        got = [honest.classify(img, top_k=1)[0].index for img in (a, b)]
+    assert got == want
+
+
+def _perturbed_torchscript(directory: str) -> tuple[str, tuple]:
+    model, spec = zoo.build("shapes")
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn_like(model.head.weight) * 0.5)   # other weights, same labels
+    path = os.path.join(directory, "shapes2.pt")
+    torch.jit.trace(model, torch.zeros(2, 3, 64, 64)).save(path)
+    with open(os.path.join(directory, "labels.txt"), "w") as fh:
+        fh.write("\n".join(spec.labels))
+    return path, (model, spec)
+
+
+def test_a_new_model_never_matches_old_entries(fresh_daemon):
+    workdir = short_dir()
+    images, _ = make_dataset(24, seed=304)
+    first = fresh_daemon(workdir=workdir)
+    with Client(first.socket_path) as c:
+        c.classify_many(list(images))
+        assert counters(c)["inserts"] >= 24
+    assert first.stop() == 0
+    path, perturbed = _perturbed_torchscript(workdir)
+    second = fresh_daemon("--set", "model.input_height=64", "--set", "model.input_width=64",
+                          "--set", f'model.labels="{workdir}/labels.txt"',
+                          "--set", "model.mean=[0.5, 0.5, 0.5]", "--set", "model.std=[0.25, 0.25, 0.25]",
+                          model=path, workdir=workdir, socket_path=os.path.join(workdir, "d2.sock"))
+    with Client(second.socket_path) as c:
+        got = [t[0].index for t in c.classify_many(list(images), top_k=1)]
+        assert c.cache_hits == 0 and counters(c)["daemon_hits"] == 0
+    assert got == in_process(list(images), perturbed)[0]
+    assert second.stop() == 0
+
+
+def test_flush_empties_the_cache(daemon):
+    images, _ = make_dataset(1, seed=305)
+    with Client(daemon.socket_path, cache=False) as c:
+        c.classify(images[0])
+        assert c.flush_cache() >= 1
+        hits = counters(c)["daemon_hits"]
+        c.classify(images[0])
+        assert counters(c)["daemon_hits"] == hits                   # a miss after the flush
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_flush_is_refused_to_other_users(fresh_daemon):
+    d = fresh_daemon("--set", "server.socket_mode=0o666", "--set", "server.allow_uids=[65534]")
+    os.chmod(d.workdir, 0o755)
+    # import all first: the interpreter's files are under root-only /root
+    script = ("import os, sys\nfrom inferd.client import Client, PermissionDenied\nimport inferd.shm.cache\n"
+              "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+              "c = Client(sys.argv[1])\n"
+              "try:\n    c.flush_cache()\nexcept PermissionDenied as e:\n    print('denied:', e)\n")
+    out = subprocess.run([sys.executable, "-c", script, d.socket_path], capture_output=True, text=True, timeout=60)
+    assert "denied: only root or the daemon's user may flush the cache" in out.stdout, out.stderr
+
+
+def test_identical_frames_in_flight_together_run_once(daemon):
+    (img,), _ = make_dataset(1, seed=306)
+    c = RawClient(daemon.socket_path, ring_slots=8)
+    try:
+        with Client(daemon.socket_path) as probe:
+            before = probe.info()["counters"]
+        for slot in range(8):
+            c.ring.slot(slot, img.nbytes)[:] = img.reshape(-1)
+        c.send_raw(b"".join(wire.encode(
+            {"op": "classify", "id": slot, "slot": slot, "shape": [64, 64, 3], "dtype": "uint8",
+             "nbytes": img.nbytes}) for slot in range(8)))
+        replies = [c.recv() for _ in range(8)]
+        with Client(daemon.socket_path) as probe:
+            after = probe.info()["counters"]
+    finally:
+        c.close()
+    assert sorted(r["id"] for r in replies) == list(range(8))
+    assert len({tuple(map(tuple, r["top"])) for r in replies}) == 1
+    assert after["frames"] - before.get("frames", 0) == 1
+    assert after["coalesced"] - before.get("coalesced", 0) == 7
+
+
+def test_unique_traffic_samples_its_inserts(fresh_daemon):
+    d = fresh_daemon("--set", "cache.min_hit_rate=0.5", "--set", "cache.sample_every=10")
+    images, _ = make_dataset(400, seed=307)
+    with Client(d.socket_path) as c:
+        c.classify_many(list(images))
+        stats = counters(c)
+    assert stats["misses"] == 400 and stats["inserts_skipped"] > 250
+    assert stats["inserts"] + stats["inserts_skipped"] == 400
+
+
+def _unique_frames(n, seed):
+    """Frames whose synthetic-model class is known: grey level v, one pixel up and one down."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        v = int(rng.integers(1, 255))
+        f = np.full((16, 16, 3), v, np.uint8)
+        p, q = divmod(i, 255)
+        f[p % 16, q % 16, 0] += 1
+        f[q % 16, p % 16, 1] -= 1
+        out.append(f)
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon):
+    """100 times: a daemon inserting as fast as it can is SIGKILLed at a random moment; the next
+    start opens the cache, and every answer read from it equals recomputation."""
+    from inferd.daemon.zoo.synthetic import level_of
+
+    rounds = int(os.environ.get("INFERD_CRASH_ROUNDS", "100"))
+    seed = int(os.environ.get("INFERD_CRASH_SEED", random.randrange(1 << 30)))
+    print(f"crash test seed {seed}, {rounds} rounds")
+    rng = random.Random(seed)
+    workdir = short_dir()
+    path = os.path.join(workdir, "results.cache")
+    frames = _unique_frames(4000, seed)
+    expected = [level_of(int(f.mean().round())) for f in frames]
+    for r in range(rounds):
+        d = fresh_daemon(model="synthetic", workdir=workdir, socket_path=os.path.join(workdir, f"s{r}.sock"))
+        client = Client(d.socket_path, ring_slots=64)
+        digest, preprocess = client.model.digest, client.preprocess_id
+        start = rng.randrange(0, len(frames) - 512)
+        t = threading.Thread(target=_flood, args=(client, frames[start:start + 512]))
+        t.start()
+        _kill_after(d, rng.uniform(0.02, 0.3))                      # mid-insert, most of the time
+        t.join(30)
+        client.close()
+        reader = cachefile.ResultCache.open_reader(path)
+        try:
+            for i, f in enumerate(frames):
+                hit = reader.lookup(cachefile.cache_key(digest, preprocess, cachefile.content_hash(f)))
+                assert hit is None or hit[0][0] == expected[i], (r, i, hit, expected[i])
+        finally:
+            reader.close()
+    assert not [n for n in os.listdir(workdir) if ".corrupt-" in n]   # kills never spoil the header
+
+
+def _flood(client, frames):
+    try:
+        client.classify_many(frames)
+    except DaemonUnavailable:
+        pass
+
+
+def _kill_after(d, seconds):
+    try:
+        d.proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+
+
+def test_a_damaged_cache_file_is_set_aside_and_rebuilt(fresh_daemon):
+    workdir = short_dir()
+    path = os.path.join(workdir, "results.cache")
+    with open(path, "wb") as fh:
+        fh.write(b"garbage" * 1000)
+    d = fresh_daemon(workdir=workdir)
+    label, image = sample_images()[0]
+    with Client(d.socket_path) as c:
+        assert c.classify(image)[0].label == label
+    assert d.stop() == 0
+    aside = [n for n in os.listdir(workdir) if n.startswith("results.cache.corrupt-")]
+    assert len(aside) == 1
+    assert d.log().count("set aside as") == 1
+
+
+def test_embeddings_and_near_duplicates(daemon):
+    samples = sample_images()
+    with Client(daemon.socket_path) as c:
+        for label, image in samples:
+            c.classify(image, tag=label)
+        vector = c.embed(samples[0][1])
+        assert vector.dtype == np.float32 and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+        for label, image in samples:
+            near = c.near_duplicates(image, k=3, min_similarity=0.0)
+            assert near[0].tag == label and near[0].similarity > 0.999
+            assert all(n.similarity <= near[0].similarity for n in near)
+        only_itself = c.near_duplicates(samples[0][1], k=3, min_similarity=0.9999)
+        assert [n.tag for n in only_itself] == [samples[0][0]]
+        with pytest.raises(InvalidInput, match="min_similarity"):
+            c.near_duplicates(samples[0][1], min_similarity=2.0)
+        with pytest.raises(InvalidInput, match="tag must be a string"):
+            c.classify(samples[0][1] + 1, tag="x" * 100)
+
+
+def test_a_model_without_embeddings_refuses_embed(fresh_daemon):
+    d = fresh_daemon(model="synthetic")
+    with Client(d.socket_path) as c:
+        with pytest.raises(InvalidInput, match="embed needs embeddings"):
+            c.embed(np.zeros((16, 16, 3), np.uint8))
