@@ -1,7 +1,8 @@
 """``inferctl``: talk to a running daemon from the shell.
 
     inferctl ping                       round-trip time and the daemon's pid
-    inferctl info                       model, devices, counters (JSON)
+    inferctl info                       model, devices, cache, counters (JSON)
+    inferctl flush-cache                empty the result cache (root or the daemon's user)
     inferctl classify FILE... [-k N]    .npy arrays (uint8 HxWx3), and PNG/JPEG when Pillow is installed
 
 Exit codes: 0 success, 1 the daemon answered with an error, 2 bad usage or unreadable file,
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("ping", help="round trip to the daemon")
     sub.add_parser("info", help="model, devices and counters as JSON")
+    sub.add_parser("flush-cache", help="empty the daemon's result cache (root or the daemon's user)")
     c = sub.add_parser("classify", help="classify image files")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("-k", "--top-k", type=int, default=3)
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "ping":
                 rtt = client.ping()
                 print(f"pong from {client.socket_path} in {rtt * 1e6:.0f} us (model {client.model.name})")
+            elif args.command == "flush-cache":
+                print(f"result cache flushed: {client.flush_cache()} entries dropped")
             elif args.command == "info":
                 print(json.dumps({k: v for k, v in client.info().items() if k not in ("id", "ok")}, indent=2))
             else:
