@@ -43,17 +43,16 @@ the source of truth that the index is rebuilt from.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
 import os
-import secrets
 import struct
 import threading
-import time
 import zlib
 
 import numpy as np
+
+from inferd.shm import ownedfile
 
 MAGIC = b"INFDEMBD"
 FORMAT_VERSION = 1
@@ -72,11 +71,11 @@ _META = np.dtype({"names": ["valid", "tag_len", "hash", "tag"],
 _log = logging.getLogger("inferd.embeddings")
 
 
-class EmbeddingStoreError(Exception):
+class EmbeddingStoreError(ownedfile.OwnedFileError):
     """An embedding store that cannot be opened or used as asked: the message says what to change."""
 
 
-class EmbeddingStoreLocked(EmbeddingStoreError):
+class EmbeddingStoreLocked(EmbeddingStoreError, ownedfile.OwnedFileLocked):
     """Another process holds the lock on the store's file."""
 
 
@@ -108,69 +107,12 @@ def _problem(fd: int, capacity: int, dim: int) -> str | None:
     return None
 
 
-def _install(path: str, capacity: int, dim: int, mode: int, problem: str | None, log) -> int | None:
-    """Build an empty locked store under a temporary name and put it at PATH: by link if PATH is
-    missing (None if another process got there first), else (the caller holds PATH's lock) by
-    hard-linking PATH aside and renaming over it. PATH never names a half-built file."""
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.ftruncate(fd, _file_size(capacity, dim))
-        os.pwrite(fd, _header(capacity, dim), 0)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else knows this name yet
-        if problem is None:
-            os.link(tmp, path)
-        else:
-            aside = f"{path}.corrupt-{int(time.time())}"
-            aside += f".{secrets.token_hex(3)}" if os.path.lexists(aside) else ""
-            os.link(path, aside)
-            os.rename(tmp, path)
-    except BaseException as exc:
-        os.close(fd)
-        os.unlink(tmp)
-        if problem is None and isinstance(exc, FileExistsError):
-            return None
-        raise
-    if problem is None:
-        os.unlink(tmp)
-    else:
-        log = _log if log is None else log
-        (log.warning if isinstance(log, logging.Logger) else log)(
-            f"embedding store {path}: {problem}; set aside as {aside} and rebuilt empty")
-    return fd
-
-
 def _acquire(path: str, capacity: int, dim: int, mode: int, log) -> int:
-    """Open, lock, check, and create or rebuild PATH. The flock is on the file itself, so after
-    locking, PATH must still name the inode we locked (its last holder may have replaced it)."""
-    for _ in range(8):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if (fd := _install(path, capacity, dim, mode, None, log)) is not None:
-                return fd
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise EmbeddingStoreLocked(f"embedding store {path} is locked by another process "
-                                           f"(another inferd daemon?); give each its own path") from None
-            try:
-                current = os.path.samestat(os.stat(path), os.fstat(fd))
-            except FileNotFoundError:
-                current = False
-            problem = _problem(fd, capacity, dim) if current else None
-            new_fd = _install(path, capacity, dim, mode, problem, log) if problem else None
-        except BaseException:
-            os.close(fd)
-            raise
-        if current and new_fd is None:
-            return fd
-        os.close(fd)
-        if new_fd is not None:
-            return new_fd
-    raise EmbeddingStoreError(f"embedding store {path} kept being replaced while opening it")
+    """Open (locked), check, and create or rebuild PATH: see inferd.shm.ownedfile."""
+    return ownedfile.acquire(path, size=_file_size(capacity, dim), header=_header(capacity, dim),
+                             problem=lambda fd: _problem(fd, capacity, dim), mode=mode,
+                             what="embedding store", log=log or _log, locked=EmbeddingStoreLocked,
+                             error=EmbeddingStoreError)
 
 
 class EmbeddingStore:

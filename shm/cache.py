@@ -51,19 +51,20 @@ At daemon start a truncated, garbage, wrong-version or wrong-size file is set as
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import mmap
 import os
-import secrets
 import struct
 import threading
-import time
 from typing import NamedTuple
 
 import blake3
 import numpy as np
+
+from inferd.shm import ownedfile
+
+from inferd.shm import ownedfile
 
 MAGIC = b"INFDRCCH"
 FORMAT_VERSION = 1
@@ -81,7 +82,7 @@ _FIELDS = {"names": ["seq", "stamp", "k", "generation"], "formats": ["<u8", "<u8
 _log = logging.getLogger("inferd.cache")
 
 
-class CacheError(Exception):
+class CacheError(ownedfile.OwnedFileError):
     """A result cache that cannot be used as asked: the message says what to change."""
 
 
@@ -89,7 +90,7 @@ class CacheUnavailable(CacheError):
     """A client cannot map the cache; it sends every request to the daemon instead."""
 
 
-class CacheLocked(CacheError):
+class CacheLocked(CacheError, ownedfile.OwnedFileLocked):
     """Another process holds the writer lock on the cache file."""
 
 
@@ -142,77 +143,20 @@ def _parse_header(head: bytes, size: int) -> tuple[str | None, CacheGeometry | N
     return None, geom
 
 
-def _install(path: str, geom: CacheGeometry, size: int, mode: int, problem: str | None, log) -> int | None:
-    """Build an empty locked cache under a temporary name and put it at PATH: by link if PATH is
-    missing (None if another daemon got there first), else (the caller holds PATH's lock) by
-    hard-linking PATH aside and renaming over it. PATH never names a half-built file."""
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)                              # exactly: the umask must not decide who reads
-        os.ftruncate(fd, size)
-        head = _HEADER.pack(MAGIC, FORMAT_VERSION, geom.sets, geom.ways, geom.entry_size, geom.max_k, 0, size)
-        os.pwrite(fd, head + blake3.blake3(head).digest(8), 0)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else knows this name yet
-        if problem is None:
-            os.link(tmp, path)
-        else:
-            aside = f"{path}.corrupt-{int(time.time())}"
-            aside += f".{secrets.token_hex(3)}" if os.path.lexists(aside) else ""
-            os.link(path, aside)
-            os.rename(tmp, path)
-    except BaseException as exc:
-        os.close(fd)
-        os.unlink(tmp)
-        if problem is None and isinstance(exc, FileExistsError):
-            return None
-        raise
-    if problem is None:
-        os.unlink(tmp)
-    else:
-        log = _log if log is None else log
-        (log.warning if isinstance(log, logging.Logger) else log)(
-            f"result cache {path}: {problem}; set aside as {aside} and rebuilt empty")
-    return fd
-
-
 def _acquire(path: str, geom: CacheGeometry, size: int, mode: int, log) -> int:
-    """Open, lock, check, and create or rebuild PATH. The flock is on the file itself, so after
-    locking, PATH must still name the inode we locked (its last holder may have replaced it)."""
-    for _ in range(8):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if (fd := _install(path, geom, size, mode, None, log)) is not None:
-                return fd
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CacheLocked(f"result cache {path} is locked by another writer (another inferd "
-                                  f"daemon); stop that daemon or give this one its own path") from None
-            problem = new_fd = None
-            try:
-                current = os.path.samestat(os.stat(path), os.fstat(fd))
-            except FileNotFoundError:
-                current = False
-            if current:
-                actual = os.fstat(fd).st_size
-                problem, found = _parse_header(os.pread(fd, 48, 0), actual)
-                if problem is None and (found, actual) != (geom, size):
-                    problem = f"holds {found} in {actual} bytes; configured {geom} in {size} bytes"
-            if problem is not None:
-                new_fd = _install(path, geom, size, mode, problem, log)
-        except BaseException:
-            os.close(fd)
-            raise
-        if current and new_fd is None:
-            return fd
-        os.close(fd)
-        if new_fd is not None:
-            return new_fd
-    raise CacheError(f"result cache {path} kept being replaced while opening it; who recreates it?")
+    """Open (locked), check, and create or rebuild PATH: see inferd.shm.ownedfile."""
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, geom.sets, geom.ways, geom.entry_size, geom.max_k, 0, size)
+
+    def problem(fd: int) -> str | None:
+        actual = os.fstat(fd).st_size
+        reason, found = _parse_header(os.pread(fd, 48, 0), actual)
+        if reason is None and (found, actual) != (geom, size):
+            reason = f"holds {found} in {actual} bytes; configured {geom} in {size} bytes"
+        return reason
+
+    return ownedfile.acquire(path, size=size, header=head + blake3.blake3(head).digest(8),
+                             problem=problem, mode=mode, what="result cache", log=log or _log,
+                             locked=CacheLocked, error=CacheError)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,97 @@
+"""A fixed-size file that one daemon owns: open it locked and checked, or build it afresh, without
+its path ever naming a half-built file. Used by the result cache and the embedding store.
+
+``acquire`` opens PATH and takes an exclusive ``flock`` on the file itself. Because a previous
+owner may have replaced the file between our open and our lock, PATH must still name the inode we
+locked; otherwise we start over. A file that fails its owner's check (``problem(fd)`` returns a
+reason) is set aside as ``PATH.corrupt-<unix time>`` and replaced, with one log line. A fresh file
+is built under a temporary name (size, header, lock) and then linked to PATH (when PATH is missing)
+or renamed over it (when replacing; we hold the old file's lock), so readers never see it half
+written and a file never shrinks under a reader's mapping (which would be a SIGBUS).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import time
+from typing import Callable
+
+_log = logging.getLogger("inferd.ownedfile")
+
+
+class OwnedFileError(Exception):
+    """The file cannot be opened or kept; the message says which and why."""
+
+
+class OwnedFileLocked(OwnedFileError):
+    """Another process (another daemon) holds the file's lock."""
+
+
+def _install(path: str, size: int, header: bytes, mode: int, problem: str | None, what: str,
+             log) -> int | None:
+    """Build an empty locked file under a temporary name and put it at PATH: by link if PATH is
+    missing (None if another process got there first), else (the caller holds PATH's lock) by
+    hard-linking PATH aside and renaming over it."""
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)                              # exactly: the umask must not decide who reads
+        os.ftruncate(fd, size)
+        os.pwrite(fd, header, 0)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else knows this name yet
+        if problem is None:
+            os.link(tmp, path)
+        else:
+            aside = f"{path}.corrupt-{int(time.time())}"
+            aside += f".{secrets.token_hex(3)}" if os.path.lexists(aside) else ""
+            os.link(path, aside)
+            os.rename(tmp, path)
+    except BaseException as exc:
+        os.close(fd)
+        os.unlink(tmp)
+        if problem is None and isinstance(exc, FileExistsError):
+            return None
+        raise
+    if problem is None:
+        os.unlink(tmp)
+    else:
+        log = _log if log is None else log
+        (log.warning if isinstance(log, logging.Logger) else log)(
+            f"{what} {path}: {problem}; set aside as {aside} and rebuilt empty")
+    return fd
+
+
+def acquire(path: str, *, size: int, header: bytes, problem: Callable[[int], str | None], mode: int,
+            what: str, log=None, locked: type = OwnedFileLocked, error: type = OwnedFileError) -> int:
+    """A descriptor of PATH, locked, that passed ``problem`` (or was rebuilt with ``header``).
+    ``what`` names the file in messages; ``locked`` / ``error`` are the exception types to raise."""
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if (fd := _install(path, size, header, mode, None, what, log)) is not None:
+                return fd
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise locked(f"{what} {path} is locked by another process (another inferd daemon); "
+                             "stop that daemon or give this one its own path") from None
+            try:
+                current = os.path.samestat(os.stat(path), os.fstat(fd))
+            except FileNotFoundError:
+                current = False
+            reason = problem(fd) if current else None
+            new_fd = _install(path, size, header, mode, reason, what, log) if reason else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current and new_fd is None:
+            return fd
+        os.close(fd)
+        if new_fd is not None:
+            return new_fd
+    raise error(f"{what} {path} kept being replaced while opening it; what else recreates it?")
