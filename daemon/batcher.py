@@ -182,11 +182,14 @@ class BatchingThread(threading.Thread):
         dev = self.device
         result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None)
         now = self._clock()
+        # a full batch is never shrunk for its oldest (NOTE [ batch planning ]): who cannot finish
+        # within it is not computed; otherwise only who is already late
+        cutoff = now + (dev.profile.latency(len(batch)) if len(batch) == self._max_batch else 0.0)
         live = []
         for r in batch:
             if r.session is not None and r.session.closed:
                 result.dropped.append(r)
-            elif r.deadline < now:
+            elif r.deadline < cutoff:
                 result.expired.append(r)
             else:
                 live.append(r)
@@ -194,14 +197,18 @@ class BatchingThread(threading.Thread):
             return result
         dev.running = list(zip(batch, result.attempts))
         dev.running_size, dev.running_since = len(live), now
+        outs = dev.outs
         try:
             result.top, result.embeddings, result.seconds = self._compute(live)
             result.done = live
+            if dev.outs == outs:
+                # a batch its device was taken out during (stuck) says nothing about its speed;
+                # learning from it would stretch the next watchdog bound by its whole hang
+                dev.profile.observe(len(live), result.seconds)
             if self.store is not None and result.embeddings is not None:
                 # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
                 result.matches = {i: self.store.search(result.embeddings[i], *r.args)
                                   for i, r in enumerate(live) if r.op == "near"}
-            dev.profile.observe(len(live), result.seconds)
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
             result.failed, result.error = live, f"{type(exc).__name__}: {exc}"

@@ -36,6 +36,7 @@ class Device:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.canary_pending = False
+        self.outs = 0                      # times taken out of rotation (its batching thread reads it)
 
     @property
     def healthy(self) -> bool:

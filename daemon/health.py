@@ -80,6 +80,7 @@ class HealthMonitor:
         dev.retry_at = self._clock() + dev.backoff
         if dev.state == PROBING and stuck:
             dev.canary_pending = True      # the canary is what is stuck; no second one behind it
+        dev.outs += 1
         self._transition(dev, OUT, f"{reason}; retry in {dev.backoff:.1f} s")
         self._on_out(dev, reason, stuck)
 

@@ -13,11 +13,15 @@ for a batch of b (daemon/profile.py), B = max_batch, W = max_delay, a0 the arriv
 queued request, D(m) the earliest deadline among the first m, and g the smoothed gap between
 arrivals at this device:
 
-  1. Deadline cap. m = the largest size <= min(n, B) with now + L(m) <= D(m): the batch size at
-     which the oldest frames still meet their deadlines (in the spirit of Clipper's adaptive
-     batching, with the measured profile in place of AIMD probing). If m < min(n, B), go now
+  1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
+     best throughput (admission counted on it); a request in it that cannot finish within the
+     batch's time is answered deadline_exceeded by the batching thread without being computed,
+     rather than let it shrink the batch: shrinking to save the oldest requests lowers throughput
+     and makes every later request later still (a collapse seen in bench/devices.py at 3x load).
+  2. Deadline cap (n < B, spare capacity). m = the largest size <= n with now + L(m) <= D(m): the
+     batch size at which the oldest frames still meet their deadlines (in the spirit of Clipper's
+     adaptive batching, with the measured profile in place of AIMD probing). If m < n, go now
      with m: more frames could only make the batch later.
-  2. Full. If m = B, go now.
   3. Worth waiting? A batch of n < B waits for one more frame only if it is expected inside the
      window, now + g <= a0 + W, and the larger batch would still meet the deadlines,
      now + g + L(n+1) <= D(n). Otherwise it goes now: at low load (g large) a frame does not sit
@@ -43,8 +47,10 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
     ``deadline`` on each item); it is not modified."""
     n = min(len(queued), max_batch)
     window_end = queued[0].arrived + max_delay
+    if n == max_batch:
+        return n, 0.0
     if not adaptive:
-        return (n, 0.0) if n == max_batch or now >= window_end else (0, window_end)
+        return (n, 0.0) if now >= window_end else (0, window_end)
     deadlines = []
     earliest = math.inf
     for i in range(n):
@@ -53,7 +59,7 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
     m = n
     while m > 1 and now + latency(m) > deadlines[m - 1]:
         m -= 1
-    if m < n or m == max_batch:
+    if m < n:
         return m, 0.0
     next_at = now + gap
     if next_at >= window_end or next_at + latency(n + 1) > deadlines[n - 1]:

@@ -125,6 +125,8 @@ def test_a_failing_device_leaves_within_2s_and_nothing_is_lost_or_doubled(fresh_
     assert info["outstanding"] == 0
     if fault == "hang":                                      # the stuck batch came back late, unused
         assert info["counters"].get("stale_results", 0) >= 1
+        # and taught the profile nothing: an honest batch here takes at most 2 + 0.5 * 32 = 18 ms
+        assert max(info["devices"][1]["batch_ms"].values()) < 100, info["devices"][1]["batch_ms"]
 
 
 def test_no_healthy_device_fails_at_once(fresh_daemon):
