@@ -70,6 +70,7 @@ class Memory:
         content = cachefile.content_hash(frame)
         key = cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
         self.counters["hash_seconds"] += time.perf_counter() - t0
+        self.counters["hashed"] += 1
         return frame, content, key
 
     def lookup(self, key: bytes, top_k: int):
@@ -111,7 +112,7 @@ class Memory:
         lookups = c["daemon_hits"] + c["misses"] + c["client_hits"]
         out = {"enabled": self.cache is not None, "hit_rate_smoothed": round(self.hit_rate, 4),
                "hit_rate": round((c["daemon_hits"] + c["client_hits"]) / lookups, 4) if lookups else 0.0,
-               "hash_us_mean": round(1e6 * c["hash_seconds"] / max(lookups - c["client_hits"], 1), 2)}
+               "hash_us_mean": round(1e6 * c["hash_seconds"] / max(c["hashed"], 1), 2)}
         for k in ("daemon_hits", "client_hits", "misses", "inserts", "inserts_skipped", "evictions",
                   "coalesced"):
             out[k] = c[k]

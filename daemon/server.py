@@ -272,9 +272,11 @@ class Server:
         cache = self.scheduler.memory.cache
         if cache is None:
             raise Rejected(wire.E_INVALID_INPUT, "the result cache is disabled (cache.enabled)")
-        dropped = cache.flush()
-        log.info("result cache flushed by pid %d: %d entries dropped", session.peer[0], dropped)
-        return {"dropped": dropped}
+        dropped = cache.stats()["used"]
+        generation = cache.flush()
+        log.info("result cache flushed by pid %d: %d entries dropped, generation %d",
+                 session.peer[0], dropped, generation)
+        return {"dropped": dropped, "generation": generation}
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.sid, None)

@@ -52,6 +52,8 @@ def test_the_daemon_answers_a_repeat_from_the_cache(daemon):
     images, _ = make_dataset(2, seed=302)
     with Client(daemon.socket_path, cache=False) as c:
         first = c.classify(images[0], top_k=3)
+        stats = counters(c)
+        assert 0 < stats["hash_us_mean"] < 10_000                    # per hashed request, not a total
         before, frames = counters(c)["daemon_hits"], c.info()["counters"]["frames"]
         assert c.classify(images[0], top_k=3) == first
         assert counters(c)["daemon_hits"] == before + 1
@@ -113,10 +115,13 @@ def test_a_new_model_never_matches_old_entries(fresh_daemon):
 
 
 def test_flush_empties_the_cache(daemon):
-    images, _ = make_dataset(1, seed=305)
+    images, _ = make_dataset(3, seed=305)
     with Client(daemon.socket_path, cache=False) as c:
-        c.classify(images[0])
-        assert c.flush_cache() >= 1
+        c.classify_many(list(images))
+        used = counters(c)["file"]["used"]
+        assert used >= 3
+        assert c.flush_cache() == used                               # entries dropped, all of them
+        assert counters(c)["file"]["used"] == 0
         hits = counters(c)["daemon_hits"]
         c.classify(images[0])
         assert counters(c)["daemon_hits"] == hits                   # a miss after the flush
