@@ -124,7 +124,12 @@ def daemon(args: list[str], env: dict | None = None):
     info = {"socket": os.path.join(workdir, "d.sock"), "prefix": prefix, "args": list(args)}
     proc = None
     try:
-        proc = DaemonProcess.start([*args, "--set", f'ring.shm_prefix="{prefix}"'],
+        # a cache file of its own (never the system default), and no cache at all unless the part
+        # measures it: repeated frames would be answered without reaching the model
+        cache = [] if any(a.startswith("cache.") for a in args) else [
+            "--set", "cache.enabled=false", "--set", "embeddings.enabled=false"]
+        proc = DaemonProcess.start([*args, "--set", f'ring.shm_prefix="{prefix}"',
+                                    "--set", f'cache.path="{workdir}/results.cache"', *cache],
                                    socket_path=info["socket"], workdir=workdir, env=env)
         info["proc"] = proc
         yield info
