@@ -190,12 +190,7 @@ def main(argv=None) -> int:
     args = _args(argv)
     common.sigterm_as_exit()
     if args.replot:
-        with open(args.replot) as fh:
-            results = json.load(fh)
-        img_dir = args.img_dir or (args.out if results.get("quick") else os.path.join(REPO, "docs", "img"))
-        print(cache_report.render(results))
-        print(f"\nredrew {', '.join(write_plots(results, img_dir))}")
-        return 0
+        return common.replot(args.replot, args.img_dir, args.out, cache_report.render, write_plots)
     parts = {int(x) for x in args.parts.split(",") if x.strip()}
     sizes = SIZES["quick" if args.quick else "full"]
     img_dir = args.img_dir or (args.out if args.quick else os.path.join(REPO, "docs", "img"))

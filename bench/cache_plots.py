@@ -1,31 +1,14 @@
 """The three figures of the cache benchmark, drawn with matplotlib's Agg backend."""
 from __future__ import annotations
 
-import os
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+from common import pyplot, save_figure
 
 
 def latency(lat: dict, path: str) -> str:
     """p50 and p99 bars (log scale, microseconds): client hit, daemon hit, miss."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = [("client-side hit\n(local lookup)", lat["client_hit"]), ("daemon-side hit\n(round trip)", lat["daemon_hit"]),
             ("ping\n(round-trip floor)", lat["ping"]), ("miss\n(computed, batch 1)", lat["miss"])]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -42,14 +25,14 @@ def latency(lat: dict, path: str) -> str:
     ax.set_title("resnet18 @ 64x64: cache hits against the miss path (cpu:2)")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def throughput(tp: dict, path: str) -> str:
     """img/s bars, one per measured case (rounds side by side), cache on against off."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     groups = [(f"{tp['repeat_frac']:.0%} repeats", tp["repeat_frac"]), ("unique", 0.0)]
     rounds = sorted({r["round"] for r in tp["rows"]})
@@ -77,7 +60,7 @@ def throughput(tp: dict, path: str) -> str:
     ax.set_title(f"{tp['clients']} closed-loop clients, resnet18 @ 64x64 (cpu:2); bars per round")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def near(rob: dict, path: str) -> str:
@@ -85,7 +68,7 @@ def near(rob: dict, path: str) -> str:
     alternative of each model (hatched)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     kinds = ("resize", "noise", "jpeg", "combined")
     series = [(f"daemon, --model {m}", [res["kinds"][k]["top1"] for k in kinds], None)
               for m, res in rob["daemon"].items()]
@@ -106,4 +89,4 @@ def near(rob: dict, path: str) -> str:
     ax.set_title(f"{rob['samples']} changed copies against {rob['images']} stored shapes images")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

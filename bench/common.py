@@ -152,3 +152,36 @@ def sigterm_as_exit() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); imported only when drawing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, plt, path: str) -> str:
+    """Write ``fig`` to ``path`` (creating its folder), close it, return ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def replot(results_path: str, img_dir: str | None, out: str, render, draw) -> int:
+    """``--replot FILE``: print the report of a saved results JSON and redraw its figures (into
+    ``img_dir``, else docs/img, or ``out`` for a quick run's results); measures nothing."""
+    import json
+
+    with open(results_path) as fh:
+        results = json.load(fh)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    img_dir = img_dir or (out if results.get("quick") else os.path.join(repo, "docs", "img"))
+    print(render(results))
+    print(f"\nredrew {', '.join(draw(results, img_dir))}")
+    return 0

@@ -696,12 +696,7 @@ def main(argv=None) -> int:
     import pool_plots
 
     if args.replot:
-        with open(args.replot) as fh:
-            res = json.load(fh)
-        img_dir = args.img_dir or (args.out if res.get("quick") else os.path.join(REPO, "docs", "img"))
-        print(render(res))
-        print(f"\nredrew {', '.join(pool_plots.draw_all(res, img_dir))}")
-        return 0
+        return common.replot(args.replot, args.img_dir, args.out, render, pool_plots.draw_all)
     dur = DURATIONS["quick" if args.quick else "full"]
     img_dir = args.img_dir or (args.out if args.quick else os.path.join(REPO, "docs", "img"))
     global LOG_DIR

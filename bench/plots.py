@@ -1,17 +1,7 @@
 """The two figures of docs/benchmarks.md, drawn with matplotlib's Agg backend (no display needed)."""
 from __future__ import annotations
 
-import os
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend (imported only when plotting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from common import pyplot, save_figure
 
 
 def _ticker():
@@ -24,7 +14,7 @@ def _ticker():
 def latency_throughput(load: dict, ceiling: float, path: str) -> str:
     """p50 and p99 latency against total img/s, one point pair per row of part (b), with a vertical
     line at the in-process ceiling. Returns ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = load["rows"]
     x = [r["img_s"] for r in rows]
@@ -49,12 +39,12 @@ def latency_throughput(load: dict, ceiling: float, path: str) -> str:
     ax.set_title("ResNet-18 @ 64x64 through inferd (cpu:2, max_batch 32, max_delay 2 ms)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def ceiling_batch(ceiling: dict, path: str) -> str:
     """In-process img/s against batch size (log2 axis). Returns ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = ceiling["rows"]
     ax.plot([r["batch"] for r in rows], [r["img_s"] for r in rows], "o-")
@@ -69,13 +59,6 @@ def ceiling_batch(ceiling: dict, path: str) -> str:
     ax.set_title(f"{ceiling['model']} @ {ceiling['input_size']}x{ceiling['input_size']} in-process, "
                  f"{ceiling['threads']} torch threads")
     ax.grid(True, alpha=0.3)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path: str) -> str:
-    """Write ``fig`` to ``path`` (creating its folder), close it, return ``path``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

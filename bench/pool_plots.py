@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import os
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+from common import pyplot, save_figure
 
 
 def throughput(res: dict, path: str) -> str:
     """Bars: the summed standalone capacity (stacked by device), weighted, round_robin (stacked by
     the device that served the frames), with % of the sum on top."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     cap = res["capacity_sum"]
     s = res["standalone"]
@@ -46,12 +31,12 @@ def throughput(res: dict, path: str) -> str:
     ax.set_title("Two-device pool (speeds 1 and 3): saturated throughput vs the sum of standalone capacities",
                  fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def latency(res: dict, path: str) -> str:
     """Latency CDF (log x) of requests answered ok at 70 % load, one curve per policy, p50/p99 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for (name, p), color in zip(res["policies"].items(), ("#1b9e77", "#d95f02")):
         r = p["load70"]
@@ -71,12 +56,12 @@ def latency(res: dict, path: str) -> str:
     load = res["policies"]["weighted"]["load70"]["rate"]
     ax.set_title(f"Open-loop Poisson arrivals at 70% of the summed capacity ({load:.0f} req/s)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def removal(res: dict, path: str, bound: float = 2.0) -> str:
     """Fault-to-removal times, one point per repetition, box per fault kind, the 2 s bound."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rm = res["removal"]
     kinds = ("raise", "hang")
@@ -92,13 +77,13 @@ def removal(res: dict, path: str, bound: float = 2.0) -> str:
     ax.set_title(f"Time from fault to removal, {rm['reps']} times each ({' '.join(rm['args'])})", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def overload(res: dict, path: str) -> str:
     """Left: daemon RSS over time. Middle: per-second p99 of admitted / ok latency vs the deadline.
     Right: per-second rates of each outcome against the summed capacity."""
-    plt = _pyplot()
+    plt = pyplot()
     o = res["overload"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     t = [x[0] for x in o["rss"]]
@@ -137,7 +122,7 @@ def overload(res: dict, path: str) -> str:
     a3.set_title("outcome of each request, per second", fontsize=9)
     a3.legend(fontsize=7, loc="center right")
     a3.grid(True, alpha=0.3)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def draw_all(res: dict, img_dir: str) -> list[str]:
