@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import shutil
 import time
 
 import numpy as np
 
-from common import short_workdir, shm_leftovers
+import common
 
 
 def us_stats(seconds) -> dict:
@@ -41,41 +39,21 @@ def time_calls(fn, count: int, warmup: int = 0) -> list[float]:
 @contextlib.contextmanager
 def cache_daemon(args: list[str], *, cache: bool = True, embeddings: bool = False, device: str = "cpu:2",
                  env: dict | None = None):
-    """Start a daemon with ``args`` in a fresh work directory, with its own result cache file
-    ``<workdir>/results.cache`` (and embedding store beside it), and yield a dict with ``proc``,
-    ``socket``, ``workdir``, ``cache_path``, ``args``. Always stopped (SIGTERM, then SIGKILL);
-    afterwards ``exit_code``, ``log_tail`` (on a non-zero exit), ``shm_leftovers`` are filled in."""
-    from inferd.daemon.launch import DaemonProcess
-
-    workdir = short_workdir()
-    prefix = f"inferdcb{secrets.token_hex(3)}"
-    cache_path = os.path.join(workdir, "results.cache")
-    full = [*args, "--device", device, "--set", f'cache.path="{cache_path}"',
-            "--set", f"cache.enabled={'true' if cache else 'false'}",
-            "--set", f"embeddings.enabled={'true' if embeddings else 'false'}",
-            "--set", f'ring.shm_prefix="{prefix}"']
-    info = {"socket": os.path.join(workdir, "d.sock"), "workdir": workdir, "cache_path": cache_path,
-            "args": full, "cache": cache, "embeddings": embeddings}
-    proc = None
+    """common.daemon with the result cache (and the embedding store) on or off as asked; yields its
+    dict; afterwards also ``log_warnings`` and, on a non-zero exit or logged errors, ``log_tail``."""
+    full = [*args, "--device", device, "--set", f"cache.enabled={'true' if cache else 'false'}",
+            "--set", f"embeddings.enabled={'true' if embeddings else 'false'}"]
+    info = {}
     try:
-        proc = DaemonProcess.start(full, socket_path=info["socket"], workdir=workdir, env=env)
-        info["proc"] = proc
-        yield info
+        with common.daemon(full, env) as info:
+            info.update(cache=cache, embeddings=embeddings)
+            yield info
     finally:
-        if proc is not None:
-            try:
-                info["exit_code"] = proc.stop(timeout=30.0)
-                log = proc.log()
-                bad = [ln for ln in log.splitlines() if " ERROR " in ln or "Traceback" in ln]
-                warned = [ln for ln in log.splitlines() if " WARNING " in ln]
-                if warned:
-                    info["log_warnings"] = warned[:20]
-                if info["exit_code"] != 0 or bad:
-                    info["log_tail"] = log[-4000:]
-            finally:
-                proc.kill()
-        info["shm_leftovers"] = shm_leftovers(prefix)
-        shutil.rmtree(workdir, ignore_errors=True)
+        warned = [ln for ln in info.get("log", "").splitlines() if " WARNING " in ln]
+        if warned:
+            info["log_warnings"] = warned[:20]
+        if info.get("exit_code") != 0 or info.get("log_problems"):
+            info["log_tail"] = info.get("log", "")[-4000:]
 
 
 def daemon_summary(d: dict) -> dict:

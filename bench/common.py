@@ -110,37 +110,50 @@ def run_in_child(target, args: tuple, timeout: float, name: str):
 
 
 @contextlib.contextmanager
-def daemon(args: list[str], env: dict | None = None):
+def daemon(args: list[str], env: dict | None = None, *, keep_log: str | None = None):
     """Start an inferd daemon with ``args`` (and ``env`` added to its environment) in a fresh work
-    directory and yield it; always stop it.
+    directory and yield it; always stop it (SIGTERM, then SIGKILL if it overstays 30 s).
 
-    Yields a dict with ``proc`` (the DaemonProcess), ``socket`` and ``prefix`` (its ring name prefix);
-    after the block, ``exit_code`` (what SIGTERM made it return) and ``shm_leftovers`` are filled in.
+    The daemon gets its own ring prefix and its own cache file ``<workdir>/results.cache`` (never
+    the system default); unless ``args`` set ``cache.*`` themselves, the cache and embeddings are
+    off, since repeated frames would be answered without reaching the model.
+
+    Yields a dict with ``proc`` (the DaemonProcess), ``socket``, ``prefix``, ``workdir``,
+    ``cache_path`` and ``args``; after the block ``exit_code``, ``log`` (its whole log, also written
+    to ``keep_log`` when given), ``log_problems`` (ERROR and traceback lines) and ``shm_leftovers``.
     """
     from inferd.daemon.launch import DaemonProcess
 
     workdir = short_workdir()
     prefix = f"inferdbench{secrets.token_hex(3)}"
-    info = {"socket": os.path.join(workdir, "d.sock"), "prefix": prefix, "args": list(args)}
+    info = {"socket": os.path.join(workdir, "d.sock"), "prefix": prefix, "workdir": workdir,
+            "cache_path": os.path.join(workdir, "results.cache"), "args": list(args)}
+    memory = [] if any(a.startswith("cache.") for a in args) else [
+        "--set", "cache.enabled=false", "--set", "embeddings.enabled=false"]
     proc = None
     try:
-        # a cache file of its own (never the system default), and no cache at all unless the part
-        # measures it: repeated frames would be answered without reaching the model
-        cache = [] if any(a.startswith("cache.") for a in args) else [
-            "--set", "cache.enabled=false", "--set", "embeddings.enabled=false"]
         proc = DaemonProcess.start([*args, "--set", f'ring.shm_prefix="{prefix}"',
-                                    "--set", f'cache.path="{workdir}/results.cache"', *cache],
+                                    "--set", f'cache.path="{info["cache_path"]}"', *memory],
                                    socket_path=info["socket"], workdir=workdir, env=env)
         info["proc"] = proc
         yield info
     finally:
-        if proc is not None:
-            try:
-                info["exit_code"] = proc.stop(timeout=30.0)
-            finally:
-                proc.kill()
-        info["shm_leftovers"] = shm_leftovers(prefix)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            if proc is not None:
+                try:
+                    info["exit_code"] = proc.stop(timeout=30.0)
+                finally:
+                    proc.kill()
+                info["log"] = proc.log()
+                info["log_problems"] = [ln for ln in info["log"].splitlines()
+                                        if " ERROR " in ln or ln.startswith("Traceback")]
+                if keep_log:
+                    os.makedirs(os.path.dirname(keep_log) or ".", exist_ok=True)
+                    with open(keep_log, "w") as fh:
+                        fh.write(info["log"])
+        finally:
+            info["shm_leftovers"] = shm_leftovers(prefix)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def sigterm_as_exit() -> None:

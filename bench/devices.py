@@ -24,9 +24,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -38,32 +36,13 @@ import numpy as np   # noqa: E402
 
 import common        # noqa: E402
 import pool_load     # noqa: E402
-
-#: The synthetic model's cost: a batch of n frames sleeps (BASE_MS + PER_FRAME_MS * n) / speed ms.
-BASE_MS, PER_FRAME_MS = 10.0, 4.0
-MAX_BATCH = 32
-SPEEDS = (1.0, 3.0)
-SEED = 20261130
-
-SAT_CLIENTS, SAT_SLOTS = 4, 128        # (1), (2): client processes x frames in flight each
-GEN_PROCS, GEN_SLOTS = 2, 1024         # (3), (6): open-loop generator processes, ring slots each
-LOAD_70 = 0.70
-LATENCY_TIMEOUT_MS = 10000.0
-REMOVAL_LOAD = 0.40                    # (4): open-loop background load, x the summed capacity
-REMOVAL_ARGS = ["--set", "health.backoff_s=0.2", "--set", "health.max_failures=2"]
-REMOVAL_BOUND_S = 2.0
-POLL_S = 0.005
-FAULT_ARGS = ["--set", "health.max_failures=1", "--set", "health.backoff_s=0.02",
-              "--set", "health.backoff_max_s=0.05"]
-FAULT_DEPTH = 12                       # (5): closed-loop requests in flight per generator process
-FAULT_RAISE_MS = (5.0, 30.0)           # (5): raise stays at least U(a, b) ms (and until a batch failed)
-FAULT_CLEAR_MS = (0.0, 20.0)           # (5): after re-admission, no fault for U(a, b) ms
-FAULT_POLL_S = 0.002
-OVERLOAD_X, OVERLOAD_TIMEOUT_MS = 3.0, 300.0
-RSS_EVERY_S = 0.5
-CDF_QUANTILES = [float(q) for q in range(0, 100)] + [99.5, 99.9, 100.0]
-RSS_FLAT = 0.05                        # (6): "flat" = max RSS over the window within 5 % of its start
-WEIGHTED_TARGET = 0.95
+from pool_daemon import (  # noqa: E402
+    BASE_MS, CDF_QUANTILES, CLEANUP, FAULT_ARGS, FAULT_CLEAR_MS, FAULT_DEPTH, FAULT_POLL_S,
+    FAULT_RAISE_MS, GEN_PROCS, LATENCY_TIMEOUT_MS, LOAD_70, LOG_DIR, MAX_BATCH,
+    OVERLOAD_TIMEOUT_MS, OVERLOAD_X, PER_FRAME_MS, POLL_S, REMOVAL_ARGS, REMOVAL_LOAD,
+    RSS_EVERY_S, SAT_CLIENTS, SAT_SLOTS, SEED, SPEEDS, children, counter_delta, cpu_seconds,
+    gen_cfg, merge_generators, pool, rss_bytes, sleep_until, theory_fps)
+from pool_report import render, targets  # noqa: E402
 
 DURATIONS = {
     "full": {"sat_warmup_s": 2.0, "sat_s": 8.0, "lat_warmup_s": 2.0, "lat_s": 15.0, "removal_reps": 10,
@@ -77,196 +56,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ------------------------------------------------------------------------------------ plumbing
-def theory_fps(speed: float, batch: int = MAX_BATCH) -> float:
-    """Frames/s of a device at ``speed`` running full batches back to back."""
-    return speed * 1000.0 * batch / (BASE_MS + PER_FRAME_MS * batch)
-
-
-class Control:
-    """The synthetic model's control file ($INFERD_SYNTHETIC), rewritten atomically."""
-
-    def __init__(self, speeds):
-        self.dir = tempfile.mkdtemp(prefix="inferd-bctl", dir="/tmp")
-        self.path = os.path.join(self.dir, "synthetic.json")
-        self.values = {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS,
-                       "speed": {str(i): s for i, s in enumerate(speeds)}, "fault": {}}
-        self.write()
-
-    def write(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.values, fh)
-        os.replace(tmp, self.path)                 # readers see the old file or the new, never half
-
-    def fault(self, index: int, what: str | None) -> None:
-        if what is None:
-            self.values["fault"].pop(str(index), None)
-        else:
-            self.values["fault"][str(index)] = what
-        self.write()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def pool(speeds, policy: str = "weighted", extra=(), name: str = "pool"):
-    """A daemon serving ``synthetic`` on one ``cpu:1`` device per speed; yields (d, Control, probe
-    Client) with d = {"proc", "socket", "prefix", "daemon_args"}. Always stopped (SIGTERM, then
-    SIGKILL if it overstays); afterwards d has exit_code, shm_leftovers, log_problems, and its log is
-    kept as LOG_DIR/<name>.log."""
-    import secrets
-
-    from inferd.client import Client
-    from inferd.daemon.launch import DaemonProcess
-
-    ctl = Control(speeds)
-    workdir = common.short_workdir()
-    prefix = f"inferdbench{secrets.token_hex(3)}"
-    args = ["--model", "synthetic", "--set", f"batching.max_batch={MAX_BATCH}",
-            "--set", f'dispatch.policy="{policy}"', *[a for _ in speeds for a in ("--device", "cpu:1")],
-            *no_memory_args(), *extra]
-    d = {"socket": os.path.join(workdir, "d.sock"), "prefix": prefix, "daemon_args": args, "name": name}
-    proc = None
-    try:
-        proc = d["proc"] = DaemonProcess.start([*args, "--set", f'ring.shm_prefix="{prefix}"'],
-                                               socket_path=d["socket"], workdir=workdir,
-                                               env={"INFERD_SYNTHETIC": ctl.path})
-        with Client(d["socket"], timeout=30.0) as probe:
-            yield d, ctl, probe
-    finally:
-        try:
-            if proc is not None:
-                try:
-                    d["exit_code"] = proc.stop(timeout=30.0)
-                finally:
-                    proc.kill()
-                text = proc.log()
-                d["log_problems"] = daemon_log_problems(text)
-                if LOG_DIR:
-                    os.makedirs(LOG_DIR, exist_ok=True)
-                    with open(os.path.join(LOG_DIR, f"{name}.log"), "w") as fh:
-                        fh.write(text)
-        finally:
-            d["shm_leftovers"] = common.shm_leftovers(prefix)
-            shutil.rmtree(workdir, ignore_errors=True)
-            ctl.remove()
-            _CLEANUP.append({"name": name, "exit_code": d.get("exit_code"),
-                             "shm_leftovers": d.get("shm_leftovers"), "log_problems": d.get("log_problems", [])})
-
-
-def no_memory_args() -> list[str]:
-    """``--set cache.enabled=false`` (and the same for embeddings) where this daemon has those
-    sections: the frames here repeat (256 grey levels), and a result cache would answer most of them
-    without a device, which is not what this benchmark measures (and would write a cache file
-    outside the benchmark's work directory)."""
-    from inferd.daemon.config import SECTIONS
-
-    return [a for section in ("cache", "embeddings") if section in SECTIONS
-            for a in ("--set", f"{section}.enabled=false")]
-
-
-_CLEANUP: list = []
-LOG_DIR = ""            # set by main: daemon logs are kept there
-
-
-def daemon_log_problems(text: str) -> list[str]:
-    """Lines of a daemon log that suggest a bug: tracebacks, and errors other than the injected
-    faults' own (``batch of N on cpu#1 failed: RuntimeError: injected fault``)."""
-    bad = []
-    for line in text.splitlines():
-        low = line.lower()
-        if "injected fault" in low:
-            continue
-        if "traceback" in low or "exception" in low or " error" in low or "critical" in low:
-            bad.append(line)
-    return bad[:20]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` (all its threads) has used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of process ``pid``: psutil's memory_info().rss, or the same figure from
-    /proc/PID/statm where psutil is not installed (setup.cfg's bench extra does not list it)."""
-    try:
-        import psutil
-    except ImportError:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return psutil.Process(pid).memory_info().rss
-
-
-def sleep_until(t: float) -> None:
-    time.sleep(max(0.0, t - time.monotonic()))
-
-
-class Group:
-    """Child processes started together against one shared start time; see ``children``."""
-
-    def __init__(self, q, procs, start: float, stop):
-        self.q, self.procs, self.start, self.stop = q, procs, start, stop
-
-    def finish(self, timeout: float) -> list:
-        """Set ``stop`` and collect every child's final report, in index order."""
-        self.stop.set()
-        done = common.collect_results(self.q, self.procs, len(self.procs), timeout)
-        return [d[2:] for d in sorted(done, key=lambda d: d[1])]
-
-
-@contextlib.contextmanager
-def children(specs: list, lead_s: float = 0.3):
-    """Start ``target(q, index, *args, start, go, stop)`` for each (target, args) in ``specs``, wait
-    until every one reported ready, give them one start time ``lead_s`` from now, yield a Group.
-    Every child is joined or killed on the way out."""
-    ctx = common.CTX
-    q, go, start, stop = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), ctx.Event()
-    procs = [ctx.Process(target=t, args=(q, i, *a, start, go, stop), name=f"bench-pool-{i}", daemon=True)
-             for i, (t, a) in enumerate(specs)]
-    try:
-        for p in procs:
-            p.start()
-        common.collect_results(q, procs, len(procs), common.RESULT_GRACE_S)
-        start.value = time.monotonic() + lead_s
-        go.set()
-        yield Group(q, procs, start.value, stop)
-    finally:
-        go.set()
-        stop.set()
-        common.stop_processes(procs, grace=20.0)
-
-
-def gen_cfg(mode: str, seed: int, send_s: float, window, *, rate: float = 0.0, depth: int = 0,
-            timeout_ms: float = LATENCY_TIMEOUT_MS, drain_s: float = 15.0) -> dict:
-    return {"mode": mode, "rate": rate, "depth": depth, "seed": seed, "ring_slots": GEN_SLOTS,
-            "timeout_ms": timeout_ms, "send_s": send_s, "drain_s": drain_s, "window": list(window)}
-
-
-def merge_generators(reports: list) -> dict:
-    """Counts summed over generator processes; window arrays concatenated."""
-    counts: dict = {}
-    for r in reports:
-        for k, v in r["counts"].items():
-            counts[k] = counts.get(k, 0) + v
-    win = {k: np.concatenate([np.asarray(r["window"][k], dtype=np.float64) for r in reports])
-           for k in ("t_send", "latency", "lag", "outcome")}
-    return {"counts": counts, "window": win, "cpu": sum(r["cpu"] for r in reports),
-            "sent_in_window": sum(r["sent_in_window"] for r in reports),
-            "samples": [s for r in reports for s in r["samples"]],
-            "lost_ids": [r["lost_ids"] for r in reports]}
-
-
-def counter_delta(before: dict, after: dict, keys) -> dict:
-    b, a = before["counters"], after["counters"]
-    return {k: a.get(k, 0) - b.get(k, 0) for k in keys}
-
-
-# ------------------------------------------------------------------------------- (1) and (2)
 def saturate(d: dict, probe, table: list, warmup_s: float, seconds: float, seed: int) -> dict:
     """SAT_CLIENTS closed-loop Client processes with SAT_SLOTS in flight each; frames/s and the
     per-device split from the daemon's counters over [start + warmup, + seconds]."""
@@ -519,146 +308,6 @@ def overload(table: list, capacity: float, dur: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def _ms(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def targets(res: dict) -> list[dict]:
-    w = res["policies"]["weighted"]
-    rm, f, o = res["removal"], res["faults"], res["overload"]
-    rw = o["rss_window"]
-    worst = max(max(rm[k]["removal_s"]) for k in ("raise", "hang"))
-    g = f["generator"]
-    return [
-        {"name": "weighted: saturated throughput >= 95% of the summed standalone capacity",
-         "value": f"{w['saturated']['pct_of_sum']:.1%}", "met": w["saturated"]["pct_of_sum"] >= WEIGHTED_TARGET},
-        {"name": f"fault to removal <= {REMOVAL_BOUND_S:g} s (worst of raise and hang)",
-         "value": f"{worst:.3f} s", "met": worst <= REMOVAL_BOUND_S},
-        {"name": f"{f['target']} injected faults: 0 requests lost, 0 answered twice",
-         "value": f"{g.get('lost', 0)} lost, {g.get('twice', 0)} twice, {f['daemon']['batches_failed']} failed batches",
-         "met": g.get("lost", 0) == 0 and g.get("twice", 0) == 0 and f["daemon"]["batches_failed"] >= f["target"]},
-        {"name": f"{OVERLOAD_X:g}x overload: p99 of admitted requests within their deadline",
-         "value": f"{_ms(o['latency_admitted']['p99_ms'])} ms (ok only {_ms(o['latency_ok']['p99_ms'])}) vs {o['timeout_ms']:.0f} ms",
-         "met": (o["latency_admitted"]["p99_ms"] or 0) <= o["timeout_ms"]},
-        {"name": f"{OVERLOAD_X:g}x overload: daemon RSS flat (max over the window within {RSS_FLAT:.0%} of its start)",
-         "value": f"start {rw['start'] / 2**20:.1f} MiB, max {rw['max'] / 2**20:.1f} MiB, end {rw['end'] / 2**20:.1f} MiB",
-         "met": rw["max"] <= rw["start"] * (1 + RSS_FLAT)},
-    ]
-
-
-def render(res: dict) -> str:
-    L = []
-    s, cap = res["standalone"], res["capacity_sum"]
-    L.append(f"Device pools: synthetic model, batch of n = ({BASE_MS:g} + {PER_FRAME_MS:g} n) ms / speed, "
-             f"max_batch {MAX_BATCH}, speeds {', '.join(f'{x:g}' for x in SPEEDS)}; seed {res['seed']}")
-    L.append(f"\n(1) Standalone capacity: one daemon per device, {SAT_CLIENTS} Client processes x "
-             f"{SAT_SLOTS} frames in flight (classify_many), {res['durations']['sat_s']:g} s window")
-    L.append(f"    {'speed':>5}  {'frames/s':>9}  {'theory':>7}  {'x theory':>8}  {'mean batch':>10}  "
-             f"{'CPU daemon':>10}  {'CPU clients':>11}")
-    for r in s:
-        L.append(f"    {r['speed']:>5g}  {r['fps']:>9.1f}  {r['theory_fps']:>7.1f}  {r['fps'] / r['theory_fps']:>8.3f}  "
-                 f"{r['mean_batch']:>10.1f}  {r['cpu_daemon']:>10.2f}  {r['cpu_clients']:>11.2f}")
-    L.append(f"    sum (the baseline): {cap:.1f} frames/s (theory {sum(theory_fps(x) for x in SPEEDS):.1f})")
-
-    P = res["policies"]
-    L.append(f"\n(2) Saturated pool: --device cpu:1 --device cpu:1, speeds {{0: {SPEEDS[0]:g}, 1: {SPEEDS[1]:g}}}, "
-             f"same load as (1)")
-    L.append(f"    {'policy':<11}  {'frames/s':>9}  {'% of sum':>8}  {'dev0 f/s':>8}  {'dev1 f/s':>8}  "
-             f"{'dev1 share':>10}  {'mean batch':>10}  {'CPU daemon':>10}  {'CPU clients':>11}")
-    for name, p in P.items():
-        r = p["saturated"]
-        L.append(f"    {name:<11}  {r['fps']:>9.1f}  {r['pct_of_sum']:>8.1%}  {r['device_fps'][0]:>8.1f}  "
-                 f"{r['device_fps'][1]:>8.1f}  {r['share'][1]:>10.1%}  {r['mean_batch']:>10.1f}  "
-                 f"{r['cpu_daemon']:>10.2f}  {r['cpu_clients']:>11.2f}")
-    ideal = SPEEDS[1] / sum(SPEEDS)
-    L.append(f"    (dev1 share at capacity: {s[1]['fps'] / cap:.1%} by the standalone figures, "
-             f"{ideal:.1%} by the speeds)")
-
-    L.append(f"\n(3) {LOAD_70:.0%} load: open-loop Poisson arrivals at {LOAD_70 * cap:.1f} req/s "
-             f"({GEN_PROCS} raw-protocol generator processes, seed {res['seed'] + 300}+i), "
-             f"{res['durations']['lat_s']:g} s window, request deadline {LATENCY_TIMEOUT_MS / 1000:g} s")
-    L.append(f"    {'policy':<11}  {'offered/s':>9}  {'ok/s':>7}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
-             f"{'overloaded':>10}  {'dropped':>7}  {'lag p99':>7}  {'CPU daemon':>10}  {'CPU gen':>7}")
-    for name, p in P.items():
-        r = p["load70"]
-        lat = r["latency_ok"]
-        L.append(f"    {name:<11}  {r['offered_rate']:>9.1f}  {r['answered_ok_rate']:>7.1f}  {_ms(lat['p50_ms']):>7}  "
-                 f"{_ms(lat['p99_ms']):>7}  {_ms(lat['max_ms']):>7}  {r['outcomes'].get('overloaded', 0):>10}  "
-                 f"{r['counts'].get('dropped_no_slot', 0):>7}  {_ms(r['lag']['p99_ms']):>7}  "
-                 f"{r['cpu_daemon']:>10.2f}  {r['cpu_generators']:>7.2f}")
-    L.append("    (latency: send -> reply of requests sent in the window and answered ok; dropped: found no "
-             "free ring slot in the generator; lag: send behind its Poisson schedule)")
-
-    rm = res["removal"]
-    L.append(f"\n(4) Fault to removal on device 1 ({' '.join(rm['args'])}), info polled every "
-             f"{POLL_S * 1000:g} ms, under open-loop load of {rm['load_rate']:.0f} req/s; {rm['reps']} times each")
-    L.append(f"    {'fault':<6}  {'min s':>6}  {'median s':>8}  {'max s':>6}  {'re-admitted after clear: median s':>34}")
-    for fault in ("raise", "hang"):
-        t, ra = rm[fault]["removal_s"], rm[fault]["readmit_s"]
-        L.append(f"    {fault:<6}  {min(t):>6.3f}  {np.median(t):>8.3f}  {max(t):>6.3f}  {np.median(ra):>34.3f}")
-    gen = rm["generator"]
-    L.append(f"    background load: {gen.get('sent', 0)} sent, {gen.get('lost', 0)} lost, {gen.get('twice', 0)} twice, "
-             f"{gen.get('reply_wrong', 0)} wrong, errors: "
-             f"{ {k[6:]: v for k, v in gen.items() if k.startswith('reply_') and k not in ('reply_ok', 'reply_wrong')} }; "
-             f"CPU daemon {rm['cpu_daemon']:.2f}, generator {rm['cpu_generators']:.2f}")
-
-    f = res["faults"]
-    g, dc = f["generator"], f["daemon"]
-    L.append(f"\n(5) Injected faults on device 1 ({' '.join(f['args'])}), {f['depth']} requests in flight "
-             f"(closed loop, raw protocol)")
-    L.append(f"    {f['toggles']} raise phases in {f['seconds']:.1f} s (raise held p50 {f['raise_phase_ms']['p50_ms']:.0f} ms, "
-             f"max {f['raise_phase_ms']['max_ms']:.0f}; then clear until re-admitted + U{f['clear_ms']} ms: "
-             f"p50 {f['clear_phase_ms']['p50_ms']:.0f} ms; {f['raise_without_failure']} raise phases saw no failed batch in 1 s)")
-    L.append(f"    daemon: batches_failed {dc['batches_failed']}, "
-             f"redispatched {dc['redispatched']}, failed {dc['failed']}, health_out {dc['health_out']}, "
-             f"health_healthy {dc['health_healthy']}, stale_results {dc['stale_results']}")
-    errs = {k[6:]: v for k, v in g.items() if k.startswith("reply_") and k not in ("reply_ok", "reply_wrong")}
-    L.append(f"    requests sent {g.get('sent', 0)}, answered {g.get('answered', 0)} "
-             f"(ok {g.get('reply_ok', 0)}, wrong class {g.get('reply_wrong', 0)}, errors {errs or 0}), "
-             f"lost {g.get('lost', 0)}, answered twice {g.get('twice', 0)}, unknown id {g.get('unknown', 0)}")
-    L.append(f"    after: outstanding {f['outstanding_after']}, states {f['states_after']}; "
-             f"CPU daemon {f['cpu_daemon']:.2f}, generators {f['cpu_generators']:.2f}")
-
-    o = res["overload"]
-    rw = o["rss_window"]
-    L.append(f"\n(6) {OVERLOAD_X:g}x overload: open-loop Poisson at {o['rate']:.0f} req/s, deadline "
-             f"{o['timeout_ms']:.0f} ms, {res['durations']['over_s']:g} s window")
-    L.append(f"    offered {o['offered_rate']:.1f}/s: admitted {o['admitted_rate']:.1f}/s "
-             f"(ok {o['answered_ok_rate']:.1f}/s = {o['answered_ok_rate'] / cap:.1%} of the sum), "
-             f"Overloaded {o['overloaded_rate']:.1f}/s, DeadlineExceeded {o['outcomes'].get('deadline_exceeded', 0)}, "
-             f"dropped by the generator {o['counts'].get('dropped_no_slot', 0)}")
-    la, lo = o["latency_admitted"], o["latency_ok"]
-    L.append(f"    admitted latency: p50 {_ms(la['p50_ms'])} ms, p99 {_ms(la['p99_ms'])} ms, max {_ms(la['max_ms'])} ms "
-             f"(ok only: p50 {_ms(lo['p50_ms'])}, p99 {_ms(lo['p99_ms'])}) vs deadline {o['timeout_ms']:.0f} ms; "
-             f"lag p99 {_ms(o['lag']['p99_ms'])} ms")
-    if rw:
-        L.append(f"    daemon RSS over the window: start {rw['start'] / 2**20:.1f} MiB, max {rw['max'] / 2**20:.1f} MiB, "
-                 f"end {rw['end'] / 2**20:.1f} MiB; idle after {o['rss_idle_after'] / 2**20:.1f} MiB")
-    od = o["daemon"]
-    L.append(f"    daemon over the window: {od['frames'] / o['window_s']:.1f} frames/s computed in batches of "
-             f"{od['frames'] / max(od['batches'], 1):.2f} on average, {od['expired']} expired in the queue")
-    L.append(f"    CPU daemon {o['cpu_daemon']:.2f}, generators {o['cpu_generators']:.2f}; lost "
-             f"{o['counts'].get('lost', 0)}, twice {o['counts'].get('twice', 0)}")
-
-    L.append("\nTargets:")
-    for t in res["targets"]:
-        L.append(f"  [{'MET' if t['met'] else 'MISS'}] {t['name']}: {t['value']}")
-    m = res["machine"]
-    L.append(f"Command: {' '.join(res['command'])}")
-    L.append(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}; load average at start "
-             f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}; "
-             f"{'quick' if res['quick'] else 'full'} run, {res['wall_s']:.0f} s")
-    codes = [c["exit_code"] for c in res["cleanup"]]
-    shm = [x for c in res["cleanup"] for x in (c["shm_leftovers"] or [])] + res["shm_new"]
-    L.append(f"Cleanup: {len(codes)} daemons exited with {', '.join(map(str, codes))} after SIGTERM; "
-             f"/dev/shm leftovers: {', '.join(shm) if shm else 'none'}")
-    problems = [(c["name"], c["log_problems"]) for c in res["cleanup"] if c["log_problems"]]
-    L.append("Daemon logs: " + ("no tracebacks or unexpected errors" if not problems else
-                                "; ".join(f"{k}: {x[:3]}" for k, x in problems)))
-    return "\n".join(L)
-
-
-# -------------------------------------------------------------------------------------- main
 def _machine() -> dict:
     model = ""
     with contextlib.suppress(OSError):
@@ -699,8 +348,7 @@ def main(argv=None) -> int:
         return common.replot(args.replot, args.img_dir, args.out, render, pool_plots.draw_all)
     dur = DURATIONS["quick" if args.quick else "full"]
     img_dir = args.img_dir or (args.out if args.quick else os.path.join(REPO, "docs", "img"))
-    global LOG_DIR
-    LOG_DIR = os.path.join(args.out, "devices-logs")
+    LOG_DIR[0] = os.path.join(args.out, "devices-logs")
     shm_before = set(os.listdir(common.SHM_DIR)) if os.path.isdir(common.SHM_DIR) else set()
     t0 = time.monotonic()
     res = {"machine": _machine(), "durations": dur, "quick": args.quick, "seed": SEED, "command": sys.argv,
@@ -716,7 +364,7 @@ def main(argv=None) -> int:
     res["targets"] = targets(res)
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["wall_s"] = time.monotonic() - t0
-    res["cleanup"] = _CLEANUP
+    res["cleanup"] = CLEANUP
     res["shm_new"] = sorted(set(os.listdir(common.SHM_DIR)) - shm_before) if os.path.isdir(common.SHM_DIR) else []
     res["plots"] = pool_plots.draw_all(res, img_dir)
     os.makedirs(args.out, exist_ok=True)
