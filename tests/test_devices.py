@@ -87,14 +87,19 @@ def flood(pool, n, seed, out, clients=2, timeout=60.0):
     return threads
 
 
-def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
-    pool = Pool(fresh_daemon, speeds=(1.0, 3.0))
+def flood_and_check(pool, n, seed):
+    """Two clients classify n frames each to the end; every answer is the right one."""
     out = []
-    for t in flood(pool, 800, seed=1, out=out):
+    for t in flood(pool, n, seed=seed, out=out):
         t.join(120)
     for item in out:
         assert not isinstance(item, Exception), item
         check_answers(*item)
+
+
+def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
+    pool = Pool(fresh_daemon, speeds=(1.0, 3.0))
+    flood_and_check(pool, 800, seed=1)
     devs = pool.info()["devices"]
     slow, fast = devs[0]["frames"], devs[1]["frames"]
     assert slow + fast == 1600
@@ -184,12 +189,7 @@ def test_deadline_passed_while_queued_is_not_computed(fresh_daemon):
 
 def test_round_robin_policy_is_selectable(fresh_daemon):
     pool = Pool(fresh_daemon, (1.0, 3.0), "--set", 'dispatch.policy="round_robin"')
-    out = []
-    for t in flood(pool, 400, seed=9, out=out):
-        t.join(120)
-    for item in out:
-        assert not isinstance(item, Exception), item
-        check_answers(*item)
+    flood_and_check(pool, 400, seed=9)
     info = pool.info()
     assert info["policy"] == "round_robin"
     slow, fast = (d["frames"] for d in info["devices"])
