@@ -20,7 +20,9 @@ FRAME = np.zeros((64, 64, 3), np.uint8)
 
 
 def _run_daemon(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "inferd.daemon", "--device", "cpu:1", *args],
+    """A daemon run to its exit, with a cache file of its own (never the system default)."""
+    cache = ["--set", f'cache.path="{short_dir()}/results.cache"']
+    return subprocess.run([sys.executable, "-m", "inferd.daemon", "--device", "cpu:1", *cache, *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -61,6 +61,7 @@ def test_labels_that_do_not_match_the_output_stop_start_up(tmp_path):
         model_mod.check_output(model.spec, model.module)
     workdir = short_dir()
     out = subprocess.run([sys.executable, "-m", "inferd.daemon", "--socket", f"{workdir}/d.sock",
+                          "--set", f'cache.path="{workdir}/results.cache"',
                           "--model", path, "--set", "model.input_height=64", "--set", "model.input_width=64",
                           "--set", f'model.labels="{tmp_path}/three.txt"', "--set", "model.top_k=2"],
                          capture_output=True, text=True, timeout=120)
