@@ -28,6 +28,7 @@ import numpy as np
 
 from inferd.client import errors
 from inferd.client.images import to_frame
+from inferd.shm import cache as cachefile
 from inferd.shm import wire
 from inferd.shm.ring import Ring, RingError
 
@@ -127,8 +128,6 @@ class Client:
     def _open_cache(self, fd: int, info: dict) -> None:
         """Map the daemon's result cache read-only from the descriptor it sent. A cache that cannot
         be read only costs round trips, so it is skipped rather than fatal."""
-        from inferd.shm import cache as cachefile
-
         try:
             self._cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
         except cachefile.CacheError:
@@ -137,8 +136,6 @@ class Client:
 
     def _local_answer(self, frame, top_k: int):
         """Predictions from the read-only cache for a frame, or None (a miss)."""
-        from inferd.shm import cache as cachefile
-
         key = cachefile.cache_key(self.model.digest, self.preprocess_id, cachefile.content_hash(frame))
         hit = self._cache.lookup(key)
         if hit is None or len(hit) < top_k:

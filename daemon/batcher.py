@@ -133,7 +133,7 @@ class BatchingThread(threading.Thread):
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in sorted({1, self._max_batch}):
                 t0 = time.perf_counter()
-                self._forward(size, 1, want_embedding=True)
+                self._forward(size, 1)
                 self.device.profile.observe(size, time.perf_counter() - t0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -228,7 +228,9 @@ class BatchingThread(threading.Thread):
             else:
                 np.copyto(self._staging_np[i], r.ring.slot(r.slot, nbytes).reshape(shape))
         keep = [max(r.top_k, self._keep_k) for r in live]
-        indices, scores, vectors = self._forward(len(live), max(keep), want_embedding=True)
+        # embeddings only when a store keeps them: otherwise normalising and copying them out is
+        # work on every batch that nothing reads
+        indices, scores, vectors = self._forward(len(live), max(keep), want_embedding=self.store is not None)
         seconds = time.perf_counter() - t0
         top = [[[i, s] for i, s in zip(idx[:k], sc[:k])] for k, idx, sc in zip(keep, indices, scores)]
         return top, vectors, seconds
