@@ -16,7 +16,6 @@ figures). See docs/benchmarks.md, section "Result cache and embeddings".
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -48,16 +47,10 @@ SIZES = {
 
 
 def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="where cache.json goes")
-    p.add_argument("--img-dir", default=None,
-                   help="where the PNG plots go (default: docs/img; with --quick: the --out folder)")
+    p = common.parser(__doc__, "cache.json", "about 1.5 minutes")
     p.add_argument("--parts", default="1,2,3,4,5,6",
                    help="comma-separated parts to run (2 and 3 run together), for development; the "
                         "documented figures are of all parts")
-    p.add_argument("--replot", metavar="CACHE_JSON",
-                   help="measure nothing: redraw the plots and reprint the report from a cache.json")
     return p.parse_args(argv)
 
 

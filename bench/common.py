@@ -186,6 +186,21 @@ def save_figure(fig, plt, path: str) -> str:
     return path
 
 
+def parser(doc: str, results_name: str, quick: str):
+    """The options every benchmark shares: --quick, --out, --img-dir, --replot."""
+    import argparse
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"short runs ({quick}): a smoke test")
+    p.add_argument("--out", default=os.path.join(repo, "bench", "out"), help=f"where {results_name} goes")
+    p.add_argument("--img-dir", default=None,
+                   help="where the PNG plots go (default: docs/img; with --quick: the --out folder)")
+    p.add_argument("--replot", metavar=results_name.upper().replace(".", "_"),
+                   help=f"measure nothing: reprint the report and redraw the plots from a {results_name}")
+    return p
+
+
 def replot(results_path: str, img_dir: str | None, out: str, render, draw) -> int:
     """``--replot FILE``: print the report of a saved results JSON and redraw its figures (into
     ``img_dir``, else docs/img, or ``out`` for a quick run's results); measures nothing."""

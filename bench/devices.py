@@ -18,7 +18,6 @@ figures). See docs/benchmarks.md, section "Device pools".
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -335,11 +334,7 @@ def strip_private(obj):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs (about 1.5 minutes): a smoke test")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="where devices.json goes")
-    p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img; with --quick: --out)")
-    p.add_argument("--replot", metavar="DEVICES_JSON", help="measure nothing: reprint and redraw from a devices.json")
+    p = common.parser(__doc__, "devices.json", "about 1.5 minutes")
     args = p.parse_args(argv)
     common.sigterm_as_exit()
     import pool_plots

@@ -14,7 +14,6 @@ docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -47,13 +46,7 @@ LATENCY_SLACK_MS = 0.5
 
 def _args(argv):
     """The command line; ``--daemon-env`` becomes a dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs (about a minute): a smoke test")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="where results.json goes")
-    p.add_argument("--img-dir", default=None,
-                   help="where the PNG plots go (default: docs/img; with --quick: the --out folder)")
-    p.add_argument("--replot", metavar="RESULTS_JSON",
-                   help="measure nothing: redraw the plots and reprint the report from a results.json")
+    p = common.parser(__doc__, "results.json", "about a minute")
     p.add_argument("--device", action="append", default=None, metavar="SPEC",
                    help="daemon device for part (b), repeatable (default: cpu:2); e.g. --device cpu:1 --device cpu:1")
     p.add_argument("--max-delay-ms", type=float, default=MAX_DELAY_MS, help="daemon batching.max_delay_ms for part (b)")
