@@ -44,7 +44,11 @@ class ServerConfig:
     max_frame_bytes: int = _opt(65536, "largest request frame accepted", lo=256, hi=16 * 2**20)
     hello_timeout_s: float = _opt(5.0, "time a new connection has to send hello", lo=0.01, hi=300.0)
     drain_timeout_s: float = _opt(10.0, "SIGTERM: time allowed to finish in-flight work", lo=0.0, hi=3600.0)
-    log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
+    log_level: str = _opt("info", "log level (any case)", choices=LOG_LEVELS)
+    admin_socket: str = _opt("", "admin socket path (stats, metrics, reload, drain, devices); empty: "
+                                 "admin.sock beside the client socket")
+    admin_group: str = _opt("", "group (name or number) whose members may use the admin socket "
+                                "(socket mode 0660); empty: root and the daemon's user only (0600)")
 
 
 @dataclass
@@ -125,6 +129,15 @@ class EmbeddingsConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = _opt(True, "time every request and batch for the latency and batch-size "
+                               "histograms (counters are always kept)")
+    listen: str = _opt("", "HOST:PORT of an HTTP listener serving /metrics to a Prometheus server, "
+                           "loopback addresses only (127.0.0.1:9464, [::1]:9464); empty: off "
+                           "(the admin socket serves the same text)")
+
+
+@dataclass
 class DeviceConfig:
     name: str = _opt("cpu", "cpu or cuda:N")
     threads: int = _opt(0, "torch intra-op threads for a cpu device (0: torch's default)", lo=0, hi=1024)
@@ -140,11 +153,16 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
     @property
     def socket_path(self) -> str:
         return self.server.socket or default_socket_path()
+
+    @property
+    def admin_socket_path(self) -> str:
+        return self.server.admin_socket or os.path.join(os.path.dirname(self.socket_path), "admin.sock")
 
     @property
     def cache_path(self) -> str:
@@ -162,7 +180,7 @@ def default_cache_path() -> str:
 
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
             "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
-            "embeddings": EmbeddingsConfig}
+            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig}
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -184,6 +202,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if key.endswith("log_level"):
+            value = value.lower()
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
