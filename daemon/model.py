@@ -62,6 +62,7 @@ class LoadedModel:
         self.module = module
         self.spec = spec
         self.digest = digest
+        self.gen = 1                 # model generation: 1 at start, +1 per reload (daemon/reload.py)
         self._source = source
 
     def replica(self, device: torch.device):
@@ -77,7 +78,7 @@ class LoadedModel:
         """The model part of the hello reply."""
         s = self.spec
         return {"name": s.name, "digest": self.digest, "input": list(s.frame_shape),
-                "dtype": "uint8", "labels": list(s.labels), "top_k": s.top_k}
+                "dtype": "uint8", "labels": list(s.labels), "top_k": s.top_k, "gen": self.gen}
 
 
 # Where the built-ins keep a per-image feature vector (their last layer before the classifier).

@@ -7,10 +7,8 @@ Lifecycle::
     socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
     -> close sessions, stop and join batching threads, unmap every ring -> exit 0
 
-Handshake (on the raw socket, before the session protocol takes it over, because descriptors can
-only be sent with sendmsg): check the peer's uid/gid (SO_PEERCRED) against the allow-list, read one
-``hello`` frame within hello_timeout_s, check the asked ring geometry against the limits, create the
-ring, send the reply with the ring's descriptor attached (SCM_RIGHTS), close our copy of it.
+Each accepted connection goes through the hello handshake (daemon/handshake.py), then becomes a
+Session (daemon/session.py).
 """
 from __future__ import annotations
 
@@ -25,13 +23,13 @@ from inferd.daemon import exitcodes
 from inferd.daemon.batcher import BatchingThread, BatchResult
 from inferd.daemon.device import Device
 from inferd.daemon.config import Config, ConfigError
-from inferd.daemon.listener import Listener, peer_credentials, send_with_fds
+from inferd.daemon.handshake import handshake
+from inferd.daemon.listener import Listener
 from inferd.daemon.model import LoadedModel
 from inferd.daemon.notify import notify
 from inferd.daemon.scheduler import Scheduler
 from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
-from inferd.shm.ring import Ring, RingGeometry
 
 log = logging.getLogger("inferd.server")
 
@@ -157,109 +155,9 @@ class Server:
         loop = self._loop
         while True:
             conn, _ = await loop.sock_accept(self.listener.sock)
-            task = loop.create_task(self._handshake(conn))
+            task = loop.create_task(handshake(self, conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(self, conn) -> None:
-        conn.setblocking(False)
-        ring = None
-        try:
-            peer = peer_credentials(conn)
-            hello, leftover = await asyncio.wait_for(self._read_hello(conn),
-                                                     self.cfg.server.hello_timeout_s)
-            rid = hello.get("id") if type(hello.get("id")) is int else None
-            try:
-                geometry = self._check_hello(hello, peer)
-            except Rejected as exc:
-                log.info("hello from pid %d refused: %s", peer[0], exc)
-                await self._loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
-                conn.close()
-                return
-            ring, fd = Ring.create(geometry, backend=self.cfg.ring.backend, prefix=self.cfg.ring.shm_prefix)
-            fds = [fd]
-            if self.scheduler.memory.cache is not None:     # read-only: clients look up, never write
-                fds.append(os.open(self.cfg.cache_path, os.O_RDONLY | os.O_CLOEXEC))
-            sid = next(self._sids)
-            try:
-                await send_with_fds(self._loop, conn, wire.encode(self._hello_reply(rid, sid, geometry)), fds)
-            finally:
-                for f in fds:
-                    os.close(f)
-        except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
-            log.info("connection dropped during hello: %r", exc)
-            if ring is not None:
-                ring.close()
-            conn.close()
-            return
-        except asyncio.CancelledError:
-            if ring is not None:
-                ring.close()
-            conn.close()
-            raise
-        session = Session(self, sid, ring, peer, leftover)
-        self.sessions[sid] = session
-        await self._loop.connect_accepted_socket(lambda: session, conn)
-        self.counters["sessions"] += 1
-        log.debug("session %d: pid %d uid %d, ring %d x %d bytes", sid, *peer[:2], geometry.slots,
-                  geometry.slot_bytes)
-
-    async def _read_hello(self, conn) -> tuple[dict, bytes]:
-        """The first frame, and any bytes after it. Raises FrameError or EOFError."""
-        buf = b""
-        limit = self.cfg.server.max_frame_bytes
-        while True:
-            if len(buf) >= wire.HEADER_SIZE:
-                (length,) = wire.HEADER.unpack_from(buf)
-                if length > limit:
-                    await self._loop.sock_sendall(conn, wire.encode(wire.error(
-                        None, wire.E_FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {limit}")))
-                    raise wire.FrameError(wire.E_FRAME_TOO_LARGE, "hello frame too large")
-                end = wire.HEADER_SIZE + length
-                if len(buf) >= end:
-                    return wire.decode_body(buf[wire.HEADER_SIZE:end]), buf[end:]
-            data = await self._loop.sock_recv(conn, 65536)
-            if not data:
-                raise EOFError("peer closed before hello")
-            buf += data
-
-    def _check_hello(self, hello: dict, peer: tuple) -> RingGeometry:
-        s, r = self.cfg.server, self.cfg.ring
-        pid, uid, gid = peer
-        if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and gid not in (s.allow_gids or ()):
-            raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed; add it to "
-                           "server.allow_uids or server.allow_gids")
-        if hello.get("op") != "hello":
-            raise Rejected(wire.E_BAD_REQUEST, f"the first message must be hello, got op {hello.get('op')!r}")
-        if hello.get("version") != wire.PROTOCOL_VERSION:
-            raise Rejected(wire.E_UNSUPPORTED_VERSION, f"protocol version {hello.get('version')!r}; "
-                           f"this daemon speaks {wire.PROTOCOL_VERSION}")
-        if self.draining:
-            raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down")
-        if len(self.sessions) >= s.max_clients:
-            raise Rejected(wire.E_OVERLOADED, f"{s.max_clients} sessions are open (server.max_clients)")
-        slots, slot_bytes = hello.get("ring_slots", 0), hello.get("slot_bytes", 0)
-        frame = self.model.spec.frame_bytes
-        if type(slots) is not int or not 0 <= slots <= r.max_slots:
-            raise Rejected(wire.E_INVALID_INPUT, f"ring_slots {slots!r} is out of range: 0 (default "
-                           f"{r.default_slots}) to {r.max_slots}")
-        if type(slot_bytes) is not int or not (slot_bytes == 0 or frame <= slot_bytes <= r.max_ring_bytes):
-            raise Rejected(wire.E_INVALID_INPUT, f"slot_bytes {slot_bytes!r} is out of range: 0 (one "
-                           f"frame, {frame}) or {frame} to {r.max_ring_bytes}")
-        geometry = RingGeometry(slots or r.default_slots, slot_bytes or frame)
-        if geometry.total_size > r.max_ring_bytes:
-            raise Rejected(wire.E_INVALID_INPUT, f"a ring of {geometry.slots} x {geometry.slot_bytes} "
-                           f"bytes is over ring.max_ring_bytes ({r.max_ring_bytes}); ask for fewer slots")
-        return geometry
-
-    def _hello_reply(self, rid, sid: int, geometry: RingGeometry) -> dict:
-        return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
-                "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
-                "model": self.model.describe(),
-                "cache": ({"max_k": self.scheduler.memory.keep_k, "preprocess": self.model.spec.preprocess_id}
-                          if self.scheduler.memory.cache is not None else None),
-                "limits": {"max_frame_bytes": self.cfg.server.max_frame_bytes,
-                           "default_timeout_ms": self.cfg.batching.default_timeout_ms}}
 
     # requests ---------------------------------------------------------------------------------
     def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
@@ -277,6 +175,14 @@ class Server:
         log.info("result cache flushed by pid %d: %d entries dropped, generation %d",
                  session.peer[0], dropped, generation)
         return {"dropped": dropped, "generation": generation}
+
+    def next_session_id(self) -> int:
+        return next(self._sids)
+
+    def session_opened(self, session: Session) -> None:
+        """A session passed hello (daemon/handshake.py) and takes over its socket."""
+        self.sessions[session.sid] = session
+        self.counters["sessions"] += 1
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.sid, None)

@@ -1,0 +1,136 @@
+"""The hello handshake: who the peer is, what ring it gets, and the descriptors handed over.
+
+Runs on the raw accepted socket, before the session protocol (daemon/session.py) takes it over,
+because descriptors can only be sent with sendmsg::
+
+    accept -> peer credentials from the kernel (SO_PEERCRED: pid, uid, gid)
+           -> read one ``hello`` frame within server.hello_timeout_s (length checked first)
+           -> check: allowed uid/gid, op and protocol version, not draining, session limit,
+              ring geometry within ring.max_slots / ring.max_ring_bytes
+           -> create the ring; reply with its descriptor (and a read-only descriptor of the result
+              cache) attached (SCM_RIGHTS); close our copies
+           -> Session(...) over the same socket
+
+A refused hello gets one typed error reply and the connection is closed. Nothing a peer sends
+before or in hello is used unchecked.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from inferd.daemon.listener import peer_credentials, send_with_fds
+from inferd.daemon.session import Rejected, Session
+from inferd.shm import wire
+from inferd.shm.ring import Ring, RingGeometry
+
+log = logging.getLogger("inferd.handshake")
+
+
+async def handshake(server, conn) -> None:
+    """Take one accepted connection through hello; on success the server gets a new Session."""
+    loop = asyncio.get_running_loop()
+    conn.setblocking(False)
+    ring = None
+    try:
+        peer = peer_credentials(conn)
+        hello, leftover = await asyncio.wait_for(read_hello(loop, conn, server.cfg.server.max_frame_bytes),
+                                                 server.cfg.server.hello_timeout_s)
+        rid = hello.get("id") if type(hello.get("id")) is int else None
+        try:
+            geometry = check_hello(server, hello, peer)
+        except Rejected as exc:
+            log.info("hello from pid %d refused: %s", peer[0], exc)
+            await loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
+            conn.close()
+            return
+        cfg = server.cfg
+        ring, fd = Ring.create(geometry, backend=cfg.ring.backend, prefix=cfg.ring.shm_prefix)
+        fds = [fd]
+        if server.scheduler.memory.cache is not None:     # read-only: clients look up, never write
+            fds.append(os.open(cfg.cache_path, os.O_RDONLY | os.O_CLOEXEC))
+        sid = server.next_session_id()
+        try:
+            await send_with_fds(loop, conn, wire.encode(hello_reply(server, rid, sid, geometry)), fds)
+        finally:
+            for f in fds:
+                os.close(f)
+    except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
+        log.info("connection dropped during hello: %r", exc)
+        if ring is not None:
+            ring.close()
+        conn.close()
+        return
+    except asyncio.CancelledError:
+        if ring is not None:
+            ring.close()
+        conn.close()
+        raise
+    session = Session(server, sid, ring, peer, leftover)
+    session.told_gen = server.model.gen
+    server.session_opened(session)
+    await loop.connect_accepted_socket(lambda: session, conn)
+    log.debug("session %d: pid %d uid %d, ring %d x %d bytes", sid, *peer[:2], geometry.slots,
+              geometry.slot_bytes)
+
+
+async def read_hello(loop, conn, limit: int) -> tuple[dict, bytes]:
+    """The first frame, and any bytes after it. Raises FrameError or EOFError."""
+    buf = b""
+    while True:
+        if len(buf) >= wire.HEADER_SIZE:
+            (length,) = wire.HEADER.unpack_from(buf)
+            if length > limit:
+                await loop.sock_sendall(conn, wire.encode(wire.error(
+                    None, wire.E_FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {limit}")))
+                raise wire.FrameError(wire.E_FRAME_TOO_LARGE, "hello frame too large")
+            end = wire.HEADER_SIZE + length
+            if len(buf) >= end:
+                return wire.decode_body(buf[wire.HEADER_SIZE:end]), buf[end:]
+        data = await loop.sock_recv(conn, 65536)
+        if not data:
+            raise EOFError("peer closed before hello")
+        buf += data
+
+
+def check_hello(server, hello: dict, peer: tuple) -> RingGeometry:
+    """The ring geometry this peer gets, or Rejected with the reason."""
+    s, r = server.cfg.server, server.cfg.ring
+    pid, uid, gid = peer
+    if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and gid not in (s.allow_gids or ()):
+        raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed; add it to "
+                       "server.allow_uids or server.allow_gids")
+    if hello.get("op") != "hello":
+        raise Rejected(wire.E_BAD_REQUEST, f"the first message must be hello, got op {hello.get('op')!r}")
+    if hello.get("version") != wire.PROTOCOL_VERSION:
+        raise Rejected(wire.E_UNSUPPORTED_VERSION, f"protocol version {hello.get('version')!r}; "
+                       f"this daemon speaks {wire.PROTOCOL_VERSION}")
+    if server.draining:
+        raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down")
+    if len(server.sessions) >= s.max_clients:
+        raise Rejected(wire.E_OVERLOADED, f"{s.max_clients} sessions are open (server.max_clients)")
+    slots, slot_bytes = hello.get("ring_slots", 0), hello.get("slot_bytes", 0)
+    frame = server.model.spec.frame_bytes
+    if type(slots) is not int or not 0 <= slots <= r.max_slots:
+        raise Rejected(wire.E_INVALID_INPUT, f"ring_slots {slots!r} is out of range: 0 (default "
+                       f"{r.default_slots}) to {r.max_slots}")
+    if type(slot_bytes) is not int or not (slot_bytes == 0 or frame <= slot_bytes <= r.max_ring_bytes):
+        raise Rejected(wire.E_INVALID_INPUT, f"slot_bytes {slot_bytes!r} is out of range: 0 (one "
+                       f"frame, {frame}) or {frame} to {r.max_ring_bytes}")
+    geometry = RingGeometry(slots or r.default_slots, slot_bytes or frame)
+    if geometry.total_size > r.max_ring_bytes:
+        raise Rejected(wire.E_INVALID_INPUT, f"a ring of {geometry.slots} x {geometry.slot_bytes} "
+                       f"bytes is over ring.max_ring_bytes ({r.max_ring_bytes}); ask for fewer slots")
+    return geometry
+
+
+def hello_reply(server, rid, sid: int, geometry: RingGeometry) -> dict:
+    memory = server.scheduler.memory
+    return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
+            "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
+            "model": server.model.describe(),
+            "cache": ({"max_k": memory.keep_k, "preprocess": server.model.spec.preprocess_id}
+                      if memory.cache is not None else None),
+            "limits": {"max_frame_bytes": server.cfg.server.max_frame_bytes,
+                       "default_timeout_ms": server.cfg.batching.default_timeout_ms}}
