@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inferd.daemon.listener import SUN_PATH_MAX
 from inferd.daemon.policy import POLICIES
 from inferd.shm.ring import BACKENDS
 from inferd.shm.wire import default_socket_path
@@ -249,7 +251,18 @@ def _check_cross(cfg: Config) -> None:
     if cfg.ring.default_slots > cfg.ring.max_slots:
         raise ConfigError(f"ring.default_slots: {cfg.ring.default_slots} is above ring.max_slots "
                           f"({cfg.ring.max_slots})")
+    for key, path in (("server.socket / --socket", cfg.socket_path),
+                      ("server.admin_socket", cfg.admin_socket_path)):
+        size = len(os.fsencode(path))
+        if size > SUN_PATH_MAX:            # bind() would fail with a bare EINVAL
+            raise ConfigError(f"socket path is {size} bytes; AF_UNIX allows at most {SUN_PATH_MAX}: "
+                              f"choose a shorter {key} ({path})")
     if cfg.model.path:
+        # first, so `--model /typo.pt2` says the file is missing, not that its input size is
+        if not os.path.exists(cfg.model.path):
+            raise ConfigError(f"model.path: {cfg.model.path} does not exist")
+        if not os.path.isfile(cfg.model.path):
+            raise ConfigError(f"model.path: {cfg.model.path} is not a file")
         if not cfg.model.input_height or not cfg.model.input_width:
             raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
         if not cfg.model.labels:
@@ -301,15 +314,23 @@ def load(path: str | os.PathLike | None, overrides: dict | None = None) -> Confi
     return from_dict(data, overrides)
 
 
+# a value that is no TOML but plainly meant as a string: resnet18, /srv/m.pt2, cuda:0
+_BARE_WORD = re.compile(r"""[^\s\[\]{}"',=#]+""")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with value read as TOML (so 16, 2.5, "x", [1, 2] all work; a bare word
-    is taken as a string)."""
+    such as resnet18 or /srv/model.pt2 is taken as a string). ConfigError for anything else that is
+    not TOML, such as ``[1,``."""
     key, sep, raw = text.partition("=")
     if not sep:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if not _BARE_WORD.fullmatch(raw):
+            raise ConfigError(f"--set {text}: not a TOML value: {exc}; quote a string "
+                              f'("..."), write a list as [1, 2]') from None
         value = raw
     return key.strip(), value
 

@@ -105,7 +105,7 @@ def test_a_live_daemon_on_the_path_is_named_and_kept(daemon):
 @pytest.mark.parametrize("args, message", [
     (["--set", "batching.max_batch=0"], "batching.max_batch: 0 is out of range; allowed 1 to 4096"),
     (["--model", "nosuchmodel"], "model.builtin: 'nosuchmodel' is not one of shapes, resnet18, resnet50, noop"),
-    (["--model", "/nonexistent/model.pt"], "model.input_height / model.input_width: required"),
+    (["--model", "/nonexistent/model.pt"], "model.path: /nonexistent/model.pt does not exist"),
     (["--device", "gpu7"], "device[0].name: 'gpu7' is not cpu or cuda:N"),
 ])
 def test_configuration_errors_exit_78_naming_the_key(args, message):
