@@ -2,7 +2,8 @@
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration
 (the message names the key); 69 the socket path is taken (another daemon answers on it, or it is
-not a socket); 70 start-up failed otherwise (a device could not load or warm the model).
+not a socket, or systemd passed something else than one listening Unix stream socket); 70 start-up
+failed otherwise (a device could not load or warm the model).
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:          # argparse: 0 after --help, 2 on a usage error
         return exitcodes.USAGE if exc.code == 2 else exc.code
     from inferd.daemon import config as config_mod
+    from inferd.daemon import logs
     from inferd.daemon.listener import Listener, ListenerError
     from inferd.shm.cache import CacheError
 
@@ -85,14 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"inferd: configuration error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
-    logging.basicConfig(level=cfg.server.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.server.log_level)       # journald priorities when stderr is the journal
     log = logging.getLogger("inferd")
     try:
-        listener = Listener.bind(cfg.socket_path, cfg.server.socket_mode)
+        # socket activation (inferd.socket) passes the bound socket; else bind it ourselves
+        listener = Listener.from_systemd() or Listener.bind(cfg.socket_path, cfg.server.socket_mode)
     except ListenerError as exc:
         log.error("%s", exc)
         return exitcodes.UNAVAILABLE
+    if listener.inherited and listener.path != cfg.socket_path:
+        log.warning("serving on %s, the socket systemd passed, not on server.socket %s; set them alike "
+                    "(the admin socket defaults to the directory of server.socket)",
+                    listener.path, cfg.socket_path)
     try:
         return _serve(cfg, args, listener)
     except config_mod.ConfigError as exc:

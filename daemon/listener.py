@@ -5,6 +5,13 @@ only if it is a socket *and* nobody answers on it (a crashed predecessor's lefto
 not a socket, or a socket a live daemon answers on, stops start-up with a message naming it. On exit
 the path is unlinked only if it still is the inode this daemon bound, so a successor that already
 took the path over keeps it.
+
+Socket activation (systemd's inferd.socket, or ``systemd-socket-activate -l PATH``): the manager
+binds the path and passes the listening socket as fd 3 with LISTEN_FDS / LISTEN_PID
+(sd_listen_fds(3)). :meth:`Listener.from_systemd` takes it, checks it is a listening AF_UNIX stream
+socket, and removes the LISTEN_* variables so no child of ours takes them for its own. Such a
+listener never unlinks its path: the manager owns it, and keeps accepting into the backlog while
+the daemon restarts.
 """
 from __future__ import annotations
 
@@ -16,20 +23,76 @@ import stat
 import struct
 
 _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+SUN_PATH_MAX = 107                # bytes of sockaddr_un.sun_path, less the terminating NUL
+SD_LISTEN_FDS_START = 3           # sd_listen_fds(3): passed descriptors start here
 
 
 class ListenerError(Exception):
     """The socket path cannot be used; the message says why and what to do."""
 
 
+def check_path_length(path: str, key: str = "server.socket / --socket") -> None:
+    """ListenerError unless ``path`` fits in sockaddr_un (the kernel would refuse it with EINVAL,
+    which says nothing); ``key`` names the setting to change."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise ListenerError(f"socket path is {size} bytes; AF_UNIX allows at most {SUN_PATH_MAX}: "
+                            f"choose a shorter {key} ({path})")
+
+
 class Listener:
-    def __init__(self, sock: socket.socket, path: str, inode: int):
+    def __init__(self, sock: socket.socket, path: str, inode: int | None):
         self.sock = sock
         self.path = path
-        self._inode = inode
+        self._inode = inode                # None: not ours to unlink (an inherited socket)
+
+    @property
+    def inherited(self) -> bool:
+        return self._inode is None
+
+    @classmethod
+    def from_systemd(cls, environ=os.environ) -> "Listener | None":
+        """The listening socket systemd passed us, or None when LISTEN_FDS is not for this process.
+        Removes LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES from ``environ`` either way (as
+        sd_listen_fds(1) does). Raises ListenerError for anything but exactly one listening AF_UNIX
+        stream socket."""
+        count, owner = environ.get("LISTEN_FDS"), environ.get("LISTEN_PID")
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            environ.pop(name, None)
+        if count is None or owner != str(os.getpid()):
+            return None
+        if count != "1":
+            raise ListenerError(f"systemd passed LISTEN_FDS={count} descriptors; inferd takes exactly one "
+                                "(the client socket): give inferd.socket a single ListenStream=")
+        return cls.inherited_fd(SD_LISTEN_FDS_START)
+
+    @classmethod
+    def inherited_fd(cls, fd: int) -> "Listener":
+        """Take over listening socket ``fd`` (bound and listening already, by a manager that keeps
+        its path). ListenerError unless it is a listening AF_UNIX SOCK_STREAM socket."""
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise ListenerError(f"inherited descriptor {fd}: {exc.strerror}") from None
+        if not stat.S_ISSOCK(mode):
+            raise ListenerError(f"inherited descriptor {fd} is not a socket; the socket unit must use "
+                                "ListenStream=/path (not ListenFIFO= or a file)")
+        sock = socket.socket(fileno=fd)
+        kind = (sock.family, sock.type)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if kind != (socket.AF_UNIX, socket.SOCK_STREAM) or not listening:
+            sock.detach()
+            raise ListenerError(f"inherited descriptor {fd} is a {_describe(*kind)} socket"
+                                f"{'' if listening else ' that is not listening'}; inferd needs a listening "
+                                "AF_UNIX stream socket: ListenStream=/path with Accept=no in the socket unit")
+        os.set_inheritable(fd, False)      # passed without CLOEXEC; our children must not hold it
+        sock.setblocking(False)
+        path = sock.getsockname()
+        return cls(sock, path if isinstance(path, str) else os.fsdecode(path), None)
 
     @classmethod
     def bind(cls, path: str, mode: int, backlog: int = 512) -> "Listener":
+        check_path_length(path)
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, mode=0o750, exist_ok=True)
         _remove_if_stale(path)
@@ -48,15 +111,24 @@ class Listener:
         return cls(sock, path, os.stat(path).st_ino)
 
     def close(self) -> None:
-        """Stop listening and unlink the path if it is still ours. Idempotent."""
+        """Stop listening and unlink the path if it is still ours (never an inherited one's).
+        Idempotent."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._inode is None:
+            return
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _describe(family: int, kind: int) -> str:
+    names = {socket.AF_UNIX: "AF_UNIX", socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6"}
+    kinds = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
+    return f"{names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')}"
 
 
 def _remove_if_stale(path: str) -> None:

@@ -2,6 +2,8 @@
 
 Tests use the same channel as systemd to learn that the daemon is ready (READY=1 is sent only after
 the model is loaded and warmed on every device and the socket accepts), so no test polls a path.
+:func:`watchdog_interval` is sd_watchdog_enabled(3): how often systemd wants WATCHDOG=1 from us
+(daemon/watchdog.py decides whether we have earned it).
 """
 from __future__ import annotations
 
@@ -23,3 +25,18 @@ def notify(state: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval(environ=os.environ, pid: int | None = None) -> float | None:
+    """The watchdog timeout in seconds that systemd set for this process (``WatchdogSec=``), or
+    None when there is none. Same rules as sd_watchdog_enabled(3): WATCHDOG_USEC must be a positive
+    integer, and WATCHDOG_PID, when set, must be this process (a child that inherited the variables
+    from us is not the one being watched). The variables are left in place: a child sees our
+    WATCHDOG_PID and knows they are not for it."""
+    raw = environ.get("WATCHDOG_USEC", "")
+    if not raw.isdigit() or int(raw) == 0:
+        return None
+    owner = environ.get("WATCHDOG_PID")
+    if owner and owner != str(os.getpid() if pid is None else pid):
+        return None
+    return int(raw) / 1e6

@@ -26,10 +26,12 @@ from inferd.daemon import policy as policies
 from inferd.daemon.batcher import BatchResult, Request
 from inferd.daemon.caching import Memory
 from inferd.daemon.health import HealthMonitor
+from inferd.daemon.logs import RateLimitedLog
 from inferd.daemon.session import Rejected, check_classify
 from inferd.shm import wire
 
 log = logging.getLogger("inferd.scheduler")
+_late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
 
 MAX_TAG_BYTES = 64
 MAX_NEAR_K = 1000
@@ -154,7 +156,7 @@ class Scheduler:
         stale = sum(not live(r) for r in result.requests if r.session is not None)
         if stale:
             self.counters["stale_results"] += stale
-            log.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
+            _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
         vectors = result.embeddings
         for i, (r, top) in enumerate(zip(result.done, result.top)):

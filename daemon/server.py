@@ -27,6 +27,7 @@ from inferd.daemon.handshake import handshake
 from inferd.daemon.listener import Listener
 from inferd.daemon.model import LoadedModel
 from inferd.daemon.notify import notify
+from inferd.daemon.watchdog import start as start_systemd_watchdog
 from inferd.daemon.scheduler import Scheduler
 from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
@@ -65,6 +66,7 @@ class Server:
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         accept = loop.create_task(self._accept_loop())
         watchdog = loop.create_task(self._watchdog())
+        start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/watchdog.py)
         notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s on %s at %s", self.model.spec.name,

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from inferd.daemon.logs import RateLimitedLog
 from inferd.shm import wire
 from inferd.shm.ring import Ring
 
 log = logging.getLogger("inferd.session")
+_bad_frames = RateLimitedLog(log)   # a client can send them in a loop: one line per 10 s
 
 MAX_TIMEOUT_MS = 3_600_000.0
 
@@ -105,7 +107,7 @@ class Session(asyncio.Protocol):
         try:
             messages = self._reader.feed(data)
         except wire.FrameError as exc:
-            log.warning("%r: %s; closing the connection", self, exc)
+            _bad_frames.warning("%r: %s; closing the connection", self, exc)
             self.send(wire.error(None, exc.code, str(exc)))
             self.transport.close()
             return
