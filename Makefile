@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean install install-venv install-systemd
 
 # torch is pinned through constraints.txt to the 2.13.0 CPU build this kind of machine carries on
 # disk; a looser pin would pull a multi-GB CUDA build. On a GPU host, install your CUDA build of
@@ -27,3 +27,36 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) bench/out
+
+# System install (docs/operations.md, "systemd"). `sudo make install` = install-venv + install-systemd.
+# Packagers stage with `make install-systemd DESTDIR=/tmp/stage PREFIX=/usr`; the unit's ExecStart=
+# and Documentation= are rewritten to the INFERD_HOME and DOCDIR chosen here.
+PREFIX      ?= /usr/local
+INFERD_HOME ?= /opt/inferd
+SYSCONFDIR  ?= /etc
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+DOCDIR      ?= $(PREFIX)/share/doc/inferd
+
+install: install-venv install-systemd
+
+# A venv is not relocatable (its scripts name its interpreter), so this target ignores DESTDIR.
+install-venv:
+	$(PYTHON) -m venv $(INFERD_HOME)
+	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt torch
+	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt .
+
+install-systemd:
+	install -d -m 755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
+	sed -e 's|/opt/inferd/|$(INFERD_HOME)/|g' -e 's|/usr/local/share/doc/inferd/|$(DOCDIR)/|g' \
+	    -e 's|/etc/inferd/|$(SYSCONFDIR)/inferd/|g' systemd/inferd.service > $(DESTDIR)$(UNITDIR)/inferd.service
+	sed -e 's|/usr/local/share/doc/inferd/|$(DOCDIR)/|g' systemd/inferd.socket > $(DESTDIR)$(UNITDIR)/inferd.socket
+	chmod 644 $(DESTDIR)$(UNITDIR)/inferd.service $(DESTDIR)$(UNITDIR)/inferd.socket
+	install -m 644 systemd/inferd.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/inferd.conf
+	install -m 644 systemd/inferd.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/inferd.conf
+	install -m 644 README.md docs/operations.md docs/protocol.md docs/architecture.md $(DESTDIR)$(DOCDIR)/
+	install -d -m 755 $(DESTDIR)$(SYSCONFDIR)/inferd
+	# the example configuration, never over an operator's own
+	test -e $(DESTDIR)$(SYSCONFDIR)/inferd/inferd.toml || \
+	    install -m 644 systemd/inferd.toml $(DESTDIR)$(SYSCONFDIR)/inferd/inferd.toml
