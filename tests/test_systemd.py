@@ -126,6 +126,39 @@ def test_socket_activation_serves_a_client_and_leaves_the_path_to_systemd():
         d.cleanup()
 
 
+@pytest.mark.timeout(180)
+def test_a_device_out_of_rotation_does_not_stop_the_pings(tmp_path):
+    import json
+
+    import numpy as np
+
+    workdir = short_dir()
+    control = tmp_path / "synthetic.json"
+    control.write_text(json.dumps({"fault": {}}))
+    d = Daemon.start(["--model", "synthetic", "--device", "cpu:1", "--device", "cpu:1",
+                      "--set", "model.warmup_batches=1", "--set", "cache.enabled=false",
+                      "--set", "health.backoff_s=60", "--set", "health.backoff_max_s=60",
+                      "--set", 'ring.shm_prefix="inferdtwd"'],
+                     socket_path=os.path.join(workdir, "d.sock"), workdir=workdir,
+                     env={"WATCHDOG_USEC": "1000000", "INFERD_SYNTHETIC": str(control)})
+    d.prefix, d.workdir = "inferdtwd", workdir
+    try:
+        control.write_text(json.dumps({"fault": {"1": "hang"}}))     # device 1's batches now hang
+        frames = [np.full((16, 16, 3), 28 * (i % 10), np.uint8) for i in range(40)]
+        with Client(d.socket_path) as client:
+            answers = client.classify_many(frames, top_k=1)        # device 1's share moves to device 0
+        assert [a[0].label for a in answers] == [f"level_{i % 10}" for i in range(40)]
+        # health took device 1 out (it stays out: backoff 60 s) and the pings go on
+        status = d.wait_notify("1 of 2 devices in rotation", timeout=30)
+        assert "WATCHDOG=1" in status and "withheld" not in status, status
+        assert "WATCHDOG=1" in d.wait_notify("WATCHDOG=1", timeout=10)
+        assert "not sending WATCHDOG=1" not in d.log()
+        control.write_text(json.dumps({"fault": {}}))               # let the hung batch return
+        assert d.stop() == 0, d.log()
+    finally:
+        d.cleanup()
+
+
 def test_listen_fds_for_another_process_are_not_taken_but_are_cleared():
     env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDNAMES": "x", "OTHER": "1"}
     assert Listener.from_systemd(env) is None
