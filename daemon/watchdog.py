@@ -17,7 +17,10 @@ their work to the others and probes them with canaries; a restart would take the
 down with them. A stuck batch is health's first: it takes the device out within bound + 0.1 s, and
 from then on it is ignored here. What is left for systemd is what the daemon cannot heal itself:
 a blocked loop, a dead batching thread, or a thread stuck where health does not look. During a
-drain the threads are being stopped on purpose; only the loop counts.
+drain the threads are being stopped on purpose; only the loop counts. During a model swap
+(daemon/reload.py) each thread loads and warms the new model between two batches, seconds without
+a beat: a silent thread then counts as loading, while a dead thread or a batch past its bound
+still withholds the ping.
 
 Timing: checked every WATCHDOG_USEC / 2 (sd_watchdog_enabled(3)); after a miss, again after
 MISS_RETRY, so a transient miss (a stuck batch that health is about to take out) costs one second
@@ -43,9 +46,11 @@ MISS_RETRY = 1.0       # seconds until the next look after a miss
 STATUS_EVERY = 5.0     # seconds between STATUS= updates, at most
 
 
-def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_delay: float) -> list[str]:
+def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_delay: float,
+           loading: bool = False) -> list[str]:
     """Why the daemon is not making progress, one reason per stalled in-rotation device; empty when
-    every one is. Pure: reads ``state``, ``thread``, ``running_since``, ``running_size``, ``beat``
+    every one is. ``loading``: a model swap is under way, so a thread may be silent while it warms
+    the new model. Pure: reads ``state``, ``thread``, ``running_since``, ``running_size``, ``beat``
     and ``label`` of each device (each a single attribute the batching thread replaces whole)."""
     reasons = []
     for dev in devices:
@@ -63,7 +68,7 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
                                f"past its bound of {limit:.1f} s")
             continue
         limit = bound(dev, max(size, 1)) + max_delay + IDLE_TIMEOUT + SLACK
-        if now - dev.beat > limit:
+        if now - dev.beat > limit and not loading:
             reasons.append(f"{dev.label}: batching thread silent for {now - dev.beat:.1f} s "
                            f"(limit {limit:.1f} s)")
     return reasons
@@ -91,7 +96,8 @@ class Watchdog:
         if s.draining:
             return []
         return stalls(s.devices, self._clock(), bound=s.scheduler.health.bound,
-                      max_delay=s.cfg.batching.max_delay_ms / 1000)
+                      max_delay=s.cfg.batching.max_delay_ms / 1000,
+                      loading=getattr(s, "reloading", False))   # Server.reloading: a swap under way
 
     def status_line(self) -> str:
         s, now, frames = self.server, self._clock(), self._frames_done()

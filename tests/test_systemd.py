@@ -261,6 +261,14 @@ def test_a_silent_thread_outside_a_batch_withholds_the_ping():
     assert len(reasons) == 1 and "silent for 2.5 s" in reasons[0]
 
 
+def test_during_a_model_swap_a_silent_thread_is_loading_but_a_dead_one_still_counts():
+    silent = fake_device(beat=90.0)
+    assert watchdog.stalls([silent], 100.0, bound=bound, max_delay=0.002, loading=True) == []
+    assert watchdog.stalls([silent], 100.0, bound=bound, max_delay=0.002) != []
+    dead = fake_device(alive=False)
+    assert watchdog.stalls([dead], 100.0, bound=bound, max_delay=0.002, loading=True) != []
+
+
 @pytest.mark.parametrize("state", ["out", "probing"])
 def test_devices_out_of_rotation_are_ignored(state):
     stuck = fake_device("cpu#1", state=state, beat=0.0, running_since=10.0, size=4, alive=False)
