@@ -1,39 +1,87 @@
-"""The client library: connect, say hello, map the ring, classify.
+"""The client library: connect, say hello, map the ring, classify; ride out daemon restarts.
 
     with Client() as client:                      # socket from $INFERD_SOCKET or the default path
         top = client.classify(image, top_k=3)     # [Prediction(index, label, score), ...]
         tops = client.classify_many(images)       # many ring slots in flight at once
 
-Threads: a Client may be shared between threads. Each call holds the client's lock for its whole
-round trip, so calls from several threads run one after another; for parallel requests use
-``classify_many`` (it pipelines up to the ring's slot count) or one Client per thread.
-Not fork-safe: a child process must open its own Client.
+Restarts (``reconnect=True``, the default). Every request has a deadline: its call's ``timeout``
+(default: the Client's). When the connection breaks (EOF, ECONNRESET, EPIPE) or the daemon answers
+``shutting_down`` (it drains before a restart: admitted work still finishes, new work is refused),
+the Client reconnects to the same socket path with exponential backoff and jitter
+(inferd.client.retry), takes the successor's ring, result-cache mapping and model description
+from its hello, and resubmits every request of the call that never got an answer, with what is
+left of its deadline. A ring of another slot count is fine: only what fits is in flight at once.
+- Resent: requests the daemon never answered (in flight on a broken connection, or refused with
+  ``shutting_down``); also ping and info, which only read the daemon's state.
+- Never resent: a request that got an answer, whether a result or any other error (Overloaded,
+  InvalidInput, DeadlineExceeded, ...): those are the daemon's word and reach the application.
+  A request that a killed daemon computed but did not answer is computed again by its successor.
+- The application sees nothing of a restart that a successor covers within the deadline; past it
+  DaemonUnavailable (no daemon took over in time) or DeadlineExceeded (the deadline passed before
+  the request could be resubmitted). ``reconnects`` and ``resubmitted`` count what happened.
+- The constructor connects once: no daemon there raises DaemonUnavailable at once.
+- A reply that belongs to no request (a protocol fault, not a restart) closes the Client.
+``reconnect=False`` keeps the old contract: a broken connection closes the Client and raises
+DaemonUnavailable, a draining daemon's refusal raises ShuttingDown.
 
-Errors are typed (inferd.client.errors): DaemonUnavailable when nothing answers or the connection
-breaks, InvalidInput for an image or field the daemon refuses, Overloaded with ``retry_after``,
-DeadlineExceeded, PermissionDenied, ProtocolError, InferenceFailed.
+Model swaps. Replies carry ``gen``, the model generation that computed them; the first reply of a
+generation this session has not been told of also carries ``model`` (hello's shape). The Client
+then updates ``model``, names that reply's classes with that generation's labels (replies of the
+old generation still in flight keep theirs), and looks up local cache hits under the new digest.
+Replies without ``gen`` (an older daemon) are read with the current model.
+
+Cache hits. A frame the daemon already answered is answered here from the read-only result cache.
+The daemon's statistics learn of these hits with the next request (``hits`` field) or, at the
+latest about half a second after the first unreported hit, by a ``hits`` notification (no reply),
+and at ``close()``, before the socket closes.
+
+Threads: a Client may be shared between threads. Each call holds the client's lock for its whole
+round trip (reconnecting included), so calls from several threads run one after another; for
+parallel requests use ``classify_many`` (it pipelines up to the ring's slot count) or one Client
+per thread. Not fork-safe: a child process must open its own Client.
+
+Errors are typed (inferd.client.errors): DaemonUnavailable, InvalidInput for an image or field the
+daemon refuses, Overloaded with ``retry_after``, DeadlineExceeded, PermissionDenied, ProtocolError,
+InferenceFailed.
 """
 from __future__ import annotations
 
-import array
+import collections
 import itertools
 import os
-import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from inferd.client import errors
-from inferd.client.images import to_frame
-from inferd.shm import cache as cachefile
-from inferd.shm import wire
-from inferd.shm.ring import Ring, RingError
+from . import errors
+from .connection import Connection, ModelInfo
+from .images import to_frame
+from .retry import Backoff, reconnect
+from ..shm import cache as cachefile
+from ..shm import wire
+
+__all__ = ["Client", "ModelInfo", "Prediction", "NearDuplicate", "default_socket_path"]
 
 #: Extra time a read waits beyond a request's own deadline before the client gives up on the daemon.
 READ_GRACE_S = 5.0
+#: Local cache hits reach the daemon at most this long after the first one nobody reported.
+HITS_REPORT_DELAY_S = 0.5
+#: The id of notifications (``hits``): no reply is expected, and a refusal by an older daemon,
+#: which answers it ``unknown_op``, is ignored. Requests count from 1.
+NOTE_ID = 0
+#: Model generations whose labels a Client keeps, for replies computed just before a swap.
+KEEP_GENERATIONS = 4
+#: A request in flight on this many broken connections in a row is not sent again: a daemon that
+#: dies on it (or drops it) every time gets no more of it, and the application sees the error.
+MAX_LOSSES = 3
+
+
+def _lost_too_often(n: int) -> errors.DaemonUnavailable:
+    return errors.DaemonUnavailable(
+        f"the connection to the daemon broke {n} times while this request was in flight; it is "
+        "not sent again (the daemon may be failing on it: see its log)")
 
 
 class Prediction(NamedTuple):
@@ -48,129 +96,176 @@ class NearDuplicate(NamedTuple):
     similarity: float        # cosine similarity of the embeddings, -1..1
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    digest: str
-    input_shape: tuple       # (height, width, 3)
-    labels: tuple
-    top_k: int
-
-
 def default_socket_path() -> str:
     """$INFERD_SOCKET, else the daemon's own default (inferd.shm.wire.default_socket_path)."""
     return os.environ.get("INFERD_SOCKET") or wire.default_socket_path()
 
 
+class _Pending(NamedTuple):
+    index: int               # which frame of the call
+    slot: int                # its slot in the ring of the connection it was sent on
+    hits: int                # local hits this request reported (given back if it is refused unread)
+
+
+class _Call:
+    """The requests of one pipelined call: to send, in flight on the current connection, answered.
+
+    A frame index is in exactly one of ``todo``, ``pending`` or ``results``; ``requeue`` moves
+    what was in flight on a lost connection back to ``todo``."""
+
+    def __init__(self, n: int):
+        self.todo = collections.deque(range(n))
+        self.pending: dict[int, _Pending] = {}          # request id -> what it carries
+        self.results: list = [None] * n                 # (reply, ModelInfo) per frame
+        self.first_error: errors.InferdError | None = None
+        self.losses = collections.Counter()             # frame index -> connections lost under it
+        self.backoff = Backoff()                        # reset by every reply
+
+    def unfinished(self) -> bool:
+        return bool(self.pending) or (bool(self.todo) and self.first_error is None)
+
+    def requeue(self) -> int:
+        """The connection broke: what was in flight goes back to ``todo`` (unless it was lost
+        MAX_LOSSES times); how many will be resubmitted."""
+        again = []
+        for index in sorted(p.index for p in self.pending.values()):
+            self.losses[index] += 1
+            if self.losses[index] >= MAX_LOSSES:
+                self.fail(_lost_too_often(self.losses[index]))
+            else:
+                again.append(index)
+        self.todo.extendleft(reversed(again))
+        self.pending.clear()
+        return len(again)
+
+    def fail(self, error: errors.InferdError) -> None:
+        if self.first_error is None:
+            self.first_error = error
+
+
+class _HitReport:
+    """Local cache hits the daemon has not been told of, and the timer that tells it.
+
+    Used under the Client's lock. ``add`` arms the timer on the first unreported hit; the timer's
+    callback (``report``, which takes the lock) calls ``fired`` then sends what ``take`` returns.
+    A request that carries the hits ``take``s them too; the timer then finds nothing to send."""
+
+    def __init__(self, report: Callable[[], None], delay: float):
+        self.n = 0
+        self._report = report
+        self._delay = delay
+        self._timer: threading.Timer | None = None
+
+    def add(self, n: int, arm: bool = True) -> None:
+        self.n += n
+        if arm and self.n and self._timer is None:
+            self._timer = threading.Timer(self._delay, self._report)
+            self._timer.daemon = True       # a Client left open must not hold the interpreter
+            self._timer.start()
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+    def fired(self) -> None:
+        self._timer = None
+
+    def cancel(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+
 class Client:
-    """One session with the daemon: a Unix socket plus this client's shared-memory ring.
+    """One application's session with the daemon, renewed across daemon restarts.
 
     ``timeout`` (seconds) is the default deadline of each request; the daemon answers
     DeadlineExceeded rather than compute a request whose deadline passed while queued.
+    ``reconnect``: reconnect and resubmit within the deadline when the daemon restarts (see the
+    module docstring); False raises DaemonUnavailable at the first broken connection.
     """
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
-                 timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True):
+                 timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
+                 reconnect: bool = True):
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
-        self._use_cache = cache
-        self._cache = None                      # read-only ResultCache, when the daemon has one
-        self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
+        self.reconnect = reconnect
         self.cache_hits = 0                     # answered here, without a round trip
-        self._unreported_hits = 0
+        self.reconnects = 0                     # sessions opened after the first
+        self.resubmitted = 0                    # requests sent again after a restart
+        self.model: ModelInfo | None = None
+        self.session = None
+        self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
+        self._ring_slots = ring_slots
+        self._connect_timeout = connect_timeout
+        self._use_cache = cache
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._sock: socket.socket | None = None
-        self._ring: Ring | None = None
-        self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
-        self._ready: list = []
-        self._wait: float | None = None        # the socket's current timeout
+        self._ids = itertools.count(NOTE_ID + 1)
+        self._clock = time.monotonic
+        self._conn: Connection | None = None
+        self._closed = False
+        self._models: dict[int, ModelInfo] = {}
+        self._hits = _HitReport(self._report_hits, HITS_REPORT_DELAY_S)
         try:
-            self._connect(connect_timeout, ring_slots)
+            self._adopt(self._open(connect_timeout))
         except BaseException:
             self.close()
             raise
 
     # connection -------------------------------------------------------------------------------
-    def _connect(self, connect_timeout: float, ring_slots: int) -> None:
-        sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(connect_timeout)
-        try:
-            sock.connect(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise errors.DaemonUnavailable(
-                f"no inferd daemon answers on {self.socket_path} ({exc.strerror}); start it with "
-                "`inferd` or pass socket_path=") from None
-        except OSError as exc:
-            raise errors.DaemonUnavailable(f"cannot connect to {self.socket_path}: {exc}") from None
-        sock.sendall(wire.encode({"op": "hello", "id": 0, "version": wire.PROTOCOL_VERSION,
-                                  "ring_slots": ring_slots, "slot_bytes": 0}))
-        reply, fds = self._read_hello()
-        if not reply.get("ok"):
-            raise errors.from_reply(reply)
-        m = reply["model"]
-        self.model = ModelInfo(m["name"], m["digest"], tuple(m["input"]), tuple(m["labels"]), m["top_k"])
-        want = 2 if reply.get("cache") else 1
-        try:
-            if len(fds) != want:
-                raise errors.ProtocolError(f"hello reply carried {len(fds)} descriptors, expected {want}")
-            self._ring = Ring.attach(fds[0])
-            if want == 2 and self._use_cache:
-                self._open_cache(fds[1], reply["cache"])
-        except RingError as exc:
-            raise errors.ProtocolError(f"the daemon's ring is unusable: {exc}") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-        self.session = reply["session"]
-        self._free = list(range(self._ring.geometry.slots - 1, -1, -1))
+    def _open(self, hello_timeout: float) -> Connection:
+        return Connection.open(self.socket_path, ring_slots=self._ring_slots, use_cache=self._use_cache,
+                               connect_timeout=min(self._connect_timeout, hello_timeout),
+                               hello_timeout=hello_timeout)
 
-    def _open_cache(self, fd: int, info: dict) -> None:
-        """Map the daemon's result cache read-only from the descriptor it sent. A cache that cannot
-        be read only costs round trips, so it is skipped rather than fatal."""
-        try:
-            self._cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
-        except cachefile.CacheError:
-            return
-        self.preprocess_id = info["preprocess"]
+    def _adopt(self, conn: Connection) -> None:
+        self._conn = conn
+        self.session = conn.session
+        self.model = conn.model
+        self._models = {conn.model.gen: conn.model}
+        self.preprocess_id = conn.preprocess_id
 
-    def _local_answer(self, frame, top_k: int):
-        """Predictions from the read-only cache for a frame, or None (a miss)."""
-        key = cachefile.cache_key(self.model.digest, self.preprocess_id, cachefile.content_hash(frame))
-        hit = self._cache.lookup(key)
-        if hit is None or len(hit) < top_k:
-            return None
-        self.cache_hits += 1
-        self._unreported_hits += 1
-        labels = self.model.labels
-        return [Prediction(i, labels[i], s) for i, s in hit[:top_k]]
+    def _connection(self, deadline: float, backoff: Backoff) -> Connection:
+        """The live connection, reconnecting first (within ``deadline``) if the last one broke."""
+        conn = self._conn
+        if conn is not None and conn.is_open and not self._closed:
+            return conn
+        if self._closed or not self.reconnect:
+            self._close_locked()
+            raise errors.DaemonUnavailable("this Client is closed")
+        self._conn = None
+        if conn is not None:
+            conn.close()
+        self._adopt(reconnect(self._open, deadline, what=self.socket_path, backoff=backoff,
+                              clock=self._clock))
+        self.reconnects += 1
+        return self._conn
 
-    def _read_hello(self) -> tuple[dict, list[int]]:
-        fds: list[int] = []
-        while not self._ready:
-            try:
-                data, ancdata, _, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
-            except OSError as exc:
-                raise errors.DaemonUnavailable(f"connection to {self.socket_path} failed during hello: {exc}") from None
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-            if not data:
-                raise errors.DaemonUnavailable(f"the daemon on {self.socket_path} closed the connection during hello")
-            self._feed(data)
-        return self._ready.pop(0), fds
+    def _lost(self, conn: Connection, exc: errors.ConnectionLost) -> None:
+        """The connection broke: with reconnect off that ends the Client, and the error is raised;
+        with reconnect on, the next ``_connection`` call opens a new one."""
+        conn.close()
+        if not self.reconnect:
+            self._close_locked()
+            raise exc
+
+    def _read_wait(self, deadline: float) -> float:
+        return max(deadline - self._clock(), 0.0) + READ_GRACE_S
 
     def close(self) -> None:
-        """Close the session; idempotent. The daemon frees the ring when it sees the socket close."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            ring.close()
-        cache, self._cache = self._cache, None
-        if cache is not None:
-            cache.close()
+        """Report unreported cache hits, then close the session; idempotent. The daemon frees the
+        ring when it sees the socket close."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._closed = True
+        self._hits.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._send_hits(conn)
+            conn.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -178,64 +273,85 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # framing ----------------------------------------------------------------------------------
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._ready.extend(self._reader.feed(data))
-        except wire.FrameError as exc:
-            self.close()
-            raise errors.ProtocolError(f"unreadable reply from the daemon: {exc}") from None
+    # cache hits -------------------------------------------------------------------------------
+    def _report_hits(self) -> None:
+        """The hits timer: send what no request has carried yet (it runs on the timer's thread)."""
+        with self._lock:
+            self._hits.fired()
+            conn = self._conn
+            if not self._closed and conn is not None and conn.is_open:
+                self._send_hits(conn)
+            # else: the next request's connection carries them
 
-    def _read_reply(self, wait: float) -> dict:
-        """The next reply frame; waits at most ``wait`` seconds for it."""
-        while not self._ready:
-            if self._sock is None:
-                raise errors.DaemonUnavailable("this Client is closed")
-            if wait != self._wait:
-                self._sock.settimeout(wait)
-                self._wait = wait
+    def _send_hits(self, conn: Connection) -> None:
+        n = self._hits.take()
+        if n and conn.is_open:
             try:
-                data = self._sock.recv(1 << 16)
-            except socket.timeout:
-                self.close()
-                raise errors.DaemonUnavailable(f"no reply from the daemon within {wait:.1f} s; "
-                                               "the session is closed") from None
-            except OSError as exc:
-                self.close()
-                raise errors.DaemonUnavailable(f"connection to the daemon failed: {exc}") from None
-            if not data:
-                self.close()
-                raise errors.DaemonUnavailable("the daemon closed the connection")
-            self._feed(data)
-        reply = self._ready.pop(0)
-        if isinstance(reply, wire.FrameError):
-            raise errors.ProtocolError(f"unreadable reply from the daemon: {reply}")
-        return reply
+                conn.send(wire.encode({"op": "hits", "id": NOTE_ID, "n": n}))
+            except errors.ConnectionLost:
+                self._hits.add(n, arm=False)          # the next connection reports them
+        else:
+            self._hits.add(n, arm=False)
 
-    def _send(self, data: bytes) -> None:
-        if self._sock is None:
-            raise errors.DaemonUnavailable("this Client is closed")
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            self.close()
-            raise errors.DaemonUnavailable(f"connection to the daemon failed: {exc}") from None
+    def _local_answer(self, conn: Connection, frame, top_k: int):
+        """Predictions from the read-only cache for a frame, or None (a miss)."""
+        model = self.model
+        key = cachefile.cache_key(model.digest, conn.preprocess_id, cachefile.content_hash(frame))
+        hit = conn.cache.lookup(key)
+        if hit is None or len(hit) < top_k:
+            return None
+        self.cache_hits += 1
+        self._hits.add(1)
+        return [Prediction(i, model.labels[i], s) for i, s in hit[:top_k]]
 
+    # model generations ------------------------------------------------------------------------
+    def _model_of(self, reply: dict) -> ModelInfo:
+        """The model that computed a reply: a new generation it announces becomes ``self.model``."""
+        described = reply.get("model")
+        if isinstance(described, dict):
+            info = ModelInfo.from_wire(described)
+            self._models[info.gen] = info
+            if info.gen >= self.model.gen:
+                self.model = info
+            while len(self._models) > KEEP_GENERATIONS:
+                del self._models[min(self._models)]
+            return info
+        gen = reply.get("gen")
+        return self._models.get(gen, self.model) if type(gen) is int else self.model
+
+    # single round trips -----------------------------------------------------------------------
     def _call(self, message: dict) -> dict:
         with self._lock:
-            rid = next(self._ids)
-            self._send(wire.encode({**message, "id": rid}))
-            reply = self._read_reply(self.timeout + READ_GRACE_S)
-            if reply.get("id") != rid:
-                raise self._desync(reply, f"reply for id {reply.get('id')!r}, expected {rid}")
+            deadline = self._clock() + self.timeout
+            backoff = Backoff()
+            for _ in range(MAX_LOSSES):
+                conn = self._connection(deadline, backoff)
+                rid = next(self._ids)
+                try:
+                    conn.send(wire.encode({**message, "id": rid}))
+                    reply = self._reply_to(conn, rid, deadline)
+                    break
+                except errors.ConnectionLost as exc:
+                    self._lost(conn, exc)
+            else:
+                raise _lost_too_often(MAX_LOSSES)
             if not reply.get("ok"):
                 raise errors.from_reply(reply)
             return reply
 
+    def _reply_to(self, conn: Connection, rid: int, deadline: float) -> dict:
+        while True:
+            reply = conn.read_reply(self._read_wait(deadline))
+            if reply.get("id") == NOTE_ID:
+                continue                            # an older daemon refusing a hits notification
+            if reply.get("id") != rid:
+                raise self._desync(reply, f"reply for id {reply.get('id')!r}, expected {rid}")
+            return reply
+
     def _desync(self, reply: dict, what: str) -> errors.ProtocolError:
-        """A reply this session did not ask for: which slots the daemon still holds is unknown, so
-        the session cannot go on. Close it; the caller raises the returned error."""
-        self.close()
+        """A reply this session did not ask for: which slots the daemon still holds is unknown, and
+        this is a fault rather than a restart. Close the Client; the caller raises the error."""
+        self._close_locked()
         detail = f": {reply.get('code')}: {reply.get('message')}" if not reply.get("ok") else ""
         return errors.ProtocolError(f"{what}{detail}; the session is closed, open a new Client")
 
@@ -269,18 +385,18 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         self._check(top_k, timeout)
         with self._lock:
-            if self._ring is None:
-                raise errors.DaemonUnavailable("this Client is closed")
+            deadline = self._clock() + timeout
+            conn = self._connection(deadline, Backoff())
             results: list = [None] * len(frames)
             todo = list(range(len(frames)))
-            if self._cache is not None and tag is None:    # a tag must reach the daemon's store
+            if conn.cache is not None and tag is None:    # a tag must reach the daemon's store
                 for i in todo:
-                    results[i] = self._local_answer(frames[i], top_k)
+                    results[i] = self._local_answer(conn, frames[i], top_k)
                 todo = [i for i in todo if results[i] is None]
-            extra = {"top_k": top_k, "timeout_ms": timeout * 1000.0, **({"tag": tag} if tag else {})}
-            for i, reply in zip(todo, self._pipeline([frames[i] for i in todo], "classify", extra, timeout)):
-                labels = self.model.labels
-                results[i] = [Prediction(k, labels[k], s) for k, s in reply["top"]]
+            extra = {"top_k": top_k, **({"tag": tag} if tag else {})}
+            answers = self._pipeline([frames[i] for i in todo], "classify", extra, deadline)
+            for i, (reply, model) in zip(todo, answers):
+                results[i] = [Prediction(k, model.labels[k], s) for k, s in reply["top"]]
             return results
 
     def _check(self, top_k, timeout) -> None:
@@ -309,53 +425,87 @@ class Client:
         frame = to_frame(image, h, w)
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
-            if self._ring is None:
-                raise errors.DaemonUnavailable("this Client is closed")
-            (reply,) = self._pipeline([frame], op, {**extra, "timeout_ms": timeout * 1000.0}, timeout)
+            ((reply, _),) = self._pipeline([frame], op, extra, self._clock() + timeout)
         if op == "embed":
             return np.frombuffer(reply["embedding"], dtype=np.float32).copy(), None
         return None, [NearDuplicate(bytes.fromhex(h), tag, sim) for h, tag, sim in reply["matches"]]
 
-    def flush_cache(self) -> int:
-        """Empty the daemon's result cache (root or the daemon's user only); entries dropped."""
-        return self._call({"op": "flush_cache"})["dropped"]
+    # pipelining and resubmission --------------------------------------------------------------
+    # NOTE [ resubmission ]
+    #
+    #   todo --_submit--> pending (on this connection's ring) --reply ok / error--> results
+    #     ^                  |   reply shutting_down: the daemon drains; stop sending on this
+    #     |                  |   connection, collect what it still owes, then drop it
+    #     +---- requeue -----+   connection lost (EOF, reset, broken pipe): nothing in flight
+    #                            will be answered; all of it goes back, for the next connection
+    #
+    # Slots belong to one connection's ring: a requeued frame is written again into a slot of the
+    # next ring, whatever its slot count. Each message carries what is left of the deadline.
+    def _pipeline(self, frames: list, op: str, extra: dict, deadline: float) -> list:
+        """Send each frame as ``op`` with ``extra`` fields, up to the ring's slots at a time, across
+        reconnects; the (reply, model) pairs in frame order."""
+        call = _Call(len(frames))
+        while call.unfinished():
+            conn = self._connection(deadline, call.backoff)
+            try:
+                self._submit(conn, call, frames, op, extra, deadline)
+                if not call.pending:
+                    if conn.draining:               # owes us nothing: leave it for its successor
+                        conn.close()
+                    continue
+                reply = conn.read_reply(self._read_wait(deadline))
+            except errors.ConnectionLost as exc:
+                self._lost(conn, exc)
+                self.resubmitted += call.requeue()
+                continue
+            self._settle(conn, call, reply)
+        if call.first_error is not None:
+            raise call.first_error
+        return call.results
 
-    def _pipeline(self, frames: list, op: str, extra: dict, timeout: float) -> list:
-        """Send each frame as ``op`` with ``extra`` fields, up to the ring's slots at a time;
-        the replies in frame order."""
-        results: list = [None] * len(frames)
-        pending: dict[int, tuple[int, int]] = {}      # request id -> (frame index, slot)
-        first_error: errors.InferdError | None = None
-        shape = list(self.model.input_shape)
-        nxt = 0
-        while nxt < len(frames) or pending:
-            out = []
-            while nxt < len(frames) and self._free and first_error is None:
-                slot = self._free.pop()
-                frame = frames[nxt]
-                self._ring.slot(slot, frame.nbytes)[:] = frame.reshape(-1)
-                rid = next(self._ids)
-                msg = {"op": op, "id": rid, "slot": slot, "shape": shape, "dtype": "uint8",
-                       "nbytes": frame.nbytes, **extra}
-                if self._unreported_hits:
-                    msg["hits"], self._unreported_hits = self._unreported_hits, 0
-                out.append(wire.encode(msg))
-                pending[rid] = (nxt, slot)
-                nxt += 1
-            if first_error is not None and not pending:
-                break
-            if out:
-                self._send(b"".join(out))
-            reply = self._read_reply(timeout + READ_GRACE_S)
-            entry = pending.pop(reply.get("id"), None)
-            if entry is None:
-                raise self._desync(reply, f"reply for unknown request id {reply.get('id')!r}")
-            index, slot = entry
-            self._free.append(slot)
-            if reply.get("ok"):
-                results[index] = reply
-            elif first_error is None:
-                first_error = errors.from_reply(reply)
-        if first_error is not None:
-            raise first_error
-        return results
+    def _submit(self, conn: Connection, call: _Call, frames: list, op: str, extra: dict,
+                deadline: float) -> None:
+        """Write what fits into free slots and send it, in one write."""
+        if conn.draining or call.first_error is not None or not call.todo:
+            return
+        left = deadline - self._clock()
+        if left <= 0:
+            call.todo.clear()
+            call.fail(errors.DeadlineExceeded("the request's deadline passed before it could be "
+                                              "resubmitted to a restarted daemon; it was not computed"))
+            return
+        out = []
+        while call.todo and conn.free:
+            index = call.todo.popleft()
+            slot = conn.free.pop()
+            frame = frames[index]
+            conn.ring.slot(slot, frame.nbytes)[:] = frame.reshape(-1)
+            rid = next(self._ids)
+            msg = {"op": op, "id": rid, "slot": slot, "shape": list(frame.shape), "dtype": "uint8",
+                   "nbytes": frame.nbytes, "timeout_ms": left * 1000.0, **extra}
+            hits = self._hits.take()
+            if hits:
+                msg["hits"] = hits
+            call.pending[rid] = _Pending(index, slot, hits)
+            out.append(wire.encode(msg))
+        if out:
+            conn.send(b"".join(out))
+
+    def _settle(self, conn: Connection, call: _Call, reply: dict) -> None:
+        rid = reply.get("id")
+        if rid == NOTE_ID:
+            return                                  # an older daemon refusing a hits notification
+        entry = call.pending.pop(rid, None)
+        if entry is None:
+            raise self._desync(reply, f"reply for unknown request id {rid!r}")
+        call.backoff.reset()                        # this connection works
+        conn.free.append(entry.slot)
+        if reply.get("ok"):
+            call.results[entry.index] = (reply, self._model_of(reply))
+        elif reply.get("code") == wire.E_SHUTTING_DOWN and self.reconnect:
+            conn.draining = True
+            call.todo.append(entry.index)
+            self._hits.add(entry.hits)              # refused before the daemon counted them
+            self.resubmitted += 1
+        else:
+            call.fail(errors.from_reply(reply))

@@ -5,7 +5,7 @@ to do. Catch :class:`InferdError` for all of them.
 """
 from __future__ import annotations
 
-from inferd.shm import wire
+from ..shm import wire
 
 
 class InferdError(Exception):
@@ -20,9 +20,16 @@ class InferdError(Exception):
 
 
 class DaemonUnavailable(InferdError, ConnectionError):
-    """No daemon answers on the socket, or the connection broke. Reconnect with a new Client."""
+    """No daemon answered within the request's deadline, or the connection broke on a Client made
+    with ``reconnect=False`` (then open a new Client)."""
 
     code = "unavailable"
+
+
+class ConnectionLost(DaemonUnavailable):
+    """The connection broke (EOF, reset, broken pipe) or nothing listens on the socket path: what a
+    daemon restart looks like from the client. A Client with ``reconnect=True`` retries it within
+    the request's deadline; the application sees it only from a Client with ``reconnect=False``."""
 
 
 class ShuttingDown(DaemonUnavailable):

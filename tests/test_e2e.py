@@ -154,7 +154,7 @@ def test_a_reply_for_an_unknown_id_closes_the_session(daemon):
     from inferd.shm import wire
 
     with Client(daemon.socket_path) as client:
-        client._sock.sendall(wire.encode({"op": "ping", "id": 10**6}))   # a reply nobody waits for
+        client._conn.send(wire.encode({"op": "ping", "id": 10**6}))   # a reply nobody waits for
         with pytest.raises(ProtocolError, match="reply for id 1000000, expected .*session is closed"):
             client.ping()
         with pytest.raises(DaemonUnavailable, match="closed"):

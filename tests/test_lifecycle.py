@@ -131,7 +131,7 @@ def test_daemon_sigkilled_mid_request(fresh_daemon, backend):
     """The client waiting on a reply raises DaemonUnavailable at once (EOF), nothing is left in
     /dev/shm, and a new daemon takes over the stale socket path."""
     d = fresh_daemon("--set", f'ring.backend="{backend}"', model="resnet50")
-    client = Client(d.socket_path, ring_slots=64)
+    client = Client(d.socket_path, ring_slots=64, reconnect=False)
     errors = []
 
     def flood():

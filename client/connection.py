@@ -1,0 +1,218 @@
+"""One session with the daemon: the socket, the hello handshake, this session's ring and the
+read-only result-cache mapping, and reply framing.
+
+A Connection is what a daemon restart takes away: inferd.client.client.Client holds one at a time
+and opens a fresh one when the old one breaks (reconnecting is the Client's policy, see
+inferd.client.retry; this module only says *how* it broke):
+
+    ConnectionLost      EOF, ECONNRESET, EPIPE, or no daemon listening (missing socket path,
+                        ECONNREFUSED): a restart looks like this, so the Client may retry it
+    ShuttingDown        the hello was refused because the daemon is draining: retryable too
+    DaemonUnavailable   no reply within the time asked for: the caller's deadline is gone
+    ProtocolError       a reply that cannot be read, or a ring that fails its checks
+
+Every error closes the connection first, so a broken Connection is never used again. Not
+thread-safe: the Client's lock serialises every use.
+"""
+from __future__ import annotations
+
+import array
+import os
+import socket
+from dataclasses import dataclass
+
+from . import errors
+from ..shm import cache as cachefile
+from ..shm import wire
+from ..shm.ring import Ring, RingError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    digest: str
+    input_shape: tuple       # (height, width, 3)
+    labels: tuple
+    top_k: int
+    gen: int = 0             # the daemon's model generation, 1 up; 0 from a daemon that sends none
+
+    @classmethod
+    def from_wire(cls, m: dict) -> "ModelInfo":
+        """From the ``model`` map of a hello reply (or of the first reply of a new generation)."""
+        try:
+            gen = m.get("gen", 0)
+            return cls(str(m["name"]), str(m["digest"]), tuple(m["input"]), tuple(m["labels"]),
+                       int(m["top_k"]), gen if type(gen) is int else 0)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.ProtocolError(f"unreadable model description from the daemon: {exc!r}") from None
+
+
+class Connection:
+    """A live session: ``open`` it (connect + hello), ``send``, ``read_reply``, ``close``.
+
+    ``free`` lists this ring's free slots; ``draining`` is set by the Client when the daemon
+    answered ``shutting_down`` on it (send nothing more; collect what is in flight).
+    """
+
+    def __init__(self, sock: socket.socket, path: str):
+        self._sock: socket.socket | None = sock
+        self.path = path
+        self.ring: Ring | None = None
+        self.cache = None                       # read-only ResultCache, when the daemon has one
+        self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
+        self.model: ModelInfo | None = None
+        self.session = None
+        self.free: list[int] = []
+        self.draining = False
+        self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
+        self._ready: list = []
+        self._wait: float | None = None        # the socket's current timeout
+
+    @classmethod
+    def open(cls, path: str, *, ring_slots: int, use_cache: bool, connect_timeout: float,
+             hello_timeout: float) -> "Connection":
+        """Connect and say hello. ``hello_timeout`` bounds the wait for the hello reply: a daemon
+        that is starting accepts only once its model is warm, so a reconnect gives it the rest of
+        the request's deadline."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        conn = cls(sock, path)
+        try:
+            conn._connect(connect_timeout)
+            conn._hello(ring_slots, use_cache, hello_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self, timeout: float) -> None:
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise errors.ConnectionLost(
+                f"no inferd daemon answers on {self.path} ({exc.strerror}); start it with "
+                "`inferd` or pass socket_path=") from None
+        except OSError as exc:
+            raise errors.ConnectionLost(f"cannot connect to {self.path}: {exc}") from None
+
+    def _hello(self, ring_slots: int, use_cache: bool, timeout: float) -> None:
+        self.send(wire.encode({"op": "hello", "id": 0, "version": wire.PROTOCOL_VERSION,
+                               "ring_slots": ring_slots, "slot_bytes": 0}))
+        self._sock.settimeout(timeout)
+        reply, fds = self._read_hello()
+        try:
+            if not reply.get("ok"):
+                raise errors.from_reply(reply)
+            self.model = ModelInfo.from_wire(reply.get("model") or {})
+            want = 2 if reply.get("cache") else 1
+            if len(fds) != want:
+                raise errors.ProtocolError(f"hello reply carried {len(fds)} descriptors, expected {want}")
+            self.ring = Ring.attach(fds[0])
+            if want == 2 and use_cache:
+                self._open_cache(fds[1], reply["cache"])
+        except RingError as exc:
+            raise errors.ProtocolError(f"the daemon's ring is unusable: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.session = reply.get("session")
+        self.free = list(range(self.ring.geometry.slots - 1, -1, -1))
+
+    def _read_hello(self) -> tuple[dict, list[int]]:
+        """The hello reply and the descriptors that came with it (the caller closes them)."""
+        fds: list[int] = []
+        try:
+            return self._read_hello_into(fds), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def _read_hello_into(self, fds: list[int]) -> dict:
+        while not self._ready:
+            try:
+                data, ancdata, _, _ = self._sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            except socket.timeout:
+                raise errors.DaemonUnavailable(f"the daemon on {self.path} accepted the connection but "
+                                               "sent no hello reply in time") from None
+            except OSError as exc:
+                raise errors.ConnectionLost(f"connection to {self.path} failed during hello: {exc}") from None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            if not data:
+                raise errors.ConnectionLost(f"the daemon on {self.path} closed the connection during hello")
+            self._feed(data)
+        reply = self._ready.pop(0)
+        if not isinstance(reply, dict):
+            raise errors.ProtocolError(f"unreadable hello reply from the daemon: {reply}")
+        return reply
+
+    def _open_cache(self, fd: int, info: dict) -> None:
+        """Map the daemon's result cache read-only from the descriptor it sent. A cache that cannot
+        be read only costs round trips, so it is skipped rather than fatal."""
+        try:
+            self.cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
+        except cachefile.CacheError:
+            return
+        self.preprocess_id = info["preprocess"]
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        """Close the socket and unmap the ring and cache; idempotent. The daemon frees the ring
+        when it sees the socket close."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            ring.close()
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            cache.close()
+
+    # framing ----------------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._ready.extend(self._reader.feed(data))
+        except wire.FrameError as exc:
+            self.close()
+            raise errors.ProtocolError(f"unreadable reply from the daemon: {exc}") from None
+
+    def send(self, data: bytes) -> None:
+        if self._sock is None:
+            raise errors.ConnectionLost("the connection to the daemon is closed")
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise errors.ConnectionLost(f"connection to the daemon failed: {exc}") from None
+
+    def read_reply(self, wait: float) -> dict:
+        """The next reply frame; waits at most ``wait`` seconds for it."""
+        while not self._ready:
+            if self._sock is None:
+                raise errors.ConnectionLost("the connection to the daemon is closed")
+            if wait != self._wait:
+                self._sock.settimeout(wait)
+                self._wait = wait
+            try:
+                data = self._sock.recv(1 << 16)
+            except socket.timeout:
+                self.close()
+                raise errors.DaemonUnavailable(f"no reply from the daemon within {wait:.1f} s; "
+                                               "the session is closed") from None
+            except OSError as exc:
+                self.close()
+                raise errors.ConnectionLost(f"connection to the daemon failed: {exc}") from None
+            if not data:
+                self.close()
+                raise errors.ConnectionLost("the daemon closed the connection")
+            self._feed(data)
+        reply = self._ready.pop(0)
+        if isinstance(reply, wire.FrameError):
+            raise errors.ProtocolError(f"unreadable reply from the daemon: {reply}")
+        return reply
