@@ -133,6 +133,8 @@ class Session(asyncio.Protocol):
                 self.server.submit(self, rid, msg, op)
             elif op == "flush_cache":
                 self.send({"id": rid, "ok": True, **self.server.flush_cache(self)})
+            elif op == "hits":
+                self._client_hits(msg.get("n"))     # a notification: no reply
             elif op == "ping":
                 self.send({"id": rid, "ok": True, "pid": self.server.pid})
             elif op == "info":
@@ -141,9 +143,17 @@ class Session(asyncio.Protocol):
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:
                 raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
-                               "ping, info, flush_cache")
+                               "hits, ping, info, flush_cache")
         except Rejected as exc:
             self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
+
+    def _client_hits(self, n) -> None:
+        """``hits``: requests the client answered from its read-only cache mapping, reported
+        within a second and at close, so the hit rate needs no request to follow them."""
+        if type(n) is not int or not 0 < n < 1 << 30:
+            raise Rejected(wire.E_INVALID_INPUT, f"hits n {n!r} is out of range: an integer, 1 to "
+                           f"{(1 << 30) - 1}")
+        self.server.scheduler.memory.client_hits(n)
 
     def send(self, message: dict) -> None:
         if not self.closed and self.transport is not None:
