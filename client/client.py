@@ -46,19 +46,19 @@ InferenceFailed.
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import threading
 import time
-from typing import Callable, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
 from . import errors
 from .connection import Connection, ModelInfo
+from .hits import HitReport
 from .images import to_frame
-from .retry import Backoff, reconnect
+from .retry import MAX_LOSSES, Backoff, Call, Pending, lost_too_often, reconnect
 from ..shm import cache as cachefile
 from ..shm import wire
 
@@ -73,17 +73,6 @@ HITS_REPORT_DELAY_S = 0.5
 NOTE_ID = 0
 #: Model generations whose labels a Client keeps, for replies computed just before a swap.
 KEEP_GENERATIONS = 4
-#: A request in flight on this many broken connections in a row is not sent again: a daemon that
-#: dies on it (or drops it) every time gets no more of it, and the application sees the error.
-MAX_LOSSES = 3
-
-
-def _lost_too_often(n: int) -> errors.DaemonUnavailable:
-    return errors.DaemonUnavailable(
-        f"the connection to the daemon broke {n} times while this request was in flight; it is "
-        "not sent again (the daemon may be failing on it: see its log)")
-
-
 class Prediction(NamedTuple):
     index: int
     label: str
@@ -99,81 +88,6 @@ class NearDuplicate(NamedTuple):
 def default_socket_path() -> str:
     """$INFERD_SOCKET, else the daemon's own default (inferd.shm.wire.default_socket_path)."""
     return os.environ.get("INFERD_SOCKET") or wire.default_socket_path()
-
-
-class _Pending(NamedTuple):
-    index: int               # which frame of the call
-    slot: int                # its slot in the ring of the connection it was sent on
-    hits: int                # local hits this request reported (given back if it is refused unread)
-
-
-class _Call:
-    """The requests of one pipelined call: to send, in flight on the current connection, answered.
-
-    A frame index is in exactly one of ``todo``, ``pending`` or ``results``; ``requeue`` moves
-    what was in flight on a lost connection back to ``todo``."""
-
-    def __init__(self, n: int):
-        self.todo = collections.deque(range(n))
-        self.pending: dict[int, _Pending] = {}          # request id -> what it carries
-        self.results: list = [None] * n                 # (reply, ModelInfo) per frame
-        self.first_error: errors.InferdError | None = None
-        self.losses = collections.Counter()             # frame index -> connections lost under it
-        self.backoff = Backoff()                        # reset by every reply
-
-    def unfinished(self) -> bool:
-        return bool(self.pending) or (bool(self.todo) and self.first_error is None)
-
-    def requeue(self) -> int:
-        """The connection broke: what was in flight goes back to ``todo`` (unless it was lost
-        MAX_LOSSES times); how many will be resubmitted."""
-        again = []
-        for index in sorted(p.index for p in self.pending.values()):
-            self.losses[index] += 1
-            if self.losses[index] >= MAX_LOSSES:
-                self.fail(_lost_too_often(self.losses[index]))
-            else:
-                again.append(index)
-        self.todo.extendleft(reversed(again))
-        self.pending.clear()
-        return len(again)
-
-    def fail(self, error: errors.InferdError) -> None:
-        if self.first_error is None:
-            self.first_error = error
-
-
-class _HitReport:
-    """Local cache hits the daemon has not been told of, and the timer that tells it.
-
-    Used under the Client's lock. ``add`` arms the timer on the first unreported hit; the timer's
-    callback (``report``, which takes the lock) calls ``fired`` then sends what ``take`` returns.
-    A request that carries the hits ``take``s them too; the timer then finds nothing to send."""
-
-    def __init__(self, report: Callable[[], None], delay: float):
-        self.n = 0
-        self._report = report
-        self._delay = delay
-        self._timer: threading.Timer | None = None
-
-    def add(self, n: int, arm: bool = True) -> None:
-        self.n += n
-        if arm and self.n and self._timer is None:
-            self._timer = threading.Timer(self._delay, self._report)
-            self._timer.daemon = True       # a Client left open must not hold the interpreter
-            self._timer.start()
-
-    def take(self) -> int:
-        n, self.n = self.n, 0
-        return n
-
-    def fired(self) -> None:
-        self._timer = None
-
-    def cancel(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
 
 
 class Client:
@@ -206,7 +120,7 @@ class Client:
         self._conn: Connection | None = None
         self._closed = False
         self._models: dict[int, ModelInfo] = {}
-        self._hits = _HitReport(self._report_hits, HITS_REPORT_DELAY_S)
+        self._hits = HitReport(self._report_hits, HITS_REPORT_DELAY_S)
         try:
             self._adopt(self._open(connect_timeout))
         except BaseException:
@@ -334,7 +248,7 @@ class Client:
                 except errors.ConnectionLost as exc:
                     self._lost(conn, exc)
             else:
-                raise _lost_too_often(MAX_LOSSES)
+                raise lost_too_often(MAX_LOSSES)
             if not reply.get("ok"):
                 raise errors.from_reply(reply)
             return reply
@@ -444,7 +358,7 @@ class Client:
     def _pipeline(self, frames: list, op: str, extra: dict, deadline: float) -> list:
         """Send each frame as ``op`` with ``extra`` fields, up to the ring's slots at a time, across
         reconnects; the (reply, model) pairs in frame order."""
-        call = _Call(len(frames))
+        call = Call(len(frames))
         while call.unfinished():
             conn = self._connection(deadline, call.backoff)
             try:
@@ -463,7 +377,7 @@ class Client:
             raise call.first_error
         return call.results
 
-    def _submit(self, conn: Connection, call: _Call, frames: list, op: str, extra: dict,
+    def _submit(self, conn: Connection, call: Call, frames: list, op: str, extra: dict,
                 deadline: float) -> None:
         """Write what fits into free slots and send it, in one write."""
         if conn.draining or call.first_error is not None or not call.todo:
@@ -486,12 +400,12 @@ class Client:
             hits = self._hits.take()
             if hits:
                 msg["hits"] = hits
-            call.pending[rid] = _Pending(index, slot, hits)
+            call.pending[rid] = Pending(index, slot, hits)
             out.append(wire.encode(msg))
         if out:
             conn.send(b"".join(out))
 
-    def _settle(self, conn: Connection, call: _Call, reply: dict) -> None:
+    def _settle(self, conn: Connection, call: Call, reply: dict) -> None:
         rid = reply.get("id")
         if rid == NOTE_ID:
             return                                  # an older daemon refusing a hits notification
