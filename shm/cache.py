@@ -179,6 +179,9 @@ class ResultCache:
         self._lock = threading.Lock()
         self._hits = self._misses = self._torn = self._inserts = self._evictions = 0
         self._clock = int(self._view()["stamp"].max()) if fd is not None else 0
+        # The writer counts its entries in use once, here, then keeps the count at insert and
+        # flush: the daemon reports it on every stats request, and a scan reads the whole file.
+        self.used = self._count_used() if fd is not None else 0
 
     @classmethod
     def open_writer(cls, path, size_bytes: int, max_k: int = 16, *, ways: int = 8,
@@ -266,26 +269,29 @@ class ResultCache:
         except (struct.error, OverflowError, TypeError) as exc:
             raise ValueError(f"pairs must be (class index 0..2**32-1, float32 score): {exc}") from None
         with self._lock:
-            off, evicted = self._choose_way(base, key)
+            off, evicted, was_empty = self._choose_way(base, key)
             self._write(off, key, k, payload)
             self._inserts += 1
             self._evictions += evicted
+            self.used += was_empty
         return evicted
 
-    def _choose_way(self, base: int, key: bytes) -> tuple[int, bool]:
-        """The way for ``key``: its own, else an empty one, else the least recently stamped."""
+    def _choose_way(self, base: int, key: bytes) -> tuple[int, bool, bool]:
+        """(offset, evicted, was empty) of the way for ``key``: its own, else an empty one, else
+        the least recently stamped."""
         generation = self._generation()
         empty = victim = None
         oldest = 2**64
         for off in range(base, base + self._set_bytes, self._entry):
             seq, stamp, _, k, _, gen, stored = _ENTRY.unpack_from(self._mm, off)
+            vacant = bool(seq & 1 or k == 0 or gen != generation)
             if stored == key:
-                return off, False
-            if seq & 1 or k == 0 or gen != generation:
+                return off, False, vacant          # its own way, or what a kill left of it
+            if vacant:
                 empty = off if empty is None else empty
             elif stamp < oldest:
                 victim, oldest = off, stamp
-        return (empty, False) if empty is not None else (victim, True)
+        return (empty, False, True) if empty is not None else (victim, True, False)
 
     def _write(self, off: int, key: bytes, k: int, payload: bytes) -> None:
         mm = self._mm
@@ -313,16 +319,23 @@ class ResultCache:
             view["seq"] += 1
             del view, raw                                # the mapping cannot close while viewed
             self._clock = 0
+            self.used = 0
         return generation
 
     def stats(self) -> dict:
-        """Geometry, entries in use (a scan), counters; ``torn``: misses refused by seq or check."""
-        generation, view = self._generation(), self._view()      # raises once closed
-        used = int(np.count_nonzero(((view["seq"] & 1) == 0) & (view["k"] > 0)
-                                    & (view["generation"] == generation)))
+        """Geometry, entries in use, counters; ``torn``: misses refused by seq or check. O(1) for
+        the writer (``used`` is kept); a reader scans the file for ``used``."""
+        generation = self._generation()                  # raises once closed
+        used = self.used if self._fd is not None else self._count_used()
         return {**self.geometry._asdict(), "entries": self.geometry.sets * self.geometry.ways,
                 "used": used, "generation": generation, "hits": self._hits, "misses": self._misses,
                 "torn": self._torn, "inserts": self._inserts, "evictions": self._evictions}
+
+    def _count_used(self) -> int:
+        """Entries that hold an answer of the current generation: a scan of the whole file."""
+        generation, view = self._generation(), self._view()
+        return int(np.count_nonzero(((view["seq"] & 1) == 0) & (view["k"] > 0)
+                                    & (view["generation"] == generation)))
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
