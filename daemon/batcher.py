@@ -92,6 +92,8 @@ class BatchResult:
     failed: list = field(default_factory=list)     # the batch raised: re-dispatched or failed
     error: str = ""
     seconds: float = 0.0                           # copy + model time of the batch
+    started: float = 0.0                           # the thread's clock when it took the batch
+    finished: float = 0.0                          # ... and when the batch was done (daemon/stats.py)
 
 
 class BatchingThread(threading.Thread):
@@ -181,7 +183,7 @@ class BatchingThread(threading.Thread):
     def _run_batch(self, batch: list) -> BatchResult:
         dev = self.device
         result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None)
-        now = self._clock()
+        now = result.started = result.finished = self._clock()
         # a full batch is never shrunk for its oldest (NOTE [ batch planning ]): who cannot finish
         # within it is not computed; otherwise only who is already late
         cutoff = now + (dev.profile.latency(len(batch)) if len(batch) == self._max_batch else 0.0)
@@ -214,6 +216,7 @@ class BatchingThread(threading.Thread):
             result.failed, result.error = live, f"{type(exc).__name__}: {exc}"
         finally:
             dev.running_since, dev.running = None, []
+            result.finished = self._clock()
         return result
 
     def _compute(self, live: list) -> tuple[list, object, float]:

@@ -28,12 +28,13 @@ log = logging.getLogger("inferd.health")
 
 class HealthMonitor:
     def __init__(self, cfg, devices: list, *, on_out: Callable, send_canary: Callable, counters,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], stats=None):
         self.cfg = cfg                     # HealthConfig
         self.devices = devices
         self._on_out = on_out              # on_out(device, reason, stuck)
         self._send_canary = send_canary    # send_canary(device)
         self._counters = counters
+        self._stats = stats                # daemon/stats.py: state and time of each transition
         self._clock = clock
         self.tick = min(0.1, cfg.watchdog_floor_s / 5)
 
@@ -89,3 +90,5 @@ class HealthMonitor:
         log.log(level, "device %s: %s -> %s: %s", dev.label, dev.state, state, reason)
         self._counters[f"health_{state}"] += 1
         dev.state = state
+        if self._stats is not None:
+            self._stats.device_state(dev, state)

@@ -17,7 +17,6 @@ by the time a batch takes it: it is answered ``deadline_exceeded`` without being
 """
 from __future__ import annotations
 
-import collections
 import logging
 
 import numpy as np
@@ -28,6 +27,7 @@ from inferd.daemon.caching import Memory
 from inferd.daemon.health import HealthMonitor
 from inferd.daemon.logs import RateLimitedLog
 from inferd.daemon.session import Rejected, check_classify
+from inferd.daemon.stats import Stats
 from inferd.shm import wire
 
 log = logging.getLogger("inferd.scheduler")
@@ -62,18 +62,27 @@ class Scheduler:
         self.spec = spec
         self.devices = devices
         self.policy = policies.make(cfg.dispatch.policy)
-        self.counters = collections.Counter()
+        self.stats = Stats(cfg, devices, clock)       # NOTE [ stats ] in daemon/stats.py
+        self.counters = self.stats.counters           # raw counters health and caching bump too
         self.outstanding = 0
         self.draining = False
         self.on_idle = None                 # called when draining and nothing is outstanding
         self._clock = clock
         self.health = HealthMonitor(cfg.health, devices, on_out=self._device_out,
-                                    send_canary=self._send_canary, counters=self.counters, clock=clock)
+                                    send_canary=self._send_canary, counters=self.counters, clock=clock,
+                                    stats=self.stats)
         self.memory = Memory(cfg, spec, digest, self.counters)
 
     # admission --------------------------------------------------------------------------------
     def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
         """Check and admit one classify / embed / near request. Raises Rejected."""
+        try:
+            self._submit(session, rid, msg, op)
+        except Rejected as exc:             # every refusal is an outcome, named by its code
+            self.stats.outcome(exc.code)
+            raise
+
+    def _submit(self, session, rid: int, msg: dict, op: str) -> None:
         if self.draining:
             raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
         slot, top_k, timeout = check_classify(msg, session.ring, self.spec, session.inflight,
@@ -95,6 +104,7 @@ class Scheduler:
                           args=_near_args(msg) if op == "near" else None)
         device = self._admit(request, now)
         session.inflight[slot] = rid
+        self.stats.admitted(session.peer[1])
         if key and op == "classify":
             session.pending[key] = request
         self.outstanding += 1
@@ -107,6 +117,7 @@ class Scheduler:
             hit = memory.lookup(key, top_k)
             if hit is not None:
                 memory.retag(content, tag)
+                self.stats.outcome("cached")
                 session.send({"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]], "cached": True})
                 return True
             leader = session.pending.get(key)
@@ -114,10 +125,13 @@ class Scheduler:
                 leader.followers.append((rid, slot, top_k))
                 session.inflight[slot] = rid
                 self.counters["coalesced"] += 1
+                self.stats.admitted(session.peer[1])      # its slot is held until the leader's reply
+                self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
             vector = memory.store.get(content)
             if vector is not None:
+                self.stats.outcome("cached")
                 session.send(self._embedding_reply(rid, op, vector, content, None))
                 return True
         return False
@@ -158,10 +172,12 @@ class Scheduler:
             self.counters["stale_results"] += stale
             _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
+        answered = []                       # live requests answered ok: their latency is kept
         vectors = result.embeddings
         for i, (r, top) in enumerate(zip(result.done, result.top)):
             if live(r):
                 dev.frames += 1
+                answered.append(r)
                 vector = vectors[i] if vectors is not None else None
                 if r.op != "near":                         # a query is searched, never stored
                     self.memory.remember(r.key if r.op == "classify" else b"", r.content, top, vector, r.tag)
@@ -169,13 +185,18 @@ class Scheduler:
                     self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]})
                 else:
                     message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
+                    if not message["ok"]:
+                        answered.pop()
+                        self.stats.outcome("failed")
                     self._answer(replies, r, lambda rid, k, m=message: m)
         for r in result.expired:
             if live(r):
+                self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
                 self._answer(replies, r, lambda rid, k: wire.error(
                     rid, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed"))
         for r in result.dropped:
             if live(r):
+                self.stats.outcome("dropped")
                 self._finish(r)
         if result.canary:
             ok = not result.failed
@@ -188,6 +209,7 @@ class Scheduler:
             self.health.batch_ok(dev, False)
         for session, chunks in replies.items():
             session.write(b"".join(chunks))
+        self.stats.batch(result, answered, self._clock())
         c = self.counters
         c["batches"] += bool(result.done)
         c["frames"] += len(result.done)
@@ -201,7 +223,6 @@ class Scheduler:
         chunks.append(wire.encode(make(r.id, r.top_k)))
         for rid, slot, top_k in r.followers:
             chunks.append(wire.encode(make(rid, top_k)))
-            r.session.inflight.pop(slot, None)
         self._finish(r)
 
     def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
@@ -218,6 +239,9 @@ class Scheduler:
         r.done = True
         session = r.session
         session.inflight.pop(r.slot, None)
+        for _, slot, _ in r.followers:      # coalesced frames hold slots too, even when r is dropped
+            session.inflight.pop(slot, None)
+        self.stats.finished(session.peer[1], 1 + len(r.followers))
         if r.key and session.pending.get(r.key) is r:
             del session.pending[r.key]
         r.device.outstanding -= 1
@@ -239,6 +263,7 @@ class Scheduler:
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1
+                self.stats.outcome("failed")
                 replies: dict = {}
                 self._answer(replies, r, lambda rid, k: wire.error(
                     rid, code, f"not computed: {why} (tried on {r.attempt} device(s))"))
@@ -264,8 +289,10 @@ class Scheduler:
         now = self._clock()
         dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev))
 
-    def stats(self) -> dict:
+    def describe(self) -> dict:
+        """Devices, cache and counters for the client socket's ``info`` (``self.stats`` is the rest)."""
         c = self.counters
         return {"outstanding": self.outstanding, "policy": self.policy.name,
+                "requests": dict(self.stats.outcomes),
                 "devices": [d.describe() for d in self.devices], "cache": self.memory.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}

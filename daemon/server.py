@@ -19,7 +19,7 @@ import os
 import signal
 import time
 
-from inferd.daemon import exitcodes
+from inferd.daemon import exitcodes, metrics
 from inferd.daemon.batcher import BatchingThread, BatchResult
 from inferd.daemon.device import Device
 from inferd.daemon.config import Config, ConfigError
@@ -53,6 +53,9 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
+        self.stats = self.scheduler.stats
+        # Prometheus text, and the HTTP listener of metrics.listen (ConfigError if it cannot be)
+        self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics.listen)
 
     # lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -140,6 +143,7 @@ class Server:
             session.closed = True
             session.release_ring()
         self.sessions.clear()
+        await asyncio.to_thread(self.metrics.close)       # before what a scrape reads closes
         self.scheduler.memory.close()
         log.info("stopped")
 
@@ -184,13 +188,33 @@ class Server:
     def session_opened(self, session: Session) -> None:
         """A session passed hello (daemon/handshake.py) and takes over its socket."""
         self.sessions[session.sid] = session
+        self.stats.session_opened(session.peer[1])
         self.counters["sessions"] += 1
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.pop(session.sid, None)
+        if self.sessions.pop(session.sid, None) is not None:
+            self.stats.session_closed(session.peer[1])
         if not session.inflight:
             session.release_ring()
 
     def info(self) -> dict:
+        """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
-                **self.scheduler.stats()}
+                **self.scheduler.describe()}
+
+    # stats ------------------------------------------------------------------------------------
+    def stats_snapshot(self) -> dict:
+        """Everything an operator reads (admin ``stats``, the Prometheus text), as plain data that
+        msgpack carries: str keys, ints, floats, lists. Kept as events happened (NOTE [ stats ] in
+        daemon/stats.py), so taking it costs O(devices + uids + buckets). Loop thread only."""
+        snap = self.stats.snapshot()
+        model = self.model
+        snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
+                    pid=self.pid, policy=self.scheduler.policy.name, in_flight=self.scheduler.outstanding,
+                    sessions={"open": len(self.sessions), "opened": self.counters["sessions"]},
+                    cache=self.scheduler.memory.stats())
+        return snap
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition (daemon/metrics.py lists the families)."""
+        return self.metrics.text()
