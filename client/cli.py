@@ -1,80 +1,335 @@
-"""``inferctl``: talk to a running daemon from the shell.
+"""``inferctl``: the command line of inferd, for applications' checks and for operators.
+
+Client socket (any allowed user)::
 
     inferctl ping                       round-trip time and the daemon's pid
     inferctl info                       model, devices, cache, counters (JSON)
-    inferctl flush-cache                empty the result cache (root or the daemon's user)
-    inferctl classify FILE... [-k N]    .npy arrays (uint8 HxWx3), and PNG/JPEG when Pillow is installed
+    inferctl classify FILE... [-k N]    PNG/JPEG files or .npy arrays (uint8 HxWx3)
 
-Exit codes: 0 success, 1 the daemon answered with an error, 2 bad usage or unreadable file,
-69 no daemon answers on the socket.
+Admin socket (root, the daemon's user, members of server.admin_group)::
+
+    inferctl health [--wait]            exit 0 when ready; --wait blocks until it is
+    inferctl stats                      a readable table (--json: everything, structured)
+    inferctl top                        live per-device view, refreshed every second
+    inferctl metrics                    Prometheus text
+    inferctl reload [MODEL]             swap the model without failing a request
+    inferctl drain                      finish in-flight work, then exit
+    inferctl flush-cache                empty the result cache
+    inferctl device disable|enable N    take device N out of rotation, or put it back
+
+Sockets: --socket or $INFERD_SOCKET (client), --admin-socket or $INFERD_ADMIN_SOCKET (admin;
+default: admin.sock beside the client socket). --json after any command prints JSON.
+
+Exit codes: 0 success (health: ready); 1 the daemon answered with an error (health: not ready);
+2 bad usage or an unreadable file; 69 no daemon answers on the socket; 77 permission denied.
+A closed pipe (``inferctl metrics | head``) ends quietly.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
-import numpy as np
+from inferd.client.admin import AdminClient, default_admin_path
+from inferd.client.errors import DaemonUnavailable, InferdError, PermissionDenied
 
-from inferd.client import Client, DaemonUnavailable, InferdError
-
+EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
+EXIT_NOPERM = 77
+
+HEALTH_WAIT_S = 120.0
 
 
-def read_image(path: str) -> np.ndarray:
+class UsageError(Exception):
+    """A bad argument or file; the message names the flag."""
+
+
+def read_image(path: str):
+    import numpy as np
+
     if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: {exc}") from None
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit(f"inferctl: {path}: reading PNG/JPEG needs Pillow (pip install pillow)") from None
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        raise UsageError(f"{path}: reading PNG/JPEG needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable image: {exc}") from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inferctl", description="command-line client of inferd")
-    p.add_argument("--socket", metavar="PATH", help="daemon socket (default: $INFERD_SOCKET or inferd's default)")
-    p.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("ping", help="round trip to the daemon")
-    sub.add_parser("info", help="model, devices and counters as JSON")
-    sub.add_parser("flush-cache", help="empty the daemon's result cache (root or the daemon's user)")
-    c = sub.add_parser("classify", help="classify image files")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of text")
+    p = argparse.ArgumentParser(prog="inferctl", description="command line of the inferd daemon",
+                                parents=[common])
+    p.add_argument("--socket", metavar="PATH", help="client socket (default: $INFERD_SOCKET or inferd's default)")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help="admin socket (default: $INFERD_ADMIN_SOCKET, or admin.sock beside the client socket)")
+    p.add_argument("--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="request deadline (default 30)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("ping", parents=[common], help="round trip to the daemon (client socket)")
+    sub.add_parser("info", parents=[common], help="model, devices and counters (client socket)")
+    c = sub.add_parser("classify", parents=[common], help="classify image files (client socket)")
     c.add_argument("files", nargs="+", metavar="FILE")
-    c.add_argument("-k", "--top-k", type=int, default=3)
+    c.add_argument("-k", "--top-k", type=_positive(int), default=3, metavar="N")
+    h = sub.add_parser("health", parents=[common], help="exit 0 when the daemon is ready")
+    h.add_argument("--wait", action="store_true", help="block until the daemon is ready")
+    h.add_argument("--wait-timeout", type=_positive(float), default=HEALTH_WAIT_S, metavar="SECONDS",
+                   help=f"give up waiting after this long (default {HEALTH_WAIT_S:.0f})")
+    sub.add_parser("stats", parents=[common], help="statistics as a table")
+    t = sub.add_parser("top", parents=[common], help="live per-device view")
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS")
+    t.add_argument("--iterations", type=_positive(int), default=None, metavar="N",
+                   help="stop after N refreshes (default: until Ctrl-C)")
+    sub.add_parser("metrics", parents=[common], help="Prometheus text")
+    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)")
+    r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+    sub.add_parser("drain", parents=[common], help="finish in-flight work, then exit")
+    sub.add_parser("flush-cache", parents=[common], help="empty the result cache")
+    d = sub.add_parser("device", parents=[common], help="take a device out of rotation or put it back")
+    d.add_argument("action", choices=("disable", "enable"))
+    d.add_argument("index", type=int, metavar="N", help="device index (inferctl stats lists them)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
     try:
-        images = [read_image(f) for f in args.files] if args.command == "classify" else []
-    except (OSError, ValueError) as exc:
+        return _run(args)
+    except BrokenPipeError:
+        # the reader went away (| head): nothing more to say; keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except UsageError as exc:
         print(f"inferctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        with Client(args.socket, timeout=args.timeout) as client:
-            if args.command == "ping":
-                rtt = client.ping()
-                print(f"pong from {client.socket_path} in {rtt * 1e6:.0f} us (model {client.model.name})")
-            elif args.command == "flush-cache":
-                print(f"result cache flushed: {client.flush_cache()} entries dropped")
-            elif args.command == "info":
-                print(json.dumps({k: v for k, v in client.info().items() if k not in ("id", "ok")}, indent=2))
-            else:
-                for path, top in zip(args.files, client.classify_many(images, args.top_k)):
-                    shown = ", ".join(f"{p.label} {p.score:.3f}" for p in top)
-                    print(f"{path}: {shown}")
+    except PermissionDenied as exc:
+        print(f"inferctl: permission denied: {exc}", file=sys.stderr)
+        return EXIT_NOPERM
     except DaemonUnavailable as exc:
-        print(f"inferctl: {exc}", file=sys.stderr)
+        print(f"inferctl: {exc}\n  start the daemon with `inferd`, or point {_where(args)} at it",
+              file=sys.stderr)
         return EXIT_UNAVAILABLE
     except InferdError as exc:
         print(f"inferctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    return 0
+
+
+def _where(args) -> str:
+    if args.command in ("ping", "info", "classify"):
+        return "--socket / $INFERD_SOCKET"
+    return "--admin-socket / $INFERD_ADMIN_SOCKET (or --socket / $INFERD_SOCKET, beside which it lies)"
+
+
+def _out(args, data, text: str | None = None) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json or text is None else text, flush=True)
+
+
+def _admin(args) -> AdminClient:
+    return AdminClient(args.admin_socket or default_admin_path(args.socket), timeout=max(args.timeout, 60.0))
+
+
+def _run(args) -> int:
+    cmd = args.command
+    if cmd in ("ping", "info", "classify"):
+        return _client_command(args)
+    if cmd == "health":
+        return _health(args)
+    if cmd == "top":
+        return _top(args)
+    with _admin(args) as admin:
+        if cmd == "stats":
+            snap = admin.call("stats")
+            _out(args, snap, render_stats(snap))
+        elif cmd == "metrics":
+            text = admin.call("metrics")["text"]
+            if args.json:
+                _out(args, {"text": text})
+            else:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        elif cmd == "reload":
+            reply = admin.call("reload", **({"model": args.model} if args.model else {}))
+            m = reply["model"]
+            text = (f"model unchanged: {m['name']} (digest {m['digest']})" if not reply.get("changed") else
+                    f"now serving {m['name']} (digest {m['digest']}, generation {m['gen']}), "
+                    f"swapped in {reply['seconds']:.2f} s")
+            _out(args, reply, text)
+        elif cmd == "drain":
+            reply = admin.call("drain")
+            _out(args, reply, f"draining: {reply['outstanding']} requests in flight; the daemon exits when done")
+        elif cmd == "flush-cache":
+            reply = admin.call("flush_cache")
+            _out(args, reply, f"result cache flushed: {reply['dropped']} entries dropped")
+        elif cmd == "device":
+            reply = admin.call("device", index=args.index, action=args.action)
+            dev = reply["device"]
+            _out(args, reply, f"device {dev['index']} ({dev['name']}): {dev['state']}; "
+                              f"{reply['in_rotation']} device(s) in rotation")
+    return EXIT_OK
+
+
+def _client_command(args) -> int:
+    from inferd.client import Client
+
+    images = [read_image(f) for f in args.files] if args.command == "classify" else []
+    with Client(args.socket, timeout=args.timeout) as client:
+        if args.command == "ping":
+            rtt = client.ping()
+            _out(args, {"socket": client.socket_path, "rtt_us": round(rtt * 1e6, 1), "model": client.model.name},
+                 f"pong from {client.socket_path} in {rtt * 1e6:.0f} us (model {client.model.name})")
+        elif args.command == "info":
+            _out(args, {k: v for k, v in client.info().items() if k not in ("id", "ok")})
+        else:
+            tops = client.classify_many(images, args.top_k)
+            data = {path: [{"index": p.index, "label": p.label, "score": p.score} for p in top]
+                    for path, top in zip(args.files, tops)}
+            _out(args, data, "\n".join(f"{path}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in top)
+                                       for path, top in zip(args.files, tops)))
+    return EXIT_OK
+
+
+def _health(args) -> int:
+    path = args.admin_socket or default_admin_path(args.socket)
+    deadline = time.monotonic() + args.wait_timeout
+    delay = 0.05
+    while True:
+        try:
+            with AdminClient(path, timeout=10.0) as admin:
+                reply = admin.call("health")
+            if reply["ready"] or not args.wait:
+                break
+            last = f"daemon is {reply['state']} ({reply['in_rotation']} device(s) in rotation)"
+        except DaemonUnavailable as exc:
+            if not args.wait:
+                raise
+            last = str(exc)
+        if time.monotonic() + delay > deadline:
+            print(f"inferctl: not ready within {args.wait_timeout:.0f} s (--wait-timeout): {last}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        time.sleep(delay)  # noqa: sleep-ok: polling a daemon that is starting, with a deadline
+        delay = min(delay * 2, 0.5)
+    devices = ", ".join(f"{d['name']} {d['state']}" for d in reply["devices"])
+    m = reply["model"]
+    _out(args, reply, f"{reply['state']}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
+                      f"devices: {devices}")
+    return EXIT_OK if reply["ready"] else EXIT_ERROR
+
+
+def _top(args) -> int:
+    with _admin(args) as admin:
+        n = 0
+        while True:
+            snap = admin.call("stats")
+            if args.json:
+                _out(args, snap)
+            else:
+                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "")
+                sys.stdout.write(render_top(snap) + "\n")
+                sys.stdout.flush()
+            n += 1
+            if args.iterations is not None and n >= args.iterations:
+                return EXIT_OK
+            time.sleep(args.interval)  # noqa: sleep-ok: the refresh period of a live view
+
+
+# rendering -------------------------------------------------------------------------------------
+def _ms(v) -> str:
+    return "-" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}")
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+def _sizes(pairs: list) -> str:
+    """A batch-size distribution in a few characters: the top sizes by share."""
+    total = sum(n for _, n in pairs) or 1
+    top = sorted(pairs, key=lambda p: -p[1])[:3]
+    return " ".join(f"{size}:{100 * n / total:.0f}%" for size, n in top) or "-"
+
+
+def _device_rows(snap: dict) -> list[list]:
+    rows = []
+    for d in snap.get("devices", []):
+        fps, busy = d.get("frames_per_s", {}), d.get("busy_ratio", {})
+        lat = d.get("latency", {})
+        rows.append([f"{d['index']} {d.get('label', d.get('name'))}", d["state"],
+                     f"{fps.get('1s', 0):.0f}/{fps.get('10s', 0):.0f}/{fps.get('60s', 0):.0f}",
+                     f"{100 * busy.get('10s', 0):.0f}%", d.get("queued", 0), f"{d.get('batch_mean', 0):.1f}",
+                     _sizes(d.get("batch_sizes", [])), _ms(lat.get("p50_ms")), _ms(lat.get("p99_ms"))])
+    return rows
+
+
+_DEVICE_HEADER = ["device", "state", "frames/s 1s/10s/60s", "busy", "queue", "batch", "sizes",
+                  "p50 ms", "p99 ms"]
+
+
+def _cache_line(snap: dict) -> str:
+    c = snap.get("cache") or {}
+    if not c.get("enabled"):
+        return "cache: off"
+    return (f"cache: hit rate {100 * c.get('hit_rate', 0):.1f}% (daemon {c.get('daemon_hits', 0)}, "
+            f"client {c.get('client_hits', 0)}, misses {c.get('misses', 0)}), inserts {c.get('inserts', 0)}, "
+            f"evictions {c.get('evictions', 0)}, entries {c.get('used', '-')}")
+
+
+def render_top(snap: dict) -> str:
+    m = snap.get("model", {})
+    lat = snap.get("latency", {}).get("total", {})
+    head = (f"inferd {m.get('name', '?')} gen {m.get('gen', '?')}  up {snap.get('uptime_s', 0):.0f} s  "
+            f"sessions {snap.get('sessions', 0)}  p50 {_ms(lat.get('p50_ms'))} ms  p99 {_ms(lat.get('p99_ms'))} ms")
+    return "\n".join([head, _table(_device_rows(snap), _DEVICE_HEADER), _cache_line(snap)])
+
+
+def render_stats(snap: dict) -> str:
+    parts = [render_top(snap), ""]
+    lat = snap.get("latency", {})
+    parts.append(_table([[phase, h.get("count", 0), _ms(h.get("p50_ms")), _ms(h.get("p90_ms")),
+                          _ms(h.get("p99_ms"))] for phase, h in lat.items()],
+                        ["latency", "count", "p50 ms", "p90 ms", "p99 ms"]))
+    outcomes = snap.get("requests", {}).get("outcomes", {})
+    if outcomes:
+        parts += ["", "requests: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))]
+    uids = snap.get("uids", [])
+    if uids:
+        parts += ["", _table([[u["uid"], u["sessions"], u["in_flight"], u.get("requests", 0)] for u in uids],
+                             ["uid", "sessions", "in flight", "requests"])]
+    reloads = snap.get("reloads", {})
+    parts += ["", f"reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

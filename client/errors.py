@@ -84,6 +84,12 @@ class NoHealthyDevice(InferdError):
     code = wire.E_NO_HEALTHY_DEVICE
 
 
+class ReloadFailed(InferdError):
+    """Admin socket: the new model could not be loaded or warmed; the old one still serves."""
+
+    code = wire.E_RELOAD_FAILED
+
+
 _BY_CODE = {
     wire.E_BAD_FRAME: ProtocolError, wire.E_FRAME_TOO_LARGE: ProtocolError,
     wire.E_UNSUPPORTED_VERSION: ProtocolError, wire.E_UNKNOWN_OP: ProtocolError,
@@ -91,7 +97,7 @@ _BY_CODE = {
     wire.E_SLOT_BUSY: ProtocolError, wire.E_OVERLOADED: Overloaded,
     wire.E_DEADLINE_EXCEEDED: DeadlineExceeded, wire.E_PERMISSION_DENIED: PermissionDenied,
     wire.E_SHUTTING_DOWN: ShuttingDown, wire.E_INTERNAL: InferenceFailed,
-    wire.E_NO_HEALTHY_DEVICE: NoHealthyDevice,
+    wire.E_NO_HEALTHY_DEVICE: NoHealthyDevice, wire.E_RELOAD_FAILED: ReloadFailed,
 }
 
 

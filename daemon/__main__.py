@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(cfg, args, listener) -> int:
     import uvloop
 
+    from inferd.daemon import config as config_mod
     from inferd.daemon import model as model_mod
     from inferd.daemon.server import Server
     from inferd.shm.ring import sweep_stale
@@ -130,7 +131,9 @@ def _serve(cfg, args, listener) -> int:
                                             len(removed), ", ".join(removed))
     devices = _devices(cfg, args.device)
     model = model_mod.load(cfg.model)
-    return uvloop.run(Server(cfg, model, devices, listener).run())
+    # SIGHUP reads the same file with the same flags again (daemon/reload.py)
+    reread = lambda: config_mod.load(args.config, _overrides(args))
+    return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ unmapped slot. Canary batches (daemon/health.py) are requests without a session:
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -36,6 +38,7 @@ import torch
 
 from inferd.daemon.model import LoadedModel, check_output, logits_of
 from inferd.daemon.preprocess import Preprocess
+from inferd.daemon.profile import LatencyProfile
 from inferd.daemon.queues import plan_batch
 
 log = logging.getLogger("inferd.batcher")
@@ -72,6 +75,7 @@ class Request:
     tag: str | None = None   # client tag stored with the embedding
     args: object = None      # op-specific (near: (k, min_similarity))
     followers: list = field(default_factory=list)   # identical frames of the session: (id, slot, top_k)
+    gen: int = 0             # model generation at admission: the digest ``key`` was made with
 
 
 @dataclass(slots=True)
@@ -94,6 +98,19 @@ class BatchResult:
     seconds: float = 0.0                           # copy + model time of the batch
     started: float = 0.0                           # the thread's clock when it took the batch
     finished: float = 0.0                          # ... and when the batch was done (daemon/stats.py)
+    gen: int = 0                                   # generation of the model that computed it
+
+
+@dataclass(slots=True, eq=False)
+class _Runner:
+    """One model as this thread runs it: the device replica, its preprocessing, its profile."""
+
+    model: LoadedModel
+    replica: object
+    preprocess: Preprocess
+    embedding_dim: int
+    keep_k: int
+    profile: LatencyProfile
 
 
 class BatchingThread(threading.Thread):
@@ -116,6 +133,9 @@ class BatchingThread(threading.Thread):
         self._clock = clock
         self.embedding_dim = 0
         self.store = None                  # the EmbeddingStore, set by the server once it is open
+        self._active: _Runner | None = None     # the model this thread serves
+        self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
+        self._requests: collections.deque = collections.deque()   # from the loop: stage/activate
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
@@ -123,22 +143,75 @@ class BatchingThread(threading.Thread):
         dev = self.device.torch_device
         if dev.type == "cpu" and self.device.threads:
             torch.set_num_threads(self.device.threads)
-        spec = self._model.spec
-        self._replica = self._model.replica(dev)
-        staging = torch.zeros((self._max_batch, *spec.frame_shape), dtype=torch.uint8,
+        staging = torch.zeros((self._max_batch, *self._model.spec.frame_shape), dtype=torch.uint8,
                               pin_memory=dev.type == "cuda")
         self._staging, self._staging_np = staging, staging.numpy()
-        self._preprocess = Preprocess(spec.mean, spec.std, dev)
+        self._active = self._load(self._model, self._keep_k, self.device.profile)
+        self.embedding_dim = self._active.embedding_dim
+
+    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> "_Runner":
+        """Put ``model`` on this thread's device, check its output, warm it up (teaching
+        ``profile``). Runs on this thread: see check_output on why never on another."""
+        dev = self.device.torch_device
+        spec = model.spec
+        runner = _Runner(model, model.replica(dev), Preprocess(spec.mean, spec.std, dev), 0, keep_k, profile)
         if spec.embedding_layer:
-            _hook(dict(self._replica.named_modules())[spec.embedding_layer])
-        self.embedding_dim = check_output(spec, self._replica, dev, embed=_embedding)
+            _hook(dict(runner.replica.named_modules())[spec.embedding_layer])
+        runner.embedding_dim = check_output(spec, runner.replica, dev, embed=_embedding)
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in sorted({1, self._max_batch}):
                 t0 = time.perf_counter()
-                self._forward(size, 1)
-                self.device.profile.observe(size, time.perf_counter() - t0)
+                self._forward(size, 1, runner=runner)
+                profile.observe(size, time.perf_counter() - t0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        return runner
+
+    # model swap (NOTE [ model swap ] in daemon/reload.py) ---------------------------------------
+    def stage(self, model: LoadedModel, keep_k: int) -> Future:
+        """Ask this thread to load and warm ``model`` beside the one it serves, between two
+        batches. The future gets the embedding width, or the exception that stopped it."""
+        future: Future = Future()
+        self._requests.append(("stage", model, keep_k, future))
+        self.device.queue.wake()
+        return future
+
+    def activate(self, gen: int, store) -> Future:
+        """Serve the staged model of generation ``gen`` (with embedding ``store``) from the next
+        batch on; the batch running now finishes with the old one. The future is done once this
+        thread has let go of the old model."""
+        future: Future = Future()
+        self._requests.append(("activate", gen, store, future))
+        self.device.queue.wake()
+        return future
+
+    def discard(self, gen: int) -> None:
+        """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
+        self._requests.append(("discard", gen, None, None))
+        self.device.queue.wake()
+
+    def _serve_requests(self) -> None:
+        while self._requests:
+            what, a, b, future = self._requests.popleft()
+            if what == "stage":
+                if future.set_running_or_notify_cancel():
+                    try:
+                        self._staged = self._load(a, b, LatencyProfile())
+                    except BaseException as exc:  # reported to the reload, which keeps the old model
+                        self._staged = None
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(self._staged.embedding_dim)
+            elif what == "activate":
+                if self._staged is not None and self._staged.model.gen == a:
+                    self._active, self._staged = self._staged, None
+                    self.store = b
+                    self.embedding_dim = self._active.embedding_dim
+                    self.device.profile = self._active.profile
+                if future.set_running_or_notify_cancel():
+                    future.set_result(self._active.model.gen)
+            elif what == "discard" and self._staged is not None and self._staged.model.gen == a:
+                self._staged = None
 
     def run(self) -> None:
         _current.device = self.device
@@ -152,6 +225,8 @@ class BatchingThread(threading.Thread):
         dev = self.device
         while (batch := dev.queue.take(self._plan, IDLE_TIMEOUT)) is not None:
             dev.beat = self._clock()
+            if self._requests:
+                self._serve_requests()
             if not batch:
                 batch = self._steal()
                 if not batch:
@@ -165,24 +240,26 @@ class BatchingThread(threading.Thread):
         victim, count = self._policy.steal_from(dev, self._peers, self._clock(), self._max_batch)
         return victim.queue.steal(count) if victim is not None else []
 
-    def _forward(self, n: int, k: int, want_embedding: bool = False):
+    def _forward(self, n: int, k: int, want_embedding: bool = False, runner: "_Runner | None" = None):
         """Top-k (indices, scores) lists of the first n staged frames, and their embeddings
         (float32 unit rows, numpy) when asked for and the model has them."""
+        runner = runner or self._active
         frames = self._staging[:n]
         dev = self.device.torch_device
         if dev.type != "cpu":
             frames = frames.to(dev, non_blocking=True)
         with torch.inference_mode():
-            raw = self._replica(self._preprocess(frames))
+            raw = runner.replica(runner.preprocess(frames))
             scores, indices = torch.softmax(logits_of(raw).float(), dim=1).topk(k, dim=1)
-            vectors = _embedding(raw) if want_embedding and self.embedding_dim else None
+            vectors = _embedding(raw) if want_embedding and runner.embedding_dim else None
         if vectors is not None:
             vectors = vectors.cpu().numpy()
         return indices.cpu().tolist(), scores.cpu().tolist(), vectors
 
     def _run_batch(self, batch: list) -> BatchResult:
         dev = self.device
-        result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None)
+        result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None,
+                             gen=self._active.model.gen)
         now = result.started = result.finished = self._clock()
         # a full batch is never shrunk for its oldest (NOTE [ batch planning ]): who cannot finish
         # within it is not computed; otherwise only who is already late
@@ -220,7 +297,8 @@ class BatchingThread(threading.Thread):
         return result
 
     def _compute(self, live: list) -> tuple[list, object, float]:
-        spec = self._model.spec
+        runner = self._active
+        spec = runner.model.spec
         shape, nbytes = spec.frame_shape, spec.frame_bytes
         t0 = time.perf_counter()
         for i, r in enumerate(live):
@@ -230,7 +308,8 @@ class BatchingThread(threading.Thread):
                 self._staging_np[i].fill(0)
             else:
                 np.copyto(self._staging_np[i], r.ring.slot(r.slot, nbytes).reshape(shape))
-        keep = [max(r.top_k, self._keep_k) for r in live]
+        # a request admitted under the previous model may ask for more classes than this one has
+        keep = [min(max(r.top_k, runner.keep_k), len(spec.labels)) for r in live]
         # embeddings only when a store keeps them: otherwise normalising and copying them out is
         # work on every batch that nothing reads
         indices, scores, vectors = self._forward(len(live), max(keep), want_embedding=self.store is not None)

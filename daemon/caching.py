@@ -68,10 +68,27 @@ class Memory:
         t0 = time.perf_counter()
         frame = ring.slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape).copy()
         content = cachefile.content_hash(frame)
-        key = cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
+        key = self.key(content)
         self.counters["hash_seconds"] += time.perf_counter() - t0
         self.counters["hashed"] += 1
         return frame, content, key
+
+    def key(self, content: bytes) -> bytes:
+        """The cache key of a content hash under the current model."""
+        return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
+
+    def flush(self) -> tuple[int, int]:
+        """Empty the result cache: (entries dropped, new generation)."""
+        dropped = self.cache.stats()["used"]
+        return dropped, self.cache.flush()
+
+    def switch_model(self, model) -> None:
+        """Key by ``model`` from now on (a reload). The cache is emptied: no entry of the old
+        model can be answered under a key a client still makes with the old digest."""
+        self.spec, self.digest = model.spec, model.digest
+        if self.cache is not None:
+            self.keep_k = min(self.cache.geometry.max_k, len(model.spec.labels))
+            self.cache.flush()
 
     def lookup(self, key: bytes, top_k: int):
         """Cached top pairs (at least top_k of them), or None. Counts the lookup."""

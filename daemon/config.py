@@ -36,8 +36,9 @@ def _opt(default, doc, *, lo=None, hi=None, choices=None):
 
 @dataclass
 class ServerConfig:
-    socket: str = _opt("", "socket path; empty: /run/inferd/inferd.sock as root, else "
-                           "$XDG_RUNTIME_DIR/inferd/inferd.sock (/tmp/inferd-UID/inferd.sock without it)")
+    socket: str = _opt("", "socket path; empty: $INFERD_SOCKET (what clients read too), else "
+                           "/run/inferd/inferd.sock as root, else $XDG_RUNTIME_DIR/inferd/inferd.sock "
+                           "(/tmp/inferd-UID/inferd.sock without it)")
     socket_mode: int = _opt(0o660, "permission bits of the socket file (TOML: 0o660 or \"0660\")",
                             lo=0, hi=0o777)
     allow_uids: list = _opt(None, "uids allowed to connect besides the daemon's own and root")
@@ -160,7 +161,7 @@ class Config:
 
     @property
     def socket_path(self) -> str:
-        return self.server.socket or default_socket_path()
+        return self.server.socket or os.environ.get("INFERD_SOCKET") or default_socket_path()
 
     @property
     def admin_socket_path(self) -> str:

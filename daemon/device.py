@@ -11,7 +11,7 @@ import torch
 from inferd.daemon.profile import LatencyProfile
 from inferd.daemon.queues import DeviceQueue
 
-HEALTHY, OUT, PROBING = "healthy", "out", "probing"
+HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
 
 
 class Device:

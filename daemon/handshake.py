@@ -21,11 +21,15 @@ import logging
 import os
 
 from inferd.daemon.listener import peer_credentials, send_with_fds
+from inferd.daemon.logs import RateLimitedLog
 from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
 from inferd.shm.ring import Ring, RingGeometry
 
 log = logging.getLogger("inferd.handshake")
+# one line per burst, not per connection: a refusing flood must not flood the journal too
+_refused = RateLimitedLog(log, interval=10.0)
+_dropped = RateLimitedLog(log, interval=10.0)
 
 
 async def handshake(server, conn) -> None:
@@ -41,7 +45,7 @@ async def handshake(server, conn) -> None:
         try:
             geometry = check_hello(server, hello, peer)
         except Rejected as exc:
-            log.info("hello from pid %d refused: %s", peer[0], exc)
+            _refused.info("hello from pid %d uid %d refused: %s", peer[0], peer[1], exc)
             await loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
             conn.close()
             return
@@ -57,7 +61,7 @@ async def handshake(server, conn) -> None:
             for f in fds:
                 os.close(f)
     except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
-        log.info("connection dropped during hello: %r", exc)
+        _dropped.info("connection dropped during hello: %r", exc)
         if ring is not None:
             ring.close()
         conn.close()

@@ -5,6 +5,8 @@
     OUT     --backoff elapsed: one canary batch (a blank frame) queued--> PROBING
     PROBING --the canary succeeds----------------------------------------> HEALTHY (backoff reset)
     PROBING --the canary raises or overruns its bound--------------------> OUT (backoff doubled)
+    any     --an operator's `inferctl device disable N`------------------> DISABLED (no canaries)
+    DISABLED --`inferctl device enable N`-----------------------------------> HEALTHY (backoff reset)
 
 Watchdog bound of a batch of b frames: max(health.watchdog_floor_s, health.watchdog_factor * L(b))
 with L the device's measured profile. The monitor (``check``) runs on the event loop at least every
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from inferd.daemon.device import HEALTHY, OUT, PROBING
+from inferd.daemon.device import DISABLED, HEALTHY, OUT, PROBING
 
 log = logging.getLogger("inferd.health")
 
@@ -59,12 +61,28 @@ class HealthMonitor:
         if dev.state == HEALTHY and dev.failures >= self.cfg.max_failures:
             self._out(dev, f"{dev.failures} batches in a row failed, last: {error}", stuck=False)
 
+    def disable(self, dev, who: str) -> None:
+        """Out of rotation on an operator's word: queued work moves to the other devices, the
+        running batch finishes here, and no canary brings it back until ``enable``."""
+        if dev.state == DISABLED:
+            return
+        dev.canary_pending = False
+        dev.outs += 1
+        self._transition(dev, DISABLED, f"disabled {who}")
+        self._on_out(dev, f"disabled {who}", False)
+
+    def enable(self, dev, who: str) -> None:
+        if dev.state != DISABLED:
+            return
+        dev.failures, dev.backoff = 0, 0.0
+        self._transition(dev, HEALTHY, f"enabled {who}")
+
     def check(self) -> None:
         """Watchdog and canary pass over every device (call at least every ``tick`` seconds)."""
         now = self._clock()
         for dev in self.devices:
             started = dev.running_since
-            if dev.state != OUT and started is not None:
+            if dev.state in (HEALTHY, PROBING) and started is not None:
                 bound = self.bound(dev, dev.running_size)
                 if now - started > bound:
                     self._out(dev, f"batch of {dev.running_size} running for {now - started:.2f} s, "
@@ -86,7 +104,7 @@ class HealthMonitor:
         self._on_out(dev, reason, stuck)
 
     def _transition(self, dev, state: str, reason: str) -> None:
-        level = logging.INFO if state != OUT else logging.WARNING
+        level = logging.WARNING if state in (OUT, DISABLED) else logging.INFO
         log.log(level, "device %s: %s -> %s: %s", dev.label, dev.state, state, reason)
         self._counters[f"health_{state}"] += 1
         dev.state = state

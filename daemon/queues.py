@@ -79,6 +79,7 @@ class DeviceQueue:
         self._last_put = None
         self.gap = math.inf          # smoothed seconds between arrivals; read without the lock
         self._stopped = False
+        self._woken = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -113,6 +114,13 @@ class DeviceQueue:
         taken.reverse()
         return taken
 
+    def wake(self) -> None:
+        """Make a waiting ``take`` return at once ([] if nothing is ready), so the batching thread
+        looks at what the loop asked of it (daemon/batcher.py: stage / activate a model)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -126,6 +134,9 @@ class DeviceQueue:
         with self._cond:
             idle_until = self._clock() + idle_timeout
             while True:
+                if self._woken:
+                    self._woken = False
+                    return []
                 if not self._items:
                     if self._stopped:
                         return None

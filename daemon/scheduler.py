@@ -72,6 +72,19 @@ class Scheduler:
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
         self.memory = Memory(cfg, spec, digest, self.counters)
+        self.model = None                   # the LoadedModel serving now (set by the server)
+
+    @property
+    def gen(self) -> int:
+        return self.model.gen if self.model is not None else 0
+
+    def switch_model(self, model) -> None:
+        """Admit and key new requests for ``model`` (a reload switched to it, daemon/reload.py):
+        its spec for checks, its digest for cache keys. Empties the result cache, so a client
+        still keying by the old digest misses and learns the new model from its next reply."""
+        self.model = model
+        self.spec = model.spec
+        self.memory.switch_model(model)
 
     # admission --------------------------------------------------------------------------------
     def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
@@ -101,7 +114,7 @@ class Scheduler:
                 return
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag,
-                          args=_near_args(msg) if op == "near" else None)
+                          args=_near_args(msg) if op == "near" else None, gen=self.gen)
         device = self._admit(request, now)
         session.inflight[slot] = rid
         self.stats.admitted(session.peer[1])
@@ -118,7 +131,8 @@ class Scheduler:
             if hit is not None:
                 memory.retag(content, tag)
                 self.stats.outcome("cached")
-                session.send({"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]], "cached": True})
+                session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
+                                                   "cached": True}, self.gen))
                 return True
             leader = session.pending.get(key)
             if leader is not None and not leader.done:
@@ -132,7 +146,7 @@ class Scheduler:
             vector = memory.store.get(content)
             if vector is not None:
                 self.stats.outcome("cached")
-                session.send(self._embedding_reply(rid, op, vector, content, None))
+                session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None), self.gen))
                 return True
         return False
 
@@ -179,16 +193,19 @@ class Scheduler:
                 dev.frames += 1
                 answered.append(r)
                 vector = vectors[i] if vectors is not None else None
-                if r.op != "near":                         # a query is searched, never stored
-                    self.memory.remember(r.key if r.op == "classify" else b"", r.content, top, vector, r.tag)
+                if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
+                    # an answer of the model before a swap is never stored (NOTE [ model swap ])
+                    self.memory.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
+                                         vector, r.tag)
                 if r.op == "classify":
-                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]})
+                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
+                                 result.gen)
                 else:
                     message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
                     if not message["ok"]:
                         answered.pop()
                         self.stats.outcome("failed")
-                    self._answer(replies, r, lambda rid, k, m=message: m)
+                    self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
         for r in result.expired:
             if live(r):
                 self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
@@ -217,13 +234,32 @@ class Scheduler:
         c["expired"] += len(result.expired)
         c["dropped"] += len(result.dropped)
 
-    def _answer(self, replies: dict, r: Request, make) -> None:
-        """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it."""
+    def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
+        """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
+        an answer computed by model generation ``gen`` says so (``_stamp``)."""
         chunks = replies.setdefault(r.session, [])
-        chunks.append(wire.encode(make(r.id, r.top_k)))
+        stamp = (lambda m: self._stamp(r.session, m, gen)) if gen else (lambda m: m)
+        chunks.append(wire.encode(stamp(make(r.id, r.top_k))))
         for rid, slot, top_k in r.followers:
-            chunks.append(wire.encode(make(rid, top_k)))
+            chunks.append(wire.encode(stamp(make(rid, top_k))))
         self._finish(r)
+
+    def _stamp(self, session, message: dict, gen: int) -> dict:
+        """Mark an answer with the model generation that computed it; the first answer of a newer
+        generation than the session knows also carries that model's description."""
+        if message.get("ok"):
+            message["gen"] = gen
+            if gen > session.told_gen and gen == self.gen:
+                message["model"] = self.model.describe()
+                session.told_gen = gen
+        return message
+
+    def _key_for(self, r: Request) -> bytes:
+        """The cache key of a request's answer under the current model: its admission key, or a
+        new one when it was admitted (and keyed) under the model before a swap."""
+        if r.gen == self.gen or not r.key:
+            return r.key
+        return self.memory.key(r.content)
 
     def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
         """The reply to embed (the vector) or near (``matches``, searched by the batching thread)."""

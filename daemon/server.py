@@ -23,7 +23,9 @@ from inferd.daemon import exitcodes, metrics
 from inferd.daemon.batcher import BatchingThread, BatchResult
 from inferd.daemon.device import Device
 from inferd.daemon.config import Config, ConfigError
+from inferd.daemon.admin import AdminServer
 from inferd.daemon.handshake import handshake
+from inferd.daemon.reload import ACTIVATE_WAIT_S, ReloadError, reload_model
 from inferd.daemon.listener import Listener
 from inferd.daemon.model import LoadedModel
 from inferd.daemon.notify import notify
@@ -37,7 +39,7 @@ log = logging.getLogger("inferd.server")
 
 class Server:
     def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
-                 clock=time.monotonic):
+                 clock=time.monotonic, reread_config=None):
         self.cfg = cfg
         self.model = model
         self.devices = devices
@@ -46,6 +48,12 @@ class Server:
         self.sessions: dict[int, Session] = {}
         self.draining = False
         self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
+        self.scheduler.model = model
+        self.state = "starting"             # -> ready -> draining (health on the admin socket)
+        self.reloading = False
+        self.admin: AdminServer | None = None
+        self._reread_config = reread_config  # SIGHUP: a fresh Config from the same file and flags
+        self._retired: list = []             # embedding stores of models swapped out
         self.counters = self.scheduler.counters
         self._clock = clock
         self._sids = itertools.count(1)
@@ -61,19 +69,24 @@ class Server:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        self.admin = AdminServer(self, self.cfg.admin_socket_path, self.cfg.server.admin_group)
+        await self.admin.start()            # up while starting: `inferctl health --wait` asks it
         if not await self._start_devices():
             self._stop_devices()
             self.listener.close()
+            self.admin.close()
             return exitcodes.STARTUP_FAILED
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)
+        self.state = "ready"
         accept = loop.create_task(self._accept_loop())
         watchdog = loop.create_task(self._watchdog())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/watchdog.py)
         notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
                f"{', '.join(d.name for d in self.devices)}")
-        log.info("ready: serving %s on %s at %s", self.model.spec.name,
-                 ", ".join(d.name for d in self.devices), self.listener.path)
+        log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
+                 self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
         await self._stop.wait()
         watchdog.cancel()
         await self._drain(accept)
@@ -90,6 +103,27 @@ class Server:
     def handle_stop_signal(self, sig: signal.Signals) -> None:
         log.info("%s: draining", signal.Signals(sig).name)
         self._stop.set()
+
+    def handle_reload_signal(self) -> None:
+        """SIGHUP: read the configuration again and swap to its model (NOTE [ model swap ])."""
+        task = self._loop.create_task(self._reload_from_config())
+        self._handshakes.add(task)          # kept referenced; cancelled by a drain
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _reload_from_config(self) -> None:
+        try:
+            fresh = self._reread_config() if self._reread_config is not None else self.cfg
+        except ConfigError as exc:
+            log.error("SIGHUP: the configuration no longer loads; still serving %s: %s",
+                      self.model.spec.name, exc)
+            self.reload_done(False)
+            return
+        log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
+        try:
+            await reload_model(self, fresh.model)
+        except ReloadError:
+            return                          # logged by reload_model
+        self.cfg.model = fresh.model
 
     async def _start_devices(self) -> bool:
         memory = self.scheduler.memory
@@ -123,6 +157,7 @@ class Server:
 
     async def _drain(self, accept: asyncio.Task) -> None:
         self.draining = self.scheduler.draining = True
+        self.state = "draining"
         self.scheduler.on_idle = self._drained.set
         notify("STOPPING=1")
         accept.cancel()
@@ -145,6 +180,9 @@ class Server:
         self.sessions.clear()
         await asyncio.to_thread(self.metrics.close)       # before what a scrape reads closes
         self.scheduler.memory.close()
+        for store in self._retired:
+            store.close()
+        self.admin.close()
         log.info("stopped")
 
     def _stop_devices(self) -> None:
@@ -169,18 +207,53 @@ class Server:
     def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
         self.scheduler.submit(session, rid, msg, op)
 
-    def flush_cache(self, session: Session) -> dict:
-        """Empty the result cache; only root or the daemon's own uid may."""
-        if session.peer[1] not in (0, os.geteuid()):
-            raise Rejected(wire.E_PERMISSION_DENIED, "only root or the daemon's user may flush the cache")
+    # admin operations (daemon/admin.py) -----------------------------------------------------
+    def health(self) -> dict:
+        in_rotation = sum(d.healthy for d in self.devices)
+        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0, "live": True,
+                "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
+                "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
+                "in_rotation": in_rotation, "pid": self.pid}
+
+    def request_drain(self, who: str) -> dict:
+        log.info("%s: draining", who)
+        self._stop.set()
+        return {"draining": True, "outstanding": self.scheduler.outstanding}
+
+    def flush_cache(self, peer: tuple) -> dict:
+        """Empty the result cache (admin socket only)."""
         cache = self.scheduler.memory.cache
         if cache is None:
             raise Rejected(wire.E_INVALID_INPUT, "the result cache is disabled (cache.enabled)")
-        dropped = cache.stats()["used"]
-        generation = cache.flush()
-        log.info("result cache flushed by pid %d: %d entries dropped, generation %d",
-                 session.peer[0], dropped, generation)
+        dropped, generation = self.scheduler.memory.flush()
+        log.info("result cache flushed by pid %d uid %d: %d entries dropped", peer[0], peer[1], dropped)
         return {"dropped": dropped, "generation": generation}
+
+    def set_device(self, index: int, enable: bool, who: str) -> dict:
+        """Take a device out of rotation (its queued work moves to the others) or put it back."""
+        dev = self.devices[index]
+        health = self.scheduler.health
+        (health.enable if enable else health.disable)(dev, f"by {who}")
+        return {"device": {"index": dev.index, "name": dev.label, "state": dev.state},
+                "in_rotation": sum(d.healthy for d in self.devices)}
+
+    def reload_done(self, ok: bool) -> None:
+        self.scheduler.stats.reload_done(ok)
+
+    def retire(self, store, activated: list) -> None:
+        """Close a swapped-out model's embedding store once every batching thread let go of it
+        (``activated``: their futures); at shutdown if one never does."""
+        self._retired.append(store)
+        futures = [asyncio.wrap_future(f) for f in activated]
+
+        async def close_when_released():
+            done, pending = await asyncio.wait(futures, timeout=ACTIVATE_WAIT_S)
+            if not pending and store in self._retired:
+                self._retired.remove(store)
+                store.close()
+        task = self._loop.create_task(close_when_released())
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     def next_session_id(self) -> int:
         return next(self._sids)

@@ -89,6 +89,7 @@ class Session(asyncio.Protocol):
         self.inflight: dict[int, int] = {}
         self.pending: dict[bytes, object] = {}    # cache key -> Request in flight (coalescing)
         self.closed = False
+        self.told_gen = 0                      # newest model generation this client was told of
         self.transport: asyncio.Transport | None = None
         self._reader = wire.FrameReader(server.cfg.server.max_frame_bytes)
         self._leftover = leftover
@@ -132,7 +133,8 @@ class Session(asyncio.Protocol):
             if op in ("classify", "embed", "near"):
                 self.server.submit(self, rid, msg, op)
             elif op == "flush_cache":
-                self.send({"id": rid, "ok": True, **self.server.flush_cache(self)})
+                raise Rejected(wire.E_UNKNOWN_OP, "flush_cache moved to the admin socket: "
+                               "`inferctl flush-cache` (root, the daemon's user or server.admin_group)")
             elif op == "hits":
                 self._client_hits(msg.get("n"))     # a notification: no reply
             elif op == "ping":
@@ -143,7 +145,7 @@ class Session(asyncio.Protocol):
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:
                 raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
-                               "hits, ping, info, flush_cache")
+                               "hits, ping, info")
         except Rejected as exc:
             self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
 

@@ -49,13 +49,18 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
     workdir = workdir or short_dir()
     prefix = f"inferdt{secrets.token_hex(4)}"
     default_device = [] if "--device" in args else ["--device", "cpu:1"]
-    d = Daemon.start(["--model", model, "--set", f'ring.shm_prefix="{prefix}"',
+    d = Daemon.start([*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
                       "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
                       *default_device, *args],
                      socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
                      wait=wait)
     d.prefix, d.workdir = prefix, workdir
     return d
+
+
+def admin_path(daemon) -> str:
+    """The daemon's admin socket: admin.sock beside its client socket (server.admin_socket's default)."""
+    return os.path.join(os.path.dirname(daemon.socket_path), "admin.sock")
 
 
 def shm_leftovers(prefix: str) -> list[str]:
