@@ -89,7 +89,8 @@ class Exporter:
             try:
                 self._httpd, self._thread = start_http_server(port, host, self.registry)
             except OSError as exc:
-                raise ConfigError(f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+                raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
+                                  f"{exc.strerror or exc}") from None
             self.address = (host, self._httpd.server_port)
             log.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
                      self.address[1])
@@ -122,7 +123,8 @@ class Exporter:
             return future.result(SCRAPE_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"the event loop did not hand over a snapshot within {SCRAPE_TIMEOUT_S} s") from None
+            raise TimeoutError(f"the event loop did not hand over a snapshot within "
+                               f"{SCRAPE_TIMEOUT_S} s") from None
 
     def close(self) -> None:
         """Stop the HTTP listener (blocks up to its 0.5 s poll interval)."""
@@ -200,7 +202,8 @@ def families(s: dict):
     uid_sessions = GaugeMetricFamily("inferd_uid_sessions", "Sessions open, per client uid", labels=["uid"])
     uid_flight = GaugeMetricFamily("inferd_uid_requests_in_flight", "Slots holding a request in flight, "
                                    "per client uid", labels=["uid"])
-    uid_total = CounterMetricFamily("inferd_uid_requests", "Requests admitted, per client uid", labels=["uid"])
+    uid_total = CounterMetricFamily("inferd_uid_requests", "Requests admitted, per client uid",
+                                    labels=["uid"])
     for u in s["uids"]:
         uid = str(u["uid"])
         uid_sessions.add_metric([uid], u["sessions"])

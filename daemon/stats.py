@@ -20,9 +20,9 @@ NOTE [ stats ]
     Scheduler._finish                               uid.in_flight -= 1 + followers
     HealthMonitor._transition                       device state, since (monotonic and wall), count
     Server.session_opened / session_closed          uid.sessions +- 1
-    Memory (daemon/caching.py)                      cache counters in ``counters``; entries used kept
-                                                    by the cache file itself (insert / flush)
-    reload code                                     reloads[ok | failed]
+    Memory (daemon/caching.py): lookups, inserts,   cache counters in ``counters``; entries used kept
+      a client's report of its own hits             by the cache file itself (insert / flush)
+    the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
 
 Everything is written on the event loop thread, and read there too (an HTTP scrape hops onto the
 loop: daemon/metrics.py), so there are no locks and a reading is one consistent moment. The

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import RawClient, spawn_daemon, wait_until
+from helpers import RawClient, wait_until
 from inferd.daemon.batcher import BatchResult
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.device import Device
@@ -263,6 +263,7 @@ def test_prometheus_families_of_a_snapshot_parse_back(spec):
     snap = sched.stats.snapshot()
     snap.update(model={"name": "shapes", "digest": "d" * 8, "gen": 0}, pid=1, policy="weighted",
                 in_flight=sched.outstanding, sessions={"open": 1, "opened": 1}, cache=sched.memory.stats())
+    assert wire.decode_body(wire.encode(snap)[wire.HEADER_SIZE:]) == snap      # msgpack carries it as is
     text = generate_latest(SnapshotCollector(lambda: snap)).decode()
     samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
                for fam in text_string_to_metric_families(text) for x in fam.samples}
