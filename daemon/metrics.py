@@ -249,6 +249,8 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
                                          "device, queued or running", labels=labels),
     }
     sizes = HistogramMetricFamily("inferd_device_batch_size", "Frames per computed batch", labels=labels)
+    latency = HistogramMetricFamily("inferd_device_request_duration_seconds", "Latency (admission to "
+                                    "reply) of the requests the device computed", labels=labels)
     for d in devices:
         dev = [d["label"]]
         for state in (*DEVICE_STATES, *([d["state"]] if d["state"] not in DEVICE_STATES else [])):
@@ -267,9 +269,11 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
         fams["outstanding"].add_metric(dev, d["outstanding"])
         sizes.add_metric(dev, _size_buckets(d["batch_sizes"], max_batch),
                          float(sum(size * n for size, n in d["batch_sizes"])))
+        latency.add_metric(dev, _latency_buckets(d["latency"]["buckets"]), d["latency"]["sum_s"])
     yield from fams.values()
     if histograms:
         yield sizes
+        yield latency
 
 
 def _cache_families(c: dict, counters: dict):

@@ -12,7 +12,7 @@ NOTE [ stats ]
       admitted                                      uid.in_flight += 1, uid.requests += 1
     Scheduler.on_batch_done (one call per batch)    device: frames, batches, busy seconds, per-second
       BatchResult.started / finished (the batching    ring (frames/s and busy ratio over 1, 10, 60 s),
-      thread's clock), replies written at ``now``     batch-size histogram;
+      thread's clock), replies written at ``now``     batch-size and request-latency histograms;
                                                     per request: queue = started - arrived,
                                                     compute = finished - started,
                                                     reply = now - finished, total = now - arrived
@@ -29,8 +29,8 @@ loop: daemon/metrics.py), so there are no locks and a reading is one consistent 
 batching threads write nothing here: the two times they take per batch travel in the BatchResult.
 
 Cost on the request path: a histogram observe is one ``bisect`` and two additions; per request
-the scheduler makes two (queue and total), per batch three more (compute, reply, batch size) and
-one per-second ring update. ``metrics.enabled = false`` skips the histograms; counters, gauges and
+the scheduler makes three (queue, total, and total again for its device), per batch three more
+(compute, reply, batch size) and one per-second ring update. ``metrics.enabled = false`` skips the histograms; counters, gauges and
 rates are always kept (they cost an addition each).
 
 Time is monotonic seconds from an injected ``clock`` (tests drive it); wall-clock time is used
@@ -195,7 +195,7 @@ class Window:
 class DeviceStats:
     """What one device did: totals, its rate window, batch sizes, health transitions."""
 
-    __slots__ = ("device", "frames", "batches", "failed_batches", "busy", "window", "sizes",
+    __slots__ = ("device", "frames", "batches", "failed_batches", "busy", "window", "sizes", "latency",
                  "state", "since", "since_wall", "transitions")
 
     def __init__(self, device, max_batch: int, now: float, wall: float):
@@ -204,6 +204,7 @@ class DeviceStats:
         self.busy = 0.0
         self.window = Window()
         self.sizes = SizeHistogram(max_batch)
+        self.latency = Histogram(LATENCY_BOUNDS)   # total latency of the requests it computed
         self.state = device.state
         self.since, self.since_wall = now, wall
         self.transitions = collections.Counter()
@@ -295,10 +296,12 @@ class Stats:
             lat = self.latency
             lat["compute"].observe(finished - started, n)
             lat["reply"].observe(now - finished, n)
-            queue, total = lat["queue"], lat["total"]
+            queue, total, dev_total = lat["queue"], lat["total"], rec.latency
             for r in answered:
                 queue.observe(started - r.arrived)
-                total.observe(now - r.arrived)
+                seconds = now - r.arrived
+                total.observe(seconds)
+                dev_total.observe(seconds)
                 if now > r.deadline:
                     self.late += 1
 
@@ -328,7 +331,7 @@ class Stats:
                 "busy_ratio": {f"{w}s": round(v, 4) for w, v in ratio.items()},
                 "batch_sizes": rec.sizes.pairs(),
                 "batch_mean": round(rec.sizes.sum / max(sum(rec.sizes.counts), 1), 3),
-                "batch_ms": dev.profile.snapshot()}
+                "latency": rec.latency.summary(), "batch_ms": dev.profile.snapshot()}
 
     def snapshot(self) -> dict:
         """Everything above as plain data (str keys, ints, floats, lists): see Server.stats_snapshot."""

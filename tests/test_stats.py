@@ -199,6 +199,7 @@ def test_per_uid_slots_go_up_at_admission_and_down_at_the_reply(spec):
         i = LATENCY_BOUNDS.index(next(b for b in LATENCY_BOUNDS if b >= seconds - 1e-9))
         assert LATENCY_BOUNDS[i - 1] <= h.quantile(0.5) <= LATENCY_BOUNDS[i], phase
     assert stats.devices[dev].sizes.pairs() == [[5, 1]]
+    assert stats.devices[dev].latency.count == 5 and 0.631 <= stats.devices[dev].latency.quantile(0.5) <= 1.0
     stats.session_closed(1000)
     assert stats.uids[1000].sessions == 1
     assert sched.stats.snapshot()["uids"] == [
@@ -356,6 +357,7 @@ def test_a_daemon_counts_exactly_what_its_clients_sent(fresh_daemon):
     for phase in ("queue", "compute", "reply", "total"):
         assert _total(after, "inferd_request_duration_seconds_count", phase=phase) == sent, phase
     assert _total(after, "inferd_device_batch_size_sum") == sent
+    assert _total(after, "inferd_device_request_duration_seconds_count") == sent
     assert _total(after, "inferd_device_batch_size_count") == _total(after, "inferd_device_batches_total")
     assert _total(after, "inferd_uid_requests_total", uid=uid) == sent
     assert _total(after, "inferd_uid_requests_in_flight", uid=uid) == 0
