@@ -52,6 +52,20 @@ class ServerConfig:
                                  "admin.sock beside the client socket")
     admin_group: str = _opt("", "group (name or number) whose members may use the admin socket "
                                 "(socket mode 0660); empty: root and the daemon's user only (0600)")
+    max_sessions_per_uid: int = _opt(32, "sessions one uid may hold at once (below max_clients, so a "
+                                         "new uid can always connect)", lo=1, hi=65536)
+    max_inflight_per_uid: int = _opt(2048, "requests one uid may have in flight over all its sessions",
+                                     lo=1, hi=1 << 24)
+    idle_timeout_s: float = _opt(600.0, "a session with nothing in flight that sends nothing for this "
+                                        "long is closed (0: never)", lo=0.0, hi=86400.0)
+    frame_timeout_s: float = _opt(10.0, "a frame begun must be complete within this (a half-sent "
+                                        "frame holds nothing longer)", lo=0.01, hi=3600.0)
+    max_frames_per_turn: int = _opt(32, "frames of one client handled before the loop serves the "
+                                        "others", lo=1, hi=65536)
+    reply_buffer_bytes: int = _opt(1 << 20, "replies queued for a client that does not read, before "
+                                            "the daemon stops reading its requests", lo=4096, hi=1 << 30)
+    unread_timeout_s: float = _opt(30.0, "a client whose replies stay over reply_buffer_bytes this "
+                                         "long is disconnected", lo=0.01, hi=86400.0)
 
 
 @dataclass
@@ -79,6 +93,10 @@ class BatchingConfig:
 class DispatchConfig:
     policy: str = _opt("weighted", "weighted (earliest expected finish, idle devices steal) or "
                                    "round_robin", choices=POLICIES)
+    fair_share: bool = _opt(True, "share each device between uids by deficit round robin "
+                                  "(NOTE [ batch planning ]); false: first come, first served")
+    weights: dict = _opt(None, "fair-share weights: uid or @group to a weight, e.g. "
+                               "{ \"1000\" = 2, \"@render\" = 4 }; others weigh 1")
 
 
 @dataclass
@@ -129,6 +147,8 @@ class EmbeddingsConfig:
     path: str = _opt("", "store file; empty: embeddings-<model digest>.store beside the result cache")
     capacity: int = _opt(100_000, "embeddings kept (oldest replaced first); exact search is fine to ~100k",
                          lo=1, hi=10_000_000)
+    shared: bool = _opt(False, "near-duplicate results and tags are visible to every uid; false: a "
+                               "uid sees only the images it stored itself")
 
 
 @dataclass
@@ -213,6 +233,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif kind == "list":
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if lo is not None and not lo <= value <= hi:
         raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo} to {hi}")
@@ -246,6 +269,14 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel), got {vals!r}")
         if key == "model.std" and not all(v > 0 for v in vals):
             raise ConfigError(f"{key}: every std must be > 0, got {vals!r}")
+    for who, weight in (cfg.dispatch.weights or {}).items():
+        if not (who.isdigit() or (who.startswith("@") and len(who) > 1)):
+            raise ConfigError(f"dispatch.weights: key {who!r} is not a uid or @group")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1000:
+            raise ConfigError(f"dispatch.weights.{who}: {weight!r} is not a weight above 0, at most 1000")
+    if cfg.server.max_sessions_per_uid >= cfg.server.max_clients:
+        raise ConfigError(f"server.max_sessions_per_uid: {cfg.server.max_sessions_per_uid} must be below "
+                          f"server.max_clients ({cfg.server.max_clients}), so a new uid can always connect")
     if cfg.health.backoff_s > cfg.health.backoff_max_s:
         raise ConfigError(f"health.backoff_s: {cfg.health.backoff_s} is above health.backoff_max_s "
                           f"({cfg.health.backoff_max_s})")

@@ -189,7 +189,7 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
     expected = [level_of(int(f.mean().round())) for f in frames]
     for r in range(rounds):
         d = fresh_daemon(model="synthetic", workdir=workdir, socket_path=os.path.join(workdir, f"s{r}.sock"))
-        client = Client(d.socket_path, ring_slots=64)
+        client = Client(d.socket_path, ring_slots=64, reconnect=False)   # the kill must end its flood
         digest, preprocess = client.model.digest, client.preprocess_id
         start = rng.randrange(0, len(frames) - 512)
         t = threading.Thread(target=_flood, args=(client, frames[start:start + 512]))
