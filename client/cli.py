@@ -309,8 +309,11 @@ def _cache_line(snap: dict) -> str:
 def render_top(snap: dict) -> str:
     m = snap.get("model", {})
     lat = snap.get("latency", {}).get("total", {})
+    sessions = snap.get("sessions", 0)
+    sessions = sessions.get("open", 0) if isinstance(sessions, dict) else sessions
     head = (f"inferd {m.get('name', '?')} gen {m.get('gen', '?')}  up {snap.get('uptime_s', 0):.0f} s  "
-            f"sessions {snap.get('sessions', 0)}  p50 {_ms(lat.get('p50_ms'))} ms  p99 {_ms(lat.get('p99_ms'))} ms")
+            f"sessions {sessions}  in flight {snap.get('in_flight', 0)}  "
+            f"p50 {_ms(lat.get('p50_ms'))} ms  p99 {_ms(lat.get('p99_ms'))} ms")
     return "\n".join([head, _table(_device_rows(snap), _DEVICE_HEADER), _cache_line(snap)])
 
 
