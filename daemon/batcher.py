@@ -40,6 +40,7 @@ from inferd.daemon.model import LoadedModel, check_output, logits_of
 from inferd.daemon.preprocess import Preprocess
 from inferd.daemon.profile import LatencyProfile
 from inferd.daemon.queues import plan_batch
+from inferd.shm.ring import RingError
 
 log = logging.getLogger("inferd.batcher")
 
@@ -81,7 +82,7 @@ class Request:
 @dataclass(slots=True)
 class BatchResult:
     """One batch, back to the loop: every request taken (with its attempt then), each also in
-    exactly one of done / expired / dropped / failed."""
+    exactly one of done / expired / dropped / failed / unreadable."""
 
     device: object
     requests: list
@@ -94,6 +95,8 @@ class BatchResult:
     expired: list = field(default_factory=list)    # deadline passed while queued: not computed
     dropped: list = field(default_factory=list)    # session closed: not computed, no reply
     failed: list = field(default_factory=list)     # the batch raised: re-dispatched or failed
+    unreadable: list = field(default_factory=list) # (request, why): its slot could not be read
+                                                   # whole (a posix ring its client shrank)
     error: str = ""
     seconds: float = 0.0                           # copy + model time of the batch
     started: float = 0.0                           # the thread's clock when it took the batch
@@ -278,9 +281,9 @@ class BatchingThread(threading.Thread):
         dev.running_size, dev.running_since = len(live), now
         outs = dev.outs
         try:
-            result.top, result.embeddings, result.seconds = self._compute(live)
+            result.top, result.embeddings, result.seconds = self._compute(live, result.unreadable)
             result.done = live
-            if dev.outs == outs:
+            if dev.outs == outs and live:
                 # a batch its device was taken out during (stuck) says nothing about its speed;
                 # learning from it would stretch the next watchdog bound by its whole hang
                 dev.profile.observe(len(live), result.seconds)
@@ -296,18 +299,30 @@ class BatchingThread(threading.Thread):
             result.finished = self._clock()
         return result
 
-    def _compute(self, live: list) -> tuple[list, object, float]:
+    def _compute(self, live: list, unreadable: list) -> tuple[list, object, float]:
+        """Stage and run ``live``. A request whose slot cannot be read whole leaves ``live`` for
+        ``unreadable`` (its own error; the others of the batch are computed)."""
         runner = self._active
         spec = runner.model.spec
         shape, nbytes = spec.frame_shape, spec.frame_bytes
         t0 = time.perf_counter()
-        for i, r in enumerate(live):
+        staged = []
+        for r in live:
+            row = self._staging_np[len(staged)]
             if r.frame is not None:                 # the daemon's private (hashed) copy
-                np.copyto(self._staging_np[i], r.frame.reshape(shape))
+                np.copyto(row, r.frame.reshape(shape))
             elif r.ring is None:                    # canary: a blank frame
-                self._staging_np[i].fill(0)
+                row.fill(0)
             else:
-                np.copyto(self._staging_np[i], r.ring.slot(r.slot, nbytes).reshape(shape))
+                try:                                # never a mapped read of an unsealed ring
+                    r.ring.read_slot(r.slot, nbytes, out=row)
+                except RingError as exc:
+                    unreadable.append((r, f"slot {r.slot} cannot be read: {exc}"))
+                    continue
+            staged.append(r)
+        live[:] = staged
+        if not live:
+            return [], None, time.perf_counter() - t0
         # a request admitted under the previous model may ask for more classes than this one has
         keep = [min(max(r.top_k, runner.keep_k), len(spec.labels)) for r in live]
         # embeddings only when a store keeps them: otherwise normalising and copying them out is

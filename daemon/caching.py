@@ -23,7 +23,10 @@ import time
 
 import numpy as np
 
+from inferd.daemon.session import Rejected
 from inferd.shm import cache as cachefile
+from inferd.shm import wire
+from inferd.shm.ring import RingError
 
 log = logging.getLogger("inferd.caching")
 
@@ -64,9 +67,13 @@ class Memory:
                  self.cfg.embeddings.capacity, dim)
 
     def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
-        """(frame copy, content hash, cache key) for a checked slot."""
+        """(frame copy, content hash, cache key) for a checked slot. Rejected (invalid_input) when
+        the slot cannot be read whole: a posix ring its client shrank (inferd.shm.ring)."""
         t0 = time.perf_counter()
-        frame = ring.slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape).copy()
+        try:
+            frame = ring.read_slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape)
+        except RingError as exc:
+            raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} cannot be read: {exc}") from None
         content = cachefile.content_hash(frame)
         key = self.key(content)
         self.counters["hash_seconds"] += time.perf_counter() - t0

@@ -215,6 +215,10 @@ class Scheduler:
             if live(r):
                 self.stats.outcome("dropped")
                 self._finish(r)
+        for r, why in result.unreadable:   # its client shrank its (posix) ring: its error alone
+            if live(r):
+                self.stats.outcome(wire.E_INVALID_INPUT)
+                self._answer(replies, r, lambda rid, k, why=why: wire.error(rid, wire.E_INVALID_INPUT, why))
         if result.canary:
             ok = not result.failed
             (self.health.batch_ok if ok else self.health.batch_failed)(dev, True, *(() if ok else (result.error,)))

@@ -31,12 +31,22 @@ The daemon never writes a slot and never trusts the header read back from memory
 geometry it created and checks every slot, byte count and shape a client names against it. A client
 that writes a SUBMITTED slot can only spoil its own answer.
 
-Backends. ``memfd`` (default, Linux): an anonymous memfd sealed against shrinking and growing, so a
-hostile client cannot ftruncate the ring under the daemon's mapping (which would make the daemon's
-next read of it a SIGBUS); it never has a name in /dev/shm at all. ``posix``: a posix-ipc shared
-memory object, unlinked right after the daemon maps it (the client gets the descriptor, never the
-name); for hosts without memfd. It cannot be sealed; a name left by a daemon killed between create
-and unlink is removed by :func:`sweep_stale` at the next start.
+Backends, and why no client can crash the daemon through its ring. A read through a mapping of
+memory that its file no longer covers is a SIGBUS, and a client holds the ring's descriptor, so it
+could ftruncate it; the daemon therefore only ever reads rings that cannot shrink through a mapping:
+
+- ``memfd`` (default, Linux): an anonymous memfd sealed against shrinking and growing (and against
+  new seals), so ftruncate fails with EPERM and the daemon's mapping stays whole. It never has a
+  name in /dev/shm at all.
+- ``posix``: a posix-ipc shared memory object, unlinked right after creation (the client gets the
+  descriptor, never the name); for hosts without memfd. It cannot be sealed, so the daemon never
+  maps it: it keeps a descriptor and reads slots with ``pread`` (:meth:`Ring.read_slot`). A client
+  that shrank its ring gets a short read there, a ``RingError`` for its own request, never a
+  signal. (A size check before a mapped read would race with ftruncate: not safe.) A name left by
+  a daemon killed between create and unlink is removed by :func:`sweep_stale` at the next start.
+
+The daemon reads slots only with :meth:`Ring.read_slot` (a private copy, either backend); ``slot``
+views are for the client, which writes through its own mapping.
 """
 from __future__ import annotations
 
@@ -111,34 +121,51 @@ def _make_posix(size: int, prefix: str) -> int:
 
 
 class Ring:
-    """One mapping of a ring. ``create`` on the daemon side, ``attach`` on the client side.
+    """One side of a ring. ``create`` on the daemon side, ``attach`` on the client side.
 
-    ``array`` is a flat uint8 view of the whole mapping; slices of it must not outlive ``close()``.
-    ``close()`` is idempotent and safe on a half-built ring.
+    ``array`` is a flat uint8 view of the whole mapping (None for the daemon's unmapped posix ring);
+    slices of it must not outlive ``close()``. ``close()`` is idempotent and safe on a half-built
+    ring.
     """
 
-    def __init__(self, mm: mmap.mmap, geometry: RingGeometry):
+    def __init__(self, mm: mmap.mmap | None, geometry: RingGeometry, fd: int | None = None):
         self.geometry = geometry
         self._mm = mm
-        self.array = np.frombuffer(mm, dtype=np.uint8)
+        self._fd = fd                                    # the daemon's posix ring: read with pread
+        self.array = np.frombuffer(mm, dtype=np.uint8) if mm is not None else None
+
+    @property
+    def mapped(self) -> bool:
+        """True when this side reads and writes through a mapping (memfd, or the client's side)."""
+        return self._mm is not None
 
     @classmethod
     def create(cls, geometry: RingGeometry, *, backend: str = "memfd",
                prefix: str = "inferd") -> tuple["Ring", int]:
-        """Create, map and write the header. Returns the ring and a descriptor to hand over
-        (the caller closes it once sent)."""
+        """Create and write the header. Returns the ring and a descriptor to hand over (the caller
+        closes it once sent). A memfd ring is sealed and mapped; a posix ring is not mapped here:
+        this side keeps a descriptor of its own and reads it with ``pread`` (see the module)."""
         if backend not in BACKENDS:
             raise RingError(f"ring backend {backend!r} is not one of {BACKENDS}")
         size = geometry.total_size
-        fd = (_make_memfd if backend == "memfd" else _make_posix)(size, prefix)
-        try:
-            mm = mmap.mmap(fd, size)
-            _HEADER.pack_into(mm, 0, MAGIC, FORMAT_VERSION, geometry.slots, geometry.slot_bytes,
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, geometry.slots, geometry.slot_bytes,
                               geometry.stride, DATA_OFFSET, size)
+        fd = (_make_memfd if backend == "memfd" else _make_posix)(size, prefix)
+        own = None
+        try:
+            if backend == "memfd":
+                mm = mmap.mmap(fd, size)
+                mm[:len(header)] = header
+                return cls(mm, geometry), fd
+            os.pwrite(fd, header, 0)
+            own = os.dup(fd)
+            os.set_inheritable(own, False)
+            return cls(None, geometry, own), fd
         except BaseException:
             os.close(fd)
+            if own is not None:
+                os.close(own)
             raise
-        return cls(mm, geometry), fd
 
     @classmethod
     def attach(cls, fd: int) -> "Ring":
@@ -165,15 +192,50 @@ class Ring:
         return cls(mm, geometry)
 
     def slot(self, index: int, nbytes: int) -> np.ndarray:
-        """A view of the first ``nbytes`` of slot ``index``. Callers have checked both bounds."""
+        """A view of the first ``nbytes`` of slot ``index`` in this side's mapping (the client
+        writes frames through it). Callers have checked both bounds."""
+        if self.array is None:
+            raise RingError("this ring is not mapped (the daemon's posix ring): read it with read_slot")
         start = self.geometry.offset(index)
         return self.array[start:start + nbytes]
 
+    def read_slot(self, index: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        """A private copy of the first ``nbytes`` of slot ``index``: into ``out`` (a C-contiguous
+        array of exactly ``nbytes`` bytes, any shape; returned) or a new uint8 array. Never a
+        signal, whatever the client did to its ring: RingError when the slot cannot be read whole
+        (a posix ring its client shrank), or when ``index`` / ``nbytes`` are outside the geometry."""
+        g = self.geometry
+        if not (0 <= index < g.slots and 0 <= nbytes <= g.slot_bytes):
+            raise RingError(f"slot {index}, {nbytes} bytes is outside this ring's {g.slots} slots of "
+                            f"{g.slot_bytes} bytes")
+        if out is None:
+            out = np.empty(nbytes, dtype=np.uint8)
+        elif out.nbytes != nbytes or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous array of {nbytes} bytes")
+        start = g.offset(index)
+        if self._mm is not None:                         # sealed (memfd): the mapping cannot shrink
+            out.reshape(-1).view(np.uint8)[:] = self.array[start:start + nbytes]
+            return out
+        if self._fd is None:
+            raise RingError("the ring is closed")
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:]], start + done)
+            if n == 0:
+                raise RingError(f"slot {index} holds only {done} of {nbytes} bytes: the ring was "
+                                "shrunk under the request (ftruncate); only the client that owns "
+                                "it can do that")
+            done += n
+        return out
+
     def close(self) -> None:
         mm, self._mm = self._mm, None
+        fd, self._fd = self._fd, None
         self.array = None
         if mm is not None:
             mm.close()
+        if fd is not None:
+            os.close(fd)
 
 
 def sweep_stale(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:

@@ -35,11 +35,18 @@ class Daemon(DaemonProcess):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def ring_maps(self) -> int:
-        """How many ring mappings the daemon process holds, from /proc/PID/maps (memfd rings show as
-        ``/memfd:PREFIX-ring``, posix rings as ``/dev/shm/PREFIX.PID.N.X (deleted)``)."""
-        marks = (f"memfd:{self.prefix}-ring", f"/dev/shm/{self.prefix}.")
+        """How many rings the daemon process holds: memfd rings by their mapping in /proc/PID/maps
+        (``/memfd:PREFIX-ring``), posix rings by their descriptor in /proc/PID/fd (the daemon never
+        maps those, see inferd.shm.ring: ``/dev/shm/PREFIX.PID.N.X (deleted)``)."""
         with open(f"/proc/{self.pid}/maps") as fh:
-            return sum(any(m in line for m in marks) for line in fh)
+            mapped = sum(f"memfd:{self.prefix}-ring" in line for line in fh)
+        held = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                held += os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith(f"/dev/shm/{self.prefix}.")
+            except FileNotFoundError:                    # closed since the listing
+                pass
+        return mapped + held
 
 
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,

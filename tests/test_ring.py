@@ -27,8 +27,10 @@ def test_create_attach_round_trip_shares_memory(backend):
         assert other.geometry == owner.geometry
         payload = np.arange(12288, dtype=np.uint8)
         other.slot(3, 12288)[:] = payload
-        assert np.array_equal(owner.slot(3, 12288), payload)
-        assert not owner.slot(2, 12288).any()
+        assert np.array_equal(owner.read_slot(3, 12288), payload)
+        assert not owner.read_slot(2, 12288).any()
+        out = np.empty((64, 64, 3), np.uint8)
+        assert owner.read_slot(3, 12288, out=out) is out and np.array_equal(out.reshape(-1), payload)
         other.close()
     finally:
         os.close(fd)
@@ -41,6 +43,43 @@ def test_posix_backend_leaves_no_name_behind():
     owner, fd = Ring.create(RingGeometry(2, 64), backend="posix", prefix="inferdtestposix")
     try:
         assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("inferdtestposix")]
+    finally:
+        os.close(fd)
+        owner.close()
+
+
+def test_the_daemon_reads_a_shrunk_posix_ring_as_an_error_not_a_signal():
+    """A posix ring cannot be sealed: its client may ftruncate it. The daemon's side is not mapped
+    (a mapped read past the new end would be a SIGBUS); read_slot's pread comes up short instead."""
+    owner, fd = Ring.create(RingGeometry(4, 4096), backend="posix", prefix="inferdtestshrink")
+    client = Ring.attach(fd)
+    try:
+        assert not owner.mapped and client.mapped
+        client.slot(1, 4096)[:] = 7
+        assert (owner.read_slot(1, 4096) == 7).all()
+        client.close()                                   # the client unmaps, then shrinks it
+        os.ftruncate(fd, DATA_OFFSET + 4096 + 100)       # slot 0 whole, slot 1 cut at 100 bytes
+        assert owner.read_slot(0, 4096).shape == (4096,)
+        with pytest.raises(RingError, match="holds only 100 of 4096 bytes"):
+            owner.read_slot(1, 4096)
+        os.ftruncate(fd, 0)
+        with pytest.raises(RingError, match="holds only 0 of"):
+            owner.read_slot(0, 10)
+        with pytest.raises(RingError, match="not mapped"):
+            owner.slot(0, 10)
+    finally:
+        client.close()
+        os.close(fd)
+        owner.close()
+        owner.close()
+
+
+@pytest.mark.parametrize("index, nbytes", [(-1, 1), (4, 1), (0, 4097), (0, -1)])
+def test_read_slot_refuses_what_is_outside_the_geometry(backend, index, nbytes):
+    owner, fd = Ring.create(RingGeometry(4, 4096), backend=backend, prefix="inferdtestbounds")
+    try:
+        with pytest.raises(RingError, match="outside this ring"):
+            owner.read_slot(index, nbytes)
     finally:
         os.close(fd)
         owner.close()
