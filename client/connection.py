@@ -149,10 +149,12 @@ class Connection:
         return reply
 
     def _open_cache(self, fd: int, info: dict) -> None:
-        """Map the daemon's result cache read-only from the descriptor it sent. A cache that cannot
-        be read only costs round trips, so it is skipped rather than fatal."""
+        """Map the daemon's result cache read-only from the descriptor it sent: the descriptor
+        itself, never a path (the file is the daemon's user's alone, 0600: reopening it, even as
+        /proc/self/fd/N, would be refused to any other uid). A cache that cannot be read only
+        costs round trips, so it is skipped rather than fatal."""
         try:
-            self.cache = cachefile.ResultCache.open_reader(f"/proc/self/fd/{fd}")
+            self.cache = cachefile.ResultCache.open_reader(fd)
         except cachefile.CacheError:
             return
         self.preprocess_id = info["preprocess"]

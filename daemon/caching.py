@@ -13,6 +13,13 @@ over lookups (daemon-side) and the hits clients report (client-side). While it i
 ``cache.min_hit_rate`` only 1 in ``cache.sample_every`` misses is inserted, so a stream of unique
 images costs a hash and a lookup per frame but almost no inserts; once repeats show up, inserts
 resume for every miss.
+
+Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
+daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
+handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
+near-duplicate search, its tags and its ``embed`` shortcuts see only the rows it stored itself,
+unless ``embeddings.shared`` opens every row to every uid (the store applies that rule: see
+daemon/embeddings.py).
 """
 from __future__ import annotations
 
@@ -53,8 +60,8 @@ class Memory:
 
     def open_cache(self, path: str) -> None:
         c = self.cfg.cache
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.cache = cachefile.ResultCache.open_writer(path, c.size_mb * 2**20, log=log)
+        private_directory(os.path.dirname(path) or ".")
+        self.cache = cachefile.ResultCache.open_writer(path, c.size_mb * 2**20, mode=0o600, log=log)
         self.keep_k = min(self.cache.geometry.max_k, len(self.spec.labels))
         log.info("result cache %s: %d MiB", path, c.size_mb)
 
@@ -150,3 +157,18 @@ class Memory:
         for thing in (self.cache, self.store):
             if thing is not None:
                 thing.close()
+
+
+def private_directory(path: str) -> None:
+    """Make ``path`` 0700 when it is missing; warn when an existing one lets other users list it
+    (the files in it are 0600 either way, but their names tell which models this host runs)."""
+    try:
+        os.makedirs(path, mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o044:
+        log.warning("directory %s is mode %03o: other users can list the cache and embedding files in "
+                    "it (not read them: those are 0600); chmod 0700 it, or CacheDirectoryMode=0700 "
+                    "under systemd", path, mode)

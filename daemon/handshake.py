@@ -53,7 +53,7 @@ async def handshake(server, conn) -> None:
         ring, fd = Ring.create(geometry, backend=cfg.ring.backend, prefix=cfg.ring.shm_prefix)
         fds = [fd]
         if server.scheduler.memory.cache is not None:     # read-only: clients look up, never write
-            fds.append(os.open(cfg.cache_path, os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(server.scheduler.memory.cache.share_fd())   # O_RDONLY: see inferd.shm.cache
         sid = server.next_session_id()
         try:
             await send_with_fds(loop, conn, wire.encode(hello_reply(server, rid, sid, geometry)), fds)

@@ -4,6 +4,16 @@ Key = BLAKE3(model digest, preprocessing spec, frame content hash): a new model 
 no old entry can match. Only the daemon maps it writable (under an exclusive ``flock``) and inserts
 answers computed from its own private copy of the frame; clients map it ``ACCESS_READ``.
 
+Who may read it: the file is mode 0600, the daemon's user's alone, so no other local user can list
+what this host classified. A client maps the descriptor the daemon hands it at hello
+(:meth:`ResultCache.share_fd`, opened ``O_RDONLY`` by the daemon) and never opens a path: with an
+``O_RDONLY`` descriptor the kernel refuses a shared writable mapping (``PROT_WRITE`` with
+``MAP_SHARED`` needs ``O_RDWR``: EACCES), ``write``/``pwrite`` (EBADF) and ``ftruncate`` (EINVAL), for
+root too; a private (copy-on-write) mapping never reaches the file. Reopening ``/proc/self/fd/N``
+would check the file's mode again, which is why clients of other uids map the descriptor itself.
+A client can still tell whether an image it holds was classified here (a hit), as with any shared
+cache; it cannot enumerate entries it cannot name.
+
 File layout (all integers little-endian)::
 
     offset  size  field                                                   written by the daemon
@@ -61,8 +71,6 @@ from typing import NamedTuple
 
 import blake3
 import numpy as np
-
-from inferd.shm import ownedfile
 
 from inferd.shm import ownedfile
 
@@ -174,6 +182,7 @@ class ResultCache:
         self.geometry = geom
         self._mm = mm
         self._fd = fd                                    # the writer's descriptor holds the flock
+        self._ro_fd: int | None = None                   # the writer's read-only one, for share_fd
         self._entry = geom.entry_size
         self._set_bytes = geom.ways * geom.entry_size
         self._lock = threading.Lock()
@@ -185,9 +194,10 @@ class ResultCache:
 
     @classmethod
     def open_writer(cls, path, size_bytes: int, max_k: int = 16, *, ways: int = 8,
-                    mode: int = 0o644, log=None) -> "ResultCache":
+                    mode: int = 0o600, log=None) -> "ResultCache":
         """The daemon's mapping; creates PATH, or rebuilds it (one line to ``log``: a Logger, a
-        callable or None for ``inferd.cache``). ``mode`` is exact, not umasked: clients only read."""
+        callable or None for ``inferd.cache``). ``mode`` is exact, not umasked, and an existing
+        file is narrowed to it: clients read through :meth:`share_fd`, not the path."""
         set_bytes = ways * (PAIRS_OFFSET + 8 * max_k)
         if not 1 <= max_k <= 1024 or ways < 1 or size_bytes < HEADER_SIZE + set_bytes:
             raise ValueError(f"cache of {size_bytes} bytes with max_k={max_k}, ways={ways}: needs max_k "
@@ -198,29 +208,57 @@ class ResultCache:
         except OSError as exc:
             raise CacheError(f"cannot open result cache {path}: {exc.strerror}; check that its "
                              f"directory exists and the daemon's user may write there") from exc
+        ro = None
         try:
+            # The descriptor clients get (share_fd): read-only, and of this very inode; opened
+            # through the path only now, while the writer's lock keeps the path on this inode.
+            ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if not os.path.samestat(os.fstat(ro), os.fstat(fd)):
+                raise CacheError(f"result cache {path} was replaced while opening it")
             mm = mmap.mmap(fd, size_bytes)
         except BaseException:
             os.close(fd)
+            if ro is not None:
+                os.close(ro)
             raise
-        return cls(path, mm, fd, geom)
+        cache = cls(path, mm, fd, geom)
+        cache._ro_fd = ro
+        return cache
+
+    def share_fd(self) -> int:
+        """A new read-only (``O_RDONLY``) descriptor of the writer's file, for a client to map (the
+        caller closes it once sent). Nobody holding it can write the file: see the module."""
+        if self._ro_fd is None:
+            raise CacheError(f"share_fd needs open_writer; result cache {self.path} is read-only or closed")
+        return os.dup(self._ro_fd)                       # dup: close-on-exec is not inherited
 
     @classmethod
-    def open_reader(cls, path) -> "ResultCache":
-        """A client's ``ACCESS_READ`` mapping; CacheUnavailable if missing, unreadable or not valid."""
+    def open_reader(cls, source: int | str) -> "ResultCache":
+        """A client's ``ACCESS_READ`` mapping of ``source``: the descriptor the daemon handed over
+        (mapped as it is, never reopened; it stays the caller's to close) or, for tools and tests
+        run as the daemon's user, a path. CacheUnavailable if missing, unreadable or not valid."""
+        if isinstance(source, int):
+            return cls._map_reader(source, f"result cache (descriptor {source} from the daemon)")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CacheUnavailable(f"cannot read result cache {path}: {exc.strerror}") from None
+            raise CacheUnavailable(f"cannot read result cache {source}: {exc.strerror}") from None
+        try:
+            return cls._map_reader(fd, f"result cache {source}")
+        finally:
+            os.close(fd)                                 # the mapping keeps its own reference
+
+    @classmethod
+    def _map_reader(cls, fd: int, what: str) -> "ResultCache":
         try:
             size = os.fstat(fd).st_size
             problem, geom = _parse_header(os.pread(fd, 48, 0), size)
             if problem is not None:
-                raise CacheUnavailable(f"result cache {path}: {problem}; the daemon rebuilds it at start")
+                raise CacheUnavailable(f"{what}: {problem}; the daemon rebuilds it at start")
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            return cls(path, mm, None, geom)
-        finally:
-            os.close(fd)                                 # the mapping keeps its own reference
+        except OSError as exc:
+            raise CacheUnavailable(f"cannot map {what}: {exc.strerror}") from None
+        return cls(what, mm, None, geom)
 
     def lookup(self, key: bytes) -> list[tuple[int, float]] | None:
         """The stored answer for ``key``, or None (absent, being written, torn or corrupt)."""
@@ -340,8 +378,11 @@ class ResultCache:
     def close(self) -> None:
         mm, self._mm = self._mm, None
         fd, self._fd = self._fd, None
+        ro, self._ro_fd = self._ro_fd, None
         if mm is not None:
             mm.close()
+        if ro is not None:
+            os.close(ro)
         if fd is not None:
             os.close(fd)                                 # releases the writer lock
 

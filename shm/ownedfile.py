@@ -8,6 +8,10 @@ reason) is set aside as ``PATH.corrupt-<unix time>`` and replaced, with one log 
 is built under a temporary name (size, header, lock) and then linked to PATH (when PATH is missing)
 or renamed over it (when replacing; we hold the old file's lock), so readers never see it half
 written and a file never shrinks under a reader's mapping (which would be a SIGBUS).
+
+Its mode is ``mode`` exactly, whoever made it: a fresh file is fchmod'ed (the umask does not
+decide), and an existing file of a wider mode (one an older daemon made 0644) is narrowed before
+anything else, with one log line, so neither it nor the copy set aside can be read by others.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import time
 from typing import Callable
 
@@ -63,6 +68,16 @@ def _install(path: str, size: int, header: bytes, mode: int, problem: str | None
     return fd
 
 
+def _narrow(fd: int, path: str, mode: int, what: str, log) -> None:
+    """Give the open file exactly ``mode`` (it is ours: we hold its lock)."""
+    found = stat.S_IMODE(os.fstat(fd).st_mode)
+    if found != mode:
+        os.fchmod(fd, mode)
+        log = _log if log is None else log
+        (log.warning if isinstance(log, logging.Logger) else log)(
+            f"{what} {path}: mode {found:04o} narrowed to {mode:04o}")
+
+
 def acquire(path: str, *, size: int, header: bytes, problem: Callable[[int], str | None], mode: int,
             what: str, log=None, locked: type = OwnedFileLocked, error: type = OwnedFileError) -> int:
     """A descriptor of PATH, locked, that passed ``problem`` (or was rebuilt with ``header``).
@@ -84,6 +99,8 @@ def acquire(path: str, *, size: int, header: bytes, problem: Callable[[int], str
                 current = os.path.samestat(os.stat(path), os.fstat(fd))
             except FileNotFoundError:
                 current = False
+            if current:
+                _narrow(fd, path, mode, what, log)
             reason = problem(fd) if current else None
             new_fd = _install(path, size, header, mode, reason, what, log) if reason else None
         except BaseException:
