@@ -56,15 +56,15 @@ def search_time(sizes, dim: int, queries: int, k: int = 5) -> dict:
             try:
                 t0 = time.perf_counter()
                 for i in range(n):
-                    store.add(i.to_bytes(32, "little"), vecs[i], str(i))
+                    store.add(i.to_bytes(32, "little"), vecs[i], str(i), uid=0)
                 add_s = time.perf_counter() - t0
                 qs = rng.standard_normal((queries + 20, dim)).astype(np.float32)
                 qs /= np.linalg.norm(qs, axis=1, keepdims=True)
                 it = iter(qs)
-                got = store.search(qs[0], k, -1.0)
+                got = store.search(qs[0], k, -1.0, uid=0)
                 exact = np.argsort(-(vecs @ qs[0]), kind="stable")[:k]
                 ok = [t for _, t, _ in got] == [str(i) for i in exact]
-                t_store = time_calls(lambda: store.search(next(it), k, -1.0), queries, warmup=10)
+                t_store = time_calls(lambda: store.search(next(it), k, -1.0, uid=0), queries, warmup=10)
             finally:
                 store.close()
 

@@ -289,7 +289,8 @@ class BatchingThread(threading.Thread):
                 dev.profile.observe(len(live), result.seconds)
             if self.store is not None and result.embeddings is not None:
                 # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
-                result.matches = {i: self.store.search(result.embeddings[i], *r.args)
+                # ... among the rows its uid may see (daemon/embeddings.py: per uid unless shared)
+                result.matches = {i: self.store.search(result.embeddings[i], *r.args, uid=r.session.peer[1])
                                   for i, r in enumerate(live) if r.op == "near"}
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)

@@ -68,8 +68,9 @@ class Memory:
     def open_store(self, path: str, dim: int) -> None:
         from inferd.daemon.embeddings import EmbeddingStore
 
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim, log=log)
+        private_directory(os.path.dirname(path) or ".")
+        self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
+                                         shared=self.cfg.embeddings.shared, log=log)
         log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
                  self.cfg.embeddings.capacity, dim)
 
@@ -118,8 +119,9 @@ class Memory:
             self.counters["client_hits"] += n
             self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
 
-    def remember(self, key: bytes, content: bytes, top: list, vector, tag) -> None:
-        """After a computed answer: insert (sampled while the hit rate is low), keep the embedding."""
+    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int) -> None:
+        """After a computed answer: insert (sampled while the hit rate is low), keep the embedding
+        as ``uid``'s (the uid of the request's session)."""
         if self.cache is not None and key:
             self._misses += 1
             if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0:
@@ -129,14 +131,16 @@ class Memory:
             else:
                 self.counters["inserts_skipped"] += 1
         if self.store is not None and vector is not None and content:
-            self.store.add(content, vector, tag)
+            self.store.add(content, vector, tag, uid=uid)
 
-    def retag(self, content: bytes, tag) -> None:
-        """A tagged request answered from the cache: give its stored embedding the new tag."""
+    def retag(self, content: bytes, tag, uid: int) -> None:
+        """A tagged request of ``uid`` answered from the cache: ``uid``'s row for the frame takes
+        the tag. The vector may come from any uid's row (it depends on the bytes alone and is not
+        sent anywhere); no other uid's row or tag changes."""
         if tag is not None and self.store is not None:
-            vector = self.store.get(content)
+            vector = self.store.get(content, uid=None)
             if vector is not None:
-                self.store.add(content, vector, tag)
+                self.store.add(content, vector, tag, uid=uid)
 
     def stats(self) -> dict:
         c = self.counters

@@ -1,14 +1,21 @@
-"""The embedding store: unit vectors kept per frame content hash, with near-duplicate search.
+"""The embedding store: unit vectors kept per (uid, frame content hash), with near-duplicate search.
 
-The daemon alone opens it (an exclusive ``flock`` on the file; clients ask through the daemon). A
-bounded ring of rows in one mmap'ed file: when full, a new content hash takes the oldest row. Adding
-a content hash already present rewrites its row in place (it keeps its age).
+The daemon alone opens it (an exclusive ``flock`` on the file, mode 0600; clients ask through the
+daemon). A bounded ring of rows in one mmap'ed file: when full, a new row takes the oldest one.
+Adding a (uid, content hash) already present rewrites its row in place (it keeps its age).
+
+Who sees a row. Every row records the uid whose request stored it. A store opened per uid
+(``shared=False``, the default: ``embeddings.shared``) shows a uid only its own rows: ``search``
+ranks them alone, ``get`` finds them alone, and ``add`` writes the caller's row only, so no uid
+learns or changes another's content hashes or tags. ``shared=True`` lets ``search`` and ``get`` see
+every row (rows stay per uid: two uids tagging one image keep two tags). ``uid=None`` means the
+daemon itself (every row), for what it never sends to a client.
 
 File layout (all integers little-endian; every byte written by the daemon)::
 
     offset  size  field
     0       8     magic            b"INFDEMBD"                           \\   written once, into a
-    8       4     format version   u32, currently 1                       |  temporary file that is
+    8       4     format version   u32, currently 2 (1 had no uid)        |  temporary file that is
     12      4     dim              u32, floats per vector                 |  linked or renamed into
     16      8     capacity         u64, rows                              |  place only when complete
     24      8     file size        u64, = 4096 + capacity * (4 * dim + 104)
@@ -23,20 +30,21 @@ File layout (all integers little-endian; every byte written by the daemon)::
         offset  size  field
         0       1     valid        u8: 1 = the row holds an embedding; 0 while it is rewritten
         1       1     tag length   u8, 0..64 bytes of UTF-8; 255 = no tag
-        2       6     reserved     zero
+        2       2     reserved     zero
+        4       4     uid          u32, the uid whose request stored the row
         8       32    content hash the frame's content hash (inferd.shm.cache.content_hash)
         40      64    tag          UTF-8, zero padded
 
 An add clears ``valid``, moves ``next row``, writes vector and metadata, then sets ``valid``: a
 daemon killed mid-add loses that row only. At open, rows with a bad flag, a vector that is not
-unit length, or a content hash already seen are dropped. A truncated or garbage file, another
-format, or another capacity or dimension than configured is set aside as
-``PATH.corrupt-<unix time>`` and rebuilt empty, with one log line.
+unit length, or a (uid, content hash) already seen are dropped. A truncated or garbage file, another
+format (a version 1 file, whose rows have no owner, included), or another capacity or dimension
+than configured is set aside as ``PATH.corrupt-<unix time>`` and rebuilt empty, with one log line.
 
-Search is exact: one float32 matrix-vector product over the rows in use, O(N * D) per query, then
-``np.argpartition`` for the top k. Measured on the 2-core development machine, dim 512, file in the
-page cache: about 0.2 ms per query at 10k rows and 5-8 ms at 100k rows (memory bound: the product
-reads all 200 MB of vectors every query).
+Search is exact: one float32 matrix-vector product over the rows in use, O(N * D) per query, rows
+of other uids masked out (per uid), then ``np.argpartition`` for the top k. Measured on the 2-core
+development machine, dim 512, file in the page cache: about 0.2 ms per query at 10k rows and 5-8
+ms at 100k rows (memory bound: the product reads all 200 MB of vectors every query).
 That is the limit of this design: beyond ~100k rows, or for many queries per second, use an
 approximate index (FAISS IVF-PQ or HNSW, or hnswlib) built over these rows, and keep this file as
 the source of truth that the index is rebuilt from.
@@ -55,7 +63,7 @@ import numpy as np
 from inferd.shm import ownedfile
 
 MAGIC = b"INFDEMBD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_SIZE = 4096
 NEXT_OFFSET = 64
 META_SIZE = 104
@@ -65,9 +73,9 @@ NO_TAG = 255
 _HEADER = struct.Struct("<8sIIQQ")                       # bytes 0..32; the check follows at 32..36
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_META = np.dtype({"names": ["valid", "tag_len", "hash", "tag"],
-                  "formats": ["u1", "u1", ("u1", (32,)), ("u1", (TAG_MAX,))],
-                  "offsets": [0, 1, 8, 40], "itemsize": META_SIZE})
+_META = np.dtype({"names": ["valid", "tag_len", "uid", "hash", "tag"],
+                  "formats": ["u1", "u1", "<u4", ("u1", (32,)), ("u1", (TAG_MAX,))],
+                  "offsets": [0, 1, 4, 8, 40], "itemsize": META_SIZE})
 _log = logging.getLogger("inferd.embeddings")
 
 
@@ -117,26 +125,29 @@ def _acquire(path: str, capacity: int, dim: int, mode: int, log) -> int:
 
 class EmbeddingStore:
     """Open with :meth:`open`. Every method takes an internal lock, so batching threads may add
-    while the loop thread searches. ``close()`` is idempotent."""
+    while the loop thread searches. ``close()`` is idempotent. ``shared``: see the module."""
 
-    def __init__(self, path: str, mm: mmap.mmap, fd: int, capacity: int, dim: int):
-        self.path, self.capacity, self.dim = path, capacity, dim
+    def __init__(self, path: str, mm: mmap.mmap, fd: int, capacity: int, dim: int, shared: bool = False):
+        self.path, self.capacity, self.dim, self.shared = path, capacity, dim, shared
         self._mm, self._fd = mm, fd
         self._lock = threading.Lock()
         self._vectors = np.frombuffer(mm, np.float32, capacity * dim, HEADER_SIZE).reshape(capacity, dim)
         self._meta = np.frombuffer(mm, _META, capacity, HEADER_SIZE + capacity * dim * 4)
         self._next = _U64.unpack_from(mm, NEXT_OFFSET)[0]
         self._valid = np.zeros(capacity, dtype=bool)     # a copy of the flags, for masking searches
-        self._index: dict[bytes, int] = {}               # content hash -> row
+        self._index: dict[bytes, dict[int, int]] = {}    # content hash -> {uid: row}
+        self._count = 0                                  # rows in use: len() is asked on every info
         self._hashes: list = [None] * capacity
         self._tags: list = [None] * capacity
         self._high = 0                                   # rows at and past this one were never used
         self._load()
 
     @classmethod
-    def open(cls, path, capacity: int, dim: int, *, mode: int = 0o600, log=None) -> "EmbeddingStore":
+    def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
+             log=None) -> "EmbeddingStore":
         """Open or create the store at ``path``; rebuild it (one line to ``log``: a Logger, a callable
-        or None for ``inferd.embeddings``) if it is damaged or was made for another capacity or dim."""
+        or None for ``inferd.embeddings``) if it is damaged, of another format, or was made for
+        another capacity or dim. ``shared``: every uid sees every row (see the module)."""
         if not 1 <= capacity < 2**40 or not 1 <= dim < 2**20:
             raise ValueError(f"capacity must be 1..2**40 and dim 1..2**20, got {capacity} and {dim}")
         try:
@@ -149,7 +160,7 @@ class EmbeddingStore:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, mm, fd, capacity, dim)
+        return cls(path, mm, fd, capacity, dim, shared)
 
     def _load(self) -> None:
         """Rebuild the in-memory index, dropping rows an interrupted add or damage left behind."""
@@ -160,6 +171,7 @@ class EmbeddingStore:
         ok = flagged & (np.abs(norm2 - 1.0) < 1e-3) & ((tag_len <= TAG_MAX) | (tag_len == NO_TAG))
         rows = np.flatnonzero(ok)
         hashes = np.ascontiguousarray(meta["hash"][rows]).tobytes()
+        uids = meta["uid"][rows].tolist()
         for j, row in enumerate(rows.tolist()):
             key = hashes[32 * j:32 * j + 32]
             n = int(tag_len[row])
@@ -167,54 +179,81 @@ class EmbeddingStore:
                 tag = None if n == NO_TAG else meta["tag"][row][:n].tobytes().decode("utf-8")
             except UnicodeDecodeError:
                 tag = key = None
-            if key is None or key in self._index:
+            owners = self._index.setdefault(key, {}) if key is not None else None
+            if owners is None or uids[j] in owners:
                 ok[row] = False
                 continue
-            self._index[key], self._hashes[row], self._tags[row] = row, key, tag
+            owners[uids[j]], self._hashes[row], self._tags[row] = row, key, tag
+            self._count += 1
         meta["valid"][flagged & ~ok] = 0                 # dropped for good, not re-examined next time
         self._valid = ok
         kept = np.flatnonzero(ok)
         self._high = int(kept[-1]) + 1 if len(kept) else 0
 
-    def add(self, content_hash: bytes, vector: np.ndarray, tag: str | None = None) -> int:
-        """Store ``vector`` (normalised here) for ``content_hash``, replacing that hash's row if
-        present, else taking the next row (the oldest once full). Returns the row."""
+    def add(self, content_hash: bytes, vector: np.ndarray, tag: str | None = None, *, uid: int) -> int:
+        """Store ``vector`` (normalised here) as ``uid``'s for ``content_hash``, replacing that
+        uid's row for the hash if present, else taking the next row (the oldest once full, whoever
+        stored it). Other uids' rows for the same hash are left as they are. Returns the row."""
         key = bytes(content_hash)
         if len(key) != 32:
             raise ValueError(f"content_hash must be 32 bytes (inferd.shm.cache.content_hash), got {len(key)}")
+        if type(uid) is not int or not 0 <= uid < 2**32:
+            raise ValueError(f"uid must be an int 0..2**32-1 (the storing request's uid), got {uid!r}")
         unit = self._unit(vector)
         raw_tag = None if tag is None else tag.encode("utf-8")
         if raw_tag is not None and len(raw_tag) > TAG_MAX:
             raise ValueError(f"a tag is at most {TAG_MAX} bytes of UTF-8, got {len(raw_tag)}")
         with self._lock:
             self._require_open()
-            row = self._index.get(key)
+            row = self._index.get(key, {}).get(uid)
             self._meta["valid"][row if row is not None else self._next] = 0   # a kill loses this row only
             if row is None:
                 row, self._next = self._next, (self._next + 1) % self.capacity
                 _U64.pack_into(self._mm, NEXT_OFFSET, self._next)
-                self._index.pop(self._hashes[row], None)
+                self._forget(row)
+                self._count += 1
             self._vectors[row] = unit
             self._meta["tag_len"][row] = NO_TAG if raw_tag is None else len(raw_tag)
+            self._meta["uid"][row] = uid
             self._meta["hash"][row] = np.frombuffer(key, np.uint8)
             self._meta["tag"][row] = np.frombuffer((raw_tag or b"").ljust(TAG_MAX, b"\0"), np.uint8)
             self._meta["valid"][row] = 1
-            self._index[key], self._hashes[row], self._tags[row] = row, key, tag
+            self._index.setdefault(key, {})[uid] = row
+            self._hashes[row], self._tags[row] = key, tag
             self._valid[row] = True
             self._high = max(self._high, row + 1)
         return row
 
-    def get(self, content_hash: bytes) -> np.ndarray | None:
-        """A copy of the stored unit vector for ``content_hash``, or None."""
+    def _forget(self, row: int) -> None:
+        """Drop what the index knows of ``row`` before it is reused (its owner's entry only)."""
+        if not self._valid[row]:
+            return
+        owners = self._index.get(self._hashes[row], {})
+        owners.pop(int(self._meta["uid"][row]), None)
+        if not owners:
+            self._index.pop(self._hashes[row], None)
+        self._valid[row] = False
+        self._count -= 1
+
+    def get(self, content_hash: bytes, *, uid: int | None) -> np.ndarray | None:
+        """A copy of the stored unit vector for ``content_hash`` that ``uid`` may see (its own row;
+        any row when shared, its own first), or None. ``uid=None``: any row, for the daemon's own
+        use (a vector that is never sent to a client)."""
         with self._lock:
             self._require_open()
-            row = self._index.get(bytes(content_hash))
+            owners = self._index.get(bytes(content_hash))
+            if not owners:
+                return None
+            row = owners.get(uid) if uid is not None else None
+            if row is None and (uid is None or self.shared):
+                row = next(iter(owners.values()))
             return None if row is None else self._vectors[row].copy()
 
-    def search(self, vector: np.ndarray, k: int = 5,
-               min_similarity: float = 0.9) -> list[tuple[bytes, str | None, float]]:
-        """The up to ``k`` stored rows most similar to ``vector`` with cosine similarity at least
-        ``min_similarity``, best first: (content hash, tag, similarity). Exact (see the module)."""
+    def search(self, vector: np.ndarray, k: int = 5, min_similarity: float = 0.9, *,
+               uid: int | None) -> list[tuple[bytes, str | None, float]]:
+        """The up to ``k`` rows ``uid`` may see (its own; every row when shared or ``uid`` is None)
+        most similar to ``vector`` with cosine similarity at least ``min_similarity``, best first:
+        (content hash, tag, similarity). Exact (see the module)."""
         query = self._unit(vector)
         with self._lock:
             self._require_open()
@@ -222,7 +261,10 @@ class EmbeddingStore:
             if n == 0 or k < 1:
                 return []
             sims = self._vectors[:n] @ query             # the one O(N * D) step
-            sims[~self._valid[:n]] = -np.inf
+            hidden = ~self._valid[:n]
+            if uid is not None and not self.shared:
+                hidden |= self._meta["uid"][:n] != uid
+            sims[hidden] = -np.inf
             k = min(k, n)
             best = np.argpartition(-sims, k - 1)[:k]
             best = best[np.argsort(-sims[best], kind="stable")]
@@ -230,7 +272,7 @@ class EmbeddingStore:
                     for i in best.tolist() if sims[i] >= min_similarity]
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._count
 
     def close(self) -> None:
         with self._lock:

@@ -135,7 +135,7 @@ def _open_store(server, new, dim: int):
     if cfg.path and server.scheduler.memory.store is not None:
         raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                           "leave embeddings.path empty (one file per model digest)")
-    return EmbeddingStore.open(path, cfg.capacity, dim, log=log)
+    return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log)
 
 
 def _switch(server, new, store) -> None:

@@ -129,7 +129,7 @@ class Scheduler:
         if op == "classify" and memory.cache is not None:
             hit = memory.lookup(key, top_k)
             if hit is not None:
-                memory.retag(content, tag)
+                memory.retag(content, tag, session.peer[1])
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, self.gen))
@@ -143,7 +143,7 @@ class Scheduler:
                 self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = memory.store.get(content)
+            vector = memory.store.get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None), self.gen))
@@ -196,7 +196,7 @@ class Scheduler:
                 if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
                     # an answer of the model before a swap is never stored (NOTE [ model swap ])
                     self.memory.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                         vector, r.tag)
+                                         vector, r.tag, r.session.peer[1])
                 if r.op == "classify":
                     self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
                                  result.gen)

@@ -25,41 +25,41 @@ def path(tmp_path):
 
 def test_add_get_replace(path):
     store = EmbeddingStore.open(path, capacity=8, dim=4)
-    assert len(store) == 0 and store.get(h(1)) is None
-    row = store.add(h(1), np.array([3.0, 0, 4.0, 0]), tag="cat")
-    assert np.allclose(store.get(h(1)), [0.6, 0, 0.8, 0]) and store.get(h(1)).dtype == np.float32
-    assert store.add(h(1), np.array([0, 1.0, 0, 0]), tag="dog") == row   # same hash: same row
-    assert len(store) == 1 and np.array_equal(store.get(h(1)), [0, 1, 0, 0])
-    assert store.search(np.array([0, 1.0, 0, 0])) == [(h(1), "dog", 1.0)]
+    assert len(store) == 0 and store.get(h(1), uid=0) is None
+    row = store.add(h(1), np.array([3.0, 0, 4.0, 0]), tag="cat", uid=0)
+    assert np.allclose(store.get(h(1), uid=0), [0.6, 0, 0.8, 0]) and store.get(h(1), uid=0).dtype == np.float32
+    assert store.add(h(1), np.array([0, 1.0, 0, 0]), tag="dog", uid=0) == row   # same hash: same row
+    assert len(store) == 1 and np.array_equal(store.get(h(1), uid=0), [0, 1, 0, 0])
+    assert store.search(np.array([0, 1.0, 0, 0]), uid=0) == [(h(1), "dog", 1.0)]
     store.close()
     store.close()                                           # idempotent
     with pytest.raises(EmbeddingStoreError, match="closed"):
-        store.get(h(1))
+        store.get(h(1), uid=0)
 
 
 def test_full_store_evicts_the_oldest_row(path):
     store = EmbeddingStore.open(path, capacity=3, dim=4)
     for n in range(3):
-        store.add(h(n), np.eye(4)[n])
-    store.add(h(0), np.eye(4)[3])                           # a replace does not make h(0) younger
-    store.add(h(3), np.ones(4))
-    assert len(store) == 3 and store.get(h(0)) is None
-    assert all(store.get(h(n)) is not None for n in (1, 2, 3))
-    store.add(h(4), -np.ones(4))
-    assert store.get(h(1)) is None and len(store) == 3
+        store.add(h(n), np.eye(4)[n], uid=0)
+    store.add(h(0), np.eye(4)[3], uid=0)                           # a replace does not make h(0) younger
+    store.add(h(3), np.ones(4), uid=0)
+    assert len(store) == 3 and store.get(h(0), uid=0) is None
+    assert all(store.get(h(n), uid=0) is not None for n in (1, 2, 3))
+    store.add(h(4), -np.ones(4), uid=0)
+    assert store.get(h(1), uid=0) is None and len(store) == 3
     store.close()
 
 
 def test_bad_input_is_refused(path):
     store = EmbeddingStore.open(path, capacity=3, dim=4)
     with pytest.raises(ValueError, match="shape"):
-        store.add(h(1), np.ones(5))
+        store.add(h(1), np.ones(5), uid=0)
     with pytest.raises(ValueError, match="zero"):
-        store.add(h(1), np.zeros(4))
+        store.add(h(1), np.zeros(4), uid=0)
     with pytest.raises(ValueError, match="32 bytes"):
-        store.add(b"short", np.ones(4))
+        store.add(b"short", np.ones(4), uid=0)
     with pytest.raises(ValueError, match="64 bytes"):
-        store.add(h(1), np.ones(4), tag="x" * 65)
+        store.add(h(1), np.ones(4), tag="x" * 65, uid=0)
     assert len(store) == 0
     store.close()
 
@@ -69,29 +69,29 @@ def test_search_matches_brute_force(path):
     vectors = rng.standard_normal((500, 32)).astype(np.float32)
     store = EmbeddingStore.open(path, capacity=600, dim=32)
     for n, v in enumerate(vectors):
-        store.add(h(n), v, tag=f"img{n}")
+        store.add(h(n), v, tag=f"img{n}", uid=0)
     normed = np.stack([unit(v) for v in vectors])
     for _ in range(5):
         query = vectors[rng.integers(500)] + 0.3 * rng.standard_normal(32)
         sims = normed @ unit(query)
         expected = np.argsort(-sims)[:5]
-        got = store.search(query, k=5, min_similarity=-1.0)
+        got = store.search(query, k=5, min_similarity=-1.0, uid=0)
         assert [g[0] for g in got] == [h(int(i)) for i in expected]
         assert [g[1] for g in got] == [f"img{i}" for i in expected]
         assert np.allclose([g[2] for g in got], sims[expected], atol=1e-5)
-    assert len(store.search(vectors[0], k=1000, min_similarity=-1.0)) == 500
+    assert len(store.search(vectors[0], k=1000, min_similarity=-1.0, uid=0)) == 500
     store.close()
 
 
 def test_min_similarity_filters(path):
     store = EmbeddingStore.open(path, capacity=8, dim=3)
-    store.add(h(1), np.array([1.0, 0, 0]))
-    store.add(h(2), np.array([1.0, 0.1, 0]))                # cosine 0.995 with h(1)
-    store.add(h(3), np.array([0, 1.0, 0]))
-    got = store.search(np.array([1.0, 0, 0]), k=5, min_similarity=0.99)
+    store.add(h(1), np.array([1.0, 0, 0]), uid=0)
+    store.add(h(2), np.array([1.0, 0.1, 0]), uid=0)                # cosine 0.995 with h(1)
+    store.add(h(3), np.array([0, 1.0, 0]), uid=0)
+    got = store.search(np.array([1.0, 0, 0]), k=5, min_similarity=0.99, uid=0)
     assert [g[0] for g in got] == [h(1), h(2)] and got[0][2] == pytest.approx(1.0)
     assert got[1][2] == pytest.approx(1 / np.sqrt(1.01), abs=1e-6)
-    assert store.search(np.array([0, 0, 1.0]), min_similarity=0.5) == []
+    assert store.search(np.array([0, 0, 1.0]), min_similarity=0.5, uid=0) == []
     store.close()
 
 
@@ -99,11 +99,11 @@ def test_tags_round_trip_and_survive_reopen(path):
     tags = [None, "", "plain", "ünïcødé 猫", "x" * 64, "é" * 32]
     store = EmbeddingStore.open(path, capacity=10, dim=6)
     for n, tag in enumerate(tags):
-        store.add(h(n), np.eye(6)[n], tag=tag)
+        store.add(h(n), np.eye(6)[n], tag=tag, uid=0)
     store.close()
     store = EmbeddingStore.open(path, capacity=10, dim=6)
     for n, tag in enumerate(tags):
-        assert store.search(np.eye(6)[n], k=1) == [(h(n), tag, pytest.approx(1.0))]
+        assert store.search(np.eye(6)[n], k=1, uid=0) == [(h(n), tag, pytest.approx(1.0))]
     store.close()
 
 
@@ -112,22 +112,22 @@ def test_reopen_keeps_rows_and_the_ring_position(path):
     vectors = rng.standard_normal((5, 16)).astype(np.float32)
     store = EmbeddingStore.open(path, capacity=5, dim=16)
     for n in range(6):                                      # wraps once: h(0) gone, next row is 1
-        store.add(h(n), vectors[n % 5] + n)
-    before = {n: store.get(h(n)) for n in range(1, 6)}
+        store.add(h(n), vectors[n % 5] + n, uid=0)
+    before = {n: store.get(h(n), uid=0) for n in range(1, 6)}
     store.close()
     lines = []
     store = EmbeddingStore.open(path, capacity=5, dim=16, log=lines.append)
-    assert lines == [] and len(store) == 5 and store.get(h(0)) is None
-    assert all(np.array_equal(store.get(h(n)), v) for n, v in before.items())
-    store.add(h(6), vectors[0])                             # takes the oldest: h(1)
-    assert store.get(h(1)) is None and store.get(h(2)) is not None
+    assert lines == [] and len(store) == 5 and store.get(h(0), uid=0) is None
+    assert all(np.array_equal(store.get(h(n), uid=0), v) for n, v in before.items())
+    store.add(h(6), vectors[0], uid=0)                             # takes the oldest: h(1)
+    assert store.get(h(1), uid=0) is None and store.get(h(2), uid=0) is not None
     store.close()
 
 
 def test_interrupted_add_loses_only_its_row(path):
     store = EmbeddingStore.open(path, capacity=4, dim=4)
     for n in range(3):
-        store.add(h(n), np.eye(4)[n])
+        store.add(h(n), np.eye(4)[n], uid=0)
     store.close()
     meta = HEADER_SIZE + 4 * 4 * 4
     with open(path, "r+b") as fh:
@@ -136,15 +136,15 @@ def test_interrupted_add_loses_only_its_row(path):
         fh.seek(HEADER_SIZE + 2 * 16)                       # row 2: a vector that is not unit
         fh.write(np.full(4, np.nan, np.float32).tobytes())
     store = EmbeddingStore.open(path, capacity=4, dim=4)
-    assert len(store) == 1 and store.get(h(0)) is not None
-    assert store.search(np.ones(4), k=5, min_similarity=-1.0) == [(h(0), None, pytest.approx(0.5))]
+    assert len(store) == 1 and store.get(h(0), uid=0) is not None
+    assert store.search(np.ones(4), k=5, min_similarity=-1.0, uid=0) == [(h(0), None, pytest.approx(0.5))]
     store.close()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other dim"])
 def test_damaged_file_is_set_aside_and_rebuilt(path, caplog, damage):
     store = EmbeddingStore.open(path, capacity=4, dim=8)
-    store.add(h(1), np.ones(8))
+    store.add(h(1), np.ones(8), uid=0)
     store.close()
     dim, size = 8, os.path.getsize(path)
     if damage == "truncated":
@@ -159,8 +159,8 @@ def test_damaged_file_is_set_aside_and_rebuilt(path, caplog, damage):
     assert len([r for r in caplog.records if r.name == "test.embeddings"]) == 1
     assert len([n for n in os.listdir(os.path.dirname(path)) if ".corrupt-" in n]) == 1
     assert [r.getMessage() for r in caplog.records][0].startswith(f"embedding store {path}: ")
-    assert len(store) == 0 and store.get(h(1)) is None
-    store.add(h(2), np.ones(dim))
+    assert len(store) == 0 and store.get(h(1), uid=0) is None
+    store.add(h(2), np.ones(dim), uid=0)
     store.close()
     store = EmbeddingStore.open(path, capacity=4, dim=dim)
     assert len(store) == 1
