@@ -4,8 +4,10 @@ A session starts after the hello handshake (inferd.daemon.handshake) has created
 handed the descriptor over. From then on every frame is a request; nothing a client sends is used
 before it is checked against the ring's geometry and the model's spec (``check_classify``).
 A client can only hurt its own requests: a bad field gets a typed error for that request id, a bad
-frame body gets ``bad_frame``, and only an unreadable stream (a header over the frame limit)
-closes the connection.
+frame body (not a map, or nested deeper than a request needs) gets ``bad_frame``, and the
+connection is closed only for an unreadable stream (a header over the frame limit), a frame left
+half-sent past ``server.frame_timeout_s``, an idle session past ``server.idle_timeout_s``, or
+replies left unread past ``server.unread_timeout_s`` (NOTE [ session flow control ]).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from inferd.shm import wire
 from inferd.shm.ring import Ring
 
 log = logging.getLogger("inferd.session")
-_bad_frames = RateLimitedLog(log)   # a client can send them in a loop: one line per 10 s
+# a client can cause these in a loop: one line per 10 s for each kind
+_bad_frames = RateLimitedLog(log)
+_unread = RateLimitedLog(log)
+_idle = RateLimitedLog(log)
 
 MAX_TIMEOUT_MS = 3_600_000.0
 
@@ -77,9 +82,34 @@ def check_classify(msg: dict, ring: Ring, spec, inflight: dict, default_timeout_
     return slot, top_k, timeout_ms / 1000.0
 
 
+# NOTE [ session flow control ]
+#
+# No client may hold the loop, the daemon's memory or a session slot for longer than a bound.
+#
+#    socket --data_received--> FrameReader buffer --_turn: take <= max_frames_per_turn frames
+#                                   ^                      (and <= max_frame_bytes of bodies)
+#                                   |                      --> handle() --> replies --> transport
+#      pause_reading while a hold   |                                                    | write
+#      is set: "backlog" (whole     +-- more whole frames? hold "backlog", call_soon(_turn)|buffer
+#      frames still buffered) or        (other clients' events run first)               v
+#      "replies" (write buffer over reply_buffer_bytes: pause_writing, until resume_writing)
+#
+# - Bounded work per event: a turn handles a bounded number of frames; the rest wait in the
+#   reader, and reading stops until they are handled, so the buffer holds at most one read more.
+# - Backpressure: replies a client does not read pile up in the transport's write buffer only up
+#   to reply_buffer_bytes (set_write_buffer_limits); then the session neither reads nor handles
+#   frames. Replies of requests already in flight still come, bounded by the ring's slots. A
+#   client whose replies stay unread for unread_timeout_s is aborted (its buffer dropped).
+# - Timers, one handle each, re-armed lazily (never per frame): idle_timeout_s since the last
+#   byte with nothing in flight closes the session; a frame begun must be whole within
+#   frame_timeout_s (bad_frame, then closed); a session we close that does not take its last
+#   replies is aborted after unread_timeout_s.
+
+
 class Session(asyncio.Protocol):
     """The loop-side state of one client. ``inflight`` maps slot -> request id; the ring is
-    released when the session has closed and its last in-flight request has come back."""
+    released when the session has closed and its last in-flight request has come back.
+    Flow control and timeouts: NOTE [ session flow control ]."""
 
     def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b""):
         self.server = server
@@ -91,36 +121,179 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.told_gen = 0                      # newest model generation this client was told of
         self.transport: asyncio.Transport | None = None
-        self._reader = wire.FrameReader(server.cfg.server.max_frame_bytes)
+        limits = server.cfg.server
+        self._limits = limits
+        self._reader = wire.FrameReader(limits.max_frame_bytes, wire.MAX_REQUEST_DEPTH)
         self._leftover = leftover
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._holds: set[str] = set()          # why reading is paused: "backlog", "replies"
+        self._turn_handle = None               # a turn scheduled with call_soon
+        self._last_data = 0.0                  # loop time of the last bytes received
+        self._partial_since: float | None = None   # when the partial frame being timed began
+        self._partial_frame = -1               # reader.taken when it began (which frame it is)
+        self._timers: dict[str, asyncio.TimerHandle] = {}   # "idle", "frame", "unread", "closing"
 
     def __repr__(self) -> str:
-        return f"Session({self.sid}, pid={self.peer[0]})"
+        return f"Session({self.sid}, pid={self.peer[0]}, uid={self.peer[1]})"
 
     # asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._last_data = self._loop.time()
+        transport.set_write_buffer_limits(high=self._limits.reply_buffer_bytes)
+        if self._limits.idle_timeout_s > 0:
+            self._arm("idle", self._limits.idle_timeout_s, self._check_idle)
         if self._leftover:
             data, self._leftover = self._leftover, b""
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            messages = self._reader.feed(data)
-        except wire.FrameError as exc:
-            _bad_frames.warning("%r: %s; closing the connection", self, exc)
-            self.send(wire.error(None, exc.code, str(exc)))
-            self.transport.close()
-            return
-        for msg in messages:
-            if isinstance(msg, wire.FrameError):
-                self.send(wire.error(None, msg.code, str(msg)))
-            else:
-                self.handle(msg)
+        self._last_data = self._loop.time()
+        self._reader.append(data)
+        if self._turn_handle is None and "replies" not in self._holds:
+            self._turn()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._turn_handle is not None:
+            self._turn_handle.cancel()
+            self._turn_handle = None
         self.server.session_closed(self)
+
+    def pause_writing(self) -> None:
+        """The client's unread replies passed reply_buffer_bytes: read and handle nothing more of
+        it until they drain, and give it unread_timeout_s to start reading."""
+        self._hold("replies")
+        self._arm("unread", self._limits.unread_timeout_s, self._unread_expired)
+
+    def resume_writing(self) -> None:
+        self._disarm("unread")
+        self._release("replies")
+        if self._turn_handle is None and self._reader.has_frame() and not self.closed:
+            self._turn_handle = self._loop.call_soon(self._turn)
+
+    # turns ------------------------------------------------------------------------------------
+    def _turn(self) -> None:
+        """Handle at most max_frames_per_turn buffered frames; schedule the next turn if more wait."""
+        self._turn_handle = None
+        if self.closed or "replies" in self._holds or self.transport.is_closing():
+            return
+        try:
+            messages = self._reader.take(self._limits.max_frames_per_turn, self._limits.max_frame_bytes)
+        except wire.FrameError as exc:      # a header over the limit: the stream is lost
+            _bad_frames.warning("%r: %s; closing the connection", self, exc)
+            self._shut(wire.error(None, exc.code, str(exc)))
+            return
+        try:
+            for msg in messages:
+                if isinstance(msg, wire.FrameError):
+                    self.send(wire.error(None, msg.code, str(msg)))
+                else:
+                    self.handle(msg)
+        except Exception:                   # a bug, not the client's doing: this session only
+            log.exception("%r: handling a request failed; closing the connection", self)
+            self.transport.abort()
+            return
+        if self._reader.has_frame():
+            self._partial_since = None
+            self._hold("backlog")
+            if "replies" not in self._holds:
+                self._turn_handle = self._loop.call_soon(self._turn)
+            return
+        self._release("backlog")
+        self._time_partial_frame()
+
+    def _hold(self, reason: str) -> None:
+        if not self._holds and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # timers -----------------------------------------------------------------------------------
+    def _arm(self, name: str, delay: float, callback) -> None:
+        old = self._timers.get(name)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self._loop.call_later(delay, callback)
+
+    def _disarm(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _time_partial_frame(self) -> None:
+        """After a turn that left no whole frame: start timing a partial frame that just began."""
+        if not self._reader.pending():
+            self._partial_since = None
+            return
+        if self._partial_since is None or self._partial_frame != self._reader.taken:
+            self._partial_since = self._last_data
+            self._partial_frame = self._reader.taken
+            if "frame" not in self._timers:
+                self._arm("frame", self._limits.frame_timeout_s, self._check_frame)
+
+    def _check_frame(self) -> None:
+        del self._timers["frame"]
+        if self.closed or self._partial_since is None:
+            return
+        if self._holds:                     # we are not reading: not the client's delay
+            self._arm("frame", self._limits.frame_timeout_s, self._check_frame)
+            return
+        left = self._partial_since + self._limits.frame_timeout_s - self._loop.time()
+        if left > 0:                        # the frame timed is a later one: its own deadline
+            self._arm("frame", left, self._check_frame)
+            return
+        _bad_frames.warning("%r: a frame begun %.1f s ago is still not whole (%d of its bytes); "
+                            "closing the connection", self, self._loop.time() - self._partial_since,
+                            self._reader.pending())
+        self._shut(wire.error(None, wire.E_BAD_FRAME, (
+            f"a frame begun is not whole after server.frame_timeout_s ({self._limits.frame_timeout_s:g} s, "
+            f"{self._reader.pending()} bytes of it received); send each frame whole; closing the connection")))
+
+    def _check_idle(self) -> None:
+        del self._timers["idle"]
+        if self.closed:
+            return
+        idle = self._limits.idle_timeout_s
+        # busy, or a frame begun (the frame timer has a better reason to give): not idle
+        if self.inflight or self._holds or self._turn_handle is not None or self._reader.pending():
+            self._arm("idle", idle, self._check_idle)
+            return
+        left = self._last_data + idle - self._loop.time()
+        if left > 0:
+            self._arm("idle", left, self._check_idle)
+            return
+        _idle.info("%r: nothing in flight and nothing received for %g s (server.idle_timeout_s); "
+                   "closing the session", self, idle)
+        self._shut(None)
+
+    def _unread_expired(self) -> None:
+        del self._timers["unread"]
+        if self.closed:
+            return
+        _unread.warning("%r: %d bytes of replies unread for %g s (over server.reply_buffer_bytes "
+                        "for server.unread_timeout_s); disconnecting the client", self,
+                        self.transport.get_write_buffer_size(), self._limits.unread_timeout_s)
+        self.transport.abort()
+
+    def _shut(self, last: dict | None) -> None:
+        """Close after sending ``last`` (if any); a client that does not take it within
+        unread_timeout_s is aborted, so a closing session holds nothing for long."""
+        if last is not None:
+            self.send(last)
+        self.transport.close()
+        self._disarm("idle")
+        self._disarm("frame")
+        self._arm("closing", self._limits.unread_timeout_s, self.transport.abort)
 
     # requests ---------------------------------------------------------------------------------
     def handle(self, msg: dict) -> None:
@@ -158,11 +331,11 @@ class Session(asyncio.Protocol):
         self.server.scheduler.memory.client_hits(n)
 
     def send(self, message: dict) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(wire.encode(message))
+        self.write(wire.encode(message))
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        """Queue replies; dropped once the session is closing (nobody will read them)."""
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def release_ring(self) -> None:

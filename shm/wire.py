@@ -10,9 +10,15 @@ Frame (both directions)::
 The body is one msgpack map. The receiver checks ``length`` against its limit *before* it reads
 the body, so a header announcing 4 GiB costs it nothing; such a frame is answered with
 ``frame_too_large`` and the connection is closed (the stream cannot be resynchronised). A body that
-is not a msgpack map, or has trailing bytes, is ``bad_frame``; the framing is intact, so the
+is not a msgpack map, has trailing bytes, or nests maps and lists deeper than the reader allows
+(``MAX_REQUEST_DEPTH`` levels in a request) is ``bad_frame``; the framing is intact, so the
 connection stays open. No pickle, no msgpack extension types: only maps, lists, str, int, float,
 bool, nil.
+
+Why a depth bound: msgpack itself refuses nesting past 1024 levels (StackError), but a body of
+1000 nested lists decodes, and then any ``repr`` of it (an error message naming the bad field)
+raises RecursionError far from the frame that caused it. A request has no use for more than two
+levels, so the reader refuses more before anything looks at the message.
 
 Requests carry ``op`` and ``id`` (an int the client picks; replies are matched by id, so a client
 may pipeline any number of requests up to its ring's slot count). Every reply carries ``id`` and
@@ -37,6 +43,11 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_REQUEST_FRAME = 64 * 1024
 #: Limit on a frame a client accepts from the daemon (hello carries the label list).
 MAX_REPLY_FRAME = 16 * 1024 * 1024
+
+#: Nesting a request body may have: its map (1), a list in it such as ``shape`` (2), two to spare.
+MAX_REQUEST_DEPTH = 4
+#: Nesting accepted by default (replies: info, stats); far below what repr() can recurse through.
+MAX_DEPTH = 32
 
 # Error codes: the wire spelling. The client maps each to one exception class (inferd.client.errors).
 E_BAD_FRAME = "bad_frame"                # body is not a msgpack map; connection stays open
@@ -92,18 +103,37 @@ def _no_ext(code: int, data: bytes):
     raise FrameError(E_BAD_FRAME, f"msgpack extension type {code} is not allowed")
 
 
-def decode_body(body: bytes | memoryview) -> dict:
-    """Decode one frame body; raises FrameError(bad_frame) unless it is exactly one msgpack map."""
+def _depth_over(message: dict, limit: int) -> bool:
+    """Whether maps and lists nest deeper than ``limit`` in ``message`` (a flat map is depth 1).
+    Iterative, and it stops descending at the limit: msgpack allows 1024 levels, we never recurse."""
+    stack = [(message, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > limit:
+            return True
+        for item in (obj.values() if type(obj) is dict else obj):
+            if type(item) is list or type(item) is dict:
+                stack.append((item, depth + 1))
+    return False
+
+
+def decode_body(body: bytes | memoryview, max_depth: int = MAX_DEPTH) -> dict:
+    """Decode one frame body; raises FrameError(bad_frame) unless it is exactly one msgpack map
+    whose maps and lists nest at most ``max_depth`` levels (the map itself is level 1)."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext,
                                   timestamp=0)
     except FrameError:
         raise
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        # ExtraData, OutOfData, FormatError and StackError are ValueError subclasses.
-        raise FrameError(E_BAD_FRAME, f"frame body is not valid msgpack: {exc}") from None
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        # ExtraData, OutOfData, FormatError and StackError (over 1024 levels) are ValueError
+        # subclasses; RecursionError only from msgpack's pure-Python fallback.
+        reason = exc or type(exc).__name__
+        raise FrameError(E_BAD_FRAME, f"frame body is not valid msgpack: {reason}") from None
     if not isinstance(message, dict):
         raise FrameError(E_BAD_FRAME, f"frame body must be a msgpack map, got {type(message).__name__}")
+    if _depth_over(message, max_depth):
+        raise FrameError(E_BAD_FRAME, f"frame body nests maps and lists deeper than {max_depth} levels")
     return message
 
 
@@ -113,40 +143,75 @@ class FrameReader:
     ``feed(data)`` returns the messages completed by ``data``; a body that fails to decode is
     returned in place as a FrameError instance (the stream stays in sync, the caller answers it).
     An over-long header raises FrameError(frame_too_large): the caller must close the stream.
+
+    A server that must bound its work per event splits ``feed`` in two: ``append(data)``, then
+    ``take(max_frames, max_bytes)`` as often as it likes; what is not taken stays buffered
+    (``has_frame()`` says whether a whole frame waits, ``pending()`` counts the bytes).
     """
 
-    __slots__ = ("_buf", "_max")
+    __slots__ = ("_buf", "_pos", "_max", "_depth", "taken")
 
-    def __init__(self, max_frame: int):
+    def __init__(self, max_frame: int, max_depth: int = MAX_DEPTH):
         self._buf = bytearray()
+        self._pos = 0                      # start of the first frame not yet taken
         self._max = max_frame
+        self._depth = max_depth
+        self.taken = 0                     # frames taken so far (tells one partial frame from the next)
 
     def feed(self, data: bytes) -> list:
+        self.append(data)
+        return self.take()
+
+    def append(self, data: bytes) -> None:
+        self._buf += data
+
+    def take(self, max_frames: int | None = None, max_bytes: int | None = None) -> list:
+        """Decode whole frames from the buffer: at most ``max_frames``, and stop after the frame
+        that reaches ``max_bytes`` of bodies (None: no bound). Raises FrameError(frame_too_large)
+        on a header over the limit, before its body is buffered."""
         buf = self._buf
-        buf += data
         out = []
-        pos = 0
+        pos = self._pos
         end = len(buf)
-        while end - pos >= HEADER_SIZE:
+        budget = max_bytes if max_bytes is not None else -1
+        while end - pos >= HEADER_SIZE and (max_frames is None or len(out) < max_frames):
             (length,) = HEADER.unpack_from(buf, pos)
             if length > self._max:
+                self._pos = pos
                 raise FrameError(E_FRAME_TOO_LARGE,
                                  f"frame of {length} bytes announced; the limit is {self._max} bytes")
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE
             try:
-                out.append(decode_body(bytes(buf[start:start + length])))
+                out.append(decode_body(bytes(buf[start:start + length]), self._depth))
             except FrameError as exc:
                 out.append(exc)
             pos = start + length
-        if pos:
+            if budget >= 0:
+                budget -= length
+                if budget <= 0:
+                    break
+        self.taken += len(out)
+        # Drop what was taken only once it is most of the buffer: a backlog taken a few frames
+        # per turn then costs one move of the rest now and then, not one per turn.
+        if pos and (pos >= 65536 or 2 * pos >= end):
             del buf[:pos]
+            pos = 0
+        self._pos = pos
         return out
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame (or a header over the limit, which ``take`` raises on) waits."""
+        avail = len(self._buf) - self._pos
+        if avail < HEADER_SIZE:
+            return False
+        (length,) = HEADER.unpack_from(self._buf, self._pos)
+        return length > self._max or avail - HEADER_SIZE >= length
+
     def pending(self) -> int:
-        """Bytes received but not yet part of a whole frame."""
-        return len(self._buf)
+        """Bytes received but not yet taken (when ``has_frame()`` is false: one partial frame)."""
+        return len(self._buf) - self._pos
 
 
 def error(request_id, code: str, message: str, **extra) -> dict:
