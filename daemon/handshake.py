@@ -112,6 +112,10 @@ def check_hello(server, hello: dict, peer: tuple) -> RingGeometry:
                        f"this daemon speaks {wire.PROTOCOL_VERSION}")
     if server.draining:
         raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down")
+    held = server.stats.uids.get(uid)      # counted by session_opened/closed: O(1)
+    if held is not None and held.sessions >= s.max_sessions_per_uid:
+        raise Rejected(wire.E_OVERLOADED, f"uid {uid} holds {held.sessions} sessions "
+                       f"(server.max_sessions_per_uid {s.max_sessions_per_uid}); close one first")
     if len(server.sessions) >= s.max_clients:
         raise Rejected(wire.E_OVERLOADED, f"{s.max_clients} sessions are open (server.max_clients)")
     slots, slot_bytes = hello.get("ring_slots", 0), hello.get("slot_bytes", 0)
