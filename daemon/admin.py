@@ -29,11 +29,9 @@ import asyncio
 import grp
 import logging
 import os
-import socket
-import struct
 
 from inferd.daemon.config import ConfigError
-from inferd.daemon.listener import Listener, peer_credentials
+from inferd.daemon.listener import Listener, peer_credentials, peer_groups
 from inferd.daemon.logs import RateLimitedLog
 from inferd.daemon.reload import ReloadError, model_config, reload_model
 from inferd.daemon.session import Rejected
@@ -44,7 +42,6 @@ _refused = RateLimitedLog(log, interval=10.0)
 
 MAX_CONNECTIONS = 32            # concurrent admin connections (inferctl top holds one)
 MAX_FRAME = 64 * 1024
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)    # Linux; Python names it from 3.13 only
 OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device")
 
 
@@ -58,20 +55,6 @@ def admin_gid(group: str) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"server.admin_group: no group named {group!r} on this host") from None
-
-
-def peer_groups(sock) -> tuple[int, ...]:
-    """Supplementary gids of the peer process (SO_PEERGROUPS); () where the kernel won't say."""
-    size = 4 * 64
-    while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == 34 and size < 4 * 65536:        # ERANGE: more groups than room
-                size *= 4
-                continue
-            return ()
-        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
 
 
 class AdminServer:

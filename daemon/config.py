@@ -42,7 +42,7 @@ class ServerConfig:
     socket_mode: int = _opt(0o660, "permission bits of the socket file (TOML: 0o660 or \"0660\")",
                             lo=0, hi=0o777)
     allow_uids: list = _opt(None, "uids allowed to connect besides the daemon's own and root")
-    allow_gids: list = _opt(None, "gids whose members (primary gid of the peer) may connect")
+    allow_gids: list = _opt(None, "gids whose members (primary or supplementary group) may connect")
     max_clients: int = _opt(256, "concurrent client sessions", lo=1, hi=65536)
     max_frame_bytes: int = _opt(65536, "largest request frame accepted", lo=256, hi=16 * 2**20)
     hello_timeout_s: float = _opt(5.0, "time a new connection has to send hello", lo=0.01, hi=300.0)

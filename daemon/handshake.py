@@ -3,10 +3,10 @@
 Runs on the raw accepted socket, before the session protocol (daemon/session.py) takes it over,
 because descriptors can only be sent with sendmsg::
 
-    accept -> peer credentials from the kernel (SO_PEERCRED: pid, uid, gid)
+    accept -> peer credentials from the kernel (SO_PEERCRED: pid, uid, gid; SO_PEERGROUPS)
            -> read one ``hello`` frame within server.hello_timeout_s (length checked first)
-           -> check: allowed uid/gid, op and protocol version, not draining, session limit,
-              ring geometry within ring.max_slots / ring.max_ring_bytes
+           -> check: allowed uid, or a primary or supplementary gid; op and protocol version, not
+              draining, session limit, ring geometry within ring.max_slots / ring.max_ring_bytes
            -> create the ring; reply with its descriptor (and a read-only descriptor of the result
               cache) attached (SCM_RIGHTS); close our copies
            -> Session(...) over the same socket
@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 
-from inferd.daemon.listener import peer_credentials, send_with_fds
+from inferd.daemon.listener import peer_credentials, peer_groups, send_with_fds
 from inferd.daemon.logs import RateLimitedLog
 from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
@@ -43,7 +43,7 @@ async def handshake(server, conn) -> None:
                                                  server.cfg.server.hello_timeout_s)
         rid = hello.get("id") if type(hello.get("id")) is int else None
         try:
-            geometry = check_hello(server, hello, peer)
+            geometry = check_hello(server, hello, peer, peer_groups(conn))
         except Rejected as exc:
             _refused.info("hello from pid %d uid %d refused: %s", peer[0], peer[1], exc)
             await loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
@@ -98,13 +98,15 @@ async def read_hello(loop, conn, limit: int) -> tuple[dict, bytes]:
         buf += data
 
 
-def check_hello(server, hello: dict, peer: tuple) -> RingGeometry:
+def check_hello(server, hello: dict, peer: tuple, groups: tuple = ()) -> RingGeometry:
     """The ring geometry this peer gets, or Rejected with the reason."""
     s, r = server.cfg.server, server.cfg.ring
     pid, uid, gid = peer
-    if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and gid not in (s.allow_gids or ()):
-        raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed; add it to "
-                       "server.allow_uids or server.allow_gids")
+    # a group counts as primary or supplementary (SO_PEERGROUPS): `usermod -aG inferd alice` lets her in
+    if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and not {gid, *groups} & set(s.allow_gids or ()):
+        raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed, nor are its "
+                       f"{len(groups)} supplementary groups; add the uid to server.allow_uids or one "
+                       "of its groups to server.allow_gids")
     if hello.get("op") != "hello":
         raise Rejected(wire.E_BAD_REQUEST, f"the first message must be hello, got op {hello.get('op')!r}")
     if hello.get("version") != wire.PROTOCOL_VERSION:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import os
 import socket
 import stat
 import struct
 
 _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)    # Linux; Python names it from 3.13 only
 SUN_PATH_MAX = 107                # bytes of sockaddr_un.sun_path, less the terminating NUL
 SD_LISTEN_FDS_START = 3           # sd_listen_fds(3): passed descriptors start here
 
@@ -158,6 +160,21 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     return _PEERCRED.unpack(raw)
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """Supplementary gids of the peer process (SO_PEERGROUPS, Linux 4.13+), as they were at its
+    connect(); () where the kernel won't say."""
+    size = 4 * 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 4 * 65536:     # more groups than room
+                size *= 4
+                continue
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
 
 
 async def send_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes,
