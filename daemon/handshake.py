@@ -36,7 +36,7 @@ async def handshake(server, conn) -> None:
     """Take one accepted connection through hello; on success the server gets a new Session."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    ring = None
+    ring = peer = None
     try:
         peer = peer_credentials(conn)
         hello, leftover = await asyncio.wait_for(read_hello(loop, conn, server.cfg.server.max_frame_bytes),
@@ -60,7 +60,11 @@ async def handshake(server, conn) -> None:
         finally:
             for f in fds:
                 os.close(f)
-    except (asyncio.TimeoutError, OSError, wire.FrameError, EOFError) as exc:
+    except wire.FrameError as exc:          # an unreadable hello: say why, then close at once
+        _refused.info("hello from pid %d uid %d refused: %s", peer[0], peer[1], exc)
+        await _answer_and_close(loop, conn, wire.error(None, exc.code, str(exc)))
+        return
+    except (asyncio.TimeoutError, OSError, EOFError) as exc:
         _dropped.info("connection dropped during hello: %r", exc)
         if ring is not None:
             ring.close()
@@ -71,6 +75,12 @@ async def handshake(server, conn) -> None:
             ring.close()
         conn.close()
         raise
+    except Exception:                       # a bug: this connection only, never a leaked socket
+        log.exception("hello from pid %d failed; closing the connection", peer[0] if peer else -1)
+        if ring is not None:
+            ring.close()
+        conn.close()
+        return
     session = Session(server, sid, ring, peer, leftover)
     session.told_gen = server.model.gen
     server.session_opened(session)
@@ -79,19 +89,30 @@ async def handshake(server, conn) -> None:
               geometry.slot_bytes)
 
 
+async def _answer_and_close(loop, conn, reply: dict) -> None:
+    """Send one error reply to a peer that has had nothing from us yet (it fits the socket
+    buffer, so this does not wait on the peer), then close."""
+    try:
+        await loop.sock_sendall(conn, wire.encode(reply))
+    except OSError:
+        pass                                # the peer left first: nothing to tell
+    finally:
+        conn.close()
+
+
 async def read_hello(loop, conn, limit: int) -> tuple[dict, bytes]:
-    """The first frame, and any bytes after it. Raises FrameError or EOFError."""
+    """The first frame, and any bytes after it. Raises FrameError (frame_too_large before the body
+    is read; bad_frame for a body that is not a flat-enough map) or EOFError; the caller answers."""
     buf = b""
     while True:
         if len(buf) >= wire.HEADER_SIZE:
             (length,) = wire.HEADER.unpack_from(buf)
             if length > limit:
-                await loop.sock_sendall(conn, wire.encode(wire.error(
-                    None, wire.E_FRAME_TOO_LARGE, f"frame of {length} bytes; the limit is {limit}")))
-                raise wire.FrameError(wire.E_FRAME_TOO_LARGE, "hello frame too large")
+                raise wire.FrameError(wire.E_FRAME_TOO_LARGE, f"hello frame of {length} bytes "
+                                      f"announced; the limit is {limit} bytes (server.max_frame_bytes)")
             end = wire.HEADER_SIZE + length
             if len(buf) >= end:
-                return wire.decode_body(buf[wire.HEADER_SIZE:end]), buf[end:]
+                return wire.decode_body(buf[wire.HEADER_SIZE:end], wire.MAX_REQUEST_DEPTH), buf[end:]
         data = await loop.sock_recv(conn, 65536)
         if not data:
             raise EOFError("peer closed before hello")
