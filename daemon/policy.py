@@ -46,7 +46,13 @@ def running_left(dev, now: float) -> float:
 
 def backlog(dev, now: float, max_batch: int, extra: int = 0) -> float:
     """Seconds until ``dev`` would finish what it holds now plus ``extra`` more frames."""
-    return running_left(dev, now) + drain_time(dev.profile.latency, len(dev.queue) + extra, max_batch)
+    return finish_in(dev, now, max_batch, len(dev.queue) + extra)
+
+
+def finish_in(dev, now: float, max_batch: int, frames: int) -> float:
+    """Seconds until ``dev`` would finish the batch it runs and the next ``frames`` it serves (a
+    request's place in the fair order, for admission: NOTE [ batch planning ])."""
+    return running_left(dev, now) + drain_time(dev.profile.latency, frames, max_batch)
 
 
 class Weighted:

@@ -9,11 +9,19 @@ whose noted attempt is not the request's current one is stale (its device was gi
 request already went elsewhere) and is dropped. ``done`` marks a request answered. Together they
 mean none is lost when a device fails, and none is answered twice when a stuck device wakes up.
 
-Admission, in order: a healthy device exists (else ``no_healthy_device``); the chosen device holds
-fewer than ``batching.queue_limit`` requests; the request is expected to finish before its
-deadline, given the chosen device's backlog and measured latency (else ``overloaded``, with
-``retry_after_ms`` = how late it would be). A request that passes may still find its deadline gone
-by the time a batch takes it: it is answered ``deadline_exceeded`` without being computed.
+Refuse first, then work: everything that can refuse a request is decided before the daemon copies
+or hashes its frame, so a flood of refused requests costs the loop a few dict lookups each. In
+order: not draining (else ``shutting_down``); its fields and slot (``check_classify``: ring bounds,
+spec, the slot not already in flight, which bounds a session by its ring); its uid holds fewer than
+``server.max_inflight_per_uid`` requests in flight (else ``overloaded``); a healthy device exists
+(else ``no_healthy_device``); the chosen device holds fewer than ``batching.queue_limit`` requests,
+or the uid holds less than its fair share of them (NOTE [ batch planning ] in daemon/queues.py);
+the request is expected to finish before its deadline at its place in the device's (fair) order,
+given the device's measured latency (else ``overloaded``, with ``retry_after_ms`` = how late it
+would be). Only then is the frame copied and hashed; a cache hit, a coalesced frame or a stored
+embedding found by the hash is still answered at once (admission reserved nothing, so nothing is
+given back). A request that passes may still find its deadline gone by the time a batch takes it:
+it is answered ``deadline_exceeded`` without being computed.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import logging
 
 import numpy as np
 
+from inferd.daemon import fairness
 from inferd.daemon import policy as policies
 from inferd.daemon.batcher import BatchResult, Request
 from inferd.daemon.caching import Memory
@@ -35,6 +44,12 @@ _late = RateLimitedLog(log)         # one per batch of a slow device: one line p
 
 MAX_TAG_BYTES = 64
 MAX_NEAR_K = 1000
+
+
+def _flow_of(request: Request) -> tuple:
+    """A request's place in the fair share: (uid, session); a canary's is (None, None)."""
+    session = request.session
+    return (session.peer[1], session) if session is not None else (None, None)
 
 
 def _tag(value):
@@ -73,6 +88,10 @@ class Scheduler:
                                     stats=self.stats)
         self.memory = Memory(cfg, spec, digest, self.counters)
         self.model = None                   # the LoadedModel serving now (set by the server)
+        if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/queues.py
+            quantum = fairness.quanta(cfg.dispatch.weights)
+            for dev in devices:
+                dev.queue.use(fairness.DeficitRoundRobin(_flow_of, quantum))
 
     @property
     def gen(self) -> int:
@@ -106,18 +125,19 @@ class Scheduler:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: this model exposes none, or "
                            "embeddings.enabled is false")
         tag = _tag(msg.get("tag"))
+        args = _near_args(msg) if op == "near" else None
+        uid = session.peer[1]
         now = self._clock()
+        device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
         if memory.hashing:
             frame, content, key = memory.private_copy(session.ring, slot)
             if self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                 return
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
-                          key=key or b"", content=content or b"", op=op, tag=tag,
-                          args=_near_args(msg) if op == "near" else None, gen=self.gen)
-        device = self._admit(request, now)
+                          key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)
         session.inflight[slot] = rid
-        self.stats.admitted(session.peer[1])
+        self.stats.admitted(uid)
         if key and op == "classify":
             session.pending[key] = request
         self.outstanding += 1
@@ -150,24 +170,43 @@ class Scheduler:
                 return True
         return False
 
-    def _admit(self, request: Request, now: float):
-        max_batch = self.cfg.batching.max_batch
+    def _admit(self, uid: int, now: float, deadline: float):
+        """The device a request of ``uid`` due at ``deadline`` goes to, or Rejected. Reserves
+        nothing: O(1) but for the device choice (O(devices))."""
+        server, max_batch = self.cfg.server, self.cfg.batching.max_batch
+        held = self.stats.uids.get(uid)
+        if held is not None and held.in_flight >= server.max_inflight_per_uid:
+            self.counters["overloaded"] += 1
+            raise Rejected(wire.E_OVERLOADED, f"not admitted: uid {uid} has {held.in_flight} requests in "
+                           f"flight (server.max_inflight_per_uid {server.max_inflight_per_uid}); wait "
+                           "for replies, or ask the operator to raise the limit",
+                           retry_after_ms=self._batch_ms())
         device = self.policy.choose(self.devices, now, max_batch)
         if device is None:
             self.counters["no_healthy_device"] += 1
             raise Rejected(wire.E_NO_HEALTHY_DEVICE, "no device is in rotation; every device failed "
                            "its health checks (inferctl info shows each one's state)")
-        limit = self.cfg.batching.queue_limit
-        finish = now + policies.backlog(device, now, max_batch, extra=1)
-        if device.outstanding >= limit or finish > request.deadline:
+        limit, queue = self.cfg.batching.queue_limit, device.queue
+        # a uid under its share of a full queue still gets in, up to twice the limit in all
+        # (NOTE [ batch planning ]): a flood fills the queue, never shuts others out of it
+        if device.outstanding >= limit and (device.outstanding >= 2 * limit or queue.over_share(uid, limit)):
             self.counters["overloaded"] += 1
-            late_ms = max(finish - request.deadline, 0.0) * 1000.0
-            why = (f"{device.outstanding} requests are queued on {device.label} (batching.queue_limit "
-                   f"{limit})" if device.outstanding >= limit else
-                   f"it would finish {late_ms:.1f} ms after its deadline")
-            raise Rejected(wire.E_OVERLOADED, f"not admitted: {why}; retry later",
-                           retry_after_ms=round(max(late_ms, 1.0), 1))
+            raise Rejected(wire.E_OVERLOADED, f"not admitted: {device.outstanding} requests are queued on "
+                           f"{device.label} (batching.queue_limit {limit}), uid {uid}'s share of them "
+                           "taken; retry later", retry_after_ms=self._batch_ms())
+        finish = now + policies.finish_in(device, now, max_batch, queue.ahead(uid) + 1)
+        if finish > deadline:
+            self.counters["overloaded"] += 1
+            late_ms = (finish - deadline) * 1000.0
+            raise Rejected(wire.E_OVERLOADED, f"not admitted: it would finish {late_ms:.1f} ms after its "
+                           "deadline; retry later", retry_after_ms=round(max(late_ms, 1.0), 1))
         return device
+
+    def _batch_ms(self) -> float:
+        """A retry hint when a queue or quota is full: one full batch on the fastest device."""
+        batch = self.cfg.batching.max_batch
+        seconds = min((d.profile.latency(batch) for d in self.devices if d.healthy), default=0.0)
+        return round(max(seconds * 1000.0, 1.0), 1)
 
     def _assign(self, request: Request, device) -> None:
         request.device = device
