@@ -332,7 +332,7 @@ def test_an_idle_session_is_closed_and_the_library_reconnects(impatient):
         rid += 1
         busy.send({"op": "ping", "id": rid})
         assert busy.recv() == {"id": rid, "ok": True, "pid": impatient.pid}
-        time.sleep(0.2)  # noqa: sleep-ok: the client's pace between requests, under the idle timeout
+        time.sleep(0.1)  # noqa: sleep-ok: the client's pace between requests, under the idle timeout
     busy.close()
 
     label, image = sample_images()[0]
