@@ -73,28 +73,37 @@ def check_answers(values, results):
 
 
 def flood(pool, n, seed, out, clients=2, timeout=60.0):
-    """``clients`` threads, each its own Client, classify_many over n frames; results into out."""
+    """``clients`` threads, each its own Client, classify_many over n frames; thread k puts
+    (values, results) or the exception it met at ``out[k]`` (a dict)."""
     def work(k):
         values, imgs = frames(n, seed + k)
         try:
             with Client(pool.d.socket_path, ring_slots=64, timeout=timeout) as c:
-                out.append((values, c.classify_many(imgs, top_k=1)))
+                out[k] = (values, c.classify_many(imgs, top_k=1))
         except Exception as exc:  # collected; the test asserts there were none
-            out.append(exc)
+            out[k] = exc
     threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     return threads
 
 
+def finish(threads, out):
+    """Join the flood's threads and check that every one of them produced its result, with the
+    right answers: a thread still stuck, or one that ended without a result, fails the test."""
+    for t in threads:
+        t.join(120)
+    assert not [t.name for t in threads if t.is_alive()], "a flood client is still waiting after 120 s"
+    assert sorted(out) == list(range(len(threads))), f"results from threads {sorted(out)} only"
+    for k, item in out.items():
+        assert not isinstance(item, Exception), (k, item)   # a duplicate reply raises ProtocolError
+        check_answers(*item)
+
+
 def flood_and_check(pool, n, seed):
     """Two clients classify n frames each to the end; every answer is the right one."""
-    out = []
-    for t in flood(pool, n, seed=seed, out=out):
-        t.join(120)
-    for item in out:
-        assert not isinstance(item, Exception), item
-        check_answers(*item)
+    out = {}
+    finish(flood(pool, n, seed=seed, out=out), out)
 
 
 def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
@@ -109,7 +118,7 @@ def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
 @pytest.mark.parametrize("fault", ["raise", "hang"])
 def test_a_failing_device_leaves_within_2s_and_nothing_is_lost_or_doubled(fresh_daemon, fault):
     pool = Pool(fresh_daemon, (1.0, 1.0), "--set", "health.backoff_s=0.3", "--set", "health.max_failures=2")
-    out = []
+    out = {}
     threads = flood(pool, 1500, seed=7, out=out)
     wait_until(lambda: pool.info()["devices"][1]["frames"] > 50, what="device 1 serving")
     t_fault = time.monotonic()
@@ -119,11 +128,7 @@ def test_a_failing_device_leaves_within_2s_and_nothing_is_lost_or_doubled(fresh_
     assert removal < REMOVAL_BOUND_S, f"removed after {removal:.2f} s"
     pool.fault(1, None)                                      # recover: a canary brings it back
     wait_until(lambda: pool.state(1) == "healthy", timeout=10, what="device 1 re-admitted")
-    for t in threads:
-        t.join(120)
-    for item in out:
-        assert not isinstance(item, Exception), item         # a duplicate reply raises ProtocolError
-        check_answers(*item)
+    finish(threads, out)
     info = pool.info()
     assert info["counters"]["health_out"] >= 1 and info["counters"]["health_healthy"] >= 1
     assert sum(d["frames"] for d in info["devices"]) == 3000
@@ -153,7 +158,7 @@ def test_no_healthy_device_fails_at_once(fresh_daemon):
 def test_overloaded_at_admission_with_a_retry_hint(fresh_daemon):
     # one slow device: a batch of 32 takes (20 + 32 * 5) ms = 180 ms
     pool = Pool(fresh_daemon, (1.0,), base_ms=20.0, per_frame_ms=5.0)
-    out = []
+    out = {}
     threads = flood(pool, 300, seed=3, out=out, clients=2)
     wait_until(lambda: pool.info()["devices"][0]["queued"] >= 40, what="a backlog over one full batch")
     _, imgs = frames(1)
@@ -161,9 +166,7 @@ def test_overloaded_at_admission_with_a_retry_hint(fresh_daemon):
         with pytest.raises(Overloaded) as err:
             c.classify(imgs[0], timeout=0.05)                # cannot finish within 50 ms
         assert err.value.retry_after > 0 and "after its deadline" in str(err.value)
-    for t in threads:
-        t.join(120)
-    assert not any(isinstance(x, Exception) for x in out)
+    finish(threads, out)
 
 
 def test_deadline_passed_while_queued_is_not_computed(fresh_daemon):
