@@ -1,4 +1,5 @@
 """Start-up and shutdown: socket path rules, configuration errors, draining, and a killed daemon."""
+import json
 import os
 import signal
 import socket
@@ -53,26 +54,48 @@ def test_sigterm_finishes_admitted_work_then_exits_cleanly(fresh_daemon):
 
 
 def test_requests_during_drain_are_refused_with_shutting_down(fresh_daemon):
-    d = fresh_daemon("--set", "batching.max_batch=1", "--set", "server.drain_timeout_s=120", model="resnet50")
-    c = RawClient(d.socket_path, ring_slots=8)
+    """A request sent during the drain, on a free slot, gets shutting_down; the one admitted before
+    the SIGTERM is still answered. The admitted request is held in its batch (the synthetic model's
+    ``hang`` fault) until the refusal has come back, so the drain cannot end first."""
+    from inferd.daemon.zoo.synthetic import level_of
+
+    workdir = short_dir()
+    control = os.path.join(workdir, "synthetic.json")
+
+    def fault(what):
+        with open(control + ".tmp", "w") as fh:
+            json.dump({"fault": {"0": what}}, fh)
+        os.replace(control + ".tmp", control)
+
+    fault("none")
+    os.environ["INFERD_SYNTHETIC"] = control                 # inherited by the daemon
     try:
-        for i in range(8):
-            c.classify(i, i, FRAME)
-        c.send({"op": "ping", "id": 50})
-        while c.recv()["id"] != 50:
-            pass
+        d = fresh_daemon("--set", "server.drain_timeout_s=120", "--set", "health.watchdog_floor_s=120",
+                         "--set", "cache.enabled=false", model="synthetic", workdir=workdir)
+    finally:
+        del os.environ["INFERD_SYNTHETIC"]
+    frame = np.full((16, 16, 3), 200, np.uint8)
+    c = RawClient(d.socket_path, ring_slots=2)
+    try:
+        fault("hang")
+        c.classify(1, 0, frame)
+        c.send({"op": "ping", "id": 50})                     # its pong proves request 1 was admitted
+        assert c.recv()["id"] == 50
         d.proc.send_signal(signal.SIGTERM)
         d.wait_notify("STOPPING=1")
-        c.send({"op": "classify", "id": 60, "slot": 0, "shape": [64, 64, 3], "dtype": "uint8", "nbytes": FRAME.nbytes})
+        c.classify(2, 1, frame)                              # slot 1 is free: only the drain refuses it
+        refused = c.recv()
+        fault("none")                                        # let request 1 finish, and the drain end
         replies = []
         while (r := c.recv()) is not None:
             replies.append(r)
     finally:
+        fault("none")
         c.close()
-    refused = [r for r in replies if r["id"] == 60]
-    # slot 0 may still be in flight (slot_busy) or the daemon already refuses everything new
-    assert refused and refused[0]["code"] in (wire.E_SHUTTING_DOWN, wire.E_SLOT_BUSY)
-    assert d.proc.wait(120) == 0
+    assert refused["id"] == 2 and refused["code"] == wire.E_SHUTTING_DOWN, refused
+    assert [r["id"] for r in replies] == [1] and replies[0]["ok"], replies
+    assert replies[0]["top"][0][0] == level_of(200)
+    assert d.proc.wait(120) == 0, d.log()
 
 
 def test_stale_socket_is_replaced_and_a_file_is_not(fresh_daemon):
