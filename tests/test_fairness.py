@@ -298,6 +298,16 @@ def test_a_full_queue_still_admits_a_uid_under_its_share():
     assert dev.outstanding == 12 and len(dev.queue) == 12
 
 
+def test_the_scheduler_queues_by_uid_with_the_configured_weights():
+    sched, dev = scheduler(dispatch__weights={"1000": 3})
+    heavy, light = FakeSession(1000), FakeSession(2000)
+    for slot in range(40):
+        sched.submit(heavy, slot, classify(slot))
+        sched.submit(light, slot, classify(slot))
+    batch = dev.queue.take(lambda now, queued: (8, 0.0), 0.0)
+    assert [r.session.peer[1] for r in batch] == [1000] * 3 + [2000] + [1000] * 3 + [2000]
+
+
 @pytest.mark.parametrize("fair", [True, False])
 def test_the_deadline_is_checked_at_the_fair_place_not_behind_the_whole_queue(fair):
     sched, dev = scheduler(dispatch__fair_share=fair, batching__queue_limit=4096,
