@@ -51,7 +51,10 @@ class AdminClient:
         """Send one admin request and return its reply; typed errors (inferd.client.errors)."""
         rid = next(self._ids)
         try:
-            self._sock.sendall(wire.encode({"op": op, "id": rid, **fields}))
+            try:
+                self._sock.sendall(wire.encode({"op": op, "id": rid, **fields}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # a refusal (permission_denied) may already be waiting: read it below
             while not self._ready:
                 data = self._sock.recv(1 << 16)
                 if not data:
