@@ -128,6 +128,31 @@ class RawClient:
             self.ring = None
 
 
+class FakeSession:
+    """What the scheduler touches of a Session, for unit tests that drive a Scheduler by hand;
+    ``sent`` collects its replies."""
+
+    def __init__(self, uid: int, frame_bytes: int, slots: int = 8):
+        from types import SimpleNamespace
+
+        from inferd.shm.ring import RingGeometry
+
+        self.peer = (4242, uid, uid)
+        self.ring = SimpleNamespace(geometry=RingGeometry(slots, frame_bytes))
+        self.inflight, self.pending = {}, {}
+        self.closed, self.told_gen = False, 0
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def write(self, data):
+        self.sent.append(data)
+
+    def release_ring(self):
+        pass
+
+
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
     """Poll ``predicate`` until it returns a true value or ``timeout`` passes (then fail)."""
     deadline = time.monotonic() + timeout

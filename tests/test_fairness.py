@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import helpers
 from helpers import RawClient, admin_path
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import Config, ConfigError
@@ -28,7 +29,6 @@ from inferd.daemon.queues import DeviceQueue, plan_batch
 from inferd.daemon.scheduler import Scheduler
 from inferd.daemon.session import Rejected
 from inferd.shm import wire
-from inferd.shm.ring import RingGeometry
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 
@@ -234,22 +234,8 @@ def test_fair_share_off_is_first_come_first_served():
 SPEC = ModelSpec("shapes", 64, 64, (0.5,) * 3, (0.25,) * 3, tuple("abcdefgh"), 5)
 
 
-class FakeSession:
-    def __init__(self, uid, slots=64):
-        self.peer = (4242, uid, uid)
-        self.ring = SimpleNamespace(geometry=RingGeometry(slots, SPEC.frame_bytes))
-        self.inflight, self.pending = {}, {}
-        self.closed, self.told_gen = False, 0
-        self.sent = []
-
-    def send(self, message):
-        self.sent.append(message)
-
-    def write(self, data):
-        self.sent.append(data)
-
-    def release_ring(self):
-        pass
+def FakeSession(uid, slots=64):          # noqa: N802: reads as the class it makes
+    return helpers.FakeSession(uid, SPEC.frame_bytes, slots)
 
 
 def classify(slot, **extra):

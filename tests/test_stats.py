@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import RawClient, wait_until
+from helpers import FakeSession, RawClient, wait_until
 from inferd.daemon.batcher import BatchResult
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.device import Device
@@ -27,7 +27,6 @@ from inferd.daemon.session import Rejected
 from inferd.daemon.stats import LATENCY_BOUNDS, Histogram, SizeHistogram, Stats, Window, quantile
 from inferd.shm import wire
 from inferd.shm.cache import ResultCache
-from inferd.shm.ring import RingGeometry
 
 
 class Clock:
@@ -123,26 +122,6 @@ def test_device_utilisation_through_stats():
 
 
 # the scheduler keeps them -------------------------------------------------------------------------
-class FakeSession:
-    """What the scheduler touches of a Session."""
-
-    def __init__(self, uid, spec, slots=8):
-        self.peer = (4242, uid, uid)
-        self.ring = SimpleNamespace(geometry=RingGeometry(slots, spec.frame_bytes))
-        self.inflight, self.pending = {}, {}
-        self.closed, self.told_gen = False, 0
-        self.sent = []
-
-    def send(self, message):
-        self.sent.append(message)
-
-    def write(self, data):
-        self.sent.append(data)
-
-    def release_ring(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def spec():
     return ModelSpec("shapes", 64, 64, (0.5,) * 3, (0.25,) * 3, tuple("abcdefgh"), 5)
@@ -175,7 +154,7 @@ def test_per_uid_slots_go_up_at_admission_and_down_at_the_reply(spec):
     clock = Clock(10.0)
     sched, dev = scheduler(spec, clock)
     stats = sched.stats
-    alice, alice2, bob = FakeSession(1000, spec), FakeSession(1000, spec), FakeSession(2000, spec)
+    alice, alice2, bob = FakeSession(1000, spec.frame_bytes), FakeSession(1000, spec.frame_bytes), FakeSession(2000, spec.frame_bytes)
     for s in (alice, alice2, bob):
         stats.session_opened(s.peer[1])
     for slot in range(3):
@@ -210,7 +189,7 @@ def test_per_uid_slots_go_up_at_admission_and_down_at_the_reply(spec):
 def test_refusals_expiries_and_drops_are_outcomes_and_free_their_slots(spec):
     clock = Clock(10.0)
     sched, dev = scheduler(spec, clock, queue_limit=2)
-    s = FakeSession(1000, spec)
+    s = FakeSession(1000, spec.frame_bytes)
     sched.submit(s, 0, classify(spec, 0))
     sched.submit(s, 1, classify(spec, 1))
     with pytest.raises(Rejected) as exc:
@@ -233,7 +212,7 @@ def test_refusals_expiries_and_drops_are_outcomes_and_free_their_slots(spec):
 def test_metrics_disabled_keeps_counters_but_no_histograms(spec):
     clock = Clock(10.0)
     sched, dev = scheduler(spec, clock, enabled=False)
-    s = FakeSession(1000, spec)
+    s = FakeSession(1000, spec.frame_bytes)
     sched.submit(s, 0, classify(spec, 0, timeout_ms=100))
     run_batch(sched, dev, 10.01, 10.02, 10.5, clock)
     stats = sched.stats
@@ -257,7 +236,7 @@ def test_health_transitions_keep_state_and_time(spec):
 def test_prometheus_families_of_a_snapshot_parse_back(spec):
     clock = Clock(10.0)
     sched, dev = scheduler(spec, clock)
-    s = FakeSession(1000, spec)
+    s = FakeSession(1000, spec.frame_bytes)
     for slot in range(4):
         sched.submit(s, slot, classify(spec, slot))
     run_batch(sched, dev, 10.0012, 10.004, 10.005, clock)
