@@ -212,12 +212,13 @@ def frames_per_s(probe, seconds: float) -> float:
 
 def measure(s: dict, log) -> dict:
     """The whole run against one daemon; the victim's calls are cut into windows afterwards."""
-    from inferd.client import Client
+    from inferd.client import Client, InferdError
 
     root = os.geteuid() == 0
     uid = NOBODY if root else None
     kids: list[Child] = []
     rows = []
+
     try:
         with common.daemon(DAEMON_ARGS) as d:
             os.chmod(d["workdir"], 0o755)                # another uid reaches the socket
@@ -236,11 +237,16 @@ def measure(s: dict, log) -> dict:
                 rows.append(run_attack(kids, d, key, kind, s, uid, hold, log))
                 time.sleep(1.0)                          # the daemon back to idle between attacks
             victim = victim.result()
-            with Client(d["socket"], cache=False) as c:
-                info = c.info()
+            try:
+                with Client(d["socket"], cache=False, connect_timeout=10.0) as c:
+                    info = c.info()
+            except InferdError as exc:                   # reported: the daemon no longer answers
+                info = {"unanswered": repr(exc)}
+                log(f"  after the attacks: {exc}")
         results = {"baseline": window(victim, *t_base), "rows": rows, "victim_errors": victim["errors"],
                    "exit_code": d.get("exit_code"), "log_problems": d.get("log_problems", []),
-                   "shm_leftovers": d.get("shm_leftovers", []), "root": root, "counters": info.get("counters")}
+                   "shm_leftovers": d.get("shm_leftovers", []), "root": root, "counters": info.get("counters"),
+                   "after_run": info.get("unanswered", "answered")}
     finally:
         common.stop_processes([k.proc for k in kids])
     for row in rows:
@@ -253,7 +259,7 @@ def measure(s: dict, log) -> dict:
                             "flood_img_s": row.pop("both_img_s") - loaders,
                             "loaders_share": loaders / capacity if capacity else None}
             row["attacker"] = {"calls": len(row["attacker"]["ends"]), "errors": row["attacker"]["errors"]}
-    batch_ms = next((r["batch_ms"] for r in rows if "batch_ms" in r), None) or info["devices"][0]["batch_ms"]
+    batch_ms = next((r["batch_ms"] for r in rows if "batch_ms" in r), None) or info.get("devices", [{}])[0].get("batch_ms")
     results["batch_ms"] = max(batch_ms.items(), key=lambda kv: int(kv[0])) if batch_ms else ("0", 0.0)
     return results
 
@@ -312,7 +318,9 @@ def render(r: dict) -> str:
     lines += [f"    {target}: {measured}: {'MET' if ok else 'MISS'}" for target, measured, ok in met]
     if r["victim_errors"]:
         lines.append(f"  victim errors by type: {r['victim_errors']}")
-    if r["log_problems"] or r["shm_leftovers"] or r["exit_code"] not in (0, None):
+    if r.get("after_run", "answered") != "answered":
+        lines.append(f"  after the attacks the daemon did not answer a new session: {r['after_run']}")
+    if r["log_problems"] or r["shm_leftovers"] or r["exit_code"] != 0:
         lines.append(f"  daemon: exit {r['exit_code']}, log problems {r['log_problems'][:3]}, "
                      f"leftovers {r['shm_leftovers']}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from common import frames
 FLOOD_SLOTS = 256                  # frames the flooding session keeps in flight
 INFO_BATCH = 10_000                # info requests in one write
 MALFORMED_FRAMES = 100_000
+MALFORMED_MAX_S = 60.0             # a daemon that reads the garbage slowly ends the attack short of it
 DOOR_MAX = 400                     # sessions the door attacker tries to hold (max_clients is 256)
 
 
@@ -302,7 +303,9 @@ def _malformed(socket_path, stop, rng) -> dict:
 
     sent = closed = replies = 0
     raw = Raw(socket_path)
-    while sent < MALFORMED_FRAMES or not stop.is_set():     # all of them, and for the whole attack
+    give_up = time.monotonic() + MALFORMED_MAX_S
+    # for the whole attack, and on after it until MALFORMED_FRAMES are sent (at most MALFORMED_MAX_S)
+    while not stop.is_set() or (sent < MALFORMED_FRAMES and time.monotonic() < give_up):
         burst = [malformed_frame(rng, wire) for _ in range(100)]
         try:
             for frame in burst:
@@ -317,9 +320,25 @@ def _malformed(socket_path, stop, rng) -> dict:
         except OSError:
             closed += 1
             raw.close()
-            raw = Raw(socket_path)
-    raw.close()
-    return {"frames_sent": sent, "replies": replies, "reconnects": closed}
+            raw = _reconnect(socket_path, stop)
+            if raw is None:
+                break
+    if raw is not None:
+        raw.close()
+    return {"frames_sent": sent, "replies": replies, "reconnects": closed, "hello_failures": FAILED[0]}
+
+
+FAILED = [0]
+
+
+def _reconnect(socket_path, stop) -> Raw | None:
+    """A new session, trying again (and counting) while hello fails or times out; None at ``stop``."""
+    while not stop.is_set():
+        try:
+            return Raw(socket_path)
+        except OSError:
+            FAILED[0] += 1
+    return None
 
 
 ATTACKS = {"info": _info, "unread": _unread, "door": _door, "malformed": _malformed}
