@@ -12,17 +12,21 @@ import socket
 
 
 def notify(state: str) -> bool:
-    """Send ``state`` (such as "READY=1" or "STOPPING=1"); returns whether a manager was told."""
+    """Send ``state`` (such as "READY=1" or "STOPPING=1"); returns whether a manager was told.
+
+    Never blocks: it is called on the event loop, and a manager that stops reading (a full
+    datagram queue: Linux keeps net.unix.max_dgram_qlen of them) would otherwise freeze every
+    client. Such a message is dropped; the next STATUS= or WATCHDOG=1 says the same again."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.connect(address)
-            sock.sendall(state.encode())
-        except OSError:
+            sock.send(state.encode())
+        except OSError:          # BlockingIOError (queue full) included
             return False
     return True
 

@@ -415,3 +415,24 @@ def test_set_takes_toml_and_bare_words(text, value):
 def test_set_values_that_are_not_toml_are_refused(text):
     with pytest.raises(ConfigError, match=re.escape(f"--set {text}: not a TOML value: ")):
         parse_override(text)
+
+
+@pytest.mark.timeout(20)
+def test_notify_never_blocks_when_the_manager_stops_reading(tmp_path, monkeypatch):
+    """A manager that stops reading fills its datagram queue; notify runs on the event loop, so it
+    must drop the message rather than wait (this froze long benchmark runs, whose launcher reads
+    only up to READY=1, after about ten STATUS= lines)."""
+    import socket as socketmod
+
+    from inferd.daemon.notify import notify
+
+    path = str(tmp_path / "notify")
+    manager = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    manager.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    try:
+        told = [notify(f"STATUS=line {i}") for i in range(2000)]
+    finally:
+        manager.close()
+    assert told[0] is True
+    assert told[-1] is False                 # the queue is full: dropped, not waited for
