@@ -213,3 +213,21 @@ def replot(results_path: str, img_dir: str | None, out: str, render, draw) -> in
     print(render(results))
     print(f"\nredrew {', '.join(draw(results, img_dir))}")
     return 0
+
+
+def save_report(results: dict, args, results_name: str, render, settings: dict, t0: float) -> int:
+    """Stamp a run's results (settings, command, wall time, date, load), write them to
+    ``args.out/results_name`` and print the report; the end of every settings-table benchmark."""
+    import datetime
+    import json
+
+    results.update(settings=settings, quick=args.quick, command=sys.argv, wall_s=time.monotonic() - t0,
+                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   loadavg=os.getloadavg())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, results_name)
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(render(results))
+    print(f"\nwrote {path}")
+    return 0

@@ -25,8 +25,6 @@ what one uid can do to another). Writes ``OUT/isolation.json``. About 2 minutes 
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
 import threading
@@ -335,16 +333,7 @@ def main(argv=None) -> int:
     settings = SETTINGS["quick" if args.quick else "full"]
     t0 = time.monotonic()
     results = measure(settings, lambda msg: print(msg, flush=True))
-    results.update(settings=settings, quick=args.quick, command=sys.argv, wall_s=time.monotonic() - t0,
-                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   loadavg=os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "isolation.json")
-    with open(path, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(render(results))
-    print(f"\nwrote {path}")
-    return 0
+    return common.save_report(results, args, "isolation.json", render, settings, t0)
 
 
 if __name__ == "__main__":

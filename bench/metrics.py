@@ -19,8 +19,6 @@ measured throughput. Writes ``OUT/metrics.json``.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import re
 import sys
@@ -200,16 +198,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     results = measure(settings, lambda msg: print(msg, flush=True))
     results["micro"] = micro()
-    results.update(settings=settings, quick=args.quick, command=sys.argv, wall_s=time.monotonic() - t0,
-                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   loadavg=os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "metrics.json")
-    with open(path, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(render(results))
-    print(f"\nwrote {path}")
-    return 0
+    return common.save_report(results, args, "metrics.json", render, settings, t0)
 
 
 if __name__ == "__main__":
