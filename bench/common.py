@@ -215,12 +215,23 @@ def replot(results_path: str, img_dir: str | None, out: str, render, draw) -> in
     return 0
 
 
-def save_report(results: dict, args, results_name: str, render, settings: dict, t0: float) -> int:
-    """Stamp a run's results (settings, command, wall time, date, load), write them to
-    ``args.out/results_name`` and print the report; the end of every settings-table benchmark."""
+def settings_main(argv, doc: str, results_name: str, quick: str, settings: dict, measure, render,
+                  extra=None) -> int:
+    """``main`` of a benchmark whose runs are set by a ``{"full": ..., "quick": ...}`` table
+    (bench/metrics.py, bench/isolation.py): parse the shared options, ``--replot`` or
+    ``measure(settings, log)`` (plus ``extra()``, merged in), stamp the results (settings, command,
+    wall time, date, load), write them to ``--out``/``results_name`` and print the report."""
     import datetime
     import json
 
+    args = parser(doc, results_name, quick).parse_args(argv)
+    sigterm_as_exit()
+    if args.replot:
+        return replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
+    settings = settings["quick" if args.quick else "full"]
+    t0 = time.monotonic()
+    results = measure(settings, lambda msg: print(msg, flush=True))
+    results.update(extra() if extra else {})
     results.update(settings=settings, quick=args.quick, command=sys.argv, wall_s=time.monotonic() - t0,
                    date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    loadavg=os.getloadavg())

@@ -325,15 +325,8 @@ def render(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, "isolation.json", "5 s baseline, 10 s attacks, 4 s share phases: about 80 s")
-    args = p.parse_args(argv)
-    common.sigterm_as_exit()
-    if args.replot:
-        return common.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
-    settings = SETTINGS["quick" if args.quick else "full"]
-    t0 = time.monotonic()
-    results = measure(settings, lambda msg: print(msg, flush=True))
-    return common.save_report(results, args, "isolation.json", render, settings, t0)
+    return common.settings_main(argv, __doc__, "isolation.json",
+                                "5 s baseline, 10 s attacks, 4 s share phases: about 80 s", SETTINGS, measure, render)
 
 
 if __name__ == "__main__":

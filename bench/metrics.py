@@ -189,16 +189,8 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, "metrics.json", "2 pairs of 5 s rounds, about 40 s")
-    args = p.parse_args(argv)
-    common.sigterm_as_exit()
-    if args.replot:
-        return common.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
-    settings = SETTINGS["quick" if args.quick else "full"]
-    t0 = time.monotonic()
-    results = measure(settings, lambda msg: print(msg, flush=True))
-    results["micro"] = micro()
-    return common.save_report(results, args, "metrics.json", render, settings, t0)
+    return common.settings_main(argv, __doc__, "metrics.json", "2 pairs of 5 s rounds, about 40 s", SETTINGS,
+                                measure, render, extra=lambda: {"micro": micro()})
 
 
 if __name__ == "__main__":

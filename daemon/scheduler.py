@@ -281,10 +281,9 @@ class Scheduler:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
         an answer computed by model generation ``gen`` says so (``_stamp``)."""
         chunks = replies.setdefault(r.session, [])
-        stamp = (lambda m: self._stamp(r.session, m, gen)) if gen else (lambda m: m)
-        chunks.append(wire.encode(stamp(make(r.id, r.top_k))))
-        for rid, slot, top_k in r.followers:
-            chunks.append(wire.encode(stamp(make(rid, top_k))))
+        for rid, top_k in ((r.id, r.top_k), *((rid, top_k) for rid, _, top_k in r.followers)):
+            message = make(rid, top_k)
+            chunks.append(wire.encode(self._stamp(r.session, message, gen) if gen else message))
         self._finish(r)
 
     def _stamp(self, session, message: dict, gen: int) -> dict:

@@ -128,6 +128,16 @@ class RawClient:
             self.ring = None
 
 
+class Clock:
+    """An injected clock a test moves by hand (``clock.now += 1.5``)."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeSession:
     """What the scheduler touches of a Session, for unit tests that drive a Scheduler by hand;
     ``sent`` collects its replies."""

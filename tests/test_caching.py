@@ -181,7 +181,7 @@ def _writing(reader, deadline: float) -> bool:
     view = reader._view()["seq"]
     last = int(view.sum())
     while time.monotonic() < deadline:
-        time.sleep(0)                                      # the flood thread gets the GIL
+        time.sleep(0)  # noqa: sleep-ok: yields the GIL to the flood thread; the loop has a deadline
         current = int(view.sum())
         if current != last:
             return True

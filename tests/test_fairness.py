@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import RawClient, admin_path
+from helpers import Clock, RawClient, admin_path
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.device import Device
@@ -177,16 +177,8 @@ def test_quanta_from_uids_and_groups_resolved_once():
 
 
 # the queue around it, on an injected clock ------------------------------------------------------
-class Clock:
-    def __init__(self, now=100.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
 def test_a_batch_is_planned_and_taken_in_fair_order():
-    clock = Clock()
+    clock = Clock(100.0)
     q = DeviceQueue(clock, order=drr())
     for n in range(40):
         q.put(item("A", n=n, arrived=99.0))
@@ -203,7 +195,7 @@ def test_a_batch_is_planned_and_taken_in_fair_order():
 def test_the_plan_reads_the_deadlines_of_the_fair_front_not_of_the_oldest():
     # A's three are due in 10 ms, V's one in a second. Fair order: A V A A, and L(3) = 12 ms would
     # miss A's deadline: the plan sends the first two of the fair order (first come: A A)
-    clock = Clock()
+    clock = Clock(100.0)
     q = DeviceQueue(clock, order=drr())
     for n in range(3):
         q.put(item("A", n=n, arrived=100.0, deadline=100.010))
@@ -223,7 +215,7 @@ def test_fair_share_off_is_first_come_first_served():
     cfg = Config()
     cfg.dispatch.fair_share = False
     dev = Device(0, "cpu", 1)
-    Scheduler(cfg, SPEC, [dev], Clock(), "digest")
+    Scheduler(cfg, SPEC, [dev], Clock(100.0), "digest")
     for n in range(3):
         dev.queue.put(item("A", n=n))
     dev.queue.put(item("V"))
@@ -251,7 +243,7 @@ def scheduler(**settings):
     dev = Device(0, "cpu", 1)
     for b in (1, 32):
         dev.profile.observe(b, 0.001 * b)
-    sched = Scheduler(cfg, SPEC, [dev], Clock(), "digest")
+    sched = Scheduler(cfg, SPEC, [dev], Clock(100.0), "digest")
     return sched, dev
 
 

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import Clock
+
 from inferd.daemon import policy as policies
 from inferd.daemon.config import HealthConfig
 from inferd.daemon.device import HEALTHY, OUT, PROBING, Device
@@ -157,14 +159,6 @@ def test_round_robin_ignores_speed():
 
 
 # health -----------------------------------------------------------------------------------------
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def monitor(devices, **overrides):
     cfg = HealthConfig(**{"max_failures": 2, "watchdog_floor_s": 1.0, "watchdog_factor": 10.0,
                           "backoff_s": 1.0, "backoff_max_s": 4.0, **overrides})

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import FakeSession, RawClient, wait_until
+from helpers import Clock, FakeSession, RawClient, wait_until
 from inferd.daemon.batcher import BatchResult
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.device import Device
@@ -27,14 +27,6 @@ from inferd.daemon.session import Rejected
 from inferd.daemon.stats import LATENCY_BOUNDS, Histogram, SizeHistogram, Stats, Window, quantile
 from inferd.shm import wire
 from inferd.shm.cache import ResultCache
-
-
-class Clock:
-    def __init__(self, now=100.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 # histograms ---------------------------------------------------------------------------------------

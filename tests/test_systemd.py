@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import Daemon, sample_images, short_dir, wait_until
+from helpers import Clock, Daemon, sample_images, short_dir, wait_until
 from inferd.client import Client
 from inferd.daemon import logs, notify, watchdog
 from inferd.daemon.config import ConfigError, from_dict, parse_override
@@ -285,16 +285,8 @@ class FakeServer:
         self.model = SimpleNamespace(spec=SimpleNamespace(name="shapes"), digest="1a2b3c4d5e6f7a8b9c")
 
 
-class Clock:
-    def __init__(self, now=100.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
 def test_the_task_pings_only_while_progress_is_made_and_looks_again_soon_after_a_miss():
-    clock, sent = Clock(), []
+    clock, sent = Clock(100.0), []
     dev = fake_device()
     dog = watchdog.Watchdog(FakeServer([dev]), 30.0, clock=clock, send=lambda s: sent.append(s) or True)
     assert dog.tick() == 5.0 and sent[-1].startswith("WATCHDOG=1\nSTATUS=serving shapes (digest 1a2b3c4d5e6f)")
@@ -315,7 +307,7 @@ def test_the_task_pings_only_while_progress_is_made_and_looks_again_soon_after_a
 
 
 def test_while_draining_only_the_loop_counts():
-    clock, sent = Clock(), []
+    clock, sent = Clock(100.0), []
     server = FakeServer([fake_device(alive=False)])
     server.draining = True
     dog = watchdog.Watchdog(server, 2.0, clock=clock, send=sent.append)
@@ -323,7 +315,7 @@ def test_while_draining_only_the_loop_counts():
 
 
 def test_status_alone_without_a_watchdog():
-    clock, sent = Clock(), []
+    clock, sent = Clock(100.0), []
     dog = watchdog.Watchdog(FakeServer([fake_device(alive=False)]), None, clock=clock, send=sent.append)
     assert dog.tick() == watchdog.STATUS_EVERY and sent[-1].startswith("STATUS=serving")
 
