@@ -48,7 +48,7 @@ def _overrides(args) -> dict:
     return out
 
 
-def _devices(cfg, specs: list[str] | None):
+def _devices(cfg, specs: list[str] | None, model=None):
     import torch
 
     from inferd.daemon.device import Device
@@ -58,8 +58,10 @@ def _devices(cfg, specs: list[str] | None):
         cfg.devices = []
         for i, spec in enumerate(specs):
             name, _, threads = spec.partition(":") if spec.startswith("cpu") else (spec, "", "")
-            if threads and not threads.isdigit():
-                raise ConfigError(f"--device {spec!r}: expected cpu, cpu:THREADS or cuda:N")
+            if threads == "auto":
+                name, threads = "cpu:auto", ""
+            elif threads and not threads.isdigit():
+                raise ConfigError(f"--device {spec!r}: expected cpu, cpu:THREADS, cpu:auto or cuda:N")
             probe = from_dict({"device": [{"name": name, "threads": int(threads or 0)}]})
             cfg.devices.append(probe.devices[0])
     if not cfg.devices:
@@ -69,7 +71,17 @@ def _devices(cfg, specs: list[str] | None):
         if dev.name.startswith("cuda") and int(dev.name[5:]) >= torch.cuda.device_count():
             raise ConfigError(f"device[{i}].name: {dev.name} is not present "
                               f"({torch.cuda.device_count()} CUDA devices)")
-    return [Device(i, d.name, d.threads) for i, d in enumerate(cfg.devices)]
+    from inferd.daemon import layout, threads as threads_mod
+
+    if any(d.name == "cpu:auto" for d in cfg.devices):     # measured here, with the model
+        cfg.devices = layout.expand(cfg.devices, model, cfg)
+    try:
+        shares = threads_mod.plan(cfg.devices, threads_mod.usable_cores(), pin=cfg.threads.pin,
+                                  oversubscribe=cfg.threads.oversubscribe)
+    except threads_mod.ThreadPlanError as exc:
+        raise ConfigError(str(exc)) from None
+    return [Device(i, d.name, a.threads if d.name == "cpu" else d.threads)
+            for i, (d, a) in enumerate(zip(cfg.devices, shares))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inferd: configuration error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     logs.setup(cfg.server.log_level)       # journald priorities when stderr is the journal
+    from inferd.daemon import threads as threads_mod
+    threads_mod.prepare_environment(cfg.threads.omp_wait_policy)   # before torch loads libgomp
     log = logging.getLogger("inferd")
     try:
         # socket activation (inferd.socket) passes the bound socket; else bind it ourselves
@@ -129,8 +143,11 @@ def _serve(cfg, args, listener) -> int:
     if removed:
         logging.getLogger("inferd").warning("removed %d ring names left by a dead daemon: %s",
                                             len(removed), ", ".join(removed))
-    devices = _devices(cfg, args.device)
-    model = model_mod.load(cfg.model)
+    from inferd.daemon import threads as threads_mod
+
+    threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop)   # NOTE [ thread pools ]
+    model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
+    devices = _devices(cfg, args.device, model)
     # SIGHUP reads the same file with the same flags again (daemon/reload.py)
     reread = lambda: config_mod.load(args.config, _overrides(args))
     return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())

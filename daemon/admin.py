@@ -37,6 +37,8 @@ from inferd.daemon.reload import ReloadError, model_config, reload_model
 from inferd.daemon.session import Rejected
 from inferd.shm import wire
 
+from . import threads
+
 log = logging.getLogger("inferd.admin")
 _refused = RateLimitedLog(log, interval=10.0)
 
@@ -144,6 +146,7 @@ class AdminServer:
                 body = server.health()
             elif op == "stats":
                 body = server.stats_snapshot()
+                body["threads"] = threads.snapshot()     # NOTE [ thread pools ] in daemon/threads.py
             elif op == "metrics":
                 body = {"text": server.metrics_text().decode()}
             elif op == "reload":

@@ -161,8 +161,68 @@ class MetricsConfig:
 
 
 @dataclass
+class ThreadsConfig:
+    blas: int = _opt(1, "threads of numpy's BLAS (the embedding search, a memory-bound product), set "
+                        "through threadpoolctl; more only competes with the devices (NOTE [ thread "
+                        "pools ] in daemon/threads.py)", lo=1, hi=1024)
+    interop: int = _opt(1, "torch inter-op threads (the daemon forks no torch work)", lo=1, hi=1024)
+    omp_wait_policy: str = _opt("passive", "OMP_WAIT_POLICY set before torch loads: passive (idle "
+                                           "OpenMP workers sleep, not spin), active, or default "
+                                           "(OpenMP's own); the environment variable wins",
+                                choices=("passive", "active", "default"))
+    pin: bool = _opt(False, "bind each CPU device's batching thread (and its OpenMP team) to cores of "
+                            "its own")
+    oversubscribe: str = _opt("warn", "CPU devices asking for more threads in all than the usable "
+                                      "cores (sched_getaffinity): warn, or refuse to start",
+                              choices=("warn", "refuse"))
+    auto_measure_s: float = _opt(0.3, "--device cpu:auto: seconds measured per layout and batch size "
+                                      "at start-up (daemon/layout.py)", lo=0.02, hi=60.0)
+
+
+@dataclass
+class L2Config:
+    """The fleet-wide second level of the result cache on Redis / Valkey (docs/fleet.md)."""
+    enabled: bool = _opt(False, "look local cache misses up in a Redis shared by the fleet, and write "
+                                "computed answers to it (docs/fleet.md)")
+    url: str = _opt("", "standalone server: redis://HOST:PORT/DB, rediss://... (TLS) or "
+                        "unix:///PATH?db=N; with cluster, any one node; unused with sentinels")
+    sentinels: list = _opt(None, "Sentinel addresses [\"HOST:PORT\", ...]: the master of "
+                                 "sentinel_service is found through them (and again after a failover)")
+    sentinel_service: str = _opt("mymaster", "the master's name at the sentinels")
+    cluster: bool = _opt(False, "url names one node of a Redis Cluster; lookups and writes are split "
+                                "by hash slot")
+    db: int = _opt(0, "database number (standalone and Sentinel; a cluster has only 0)", lo=0, hi=1 << 16)
+    username: str = _opt("", "ACL user (AUTH username password); empty: the default user")
+    password_file: str = _opt("", "file holding the AUTH password (mode 0600 or stricter, like "
+                                  "key_file); empty: no password")
+    tls: bool = _opt(False, "TLS to Redis (implied by a rediss:// url)")
+    tls_ca_file: str = _opt("", "CA bundle that signed the server's certificate; empty: the system's")
+    tls_cert_file: str = _opt("", "client certificate (Redis tls-auth-clients); empty: none")
+    tls_key_file: str = _opt("", "private key of tls_cert_file")
+    key_file: str = _opt("", "the fleet key: a file of at least 32 bytes (head -c 32 /dev/urandom), "
+                             "the same on every host, readable by the daemon's user only; every entry "
+                             "carries a keyed BLAKE3 MAC made with it (required)")
+    prefix: str = _opt("inferd:", "Redis key prefix, so several fleets share one Redis")
+    budget_ms: float = _opt(2.0, "longest a local miss waits for L2 before its device computes it",
+                            lo=0.05, hi=1000.0)
+    timeout_ms: float = _opt(250.0, "socket timeout of one Redis command: a hung server is given up on "
+                                    "after this (requests stop waiting at budget_ms)", lo=1.0, hi=60000.0)
+    ttl_s: int = _opt(7 * 86400, "lifetime of an entry in Redis (SET EX)", lo=1, hi=1 << 31)
+    max_lookups_in_flight: int = _opt(4, "batched lookups (MGET) outstanding at once; beyond, a miss "
+                                         "goes straight to its device", lo=1, hi=1024)
+    write_backlog: int = _opt(10000, "answers waiting to be written; beyond, new ones are dropped "
+                                     "(counted)", lo=1, hi=1 << 24)
+    write_batch: int = _opt(256, "SETs in one pipelined write", lo=1, hi=65536)
+    breaker_failures: int = _opt(5, "errors or timeouts in a row that open the circuit breaker (no "
+                                    "lookups, no writes)", lo=1, hi=1 << 20)
+    breaker_cooldown_s: float = _opt(5.0, "how long the breaker stays open before one probe lookup",
+                                     lo=0.01, hi=3600.0)
+
+
+@dataclass
 class DeviceConfig:
-    name: str = _opt("cpu", "cpu or cuda:N")
+    name: str = _opt("cpu", "cpu, cpu:auto (threads and number of CPU devices measured at start-up, "
+                            "daemon/layout.py) or cuda:N")
     threads: int = _opt(0, "torch intra-op threads for a cpu device (0: torch's default)", lo=0, hi=1024)
 
 
@@ -177,6 +237,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    l2: L2Config = field(default_factory=L2Config)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
     @property
@@ -203,7 +265,7 @@ def default_cache_path() -> str:
 
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
             "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
-            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig}
+            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "threads": ThreadsConfig}
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -299,10 +361,17 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
         if not cfg.model.labels:
             raise ConfigError("model.labels: a labels file is required with model.path")
+    if cfg.l2.enabled:
+        from inferd.daemon.l2_codec import check_l2_config
+
+        check_l2_config(cfg.l2)             # key_file present and private, one topology named
     seen = set()
     for i, dev in enumerate(cfg.devices):
-        if dev.name != "cpu" and not (dev.name.startswith("cuda:") and dev.name[5:].isdigit()):
-            raise ConfigError(f"device[{i}].name: {dev.name!r} is not cpu or cuda:N")
+        if dev.name not in ("cpu", "cpu:auto") and not (dev.name.startswith("cuda:") and dev.name[5:].isdigit()):
+            raise ConfigError(f"device[{i}].name: {dev.name!r} is not cpu or cuda:N (nor cpu:auto)")
+        if dev.name == "cpu:auto" and (dev.threads or len([d for d in cfg.devices if d.name.startswith("cpu")]) > 1):
+            raise ConfigError(f"device[{i}]: cpu:auto chooses every CPU device and its threads; list "
+                              f"no other cpu device and no threads beside it")
         if dev.name.startswith("cuda") and dev.name in seen:
             raise ConfigError(f"device[{i}].name: {dev.name} is listed twice")
         seen.add(dev.name)
