@@ -1,31 +1,41 @@
-"""One batching thread per device: plan a batch, run the model, hand results back to the loop.
+"""One pipeline per device: a collector thread plans and stages batches, an executor runs them.
 
 NOTE [ request path ]
 
-    event loop thread                              batching thread (one per device)
-    -----------------                              -------------------------------
-    Session.data_received -> Scheduler.classify    DeviceQueue.take(plan): wait until the
-      checks every field, admits against the         batch plan says go (NOTE [ batch planning ]
-      deadline, picks a device (daemon/policy.py),   in daemon/queues.py); idle: steal from a
-      device.queue.put(request)  ------------->      busy peer (policy.steal_from)
-                                                   note each request's attempt; publish
-                                                     running_since/size (the watchdog reads them)
-                                                   split off requests whose session closed
-                                                     (dropped) or whose deadline passed (expired)
-                                                   copy each slot into the private staging tensor
-                                                   Preprocess on the device, model, softmax, top-k
-    Scheduler.on_batch_done(result)  <----------   loop.call_soon_threadsafe(deliver, result):
-      one reply per live request, slot released,     one call per batch, every request taken
-      ring freed when a closed session's last        accounted for (answered, expired, dropped or
-      request comes back; failures re-dispatched     failed), with the attempts noted at take time
+    event loop thread                  collector thread (one per device)   executor thread (one per device)
+    -----------------                  ---------------------------------   --------------------------------
+    Session.data_received ->           wait for a free staging buffer      wait for a staged batch
+      Scheduler.submit: checks every   DeviceQueue.take(plan): wait until  (or a model stage/activate asked
+      field, admits against the        the plan says go (NOTE [ batch        by daemon/reload.py)
+      deadline, picks a device         planning ], daemon/queues.py: it    note running_since/size (health
+      (daemon/policy.py),              knows when the running batch will     and the watchdog read them)
+      device.queue.put(request) --->   end); idle: steal from a busy peer  Engine.launch(buffer) (preprocess,
+                                       split off requests whose session      model, softmax, top-k on the
+                                         closed (dropped) or whose deadline  device: daemon/engine.py)
+                                         passes before it could run        free the buffer once its frames
+                                         (expired): answered at once         are on the device
+                                       copy each slot into the buffer      results, near-duplicate searches
+                                       note each request's attempt         deliver(result) ------+
+                                       hand (batch, buffer) over  --->                           |
+    Scheduler.on_batch_done(result)  <-------------------------------------------------------- +
+      one reply per live request, slot released, ring freed when a closed session's last
+      request comes back; failures re-dispatched
 
-A ring is unmapped only after its last request came back, so a batching thread never reads an
-unmapped slot. Canary batches (daemon/health.py) are requests without a session: a blank frame.
+Two buffers per device ("double-buffered staging"): while the executor computes batch k from one,
+the collector plans batch k+1, waiting for company for free while the device is busy, and stages it
+into the other, so the device goes from one batch to the next without waiting for the loop, the
+clients or a copy. Replies go out the moment a batch is done: the executor delivers, the collector
+never holds results. A handed-over batch not yet running is ``Device.staged``; a device taken out of
+rotation re-dispatches it with its queue (daemon/scheduler.py).
+
+A ring is unmapped only after its last request came back, so no thread reads an unmapped slot.
+Canary batches (daemon/health.py) are requests without a session: a blank frame.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import queue as queues
 import threading
 import time
 from concurrent.futures import Future
@@ -36,20 +46,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from inferd.daemon.model import LoadedModel, check_output, logits_of
-from inferd.daemon.preprocess import Preprocess
-from inferd.daemon.profile import LatencyProfile
-from inferd.daemon.queues import plan_batch
-from inferd.shm.ring import RingError
+from .engine import Engine, Staging
+from .model import LoadedModel
+from .profile import LatencyProfile
+from .queues import plan_batch
+from ..shm.ring import RingError
 
 log = logging.getLogger("inferd.batcher")
 
-IDLE_TIMEOUT = 0.1          # an idle thread looks for work to steal and beats this often
+IDLE_TIMEOUT = 0.1          # an idle collector looks for work to steal and beats this often
+STAGING_BUFFERS = 2         # per device: one computing, one being filled (NOTE [ request path ])
 _current = threading.local()
 
 
 def current_device():
-    """The Device whose batching thread is calling (None elsewhere). A hook for test models that
+    """The Device whose executor thread is calling (None elsewhere). A hook for test models that
     must behave differently per device (inferd.daemon.zoo.synthetic)."""
     return getattr(_current, "device", None)
 
@@ -99,122 +110,190 @@ class BatchResult:
                                                    # whole (a posix ring its client shrank)
     error: str = ""
     seconds: float = 0.0                           # copy + model time of the batch
-    started: float = 0.0                           # the thread's clock when it took the batch
-    finished: float = 0.0                          # ... and when the batch was done (daemon/stats.py)
+    started: float = 0.0                           # the executor's clock when the batch began computing
+    finished: float = 0.0                          # ... and when it was done (daemon/stats.py)
     gen: int = 0                                   # generation of the model that computed it
-
-
-@dataclass(slots=True, eq=False)
-class _Runner:
-    """One model as this thread runs it: the device replica, its preprocessing, its profile."""
-
-    model: LoadedModel
-    replica: object
-    preprocess: Preprocess
-    embedding_dim: int
-    keep_k: int
-    profile: LatencyProfile
+    running: list = field(default_factory=list)    # [(request, attempt)] handed to the executor
 
 
 class BatchingThread(threading.Thread):
-    """Runs batches for one device until its queue is stopped. ``deliver(BatchResult)`` must be
-    thread-safe (the server passes a call_soon_threadsafe wrapper)."""
+    """The collector of one device's pipeline (NOTE [ request path ]); it starts the executor,
+    which owns the model. Runs until the device's queue is stopped. ``deliver(BatchResult)`` must
+    be thread-safe (the server passes a call_soon_threadsafe wrapper)."""
 
     def __init__(self, device, model: LoadedModel, *, batching, policy, peers: list,
                  deliver: Callable[[BatchResult], None], warmup_batches: int = 0, keep_k: int = 0,
                  clock: Callable[[], float] = time.monotonic):
-        super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
+        super().__init__(name=f"inferd-collect-{device.label}", daemon=True)
         self.device = device
-        self._model = model
         self._max_batch = batching.max_batch
         self._plan = partial(_plan, device, batching)
         self._policy = policy
         self._peers = peers
         self._deliver = deliver
-        self._warmup = warmup_batches
-        self._keep_k = keep_k
         self._clock = clock
+        self._staging = Staging(device.torch_device, batching.max_batch, model.spec.frame_shape, STAGING_BUFFERS)
+        self._free: queues.SimpleQueue = queues.SimpleQueue()      # indices of free staging buffers
+        for i in range(len(self._staging)):
+            self._free.put(i)
+        self.executor = Executor(device, model, self._staging, self._free, deliver, warmup_batches,
+                                 keep_k, batching.max_batch, clock)
+        self.ready = self.executor.ready
+
+    # the executor's, for the server and daemon/reload.py
+    @property
+    def startup_error(self) -> BaseException | None:
+        return self.executor.startup_error
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.executor.embedding_dim
+
+    @property
+    def store(self):
+        return self.executor.store
+
+    @store.setter
+    def store(self, value) -> None:
+        self.executor.store = value
+
+    def stage(self, model: LoadedModel, keep_k: int) -> Future:
+        return self.executor.stage(model, keep_k)
+
+    def activate(self, gen: int, store) -> Future:
+        return self.executor.activate(gen, store)
+
+    def discard(self, gen: int) -> None:
+        self.executor.discard(gen)
+
+    def alive(self) -> bool:
+        """Both threads of the pipeline run (the watchdog's question)."""
+        return self.is_alive() and self.executor.is_alive()
+
+    def run(self) -> None:
+        self.executor.start()
+        self.ready.wait()
+        dev = self.device
+        try:
+            if self.executor.startup_error is None:
+                self._collect()
+        finally:
+            self.executor.stop()
+            self.executor.join()
+
+    def _collect(self) -> None:
+        dev = self.device
+        while True:
+            buffer = self._free.get()               # at most one batch waits behind the running one
+            while (batch := dev.queue.take(self._plan, IDLE_TIMEOUT)) == []:
+                dev.beat = self._clock()
+                if (batch := self._steal()):
+                    break
+            if batch is None:
+                return
+            dev.beat = self._clock()
+            result, live = self._screen(batch)
+            if live:
+                live = self._stage(live, self._staging.arrays[buffer], result.unreadable)
+            if not live:
+                self._free.put(buffer)
+                self._deliver(result)
+                continue
+            dev.staged = result.running = list(zip(live, (r.attempt for r in live)))
+            self.executor.submit(result, live, buffer)
+
+    def _steal(self) -> list:
+        dev = self.device
+        if not (dev.healthy and self._policy.steals):
+            return []
+        victim, count = self._policy.steal_from(dev, self._peers, self._clock(), self._max_batch)
+        return victim.queue.steal(count) if victim is not None else []
+
+    def _screen(self, batch: list) -> tuple[BatchResult, list]:
+        """A BatchResult for ``batch`` with its dropped and expired requests split off, and the
+        requests left to compute."""
+        dev = self.device
+        result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None)
+        now = result.started = result.finished = self._clock()
+        # the batch starts when the device is free; a full batch is never shrunk for its oldest
+        # (NOTE [ batch planning ]): who cannot finish within it is not computed; otherwise only
+        # who is already late
+        cutoff = now
+        if len(batch) == self._max_batch:
+            cutoff = max(now, busy_until(dev, now)) + dev.profile.latency(len(batch))
+        live = []
+        for r in batch:
+            if r.session is not None and r.session.closed:
+                result.dropped.append(r)
+            elif r.deadline < cutoff:
+                result.expired.append(r)
+            else:
+                live.append(r)
+        return result, live
+
+    def _stage(self, live: list, rows, unreadable: list) -> list:
+        """Copy each request's frame into ``rows``; a request whose slot cannot be read whole goes
+        to ``unreadable`` (its own error; the others are computed). Returns those staged."""
+        staged = []
+        for r in live:
+            row = rows[len(staged)]
+            if r.frame is not None:                 # the daemon's private (hashed) copy
+                np.copyto(row, r.frame.reshape(row.shape))
+            elif r.ring is None:                    # canary: a blank frame
+                row.fill(0)
+            else:
+                try:                                # never a mapped read of an unsealed ring
+                    r.ring.read_slot(r.slot, row.nbytes, out=row)
+                except RingError as exc:
+                    unreadable.append((r, f"slot {r.slot} cannot be read: {exc}"))
+                    continue
+            staged.append(r)
+        return staged
+
+
+def busy_until(dev, now: float) -> float:
+    """When ``dev`` is expected to be free for the next batch: the end of its running batch and of
+    the one staged behind it (``now`` when idle). Read without locks: each field is replaced whole."""
+    t = now
+    started, size = dev.running_since, dev.running_size
+    if started is not None:
+        t = max(t, started + dev.profile.latency(size))
+    staged = dev.staged
+    if staged:
+        t += dev.profile.latency(len(staged))
+    return t
+
+
+class Executor(threading.Thread):
+    """The thread that owns a device's model (daemon/engine.py): runs the staged batches in order,
+    delivers each result the moment it is done, and loads, activates or discards models between two
+    batches for a swap (NOTE [ model swap ] in daemon/reload.py)."""
+
+    def __init__(self, device, model: LoadedModel, staging: Staging, free, deliver, warmup: int,
+                 keep_k: int, max_batch: int, clock):
+        super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
+        self.device = device
+        self._model = model
+        self._staging = staging
+        self._free = free
+        self._deliver = deliver
+        self._warmup = warmup
+        self._keep_k = keep_k
+        self._max_batch = max_batch
+        self._clock = clock
+        self._inbox: queues.SimpleQueue = queues.SimpleQueue()
         self.embedding_dim = 0
         self.store = None                  # the EmbeddingStore, set by the server once it is open
         self._active: _Runner | None = None     # the model this thread serves
         self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
-        self._requests: collections.deque = collections.deque()   # from the loop: stage/activate
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
-    def _prepare(self) -> None:
-        dev = self.device.torch_device
-        if dev.type == "cpu" and self.device.threads:
-            torch.set_num_threads(self.device.threads)
-        staging = torch.zeros((self._max_batch, *self._model.spec.frame_shape), dtype=torch.uint8,
-                              pin_memory=dev.type == "cuda")
-        self._staging, self._staging_np = staging, staging.numpy()
-        self._active = self._load(self._model, self._keep_k, self.device.profile)
-        self.embedding_dim = self._active.embedding_dim
+    def submit(self, result: "BatchResult", live: list, buffer: int) -> None:
+        self._inbox.put(("batch", result, live, buffer))
 
-    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> "_Runner":
-        """Put ``model`` on this thread's device, check its output, warm it up (teaching
-        ``profile``). Runs on this thread: see check_output on why never on another."""
-        dev = self.device.torch_device
-        spec = model.spec
-        runner = _Runner(model, model.replica(dev), Preprocess(spec.mean, spec.std, dev), 0, keep_k, profile)
-        if spec.embedding_layer:
-            _hook(dict(runner.replica.named_modules())[spec.embedding_layer])
-        runner.embedding_dim = check_output(spec, runner.replica, dev, embed=_embedding)
-        for _ in range(self._warmup):               # warm up, and seed the latency profile
-            for size in sorted({1, self._max_batch}):
-                t0 = time.perf_counter()
-                self._forward(size, 1, runner=runner)
-                profile.observe(size, time.perf_counter() - t0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return runner
-
-    # model swap (NOTE [ model swap ] in daemon/reload.py) ---------------------------------------
-    def stage(self, model: LoadedModel, keep_k: int) -> Future:
-        """Ask this thread to load and warm ``model`` beside the one it serves, between two
-        batches. The future gets the embedding width, or the exception that stopped it."""
-        future: Future = Future()
-        self._requests.append(("stage", model, keep_k, future))
-        self.device.queue.wake()
-        return future
-
-    def activate(self, gen: int, store) -> Future:
-        """Serve the staged model of generation ``gen`` (with embedding ``store``) from the next
-        batch on; the batch running now finishes with the old one. The future is done once this
-        thread has let go of the old model."""
-        future: Future = Future()
-        self._requests.append(("activate", gen, store, future))
-        self.device.queue.wake()
-        return future
-
-    def discard(self, gen: int) -> None:
-        """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
-        self._requests.append(("discard", gen, None, None))
-        self.device.queue.wake()
-
-    def _serve_requests(self) -> None:
-        while self._requests:
-            what, a, b, future = self._requests.popleft()
-            if what == "stage":
-                if future.set_running_or_notify_cancel():
-                    try:
-                        self._staged = self._load(a, b, LatencyProfile())
-                    except BaseException as exc:  # reported to the reload, which keeps the old model
-                        self._staged = None
-                        future.set_exception(exc)
-                    else:
-                        future.set_result(self._staged.embedding_dim)
-            elif what == "activate":
-                if self._staged is not None and self._staged.model.gen == a:
-                    self._active, self._staged = self._staged, None
-                    self.store = b
-                    self.embedding_dim = self._active.embedding_dim
-                    self.device.profile = self._active.profile
-                if future.set_running_or_notify_cancel():
-                    future.set_result(self._active.model.gen)
-            elif what == "discard" and self._staged is not None and self._staged.model.gen == a:
-                self._staged = None
+    def stop(self) -> None:
+        self._inbox.put(("stop", None, None, None))
 
     def run(self) -> None:
         _current.device = self.device
@@ -225,65 +304,97 @@ class BatchingThread(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
-        dev = self.device
-        while (batch := dev.queue.take(self._plan, IDLE_TIMEOUT)) is not None:
-            dev.beat = self._clock()
-            if self._requests:
-                self._serve_requests()
-            if not batch:
-                batch = self._steal()
-                if not batch:
-                    continue
-            self._deliver(self._run_batch(batch))
-
-    def _steal(self) -> list:
-        dev = self.device
-        if not (dev.healthy and self._policy.steals):
-            return []
-        victim, count = self._policy.steal_from(dev, self._peers, self._clock(), self._max_batch)
-        return victim.queue.steal(count) if victim is not None else []
-
-    def _forward(self, n: int, k: int, want_embedding: bool = False, runner: "_Runner | None" = None):
-        """Top-k (indices, scores) lists of the first n staged frames, and their embeddings
-        (float32 unit rows, numpy) when asked for and the model has them."""
-        runner = runner or self._active
-        frames = self._staging[:n]
-        dev = self.device.torch_device
-        if dev.type != "cpu":
-            frames = frames.to(dev, non_blocking=True)
-        with torch.inference_mode():
-            raw = runner.replica(runner.preprocess(frames))
-            scores, indices = torch.softmax(logits_of(raw).float(), dim=1).topk(k, dim=1)
-            vectors = _embedding(raw) if want_embedding and runner.embedding_dim else None
-        if vectors is not None:
-            vectors = vectors.cpu().numpy()
-        return indices.cpu().tolist(), scores.cpu().tolist(), vectors
-
-    def _run_batch(self, batch: list) -> BatchResult:
-        dev = self.device
-        result = BatchResult(dev, batch, [r.attempt for r in batch], canary=batch[0].session is None,
-                             gen=self._active.model.gen)
-        now = result.started = result.finished = self._clock()
-        # a full batch is never shrunk for its oldest (NOTE [ batch planning ]): who cannot finish
-        # within it is not computed; otherwise only who is already late
-        cutoff = now + (dev.profile.latency(len(batch)) if len(batch) == self._max_batch else 0.0)
-        live = []
-        for r in batch:
-            if r.session is not None and r.session.closed:
-                result.dropped.append(r)
-            elif r.deadline < cutoff:
-                result.expired.append(r)
+        while True:
+            what, a, b, c = self._inbox.get()
+            if what == "batch":
+                self._deliver(self._run_batch(a, b, c))
+                self.device.beat = self._clock()
+            elif what == "stop":
+                return
             else:
-                live.append(r)
+                self._serve(what, a, b, c)
+
+    def _prepare(self) -> None:
+        dev = self.device.torch_device
+        if dev.type == "cpu" and self.device.threads:
+            torch.set_num_threads(self.device.threads)
+        self._active = self._load(self._model, self._keep_k, self.device.profile)
+        self.embedding_dim = self._active.engine.embedding_dim
+
+    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> "_Runner":
+        """Put ``model`` on this thread's device, check its output, warm it up (teaching
+        ``profile``). Runs on this thread: the embedding hook is per thread (daemon/engine.py)."""
+        engine = Engine(self.device.torch_device, model, keep_k)
+        engine.load()
+        frames = self._staging.tensors[0]
+        for _ in range(self._warmup):               # warm up, and seed the latency profile
+            for size in sorted({1, self._max_batch}):
+                t0 = time.perf_counter()
+                engine.launch(frames, size, 1).result()
+                profile.observe(size, time.perf_counter() - t0)
+        engine.synchronize()
+        return _Runner(engine, profile)
+
+    # model swap (NOTE [ model swap ] in daemon/reload.py) ---------------------------------------
+    def stage(self, model: LoadedModel, keep_k: int) -> Future:
+        """Load and warm ``model`` beside the one served, between two batches. The future gets the
+        embedding width, or the exception that stopped it."""
+        future: Future = Future()
+        self._inbox.put(("stage", model, keep_k, future))
+        return future
+
+    def activate(self, gen: int, store) -> Future:
+        """Serve the staged model of generation ``gen`` (with embedding ``store``) from the next
+        batch on; the batch running now finishes with the old one. The future is done once this
+        thread has let go of the old model."""
+        future: Future = Future()
+        self._inbox.put(("activate", gen, store, future))
+        return future
+
+    def discard(self, gen: int) -> None:
+        """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
+        self._inbox.put(("discard", gen, None, None))
+
+    def _serve(self, what: str, a, b, future) -> None:
+        if what == "stage":
+            if future.set_running_or_notify_cancel():
+                try:
+                    self._staged = self._load(a, b, LatencyProfile())
+                except BaseException as exc:  # reported to the reload, which keeps the old model
+                    self._staged = None
+                    future.set_exception(exc)
+                else:
+                    future.set_result(self._staged.engine.embedding_dim)
+        elif what == "activate":
+            if self._staged is not None and self._staged.engine.model.gen == a:
+                self._active, self._staged = self._staged, None
+                self.store = b
+                self.embedding_dim = self._active.engine.embedding_dim
+                self.device.profile = self._active.profile
+            if future.set_running_or_notify_cancel():
+                future.set_result(self._active.engine.model.gen)
+        elif what == "discard" and self._staged is not None and self._staged.engine.model.gen == a:
+            self._staged = None
+
+    # batches ----------------------------------------------------------------------------------
+    def _run_batch(self, result: "BatchResult", live: list, buffer: int) -> "BatchResult":
+        dev = self.device
+        runner = self._active
+        result.gen = runner.engine.model.gen
+        now = result.started = self._clock()
+        dev.running, dev.staged = result.running, []
+        live = self._recheck(result, live, buffer, now)
         if not live:
+            self._free.put(buffer)
+            dev.running = []
+            result.finished = now
             return result
-        dev.running = list(zip(batch, result.attempts))
         dev.running_size, dev.running_since = len(live), now
         outs = dev.outs
         try:
-            result.top, result.embeddings, result.seconds = self._compute(live, result.unreadable)
+            result.top, result.embeddings, result.seconds = self._compute(runner, live, buffer)
             result.done = live
-            if dev.outs == outs and live:
+            if dev.outs == outs:
                 # a batch its device was taken out during (stuck) says nothing about its speed;
                 # learning from it would stretch the next watchdog bound by its whole hang
                 dev.profile.observe(len(live), result.seconds)
@@ -300,63 +411,47 @@ class BatchingThread(threading.Thread):
             result.finished = self._clock()
         return result
 
-    def _compute(self, live: list, unreadable: list) -> tuple[list, object, float]:
-        """Stage and run ``live``. A request whose slot cannot be read whole leaves ``live`` for
-        ``unreadable`` (its own error; the others of the batch are computed)."""
-        runner = self._active
-        spec = runner.model.spec
-        shape, nbytes = spec.frame_shape, spec.frame_bytes
-        t0 = time.perf_counter()
-        staged = []
-        for r in live:
-            row = self._staging_np[len(staged)]
-            if r.frame is not None:                 # the daemon's private (hashed) copy
-                np.copyto(row, r.frame.reshape(shape))
-            elif r.ring is None:                    # canary: a blank frame
-                row.fill(0)
+    def _recheck(self, result: "BatchResult", live: list, buffer: int, now: float) -> list:
+        """The staged requests still worth computing now that the device is free: a session closed
+        or a deadline passed while the batch waited behind the running one (the profile did not
+        foresee a slow-down) splits them off, and the rows of the rest close up."""
+        keep, rows = [], self._staging.arrays[buffer]
+        for i, r in enumerate(live):
+            if r.session is not None and r.session.closed:
+                result.dropped.append(r)
+            elif r.deadline < now:
+                result.expired.append(r)
             else:
-                try:                                # never a mapped read of an unsealed ring
-                    r.ring.read_slot(r.slot, nbytes, out=row)
-                except RingError as exc:
-                    unreadable.append((r, f"slot {r.slot} cannot be read: {exc}"))
-                    continue
-            staged.append(r)
-        live[:] = staged
-        if not live:
-            return [], None, time.perf_counter() - t0
+                if len(keep) < i:
+                    rows[len(keep)] = rows[i]
+                keep.append(r)
+        return keep
+
+    def _compute(self, runner: "_Runner", live: list, buffer: int) -> tuple[list, object, float]:
+        engine = runner.engine
+        labels = len(engine.model.spec.labels)
         # a request admitted under the previous model may ask for more classes than this one has
-        keep = [min(max(r.top_k, runner.keep_k), len(spec.labels)) for r in live]
+        keep = [min(max(r.top_k, engine.keep_k), labels) for r in live]
+        t0 = time.perf_counter()
         # embeddings only when a store keeps them: otherwise normalising and copying them out is
         # work on every batch that nothing reads
-        indices, scores, vectors = self._forward(len(live), max(keep), want_embedding=self.store is not None)
+        try:
+            pending = engine.launch(self._staging.tensors[buffer], len(live), max(keep),
+                                    want_embedding=self.store is not None)
+        finally:
+            self._free.put(buffer)                  # launch has read it (or failed)
+        indices, scores, vectors = pending.result()
         seconds = time.perf_counter() - t0
         top = [[[i, s] for i, s in zip(idx[:k], sc[:k])] for k, idx, sc in zip(keep, indices, scores)]
         return top, vectors, seconds
 
 
-def _capture(module, inputs, output) -> None:
-    _current.embedding = output
+@dataclass(slots=True, eq=False)
+class _Runner:
+    """One model as an executor runs it: its engine and its latency profile."""
 
-
-def _hook(module) -> None:
-    """Capture ``module``'s output in the calling thread's slot. Registered once per module: CPU
-    devices share one module, and each batching thread reads only what its own forward wrote."""
-    if not getattr(module, "_inferd_hooked", False):
-        module.register_forward_hook(_capture)
-        module._inferd_hooked = True
-
-
-def _embedding(output):
-    """The embedding of a forward pass: the second element of a (logits, embedding) output, else
-    what the hooked layer produced in this thread; averaged over H, W if 4-D; unit length."""
-    vectors = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else \
-        getattr(_current, "embedding", None)
-    if vectors is None:
-        return None
-    _current.embedding = None
-    if vectors.dim() == 4:
-        vectors = vectors.mean(dim=(2, 3))
-    return torch.nn.functional.normalize(vectors.flatten(1).float(), dim=1)
+    engine: Engine
+    profile: LatencyProfile
 
 
 def _plan(device, batching, now: float, queued) -> tuple[int, float]:

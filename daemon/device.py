@@ -1,7 +1,7 @@
 """One device's record: identity, queue, measured profile, what it is running, and its health.
 
 Who writes what: the event loop writes ``outstanding`` and the health fields; the device's batching
-thread writes ``running_*``, ``beat`` and its ``profile``; the queue has its own lock. Readers on
+threads write ``running_*``, ``staged``, ``beat`` and its ``profile``; the queue has its own lock. Readers on
 the other side read single attributes, each replaced whole (see daemon/policy.py on staleness).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Device:
         self.running_since: float | None = None
         self.running_size = 0
         self.running: list = []            # [(request, attempt)] of the running batch
+        self.staged: list = []             # ... of the batch staged behind it (daemon/batcher.py)
         self.beat = 0.0                    # monotonic time the thread last showed life
         # health (loop only): see daemon/health.py
         self.state = HEALTHY

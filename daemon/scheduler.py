@@ -356,6 +356,9 @@ class Scheduler:
         if any(r.session is None for r in queued):
             dev.canary_pending = False                 # a queued canary dies with the queue
         moved = [r for r in queued if r.session is not None and not r.done]
+        # a batch staged behind the running one has not started: it goes too (if it starts
+        # meanwhile, the bumped attempts make its results stale)
+        moved += [r for r, attempt in dev.staged if r.session is not None and not r.done and r.attempt == attempt]
         if stuck:
             moved += [r for r, attempt in dev.running
                       if r.session is not None and not r.done and r.attempt == attempt]

@@ -57,7 +57,7 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
         if dev.state != HEALTHY:
             continue
         thread = dev.thread
-        if thread is None or not thread.is_alive():
+        if thread is None or not thread.alive():
             reasons.append(f"{dev.label}: its batching thread has exited")
             continue
         started, size = dev.running_since, dev.running_size

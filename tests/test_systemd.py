@@ -217,10 +217,10 @@ def test_watchdog_interval_follows_sd_watchdog_enabled():
 # the watchdog decision ----------------------------------------------------------------------------
 class FakeThread:
     def __init__(self, alive=True):
-        self.alive = alive
+        self._alive = alive
 
-    def is_alive(self):
-        return self.alive
+    def alive(self):
+        return self._alive
 
 
 def fake_device(label="cpu#0", state="healthy", beat=100.0, running_since=None, size=0, alive=True):
