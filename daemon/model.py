@@ -22,6 +22,7 @@ import torch
 
 from inferd.daemon import zoo
 from inferd.daemon.config import ConfigError, ModelConfig
+from inferd.daemon.modes import EngineOptions
 from inferd.daemon.preprocess import to_input
 
 log = logging.getLogger("inferd.model")
@@ -157,7 +158,9 @@ def load(cfg: ModelConfig) -> LoadedModel:
         raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(labels)} labels")
     spec = ModelSpec(name, height, width, tuple(map(float, mean)), tuple(map(float, std)), labels,
                      cfg.top_k, embedding_layer)
-    model = LoadedModel(module, spec, digest, source)
+    options = EngineOptions.of(cfg)         # how each device runs it (daemon/modes.py)
+    model = LoadedModel(module, spec, digest + options.digest_tag, source)
+    model.options = options
     log.info("model %s loaded: input %dx%d, %d labels, digest %s", name, height, width, len(labels), digest)
     return model
 

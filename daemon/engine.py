@@ -1,0 +1,262 @@
+"""One model on one device: its replica, preprocessing, and the forward pass of a staged batch.
+
+The batching pipeline (NOTE [ request path ] in daemon/batcher.py) stages uint8 frames into one of
+a device's ``Staging`` buffers and hands the buffer to its executor, which calls
+``Engine.launch(buffer, n, k, want_embedding)`` and later ``Pending.result()``. ``launch`` returns
+once the work is queued on the device; ``result()`` waits for it and returns plain Python lists
+(top-k indices and scores) and the embeddings as a numpy array.
+
+NOTE [ engine streams ]
+
+    host (executor thread)           copy stream                  compute stream
+    ----------------------           -----------                  --------------
+    launch(staging rows, n, k)
+      pick a device input buffer --> wait: its last reader done
+                                     rows -> device (uint8,
+                                       non_blocking)  [copied]
+                                                           -----> wait [copied]
+                                                                  preprocess (uint8 -> float, on
+                                                                    the device), model (autocast,
+                                                                    channels_last, graph replay)
+                                                                  [consumed: the input may be reused]
+                                                                  softmax, top-k, pack indices +
+                                                                    scores (+ embeddings) in one
+                                                                    int32 tensor
+                                                                  one copy -> pinned host  [done]
+      wait_copy: wait [copied] only
+      return Pending
+    Pending.staged():  [copied] done: the staging buffer may be written again
+    Pending.result():  wait [done] only (never the whole device); unpack
+
+Events are per launch, so nothing waits for more than its own batch. The streams and events come
+from daemon/streams.py: on a CPU they are no-ops (every step has finished when its call returns,
+and the model reads the staging rows themselves, as before the GPU path existed), and
+tests/test_engine.py checks the order above with a fake whose events complete only when waited on.
+
+Two device input buffers alternate, so the copy of batch k+1 may overlap the compute of batch k;
+with ``model.compile`` each prepared size has its own (the graph's static input), guarded the same
+way by the event of its last reader. With today's executor (launch, free the staging buffer,
+result) ``wait_copy=True`` keeps the staging buffer safe: launch returns once the frames are on the
+device. An executor that frees the buffer on ``Pending.staged()`` passes ``wait_copy=False``.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import LoadedModel, check_output, logits_of
+from .modes import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
+from .preprocess import Preprocess
+from .streams import streams_for
+
+_current = threading.local()
+INPUT_BUFFERS = 2           # device input buffers of the unpadded path (see NOTE [ engine streams ])
+
+
+class Staging:
+    """A device's ``count`` uint8 staging buffers of ``max_batch`` frames each (pinned host memory
+    on CUDA, so the copy to the device can be asynchronous). Filled by the collector, read by the
+    executor; a buffer is never written while a launch reads it (daemon/batcher.py hands them
+    over through a queue of free buffers)."""
+
+    def __init__(self, torch_device: torch.device, max_batch: int, frame_shape: tuple, count: int = 2):
+        pin = torch_device.type == "cuda"
+        self.tensors = [torch.zeros((max_batch, *frame_shape), dtype=torch.uint8, pin_memory=pin)
+                        for _ in range(count)]
+        self.arrays = [t.numpy() for t in self.tensors]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+class Pending:
+    """A launched batch of ``n`` rows. ``staged()``: its frames have left the staging buffer.
+    ``result()``: (indices lists, scores lists, float32 vectors numpy or None); waits for this
+    batch's own copy back only, and may be called once."""
+
+    __slots__ = ("_host", "_done", "_copied", "_k", "_dim")
+
+    def __init__(self, host: torch.Tensor, done, copied, k: int, dim: int):
+        self._host, self._done, self._copied, self._k, self._dim = host, done, copied, k, dim
+
+    def staged(self) -> bool:
+        return self._copied.query()
+
+    def wait_staged(self) -> None:
+        self._copied.synchronize()
+
+    def result(self):
+        self._done.synchronize()
+        return unpack(self._host, self._k, self._dim)
+
+
+@dataclass(eq=False)
+class _Input:
+    """A device input buffer and the event of the last compute that read it (None: never read)."""
+
+    tensor: torch.Tensor | None
+    consumed: object = None
+
+
+class Engine:
+    """``model`` on ``device`` (a torch.device), run as ``options`` say (default: the model's
+    ``options``, set by daemon/model.py from the configuration, else fp32 eager), through
+    ``streams`` (default: daemon/streams.py's for the device). ``load()`` must run on the thread
+    that will call ``launch`` (a forward hook writes the embedding to a thread-local slot)."""
+
+    def __init__(self, device: torch.device, model: LoadedModel, keep_k: int, streams=None,
+                 options: EngineOptions | None = None):
+        self.device = device
+        self.model = model
+        self.keep_k = keep_k
+        self.options = options or getattr(model, "options", None) or EngineOptions()
+        self.streams = streams
+        self.replica = None
+        self.preprocess = None
+        self.embedding_dim = 0
+        self._run = None                    # the module a forward pass calls (compiled or not)
+        self._graphs: CudaGraphs | None = None
+        self._sizes: tuple[int, ...] = ()   # prepared sizes of padded batches; () until the first launch
+        self._inputs: dict = {}             # key -> _Input (NOTE [ engine streams ])
+        self._turn = 0
+
+    def load(self) -> None:
+        """Put the model on the device as the options say, hook its embedding layer, check its
+        output. ConfigError when the device cannot run the options or the model's output is wrong."""
+        spec, opts = self.model.spec, self.options
+        opts.check(self.device)
+        if self.streams is None:
+            self.streams = streams_for(self.device)
+        replica = self.model.replica(self.device)
+        if opts.channels_last:
+            if replica is self.model.module:     # CPU devices share the module: never convert it
+                replica = copy.deepcopy(replica)
+            replica = replica.to(memory_format=torch.channels_last)
+        self.replica = replica
+        self.preprocess = Preprocess(spec.mean, spec.std, self.device, channels_last=opts.channels_last)
+        if spec.embedding_layer:
+            _hook(dict(self.replica.named_modules())[spec.embedding_layer])
+        self.embedding_dim = check_output(spec, self.replica, self.device, embed=embedding_of)
+        self.streams.follow_default()
+        self._run = compiled(self.replica) if opts.compile == "compile" else self.replica
+        if opts.compile == "graphs":
+            self._graphs = CudaGraphs(self._forward)
+
+    def synchronize(self) -> None:
+        """Wait for everything this engine queued (its own streams, not the whole device)."""
+        self.streams.synchronize()
+
+    def launch(self, frames: torch.Tensor, n: int, k: int, want_embedding: bool = False, *,
+               wait_copy: bool = True) -> Pending:
+        """Queue the forward pass of the first ``n`` rows of ``frames`` (a Staging tensor): top-k
+        (indices, scores) of the softmax and, when asked and the model has them, embeddings
+        (float32 unit rows). With ``wait_copy`` it returns once the rows are on the device, so
+        ``frames`` may be rewritten at once; else only after ``Pending.staged()``."""
+        if not 0 < n <= frames.shape[0]:
+            raise ValueError(f"a batch of {n} rows from a staging buffer of {frames.shape[0]}")
+        if self.options.padded and not self._sizes:
+            self._prepare(frames.shape[0], tuple(frames.shape[1:]))
+        size = size_for(n, self._sizes) if self._sizes else n
+        s = self.streams
+        slot = self._input_for(size, tuple(frames.shape))
+        dst = None if slot.tensor is None else slot.tensor[:n]
+        _, copied = s.copy_in(dst, frames[:n], after=slot.consumed)
+        rows = frames[:n] if slot.tensor is None else slot.tensor[:size]
+        with s.compute(after=copied), torch.inference_mode():
+            logits, vectors = self._graphs.replay(size) if self._graphs else self._forward(rows, want_embedding)
+            slot.consumed = s.record()
+            want = want_embedding and self.embedding_dim
+            host, done = s.copy_out(pack(logits[:n], vectors[:n] if want and vectors is not None else None, k))
+        if wait_copy:
+            copied.synchronize()
+        return Pending(host, done, copied, k, self.embedding_dim if want and vectors is not None else 0)
+
+    def _forward(self, rows: torch.Tensor, want_embedding: bool = True):
+        """uint8 rows on the device -> (logits, unit embeddings or None), under the options'
+        autocast. Traced whole into a CUDA graph when ``model.compile = graphs``."""
+        with torch.inference_mode():
+            x = self.preprocess(rows)
+            with self.options.autocast(self.device):
+                raw = self._run(x)
+            vectors = embedding_of(raw) if want_embedding and self.embedding_dim else None
+            return logits_of(raw), vectors
+
+    def _input_for(self, size: int, staging_shape: tuple) -> _Input:
+        """The device input buffer of this launch: the graph's static input of ``size``, else the
+        next of INPUT_BUFFERS (None tensor where the device reads host memory itself)."""
+        if self._graphs is not None:
+            key = size
+        else:
+            key, self._turn = self._turn % INPUT_BUFFERS, self._turn + 1
+        slot = self._inputs.get(key)
+        if slot is None:
+            tensor = self._graphs.inputs[size] if self._graphs else self.streams.input_buffer(staging_shape)
+            slot = self._inputs[key] = _Input(tensor)
+        return slot
+
+    def _prepare(self, max_rows: int, frame_shape: tuple) -> None:
+        """Every padded size, before the first batch runs: graphs captured, or each size compiled."""
+        sizes = batch_sizes(max_rows)
+        if self._graphs is not None:
+            self.streams.synchronize()
+            self._graphs.capture(sizes, frame_shape, self.device)
+        else:
+            blank = self.streams.input_buffer((max_rows, *frame_shape))
+            blank = torch.zeros((max_rows, *frame_shape), dtype=torch.uint8) if blank is None else blank.zero_()
+            with self.streams.compute():
+                for size in sizes:
+                    self._forward(blank[:size])
+            self.streams.synchronize()
+        self._sizes = sizes
+
+
+def pack(logits: torch.Tensor, vectors: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Top-k of the softmax of ``logits`` (and ``vectors``) as one int32 tensor, so one copy brings
+    a batch back: columns [indices (k) | float32 scores as bits (k) | float32 vectors as bits]."""
+    scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+    parts = [indices.to(torch.int32), scores.contiguous().view(torch.int32)]
+    if vectors is not None:
+        parts.append(vectors.float().contiguous().view(torch.int32))
+    return torch.cat(parts, dim=1)
+
+
+def unpack(host: torch.Tensor, k: int, dim: int):
+    """:func:`pack`'s tensor, on the host -> (indices lists, scores lists, vectors numpy or None)."""
+    indices = host[:, :k].tolist()
+    scores = host[:, k:2 * k].contiguous().view(torch.float32).tolist()
+    vectors = host[:, 2 * k:2 * k + dim].contiguous().view(torch.float32).numpy() if dim else None
+    return indices, scores, vectors
+
+
+def _capture(module, inputs, output) -> None:
+    _current.embedding = output
+
+
+def _hook(module) -> None:
+    """Capture ``module``'s output in the calling thread's slot. Registered once per module: CPU
+    devices share one module, and each executor thread reads only what its own forward wrote."""
+    if not getattr(module, "_inferd_hooked", False):
+        module.register_forward_hook(_capture)
+        module._inferd_hooked = True
+
+
+def embedding_of(output):
+    """The embedding of a forward pass: the second element of a (logits, embedding) output, else
+    what the hooked layer produced in this thread; averaged over H, W if 4-D; unit length."""
+    vectors = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else \
+        getattr(_current, "embedding", None)
+    if vectors is None:
+        return None
+    _current.embedding = None
+    vectors = vectors.float()               # a no-op in fp32; under autocast, average in fp32
+    if vectors.dim() == 4:
+        vectors = vectors.mean(dim=(2, 3))
+    return torch.nn.functional.normalize(vectors.flatten(1), dim=1)
+
+
+def as_numpy_rows(vectors) -> np.ndarray | None:
+    return None if vectors is None else np.asarray(vectors, dtype=np.float32)
