@@ -24,6 +24,8 @@ from inferd.shm.wire import default_socket_path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_FORMATS = ("auto", "torchscript", "export")
+PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/modes.py)
+COMPILE_MODES = ("none", "graphs", "compile")  # model.compile (daemon/modes.py)
 
 
 class ConfigError(Exception):
@@ -128,6 +130,15 @@ class ModelConfig:
     embedding_layer: str = _opt("", "submodule whose output is the embedding (a 4-D output is averaged "
                                     "over height and width); empty: the built-in's own, or none for a file "
                                     "model unless its forward returns (logits, embedding)")
+    precision: str = _opt("fp32", "forward pass precision: fp32, or bf16 / fp16 autocast (fp16: CUDA only; "
+                                  "bf16 also on CPUs with bf16 units); not fp32 changes the model digest, "
+                                  "so cached answers are never mixed", choices=PRECISIONS)
+    channels_last: bool = _opt(False, "run the model in channels_last (NHWC) memory format: faster "
+                                      "convolutions on tensor-core GPUs, and no copy after preprocessing")
+    compile: str = _opt("none", "none; graphs: CUDA graphs captured per batch size (powers of two up to "
+                                "max_batch, batches padded up), for small models and batches; compile: "
+                                "torch.compile with static shapes per size (minutes at start-up); both "
+                                "prepared during warm-up (docs/operations.md, GPU)", choices=COMPILE_MODES)
 
 
 @dataclass
@@ -361,6 +372,9 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
         if not cfg.model.labels:
             raise ConfigError("model.labels: a labels file is required with model.path")
+    if cfg.model.compile != "none" and cfg.model.warmup_batches < 1:
+        raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
+                          f"warm-up; set model.warmup_batches >= 1")
     if cfg.l2.enabled:
         from inferd.daemon.l2_codec import check_l2_config
 
