@@ -78,6 +78,19 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float) -> None:
         q.put(("error", traceback.format_exc()))
 
 
+def fair(ceiling: dict, max_batch: int):
+    """``in_flight -> (batch, img/s)``: the in-process figure at the largest batch ``in_flight``
+    frames allow under ``max_batch`` (the fair ceiling of a row; measured batch sizes only, the
+    nearest one below when that batch was not measured)."""
+    rows = {r["batch"]: r["img_s"] for r in ceiling["rows"]}
+
+    def at(in_flight: int) -> tuple[int, float]:
+        batch = max((b for b in rows if b <= min(in_flight, max_batch)), default=min(rows))
+        return batch, rows[batch]
+
+    return at
+
+
 def measure(warmup_s: float, seconds: float, batch_sizes=BATCH_SIZES) -> dict:
     """Part (a): img/s per batch size in a separate child process; the ceiling and batch-1 model time.
 

@@ -5,10 +5,13 @@ flight (depth 1: ``classify``; depth > 1: ``classify_many`` on ``depth`` frames 
 every call with ``time.perf_counter``. The clients connect first, then the parent hands them one
 shared start time (CLOCK_MONOTONIC is system-wide), so every client warms up until the same moment
 and measures over the same window. A call counts when it *ends* inside the window; img/s is frames
-counted / window length. The parent reads the daemon's counters (``info``) and its CPU time
-(/proc/PID/stat) at the window's edges, to get the mean batch size, the daemon's own model time
-per batch, how busy the model was and how much CPU the daemon used; each client reports its own CPU
-use, so the report shows who used the two cores.
+counted / window length. The parent reads the daemon's counters (``info``), each device's busy
+seconds (the admin socket's ``stats``: daemon/stats.py) and the daemon's CPU time (/proc/PID/stat)
+at the window's edges, to get the mean batch size, the daemon's own model time per batch, each
+device's busy fraction and how much CPU the daemon used; each client reports its own CPU use, so
+the report shows who used the two cores. Each row's ratio is against the in-process model at the
+batch size its frames in flight allow (``min(clients x depth, max_batch)``): with only N frames in
+flight no batch can be larger.
 """
 from __future__ import annotations
 
@@ -21,17 +24,20 @@ import numpy as np
 from common import CTX, RESULT_GRACE_S, collect_results, frames, latency_stats, stop_processes
 
 DEVICES = ("cpu:2",)
+MAX_BATCH = 16
 
 
-def daemon_args(devices=DEVICES, max_delay_ms: float = 2.0) -> list[str]:
-    """The daemon's command line for part (b): ResNet-18, batches up to 32, the given devices."""
-    args = ["--model", "resnet18", "--set", "batching.max_batch=32",
-            "--set", f"batching.max_delay_ms={max_delay_ms}"]
+def daemon_args(devices=DEVICES, max_delay_ms: float = 5.0, max_batch: int = MAX_BATCH) -> list[str]:
+    """The daemon's command line for part (b): ResNet-18, batches up to ``max_batch``, the given
+    devices (cache and embeddings off: bench/common.py)."""
+    args = ["--model", "resnet18", "--set", f"batching.max_batch={max_batch}",
+            "--set", f"batching.max_delay_ms={max_delay_ms}",
+            "--set", "server.max_sessions_per_uid=128"]     # 64 client processes of one uid
     for dev in devices:
         args += ["--device", dev]
     return args
 #: (clients, frames in flight per client) of each row, in the order they run.
-CASES = ((1, 1), (4, 1), (16, 1), (16, 4))
+CASES = ((1, 1), (4, 1), (16, 1), (64, 1), (16, 4))
 INPUT_SIZE = 64
 START_LEAD_S = 0.2         # the shared start lies this far after the last client connected
 
@@ -88,25 +94,37 @@ def _sleep_until(t: float) -> None:
     time.sleep(max(0.0, t - time.monotonic()))
 
 
-def _window_counters(probe, pid: int, t_measure: float, seconds: float) -> dict:
+def _busy_seconds(admin) -> dict:
+    """{device label: busy seconds so far} from the admin socket's stats (daemon/stats.py); {}
+    without an admin connection."""
+    return {d["label"]: d["busy_s"] for d in admin.call("stats")["devices"]} if admin else {}
+
+
+def _window_counters(probe, admin, pid: int, t_measure: float, seconds: float) -> dict:
     """Daemon counter deltas over [t_measure, t_measure + seconds], read by the parent's ``probe``,
-    plus the daemon process's CPU use over the window (``cpu_cores``)."""
+    plus the daemon process's CPU use over the window (``cpu_cores``) and each device's busy
+    fraction (``device_busy``: busy seconds / window, from ``admin``)."""
     _sleep_until(t_measure)
-    before, cpu0 = _counters(probe), _cpu_seconds(pid)
+    before, busy0, cpu0 = _counters(probe), _busy_seconds(admin), _cpu_seconds(pid)
     _sleep_until(t_measure + seconds)
-    after, cpu1 = _counters(probe), _cpu_seconds(pid)
+    after, busy1, cpu1 = _counters(probe), _busy_seconds(admin), _cpu_seconds(pid)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames", "batches", "model_seconds",
                                                                "expired", "overloaded", "failed")}
     delta["cpu_cores"] = (cpu1 - cpu0) / seconds
+    delta["device_busy"] = {label: (busy1.get(label, 0.0) - b) / seconds for label, b in busy0.items()}
     return delta
 
 
-def _summarise(n: int, depth: int, done: list, seconds: float, delta: dict, ceiling: float) -> dict:
-    """One table row from the clients' reports ``(_, index, latencies, cpu)`` and the daemon's deltas."""
+def _summarise(n: int, depth: int, done: list, seconds: float, delta: dict, ceiling) -> dict:
+    """One table row from the clients' reports ``(_, index, latencies, cpu)`` and the daemon's
+    deltas; ``ceiling(frames in flight)`` gives ``(batch, img/s)`` of the fair in-process ceiling."""
     lats = [d[2] for d in done]
     img_s = sum(len(x) for x in lats) * depth / seconds
+    batch, ceil = ceiling(n * depth) if callable(ceiling) else (None, ceiling)
     row = {"case": f"{n}x{depth}" if depth > 1 else f"{n}", "clients": n, "depth": depth,
-           "img_s": img_s, "ratio_to_ceiling": img_s / ceiling if ceiling else None,
+           "img_s": img_s, "ceiling_batch": batch, "ceiling_img_s": ceil,
+           "ratio_to_ceiling": img_s / ceil if ceil else None,
+           "device_busy": delta["device_busy"],
            "latency": latency_stats(np.concatenate([np.asarray(x) for x in lats])),
            "per_client_img_s": [len(x) * depth / seconds for x in lats], "daemon": delta,
            "clients_cpu_cores": sum(d[3] for d in done), "model_busy": delta["model_seconds"] / seconds}
@@ -117,7 +135,7 @@ def _summarise(n: int, depth: int, done: list, seconds: float, delta: dict, ceil
 
 
 def run_case(socket_path: str, pid: int, probe, n: int, depth: int, warmup_s: float, seconds: float,
-             ceiling: float) -> dict:
+             ceiling, admin=None) -> dict:
     """One row of part (b): ``n`` client processes, ``depth`` frames in flight each, against the
     daemon process ``pid`` listening on ``socket_path``."""
     q, go, start = CTX.Queue(), CTX.Event(), CTX.Value("d", 0.0)
@@ -130,7 +148,7 @@ def run_case(socket_path: str, pid: int, probe, n: int, depth: int, warmup_s: fl
         start.value = time.monotonic() + START_LEAD_S
         go.set()
         t_measure = start.value + warmup_s
-        delta = _window_counters(probe, pid, t_measure, seconds)
+        delta = _window_counters(probe, admin, pid, t_measure, seconds)
         done = collect_results(q, procs, n, warmup_s + seconds + RESULT_GRACE_S)
     finally:
         go.set()
@@ -138,17 +156,20 @@ def run_case(socket_path: str, pid: int, probe, n: int, depth: int, warmup_s: fl
     return _summarise(n, depth, done, seconds, delta, ceiling)
 
 
-def measure(ceiling: float, warmup_s: float, seconds: float, cases=CASES, env: dict | None = None,
+def measure(ceiling, warmup_s: float, seconds: float, cases=CASES, env: dict | None = None,
             args: list[str] | None = None) -> dict:
     """Part (b): start one daemon (``env`` added to its environment), run every case against it,
-    stop it. Rows in ``cases`` order."""
+    stop it. Rows in ``cases`` order; ``ceiling(frames in flight)`` -> ``(batch, img/s)``."""
     from common import daemon
     from inferd.client import Client
+    from inferd.client.admin import AdminClient
 
     args = args or daemon_args()
     with daemon(args, env) as d:
-        with Client(d["socket"]) as probe:
-            rows = [run_case(d["socket"], d["proc"].pid, probe, n, depth, warmup_s, seconds, ceiling)
-                    for n, depth in cases]
-    return {"daemon_args": args, "daemon_env": env or {}, "rows": rows,
+        admin_path = os.path.join(os.path.dirname(d["socket"]), "admin.sock")
+        with Client(d["socket"]) as probe, AdminClient(admin_path) as admin:
+            rows = [run_case(d["socket"], d["proc"].pid, probe, n, depth, warmup_s, seconds, ceiling,
+                             admin) for n, depth in cases]
+            threads = admin.call("stats").get("threads")
+    return {"daemon_args": args, "daemon_env": env or {}, "rows": rows, "threads": threads,
             "daemon_exit_code": d.get("exit_code"), "shm_leftovers": d["shm_leftovers"]}

@@ -12,8 +12,9 @@ def _ticker():
 
 
 def latency_throughput(load: dict, ceiling: float, path: str) -> str:
-    """p50 and p99 latency against total img/s, one point pair per row of part (b), with a vertical
-    line at the in-process ceiling. Returns ``path``."""
+    """p50 and p99 latency against total img/s, one point pair per row of part (b), each row's own
+    ceiling (the in-process model at its batch) as a grey tick, and a vertical line at the best
+    in-process figure. Returns ``path``."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = load["rows"]
@@ -26,6 +27,10 @@ def latency_throughput(load: dict, ceiling: float, path: str) -> str:
             label += f", {r['depth']} in flight each"
         ax.annotate(label, (r["img_s"], r["latency"]["p99_ms"]), textcoords="offset points",
                     xytext=(4, 6), fontsize=8)
+    fair = [r for r in rows if r.get("ceiling_img_s")]
+    if fair:
+        ax.plot([r["ceiling_img_s"] for r in fair], [r["latency"]["p50_ms"] for r in fair], "|",
+                color="grey", markersize=14, label="in-process at the row's batch")
     ax.axvline(ceiling, color="grey", linestyle=":", label=f"in-process ceiling {ceiling:.0f} img/s")
     ax.set_xlabel("total throughput (img/s)")
     ax.set_ylabel("latency per call (ms, log scale)")
@@ -36,7 +41,8 @@ def latency_throughput(load: dict, ceiling: float, path: str) -> str:
     lats = [r["latency"][k] for r in rows for k in ("p50_ms", "p99_ms")]
     ax.set_ylim(min(lats) / 1.3, max(lats) * 1.6)
     ax.set_xlim(0, max(ceiling, *x) * 1.1)
-    ax.set_title("ResNet-18 @ 64x64 through inferd (cpu:2, max_batch 32, max_delay 2 ms)")
+    ax.set_title(f"ResNet-18 @ 64x64 through inferd (cpu:2, max_batch {load.get('max_batch', 32)}, "
+                 f"max_delay {load.get('max_delay_ms', 2):g} ms)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, plt, path)

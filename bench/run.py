@@ -3,9 +3,12 @@
 Measures, in one go and on this machine only:
 
 (a) the ceiling: ResNet-18 @ 64x64 in-process (a child process, 2 torch threads), img/s per batch size;
-(b) the daemon under load: 1, 4 and 16 closed-loop client processes, and 16 with 4 frames in flight;
+(b) the daemon under load (cpu:2, max_batch 16, max_delay 5 ms, cache off): 1, 4, 16 and 64
+    closed-loop client processes with one frame in flight each, and 16 with 4, each row against
+    the in-process model at the batch its frames in flight allow, with each device's busy fraction;
 (c) transport alone: a no-op model through the daemon against a bare Unix-socket ping-pong;
-(d) the one-client latency check, from (a) and (b).
+(d) the one-client latency check, from (a) and (b);
+(e) the daemon's CPU per frame at a steady 200 frames/s, embeddings off against 100,000 stored.
 
 Nothing is asserted: every figure is reported as a ratio to a baseline measured in the same run, and
 the summary says which targets were met. Writes ``OUT/results.json`` and two PNG plots (to docs/img,
@@ -28,6 +31,7 @@ if BENCH_DIR not in sys.path:        # spawned children find these modules throu
 
 import ceiling       # noqa: E402
 import common        # noqa: E402
+import cpu_per_frame  # noqa: E402
 import daemon_load   # noqa: E402
 import plots         # noqa: E402
 import report        # noqa: E402
@@ -36,11 +40,12 @@ import transport     # noqa: E402
 #: Seconds (or round-trip counts) of each part; --quick takes the second set (about a minute in all).
 DURATIONS = {
     "full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.5, "load_warmup_s": 1.5, "load_s": 8.0,
-             "rt_warmup": 300, "rt_count": 3000},
+             "rt_warmup": 300, "rt_count": 3000, "cpu_warmup_s": 1.0, "cpu_s": 6.0},
     "quick": {"ceiling_warmup_s": 0.2, "ceiling_s": 0.5, "load_warmup_s": 0.5, "load_s": 2.0,
-              "rt_warmup": 100, "rt_count": 500},
+              "rt_warmup": 100, "rt_count": 500, "cpu_warmup_s": 0.5, "cpu_s": 2.0},
 }
-MAX_DELAY_MS = 2.0
+MAX_DELAY_MS = 5.0
+MAX_BATCH = daemon_load.MAX_BATCH
 LATENCY_SLACK_MS = 0.5
 
 
@@ -53,6 +58,10 @@ def _args(argv):
     p.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                    help="add to the daemons' environment (repeatable), e.g. OMP_NUM_THREADS=1 to "
                         "compare a setting; the documented figures use none")
+    p.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="add --set SECTION.KEY=VALUE to the part (b) daemon (repeatable), e.g. "
+                        "threads.omp_wait_policy=default to compare a setting")
+    p.add_argument("--no-cpu", action="store_true", help="skip part (e), the CPU per frame")
     args = p.parse_args(argv)
     args.daemon_env = dict(item.split("=", 1) for item in args.daemon_env)
     return args
@@ -85,20 +94,25 @@ def one_client_check(ceil: dict, load: dict) -> dict:
             "slack_ms": LATENCY_SLACK_MS, "bound_ms": bound, "margin_ms": bound - p50}
 
 
-def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DELAY_MS) -> dict:
-    """Parts (a) to (d) in order, then the ceiling once more (batch 1 and the best batch) to show
+def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DELAY_MS,
+            daemon_set=(), cpu: bool = True) -> dict:
+    """Parts (a) to (e) in order, then the ceiling once more (batch 1 and the best batch) to show
     how much the machine drifted; the daemons and children of each part are gone when it returns."""
     results = {"machine": _machine(), "durations": d}
     t0 = time.monotonic()
     log("(a) ceiling: in-process model, batch sizes %s ..." % (ceiling.BATCH_SIZES,))
     results["ceiling"] = ceil = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"])
     log("(b) daemon under load: cases %s ..." % (daemon_load.CASES,))
+    extra = [a for kv in daemon_set for a in ("--set", kv)]
     results["load"] = load = daemon_load.measure(
-        ceil["ceiling_img_s"], d["load_warmup_s"], d["load_s"], env=env,
-        args=daemon_load.daemon_args(devices or daemon_load.DEVICES, max_delay_ms))
-    load["max_delay_ms"] = max_delay_ms
+        ceiling.fair(ceil, MAX_BATCH), d["load_warmup_s"], d["load_s"], env=env,
+        args=daemon_load.daemon_args(devices or daemon_load.DEVICES, max_delay_ms) + extra)
+    load["max_delay_ms"], load["max_batch"] = max_delay_ms, MAX_BATCH
     log("(c) transport: %d round trips each ..." % d["rt_count"])
     results["transport"] = transport.measure(d["rt_warmup"], d["rt_count"], env)
+    if cpu:
+        log("(e) daemon CPU per frame at %.0f frames/s, embeddings off / on ..." % cpu_per_frame.RATE)
+        results["cpu_per_frame"] = cpu_per_frame.measure(d["cpu_warmup_s"], d["cpu_s"], log=log)
     log("(a') ceiling again, batch 1 and %d ..." % ceil["ceiling_batch"])
     results["ceiling_recheck"] = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"],
                                                  sorted({1, ceil["ceiling_batch"]}))
@@ -125,8 +139,9 @@ def main(argv=None) -> int:
     durations = DURATIONS["quick" if args.quick else "full"]
     img_dir = args.img_dir or (args.out if args.quick else os.path.join(REPO, "docs", "img"))
     results = run_all(durations, args.daemon_env, lambda msg: print(msg, flush=True),
-                      args.device, args.max_delay_ms)
-    results.update(quick=args.quick, daemon_env=args.daemon_env, command=sys.argv)
+                      args.device, args.max_delay_ms, args.daemon_set, not args.no_cpu)
+    results.update(quick=args.quick, daemon_env=args.daemon_env, daemon_set=args.daemon_set,
+                   command=sys.argv)
     results["plots"] = write_plots(results, img_dir)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
