@@ -53,6 +53,7 @@ class Memory:
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
         self.keep_k = 0
+        self.l2 = None                      # the fleet cache (daemon/l2.py), when l2.enabled
 
     @property
     def hashing(self) -> bool:
@@ -133,6 +134,17 @@ class Memory:
         if self.store is not None and vector is not None and content:
             self.store.add(content, vector, tag, uid=uid)
 
+        if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
+            self.l2.store(key, top)
+
+    def adopt(self, key: bytes, top: list) -> None:
+        """An answer another host computed (a fleet cache hit): stored locally without sampling
+        (it is a repeat by definition), so this host's clients answer the next one themselves."""
+        if self.cache is not None:
+            if self.cache.insert(key, top):
+                self.counters["evictions"] += 1
+            self.counters["inserts"] += 1
+
     def retag(self, content: bytes, tag, uid: int) -> None:
         """A tagged request of ``uid`` answered from the cache: ``uid``'s row for the frame takes
         the tag. The vector may come from any uid's row (it depends on the bytes alone and is not
@@ -155,6 +167,8 @@ class Memory:
             out["file"] = self.cache.stats()
         if self.store is not None:
             out["embeddings"] = len(self.store)
+        if self.l2 is not None:
+            out["l2"] = self.l2.stats()
         return out
 
     def close(self) -> None:

@@ -378,7 +378,7 @@ def _check_cross(cfg: Config) -> None:
     if cfg.l2.enabled:
         from inferd.daemon.l2_codec import check_l2_config
 
-        check_l2_config(cfg.l2)             # key_file present and private, one topology named
+        check_l2_config(cfg.l2, cfg.cache.enabled)    # key file private, one topology named
     seen = set()
     for i, dev in enumerate(cfg.devices):
         if dev.name not in ("cpu", "cpu:auto") and not (dev.name.startswith("cuda:") and dev.name[5:].isdigit()):

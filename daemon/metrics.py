@@ -213,6 +213,8 @@ def families(s: dict):
 
     yield from _device_families(s["devices"], s["histograms"], s["max_batch"])
     yield from _cache_families(s["cache"], s["counters"])
+    if "l2" in s["cache"]:
+        yield from _l2_families(s["cache"]["l2"])
 
     reloads = CounterMetricFamily("inferd_reloads", "Model reloads by result", labels=["result"])
     for result in ("ok", "failed"):
@@ -300,3 +302,39 @@ def _cache_families(c: dict, counters: dict):
         yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
     if "embeddings" in c:
         yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])
+
+L2_LOOKUP_RESULTS = ("hits", "misses", "errors", "timeouts", "skipped")
+L2_STATES = ("closed", "open", "half_open")
+
+
+def _l2_families(l2: dict):
+    """The fleet cache (daemon/l2.py): lookups by result, entries failing their MAC, writes, the
+    breaker, and how long requests waited for a verdict."""
+    lookups = CounterMetricFamily("inferd_l2_lookups", "Local misses looked up in the fleet cache, by "
+                                  "result: hits, misses, errors, timeouts (past l2.budget_ms), skipped "
+                                  "(breaker open or too many lookups out)", labels=["result"])
+    for result in L2_LOOKUP_RESULTS:
+        lookups.add_metric([result], l2[result])
+    yield lookups
+    yield _counter("inferd_l2_forged_entries", "Fleet cache entries that failed their MAC check "
+                   "(written without the fleet key, or corrupt): ignored", l2["forged"])
+    writes = CounterMetricFamily("inferd_l2_writes", "Computed answers written to the fleet cache, by "
+                                 "result: ok, failed, dropped (backlog full or breaker open)", labels=["result"])
+    for result, key in (("ok", "writes"), ("failed", "write_errors"), ("dropped", "writes_dropped")):
+        writes.add_metric([result], l2[key])
+    yield writes
+    yield _gauge("inferd_l2_write_backlog", "Answers waiting to be written to the fleet cache",
+                 l2["write_backlog"])
+    state = GaugeMetricFamily("inferd_l2_breaker_state", "1 for the fleet cache breaker's state, 0 for "
+                              "the others", labels=["state"])
+    for name in L2_STATES:
+        state.add_metric([name], float(l2["state"] == name))
+    yield state
+    yield _counter("inferd_l2_breaker_opened", "Times the fleet cache breaker opened", l2["breaker_opened"])
+    wait = HistogramMetricFamily("inferd_l2_wait_seconds", "Admission to the fleet cache's verdict, by "
+                                 "verdict (hit; miss: a miss, error or timeout)", labels=["verdict"])
+    for verdict in ("hit", "miss"):
+        h = l2[f"wait_{verdict}"]
+        wait.add_metric([verdict], _latency_buckets(h["buckets"]), h["sum_s"])
+    yield wait
+

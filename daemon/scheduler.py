@@ -141,7 +141,32 @@ class Scheduler:
         if key and op == "classify":
             session.pending[key] = request
         self.outstanding += 1
+        if memory.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/l2.py
+            request.device = device
+            device.outstanding += 1         # reserved while L2 is asked (at most l2.budget_ms)
+            if memory.l2.lookup(request, self._after_l2):
+                return
+            device.outstanding -= 1
         self._assign(request, device)
+
+    def _after_l2(self, r: Request, top) -> None:
+        """The fleet cache's verdict on a parked request: ``top`` (a hit) answers it and goes to the
+        local cache; None (a miss, an error, the budget passed) sends it to its reserved device, or
+        elsewhere if that one left rotation meanwhile."""
+        if r.done:
+            return
+        if top is not None and r.gen == self.gen:
+            self.memory.adopt(r.key, top)
+            self.memory.retag(r.content, r.tag, r.session.peer[1])
+            self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
+            replies: dict = {}
+            self._answer(replies, r, lambda rid, k: {"id": rid, "ok": True, "cached": True,
+                                                     "top": [list(p) for p in top[:k]]}, r.gen)
+            r.session.write(b"".join(replies[r.session]))
+        elif r.device.healthy:
+            r.device.queue.put(r)
+        else:
+            self._redispatch([r], r.device, f"device {r.device.label} left rotation")
 
     def _answered_at_once(self, session, rid, slot, top_k, op, key, content, tag) -> bool:
         """A cache hit, a frame already in flight (coalesced), or an embedding already stored."""

@@ -129,6 +129,10 @@ class Server:
         memory = self.scheduler.memory
         if self.cfg.cache.enabled:
             memory.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
+        if self.cfg.l2.enabled:             # the fleet cache (daemon/l2.py); ConfigError: a bad key file
+            from .l2 import open_fleet_cache
+
+            memory.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(memory.spec.labels), self._clock)
         for dev in self.devices:
             dev.thread = BatchingThread(
                 dev, self.model, batching=self.cfg.batching, policy=self.scheduler.policy,
@@ -179,6 +183,8 @@ class Server:
             session.release_ring()
         self.sessions.clear()
         await asyncio.to_thread(self.metrics.close)       # before what a scrape reads closes
+        if self.scheduler.memory.l2 is not None:
+            await self.scheduler.memory.l2.close()          # its last writes, within a second
         self.scheduler.memory.close()
         for store in self._retired:
             store.close()
