@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME|PATH",
                    help="built-in model name (shapes, resnet18, resnet50, noop, synthetic) or a model file (model.builtin / model.path)")
     p.add_argument("--device", action="append", metavar="SPEC",
-                   help="cpu, cpu:THREADS or cuda:N; repeat for several devices ([[device]])")
+                   help="cpu, cpu:THREADS, cpu:auto (layout measured at start-up) or cuda:N; repeat "
+                        "for several devices ([[device]])")
     p.add_argument("--max-batch", type=int, help="batching.max_batch")
     p.add_argument("--max-delay-ms", type=float, help="batching.max_delay_ms")
     p.add_argument("--log-level", help="server.log_level")

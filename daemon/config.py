@@ -234,7 +234,9 @@ class L2Config:
 class DeviceConfig:
     name: str = _opt("cpu", "cpu, cpu:auto (threads and number of CPU devices measured at start-up, "
                             "daemon/layout.py) or cuda:N")
-    threads: int = _opt(0, "torch intra-op threads for a cpu device (0: torch's default)", lo=0, hi=1024)
+    threads: int = _opt(0, "torch intra-op threads for a cpu device (0: the usable cores, shared evenly "
+                           "by the cpu devices that give none; NOTE [ thread pools ] in daemon/threads.py)",
+                        lo=0, hi=1024)
 
 
 @dataclass
