@@ -44,8 +44,8 @@ from functools import partial
 from typing import Callable
 
 import numpy as np
-import torch
 
+from . import threads
 from .engine import Engine, Staging
 from .model import LoadedModel
 from .profile import LatencyProfile
@@ -315,9 +315,7 @@ class Executor(threading.Thread):
                 self._serve(what, a, b, c)
 
     def _prepare(self) -> None:
-        dev = self.device.torch_device
-        if dev.type == "cpu" and self.device.threads:
-            torch.set_num_threads(self.device.threads)
+        threads.enter_device_thread(self.device)    # NOTE [ thread pools ] in daemon/threads.py
         self._active = self._load(self._model, self._keep_k, self.device.profile)
         self.embedding_dim = self._active.engine.embedding_dim
 
@@ -454,6 +452,7 @@ class _Runner:
     profile: LatencyProfile
 
 
-def _plan(device, batching, now: float, queued) -> tuple[int, float]:
+def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
     return plan_batch(now, queued, device.profile.latency, batching.max_batch,
-                      batching.max_delay_ms / 1000.0, device.queue.gap, batching.adaptive)
+                      batching.max_delay_ms / 1000.0, device.queue.gap, batching.adaptive,
+                      busy_until(device, now), expected)

@@ -9,29 +9,43 @@ order to get wrong.
 NOTE [ batch planning ]
 
 ``plan_batch(now, queued, ...)`` returns ``(n, 0.0)``: take the first n now, or ``(0, t)``: wait
-until t (or until another request arrives) and ask again. With L(b) the device's measured latency
-for a batch of b (daemon/profile.py), B = max_batch, W = max_delay, a0 the arrival of the first
-queued request, D(m) the earliest deadline among the first m, and g the smoothed gap between
-arrivals at this device ("first" is in the order the device serves: fair share, below):
+until t (or until another request arrives) and ask again. Its aim is goodput: the most frames per
+second that still meet their deadlines. With L(b) the device's measured latency for a batch of b
+(daemon/profile.py), B = max_batch, W = max_delay, a0 the arrival of the first queued request, D(m)
+the earliest deadline among the first m, F the time the device is free for this batch (the end of
+the batch it runs and of the one staged behind it, daemon/batcher.py ``busy_until``; now when idle)
+and S = max(now, F) the batch's start ("first" is in the order the device serves: fair share, below):
 
   1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
      best throughput (admission counted on it); a request in it that cannot finish within the
-     batch's time is answered deadline_exceeded by the batching thread without being computed,
-     rather than let it shrink the batch: shrinking to save the oldest requests lowers throughput
-     and makes every later request later still (a collapse seen in bench/devices.py at 3x load).
-  2. Deadline cap (n < B, spare capacity). m = the largest size <= n with now + L(m) <= D(m): the
-     batch size at which the oldest frames still meet their deadlines (in the spirit of Clipper's
-     adaptive batching, with the measured profile in place of AIMD probing). If m < n, go now
-     with m: more frames could only make the batch later.
-  3. Worth waiting? A batch of n < B waits for one more frame only if it is expected inside the
-     window, now + g <= a0 + W, and the larger batch would still meet the deadlines,
-     now + g + L(n+1) <= D(n). Otherwise it goes now: at low load (g large) a frame does not sit
-     through a window that will not bring company.
-  4. Else wait until min(a0 + W, D(n) - L(n+1)), and decide again when a request arrives.
+     batch's time is answered deadline_exceeded without being computed, rather than let it shrink
+     the batch: shrinking to save the oldest requests lowers throughput and makes every later
+     request later still (a collapse seen in bench/devices.py at 3x load).
+  2. Deadline cap (n < B). m = the largest size <= n with S + L(m) <= D(m). If m < n, go now with
+     m: more frames could only make the batch later (in the spirit of Clipper's adaptive batching,
+     with the measured profile in place of AIMD probing).
+  3. The device is busy. If now < F - LEAD, wait until F - LEAD: company is free while the device
+     works, and the batch is closed and staged just before the device needs it (LEAD covers the
+     copy into the staging buffer).
+  4. Goodput. The device is free: going now runs n frames in L(n). Waiting until t for the k
+     arrivals expected by then runs n + k frames in (t - S) + L(n + k). Wait for the k with the best
+     rate (n + k) / ((t - S) + L(n + k)) if it beats n / L(n), t is inside the window (t <= a0 + W)
+     and the batch still meets its deadlines (t + L(n + k) <= D(n)); else go now.
 
-Before the profile knows anything, L = 0 and g = infinity: requests go at once, and the first
-batches teach both. With ``adaptive`` off the rule is the plain window of issue 2: go when
-n >= B or now >= a0 + W.
+Expected arrivals. Most clients wait for an answer before they send the next frame (closed loop:
+one or a few requests in flight each). The scheduler learns each session's think time, from a reply
+to its next request (smoothed), and when it answers k of a session's requests it tells the device
+queue to expect k requests from that session at reply + think (``DeviceQueue.expect``); a request
+of that session arriving takes one off. An expectation overdue by GRACE is dropped (that client is
+not coming soon), so a wait for it ends at most GRACE after it was due, and never past the window.
+Without expectations (open-loop clients, sessions whose think time exceeds the window), the next
+arrivals are expected one smoothed gap g apart (the gap between arrivals at this device). This is
+what lets four closed-loop clients form batches of four: their four requests come back together a
+few hundred microseconds after the replies, while the smoothed gap (a batch time over four) says
+company is too far off to wait for, and batches of 1.7 left early.
+
+Before the profile knows anything, L = 0: requests go at once, and the first batches teach it.
+With ``adaptive`` off the rule is the plain window: go when n >= B or now >= a0 + W.
 
 Fair share. The queue's order, front first, is deficit round robin between uids (daemon/fairness.py
 states the algorithm and its bounds), so "the first n" above are the next n of the fair order:
@@ -65,30 +79,91 @@ from typing import Callable
 from .fairness import Fifo
 
 
+LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 3)
+GRACE = 0.002      # an expected arrival overdue by this much is not waited for (expected arrivals)
+
+
 def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
-               max_delay: float, gap: float, adaptive: bool = True) -> tuple[int, float]:
+               max_delay: float, gap: float, adaptive: bool = True, free_at: float = 0.0,
+               expected=()) -> tuple[int, float]:
     """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
-    ``deadline`` on each item); it is not modified."""
+    ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
+    expected at, ascending (overdue ones already dropped)."""
     n = min(len(queued), max_batch)
     window_end = queued[0].arrived + max_delay
     if n == max_batch:
         return n, 0.0
     if not adaptive:
         return (n, 0.0) if now >= window_end else (0, window_end)
+    start = max(now, free_at)
     deadlines = []
     earliest = math.inf
     for i in range(n):
         earliest = min(earliest, queued[i].deadline)
         deadlines.append(earliest)
     m = n
-    while m > 1 and now + latency(m) > deadlines[m - 1]:
+    while m > 1 and start + latency(m) > deadlines[m - 1]:
         m -= 1
     if m < n:
         return m, 0.0
-    next_at = now + gap
-    if next_at >= window_end or next_at + latency(n + 1) > deadlines[n - 1]:
+    if now < free_at - LEAD:
+        return 0, free_at - LEAD
+    return _goodput(now, start, n, latency, max_batch, window_end, deadlines[-1], gap, expected)
+
+
+def _goodput(now: float, start: float, n: int, latency, max_batch: int, window_end: float,
+             deadline: float, gap: float, expected) -> tuple[int, float]:
+    """Rule 4: go now with n, or wait until the expected arrival that gives the best rate."""
+    base = latency(n)
+    if base <= 0.0:                         # the profile knows nothing yet
         return n, 0.0
-    return 0, min(window_end, deadlines[n - 1] - latency(n + 1))
+    best, until = n / base, None
+    if not expected and gap != math.inf:    # open loop: one arrival per smoothed gap
+        expected = [now + gap * k for k in range(1, max_batch - n + 1)]
+    for k, t in enumerate(expected[:max_batch - n], 1):
+        at = max(t, now)
+        seconds = latency(n + k)
+        if at > window_end or max(at, start) + seconds > deadline:
+            break
+        rate = (n + k) / (max(at, start) - start + seconds)
+        if rate > best:
+            # an overdue arrival is waited for until it is given up on (GRACE), never polled for
+            best, until = rate, (t if t > now else t + GRACE)
+    if until is None:
+        return n, 0.0
+    return 0, min(until, window_end)
+
+
+class ThinkTime:
+    """One session's think time: from a reply to its next request, smoothed (expected arrivals in
+    NOTE [ batch planning ]). Loop thread only."""
+
+    ALPHA = 0.2
+
+    __slots__ = ("seconds", "_replied_at", "_expected_on")
+
+    def __init__(self):
+        self.seconds: float | None = None
+        self._replied_at: float | None = None
+        self._expected_on = None               # the DeviceQueue told to expect this session
+
+    def submitted(self, session, now: float, queue: "DeviceQueue") -> None:
+        """A request of ``session`` is going to ``queue`` at ``now``."""
+        at = self._replied_at
+        if at is not None:
+            dt = now - at
+            self.seconds = dt if self.seconds is None else self.seconds + self.ALPHA * (dt - self.seconds)
+            self._replied_at = None
+        if self._expected_on is not None and self._expected_on is not queue:
+            self._expected_on.arrived(session)      # ``queue.put`` counts it where it goes
+
+    def replied(self, session, now: float, count: int, queue: "DeviceQueue", horizon: float) -> None:
+        """``count`` replies went to ``session`` at ``now`` from ``queue``'s device: expect as many
+        requests back after the think time, when that is within ``horizon`` seconds."""
+        self._replied_at = now
+        if self.seconds is not None and self.seconds <= horizon:
+            queue.expect(session, count, now + self.seconds)
+            self._expected_on = queue
 
 
 class _Ahead:
@@ -127,6 +202,7 @@ class DeviceQueue:
         self.gap = math.inf          # smoothed seconds between arrivals; read without the lock
         self._stopped = False
         self._woken = False
+        self._expected: dict = {}    # session -> [requests expected, at] (NOTE [ batch planning ])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -145,8 +221,42 @@ class DeviceQueue:
                 dt = now - self._last_put
                 self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
             self._last_put = now
+            self._arrived(getattr(item, "session", None))
             self._items.push(item)
             self._cond.notify()
+
+    def expect(self, session, count: int, at: float) -> None:
+        """``count`` more requests of ``session`` are expected at ``at`` (expected arrivals in
+        NOTE [ batch planning ]); replaces what was expected of it."""
+        with self._cond:
+            self._expected[session] = [count, at]
+
+    def arrived(self, session) -> None:
+        """A request of ``session`` went to another device: one less expected here."""
+        with self._cond:
+            self._arrived(session)
+
+    def _arrived(self, session) -> None:
+        entry = self._expected.get(session)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._expected[session]
+
+    def _expected_times(self, now: float) -> list:
+        """The expected arrivals, ascending, one time per request; drops those overdue by GRACE."""
+        if not self._expected:
+            return []
+        times, gone = [], []
+        for session, (count, at) in self._expected.items():
+            if at + GRACE < now:
+                gone.append(session)
+            else:
+                times.extend([at] * count)
+        for session in gone:
+            del self._expected[session]
+        times.sort()
+        return times
 
     def put_front(self, items: list) -> None:
         """Put requests back at the front, oldest first (re-dispatched work keeps its age)."""
@@ -187,10 +297,11 @@ class DeviceQueue:
             self._stopped = True
             self._cond.notify_all()
 
-    def take(self, plan: Callable[[float, object], tuple[int, float]],
+    def take(self, plan: Callable[[float, object, list], tuple[int, float]],
              idle_timeout: float) -> list | None:
         """Block until ``plan`` says go, and return that many requests from the front of the
-        order (``plan`` reads them front-first: ``len`` and indexing). Returns [] when the queue
+        order (``plan`` reads them front-first: ``len`` and indexing; its third argument is the
+        expected arrivals). Returns [] when the queue
         stayed empty for ``idle_timeout`` (the caller may steal or beat its heartbeat), None once
         stopped and empty."""
         with self._cond:
@@ -207,7 +318,8 @@ class DeviceQueue:
                         return []
                     self._cond.wait(left)
                     continue
-                count, until = plan(self._clock(), _Ahead(self._items))
+                now = self._clock()
+                count, until = plan(now, _Ahead(self._items), self._expected_times(now))
                 if count:
                     return [self._items.pop() for _ in range(count)]
                 self._cond.wait(max(until - self._clock(), 0.0))

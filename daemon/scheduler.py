@@ -141,6 +141,7 @@ class Scheduler:
         if key and op == "classify":
             session.pending[key] = request
         self.outstanding += 1
+        session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
         if memory.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/l2.py
             request.device = device
             device.outstanding += 1         # reserved while L2 is asked (at most l2.budget_ms)
@@ -292,9 +293,12 @@ class Scheduler:
             self._redispatch([r for r in result.failed if live(r)], dev, result.error)
         else:
             self.health.batch_ok(dev, False)
+        now = self._clock()
+        horizon = self.cfg.batching.max_delay_ms / 1000.0
         for session, chunks in replies.items():
             session.write(b"".join(chunks))
-        self.stats.batch(result, answered, self._clock())
+            session.think.replied(session, now, len(chunks), dev.queue, horizon)
+        self.stats.batch(result, answered, now)
         c = self.counters
         c["batches"] += bool(result.done)
         c["frames"] += len(result.done)

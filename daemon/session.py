@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from inferd.daemon.queues import ThinkTime
 from inferd.daemon.logs import RateLimitedLog
 from inferd.shm import wire
 from inferd.shm.ring import Ring
@@ -120,6 +121,7 @@ class Session(asyncio.Protocol):
         self.pending: dict[bytes, object] = {}    # cache key -> Request in flight (coalescing)
         self.closed = False
         self.told_gen = 0                      # newest model generation this client was told of
+        self.think = ThinkTime()               # for the batch planner (daemon/queues.py)
         self.transport: asyncio.Transport | None = None
         limits = server.cfg.server
         self._limits = limits

@@ -152,6 +152,8 @@ class FakeSession:
         self.inflight, self.pending = {}, {}
         self.closed, self.told_gen = False, 0
         self.sent = []
+        from inferd.daemon.queues import ThinkTime
+        self.think = ThinkTime()
 
     def send(self, message):
         self.sent.append(message)

@@ -185,11 +185,11 @@ def test_a_batch_is_planned_and_taken_in_fair_order():
     victim = item("V", arrived=100.0, deadline=100.030)
     q.put(victim)
     plan = partial(plan_batch, latency=lambda b: 0.001 * b, max_batch=8, max_delay=0.002, gap=0.0)
-    batch = q.take(lambda now, queued: plan(now, queued), 0.0)
+    batch = q.take(lambda now, queued, expected=(): plan(now, queued), 0.0)
     assert victim in batch and len(batch) == 8 and batch.index(victim) == 1
     assert q.ahead("V") == 1 and len(q) == 33          # gone: a newcomer again
     q.put_front(batch[:2])                           # re-dispatched: keeps its place first
-    assert q.take(lambda now, queued: (2, 0.0), 0.0) == batch[:2]
+    assert q.take(lambda now, queued, expected=(): (2, 0.0), 0.0) == batch[:2]
 
 
 def test_the_plan_reads_the_deadlines_of_the_fair_front_not_of_the_oldest():
@@ -202,7 +202,7 @@ def test_the_plan_reads_the_deadlines_of_the_fair_front_not_of_the_oldest():
     q.put(item("V", arrived=100.0, deadline=101.0))
     seen = []
 
-    def plan(now, queued):
+    def plan(now, queued, expected=()):
         seen.append([queued[i].uid for i in range(len(queued))])
         return plan_batch(now, queued, lambda b: 0.004 * b, 32, 0.002, gap=1.0)
 
@@ -219,7 +219,7 @@ def test_fair_share_off_is_first_come_first_served():
     for n in range(3):
         dev.queue.put(item("A", n=n))
     dev.queue.put(item("V"))
-    assert owners(dev.queue.take(lambda now, queued: (4, 0.0), 0.0)) == "AAAV"
+    assert owners(dev.queue.take(lambda now, queued, expected=(): (4, 0.0), 0.0)) == "AAAV"
 
 
 # admission through the scheduler --------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_the_scheduler_queues_by_uid_with_the_configured_weights():
     for slot in range(40):
         sched.submit(heavy, slot, classify(slot))
         sched.submit(light, slot, classify(slot))
-    batch = dev.queue.take(lambda now, queued: (8, 0.0), 0.0)
+    batch = dev.queue.take(lambda now, queued, expected=(): (8, 0.0), 0.0)
     assert [r.session.peer[1] for r in batch] == [1000] * 3 + [2000] + [1000] * 3 + [2000]
 
 

@@ -13,7 +13,7 @@ from inferd.daemon.config import HealthConfig
 from inferd.daemon.device import HEALTHY, OUT, PROBING, Device
 from inferd.daemon.health import HealthMonitor
 from inferd.daemon.profile import LatencyProfile
-from inferd.daemon.queues import DeviceQueue, plan_batch
+from inferd.daemon.queues import GRACE, LEAD, DeviceQueue, ThinkTime, plan_batch
 
 
 def req(arrived=100.0, deadline=200.0):
@@ -48,9 +48,10 @@ def test_adaptive_waits_when_company_is_expected_inside_the_window():
 
 
 def test_adaptive_never_waits_past_what_the_deadline_allows():
-    # deadline 10 ms away, a batch of 2 takes 7 ms: may wait until 100.003 at most
+    # deadline 10 ms away, one arrival per ms, L(b) = 5 + b ms: a batch of 3 starting at 100.002
+    # ends at 100.010 (meets it), a batch of 4 from 100.003 would end at 100.012: wait for the 3
     n, until = plan_batch(100.0, [req(deadline=100.010)], linear(0.005, 0.001), 32, 0.008, gap=0.001)
-    assert n == 0 and until == pytest.approx(100.003)
+    assert n == 0 and until == pytest.approx(100.002)
     # expected company arrives too late for the deadline: go now
     assert plan_batch(100.0, [req(deadline=100.010)], linear(0.005, 0.001), 32, 0.008, gap=0.004) == (1, 0.0)
 
@@ -72,6 +73,91 @@ def test_a_backlog_is_never_shrunk_to_save_its_oldest():
     # requests are answered deadline_exceeded uncomputed by the batching thread)
     queued = [req(deadline=100.005)] + [req(deadline=101.0) for _ in range(39)]
     assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, gap=0.0001) == (32, 0.0)
+
+
+def test_a_busy_device_waits_for_company_until_just_before_it_is_free():
+    # the running batch ends at 100.020: a lone request waits (for free) until LEAD before that
+    n, until = plan_batch(100.0, [req()], linear(0.005, 0.001), 32, 0.002, math.inf, free_at=100.020)
+    assert n == 0 and until == pytest.approx(100.020 - LEAD)
+    # ... whatever the window says: the window is about waiting on an idle device
+    assert plan_batch(100.0195, [req(arrived=99.9)], linear(0.005, 0.001), 32, 0.002, math.inf,
+                      free_at=100.020) == (1, 0.0)
+
+
+def test_deadlines_are_checked_from_when_the_device_will_be_free():
+    # free at 100.010; L(b) = 2 + 1 b ms; the oldest is due at 100.0145: from 100.010 only a batch
+    # of up to 2 (4 ms) meets it, so 2 go now to be staged, not all 3
+    queued = [req(deadline=100.0145), req(), req()]
+    assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, math.inf, free_at=100.010) == (2, 0.0)
+
+
+def test_closed_loop_clients_expected_back_are_waited_for():
+    # 4 closed-loop clients: one is back, three are expected within 0.3 ms; the smoothed gap
+    # (about a batch time over four, past the window here) alone says go: batches of 1.7 were
+    # seen before this rule
+    lat = linear(0.008, 0.003)
+    assert plan_batch(100.0, [req()], lat, 16, 0.005, gap=0.006) == (1, 0.0)
+    expected = [100.0001, 100.0002, 100.0003]
+    n, until = plan_batch(100.0, [req()], lat, 16, 0.005, gap=0.005, expected=expected)
+    assert n == 0 and until == pytest.approx(100.0003)            # the last of the three
+
+
+def test_expected_arrivals_are_not_waited_for_when_batching_does_not_pay():
+    # no fixed cost per batch (L(b) = 10 ms x b): a bigger batch is no faster per frame
+    expected = [100.0001, 100.0002]
+    assert plan_batch(100.0, [req()], linear(0.0, 0.010), 16, 0.005, math.inf, expected=expected) == (1, 0.0)
+
+
+def test_an_overdue_arrival_is_waited_for_until_given_up_not_polled():
+    # expected at 99.9995, not here at 100.0: wait until GRACE after it was due, one wake-up
+    n, until = plan_batch(100.0, [req()], linear(0.008, 0.001), 16, 0.005, math.inf, expected=[99.9995])
+    assert n == 0 and until == pytest.approx(99.9995 + GRACE)
+    # and never past the window of the first request
+    n, until = plan_batch(100.0, [req(arrived=99.9965)], linear(0.008, 0.001), 16, 0.005, math.inf,
+                          expected=[99.9995])
+    assert n == 0 and until == pytest.approx(100.0015)
+
+
+def test_queue_counts_expected_arrivals_down_and_forgets_overdue_ones():
+    clock = Clock(100.0)
+    q = DeviceQueue(clock=clock)
+    a, b = object(), object()
+    q.expect(a, 2, 100.001)
+    q.expect(b, 1, 100.002)
+    seen = []
+
+    def plan(now, queued, expected):
+        seen.append(list(expected))
+        return 1, 0.0
+
+    q.put(SimpleNamespace(session=a, arrived=100.0, deadline=200.0))
+    q.take(plan, 0.0)
+    assert seen[-1] == [100.001, 100.002]                         # a: 2 - 1 left, b: 1
+    q.arrived(b)                                                   # b's went to another device
+    clock.now += 0.001 + GRACE + 0.0001                          # a's is overdue by > GRACE
+    q.put(SimpleNamespace(session=None, arrived=clock(), deadline=200.0))
+    q.take(plan, 0.0)
+    assert seen[-1] == []
+
+
+def test_think_time_is_learnt_from_reply_to_next_request_and_sets_expectations():
+    clock = Clock(100.0)
+    q = DeviceQueue(clock=clock)
+    session, think = object(), ThinkTime()
+    think.replied(session, 100.0, 1, q, horizon=0.005)             # nothing learnt yet: no expectation
+    think.submitted(session, 100.0004, q)
+    assert think.seconds == pytest.approx(0.0004)
+    think.replied(session, 100.010, 3, q, horizon=0.005)
+    seen = []
+    q.put(SimpleNamespace(session=session, arrived=100.0104, deadline=200.0))
+    q.take(lambda now, queued, expected: (seen.append(list(expected)), (1, 0.0))[1], 0.0)
+    assert seen == [[pytest.approx(100.0104)] * 2]                 # 3 expected, 1 came
+    think.submitted(session, 100.020, q)                           # a slow one: smoothed, not replaced
+    assert think.seconds == pytest.approx(0.0004 + 0.2 * (0.010 - 0.0004))
+    slow = ThinkTime()
+    slow.seconds = 0.050                                           # past the horizon: nothing expected
+    slow.replied(object(), 100.0, 1, q, horizon=0.005)
+    assert len(q._expected) == 1
 
 
 # profile ----------------------------------------------------------------------------------------
@@ -97,13 +183,13 @@ def test_queue_take_steal_drain_and_put_front():
     for it in items:
         q.put(it)
     assert q.gap == pytest.approx(1.0)
-    assert q.take(lambda now, queued: (2, 0.0), 0.1) == items[:2]
+    assert q.take(lambda now, queued, expected=(): (2, 0.0), 0.1) == items[:2]
     assert q.steal(2) == items[4:6]                           # newest, oldest of them first
     q.put_front(items[:2])
     assert q.drain() == items[:4] and len(q) == 0
-    assert q.take(lambda now, queued: (1, 0.0), 0.0) == []   # idle
+    assert q.take(lambda now, queued, expected=(): (1, 0.0), 0.0) == []   # idle
     q.stop()
-    assert q.take(lambda now, queued: (1, 0.0), 0.0) is None
+    assert q.take(lambda now, queued, expected=(): (1, 0.0), 0.0) is None
 
 
 # policies ---------------------------------------------------------------------------------------
