@@ -165,3 +165,29 @@ def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_l
         proc = psutil.Process(d.pid)
         # idle: a window of near zero CPU must come soon (a spinning pool keeps ~1 core busy)
         wait_until(lambda: _cores_used(proc, 1.0) < 0.1, timeout=30, what="an idle daemon near 0 CPU")
+
+
+def test_enter_device_thread_sets_this_threads_team_and_pins_it():
+    import threading as th
+    from types import SimpleNamespace
+
+    import torch
+
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    dev = SimpleNamespace(index=0, label="cpu#0", threads=0, torch_device=torch.device("cpu"))
+    threads.plan(devs(("cpu", 1)), cores, pin=True)
+    seen = {}
+
+    def body():
+        seen["applied"] = threads.enter_device_thread(dev)
+        seen["threads"] = torch.get_num_threads()
+        seen["affinity"] = os.sched_getaffinity(0)
+
+    worker = th.Thread(target=body)
+    worker.start()
+    worker.join(timeout=30)
+    assert seen["threads"] == 1 and seen["applied"]["intra_op"] == 1
+    assert seen["affinity"] == {cores[0]} and seen["applied"]["cores"] == [cores[0]]
+    assert os.sched_getaffinity(0) == set(cores)            # the caller's thread is not pinned
+    snap = threads.snapshot()["devices"]
+    assert snap == [dict(seen["applied"], planned=1)]
