@@ -241,6 +241,8 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
         "failed": CounterMetricFamily("inferd_device_failed_batches", "Batches that raised", labels=labels),
         "busy": CounterMetricFamily("inferd_device_busy_seconds", "Seconds spent running batches",
                                     labels=labels),
+        "stall": CounterMetricFamily("inferd_device_stall_seconds", "Seconds the device sat idle while a "
+                                     "request of its next batch was waiting (pipeline bubbles)", labels=labels),
         "fps": GaugeMetricFamily("inferd_device_frames_per_second", "Frames computed per second over the "
                                  "last window (1s, 10s, 60s)", labels=["device", "window"]),
         "ratio": GaugeMetricFamily("inferd_device_busy_ratio", "Share of wall time spent running batches "
@@ -263,6 +265,7 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
         fams["batches"].add_metric(dev, d["batches"])
         fams["failed"].add_metric(dev, d["failed_batches"])
         fams["busy"].add_metric(dev, d["busy_s"])
+        fams["stall"].add_metric(dev, d["stall_s"])
         for window, value in d["frames_per_s"].items():
             fams["fps"].add_metric([d["label"], window], value)
         for window, value in d["busy_ratio"].items():
@@ -302,6 +305,7 @@ def _cache_families(c: dict, counters: dict):
         yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
     if "embeddings" in c:
         yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])
+
 
 L2_LOOKUP_RESULTS = ("hits", "misses", "errors", "timeouts", "skipped")
 L2_STATES = ("closed", "open", "half_open")

@@ -11,8 +11,10 @@ NOTE [ stats ]
     Scheduler.submit: refused / cached / coalesced outcomes[outcome] += 1
       admitted                                      uid.in_flight += 1, uid.requests += 1
     Scheduler.on_batch_done (one call per batch)    device: frames, batches, busy seconds, per-second
-      BatchResult.started / finished (the batching    ring (frames/s and busy ratio over 1, 10, 60 s),
-      thread's clock), replies written at ``now``     batch-size and request-latency histograms;
+      BatchResult.started / finished (the executor's  ring (frames/s and busy ratio over 1, 10, 60 s),
+      clock around the compute), replies written     batch-size and request-latency histograms,
+      at ``now``                                      queue wait, stalls (idle while work waited:
+                                                      started - max(previous finished, first arrival));
                                                     per request: queue = started - arrived,
                                                     compute = finished - started,
                                                     reply = now - finished, total = now - arrived
@@ -196,7 +198,7 @@ class DeviceStats:
     """What one device did: totals, its rate window, batch sizes, health transitions."""
 
     __slots__ = ("device", "frames", "batches", "failed_batches", "busy", "window", "sizes", "latency",
-                 "state", "since", "since_wall", "transitions")
+                 "queue", "stall", "stalls", "last_finished", "state", "since", "since_wall", "transitions")
 
     def __init__(self, device, max_batch: int, now: float, wall: float):
         self.device = device
@@ -205,6 +207,12 @@ class DeviceStats:
         self.window = Window()
         self.sizes = SizeHistogram(max_batch)
         self.latency = Histogram(LATENCY_BOUNDS)   # total latency of the requests it computed
+        self.queue = Histogram(LATENCY_BOUNDS)     # ... of which waiting for their batch to start
+        # idle while work waited: from the end of a batch (or a request's arrival, if later) to
+        # the start of the next batch, the bubbles a pipeline exists to remove
+        self.stall = 0.0
+        self.stalls = Histogram(LATENCY_BOUNDS)
+        self.last_finished = 0.0
         self.state = device.state
         self.since, self.since_wall = now, wall
         self.transitions = collections.Counter()
@@ -279,6 +287,13 @@ class Stats:
         frames = 0 if result.canary else len(result.done)
         rec.busy += finished - started
         rec.window.add(started, finished, frames)
+        if answered:
+            first = min(r.arrived for r in answered)
+            stall = max(started - max(rec.last_finished, first), 0.0)
+            rec.stall += stall
+            if self.timing:
+                rec.stalls.observe(stall)
+        rec.last_finished = max(rec.last_finished, finished)
         if result.failed and not result.canary:
             rec.failed_batches += 1
         if frames:
@@ -296,9 +311,10 @@ class Stats:
             lat = self.latency
             lat["compute"].observe(finished - started, n)
             lat["reply"].observe(now - finished, n)
-            queue, total, dev_total = lat["queue"], lat["total"], rec.latency
+            queue, total, dev_total, dev_queue = lat["queue"], lat["total"], rec.latency, rec.queue
             for r in answered:
                 queue.observe(started - r.arrived)
+                dev_queue.observe(started - r.arrived)
                 seconds = now - r.arrived
                 total.observe(seconds)
                 dev_total.observe(seconds)
@@ -329,6 +345,8 @@ class Stats:
                 "failed_batches": rec.failed_batches, "busy_s": round(rec.busy, 6),
                 "frames_per_s": {f"{w}s": round(v, 3) for w, v in fps.items()},
                 "busy_ratio": {f"{w}s": round(v, 4) for w, v in ratio.items()},
+                "idle_ratio": {f"{w}s": round(1.0 - v, 4) for w, v in ratio.items()},
+                "stall_s": round(rec.stall, 6), "stall": rec.stalls.summary(), "queue_wait": rec.queue.summary(),
                 "batch_sizes": rec.sizes.pairs(),
                 "batch_mean": round(rec.sizes.sum / max(sum(rec.sizes.counts), 1), 3),
                 "latency": rec.latency.summary(), "batch_ms": dev.profile.snapshot()}

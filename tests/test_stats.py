@@ -212,6 +212,25 @@ def test_metrics_disabled_keeps_counters_but_no_histograms(spec):
     assert all(h.count == 0 for h in stats.latency.values()) and stats.devices[dev].sizes.pairs() == []
 
 
+def test_stalls_count_idle_time_only_while_work_waited(spec):
+    clock = Clock(10.0)
+    sched, dev = scheduler(spec, clock)
+    s = FakeSession(1000, spec.frame_bytes)
+    sched.submit(s, 0, classify(spec, 0))                  # arrives 10.0, starts 10.5: 0.5 s stalled
+    run_batch(sched, dev, 10.5, 10.7, 10.7, clock)
+    clock.now = 10.6                                        # arrives while the first computes ...
+    sched.submit(s, 1, classify(spec, 1))
+    run_batch(sched, dev, 10.75, 10.8, 10.8, clock)         # ... and starts 50 ms after it ended
+    clock.now = 12.0                                        # nothing waited: the device was just idle
+    sched.submit(s, 2, classify(spec, 2))
+    run_batch(sched, dev, 12.0, 12.1, 12.1, clock)
+    rec = sched.stats.devices[dev]
+    assert rec.stall == pytest.approx(0.55) and rec.stalls.count == 3
+    summary = sched.stats.snapshot()["devices"][0]
+    assert summary["stall_s"] == pytest.approx(0.55) and summary["queue_wait"]["count"] == 3
+    assert summary["idle_ratio"]["60s"] == pytest.approx(1 - summary["busy_ratio"]["60s"], abs=1e-4)
+
+
 def test_health_transitions_keep_state_and_time(spec):
     clock = Clock(10.0)
     sched, dev = scheduler(spec, clock)
