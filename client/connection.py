@@ -17,14 +17,21 @@ thread-safe: the Client's lock serialises every use.
 from __future__ import annotations
 
 import array
+import math
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from . import errors
 from ..shm import cache as cachefile
 from ..shm import wire
 from ..shm.ring import Ring, RingError
+
+
+#: Bytes one recv may read: replies are small (a classify reply is under 100 bytes), and several
+#: pipelined replies arrive together.
+RECV_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,9 @@ class Connection:
         self.draining = False
         self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
         self._ready: list = []
-        self._wait: float | None = None        # the socket's current timeout
+        self._wait = 0                         # whole seconds of SO_RCVTIMEO / SO_SNDTIMEO now set
+        self._buf = bytearray(RECV_BYTES)      # every reply is read into this one buffer
+        self._view = memoryview(self._buf)
 
     @classmethod
     def open(cls, path: str, *, ring_slots: int, use_cache: bool, connect_timeout: float,
@@ -117,6 +126,8 @@ class Connection:
                 os.close(fd)
         self.session = reply.get("session")
         self.free = list(range(self.ring.geometry.slots - 1, -1, -1))
+        self._sock.settimeout(None)             # NOTE [ reply wait ]
+        self._bound(timeout)
 
     def _read_hello(self) -> tuple[dict, list[int]]:
         """The hello reply and the descriptors that came with it (the caller closes them)."""
@@ -193,27 +204,44 @@ class Connection:
             self.close()
             raise errors.ConnectionLost(f"connection to the daemon failed: {exc}") from None
 
+    # NOTE [ reply wait ]
+    #
+    # After hello the socket is in blocking mode, and the wait for a reply is bounded by the
+    # kernel (SO_RCVTIMEO, and SO_SNDTIMEO for sends), not by Python's socket timeout: a socket
+    # with a timeout polls before every recv and send, one more system call and a Python-level
+    # deadline per round trip. The bound is whole seconds, rounded up, and set only when it
+    # changes: it guards against a daemon that stopped answering (the request's deadline plus
+    # READ_GRACE_S), so a second more is immaterial, and a steady stream of requests with one
+    # timeout never sets it again. A recv that times out fails with EAGAIN (BlockingIOError).
+    def _bound(self, wait: float) -> None:
+        seconds = max(1, math.ceil(wait))
+        if seconds != self._wait:
+            timeval = struct.pack("@ll", seconds, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._wait = seconds
+
     def read_reply(self, wait: float) -> dict:
-        """The next reply frame; waits at most ``wait`` seconds for it."""
+        """The next reply frame; waits at most ``wait`` seconds for it (rounded up to whole
+        seconds: NOTE [ reply wait ])."""
         while not self._ready:
-            if self._sock is None:
+            sock = self._sock
+            if sock is None:
                 raise errors.ConnectionLost("the connection to the daemon is closed")
-            if wait != self._wait:
-                self._sock.settimeout(wait)
-                self._wait = wait
             try:
-                data = self._sock.recv(1 << 16)
-            except socket.timeout:
+                self._bound(wait)
+                n = sock.recv_into(self._buf)
+            except (BlockingIOError, socket.timeout):
                 self.close()
-                raise errors.DaemonUnavailable(f"no reply from the daemon within {wait:.1f} s; "
+                raise errors.DaemonUnavailable(f"no reply from the daemon within {self._wait} s; "
                                                "the session is closed") from None
             except OSError as exc:
                 self.close()
                 raise errors.ConnectionLost(f"connection to the daemon failed: {exc}") from None
-            if not data:
+            if not n:
                 self.close()
                 raise errors.ConnectionLost("the daemon closed the connection")
-            self._feed(data)
+            self._feed(self._view[:n])
         reply = self._ready.pop(0)
         if isinstance(reply, wire.FrameError):
             raise errors.ProtocolError(f"unreadable reply from the daemon: {reply}")

@@ -117,6 +117,19 @@ def _depth_over(message: dict, limit: int) -> bool:
     return False
 
 
+#: Every byte that is not the first byte of a msgpack map or array header (fixmap, fixarray,
+#: array 16/32, map 16/32): deleting them from a body leaves at most one byte per container.
+_NOT_CONTAINER = bytes(b for b in range(256) if not (0x80 <= b <= 0x9f or 0xdc <= b <= 0xdf))
+
+
+def _surely_shallow(body, limit: int) -> bool:
+    """Whether ``body`` cannot nest deeper than ``limit``: each level needs one container header,
+    so a body with at most ``limit`` bytes that could start one (payload bytes of strings and
+    numbers may look like one too: those only make this answer False) has at most ``limit``
+    levels. One C pass over the body, where walking the decoded message costs a Python loop."""
+    return len(bytes(body).translate(None, _NOT_CONTAINER)) <= limit
+
+
 def decode_body(body: bytes | memoryview, max_depth: int = MAX_DEPTH) -> dict:
     """Decode one frame body; raises FrameError(bad_frame) unless it is exactly one msgpack map
     whose maps and lists nest at most ``max_depth`` levels (the map itself is level 1)."""
@@ -132,7 +145,7 @@ def decode_body(body: bytes | memoryview, max_depth: int = MAX_DEPTH) -> dict:
         raise FrameError(E_BAD_FRAME, f"frame body is not valid msgpack: {reason}") from None
     if not isinstance(message, dict):
         raise FrameError(E_BAD_FRAME, f"frame body must be a msgpack map, got {type(message).__name__}")
-    if _depth_over(message, max_depth):
+    if not _surely_shallow(body, max_depth) and _depth_over(message, max_depth):
         raise FrameError(E_BAD_FRAME, f"frame body nests maps and lists deeper than {max_depth} levels")
     return message
 
