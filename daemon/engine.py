@@ -30,8 +30,9 @@ NOTE [ engine streams ]
 
 Events are per launch, so nothing waits for more than its own batch. The streams and events come
 from daemon/streams.py: on a CPU they are no-ops (every step has finished when its call returns,
-and the model reads the staging rows themselves, as before the GPU path existed), and
-tests/test_engine.py checks the order above with a fake whose events complete only when waited on.
+the model reads the staging rows themselves and nothing is packed: ``launch`` returns a ``Done``,
+the same bytes as before the GPU path existed), and tests/test_engine.py checks the order above
+with a fake whose events complete only when waited on.
 
 Two device input buffers alternate, so the copy of batch k+1 may overlap the compute of batch k;
 with ``model.compile`` each prepared size has its own (the graph's static input), guarded the same
@@ -92,6 +93,25 @@ class Pending:
     def result(self):
         self._done.synchronize()
         return unpack(self._host, self._k, self._dim)
+
+
+class Done:
+    """A batch computed before ``launch`` returned (a synchronous device): the Pending of CPUs."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, logits: torch.Tensor, vectors: torch.Tensor | None, k: int):
+        scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+        self._result = (indices.tolist(), scores.tolist(), None if vectors is None else vectors.numpy())
+
+    def staged(self) -> bool:
+        return True
+
+    def wait_staged(self) -> None:
+        return None
+
+    def result(self):
+        return self._result
 
 
 @dataclass(eq=False)
@@ -169,21 +189,23 @@ class Engine:
         with s.compute(after=copied), torch.inference_mode():
             logits, vectors = self._graphs.replay(size) if self._graphs else self._forward(rows, want_embedding)
             slot.consumed = s.record()
-            want = want_embedding and self.embedding_dim
-            host, done = s.copy_out(pack(logits[:n], vectors[:n] if want and vectors is not None else None, k))
+            vectors = vectors[:n] if want_embedding and vectors is not None else None
+            if not s.asynchronous:      # nothing to copy back: no packing (a no-op model's batch
+                return Done(logits[:n], vectors, k)    # costs 80 us less)
+            host, done = s.copy_out(pack(logits[:n], vectors, k))
         if wait_copy:
             copied.synchronize()
-        return Pending(host, done, copied, k, self.embedding_dim if want and vectors is not None else 0)
+        return Pending(host, done, copied, k, 0 if vectors is None else vectors.shape[1])
 
     def _forward(self, rows: torch.Tensor, want_embedding: bool = True):
         """uint8 rows on the device -> (logits, unit embeddings or None), under the options'
-        autocast. Traced whole into a CUDA graph when ``model.compile = graphs``."""
-        with torch.inference_mode():
-            x = self.preprocess(rows)
-            with self.options.autocast(self.device):
-                raw = self._run(x)
-            vectors = embedding_of(raw) if want_embedding and self.embedding_dim else None
-            return logits_of(raw), vectors
+        autocast; call in inference mode. Traced whole into a CUDA graph when ``model.compile =
+        graphs``."""
+        x = self.preprocess(rows)
+        with self.options.autocast(self.device):
+            raw = self._run(x)
+        vectors = embedding_of(raw) if want_embedding and self.embedding_dim else None
+        return logits_of(raw), vectors
 
     def _input_for(self, size: int, staging_shape: tuple) -> _Input:
         """The device input buffer of this launch: the graph's static input of ``size``, else the
@@ -207,7 +229,7 @@ class Engine:
         else:
             blank = self.streams.input_buffer((max_rows, *frame_shape))
             blank = torch.zeros((max_rows, *frame_shape), dtype=torch.uint8) if blank is None else blank.zero_()
-            with self.streams.compute():
+            with self.streams.compute(), torch.inference_mode():
                 for size in sizes:
                     self._forward(blank[:size])
             self.streams.synchronize()

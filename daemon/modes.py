@@ -121,12 +121,12 @@ class CudaGraphs:
             for size in sorted(sizes, reverse=True):
                 static = torch.zeros((size, *frame_shape), dtype=torch.uint8, device=device)
                 side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):        # kernels chosen and allocated before capture
+                with torch.cuda.stream(side), torch.inference_mode():   # kernels chosen first
                     for _ in range(2):
                         self._forward(static)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
                     self._outputs[size] = self._forward(static)
                 self.inputs[size], self._graphs[size] = static, graph
             side.synchronize()
