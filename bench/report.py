@@ -102,7 +102,21 @@ def _transport_table(t: dict) -> list[str]:
             f"{d['p99_ms'] * 1e3:>8.1f}",
             f"    ratio classify/bare: p50 {t['ratio_p50']:.2f}x, mean {t['ratio_mean']:.2f}x "
             f"(ping/bare p50 {d['ping']['p50_ms'] / b['p50_ms']:.2f}x; the daemon's batching-thread "
-            f"work per no-op frame: {d['daemon_model_us_per_frame']:.0f} us)"]
+            f"work per no-op frame: {d['daemon_model_us_per_frame']:.0f} us)"] + _handoff_lines(t)
+
+
+def _handoff_lines(t: dict) -> list[str]:
+    """The thread hops alone (bench/handoff.py) and the floor ratio they set, when measured."""
+    if "handoff" not in t:
+        return []
+    us = lambda s: s["p50_ms"] * 1e3
+    cond, two = t["handoff"]["cond"], t["handoff"]["two_threads"]
+    return [f"    thread hops alone, p50 us: loop->thread {us(cond['loop_to_thread']):.1f}, thread->loop "
+            f"{us(cond['thread_to_loop']):.1f} (one batching thread); loop->collector "
+            f"{us(two['loop_to_thread']):.1f}, ->executor {us(two['thread_to_thread']):.1f}, ->loop "
+            f"{us(two['thread_to_loop']):.1f} (collector + executor)",
+            f"    floor (bare + hops, nothing else): {t['floor_ratio_p50']['cond']:.2f}x with one thread, "
+            f"{t['floor_ratio_p50']['two_threads']:.2f}x with two"]
 
 
 def _recheck(first: dict, again: dict) -> list[str]:

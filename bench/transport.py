@@ -157,10 +157,18 @@ def measure_bare(request_bytes: int, reply_bytes: int, warmup: int, count: int) 
 
 
 def measure(warmup: int, count: int, env: dict | None = None) -> dict:
-    """Part (c): the bare ping-pong, the no-op daemon, and the ratio of their p50 and mean round trips."""
+    """Part (c): the bare ping-pong, the no-op daemon, and the ratio of their p50 and mean round
+    trips; beside them the thread hand-offs alone (bench/handoff.py) and the floor they set: the
+    bare round trip plus the loop -> thread -> loop hops of a one-thread and of a two-thread batcher."""
+    import handoff
+
     sizes = frame_sizes()
     bare = measure_bare(sizes["request_bytes"], sizes["reply_bytes"], warmup, count)
     via_daemon = measure_daemon(warmup, count, env)
-    return {**sizes, "round_trips": count, "bare": bare, "daemon": via_daemon,
+    hops = handoff.measure(count, warmup)
+    floor = {kind: (bare["p50_ms"] + hops[kind]["all_hops"]["p50_ms"]) / bare["p50_ms"]
+             for kind in ("cond", "two_threads")}
+    return {**sizes, "round_trips": count, "bare": bare, "daemon": via_daemon, "handoff": hops,
+            "floor_ratio_p50": floor,
             "ratio_p50": via_daemon["p50_ms"] / bare["p50_ms"],
             "ratio_mean": via_daemon["mean_ms"] / bare["mean_ms"]}
