@@ -179,7 +179,7 @@ class Engine:
         if not 0 < n <= frames.shape[0]:
             raise ValueError(f"a batch of {n} rows from a staging buffer of {frames.shape[0]}")
         if self.options.padded and not self._sizes:
-            self._prepare(frames.shape[0], tuple(frames.shape[1:]))
+            self.prepare(frames.shape[0])
         size = size_for(n, self._sizes) if self._sizes else n
         s = self.streams
         slot = self._input_for(size, tuple(frames.shape))
@@ -220,20 +220,25 @@ class Engine:
             slot = self._inputs[key] = _Input(tensor)
         return slot
 
-    def _prepare(self, max_rows: int, frame_shape: tuple) -> None:
-        """Every padded size, before the first batch runs: graphs captured, or each size compiled."""
-        sizes = batch_sizes(max_rows)
+    def prepare(self, max_rows: int) -> None:
+        """Make batches of up to ``max_rows`` ready before the first one is timed: with
+        ``model.compile`` every padded size captured or compiled; on an asynchronous device (CUDA)
+        one blank batch of 1 and of ``max_rows`` (lazy initialisation, kernel choice). Nothing on
+        a CPU without compile. ``launch`` calls it itself for padded sizes if nobody did (then the
+        first launch carries minutes of compilation)."""
+        shape = self.model.spec.frame_shape
+        sizes = batch_sizes(max_rows) if self.options.padded else tuple(sorted({1, max_rows}))
         if self._graphs is not None:
             self.streams.synchronize()
-            self._graphs.capture(sizes, frame_shape, self.device)
-        else:
-            blank = self.streams.input_buffer((max_rows, *frame_shape))
-            blank = torch.zeros((max_rows, *frame_shape), dtype=torch.uint8) if blank is None else blank.zero_()
+            self._graphs.capture(sizes, shape, self.device)
+        elif self.options.padded or self.streams.asynchronous:
             with self.streams.compute(), torch.inference_mode():
+                blank = torch.zeros((max_rows, *shape), dtype=torch.uint8, device=self.device)
                 for size in sizes:
                     self._forward(blank[:size])
             self.streams.synchronize()
-        self._sizes = sizes
+        if self.options.padded:
+            self._sizes = sizes
 
 
 def pack(logits: torch.Tensor, vectors: torch.Tensor | None, k: int) -> torch.Tensor:

@@ -207,6 +207,27 @@ def test_padded_batches_answer_only_their_rows(monkeypatch):
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
+def test_prepare_readies_every_size_before_the_first_timed_batch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine_mod, "compiled", lambda module: calls.append(module) or module)
+    fake = FakeStreams()
+    model, engine = _shapes(options=EngineOptions(compile="compile"), streams=fake)
+    seen = []
+    monkeypatch.setattr(engine, "_forward", lambda rows, want=True: seen.append(rows.shape[0]) or
+                        (torch.zeros((rows.shape[0], 8)), None))
+    engine.prepare(8)
+    assert seen == [1, 2, 4, 8] and len(calls) == 1 and ("sync-streams",) in fake.log
+    images, staging = _frames(8)
+    fake.log.clear()
+    engine.launch(staging.tensors[0], 3, 2).result()
+    assert seen[4:] == [4] and ("sync-streams",) not in fake.log   # padded 3 -> 4, nothing prepared
+    _, eager = _shapes(streams=FakeStreams())
+    monkeypatch.setattr(eager, "_forward", lambda rows, want=True: seen.append(-rows.shape[0]) or
+                        (torch.zeros((rows.shape[0], 8)), None))
+    eager.prepare(16)                   # an asynchronous device warms 1 and max once
+    assert seen[5:] == [-1, -16]
+
+
 def test_sizes_of_padded_batches():
     assert batch_sizes(1) == (1,) and batch_sizes(16) == (1, 2, 4, 8, 16)
     assert batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
