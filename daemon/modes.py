@@ -126,7 +126,9 @@ class CudaGraphs:
                         self._forward(static)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                # thread_local: another device's executor may be loading at the same time
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), \
+                        torch.inference_mode():
                     self._outputs[size] = self._forward(static)
                 self.inputs[size], self._graphs[size] = static, graph
             side.synchronize()

@@ -133,7 +133,9 @@ class CudaStreams:
 
     @staticmethod
     def _event(stream):
-        event = torch.cuda.Event()
+        # blocking: a host that waits on it sleeps (cudaEventBlockingSync) instead of spinning a
+        # core for the whole batch, which the event loop and the clients need
+        event = torch.cuda.Event(blocking=True)
         event.record(stream)
         return event
 
