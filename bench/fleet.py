@@ -17,6 +17,7 @@ caches: compute dominates, as on the GPU hosts a fleet runs): A and B share the 
    most the L2 budget over no L2).
 
 Also Redis memory per entry (INFO used_memory over DBSIZE). Writes ``OUT/fleet.json``.
+``FLEET_BUDGET_MS=10`` runs A and B with another ``l2.budget_ms`` than the default 2.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import fleet_load    # noqa: E402
 SETTINGS = {"full": {"hit_frames": 300, "total": 2400, "pairs": 2, "clients": 3, "depth": 4},
             "quick": {"hit_frames": 100, "total": 1000, "pairs": 1, "clients": 2, "depth": 4}}
 REPEAT = 0.3
-BUDGET_MS = 2.0
+BUDGET_MS = float(os.environ.get("FLEET_BUDGET_MS", "2.0"))     # l2.budget_ms of A and B
 BASE = ["--model", "resnet18", "--device", "cpu:1", "--set", "batching.max_batch=32",
         "--set", "cache.enabled=true", "--set", "embeddings.enabled=false",
         "--set", "server.max_sessions_per_uid=64"]
@@ -175,7 +176,7 @@ def part_outage(on: list, redis, s: dict, seed: int, expected_s: float, log) -> 
 def measure(s: dict, log) -> dict:
     workdir = common.short_workdir()
     key = fleet_key(workdir)
-    results = {}
+    results = {"budget_ms": BUDGET_MS}
     try:
         with redis_server() as redis:
             l2 = ["--set", "l2.enabled=true", "--set", f'l2.url="{redis["url"]}"',

@@ -1,8 +1,11 @@
 """The fleet benchmark's workload and client processes (bench/fleet.py).
 
 A workload is a sequence of uploads spread over two hosts (daemons): each request is, with
-probability ``repeat``, a repeat of a frame uploaded before (chosen uniformly among them), else a new
-frame, sent to either host at random. A repeat goes back to the host that first computed its frame
+probability ``repeat``, the second upload of a frame uploaded once before (chosen uniformly among
+those not yet repeated), else a new frame, sent to either host at random. Each frame is uploaded at
+most twice, so two daemons emulate a larger fleet faithfully: with many repeats of one frame, its
+third upload would find it on the daemon playing "any other host", where in a fleet of 20 it would
+most likely land on an 18th host that never saw it. A repeat goes back to the host that first computed its frame
 with probability ``1 / fleet``, else to the other daemon: ``fleet = 2`` is two hosts behind a
 random load balancer; ``fleet = 20`` stands for a fleet of 20, where a repeat lands on another host
 19 times in 20 (the case the issue is about), with two daemons playing the computing host and
@@ -34,10 +37,14 @@ def schedule(seed: int, total: int, repeat: float, fleet: int) -> tuple[list, di
     rng = np.random.default_rng(seed)
     hosts: list = [[], []]
     home: list = []                         # fid -> host that got it first
+    once: list = []                         # fids uploaded once (not yet repeated)
     counts = {"new": 0, "repeats": 0, "home": 0}
     for _ in range(total):
-        if home and rng.random() < repeat:
-            fid = int(rng.integers(len(home)))
+        if once and rng.random() < repeat:
+            i = int(rng.integers(len(once)))
+            fid = once[i]
+            once[i] = once[-1]
+            once.pop()
             back = rng.random() < 1.0 / fleet
             host = home[fid] if back else 1 - home[fid]
             counts["repeats"] += 1
@@ -45,6 +52,7 @@ def schedule(seed: int, total: int, repeat: float, fleet: int) -> tuple[list, di
         else:
             fid, host = len(home), int(rng.integers(2))
             home.append(host)
+            once.append(fid)
             counts["new"] += 1
         hosts[host].append(fid)
     return hosts, counts

@@ -25,6 +25,8 @@ NOTE [ stats ]
     Memory (daemon/caching.py): lookups, inserts,   cache counters in ``counters``; entries used kept
       a client's report of its own hits             by the cache file itself (insert / flush)
     the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
+    the fleet cache (daemon/l2.py): lookups by      its own ``counts``, ``wait`` histograms and
+      verdict, writes, breaker moves               breaker, read by Memory.stats (``cache.l2``)
 
 Everything is written on the event loop thread, and read there too (an HTTP scrape hops onto the
 loop: daemon/metrics.py), so there are no locks and a reading is one consistent moment. The
