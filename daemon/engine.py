@@ -140,7 +140,7 @@ class Engine:
         self.embedding_dim = 0
         self._run = None                    # the module a forward pass calls (compiled or not)
         self._graphs: CudaGraphs | None = None
-        self._sizes: tuple[int, ...] = ()   # prepared sizes of padded batches; () until the first launch
+        self._sizes: tuple[int, ...] = ()   # prepared sizes of padded batches; () until prepare()
         self._inputs: dict = {}             # key -> _Input (NOTE [ engine streams ])
         self._turn = 0
 
@@ -185,7 +185,7 @@ class Engine:
         slot = self._input_for(size, tuple(frames.shape))
         dst = None if slot.tensor is None else slot.tensor[:n]
         _, copied = s.copy_in(dst, frames[:n], after=slot.consumed)
-        rows = frames[:n] if slot.tensor is None else slot.tensor[:size]
+        rows = (frames if slot.tensor is None else slot.tensor)[:size]   # padded: stale rows past n
         with s.compute(after=copied), torch.inference_mode():
             logits, vectors = self._graphs.replay(size) if self._graphs else self._forward(rows, want_embedding)
             slot.consumed = s.record()

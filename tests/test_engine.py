@@ -205,6 +205,13 @@ def test_padded_batches_answer_only_their_rows(monkeypatch):
     want_idx, want_scores, _ = _want(model, images[:5], 3)
     assert indices == want_idx
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    # a CPU reads the staging rows themselves: padded there too (compiled graphs are per size)
+    _, cpu = _shapes(options=EngineOptions(compile="compile"))
+    seen = []
+    forward = cpu._forward
+    monkeypatch.setattr(cpu, "_forward", lambda rows, want=True: seen.append(rows.shape[0]) or forward(rows, want))
+    assert cpu.launch(staging.tensors[0], 5, 3).result()[0] == want_idx
+    assert seen == [1, 2, 4, 8, 16, 8]
 
 
 def test_prepare_readies_every_size_before_the_first_timed_batch(monkeypatch):
