@@ -49,6 +49,7 @@ from . import threads
 from .engine import Engine, Staging
 from .model import LoadedModel
 from .profile import LatencyProfile
+from .policy import busy_until
 from .queues import plan_batch
 from ..shm.ring import RingError
 
@@ -251,19 +252,6 @@ class BatchingThread(threading.Thread):
         return staged
 
 
-def busy_until(dev, now: float) -> float:
-    """When ``dev`` is expected to be free for the next batch: the end of its running batch and of
-    the one staged behind it (``now`` when idle). Read without locks: each field is replaced whole."""
-    t = now
-    started, size = dev.running_since, dev.running_size
-    if started is not None:
-        t = max(t, started + dev.profile.latency(size))
-    staged = dev.staged
-    if staged:
-        t += dev.profile.latency(len(staged))
-    return t
-
-
 class Executor(threading.Thread):
     """The thread that owns a device's model (daemon/engine.py): runs the staged batches in order,
     delivers each result the moment it is done, and loads, activates or discards models between two
@@ -307,7 +295,10 @@ class Executor(threading.Thread):
         while True:
             what, a, b, c = self._inbox.get()
             if what == "batch":
-                self._deliver(self._run_batch(a, b, c))
+                result = self._run_batch(a, b, c)
+                if self._inbox.empty():
+                    self.device.queue.poke()    # free sooner than the plan thought (rule 0)
+                self._deliver(result)
                 self.device.beat = self._clock()
             elif what == "stop":
                 return

@@ -4,7 +4,8 @@
 first. For device d with measured latency profile L_d (daemon/profile.py), B = max_batch:
 
     finish_d = now + running_d + drain_d(q_d + 1)
-    running_d = time left of the batch it is running: max(0, started + L_d(size) - now), else 0
+    running_d = time left of the batch it is running: max(0, started + L_d(size) - now), else 0,
+                plus L_d(staged) for a batch staged behind it (daemon/batcher.py)
     drain_d(n) = floor(n / B) * L_d(B) + L_d(n mod B)      (n queued frames in batches of B)
 
 so a device three times as fast gets about three times the work, and a device that slows down gets
@@ -38,10 +39,21 @@ def drain_time(latency, n: int, max_batch: int) -> float:
 
 
 def running_left(dev, now: float) -> float:
+    """Seconds until ``dev`` is free: what is left of its running batch, plus the batch staged
+    behind it (daemon/batcher.py), which has left the queue but not started."""
+    return busy_until(dev, now) - now
+
+
+def busy_until(dev, now: float) -> float:
+    """When ``dev`` is expected to be free for its next batch (``now`` when idle)."""
+    t = now
     started, size = dev.running_since, dev.running_size
-    if started is None:
-        return 0.0
-    return max(0.0, started + dev.profile.latency(size) - now)
+    if started is not None:
+        t = max(t, started + dev.profile.latency(size))
+    staged = dev.staged
+    if staged:
+        t += dev.profile.latency(len(staged))
+    return t
 
 
 def backlog(dev, now: float, max_batch: int, extra: int = 0) -> float:

@@ -13,9 +13,15 @@ until t (or until another request arrives) and ask again. Its aim is goodput: th
 second that still meet their deadlines. With L(b) the device's measured latency for a batch of b
 (daemon/profile.py), B = max_batch, W = max_delay, a0 the arrival of the first queued request, D(m)
 the earliest deadline among the first m, F the time the device is free for this batch (the end of
-the batch it runs and of the one staged behind it, daemon/batcher.py ``busy_until``; now when idle)
+the batch it runs and of the one staged behind it: ``busy_until`` in daemon/policy.py; now when idle)
 and S = max(now, F) the batch's start ("first" is in the order the device serves: fair share, below):
 
+  0. The device is busy. If now < F - LEAD, wait until F - LEAD, whatever is queued: company is
+     free while the device works, and the batch is closed and staged just before the device needs
+     it (LEAD covers the copy into the staging buffer), so it is the freshest batch the fair order
+     can make: a request arriving while a full batch computes goes into the next one, not the one
+     after. No arrival changes this answer, so arrivals do not wake the planner meanwhile; the
+     executor wakes it when a batch ends early.
   1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
      best throughput (admission counted on it); a request in it that cannot finish within the
      batch's time is answered deadline_exceeded without being computed, rather than let it shrink
@@ -24,10 +30,7 @@ and S = max(now, F) the batch's start ("first" is in the order the device serves
   2. Deadline cap (n < B). m = the largest size <= n with S + L(m) <= D(m). If m < n, go now with
      m: more frames could only make the batch later (in the spirit of Clipper's adaptive batching,
      with the measured profile in place of AIMD probing).
-  3. The device is busy. If now < F - LEAD, wait until F - LEAD: company is free while the device
-     works, and the batch is closed and staged just before the device needs it (LEAD covers the
-     copy into the staging buffer).
-  4. Goodput. The device is free: going now runs n frames in L(n). Waiting until t for the k
+  3. Goodput. The device is free: going now runs n frames in L(n). Waiting until t for the k
      arrivals expected by then runs n + k frames in (t - S) + L(n + k). Wait for the k with the best
      rate (n + k) / ((t - S) + L(n + k)) if it beats n / L(n), t is inside the window (t <= a0 + W)
      and the batch still meets its deadlines (t + L(n + k) <= D(n)); else go now.
@@ -79,7 +82,7 @@ from typing import Callable
 from .fairness import Fifo
 
 
-LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 3)
+LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 0)
 GRACE = 0.002      # an expected arrival overdue by this much is not waited for (expected arrivals)
 
 
@@ -88,7 +91,10 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
                expected=()) -> tuple[int, float]:
     """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
     ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
-    expected at, ascending (overdue ones already dropped)."""
+    expected at, ascending (overdue ones already dropped). A third element False in the answer
+    (rule 0) says that no arrival can change it: the queue need not wake the planner for one."""
+    if now < free_at - LEAD:
+        return 0, free_at - LEAD, False
     n = min(len(queued), max_batch)
     window_end = queued[0].arrived + max_delay
     if n == max_batch:
@@ -106,14 +112,12 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
         m -= 1
     if m < n:
         return m, 0.0
-    if now < free_at - LEAD:
-        return 0, free_at - LEAD
     return _goodput(now, start, n, latency, max_batch, window_end, deadlines[-1], gap, expected)
 
 
 def _goodput(now: float, start: float, n: int, latency, max_batch: int, window_end: float,
              deadline: float, gap: float, expected) -> tuple[int, float]:
-    """Rule 4: go now with n, or wait until the expected arrival that gives the best rate."""
+    """Rule 3: go now with n, or wait until the expected arrival that gives the best rate."""
     base = latency(n)
     if base <= 0.0:                         # the profile knows nothing yet
         return n, 0.0
@@ -203,6 +207,7 @@ class DeviceQueue:
         self._stopped = False
         self._woken = False
         self._expected: dict = {}    # session -> [requests expected, at] (NOTE [ batch planning ])
+        self._listening = True       # a waiting take wants to hear of arrivals (not in rule 0)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -223,7 +228,8 @@ class DeviceQueue:
             self._last_put = now
             self._arrived(getattr(item, "session", None))
             self._items.push(item)
-            self._cond.notify()
+            if self._listening:
+                self._cond.notify()
 
     def expect(self, session, count: int, at: float) -> None:
         """``count`` more requests of ``session`` are expected at ``at`` (expected arrivals in
@@ -292,6 +298,12 @@ class DeviceQueue:
             self._woken = True
             self._cond.notify_all()
 
+    def poke(self) -> None:
+        """Make a waiting ``take`` plan again now (its device became free sooner than expected)."""
+        with self._cond:
+            self._listening = True
+            self._cond.notify_all()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -319,7 +331,9 @@ class DeviceQueue:
                     self._cond.wait(left)
                     continue
                 now = self._clock()
-                count, until = plan(now, _Ahead(self._items), self._expected_times(now))
+                count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
                 if count:
                     return [self._items.pop() for _ in range(count)]
+                self._listening = not listen or listen[0]
                 self._cond.wait(max(until - self._clock(), 0.0))
+                self._listening = True

@@ -77,18 +77,23 @@ def test_a_backlog_is_never_shrunk_to_save_its_oldest():
 
 def test_a_busy_device_waits_for_company_until_just_before_it_is_free():
     # the running batch ends at 100.020: a lone request waits (for free) until LEAD before that
-    n, until = plan_batch(100.0, [req()], linear(0.005, 0.001), 32, 0.002, math.inf, free_at=100.020)
-    assert n == 0 and until == pytest.approx(100.020 - LEAD)
+    n, until, listen = plan_batch(100.0, [req()], linear(0.005, 0.001), 32, 0.002, math.inf, free_at=100.020)
+    assert n == 0 and until == pytest.approx(100.020 - LEAD) and not listen
+    # ... a full batch too: closed at the last moment, it takes whoever the fair order puts first then
+    full = [req() for _ in range(40)]
+    assert plan_batch(100.0, full, linear(0.005, 0.001), 32, 0.002, math.inf, free_at=100.020)[:2] == \
+        (0, pytest.approx(100.020 - LEAD))
     # ... whatever the window says: the window is about waiting on an idle device
     assert plan_batch(100.0195, [req(arrived=99.9)], linear(0.005, 0.001), 32, 0.002, math.inf,
                       free_at=100.020) == (1, 0.0)
 
 
 def test_deadlines_are_checked_from_when_the_device_will_be_free():
-    # free at 100.010; L(b) = 2 + 1 b ms; the oldest is due at 100.0145: from 100.010 only a batch
-    # of up to 2 (4 ms) meets it, so 2 go now to be staged, not all 3
+    # free at 100.010, staged from LEAD before; L(b) = 2 + 1 b ms; the oldest is due at 100.0145:
+    # from 100.010 only a batch of up to 2 (4 ms) meets it, so 2 go to be staged, not all 3
     queued = [req(deadline=100.0145), req(), req()]
-    assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, math.inf, free_at=100.010) == (2, 0.0)
+    assert plan_batch(100.010 - LEAD / 2, queued, linear(0.002, 0.001), 32, 0.002, math.inf,
+                      free_at=100.010) == (2, 0.0)
 
 
 def test_closed_loop_clients_expected_back_are_waited_for():
@@ -138,6 +143,33 @@ def test_queue_counts_expected_arrivals_down_and_forgets_overdue_ones():
     q.put(SimpleNamespace(session=None, arrived=clock(), deadline=200.0))
     q.take(plan, 0.0)
     assert seen[-1] == []
+
+
+@pytest.mark.timeout(30)
+def test_arrivals_do_not_wake_a_planner_waiting_on_a_busy_device_but_its_executor_does():
+    import threading
+    q = DeviceQueue()
+    notified = []
+    real_notify = q._cond.notify
+    q._cond.notify = lambda *a: (notified.append(1), real_notify(*a))
+    planned, free = threading.Event(), threading.Event()
+
+    def plan(now, queued, expected):
+        planned.set()
+        return (len(queued), 0.0) if free.is_set() else (0, now + 60.0, False)   # busy a minute
+
+    q.put(req())
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.take(plan, 60.0)))
+    t.start()
+    assert planned.wait(10)
+    notified.clear()
+    q.put(req())                                                   # rule 0: no wake-up for it
+    assert notified == [] and t.is_alive()
+    free.set()
+    q.poke()                                                       # the batch ended early
+    t.join(10)
+    assert not t.is_alive() and len(got[0]) == 2
 
 
 def test_think_time_is_learnt_from_reply_to_next_request_and_sets_expectations():
@@ -222,6 +254,17 @@ def test_weighted_skips_unhealthy_and_excluded_devices():
     assert w.choose([a, b], 0.0, 32) is a
     a.state = OUT
     assert w.choose([a, b], 0.0, 32) is None
+
+
+def test_a_batch_staged_behind_the_running_one_counts_in_the_expected_finish():
+    (dev,) = make_devices(linear(0.010, 0.001))
+    dev.running_since, dev.running_size = 0.0, 4                 # ends at 14 ms
+    assert policies.running_left(dev, 0.004) == pytest.approx(0.010)
+    dev.staged = [(req(), 0)] * 2                                 # then 12 ms more
+    assert policies.running_left(dev, 0.004) == pytest.approx(0.022)
+    assert policies.finish_in(dev, 0.004, 32, 1) == pytest.approx(0.022 + 0.011)
+    dev.running_since, dev.staged = None, []
+    assert policies.busy_until(dev, 5.0) == 5.0
 
 
 def test_idle_fast_device_steals_but_a_slow_one_only_what_it_can_finish_sooner():
