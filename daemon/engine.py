@@ -79,10 +79,11 @@ class Pending:
     ``result()``: (indices lists, scores lists, float32 vectors numpy or None); waits for this
     batch's own copy back only, and may be called once."""
 
-    __slots__ = ("_host", "_done", "_copied", "_k", "_dim")
+    __slots__ = ("_host", "_done", "_copied", "_k", "_dim", "_started")
 
-    def __init__(self, host: torch.Tensor, done, copied, k: int, dim: int):
+    def __init__(self, host: torch.Tensor, done, copied, k: int, dim: int, started=None):
         self._host, self._done, self._copied, self._k, self._dim = host, done, copied, k, dim
+        self._started = started
 
     def staged(self) -> bool:
         return self._copied.query()
@@ -93,6 +94,13 @@ class Pending:
     def result(self):
         self._done.synchronize()
         return unpack(self._host, self._k, self._dim)
+
+    def device_seconds(self) -> float | None:
+        """After ``result()``: how long the device worked on this batch, from the moment its
+        compute stream reached it to its copy back (CUDA timing events), without the time it
+        queued behind an earlier batch; None where the device has no timing events."""
+        elapsed = getattr(self._started, "elapsed_time", None)
+        return None if elapsed is None else elapsed(self._done) / 1000.0
 
 
 class Done:
@@ -112,6 +120,9 @@ class Done:
 
     def result(self):
         return self._result
+
+    def device_seconds(self) -> None:
+        return None
 
 
 @dataclass(eq=False)
@@ -187,6 +198,7 @@ class Engine:
         _, copied = s.copy_in(dst, frames[:n], after=slot.consumed)
         rows = (frames if slot.tensor is None else slot.tensor)[:size]   # padded: stale rows past n
         with s.compute(after=copied), torch.inference_mode():
+            started = s.record()
             logits, vectors = self._graphs.replay(size) if self._graphs else self._forward(rows, want_embedding)
             slot.consumed = s.record()
             vectors = vectors[:n] if want_embedding and vectors is not None else None
@@ -195,7 +207,7 @@ class Engine:
             host, done = s.copy_out(pack(logits[:n], vectors, k))
         if wait_copy:
             copied.synchronize()
-        return Pending(host, done, copied, k, 0 if vectors is None else vectors.shape[1])
+        return Pending(host, done, copied, k, 0 if vectors is None else vectors.shape[1], started)
 
     def _forward(self, rows: torch.Tensor, want_embedding: bool = True):
         """uint8 rows on the device -> (logits, unit embeddings or None), under the options'

@@ -135,7 +135,8 @@ class CudaStreams:
     def _event(stream):
         # blocking: a host that waits on it sleeps (cudaEventBlockingSync) instead of spinning a
         # core for the whole batch, which the event loop and the clients need
-        event = torch.cuda.Event(blocking=True)
+        # timing: Pending.device_seconds() (daemon/engine.py) reads the time between two of them
+        event = torch.cuda.Event(enable_timing=True, blocking=True)
         event.record(stream)
         return event
 

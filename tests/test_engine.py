@@ -148,15 +148,17 @@ def test_the_gpu_order_copy_compute_copy_back_with_events_only():
     fake.log.clear()
     pending = engine.launch(staging.tensors[0], 5, 3, want_embedding=True)
     steps = [s[0] for s in fake.log]
-    assert steps == ["copy-in", "compute-wait", "record", "copy-out", "compute-end", "host-wait"], fake.log
+    # started, (model), consumed, one packed copy back
+    assert steps == ["copy-in", "compute-wait", "record", "record", "copy-out", "compute-end", "host-wait"], fake.log
     copied = fake.log[0][1]
     assert fake.log[1] == ("compute-wait", copied)          # compute waits for its own copy
     assert fake.log[-1] == ("host-wait", copied)            # wait_copy: the staging buffer is free
-    assert fake.log[3][2] == (5, 3 + 3 + engine.embedding_dim)   # one packed copy back
-    done = fake.log[3][1]
+    assert fake.log[4][2] == (5, 3 + 3 + engine.embedding_dim)   # indices, scores, embedding
+    done = fake.log[4][1]
     assert not next(e for e in fake.events if e.name == done).done   # nothing waited for it yet
     indices, scores, vectors = pending.result()
     assert fake.log[-1] == ("host-wait", done) and ("sync-streams",) not in fake.log
+    assert pending.device_seconds() is None                 # the fake keeps no time
     want_idx, want_scores, want_vectors = _want(model, images, 3)
     assert indices == want_idx and scores == want_scores and np.array_equal(vectors, want_vectors)
 
@@ -169,7 +171,7 @@ def test_device_input_buffers_alternate_and_wait_for_their_last_reader():
     fake.log.clear()
     pendings = [engine.launch(staging.tensors[i % 2], 12, 2, wait_copy=False) for i in range(3)]
     copies = [s for s in fake.log if s[0] == "copy-in"]
-    records = [s[1] for s in fake.log if s[0] == "record"]
+    records = [s[1] for s in fake.log if s[0] == "record"][1::2]     # each batch's "consumed"
     assert copies[0][2] is None and copies[1][2] is None     # two fresh buffers
     assert copies[2][2] == records[0]                        # the third reuses the first one's, after it
     results = [p.result() for p in reversed(pendings)]       # any order

@@ -92,6 +92,7 @@ def test_overlapped_launches_keep_their_own_answers(no_device_sync):
         p.wait_staged()
         pendings.append(p)
     results = [p.result()[0] for p in pendings]
+    assert all(0 < p.device_seconds() < 10 for p in pendings)   # its own batch, from CUDA events
     want_idx, _ = _want(images, 1)
     assert all(r == (want_idx if i % 2 == 0 else want_idx[::-1]) for i, r in enumerate(results))
     assert no_device_sync == []
