@@ -14,7 +14,7 @@ NOTE [ engine streams ]
       pick a device input buffer --> wait: its last reader done
                                      rows -> device (uint8,
                                        non_blocking)  [copied]
-                                                           -----> wait [copied]
+                                                           -----> wait [copied]  [started]
                                                                   preprocess (uint8 -> float, on
                                                                     the device), model (autocast,
                                                                     channels_last, graph replay)
@@ -27,6 +27,7 @@ NOTE [ engine streams ]
       return Pending
     Pending.staged():  [copied] done: the staging buffer may be written again
     Pending.result():  wait [done] only (never the whole device); unpack
+    Pending.device_seconds(): [started] to [done], the batch's own device time
 
 Events are per launch, so nothing waits for more than its own batch. The streams and events come
 from daemon/streams.py: on a CPU they are no-ops (every step has finished when its call returns,
