@@ -72,17 +72,20 @@ def _client(q, socket_path: str, seed: int, fids: list, depth: int, go, start) -
                 raise RuntimeError("no start signal from the parent")
             while time.monotonic() < start.value:
                 time.sleep(0.001)
-            rows = []
+            rows, errors = [], []
             for chunk in chunks:
                 imgs = [frame(seed, fid) for fid in chunk]
                 t0 = time.monotonic()
                 failed = 0
                 try:
                     client.classify_many(imgs, top_k=1)
-                except Exception:  # a failed request is the finding; keep going and count it
+                except Exception as exc:  # a failed request is the finding; keep going, count it
                     failed = len(chunk)
+                    if len(errors) < 3:
+                        errors.append(repr(exc)[:300])
                 rows.append((t0, time.monotonic() - t0, len(chunk), failed))
-            q.put(("ok", {"rows": rows, "end": time.monotonic(), "client_hits": client.cache_hits}))
+            q.put(("ok", {"rows": rows, "end": time.monotonic(), "client_hits": client.cache_hits,
+                          "errors": errors}))
     except BaseException:
         q.put(("error", traceback.format_exc()))
 
@@ -116,4 +119,5 @@ def run(sockets: list, hosts: list, seed: int, clients_per_host: int, depth: int
     frames = sum(row[2] for row in rows)
     return {"rows": rows, "wall_s": wall, "img_s": frames / wall, "frames": frames,
             "failed": sum(row[3] for row in rows), "client_hits": sum(r["client_hits"] for r in results),
+            "errors": [e for r in results for e in r["errors"]][:5],
             "start": start.value}

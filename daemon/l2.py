@@ -140,13 +140,17 @@ class FleetCache:
         """The budget passed: its requests go to their devices. Redis is blamed (the breaker) only
         when the loop itself was on time: a timer firing a whole budget late means the loop was
         busy, and the reply may well be sitting unread in the socket."""
-        if batch.open:
-            lag = self._clock() - batch.started - self._budget
-            if lag < self._budget:
-                self.breaker.failure()
-            else:
-                self.counts["loop_late"] += 1
-            self._verdict(batch, None, "timeouts")
+        if not batch.open:
+            return
+        lag = self._clock() - batch.started - self._budget
+        if lag < 0:         # early: a loop may run a timer up to its clock resolution early
+            batch.timer = self._loop.call_later(-lag, self._expire, batch)
+            return
+        if lag < self._budget:
+            self.breaker.failure()
+        else:
+            self.counts["loop_late"] += 1
+        self._verdict(batch, None, "timeouts")
 
     def _verdict(self, batch: _Batch, values, why: str) -> None:
         """Resolve every request of ``batch`` once: a hit where ``values`` holds a valid entry with

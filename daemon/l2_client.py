@@ -46,14 +46,14 @@ def make_client(cfg):
         from redis.asyncio.sentinel import Sentinel
 
         nodes = [(host, int(port)) for host, _, port in (a.rpartition(":") for a in cfg.sentinels)]
-        sentinel_kwargs = {k: v for k, v in kwargs.items() if k not in ("client_name",)}
+        # the sentinels get the timeouts and TLS, not the data nodes' ACL user and password
+        sentinel_kwargs = {k: v for k, v in kwargs.items() if k not in ("client_name", "username", "password")}
         sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)
         return sentinel.master_for(cfg.sentinel_service, db=cfg.db)
     if cfg.cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        kwargs.pop("retry")                 # the cluster client has its own (no-retry) setting below
-        return RedisCluster.from_url(cfg.url, cluster_error_retry_attempts=0, **kwargs)
+        return RedisCluster.from_url(cfg.url, **kwargs)       # retry: none, as for the others
     return aredis.Redis.from_url(cfg.url, db=cfg.db, **kwargs)   # a db in the url wins
 
 

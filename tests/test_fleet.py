@@ -266,3 +266,23 @@ def test_after_a_model_reload_no_entry_of_the_old_model_is_hit(redis_server):
         for d in (a, b):
             assert d.stop() == 0, d.log()
             d.cleanup()
+
+
+def test_each_topology_gets_its_client_with_tls_and_auth_passed_through():
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    from inferd.daemon.l2_client import make_client
+
+    d = short_dir()
+    password = key_file(d, b"s3cret\n")
+    base = {"enabled": True, "key_file": key_file(d), "username": "inferd", "password_file": password}
+    c = make_client(from_dict({"l2": {**base, "url": "rediss://cache.internal:6380/3"}}).l2)
+    kw = c.connection_pool.connection_kwargs
+    assert isinstance(c, Redis) and kw["db"] == 3 and kw["username"] == "inferd" and kw["password"] == "s3cret"
+    assert c.connection_pool.connection_class.__name__ == "SSLConnection"
+    c = make_client(from_dict({"l2": {**base, "sentinels": ["10.0.0.1:26379"], "sentinel_service": "m",
+                                      "db": 2}}).l2)
+    assert c.connection_pool.service_name == "m" and c.connection_pool.connection_kwargs["db"] == 2
+    c = make_client(from_dict({"l2": {**base, "cluster": True, "url": "redis://10.0.0.2:6379"}}).l2)
+    assert isinstance(c, RedisCluster)
