@@ -1,6 +1,7 @@
 """Part (a), the ceiling: what the model alone can do on this machine, with no daemon in the way.
 
-In a child process of its own (torch.set_num_threads(2), as the daemon's ``--device cpu:2``), the
+In a child process of its own (torch.set_num_threads(2), as the daemon's ``--device cpu:2``, and
+the daemon's OpenMP wait policy: ``OMP_WAIT_POLICY=PASSIVE`` unless the run compares another), the
 built-in ResNet-18-style model at 64x64 runs the same per-batch work as a daemon batching thread:
 copy uint8 frames into a staging tensor, ``to_input``, the model, softmax, top-k, ``tolist()``, under
 ``torch.inference_mode``. For each batch size it warms up, then runs for a fixed time; img/s is
@@ -63,9 +64,15 @@ def _time_batch(step, batch: int, warmup_s: float, seconds: float) -> dict:
             "batch_ms_mean": 1000.0 * sum(times) / len(times)}
 
 
-def _child(q, batch_sizes, warmup_s: float, seconds: float) -> None:
-    """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``."""
+def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict) -> None:
+    """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``.
+    ``omp_env`` goes into the environment before torch (and with it libgomp) is loaded."""
     try:
+        import os
+
+        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            os.environ.pop(name, None)
+        os.environ.update(omp_env)
         import torch
 
         torch.set_num_threads(THREADS)
@@ -73,7 +80,8 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float) -> None:
 
         model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
         rows = [_time_batch(_make_step(model, spec, b), b, warmup_s, seconds) for b in batch_sizes]
-        q.put(("ok", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}))
+        q.put(("ok", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "omp_env": omp_env}))
     except BaseException:
         q.put(("error", traceback.format_exc()))
 
@@ -91,14 +99,15 @@ def fair(ceiling: dict, max_batch: int):
     return at
 
 
-def measure(warmup_s: float, seconds: float, batch_sizes=BATCH_SIZES) -> dict:
+def measure(warmup_s: float, seconds: float, batch_sizes=BATCH_SIZES, omp_env=None) -> dict:
     """Part (a): img/s per batch size in a separate child process; the ceiling and batch-1 model time.
 
     Returns ``{"rows": [...], "ceiling_img_s", "ceiling_batch", "model_ms_b1", "torch", "threads"}``;
     ``model_ms_b1`` is the median time of one batch of 1 (the daemon's model time for a lone request).
     """
     budget = len(batch_sizes) * (warmup_s + seconds) + 60.0
-    out = run_in_child(_child, (tuple(batch_sizes), warmup_s, seconds), budget, "bench-ceiling")
+    omp_env = {"OMP_WAIT_POLICY": "PASSIVE"} if omp_env is None else dict(omp_env)
+    out = run_in_child(_child, (tuple(batch_sizes), warmup_s, seconds, omp_env), budget, "bench-ceiling")
     best = max(out["rows"], key=lambda r: r["img_s"])
     out["ceiling_img_s"], out["ceiling_batch"] = best["img_s"], best["batch"]
     b1 = next((r for r in out["rows"] if r["batch"] == 1), None)

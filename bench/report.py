@@ -40,8 +40,9 @@ def targets(results: dict) -> list[dict]:
 
 def _ceiling_table(c: dict) -> list[str]:
     """Part (a): img/s and ms per batch for each batch size."""
+    omp = " ".join(f"{k}={v}" for k, v in c.get("omp_env", {}).items()) or "OpenMP defaults"
     out = [f"(a) Ceiling: {c['model']} @ {c['input_size']}x{c['input_size']} in-process, "
-           f"{c['threads']} threads, torch {c['torch']}",
+           f"{c['threads']} threads, {omp}, torch {c['torch']}",
            f"    {'batch':>5}  {'img/s':>8}  {'ms/batch p50':>12}  {'x ceiling':>9}"]
     for r in c["rows"]:
         out.append(f"    {r['batch']:>5}  {r['img_s']:>8.1f}  {r['batch_ms_p50']:>12.2f}  "

@@ -94,14 +94,28 @@ def one_client_check(ceil: dict, load: dict) -> dict:
             "slack_ms": LATENCY_SLACK_MS, "bound_ms": bound, "margin_ms": bound - p50}
 
 
+def omp_env(env: dict, daemon_set) -> dict:
+    """The OpenMP settings the part (b) daemon runs with, for the in-process ceiling to match
+    (same threads, same wait policy): its environment's, else threads.omp_wait_policy's, else the
+    daemon's default (passive; daemon/threads.py)."""
+    out = {k: v for k, v in env.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if "OMP_WAIT_POLICY" not in out:
+        policy = next((kv.split("=", 1)[1].strip('"') for kv in daemon_set
+                       if kv.startswith("threads.omp_wait_policy=")), "passive")
+        if policy != "default":
+            out["OMP_WAIT_POLICY"] = policy.upper()
+    return out
+
+
 def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DELAY_MS,
             daemon_set=(), cpu: bool = True) -> dict:
     """Parts (a) to (e) in order, then the ceiling once more (batch 1 and the best batch) to show
     how much the machine drifted; the daemons and children of each part are gone when it returns."""
     results = {"machine": _machine(), "durations": d}
     t0 = time.monotonic()
-    log("(a) ceiling: in-process model, batch sizes %s ..." % (ceiling.BATCH_SIZES,))
-    results["ceiling"] = ceil = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"])
+    omp = omp_env(env, daemon_set)
+    log("(a) ceiling: in-process model, batch sizes %s, %s ..." % (ceiling.BATCH_SIZES, omp or "OpenMP defaults"))
+    results["ceiling"] = ceil = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"], omp_env=omp)
     log("(b) daemon under load: cases %s ..." % (daemon_load.CASES,))
     extra = [a for kv in daemon_set for a in ("--set", kv)]
     results["load"] = load = daemon_load.measure(
@@ -115,7 +129,7 @@ def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DEL
         results["cpu_per_frame"] = cpu_per_frame.measure(d["cpu_warmup_s"], d["cpu_s"], log=log)
     log("(a') ceiling again, batch 1 and %d ..." % ceil["ceiling_batch"])
     results["ceiling_recheck"] = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"],
-                                                 sorted({1, ceil["ceiling_batch"]}))
+                                                 sorted({1, ceil["ceiling_batch"]}), omp)
     results["one_client"] = one_client_check(ceil, load)
     results["targets"] = report.targets(results)
     results["machine"].update(loadavg_end=os.getloadavg(), torch=ceil["torch"])
