@@ -48,6 +48,9 @@ class EngineOptions:
         if device.type != "cuda" and self.precision == "fp16":
             raise ConfigError(f"model.precision: fp16 needs a CUDA device ({device} has no fast fp16); "
                               f"use bf16 or fp32")
+        if device.type == "cuda" and self.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"model.precision: {device} ({torch.cuda.get_device_name(device)}) has no "
+                              f"bf16; use fp16 or fp32")
         if device.type != "cuda" and self.compile == "graphs":
             raise ConfigError(f"model.compile: graphs are CUDA graphs and {device} is no CUDA device; "
                               f"use none or compile")
