@@ -303,11 +303,12 @@ class Client:
             conn = self._connection(deadline, Backoff())
             results: list = [None] * len(frames)
             todo = list(range(len(frames)))
+            extra = {"top_k": top_k, **({"tag": tag} if tag else {})}
             if conn.cache is not None and tag is None:    # a tag must reach the daemon's store
                 for i in todo:
                     results[i] = self._local_answer(conn, frames[i], top_k)
                 todo = [i for i in todo if results[i] is None]
-            extra = {"top_k": top_k, **({"tag": tag} if tag else {})}
+                extra["looked"] = True      # misses here: NOTE [ unhashed misses ] in daemon/caching.py
             answers = self._pipeline([frames[i] for i in todo], "classify", extra, deadline)
             for i, (reply, model) in zip(todo, answers):
                 results[i] = [Prediction(k, model.labels[k], s) for k, s in reply["top"]]

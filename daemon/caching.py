@@ -14,6 +14,21 @@ over lookups (daemon-side) and the hits clients report (client-side). While it i
 images costs a hash and a lookup per frame but almost no inserts; once repeats show up, inserts
 resume for every miss.
 
+NOTE [ unhashed misses ]
+
+A client that maps the cache looks every frame up itself before it sends it, and says so
+(``looked`` in the request, docs/protocol.md): such a request is already a miss, and on unique
+traffic the daemon's copy, hash and lookup of it buy nothing but loop time (a BLAKE3 of a frame
+also lets go of the GIL, so the loop then waits on the batching threads for it back). So while the
+hit rate is below ``cache.min_hit_rate``, admission copies and hashes only 1 in
+``cache.sample_every`` of the looked-up requests, and remember() inserts those (``admission_copy``:
+the same insert rate as sampling gives hashed misses); the others count as misses and go to a
+device unhashed: computed from their slot, answered, never inserted, never coalesced. Nothing
+changes in what may be written: every insert is still of a frame the daemon copied and hashed
+itself, and a client that claims ``looked`` falsely only gives up the daemon-side lookup for its
+own requests. Requests that name a tag, embed or near, and any request while the embedding store
+or the fleet cache is on, are always hashed (those key by content whatever the hit rate).
+
 Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
 daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
 handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
@@ -38,6 +53,7 @@ from inferd.shm.ring import RingError
 log = logging.getLogger("inferd.caching")
 
 RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
+MAX_CHOSEN = 4096          # keys sampled for insert whose answers are awaited, at most
 
 
 class Memory:
@@ -52,6 +68,8 @@ class Memory:
         self.store = None
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
+        self._looked = 0                    # looked-up misses seen at a low hit rate
+        self._chosen: dict[bytes, bool] = {}    # keys of those sampled for insert (NOTE [ unhashed misses ])
         self.keep_k = 0
         self.l2 = None                      # the fleet cache (daemon/l2.py), when l2.enabled
 
@@ -74,6 +92,27 @@ class Memory:
                                          shared=self.cfg.embeddings.shared, log=log)
         log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
                  self.cfg.embeddings.capacity, dim)
+
+    def admission_copy(self, ring, slot: int, looked, op: str, tag) -> tuple:
+        """``private_copy`` of a request's frame, or (None, None, None) for a miss the client
+        already looked up that the cache would not insert (NOTE [ unhashed misses ]; counted here
+        as a miss and an insert skipped). Raises Rejected as private_copy does."""
+        if looked is not True or op != "classify" or tag is not None or self.store is not None \
+                or self.l2 is not None or self.cache is None or self.hit_rate >= self.cfg.cache.min_hit_rate:
+            return self.private_copy(ring, slot)
+        self._looked += 1
+        if self._looked % self.cfg.cache.sample_every == 0:
+            copied = self.private_copy(ring, slot)
+            self._chosen[copied[2]] = True          # remember() inserts it
+            while len(self._chosen) > MAX_CHOSEN:   # answers that never came (expired, failed)
+                del self._chosen[next(iter(self._chosen))]
+            return copied
+        c = self.counters
+        c["misses"] += 1
+        c["inserts_skipped"] += 1
+        c["unhashed"] += 1
+        self.hit_rate -= RATE_ALPHA * self.hit_rate
+        return None, None, None
 
     def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
         """(frame copy, content hash, cache key) for a checked slot. Rejected (invalid_input) when
@@ -125,7 +164,8 @@ class Memory:
         as ``uid``'s (the uid of the request's session)."""
         if self.cache is not None and key:
             self._misses += 1
-            if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0:
+            if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
+                    or self._chosen.pop(key, False):
                 if self.cache.insert(key, top):
                     self.counters["evictions"] += 1
                 self.counters["inserts"] += 1
@@ -161,7 +201,7 @@ class Memory:
                "hit_rate": round((c["daemon_hits"] + c["client_hits"]) / lookups, 4) if lookups else 0.0,
                "hash_us_mean": round(1e6 * c["hash_seconds"] / max(c["hashed"], 1), 2)}
         for k in ("daemon_hits", "client_hits", "misses", "inserts", "inserts_skipped", "evictions",
-                  "coalesced"):
+                  "coalesced", "unhashed"):
             out[k] = c[k]
         if self.cache is not None:
             out["file"] = self.cache.stats()

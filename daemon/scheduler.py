@@ -130,9 +130,9 @@ class Scheduler:
         now = self._clock()
         device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
-        if memory.hashing:
-            frame, content, key = memory.private_copy(session.ring, slot)
-            if self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
+        if memory.hashing:                  # NOTE [ unhashed misses ] in daemon/caching.py
+            frame, content, key = memory.admission_copy(session.ring, slot, msg.get("looked"), op, tag)
+            if key is not None and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                 return
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)

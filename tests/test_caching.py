@@ -321,3 +321,28 @@ def test_a_model_without_embeddings_refuses_embed(fresh_daemon):
     with Client(d.socket_path) as c:
         with pytest.raises(InvalidInput, match="embed needs embeddings"):
             c.embed(np.zeros((16, 16, 3), np.uint8))
+
+
+def test_unique_frames_a_client_looked_up_go_unhashed_but_inserts_keep_their_rate(fresh_daemon):
+    """NOTE [ unhashed misses ]: at a low hit rate, frames the client missed in its own mapping
+    skip the daemon's copy and hash, except the 1 in sample_every that get inserted; they are
+    still answered right, and a client without the mapping gets every frame hashed."""
+    # min_hit_rate 1: the rate is low from the first miss on
+    d = fresh_daemon("--set", "cache.min_hit_rate=1.0", "--set", "cache.sample_every=10",
+                     "--set", "embeddings.enabled=false")
+    images, _ = make_dataset(400, seed=311)
+    with Client(d.socket_path) as c:
+        tops = c.classify_many(list(images), top_k=1)
+        stats = counters(c)
+    assert [t[0].index for t in tops] == in_process(list(images))[0]
+    assert stats["misses"] == 400 and stats["inserts"] + stats["inserts_skipped"] == 400
+    assert 39 <= stats["inserts"] <= 41, stats          # 1 in sample_every, as for hashed misses
+    assert stats["unhashed"] == 400 - 1 - stats["inserts"] or stats["unhashed"] == 400 - stats["inserts"], stats
+    with Client(d.socket_path) as c:                     # what was inserted answers without a trip
+        c.classify_many(list(images))
+        assert c.cache_hits == stats["inserts"]
+        unhashed = counters(c)["unhashed"]
+    more, _ = make_dataset(50, seed=312)
+    with Client(d.socket_path, cache=False) as blind:    # no mapping, no ``looked``: all hashed
+        blind.classify_many(list(more))
+        assert counters(blind)["unhashed"] == unhashed
