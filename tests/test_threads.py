@@ -104,6 +104,7 @@ def test_cpu_auto_picks_a_layout_within_the_cores_and_serves(fresh_daemon):
     assert chosen["devices"] * chosen["threads"] <= cores and info["usable_cores"] == cores
     assert {(r["devices"], r["threads"]) for r in table} == set(layout.candidates(cores))
     assert layout.choose(table)["devices"] == chosen["devices"]
+    assert [x["intra_op"] for x in info["devices"]] == [chosen["threads"]] * chosen["devices"]
     with Client(d.socket_path) as c:
         assert len(c.info()["devices"]) == chosen["devices"]
         label, image = sample_images()[0]
@@ -162,6 +163,8 @@ def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_l
         info = _threads_info(d)
         assert info["blas_limit"] == blas and info["blas_threads"] == blas
         assert info["interop"] == 1 and info["omp_wait_policy"] == "PASSIVE"
+        # the batching thread applied its device's share (spawn_daemon: --device cpu:1)
+        assert [(d["device"], d["intra_op"], d["planned"]) for d in info["devices"]] == [("cpu#0", 1, 1)]
         proc = psutil.Process(d.pid)
         # idle: a window of near zero CPU must come soon (a spinning pool keeps ~1 core busy)
         wait_until(lambda: _cores_used(proc, 1.0) < 0.1, timeout=30, what="an idle daemon near 0 CPU")
