@@ -292,18 +292,35 @@ class Executor(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
+        ahead = None                    # a launched batch not yet collected (asynchronous devices)
         while True:
+            if ahead is not None and self._inbox.empty():
+                ahead = self._land(ahead)
+                continue
             what, a, b, c = self._inbox.get()
             if what == "batch":
-                result = self._run_batch(a, b, c)
-                if self._inbox.empty():
-                    self.device.queue.poke()    # free sooner than the plan thought (rule 0)
-                self._deliver(result)
-                self.device.beat = self._clock()
-            elif what == "stop":
-                return
+                # an asynchronous device (CUDA) gets batch k+1 queued before batch k is collected,
+                # so it computes k+1 while this thread unpacks and delivers k
+                flight = self._launch(a, b, c)
+                if ahead is not None:
+                    self._land(ahead)
+                ahead = flight if flight is not None and flight.asynchronous else self._land(flight)
             else:
+                if ahead is not None:
+                    ahead = self._land(ahead)
+                if what == "stop":
+                    return
                 self._serve(what, a, b, c)
+
+    def _land(self, flight: "_Flight | None") -> None:
+        """Collect ``flight`` (None: nothing left to do), deliver its result, beat."""
+        if flight is not None:
+            result = self._collect(flight)
+            if self._inbox.empty():
+                self.device.queue.poke()        # free sooner than the plan thought (rule 0)
+            self._deliver(result)
+            self.device.beat = self._clock()
+        return None
 
     def _prepare(self) -> None:
         threads.enter_device_thread(self.device)    # NOTE [ thread pools ] in daemon/threads.py
@@ -315,6 +332,9 @@ class Executor(threading.Thread):
         ``profile``). Runs on this thread: the embedding hook is per thread (daemon/engine.py)."""
         engine = Engine(self.device.torch_device, model, keep_k)
         engine.load()
+        # graphs captured, sizes compiled, CUDA initialised: never inside a timed warm-up batch,
+        # which would teach the profile seconds of compilation as a batch time
+        engine.prepare(self._max_batch)
         frames = self._staging.tensors[0]
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in sorted({1, self._max_batch}):
@@ -366,48 +386,88 @@ class Executor(threading.Thread):
             self._staged = None
 
     # batches ----------------------------------------------------------------------------------
-    def _run_batch(self, result: "BatchResult", live: list, buffer: int) -> "BatchResult":
+    def _launch(self, result: "BatchResult", live: list, buffer: int) -> "_Flight | None":
+        """Start computing a staged batch. Returns its flight; None when nothing was left to
+        compute or the launch raised (then ``result`` has been delivered already)."""
         dev = self.device
-        runner = self._active
-        result.gen = runner.engine.model.gen
+        engine = self._active.engine
+        result.gen = engine.model.gen
         now = result.started = self._clock()
-        dev.running, dev.staged = result.running, []
         live = self._recheck(result, live, buffer, now)
         if not live:
             self._free.put(buffer)
-            dev.running = []
+            dev.staged = []
             result.finished = now
-            return result
-        dev.running_size, dev.running_since = len(live), now
-        outs = dev.outs
+            self._deliver(result)
+            return None
+        flight = _Flight(result, live, self._active, [], dev.outs, time.perf_counter(),
+                         engine.streams.asynchronous)
+        noted = {id(r): attempt for r, attempt in result.running}
+        running = [(r, noted[id(r)]) for r in live]
+        dev.running, dev.staged = dev.running + running, []
+        dev.running_size += len(live)
+        if dev.running_since is None:
+            dev.running_since = now
+        labels = len(engine.model.spec.labels)
+        # a request admitted under the previous model may ask for more classes than this one has
+        flight.keep = [min(max(r.top_k, engine.keep_k), labels) for r in live]
         try:
-            result.top, result.embeddings, result.seconds = self._compute(runner, live, buffer)
-            result.done = live
-            if dev.outs == outs:
+            # embeddings only when a store keeps them: otherwise normalising and copying them out
+            # is work on every batch that nothing reads
+            flight.pending = engine.launch(self._staging.tensors[buffer], len(live), max(flight.keep),
+                                           want_embedding=self.store is not None,
+                                           wait_copy=not flight.asynchronous)
+            if flight.asynchronous:
+                flight.pending.wait_staged()    # the frames are on the device: the buffer is free
+        except Exception as exc:  # a model failure reaches every request of the batch, typed
+            flight.error = exc
+        finally:
+            self._free.put(buffer)
+        return flight
+
+    def _collect(self, flight: "_Flight") -> "BatchResult":
+        """Wait for a launched batch, and turn its answers into its BatchResult."""
+        dev, result, live = self.device, flight.result, flight.live
+        try:
+            if flight.error is not None:
+                raise flight.error
+            indices, scores, vectors = flight.pending.result()
+            seconds = flight.pending.device_seconds() or (time.perf_counter() - flight.t0)
+            result.top = [[[i, s] for i, s in zip(idx[:k], sc[:k])]
+                          for k, idx, sc in zip(flight.keep, indices, scores)]
+            result.embeddings, result.seconds, result.done = vectors, seconds, live
+            if dev.outs == flight.outs:
                 # a batch its device was taken out during (stuck) says nothing about its speed;
                 # learning from it would stretch the next watchdog bound by its whole hang
-                dev.profile.observe(len(live), result.seconds)
-            if self.store is not None and result.embeddings is not None:
+                flight.runner.profile.observe(len(live), seconds)
+            if self.store is not None and vectors is not None:
                 # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
                 # ... among the rows its uid may see (daemon/embeddings.py: per uid unless shared)
-                result.matches = {i: self.store.search(result.embeddings[i], *r.args, uid=r.session.peer[1])
+                result.matches = {i: self.store.search(vectors[i], *r.args, uid=r.session.peer[1])
                                   for i, r in enumerate(live) if r.op == "near"}
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
             result.failed, result.error = live, f"{type(exc).__name__}: {exc}"
         finally:
-            dev.running_since, dev.running = None, []
             result.finished = self._clock()
+            # the batch behind it (asynchronous devices) has been computing since this one ended
+            result.started = max(result.started, dev.last_finished)
+            dev.last_finished = result.finished
+            left = dev.running[len(live):]
+            dev.running, dev.running_size = left, len(left)
+            dev.running_since = result.finished if left else None
         return result
 
     def _recheck(self, result: "BatchResult", live: list, buffer: int, now: float) -> list:
-        """The staged requests still worth computing now that the device is free: a session closed
-        or a deadline passed while the batch waited behind the running one (the profile did not
-        foresee a slow-down) splits them off, and the rows of the rest close up."""
+        """The staged requests still worth computing now that the device is free: a session closed,
+        a request re-dispatched (its device left rotation) or a deadline passed while the batch
+        waited behind the running one (the profile did not foresee a slow-down) splits them off,
+        and the rows of the rest close up."""
         keep, rows = [], self._staging.arrays[buffer]
+        noted = {id(r): attempt for r, attempt in result.running}
         for i, r in enumerate(live):
-            if r.session is not None and r.session.closed:
-                result.dropped.append(r)
+            if (r.session is not None and r.session.closed) or r.attempt != noted[id(r)]:
+                result.dropped.append(r)            # closed, or re-dispatched while it waited
             elif r.deadline < now:
                 result.expired.append(r)
             else:
@@ -416,31 +476,27 @@ class Executor(threading.Thread):
                 keep.append(r)
         return keep
 
-    def _compute(self, runner: "_Runner", live: list, buffer: int) -> tuple[list, object, float]:
-        engine = runner.engine
-        labels = len(engine.model.spec.labels)
-        # a request admitted under the previous model may ask for more classes than this one has
-        keep = [min(max(r.top_k, engine.keep_k), labels) for r in live]
-        t0 = time.perf_counter()
-        # embeddings only when a store keeps them: otherwise normalising and copying them out is
-        # work on every batch that nothing reads
-        try:
-            pending = engine.launch(self._staging.tensors[buffer], len(live), max(keep),
-                                    want_embedding=self.store is not None)
-        finally:
-            self._free.put(buffer)                  # launch has read it (or failed)
-        indices, scores, vectors = pending.result()
-        seconds = time.perf_counter() - t0
-        top = [[[i, s] for i, s in zip(idx[:k], sc[:k])] for k, idx, sc in zip(keep, indices, scores)]
-        return top, vectors, seconds
-
-
 @dataclass(slots=True, eq=False)
 class _Runner:
     """One model as an executor runs it: its engine and its latency profile."""
 
     engine: Engine
     profile: LatencyProfile
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A launched batch: its result to fill, the requests computed, what ran it."""
+
+    result: BatchResult
+    live: list
+    runner: _Runner
+    keep: list                  # top-k kept per request
+    outs: int                   # the device's ``outs`` at launch (daemon/health.py)
+    t0: float                   # perf_counter at launch
+    asynchronous: bool          # the device computes after launch returns (CUDA)
+    pending: object = None      # daemon/engine.py Pending
+    error: Exception | None = None
 
 
 def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:

@@ -30,6 +30,7 @@ class Device:
         self.running_size = 0
         self.running: list = []            # [(request, attempt)] of the running batch
         self.staged: list = []             # ... of the batch staged behind it (daemon/batcher.py)
+        self.last_finished = 0.0           # when its executor last finished a batch
         self.beat = 0.0                    # monotonic time the thread last showed life
         # health (loop only): see daemon/health.py
         self.state = HEALTHY
