@@ -1,0 +1,91 @@
+"""What the result cache costs when it cannot help: ``python bench/cache_cost.py [--quick]``.
+
+16 closed-loop client processes (one frame in flight each) send unique frames only, to a daemon
+with the result cache on and to one with it off (resnet18 @ 64x64, cpu:2), alternating on/off and
+off/on over the rounds so that a drift of the shared machine's load falls on both sides. With
+unique frames the cache answers nothing; what it costs is the daemon's private copy and hash of
+every frame at admission, the lookup, and the clients' own hash and lookup before each round
+trip. Target (issue 9): img/s with the cache on at least 0.97 of off. Beside it, the CPU the
+daemon's event loop spends per computed frame, on and off: on a shared machine the throughput of
+one window moves by more than 3 % with other processes' load, the loop's CPU per frame hardly.
+
+Nothing is asserted; prints the rows and the ratio of the means, writes ``OUT/cache_cost.json``.
+See docs/benchmarks.md, section "Result cache and embeddings".
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if BENCH_DIR not in sys.path:        # spawned children find these modules through the same sys.path
+    sys.path.insert(0, BENCH_DIR)
+
+import common                                     # noqa: E402
+from cache_common import cache_daemon             # noqa: E402
+from cache_load import MODEL_ARGS, run_case       # noqa: E402
+
+SIZES = {"full": {"clients": 16, "rounds": 4, "warmup_s": 2.5, "seconds": 6.0},
+         "quick": {"clients": 16, "rounds": 2, "warmup_s": 2.0, "seconds": 3.0}}
+TARGET = 0.97
+
+
+def measure(clients: int, rounds: int, warmup_s: float, seconds: float, log=print) -> dict:
+    """``rounds`` pairs of windows, cache on and off (order alternating); img/s of each and the
+    ratio of the means, on / off."""
+    from inferd.client import Client
+
+    rows, run = [], 500
+    for r in range(rounds):
+        for cache in ((True, False) if r % 2 == 0 else (False, True)):
+            run += 1
+            with cache_daemon(MODEL_ARGS, cache=cache) as d:
+                with Client(d["socket"], cache=False) as probe:
+                    loop0, frames0 = _loop_cpu(d["proc"].pid), probe.info()["counters"].get("frames", 0)
+                    row = run_case(d, probe, clients, 0.0, run, warmup_s, seconds)
+                    loop1, frames1 = _loop_cpu(d["proc"].pid), probe.info()["counters"].get("frames", 0)
+            row["round"] = r + 1
+            row["loop_us_per_frame"] = 1e6 * (loop1 - loop0) / max(frames1 - frames0, 1)
+            rows.append(row)
+            log(f"  round {r + 1}, cache {'on ' if cache else 'off'}: {row['img_s']:7.1f} img/s, daemon "
+                f"{row['daemon_cpu_cores']:.2f} cores, clients {row['clients_cpu_cores']:.2f}, other "
+                f"{row['other_cpu_cores']:.2f}; event loop {row['loop_us_per_frame']:.1f} us CPU per frame")
+    on = [x["img_s"] for x in rows if x["cache"]]
+    off = [x["img_s"] for x in rows if not x["cache"]]
+    ratio = (sum(on) / len(on)) / (sum(off) / len(off))
+    loop = {k: sum(x["loop_us_per_frame"] for x in rows if x["cache"] == v) / rounds
+            for k, v in (("on", True), ("off", False))}
+    return {"clients": clients, "rounds": rounds, "seconds": seconds, "rows": rows,
+            "on_img_s": on, "off_img_s": off, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
+            "loop_us_per_frame": loop}
+
+
+def _loop_cpu(pid: int) -> float:
+    """CPU seconds of the daemon's main thread (its event loop): what admission, the cache's
+    copy, hash and lookup, and replies cost, apart from the batching threads."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv=None) -> int:
+    args = common.parser(__doc__, "cache_cost.json", "about 2 minutes").parse_args(argv)
+    common.sigterm_as_exit()
+    s = SIZES["quick" if args.quick else "full"]
+    print(f"{s['clients']} clients, unique frames, {s['rounds']} rounds of cache on / off ...", flush=True)
+    out = measure(s["clients"], s["rounds"], s["warmup_s"], s["seconds"], lambda m: print(m, flush=True))
+    out.update(quick=args.quick, command=sys.argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cache_cost.json")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(f"img/s cache on / off = {sum(out['on_img_s']) / len(out['on_img_s']):.1f} / "
+          f"{sum(out['off_img_s']) / len(out['off_img_s']):.1f} = {out['ratio']:.3f} "
+          f"(target >= {TARGET}: {'met' if out['met'] else 'MISS'}); event loop CPU per frame "
+          f"{out['loop_us_per_frame']['on']:.1f} us on, {out['loop_us_per_frame']['off']:.1f} us off; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
