@@ -96,7 +96,7 @@ def _threads_info(d) -> dict:
 
 @pytest.mark.timeout(180)
 def test_cpu_auto_picks_a_layout_within_the_cores_and_serves(fresh_daemon):
-    d = fresh_daemon("--device", "cpu:auto", "--set", "threads.auto_measure_s=0.05",
+    d = fresh_daemon("--device", "cpu:auto", "--set", "threads.auto_measure_s=0.05", "--set", "threads.pin=true",
                      "--set", "batching.max_batch=4", "--set", "cache.enabled=false")
     info = _threads_info(d)
     chosen, table = info["layout"]["chosen"], info["layout"]["table"]
@@ -105,6 +105,9 @@ def test_cpu_auto_picks_a_layout_within_the_cores_and_serves(fresh_daemon):
     assert {(r["devices"], r["threads"]) for r in table} == set(layout.candidates(cores))
     assert layout.choose(table)["devices"] == chosen["devices"]
     assert [x["intra_op"] for x in info["devices"]] == [chosen["threads"]] * chosen["devices"]
+    pinned = [set(x["cores"]) for x in info["devices"]]            # threads.pin: cores of their own
+    assert all(len(c) == chosen["threads"] for c in pinned)
+    assert len(set().union(*pinned)) == chosen["threads"] * chosen["devices"]
     with Client(d.socket_path) as c:
         assert len(c.info()["devices"]) == chosen["devices"]
         label, image = sample_images()[0]
