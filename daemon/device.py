@@ -39,6 +39,7 @@ class Device:
         self.retry_at = 0.0
         self.canary_pending = False
         self.outs = 0                      # times taken out of rotation (its batching thread reads it)
+        self.kept_since = None             # start of a batch kept past its bound (the only device)
 
     @property
     def healthy(self) -> bool:

@@ -14,6 +14,13 @@ with L the device's measured profile. The monitor (``check``) runs on the event 
 defaults (floor 1.0 s, tick 0.1 s) within 1.1 s for any model whose batches take under 0.1 s.
 Backoff starts at health.backoff_s and doubles per failed canary up to health.backoff_max_s.
 
+The last device in rotation is never taken out for being slow: with nowhere to move its work, that
+would only turn late answers into ``no_healthy_device`` errors. A host whose cores are swamped (64
+client processes starting on 2 cores) stretches a CPU batch past the floor without anything being
+wrong. Its batch runs on; the overrun is logged and counted (``health_stuck_kept``), requests keep
+their deadlines, and a device that is really hung stops the systemd watchdog's pings, so the
+manager restarts the daemon. A device that raises still leaves rotation.
+
 Taking a device out is the scheduler's job (``on_out``): it re-dispatches the device's queued
 requests, and for a stuck device its running batch too, to healthy devices. Every transition is
 logged and counted.
@@ -24,8 +31,10 @@ import logging
 from typing import Callable
 
 from inferd.daemon.device import DISABLED, HEALTHY, OUT, PROBING
+from inferd.daemon.logs import RateLimitedLog
 
 log = logging.getLogger("inferd.health")
+_kept = RateLimitedLog(log)             # an overloaded host may overrun every batch
 
 
 class HealthMonitor:
@@ -85,8 +94,16 @@ class HealthMonitor:
             if dev.state in (HEALTHY, PROBING) and started is not None:
                 bound = self.bound(dev, dev.running_size)
                 if now - started > bound:
-                    self._out(dev, f"batch of {dev.running_size} running for {now - started:.2f} s, "
-                                   f"past its watchdog bound of {bound:.2f} s", stuck=True)
+                    why = f"batch of {dev.running_size} running for {now - started:.2f} s, past its " \
+                          f"watchdog bound of {bound:.2f} s"
+                    if dev.state == HEALTHY and not any(d.healthy for d in self.devices if d is not dev):
+                        if dev.kept_since != started:     # once per batch
+                            dev.kept_since = started
+                            self._counters["health_stuck_kept"] += 1
+                            _kept.warning("device %s: %s; kept in rotation: it is the only one",
+                                          dev.label, why)
+                        continue
+                    self._out(dev, why, stuck=True)
                     continue
             if dev.state == OUT and now >= dev.retry_at and not dev.canary_pending:
                 dev.canary_pending = True

@@ -324,6 +324,19 @@ def test_watchdog_bound_is_the_floor_or_a_multiple_of_the_measured_batch_time():
     assert m.tick <= 0.1          # removal within bound + tick
 
 
+def test_the_only_device_in_rotation_is_not_taken_out_for_a_slow_batch():
+    (dev,) = make_devices(linear(0.01, 0.0))
+    m, events, clock = monitor([dev])
+    dev.running_since, dev.running_size = 0.0, 1
+    clock.now = 5.0
+    m.check()
+    m.check()
+    assert dev.state == HEALTHY and events == [] and m._counters["health_stuck_kept"] == 1
+    for _ in range(2):                                   # but it still leaves on failures
+        m.batch_failed(dev, False, "boom")
+    assert dev.state == OUT
+
+
 def test_canary_after_backoff_readmits_or_doubles_the_backoff():
     (dev,) = make_devices(linear(0.01, 0.0))
     m, events, clock = monitor([dev])
