@@ -26,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_FORMATS = ("auto", "torchscript", "export")
 PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/modes.py)
 COMPILE_MODES = ("none", "graphs", "compile")  # model.compile (daemon/modes.py)
+INPUT_FORMS = ("float_nchw", "uint8_nhwc")     # model.input (daemon/preprocess.py)
 
 
 class ConfigError(Exception):
@@ -120,11 +121,20 @@ class ModelConfig:
     builtin: str = _opt("shapes", "built-in model: shapes, resnet18, resnet50, noop, synthetic (when path is empty)")
     path: str = _opt("", "TorchScript (.pt) or torch.export (.pt2) file; overrides builtin")
     format: str = _opt("auto", "how to load path", choices=MODEL_FORMATS)
+    name: str = _opt("", "the model's name in hello, info, stats and metrics; empty: the built-in's "
+                         "name, or the file name without its suffix")
+    input: str = _opt("float_nchw", "what the model is given: float_nchw (the daemon normalises with mean "
+                                    "and std), or uint8_nhwc (the frames as they are, uint8 height x width "
+                                    "x RGB, for models that normalise inside; file models only)",
+                      choices=INPUT_FORMS)
     input_height: int = _opt(0, "input height (0: the built-in model's own)", lo=0, hi=16384)
     input_width: int = _opt(0, "input width (0: the built-in model's own)", lo=0, hi=16384)
-    mean: list = _opt(None, "per-channel mean after scaling to 0..1 (3 floats; default: the model's)")
-    std: list = _opt(None, "per-channel std (3 floats > 0; default: the model's)")
-    labels: str = _opt("", "labels file, one per line (required with path)")
+    mean: list = _opt(None, "per-channel mean after scaling to 0..1 (3 floats): float_nchw input only; "
+                            "required with path (no silent ImageNet default), a built-in's own otherwise")
+    std: list = _opt(None, "per-channel std (3 floats > 0): float_nchw input only; required with path, "
+                           "a built-in's own otherwise")
+    labels: str = _opt("", "labels file, one class name per line; empty: the built-in's own, or for a "
+                           "file model classes named by their index (\"0\", \"1\", ...)")
     top_k: int = _opt(5, "top-k a request gets when it names none", lo=1, hi=1000)
     warmup_batches: int = _opt(2, "batches run on each device before READY", lo=0, hi=100)
     embedding_layer: str = _opt("", "submodule whose output is the embedding (a 4-D output is averaged "
@@ -372,8 +382,7 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"model.path: {cfg.model.path} is not a file")
         if not cfg.model.input_height or not cfg.model.input_width:
             raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
-        if not cfg.model.labels:
-            raise ConfigError("model.labels: a labels file is required with model.path")
+    _check_input_form(cfg.model)
     if cfg.model.compile != "none" and cfg.model.warmup_batches < 1:
         raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
                           f"warm-up; set model.warmup_batches >= 1")
@@ -391,6 +400,25 @@ def _check_cross(cfg: Config) -> None:
         if dev.name.startswith("cuda") and dev.name in seen:
             raise ConfigError(f"device[{i}].name: {dev.name} is listed twice")
         seen.add(dev.name)
+
+
+def _check_input_form(m: "ModelConfig") -> None:
+    """A file model's normalisation is explicit: float_nchw needs model.mean and model.std (no
+    silent ImageNet default), uint8_nhwc takes neither; built-ins take float_nchw only."""
+    given = [key for key in ("mean", "std") if getattr(m, key) is not None]
+    if m.input == "uint8_nhwc":
+        if not m.path:
+            raise ConfigError(f"model.input: uint8_nhwc is for file models that normalise inside; the "
+                              f"built-in {m.builtin} takes float_nchw")
+        if given:
+            raise ConfigError(f"model.{given[0]}: a uint8_nhwc model normalises inside and is given the "
+                              f"frames as they are; remove model.mean / model.std, or set "
+                              f"model.input = \"float_nchw\"")
+    elif m.path and len(given) < 2:
+        raise ConfigError("model.mean / model.std: required for a float_nchw file model (the daemon "
+                          "normalises (x / 255 - mean) / std and will not guess); e.g. ImageNet's "
+                          "mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], or set "
+                          "model.input = \"uint8_nhwc\" if the model normalises inside")
 
 
 def from_dict(data: dict, overrides: dict | None = None) -> Config:

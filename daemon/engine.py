@@ -169,7 +169,7 @@ class Engine:
                 replica = copy.deepcopy(replica)
             replica = replica.to(memory_format=torch.channels_last)
         self.replica = replica
-        self.preprocess = Preprocess(spec.mean, spec.std, self.device, channels_last=opts.channels_last)
+        self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last)
         if spec.embedding_layer:
             _hook(dict(self.replica.named_modules())[spec.embedding_layer])
         self.embedding_dim = check_output(spec, self.replica, self.device, embed=embedding_of)
