@@ -120,6 +120,7 @@ class Client:
         self._conn: Connection | None = None
         self._closed = False
         self._models: dict[int, ModelInfo] = {}
+        self._label_book: dict[str, tuple] = {}   # labels_id -> names (Client.labels)
         self._hits = HitReport(self._report_hits, HITS_REPORT_DELAY_S)
         try:
             self._adopt(self._open(connect_timeout))
@@ -216,7 +217,8 @@ class Client:
             return None
         self.cache_hits += 1
         self._hits.add(1)
-        return [Prediction(i, model.labels[i], s) for i, s in hit[:top_k]]
+        names = self._names(model)
+        return [Prediction(i, names[i], s) for i, s in hit[:top_k]]
 
     # model generations ------------------------------------------------------------------------
     def _model_of(self, reply: dict) -> ModelInfo:
@@ -236,22 +238,25 @@ class Client:
     # single round trips -----------------------------------------------------------------------
     def _call(self, message: dict) -> dict:
         with self._lock:
-            deadline = self._clock() + self.timeout
-            backoff = Backoff()
-            for _ in range(MAX_LOSSES):
-                conn = self._connection(deadline, backoff)
-                rid = next(self._ids)
-                try:
-                    conn.send(wire.encode({**message, "id": rid}))
-                    reply = self._reply_to(conn, rid, deadline)
-                    break
-                except errors.ConnectionLost as exc:
-                    self._lost(conn, exc)
-            else:
-                raise lost_too_often(MAX_LOSSES)
-            if not reply.get("ok"):
-                raise errors.from_reply(reply)
-            return reply
+            return self._call_locked(message)
+
+    def _call_locked(self, message: dict) -> dict:
+        deadline = self._clock() + self.timeout
+        backoff = Backoff()
+        for _ in range(MAX_LOSSES):
+            conn = self._connection(deadline, backoff)
+            rid = next(self._ids)
+            try:
+                conn.send(wire.encode({**message, "id": rid}))
+                reply = self._reply_to(conn, rid, deadline)
+                break
+            except errors.ConnectionLost as exc:
+                self._lost(conn, exc)
+        else:
+            raise lost_too_often(MAX_LOSSES)
+        if not reply.get("ok"):
+            raise errors.from_reply(reply)
+        return reply
 
     def _reply_to(self, conn: Connection, rid: int, deadline: float) -> dict:
         while True:
@@ -279,6 +284,28 @@ class Client:
     def info(self) -> dict:
         """The daemon's model, devices and counters."""
         return self._call({"op": "info"})
+
+    def labels(self) -> tuple[str, ...]:
+        """The current model's class names, by index: asked of the daemon once per list of names
+        (``labels`` request; hello carries only their number and ``labels_id``), then kept.
+        Numbered classes ("0", "1", ...: a model without a labels file) are named without asking."""
+        with self._lock:
+            return self._names(self.model)
+
+    def _names(self, model: ModelInfo) -> tuple[str, ...]:
+        """``model``'s class names, fetched at most once per labels_id (lock held). A reply of a
+        generation whose names the daemon no longer serves (swapped to other labels before they
+        were asked for) gets its classes numbered rather than wrongly named."""
+        if model.labels:
+            return model.labels
+        names = self._label_book.get(model.labels_id)
+        if names is None:
+            reply = self._call_locked({"op": "labels"})
+            self._label_book[str(reply.get("labels_id"))] = tuple(map(str, reply.get("labels") or ()))
+            while len(self._label_book) > KEEP_GENERATIONS:
+                del self._label_book[next(iter(self._label_book))]
+            names = self._label_book.get(model.labels_id) or tuple(str(i) for i in range(model.classes))
+        return names
 
     def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
                  tag: str | None = None) -> list[Prediction]:
@@ -311,13 +338,14 @@ class Client:
                 extra["looked"] = True      # misses here: NOTE [ unhashed misses ] in daemon/caching.py
             answers = self._pipeline([frames[i] for i in todo], "classify", extra, deadline)
             for i, (reply, model) in zip(todo, answers):
-                results[i] = [Prediction(k, model.labels[k], s) for k, s in reply["top"]]
+                names = self._names(model)
+                results[i] = [Prediction(k, names[k], s) for k, s in reply["top"]]
             return results
 
     def _check(self, top_k, timeout) -> None:
         """The daemon's own range checks, made here too so a local cache hit answers a bad
         argument the same way a round trip would."""
-        n = len(self.model.labels)
+        n = self.model.classes or len(self.model.labels)
         if type(top_k) is not int or not 1 <= top_k <= n:
             raise errors.InvalidInput(f"top_k {top_k!r} is out of range: 1 to {n}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:

@@ -39,17 +39,25 @@ class ModelInfo:
     name: str
     digest: str
     input_shape: tuple       # (height, width, 3)
-    labels: tuple
+    labels: tuple            # class names; () until fetched (Client.labels(): hello carries none)
     top_k: int
     gen: int = 0             # the daemon's model generation, 1 up; 0 from a daemon that sends none
+    classes: int = 0         # number of classes (the width of the model's output)
+    labels_id: str = ""      # identifies the names (daemon/labels.py); "numbered": "0", "1", ...
 
     @classmethod
     def from_wire(cls, m: dict) -> "ModelInfo":
-        """From the ``model`` map of a hello reply (or of the first reply of a new generation)."""
+        """From the ``model`` map of a hello reply (or of the first reply of a new generation).
+        Numbered classes are named here; other names come with the ``labels`` request."""
         try:
             gen = m.get("gen", 0)
-            return cls(str(m["name"]), str(m["digest"]), tuple(m["input"]), tuple(m["labels"]),
-                       int(m["top_k"]), gen if type(gen) is int else 0)
+            labels = tuple(m.get("labels", ()))         # an older daemon sends them all in hello
+            classes = int(m.get("classes", len(labels)))
+            labels_id = str(m.get("labels_id", ""))
+            if labels_id == "numbered":
+                labels = tuple(str(i) for i in range(classes))
+            return cls(str(m["name"]), str(m["digest"]), tuple(m["input"]), labels,
+                       int(m["top_k"]), gen if type(gen) is int else 0, classes, labels_id)
         except (KeyError, TypeError, ValueError) as exc:
             raise errors.ProtocolError(f"unreadable model description from the daemon: {exc!r}") from None
 

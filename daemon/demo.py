@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Client(socket_path) as client:
             m = client.model
-            print(f"ready: model {m.name} ({m.input_shape[0]}x{m.input_shape[1]}, {len(m.labels)} "
+            print(f"ready: model {m.name} ({m.input_shape[0]}x{m.input_shape[1]}, {m.classes} "
                   f"classes, digest {m.digest[:12]}), ping {client.ping() * 1e6:.0f} us")
             results = client.classify_many([img for _, img in images], top_k=3)
             width = max(len(name) for name, _ in images)

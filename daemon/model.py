@@ -5,14 +5,23 @@ Files load only from ``model.path`` in the daemon's configuration (clients never
 usually ``.pt2``) through ``torch.export.load``. ``auto`` picks by suffix: ``.pt2`` is export,
 anything else TorchScript.
 
-Output convention: ``forward(x)`` takes float32 NCHW (see :mod:`inferd.daemon.preprocess`) and returns
-logits of shape (N, number of labels), or a tuple whose first element is those logits (the second,
-where present, is an embedding, kept for near-duplicate search). The spec and the output width are checked once
-at load time, so a labels file that does not match the model stops start-up, not a request.
+Input: ``forward(x)`` takes the model's input form (``model.input``, see
+:mod:`inferd.daemon.preprocess`): float32 NCHW normalised by the daemon with ``model.mean`` /
+``model.std`` (required for a file model: no silent default), or the uint8 NHWC frames as they
+are, for a model that normalises inside. An exported program is checked against the form at load
+(input dtype and layout, height and width, a batch dimension exported as dynamic).
+
+Output convention: logits of shape (N, number of classes), or a tuple whose first element is those
+logits (the second, where present, is an embedding, kept for near-duplicate search). Labels are
+optional (daemon/labels.py): without a labels file the classes are numbered, and their number is
+the output width, read without running the model (:func:`output_width`). The spec and the output
+width are checked once more by a forward pass on each device (:func:`check_output`), so a labels
+file that does not match the model stops start-up, not a request.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -22,8 +31,10 @@ import torch
 
 from inferd.daemon import zoo
 from inferd.daemon.config import ConfigError, ModelConfig
-from inferd.daemon.modes import EngineOptions
-from inferd.daemon.preprocess import to_input
+from inferd.daemon.modes import EngineOptions, batch_sizes
+
+from .labels import labels_id, numbered, read_labels
+from .preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocess
 
 log = logging.getLogger("inferd.model")
 
@@ -40,12 +51,22 @@ class ModelSpec:
     labels: tuple
     top_k: int
     embedding_layer: str = ""     # submodule whose output is the embedding; "" for none
+    input_form: str = FLOAT_NCHW  # what forward() is given (daemon/preprocess.py)
+    numbered: bool = False        # labels are the class numbers "0", "1", ... (no labels file)
 
     @property
     def preprocess_id(self) -> str:
-        """Everything that decides the model input besides the frame bytes: part of the cache key."""
-        return (f"rgb-u8 {self.input_height}x{self.input_width} mean={list(self.mean)} "
-                f"std={list(self.std)} inferd-preprocess-1")
+        """Everything that decides the model input besides the frame bytes: part of the cache key.
+        (float_nchw keeps the id it had before input forms existed, so caches stay valid.)"""
+        size = f"{self.input_height}x{self.input_width}"
+        if self.input_form == UINT8_NHWC:
+            return f"rgb-u8 {size} as-is uint8-nhwc inferd-preprocess-1"
+        return f"rgb-u8 {size} mean={list(self.mean)} std={list(self.std)} inferd-preprocess-1"
+
+    @property
+    def labels_id(self) -> str:
+        """Identifies the labels in hello (daemon/labels.py): "numbered" or a digest of the names."""
+        return labels_id(self.labels, self.numbered)
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
@@ -76,10 +97,18 @@ class LoadedModel:
         return copy.deepcopy(self.module).to(device).eval()
 
     def describe(self) -> dict:
-        """The model part of the hello reply."""
+        """The model part of the hello reply (and of info, and of the first reply of a new
+        generation): small whatever the number of classes; the names come with :meth:`labels`."""
         s = self.spec
         return {"name": s.name, "digest": self.digest, "input": list(s.frame_shape),
-                "dtype": "uint8", "labels": list(s.labels), "top_k": s.top_k, "gen": self.gen}
+                "dtype": "uint8", "input_form": s.input_form, "classes": len(s.labels),
+                "labels_id": s.labels_id, "top_k": s.top_k, "gen": self.gen}
+
+    def labels(self) -> dict:
+        """The reply of the ``labels`` request (docs/protocol.md): every class name, in index order."""
+        s = self.spec
+        return {"gen": self.gen, "labels_id": s.labels_id, "labels": list(s.labels)}
+
 
 
 # Where the built-ins keep a per-image feature vector (their last layer before the classifier).
@@ -103,43 +132,93 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_labels(path: str) -> tuple:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"model.labels: cannot read {path}: {exc.strerror}") from None
-    labels = tuple(line.strip() for line in lines if line.strip())
-    if not labels:
-        raise ConfigError(f"model.labels: {path} has no labels")
-    return labels
-
-
 def _load_file(cfg: ModelConfig):
+    """(module, digest, output width or None) of the configured file."""
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"model.path: {path} is not a file")
     fmt = cfg.format if cfg.format != "auto" else ("export" if path.suffix == ".pt2" else "torchscript")
     try:
         if fmt == "export":
-            module = torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
         else:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises many types for a bad file; all mean "cannot load this"
         raise ConfigError(f"model.path: cannot load {path} as {fmt}: {exc}") from None
-    if fmt == "torchscript":
+    if fmt == "export":
+        width = _check_program(program, cfg)
+        module = program.module()
+    else:
         module.eval()          # an exported program is traced in eval mode and refuses eval()
-    return module, _file_digest(path)
+        width = None
+    return module, _file_digest(path), width
+
+
+def _check_program(program, cfg: ModelConfig) -> int | None:
+    """An exported program states its input and output shapes: check the input against
+    model.input / input_height / input_width (and that the batch dimension is dynamic) before
+    anything runs. Returns the output width (None when the program does not say)."""
+    names = set(program.graph_signature.user_inputs)
+    inputs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.target in names]
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        raise ConfigError(f"model.path: the exported program takes {len(inputs)} inputs; inferd gives "
+                          f"it one batch tensor")
+    x, h, w = inputs[0], cfg.input_height, cfg.input_width
+    want_dtype, want_shape = ((torch.uint8, (h, w, 3)) if cfg.input == UINT8_NHWC
+                              else (torch.float32, (3, h, w)))
+    shape = tuple(x.shape)
+    if x.dtype != want_dtype or x.dim() != 4 or tuple(int(d) if isinstance(d, int) else -1
+                                                      for d in shape[1:]) != want_shape:
+        raise ConfigError(f"model.input: the exported program takes {x.dtype} {_shape_text(shape)}; "
+                          f"model.input = \"{cfg.input}\" with input_height {h} and input_width {w} "
+                          f"gives it {want_dtype} (N, {', '.join(map(str, want_shape))})")
+    if isinstance(shape[0], int):
+        raise ConfigError(f"model.path: the program was exported with a fixed batch size of {shape[0]}; "
+                          f"export it with dynamic_shapes={{\"x\": {{0: torch.export.Dim(\"batch\")}}}} "
+                          f"(docs/operations.md, Your own model)")
+    outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
+    first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
+    val = getattr(first, "meta", {}).get("val")
+    if isinstance(val, torch.Tensor) and val.dim() == 2 and isinstance(val.shape[1], int):
+        return int(val.shape[1])
+    return None
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in shape) + ")"
+
+
+def output_width(module, spec: ModelSpec) -> int:
+    """The number of classes a model's logits have, found without computing anything: one frame
+    through the model under FakeTensorMode (shapes only, no kernels, so no thread pool is started
+    on the main thread: see :func:`check_output`). ConfigError when the model cannot be traced so."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    frames = torch.zeros((1, *spec.frame_shape), dtype=torch.uint8)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            out = logits_of(module(Preprocess.of(spec)(mode.from_tensor(frames))))
+            width = int(out.shape[1]) if out.dim() == 2 else None
+    except Exception as exc:  # a model the shape pass cannot follow: say what would help
+        raise ConfigError(f"model.labels: the number of classes could not be read from the model "
+                          f"without running it ({type(exc).__name__}: {exc}); give a labels file") from None
+    if width is None:
+        raise ConfigError(f"model: output shape {tuple(out.shape)} for 1 frame is not (1, classes)")
+    return width
 
 
 def load(cfg: ModelConfig) -> LoadedModel:
     """Load the configured model on the CPU and check its spec. Raises ConfigError with the key at
     fault. Runs no forward pass: see :func:`check_output`."""
+    width = None
     if cfg.path:
-        module, digest = _load_file(cfg)
-        name = Path(cfg.path).stem
-        labels = _read_labels(cfg.labels)
-        mean, std = cfg.mean or (0.485, 0.456, 0.406), cfg.std or (0.229, 0.224, 0.225)
-        height, width, source = cfg.input_height, cfg.input_width, Path(cfg.path)
+        module, digest, width = _load_file(cfg)
+        name = cfg.name or Path(cfg.path).stem
+        labels = read_labels(cfg.labels) if cfg.labels else ()
+        mean, std = (cfg.mean, cfg.std) if cfg.input == FLOAT_NCHW else ((), ())
+        if mean is None or std is None:        # config.py says so at start-up; a direct caller too
+            raise ConfigError("model.mean / model.std: required for a float_nchw file model")
+        height, width_px, source = cfg.input_height, cfg.input_width, Path(cfg.path)
     else:
         if cfg.builtin not in zoo.BUILTIN_NAMES:
             raise ConfigError(f"model.builtin: {cfg.builtin!r} is not one of {', '.join(zoo.BUILTIN_NAMES)}")
@@ -147,22 +226,43 @@ def load(cfg: ModelConfig) -> LoadedModel:
             raise ConfigError("model.input_height / input_width: built-in models take square inputs")
         module, bspec = zoo.build(cfg.builtin, input_size=cfg.input_height or None)
         digest = _state_digest(module)
-        name, source = bspec.name, None
-        labels = _read_labels(cfg.labels) if cfg.labels else bspec.labels
+        name, source = cfg.name or bspec.name, None
+        labels = read_labels(cfg.labels) if cfg.labels else bspec.labels
         mean, std = cfg.mean or bspec.mean, cfg.std or bspec.std
-        height, width = bspec.input_height, bspec.input_width
+        height, width_px = bspec.input_height, bspec.input_width
     embedding_layer = cfg.embedding_layer or ("" if cfg.path else _BUILTIN_EMBEDDING.get(cfg.builtin, ""))
     if embedding_layer and embedding_layer not in dict(module.named_modules()):
         raise ConfigError(f"model.embedding_layer: the model has no submodule {embedding_layer!r}")
-    if cfg.top_k > len(labels):
-        raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(labels)} labels")
-    spec = ModelSpec(name, height, width, tuple(map(float, mean)), tuple(map(float, std)), labels,
-                     cfg.top_k, embedding_layer)
+    spec = ModelSpec(name, height, width_px, tuple(map(float, mean)), tuple(map(float, std)), labels,
+                     cfg.top_k, embedding_layer, cfg.input if cfg.path else FLOAT_NCHW, not labels)
+    if not labels:
+        spec = dataclasses.replace(spec, labels=numbered(width or output_width(module, spec)))
+    if cfg.top_k > len(spec.labels):
+        raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(spec.labels)} classes")
     options = EngineOptions.of(cfg)         # how each device runs it (daemon/modes.py)
     model = LoadedModel(module, spec, digest + options.digest_tag, source)
     model.options = options
-    log.info("model %s loaded: input %dx%d, %d labels, digest %s", name, height, width, len(labels), digest)
+    log.info("model %s loaded: %s input %dx%d, %d %s, digest %s", name, spec.input_form, height, width_px,
+             len(spec.labels), "numbered classes" if spec.numbered else "labels", digest)
     return model
+
+
+def warmup_sizes(max_batch: int, *, padded: bool = False, asynchronous: bool = False) -> list[int]:
+    """The batch sizes a device's warm-up runs, so that no batch the planner chooses is the first
+    of its size (first calls at a shape choose kernels: cuDNN autotuning, oneDNN primitives) and
+    the latency profile (daemon/profile.py) is seeded across the range, not at its two ends.
+
+    padded (model.compile): the prepared sizes (daemon/modes.py batch_sizes), the only ones run.
+    asynchronous (CUDA, eager): every size 1..max_batch, since any may be chosen and a pass costs
+    milliseconds. CPU (eager): 1, 2, 4, ... and max_batch: a CPU pass at max_batch can take a
+    second and oneDNN's per-shape set-up is small beside it, so log-spaced sizes seed the profile
+    (it interpolates between them) at about twice the frames of max_batch alone.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch {max_batch} < 1")
+    if asynchronous and not padded:
+        return list(range(1, max_batch + 1))
+    return list(batch_sizes(max_batch))
 
 
 def check_output(spec: ModelSpec, module, device: torch.device = torch.device("cpu"),
@@ -177,7 +277,7 @@ def check_output(spec: ModelSpec, module, device: torch.device = torch.device("c
     7.0-8.0 ms on this 2-core host; an OpenMP thread-pool interaction not pinned down further).
     """
     frames = torch.zeros((2, *spec.frame_shape), dtype=torch.uint8, device=device)
-    x = to_input(frames, spec.mean, spec.std)
+    x = Preprocess.of(spec, device)(frames)
     try:
         with torch.inference_mode():
             raw = module(x)
@@ -186,8 +286,9 @@ def check_output(spec: ModelSpec, module, device: torch.device = torch.device("c
     except Exception as exc:  # any failure of a user model on a well-formed input stops start-up
         raise ConfigError(f"model: a {tuple(x.shape)} input fails: {exc}") from None
     if out.dim() != 2 or out.shape != (2, len(spec.labels)):
+        what = "numbered classes)" if spec.numbered else "labels); check model.labels"
         raise ConfigError(f"model: output shape {tuple(out.shape)} for 2 frames does not match "
-                          f"(2, {len(spec.labels)} labels); check model.labels")
+                          f"(2, {len(spec.labels)} {what}")
     return 0 if vectors is None else int(vectors.shape[1])
 
 

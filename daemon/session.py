@@ -316,11 +316,13 @@ class Session(asyncio.Protocol):
                 self.send({"id": rid, "ok": True, "pid": self.server.pid})
             elif op == "info":
                 self.send({"id": rid, "ok": True, **self.server.info()})
+            elif op == "labels":            # once per labels_id, not in hello (daemon/labels.py)
+                self.send({"id": rid, "ok": True, **self.server.model.labels()})
             elif op == "hello":
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:
                 raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
-                               "hits, ping, info")
+                               "hits, ping, info, labels")
         except Rejected as exc:
             self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
 
