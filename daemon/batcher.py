@@ -500,6 +500,14 @@ class _Flight:
 
 
 def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
-    return plan_batch(now, queued, device.profile.latency, batching.max_batch,
-                      batching.max_delay_ms / 1000.0, device.queue.gap, batching.adaptive,
-                      busy_until(device, now), expected)
+    free_at = busy_until(device, now)
+    horizon = batching.max_delay_ms / 1000.0
+    # the running batch's clients come back one think time after its replies (NOTE [ batch
+    # planning ], expected arrivals)
+    back = [free_at + t for t in (r.session.think.seconds for r, _ in device.running if r.session is not None)
+            if t is not None and t <= horizon]
+    if back:
+        expected = sorted([*expected, *back])
+    return plan_batch(now, queued, device.profile.latency, batching.max_batch, batching.max_delay_ms / 1000.0,
+                      device.queue.gap, batching.adaptive, free_at, expected,
+                      free_at if free_at > now else device.last_finished)

@@ -11,10 +11,12 @@ NOTE [ batch planning ]
 ``plan_batch(now, queued, ...)`` returns ``(n, 0.0)``: take the first n now, or ``(0, t)``: wait
 until t (or until another request arrives) and ask again. Its aim is goodput: the most frames per
 second that still meet their deadlines. With L(b) the device's measured latency for a batch of b
-(daemon/profile.py), B = max_batch, W = max_delay, a0 the arrival of the first queued request, D(m)
-the earliest deadline among the first m, F the time the device is free for this batch (the end of
-the batch it runs and of the one staged behind it: ``busy_until`` in daemon/policy.py; now when idle)
-and S = max(now, F) the batch's start ("first" is in the order the device serves: fair share, below):
+(daemon/profile.py), B = max_batch, D(m) the earliest deadline among the first m, F the time the
+device is free for this batch (the end of the batch it runs and of the one staged behind it:
+``busy_until`` in daemon/policy.py; now when idle), S = max(now, F) the batch's start, and the
+window a0 + W: W = max_delay, a0 = the later of the first queued request's arrival and the time the
+device became free (``idle_since``), so W bounds what the planner adds by choice, not the time a
+request spent behind a busy device ("first" is in the order the device serves: fair share, below):
 
   0. The device is busy. If now < F - LEAD, wait until F - LEAD, whatever is queued: company is
      free while the device works, and the batch is closed and staged just before the device needs
@@ -41,6 +43,10 @@ to its next request (smoothed), and when it answers k of a session's requests it
 queue to expect k requests from that session at reply + think (``DeviceQueue.expect``); a request
 of that session arriving takes one off. An expectation overdue by GRACE is dropped (that client is
 not coming soon), so a wait for it ends at most GRACE after it was due, and never past the window.
+The sessions of the running batch count too: they are expected back at F + think (the collector
+adds them, daemon/batcher.py), so when two half batches alternate on a busy device (eight clients
+queued at F while the other eight compute) the planner sees the eight about to come back, and waits
+for them if one batch of sixteen beats two of eight (it usually does: batching amortises).
 Without expectations (open-loop clients, sessions whose think time exceeds the window), the next
 arrivals are expected one smoothed gap g apart (the gap between arrivals at this device). This is
 what lets four closed-loop clients form batches of four: their four requests come back together a
@@ -88,7 +94,7 @@ GRACE = 0.002      # an expected arrival overdue by this much is not waited for 
 
 def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
                max_delay: float, gap: float, adaptive: bool = True, free_at: float = 0.0,
-               expected=()) -> tuple[int, float]:
+               expected=(), idle_since: float = 0.0) -> tuple[int, float]:
     """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
     ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
     expected at, ascending (overdue ones already dropped). A third element False in the answer
@@ -96,7 +102,7 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
     if now < free_at - LEAD:
         return 0, free_at - LEAD, False
     n = min(len(queued), max_batch)
-    window_end = queued[0].arrived + max_delay
+    window_end = max(queued[0].arrived, idle_since) + max_delay
     if n == max_batch:
         return n, 0.0
     if not adaptive:

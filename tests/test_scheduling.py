@@ -107,6 +107,20 @@ def test_closed_loop_clients_expected_back_are_waited_for():
     assert n == 0 and until == pytest.approx(100.0003)            # the last of the three
 
 
+def test_half_batches_wait_for_the_other_half_about_to_come_back():
+    # 8 of 16 clients queued while the other 8 compute; L(b) = 20 + 2.5 b ms: L(8) = 40, L(16) = 60.
+    # Going at once gives 8 / 40 ms; the running 8 come back 1 ms after the device is free: 16 / 61
+    # ms is faster, so wait, though the 8 queued arrived long before the window (the device was busy)
+    lat = linear(0.020, 0.0025)
+    queued = [req(arrived=99.97) for _ in range(8)]
+    back = [100.001] * 8
+    n, until = plan_batch(100.0, queued, lat, 16, 0.005, math.inf, free_at=100.0, expected=back,
+                          idle_since=100.0)
+    assert n == 0 and until == pytest.approx(100.001)
+    # counted from the arrivals instead, the window is long closed: no waiting
+    assert plan_batch(100.0, queued, lat, 16, 0.005, math.inf, free_at=100.0, expected=back) == (8, 0.0)
+
+
 def test_expected_arrivals_are_not_waited_for_when_batching_does_not_pay():
     # no fixed cost per batch (L(b) = 10 ms x b): a bigger batch is no faster per frame
     expected = [100.0001, 100.0002]
