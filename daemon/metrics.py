@@ -35,7 +35,7 @@ log = logging.getLogger("inferd.metrics")
 #: How long a scrape waits for the event loop to hand over a snapshot.
 SCRAPE_TIMEOUT_S = 5.0
 #: Outcomes always exported (zero until seen), so rate() has a series from the first scrape.
-OUTCOMES = ("ok", "cached", "coalesced", "overloaded", "no_healthy_device", "shutting_down",
+OUTCOMES = ("ok", "cached", "cached_l2", "coalesced", "overloaded", "no_healthy_device", "shutting_down",
             "deadline_exceeded", "invalid_input", "bad_request", "slot_busy", "failed", "dropped")
 DEVICE_STATES = ("healthy", "probing", "out", "disabled")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
