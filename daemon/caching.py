@@ -84,12 +84,13 @@ class Memory:
         self.keep_k = min(self.cache.geometry.max_k, len(self.spec.labels))
         log.info("result cache %s: %d MiB", path, c.size_mb)
 
-    def open_store(self, path: str, dim: int) -> None:
+    def open_store(self, path: str, dim: int, embedding: str = "") -> None:
+        """Open the embedding store (``embedding``: the definition's id, daemon/pooling.py)."""
         from inferd.daemon.embeddings import EmbeddingStore
 
         private_directory(os.path.dirname(path) or ".")
         self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
-                                         shared=self.cfg.embeddings.shared, log=log)
+                                         shared=self.cfg.embeddings.shared, log=log, embedding=embedding)
         log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
                  self.cfg.embeddings.capacity, dim)
 

@@ -140,6 +140,12 @@ class ModelConfig:
     embedding_layer: str = _opt("", "submodule whose output is the embedding (a 4-D output is averaged "
                                     "over height and width); empty: the built-in's own, or none for a file "
                                     "model unless its forward returns (logits, embedding)")
+    embedding_pool: str = _opt("", "how the embedding layer's output is pooled for near-duplicate search: "
+                                   "mean (over height and width), or grid:G (G x G cells, each channel "
+                                   "centred), optionally +thumbnail:T (a T x T colour thumbnail of the "
+                                   "frame); G, T 1..16; empty: the built-in's own (shapes: "
+                                   "grid:4+thumbnail:4 on features.0), mean for a file model "
+                                   "(docs/operations.md, Near-duplicates)")
     precision: str = _opt("fp32", "forward pass precision: fp32, or bf16 / fp16 autocast (fp16: CUDA only; "
                                   "bf16 also on CPUs with bf16 units); not fp32 changes the model digest, "
                                   "so cached answers are never mixed", choices=PRECISIONS)

@@ -15,12 +15,15 @@ File layout (all integers little-endian; every byte written by the daemon)::
 
     offset  size  field
     0       8     magic            b"INFDEMBD"                           \\   written once, into a
-    8       4     format version   u32, currently 2 (1 had no uid)        |  temporary file that is
-    12      4     dim              u32, floats per vector                 |  linked or renamed into
-    16      8     capacity         u64, rows                              |  place only when complete
+    8       4     format version   u32, currently 3 (1 had no uid, 2 no   |  temporary file that is
+                                   embedding id)                          |  linked or renamed into
+    12      4     dim              u32, floats per vector                 |  place only when complete
+    16      8     capacity         u64, rows                              |
     24      8     file size        u64, = 4096 + capacity * (4 * dim + 104)
-    32      4     header check     zlib.crc32 of bytes 0..32             /
-    36      28    reserved         zero
+    32      16    embedding id     blake2b-128 of the embedding's definition (daemon/pooling.py
+                                   ``embedding_id``: layer and pooling); zero: unnamed
+    48      4     header check     zlib.crc32 of bytes 0..48             /
+    52      12    reserved         zero
     64      8     next row         u64, where the next new content hash goes (< capacity); not under
                                    the check: it changes at every add
     72            zero up to 4096
@@ -38,8 +41,12 @@ File layout (all integers little-endian; every byte written by the daemon)::
 An add clears ``valid``, moves ``next row``, writes vector and metadata, then sets ``valid``: a
 daemon killed mid-add loses that row only. At open, rows with a bad flag, a vector that is not
 unit length, or a (uid, content hash) already seen are dropped. A truncated or garbage file, another
-format (a version 1 file, whose rows have no owner, included), or another capacity or dimension
-than configured is set aside as ``PATH.corrupt-<unix time>`` and rebuilt empty, with one log line.
+format (a version 1 file, whose rows have no owner, included), or another capacity, dimension or
+embedding id than configured is set aside as ``PATH.corrupt-<unix time>`` and rebuilt empty, with
+one log line. The embedding id is there because two definitions of the embedding (another layer
+or pooling, ``model.embedding_layer`` / ``model.embedding_pool``) may have the same width, and
+their vectors must never be compared; the default file name carries it too (:func:`default_path`),
+so each definition keeps its own file.
 
 Search is exact: one float32 matrix-vector product over the rows in use, O(N * D) per query, rows
 of other uids masked out (per uid), then ``np.argpartition`` for the top k. Measured on the 2-core
@@ -51,6 +58,7 @@ the source of truth that the index is rebuilt from.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
@@ -63,14 +71,14 @@ import numpy as np
 from inferd.shm import ownedfile
 
 MAGIC = b"INFDEMBD"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_SIZE = 4096
 NEXT_OFFSET = 64
 META_SIZE = 104
 TAG_MAX = 64
 NO_TAG = 255
 
-_HEADER = struct.Struct("<8sIIQQ")                       # bytes 0..32; the check follows at 32..36
+_HEADER = struct.Struct("<8sIIQQ16s")                    # bytes 0..48; the check follows at 48..52
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _META = np.dtype({"names": ["valid", "tag_len", "uid", "hash", "tag"],
@@ -91,18 +99,32 @@ def _file_size(capacity: int, dim: int) -> int:
     return HEADER_SIZE + capacity * (4 * dim + META_SIZE)
 
 
-def _header(capacity: int, dim: int) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, dim, capacity, _file_size(capacity, dim))
+def _embedding_key(embedding: str) -> bytes:
+    """The 16 bytes that name an embedding definition in the header (zero for none named)."""
+    return hashlib.blake2b(embedding.encode(), digest_size=16).digest() if embedding else bytes(16)
+
+
+def default_path(directory: str, digest: str, embedding: str) -> str:
+    """The store file of a model (its digest) and embedding definition, in ``directory``."""
+    name = f"embeddings-{digest[:16]}"
+    if embedding:
+        name += "-" + _embedding_key(embedding).hex()[:8]
+    return os.path.join(directory, name + ".store")
+
+
+def _header(capacity: int, dim: int, embedding: str) -> bytes:
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, dim, capacity, _file_size(capacity, dim),
+                        _embedding_key(embedding))
     return head + _U32.pack(zlib.crc32(head))
 
 
-def _problem(fd: int, capacity: int, dim: int) -> str | None:
+def _problem(fd: int, capacity: int, dim: int, embedding: str) -> str | None:
     """Why the file behind ``fd`` is not this store as configured, or None."""
     size = os.fstat(fd).st_size
     if size < HEADER_SIZE:
         return f"truncated to {size} bytes, less than the {HEADER_SIZE}-byte header"
     head = os.pread(fd, NEXT_OFFSET + 8, 0)
-    magic, version, found_dim, found_cap, total = _HEADER.unpack_from(head)
+    magic, version, found_dim, found_cap, total, found_id = _HEADER.unpack_from(head)
     if magic != MAGIC or version != FORMAT_VERSION:
         return f"magic {magic!r} version {version}, expected {MAGIC!r} version {FORMAT_VERSION}"
     if _U32.unpack_from(head, _HEADER.size)[0] != zlib.crc32(head[:_HEADER.size]):
@@ -110,15 +132,19 @@ def _problem(fd: int, capacity: int, dim: int) -> str | None:
     if (found_dim, found_cap, total) != (dim, capacity, size) or total != _file_size(found_cap, found_dim):
         return (f"holds dim {found_dim} x {found_cap} rows in {size} bytes (header: {total}); "
                 f"configured dim {dim} x {capacity} rows")
+    if found_id != _embedding_key(embedding):
+        return (f"holds embeddings of another definition (id {found_id.hex()[:8]}); this model's is "
+                f"{embedding or '(unnamed)'} (id {_embedding_key(embedding).hex()[:8]}): "
+                f"model.embedding_layer or model.embedding_pool changed")
     if _U64.unpack_from(head, NEXT_OFFSET)[0] >= capacity:
         return "next row is past the capacity"
     return None
 
 
-def _acquire(path: str, capacity: int, dim: int, mode: int, log) -> int:
+def _acquire(path: str, capacity: int, dim: int, embedding: str, mode: int, log) -> int:
     """Open (locked), check, and create or rebuild PATH: see inferd.shm.ownedfile."""
-    return ownedfile.acquire(path, size=_file_size(capacity, dim), header=_header(capacity, dim),
-                             problem=lambda fd: _problem(fd, capacity, dim), mode=mode,
+    return ownedfile.acquire(path, size=_file_size(capacity, dim), header=_header(capacity, dim, embedding),
+                             problem=lambda fd: _problem(fd, capacity, dim, embedding), mode=mode,
                              what="embedding store", log=log or _log, locked=EmbeddingStoreLocked,
                              error=EmbeddingStoreError)
 
@@ -144,14 +170,15 @@ class EmbeddingStore:
 
     @classmethod
     def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
-             log=None) -> "EmbeddingStore":
+             log=None, embedding: str = "") -> "EmbeddingStore":
         """Open or create the store at ``path``; rebuild it (one line to ``log``: a Logger, a callable
         or None for ``inferd.embeddings``) if it is damaged, of another format, or was made for
-        another capacity or dim. ``shared``: every uid sees every row (see the module)."""
+        another capacity, dim or ``embedding`` (the definition's id, daemon/pooling.py
+        ``embedding_id``; "" for unnamed). ``shared``: every uid sees every row (see the module)."""
         if not 1 <= capacity < 2**40 or not 1 <= dim < 2**20:
             raise ValueError(f"capacity must be 1..2**40 and dim 1..2**20, got {capacity} and {dim}")
         try:
-            fd = _acquire(path, capacity, dim, mode, log)
+            fd = _acquire(path, capacity, dim, embedding, mode, log)
         except OSError as exc:
             raise EmbeddingStoreError(f"cannot open embedding store {path}: {exc.strerror}; check that "
                                       f"its directory exists and the daemon's user may write there") from exc

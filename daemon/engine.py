@@ -52,6 +52,7 @@ import torch
 
 from .model import LoadedModel, check_output, logits_of
 from .modes import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
+from .pooling import MEAN, Pool
 from .preprocess import Preprocess
 from .streams import streams_for
 
@@ -150,6 +151,7 @@ class Engine:
         self.replica = None
         self.preprocess = None
         self.embedding_dim = 0
+        self.pool = Pool()                  # model.embedding_pool (daemon/pooling.py)
         self._run = None                    # the module a forward pass calls (compiled or not)
         self._graphs: CudaGraphs | None = None
         self._sizes: tuple[int, ...] = ()   # prepared sizes of padded batches; () until prepare()
@@ -172,7 +174,10 @@ class Engine:
         self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last)
         if spec.embedding_layer:
             _hook(dict(self.replica.named_modules())[spec.embedding_layer])
-        self.embedding_dim = check_output(spec, self.replica, self.device, embed=embedding_of)
+        self.pool = Pool.parse(getattr(spec, "embedding_pool", "") or MEAN)
+        blank = torch.zeros((2, *spec.frame_shape), dtype=torch.uint8, device=self.device)
+        self.embedding_dim = check_output(spec, self.replica, self.device,
+                                          embed=lambda raw: embedding_of(raw, blank, self.pool))
         self.streams.follow_default()
         self._run = compiled(self.replica) if opts.compile == "compile" else self.replica
         if opts.compile == "graphs":
@@ -217,7 +222,7 @@ class Engine:
         x = self.preprocess(rows)
         with self.options.autocast(self.device):
             raw = self._run(x)
-        vectors = embedding_of(raw) if want_embedding and self.embedding_dim else None
+        vectors = embedding_of(raw, rows, self.pool) if want_embedding and self.embedding_dim else None
         return logits_of(raw), vectors
 
     def _input_for(self, size: int, staging_shape: tuple) -> _Input:
@@ -284,18 +289,17 @@ def _hook(module) -> None:
         module._inferd_hooked = True
 
 
-def embedding_of(output):
+def embedding_of(output, frames: torch.Tensor | None = None, pool: Pool = Pool()):
     """The embedding of a forward pass: the second element of a (logits, embedding) output, else
-    what the hooked layer produced in this thread; averaged over H, W if 4-D; unit length."""
+    what the hooked layer produced in this thread; pooled by ``pool`` (``model.embedding_pool``,
+    NOTE [ near-duplicate embeddings ] in daemon/pooling.py: the default averages a 4-D output
+    over H, W) from it and the batch's uint8 ``frames``; unit rows, float32."""
     vectors = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else \
         getattr(_current, "embedding", None)
     if vectors is None:
         return None
     _current.embedding = None
-    vectors = vectors.float()               # a no-op in fp32; under autocast, average in fp32
-    if vectors.dim() == 4:
-        vectors = vectors.mean(dim=(2, 3))
-    return torch.nn.functional.normalize(vectors.flatten(1), dim=1)
+    return pool(vectors, frames)
 
 
 def as_numpy_rows(vectors) -> np.ndarray | None:

@@ -33,7 +33,9 @@ from inferd.daemon import zoo
 from inferd.daemon.config import ConfigError, ModelConfig
 from inferd.daemon.modes import EngineOptions, batch_sizes
 
+from . import pooling
 from .labels import labels_id, numbered, read_labels
+from .pooling import MEAN
 from .preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocess
 
 log = logging.getLogger("inferd.model")
@@ -53,6 +55,7 @@ class ModelSpec:
     embedding_layer: str = ""     # submodule whose output is the embedding; "" for none
     input_form: str = FLOAT_NCHW  # what forward() is given (daemon/preprocess.py)
     numbered: bool = False        # labels are the class numbers "0", "1", ... (no labels file)
+    embedding_pool: str = "mean"  # how the embedding is pooled (daemon/pooling.py)
 
     @property
     def preprocess_id(self) -> str:
@@ -108,11 +111,6 @@ class LoadedModel:
         """The reply of the ``labels`` request (docs/protocol.md): every class name, in index order."""
         s = self.spec
         return {"gen": self.gen, "labels_id": s.labels_id, "labels": list(s.labels)}
-
-
-
-# Where the built-ins keep a per-image feature vector (their last layer before the classifier).
-_BUILTIN_EMBEDDING = {"shapes": "features", "resnet18": "avgpool", "resnet50": "avgpool"}
 
 
 def _state_digest(module: torch.nn.Module) -> str:
@@ -230,11 +228,15 @@ def load(cfg: ModelConfig) -> LoadedModel:
         labels = read_labels(cfg.labels) if cfg.labels else bspec.labels
         mean, std = cfg.mean or bspec.mean, cfg.std or bspec.std
         height, width_px = bspec.input_height, bspec.input_width
-    embedding_layer = cfg.embedding_layer or ("" if cfg.path else _BUILTIN_EMBEDDING.get(cfg.builtin, ""))
+    # the built-ins' own embedding unless the configuration names one (NOTE [ near-duplicate embeddings ])
+    default_layer, default_pool = ("", MEAN) if cfg.path else (bspec.embedding_layer, bspec.embedding_pool)
+    embedding_layer = cfg.embedding_layer or default_layer
+    embedding_pool = str(pooling.parse(getattr(cfg, "embedding_pool", "") or default_pool))
     if embedding_layer and embedding_layer not in dict(module.named_modules()):
         raise ConfigError(f"model.embedding_layer: the model has no submodule {embedding_layer!r}")
     spec = ModelSpec(name, height, width_px, tuple(map(float, mean)), tuple(map(float, std)), labels,
-                     cfg.top_k, embedding_layer, cfg.input if cfg.path else FLOAT_NCHW, not labels)
+                     cfg.top_k, embedding_layer, cfg.input if cfg.path else FLOAT_NCHW, not labels,
+                     embedding_pool=embedding_pool)
     if not labels:
         spec = dataclasses.replace(spec, labels=numbered(width or output_width(module, spec)))
     if cfg.top_k > len(spec.labels):

@@ -129,13 +129,15 @@ def _open_store(server, new, dim: int):
     cfg = server.cfg.embeddings
     if not (cfg.enabled and dim):
         return None
-    from inferd.daemon.embeddings import EmbeddingStore
+    from inferd.daemon.embeddings import EmbeddingStore, default_path
+    from inferd.daemon.pooling import embedding_id
 
-    path = cfg.path or os.path.join(os.path.dirname(server.cfg.cache_path), f"embeddings-{new.digest[:16]}.store")
+    embedding = embedding_id(new.spec)
+    path = cfg.path or default_path(os.path.dirname(server.cfg.cache_path), new.digest, embedding)
     if cfg.path and server.scheduler.memory.store is not None:
         raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                           "leave embeddings.path empty (one file per model digest)")
-    return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log)
+    return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
 
 
 def _switch(server, new, store) -> None:

@@ -44,6 +44,10 @@ _late = RateLimitedLog(log)         # one per batch of a slow device: one line p
 
 MAX_TAG_BYTES = 64
 MAX_NEAR_K = 1000
+# The min_similarity of a near request that names none (the client's default is the same): chosen
+# from the similarities of changed copies against different images with the built-in model
+# (docs/operations.md, Near-duplicates; bench/near.py)
+DEFAULT_MIN_SIMILARITY = 0.93
 
 
 def _flow_of(request: Request) -> tuple:
@@ -63,7 +67,7 @@ def _tag(value):
 
 def _near_args(msg: dict) -> tuple[int, float]:
     """(k, min_similarity) of a near request. Raises Rejected."""
-    k, sim = msg.get("k", 5), msg.get("min_similarity", 0.9)
+    k, sim = msg.get("k", 5), msg.get("min_similarity", DEFAULT_MIN_SIMILARITY)
     if type(k) is not int or not 1 <= k <= MAX_NEAR_K:
         raise Rejected(wire.E_INVALID_INPUT, f"k {k!r} is out of range: 1 to {MAX_NEAR_K}")
     if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not -1.0 <= sim <= 1.0:
@@ -191,6 +195,7 @@ class Scheduler:
         if op == "embed":                   # (near always runs: its search belongs off the loop)
             vector = memory.store.get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
+                memory.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None), self.gen))
                 return True

@@ -34,6 +34,9 @@ from inferd.daemon.scheduler import Scheduler
 from inferd.daemon.session import Rejected, Session
 from inferd.shm import wire
 
+from .embeddings import default_path
+from .pooling import embedding_id
+
 log = logging.getLogger("inferd.server")
 
 
@@ -150,8 +153,9 @@ class Server:
                 return False
         dim = self.devices[0].thread.embedding_dim
         if self.cfg.embeddings.enabled and dim:
-            memory.open_store(self.cfg.embeddings.path or os.path.join(
-                os.path.dirname(self.cfg.cache_path), f"embeddings-{self.model.digest[:16]}.store"), dim)
+            embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
+            memory.open_store(self.cfg.embeddings.path or default_path(
+                os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
             for dev in self.devices:
                 dev.thread.store = memory.store
         return True

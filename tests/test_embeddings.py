@@ -1,13 +1,23 @@
 """Embedding store: add/get/replace, ring eviction, exact search against brute force, tags, reopen,
-damaged files, interrupted adds, the writer lock."""
+damaged files, interrupted adds, the writer lock, the embedding definition it was made for.
+Near-duplicates through a real daemon with the built-in model: changed copies find their original,
+different images (same class) stay under the default threshold, an embed retags; the pooling."""
+import io
 import logging
 import os
 
 import numpy as np
 import pytest
+import torch
 
+from inferd.client import Client
+from inferd.daemon import model as model_mod
+from inferd.daemon.config import ConfigError, ModelConfig
 from inferd.daemon.embeddings import (HEADER_SIZE, META_SIZE, EmbeddingStore, EmbeddingStoreError,
-                                      EmbeddingStoreLocked)
+                                      EmbeddingStoreLocked, default_path)
+from inferd.daemon.pooling import Pool
+from inferd.daemon.scheduler import DEFAULT_MIN_SIMILARITY
+from inferd.daemon.zoo.shapes import make_dataset
 
 
 def h(n: int) -> bytes:
@@ -173,3 +183,116 @@ def test_second_open_gets_the_lock_error(path):
         EmbeddingStore.open(path, capacity=4, dim=4)
     store.close()
     EmbeddingStore.open(path, capacity=4, dim=4).close()
+
+
+def test_a_store_of_another_embedding_definition_is_rebuilt(path):
+    store = EmbeddingStore.open(path, capacity=4, dim=8, embedding="layer=a pool=mean")
+    store.add(h(1), np.ones(8), uid=0)
+    store.close()
+    lines = []
+    store = EmbeddingStore.open(path, capacity=4, dim=8, embedding="layer=b pool=grid:4", log=lines.append)
+    assert len(lines) == 1 and "model.embedding_layer or model.embedding_pool changed" in lines[0]
+    assert len(store) == 0
+    store.close()
+    assert default_path("/d", "ab" * 16, "x") != default_path("/d", "ab" * 16, "y")
+    assert default_path("/d", "ab" * 16, "x").startswith("/d/embeddings-abababababababab-")
+
+
+# the pooling (daemon/pooling.py) ------------------------------------------------------------------
+def test_pool_parses_and_refuses_with_the_key_named():
+    assert Pool.parse("mean") == Pool() and str(Pool.parse(" grid:4 + thumbnail:2 ")) == "grid:4+thumbnail:2"
+    assert Pool.parse("thumbnail:3") == Pool(0, 3) and str(Pool(0, 3)) == "mean+thumbnail:3"
+    for bad in ("grid", "grid:0", "grid:17", "grid:2+grid:4", "thumbnail:1+thumbnail:2", "max", ""):
+        with pytest.raises(ValueError, match="grid:G|side must be"):
+            Pool.parse(bad)
+    with pytest.raises(ConfigError, match="model.embedding_pool"):
+        model_mod.load(ModelConfig(embedding_pool="grid:99"))
+    spec = model_mod.load(ModelConfig()).spec
+    assert (spec.embedding_layer, spec.embedding_pool) == ("features.0", "grid:4+thumbnail:4")
+
+
+def test_pool_is_unit_length_indifferent_to_brightness_and_never_zero():
+    gen = torch.Generator().manual_seed(5)
+    features = torch.rand((3, 8, 16, 16), generator=gen)
+    frames = (torch.rand((3, 16, 16, 3), generator=gen) * 200).to(torch.uint8)
+    pool = Pool(4, 4)
+    v = pool(features, frames)
+    assert v.shape == (3, pool.width(8 * 16)) and torch.allclose(v.norm(dim=1), torch.ones(3))
+    brighter = pool(features * 1.2 + 0.3, (frames.float() * 1.2).to(torch.uint8))
+    assert (v * brighter).sum(dim=1).min() > 0.99
+    flat = pool(torch.ones((2, 8, 16, 16)), torch.full((2, 16, 16, 3), 77, dtype=torch.uint8))
+    assert torch.allclose(flat.norm(dim=1), torch.ones(2))      # a flat frame: the constant alone
+    with pytest.raises(ValueError, match="4-D"):
+        Pool(4, 0)(torch.ones((2, 8)), None)
+    assert torch.equal(Pool()(features, None), torch.nn.functional.normalize(features.mean(dim=(2, 3)), dim=1))
+
+
+# near-duplicates through a real daemon ------------------------------------------------------------
+def _changed(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy as an upload pipeline makes it (bench/near.py measures the same four changes)."""
+    from PIL import Image, ImageEnhance
+
+    im, side = Image.fromarray(img), img.shape[0]
+    if kind == "resize":
+        s = int(rng.choice([32, 48, 96, 128]))
+        im = im.resize((s, s), Image.BILINEAR).resize((side, side), Image.BILINEAR)
+    elif kind == "jpeg":
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=60)
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    elif kind == "crop":
+        left, top, right, bottom = (int(v) for v in rng.integers(0, 4, size=4))
+        im = im.crop((left, top, side - right, side - bottom)).resize((side, side), Image.BILINEAR)
+    else:
+        im = ImageEnhance.Brightness(im).enhance(float(rng.choice([0.85, 1.2])))
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+@pytest.mark.timeout(120)
+def test_changed_copies_find_their_original_and_other_images_stay_under_the_threshold(daemon):
+    seed = int.from_bytes(os.urandom(2), "little")
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    stored, labels = make_dataset(48, seed)
+    tags = [f"near-{seed}-{i}" for i in range(len(stored))]
+    with Client(daemon.socket_path) as c:
+        for image, tag in zip(stored, tags):
+            c.classify(image, tag=tag)
+        found = trials = 0
+        for kind in ("resize", "jpeg", "crop", "brightness"):
+            for i in rng.choice(len(stored), size=8, replace=False):
+                near = c.near_duplicates(_changed(stored[i], kind, rng), k=1, min_similarity=DEFAULT_MIN_SIMILARITY)
+                found += bool(near) and near[0].tag == tags[i]
+                trials += 1
+        # different images of the same classes: other position, size, colours (another seed)
+        others, other_labels = make_dataset(32, seed + 1)
+        passing = same_class = 0
+        for image, label in zip(others, other_labels):
+            near = [m for m in c.near_duplicates(image, k=5, min_similarity=DEFAULT_MIN_SIMILARITY)
+                    if m.tag in tags]
+            passing += bool(near)
+            same_class += any(labels[tags.index(m.tag)] == label for m in near)
+        before = c.near_duplicates(stored[0], k=1, min_similarity=-1.0)
+    assert before[0].tag == tags[0] and before[0].similarity > 0.9999
+    # bench/near.py: 100 % found, about 1 % of different images passing; the bounds are generous
+    assert found >= 0.85 * trials, f"{found} of {trials} changed copies found their original"
+    assert passing <= 3 and same_class <= 2, f"{passing} of 32 different images passed ({same_class} same class)"
+
+
+@pytest.mark.timeout(60)
+def test_an_embed_with_a_new_tag_retags_the_stored_frame(daemon):
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    frame = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    flat = np.full((64, 64, 3), 90, dtype=np.uint8)
+    with Client(daemon.socket_path) as c:
+        first = c.embed(frame, tag="A")
+        assert c.near_duplicates(frame, k=1)[0].tag == "A"
+        again = c.embed(frame, tag="B")                     # answered from the store: retagged
+        assert np.array_equal(first, again)
+        assert c.near_duplicates(frame, k=1)[0].tag == "B"
+        c.embed(frame)                                      # no tag: the tag stays
+        assert c.near_duplicates(frame, k=1)[0].tag == "B"
+        c.classify(frame, tag="C")                          # classify retags too, as before
+        assert c.near_duplicates(frame, k=1)[0].tag == "C"
+        blank = c.embed(flat, tag="flat")                   # a featureless frame: still a unit vector
+        assert abs(float(np.linalg.norm(blank)) - 1.0) < 1e-5

@@ -14,6 +14,7 @@ from inferd.daemon import model as model_mod
 from inferd.daemon import zoo
 from inferd.daemon.config import ConfigError, ModelConfig, from_dict
 from inferd.daemon.engine import Engine, Staging, embedding_of
+from inferd.daemon.pooling import Pool
 from inferd.daemon.modes import EngineOptions, batch_sizes, size_for
 from inferd.daemon.preprocess import to_input
 from inferd.daemon.zoo.shapes import make_dataset
@@ -127,7 +128,7 @@ def _want(model, images, k):
         x = to_input(torch.from_numpy(images), model.spec.mean, model.spec.std)
         raw = model.module(x)
         scores, idx = torch.softmax(raw, dim=1).topk(k, dim=1)
-        vectors = embedding_of(raw)
+        vectors = embedding_of(raw, torch.from_numpy(images), Pool.parse(model.spec.embedding_pool))
     return idx.tolist(), scores.tolist(), vectors.numpy()
 
 

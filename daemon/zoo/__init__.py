@@ -46,6 +46,8 @@ class BuiltinSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     labels: tuple[str, ...]
+    embedding_layer: str = ""       # submodule kept for near-duplicate search ("" for none)
+    embedding_pool: str = "mean"    # how it is pooled (daemon/pooling.py)
 
 
 def _square_size(name: str, input_size: int | None, default: int, minimum: int) -> int:
@@ -69,12 +71,13 @@ def build(name: str, input_size: int | None = None) -> tuple[torch.nn.Module, Bu
     if name == "shapes":
         if input_size is not None and input_size != shapes.SIZE:
             raise ValueError(f"built-in model 'shapes' takes only {shapes.SIZE}x{shapes.SIZE} input, got {input_size}")
-        spec = BuiltinSpec(name, shapes.SIZE, shapes.SIZE, shapes.MEAN, shapes.STD, shapes.CLASSES)
+        spec = BuiltinSpec(name, shapes.SIZE, shapes.SIZE, shapes.MEAN, shapes.STD, shapes.CLASSES,
+                           shapes.EMBEDDING_LAYER, shapes.EMBEDDING_POOL)
         return shapes.load_pretrained(), spec
     if name in ("resnet18", "resnet50"):
         size = _square_size(name, input_size, default=64, minimum=_RESNET_MIN_SIZE)
         model = resnet18_style() if name == "resnet18" else resnet50_style()
-        return model, BuiltinSpec(name, size, size, _IMAGENET_MEAN, _IMAGENET_STD, _IMAGENET_LABELS)
+        return model, BuiltinSpec(name, size, size, _IMAGENET_MEAN, _IMAGENET_STD, _IMAGENET_LABELS, "avgpool")
     if name == "synthetic":
         from inferd.daemon.zoo import synthetic
 

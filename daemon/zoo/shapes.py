@@ -28,6 +28,12 @@ SIZE = 64
 MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 STD: tuple[float, float, float] = (0.25, 0.25, 0.25)
 WEIGHTS = pathlib.Path(__file__).with_name("shapes_cnn.pt")
+# The embedding kept for near-duplicate search: the first conv block (64x64x16), pooled over a 4x4
+# grid, plus a 4x4 colour thumbnail (NOTE [ near-duplicate embeddings ] in daemon/pooling.py). The
+# pooled last block, which the classifier sees, ignores position, size and colour by training:
+# there every star is like every other star. Measured: docs/benchmarks.md, "Near-duplicates".
+EMBEDDING_LAYER = "features.0"
+EMBEDDING_POOL = "grid:4+thumbnail:4"
 
 _SUPERSAMPLE = 2          # sub-pixels per axis; edges get 5 grey levels instead of a hard step
 _MIN_COLOUR_DISTANCE = 120.0  # Euclidean RGB distance between shape and background
