@@ -10,7 +10,8 @@ daemon (each with ``tag=str(i)``), so the daemon stores their embeddings; then a
 them, lightly changed (resize by a factor in [0.9, 1.1] and back, Gaussian noise sigma 3, JPEG
 quality 75-90; each alone and all three in turn), is sent to ``near_duplicates``; a trial succeeds
 when the best match carries the original's tag. The unchanged originals are queried too (control:
-must be 100 %). Both ``--model shapes`` (embedding: ``features`` averaged over HxW) and
+must be 100 %). Both ``--model shapes`` (embedding: ``features.0`` pooled ``grid:4+thumbnail:4``,
+daemon/pooling.py; bench/near.py measures it against different images) and
 ``--model resnet18`` (``avgpool``). In a child process, the same copies are scored in-process
 against other layers and poolings of the same two models (and against downsampled pixels), to say
 which embedding would do better; the daemon's own layer is recomputed there as a cross-check.
@@ -127,8 +128,14 @@ def _variants(name: str):
         return F.adaptive_avg_pool2d(t, 4).flatten(1)
 
     if name == "shapes":
-        return ["features", "features.6", "features.4"], {
-            "features, mean over HxW (daemon; 96-d)": lambda c: mean(c["features"]),
+        from inferd.daemon.pooling import Pool
+        from inferd.daemon.zoo import shapes
+
+        pool = Pool.parse(shapes.EMBEDDING_POOL)
+        return [shapes.EMBEDDING_LAYER, "features", "features.6", "features.4"], {
+            f"{shapes.EMBEDDING_LAYER} {pool} (daemon; {pool.width(16 * pool.grid ** 2)}-d)":
+                lambda c: pool(c[shapes.EMBEDDING_LAYER], c["_frames"]),
+            "features, mean over HxW (the daemon before issue 10; 96-d)": lambda c: mean(c["features"]),
             "features, flattened 96x4x4 (1536-d)": lambda c: flat(c["features"]),
             "features.6 (8x8) pooled to 4x4 (1024-d)": lambda c: pool4(c["features.6"]),
             "features.6 flattened 64x8x8 (4096-d)": lambda c: flat(c["features.6"]),
@@ -157,7 +164,8 @@ def _embed_all(model, spec, hooks, fns, images: np.ndarray, batch: int = 250) ->
     try:
         with torch.inference_mode():
             for s in range(0, len(images), batch):
-                model(to_input(torch.from_numpy(np.ascontiguousarray(images[s:s + batch])), spec.mean, spec.std))
+                captured["_frames"] = torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))
+                model(to_input(captured["_frames"], spec.mean, spec.std))
                 for k, fn in fns.items():
                     out[k].append(torch.nn.functional.normalize(fn(captured).float(), dim=1).numpy())
     finally:
