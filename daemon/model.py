@@ -24,6 +24,8 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,23 +188,58 @@ def _shape_text(shape: tuple) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in shape) + ")"
 
 
-def output_width(module, spec: ModelSpec) -> int:
-    """The number of classes a model's logits have, found without computing anything: one frame
-    through the model under FakeTensorMode (shapes only, no kernels, so no thread pool is started
-    on the main thread: see :func:`check_output`). ConfigError when the model cannot be traced so."""
+def output_width(module, spec: ModelSpec, source: Path | None = None) -> int:
+    """The number of classes a model's logits have (the width of its output).
+
+    Found without a forward pass in this process, where one would start a thread pool on the main
+    thread (see :func:`check_output`): one frame through the model under FakeTensorMode (shapes
+    only, no kernels); a model that pass cannot follow (a traced TorchScript file holds scalar
+    constants that it must read) runs one blank frame in a child process instead (``source``,
+    about two seconds once at start-up). ConfigError naming model.labels when neither works."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     frames = torch.zeros((1, *spec.frame_shape), dtype=torch.uint8)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            out = logits_of(module(Preprocess.of(spec)(mode.from_tensor(frames))))
-            width = int(out.shape[1]) if out.dim() == 2 else None
-    except Exception as exc:  # a model the shape pass cannot follow: say what would help
-        raise ConfigError(f"model.labels: the number of classes could not be read from the model "
-                          f"without running it ({type(exc).__name__}: {exc}); give a labels file") from None
-    if width is None:
-        raise ConfigError(f"model: output shape {tuple(out.shape)} for 1 frame is not (1, classes)")
-    return width
+            shape = tuple(logits_of(module(Preprocess.of(spec)(mode.from_tensor(frames)))).shape)
+    except Exception as exc:  # a model the shape pass cannot follow: ask a child process
+        if source is None or not isinstance(module, torch.jit.ScriptModule):
+            raise _unknown_width(f"{type(exc).__name__}: {exc}") from None
+        shape = _child_output_shape(spec, source)
+    if len(shape) != 2:
+        raise ConfigError(f"model: output shape {shape} for 1 frame is not (1, classes)")
+    return int(shape[1])
+
+
+_PROBE = """
+import ast, sys, torch
+from inferd.daemon.preprocess import Preprocess
+path, form, h, w, mean, std = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), ast.literal_eval(sys.argv[5]), ast.literal_eval(sys.argv[6])
+torch.set_num_threads(1)
+module = torch.jit.load(path, map_location="cpu").eval()
+with torch.inference_mode():
+    out = module(Preprocess(mean, std, form=form)(torch.zeros((1, h, w, 3), dtype=torch.uint8)))
+out = out[0] if isinstance(out, (tuple, list)) else out
+print(tuple(out.shape))
+"""
+
+
+def _child_output_shape(spec: ModelSpec, source: Path) -> tuple:
+    """The output shape of one blank frame through the TorchScript file ``source``, in a child."""
+    args = [sys.executable, "-c", _PROBE, str(source), spec.input_form, str(spec.input_height),
+            str(spec.input_width), repr(spec.mean), repr(spec.std)]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise _unknown_width("one frame took over 300 s") from None
+    if done.returncode != 0:
+        raise _unknown_width((done.stderr.strip().splitlines() or ["no output"])[-1])
+    return tuple(int(d) for d in done.stdout.strip().strip("()").split(",") if d.strip())
+
+
+def _unknown_width(why: str) -> ConfigError:
+    return ConfigError(f"model.labels: the number of classes could not be read from the model ({why}); "
+                       f"give a labels file")
 
 
 def load(cfg: ModelConfig) -> LoadedModel:
@@ -238,7 +275,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
                      cfg.top_k, embedding_layer, cfg.input if cfg.path else FLOAT_NCHW, not labels,
                      embedding_pool=embedding_pool)
     if not labels:
-        spec = dataclasses.replace(spec, labels=numbered(width or output_width(module, spec)))
+        spec = dataclasses.replace(spec, labels=numbered(width or output_width(module, spec, source)))
     if cfg.top_k > len(spec.labels):
         raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(spec.labels)} classes")
     options = EngineOptions.of(cfg)         # how each device runs it (daemon/modes.py)

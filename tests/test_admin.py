@@ -219,7 +219,7 @@ def test_reload_switches_the_model_and_the_cache_never_answers_for_the_old_one(f
         assert reply["changed"] and reply["model"]["gen"] == 2 and reply["model"]["name"] == "resnet18"
         swapped = c.classify(img, top_k=1)
         assert swapped[0].label.startswith("class_"), swapped           # not the cached shapes answer
-        assert c.model.name == "resnet18" and c.model.gen == 2 and len(c.model.labels) == 1000
+        assert c.model.name == "resnet18" and c.model.gen == 2 and len(c.labels()) == 1000
         assert c.classify(img, top_k=1)[0].index == swapped[0].index     # and resnet's is cached now
         with Client(d.socket_path) as late:                                # a new session: the new model
             assert late.model.name == "resnet18" and late.model.gen == 2

@@ -214,7 +214,8 @@ def test_posix_ring_truncated_mid_flood_while_a_victim_is_served(fresh_daemon, h
     attacker = RawClient(d.socket_path, ring_slots=64)
     attacker.ring.close()                                 # the attacker writes with pwrite: no mapping
     geometry, fd = attacker.ring.geometry, attacker.fd
-    labels = attacker.hello_reply["model"]["labels"]
+    attacker.send({"op": "labels", "id": 1})                # names: asked once, not in hello
+    labels = attacker.recv()["labels"]
     in_flight_hits = after_hits = 0
     try:
         for round_ in range(3):
