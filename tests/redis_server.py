@@ -86,6 +86,98 @@ class RedisServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_tcp(binary: str, workdir: str, name: str, args: list, timeout: float = 20.0):
+    """A redis-server (or sentinel) on a free loopback port: (process, port)."""
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen([binary, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
+                             "--logfile", os.path.join(workdir, f"{name}.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with redis.Redis(port=port, socket_timeout=1.0) as r:
+                if r.ping():
+                    return proc, port
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{name} did not answer on 127.0.0.1:{port}")
+        time.sleep(0.02)  # noqa: sleep-ok: polling a starting server with a deadline
+
+
+@pytest.fixture
+def redis_sentinel():
+    """A master on a loopback port and one Sentinel watching it as ``mymaster``: yields
+    (sentinel address "127.0.0.1:PORT", master port)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip(INSTALL_HINT)
+    workdir = short_dir()
+    procs = []
+    try:
+        master, master_port = _start_tcp(binary, workdir, "master", ["--save", "", "--appendonly", "no"])
+        procs.append(master)
+        conf = os.path.join(workdir, "sentinel.conf")
+        with open(conf, "w") as fh:
+            fh.write(f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n")
+        sentinel, port = _start_tcp(binary, workdir, "sentinel", [conf, "--sentinel"])
+        procs.append(sentinel)
+        yield f"127.0.0.1:{port}", master_port
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster():
+    """Three masters on loopback ports joined into one Redis Cluster (no replicas): yields their
+    ports once the cluster says ``cluster_state:ok``."""
+    import redis
+
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip(INSTALL_HINT)
+    workdir = short_dir()
+    procs, ports = [], []
+    try:
+        for i in range(3):
+            node_dir = os.path.join(workdir, f"n{i}")
+            os.mkdir(node_dir)
+            proc, port = _start_tcp(binary, node_dir, f"node{i}", [
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
+                "--appendonly", "no"])
+            procs.append(proc)
+            ports.append(port)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        for port in ports:
+            with redis.Redis(port=port) as r:
+                while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the test cluster did not reach cluster_state:ok")
+                    time.sleep(0.05)  # noqa: sleep-ok: polling the cluster's state with a deadline
+        yield ports
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
 def redis_server():
     """A started RedisServer, stopped after the test."""

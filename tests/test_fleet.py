@@ -22,7 +22,7 @@ from inferd.client import AdminClient, Client
 from inferd.daemon.config import ConfigError, from_dict
 from inferd.daemon.l2_breaker import Breaker
 from inferd.daemon.l2_codec import MAC_BYTES, decode, encode, load_fleet_key
-from redis_server import redis_server  # noqa: F401  (the fixture)
+from redis_server import redis_cluster, redis_sentinel, redis_server  # noqa: F401  (fixtures)
 
 PREFIX = "inferd-test:"
 
@@ -286,3 +286,62 @@ def test_each_topology_gets_its_client_with_tls_and_auth_passed_through():
     assert c.connection_pool.service_name == "m" and c.connection_pool.connection_kwargs["db"] == 2
     c = make_client(from_dict({"l2": {**base, "cluster": True, "url": "redis://10.0.0.2:6379"}}).l2)
     assert isinstance(c, RedisCluster)
+
+
+@pytest.mark.timeout(240)
+def test_through_sentinel_the_fleet_finds_the_master_and_shares_it(redis_sentinel):
+    import redis
+
+    sentinel, master_port = redis_sentinel
+    key = key_file(short_dir())
+    imgs = images(4, seed=5)
+    args = ["--set", "l2.enabled=true", "--set", f'l2.sentinels=["{sentinel}"]',
+            "--set", 'l2.sentinel_service="mymaster"', "--set", f'l2.key_file="{key}"',
+            "--set", "l2.budget_ms=1000"]
+    a = spawn_daemon(*args)
+    b = spawn_daemon(*args)
+    try:
+        with Client(a.socket_path, cache=False) as ca:
+            computed = answers(ca, imgs)
+        wait_until(lambda: l2_stats(a)["writes"] >= len(imgs), 30, "a's answers written")
+        with redis.Redis(port=master_port) as master:     # they went to the master the sentinel named
+            assert len(list(master.scan_iter(match=b"inferd:*"))) == len(imgs)
+        with Client(b.socket_path, cache=False) as cb:
+            assert answers(cb, imgs) == computed
+        assert l2_stats(b)["hits"] == len(imgs)
+    finally:
+        for d in (a, b):
+            assert d.stop() == 0, d.log()
+            d.cleanup()
+
+
+@pytest.mark.timeout(240)
+def test_on_a_cluster_lookups_and_writes_are_split_by_slot(redis_cluster):
+    import redis
+
+    key = key_file(short_dir())
+    imgs = images(12, seed=6)
+    args = ["--set", "l2.enabled=true", "--set", "l2.cluster=true",
+            "--set", f'l2.url="redis://127.0.0.1:{redis_cluster[0]}"', "--set", f'l2.key_file="{key}"',
+            "--set", "l2.budget_ms=1000"]
+    a = spawn_daemon(*args)
+    b = spawn_daemon(*args)
+    try:
+        with Client(a.socket_path, cache=False) as ca:
+            computed = answers(ca, imgs)
+        wait_until(lambda: l2_stats(a)["writes"] >= len(imgs), 30, "a's answers written")
+        held = []
+        for port in redis_cluster:
+            with redis.Redis(port=port) as node:
+                held.append(node.dbsize())
+        assert sum(held) == len(imgs) and sum(n > 0 for n in held) >= 2, held   # spread over nodes
+        with Client(b.socket_path, cache=False) as cb:       # pipelined: MGETs of keys on several nodes
+            tops = cb.classify_many(imgs, top_k=3)
+            assert [[(p.index, p.score) for p in top] for top in tops] == computed
+        stats = l2_stats(b)
+        assert stats["hits"] == len(imgs) and stats["errors"] == 0 and stats["batches"] < len(imgs), stats
+    finally:
+        for d in (a, b):
+            assert d.stop() == 0, d.log()
+            d.cleanup()
+
