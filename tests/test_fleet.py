@@ -345,3 +345,31 @@ def test_on_a_cluster_lookups_and_writes_are_split_by_slot(redis_cluster):
             assert d.stop() == 0, d.log()
             d.cleanup()
 
+
+@pytest.mark.timeout(240)
+def test_acl_user_and_password_file_are_used_and_a_wrong_password_only_costs_hits(redis_server):
+    r = redis_server.client()
+    r.acl_setuser("inferd", enabled=True, passwords=["+fleet-pw"], keys=[f"{PREFIX}*"],
+                  commands=["+get", "+mget", "+set", "+ping", "+client"])
+    r.acl_setuser("default", enabled=False)              # nobody gets in without the user
+    d = short_dir()
+    key = key_file(d)
+    good, bad = key_file(d, b"fleet-pw\n"), key_file(d, b"wrong-pw\n")
+    imgs = images(4, seed=7)
+    a = spawn_daemon(*l2_args(redis_server, key, "--set", 'l2.username="inferd"',
+                              "--set", f'l2.password_file="{good}"'))
+    b = spawn_daemon(*l2_args(redis_server, key, "--set", 'l2.username="inferd"',
+                              "--set", f'l2.password_file="{bad}"'))
+    try:
+        with Client(a.socket_path, cache=False) as ca:
+            computed = answers(ca, imgs)
+        wait_until(lambda: l2_stats(a)["writes"] >= len(imgs), 30, "a's answers written as inferd")
+        with Client(b.socket_path, cache=False) as cb:
+            assert answers(cb, imgs) == computed           # computed: b cannot log in
+        stats = l2_stats(b)
+        assert stats["hits"] == 0 and stats["errors"] + stats["skipped"] == len(imgs), stats
+    finally:
+        for daemon in (a, b):
+            assert daemon.stop() == 0, daemon.log()
+            daemon.cleanup()
+
