@@ -99,7 +99,7 @@ def _file_size(capacity: int, dim: int) -> int:
     return HEADER_SIZE + capacity * (4 * dim + META_SIZE)
 
 
-def _embedding_key(embedding: str) -> bytes:
+def _embedding_key(embedding: str | None) -> bytes:
     """The 16 bytes that name an embedding definition in the header (zero for none named)."""
     return hashlib.blake2b(embedding.encode(), digest_size=16).digest() if embedding else bytes(16)
 
@@ -112,13 +112,13 @@ def default_path(directory: str, digest: str, embedding: str) -> str:
     return os.path.join(directory, name + ".store")
 
 
-def _header(capacity: int, dim: int, embedding: str) -> bytes:
+def _header(capacity: int, dim: int, embedding: str | None) -> bytes:
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, dim, capacity, _file_size(capacity, dim),
                         _embedding_key(embedding))
     return head + _U32.pack(zlib.crc32(head))
 
 
-def _problem(fd: int, capacity: int, dim: int, embedding: str) -> str | None:
+def _problem(fd: int, capacity: int, dim: int, embedding: str | None) -> str | None:
     """Why the file behind ``fd`` is not this store as configured, or None."""
     size = os.fstat(fd).st_size
     if size < HEADER_SIZE:
@@ -132,7 +132,7 @@ def _problem(fd: int, capacity: int, dim: int, embedding: str) -> str | None:
     if (found_dim, found_cap, total) != (dim, capacity, size) or total != _file_size(found_cap, found_dim):
         return (f"holds dim {found_dim} x {found_cap} rows in {size} bytes (header: {total}); "
                 f"configured dim {dim} x {capacity} rows")
-    if found_id != _embedding_key(embedding):
+    if embedding is not None and found_id != _embedding_key(embedding):
         return (f"holds embeddings of another definition (id {found_id.hex()[:8]}); this model's is "
                 f"{embedding or '(unnamed)'} (id {_embedding_key(embedding).hex()[:8]}): "
                 f"model.embedding_layer or model.embedding_pool changed")
@@ -141,7 +141,7 @@ def _problem(fd: int, capacity: int, dim: int, embedding: str) -> str | None:
     return None
 
 
-def _acquire(path: str, capacity: int, dim: int, embedding: str, mode: int, log) -> int:
+def _acquire(path: str, capacity: int, dim: int, embedding: str | None, mode: int, log) -> int:
     """Open (locked), check, and create or rebuild PATH: see inferd.shm.ownedfile."""
     return ownedfile.acquire(path, size=_file_size(capacity, dim), header=_header(capacity, dim, embedding),
                              problem=lambda fd: _problem(fd, capacity, dim, embedding), mode=mode,
@@ -170,11 +170,12 @@ class EmbeddingStore:
 
     @classmethod
     def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
-             log=None, embedding: str = "") -> "EmbeddingStore":
+             log=None, embedding: str | None = None) -> "EmbeddingStore":
         """Open or create the store at ``path``; rebuild it (one line to ``log``: a Logger, a callable
         or None for ``inferd.embeddings``) if it is damaged, of another format, or was made for
         another capacity, dim or ``embedding`` (the definition's id, daemon/pooling.py
-        ``embedding_id``; "" for unnamed). ``shared``: every uid sees every row (see the module)."""
+        ``embedding_id``; None: whatever the file was made for, unnamed when it is created, for
+        tools and tests). ``shared``: every uid sees every row (see the module)."""
         if not 1 <= capacity < 2**40 or not 1 <= dim < 2**20:
             raise ValueError(f"capacity must be 1..2**40 and dim 1..2**20, got {capacity} and {dim}")
         try:
