@@ -86,19 +86,32 @@ class RedisServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def free_port() -> int:
+def free_port(bus: bool = False) -> int:
+    """A free loopback port; with ``bus``, one whose cluster bus port (port + 10000) is valid and
+    free too (a cluster node binds both)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if not bus:
+                return port
+            if port + 10000 > 65535:
+                continue
+            try:
+                t.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _start_tcp(binary: str, workdir: str, name: str, args: list, timeout: float = 20.0):
     """A redis-server (or sentinel) on a free loopback port: (process, port)."""
     import redis
 
-    port = free_port()
+    port = free_port(bus="--cluster-enabled" in args)
     proc = subprocess.Popen([binary, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
                              "--logfile", os.path.join(workdir, f"{name}.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -161,8 +174,10 @@ def redis_cluster():
                 "--appendonly", "no"])
             procs.append(proc)
             ports.append(port)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
+        made = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                               "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if made.returncode:
+            raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout[-1000:]}{made.stderr[-1000:]}")
         deadline = time.monotonic() + 30
         for port in ports:
             with redis.Redis(port=port) as r:
