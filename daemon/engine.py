@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .model import LoadedModel, check_output, logits_of
 from .modes import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
 from .pooling import MEAN, Pool
@@ -173,11 +174,15 @@ class Engine:
         self.replica = replica
         self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last)
         if spec.embedding_layer:
-            _hook(dict(self.replica.named_modules())[spec.embedding_layer])
+            _hook(dict(self.replica.named_modules())[spec.embedding_layer], spec.embedding_layer)
         self.pool = Pool.parse(getattr(spec, "embedding_pool", "") or MEAN)
         blank = torch.zeros((2, *spec.frame_shape), dtype=torch.uint8, device=self.device)
         self.embedding_dim = check_output(spec, self.replica, self.device,
                                           embed=lambda raw: embedding_of(raw, blank, self.pool))
+        if spec.embedding_layer and not self.embedding_dim:
+            raise ConfigError(f"model.embedding_layer: {spec.embedding_layer!r} never ran in a forward pass "
+                              f"(a torch.export program's module() keeps the names of its layers but "
+                              f"not their calls); return (logits, embedding) from forward instead")
         self.streams.follow_default()
         self._run = compiled(self.replica) if opts.compile == "compile" else self.replica
         if opts.compile == "graphs":
@@ -281,9 +286,14 @@ def _capture(module, inputs, output) -> None:
     _current.embedding = output
 
 
-def _hook(module) -> None:
+def _hook(module, name: str = "") -> None:
     """Capture ``module``'s output in the calling thread's slot. Registered once per module: CPU
-    devices share one module, and each executor thread reads only what its own forward wrote."""
+    devices share one module, and each executor thread reads only what its own forward wrote.
+    ConfigError for a TorchScript module, which takes no hooks."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ConfigError(f"model.embedding_layer: {name!r} is a TorchScript module, and TorchScript "
+                          f"takes no forward hooks; return (logits, embedding) from forward (the "
+                          f"embedding is pooled by model.embedding_pool all the same)")
     if not getattr(module, "_inferd_hooked", False):
         module.register_forward_hook(_capture)
         module._inferd_hooked = True

@@ -13,6 +13,7 @@ import torch
 from inferd.client import Client
 from inferd.daemon import model as model_mod
 from inferd.daemon.config import ConfigError, ModelConfig
+from inferd.daemon.engine import Engine, Staging
 from inferd.daemon.embeddings import (HEADER_SIZE, META_SIZE, EmbeddingStore, EmbeddingStoreError,
                                       EmbeddingStoreLocked, default_path)
 from inferd.daemon.pooling import Pool
@@ -296,3 +297,48 @@ def test_an_embed_with_a_new_tag_retags_the_stored_frame(daemon):
         assert c.near_duplicates(frame, k=1)[0].tag == "C"
         blank = c.embed(flat, tag="flat")                   # a featureless frame: still a unit vector
         assert abs(float(np.linalg.norm(blank)) - 1.0) < 1e-5
+
+
+# file models ------------------------------------------------------------------------------------
+class _WithFeatures(torch.nn.Module):
+    """The built-in's weights, returning (logits, first conv block's map): a file model that
+    hands its embedding layer out itself (TorchScript takes no hooks)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.first, self.rest, self.head = net.features[0], net.features[1:], net.head
+
+    def forward(self, x):
+        early = self.first(x)
+        return self.head(self.rest(early).mean(dim=(2, 3))), early
+
+
+def _file_engine(tmp_path, module, **keys):
+    from inferd.daemon.zoo import shapes
+
+    path = str(tmp_path / "model.pt")
+    torch.jit.script(module).save(path)
+    cfg = ModelConfig(path=path, input_height=64, input_width=64, mean=list(shapes.MEAN),
+                      std=list(shapes.STD), **keys)
+    engine = Engine(torch.device("cpu"), model_mod.load(cfg), keep_k=3)
+    engine.load()
+    return engine
+
+
+def _vectors(engine, images):
+    staging = Staging(torch.device("cpu"), len(images), (64, 64, 3))
+    staging.arrays[0][:] = images
+    return engine.launch(staging.tensors[0], len(images), 3, want_embedding=True).result()[2]
+
+
+def test_a_file_model_gets_the_same_pooling_as_the_built_in(tmp_path):
+    from inferd.daemon.zoo import shapes
+
+    images, _ = make_dataset(6, 21)
+    builtin = Engine(torch.device("cpu"), model_mod.load(ModelConfig()), keep_k=3)
+    builtin.load()
+    own = _file_engine(tmp_path, _WithFeatures(shapes.load_pretrained()), embedding_pool="grid:4+thumbnail:4")
+    assert own.embedding_dim == builtin.embedding_dim == 305
+    assert np.allclose(_vectors(own, images), _vectors(builtin, images), atol=1e-5)
+    with pytest.raises(ConfigError, match="model.embedding_layer: 'features.0' is a TorchScript module"):
+        _file_engine(tmp_path, shapes.load_pretrained(), embedding_layer="features.0")
