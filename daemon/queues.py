@@ -135,13 +135,14 @@ def _goodput(now: float, start: float, n: int, latency, max_batch: int, window_e
         seconds = latency(n + k)
         if at > window_end or max(at, start) + seconds > deadline:
             break
+        # an overdue arrival is waited for until it is given up on (GRACE), never polled for
+        wait_until = min(t if t > now else t + GRACE, window_end)
         rate = (n + k) / (max(at, start) - start + seconds)
-        if rate > best:
-            # an overdue arrival is waited for until it is given up on (GRACE), never polled for
-            best, until = rate, (t if t > now else t + GRACE)
+        if rate > best and wait_until > now:
+            best, until = rate, wait_until
     if until is None:
         return n, 0.0
-    return 0, min(until, window_end)
+    return 0, until
 
 
 class ThinkTime:

@@ -137,6 +137,13 @@ def test_an_overdue_arrival_is_waited_for_until_given_up_not_polled():
     assert n == 0 and until == pytest.approx(100.0015)
 
 
+def test_an_arrival_given_up_on_exactly_now_is_not_waited_for():
+    # due 2 ms (GRACE) ago: waiting "until now" would have the collector plan again at once, forever
+    n, *_ = plan_batch(100.0, [req() for _ in range(15)], linear(0.0095, 0.0013), 16, 0.005, math.inf,
+                       free_at=100.0, expected=[100.0 - GRACE], idle_since=100.0)
+    assert n == 15
+
+
 def test_queue_counts_expected_arrivals_down_and_forgets_overdue_ones():
     clock = Clock(100.0)
     q = DeviceQueue(clock=clock)
