@@ -388,7 +388,7 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"model.path: {cfg.model.path} is not a file")
         if not cfg.model.input_height or not cfg.model.input_width:
             raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
-    _check_input_form(cfg.model)
+    check_input_form(cfg.model)
     if cfg.model.compile != "none" and cfg.model.warmup_batches < 1:
         raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
                           f"warm-up; set model.warmup_batches >= 1")
@@ -408,7 +408,7 @@ def _check_cross(cfg: Config) -> None:
         seen.add(dev.name)
 
 
-def _check_input_form(m: "ModelConfig") -> None:
+def check_input_form(m: "ModelConfig") -> None:
     """A file model's normalisation is explicit: float_nchw needs model.mean and model.std (no
     silent ImageNet default), uint8_nhwc takes neither; built-ins take float_nchw only."""
     given = [key for key in ("mean", "std") if getattr(m, key) is not None]

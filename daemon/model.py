@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from inferd.daemon import zoo
-from inferd.daemon.config import ConfigError, ModelConfig
+from inferd.daemon.config import ConfigError, ModelConfig, check_input_form
 from inferd.daemon.modes import EngineOptions, batch_sizes
 
 from . import pooling
@@ -250,9 +250,8 @@ def load(cfg: ModelConfig) -> LoadedModel:
         module, digest, width = _load_file(cfg)
         name = cfg.name or Path(cfg.path).stem
         labels = read_labels(cfg.labels) if cfg.labels else ()
+        check_input_form(cfg)     # at start-up config.py did; a reload to a file path did not
         mean, std = (cfg.mean, cfg.std) if cfg.input == FLOAT_NCHW else ((), ())
-        if mean is None or std is None:        # config.py says so at start-up; a direct caller too
-            raise ConfigError("model.mean / model.std: required for a float_nchw file model")
         height, width_px, source = cfg.input_height, cfg.input_width, Path(cfg.path)
     else:
         if cfg.builtin not in zoo.BUILTIN_NAMES:

@@ -105,6 +105,8 @@ def test_a_float_file_model_without_mean_and_std_stops_start_up(tmp_path):
     for given in ({}, {"mean": [0.5] * 3}, {"std": [0.25] * 3}):
         with pytest.raises(ConfigError, match=r"model.mean / model.std: required for a float_nchw file model"):
             config.from_dict({"model": {**base, **given}})
+    with pytest.raises(ConfigError, match=r"model.mean / model.std: required .* model.input = \"uint8_nhwc\""):
+        model_mod.load(ModelConfig(**base))      # as a reload to a file path does: the same check
     out = _start("--model", path, "--set", "model.input_height=64", "--set", "model.input_width=64")
     assert out.returncode == 78, out.stderr
     assert "model.mean / model.std: required" in out.stderr and "uint8_nhwc" in out.stderr, out.stderr
