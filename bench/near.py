@@ -19,7 +19,9 @@ Both for the embedding as configured now (``features.0``, ``grid:4+thumbnail:4``
 baseline in the same run, the embedding before issue 10 (``features``, ``mean``, threshold 0.9).
 Targets: at least 95 % of copies found as top match, at most 2 % of different images passing the
 default threshold. The similarity distributions (percentiles) are what the threshold was chosen
-from: docs/benchmarks.md, "Near-duplicates". Takes about a minute on the 2-core machine.
+from: docs/benchmarks.md, "Near-duplicates". Last, what the embedding costs: one ``Engine`` per
+definition in this process (1 torch thread), batches of 1 and 32 with embeddings, interleaved
+rounds, median time per batch now against before. Takes about a minute on the 2-core machine.
 """
 from __future__ import annotations
 
@@ -125,6 +127,38 @@ def sweep(raw: dict) -> list:
     return rows
 
 
+def pooling_cost(rounds: int = 12) -> dict:
+    """Median batch time (ms) of the forward pass with embeddings, now against before, interleaved."""
+    import torch
+
+    from inferd.daemon import model as model_mod
+    from inferd.daemon.config import ModelConfig
+    from inferd.daemon.engine import Engine, Staging
+    from inferd.daemon.zoo.shapes import make_dataset
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    engines = {}
+    for name, keys in (("now", {}), ("before", {"embedding_layer": "features", "embedding_pool": "mean"})):
+        engines[name] = Engine(cpu, model_mod.load(ModelConfig(**keys)), keep_k=3)
+        engines[name].load()
+    staging = Staging(cpu, 32, (64, 64, 3))
+    staging.arrays[0][:] = make_dataset(32, 1)[0]
+    times: dict = {(n, b): [] for n in engines for b in (1, 32)}
+    for _ in range(rounds):
+        for (name, batch), out in times.items():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                engines[name].launch(staging.tensors[0], batch, 3, want_embedding=True).result()
+                out.append(time.perf_counter() - t0)
+    out = {}
+    for batch in (1, 32):
+        now, before = (float(np.median(times[(n, batch)])) * 1e3 for n in ("now", "before"))
+        out[f"batch_{batch}"] = {"now_ms": round(now, 3), "before_ms": round(before, 3),
+                                 "ratio": round(now / before, 3)}
+    return out
+
+
 def main(argv=None) -> int:
     from inferd.daemon.zoo.shapes import make_dataset
     from inferd.daemon.scheduler import DEFAULT_MIN_SIMILARITY
@@ -152,6 +186,7 @@ def main(argv=None) -> int:
         threshold = setup.get("threshold", DEFAULT_MIN_SIMILARITY)
         report[name] = {"label": raw["label"], **summarise(raw, threshold), "sweep": sweep(raw),
                         "daemon": raw["daemon"]}
+    report["cost"] = pooling_cost()
     now, before = report["now"], report["before"]
     report["meets_targets"] = now["copies_found"] >= 0.95 and now["different_pass"] <= 0.02
     text = json.dumps(report, indent=1)
@@ -161,7 +196,9 @@ def main(argv=None) -> int:
     print(text)
     log(f"copies found: {now['copies_found']:.1%} (before {before['copies_found']:.1%}); different images "
         f"passing: {now['different_pass']:.1%} (before {before['different_pass']:.1%}); "
-        f"same class passing {now['same_class_pass']:.1%} (before {before['same_class_pass']:.1%})")
+        f"same class passing {now['same_class_pass']:.1%} (before {before['same_class_pass']:.1%}); "
+        f"batch time with embeddings, now / before: {report['cost']['batch_1']['ratio']} at 1, "
+        f"{report['cost']['batch_32']['ratio']} at 32")
     return 0 if report["meets_targets"] else 1
 
 

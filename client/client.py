@@ -357,7 +357,7 @@ class Client:
         image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
         return self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout)[0]
 
-    def near_duplicates(self, image, k: int = 5, min_similarity: float = 0.93, *,
+    def near_duplicates(self, image, k: int = 5, min_similarity: float = 0.95, *,
                         timeout: float | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (cosine of embeddings), best first, at most k
         of them with similarity >= min_similarity. The query itself is not stored."""

@@ -47,7 +47,7 @@ MAX_NEAR_K = 1000
 # The min_similarity of a near request that names none (the client's default is the same): chosen
 # from the similarities of changed copies against different images with the built-in model
 # (docs/operations.md, Near-duplicates; bench/near.py)
-DEFAULT_MIN_SIMILARITY = 0.93
+DEFAULT_MIN_SIMILARITY = 0.95
 
 
 def _flow_of(request: Request) -> tuple:
