@@ -47,7 +47,7 @@ import numpy as np
 
 from . import threads
 from .engine import Engine, Staging
-from .model import LoadedModel
+from .model import LoadedModel, warmup_sizes
 from .profile import LatencyProfile
 from .policy import busy_until
 from .queues import plan_batch
@@ -337,7 +337,8 @@ class Executor(threading.Thread):
         engine.prepare(self._max_batch)
         frames = self._staging.tensors[0]
         for _ in range(self._warmup):               # warm up, and seed the latency profile
-            for size in sorted({1, self._max_batch}):
+            for size in warmup_sizes(self._max_batch, padded=engine.options.padded,
+                                     asynchronous=engine.streams.asynchronous):
                 t0 = time.perf_counter()
                 engine.launch(frames, size, 1).result()
                 profile.observe(size, time.perf_counter() - t0)
