@@ -89,6 +89,7 @@ class Request:
     args: object = None      # op-specific (near: (k, min_similarity))
     followers: list = field(default_factory=list)   # identical frames of the session: (id, slot, top_k)
     gen: int = 0             # model generation at admission: the digest ``key`` was made with
+    upload: object = None    # its encoded upload being verified (NOTE [ encoded uploads ] in daemon/caching.py)
 
 
 @dataclass(slots=True)
@@ -224,8 +225,8 @@ class BatchingThread(threading.Thread):
             cutoff = max(now, busy_until(dev, now)) + dev.profile.latency(len(batch))
         live = []
         for r in batch:
-            if r.session is not None and r.session.closed:
-                result.dropped.append(r)
+            if r.session is not None and (r.session.closed or r.done):
+                result.dropped.append(r)    # closed, or answered meanwhile (a late fleet-cache hit)
             elif r.deadline < cutoff:
                 result.expired.append(r)
             else:
@@ -316,8 +317,12 @@ class Executor(threading.Thread):
         """Collect ``flight`` (None: nothing left to do), deliver its result, beat."""
         if flight is not None:
             result = self._collect(flight)
-            if self._inbox.empty():
-                self.device.queue.poke()        # free sooner than the plan thought (rule 0)
+            queue = self.device.queue
+            if self._inbox.empty() and len(queue) >= self._max_batch:
+                # free sooner than the plan thought (rule 0) with a full batch waiting; a partial
+                # one is planned again by the loop, once it has heard who is coming back
+                # (Scheduler.on_batch_done): planned now, it would not know
+                queue.poke()
             self._deliver(result)
             self.device.beat = self._clock()
         return None
@@ -467,7 +472,7 @@ class Executor(threading.Thread):
         keep, rows = [], self._staging.arrays[buffer]
         noted = {id(r): attempt for r, attempt in result.running}
         for i, r in enumerate(live):
-            if (r.session is not None and r.session.closed) or r.attempt != noted[id(r)]:
+            if (r.session is not None and (r.session.closed or r.done)) or r.attempt != noted[id(r)]:
                 result.dropped.append(r)            # closed, or re-dispatched while it waited
             elif r.deadline < now:
                 result.expired.append(r)

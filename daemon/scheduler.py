@@ -304,6 +304,10 @@ class Scheduler:
             session.write(b"".join(chunks))
             session.think.replied(session, now, len(chunks), dev.queue, horizon)
         self.stats.batch(result, answered, now)
+        if len(dev.queue):
+            # the planner learns who is coming back only now (NOTE [ batch planning ]): if it waits
+            # on a device it thought busy, the device is free and the expectations are in
+            dev.queue.poke()
         c = self.counters
         c["batches"] += bool(result.done)
         c["frames"] += len(result.done)
