@@ -4,7 +4,7 @@ Client socket (any allowed user)::
 
     inferctl ping                       round-trip time and the daemon's pid
     inferctl info                       model, devices, cache, counters (JSON)
-    inferctl classify FILE... [-k N]    PNG/JPEG files or .npy arrays (uint8 HxWx3)
+    inferctl classify FILE... [-k N]    JPEG/PNG/WebP files (decoded as Client.classify does) or .npy arrays
 
 Admin socket (root, the daemon's user, members of server.admin_group)::
 
@@ -49,7 +49,12 @@ class UsageError(Exception):
 
 
 def read_image(path: str):
+    """A .npy array, or the encoded bytes of a JPEG/PNG/WebP file (Client.classify decodes them:
+    inferd.client.decode), checked here so a bad file is a usage error naming it."""
     import numpy as np
+
+    from .decode import probe, read_encoded
+    from .errors import InvalidInput
 
     if path.endswith(".npy"):
         try:
@@ -57,14 +62,11 @@ def read_image(path: str):
         except (OSError, ValueError) as exc:
             raise UsageError(f"{path}: {exc}") from None
     try:
-        from PIL import Image
-    except ImportError:
-        raise UsageError(f"{path}: reading PNG/JPEG needs Pillow (pip install pillow)") from None
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a readable image: {exc}") from None
+        data = read_encoded(path)
+        probe(data)
+    except InvalidInput as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return data
 
 
 def _positive(kind):

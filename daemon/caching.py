@@ -29,6 +29,30 @@ itself, and a client that claims ``looked`` falsely only gives up the daemon-sid
 own requests. Requests that name a tag, embed or near, and any request while the embedding store
 or the fleet cache is on, are always hashed (those key by content whatever the hit rate).
 
+NOTE [ encoded uploads ]
+
+A client that classifies JPEG/PNG/WebP bytes looks their hash up in the read-only cache before it
+decodes them (inferd.client.decode), under ``encoded_key(digest, preprocess_id, decoder_id,
+BLAKE3(bytes))`` (inferd.shm.cache). Only the daemon writes, and it writes such a key only for
+bytes it decoded itself to exactly the frame it computed the answer for:
+
+    client: miss -> decode -> frame in slot S, the bytes in slot U --classify(slot S, upload_slot U)-->
+    admission (loop): refuse first (both slots checked), copy S (private frame, hashed as ever)
+                      and U (private bytes), key = encoded_key(this model, this decoder, BLAKE3(copy))
+                      -> decode pool (one thread, at most MAX_UPLOADS waiting; else no entry):
+                         decode(copy of U) == copy of S ?  (the client's own decode module)
+    answer (loop):    top of the frame  --+
+    verdict (loop):   equal / not equal --+--> both in, equal: insert key -> top; else nothing
+
+So an entry under an encoded key always holds the answer for the frame those bytes decode to with
+that decoder: a client that sends bytes that do not decode to its frame gets the right answer for
+its frame and makes no entry; a client whose decoder differs (another Pillow, libjpeg-turbo) makes
+keys that never meet the daemon's. The copies are private, so nothing the client writes after
+admission changes what is verified. The decode runs off the loop; its CPU (one decode per first
+upload, bounded by the slot size and inferd.client.decode.MAX_PIXELS) is the price of the repeat
+answered without decoding. Uploads of requests answered at once (cache hit, coalesced) and of a
+model that changed before the verdict make no entry.
+
 Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
 daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
 handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
@@ -38,7 +62,9 @@ daemon/embeddings.py).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import logging
 import os
 import time
@@ -50,10 +76,49 @@ from inferd.shm import cache as cachefile
 from inferd.shm import wire
 from inferd.shm.ring import RingError
 
+from ..client import decode as decoding
+
 log = logging.getLogger("inferd.caching")
 
 RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
 MAX_CHOSEN = 4096          # keys sampled for insert whose answers are awaited, at most
+MAX_UPLOADS = 32           # encoded uploads waiting for the decode thread, at most (NOTE [ encoded uploads ])
+
+
+class Upload:
+    """One encoded upload being verified: inserted under ``key`` once both the answer (``top``)
+    and an equal decode (``verdict``) are in, on the loop thread (NOTE [ encoded uploads ])."""
+
+    __slots__ = ("key", "digest", "top", "verdict", "memory")
+
+    def __init__(self, memory: "Memory", key: bytes):
+        self.memory, self.key, self.digest = memory, key, memory.digest
+        self.top = self.verdict = None
+
+    def answered(self, top: list) -> None:
+        self.top = top
+        self._settle()
+
+    def decided(self, future) -> None:
+        self.verdict = (not future.cancelled() and future.exception() is None and future.result())
+        self.memory.counters["uploads_verified" if self.verdict else "uploads_mismatched"] += 1
+        self._settle()
+
+    def _settle(self) -> None:
+        memory = self.memory
+        if self.verdict and self.top is not None and memory.cache is not None and memory.digest == self.digest:
+            if memory.cache.insert(self.key, self.top):
+                memory.counters["evictions"] += 1
+            memory.counters["uploads_inserted"] += 1
+            self.verdict = None             # once
+
+
+def _decodes_to(data: bytes, frame: np.ndarray) -> bool:
+    """Whether ``data`` decodes (inferd.client.decode) to exactly ``frame``. Runs on the decode thread."""
+    try:
+        return bool(np.array_equal(decoding.decode(data, frame.shape[0], frame.shape[1]), frame))
+    except decoding.InvalidInput:
+        return False
 
 
 class Memory:
@@ -72,6 +137,8 @@ class Memory:
         self._chosen: dict[bytes, bool] = {}    # keys of those sampled for insert (NOTE [ unhashed misses ])
         self.keep_k = 0
         self.l2 = None                      # the fleet cache (daemon/l2.py), when l2.enabled
+        self._decoder = None                # the upload decode thread, started by the first upload
+        self._uploads_waiting = 0
 
     @property
     def hashing(self) -> bool:
@@ -129,6 +196,33 @@ class Memory:
         self.counters["hashed"] += 1
         return frame, content, key
 
+    def upload(self, ring, slot: int, nbytes: int, frame) -> Upload | None:
+        """Start verifying the encoded bytes in a checked ``slot`` against ``frame`` (the private
+        copy), or None when no entry can be made (no cache, no frame, the decode thread busy).
+        Copies the bytes now. Raises Rejected when the slot cannot be read (see private_copy)."""
+        if self.cache is None or frame is None:
+            return None
+        if self._uploads_waiting >= MAX_UPLOADS:
+            self.counters["uploads_skipped"] += 1
+            return None
+        try:
+            data = ring.read_slot(slot, nbytes).tobytes()
+        except RingError as exc:
+            raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {slot} cannot be read: {exc}") from None
+        h, w = self.spec.frame_shape[:2]
+        record = Upload(self, cachefile.encoded_key(self.digest, self.spec.preprocess_id,
+                                                    decoding.decoder_id(h, w), decoding.encoded_hash(data)))
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
+        self._uploads_waiting += 1
+        future = asyncio.get_running_loop().run_in_executor(self._decoder, _decodes_to, data, frame)
+        future.add_done_callback(self._upload_done)
+        future.add_done_callback(record.decided)
+        return record
+
+    def _upload_done(self, _future) -> None:
+        self._uploads_waiting -= 1
+
     def key(self, content: bytes) -> bytes:
         """The cache key of a content hash under the current model."""
         return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
@@ -174,7 +268,6 @@ class Memory:
                 self.counters["inserts_skipped"] += 1
         if self.store is not None and vector is not None and content:
             self.store.add(content, vector, tag, uid=uid)
-
         if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
             self.l2.store(key, top)
 
@@ -202,7 +295,8 @@ class Memory:
                "hit_rate": round((c["daemon_hits"] + c["client_hits"]) / lookups, 4) if lookups else 0.0,
                "hash_us_mean": round(1e6 * c["hash_seconds"] / max(c["hashed"], 1), 2)}
         for k in ("daemon_hits", "client_hits", "misses", "inserts", "inserts_skipped", "evictions",
-                  "coalesced", "unhashed"):
+                  "coalesced", "unhashed", "uploads_verified", "uploads_mismatched", "uploads_inserted",
+                  "uploads_skipped"):
             out[k] = c[k]
         if self.cache is not None:
             out["file"] = self.cache.stats()
@@ -213,6 +307,8 @@ class Memory:
         return out
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
         for thing in (self.cache, self.store):
             if thing is not None:
                 thing.close()

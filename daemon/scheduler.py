@@ -65,6 +65,31 @@ def _tag(value):
     return value
 
 
+def _upload_of(msg: dict, ring, slot: int, inflight: dict, op: str) -> tuple | None:
+    """(upload_slot, upload_nbytes) of a classify that carries its encoded bytes, None when it
+    carries none. Every field checked against the ring before anything is read (NOTE [ encoded
+    uploads ] in daemon/caching.py). Raises Rejected."""
+    if wire.UPLOAD_SLOT not in msg and wire.UPLOAD_NBYTES not in msg:
+        return None
+    upload, nbytes = msg.get(wire.UPLOAD_SLOT), msg.get(wire.UPLOAD_NBYTES)
+    if type(upload) is not int or type(nbytes) is not int:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} and {wire.UPLOAD_NBYTES} must both be "
+                       f"integers, got {upload!r} and {nbytes!r}")
+    if op != "classify":
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} is for classify only, not {op}")
+    geometry = ring.geometry
+    if not 0 <= upload < geometry.slots or upload == slot:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {upload} is out of range: 0 to "
+                       f"{geometry.slots - 1}, and not the frame's slot {slot}")
+    if not 0 < nbytes <= geometry.slot_bytes:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} does not fit a slot: this "
+                       f"ring's slots hold 1 to {geometry.slot_bytes} bytes")
+    if upload in inflight:
+        raise Rejected(wire.E_SLOT_BUSY, f"{wire.UPLOAD_SLOT} {upload} already carries request "
+                       f"{inflight[upload]}; a slot may be reused only after its reply")
+    return upload, nbytes
+
+
 def _near_args(msg: dict) -> tuple[int, float]:
     """(k, min_similarity) of a near request. Raises Rejected."""
     k, sim = msg.get("k", 5), msg.get("min_similarity", DEFAULT_MIN_SIMILARITY)
@@ -130,17 +155,23 @@ class Scheduler:
                            "embeddings.enabled is false")
         tag = _tag(msg.get("tag"))
         args = _near_args(msg) if op == "near" else None
+        upload = _upload_of(msg, session.ring, slot, session.inflight, op)
         uid = session.peer[1]
         now = self._clock()
         device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
         if memory.hashing:                  # NOTE [ unhashed misses ] in daemon/caching.py
-            frame, content, key = memory.admission_copy(session.ring, slot, msg.get("looked"), op, tag)
+            looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
+            frame, content, key = memory.admission_copy(session.ring, slot, looked, op, tag)
             if key is not None and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                 return
+        verifying = memory.upload(session.ring, *upload, frame) if upload is not None else None
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)
         session.inflight[slot] = rid
+        if upload is not None:              # held until the reply, like the frame's slot
+            session.inflight[upload[0]] = rid
+            request.upload = (upload[0], verifying)
         self.stats.admitted(uid)
         if key and op == "classify":
             session.pending[key] = request
@@ -268,6 +299,8 @@ class Scheduler:
                     self.memory.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
                                          vector, r.tag, r.session.peer[1])
                 if r.op == "classify":
+                    if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
+                        r.upload[1].answered(top)
                     self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
                                  result.gen)
                 else:
@@ -355,6 +388,8 @@ class Scheduler:
         r.done = True
         session = r.session
         session.inflight.pop(r.slot, None)
+        if r.upload is not None:
+            session.inflight.pop(r.upload[0], None)
         for _, slot, _ in r.followers:      # coalesced frames hold slots too, even when r is dropped
             session.inflight.pop(slot, None)
         self.stats.finished(session.peer[1], 1 + len(r.followers))

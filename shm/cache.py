@@ -124,6 +124,21 @@ def cache_key(model_digest: str, preprocess: str, content_hash: bytes) -> bytes:
     return h.digest()
 
 
+def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: bytes) -> bytes:
+    """32-byte cache key of an encoded upload (JPEG/PNG/WebP bytes, hashed by
+    ``inferd.client.decode.encoded_hash``) under a model, its preprocessing and the decoder that
+    turns the bytes into a frame (``inferd.client.decode.decoder_id``: library versions, steps,
+    target size). Its own derivation context, so it can never equal a frame's key. The daemon
+    inserts under it only bytes it decoded itself to the frame it computed (NOTE [ encoded uploads ]
+    in daemon/caching.py)."""
+    if len(encoded_hash) != 32:
+        raise ValueError(f"encoded_hash must be 32 bytes, got {len(encoded_hash)}")
+    h = blake3.blake3(derive_key_context="inferd 2026-11 result cache encoded-upload key v1")
+    for part in (model_digest.encode(), preprocess.encode(), decoder.encode(), bytes(encoded_hash)):
+        h.update(_U64.pack(len(part)) + part)
+    return h.digest()
+
+
 class CacheGeometry(NamedTuple):
     sets: int
     ways: int

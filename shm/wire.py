@@ -26,7 +26,10 @@ may pipeline any number of requests up to its ring's slot count). Every reply ca
 code on both sides spells them.
 
 Image bytes never travel in a frame: ``classify`` names a slot of the client's shared-memory ring
-(see :mod:`inferd.shm.ring`) together with shape, dtype and byte count.
+(see :mod:`inferd.shm.ring`) together with shape, dtype and byte count. A classify of a frame the
+client decoded from a JPEG/PNG/WebP file may also name a second slot holding those encoded bytes
+(``upload_slot``, ``upload_nbytes``); the daemon verifies them and keys the answer by them too
+(NOTE [ encoded uploads ] in daemon/caching.py).
 """
 from __future__ import annotations
 
@@ -70,6 +73,10 @@ ERROR_CODES = frozenset({
     E_INVALID_INPUT, E_SLOT_BUSY, E_OVERLOADED, E_DEADLINE_EXCEEDED, E_PERMISSION_DENIED,
     E_SHUTTING_DOWN, E_INTERNAL, E_NO_HEALTHY_DEVICE, E_RELOAD_FAILED,
 })
+
+#: classify: the ring slot holding the encoded file the frame was decoded from, and its length.
+UPLOAD_SLOT = "upload_slot"
+UPLOAD_NBYTES = "upload_nbytes"
 
 _packer = msgpack.Packer(use_bin_type=True)
 
