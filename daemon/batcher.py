@@ -50,7 +50,7 @@ from .engine import Engine, Staging
 from .model import LoadedModel, warmup_sizes
 from .profile import LatencyProfile
 from .policy import busy_until
-from .queues import plan_batch
+from .queues import LEAD, plan_batch
 from ..shm.ring import RingError
 
 log = logging.getLogger("inferd.batcher")
@@ -514,6 +514,9 @@ def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
             if t is not None and t <= horizon]
     if back:
         expected = sorted([*expected, *back])
+    # stage early enough that a batch ending a little sooner than the profile says finds the next
+    # one ready (a tenth of the batch), and never later than the copy needs (LEAD)
+    lead = max(LEAD, 0.1 * device.profile.latency(device.running_size)) if device.running_size else LEAD
     return plan_batch(now, queued, device.profile.latency, batching.max_batch, batching.max_delay_ms / 1000.0,
                       device.queue.gap, batching.adaptive, free_at, expected,
-                      free_at if free_at > now else device.last_finished)
+                      free_at if free_at > now else device.last_finished, lead)

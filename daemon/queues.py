@@ -20,7 +20,8 @@ request spent behind a busy device ("first" is in the order the device serves: f
 
   0. The device is busy. If now < F - LEAD, wait until F - LEAD, whatever is queued: company is
      free while the device works, and the batch is closed and staged just before the device needs
-     it (LEAD covers the copy into the staging buffer), so it is the freshest batch the fair order
+     it (LEAD covers the copy into the staging buffer and the error of F: the larger of 0.5 ms and
+     a tenth of the running batch's time, given by the collector), so it is the freshest batch the fair order
      can make: a request arriving while a full batch computes goes into the next one, not the one
      after. No arrival changes this answer, so arrivals do not wake the planner meanwhile; the
      executor wakes it when a batch ends early.
@@ -94,13 +95,13 @@ GRACE = 0.002      # an expected arrival overdue by this much is not waited for 
 
 def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
                max_delay: float, gap: float, adaptive: bool = True, free_at: float = 0.0,
-               expected=(), idle_since: float = 0.0) -> tuple[int, float]:
+               expected=(), idle_since: float = 0.0, lead: float = LEAD) -> tuple[int, float]:
     """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
     ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
     expected at, ascending (overdue ones already dropped). A third element False in the answer
     (rule 0) says that no arrival can change it: the queue need not wake the planner for one."""
-    if now < free_at - LEAD:
-        return 0, free_at - LEAD, False
+    if now < free_at - lead:
+        return 0, free_at - lead, False
     n = min(len(queued), max_batch)
     window_end = max(queued[0].arrived, idle_since) + max_delay
     if n == max_batch:
