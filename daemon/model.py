@@ -147,7 +147,9 @@ def _load_file(cfg: ModelConfig):
         raise ConfigError(f"model.path: cannot load {path} as {fmt}: {exc}") from None
     if fmt == "export":
         width = _check_program(program, cfg)
-        module = program.module()
+        # a named embedding layer must exist as a submodule whose forward runs, so its hook fires:
+        # unflatten keeps the module tree (a few percent slower), module() inlines it
+        module = torch.export.unflatten(program) if cfg.embedding_layer else program.module()
     else:
         module.eval()          # an exported program is traced in eval mode and refuses eval()
         width = None

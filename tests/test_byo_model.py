@@ -144,3 +144,17 @@ def test_model_name_is_shown_in_info_stats_and_metrics(tmp_path):
         assert d.stop() == 0
     finally:
         d.cleanup()
+
+
+def test_an_exported_model_s_named_layer_gives_embeddings(tmp_path):
+    # torch.export's module() inlines the submodules, so a hook on one never fired: the daemon
+    # loads an exported program with a named embedding layer through unflatten, which keeps them
+    path = _save(Normalising().eval(), "export", tmp_path)
+    d = _spawn(path, "--set", 'model.embedding_layer="body.0"', "--set", "embeddings.enabled=true")
+    try:
+        with Client(d.socket_path) as c:
+            vector = c.embed(_frames(1)[0])
+        assert vector.shape == (8,) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    finally:
+        d.stop()
+        d.cleanup()
