@@ -1,15 +1,22 @@
-"""inferd.client: the library applications import.
+"""inferd.client: the library applications import. It needs numpy, msgpack, blake3, posix_ipc and
+Pillow, never torch (a torch tensor is accepted when torch is there) nor inferd.daemon.
 
-    from inferd.client import Client
+    from inferd.client import Client                  # threads and scripts
     with Client() as c:
         print(c.classify(image))
-"""
-from inferd.client.admin import AdminClient
-from inferd.client.client import Client, ModelInfo, NearDuplicate, Prediction
-from inferd.client.errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed,
-                                  InvalidInput, NoHealthyDevice, Overloaded, PermissionDenied,
-                                  ProtocolError, ReloadFailed, ShuttingDown)
 
-__all__ = ["Client", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction", "NearDuplicate", "InferdError", "DaemonUnavailable", "ShuttingDown",
-           "ProtocolError", "InvalidInput", "Overloaded", "DeadlineExceeded", "PermissionDenied",
-           "InferenceFailed", "NoHealthyDevice"]
+    from inferd.client import AsyncClient             # asyncio programs
+    async with AsyncClient() as c:
+        print(await c.classify(image))
+"""
+from .admin import AdminClient
+from .aio import AsyncClient
+from .client import Client, ModelInfo, NearDuplicate, Prediction
+from .errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed, InvalidInput,
+                     NoHealthyDevice, Overloaded, PermissionDenied, ProtocolError, ReloadFailed,
+                     ShuttingDown)
+
+__all__ = ["Client", "AsyncClient", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction",
+           "NearDuplicate", "InferdError", "DaemonUnavailable", "ShuttingDown", "ProtocolError",
+           "InvalidInput", "Overloaded", "DeadlineExceeded", "PermissionDenied", "InferenceFailed",
+           "NoHealthyDevice"]

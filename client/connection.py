@@ -64,10 +64,8 @@ class ModelInfo:
 
 class Connection:
     """A live session: ``open`` it (connect + hello), ``send``, ``read_reply``, ``close``.
-
-    ``free`` lists this ring's free slots; ``draining`` is set by the Client when the daemon
-    answered ``shutting_down`` on it (send nothing more; collect what is in flight).
-    """
+    Which slots are free and what is in flight is the protocol core's (inferd.client.protocol).
+    AsyncClient opens one in a thread and then hands ``detach_socket()`` to its event loop."""
 
     def __init__(self, sock: socket.socket, path: str):
         self._sock: socket.socket | None = sock
@@ -77,8 +75,6 @@ class Connection:
         self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
         self.model: ModelInfo | None = None
         self.session = None
-        self.free: list[int] = []
-        self.draining = False
         self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
         self._ready: list = []
         self._wait = 0                         # whole seconds of SO_RCVTIMEO / SO_SNDTIMEO now set
@@ -133,7 +129,6 @@ class Connection:
             for fd in fds:
                 os.close(fd)
         self.session = reply.get("session")
-        self.free = list(range(self.ring.geometry.slots - 1, -1, -1))
         self._sock.settimeout(None)             # NOTE [ reply wait ]
         self._bound(timeout)
 
@@ -177,6 +172,23 @@ class Connection:
         except cachefile.CacheError:
             return
         self.preprocess_id = info["preprocess"]
+
+    def detach_socket(self) -> socket.socket:
+        """The socket, non-blocking and no longer this Connection's (AsyncClient's transport owns
+        it from here); the ring and cache mappings stay until ``close``. Replies already read
+        (none after a hello) stay in ``pending_replies``."""
+        sock, self._sock = self._sock, None
+        sock.setblocking(False)
+        return sock
+
+    def pending_replies(self) -> list:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def feed(self, data) -> list:
+        """Frames out of bytes a caller read itself (AsyncClient); a broken stream is ProtocolError."""
+        self._feed(data)
+        return self.pending_replies()
 
     @property
     def is_open(self) -> bool:

@@ -14,15 +14,16 @@ A restart, seen from a client (systemctl restart, SIGTERM then a successor on th
 the caller's deadline; anything else (PermissionDenied, ProtocolError, ...) is not a restart and
 is raised at once. The clock and the sleep are injected so tests drive them without waiting.
 
-``Call`` keeps, for one pipelined call, which requests are still owed an answer and so go again on
-the next connection; a request in flight on MAX_LOSSES broken connections in a row does not.
+``Call`` keeps, for one call, which requests are still owed an answer and so go again on the next
+connection; a request in flight on MAX_LOSSES broken connections in a row does not.
+``reconnect_async`` is the same loop for AsyncClient, sleeping with asyncio.
 """
 from __future__ import annotations
 
 import collections
 import random
 import time
-from typing import Callable, NamedTuple, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from . import errors
 
@@ -94,42 +95,68 @@ def reconnect(open_session: Callable[[float], T], deadline: float, *, what: str,
                                    + (f"; last attempt: {last}" if last else ""))
 
 
-class Pending(NamedTuple):
-    index: int               # which frame of the call
-    slot: int                # its slot in the ring of the connection it was sent on
-    hits: int                # local hits this request reported (given back if it is refused unread)
+async def reconnect_async(open_session: Callable[[float], Awaitable[T]], deadline: float, *, what: str,
+                          backoff: Backoff, clock: Callable[[], float] = time.monotonic) -> T:
+    """``reconnect`` for AsyncClient: ``await open_session(seconds_left)``, sleeping with asyncio."""
+    import asyncio
+
+    last: Exception | None = None
+    while True:
+        delay = backoff.next()
+        if delay > 0:
+            await asyncio.sleep(min(delay, max(deadline - clock(), 0.0)))
+        left = deadline - clock()
+        if left <= 0:
+            break
+        try:
+            return await open_session(left)
+        except RETRYABLE as exc:
+            last = exc
+    raise errors.DaemonUnavailable(f"no inferd daemon took over {what} before the request's deadline"
+                                   + (f"; last attempt: {last}" if last else ""))
 
 
 class Call:
-    """Which requests of one pipelined call go (again): to send, in flight on the current
-    connection, answered (see NOTE [ resubmission ] in inferd.client.client).
+    """One call of an application (a classify_many, an embed, a ping ...): its requests, and which
+    of them go (again). Both clients keep one per call; the protocol core (inferd.client.protocol)
+    moves its requests between the states of NOTE [ resubmission ] there.
 
-    A frame index is in exactly one of ``todo``, ``pending`` or ``results``; ``requeue`` moves
-    what was in flight on a lost connection back to ``todo``."""
+    A request index is in exactly one of ``todo`` (to send), in flight (``inflight`` counts them;
+    the core's table says which), or answered (``results``, or ``first_error`` for a failure);
+    ``requeue`` moves what was in flight on a lost connection back to ``todo``. ``frames`` is None
+    for a call without images (ping, info, labels): one request, no slot."""
 
-    def __init__(self, n: int):
+    def __init__(self, op: str, extra: dict, deadline: float, frames: list | None = None,
+                 uploads: list | None = None):
+        self.op = op
+        self.uploads = uploads                          # per frame: its encoded bytes, or None
+        self.extra = extra
+        self.deadline = deadline
+        self.frames = frames
+        n = 1 if frames is None else len(frames)
         self.todo = collections.deque(range(n))
-        self.pending: dict[int, Pending] = {}          # request id -> what it carries
-        self.results: list = [None] * n                 # (reply, ModelInfo) per frame
+        self.inflight = 0
+        self.results: list = [None] * n                 # (reply, ModelInfo) per request
         self.first_error: errors.InferdError | None = None
-        self.losses = collections.Counter()             # frame index -> connections lost under it
+        self.losses = collections.Counter()             # request index -> connections lost under it
         self.backoff = Backoff()                        # reset by every reply
+        self.waker = None                               # how AsyncClient wakes the call's task
 
     def unfinished(self) -> bool:
-        return bool(self.pending) or (bool(self.todo) and self.first_error is None)
+        return bool(self.inflight) or (bool(self.todo) and self.first_error is None)
 
-    def requeue(self) -> int:
-        """The connection broke: what was in flight goes back to ``todo`` (unless it was lost
+    def requeue(self, indices: list[int]) -> int:
+        """The connection broke under ``indices``: they go back to ``todo`` (unless lost
         MAX_LOSSES times); how many will be resubmitted."""
         again = []
-        for index in sorted(p.index for p in self.pending.values()):
+        for index in sorted(indices):
             self.losses[index] += 1
             if self.losses[index] >= MAX_LOSSES:
                 self.fail(lost_too_often(self.losses[index]))
             else:
                 again.append(index)
         self.todo.extendleft(reversed(again))
-        self.pending.clear()
+        self.inflight -= len(indices)
         return len(again)
 
     def fail(self, error: errors.InferdError) -> None:

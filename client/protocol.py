@@ -1,0 +1,334 @@
+"""The client side of the protocol, with no I/O in it: what both clients decide, whatever their
+way of waiting (Client: a blocking socket under a lock; AsyncClient: an asyncio transport).
+
+    ProtocolCore            replies in ---> receive() ---> the Call that progressed (or None)
+      adopt(connection)     a new session: its ring's slots all free, its model, its cache
+      submit(call, now)     ---> bytes to send (frames written into free slots first)
+      connection_lost()     what was in flight goes back to its calls, within their deadlines
+      abandon(call)         a cancelled call: its slots stay the daemon's until their replies
+
+It owns the request ids, the ring slots (free, or held by a request until its reply), encoding
+requests, reading and checking replies (a malformed one is a ProtocolError, never an IndexError),
+the local answers from the read-only result cache and the count of hits to report, the model
+generations (``gen``, ``model`` in replies) and the class names. The caller owns the socket, the
+waiting and the reconnecting (inferd.client.retry), so Client and AsyncClient cannot drift apart.
+
+NOTE [ resubmission ]
+
+  todo --submit--> in flight (on this connection's ring) --reply ok / error--> results
+    ^                  |   reply shutting_down: the daemon drains; send nothing more on this
+    |                  |   connection, collect what it still owes, then drop it
+    +---- requeue -----+   connection lost (EOF, reset, broken pipe): nothing in flight will be
+                           answered; all of it goes back, for the next connection
+
+Slots belong to one connection's ring: a requeued frame is written again into a slot of the next
+ring, whatever its slot count. Each message carries what is left of its call's deadline. A request
+that got an answer (a result or an error) is never sent again. A slot is free again only when the
+daemon's reply for it arrived (or the connection, and with it the ring, is gone): a call that is
+cancelled leaves its requests in the table with no call, and their replies only free the slots.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import decode, errors
+from .connection import Connection, ModelInfo
+from .hits import HitReport
+from .retry import Call
+from ..shm import cache as cachefile
+from ..shm import wire
+
+#: The id of notifications (``hits``): no reply is expected, and a refusal by an older daemon,
+#: which answers it ``unknown_op``, is ignored. Requests count from 1.
+NOTE_ID = 0
+#: Model generations whose labels a client keeps, for replies computed just before a swap.
+KEEP_GENERATIONS = 4
+#: near_duplicates' default threshold (docs/architecture.md says how it was chosen).
+DEFAULT_MIN_SIMILARITY = 0.95
+
+
+class Prediction(NamedTuple):
+    index: int
+    label: str
+    score: float
+
+
+class NearDuplicate(NamedTuple):
+    content_hash: bytes      # BLAKE3 of the stored frame (shape, dtype, bytes)
+    tag: str | None          # the tag it was stored with
+    similarity: float        # cosine similarity of the embeddings, -1..1
+
+
+@dataclass(slots=True)
+class InFlight:
+    call: Call | None        # None once the call was abandoned: the reply only frees the slot
+    index: int               # which request of the call
+    slot: int | None         # its ring slot (None: a request without a frame)
+    upload_slot: int | None  # the slot of the encoded bytes it was decoded from, if sent
+    hits: int                # local hits it reported (given back if it is refused unread)
+
+
+class ProtocolCore:
+    """The state of one client across its sessions (see the module docstring). ``hits`` is the
+    client's HitReport (its timer is the client's way of waiting)."""
+
+    def __init__(self, hits: HitReport, *, resubmit: bool):
+        self.hits = hits
+        self.resubmit = resubmit            # shutting_down replies go again (reconnect=True)
+        self.model: ModelInfo | None = None
+        self.session = None
+        self.preprocess_id = None
+        self.cache = None
+        self.cache_hits = 0                 # answered here, without a round trip
+        self.reconnects = 0                 # sessions opened after the first
+        self.resubmitted = 0                # requests sent again after a restart
+        self.draining = False               # the daemon answered shutting_down on this session
+        self.inflight: dict[int, InFlight] = {}
+        self.free: list[int] = []
+        self._ring = None
+        self._ids = itertools.count(NOTE_ID + 1)
+        self._models: dict[int, ModelInfo] = {}
+        self._label_book: dict[str, tuple] = {}     # labels_id -> names
+
+    # sessions ---------------------------------------------------------------------------------
+    def adopt(self, conn: Connection) -> None:
+        """A new session: every slot of its ring is free, nothing is in flight on it."""
+        if self.model is not None:
+            self.reconnects += 1
+        self.session, self.model, self.preprocess_id = conn.session, conn.model, conn.preprocess_id
+        self.cache, self._ring = conn.cache, conn.ring
+        self._models = {conn.model.gen: conn.model}
+        self.free = list(range(conn.ring.geometry.slots - 1, -1, -1))
+        self.inflight = {}
+        self.draining = False
+
+    def connection_lost(self) -> list[Call]:
+        """The session is gone (and its ring with it): every request in flight goes back to its
+        call's ``todo`` (unless lost too often); the calls touched, to be woken."""
+        by_call: dict[int, tuple[Call, list[int]]] = {}
+        for entry in self.inflight.values():
+            if entry.call is not None:
+                by_call.setdefault(id(entry.call), (entry.call, []))[1].append(entry.index)
+                self.hits.add(entry.hits, arm=False)    # never counted: the next request carries them
+        self.inflight, self.free, self._ring, self.cache = {}, [], None, None
+        for call, indices in by_call.values():
+            self.resubmitted += call.requeue(indices)
+        return [call for call, _ in by_call.values()]
+
+    def idle(self) -> bool:
+        """Nothing in flight: a draining session owes nothing more and may be dropped."""
+        return not self.inflight
+
+    # requests ---------------------------------------------------------------------------------
+    def submit(self, call: Call, now: float) -> bytes:
+        """Encode what fits of ``call.todo`` (frames into free slots), to be sent in one write;
+        b"" when nothing can go now (no free slot, a draining session, a failed call). A deadline
+        that passed before a request could be (re)sent fails the call with DeadlineExceeded."""
+        if self.draining or call.first_error is not None or not call.todo or self._ring is None:
+            return b""
+        left = call.deadline - now
+        if left <= 0:
+            call.todo.clear()
+            call.fail(errors.DeadlineExceeded("the request's deadline passed before it could be "
+                                              "resubmitted to a restarted daemon; it was not computed"))
+            return b""
+        out = []
+        while call.todo and (call.frames is None or self.free):
+            index = call.todo.popleft()
+            rid = next(self._ids)
+            msg = {"op": call.op, "id": rid, **call.extra}
+            slot = upload_slot = None
+            hits = 0
+            if call.frames is not None:
+                slot = self.free.pop()
+                frame = call.frames[index]
+                self._ring.slot(slot, frame.nbytes)[:] = frame.reshape(-1)
+                msg.update(slot=slot, shape=list(frame.shape), dtype="uint8", nbytes=frame.nbytes,
+                           timeout_ms=left * 1000.0)
+                hits = self.hits.take()
+                if hits:
+                    msg["hits"] = hits
+                upload_slot = self._upload(msg, call.uploads[index] if call.uploads else None)
+            self.inflight[rid] = InFlight(call, index, slot, upload_slot, hits)
+            call.inflight += 1
+            out.append(wire.encode(msg))
+        return b"".join(out)
+
+    def _upload(self, msg: dict, upload: bytes | None) -> int | None:
+        """Encoded bytes go in a second slot when one is free and they fit (docs/protocol.md,
+        NOTE [ encoded uploads ] in daemon/caching.py); the slot, or None."""
+        if upload is None or not self.free or len(upload) > self._ring.geometry.slot_bytes:
+            return None
+        slot = msg["upload_slot"] = self.free.pop()
+        self._ring.slot(slot, len(upload))[:] = np.frombuffer(upload, np.uint8)
+        msg["upload_nbytes"] = len(upload)
+        return slot
+
+    def _release(self, entry: InFlight) -> None:
+        for slot in (entry.slot, entry.upload_slot):
+            if slot is not None:
+                self.free.append(slot)
+
+    def receive(self, reply) -> Call | None:
+        """Settle one reply: its slot is free again, its call gets the result (or the error, or
+        the request back in ``todo`` when a draining daemon refused it). The call, or None for a
+        notification's refusal or an abandoned request. Raises ProtocolError for a reply no
+        request is waiting for: the caller closes the session."""
+        if not isinstance(reply, dict):
+            raise errors.ProtocolError(f"unreadable reply from the daemon: {reply!r:.200}")
+        rid = reply.get("id")
+        if rid == NOTE_ID:
+            return None                             # an older daemon refusing a hits notification
+        entry = self.inflight.pop(rid, None) if type(rid) is int else None
+        if entry is None:
+            waiting = sorted(self.inflight)
+            expected = waiting[0] if len(waiting) == 1 else f"one of {waiting[:8]}"
+            detail = f": {reply.get('code')}: {reply.get('message')}" if not reply.get("ok") else ""
+            raise errors.ProtocolError(f"reply for id {rid!r}, expected {expected}{detail}")
+        self._release(entry)
+        call = entry.call
+        if call is None:
+            return None
+        call.inflight -= 1
+        call.backoff.reset()                        # this connection works
+        if reply.get("ok"):
+            try:
+                call.results[entry.index] = (reply, self.model_of(reply))
+            except errors.ProtocolError as exc:
+                call.fail(exc)
+        elif reply.get("code") == wire.E_SHUTTING_DOWN and self.resubmit:
+            self.draining = True
+            call.todo.append(entry.index)
+            self.hits.add(entry.hits)               # refused before the daemon counted them
+            self.resubmitted += 1
+        else:
+            call.fail(errors.from_reply(reply))
+        return call
+
+    def abandon(self, call: Call) -> None:
+        """The call's task was cancelled (or gave up): send nothing more of it; its requests in
+        flight keep their slots until the daemon's replies free them."""
+        call.todo.clear()
+        for entry in self.inflight.values():
+            if entry.call is call:
+                entry.call = None
+        call.inflight = 0
+
+    def hits_note(self) -> bytes:
+        """A ``hits`` notification carrying what no request has carried yet, or b""."""
+        n = self.hits.take()
+        return wire.encode({"op": "hits", "id": NOTE_ID, "n": n}) if n else b""
+
+    # checks and answers -----------------------------------------------------------------------
+    def check(self, top_k, timeout) -> None:
+        """The daemon's own range checks, made here too so a local cache hit answers a bad
+        argument the same way a round trip would."""
+        n = self.model.classes or len(self.model.labels)
+        if type(top_k) is not int or not 1 <= top_k <= n:
+            raise errors.InvalidInput(f"top_k {top_k!r} is out of range: 1 to {n}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise errors.InvalidInput(f"timeout {timeout!r} is out of range: more than 0, at most 3600 s "
+                                      "(timeout_ms)")
+
+    def look_up(self, items: list, top_k: int, tag: str | None) -> tuple[list, list[int], dict]:
+        """Local answers from the read-only cache for prepared inputs (inferd.client.decode):
+        ((pairs, model) or None per input, the indices to ask the daemon, the request's fields)."""
+        answers: list = [None] * len(items)
+        extra = {"top_k": top_k, **({"tag": tag} if tag else {})}
+        if self.cache is None or tag is not None:      # a tag must reach the daemon's store
+            return answers, list(range(len(items))), extra
+        for i, item in enumerate(items):
+            answers[i] = self._local_answer(item, top_k)
+        extra["looked"] = True          # misses here: NOTE [ unhashed misses ] in daemon/caching.py
+        return answers, [i for i, a in enumerate(answers) if a is None], extra
+
+    def _local_answer(self, item: decode.Prepared, top_k: int):
+        """(pairs, model) from the read-only cache, or None (a miss). Encoded bytes are looked up
+        by their hash first, before they are decoded (NOTE [ encoded uploads ] in
+        daemon/caching.py); on a miss there, by the decoded frame's content hash."""
+        model, hit = self.model, None
+        if item.encoded_hash is not None:
+            h, w, _ = model.input_shape
+            hit = self.cache.lookup(cachefile.encoded_key(model.digest, self.preprocess_id,
+                                                          decode.decoder_id(h, w), item.encoded_hash))
+        if hit is None or len(hit) < top_k:
+            key = cachefile.cache_key(model.digest, self.preprocess_id, cachefile.content_hash(item.frame()))
+            hit = self.cache.lookup(key)
+        if hit is None or len(hit) < top_k:
+            return None
+        self.cache_hits += 1
+        self.hits.add(1)
+        return hit[:top_k], model
+
+    def uploads(self, items: list) -> list | None:
+        """The encoded bytes to send beside each frame (the daemon then keys the answer by them
+        too), or None without a cache to fill."""
+        return [item.encoded for item in items] if self.cache is not None else None
+
+    @staticmethod
+    def top(reply: dict, model: ModelInfo) -> list:
+        """A classify reply's (index, score) pairs, checked against the model's classes."""
+        n = model.classes or len(model.labels)
+        try:
+            pairs = [(int(i), float(s)) for i, s in reply["top"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.ProtocolError(f"unreadable classify reply from the daemon: {exc!r}") from None
+        if any(not 0 <= i < n for i, _ in pairs):
+            raise errors.ProtocolError(f"classify reply names a class outside 0..{n - 1}: {pairs}")
+        return pairs
+
+    @staticmethod
+    def predictions(pairs: list, names: tuple) -> list[Prediction]:
+        return [Prediction(i, names[i] if i < len(names) else str(i), s) for i, s in pairs]
+
+    @staticmethod
+    def embedding(reply: dict) -> np.ndarray:
+        data = reply.get("embedding")
+        if not isinstance(data, bytes) or len(data) % 4:
+            raise errors.ProtocolError("unreadable embed reply from the daemon: no float32 embedding")
+        return np.frombuffer(data, dtype=np.float32).copy()
+
+    @staticmethod
+    def matches(reply: dict) -> list[NearDuplicate]:
+        try:
+            return [NearDuplicate(bytes.fromhex(h), tag, float(sim)) for h, tag, sim in reply["matches"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.ProtocolError(f"unreadable near reply from the daemon: {exc!r}") from None
+
+    # model generations and names --------------------------------------------------------------
+    def model_of(self, reply: dict) -> ModelInfo:
+        """The model that computed a reply: a new generation it announces becomes ``model``."""
+        described = reply.get("model")
+        if isinstance(described, dict):
+            info = ModelInfo.from_wire(described)
+            self._models[info.gen] = info
+            if info.gen >= self.model.gen:
+                self.model = info
+            while len(self._models) > KEEP_GENERATIONS:
+                del self._models[min(self._models)]
+            return info
+        gen = reply.get("gen")
+        return self._models.get(gen, self.model) if type(gen) is int else self.model
+
+    def names(self, model: ModelInfo) -> tuple | None:
+        """``model``'s class names, or None: ask the daemon (a ``labels`` request) and pass the
+        reply to ``learn_labels``. Hello carries only their number and ``labels_id``."""
+        if model.labels:
+            return model.labels
+        return self._label_book.get(model.labels_id)
+
+    def learn_labels(self, reply: dict, model: ModelInfo) -> tuple:
+        """Keep a ``labels`` reply's names; ``model``'s names. A generation whose names the daemon
+        no longer serves (swapped to other labels before they were asked for) gets its classes
+        numbered rather than wrongly named."""
+        labels = reply.get("labels")
+        if not isinstance(labels, (list, tuple)):
+            raise errors.ProtocolError("unreadable labels reply from the daemon: no list of labels")
+        self._label_book[str(reply.get("labels_id"))] = tuple(map(str, labels))
+        while len(self._label_book) > KEEP_GENERATIONS:
+            del self._label_book[next(iter(self._label_book))]
+        return self._label_book.get(model.labels_id) or tuple(str(i) for i in range(model.classes))
