@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[daemon,test,bench]'
 	touch $@
 
 demo: $(STAMP)
@@ -45,7 +45,7 @@ install: install-venv install-systemd
 install-venv:
 	$(PYTHON) -m venv $(INFERD_HOME)
 	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt torch
-	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt .
+	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt '.[daemon]'
 
 install-systemd:
 	install -d -m 755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
