@@ -201,6 +201,38 @@ def test_a_repeat_upload_is_answered_from_the_cache_without_decoding(daemon, mon
         assert c.classify(io.BytesIO(data), top_k=1) == first[:1] and not calls
 
 
+def test_async_client_takes_files_and_answers_repeats_without_decoding(daemon, tmp_path, monkeypatch):
+    import asyncio
+
+    from inferd.client import AsyncClient
+
+    data = encode(photo(41, 120, 160), "JPEG", quality=80)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+
+    async def main():
+        async with AsyncClient(daemon.socket_path) as c:
+            first = await c.classify(data, top_k=2)
+            assert await c.classify(path, top_k=2) == first
+            with Client(daemon.socket_path, cache=False) as sync:
+                assert sync.classify(reference(data), top_k=2) == first
+                await asyncio.to_thread(wait_until, lambda: _has_entry(daemon.socket_path, data), 10.0,
+                                    "the upload's entry")
+            monkeypatch.setattr(decode, "decode", lambda *a: pytest.fail("a repeat upload was decoded"))
+            hits = c.cache_hits
+            many = await asyncio.gather(*(c.classify(io.BytesIO(data), top_k=2) for _ in range(8)))
+            assert many == [first] * 8 and c.cache_hits == hits + 8
+    asyncio.run(main())
+
+
+def _has_entry(socket_path: str, data: bytes) -> bool:
+    """Whether the daemon stored an answer under ``data``'s encoded key (read-only lookup)."""
+    with Client(socket_path) as c:
+        key = cachefile.encoded_key(c.model.digest, c.preprocess_id, decode.decoder_id(H, W),
+                                    decode.encoded_hash(data))
+        return c._conn.cache.lookup(key) is not None
+
+
 def test_bytes_that_do_not_decode_to_the_frame_make_no_entry(daemon):
     """A's frame sent with B's bytes: A's answer, counted as a mismatch, nothing stored under B's bytes."""
     a = photo(21, H, W)                                          # a frame no test classified before
