@@ -294,6 +294,12 @@ def _cache_families(c: dict, counters: dict):
     yield _counter("inferd_cache_inserts_skipped", "Misses not stored (insert sampling while the hit "
                    "rate is low)", c["inserts_skipped"])
     yield _counter("inferd_cache_evictions", "Entries replaced by an insert", c["evictions"])
+    uploads = CounterMetricFamily("inferd_cache_uploads", "Encoded uploads sent with their frames "
+                                  "(NOTE [ encoded uploads ]): verified (decoded to the frame), mismatched, "
+                                  "inserted under their encoded key, skipped (decode thread busy)", labels=["result"])
+    for result in ("verified", "mismatched", "inserted", "skipped"):
+        uploads.add_metric([result], c.get(f"uploads_{result}", 0))
+    yield uploads
     yield _gauge("inferd_cache_hit_ratio", "Hits (daemon and client) over lookups since start", c["hit_rate"])
     yield _counter("inferd_cache_hashed_frames", "Frames copied and hashed by the daemon",
                    counters.get("hashed", 0))

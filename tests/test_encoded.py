@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import RawClient, sample_images, wait_until
-from inferd.client import Client, InvalidInput
+from helpers import RawClient, admin_path, sample_images, wait_until
+from inferd.client import AdminClient, Client, InvalidInput
 from inferd.client import decode
 from inferd.client.images import to_frame
 from inferd.shm import cache as cachefile
@@ -250,6 +250,9 @@ def test_bytes_that_do_not_decode_to_the_frame_make_no_entry(daemon):
             wait_until(lambda: uploads(c)["uploads_mismatched"] > before["uploads_mismatched"],
                        what="the verdict on the lying upload")
             assert uploads(c)["uploads_inserted"] == before["uploads_inserted"]
+            with AdminClient(admin_path(daemon)) as admin:
+                text = admin.call("metrics")["text"]
+            assert 'inferd_cache_uploads_total{result="mismatched"}' in text
             want_b = c.classify(b, top_k=1)
         with Client(daemon.socket_path) as c:
             key = cachefile.encoded_key(c.model.digest, c.preprocess_id, decode.decoder_id(H, W),
