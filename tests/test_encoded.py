@@ -263,6 +263,21 @@ def test_bytes_that_do_not_decode_to_the_frame_make_no_entry(daemon):
         raw.close()
 
 
+def test_an_upload_that_is_not_an_image_makes_no_entry(daemon):
+    a = photo(51, H, W)
+    raw = RawClient(daemon.socket_path, ring_slots=4)
+    try:
+        with Client(daemon.socket_path, cache=False) as c:
+            before = uploads(c)["uploads_mismatched"]
+            raw.ring.slot(2, 11)[:] = np.frombuffer(b"not a jpeg!", np.uint8)
+            raw.classify(1, 0, a, top_k=1, upload_slot=2, upload_nbytes=11)
+            reply = raw.recv()
+            assert reply["ok"] and [reply["top"][0][0]] == [p.index for p in c.classify(a, top_k=1)]
+            wait_until(lambda: uploads(c)["uploads_mismatched"] > before, what="the verdict")
+    finally:
+        raw.close()
+
+
 @pytest.mark.parametrize("fields,code,match", [
     ({"upload_slot": 1}, wire.E_INVALID_INPUT, "must both be integers"),
     ({"upload_nbytes": 10}, wire.E_INVALID_INPUT, "must both be integers"),
