@@ -26,6 +26,7 @@ and resubmission after a restart behave alike; this module adds only its way of 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Iterable
 
@@ -349,16 +350,18 @@ class AsyncClient:
 
     async def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
                             tag: str | None = None) -> list[list[Prediction]]:
-        """Top-k predictions for each image, in order (Client.classify_many). Decoding encoded
-        files runs here, on the loop: give large uploads to ``loop.run_in_executor`` first if the
-        loop must stay responsive."""
+        """Top-k predictions for each image, in order (Client.classify_many). Reading files and
+        decoding encoded images run in the loop's default executor, never on the loop; a repeat
+        upload answered from the cache by the hash of its bytes is not decoded at all."""
         self._check_open()
-        h, w, _ = self.model.input_shape
-        items = [decode.prepare(img, h, w) for img in images]
         timeout = self.timeout if timeout is None else timeout
         core = self._core
         core.check(top_k, timeout)
         deadline = self._clock() + timeout
+        items = await self._prepare(list(images))
+        slow = [it for it in items if core.needs_decoding(it, top_k)]
+        if slow:
+            await self._loop.run_in_executor(None, lambda: [it.frame() for it in slow])
         results, todo, extra = core.look_up(items, top_k, tag)
         if todo:
             asked = [items[i] for i in todo]
@@ -366,6 +369,14 @@ class AsyncClient:
             for i, (reply, model) in zip(todo, await self._run(call)):
                 results[i] = (core.top(reply, model), model)
         return [core.predictions(pairs, await self._names(model)) for pairs, model in results]
+
+    async def _prepare(self, images: list) -> list:
+        """inferd.client.decode.prepare for each image; paths and file objects are read in the
+        executor (blocking I/O), arrays and bytes here."""
+        h, w, _ = self.model.input_shape
+        if any(isinstance(im, (str, os.PathLike)) or hasattr(im, "read") for im in images):
+            return await self._loop.run_in_executor(None, lambda: [decode.prepare(im, h, w) for im in images])
+        return [decode.prepare(im, h, w) for im in images]
 
     async def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
         """The model's embedding of an image (Client.embed)."""
@@ -380,8 +391,8 @@ class AsyncClient:
 
     async def _embedding_op(self, image, op: str, extra: dict, timeout) -> dict:
         self._check_open()
-        h, w, _ = self.model.input_shape
-        frame = decode.prepare(image, h, w).frame()
+        (item,) = await self._prepare([image])
+        frame = item.frame() if item.encoded is None else await self._loop.run_in_executor(None, item.frame)
         timeout = self.timeout if timeout is None else timeout
         ((reply, _),) = await self._run(Call(op, extra, self._clock() + timeout, [frame]))
         return reply

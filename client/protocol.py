@@ -264,6 +264,18 @@ class ProtocolCore:
         self.hits.add(1)
         return hit[:top_k], model
 
+    def needs_decoding(self, item: decode.Prepared, top_k: int) -> bool:
+        """Encoded bytes the cache cannot answer by their hash (so ``look_up`` would decode them):
+        an AsyncClient decodes these off its event loop first."""
+        if item.encoded is None:
+            return False
+        if self.cache is None:
+            return True
+        h, w, _ = self.model.input_shape
+        hit = self.cache.lookup(cachefile.encoded_key(self.model.digest, self.preprocess_id,
+                                                      decode.decoder_id(h, w), item.encoded_hash))
+        return hit is None or len(hit) < top_k
+
     def uploads(self, items: list) -> list | None:
         """The encoded bytes to send beside each frame (the daemon then keys the answer by them
         too), or None without a cache to fill."""

@@ -35,8 +35,17 @@ def _free_again(client) -> bool:
     return not core.inflight and len(core.free) == client._stream.conn.ring.geometry.slots
 
 
+def _run_on(loop: str, coro):
+    """``coro`` on asyncio's default loop or on uvloop (which applications often use)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
 # -- a real daemon ----------------------------------------------------------------------------------
-def test_many_tasks_share_one_connection_and_get_what_client_gets(daemon):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_many_tasks_share_one_connection_and_get_what_client_gets(daemon, loop):
     samples = sample_images()
     images = [img for _, img in samples] * 8
     extra = _images(40, seed=1)
@@ -50,7 +59,7 @@ def test_many_tasks_share_one_connection_and_get_what_client_gets(daemon):
             assert _free_again(c)
             return tops, many, c.cache_hits
 
-    tops, many, hits = asyncio.run(main())
+    tops, many, hits = _run_on(loop, main())
     with Client(daemon.socket_path, cache=False) as sync:
         want = sync.classify_many(images + extra, top_k=2)
     assert [t[0].label for t in tops[:len(samples)]] == [label for label, _ in samples]
@@ -136,6 +145,37 @@ def test_embed_near_duplicates_and_a_bad_image(daemon):
     vec, near = asyncio.run(main())
     assert vec.dtype == np.float32 and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
     assert near and near[0].tag == "aio-original" and near[0].similarity > 0.99
+
+
+def test_encoded_files_are_decoded_off_the_loop_and_a_repeat_not_at_all(fresh_daemon, monkeypatch):
+    from pathlib import Path
+
+    from inferd.client import decode as decode_module
+
+    d = fresh_daemon()
+    png = sorted((Path(__file__).resolve().parent.parent / "samples").glob("*.png"))[0]
+    label = png.stem.rsplit("_", 1)[0]
+    decoded_on = []
+    real = decode_module.decode
+    monkeypatch.setattr(decode_module, "decode",
+                        lambda *a: decoded_on.append(threading.current_thread()) or real(*a))
+
+    async def main():
+        async with AsyncClient(d.socket_path) as c:
+            assert (await c.classify(str(png), top_k=1))[0].label == label
+            with open(png, "rb") as fh:
+                assert (await c.classify(fh, top_k=1))[0].label == label
+            data = png.read_bytes()
+            for _ in range(200):          # until the daemon's entry for these bytes is there
+                decodes, hits = len(decoded_on), c.cache_hits
+                assert (await c.classify(data, top_k=1))[0].label == label
+                if c.cache_hits > hits and len(decoded_on) == decodes:
+                    return True           # answered from the cache by its bytes' hash, not decoded
+                await asyncio.sleep(0.01)   # noqa: sleep-ok: polling with a bound
+            return False
+
+    assert asyncio.run(main()), "no repeat upload was answered without decoding"
+    assert len(decoded_on) >= 2 and threading.main_thread() not in decoded_on   # the loop's thread
 
 
 @pytest.mark.timeout(120)
