@@ -408,3 +408,49 @@ def test_shutting_down_without_reconnect_and_a_silent_daemon(monkeypatch):
     finally:
         refusing.close()
         silent.close()
+
+
+def test_local_hits_reach_the_daemon_by_the_loops_timer(fresh_daemon):
+    from test_reconnect import client_hits
+
+    d = fresh_daemon()
+    frame = _images(1, seed=11)[0]
+
+    async def main():
+        async with AsyncClient(d.socket_path) as c:
+            await c.classify(frame, top_k=1)
+            for _ in range(200):                     # until the daemon's entry is there
+                await c.classify(frame, top_k=1)
+                if c.cache_hits:
+                    break
+                await asyncio.sleep(0.01)   # noqa: sleep-ok: polling with a bound
+            hits = c.cache_hits
+            assert hits
+            for _ in range(500):                     # the timer sends them within half a second
+                if client_hits(await c.info()) == hits:
+                    return True
+                await asyncio.sleep(0.01)   # noqa: sleep-ok: polling with a bound
+            return False
+
+    assert asyncio.run(main()), "the local hits never reached the daemon"
+
+
+def test_aclose_fails_the_calls_under_way():
+    fake = _scripted(lambda msg: {"ok": True, "top": [[1, 0.9]]})
+
+    async def main():
+        c = await AsyncClient.open(fake.path)
+        fake.hold = True
+        calls = [asyncio.ensure_future(c.classify(FRAME, top_k=1)) for _ in range(6)]   # 4 sent, 2 wait
+        await _until(lambda: len(fake.held) == 4)
+        await c.aclose()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(e, DaemonUnavailable) and "closed" in str(e) for e in done), done
+        with pytest.raises(DaemonUnavailable, match="closed"):
+            await c.ping()
+        await c.aclose()                              # idempotent
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake.close()
