@@ -26,6 +26,7 @@ and resubmission after a restart behave alike; this module adds only its way of 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from typing import Iterable
@@ -206,7 +207,10 @@ class AsyncClient:
         if self._core.draining and self._core.idle():
             self._drop(stream)                          # owes nothing more: leave it for its successor
         if self._starved and (self._core.free or self._stream is None):
-            for call in self._starved:
+            # oldest first, as many as there are free slots (all when the session went away);
+            # one that finds no slot after all keeps its place in the queue
+            n = len(self._core.free) if self._stream is not None else len(self._starved)
+            for call in itertools.islice(self._starved, n):
                 call.waker.set()
 
     def _wake_all(self) -> None:
