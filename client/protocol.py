@@ -68,7 +68,7 @@ class InFlight:
     call: Call | None        # None once the call was abandoned: the reply only frees the slot
     index: int               # which request of the call
     slot: int | None         # its ring slot (None: a request without a frame)
-    upload_slot: int | None  # the slot of the encoded bytes it was decoded from, if sent
+    upload_slot: range | None  # the run of slots of the encoded bytes it was decoded from, if sent
     hits: int                # local hits it reported (given back if it is refused unread)
 
 
@@ -158,20 +158,42 @@ class ProtocolCore:
             out.append(wire.encode(msg))
         return b"".join(out)
 
-    def _upload(self, msg: dict, upload: bytes | None) -> int | None:
-        """Encoded bytes go in a second slot when one is free and they fit (docs/protocol.md,
-        NOTE [ encoded uploads ] in daemon/caching.py); the slot, or None."""
-        if upload is None or not self.free or len(upload) > self._ring.geometry.slot_bytes:
+    def _upload(self, msg: dict, upload: bytes | None) -> range | None:
+        """Encoded bytes go in a run of consecutive free slots, at most half the ring (Runs in
+        inferd.shm.ring; docs/protocol.md; NOTE [ encoded uploads ] in daemon/caching.py); the
+        run, or None when no such run is free: the bytes are not sent, the answer is the same."""
+        if upload is None or not self.free:
             return None
-        slot = msg["upload_slot"] = self.free.pop()
-        self._ring.slot(slot, len(upload))[:] = np.frombuffer(upload, np.uint8)
-        msg["upload_nbytes"] = len(upload)
-        return slot
+        g = self._ring.geometry
+        m = g.run_slots(len(upload))
+        run = self._free_run(m) if m <= min(g.max_run, len(self.free)) else None
+        if run is None:
+            return None
+        if m == 1:
+            self.free.pop()
+        else:
+            self.free[:] = [s for s in self.free if s not in run]
+        self._ring.write_run(run.start, upload)
+        msg.update(upload_slot=run.start, upload_nbytes=len(upload))
+        return run
+
+    def _free_run(self, m: int) -> range | None:
+        """The lowest ``m`` consecutive free slots (one: the next free slot), or None."""
+        if m == 1:
+            return range(self.free[-1], self.free[-1] + 1)
+        start = prev = -2
+        for s in sorted(self.free):
+            start = start if s == prev + 1 else s
+            prev = s
+            if s - start + 1 == m:
+                return range(start, s + 1)
+        return None
 
     def _release(self, entry: InFlight) -> None:
-        for slot in (entry.slot, entry.upload_slot):
-            if slot is not None:
-                self.free.append(slot)
+        if entry.slot is not None:
+            self.free.append(entry.slot)
+        if entry.upload_slot is not None:           # every slot of its run
+            self.free.extend(entry.upload_slot)
 
     def receive(self, reply) -> Call | None:
         """Settle one reply: its slot is free again, its call gets the result (or the error, or

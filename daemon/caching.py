@@ -36,22 +36,31 @@ decodes them (inferd.client.decode), under ``encoded_key(digest, preprocess_id, 
 BLAKE3(bytes))`` (inferd.shm.cache). Only the daemon writes, and it writes such a key only for
 bytes it decoded itself to exactly the frame it computed the answer for:
 
-    client: miss -> decode -> frame in slot S, the bytes in slot U --classify(slot S, upload_slot U)-->
-    admission (loop): refuse first (both slots checked), copy S (private frame, hashed as ever)
-                      and U (private bytes), key = encoded_key(this model, this decoder, BLAKE3(copy))
-                      -> decode pool (one thread, at most MAX_UPLOADS waiting; else no entry):
+    client: miss -> decode -> frame in slot S, the bytes in the run of slots U..U+m-1
+            --classify(slot S, upload_slot U, upload_nbytes n)-->
+    admission (loop): refuse first (S and every slot of the run checked, m <= half the ring,
+                      n <= MAX_ENCODED_BYTES), copy S (private frame, hashed as ever) and the run
+                      (private bytes, one copy)
+                      -> decode pool (one thread, at most MAX_UPLOADS and MAX_UPLOAD_BYTES
+                         waiting; else no entry):
                          decode(copy of U) == copy of S ?  (the client's own decode module)
+                         equal: BLAKE3(copy of U)          (hashed here: a large upload's hash
+                                                            is not the loop's either)
     answer (loop):    top of the frame  --+
-    verdict (loop):   equal / not equal --+--> both in, equal: insert key -> top; else nothing
+    verdict (loop):   hash / not equal  --+--> both in, equal: insert
+                                               encoded_key(model, decoder, hash) -> top; else nothing
 
 So an entry under an encoded key always holds the answer for the frame those bytes decode to with
 that decoder: a client that sends bytes that do not decode to its frame gets the right answer for
 its frame and makes no entry; a client whose decoder differs (another Pillow, libjpeg-turbo) makes
 keys that never meet the daemon's. The copies are private, so nothing the client writes after
-admission changes what is verified. The decode runs off the loop; its CPU (one decode per first
-upload, bounded by the slot size and inferd.client.decode.MAX_PIXELS) is the price of the repeat
-answered without decoding. Uploads of requests answered at once (cache hit, coalesced) and of a
-model that changed before the verdict make no entry.
+admission changes what is verified. Every slot of the run is held (``session.inflight``) from
+admission to the request's reply, like its frame's slot, and let go in Scheduler._finish, the one
+place every reply, error, expiry and drop passes. The decode runs off the loop; its CPU (one decode
+per first upload, bounded by inferd.client.decode.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
+the repeat answered without decoding; the loop's part is one copy of the bytes. Uploads of requests
+answered at once (cache hit, coalesced) and of a model that changed before the verdict make no
+entry.
 
 Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
 daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
@@ -83,16 +92,19 @@ log = logging.getLogger("inferd.caching")
 RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
 MAX_CHOSEN = 4096          # keys sampled for insert whose answers are awaited, at most
 MAX_UPLOADS = 32           # encoded uploads waiting for the decode thread, at most (NOTE [ encoded uploads ])
+MAX_UPLOAD_BYTES = 64 * 2**20   # ... and their copies' bytes, at most: the daemon's memory for them
 
 
 class Upload:
-    """One encoded upload being verified: inserted under ``key`` once both the answer (``top``)
-    and an equal decode (``verdict``) are in, on the loop thread (NOTE [ encoded uploads ])."""
+    """One encoded upload being verified: inserted under its encoded key once both the answer
+    (``top``) and an equal decode (``verdict``: the BLAKE3 of the bytes, hashed on the decode
+    thread) are in, on the loop thread (NOTE [ encoded uploads ])."""
 
-    __slots__ = ("key", "digest", "top", "verdict", "memory")
+    __slots__ = ("digest", "preprocess_id", "decoder", "top", "verdict", "memory")
 
-    def __init__(self, memory: "Memory", key: bytes):
-        self.memory, self.key, self.digest = memory, key, memory.digest
+    def __init__(self, memory: "Memory", decoder: str):
+        self.memory, self.digest, self.preprocess_id = memory, memory.digest, memory.spec.preprocess_id
+        self.decoder = decoder
         self.top = self.verdict = None
 
     def answered(self, top: list) -> None:
@@ -100,25 +112,30 @@ class Upload:
         self._settle()
 
     def decided(self, future) -> None:
-        self.verdict = (not future.cancelled() and future.exception() is None and future.result())
+        self.verdict = future.result() if not future.cancelled() and future.exception() is None else None
         self.memory.counters["uploads_verified" if self.verdict else "uploads_mismatched"] += 1
         self._settle()
 
     def _settle(self) -> None:
         memory = self.memory
         if self.verdict and self.top is not None and memory.cache is not None and memory.digest == self.digest:
-            if memory.cache.insert(self.key, self.top):
+            key = cachefile.encoded_key(self.digest, self.preprocess_id, self.decoder, self.verdict)
+            if memory.cache.insert(key, self.top):
                 memory.counters["evictions"] += 1
             memory.counters["uploads_inserted"] += 1
             self.verdict = None             # once
 
 
-def _decodes_to(data: bytes, frame: np.ndarray) -> bool:
-    """Whether ``data`` decodes (inferd.client.decode) to exactly ``frame``. Runs on the decode thread."""
+def _decodes_to(data: bytearray, frame: np.ndarray) -> bytes | None:
+    """The BLAKE3 of ``data`` (inferd.client.decode.encoded_hash) when it decodes to exactly
+    ``frame``, else None. Runs on the decode thread: neither the decode nor the hash of a large
+    upload (up to MAX_ENCODED_BYTES) is the loop's."""
     try:
-        return bool(np.array_equal(decoding.decode(data, frame.shape[0], frame.shape[1]), frame))
+        if not np.array_equal(decoding.decode(data, frame.shape[0], frame.shape[1]), frame):
+            return None
     except decoding.InvalidInput:
-        return False
+        return None
+    return decoding.encoded_hash(data)
 
 
 class Memory:
@@ -139,6 +156,7 @@ class Memory:
         self.l2 = None                      # the fleet cache (daemon/l2.py), when l2.enabled
         self._decoder = None                # the upload decode thread, started by the first upload
         self._uploads_waiting = 0
+        self._upload_bytes = 0              # bytes of the uploads waiting (MAX_UPLOAD_BYTES)
 
     @property
     def hashing(self) -> bool:
@@ -196,32 +214,36 @@ class Memory:
         self.counters["hashed"] += 1
         return frame, content, key
 
-    def upload(self, ring, slot: int, nbytes: int, frame) -> Upload | None:
-        """Start verifying the encoded bytes in a checked ``slot`` against ``frame`` (the private
-        copy), or None when no entry can be made (no cache, no frame, the decode thread busy).
-        Copies the bytes now. Raises Rejected when the slot cannot be read (see private_copy)."""
+    def upload(self, ring, run: range, nbytes: int, frame) -> Upload | None:
+        """Start verifying the encoded bytes in a checked ``run`` of slots against ``frame`` (the
+        private copy), or None when no entry can be made (no cache, no frame, the decode thread
+        busy: MAX_UPLOADS uploads or MAX_UPLOAD_BYTES bytes waiting). Copies the bytes now (one
+        copy, on the loop; hashed on the decode thread). Raises Rejected when the run cannot be
+        read whole (see private_copy)."""
         if self.cache is None or frame is None:
             return None
-        if self._uploads_waiting >= MAX_UPLOADS:
+        if self._uploads_waiting >= MAX_UPLOADS or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
             self.counters["uploads_skipped"] += 1
             return None
+        data = bytearray(nbytes)
         try:
-            data = ring.read_slot(slot, nbytes).tobytes()
+            ring.read_run(run.start, nbytes, out=np.frombuffer(data, np.uint8))
         except RingError as exc:
-            raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {slot} cannot be read: {exc}") from None
+            raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {run.start} cannot be read: {exc}") from None
         h, w = self.spec.frame_shape[:2]
-        record = Upload(self, cachefile.encoded_key(self.digest, self.spec.preprocess_id,
-                                                    decoding.decoder_id(h, w), decoding.encoded_hash(data)))
+        record = Upload(self, decoding.decoder_id(h, w))
         if self._decoder is None:
             self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
         self._uploads_waiting += 1
+        self._upload_bytes += nbytes
         future = asyncio.get_running_loop().run_in_executor(self._decoder, _decodes_to, data, frame)
-        future.add_done_callback(self._upload_done)
+        future.add_done_callback(lambda _f, n=nbytes: self._upload_done(n))
         future.add_done_callback(record.decided)
         return record
 
-    def _upload_done(self, _future) -> None:
+    def _upload_done(self, nbytes: int) -> None:
         self._uploads_waiting -= 1
+        self._upload_bytes -= nbytes
 
     def key(self, content: bytes) -> bytes:
         """The cache key of a content hash under the current model."""

@@ -39,6 +39,8 @@ from inferd.daemon.session import Rejected, check_classify
 from inferd.daemon.stats import Stats
 from inferd.shm import wire
 
+from ..client import decode as decoding
+
 log = logging.getLogger("inferd.scheduler")
 _late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
 
@@ -65,29 +67,43 @@ def _tag(value):
     return value
 
 
-def _upload_of(msg: dict, ring, slot: int, inflight: dict, op: str) -> tuple | None:
-    """(upload_slot, upload_nbytes) of a classify that carries its encoded bytes, None when it
-    carries none. Every field checked against the ring before anything is read (NOTE [ encoded
-    uploads ] in daemon/caching.py). Raises Rejected."""
+def _upload_of(msg: dict, ring, slot: int, inflight: dict, op: str) -> tuple[range, int] | None:
+    """(run of slots, upload_nbytes) of a classify that carries its encoded bytes, None when it
+    carries none. The bytes span ``[upload_slot, upload_slot + m)``, ``m = ceil(nbytes / slot
+    capacity)`` (Runs in inferd.shm.ring). Every field checked against the ring before anything is
+    read: O(m), m at most half the ring (NOTE [ encoded uploads ] in daemon/caching.py). Raises
+    Rejected."""
     if wire.UPLOAD_SLOT not in msg and wire.UPLOAD_NBYTES not in msg:
         return None
-    upload, nbytes = msg.get(wire.UPLOAD_SLOT), msg.get(wire.UPLOAD_NBYTES)
-    if type(upload) is not int or type(nbytes) is not int:
+    first, nbytes = msg.get(wire.UPLOAD_SLOT), msg.get(wire.UPLOAD_NBYTES)
+    if type(first) is not int or type(nbytes) is not int:
         raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} and {wire.UPLOAD_NBYTES} must both be "
-                       f"integers, got {upload!r} and {nbytes!r}")
+                       f"integers, got {first!r} and {nbytes!r}")
     if op != "classify":
         raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} is for classify only, not {op}")
-    geometry = ring.geometry
-    if not 0 <= upload < geometry.slots or upload == slot:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {upload} is out of range: 0 to "
-                       f"{geometry.slots - 1}, and not the frame's slot {slot}")
-    if not 0 < nbytes <= geometry.slot_bytes:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} does not fit a slot: this "
-                       f"ring's slots hold 1 to {geometry.slot_bytes} bytes")
-    if upload in inflight:
-        raise Rejected(wire.E_SLOT_BUSY, f"{wire.UPLOAD_SLOT} {upload} already carries request "
-                       f"{inflight[upload]}; a slot may be reused only after its reply")
-    return upload, nbytes
+    g = ring.geometry
+    if not 0 < nbytes <= decoding.MAX_ENCODED_BYTES:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} is out of range: 1 to "
+                       f"{decoding.MAX_ENCODED_BYTES} (inferd.client.decode.MAX_ENCODED_BYTES)")
+    m = g.run_slots(nbytes)
+    if m > g.max_run:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} spans {m} slots of "
+                       f"{g.slot_bytes} bytes; an upload may span at most {g.max_run}, half this "
+                       f"ring's {g.slots}, so one request never holds the whole ring: send no upload, "
+                       "or ask hello for more ring_slots")
+    if not 0 <= first <= g.slots - m:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {first} is out of range: its {m} "
+                       f"slots must lie within slots 0 to {g.slots - 1}, without wrapping")
+    run = range(first, first + m)
+    if slot in run:
+        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {first} and its {m} slots include "
+                       f"the frame's slot {slot}; the bytes need slots of their own")
+    for s in run:
+        if s in inflight:
+            raise Rejected(wire.E_SLOT_BUSY, f"{wire.UPLOAD_SLOT} {first} and its {m} slots include "
+                           f"slot {s}, which already carries request {inflight[s]}; a slot may be "
+                           "reused only after its reply")
+    return run, nbytes
 
 
 def _near_args(msg: dict) -> tuple[int, float]:
@@ -169,8 +185,9 @@ class Scheduler:
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)
         session.inflight[slot] = rid
-        if upload is not None:              # held until the reply, like the frame's slot
-            session.inflight[upload[0]] = rid
+        if upload is not None:              # every slot of the run held until the reply, like the frame's
+            for s in upload[0]:
+                session.inflight[s] = rid
             request.upload = (upload[0], verifying)
         self.stats.admitted(uid)
         if key and op == "classify":
@@ -388,8 +405,9 @@ class Scheduler:
         r.done = True
         session = r.session
         session.inflight.pop(r.slot, None)
-        if r.upload is not None:
-            session.inflight.pop(r.upload[0], None)
+        if r.upload is not None:            # its run, on every path to here (answer, error, expiry, drop)
+            for s in r.upload[0]:
+                session.inflight.pop(s, None)
         for _, slot, _ in r.followers:      # coalesced frames hold slots too, even when r is dropped
             session.inflight.pop(slot, None)
         self.stats.finished(session.peer[1], 1 + len(r.followers))

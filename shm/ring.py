@@ -31,6 +31,12 @@ The daemon never writes a slot and never trusts the header read back from memory
 geometry it created and checks every slot, byte count and shape a client names against it. A client
 that writes a SUBMITTED slot can only spoil its own answer.
 
+Runs. A payload larger than one slot (the encoded bytes of an upload, docs/protocol.md) spans a run
+of consecutive slots ``[first, first + m)``, ``m = ceil(nbytes / capacity)``, never wrapping past
+the last slot: slot ``first + i`` holds bytes ``[i * capacity, (i + 1) * capacity)`` of it (the last
+one partly), so the padding between slots is never part of a payload. Every slot of a run moves
+between the states above together, with the one request that names it.
+
 Backends, and why no client can crash the daemon through its ring. A read through a mapping of
 memory that its file no longer covers is a SIGBUS, and a client holds the ring's descriptor, so it
 could ftruncate it; the daemon therefore only ever reads rings that cannot shrink through a mapping:
@@ -45,8 +51,9 @@ could ftruncate it; the daemon therefore only ever reads rings that cannot shrin
   signal. (A size check before a mapped read would race with ftruncate: not safe.) A name left by
   a daemon killed between create and unlink is removed by :func:`sweep_stale` at the next start.
 
-The daemon reads slots only with :meth:`Ring.read_slot` (a private copy, either backend); ``slot``
-views are for the client, which writes through its own mapping.
+The daemon reads slots only with :meth:`Ring.read_slot` and :meth:`Ring.read_run` (private copies,
+either backend); ``slot`` views and ``write_run`` are for the client, which writes through its own
+mapping.
 """
 from __future__ import annotations
 
@@ -92,6 +99,16 @@ class RingGeometry:
 
     def offset(self, slot: int) -> int:
         return DATA_OFFSET + slot * self.stride
+
+    def run_slots(self, nbytes: int) -> int:
+        """Slots a run of ``nbytes`` payload bytes spans (see Runs in the module docstring)."""
+        return -(-nbytes // self.slot_bytes)
+
+    @property
+    def max_run(self) -> int:
+        """The most slots one run may span: half the ring (at least one), so that one request
+        never holds a client's whole ring and its frames always find slots beside it."""
+        return max(1, self.slots // 2)
 
 
 def _make_memfd(size: int, prefix: str) -> int:
@@ -212,21 +229,56 @@ class Ring:
             out = np.empty(nbytes, dtype=np.uint8)
         elif out.nbytes != nbytes or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"out must be a writable C-contiguous array of {nbytes} bytes")
-        start = g.offset(index)
-        if self._mm is not None:                         # sealed (memfd): the mapping cannot shrink
-            out.reshape(-1).view(np.uint8)[:] = self.array[start:start + nbytes]
+        self._read(g.offset(index), out.reshape(-1).view(np.uint8), f"slot {index}")
+        return out
+
+    def read_run(self, first: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+        """A private copy of a run's ``nbytes`` payload bytes starting at slot ``first`` (Runs in
+        the module docstring): into ``out`` (a writable C-contiguous uint8 array of exactly
+        ``nbytes``; returned) or a new one. RingError, never a signal, when the run is outside the
+        geometry or cannot be read whole (a posix ring its client shrank), as read_slot."""
+        g = self.geometry
+        if not (0 <= first < g.slots and nbytes > 0 and first + g.run_slots(nbytes) <= g.slots):
+            raise RingError(f"a run of {nbytes} bytes from slot {first} is outside this ring's "
+                            f"{g.slots} slots of {g.slot_bytes} bytes")
+        if out is None:
+            out = np.empty(nbytes, dtype=np.uint8)
+        elif out.nbytes != nbytes or out.dtype != np.uint8 or not out.flags.c_contiguous \
+                or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous uint8 array of {nbytes} bytes")
+        flat = out.reshape(-1)
+        if g.stride == g.slot_bytes:                     # no padding between slots: one copy
+            self._read(g.offset(first), flat, f"the run from slot {first}")
             return out
+        for i, at in enumerate(range(0, nbytes, g.slot_bytes)):
+            self._read(g.offset(first + i), flat[at:at + g.slot_bytes], f"slot {first + i} of a run")
+        return out
+
+    def write_run(self, first: int, data) -> None:
+        """Write ``data`` (bytes-like) as a run from slot ``first`` through this side's mapping
+        (the client's side). Callers have checked that the run fits the ring."""
+        g, src = self.geometry, np.frombuffer(data, dtype=np.uint8)
+        for i, at in enumerate(range(0, len(src), g.slot_bytes)):
+            piece = src[at:at + g.slot_bytes]
+            self.slot(first + i, len(piece))[:] = piece
+
+    def _read(self, start: int, into: np.ndarray, what: str) -> None:
+        """Copy ``into.nbytes`` bytes from ring offset ``start`` (checked by the caller) into the
+        flat uint8 array ``into``."""
+        nbytes = into.nbytes
+        if self._mm is not None:                         # sealed (memfd): the mapping cannot shrink
+            into[:] = self.array[start:start + nbytes]
+            return
         if self._fd is None:
             raise RingError("the ring is closed")
-        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        view, done = memoryview(into), 0
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:]], start + done)
             if n == 0:
-                raise RingError(f"slot {index} holds only {done} of {nbytes} bytes: the ring was "
+                raise RingError(f"{what} holds only {done} of {nbytes} bytes: the ring was "
                                 "shrunk under the request (ftruncate); only the client that owns "
                                 "it can do that")
             done += n
-        return out
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
