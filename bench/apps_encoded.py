@@ -11,6 +11,8 @@
   frame); plus the daemon's CPU per first upload with its bytes sent (verified: one decode on its
   decode thread) against the same frames sent without them, and what hashing alone costs for
   a larger file.
+- ``repeat_large_upload`` (``python bench/apps_encoded.py --large``): the same for a ~90 KB file
+  that spans a run of ring slots, against a client whose ring is too small to send it.
 """
 from __future__ import annotations
 
@@ -174,9 +176,59 @@ def repeat_upload(first: int = 100, repeats: int = 2000) -> dict:
     return out
 
 
+def repeat_large_upload(first: int = 40, repeats: int = 1000) -> dict:
+    """A 640x480 JPEG (~90 KB, a run of 8 slots of the default ring): the repeat answered by the
+    hash of its bytes against the baseline of a client whose ring is too small for the run (2
+    slots: the bytes are not sent, so a repeat is decoded and found by the frame's hash, as every
+    upload over one slot was before runs); and the daemon's CPU per verified first upload of it
+    against the same frames sent as arrays, interleaved in blocks of 10."""
+    from cache_common import cpu_seconds
+    from inferd.client import Client
+    from inferd.client import decode
+
+    out = {}
+    with daemon(CACHED) as d:
+        pid = d["proc"].pid
+        with Client(d["socket"]) as c, Client(d["socket"], ring_slots=2) as small_ring:
+            h, w, _ = c.model.input_shape
+            files = [jpeg(photo(3000 + i, 480, 640)) for i in range(2 * first + 2)]
+            out["bytes"], out["slots"] = len(files[-1]), -(-len(files[-1]) // (h * w * 3))
+            frames = [decode.decode(f, h, w) for f in files[first:2 * first]]
+            c.classify(jpeg(photo(2999, 480, 640)))        # the daemon's decode thread, loaded
+            cpu = {"upload": 0.0, "array": 0.0}
+            for block in range(0, first, 10):
+                t = cpu_seconds(pid)
+                for f in files[block:block + 10]:
+                    c.classify(f)
+                t, cpu["upload"] = cpu_seconds(pid), cpu["upload"] + cpu_seconds(pid) - t
+                for f in frames[block:block + 10]:
+                    c.classify(f)
+                cpu["array"] += cpu_seconds(pid) - t
+            out["daemon_cpu_us_per_upload"] = round(1e6 * cpu["upload"] / first, 1)
+            out["daemon_cpu_us_per_array"] = round(1e6 * cpu["array"] / first, 1)
+            for client, data, name in ((c, files[-1], "repeat_run"), (small_ring, files[-2], "repeat_not_sent")):
+                client.classify(data)
+                t_end, hits = time.monotonic() + 10, client.cache_hits
+                while client.cache_hits == hits and time.monotonic() < t_end:   # the entry, off the loop
+                    client.classify(data)
+                hits = client.cache_hits
+                out[name] = _us(_timed(lambda: client.classify(data), repeats))
+                out[name]["hits"] = client.cache_hits - hits
+            out["uploads"] = {k: v for k, v in c.info()["cache"].items() if k.startswith("uploads_")}
+    r, b = out["repeat_run"]["p50_us"], out["repeat_not_sent"]["p50_us"]
+    print(f"[repeat-large] {out['bytes']} B JPEG, {out['slots']} slots: repeat p50 {r} us (p99 "
+          f"{out['repeat_run']['p99_us']}) against {b} us with its bytes not sent: ratio {r / b:.3f}; daemon "
+          f"CPU per first upload {out['daemon_cpu_us_per_upload']} us against {out['daemon_cpu_us_per_array']} "
+          f"us per array; {out['uploads']}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     import json
     import sys
 
     quick = "--quick" in sys.argv
+    if "--large" in sys.argv:
+        print(json.dumps(repeat_large_upload(), indent=1))
+        sys.exit(0)
     print(json.dumps({"repeat": repeat_upload(), "jpeg": jpeg_throughput(seconds=3.0 if quick else 4.0)}, indent=1))
