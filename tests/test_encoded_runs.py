@@ -197,6 +197,38 @@ def test_a_redispatched_request_keeps_its_run():
     assert s.inflight == {5: 1, 0: 1, 1: 1}
 
 
+def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatch):
+    """A run can hold megabytes: past MAX_UPLOAD_BYTES waiting for the decode thread an upload is
+    neither copied nor verified (no entry), and room comes back with the verdicts."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from inferd.daemon import caching
+
+    monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
+    memory = caching.Memory(Config(), SPEC, "digest", Counter())
+    memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
+    reads = []
+    ring = SimpleNamespace(read_run=lambda first, nbytes, out: reads.append((first, nbytes)))
+    frame = np.zeros(SPEC.frame_shape, np.uint8)
+
+    async def main():
+        assert memory.upload(ring, range(2, 3), 600, frame) is not None
+        assert memory.upload(ring, range(4, 5), 600, frame) is None          # 1200 bytes would wait
+        assert reads == [(2, 600)] and memory.counters["uploads_skipped"] == 1
+        deadline = asyncio.get_running_loop().time() + 10
+        while memory.counters["uploads_mismatched"] == 0:                    # zeros: not an image
+            assert asyncio.get_running_loop().time() < deadline, "no verdict"
+            await asyncio.sleep(0.01)
+        assert memory.upload(ring, range(4, 5), 600, frame) is not None      # room again
+        assert reads == [(2, 600), (4, 600)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        memory.close()
+
+
 # the daemon: bad runs refused before anything is read ---------------------------------------------
 @pytest.mark.parametrize("fields,code,match", [
     ({"upload_slot": 6, "upload_nbytes": 2 * SLOT + 1}, wire.E_INVALID_INPUT, "must lie within slots 0 to 7"),
