@@ -1,7 +1,7 @@
 """The per-device pipeline (NOTE [ request path ] in daemon/batcher.py) in one process: the executor
-runs staged batches in order, frees each staging buffer once its frames are on the device, and on an
-asynchronous device queues batch k+1 before it collects batch k, so the device never waits for the
-host between two batches. The device is the fake of tests/test_engine.py, whose work runs only
+(daemon/executor.py) runs staged batches in order, frees each staging buffer once its frames are on
+the device, and on an asynchronous device queues batch k+1 before it collects batch k, so the device
+never waits for the host between two batches. The device is the fake of tests/test_engine.py, whose work runs only
 when the host waits for it, so the order of launches and collections is exactly what is recorded."""
 import queue
 import time
@@ -13,9 +13,10 @@ import torch
 
 from test_engine import FakeStreams, _want
 
-from inferd.daemon import batcher as batcher_mod
+from inferd.daemon import executor as executor_mod
 from inferd.daemon import model as model_mod
-from inferd.daemon.batcher import BatchResult, Executor, Request
+from inferd.daemon.batcher import BatchResult, Request
+from inferd.daemon.executor import Executor
 from inferd.daemon.config import ModelConfig
 from inferd.daemon.device import Device
 from inferd.daemon.engine import Engine, Staging
@@ -36,7 +37,7 @@ def _executor(monkeypatch, streams, order):
             order.append(("launch", n))
             return _Logged(super().launch(frames, n, k, want_embedding, wait_copy=wait_copy), n, order)
 
-    monkeypatch.setattr(batcher_mod, "Engine", Logged)
+    monkeypatch.setattr(executor_mod, "Engine", Logged)
     model = model_mod.load(ModelConfig(builtin="shapes"))
     dev = Device(0, "cpu", 1)
     staging = Staging(dev.torch_device, 8, model.spec.frame_shape, 2)

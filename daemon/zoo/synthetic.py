@@ -17,7 +17,7 @@ Control. ``$INFERD_SYNTHETIC`` names a JSON file, read again whenever it changes
 
 ``raise`` makes every batch on that device raise RuntimeError; ``hang`` blocks the batch (in 10 ms
 steps) until the file no longer says hang, so a stuck device can come back and its late result be
-seen and discarded; ``slow:F`` divides the device's speed by F. The device comes from inferd.daemon.batcher.current_device().
+seen and discarded; ``slow:F`` divides the device's speed by F. The device comes from inferd.daemon.executor.current_device().
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class SyntheticNet(nn.Module):
         self.register_buffer("levels", torch.arange(10, dtype=torch.float32) / 9.0)
 
     def _device_index(self) -> str:
-        from inferd.daemon.batcher import current_device
+        from inferd.daemon.executor import current_device
 
         dev = current_device()
         return str(dev.index) if dev is not None else "-1"
