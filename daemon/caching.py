@@ -126,7 +126,7 @@ class Upload:
             self.verdict = None             # once
 
 
-def _decodes_to(data: bytearray, frame: np.ndarray) -> bytes | None:
+def _decodes_to(data: np.ndarray, frame: np.ndarray) -> bytes | None:
     """The BLAKE3 of ``data`` (inferd.client.decode.encoded_hash) when it decodes to exactly
     ``frame``, else None. Runs on the decode thread: neither the decode nor the hash of a large
     upload (up to MAX_ENCODED_BYTES) is the loop's."""
@@ -225,9 +225,8 @@ class Memory:
         if self._uploads_waiting >= MAX_UPLOADS or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
             self.counters["uploads_skipped"] += 1
             return None
-        data = bytearray(nbytes)
         try:
-            ring.read_run(run.start, nbytes, out=np.frombuffer(data, np.uint8))
+            data = ring.read_run(run.start, nbytes)     # (into np.empty: 4x faster than a bytearray at 32 MiB)
         except RingError as exc:
             raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {run.start} cannot be read: {exc}") from None
         h, w = self.spec.frame_shape[:2]

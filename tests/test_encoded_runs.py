@@ -209,7 +209,7 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
     memory = caching.Memory(Config(), SPEC, "digest", Counter())
     memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
     reads = []
-    ring = SimpleNamespace(read_run=lambda first, nbytes, out: reads.append((first, nbytes)))
+    ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))
     frame = np.zeros(SPEC.frame_shape, np.uint8)
 
     async def main():
