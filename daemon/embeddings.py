@@ -319,6 +319,10 @@ class EmbeddingStore:
         norm = float(np.linalg.norm(v.astype(np.float64)))
         if not np.isfinite(norm) or norm == 0.0:
             raise ValueError("a vector must be finite and not all zero to be normalised")
+        if abs(norm - 1.0) < 1e-5:
+            # already unit (the device normalised it): kept bit for bit, so an embed answered from
+            # the store returns exactly what the computed embed returned
+            return v
         return (v / norm).astype(np.float32)
 
     def _require_open(self) -> None:
