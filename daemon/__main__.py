@@ -85,11 +85,27 @@ def _devices(cfg, specs: list[str] | None, model=None):
             for i, (d, a) in enumerate(zip(cfg.devices, shares))]
 
 
+#: What the daemon needs beyond the client library: `pip install 'inferd[daemon]'` (setup.cfg).
+DAEMON_MODULES = ("torch", "uvloop", "psutil", "prometheus_client", "threadpoolctl")
+
+
+def _missing_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in DAEMON_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:          # argparse: 0 after --help, 2 on a usage error
         return exitcodes.USAGE if exc.code == 2 else exc.code
+    missing = _missing_modules()
+    if missing:                        # a client-only install (`pip install inferd`)
+        print(f"inferd: the daemon needs {', '.join(missing)}, which this installation lacks (the "
+              "client library alone was installed); install the daemon with: pip install "
+              "'inferd[daemon]'", file=sys.stderr)
+        return exitcodes.STARTUP_FAILED
     from inferd.daemon import config as config_mod
     from inferd.daemon import logs
     from inferd.daemon.listener import Listener, ListenerError

@@ -90,3 +90,15 @@ def test_client_and_inferctl_work_without_torch(tmp_path, daemon):
     no_daemon = subprocess.run([str(python), "-c", "import inferd.daemon"], env=env, capture_output=True,
                                text=True, timeout=60)
     assert no_daemon.returncode != 0 and "ModuleNotFoundError" in no_daemon.stderr
+
+
+def test_the_daemon_on_a_client_only_install_says_what_to_install(tmp_path):
+    python = _make_venv(tmp_path / "venv")
+    (tmp_path / "venv" / "src" / "inferd" / "daemon").symlink_to(ROOT / "daemon")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONNOUSERSITE"] = "1"
+    run = subprocess.run([str(python), "-m", "inferd.daemon"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 70, run.stderr                  # exitcodes.STARTUP_FAILED, no traceback
+    assert "pip install 'inferd[daemon]'" in run.stderr and "torch" in run.stderr
+    assert "Traceback" not in run.stderr
