@@ -58,7 +58,9 @@ admission changes what is verified. Every slot of the run is held (``session.inf
 admission to the request's reply, like its frame's slot, and let go in Scheduler._finish, the one
 place every reply, error, expiry and drop passes. The decode runs off the loop; its CPU (one decode
 per first upload, bounded by inferd.client.decode.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
-the repeat answered without decoding; the loop's part is one copy of the bytes. Uploads of requests
+the repeat answered without decoding; the loop's part is one copy of the bytes, at most
+``cache.max_upload_bytes`` (4 MiB, about 1-4 ms) a request, so a client sending huge uploads cannot
+hold the loop for long: a larger upload is classified from its frame and makes no entry. Uploads of requests
 answered at once (cache hit, coalesced) and of a model that changed before the verdict make no
 entry.
 
@@ -216,13 +218,15 @@ class Memory:
 
     def upload(self, ring, run: range, nbytes: int, frame) -> Upload | None:
         """Start verifying the encoded bytes in a checked ``run`` of slots against ``frame`` (the
-        private copy), or None when no entry can be made (no cache, no frame, the decode thread
-        busy: MAX_UPLOADS uploads or MAX_UPLOAD_BYTES bytes waiting). Copies the bytes now (one
+        private copy), or None when no entry can be made (no cache, no frame, the upload over
+        cache.max_upload_bytes, the decode thread busy: MAX_UPLOADS uploads or MAX_UPLOAD_BYTES
+        bytes waiting). Copies the bytes now (one
         copy, on the loop; hashed on the decode thread). Raises Rejected when the run cannot be
         read whole (see private_copy)."""
         if self.cache is None or frame is None:
             return None
-        if self._uploads_waiting >= MAX_UPLOADS or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
+        if nbytes > self.cfg.cache.max_upload_bytes or self._uploads_waiting >= MAX_UPLOADS \
+                or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
             self.counters["uploads_skipped"] += 1
             return None
         try:

@@ -166,6 +166,10 @@ class CacheConfig:
     min_hit_rate: float = _opt(0.02, "below this observed hit rate, only 1 in sample_every misses is "
                                      "inserted, so unique traffic does not pay for the cache", lo=0.0, hi=1.0)
     sample_every: int = _opt(16, "insert 1 in this many misses while the hit rate is low", lo=1, hi=1 << 20)
+    max_upload_bytes: int = _opt(4 * 2**20, "largest encoded upload (JPEG/PNG/WebP bytes) the daemon copies "
+                                            "and verifies for a repeat-upload entry; larger ones are "
+                                            "classified from their frame alone (the copy is the event "
+                                            "loop's: about 1 ms a MiB)", lo=0, hi=1 << 30)
 
 
 @dataclass

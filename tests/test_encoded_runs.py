@@ -229,6 +229,28 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
         memory.close()
 
 
+def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
+    """cache.max_upload_bytes bounds the event loop's copy per request (a hostile client asking
+    for a 256 MiB ring could otherwise have it copy 32 MiB for each of its requests)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from inferd.daemon import caching
+
+    cfg = Config()
+    cfg.cache.max_upload_bytes = 1000
+    memory = caching.Memory(cfg, SPEC, "digest", Counter())
+    memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
+    reads = []
+    ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))
+    frame = np.zeros(SPEC.frame_shape, np.uint8)
+    try:
+        assert memory.upload(ring, range(2, 3), 1001, frame) is None
+        assert reads == [] and memory.counters["uploads_skipped"] == 1
+    finally:
+        memory.close()
+
+
 # the daemon: bad runs refused before anything is read ---------------------------------------------
 @pytest.mark.parametrize("fields,code,match", [
     ({"upload_slot": 6, "upload_nbytes": 2 * SLOT + 1}, wire.E_INVALID_INPUT, "must lie within slots 0 to 7"),
