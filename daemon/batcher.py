@@ -194,7 +194,7 @@ class BatchingThread(threading.Thread):
                 self._deliver(result)
                 continue
             dev.staged = result.running = list(zip(live, (r.attempt for r in live)))
-            self.executor.submit(result, live, buffer)
+            self.executor.submit(result, buffer)
 
     def _steal(self) -> list:
         dev = self.device

@@ -55,8 +55,10 @@ class Executor(threading.Thread):
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
-    def submit(self, result: "BatchResult", live: list, buffer: int) -> None:
-        self._inbox.put(("batch", result, live, buffer))
+    def submit(self, result: "BatchResult", buffer: int) -> None:
+        """Run the requests of ``result.running`` ((request, attempt noted by the collector)
+        pairs, staged in ``buffer`` in that order) after the batches before it."""
+        self._inbox.put(("batch", result, buffer, None))
 
     def stop(self) -> None:
         self._inbox.put(("stop", None, None, None))
@@ -79,7 +81,7 @@ class Executor(threading.Thread):
             if what == "batch":
                 # an asynchronous device (CUDA) gets batch k+1 queued before batch k is collected,
                 # so it computes k+1 while this thread unpacks and delivers k
-                flight = self._launch(a, b, c)
+                flight = self._launch(a, b)
                 if ahead is not None:
                     self._land(ahead)
                 ahead = flight if flight is not None and flight.asynchronous else self._land(flight)
@@ -169,24 +171,23 @@ class Executor(threading.Thread):
             self._staged = None
 
     # batches ----------------------------------------------------------------------------------
-    def _launch(self, result: "BatchResult", live: list, buffer: int) -> "_Flight | None":
+    def _launch(self, result: "BatchResult", buffer: int) -> "_Flight | None":
         """Start computing a staged batch. Returns its flight; None when nothing was left to
         compute or the launch raised (then ``result`` has been delivered already)."""
         dev = self.device
         engine = self._active.engine
         result.gen = engine.model.gen
         now = result.started = self._clock()
-        live = self._recheck(result, live, buffer, now)
-        if not live:
+        running = self._recheck(result, buffer, now)
+        if not running:
             self._free.put(buffer)
             dev.staged = []
             result.finished = now
             self._deliver(result)
             return None
+        live = [r for r, _ in running]
         flight = _Flight(result, live, self._active, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
-        noted = {id(r): attempt for r, attempt in result.running}
-        running = [(r, noted[id(r)]) for r in live]
         dev.running, dev.staged = dev.running + running, []
         dev.running_size += len(live)
         if dev.running_since is None:
@@ -241,23 +242,24 @@ class Executor(threading.Thread):
             dev.running_since = result.finished if left else None
         return result
 
-    def _recheck(self, result: "BatchResult", live: list, buffer: int, now: float) -> list:
-        """The staged requests still worth computing now that the device is free: a session closed,
-        a request re-dispatched (its device left rotation) or a deadline passed while the batch
-        waited behind the running one (the profile did not foresee a slow-down) splits them off,
-        and the rows of the rest close up."""
+    def _recheck(self, result: "BatchResult", buffer: int, now: float) -> list:
+        """The staged (request, attempt) pairs still worth computing now that the device is free
+        (``result.running``, in the buffer's row order): a session closed, a request re-dispatched
+        (its device left rotation) or a deadline passed while the batch waited behind the running
+        one (the profile did not foresee a slow-down) splits them off, and the rows of the rest
+        close up."""
         keep, rows = [], self._staging.arrays[buffer]
-        noted = {id(r): attempt for r, attempt in result.running}
-        for i, r in enumerate(live):
-            if (r.session is not None and (r.session.closed or r.done)) or r.attempt != noted[id(r)]:
+        for i, (r, attempt) in enumerate(result.running):
+            if (r.session is not None and (r.session.closed or r.done)) or r.attempt != attempt:
                 result.dropped.append(r)            # closed, or re-dispatched while it waited
             elif r.deadline < now:
                 result.expired.append(r)
             else:
                 if len(keep) < i:
                     rows[len(keep)] = rows[i]
-                keep.append(r)
+                keep.append((r, attempt))
         return keep
+
 
 @dataclass(slots=True, eq=False)
 class _Runner:

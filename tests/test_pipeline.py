@@ -79,8 +79,8 @@ def test_batches_run_in_order_and_an_asynchronous_device_gets_the_next_before_th
     model, dev, staging, free, delivered, ex = _executor(monkeypatch, streams, order)
     images, _ = make_dataset(5, seed=3)
     first, second = images[:3], images[3:]
-    ex.submit(*_stage(dev, staging, 0, first), 0)      # both waiting before the executor starts
-    ex.submit(*_stage(dev, staging, 1, second), 1)
+    ex.submit(_stage(dev, staging, 0, first)[0], 0)     # both waiting before the executor starts
+    ex.submit(_stage(dev, staging, 1, second)[0], 1)
     ex.start()
     results = [delivered.get(timeout=30), delivered.get(timeout=30)]
     ex.stop()
@@ -106,7 +106,7 @@ def test_a_request_re_dispatched_while_its_batch_was_staged_is_not_computed(monk
     images, _ = make_dataset(3, seed=4)
     result, live = _stage(dev, staging, 0, images)
     live[1].attempt = 1                                # the loop moved it elsewhere meanwhile
-    ex.submit(result, live, 0)
+    ex.submit(result, 0)
     ex.start()
     got = delivered.get(timeout=30)
     ex.stop()
