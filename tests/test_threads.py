@@ -144,7 +144,7 @@ def _fill_store(path: str, rows: int, capacity: int) -> None:
 
 def _cores_used(proc: psutil.Process, seconds: float) -> float:
     t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
-    time.sleep(seconds)                     # the measuring window itself, not a wait for a state
+    time.sleep(seconds)  # noqa: sleep-ok: the measuring window itself, not a wait for a state
     return (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
 
 
