@@ -188,3 +188,67 @@ def sample_images() -> list[tuple[str, "object"]]:
         with Image.open(path) as img:
             out.append((path.stem.rsplit("_", 1)[0], np.array(img.convert("RGB"))))
     return out
+
+
+class FakeDaemon:
+    """A scripted daemon on a real socket: a real hello (a 4-slot ring of 8x8x3 frames over
+    SCM_RIGHTS, ``hello_model`` as the model), then ``answer(msg)`` for each request (None: no
+    reply). ``hold = True`` keeps replies back until ``release()``. One connection at a time."""
+
+    def __init__(self, path, hello_model, answer):
+        import threading
+
+        self.path, self.hello_model, self.answer = path, hello_model, answer
+        self.received, self.held = [], []
+        self.hold = False
+        self.conn = None
+        self.lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        from inferd.shm.ring import RingGeometry
+
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.conn = conn
+        with conn:
+            reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
+            ring, fd = Ring.create(RingGeometry(4, 8 * 8 * 3), prefix="inferdfake")
+            messages = []
+            while not messages:
+                messages = reader.feed(conn.recv(65536))
+            reply = {"id": 0, "ok": True, "session": 1, "version": 1, "ring": {"slots": 4, "slot_bytes": 192},
+                     "model": self.hello_model, "cache": None, "limits": {}}
+            conn.sendmsg([wire.encode(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            os.close(fd)
+            while data := conn.recv(65536):
+                for msg in reader.feed(data):
+                    with self.lock:
+                        self.received.append(msg)
+                        out = self.answer(msg)
+                        if out is not None:
+                            frame = wire.encode({"id": msg["id"], **out})
+                            self.held.append(frame) if self.hold else conn.sendall(frame)
+            ring.close()
+
+    def release(self):
+        """Send the replies held back, and stop holding."""
+        with self.lock:
+            self.hold = False
+            held, self.held = self.held, []
+            for frame in held:
+                self.conn.sendall(frame)
+
+    def close(self):
+        """Stop listening (waking an accept that waits); the serving thread ends when the client
+        closes its connection."""
+        if self.listener.fileno() >= 0:
+            self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+        self.thread.join(10)

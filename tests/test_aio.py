@@ -4,22 +4,19 @@ that never reuses a slot the daemon still holds, a daemon restart under load, ba
 Real daemons for answers and restarts; a scripted daemon on a real socket (a real hello with a ring
 over SCM_RIGHTS) for what a real daemon never sends, and to hold replies back on demand.
 """
-import array
 import asyncio
 import os
 import random
-import socket
 import threading
 
 import numpy as np
 import pytest
 
-from helpers import sample_images, short_dir, spawn_daemon, wait_until
+from helpers import FakeDaemon, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import (AsyncClient, Client, DaemonUnavailable, InvalidInput, ProtocolError,
                            ShuttingDown)
 from inferd.client import aio as aio_module
 from inferd.shm import wire
-from inferd.shm.ring import Ring, RingGeometry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -258,65 +255,11 @@ def test_no_daemon_is_daemon_unavailable_at_once():
 
 
 # -- a scripted daemon ------------------------------------------------------------------------------
-class ScriptedDaemon:
-    """A real hello (a 4-slot ring over SCM_RIGHTS), then ``answer(msg)`` per request (None: no
-    reply). ``hold`` keeps replies back until ``release``."""
-
-    def __init__(self, answer, labels=("a", "b", "c")):
-        self.path = os.path.join(short_dir(), "fake.sock")
-        self.answer, self.labels = answer, labels
-        self.received, self.held = [], []
-        self.hold = False
-        self.lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(4)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        self.conn = conn
-        with conn:
-            reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
-            ring, fd = Ring.create(RingGeometry(4, 8 * 8 * 3), prefix="inferdaiofake")
-            messages = []
-            while not messages:
-                messages = reader.feed(conn.recv(65536))
-            model = {"name": "fake", "digest": "d1", "input": [8, 8, 3], "dtype": "uint8",
-                     "labels": list(self.labels), "top_k": 1, "gen": 1}
-            reply = {"id": 0, "ok": True, "session": 1, "version": 1, "model": model, "cache": None}
-            conn.sendmsg([wire.encode(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-            os.close(fd)
-            while data := conn.recv(65536):
-                for msg in reader.feed(data):
-                    with self.lock:
-                        self.received.append(msg)
-                        out = self.answer(msg)
-                        if out is not None:
-                            frame = wire.encode({"id": msg["id"], **out})
-                            self.held.append(frame) if self.hold else conn.sendall(frame)
-            ring.close()
-
-    def release(self):
-        with self.lock:
-            self.hold = False
-            held, self.held = self.held, []
-            for frame in held:
-                self.conn.sendall(frame)
-
-    def close(self):
-        if self.listener.fileno() >= 0:
-            self.listener.shutdown(socket.SHUT_RDWR)
-            self.listener.close()
-        self.thread.join(10)
-
-
-def _scripted(answer, **kw):
-    return ScriptedDaemon(answer, **kw)
+def _scripted(answer, labels=("a", "b", "c")):
+    """A FakeDaemon (tests/helpers.py) serving an 8x8 model of generation 1 with ``labels``."""
+    model = {"name": "fake", "digest": "d1", "input": [8, 8, 3], "dtype": "uint8",
+             "labels": list(labels), "top_k": 1, "gen": 1}
+    return FakeDaemon(os.path.join(short_dir(), "fake.sock"), model, answer)
 
 
 FRAME = np.zeros((8, 8, 3), np.uint8)

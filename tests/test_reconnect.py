@@ -4,26 +4,23 @@ answered, name classes by the generation that computed them, report local cache 
 Real daemons on one socket path for restarts (SIGTERM drain, SIGKILL); a scripted fake daemon on a
 real socket for the model-generation replies the daemon side is still growing.
 """
-import array
 import json
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from helpers import RawClient, sample_images, short_dir, spawn_daemon, wait_until
+from helpers import FakeDaemon, RawClient, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import Client, DaemonUnavailable, PermissionDenied
 from inferd.client import client as client_module
 from inferd.client.connection import Connection
 from inferd.client.errors import ConnectionLost, ShuttingDown
 from inferd.client.retry import Backoff, reconnect
 from inferd.shm import wire
-from inferd.shm.ring import Ring, RingGeometry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -320,50 +317,6 @@ def test_hits_notifications_get_no_reply_and_bad_counts_an_error(daemon):
 def _model(gen, labels, digest):
     return {"name": "fake", "digest": digest, "input": [8, 8, 3], "dtype": "uint8",
             "labels": list(labels), "top_k": 1, **({"gen": gen} if gen is not None else {})}
-
-
-class FakeDaemon:
-    """A scripted daemon on a real socket: a real hello (ring descriptor over SCM_RIGHTS), then
-    ``answer(msg)`` for each request (None: no reply). One connection at a time."""
-
-    def __init__(self, path, hello_model, answer):
-        self.path, self.hello_model, self.answer = path, hello_model, answer
-        self.received = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
-            ring, fd = Ring.create(RingGeometry(4, 8 * 8 * 3), prefix="inferdfake")
-            messages = []
-            while not messages:
-                messages = reader.feed(conn.recv(65536))
-            reply = {"id": 0, "ok": True, "session": 1, "version": 1, "ring": {"slots": 4, "slot_bytes": 192},
-                     "model": self.hello_model, "cache": None, "limits": {}}
-            conn.sendmsg([wire.encode(reply)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-            os.close(fd)
-            while data := conn.recv(65536):
-                for msg in reader.feed(data):
-                    self.received.append(msg)
-                    if (out := self.answer(msg)) is not None:
-                        conn.sendall(wire.encode({"id": msg["id"], **out}))
-            ring.close()
-
-    def close(self):
-        """Stop listening (waking an accept that waits); the serving thread ends when the client
-        closes its connection."""
-        if self.listener.fileno() >= 0:
-            self.listener.shutdown(socket.SHUT_RDWR)
-            self.listener.close()
-        self.thread.join(10)
 
 
 @pytest.mark.timeout(30)
