@@ -61,8 +61,8 @@ def _inference_child(q, warmup_s: float, seconds: float) -> None:
         import torch
 
         torch.set_num_threads(THREADS)
-        from inferd.daemon import zoo
-        from inferd.daemon.preprocess import to_input
+        from inferd.daemon.models import zoo
+        from inferd.daemon.pipeline.preprocess import to_input
 
         model, spec = zoo.build("resnet50", input_size=SIZE)
         rows = []

@@ -1,17 +1,17 @@
 """Parts 5 and 6 of the cache benchmark: near-duplicate search time, and whether a lightly changed
 copy finds its original.
 
-Part 5: ``inferd.daemon.embeddings.EmbeddingStore`` (a file in a temp dir, capacity = rows) holding
+Part 5: ``inferd.daemon.caching.embedding_store.EmbeddingStore`` (a file in a temp dir, capacity = rows) holding
 N random unit vectors of dim 512, N = 10k and 100k; p50 of ``search(q, k=5)`` against the bare
 computation it does (one float32 matrix-vector product over an in-memory array + argpartition).
 
-Part 6: 10k images from ``inferd.daemon.zoo.shapes.make_dataset`` are classified through a real
+Part 6: 10k images from ``inferd.daemon.models.zoo.shapes.make_dataset`` are classified through a real
 daemon (each with ``tag=str(i)``), so the daemon stores their embeddings; then a random sample of
 them, lightly changed (resize by a factor in [0.9, 1.1] and back, Gaussian noise sigma 3, JPEG
 quality 75-90; each alone and all three in turn), is sent to ``near_duplicates``; a trial succeeds
 when the best match carries the original's tag. The unchanged originals are queried too (control:
 must be 100 %). Both ``--model shapes`` (embedding: ``features.0`` pooled ``grid:4+thumbnail:4``,
-daemon/pooling.py; bench/near.py measures it against different images) and
+daemon/models/embedding_pooling.py; bench/near.py measures it against different images) and
 ``--model resnet18`` (``avgpool``). In a child process, the same copies are scored in-process
 against other layers and poolings of the same two models (and against downsampled pixels), to say
 which embedding would do better; the daemon's own layer is recomputed there as a cross-check.
@@ -44,7 +44,7 @@ SIZE = 64
 # ---------------------------------------------------------------------------------------------
 def search_time(sizes, dim: int, queries: int, k: int = 5) -> dict:
     """Search p50 per store size, against a bare numpy product + argpartition over the same rows."""
-    from inferd.daemon.embeddings import EmbeddingStore
+    from inferd.daemon.caching.embedding_store import EmbeddingStore
 
     rows = []
     rng = np.random.default_rng(9)
@@ -128,8 +128,8 @@ def _variants(name: str):
         return F.adaptive_avg_pool2d(t, 4).flatten(1)
 
     if name == "shapes":
-        from inferd.daemon.pooling import Pool
-        from inferd.daemon.zoo import shapes
+        from inferd.daemon.models.embedding_pooling import Pool
+        from inferd.daemon.models.zoo import shapes
 
         pool = Pool.parse(shapes.EMBEDDING_POOL)
         return [shapes.EMBEDDING_LAYER, "features", "features.6", "features.4"], {
@@ -154,7 +154,7 @@ def _embed_all(model, spec, hooks, fns, images: np.ndarray, batch: int = 250) ->
     """{variant: float32 (N, D) unit rows} for ``images``, one forward pass per batch."""
     import torch
 
-    from inferd.daemon.preprocess import to_input
+    from inferd.daemon.pipeline.preprocess import to_input
 
     captured: dict = {}
     modules = dict(model.named_modules())
@@ -203,8 +203,8 @@ def _prepare_child(q, workdir: str, n: int, samples: int, seed: int, threads: in
         import torch
 
         torch.set_num_threads(threads)
-        from inferd.daemon import zoo
-        from inferd.daemon.zoo.shapes import make_dataset
+        from inferd.daemon.models import zoo
+        from inferd.daemon.models.zoo.shapes import make_dataset
 
         t0 = time.perf_counter()
         images, labels = make_dataset(n, seed=seed)

@@ -27,8 +27,8 @@ def _make_step(model, spec, batch: int):
     import torch
 
     from common import frames
-    from inferd.daemon.model import logits_of
-    from inferd.daemon.preprocess import to_input
+    from inferd.daemon.models.loading import logits_of
+    from inferd.daemon.pipeline.preprocess import to_input
 
     source = frames(batch, spec.input_height, seed=batch)
     staging = torch.empty((batch, spec.input_height, spec.input_width, 3), dtype=torch.uint8)
@@ -76,7 +76,7 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict) -> No
         import torch
 
         torch.set_num_threads(THREADS)
-        from inferd.daemon import zoo
+        from inferd.daemon.models import zoo
 
         model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
         rows = [_time_batch(_make_step(model, spec, b), b, warmup_s, seconds) for b in batch_sizes]

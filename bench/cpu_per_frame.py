@@ -28,7 +28,8 @@ import traceback
 
 import numpy as np
 
-from common import CTX, RESULT_GRACE_S, collect_results, daemon, latency_stats, short_workdir, stop_processes
+from common import (CTX, RESULT_GRACE_S, collect_results, daemon, latency_stats, short_workdir,
+                    stop_processes)
 
 MODEL = "shapes"
 RATE = 200.0
@@ -79,7 +80,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _fill(path: str, rows: int) -> int:
     """Fill the (stopped daemon's) store at ``path`` with ``rows`` random unit rows; its dim."""
-    from inferd.daemon.embeddings import EmbeddingStore
+    from inferd.daemon.caching.embedding_store import EmbeddingStore
 
     with open(path, "rb") as fh:
         dim = struct.unpack_from("<I", fh.read(16), 12)[0]

@@ -6,7 +6,7 @@ every call with ``time.perf_counter``. The clients connect first, then the paren
 shared start time (CLOCK_MONOTONIC is system-wide), so every client warms up until the same moment
 and measures over the same window. A call counts when it *ends* inside the window; img/s is frames
 counted / window length. The parent reads the daemon's counters (``info``), each device's busy
-seconds (the admin socket's ``stats``: daemon/stats.py) and the daemon's CPU time (/proc/PID/stat)
+seconds (the admin socket's ``stats``: daemon/ops/stats.py) and the daemon's CPU time (/proc/PID/stat)
 at the window's edges, to get the mean batch size, the daemon's own model time per batch, each
 device's busy fraction and how much CPU the daemon used; each client reports its own CPU use, so
 the report shows who used the two cores. Each row's ratio is against the in-process model at the
@@ -95,7 +95,7 @@ def _sleep_until(t: float) -> None:
 
 
 def _busy_seconds(admin) -> dict:
-    """{device label: busy seconds so far} from the admin socket's stats (daemon/stats.py); {}
+    """{device label: busy seconds so far} from the admin socket's stats (daemon/ops/stats.py); {}
     without an admin connection."""
     return {d["label"]: d["busy_s"] for d in admin.call("stats")["devices"]} if admin else {}
 

@@ -1,6 +1,6 @@
 """Device-pool benchmark: ``python bench/devices.py [--quick] [--out bench/out] [--img-dir DIR]``.
 
-On daemons serving the ``synthetic`` model (inferd.daemon.zoo.synthetic: a batch of n frames costs
+On daemons serving the ``synthetic`` model (inferd.daemon.models.zoo.synthetic: a batch of n frames costs
 (base_ms + per_frame_ms * n) / speed of GIL-free sleep, so each device's capacity is known), measures:
 
 (1) standalone capacity of a device at speed 1 and one at speed 3 (one daemon each, saturated by
@@ -319,7 +319,7 @@ def _machine() -> dict:
 
 def level_table() -> list[int]:
     """level_of(v) for v = 0..255, from the model's own module (imports torch, in the parent only)."""
-    from inferd.daemon.zoo.synthetic import level_of
+    from inferd.daemon.models.zoo.synthetic import level_of
 
     return [level_of(v) for v in range(256)]
 

@@ -169,7 +169,7 @@ def part_throughput(on: list, off: list, s: dict, fleet: int, seed0: int, log) -
 def wait_quantiles(before: list, after: list) -> dict:
     """p50 / p99 (ms) of the L2 waits of misses between two readings of each daemon's stats: what
     L2 added to the requests it did not answer (read off the histogram's buckets)."""
-    from inferd.daemon.stats import LATENCY_BOUNDS, quantile
+    from inferd.daemon.ops.stats import LATENCY_BOUNDS, quantile
 
     index = {b: i for i, b in enumerate((*LATENCY_BOUNDS, None))}
     counts = [0] * (len(LATENCY_BOUNDS) + 1)

@@ -2,7 +2,7 @@
 
 (a) The in-process ceiling: ResNet-50-style (daemon/zoo, random weights, no download) at 224x224
     on cuda:0, per batch size up to 256, in fp32 and bf16 (channels_last both), in a child process.
-    Each batch is the daemon's own per-batch work, through the same Engine (daemon/engine.py): frames
+    Each batch is the daemon's own per-batch work, through the same Engine (daemon/pipeline/engine.py): frames
     already in pinned staging memory, copy to the device, preprocessing, model, softmax, top-5 and
     the copy back, with two batches in flight, so the device never waits for the host. That is the
     best this model does on this GPU with the daemon's code path and no daemon around it.
@@ -52,10 +52,10 @@ def _ceiling_child(q, s: dict) -> None:
     try:
         import torch
 
-        from inferd.daemon import model as model_mod
+        from inferd.daemon.models import loading as model_mod
         from inferd.daemon.config import ModelConfig
-        from inferd.daemon.engine import Engine, Staging
-        from inferd.daemon.modes import EngineOptions
+        from inferd.daemon.pipeline.engine import Engine, Staging
+        from inferd.daemon.pipeline.engine_options import EngineOptions
 
         if s["device"] == "cpu":
             torch.set_num_threads(1)

@@ -39,7 +39,7 @@ fi
 overlay=""
 cleanup() { [ -n "$overlay" ] && rm -rf "$overlay"; return 0; }
 trap cleanup EXIT
-if ! "$py" -c "import inferd.daemon.engine" 2>/dev/null; then
+if ! "$py" -c "import inferd.daemon.pipeline.engine" 2>/dev/null; then
     overlay="$(mktemp -d /tmp/inferd-gpu-XXXXXX)"
     mkdir "$overlay/inferd"
     for part in daemon client shm; do ln -s "$repo/$part" "$overlay/inferd/$part"; done
@@ -48,7 +48,7 @@ fi
 missing="$("$py" - <<'PY'
 import importlib
 names = ["numpy", "uvloop", "msgpack", "posix_ipc", "psutil", "PIL", "blake3", "prometheus_client", "threadpoolctl",
-         "inferd.daemon.engine", "inferd.client"]
+         "inferd.daemon.pipeline.engine", "inferd.client"]
 bad = []
 for n in names:
     try:

@@ -3,7 +3,7 @@ costs on this machine, without sockets, protocol or model.
 
 One spawned process runs a uvloop event loop and worker threads and passes a timestamp around a
 ring of hops, one at a time, the way the daemon passes a request (NOTE [ request path ] in
-daemon/batcher.py):
+daemon/pipeline/collector.py):
 
     loop --Condition.notify--> thread 1 [--queue.SimpleQueue--> thread 2] --call_soon_threadsafe--> loop
 
@@ -30,7 +30,7 @@ from common import latency_stats
 
 
 class _CondQueue:
-    """A list under a Condition, as daemon/queues.py's DeviceQueue keeps its requests."""
+    """A list under a Condition, as daemon/dispatch/queues.py's DeviceQueue keeps its requests."""
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())

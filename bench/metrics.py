@@ -124,8 +124,8 @@ def micro(batches: int = 3000, size: int = 16) -> dict:
     from prometheus_client import generate_latest
 
     from inferd.daemon.config import Config
-    from inferd.daemon.metrics import SnapshotCollector
-    from inferd.daemon.stats import Stats
+    from inferd.daemon.ops.metrics import SnapshotCollector
+    from inferd.daemon.ops.stats import Stats
 
     class Device:                                      # what Stats reads of a device (hashable)
         state, index, name, label, queue, outstanding = "healthy", 0, "cpu", "cpu#0", (), 0

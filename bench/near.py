@@ -3,7 +3,7 @@
     python bench/near.py [--stored 1000] [--copies 250] [--fresh 1000] [--seed 3] [--out FILE]
 
 Through a real daemon (``--model shapes``, embeddings on), ``--stored`` images of
-``inferd.daemon.zoo.shapes.make_dataset`` are classified with their index as tag, so the daemon
+``inferd.daemon.models.zoo.shapes.make_dataset`` are classified with their index as tag, so the daemon
 keeps their embeddings. Then, with ``near_duplicates(k=50, min_similarity=-1)``:
 
 * changed copies of stored images, ``--copies`` per change: **resize** (down or up to 32..128 px
@@ -131,10 +131,10 @@ def pooling_cost(rounds: int = 12) -> dict:
     """Median batch time (ms) of the forward pass with embeddings, now against before, interleaved."""
     import torch
 
-    from inferd.daemon import model as model_mod
+    from inferd.daemon.models import loading as model_mod
     from inferd.daemon.config import ModelConfig
-    from inferd.daemon.engine import Engine, Staging
-    from inferd.daemon.zoo.shapes import make_dataset
+    from inferd.daemon.pipeline.engine import Engine, Staging
+    from inferd.daemon.models.zoo.shapes import make_dataset
 
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
@@ -160,8 +160,8 @@ def pooling_cost(rounds: int = 12) -> dict:
 
 
 def main(argv=None) -> int:
-    from inferd.daemon.zoo.shapes import make_dataset
-    from inferd.daemon.scheduler import DEFAULT_MIN_SIMILARITY
+    from inferd.daemon.models.zoo.shapes import make_dataset
+    from inferd.daemon.dispatch.scheduler import DEFAULT_MIN_SIMILARITY
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stored", type=int, default=1000)

@@ -17,7 +17,7 @@ monotonic start time (CLOCK_MONOTONIC is system-wide):
   free ring slot is not sent and counts as ``dropped`` (by the generator, not the daemon).
 
 Every frame is a grey level v (all 16 x 16 x 3 bytes = v); the expected class is
-``inferd.daemon.zoo.synthetic.level_of(v)``, passed in as a 256-entry table so that no child imports
+``inferd.daemon.models.zoo.synthetic.level_of(v)``, passed in as a 256-entry table so that no child imports
 torch. Nothing here imports torch or matplotlib.
 """
 from __future__ import annotations

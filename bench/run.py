@@ -97,7 +97,7 @@ def one_client_check(ceil: dict, load: dict) -> dict:
 def omp_env(env: dict, daemon_set) -> dict:
     """The OpenMP settings the part (b) daemon runs with, for the in-process ceiling to match
     (same threads, same wait policy): its environment's, else threads.omp_wait_policy's, else the
-    daemon's default (passive; daemon/threads.py)."""
+    daemon's default (passive; daemon/pipeline/thread_pools.py)."""
     out = {k: v for k, v in env.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if "OMP_WAIT_POLICY" not in out:
         policy = next((kv.split("=", 1)[1].strip('"') for kv in daemon_set

@@ -12,9 +12,9 @@ Pillow, never torch (a torch tensor is accepted when torch is there) nor inferd.
 from .admin import AdminClient
 from .aio import AsyncClient
 from .client import Client, ModelInfo, NearDuplicate, Prediction
-from .errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed, InvalidInput,
-                     NoHealthyDevice, Overloaded, PermissionDenied, ProtocolError, ReloadFailed,
-                     ShuttingDown)
+from .errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed,
+                     InvalidInput, NoHealthyDevice, Overloaded, PermissionDenied, ProtocolError,
+                     ReloadFailed, ShuttingDown)
 
 __all__ = ["Client", "AsyncClient", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction",
            "NearDuplicate", "InferdError", "DaemonUnavailable", "ShuttingDown", "ProtocolError",

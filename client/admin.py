@@ -5,7 +5,7 @@
         admin.call("reload", model="resnet18")
 
 One request at a time; replies and errors as in the client protocol (the op list is in
-inferd.daemon.admin). Only root, the daemon's user and members of ``server.admin_group`` are served.
+inferd.daemon.front.admin). Only root, the daemon's user and members of ``server.admin_group`` are served.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import itertools
 import os
 import socket
 
-from inferd.client import errors
-from inferd.shm import wire
+from . import errors
+from ..shm import wire
 
 
 def default_admin_path(socket_path: str | None = None) -> str:

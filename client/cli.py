@@ -32,8 +32,8 @@ import os
 import sys
 import time
 
-from inferd.client.admin import AdminClient, default_admin_path
-from inferd.client.errors import DaemonUnavailable, InferdError, PermissionDenied
+from .admin import AdminClient, default_admin_path
+from .errors import DaemonUnavailable, InferdError, PermissionDenied
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -200,7 +200,7 @@ def _run(args) -> int:
 
 
 def _client_command(args) -> int:
-    from inferd.client import Client
+    from . import Client
 
     images = [read_image(f) for f in args.files] if args.command == "classify" else []
     with Client(args.socket, timeout=args.timeout) as client:

@@ -43,7 +43,7 @@ class ModelInfo:
     top_k: int
     gen: int = 0             # the daemon's model generation, 1 up; 0 from a daemon that sends none
     classes: int = 0         # number of classes (the width of the model's output)
-    labels_id: str = ""      # identifies the names (daemon/labels.py); "numbered": "0", "1", ...
+    labels_id: str = ""      # identifies the names (daemon/models/labels.py); "numbered": "0", "1", ...
 
     @classmethod
     def from_wire(cls, m: dict) -> "ModelInfo":

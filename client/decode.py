@@ -10,7 +10,7 @@ One entry point, :func:`prepare`, takes whatever an application passes to ``clas
 
 Encoded bytes are *read* by ``prepare`` but decoded only when ``Prepared.frame()`` is first called,
 so a client can look a repeated upload up by the hash of its bytes (``encoded_hash``) and answer it
-without decoding (NOTE [ encoded uploads ] in daemon/caching.py).
+without decoding (NOTE [ encoded uploads ] in daemon/caching/results.py).
 
 The decode, one definition used by the client and by the daemon's verification
 (:func:`decode`; ``decoder_id`` names it, and is part of every encoded-bytes cache key):

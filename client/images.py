@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inferd.client.errors import InvalidInput
+from .errors import InvalidInput
 
 
 def _from_torch(tensor) -> np.ndarray:

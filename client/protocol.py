@@ -160,7 +160,7 @@ class ProtocolCore:
 
     def _upload(self, msg: dict, upload: bytes | None) -> range | None:
         """Encoded bytes go in a run of consecutive free slots, at most half the ring (Runs in
-        inferd.shm.ring; docs/protocol.md; NOTE [ encoded uploads ] in daemon/caching.py); the
+        inferd.shm.ring; docs/protocol.md; NOTE [ encoded uploads ] in daemon/caching/results.py); the
         run, or None when no such run is free: the bytes are not sent, the answer is the same."""
         if upload is None or not self.free:
             return None
@@ -265,13 +265,13 @@ class ProtocolCore:
             return answers, list(range(len(items))), extra
         for i, item in enumerate(items):
             answers[i] = self._local_answer(item, top_k)
-        extra["looked"] = True          # misses here: NOTE [ unhashed misses ] in daemon/caching.py
+        extra["looked"] = True          # misses here: NOTE [ unhashed misses ] in daemon/caching/results.py
         return answers, [i for i, a in enumerate(answers) if a is None], extra
 
     def _local_answer(self, item: decode.Prepared, top_k: int):
         """(pairs, model) from the read-only cache, or None (a miss). Encoded bytes are looked up
         by their hash first, before they are decoded (NOTE [ encoded uploads ] in
-        daemon/caching.py); on a miss there, by the decoded frame's content hash."""
+        daemon/caching/results.py); on a miss there, by the decoded frame's content hash."""
         model, hit = self.model, None
         if item.encoded_hash is not None:
             h, w, _ = model.input_shape

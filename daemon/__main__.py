@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from inferd.daemon import exitcodes
+from . import exitcodes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> dict:
-    from inferd.daemon.config import parse_override
+    from .config import parse_override
 
     out = dict(parse_override(text) for text in args.set)
     if args.socket:
@@ -52,8 +52,8 @@ def _overrides(args) -> dict:
 def _devices(cfg, specs: list[str] | None, model=None):
     import torch
 
-    from inferd.daemon.device import Device
-    from inferd.daemon.config import ConfigError, DeviceConfig, from_dict
+    from .dispatch.device import Device
+    from .config import ConfigError, DeviceConfig, from_dict
 
     if specs:
         cfg.devices = []
@@ -72,7 +72,7 @@ def _devices(cfg, specs: list[str] | None, model=None):
         if dev.name.startswith("cuda") and int(dev.name[5:]) >= torch.cuda.device_count():
             raise ConfigError(f"device[{i}].name: {dev.name} is not present "
                               f"({torch.cuda.device_count()} CUDA devices)")
-    from inferd.daemon import layout, threads as threads_mod
+    from .pipeline import cpu_layout as layout, thread_pools as threads_mod
 
     if any(d.name == "cpu:auto" for d in cfg.devices):     # measured here, with the model
         cfg.devices = layout.expand(cfg.devices, model, cfg)
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
               "client library alone was installed); install the daemon with: pip install "
               "'inferd[daemon]'", file=sys.stderr)
         return exitcodes.STARTUP_FAILED
-    from inferd.daemon import config as config_mod
-    from inferd.daemon import logs
-    from inferd.daemon.listener import Listener, ListenerError
-    from inferd.shm.cache import CacheError
+    from . import config as config_mod
+    from .ops import logs
+    from .front.listener import Listener, ListenerError
+    from ..shm.cache import CacheError
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inferd: configuration error: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     logs.setup(cfg.server.log_level)       # journald priorities when stderr is the journal
-    from inferd.daemon import threads as threads_mod
+    from .pipeline import thread_pools as threads_mod
     threads_mod.prepare_environment(cfg.threads.omp_wait_policy)   # before torch loads libgomp
     log = logging.getLogger("inferd")
     try:
@@ -151,21 +151,21 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(cfg, args, listener) -> int:
     import uvloop
 
-    from inferd.daemon import config as config_mod
-    from inferd.daemon import model as model_mod
-    from inferd.daemon.server import Server
-    from inferd.shm.ring import sweep_stale
+    from . import config as config_mod
+    from .models import loading as model_mod
+    from .server import Server
+    from ..shm.ring import sweep_stale
 
     removed = sweep_stale(cfg.ring.shm_prefix)
     if removed:
         logging.getLogger("inferd").warning("removed %d ring names left by a dead daemon: %s",
                                             len(removed), ", ".join(removed))
-    from inferd.daemon import threads as threads_mod
+    from .pipeline import thread_pools as threads_mod
 
     threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop)   # NOTE [ thread pools ]
     model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
     devices = _devices(cfg, args.device, model)
-    # SIGHUP reads the same file with the same flags again (daemon/reload.py)
+    # SIGHUP reads the same file with the same flags again (daemon/ops/reload.py)
     reread = lambda: config_mod.load(args.config, _overrides(args))
     return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())
 

@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inferd.daemon.listener import SUN_PATH_MAX
-from inferd.daemon.policy import POLICIES
-from inferd.shm.ring import BACKENDS
-from inferd.shm.wire import default_socket_path
+from .front.listener import SUN_PATH_MAX
+from .dispatch.policy import POLICIES
+from ..shm.ring import BACKENDS
+from ..shm.wire import default_socket_path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_FORMATS = ("auto", "torchscript", "export")
-PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/modes.py)
-COMPILE_MODES = ("none", "graphs", "compile")  # model.compile (daemon/modes.py)
-INPUT_FORMS = ("float_nchw", "uint8_nhwc")     # model.input (daemon/preprocess.py)
+PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/pipeline/engine_options.py)
+COMPILE_MODES = ("none", "graphs", "compile")  # model.compile (daemon/pipeline/engine_options.py)
+INPUT_FORMS = ("float_nchw", "uint8_nhwc")     # model.input (daemon/pipeline/preprocess.py)
 
 
 class ConfigError(Exception):
@@ -89,7 +89,7 @@ class BatchingConfig:
     queue_limit: int = _opt(1024, "frames queued or running per device before overloaded", lo=1, hi=1 << 20)
     default_timeout_ms: float = _opt(30000.0, "deadline of a request that names none", lo=1.0, hi=3.6e6)
     adaptive: bool = _opt(True, "pick batch sizes from the measured latency profile and deadlines "
-                                "(NOTE [ batch planning ] in daemon/queues.py); false: fixed window")
+                                "(NOTE [ batch planning ] in daemon/dispatch/queues.py); false: fixed window")
 
 
 @dataclass
@@ -195,7 +195,7 @@ class MetricsConfig:
 class ThreadsConfig:
     blas: int = _opt(1, "threads of numpy's BLAS (the embedding search, a memory-bound product), set "
                         "through threadpoolctl; more only competes with the devices (NOTE [ thread "
-                        "pools ] in daemon/threads.py)", lo=1, hi=1024)
+                        "pools ] in daemon/pipeline/thread_pools.py)", lo=1, hi=1024)
     interop: int = _opt(1, "torch inter-op threads (the daemon forks no torch work)", lo=1, hi=1024)
     omp_wait_policy: str = _opt("passive", "OMP_WAIT_POLICY set before torch loads: passive (idle "
                                            "OpenMP workers sleep, not spin), active, or default "
@@ -207,7 +207,7 @@ class ThreadsConfig:
                                       "cores (sched_getaffinity): warn, or refuse to start",
                               choices=("warn", "refuse"))
     auto_measure_s: float = _opt(0.3, "--device cpu:auto: seconds measured per layout and batch size "
-                                      "at start-up (daemon/layout.py)", lo=0.02, hi=60.0)
+                                      "at start-up (daemon/pipeline/cpu_layout.py)", lo=0.02, hi=60.0)
 
 
 @dataclass
@@ -253,9 +253,9 @@ class L2Config:
 @dataclass
 class DeviceConfig:
     name: str = _opt("cpu", "cpu, cpu:auto (threads and number of CPU devices measured at start-up, "
-                            "daemon/layout.py) or cuda:N")
+                            "daemon/pipeline/cpu_layout.py) or cuda:N")
     threads: int = _opt(0, "torch intra-op threads for a cpu device (0: the usable cores, shared evenly "
-                           "by the cpu devices that give none; NOTE [ thread pools ] in daemon/threads.py)",
+                           "by the cpu devices that give none; NOTE [ thread pools ] in daemon/pipeline/thread_pools.py)",
                         lo=0, hi=1024)
 
 
@@ -397,7 +397,7 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
                           f"warm-up; set model.warmup_batches >= 1")
     if cfg.l2.enabled:
-        from inferd.daemon.l2_codec import check_l2_config
+        from .caching.fleet.codec import check_l2_config
 
         check_l2_config(cfg.l2, cfg.cache.enabled)    # key file private, one topology named
     seen = set()

@@ -16,18 +16,18 @@ import numpy as np
 
 def _images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
     if paths:
-        from inferd.client.cli import read_image
+        from ..client.cli import read_image
 
         return [(p, read_image(p)) for p in paths]
-    from inferd.daemon.zoo import shapes
+    from .models.zoo import shapes
 
     rng = np.random.default_rng(2026)
     return [(f"rendered {name}", shapes.render(rng, k)) for k, name in enumerate(shapes.CLASSES)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from inferd.client import Client
-    from inferd.daemon.launch import DaemonProcess
+    from ..client import Client
+    from .launch import DaemonProcess
 
     images = _images(sys.argv[1:] if argv is None else argv)
     workdir = tempfile.mkdtemp(prefix="inferd-demo-")

@@ -7,8 +7,8 @@ Lifecycle::
     socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
     -> close sessions, stop and join batching threads, unmap every ring -> exit 0
 
-Each accepted connection goes through the hello handshake (daemon/handshake.py), then becomes a
-Session (daemon/session.py).
+Each accepted connection goes through the hello handshake (daemon/front/handshake.py), then becomes a
+Session (daemon/front/session.py).
 """
 from __future__ import annotations
 
@@ -19,23 +19,24 @@ import os
 import signal
 import time
 
-from inferd.daemon import exitcodes, metrics
-from inferd.daemon.batcher import BatchingThread, BatchResult
-from inferd.daemon.device import Device
-from inferd.daemon.config import Config, ConfigError
-from inferd.daemon.admin import AdminServer
-from inferd.daemon.handshake import handshake
-from inferd.daemon.reload import ACTIVATE_WAIT_S, ReloadError, reload_model
-from inferd.daemon.listener import Listener
-from inferd.daemon.model import LoadedModel
-from inferd.daemon.notify import notify
-from inferd.daemon.watchdog import start as start_systemd_watchdog
-from inferd.daemon.scheduler import Scheduler
-from inferd.daemon.session import Rejected, Session
-from inferd.shm import wire
+from . import exitcodes
+from .ops import metrics
+from .pipeline.collector import BatchingThread, BatchResult
+from .dispatch.device import Device
+from .config import Config, ConfigError
+from .front.admin import AdminServer
+from .front.handshake import handshake
+from .ops.reload import ACTIVATE_WAIT_S, ReloadError, reload_model
+from .front.listener import Listener
+from .models.loading import LoadedModel
+from .ops.sd_notify import notify
+from .ops.sd_watchdog import start as start_systemd_watchdog
+from .dispatch.scheduler import Scheduler
+from .front.session import Rejected, Session
+from ..shm import wire
 
-from .embeddings import default_path
-from .pooling import embedding_id
+from .caching.embedding_store import default_path
+from .models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.server")
 
@@ -85,7 +86,7 @@ class Server:
         self.state = "ready"
         accept = loop.create_task(self._accept_loop())
         watchdog = loop.create_task(self._watchdog())
-        start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/watchdog.py)
+        start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
         notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
@@ -96,7 +97,7 @@ class Server:
         return exitcodes.OK
 
     async def _watchdog(self) -> None:
-        """Health checks on the loop (daemon/health.py): a timer, not a poll of anything the OS
+        """Health checks on the loop (daemon/dispatch/health.py): a timer, not a poll of anything the OS
         could tell us; a stuck batch gives no event to wait on."""
         health = self.scheduler.health
         while True:
@@ -132,8 +133,8 @@ class Server:
         memory = self.scheduler.memory
         if self.cfg.cache.enabled:
             memory.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
-        if self.cfg.l2.enabled:             # the fleet cache (daemon/l2.py); ConfigError: a bad key file
-            from .l2 import open_fleet_cache
+        if self.cfg.l2.enabled:             # the fleet cache (daemon/caching/fleet/cache.py); ConfigError: a bad key file
+            from .caching.fleet.cache import open_fleet_cache
 
             memory.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(memory.spec.labels), self._clock)
         for dev in self.devices:
@@ -217,7 +218,7 @@ class Server:
     def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
         self.scheduler.submit(session, rid, msg, op)
 
-    # admin operations (daemon/admin.py) -----------------------------------------------------
+    # admin operations (daemon/front/admin.py) -----------------------------------------------------
     def health(self) -> dict:
         in_rotation = sum(d.healthy for d in self.devices)
         return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0, "live": True,
@@ -269,7 +270,7 @@ class Server:
         return next(self._sids)
 
     def session_opened(self, session: Session) -> None:
-        """A session passed hello (daemon/handshake.py) and takes over its socket."""
+        """A session passed hello (daemon/front/handshake.py) and takes over its socket."""
         self.sessions[session.sid] = session
         self.stats.session_opened(session.peer[1])
         self.counters["sessions"] += 1
@@ -289,7 +290,7 @@ class Server:
     def stats_snapshot(self) -> dict:
         """Everything an operator reads (admin ``stats``, the Prometheus text), as plain data that
         msgpack carries: str keys, ints, floats, lists. Kept as events happened (NOTE [ stats ] in
-        daemon/stats.py), so taking it costs O(devices + uids + buckets). Loop thread only."""
+        daemon/ops/stats.py), so taking it costs O(devices + uids + buckets). Loop thread only."""
         snap = self.stats.snapshot()
         model = self.model
         snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
@@ -299,5 +300,5 @@ class Server:
         return snap
 
     def metrics_text(self) -> bytes:
-        """The Prometheus text exposition (daemon/metrics.py lists the families)."""
+        """The Prometheus text exposition (daemon/ops/metrics.py lists the families)."""
         return self.metrics.text()

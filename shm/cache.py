@@ -72,7 +72,7 @@ from typing import NamedTuple
 import blake3
 import numpy as np
 
-from inferd.shm import ownedfile
+from . import ownedfile
 
 MAGIC = b"INFDRCCH"
 FORMAT_VERSION = 1
@@ -130,7 +130,7 @@ def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: 
     turns the bytes into a frame (``inferd.client.decode.decoder_id``: library versions, steps,
     target size). Its own derivation context, so it can never equal a frame's key. The daemon
     inserts under it only bytes it decoded itself to the frame it computed (NOTE [ encoded uploads ]
-    in daemon/caching.py)."""
+    in daemon/caching/results.py)."""
     if len(encoded_hash) != 32:
         raise ValueError(f"encoded_hash must be 32 bytes, got {len(encoded_hash)}")
     h = blake3.blake3(derive_key_context="inferd 2026-11 result cache encoded-upload key v1")

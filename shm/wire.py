@@ -29,7 +29,7 @@ Image bytes never travel in a frame: ``classify`` names a slot of the client's s
 (see :mod:`inferd.shm.ring`) together with shape, dtype and byte count. A classify of a frame the
 client decoded from a JPEG/PNG/WebP file may also name a second slot holding those encoded bytes
 (``upload_slot``, ``upload_nbytes``); the daemon verifies them and keys the answer by them too
-(NOTE [ encoded uploads ] in daemon/caching.py).
+(NOTE [ encoded uploads ] in daemon/caching/results.py).
 """
 from __future__ import annotations
 

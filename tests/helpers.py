@@ -152,7 +152,7 @@ class FakeSession:
         self.inflight, self.pending = {}, {}
         self.closed, self.told_gen = False, 0
         self.sent = []
-        from inferd.daemon.queues import ThinkTime
+        from inferd.daemon.dispatch.queues import ThinkTime
         self.think = ThinkTime()
 
     def send(self, message):

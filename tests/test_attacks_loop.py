@@ -1,7 +1,7 @@
 """Attacks on the event loop and the protocol: each hostile input runs against a real daemon while a
 well-behaved client's answers (and, where it matters, latency) are checked.
 
-What each hostile input gets (NOTE [ session flow control ] in daemon/session.py):
+What each hostile input gets (NOTE [ session flow control ] in daemon/front/session.py):
 
     attack                                          daemon's answer
     10,000 info requests in one write               all answered, max_frames_per_turn (32) per loop
@@ -40,7 +40,7 @@ import pytest
 from helpers import RawClient, sample_images, shm_leftovers, spawn_daemon, wait_until
 from inferd.client import Client
 from inferd.daemon.config import ServerConfig
-from inferd.daemon.session import Session
+from inferd.daemon.front.session import Session
 from inferd.shm import wire
 
 MiB = 1 << 20

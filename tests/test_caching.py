@@ -14,9 +14,9 @@ import torch
 
 from helpers import RawClient, admin_path, sample_images, short_dir, wait_until
 from inferd.client import AdminClient, Client, DaemonUnavailable, InvalidInput
-from inferd.daemon import zoo
-from inferd.daemon.preprocess import to_input
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.models import zoo
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.daemon.models.zoo.shapes import make_dataset
 from inferd.shm import cache as cachefile
 from inferd.shm import wire
 
@@ -207,7 +207,7 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
     (the daemon was writing entries in the tens of microseconds before the kill) or when the scan
     after the kill finds an entry this round left with an odd seq (killed inside a write). Most
     rounds must be mid-write, and at least MIN_HITS_PER_ROUND hits per round must be checked."""
-    from inferd.daemon.zoo.synthetic import level_of
+    from inferd.daemon.models.zoo.synthetic import level_of
 
     rounds = int(os.environ.get("INFERD_CRASH_ROUNDS", "100"))
     seed = int(os.environ.get("INFERD_CRASH_SEED", random.randrange(1 << 30)))

@@ -1,7 +1,7 @@
 """A pool of devices with real daemons: dispatch by speed, faults (raise, hang, mid-batch), removal
 within 2 s, re-admission by canary, NoHealthyDevice, Overloaded and DeadlineExceeded.
 
-The daemons serve the ``synthetic`` model (inferd.daemon.zoo.synthetic): its batches cost a known
+The daemons serve the ``synthetic`` model (inferd.daemon.models.zoo.synthetic): its batches cost a known
 sleep scaled per device, and faults are injected per device by rewriting its control file. Every
 frame is a grey level whose class is known, so a misrouted answer shows; the client raises
 ProtocolError on a reply for an id it is not waiting for, so a request answered twice shows too.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from helpers import spawn_daemon, wait_until
-from inferd.client import (Client, DeadlineExceeded, InvalidInput, NoHealthyDevice, Overloaded)
-from inferd.daemon.zoo.synthetic import level_of
+from inferd.client import Client, DeadlineExceeded, InvalidInput, NoHealthyDevice, Overloaded
+from inferd.daemon.models.zoo.synthetic import level_of
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from helpers import sample_images
 from inferd.client import Client, InvalidInput
-from inferd.daemon import zoo
-from inferd.daemon.preprocess import to_input
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.models import zoo
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.daemon.models.zoo.shapes import make_dataset
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -105,7 +105,7 @@ def test_one_client_shared_by_threads(daemon):
 CHILD = r"""
 import json, sys
 from inferd.client import Client
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.models.zoo.shapes import make_dataset
 images, _ = make_dataset(40, seed=int(sys.argv[2]))
 with Client(sys.argv[1], ring_slots=8) as c:
     print(json.dumps([t[0].index for t in c.classify_many(list(images))]))

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from inferd.client import Client
-from inferd.daemon import model as model_mod
+from inferd.daemon.models import loading as model_mod
 from inferd.daemon.config import ConfigError, ModelConfig
-from inferd.daemon.engine import Engine, Staging
-from inferd.daemon.embeddings import (HEADER_SIZE, META_SIZE, EmbeddingStore, EmbeddingStoreError,
-                                      EmbeddingStoreLocked, default_path)
-from inferd.daemon.pooling import Pool
-from inferd.daemon.scheduler import DEFAULT_MIN_SIMILARITY
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.pipeline.engine import Engine, Staging
+from inferd.daemon.caching.embedding_store import (HEADER_SIZE, META_SIZE, EmbeddingStore,
+                                                   EmbeddingStoreError, EmbeddingStoreLocked,
+                                                   default_path)
+from inferd.daemon.models.embedding_pooling import Pool
+from inferd.daemon.dispatch.scheduler import DEFAULT_MIN_SIMILARITY
+from inferd.daemon.models.zoo.shapes import make_dataset
 
 
 def h(n: int) -> bytes:
@@ -199,7 +200,7 @@ def test_a_store_of_another_embedding_definition_is_rebuilt(path):
     assert default_path("/d", "ab" * 16, "x").startswith("/d/embeddings-abababababababab-")
 
 
-# the pooling (daemon/pooling.py) ------------------------------------------------------------------
+# the pooling (daemon/models/embedding_pooling.py) ------------------------------------------------------------------
 def test_pool_parses_and_refuses_with_the_key_named():
     assert Pool.parse("mean") == Pool() and str(Pool.parse(" grid:4 + thumbnail:2 ")) == "grid:4+thumbnail:2"
     assert Pool.parse("thumbnail:3") == Pool(0, 3) and str(Pool(0, 3)) == "mean+thumbnail:3"
@@ -314,7 +315,7 @@ class _WithFeatures(torch.nn.Module):
 
 
 def _file_engine(tmp_path, module, **keys):
-    from inferd.daemon.zoo import shapes
+    from inferd.daemon.models.zoo import shapes
 
     path = str(tmp_path / "model.pt")
     torch.jit.script(module).save(path)
@@ -332,7 +333,7 @@ def _vectors(engine, images):
 
 
 def test_a_file_model_gets_the_same_pooling_as_the_built_in(tmp_path):
-    from inferd.daemon.zoo import shapes
+    from inferd.daemon.models.zoo import shapes
 
     images, _ = make_dataset(6, 21)
     builtin = Engine(torch.device("cpu"), model_mod.load(ModelConfig()), keep_k=3)

@@ -17,12 +17,12 @@ from inferd.client.connection import ModelInfo
 from inferd.client.hits import HitReport
 from inferd.client.protocol import ProtocolCore
 from inferd.client.retry import Call
-from inferd.daemon.batcher import BatchResult
+from inferd.daemon.pipeline.collector import BatchResult
 from inferd.daemon.config import Config
-from inferd.daemon.device import Device
-from inferd.daemon.model import ModelSpec
-from inferd.daemon.scheduler import Scheduler
-from inferd.daemon.session import Rejected
+from inferd.daemon.dispatch.device import Device
+from inferd.daemon.models.loading import ModelSpec
+from inferd.daemon.dispatch.scheduler import Scheduler
+from inferd.daemon.front.session import Rejected
 from inferd.shm import wire
 from inferd.shm.ring import DATA_OFFSET, Ring, RingError, RingGeometry
 
@@ -203,7 +203,7 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon import caching
+    from inferd.daemon.caching.results import results as caching
 
     monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
     memory = caching.Memory(Config(), SPEC, "digest", Counter())
@@ -235,7 +235,7 @@ def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon import caching
+    from inferd.daemon.caching.results import results as caching
 
     cfg = Config()
     cfg.cache.max_upload_bytes = 1000

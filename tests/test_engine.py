@@ -1,4 +1,4 @@
-"""The engine (daemon/engine.py) on CPU: exact answers, the stream/event order of the GPU path
+"""The engine (daemon/pipeline/engine.py) on CPU: exact answers, the stream/event order of the GPU path
 (NOTE [ engine streams ]) through a fake device whose events complete only when waited on, padded
 batches, and the model options (precision, channels_last, compile) with their checks."""
 import contextlib
@@ -9,15 +9,15 @@ import torch
 
 from helpers import sample_images
 from inferd.client import Client
-from inferd.daemon import engine as engine_mod
-from inferd.daemon import model as model_mod
-from inferd.daemon import zoo
+from inferd.daemon.pipeline import engine as engine_mod
+from inferd.daemon.models import loading as model_mod
+from inferd.daemon.models import zoo
 from inferd.daemon.config import ConfigError, ModelConfig, from_dict
-from inferd.daemon.engine import Engine, Staging, embedding_of
-from inferd.daemon.pooling import Pool
-from inferd.daemon.modes import EngineOptions, batch_sizes, size_for
-from inferd.daemon.preprocess import to_input
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.pipeline.engine import Engine, Staging, embedding_of
+from inferd.daemon.models.embedding_pooling import Pool
+from inferd.daemon.pipeline.engine_options import EngineOptions, batch_sizes, size_for
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.daemon.models.zoo.shapes import make_dataset
 
 pytestmark = pytest.mark.timeout(120)
 CPU = torch.device("cpu")

@@ -1,6 +1,6 @@
 """Fair share of the devices, per-uid limits, and refusal before work (issue 8, points 3 to 5).
 
-The policy (inferd.daemon.fairness) and the queue around it are driven request by request on an
+The policy (inferd.daemon.dispatch.fairness) and the queue around it are driven request by request on an
 injected clock; admission through a Scheduler with fake sessions; then the attacks against a real
 daemon: a flood of refused requests, a uid holding its whole session quota, a flooding uid, each
 with a victim's answers and latency checked. Those spawn clients as uid 65534 and need root.
@@ -22,12 +22,12 @@ import helpers
 from helpers import Clock, RawClient, admin_path
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import Config, ConfigError
-from inferd.daemon.device import Device
-from inferd.daemon.fairness import DeficitRoundRobin, Fifo, quanta
-from inferd.daemon.model import ModelSpec
-from inferd.daemon.queues import DeviceQueue, plan_batch
-from inferd.daemon.scheduler import Scheduler
-from inferd.daemon.session import Rejected
+from inferd.daemon.dispatch.device import Device
+from inferd.daemon.dispatch.fairness import DeficitRoundRobin, Fifo, quanta
+from inferd.daemon.models.loading import ModelSpec
+from inferd.daemon.dispatch.queues import DeviceQueue, plan_batch
+from inferd.daemon.dispatch.scheduler import Scheduler
+from inferd.daemon.front.session import Rejected
 from inferd.shm import wire
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")

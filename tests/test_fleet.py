@@ -1,4 +1,4 @@
-"""The fleet cache (daemon/l2.py): real daemons sharing a real redis-server (tests/redis_server.py).
+"""The fleet cache (daemon/caching/fleet/cache.py): real daemons sharing a real redis-server (tests/redis_server.py).
 
 Covered: two daemons with their own local caches answer from L2 exactly what the other computed;
 entries written with another fleet key, or by a writer without any key, are ignored and counted;
@@ -20,8 +20,8 @@ import pytest
 from helpers import Clock, admin_path, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import ConfigError, from_dict
-from inferd.daemon.l2_breaker import Breaker
-from inferd.daemon.l2_codec import MAC_BYTES, decode, encode, load_fleet_key
+from inferd.daemon.caching.fleet.breaker import Breaker
+from inferd.daemon.caching.fleet.codec import MAC_BYTES, decode, encode, load_fleet_key
 from redis_server import redis_cluster, redis_sentinel, redis_server  # noqa: F401  (fixtures)
 
 PREFIX = "inferd-test:"
@@ -272,7 +272,7 @@ def test_each_topology_gets_its_client_with_tls_and_auth_passed_through():
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
 
-    from inferd.daemon.l2_client import make_client
+    from inferd.daemon.caching.fleet.connection import make_client
 
     d = short_dir()
     password = key_file(d, b"s3cret\n")

@@ -1,4 +1,4 @@
-"""The CUDA path (daemon/engine.py, daemon/streams.py) on a real GPU; skipped without one.
+"""The CUDA path (daemon/pipeline/engine.py, daemon/pipeline/streams.py) on a real GPU; skipped without one.
 
 What the CPU tests (tests/test_engine.py) cannot show: the real streams and events give the model's
 answers, bf16 / fp16 / channels_last / CUDA graphs work, a daemon on cuda:0 serves, and no launch
@@ -9,13 +9,13 @@ import torch
 
 from helpers import sample_images
 from inferd.client import Client
-from inferd.daemon import model as model_mod
-from inferd.daemon import zoo
+from inferd.daemon.models import loading as model_mod
+from inferd.daemon.models import zoo
 from inferd.daemon.config import ModelConfig
-from inferd.daemon.engine import Engine, Staging
-from inferd.daemon.modes import EngineOptions
-from inferd.daemon.preprocess import to_input
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.pipeline.engine import Engine, Staging
+from inferd.daemon.pipeline.engine_options import EngineOptions
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.daemon.models.zoo.shapes import make_dataset
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(),

@@ -57,7 +57,7 @@ def test_requests_during_drain_are_refused_with_shutting_down(fresh_daemon):
     """A request sent during the drain, on a free slot, gets shutting_down; the one admitted before
     the SIGTERM is still answered. The admitted request is held in its batch (the synthetic model's
     ``hang`` fault) until the refusal has come back, so the drain cannot end first."""
-    from inferd.daemon.zoo.synthetic import level_of
+    from inferd.daemon.models.zoo.synthetic import level_of
 
     workdir = short_dir()
     control = os.path.join(workdir, "synthetic.json")

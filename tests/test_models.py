@@ -11,8 +11,10 @@ import torch
 
 from helpers import sample_images, short_dir, spawn_daemon
 from inferd.client import Client
-from inferd.daemon import config, modes, zoo
-from inferd.daemon import model as model_mod
+from inferd.daemon import config
+from inferd.daemon.pipeline import engine_options as modes
+from inferd.daemon.models import zoo
+from inferd.daemon.models import loading as model_mod
 from inferd.daemon.config import ConfigError, ModelConfig
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,5 +1,5 @@
-"""The per-device pipeline (NOTE [ request path ] in daemon/batcher.py) in one process: the executor
-(daemon/executor.py) runs staged batches in order, frees each staging buffer once its frames are on
+"""The per-device pipeline (NOTE [ request path ] in daemon/pipeline/collector.py) in one process: the executor
+(daemon/pipeline/executor.py) runs staged batches in order, frees each staging buffer once its frames are on
 the device, and on an asynchronous device queues batch k+1 before it collects batch k, so the device
 never waits for the host between two batches. The device is the fake of tests/test_engine.py, whose work runs only
 when the host waits for it, so the order of launches and collections is exactly what is recorded."""
@@ -13,14 +13,14 @@ import torch
 
 from test_engine import FakeStreams, _want
 
-from inferd.daemon import executor as executor_mod
-from inferd.daemon import model as model_mod
-from inferd.daemon.batcher import BatchResult, Request
-from inferd.daemon.executor import Executor
+from inferd.daemon.pipeline import executor as executor_mod
+from inferd.daemon.models import loading as model_mod
+from inferd.daemon.pipeline.collector import BatchResult, Request
+from inferd.daemon.pipeline.executor import Executor
 from inferd.daemon.config import ModelConfig
-from inferd.daemon.device import Device
-from inferd.daemon.engine import Engine, Staging
-from inferd.daemon.zoo.shapes import make_dataset
+from inferd.daemon.dispatch.device import Device
+from inferd.daemon.pipeline.engine import Engine, Staging
+from inferd.daemon.models.zoo.shapes import make_dataset
 
 pytestmark = pytest.mark.timeout(60)
 

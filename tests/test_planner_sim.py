@@ -1,4 +1,4 @@
-"""The batch planner (NOTE [ batch planning ] in daemon/queues.py) against simulated closed-loop
+"""The batch planner (NOTE [ batch planning ] in daemon/dispatch/queues.py) against simulated closed-loop
 clients: a discrete-event simulation on an injected clock, with the real plan_batch, DeviceQueue
 (expected arrivals) and ThinkTime, and a device whose batch of b takes L(b). It checks the
 behaviour the planner exists for, in steady state and without real time: N clients that come back
@@ -13,7 +13,7 @@ import pytest
 
 from helpers import Clock
 
-from inferd.daemon.queues import DeviceQueue, ThinkTime, _Ahead, plan_batch
+from inferd.daemon.dispatch.queues import DeviceQueue, ThinkTime, _Ahead, plan_batch
 
 MAX_DELAY = 0.005
 
@@ -31,7 +31,7 @@ class _Session:
 def simulate(clients: int, think: float, seconds: float = 5.0, warmup: float = 1.0, max_batch: int = 16,
              seed: int = 1) -> dict:
     """``clients`` closed-loop clients, each back ``think`` (+-50%, uniform) after its reply; the
-    collector plans the next batch as daemon/batcher.py does (the running batch's clients
+    collector plans the next batch as daemon/pipeline/collector.py does (the running batch's clients
     expected back, the window from when the device became free); returns throughput figures of
     the batches that ended after ``warmup`` (the first ones teach the think times)."""
     rnd = random.Random(seed)

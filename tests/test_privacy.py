@@ -24,9 +24,9 @@ import pytest
 
 from helpers import RawClient, sample_images, short_dir, wait_until
 from inferd.client import Client
-from inferd.daemon import caching
-from inferd.daemon.embeddings import HEADER_SIZE as STORE_HEADER
-from inferd.daemon.embeddings import EmbeddingStore
+from inferd.daemon.caching.results import results as caching
+from inferd.daemon.caching.embedding_store import HEADER_SIZE as STORE_HEADER
+from inferd.daemon.caching.embedding_store import EmbeddingStore
 from inferd.shm import wire
 from inferd.shm.cache import CacheUnavailable, ResultCache, cache_key, content_hash
 

@@ -8,12 +8,12 @@ import pytest
 
 from helpers import Clock
 
-from inferd.daemon import policy as policies
+from inferd.daemon.dispatch import policy as policies
 from inferd.daemon.config import HealthConfig
-from inferd.daemon.device import HEALTHY, OUT, PROBING, Device
-from inferd.daemon.health import HealthMonitor
-from inferd.daemon.profile import LatencyProfile
-from inferd.daemon.queues import GRACE, LEAD, DeviceQueue, ThinkTime, plan_batch
+from inferd.daemon.dispatch.device import HEALTHY, OUT, PROBING, Device
+from inferd.daemon.dispatch.health import HealthMonitor
+from inferd.daemon.dispatch.profile import LatencyProfile
+from inferd.daemon.dispatch.queues import GRACE, LEAD, DeviceQueue, ThinkTime, plan_batch
 
 
 def req(arrived=100.0, deadline=200.0):

@@ -1,4 +1,4 @@
-"""Statistics kept as events happen (daemon/stats.py) and their Prometheus face (daemon/metrics.py).
+"""Statistics kept as events happen (daemon/ops/stats.py) and their Prometheus face (daemon/ops/metrics.py).
 
 Unit tests drive an injected clock (nothing sleeps); the scheduler is driven by hand with fake
 sessions, so the counts it keeps are checked against what was submitted. One real daemon, scraped
@@ -17,14 +17,15 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import Clock, FakeSession, RawClient, wait_until
-from inferd.daemon.batcher import BatchResult
+from inferd.daemon.pipeline.collector import BatchResult
 from inferd.daemon.config import Config, ConfigError
-from inferd.daemon.device import Device
-from inferd.daemon.metrics import SnapshotCollector, parse_listen
-from inferd.daemon.model import ModelSpec
-from inferd.daemon.scheduler import Scheduler
-from inferd.daemon.session import Rejected
-from inferd.daemon.stats import LATENCY_BOUNDS, Histogram, SizeHistogram, Stats, Window, quantile
+from inferd.daemon.dispatch.device import Device
+from inferd.daemon.ops.metrics import SnapshotCollector, parse_listen
+from inferd.daemon.models.loading import ModelSpec
+from inferd.daemon.dispatch.scheduler import Scheduler
+from inferd.daemon.front.session import Rejected
+from inferd.daemon.ops.stats import (LATENCY_BOUNDS, Histogram, SizeHistogram, Stats, Window,
+                                     quantile)
 from inferd.shm import wire
 from inferd.shm.cache import ResultCache
 

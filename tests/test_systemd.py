@@ -15,9 +15,9 @@ import pytest
 
 from helpers import Clock, Daemon, sample_images, short_dir, wait_until
 from inferd.client import Client
-from inferd.daemon import logs, notify, watchdog
+from inferd.daemon.ops import logs, sd_notify as notify, sd_watchdog as watchdog
 from inferd.daemon.config import ConfigError, from_dict, parse_override
-from inferd.daemon.listener import Listener, ListenerError
+from inferd.daemon.front.listener import Listener, ListenerError
 
 ROOT = Path(__file__).resolve().parent.parent
 ANALYZE = shutil.which("systemd-analyze")
@@ -416,7 +416,7 @@ def test_notify_never_blocks_when_the_manager_stops_reading(tmp_path, monkeypatc
     only up to READY=1, after about ten STATUS= lines)."""
     import socket as socketmod
 
-    from inferd.daemon.notify import notify
+    from inferd.daemon.ops.sd_notify import notify
 
     path = str(tmp_path / "notify")
     manager = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)

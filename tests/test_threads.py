@@ -1,4 +1,4 @@
-"""Thread pools and the CPU layout (daemon/threads.py, daemon/layout.py): the plan shares the cores
+"""Thread pools and the CPU layout (daemon/pipeline/thread_pools.py, daemon/pipeline/cpu_layout.py): the plan shares the cores
 without oversubscribing them, cpu:auto picks by its documented rule, and a real daemon keeps its
 limits in force and uses no CPU while idle with a populated embedding store."""
 import logging
@@ -13,9 +13,9 @@ import pytest
 from helpers import admin_path, sample_images, wait_until
 from inferd.client import Client
 from inferd.client.admin import AdminClient
-from inferd.daemon import layout, threads
+from inferd.daemon.pipeline import cpu_layout as layout, thread_pools as threads
 from inferd.daemon.config import DeviceConfig
-from inferd.daemon.embeddings import EmbeddingStore
+from inferd.daemon.caching.embedding_store import EmbeddingStore
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from inferd.daemon import zoo
-from inferd.daemon.preprocess import to_input
-from inferd.daemon.zoo import shapes
-from inferd.daemon.zoo.noop import NoopNet
-from inferd.daemon.zoo.resnet import resnet18_style, resnet50_style
+from inferd.daemon.models import zoo
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.daemon.models.zoo import shapes
+from inferd.daemon.models.zoo.noop import NoopNet
+from inferd.daemon.models.zoo.resnet import resnet18_style, resnet50_style
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,0 +1,354 @@
+"""How the daemon uses its result cache (inferd.shm.cache) and embedding store (daemon/caching/embedding_store.py).
+
+The content hash that keys both is computed here, by the daemon, over its own private copy of the
+frame, taken from the client's slot at admission; that copy is also what the batching thread
+computes on. So the answer stored under a hash is the answer for exactly the bytes that hash
+covers, and no client can make another receive an answer for different bytes: whatever it writes
+into its slot, before or after submitting, is either what gets hashed and computed, or nothing
+(a client that rewrites its slot after admission changes nothing we read again). The hash a client
+computes for its own lookups is never trusted for writing.
+
+Insert sampling (no decay on unique traffic): the hit rate is an exponentially weighted average
+over lookups (daemon-side) and the hits clients report (client-side). While it is below
+``cache.min_hit_rate`` only 1 in ``cache.sample_every`` misses is inserted, so a stream of unique
+images costs a hash and a lookup per frame but almost no inserts; once repeats show up, inserts
+resume for every miss.
+
+NOTE [ unhashed misses ]
+
+A client that maps the cache looks every frame up itself before it sends it, and says so
+(``looked`` in the request, docs/protocol.md): such a request is already a miss, and on unique
+traffic the daemon's copy, hash and lookup of it buy nothing but loop time (a BLAKE3 of a frame
+also lets go of the GIL, so the loop then waits on the batching threads for it back). So while the
+hit rate is below ``cache.min_hit_rate``, admission copies and hashes only 1 in
+``cache.sample_every`` of the looked-up requests, and remember() inserts those (``admission_copy``:
+the same insert rate as sampling gives hashed misses); the others count as misses and go to a
+device unhashed: computed from their slot, answered, never inserted, never coalesced. Nothing
+changes in what may be written: every insert is still of a frame the daemon copied and hashed
+itself, and a client that claims ``looked`` falsely only gives up the daemon-side lookup for its
+own requests. Requests that name a tag, embed or near, and any request while the embedding store
+or the fleet cache is on, are always hashed (those key by content whatever the hit rate).
+
+NOTE [ encoded uploads ]
+
+A client that classifies JPEG/PNG/WebP bytes looks their hash up in the read-only cache before it
+decodes them (inferd.client.decode), under ``encoded_key(digest, preprocess_id, decoder_id,
+BLAKE3(bytes))`` (inferd.shm.cache). Only the daemon writes, and it writes such a key only for
+bytes it decoded itself to exactly the frame it computed the answer for:
+
+    client: miss -> decode -> frame in slot S, the bytes in the run of slots U..U+m-1
+            --classify(slot S, upload_slot U, upload_nbytes n)-->
+    admission (loop): refuse first (S and every slot of the run checked, m <= half the ring,
+                      n <= MAX_ENCODED_BYTES), copy S (private frame, hashed as ever) and the run
+                      (private bytes, one copy)
+                      -> decode pool (one thread, at most MAX_UPLOADS and MAX_UPLOAD_BYTES
+                         waiting; else no entry):
+                         decode(copy of U) == copy of S ?  (the client's own decode module)
+                         equal: BLAKE3(copy of U)          (hashed here: a large upload's hash
+                                                            is not the loop's either)
+    answer (loop):    top of the frame  --+
+    verdict (loop):   hash / not equal  --+--> both in, equal: insert
+                                               encoded_key(model, decoder, hash) -> top; else nothing
+
+So an entry under an encoded key always holds the answer for the frame those bytes decode to with
+that decoder: a client that sends bytes that do not decode to its frame gets the right answer for
+its frame and makes no entry; a client whose decoder differs (another Pillow, libjpeg-turbo) makes
+keys that never meet the daemon's. The copies are private, so nothing the client writes after
+admission changes what is verified. Every slot of the run is held (``session.inflight``) from
+admission to the request's reply, like its frame's slot, and let go in Scheduler._finish, the one
+place every reply, error, expiry and drop passes. The decode runs off the loop; its CPU (one decode
+per first upload, bounded by inferd.client.decode.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
+the repeat answered without decoding; the loop's part is one copy of the bytes, at most
+``cache.max_upload_bytes`` (4 MiB, about 1-4 ms) a request, so a client sending huge uploads cannot
+hold the loop for long: a larger upload is classified from its frame and makes no entry. Uploads of requests
+answered at once (cache hit, coalesced) and of a model that changed before the verdict make no
+entry.
+
+Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
+daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
+handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
+near-duplicate search, its tags and its ``embed`` shortcuts see only the rows it stored itself,
+unless ``embeddings.shared`` opens every row to every uid (the store applies that rule: see
+daemon/caching/embedding_store.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import os
+import time
+
+import numpy as np
+
+from ..front.session import Rejected
+from ...shm import cache as cachefile
+from ...shm import wire
+from ...shm.ring import RingError
+
+from ...client import decode as decoding
+
+log = logging.getLogger("inferd.caching")
+
+RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
+MAX_CHOSEN = 4096          # keys sampled for insert whose answers are awaited, at most
+MAX_UPLOADS = 32           # encoded uploads waiting for the decode thread, at most (NOTE [ encoded uploads ])
+MAX_UPLOAD_BYTES = 64 * 2**20   # ... and their copies' bytes, at most: the daemon's memory for them
+
+
+class Upload:
+    """One encoded upload being verified: inserted under its encoded key once both the answer
+    (``top``) and an equal decode (``verdict``: the BLAKE3 of the bytes, hashed on the decode
+    thread) are in, on the loop thread (NOTE [ encoded uploads ])."""
+
+    __slots__ = ("digest", "preprocess_id", "decoder", "top", "verdict", "memory")
+
+    def __init__(self, memory: "Memory", decoder: str):
+        self.memory, self.digest, self.preprocess_id = memory, memory.digest, memory.spec.preprocess_id
+        self.decoder = decoder
+        self.top = self.verdict = None
+
+    def answered(self, top: list) -> None:
+        self.top = top
+        self._settle()
+
+    def decided(self, future) -> None:
+        self.verdict = future.result() if not future.cancelled() and future.exception() is None else None
+        self.memory.counters["uploads_verified" if self.verdict else "uploads_mismatched"] += 1
+        self._settle()
+
+    def _settle(self) -> None:
+        memory = self.memory
+        if self.verdict and self.top is not None and memory.cache is not None and memory.digest == self.digest:
+            key = cachefile.encoded_key(self.digest, self.preprocess_id, self.decoder, self.verdict)
+            if memory.cache.insert(key, self.top):
+                memory.counters["evictions"] += 1
+            memory.counters["uploads_inserted"] += 1
+            self.verdict = None             # once
+
+
+def _decodes_to(data: np.ndarray, frame: np.ndarray) -> bytes | None:
+    """The BLAKE3 of ``data`` (inferd.client.decode.encoded_hash) when it decodes to exactly
+    ``frame``, else None. Runs on the decode thread: neither the decode nor the hash of a large
+    upload (up to MAX_ENCODED_BYTES) is the loop's."""
+    try:
+        if not np.array_equal(decoding.decode(data, frame.shape[0], frame.shape[1]), frame):
+            return None
+    except decoding.InvalidInput:
+        return None
+    return decoding.encoded_hash(data)
+
+
+class Memory:
+    """Result cache plus embedding store, either of which may be absent."""
+
+    def __init__(self, cfg, spec, digest: str, counters: collections.Counter):
+        self.cfg = cfg
+        self.spec = spec
+        self.digest = digest
+        self.counters = counters
+        self.cache: cachefile.ResultCache | None = None
+        self.store = None
+        self.hit_rate = 1.0                 # optimistic until traffic says otherwise
+        self._misses = 0
+        self._looked = 0                    # looked-up misses seen at a low hit rate
+        self._chosen: dict[bytes, bool] = {}    # keys of those sampled for insert (NOTE [ unhashed misses ])
+        self.keep_k = 0
+        self.l2 = None                      # the fleet cache (daemon/caching/fleet/cache.py), when l2.enabled
+        self._decoder = None                # the upload decode thread, started by the first upload
+        self._uploads_waiting = 0
+        self._upload_bytes = 0              # bytes of the uploads waiting (MAX_UPLOAD_BYTES)
+
+    @property
+    def hashing(self) -> bool:
+        return self.cache is not None or self.store is not None
+
+    def open_cache(self, path: str) -> None:
+        c = self.cfg.cache
+        private_directory(os.path.dirname(path) or ".")
+        self.cache = cachefile.ResultCache.open_writer(path, c.size_mb * 2**20, mode=0o600, log=log)
+        self.keep_k = min(self.cache.geometry.max_k, len(self.spec.labels))
+        log.info("result cache %s: %d MiB", path, c.size_mb)
+
+    def open_store(self, path: str, dim: int, embedding: str = "") -> None:
+        """Open the embedding store (``embedding``: the definition's id, daemon/models/embedding_pooling.py)."""
+        from .embedding_store import EmbeddingStore
+
+        private_directory(os.path.dirname(path) or ".")
+        self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
+                                         shared=self.cfg.embeddings.shared, log=log, embedding=embedding)
+        log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
+                 self.cfg.embeddings.capacity, dim)
+
+    def admission_copy(self, ring, slot: int, looked, op: str, tag) -> tuple:
+        """``private_copy`` of a request's frame, or (None, None, None) for a miss the client
+        already looked up that the cache would not insert (NOTE [ unhashed misses ]; counted here
+        as a miss and an insert skipped). Raises Rejected as private_copy does."""
+        if looked is not True or op != "classify" or tag is not None or self.store is not None \
+                or self.l2 is not None or self.cache is None or self.hit_rate >= self.cfg.cache.min_hit_rate:
+            return self.private_copy(ring, slot)
+        self._looked += 1
+        if self._looked % self.cfg.cache.sample_every == 0:
+            copied = self.private_copy(ring, slot)
+            self._chosen[copied[2]] = True          # remember() inserts it
+            while len(self._chosen) > MAX_CHOSEN:   # answers that never came (expired, failed)
+                del self._chosen[next(iter(self._chosen))]
+            return copied
+        c = self.counters
+        c["misses"] += 1
+        c["inserts_skipped"] += 1
+        c["unhashed"] += 1
+        self.hit_rate -= RATE_ALPHA * self.hit_rate
+        return None, None, None
+
+    def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
+        """(frame copy, content hash, cache key) for a checked slot. Rejected (invalid_input) when
+        the slot cannot be read whole: a posix ring its client shrank (inferd.shm.ring)."""
+        t0 = time.perf_counter()
+        try:
+            frame = ring.read_slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape)
+        except RingError as exc:
+            raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} cannot be read: {exc}") from None
+        content = cachefile.content_hash(frame)
+        key = self.key(content)
+        self.counters["hash_seconds"] += time.perf_counter() - t0
+        self.counters["hashed"] += 1
+        return frame, content, key
+
+    def upload(self, ring, run: range, nbytes: int, frame) -> Upload | None:
+        """Start verifying the encoded bytes in a checked ``run`` of slots against ``frame`` (the
+        private copy), or None when no entry can be made (no cache, no frame, the upload over
+        cache.max_upload_bytes, the decode thread busy: MAX_UPLOADS uploads or MAX_UPLOAD_BYTES
+        bytes waiting). Copies the bytes now (one
+        copy, on the loop; hashed on the decode thread). Raises Rejected when the run cannot be
+        read whole (see private_copy)."""
+        if self.cache is None or frame is None:
+            return None
+        if nbytes > self.cfg.cache.max_upload_bytes or self._uploads_waiting >= MAX_UPLOADS \
+                or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
+            self.counters["uploads_skipped"] += 1
+            return None
+        try:
+            data = ring.read_run(run.start, nbytes)     # (into np.empty: 4x faster than a bytearray at 32 MiB)
+        except RingError as exc:
+            raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {run.start} cannot be read: {exc}") from None
+        h, w = self.spec.frame_shape[:2]
+        record = Upload(self, decoding.decoder_id(h, w))
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
+        self._uploads_waiting += 1
+        self._upload_bytes += nbytes
+        future = asyncio.get_running_loop().run_in_executor(self._decoder, _decodes_to, data, frame)
+        future.add_done_callback(lambda _f, n=nbytes: self._upload_done(n))
+        future.add_done_callback(record.decided)
+        return record
+
+    def _upload_done(self, nbytes: int) -> None:
+        self._uploads_waiting -= 1
+        self._upload_bytes -= nbytes
+
+    def key(self, content: bytes) -> bytes:
+        """The cache key of a content hash under the current model."""
+        return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
+
+    def flush(self) -> tuple[int, int]:
+        """Empty the result cache: (entries dropped, new generation)."""
+        dropped = self.cache.stats()["used"]
+        return dropped, self.cache.flush()
+
+    def switch_model(self, model) -> None:
+        """Key by ``model`` from now on (a reload). The cache is emptied: no entry of the old
+        model can be answered under a key a client still makes with the old digest."""
+        self.spec, self.digest = model.spec, model.digest
+        if self.cache is not None:
+            self.keep_k = min(self.cache.geometry.max_k, len(model.spec.labels))
+            self.cache.flush()
+
+    def lookup(self, key: bytes, top_k: int):
+        """Cached top pairs (at least top_k of them), or None. Counts the lookup."""
+        hit = self.cache.lookup(key)
+        ok = hit is not None and len(hit) >= top_k
+        self.counters["daemon_hits" if ok else "misses"] += 1
+        self.hit_rate += RATE_ALPHA * (ok - self.hit_rate)
+        return hit if ok else None
+
+    def client_hits(self, n) -> None:
+        """Hits a client answered itself, reported with its next request."""
+        if type(n) is int and 0 < n < 1 << 30:
+            self.counters["client_hits"] += n
+            self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
+
+    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int) -> None:
+        """After a computed answer: insert (sampled while the hit rate is low), keep the embedding
+        as ``uid``'s (the uid of the request's session)."""
+        if self.cache is not None and key:
+            self._misses += 1
+            if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
+                    or self._chosen.pop(key, False):
+                if self.cache.insert(key, top):
+                    self.counters["evictions"] += 1
+                self.counters["inserts"] += 1
+            else:
+                self.counters["inserts_skipped"] += 1
+        if self.store is not None and vector is not None and content:
+            self.store.add(content, vector, tag, uid=uid)
+        if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
+            self.l2.store(key, top)
+
+    def adopt(self, key: bytes, top: list) -> None:
+        """An answer another host computed (a fleet cache hit): stored locally without sampling
+        (it is a repeat by definition), so this host's clients answer the next one themselves."""
+        if self.cache is not None:
+            if self.cache.insert(key, top):
+                self.counters["evictions"] += 1
+            self.counters["inserts"] += 1
+
+    def retag(self, content: bytes, tag, uid: int) -> None:
+        """A tagged request of ``uid`` answered from the cache: ``uid``'s row for the frame takes
+        the tag. The vector may come from any uid's row (it depends on the bytes alone and is not
+        sent anywhere); no other uid's row or tag changes."""
+        if tag is not None and self.store is not None:
+            vector = self.store.get(content, uid=None)
+            if vector is not None:
+                self.store.add(content, vector, tag, uid=uid)
+
+    def stats(self) -> dict:
+        c = self.counters
+        lookups = c["daemon_hits"] + c["misses"] + c["client_hits"]
+        out = {"enabled": self.cache is not None, "hit_rate_smoothed": round(self.hit_rate, 4),
+               "hit_rate": round((c["daemon_hits"] + c["client_hits"]) / lookups, 4) if lookups else 0.0,
+               "hash_us_mean": round(1e6 * c["hash_seconds"] / max(c["hashed"], 1), 2)}
+        for k in ("daemon_hits", "client_hits", "misses", "inserts", "inserts_skipped", "evictions",
+                  "coalesced", "unhashed", "uploads_verified", "uploads_mismatched", "uploads_inserted",
+                  "uploads_skipped"):
+            out[k] = c[k]
+        if self.cache is not None:
+            out["file"] = self.cache.stats()
+        if self.store is not None:
+            out["embeddings"] = len(self.store)
+        if self.l2 is not None:
+            out["l2"] = self.l2.stats()
+        return out
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+        for thing in (self.cache, self.store):
+            if thing is not None:
+                thing.close()
+
+
+def private_directory(path: str) -> None:
+    """Make ``path`` 0700 when it is missing; warn when an existing one lets other users list it
+    (the files in it are 0600 either way, but their names tell which models this host runs)."""
+    try:
+        os.makedirs(path, mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o044:
+        log.warning("directory %s is mode %03o: other users can list the cache and embedding files in "
+                    "it (not read them: those are 0600); chmod 0700 it, or CacheDirectoryMode=0700 "
+                    "under systemd", path, mode)

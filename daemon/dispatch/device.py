@@ -1,0 +1,58 @@
+"""One device's record: identity, queue, measured profile, what it is running, and its health.
+
+Who writes what: the event loop writes ``outstanding`` and the health fields; the device's batching
+threads write ``running_*``, ``staged``, ``beat`` and its ``profile``; the queue has its own lock. Readers on
+the other side read single attributes, each replaced whole (see daemon/dispatch/policy.py on staleness).
+"""
+from __future__ import annotations
+
+import torch
+
+from .profile import LatencyProfile
+from .queues import DeviceQueue
+
+HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
+
+
+class Device:
+    def __init__(self, index: int, name: str, threads: int, clock=None):
+        self.index = index
+        self.name = name
+        self.torch_device = torch.device(name)
+        self.threads = threads
+        self.queue = DeviceQueue(clock) if clock else DeviceQueue()
+        self.profile = LatencyProfile()
+        self.thread = None                 # its BatchingThread
+        self.outstanding = 0               # requests assigned to it, queued or running (loop only)
+        self.frames = 0                    # frames it answered (loop only)
+        # what the batching thread is running now
+        self.running_since: float | None = None
+        self.running_size = 0
+        self.running: list = []            # [(request, attempt)] of the running batch
+        self.staged: list = []             # ... of the batch staged behind it (daemon/pipeline/collector.py)
+        self.last_finished = 0.0           # when its executor last finished a batch
+        self.beat = 0.0                    # monotonic time the thread last showed life
+        # health (loop only): see daemon/dispatch/health.py
+        self.state = HEALTHY
+        self.failures = 0                  # batch failures in a row
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.canary_pending = False
+        self.outs = 0                      # times taken out of rotation (its batching thread reads it)
+        self.kept_since = None             # start of a batch kept past its bound (the only device)
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == HEALTHY
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}#{self.index}"
+
+    def __repr__(self) -> str:
+        return f"Device({self.label}, {self.state})"
+
+    def describe(self) -> dict:
+        return {"index": self.index, "name": self.name, "threads": self.threads, "state": self.state,
+                "outstanding": self.outstanding, "queued": len(self.queue), "frames": self.frames,
+                "failures": self.failures, "batch_ms": self.profile.snapshot()}

@@ -1,0 +1,347 @@
+"""A device's queue of admitted requests, and the rule that decides when its next batch leaves.
+
+DeviceQueue is an order (daemon/dispatch/fairness.py: first come first served, or a fair share between uids)
+under one lock: the event loop puts requests in (admission) and drains it (a device taken out of
+rotation); the device's batching thread takes batches from the front of the order; an idle peer's
+batching thread steals from its back. Nobody holds two queue locks at once, so there is no lock
+order to get wrong.
+
+NOTE [ batch planning ]
+
+``plan_batch(now, queued, ...)`` returns ``(n, 0.0)``: take the first n now, or ``(0, t)``: wait
+until t (or until another request arrives) and ask again. Its aim is goodput: the most frames per
+second that still meet their deadlines. With L(b) the device's measured latency for a batch of b
+(daemon/dispatch/profile.py), B = max_batch, D(m) the earliest deadline among the first m, F the time the
+device is free for this batch (the end of the batch it runs and of the one staged behind it:
+``busy_until`` in daemon/dispatch/policy.py; now when idle), S = max(now, F) the batch's start, and the
+window a0 + W: W = max_delay, a0 = the later of the first queued request's arrival and the time the
+device became free (``idle_since``), so W bounds what the planner adds by choice, not the time a
+request spent behind a busy device ("first" is in the order the device serves: fair share, below):
+
+  0. The device is busy. If now < F - LEAD, wait until F - LEAD, whatever is queued: company is
+     free while the device works, and the batch is closed and staged just before the device needs
+     it (LEAD covers the copy into the staging buffer and the error of F: the larger of 0.5 ms and
+     a tenth of the running batch's time, given by the collector), so it is the freshest batch the fair order
+     can make: a request arriving while a full batch computes goes into the next one, not the one
+     after. No arrival changes this answer, so arrivals do not wake the planner meanwhile; the
+     executor wakes it when a batch ends early.
+  1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
+     best throughput (admission counted on it); a request in it that cannot finish within the
+     batch's time is answered deadline_exceeded without being computed, rather than let it shrink
+     the batch: shrinking to save the oldest requests lowers throughput and makes every later
+     request later still (a collapse seen in bench/devices.py at 3x load).
+  2. Deadline cap (n < B). m = the largest size <= n with S + L(m) <= D(m). If m < n, go now with
+     m: more frames could only make the batch later (in the spirit of Clipper's adaptive batching,
+     with the measured profile in place of AIMD probing).
+  3. Goodput. The device is free: going now runs n frames in L(n). Waiting until t for the k
+     arrivals expected by then runs n + k frames in (t - S) + L(n + k). Wait for the k with the best
+     rate (n + k) / ((t - S) + L(n + k)) if it beats n / L(n), t is inside the window (t <= a0 + W)
+     and the batch still meets its deadlines (t + L(n + k) <= D(n)); else go now.
+
+Expected arrivals. Most clients wait for an answer before they send the next frame (closed loop:
+one or a few requests in flight each). The scheduler learns each session's think time, from a reply
+to its next request (smoothed), and when it answers k of a session's requests it tells the device
+queue to expect k requests from that session at reply + think (``DeviceQueue.expect``); a request
+of that session arriving takes one off. An expectation overdue by GRACE is dropped (that client is
+not coming soon), so a wait for it ends at most GRACE after it was due, and never past the window.
+The sessions of the running batch count too: they are expected back at F + think (the collector
+adds them, daemon/pipeline/collector.py), so when two half batches alternate on a busy device (eight clients
+queued at F while the other eight compute) the planner sees the eight about to come back, and waits
+for them if one batch of sixteen beats two of eight (it usually does: batching amortises).
+Without expectations (open-loop clients, sessions whose think time exceeds the window), the next
+arrivals are expected one smoothed gap g apart (the gap between arrivals at this device). This is
+what lets four closed-loop clients form batches of four: their four requests come back together a
+few hundred microseconds after the replies, while the smoothed gap (a batch time over four) says
+company is too far off to wait for, and batches of 1.7 left early.
+
+Before the profile knows anything, L = 0: requests go at once, and the first batches teach it.
+With ``adaptive`` off the rule is the plain window: go when n >= B or now >= a0 + W.
+
+Fair share. The queue's order, front first, is deficit round robin between uids (daemon/dispatch/fairness.py
+states the algorithm and its bounds), so "the first n" above are the next n of the fair order:
+
+    put(request) -> flow of its uid -> FIFO of its session      take(plan): plan_batch reads
+                                                                  the fair order front-first
+    ring:  [uid 0: s1 s1 s1 s1 | s2 s2]  [uid 1000: s3]  ...      (len = all queued; items only
+           each turn: deficit += weight;  1 request per 1 of       as far as it reads), then the
+           deficit; a uid's sessions take turns                    first n are popped
+
+  - A uid's share of a device is its weight (dispatch.weights, per uid or @group; others 1) over
+    the weights of the uids with queued requests; a uid's sessions split its share. Batches still
+    fill to B under a backlog (rule 1): the order only decides which requests fill them, so a
+    flooding uid gets its share and no more, and a client that waits on each answer finds at most
+    one turn of each other uid ahead of it. dispatch.fair_share = false: first come, first served.
+  - Admission (daemon/dispatch/scheduler.py) reads the same order: a request's deadline is checked at its
+    place in it (``ahead``: its uid's queued requests plus one turn of every other uid per request
+    of its own), not behind the whole queue; a device holding batching.queue_limit requests still
+    admits a uid below its share of that limit (up to twice the limit in all), so a flood cannot
+    shut other uids out of the queue either.
+  - Requests re-dispatched from a failed device go before every uid (``put_front``: they keep their
+    age); a peer steals the newest requests of the longest flow (what the order serves last).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable
+
+from .fairness import Fifo
+
+
+LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 0)
+GRACE = 0.002      # an expected arrival overdue by this much is not waited for (expected arrivals)
+
+
+def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
+               max_delay: float, gap: float, adaptive: bool = True, free_at: float = 0.0,
+               expected=(), idle_since: float = 0.0, lead: float = LEAD) -> tuple[int, float]:
+    """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
+    ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
+    expected at, ascending (overdue ones already dropped). A third element False in the answer
+    (rule 0) says that no arrival can change it: the queue need not wake the planner for one."""
+    if now < free_at - lead:
+        return 0, free_at - lead, False
+    n = min(len(queued), max_batch)
+    window_end = max(queued[0].arrived, idle_since) + max_delay
+    if n == max_batch:
+        return n, 0.0
+    if not adaptive:
+        return (n, 0.0) if now >= window_end else (0, window_end)
+    start = max(now, free_at)
+    deadlines = []
+    earliest = math.inf
+    for i in range(n):
+        earliest = min(earliest, queued[i].deadline)
+        deadlines.append(earliest)
+    m = n
+    while m > 1 and start + latency(m) > deadlines[m - 1]:
+        m -= 1
+    if m < n:
+        return m, 0.0
+    return _goodput(now, start, n, latency, max_batch, window_end, deadlines[-1], gap, expected)
+
+
+def _goodput(now: float, start: float, n: int, latency, max_batch: int, window_end: float,
+             deadline: float, gap: float, expected) -> tuple[int, float]:
+    """Rule 3: go now with n, or wait until the expected arrival that gives the best rate."""
+    base = latency(n)
+    if base <= 0.0:                         # the profile knows nothing yet
+        return n, 0.0
+    best, until = n / base, None
+    if not expected and gap != math.inf:    # open loop: one arrival per smoothed gap
+        expected = [now + gap * k for k in range(1, max_batch - n + 1)]
+    for k, t in enumerate(expected[:max_batch - n], 1):
+        at = max(t, now)
+        seconds = latency(n + k)
+        if at > window_end or max(at, start) + seconds > deadline:
+            break
+        # an overdue arrival is waited for until it is given up on (GRACE), never polled for
+        wait_until = min(t if t > now else t + GRACE, window_end)
+        rate = (n + k) / (max(at, start) - start + seconds)
+        if rate > best and wait_until > now:
+            best, until = rate, wait_until
+    if until is None:
+        return n, 0.0
+    return 0, until
+
+
+class ThinkTime:
+    """One session's think time: from a reply to its next request, smoothed (expected arrivals in
+    NOTE [ batch planning ]). Loop thread only."""
+
+    ALPHA = 0.2
+
+    __slots__ = ("seconds", "_replied_at", "_expected_on")
+
+    def __init__(self):
+        self.seconds: float | None = None
+        self._replied_at: float | None = None
+        self._expected_on = None               # the DeviceQueue told to expect this session
+
+    def submitted(self, session, now: float, queue: "DeviceQueue") -> None:
+        """A request of ``session`` is going to ``queue`` at ``now``."""
+        at = self._replied_at
+        if at is not None:
+            dt = now - at
+            self.seconds = dt if self.seconds is None else self.seconds + self.ALPHA * (dt - self.seconds)
+            self._replied_at = None
+        if self._expected_on is not None and self._expected_on is not queue:
+            self._expected_on.arrived(session)      # ``queue.put`` counts it where it goes
+
+    def replied(self, session, now: float, count: int, queue: "DeviceQueue", horizon: float) -> None:
+        """``count`` replies went to ``session`` at ``now`` from ``queue``'s device: expect as many
+        requests back after the think time, when that is within ``horizon`` seconds."""
+        self._replied_at = now
+        if self.seconds is not None and self.seconds <= horizon:
+            queue.expect(session, count, now + self.seconds)
+            self._expected_on = queue
+
+
+class _Ahead:
+    """The first items of an order as ``plan_batch`` reads them: ``len`` is the whole queue, items
+    are fetched from ``upcoming()`` only as far as they are read (a batch, not the queue)."""
+
+    __slots__ = ("_len", "_next", "_seen")
+
+    def __init__(self, order):
+        self._len = len(order)
+        self._next = order.upcoming().__next__
+        self._seen: list = []
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        while len(self._seen) <= i:
+            self._seen.append(self._next())
+        return self._seen[i]
+
+
+class DeviceQueue:
+    """Requests admitted to one device, in the order it serves them. Thread-safe; see the module
+    docstring."""
+
+    GAP_ALPHA = 0.1      # weight of the newest inter-arrival gap in the smoothed gap
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, order=None):
+        self._items = order if order is not None else Fifo()
+        self._cond = threading.Condition(threading.Lock())
+        self._clock = clock
+        self._last_put = None
+        self.gap = math.inf          # smoothed seconds between arrivals; read without the lock
+        self._stopped = False
+        self._woken = False
+        self._expected: dict = {}    # session -> [requests expected, at] (NOTE [ batch planning ])
+        self._listening = True       # a waiting take wants to hear of arrivals (not in rule 0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def use(self, order) -> None:
+        """Serve in ``order`` (daemon/dispatch/fairness.py) from now on; only while empty (at start-up)."""
+        with self._cond:
+            if len(self._items):
+                raise RuntimeError("a device queue's order can change only while it is empty")
+            self._items = order
+
+    def put(self, item) -> None:
+        with self._cond:
+            now = self._clock()
+            if self._last_put is not None:
+                dt = now - self._last_put
+                self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
+            self._last_put = now
+            self._arrived(getattr(item, "session", None))
+            self._items.push(item)
+            if self._listening:
+                self._cond.notify()
+
+    def expect(self, session, count: int, at: float) -> None:
+        """``count`` more requests of ``session`` are expected at ``at`` (expected arrivals in
+        NOTE [ batch planning ]); replaces what was expected of it."""
+        with self._cond:
+            self._expected[session] = [count, at]
+
+    def arrived(self, session) -> None:
+        """A request of ``session`` went to another device: one less expected here."""
+        with self._cond:
+            self._arrived(session)
+
+    def _arrived(self, session) -> None:
+        entry = self._expected.get(session)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._expected[session]
+
+    def _expected_times(self, now: float) -> list:
+        """The expected arrivals, ascending, one time per request; drops those overdue by GRACE."""
+        if not self._expected:
+            return []
+        times, gone = [], []
+        for session, (count, at) in self._expected.items():
+            if at + GRACE < now:
+                gone.append(session)
+            else:
+                times.extend([at] * count)
+        for session in gone:
+            del self._expected[session]
+        times.sort()
+        return times
+
+    def put_front(self, items: list) -> None:
+        """Put requests back at the front, oldest first (re-dispatched work keeps its age)."""
+        with self._cond:
+            self._items.push_front(items)
+            self._cond.notify()
+
+    def drain(self) -> list:
+        """Take every queued request (the device leaves rotation), in serving order."""
+        with self._cond:
+            return self._items.clear()
+
+    def steal(self, count: int) -> list:
+        """Take up to ``count`` requests from the back (newest; under fair share, of the longest
+        flow), oldest of them first."""
+        with self._cond:
+            return self._items.take_newest(count)
+
+    def ahead(self, flow) -> int:
+        """Requests expected to be served before one more of ``flow`` (a uid): for admission."""
+        with self._cond:
+            return self._items.ahead(flow)
+
+    def over_share(self, flow, limit: int) -> bool:
+        """``flow`` holds at least its share of ``limit`` queued requests (fair share off: always)."""
+        with self._cond:
+            return self._items.over_share(flow, limit)
+
+    def wake(self) -> None:
+        """Make a waiting ``take`` return at once ([] if nothing is ready), so the batching thread
+        looks at what the loop asked of it (daemon/pipeline/collector.py: stage / activate a model)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Make a waiting ``take`` plan again now (its device became free sooner than expected)."""
+        with self._cond:
+            self._listening = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def take(self, plan: Callable[[float, object, list], tuple[int, float]],
+             idle_timeout: float) -> list | None:
+        """Block until ``plan`` says go, and return that many requests from the front of the
+        order (``plan`` reads them front-first: ``len`` and indexing; its third argument is the
+        expected arrivals). Returns [] when the queue
+        stayed empty for ``idle_timeout`` (the caller may steal or beat its heartbeat), None once
+        stopped and empty."""
+        with self._cond:
+            idle_until = self._clock() + idle_timeout
+            while True:
+                if self._woken:
+                    self._woken = False
+                    return []
+                if not self._items:
+                    if self._stopped:
+                        return None
+                    left = idle_until - self._clock()
+                    if left <= 0:
+                        return []
+                    self._cond.wait(left)
+                    continue
+                now = self._clock()
+                count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
+                if count:
+                    return [self._items.pop() for _ in range(count)]
+                self._listening = not listen or listen[0]
+                self._cond.wait(max(until - self._clock(), 0.0))
+                self._listening = True

@@ -1,0 +1,350 @@
+"""One client session on the event loop: frames in, checked requests to a device, replies out.
+
+A session starts after the hello handshake (inferd.daemon.front.handshake) has created its ring and
+handed the descriptor over. From then on every frame is a request; nothing a client sends is used
+before it is checked against the ring's geometry and the model's spec (``check_classify``).
+A client can only hurt its own requests: a bad field gets a typed error for that request id, a bad
+frame body (not a map, or nested deeper than a request needs) gets ``bad_frame``, and the
+connection is closed only for an unreadable stream (a header over the frame limit), a frame left
+half-sent past ``server.frame_timeout_s``, an idle session past ``server.idle_timeout_s``, or
+replies left unread past ``server.unread_timeout_s`` (NOTE [ session flow control ]).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..dispatch.queues import ThinkTime
+from ..ops.logs import RateLimitedLog
+from ...shm import wire
+from ...shm.ring import Ring
+
+log = logging.getLogger("inferd.session")
+# a client can cause these in a loop: one line per 10 s for each kind
+_bad_frames = RateLimitedLog(log)
+_unread = RateLimitedLog(log)
+_idle = RateLimitedLog(log)
+
+MAX_TIMEOUT_MS = 3_600_000.0
+
+
+class Rejected(Exception):
+    """A request that fails a check: answered with ``code`` and ``message`` for its id."""
+
+    def __init__(self, code: str, message: str, **extra):
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+def _int_field(msg: dict, key: str, code: str = wire.E_BAD_REQUEST) -> int:
+    value = msg.get(key)
+    if type(value) is not int:
+        raise Rejected(code, f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def check_classify(msg: dict, ring: Ring, spec, inflight: dict, default_timeout_ms: float) -> tuple:
+    """Check a classify request; returns (slot, top_k, timeout seconds) or raises Rejected.
+
+    The order matters only for which message a request with several faults gets: ring bounds
+    first (they guard memory), then the model's spec.
+    """
+    geometry = ring.geometry
+    slot = _int_field(msg, "slot")
+    if not 0 <= slot < geometry.slots:
+        raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} is out of range: this session's ring has "
+                       f"{geometry.slots} slots (0 to {geometry.slots - 1})")
+    nbytes = _int_field(msg, "nbytes")
+    if not 0 < nbytes <= geometry.slot_bytes:
+        raise Rejected(wire.E_INVALID_INPUT, f"nbytes {nbytes} does not fit a slot: this ring's "
+                       f"slots hold 1 to {geometry.slot_bytes} bytes")
+    if msg.get("dtype") != "uint8":
+        raise Rejected(wire.E_INVALID_INPUT, f"dtype {msg.get('dtype')!r} is not supported: frames are "
+                       "uint8 RGB (Client.classify converts)")
+    shape = msg.get("shape")
+    if not isinstance(shape, list) or tuple(shape) != spec.frame_shape:
+        raise Rejected(wire.E_INVALID_INPUT, f"shape {shape!r} does not match the model input "
+                       f"{list(spec.frame_shape)} (HxWx3); resize on the client (Client.classify does)")
+    if nbytes != spec.frame_bytes:
+        raise Rejected(wire.E_INVALID_INPUT, f"nbytes {nbytes} does not match shape {shape} of uint8 "
+                       f"({spec.frame_bytes} bytes)")
+    top_k = msg.get("top_k", spec.top_k)
+    if type(top_k) is not int or not 1 <= top_k <= len(spec.labels):
+        raise Rejected(wire.E_INVALID_INPUT, f"top_k {top_k!r} is out of range: 1 to {len(spec.labels)}")
+    timeout_ms = msg.get("timeout_ms", default_timeout_ms)
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) \
+            or not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise Rejected(wire.E_INVALID_INPUT, f"timeout_ms {timeout_ms!r} is out of range: "
+                       f"more than 0, at most {MAX_TIMEOUT_MS:.0f}")
+    if slot in inflight:
+        raise Rejected(wire.E_SLOT_BUSY, f"slot {slot} already carries request {inflight[slot]}; "
+                       "a slot may be reused only after its reply")
+    return slot, top_k, timeout_ms / 1000.0
+
+
+# NOTE [ session flow control ]
+#
+# No client may hold the loop, the daemon's memory or a session slot for longer than a bound.
+#
+#    socket --data_received--> FrameReader buffer --_turn: take <= max_frames_per_turn frames
+#                                   ^                      (and <= max_frame_bytes of bodies)
+#                                   |                      --> handle() --> replies --> transport
+#      pause_reading while a hold   |                                                    | write
+#      is set: "backlog" (whole     +-- more whole frames? hold "backlog", call_soon(_turn)|buffer
+#      frames still buffered) or        (other clients' events run first)               v
+#      "replies" (write buffer over reply_buffer_bytes: pause_writing, until resume_writing)
+#
+# - Bounded work per event: a turn handles a bounded number of frames; the rest wait in the
+#   reader, and reading stops until they are handled, so the buffer holds at most one read more.
+# - Backpressure: replies a client does not read pile up in the transport's write buffer only up
+#   to reply_buffer_bytes (set_write_buffer_limits); then the session neither reads nor handles
+#   frames. Replies of requests already in flight still come, bounded by the ring's slots. A
+#   client whose replies stay unread for unread_timeout_s is aborted (its buffer dropped).
+# - Timers, one handle each, re-armed lazily (never per frame): idle_timeout_s since the last
+#   byte with nothing in flight closes the session; a frame begun must be whole within
+#   frame_timeout_s (bad_frame, then closed); a session we close that does not take its last
+#   replies is aborted after unread_timeout_s.
+
+
+class Session(asyncio.Protocol):
+    """The loop-side state of one client. ``inflight`` maps slot -> request id; the ring is
+    released when the session has closed and its last in-flight request has come back.
+    Flow control and timeouts: NOTE [ session flow control ]."""
+
+    def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b""):
+        self.server = server
+        self.sid = sid
+        self.ring = ring
+        self.peer = peer                       # (pid, uid, gid)
+        self.inflight: dict[int, int] = {}
+        self.pending: dict[bytes, object] = {}    # cache key -> Request in flight (coalescing)
+        self.closed = False
+        self.told_gen = 0                      # newest model generation this client was told of
+        self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
+        self.transport: asyncio.Transport | None = None
+        limits = server.cfg.server
+        self._limits = limits
+        self._reader = wire.FrameReader(limits.max_frame_bytes, wire.MAX_REQUEST_DEPTH)
+        self._leftover = leftover
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._holds: set[str] = set()          # why reading is paused: "backlog", "replies"
+        self._turn_handle = None               # a turn scheduled with call_soon
+        self._last_data = 0.0                  # loop time of the last bytes received
+        self._partial_since: float | None = None   # when the partial frame being timed began
+        self._partial_frame = -1               # reader.taken when it began (which frame it is)
+        self._timers: dict[str, asyncio.TimerHandle] = {}   # "idle", "frame", "unread", "closing"
+
+    def __repr__(self) -> str:
+        return f"Session({self.sid}, pid={self.peer[0]}, uid={self.peer[1]})"
+
+    # asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._last_data = self._loop.time()
+        transport.set_write_buffer_limits(high=self._limits.reply_buffer_bytes)
+        if self._limits.idle_timeout_s > 0:
+            self._arm("idle", self._limits.idle_timeout_s, self._check_idle)
+        if self._leftover:
+            data, self._leftover = self._leftover, b""
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self._loop.time()
+        self._reader.append(data)
+        if self._turn_handle is None and "replies" not in self._holds:
+            self._turn()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._turn_handle is not None:
+            self._turn_handle.cancel()
+            self._turn_handle = None
+        self.server.session_closed(self)
+
+    def pause_writing(self) -> None:
+        """The client's unread replies passed reply_buffer_bytes: read and handle nothing more of
+        it until they drain, and give it unread_timeout_s to start reading."""
+        self._hold("replies")
+        self._arm("unread", self._limits.unread_timeout_s, self._unread_expired)
+
+    def resume_writing(self) -> None:
+        self._disarm("unread")
+        self._release("replies")
+        if self._turn_handle is None and self._reader.has_frame() and not self.closed:
+            self._turn_handle = self._loop.call_soon(self._turn)
+
+    # turns ------------------------------------------------------------------------------------
+    def _turn(self) -> None:
+        """Handle at most max_frames_per_turn buffered frames; schedule the next turn if more wait."""
+        self._turn_handle = None
+        if self.closed or "replies" in self._holds or self.transport.is_closing():
+            return
+        try:
+            messages = self._reader.take(self._limits.max_frames_per_turn, self._limits.max_frame_bytes)
+        except wire.FrameError as exc:      # a header over the limit: the stream is lost
+            _bad_frames.warning("%r: %s; closing the connection", self, exc)
+            self._shut(wire.error(None, exc.code, str(exc)))
+            return
+        try:
+            for msg in messages:
+                if isinstance(msg, wire.FrameError):
+                    self.send(wire.error(None, msg.code, str(msg)))
+                else:
+                    self.handle(msg)
+        except Exception:                   # a bug, not the client's doing: this session only
+            log.exception("%r: handling a request failed; closing the connection", self)
+            self.transport.abort()
+            return
+        if self._reader.has_frame():
+            self._partial_since = None
+            self._hold("backlog")
+            if "replies" not in self._holds:
+                self._turn_handle = self._loop.call_soon(self._turn)
+            return
+        self._release("backlog")
+        self._time_partial_frame()
+
+    def _hold(self, reason: str) -> None:
+        if not self._holds and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # timers -----------------------------------------------------------------------------------
+    def _arm(self, name: str, delay: float, callback) -> None:
+        old = self._timers.get(name)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self._loop.call_later(delay, callback)
+
+    def _disarm(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _time_partial_frame(self) -> None:
+        """After a turn that left no whole frame: start timing a partial frame that just began."""
+        if not self._reader.pending():
+            self._partial_since = None
+            return
+        if self._partial_since is None or self._partial_frame != self._reader.taken:
+            self._partial_since = self._last_data
+            self._partial_frame = self._reader.taken
+            if "frame" not in self._timers:
+                self._arm("frame", self._limits.frame_timeout_s, self._check_frame)
+
+    def _check_frame(self) -> None:
+        del self._timers["frame"]
+        if self.closed or self._partial_since is None:
+            return
+        if self._holds:                     # we are not reading: not the client's delay
+            self._arm("frame", self._limits.frame_timeout_s, self._check_frame)
+            return
+        left = self._partial_since + self._limits.frame_timeout_s - self._loop.time()
+        if left > 0:                        # the frame timed is a later one: its own deadline
+            self._arm("frame", left, self._check_frame)
+            return
+        _bad_frames.warning("%r: a frame begun %.1f s ago is still not whole (%d of its bytes); "
+                            "closing the connection", self, self._loop.time() - self._partial_since,
+                            self._reader.pending())
+        self._shut(wire.error(None, wire.E_BAD_FRAME, (
+            f"a frame begun is not whole after server.frame_timeout_s ({self._limits.frame_timeout_s:g} s, "
+            f"{self._reader.pending()} bytes of it received); send each frame whole; closing the connection")))
+
+    def _check_idle(self) -> None:
+        del self._timers["idle"]
+        if self.closed:
+            return
+        idle = self._limits.idle_timeout_s
+        # busy, or a frame begun (the frame timer has a better reason to give): not idle
+        if self.inflight or self._holds or self._turn_handle is not None or self._reader.pending():
+            self._arm("idle", idle, self._check_idle)
+            return
+        left = self._last_data + idle - self._loop.time()
+        if left > 0:
+            self._arm("idle", left, self._check_idle)
+            return
+        _idle.info("%r: nothing in flight and nothing received for %g s (server.idle_timeout_s); "
+                   "closing the session", self, idle)
+        self._shut(None)
+
+    def _unread_expired(self) -> None:
+        del self._timers["unread"]
+        if self.closed:
+            return
+        _unread.warning("%r: %d bytes of replies unread for %g s (over server.reply_buffer_bytes "
+                        "for server.unread_timeout_s); disconnecting the client", self,
+                        self.transport.get_write_buffer_size(), self._limits.unread_timeout_s)
+        self.transport.abort()
+
+    def _shut(self, last: dict | None) -> None:
+        """Close after sending ``last`` (if any); a client that does not take it within
+        unread_timeout_s is aborted, so a closing session holds nothing for long."""
+        if last is not None:
+            self.send(last)
+        self.transport.close()
+        self._disarm("idle")
+        self._disarm("frame")
+        self._arm("closing", self._limits.unread_timeout_s, self.transport.abort)
+
+    # requests ---------------------------------------------------------------------------------
+    def handle(self, msg: dict) -> None:
+        rid = msg.get("id")
+        if type(rid) is not int:
+            self.send(wire.error(None, wire.E_BAD_REQUEST, f"id must be an integer, got {rid!r}"))
+            return
+        op = msg.get("op")
+        try:
+            if op in ("classify", "embed", "near"):
+                self.server.submit(self, rid, msg, op)
+            elif op == "flush_cache":
+                raise Rejected(wire.E_UNKNOWN_OP, "flush_cache moved to the admin socket: "
+                               "`inferctl flush-cache` (root, the daemon's user or server.admin_group)")
+            elif op == "hits":
+                self._client_hits(msg.get("n"))     # a notification: no reply
+            elif op == "ping":
+                self.send({"id": rid, "ok": True, "pid": self.server.pid})
+            elif op == "info":
+                self.send({"id": rid, "ok": True, **self.server.info()})
+            elif op == "labels":            # once per labels_id, not in hello (daemon/models/labels.py)
+                self.send({"id": rid, "ok": True, **self.server.model.labels()})
+            elif op == "hello":
+                raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
+            else:
+                raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
+                               "hits, ping, info, labels")
+        except Rejected as exc:
+            self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
+
+    def _client_hits(self, n) -> None:
+        """``hits``: requests the client answered from its read-only cache mapping, reported
+        within a second and at close, so the hit rate needs no request to follow them."""
+        if type(n) is not int or not 0 < n < 1 << 30:
+            raise Rejected(wire.E_INVALID_INPUT, f"hits n {n!r} is out of range: an integer, 1 to "
+                           f"{(1 << 30) - 1}")
+        self.server.scheduler.memory.client_hits(n)
+
+    def send(self, message: dict) -> None:
+        self.write(wire.encode(message))
+
+    def write(self, data: bytes) -> None:
+        """Queue replies; dropped once the session is closing (nobody will read them)."""
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def release_ring(self) -> None:
+        """Unmap the ring; idempotent. Only when nothing in flight can still read it."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+

@@ -1,0 +1,351 @@
+"""Prometheus exposition of the daemon's statistics, and the optional HTTP listener for a scraper.
+
+One reading, two faces: a scrape takes ``Server.stats_snapshot()`` (plain data read off
+daemon/ops/stats.py in O(devices + uids + buckets)) and turns it into metric families here, so the
+Prometheus text and the admin socket's ``stats`` always agree. The text is built by
+prometheus_client (``generate_latest`` over a private ``CollectorRegistry`` holding one custom
+collector, plus its ProcessCollector for CPU and memory), never formatted by hand.
+
+Threads. Stats are written and read on the event loop only (NOTE [ stats ] in daemon/ops/stats.py).
+The admin socket asks for the text on the loop: the snapshot is taken in place. The HTTP listener
+(``metrics.listen``, off by default) serves from prometheus_client's own thread; there the
+collector hands the snapshot call to the loop (``call_soon_threadsafe``) and waits for the plain
+dict, so the loop spends a snapshot per scrape and the text is rendered off the loop.
+
+The listener has no authentication, so it binds loopback addresses only (127.0.0.0/8, ::1,
+localhost); anything else is a ConfigError naming ``metrics.listen``. Port 0 picks a free port,
+logged at start-up. docs/operations.md ("Metrics") lists every metric.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+from typing import Callable
+
+from prometheus_client import (CollectorRegistry, ProcessCollector, generate_latest,
+                               start_http_server)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from ..config import ConfigError
+from .stats import LATENCY_BOUNDS
+
+log = logging.getLogger("inferd.metrics")
+
+#: How long a scrape waits for the event loop to hand over a snapshot.
+SCRAPE_TIMEOUT_S = 5.0
+#: Outcomes always exported (zero until seen), so rate() has a series from the first scrape.
+OUTCOMES = ("ok", "cached", "cached_l2", "coalesced", "overloaded", "no_healthy_device", "shutting_down",
+            "deadline_exceeded", "invalid_input", "bad_request", "slot_busy", "failed", "dropped")
+DEVICE_STATES = ("healthy", "probing", "out", "disabled")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """(host, port) of ``metrics.listen`` (HOST:PORT, [V6]:PORT); ConfigError unless loopback."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics.listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"metrics.listen: {host!r} is not a loopback address; the listener has no "
+                              "authentication, so it binds 127.0.0.1, ::1 or localhost only (scrape "
+                              "from another host through a proxy you secure)")
+    return host, int(port)
+
+
+class SnapshotCollector:
+    """A prometheus_client collector: every ``collect()`` reads one snapshot and yields families."""
+
+    def __init__(self, read: Callable[[], dict]):
+        self._read = read
+
+    def describe(self) -> list:
+        return []           # names vary with devices and uids; registering must not take a snapshot
+
+    def collect(self):
+        return families(self._read())
+
+
+class Exporter:
+    """One daemon's registry, its text, and (``listen``) the HTTP listener. ``close()`` is
+    idempotent."""
+
+    def __init__(self, snapshot: Callable[[], dict], loop: Callable[[], asyncio.AbstractEventLoop | None],
+                 listen: str = ""):
+        self._snapshot, self._loop = snapshot, loop
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(self._read))
+        ProcessCollector(registry=self.registry)
+        self._httpd = self._thread = None
+        self.address: tuple[str, int] | None = None
+        if listen:
+            host, port = parse_listen(listen)
+            try:
+                self._httpd, self._thread = start_http_server(port, host, self.registry)
+            except OSError as exc:
+                raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
+                                  f"{exc.strerror or exc}") from None
+            self.address = (host, self._httpd.server_port)
+            log.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                     self.address[1])
+
+    def text(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4)."""
+        return generate_latest(self.registry)
+
+    def _read(self) -> dict:
+        """A snapshot, taken on the event loop whichever thread asks."""
+        loop = self._loop()
+        if loop is None:
+            return self._snapshot()             # not serving yet: nothing else touches the stats
+        try:
+            if asyncio.get_running_loop() is loop:
+                return self._snapshot()
+        except RuntimeError:
+            pass                                # a thread without a loop: the HTTP listener's
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def take() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._snapshot())
+                except Exception as exc:  # handed to the scraping thread, which answers 500
+                    future.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        try:
+            return future.result(SCRAPE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the event loop did not hand over a snapshot within "
+                               f"{SCRAPE_TIMEOUT_S} s") from None
+
+    def close(self) -> None:
+        """Stop the HTTP listener (blocks up to its 0.5 s poll interval)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+            self._thread.join(timeout=5.0)
+
+
+# families ---------------------------------------------------------------------------------------
+def _counter(name, doc, value, labels=None):
+    family = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+    if labels is None:
+        family.add_metric([], value)
+    return family
+
+
+def _gauge(name, doc, value=None, labels=None):
+    family = GaugeMetricFamily(name, doc, labels=list(labels) if labels else None)
+    if labels is None:
+        family.add_metric([], value)
+    return family
+
+
+def _latency_buckets(sparse: list) -> tuple[list, float]:
+    """Cumulative [(le, count)] over LATENCY_BOUNDS and +Inf, from ``Histogram.buckets()`` pairs."""
+    counts = dict((le, n) for le, n in sparse)
+    out, seen = [], 0
+    for le in LATENCY_BOUNDS:
+        seen += counts.get(le, 0)
+        out.append((repr(le), seen))
+    out.append(("+Inf", seen + counts.get(None, 0)))
+    return out
+
+
+def _size_buckets(pairs: list, max_batch: int) -> list:
+    """Cumulative [(le, count)] at 1, 2, 4, ... max_batch and +Inf, from [[size, batches]]."""
+    bounds = sorted({*(2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch), max_batch})
+    out = []
+    for le in bounds:
+        out.append((str(le), sum(n for size, n in pairs if size <= le)))
+    out.append(("+Inf", sum(n for _, n in pairs)))
+    return out
+
+
+def families(s: dict):
+    """Metric families of one ``Server.stats_snapshot()``; docs/operations.md lists them."""
+    m = s["model"]
+    info = GaugeMetricFamily("inferd_model_info", "The model being served (value 1)",
+                             labels=["name", "digest", "generation"])
+    info.add_metric([m["name"], m["digest"], str(m.get("gen", 0))], 1)
+    yield info
+    yield _gauge("inferd_start_time_seconds", "Unix time the daemon started", s["started_unix"])
+    yield _gauge("inferd_sessions", "Client sessions open", s["sessions"]["open"])
+    yield _counter("inferd_sessions_opened", "Client sessions that passed hello", s["sessions"]["opened"])
+
+    outcomes = s["requests"]["outcomes"]
+    fam = CounterMetricFamily("inferd_requests", "Requests (classify, embed, near) by how they were "
+                              "answered", labels=["outcome"])
+    for name in (*OUTCOMES, *sorted(set(outcomes) - set(OUTCOMES))):
+        fam.add_metric([name], outcomes.get(name, 0))
+    yield fam
+    yield _counter("inferd_requests_late", "Requests answered ok after their deadline",
+                   s["requests"]["late"])
+    yield _gauge("inferd_requests_in_flight", "Requests admitted and not yet answered", s["in_flight"])
+    if s["histograms"]:
+        fam = HistogramMetricFamily("inferd_request_duration_seconds", "Latency of requests computed by "
+                                    "a batch, by phase: queue (admission to batch start), compute (the "
+                                    "batch), reply (batch done to reply written), total", labels=["phase"])
+        for phase, h in s["latency"].items():
+            fam.add_metric([phase], _latency_buckets(h["buckets"]), h["sum_s"])
+        yield fam
+
+    uid_sessions = GaugeMetricFamily("inferd_uid_sessions", "Sessions open, per client uid", labels=["uid"])
+    uid_flight = GaugeMetricFamily("inferd_uid_requests_in_flight", "Slots holding a request in flight, "
+                                   "per client uid", labels=["uid"])
+    uid_total = CounterMetricFamily("inferd_uid_requests", "Requests admitted, per client uid",
+                                    labels=["uid"])
+    for u in s["uids"]:
+        uid = str(u["uid"])
+        uid_sessions.add_metric([uid], u["sessions"])
+        uid_flight.add_metric([uid], u["in_flight"])
+        uid_total.add_metric([uid], u["requests"])
+    yield from (uid_sessions, uid_flight, uid_total)
+
+    yield from _device_families(s["devices"], s["histograms"], s["max_batch"])
+    yield from _cache_families(s["cache"], s["counters"])
+    if "l2" in s["cache"]:
+        yield from _l2_families(s["cache"]["l2"])
+
+    reloads = CounterMetricFamily("inferd_reloads", "Model reloads by result", labels=["result"])
+    for result in ("ok", "failed"):
+        reloads.add_metric([result], s["reloads"][result])
+    yield reloads
+    c = s["counters"]
+    yield _counter("inferd_redispatched", "Requests moved off a device that failed or left rotation",
+                   c.get("redispatched", 0))
+    yield _counter("inferd_stale_results", "Results dropped because their request had gone elsewhere",
+                   c.get("stale_results", 0))
+
+
+def _device_families(devices: list, histograms: bool, max_batch: int):
+    labels = ["device"]
+    fams = {
+        "state": GaugeMetricFamily("inferd_device_state", "1 for the device's health state, 0 for the "
+                                   "others", labels=["device", "state"]),
+        "since": GaugeMetricFamily("inferd_device_state_since_seconds", "Unix time of the device's last "
+                                   "health transition (its start if none)", labels=labels),
+        "transitions": CounterMetricFamily("inferd_device_transitions", "Health transitions into each "
+                                           "state", labels=["device", "state"]),
+        "frames": CounterMetricFamily("inferd_device_frames", "Frames computed", labels=labels),
+        "batches": CounterMetricFamily("inferd_device_batches", "Batches computed", labels=labels),
+        "failed": CounterMetricFamily("inferd_device_failed_batches", "Batches that raised", labels=labels),
+        "busy": CounterMetricFamily("inferd_device_busy_seconds", "Seconds spent running batches",
+                                    labels=labels),
+        "stall": CounterMetricFamily("inferd_device_stall_seconds", "Seconds the device sat idle while a "
+                                     "request of its next batch was waiting (pipeline bubbles)", labels=labels),
+        "fps": GaugeMetricFamily("inferd_device_frames_per_second", "Frames computed per second over the "
+                                 "last window (1s, 10s, 60s)", labels=["device", "window"]),
+        "ratio": GaugeMetricFamily("inferd_device_busy_ratio", "Share of wall time spent running batches "
+                                   "over the last window (1s, 10s, 60s)", labels=["device", "window"]),
+        "queued": GaugeMetricFamily("inferd_device_queued_requests", "Requests waiting in the device's "
+                                    "queue", labels=labels),
+        "outstanding": GaugeMetricFamily("inferd_device_outstanding_requests", "Requests assigned to the "
+                                         "device, queued or running", labels=labels),
+    }
+    sizes = HistogramMetricFamily("inferd_device_batch_size", "Frames per computed batch", labels=labels)
+    latency = HistogramMetricFamily("inferd_device_request_duration_seconds", "Latency (admission to "
+                                    "reply) of the requests the device computed", labels=labels)
+    for d in devices:
+        dev = [d["label"]]
+        for state in (*DEVICE_STATES, *([d["state"]] if d["state"] not in DEVICE_STATES else [])):
+            fams["state"].add_metric([d["label"], state], float(d["state"] == state))
+            fams["transitions"].add_metric([d["label"], state], d["transitions"].get(state, 0))
+        fams["since"].add_metric(dev, d["state_since_unix"])
+        fams["frames"].add_metric(dev, d["frames"])
+        fams["batches"].add_metric(dev, d["batches"])
+        fams["failed"].add_metric(dev, d["failed_batches"])
+        fams["busy"].add_metric(dev, d["busy_s"])
+        fams["stall"].add_metric(dev, d["stall_s"])
+        for window, value in d["frames_per_s"].items():
+            fams["fps"].add_metric([d["label"], window], value)
+        for window, value in d["busy_ratio"].items():
+            fams["ratio"].add_metric([d["label"], window], value)
+        fams["queued"].add_metric(dev, d["queued"])
+        fams["outstanding"].add_metric(dev, d["outstanding"])
+        sizes.add_metric(dev, _size_buckets(d["batch_sizes"], max_batch),
+                         float(sum(size * n for size, n in d["batch_sizes"])))
+        latency.add_metric(dev, _latency_buckets(d["latency"]["buckets"]), d["latency"]["sum_s"])
+    yield from fams.values()
+    if histograms:
+        yield sizes
+        yield latency
+
+
+def _cache_families(c: dict, counters: dict):
+    yield _gauge("inferd_cache_enabled", "1 if the result cache is on", float(c["enabled"]))
+    hits = CounterMetricFamily("inferd_cache_hits", "Repeated frames answered from the result cache: by "
+                               "the daemon, or by a client from its read-only mapping (reported by it)",
+                               labels=["side"])
+    hits.add_metric(["daemon"], c["daemon_hits"])
+    hits.add_metric(["client"], c["client_hits"])
+    yield hits
+    yield _counter("inferd_cache_misses", "Daemon lookups that missed", c["misses"])
+    yield _counter("inferd_cache_inserts", "Answers stored", c["inserts"])
+    yield _counter("inferd_cache_inserts_skipped", "Misses not stored (insert sampling while the hit "
+                   "rate is low)", c["inserts_skipped"])
+    yield _counter("inferd_cache_evictions", "Entries replaced by an insert", c["evictions"])
+    uploads = CounterMetricFamily("inferd_cache_uploads", "Encoded uploads sent with their frames "
+                                  "(NOTE [ encoded uploads ]): verified (decoded to the frame), mismatched, "
+                                  "inserted under their encoded key, skipped (decode thread busy)", labels=["result"])
+    for result in ("verified", "mismatched", "inserted", "skipped"):
+        uploads.add_metric([result], c.get(f"uploads_{result}", 0))
+    yield uploads
+    yield _gauge("inferd_cache_hit_ratio", "Hits (daemon and client) over lookups since start", c["hit_rate"])
+    yield _counter("inferd_cache_hashed_frames", "Frames copied and hashed by the daemon",
+                   counters.get("hashed", 0))
+    yield _counter("inferd_cache_hash_seconds", "Seconds spent copying and hashing frames",
+                   counters.get("hash_seconds", 0.0))
+    f = c.get("file")
+    if f is not None:
+        yield _gauge("inferd_cache_used_entries", "Entries of the cache file holding an answer", f["used"])
+        yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
+    if "embeddings" in c:
+        yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])
+
+
+L2_LOOKUP_RESULTS = ("hits", "misses", "errors", "timeouts", "skipped")
+L2_STATES = ("closed", "open", "half_open")
+
+
+def _l2_families(l2: dict):
+    """The fleet cache (daemon/caching/fleet/cache.py): lookups by result, entries failing their MAC, writes, the
+    breaker, and how long requests waited for a verdict."""
+    lookups = CounterMetricFamily("inferd_l2_lookups", "Local misses looked up in the fleet cache, by "
+                                  "result: hits, misses, errors, timeouts (past l2.budget_ms), skipped "
+                                  "(breaker open or too many lookups out)", labels=["result"])
+    for result in L2_LOOKUP_RESULTS:
+        lookups.add_metric([result], l2[result])
+    yield lookups
+    yield _counter("inferd_l2_forged_entries", "Fleet cache entries that failed their MAC check "
+                   "(written without the fleet key, or corrupt): ignored", l2["forged"])
+    writes = CounterMetricFamily("inferd_l2_writes", "Computed answers written to the fleet cache, by "
+                                 "result: ok, failed, dropped (backlog full or breaker open)", labels=["result"])
+    for result, key in (("ok", "writes"), ("failed", "write_errors"), ("dropped", "writes_dropped")):
+        writes.add_metric([result], l2[key])
+    yield writes
+    yield _gauge("inferd_l2_write_backlog", "Answers waiting to be written to the fleet cache",
+                 l2["write_backlog"])
+    state = GaugeMetricFamily("inferd_l2_breaker_state", "1 for the fleet cache breaker's state, 0 for "
+                              "the others", labels=["state"])
+    for name in L2_STATES:
+        state.add_metric([name], float(l2["state"] == name))
+    yield state
+    yield _counter("inferd_l2_breaker_opened", "Times the fleet cache breaker opened", l2["breaker_opened"])
+    wait = HistogramMetricFamily("inferd_l2_wait_seconds", "Admission to the fleet cache's verdict, by "
+                                 "verdict (hit; miss: a miss, error or timeout)", labels=["verdict"])
+    for verdict in ("hit", "miss"):
+        h = l2[f"wait_{verdict}"]
+        wait.add_metric([verdict], _latency_buckets(h["buckets"]), h["sum_s"])
+    yield wait
+

@@ -1,0 +1,284 @@
+"""A device's executor: the thread that owns its model and runs the batches its collector stages.
+
+See NOTE [ request path ] in daemon/pipeline/collector.py for the pipeline it is the second half of: it takes
+staged batches in order, launches each on its Engine (daemon/pipeline/engine.py), frees the staging buffer
+once the frames are on the device, delivers each result the moment it is done, and between two
+batches loads, activates or discards a model for a swap (NOTE [ model swap ] in daemon/ops/reload.py).
+On an asynchronous device (CUDA) batch k+1 is launched before batch k is collected.
+"""
+from __future__ import annotations
+
+import logging
+import queue as queues
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from . import thread_pools
+from .engine import Engine, Staging
+from ..models.loading import LoadedModel, warmup_sizes
+from ..dispatch.profile import LatencyProfile
+
+log = logging.getLogger("inferd.batcher")
+_current = threading.local()
+
+
+def current_device():
+    """The Device whose executor thread is calling (None elsewhere). A hook for test models that
+    must behave differently per device (inferd.daemon.models.zoo.synthetic)."""
+    return getattr(_current, "device", None)
+
+
+class Executor(threading.Thread):
+    """The thread that owns a device's model (daemon/pipeline/engine.py): runs the staged batches in order,
+    delivers each result the moment it is done, and loads, activates or discards models between two
+    batches for a swap (NOTE [ model swap ] in daemon/ops/reload.py)."""
+
+    def __init__(self, device, model: LoadedModel, staging: Staging, free, deliver, warmup: int,
+                 keep_k: int, max_batch: int, clock):
+        super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
+        self.device = device
+        self._model = model
+        self._staging = staging
+        self._free = free
+        self._deliver = deliver
+        self._warmup = warmup
+        self._keep_k = keep_k
+        self._max_batch = max_batch
+        self._clock = clock
+        self._inbox: queues.SimpleQueue = queues.SimpleQueue()
+        self.embedding_dim = 0
+        self.store = None                  # the EmbeddingStore, set by the server once it is open
+        self._active: _Runner | None = None     # the model this thread serves
+        self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+
+    def submit(self, result: "BatchResult", buffer: int) -> None:
+        """Run the requests of ``result.running`` ((request, attempt noted by the collector)
+        pairs, staged in ``buffer`` in that order) after the batches before it."""
+        self._inbox.put(("batch", result, buffer, None))
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None, None, None))
+
+    def run(self) -> None:
+        _current.device = self.device
+        try:
+            self._prepare()
+        except BaseException as exc:  # reported to the server, which stops start-up with it
+            self.startup_error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        ahead = None                    # a launched batch not yet collected (asynchronous devices)
+        while True:
+            if ahead is not None and self._inbox.empty():
+                ahead = self._land(ahead)
+                continue
+            what, a, b, c = self._inbox.get()
+            if what == "batch":
+                # an asynchronous device (CUDA) gets batch k+1 queued before batch k is collected,
+                # so it computes k+1 while this thread unpacks and delivers k
+                flight = self._launch(a, b)
+                if ahead is not None:
+                    self._land(ahead)
+                ahead = flight if flight is not None and flight.asynchronous else self._land(flight)
+            else:
+                if ahead is not None:
+                    ahead = self._land(ahead)
+                if what == "stop":
+                    return
+                self._serve(what, a, b, c)
+
+    def _land(self, flight: "_Flight | None") -> None:
+        """Collect ``flight`` (None: nothing left to do), deliver its result, beat."""
+        if flight is not None:
+            result = self._collect(flight)
+            queue = self.device.queue
+            if self._inbox.empty() and len(queue) >= self._max_batch:
+                # free sooner than the plan thought (rule 0) with a full batch waiting; a partial
+                # one is planned again by the loop, once it has heard who is coming back
+                # (Scheduler.on_batch_done): planned now, it would not know
+                queue.poke()
+            self._deliver(result)
+            self.device.beat = self._clock()
+        return None
+
+    def _prepare(self) -> None:
+        thread_pools.enter_device_thread(self.device)    # NOTE [ thread pools ] in daemon/pipeline/thread_pools.py
+        self._active = self._load(self._model, self._keep_k, self.device.profile)
+        self.embedding_dim = self._active.engine.embedding_dim
+
+    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> "_Runner":
+        """Put ``model`` on this thread's device, check its output, warm it up (teaching
+        ``profile``). Runs on this thread: the embedding hook is per thread (daemon/pipeline/engine.py)."""
+        engine = Engine(self.device.torch_device, model, keep_k)
+        engine.load()
+        # graphs captured, sizes compiled, CUDA initialised: never inside a timed warm-up batch,
+        # which would teach the profile seconds of compilation as a batch time
+        engine.prepare(self._max_batch)
+        frames = self._staging.tensors[0]
+        for _ in range(self._warmup):               # warm up, and seed the latency profile
+            for size in warmup_sizes(self._max_batch, padded=engine.options.padded,
+                                     asynchronous=engine.streams.asynchronous):
+                t0 = time.perf_counter()
+                engine.launch(frames, size, 1).result()
+                profile.observe(size, time.perf_counter() - t0)
+        engine.synchronize()
+        return _Runner(engine, profile)
+
+    # model swap (NOTE [ model swap ] in daemon/ops/reload.py) ---------------------------------------
+    def stage(self, model: LoadedModel, keep_k: int) -> Future:
+        """Load and warm ``model`` beside the one served, between two batches. The future gets the
+        embedding width, or the exception that stopped it."""
+        future: Future = Future()
+        self._inbox.put(("stage", model, keep_k, future))
+        return future
+
+    def activate(self, gen: int, store) -> Future:
+        """Serve the staged model of generation ``gen`` (with embedding ``store``) from the next
+        batch on; the batch running now finishes with the old one. The future is done once this
+        thread has let go of the old model."""
+        future: Future = Future()
+        self._inbox.put(("activate", gen, store, future))
+        return future
+
+    def discard(self, gen: int) -> None:
+        """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
+        self._inbox.put(("discard", gen, None, None))
+
+    def _serve(self, what: str, a, b, future) -> None:
+        if what == "stage":
+            if future.set_running_or_notify_cancel():
+                try:
+                    self._staged = self._load(a, b, LatencyProfile())
+                except BaseException as exc:  # reported to the reload, which keeps the old model
+                    self._staged = None
+                    future.set_exception(exc)
+                else:
+                    future.set_result(self._staged.engine.embedding_dim)
+        elif what == "activate":
+            if self._staged is not None and self._staged.engine.model.gen == a:
+                self._active, self._staged = self._staged, None
+                self.store = b
+                self.embedding_dim = self._active.engine.embedding_dim
+                self.device.profile = self._active.profile
+            if future.set_running_or_notify_cancel():
+                future.set_result(self._active.engine.model.gen)
+        elif what == "discard" and self._staged is not None and self._staged.engine.model.gen == a:
+            self._staged = None
+
+    # batches ----------------------------------------------------------------------------------
+    def _launch(self, result: "BatchResult", buffer: int) -> "_Flight | None":
+        """Start computing a staged batch. Returns its flight; None when nothing was left to
+        compute or the launch raised (then ``result`` has been delivered already)."""
+        dev = self.device
+        engine = self._active.engine
+        result.gen = engine.model.gen
+        now = result.started = self._clock()
+        running = self._recheck(result, buffer, now)
+        if not running:
+            self._free.put(buffer)
+            dev.staged = []
+            result.finished = now
+            self._deliver(result)
+            return None
+        live = [r for r, _ in running]
+        flight = _Flight(result, live, self._active, [], dev.outs, time.perf_counter(),
+                         engine.streams.asynchronous)
+        dev.running, dev.staged = dev.running + running, []
+        dev.running_size += len(live)
+        if dev.running_since is None:
+            dev.running_since = now
+        labels = len(engine.model.spec.labels)
+        # a request admitted under the previous model may ask for more classes than this one has
+        flight.keep = [min(max(r.top_k, engine.keep_k), labels) for r in live]
+        try:
+            # embeddings only when a store keeps them: otherwise normalising and copying them out
+            # is work on every batch that nothing reads
+            flight.pending = engine.launch(self._staging.tensors[buffer], len(live), max(flight.keep),
+                                           want_embedding=self.store is not None,
+                                           wait_copy=not flight.asynchronous)
+            if flight.asynchronous:
+                flight.pending.wait_staged()    # the frames are on the device: the buffer is free
+        except Exception as exc:  # a model failure reaches every request of the batch, typed
+            flight.error = exc
+        finally:
+            self._free.put(buffer)
+        return flight
+
+    def _collect(self, flight: "_Flight") -> "BatchResult":
+        """Wait for a launched batch, and turn its answers into its BatchResult."""
+        dev, result, live = self.device, flight.result, flight.live
+        try:
+            if flight.error is not None:
+                raise flight.error
+            indices, scores, vectors = flight.pending.result()
+            seconds = flight.pending.device_seconds() or (time.perf_counter() - flight.t0)
+            result.top = [[[i, s] for i, s in zip(idx[:k], sc[:k])]
+                          for k, idx, sc in zip(flight.keep, indices, scores)]
+            result.embeddings, result.seconds, result.done = vectors, seconds, live
+            if dev.outs == flight.outs:
+                # a batch its device was taken out during (stuck) says nothing about its speed;
+                # learning from it would stretch the next watchdog bound by its whole hang
+                flight.runner.profile.observe(len(live), seconds)
+            if self.store is not None and vectors is not None:
+                # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
+                # ... among the rows its uid may see (daemon/caching/embedding_store.py: per uid unless shared)
+                result.matches = {i: self.store.search(vectors[i], *r.args, uid=r.session.peer[1])
+                                  for i, r in enumerate(live) if r.op == "near"}
+        except Exception as exc:  # a model failure reaches every request of the batch, typed
+            log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
+            result.failed, result.error = live, f"{type(exc).__name__}: {exc}"
+        finally:
+            result.finished = self._clock()
+            # the batch behind it (asynchronous devices) has been computing since this one ended
+            result.started = max(result.started, dev.last_finished)
+            dev.last_finished = result.finished
+            left = dev.running[len(live):]
+            dev.running, dev.running_size = left, len(left)
+            dev.running_since = result.finished if left else None
+        return result
+
+    def _recheck(self, result: "BatchResult", buffer: int, now: float) -> list:
+        """The staged (request, attempt) pairs still worth computing now that the device is free
+        (``result.running``, in the buffer's row order): a session closed, a request re-dispatched
+        (its device left rotation) or a deadline passed while the batch waited behind the running
+        one (the profile did not foresee a slow-down) splits them off, and the rows of the rest
+        close up."""
+        keep, rows = [], self._staging.arrays[buffer]
+        for i, (r, attempt) in enumerate(result.running):
+            if (r.session is not None and (r.session.closed or r.done)) or r.attempt != attempt:
+                result.dropped.append(r)            # closed, or re-dispatched while it waited
+            elif r.deadline < now:
+                result.expired.append(r)
+            else:
+                if len(keep) < i:
+                    rows[len(keep)] = rows[i]
+                keep.append((r, attempt))
+        return keep
+
+
+@dataclass(slots=True, eq=False)
+class _Runner:
+    """One model as an executor runs it: its engine and its latency profile."""
+
+    engine: Engine
+    profile: LatencyProfile
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A launched batch: its result to fill, the requests computed, what ran it."""
+
+    result: BatchResult
+    live: list
+    runner: _Runner
+    keep: list                  # top-k kept per request
+    outs: int                   # the device's ``outs`` at launch (daemon/dispatch/health.py)
+    t0: float                   # perf_counter at launch
+    asynchronous: bool          # the device computes after launch returns (CUDA)
+    pending: object = None      # daemon/pipeline/engine.py Pending
+    error: Exception | None = None
