@@ -6,7 +6,8 @@ The README's fenced blocks are read by language:
   the interpreter's bin folder first on PATH. A block starts the daemon it needs (``inferd &``).
   Lines that install (``make demo``, ``make test``, ``sudo make install``, ``pip install``) are
   not run: they build a venv from the network, which CI does once with ``make test`` itself. Their
-  Makefile targets are checked to exist instead.
+  Makefile targets are checked to exist instead, and the ``demo`` recipe runs without its install
+  step, its output compared with what the README shows.
 - ``python``: run as a script with a daemon of the test's own on $INFERD_SOCKET.
 - ``text`` right after a block: what that block prints. After ``python``, compared as doctest
   compares (``...`` matches anything); after ``sh``, each JSON line must have the same shape (keys,
@@ -224,3 +225,33 @@ def test_python_block_runs(block: Block, daemon, workdir: str):
         assert checker.check_output(block.output.text, result.stdout, flags), (
             f"{block.output.where} shows what {block.where} no longer prints:\n"
             + checker.output_difference(doctest.Example("", block.output.text), result.stdout, flags))
+
+
+def make_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target, ``$(BIN)/python`` as this interpreter."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"^{target}\s*:(?!=)", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line[1:].replace("$(BIN)/python", sys.executable))
+    assert recipe and "$(" not in "".join(recipe), f"make {target}: a recipe this test cannot run: {recipe}"
+    return recipe
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_make_demo_prints_what_the_readme_shows(workdir: str):
+    """``make demo`` is the venv install (not run here) and then its recipe, which is run."""
+    block = next(b for b in SHELL if re.search(r"^\s*make\s+demo\b", b.text, re.M))
+    assert block.output, f"{block.where}: the README shows no output of make demo"
+    script = "set -eo pipefail\n" + "\n".join(make_recipe("demo"))
+    env = environment(workdir, os.path.join(workdir, "unused.sock"))     # the demo names its own
+    result = run(["bash", "-c", script], cwd=ROOT, env=env, workdir=workdir)
+    assert result.returncode == 0, (f"make demo's recipe failed ({result.returncode}):\n"
+                                    f"{result.stdout}\n{result.stderr}")
+    checker = doctest.OutputChecker()
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    assert checker.check_output(block.output.text, result.stdout, flags), (
+        f"{block.output.where} shows what make demo no longer prints:\n"
+        + checker.output_difference(doctest.Example("", block.output.text), result.stdout, flags))
