@@ -8,7 +8,7 @@ The README's fenced blocks are read by language:
   not run: they build a venv from the network, which CI does once with ``make test`` itself. Their
   Makefile targets are checked to exist instead, and the ``demo`` recipe runs without its install
   step, its output compared with what the README shows.
-- ``python``: run as a script with a daemon of the test's own on $INFERD_SOCKET.
+- ``python``: run as a script with the module's daemon (conftest.py's ``daemon``) on $INFERD_SOCKET.
 - ``text`` right after a block: what that block prints. After ``python``, compared as doctest
   compares (``...`` matches anything); after ``sh``, each JSON line must have the same shape (keys,
   and the types of values) as a JSON line the block printed, so the README shows what the service
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from helpers import shm_leftovers, spawn_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -198,16 +196,6 @@ def test_shell_block_runs(block: Block, workdir: str):
         for shown in json_lines(block.output.text):
             assert json.dumps(json_shape(shown)) in printed, (
                 f"{block.output.where} shows {shown}, but {block.where} printed:\n{result.stdout}")
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    d = spawn_daemon()
-    yield d
-    rc = d.stop()
-    d.cleanup()
-    assert rc == 0, f"daemon exited with {rc}:\n{d.log()}"
-    assert not shm_leftovers(d.prefix)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
