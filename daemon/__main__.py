@@ -1,4 +1,4 @@
-"""``inferd``: run the daemon. ``inferd --help`` lists the flags; the TOML keys are in README.md.
+"""``inferd``: run the daemon. ``inferd --help`` lists the flags; the TOML keys are in docs/configuration.md.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration
 (the message names the key); 69 the socket path is taken (another daemon answers on it, or it is
