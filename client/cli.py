@@ -303,9 +303,11 @@ def _cache_line(snap: dict) -> str:
     c = snap.get("cache") or {}
     if not c.get("enabled"):
         return "cache: off"
+    file = c.get("file") or {}          # the cache file's own counts (inferd.shm.cache stats)
+    entries = f"{file['used']} of {file['entries']}" if "used" in file and "entries" in file else "-"
     return (f"cache: hit rate {100 * c.get('hit_rate', 0):.1f}% (daemon {c.get('daemon_hits', 0)}, "
             f"client {c.get('client_hits', 0)}, misses {c.get('misses', 0)}), inserts {c.get('inserts', 0)}, "
-            f"evictions {c.get('evictions', 0)}, entries {c.get('used', '-')}")
+            f"evictions {c.get('evictions', 0)}, entries {entries}")
 
 
 def render_top(snap: dict) -> str:
