@@ -21,7 +21,9 @@ Sockets: --socket or $INFERD_SOCKET (client), --admin-socket or $INFERD_ADMIN_SO
 default: admin.sock beside the client socket). --json after any command prints JSON.
 
 Exit codes: 0 success (health: ready); 1 the daemon answered with an error (health: not ready);
-2 bad usage or an unreadable file; 69 no daemon answers on the socket; 77 permission denied.
+2 bad usage or an unreadable file; 69 no daemon answers on the socket; 77 permission denied: the
+daemon runs but does not admit this user (the socket's mode and group, server.socket_mode, or
+server.allow_uids / allow_gids; the admin socket: root, the daemon's user, server.admin_group).
 A closed pipe (``inferctl metrics | head``) ends quietly.
 """
 from __future__ import annotations
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"inferctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except PermissionDenied as exc:
+    except PermissionDenied as exc:         # the daemon runs: it is not "unavailable" (69)
         print(f"inferctl: permission denied: {exc}", file=sys.stderr)
         return EXIT_NOPERM
     except DaemonUnavailable as exc:
@@ -242,9 +244,21 @@ def _health(args) -> int:
         delay = min(delay * 2, 0.5)
     devices = ", ".join(f"{d['name']} {d['state']}" for d in reply["devices"])
     m = reply["model"]
-    _out(args, reply, f"{reply['state']}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
+    # "ready" alone only when it is: a daemon whose devices are all out says so, and why
+    state = reply["state"] if reply["ready"] else f"not ready ({_not_ready_reason(reply)})"
+    _out(args, reply, f"{state}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
                       f"devices: {devices}")
     return EXIT_OK if reply["ready"] else EXIT_ERROR
+
+
+def _not_ready_reason(reply: dict) -> str:
+    if reply["state"] != "ready":
+        return f"the daemon is {reply['state']}"
+    states = [d["state"] for d in reply["devices"]]
+    if states and all(s == "disabled" for s in states):
+        return "no device in rotation: every device was disabled by an operator; inferctl device enable N"
+    return (f"no device in rotation: {', '.join(sorted(set(states)))}; a device out after failing its "
+            "health checks comes back after a canary batch")
 
 
 def _top(args) -> int:
