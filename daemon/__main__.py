@@ -170,10 +170,27 @@ def _serve(cfg, args, listener) -> int:
 
     threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop)   # NOTE [ thread pools ]
     model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
+    _remove_stale_stores(cfg, model)
     devices = _devices(cfg, args.device, model)
     # SIGHUP reads the same file with the same flags again (daemon/ops/reload.py)
     reread = lambda: config_mod.load(args.config, _overrides(args))
     return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())
+
+
+def _remove_stale_stores(cfg, model) -> None:
+    """The embedding stores of models no longer configured go at start-up (with a log line), so the
+    cache directory holds one store, not one per model ever served. Only stores named by default
+    (embeddings.path empty): a path the operator chose is theirs to manage."""
+    import os
+
+    from .caching.embedding_store import default_path, remove_stale
+    from .models.embedding_pooling import embedding_id
+
+    if cfg.embeddings.path:
+        return
+    directory = os.path.dirname(cfg.cache_path)
+    remove_stale(directory, default_path(directory, model.digest, embedding_id(model.spec)),
+                 logging.getLogger("inferd"))
 
 
 if __name__ == "__main__":
