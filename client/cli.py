@@ -12,7 +12,9 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl stats                      a readable table (--json: everything, structured)
     inferctl top                        live per-device view, refreshed every second
     inferctl metrics                    Prometheus text
-    inferctl reload [MODEL]             swap the model without failing a request
+    inferctl reload [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
+                                        swap the model without failing a request; the [model]
+                                        keys as in the configuration (input, input_height, ...)
     inferctl drain                      finish in-flight work, then exit
     inferctl flush-cache                empty the result cache
     inferctl device disable|enable N    take device N out of rotation, or put it back
@@ -83,6 +85,43 @@ def _positive(kind):
     return parse
 
 
+def _model_setting(text: str) -> tuple[str, object]:
+    """``model.KEY=VALUE`` with VALUE read as TOML (a bare word such as uint8_nhwc or /srv/m.pt2
+    is a string), as ``inferd --set`` reads it."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.startswith("model.") or key == "model.":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected model.KEY=VALUE (a reload changes the "
+                                         "[model] section only; other keys need a restart)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not raw or any(c in raw for c in " []{}\"',=#"):
+            raise argparse.ArgumentTypeError(f"{text!r}: {raw!r} is not a TOML value; quote a string "
+                                             "(\"...\"), write a list as [1, 2]") from None
+        value = raw
+    return key, value
+
+
+def _model_section(path: str) -> dict:
+    """The [model] table of a TOML file, or its top-level keys when it has no such table."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get("model", data)
+    if not isinstance(section, dict) or any(isinstance(v, dict) for v in section.values()):
+        raise argparse.ArgumentTypeError(f"{path}: expected a [model] table or the [model] keys alone")
+    return section
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -110,8 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N",
                    help="stop after N refreshes (default: until Ctrl-C)")
     sub.add_parser("metrics", parents=[common], help="Prometheus text")
-    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)")
+    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)",
+                       description="Swap the served model without failing a request. The new [model] "
+                                   "section is the configured one (or --model-config FILE's), with MODEL "
+                                   "and --set on top, checked as start-up checks it. A model of another "
+                                   "input size needs a restart.")
     r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+    r.add_argument("--set", dest="settings", action="append", default=[], type=_model_setting,
+                   metavar="model.KEY=VALUE",
+                   help="a [model] key, value in TOML syntax (repeatable), e.g. --set model.input=uint8_nhwc")
+    r.add_argument("--model-config", metavar="FILE", type=_model_section,
+                   help="a TOML file whose [model] table (or top-level keys) replaces the configured section")
     sub.add_parser("drain", parents=[common], help="finish in-flight work, then exit")
     sub.add_parser("flush-cache", parents=[common], help="empty the result cache")
     d = sub.add_parser("device", parents=[common], help="take a device out of rotation or put it back")
@@ -181,7 +229,12 @@ def _run(args) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
         elif cmd == "reload":
-            reply = admin.call("reload", **({"model": args.model} if args.model else {}))
+            fields = {"model": args.model} if args.model else {}
+            if args.model_config is not None:
+                fields["section"] = args.model_config
+            if args.settings:
+                fields["set"] = dict(args.settings)
+            reply = admin.call("reload", **fields)
             m = reply["model"]
             text = (f"model unchanged: {m['name']} (digest {m['digest']})" if not reply.get("changed") else
                     f"now serving {m['name']} (digest {m['digest']}, generation {m['gen']}), "
