@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean install install-venv install-systemd
+.PHONY: demo test bench clean install install-venv install-systemd check-install-python
 
 # torch is pinned through constraints.txt to the 2.13.0 CPU build this kind of machine carries on
 # disk; a looser pin would pull a multi-GB CUDA build. On a GPU host, install your CUDA build of
@@ -30,7 +30,8 @@ clean:
 
 # System install (docs/operations.md, "systemd"). `sudo make install` = install-venv + install-systemd.
 # Packagers stage with `make install-systemd DESTDIR=/tmp/stage PREFIX=/usr`; the unit's ExecStart=
-# and Documentation= are rewritten to the INFERD_HOME and DOCDIR chosen here.
+# and Documentation= are rewritten to the INFERD_HOME and DOCDIR chosen here. `make install
+# INSTALL_PYTHON=...` picks the interpreter of /opt/inferd (default: the system's /usr/bin/python3).
 PREFIX      ?= /usr/local
 INFERD_HOME ?= /opt/inferd
 SYSCONFDIR  ?= /etc
@@ -38,14 +39,24 @@ UNITDIR     ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 DOCDIR      ?= $(PREFIX)/share/doc/inferd
+# The venv's bin/python is a link to this interpreter, and the service user runs it: the system
+# Python by default, never whatever `python3` a developer's PATH finds first (a pyenv or conda
+# Python under /root is one the inferd user cannot execute). systemd/check-interpreter says so
+# before anything is installed.
+INSTALL_PYTHON ?= /usr/bin/python3
+SERVICE_USER   ?= inferd
 
 install: install-venv install-systemd
 
 # A venv is not relocatable (its scripts name its interpreter), so this target ignores DESTDIR.
-install-venv:
-	$(PYTHON) -m venv $(INFERD_HOME)
+install-venv: check-install-python
+	$(INSTALL_PYTHON) -m venv $(INFERD_HOME)
 	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt torch
 	$(INFERD_HOME)/bin/pip install --quiet -c constraints.txt '.[daemon]'
+
+# Can $(SERVICE_USER) run $(INSTALL_PYTHON)? Says what to do when not; installs nothing.
+check-install-python:
+	@$(INSTALL_PYTHON) systemd/check-interpreter $(SERVICE_USER)
 
 install-systemd:
 	install -d -m 755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
@@ -55,7 +66,8 @@ install-systemd:
 	chmod 644 $(DESTDIR)$(UNITDIR)/inferd.service $(DESTDIR)$(UNITDIR)/inferd.socket
 	install -m 644 systemd/inferd.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/inferd.conf
 	install -m 644 systemd/inferd.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/inferd.conf
-	install -m 644 README.md docs/operations.md docs/protocol.md docs/architecture.md $(DESTDIR)$(DOCDIR)/
+	# README and the operator's manuals, with every file they link to, in the repository's layout
+	$(PYTHON) systemd/install-docs . $(DESTDIR)$(DOCDIR) README.md docs/operations.md docs/protocol.md docs/architecture.md
 	install -d -m 755 $(DESTDIR)$(SYSCONFDIR)/inferd
 	# the example configuration, never over an operator's own
 	test -e $(DESTDIR)$(SYSCONFDIR)/inferd/inferd.toml || \

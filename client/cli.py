@@ -12,7 +12,9 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl stats                      a readable table (--json: everything, structured)
     inferctl top                        live per-device view, refreshed every second
     inferctl metrics                    Prometheus text
-    inferctl reload [MODEL]             swap the model without failing a request
+    inferctl reload [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
+                                        swap the model without failing a request; the [model]
+                                        keys as in the configuration (input, input_height, ...)
     inferctl drain                      finish in-flight work, then exit
     inferctl flush-cache                empty the result cache
     inferctl device disable|enable N    take device N out of rotation, or put it back
@@ -21,7 +23,9 @@ Sockets: --socket or $INFERD_SOCKET (client), --admin-socket or $INFERD_ADMIN_SO
 default: admin.sock beside the client socket). --json after any command prints JSON.
 
 Exit codes: 0 success (health: ready); 1 the daemon answered with an error (health: not ready);
-2 bad usage or an unreadable file; 69 no daemon answers on the socket; 77 permission denied.
+2 bad usage or an unreadable file; 69 no daemon answers on the socket; 77 permission denied: the
+daemon runs but does not admit this user (the socket's mode and group, server.socket_mode, or
+server.allow_uids / allow_gids; the admin socket: root, the daemon's user, server.admin_group).
 A closed pipe (``inferctl metrics | head``) ends quietly.
 """
 from __future__ import annotations
@@ -81,6 +85,43 @@ def _positive(kind):
     return parse
 
 
+def _model_setting(text: str) -> tuple[str, object]:
+    """``model.KEY=VALUE`` with VALUE read as TOML (a bare word such as uint8_nhwc or /srv/m.pt2
+    is a string), as ``inferd --set`` reads it."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.startswith("model.") or key == "model.":
+        raise argparse.ArgumentTypeError(f"{text!r}: expected model.KEY=VALUE (a reload changes the "
+                                         "[model] section only; other keys need a restart)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not raw or any(c in raw for c in " []{}\"',=#"):
+            raise argparse.ArgumentTypeError(f"{text!r}: {raw!r} is not a TOML value; quote a string "
+                                             "(\"...\"), write a list as [1, 2]") from None
+        value = raw
+    return key, value
+
+
+def _model_section(path: str) -> dict:
+    """The [model] table of a TOML file, or its top-level keys when it has no such table."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get("model", data)
+    if not isinstance(section, dict) or any(isinstance(v, dict) for v in section.values()):
+        raise argparse.ArgumentTypeError(f"{path}: expected a [model] table or the [model] keys alone")
+    return section
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -108,8 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N",
                    help="stop after N refreshes (default: until Ctrl-C)")
     sub.add_parser("metrics", parents=[common], help="Prometheus text")
-    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)")
+    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)",
+                       description="Swap the served model without failing a request. The new [model] "
+                                   "section is the configured one (or --model-config FILE's), with MODEL "
+                                   "and --set on top, checked as start-up checks it. A model of another "
+                                   "input size needs a restart.")
     r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+    r.add_argument("--set", dest="settings", action="append", default=[], type=_model_setting,
+                   metavar="model.KEY=VALUE",
+                   help="a [model] key, value in TOML syntax (repeatable), e.g. --set model.input=uint8_nhwc")
+    r.add_argument("--model-config", metavar="FILE", type=_model_section,
+                   help="a TOML file whose [model] table (or top-level keys) replaces the configured section")
     sub.add_parser("drain", parents=[common], help="finish in-flight work, then exit")
     sub.add_parser("flush-cache", parents=[common], help="empty the result cache")
     d = sub.add_parser("device", parents=[common], help="take a device out of rotation or put it back")
@@ -133,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"inferctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except PermissionDenied as exc:
+    except PermissionDenied as exc:         # the daemon runs: it is not "unavailable" (69)
         print(f"inferctl: permission denied: {exc}", file=sys.stderr)
         return EXIT_NOPERM
     except DaemonUnavailable as exc:
@@ -179,7 +229,12 @@ def _run(args) -> int:
                 sys.stdout.write(text)
                 sys.stdout.flush()
         elif cmd == "reload":
-            reply = admin.call("reload", **({"model": args.model} if args.model else {}))
+            fields = {"model": args.model} if args.model else {}
+            if args.model_config is not None:
+                fields["section"] = args.model_config
+            if args.settings:
+                fields["set"] = dict(args.settings)
+            reply = admin.call("reload", **fields)
             m = reply["model"]
             text = (f"model unchanged: {m['name']} (digest {m['digest']})" if not reply.get("changed") else
                     f"now serving {m['name']} (digest {m['digest']}, generation {m['gen']}), "
@@ -242,9 +297,21 @@ def _health(args) -> int:
         delay = min(delay * 2, 0.5)
     devices = ", ".join(f"{d['name']} {d['state']}" for d in reply["devices"])
     m = reply["model"]
-    _out(args, reply, f"{reply['state']}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
+    # "ready" alone only when it is: a daemon whose devices are all out says so, and why
+    state = reply["state"] if reply["ready"] else f"not ready ({_not_ready_reason(reply)})"
+    _out(args, reply, f"{state}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
                       f"devices: {devices}")
     return EXIT_OK if reply["ready"] else EXIT_ERROR
+
+
+def _not_ready_reason(reply: dict) -> str:
+    if reply["state"] != "ready":
+        return f"the daemon is {reply['state']}"
+    states = [d["state"] for d in reply["devices"]]
+    if states and all(s == "disabled" for s in states):
+        return "no device in rotation: every device was disabled by an operator; inferctl device enable N"
+    return (f"no device in rotation: {', '.join(sorted(set(states)))}; a device out after failing its "
+            "health checks comes back after a canary batch")
 
 
 def _top(args) -> int:
@@ -303,9 +370,11 @@ def _cache_line(snap: dict) -> str:
     c = snap.get("cache") or {}
     if not c.get("enabled"):
         return "cache: off"
+    file = c.get("file") or {}          # the cache file's own counts (inferd.shm.cache stats)
+    entries = f"{file['used']} of {file['entries']}" if "used" in file and "entries" in file else "-"
     return (f"cache: hit rate {100 * c.get('hit_rate', 0):.1f}% (daemon {c.get('daemon_hits', 0)}, "
             f"client {c.get('client_hits', 0)}, misses {c.get('misses', 0)}), inserts {c.get('inserts', 0)}, "
-            f"evictions {c.get('evictions', 0)}, entries {c.get('used', '-')}")
+            f"evictions {c.get('evictions', 0)}, entries {entries}")
 
 
 def render_top(snap: dict) -> str:

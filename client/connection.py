@@ -105,6 +105,12 @@ class Connection:
             raise errors.ConnectionLost(
                 f"no inferd daemon answers on {self.path} ({exc.strerror}); start it with "
                 "`inferd` or pass socket_path=") from None
+        except PermissionError as exc:      # the file mode (or a folder's) keeps this user out
+            raise errors.PermissionDenied(
+                f"cannot connect to {self.path} ({exc.strerror}): the daemon runs, but this user may not "
+                "open its socket; the operator admits users by the socket's group and mode "
+                "(server.socket_mode, with systemd: group inferd) and by server.allow_uids / "
+                "allow_gids") from None
         except OSError as exc:
             raise errors.ConnectionLost(f"cannot connect to {self.path}: {exc}") from None
 

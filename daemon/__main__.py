@@ -1,9 +1,11 @@
 """``inferd``: run the daemon. ``inferd --help`` lists the flags; the TOML keys are in docs/configuration.md.
 
-Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration
-(the message names the key); 69 the socket path is taken (another daemon answers on it, or it is
-not a socket, or systemd passed something else than one listening Unix stream socket); 70 start-up
-failed otherwise (a device could not load or warm the model).
+Exit codes (daemon/exitcodes.py; systemd/inferd.service restarts on 70 only): 0 stopped by
+SIGTERM/SIGINT after draining; 64 bad command line; 78 bad configuration (the message names the
+key); 69 cannot run here as set up: the client or the admin socket path is taken (another daemon
+answers on it, or it is not a socket), systemd passed something else than one listening Unix stream
+socket, or this installation lacks the daemon's packages (a client-only install); 70 start-up
+failed otherwise (a device could not load or warm the model), which a restart may cure.
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inferd: the daemon needs {', '.join(missing)}, which this installation lacks (the "
               "client library alone was installed); install the daemon with: pip install "
               "'inferd[daemon]'", file=sys.stderr)
-        return exitcodes.STARTUP_FAILED
+        return exitcodes.NOT_INSTALLED
     from . import config as config_mod
     from .ops import logs
     from .front.listener import Listener, ListenerError
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     listener.path, cfg.socket_path)
     try:
         return _serve(cfg, args, listener)
+    except ListenerError as exc:            # the admin socket (the server binds it): as the client socket
+        log.error("admin socket: %s (server.admin_socket; by default admin.sock beside server.socket, "
+                  "so daemons whose client sockets share a folder each need their own)", exc)
+        return exitcodes.UNAVAILABLE
     except config_mod.ConfigError as exc:
         log.error("configuration error: %s", exc)
         return exitcodes.CONFIG
@@ -164,10 +170,27 @@ def _serve(cfg, args, listener) -> int:
 
     threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop)   # NOTE [ thread pools ]
     model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
+    _remove_stale_stores(cfg, model)
     devices = _devices(cfg, args.device, model)
     # SIGHUP reads the same file with the same flags again (daemon/ops/reload.py)
     reread = lambda: config_mod.load(args.config, _overrides(args))
     return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())
+
+
+def _remove_stale_stores(cfg, model) -> None:
+    """The embedding stores of models no longer configured go at start-up (with a log line), so the
+    cache directory holds one store, not one per model ever served. Only stores named by default
+    (embeddings.path empty): a path the operator chose is theirs to manage."""
+    import os
+
+    from .caching.embedding_store import default_path, remove_stale
+    from .models.embedding_pooling import embedding_id
+
+    if cfg.embeddings.path:
+        return
+    directory = os.path.dirname(cfg.cache_path)
+    remove_stale(directory, default_path(directory, model.digest, embedding_id(model.spec)),
+                 logging.getLogger("inferd"))
 
 
 if __name__ == "__main__":

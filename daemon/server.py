@@ -26,7 +26,7 @@ from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
 from .front.handshake import handshake
-from .ops.reload import ACTIVATE_WAIT_S, ReloadError, reload_model
+from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .models.loading import LoadedModel
 from .ops.sd_notify import notify
@@ -45,16 +45,16 @@ class Server:
     def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
                  clock=time.monotonic, reread_config=None):
         self.cfg = cfg
-        self.model = model
         self.devices = devices
         self.listener = listener
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
         self.draining = False
         self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
-        self.scheduler.model = model
+        self.scheduler.model = model        # the serving model's one home (Server.model reads it)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
-        self.reloading = False
+        self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
+                              retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
         self._reread_config = reread_config  # SIGHUP: a fresh Config from the same file and flags
         self._retired: list = []             # embedding stores of models swapped out
@@ -68,6 +68,15 @@ class Server:
         self.stats = self.scheduler.stats
         # Prometheus text, and the HTTP listener of metrics.listen (ConfigError if it cannot be)
         self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics.listen)
+
+    @property
+    def model(self) -> LoadedModel:
+        """The serving model (a swap changes it: daemon/ops/reload.py)."""
+        return self.scheduler.model
+
+    @property
+    def reloading(self) -> bool:
+        return self.swap.running
 
     # lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -124,9 +133,9 @@ class Server:
             return
         log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
         try:
-            await reload_model(self, fresh.model)
+            await self.swap.reload(fresh.model)
         except ReloadError:
-            return                          # logged by reload_model
+            return                          # logged by the swap
         self.cfg.model = fresh.model
 
     async def _start_devices(self) -> bool:

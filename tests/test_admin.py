@@ -234,7 +234,7 @@ def test_failed_reload_keeps_the_old_model_serving(fresh_daemon):
     (_, img), *_ = sample_images()
     with Client(d.socket_path, cache=False) as c, AdminClient(admin_path(d)) as admin:
         before = c.classify(img, top_k=1)
-        with pytest.raises(ReloadFailed, match="model.path: /nonexistent/model.pt2 is not a file"):
+        with pytest.raises(ReloadFailed, match="model.path: /nonexistent/model.pt2 does not exist"):
             admin.call("reload", model="/nonexistent/model.pt2")
         with pytest.raises(ReloadFailed, match="a new input size needs a restart"):
             admin.call("reload", model="noop")                          # 32x32 frames, not 64x64

@@ -99,6 +99,6 @@ def test_the_daemon_on_a_client_only_install_says_what_to_install(tmp_path):
     env["PYTHONNOUSERSITE"] = "1"
     run = subprocess.run([str(python), "-m", "inferd.daemon"], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert run.returncode == 70, run.stderr                  # exitcodes.STARTUP_FAILED, no traceback
+    assert run.returncode == 69, run.stderr                  # exitcodes.NOT_INSTALLED, no traceback
     assert "pip install 'inferd[daemon]'" in run.stderr and "torch" in run.stderr
     assert "Traceback" not in run.stderr

@@ -147,7 +147,8 @@ def test_an_exported_program_is_checked_against_the_input_form(tmp_path):
     with pytest.raises(ConfigError, match=r"model.input: the exported program takes torch.float32 \(N, 3, 64, 64\); "
                                           r"model.input = \"uint8_nhwc\""):
         model_mod.load(ModelConfig(path=dynamic, input="uint8_nhwc", input_height=64, input_width=64))
-    with pytest.raises(ConfigError, match=r"model.input: .* input_height 32 and input_width 64"):
+    with pytest.raises(ConfigError, match=r"model.input_height / model.input_width: .* input_height 32 and "
+                                          r"input_width 64 .*; set model.input_height = 64 and model.input_width = 64"):
         model_mod.load(ModelConfig(path=dynamic, **{**float_form, "input_height": 32}))
     served = model_mod.load(ModelConfig(path=dynamic, **float_form))
     assert served.spec.labels == tuple(str(i) for i in range(8))      # width read off the program

@@ -58,6 +58,7 @@ the source of truth that the index is rebuilt from.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -110,6 +111,43 @@ def default_path(directory: str, digest: str, embedding: str) -> str:
     if embedding:
         name += "-" + _embedding_key(embedding).hex()[:8]
     return os.path.join(directory, name + ".store")
+
+
+def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
+    """Remove from ``directory`` the stores that :func:`default_path` named for other models or
+    embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
+    model ever served otherwise piles up in the cache directory (hundreds of MB at the default
+    capacity). A store another process holds (its ``flock``: a daemon sharing the folder) is
+    left alone. Returns the names removed; one log line says what and how much."""
+    keep_name = os.path.basename(keep)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    removed, freed = [], 0
+    for name in names:
+        base = name.split(".corrupt-")[0]
+        if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue                                    # gone, or not ours to look at
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we unlink: nobody opens it meanwhile
+            size = os.fstat(fd).st_size
+            os.unlink(path)
+        except OSError:
+            continue                                    # locked: another daemon's store
+        finally:
+            os.close(fd)
+        removed.append(name)
+        freed += size
+    if removed:
+        log.info("removed %d embedding stores of models no longer configured from %s (%.1f MB): %s",
+                 len(removed), directory, freed / 1e6, ", ".join(removed))
+    return removed
 
 
 def _header(capacity: int, dim: int, embedding: str | None) -> bytes:

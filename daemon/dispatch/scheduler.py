@@ -33,6 +33,7 @@ from . import fairness
 from . import policy as policies
 from ..pipeline.collector import BatchResult, Request
 from ..caching.results import Memory
+from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
 from ..front.session import Rejected, check_classify
@@ -263,8 +264,7 @@ class Scheduler:
         device = self.policy.choose(self.devices, now, max_batch)
         if device is None:
             self.counters["no_healthy_device"] += 1
-            raise Rejected(wire.E_NO_HEALTHY_DEVICE, "no device is in rotation; every device failed "
-                           "its health checks (inferctl info shows each one's state)")
+            raise Rejected(wire.E_NO_HEALTHY_DEVICE, _none_in_rotation(self.devices))
         limit, queue = self.cfg.batching.queue_limit, device.queue
         # a uid under its share of a full queue still gets in, up to twice the limit in all
         # (NOTE [ batch planning ]): a flood fills the queue, never shuts others out of it
@@ -468,3 +468,17 @@ class Scheduler:
                 "requests": dict(self.stats.outcomes),
                 "devices": [d.describe() for d in self.devices], "cache": self.memory.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}
+
+
+def _none_in_rotation(devices) -> str:
+    """Why no device takes work, by what put each one out: an operator (``inferctl device
+    disable``) or its health checks."""
+    disabled = [d.label for d in devices if d.state == DISABLED]
+    failed = [d.label for d in devices if d.state != DISABLED]
+    parts = []
+    if disabled:
+        parts.append(f"{', '.join(disabled)} taken out by an operator (inferctl device enable N puts "
+                     f"one back)")
+    if failed:
+        parts.append(f"{', '.join(failed)} out after failing health checks (retried by a canary batch)")
+    return f"no device is in rotation: {'; '.join(parts)}; retry later (inferctl info shows each one's state)"

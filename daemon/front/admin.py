@@ -15,7 +15,11 @@ at a time per connection, each answered before the next is read::
     stats        -                              the structured statistics (Server.stats_snapshot)
     metrics      -                              text: Prometheus exposition format
     reload       model (optional: built-in      changed, model {name, digest, gen}, previous,
-                 name or file path)             seconds; error reload_failed: the old model serves
+                 name or file path); section    seconds; error reload_failed: the old model serves
+                 (optional: a whole [model]
+                 table); set (optional: [model]
+                 keys on top), checked as at
+                 start-up (daemon/ops/reload.py)
     drain        -                              draining, outstanding: the daemon drains and exits
     flush_cache  -                              dropped, generation
     device       index, action (disable|enable) device {index, name, state}, in_rotation
@@ -33,7 +37,7 @@ import os
 from ..config import ConfigError
 from .listener import Listener, peer_credentials, peer_groups
 from ..ops.logs import RateLimitedLog
-from ..ops.reload import ReloadError, model_config, reload_model
+from ..ops.reload import ReloadError
 from .session import Rejected
 from ...shm import wire
 
@@ -153,9 +157,11 @@ class AdminServer:
                 source = msg.get("model")
                 if source is not None and (not isinstance(source, str) or not source or len(source) > 4096):
                     raise Rejected(wire.E_INVALID_INPUT, "model must be a built-in name or a file path")
-                log.info("reload asked by pid %d uid %d: %s", peer[0], peer[1], source or "the configured model")
+                section, settings = msg.get("section"), msg.get("set")
+                log.info("reload asked by pid %d uid %d: %s%s%s", peer[0], peer[1], source or "the configured model",
+                         f", section {section}" if section is not None else "", f", set {settings}" if settings else "")
                 try:
-                    body = await reload_model(server, model_config(server.cfg.model, source))
+                    body = await server.swap.reload(server.cfg.model, source, section, settings)
                 except ReloadError as exc:
                     raise Rejected(wire.E_RELOAD_FAILED, str(exc)) from None
             elif op == "drain":

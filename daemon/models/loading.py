@@ -169,11 +169,20 @@ def _check_program(program, cfg: ModelConfig) -> int | None:
     want_dtype, want_shape = ((torch.uint8, (h, w, 3)) if cfg.input == UINT8_NHWC
                               else (torch.float32, (3, h, w)))
     shape = tuple(x.shape)
-    if x.dtype != want_dtype or x.dim() != 4 or tuple(int(d) if isinstance(d, int) else -1
-                                                      for d in shape[1:]) != want_shape:
-        raise ConfigError(f"model.input: the exported program takes {x.dtype} {_shape_text(shape)}; "
+    got = tuple(int(d) if isinstance(d, int) else -1 for d in shape[1:])
+    if x.dtype != want_dtype or x.dim() != 4 or got != want_shape:
+        # the same form (dtype, channels where the form puts them) with another size: the size
+        # keys are wrong, not model.input
+        size_only = (x.dtype == want_dtype and x.dim() == 4
+                     and (got[2] == 3 if cfg.input == UINT8_NHWC else got[0] == 3))
+        key = "model.input_height / model.input_width" if size_only else "model.input"
+        fix = ""
+        if size_only:
+            ph, pw = got[:2] if cfg.input == UINT8_NHWC else got[1:]
+            fix = f"; set model.input_height = {ph} and model.input_width = {pw}" if ph > 0 and pw > 0 else ""
+        raise ConfigError(f"{key}: the exported program takes {x.dtype} {_shape_text(shape)}; "
                           f"model.input = \"{cfg.input}\" with input_height {h} and input_width {w} "
-                          f"gives it {want_dtype} (N, {', '.join(map(str, want_shape))})")
+                          f"gives it {want_dtype} (N, {', '.join(map(str, want_shape))}){fix}")
     if isinstance(shape[0], int):
         raise ConfigError(f"model.path: the program was exported with a fixed batch size of {shape[0]}; "
                           f"export it with dynamic_shapes={{\"x\": {{0: torch.export.Dim(\"batch\")}}}} "

@@ -2,12 +2,13 @@
 
 NOTE [ model swap ]
 
-    admin `reload [MODEL]` or SIGHUP
+    admin `reload [MODEL] [section] [set]` or SIGHUP
       |  (one at a time; refused while draining)
       v
-    load the model on the CPU, off the loop (asyncio.to_thread)      ConfigError: old model keeps
-    check: same frame shape as the serving model                      serving, the reply and the
-      |                                                               log say why
+    the [model] keys, checked as start-up checks them (model_config)  ConfigError: old model keeps
+    load the model on the CPU, off the loop (asyncio.to_thread)       serving, the reply and the
+    check: same frame shape as the serving model                      log say why
+      |
       v
     for each device, one after another (the others keep serving):
       BatchingThread.stage(model): between two batches the thread
@@ -33,18 +34,27 @@ the one serving (``result.gen == scheduler.gen``), under a key made with that mo
 request admitted before the switch is keyed again); and the switch empties the cache, so a client
 that still keys its local lookups by the old digest misses and asks the daemon. A swap to a model
 with another input size is refused: clients' rings and resized frames are of the old size (restart
-the daemon for that; clients reconnect, see inferd.client).
+the daemon for that; clients reconnect, see inferd.client). Another input *form* of the same size
+is a swap like any other: a daemon started on a built-in (float_nchw) swaps to a file model that
+takes uint8_nhwc when the reload names the keys such a model needs (``model.input``,
+``input_height``, ``input_width``), as the configuration would.
+
+What a swap changes is named in :class:`ModelSwap`: the scheduler (which keys, checks and stamps
+requests by the serving model, and so is where the serving model lives), the devices' batching
+threads, the embedding store in the scheduler's memory, and two callbacks (retire a swapped-out
+store, count the outcome). It never touches the Server.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 
+from ..caching.embedding_store import EmbeddingStore, default_path
+from ..config import ConfigError, ModelConfig, from_dict
 from ..models import loading as model_mod
-from ..config import ConfigError
+from ..models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.reload")
 
@@ -52,104 +62,152 @@ log = logging.getLogger("inferd.reload")
 #: anyway at shutdown instead (a device stuck in a batch switches only when that batch returns).
 ACTIVATE_WAIT_S = 30.0
 
+#: Keys that describe one model file, not how any model is served: a reload to a built-in by name
+#: drops them, so a file model's mean, labels or name never follow the swap to a built-in.
+FILE_MODEL_KEYS = ("path", "format", "input", "mean", "std", "labels", "name")
+MAX_KEYS = 64          # a [model] section has fewer keys; more is not a request to read
+
 
 class ReloadError(Exception):
     """The new model cannot be served; the old one still is. The message says why."""
 
 
-def model_config(current, source: str | None):
-    """The [model] section to load: ``source`` read as ``inferd --model`` reads it (a built-in
-    name, or a file path when it has a '/' or a '.'), else the current one (the same file read
-    again, picking up a model replaced on disk)."""
-    if not source:
-        return current
-    if "/" in source or "." in source:
-        return dataclasses.replace(current, path=source)
-    return dataclasses.replace(current, builtin=source, path="")
+def model_config(configured: ModelConfig, source: str | None = None, section: dict | None = None,
+                 settings: dict | None = None) -> ModelConfig:
+    """The [model] section a reload loads, checked as start-up checks the configuration.
 
-
-async def reload_model(server, model_cfg) -> dict:
-    """Swap the served model for the one ``model_cfg`` describes (NOTE [ model swap ]). Returns
-    what the admin reply says; raises ReloadError, with the old model still serving."""
-    if server.draining:
-        raise ReloadError("the daemon is draining")
-    if server.reloading:
-        raise ReloadError("a reload is already in progress")
-    server.reloading = True
-    t0 = time.perf_counter()
-    old = server.model
+    ``configured``: the configuration's [model] section. ``section``: a whole [model] table in its
+    place (``inferctl reload --model-config FILE``). ``source``: a built-in name, or a file path
+    when it has a '/' or a '.', read as ``inferd --model`` reads it (a built-in drops the file
+    model's keys, FILE_MODEL_KEYS). ``settings``: keys set on top (``--set model.KEY=VALUE``).
+    Nothing given: ``configured`` itself (its file read again, picking up a model replaced on
+    disk). ReloadError names the key that is wrong."""
+    if not source and section is None and not settings:
+        return configured
+    if section is not None:
+        keys = dict(_table("section", section))
+    else:
+        keys = {k: v for k, v in dataclasses.asdict(configured).items() if v is not None}
+    if source:
+        if "/" in source or "." in source:
+            keys["path"] = source
+        else:
+            for key in FILE_MODEL_KEYS:
+                keys.pop(key, None)
+            keys["builtin"] = source
+    keys.update(_table("set", settings or {}))
     try:
+        return from_dict({"model": keys}).model
+    except ConfigError as exc:
+        raise ReloadError(str(exc)) from None
+
+
+def _table(field: str, value) -> dict:
+    """``value`` as a table of [model] keys (``model.`` before a key is allowed); ReloadError else."""
+    if not isinstance(value, dict) or len(value) > MAX_KEYS or not all(isinstance(k, str) for k in value):
+        raise ReloadError(f"{field} must be a table of at most {MAX_KEYS} [model] keys")
+    return {k.removeprefix("model."): v for k, v in value.items()}
+
+
+class ModelSwap:
+    """Swaps the served model (NOTE [ model swap ]) given what that touches and nothing more.
+
+    ``scheduler``: admits, keys and stamps requests by ``scheduler.model``, the serving model
+    (daemon/dispatch/scheduler.py ``switch_model``); its ``memory`` holds the result cache and the
+    embedding store. ``devices``: each one's batching thread stages and activates the new model.
+    ``embeddings``: the [embeddings] section; ``store_dir``: where default-named stores live.
+    ``retire(store, activated)``: close a swapped-out store once every thread let go of it.
+    ``done(ok)``: count the outcome. ``draining()``: True once the daemon stops taking work."""
+
+    def __init__(self, scheduler, devices: list, embeddings, store_dir: str, *, retire, done, draining):
+        self.scheduler = scheduler
+        self.devices = devices
+        self.embeddings = embeddings
+        self.store_dir = store_dir
+        self._retire, self._done, self._draining = retire, done, draining
+        self.running = False          # a swap under way (the systemd watchdog reads it)
+
+    @property
+    def model(self):
+        return self.scheduler.model
+
+    async def reload(self, configured: ModelConfig, source: str | None = None, section: dict | None = None,
+                     settings: dict | None = None) -> dict:
+        """Swap to the model :func:`model_config` describes. Returns what the admin reply says;
+        raises ReloadError, with the old model still serving."""
+        if self._draining():
+            raise ReloadError("the daemon is draining")
+        if self.running:
+            raise ReloadError("a reload is already in progress")
+        self.running = True
+        t0 = time.perf_counter()
+        old = self.model
         try:
-            new = await asyncio.to_thread(model_mod.load, model_cfg)
-        except ConfigError as exc:
-            raise ReloadError(f"cannot load the model: {exc}") from None
-        if new.spec.frame_shape != old.spec.frame_shape:
-            raise ReloadError(f"the new model takes {_shape(new)} frames, the serving one {_shape(old)}: "
-                              "a new input size needs a restart (clients reconnect by themselves)")
-        if new.digest == old.digest and new.spec == old.spec:
-            log.info("reload: %s unchanged (digest %s); nothing to do", new.spec.name, new.digest)
-            return {"changed": False, "model": _brief(old), "seconds": time.perf_counter() - t0}
-        new.gen = old.gen + 1
-        dim = await _stage(server, new)
-        store = await asyncio.to_thread(_open_store, server, new, dim)
-        _switch(server, new, store)
-    except ReloadError as exc:
-        log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
-        server.reload_done(False)
-        raise
-    finally:
-        server.reloading = False
-    seconds = time.perf_counter() - t0
-    log.info("reload: %s (digest %s) -> %s (digest %s), generation %d, on %d devices in %.2f s",
-             old.spec.name, old.digest, new.spec.name, new.digest, new.gen, len(server.devices), seconds)
-    server.reload_done(True)
-    return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
+            model_cfg = model_config(configured, source, section, settings)
+            try:
+                new = await asyncio.to_thread(model_mod.load, model_cfg)
+            except ConfigError as exc:
+                raise ReloadError(f"cannot load the model: {exc}") from None
+            if new.spec.frame_shape != old.spec.frame_shape:
+                raise ReloadError(f"the new model takes {_shape(new)} frames, the serving one {_shape(old)}: "
+                                  "a new input size needs a restart (clients reconnect by themselves)")
+            if new.digest == old.digest and new.spec == old.spec:
+                log.info("reload: %s unchanged (digest %s); nothing to do", new.spec.name, new.digest)
+                return {"changed": False, "model": _brief(old), "seconds": time.perf_counter() - t0}
+            new.gen = old.gen + 1
+            dim = await self._stage(new)
+            store = await asyncio.to_thread(self._open_store, new, dim)
+            self._switch(new, store)
+        except ReloadError as exc:
+            log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
+            self._done(False)
+            raise
+        finally:
+            self.running = False
+        seconds = time.perf_counter() - t0
+        log.info("reload: %s (digest %s) -> %s (digest %s), generation %d, on %d devices in %.2f s",
+                 old.spec.name, old.digest, new.spec.name, new.digest, new.gen, len(self.devices), seconds)
+        self._done(True)
+        return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
 
+    async def _stage(self, new) -> int:
+        """Load and warm ``new`` on every device, one after another. Returns the embedding width."""
+        memory = self.scheduler.memory
+        keep_k = min(memory.cache.geometry.max_k, len(new.spec.labels)) if memory.cache is not None else 0
+        staged, dims = [], []
+        for dev in self.devices:
+            try:
+                dims.append(await asyncio.wrap_future(dev.thread.stage(new, keep_k)))
+            except Exception as exc:  # any failure of the new model on a device keeps the old one
+                for other in staged:
+                    other.thread.discard(new.gen)
+                if isinstance(exc, ConfigError):
+                    raise ReloadError(f"{dev.label}: {exc}") from None
+                raise ReloadError(f"{dev.label}: {type(exc).__name__}: {exc}") from None
+            staged.append(dev)
+        return dims[0] if dims else 0
 
-async def _stage(server, new) -> int:
-    """Load and warm ``new`` on every device, one after another. Returns the embedding width."""
-    memory = server.scheduler.memory
-    keep_k = min(memory.cache.geometry.max_k, len(new.spec.labels)) if memory.cache is not None else 0
-    staged, dims = [], []
-    for dev in server.devices:
-        try:
-            dims.append(await asyncio.wrap_future(dev.thread.stage(new, keep_k)))
-        except Exception as exc:  # any failure of the new model on a device keeps the old one
-            for other in staged:
-                other.thread.discard(new.gen)
-            if isinstance(exc, ConfigError):
-                raise ReloadError(f"{dev.label}: {exc}") from None
-            raise ReloadError(f"{dev.label}: {type(exc).__name__}: {exc}") from None
-        staged.append(dev)
-    return dims[0] if dims else 0
+    def _open_store(self, new, dim: int):
+        """The embedding store of the new model (one file per digest), or None."""
+        cfg = self.embeddings
+        if not (cfg.enabled and dim):
+            return None
+        embedding = embedding_id(new.spec)
+        path = cfg.path or default_path(self.store_dir, new.digest, embedding)
+        if cfg.path and self.scheduler.memory.store is not None:
+            raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
+                              "leave embeddings.path empty (one file per model digest)")
+        return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
 
-
-def _open_store(server, new, dim: int):
-    """The embedding store of the new model (one file per digest), or None."""
-    cfg = server.cfg.embeddings
-    if not (cfg.enabled and dim):
-        return None
-    from ..caching.embedding_store import EmbeddingStore, default_path
-    from ..models.embedding_pooling import embedding_id
-
-    embedding = embedding_id(new.spec)
-    path = cfg.path or default_path(os.path.dirname(server.cfg.cache_path), new.digest, embedding)
-    if cfg.path and server.scheduler.memory.store is not None:
-        raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
-                          "leave embeddings.path empty (one file per model digest)")
-    return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
-
-
-def _switch(server, new, store) -> None:
-    """The switch itself: on the loop, no await, so no request sees half of it."""
-    memory = server.scheduler.memory
-    old_store = memory.store
-    server.model = new
-    server.scheduler.switch_model(new)
-    memory.store = store
-    activated = [dev.thread.activate(new.gen, store) for dev in server.devices]
-    if old_store is not None:
-        server.retire(old_store, activated)
+    def _switch(self, new, store) -> None:
+        """The switch itself: on the loop, no await, so no request sees half of it."""
+        memory = self.scheduler.memory
+        old_store = memory.store
+        self.scheduler.switch_model(new)
+        memory.store = store
+        activated = [dev.thread.activate(new.gen, store) for dev in self.devices]
+        if old_store is not None:
+            self._retire(old_store, activated)
 
 
 def _shape(model) -> str:
