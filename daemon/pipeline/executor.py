@@ -15,19 +15,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from . import thread_pools
+from . import device_thread, thread_pools
 from .engine import Engine, Staging
 from ..models.loading import LoadedModel, warmup_sizes
 from ..dispatch.profile import LatencyProfile
 
 log = logging.getLogger("inferd.batcher")
-_current = threading.local()
-
-
-def current_device():
-    """The Device whose executor thread is calling (None elsewhere). A hook for test models that
-    must behave differently per device (inferd.daemon.models.zoo.synthetic)."""
-    return getattr(_current, "device", None)
 
 
 class Executor(threading.Thread):
@@ -64,7 +57,7 @@ class Executor(threading.Thread):
         self._inbox.put(("stop", None, None, None))
 
     def run(self) -> None:
-        _current.device = self.device
+        device_thread.enter(self.device)
         try:
             self._prepare()
         except BaseException as exc:  # reported to the server, which stops start-up with it
