@@ -47,7 +47,6 @@ import copy
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -310,7 +309,3 @@ def embedding_of(output, frames: torch.Tensor | None = None, pool: Pool = Pool()
         return None
     _current.embedding = None
     return pool(vectors, frames)
-
-
-def as_numpy_rows(vectors) -> np.ndarray | None:
-    return None if vectors is None else np.asarray(vectors, dtype=np.float32)
