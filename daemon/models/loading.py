@@ -40,7 +40,7 @@ from .labels import labels_id, numbered, read_labels
 from .embedding_pooling import MEAN
 from ..pipeline.preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocess
 
-log = logging.getLogger("inferd.model")
+log = logging.getLogger("inferd.loading")
 
 
 @dataclass(frozen=True)

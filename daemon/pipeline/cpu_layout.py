@@ -32,7 +32,7 @@ import time
 from ..config import ConfigError, DeviceConfig
 from .thread_pools import record_layout, usable_cores
 
-log = logging.getLogger("inferd.layout")
+log = logging.getLogger("inferd.cpu_layout")
 
 TOLERANCE = 0.05
 

@@ -38,7 +38,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-log = logging.getLogger("inferd.threads")
+log = logging.getLogger("inferd.thread_pools")
 
 WAIT_POLICIES = ("passive", "active", "default")
 
