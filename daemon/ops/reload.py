@@ -10,7 +10,7 @@ NOTE [ model swap ]
       |                                                               log say why
       v
     for each device, one after another (the others keep serving):
-      BatchingThread.stage(model): between two batches the thread
+      Executor.stage(model): between two batches the executor
       puts it on its device, checks its output, warms it up           any failure: every staged
       |                                                               copy is discarded, the old
       v                                                               model keeps serving
@@ -113,10 +113,10 @@ async def _stage(server, new) -> int:
     staged, dims = [], []
     for dev in server.devices:
         try:
-            dims.append(await asyncio.wrap_future(dev.thread.stage(new, keep_k)))
+            dims.append(await asyncio.wrap_future(dev.executor.stage(new, keep_k)))
         except Exception as exc:  # any failure of the new model on a device keeps the old one
             for other in staged:
-                other.thread.discard(new.gen)
+                other.executor.discard(new.gen)
             if isinstance(exc, ConfigError):
                 raise ReloadError(f"{dev.label}: {exc}") from None
             raise ReloadError(f"{dev.label}: {type(exc).__name__}: {exc}") from None
@@ -147,7 +147,7 @@ def _switch(server, new, store) -> None:
     server.model = new
     server.scheduler.switch_model(new)
     memory.store = store
-    activated = [dev.thread.activate(new.gen, store) for dev in server.devices]
+    activated = [dev.executor.activate(new.gen, store) for dev in server.devices]
     if old_store is not None:
         server.retire(old_store, activated)
 
