@@ -39,7 +39,6 @@ SCRAPE_TIMEOUT_S = 5.0
 OUTCOMES = ("ok", "cached", "cached_l2", "coalesced", "overloaded", "no_healthy_device", "shutting_down",
             "deadline_exceeded", "invalid_input", "bad_request", "slot_busy", "failed", "dropped")
 DEVICE_STATES = ("healthy", "probing", "out", "disabled")
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -337,9 +337,6 @@ class Stats:
         rec.transitions[state] += 1
 
     # reading ------------------------------------------------------------------------------------
-    def uptime(self) -> float:
-        return self._clock() - self.started
-
     def rates(self, rec: DeviceStats, now: float | None = None) -> tuple[dict, dict]:
         return rec.window.rates(self._clock() if now is None else now, self.started)
 
