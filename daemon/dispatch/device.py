@@ -40,7 +40,7 @@ class Device:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.canary_pending = False
-        self.outs = 0                      # times taken out of rotation (its batching thread reads it)
+        self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
     @property
