@@ -3,30 +3,37 @@
 
 NOTE [ request path ]
 
-    event loop thread                  collector thread (one per device)   executor thread (one per device)
-    -----------------                  ---------------------------------   --------------------------------
-    Session.data_received ->           take a free staging buffer          wait for a staged batch
-      Scheduler.submit: checks every   DeviceQueue.take(plan): wait until  (or a model stage/activate asked
-      field, admits against the          the plan says go (NOTE [ batch      by daemon/ops/reload.py)
-      deadline, picks a device           planning ], daemon/dispatch/      screen again (the device is
-      (daemon/dispatch/policy.py),       queues.py: it knows when the        free now; rows close up)
-      Request (records.py)               running batch will end); idle:    note running_since/size (health
-      device.queue.put(request) --->     steal from a busy peer              and the watchdog read them)
-                                       BatchResult.taking(batch): one      Engine.launch(buffer) (preprocess,
-                                         BatchEntry per request, its         model, softmax, top-k on the
-                                         attempt noted                       device: daemon/pipeline/engine.py)
-                                       screen (records.py): DROPPED if     give the buffer back once its
-                                         its session closed or it was        frames are on the device
-                                         answered, EXPIRED if its deadline each entry DONE with its answer
-                                         passes before it could run          (top, embedding, near-duplicate
-                                       copy each frame into the buffer;      matches), or all FAILED
-                                         a slot not read whole: UNREADABLE deliver(result) ---------+
-                                       nothing left: deliver at once                               |
-                                       hand (result, buffer) over --->                             |
-    Scheduler.on_batch_done(result)  <---------------------------------------------------------- +
-      by each entry's outcome: one reply per live request, slot released, ring freed when a
-      closed session's last request comes back; FAILED ones re-dispatched; an entry whose
-      request was re-dispatched since (a stale batch) is only counted
+    loop thread       Session.data_received -> Scheduler.submit (daemon/dispatch/scheduler.py):
+                        checks every field, admits against the deadline, picks a device
+                        (daemon/dispatch/policy.py); Request (records.py) -> device.queue.put
+                             |
+                             v  DeviceQueue (daemon/dispatch/queues.py)
+    collector thread  take a free staging buffer of the executor
+    (one per device)  DeviceQueue.take(plan): wait until the plan says go (NOTE [ batch planning ]:
+                        it knows when the running batch will end); idle: steal from a busy peer
+                      BatchResult.taking(batch): one BatchEntry per request, its attempt noted
+                      screen (records.py): DROPPED if its session closed or it was answered
+                        meanwhile, EXPIRED if it cannot finish by its deadline
+                      copy each frame into its row of the buffer; a slot not read whole: UNREADABLE
+                      nothing left to compute: deliver(result) at once, the buffer back
+                      else Device.staged = the PENDING entries; executor.submit(result, buffer)
+                             |
+                             v  the executor's inbox (batches in order; model stage / activate /
+                             |  discard from daemon/ops/reload.py, between two batches)
+    executor thread   screen again, the device being free now (a request re-dispatched meanwhile
+    (one per device)    is DROPPED); the rows of the rest close up
+                      Device.running += them, running_since/size (health and the watchdog read them)
+                      Engine.launch(buffer): preprocess, model, softmax, top-k on the device
+                        (daemon/pipeline/engine.py); the buffer back once its frames are there
+                      each entry DONE with its top-k (its embedding row, near-duplicate matches
+                        searched here), or every one FAILED with the batch's error
+                      deliver(result): call_soon_threadsafe, one call per batch
+                             |
+                             v
+    loop thread       Scheduler.on_batch_done(result), by each entry's outcome: one reply per live
+                        request, slot released, ring freed when a closed session's last request
+                        comes back; FAILED ones re-dispatched; an entry whose request went
+                        elsewhere since it was taken (a stuck device's late batch) only counted
 
 Two buffers per device ("double-buffered staging", owned by the executor): while the executor
 computes batch k from one, the collector plans batch k+1, waiting for company for free while the
@@ -35,6 +42,11 @@ without waiting for the loop, the clients or a copy. Replies go out the moment a
 executor delivers, the collector never holds results. The entries of a handed-over batch not yet
 running are ``Device.staged``, those running ``Device.running``; a device taken out of rotation
 re-dispatches them with its queue (daemon/dispatch/scheduler.py).
+
+The server builds both threads of each device (daemon/server.py) and talks to the one that does
+the thing: the executor for start-up, the embedding store and a model swap, the collector to start
+and join the pipeline (the collector starts its executor, and stops it after the last batch once the
+queue is stopped); the watchdog asks both whether they live (daemon/ops/sd_watchdog.py).
 
 A ring is unmapped only after its last request came back, so no thread reads an unmapped slot.
 Canary batches (daemon/dispatch/health.py) are requests without a session: a blank frame.
