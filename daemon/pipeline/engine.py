@@ -62,9 +62,9 @@ INPUT_BUFFERS = 2           # device input buffers of the unpadded path (see NOT
 
 class Staging:
     """A device's ``count`` uint8 staging buffers of ``max_batch`` frames each (pinned host memory
-    on CUDA, so the copy to the device can be asynchronous). Filled by the collector, read by the
-    executor; a buffer is never written while a launch reads it (daemon/pipeline/collector.py hands them
-    over through a queue of free buffers)."""
+    on CUDA, so the copy to the device can be asynchronous). Owned by the executor, filled by the
+    collector; a buffer is never written while a launch reads it (the two hand them over through
+    the executor's queue of free buffers: NOTE [ request path ] in daemon/pipeline/collector.py)."""
 
     def __init__(self, torch_device: torch.device, max_batch: int, frame_shape: tuple, count: int = 2):
         pin = torch_device.type == "cuda"
