@@ -21,7 +21,9 @@ import time
 
 from . import exitcodes
 from .ops import metrics
-from .pipeline.collector import BatchingThread, BatchResult
+from .pipeline.collector import Collector
+from .pipeline.executor import Executor
+from .pipeline.records import BatchResult
 from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
@@ -147,27 +149,29 @@ class Server:
 
             memory.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(memory.spec.labels), self._clock)
         for dev in self.devices:
-            dev.thread = BatchingThread(
-                dev, self.model, batching=self.cfg.batching, policy=self.scheduler.policy,
-                peers=self.devices, deliver=self._deliver_threadsafe,
+            dev.executor = Executor(
+                dev, self.model, deliver=self._deliver_threadsafe, max_batch=self.cfg.batching.max_batch,
                 warmup_batches=self.cfg.model.warmup_batches, keep_k=memory.keep_k, clock=self._clock)
-            dev.thread.start()
+            dev.collector = Collector(
+                dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
+                peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock)
+            dev.collector.start()           # it starts the executor
         for dev in self.devices:
-            await asyncio.to_thread(dev.thread.ready.wait)
-            error = dev.thread.startup_error
+            await asyncio.to_thread(dev.executor.ready.wait)
+            error = dev.executor.startup_error
             if isinstance(error, ConfigError):
                 self._stop_devices()
                 raise error                 # the model does not fit its spec: exit 78 with the key
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
-        dim = self.devices[0].thread.embedding_dim
+        dim = self.devices[0].executor.embedding_dim
         if self.cfg.embeddings.enabled and dim:
             embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
             memory.open_store(self.cfg.embeddings.path or default_path(
                 os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
             for dev in self.devices:
-                dev.thread.store = memory.store
+                dev.executor.store = memory.store
         return True
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
@@ -209,9 +213,9 @@ class Server:
         for dev in self.devices:
             dev.queue.stop()
         for dev in self.devices:
-            if dev.thread is not None:
-                dev.thread.join(timeout=max(self.cfg.server.drain_timeout_s, 1.0))
-                if dev.thread.is_alive():
+            if dev.collector is not None:        # it joins its executor
+                dev.collector.join(timeout=max(self.cfg.server.drain_timeout_s, 1.0))
+                if dev.collector.is_alive():
                     log.error("batching thread of %s did not stop", dev.name)
 
     # accept and hello -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from inferd.client.connection import ModelInfo
 from inferd.client.hits import HitReport
 from inferd.client.protocol import ProtocolCore
 from inferd.client.retry import Call
-from inferd.daemon.pipeline.collector import BatchResult
+from inferd.daemon.pipeline.records import BatchResult, Outcome
 from inferd.daemon.config import Config
 from inferd.daemon.dispatch.device import Device
 from inferd.daemon.models.loading import ModelSpec
@@ -170,15 +170,15 @@ def test_a_run_is_held_until_the_reply_and_let_go_on_every_path(path):
         sched.submit(s, 2, _classify(1, upload_slot=4, upload_nbytes=10))
     assert busy.value.code == wire.E_SLOT_BUSY and "slot 4, which already carries request 1" in str(busy.value)
     taken = dev.queue.drain()
-    result = BatchResult(dev, taken, [r.attempt for r in taken])
+    result = BatchResult.taking(dev, taken)
+    (entry,) = result.entries
+    entry.outcome = Outcome(path)
     if path == "done":
-        result.done, result.top = taken, [[[0, 1.0]]]
+        entry.top = [[0, 1.0]]
     elif path == "unreadable":
-        result.unreadable = [(taken[0], "cut")]
+        entry.why = "cut"
     elif path == "failed":                                       # no other device: answered with an error
-        result.failed, result.error = taken, "boom"
-    else:
-        setattr(result, path, taken)
+        result.error = "boom"
     result.started = result.finished = 10.1
     sched.on_batch_done(result)
     assert s.inflight == {}
@@ -191,8 +191,8 @@ def test_a_redispatched_request_keeps_its_run():
     sched.submit(s, 1, _classify(5, upload_slot=0, upload_nbytes=2 * SPEC.frame_bytes))
     first = a if len(a.queue) else b
     taken = first.queue.drain()
-    result = BatchResult(first, taken, [r.attempt for r in taken])
-    result.failed, result.error = taken, "boom"
+    result = BatchResult.taking(first, taken)
+    result.entries[0].outcome, result.error = Outcome.FAILED, "boom"
     sched.on_batch_done(result)                                  # sent to the other device
     assert s.inflight == {5: 1, 0: 1, 1: 1}
 
@@ -203,7 +203,7 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon.caching.results import results as caching
+    from inferd.daemon.caching import results as caching
 
     monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
     memory = caching.Memory(Config(), SPEC, "digest", Counter())
@@ -235,7 +235,7 @@ def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon.caching.results import results as caching
+    from inferd.daemon.caching import results as caching
 
     cfg = Config()
     cfg.cache.max_upload_bytes = 1000

@@ -15,11 +15,11 @@ from test_engine import FakeStreams, _want
 
 from inferd.daemon.pipeline import executor as executor_mod
 from inferd.daemon.models import loading as model_mod
-from inferd.daemon.pipeline.collector import BatchResult, Request
 from inferd.daemon.pipeline.executor import Executor
+from inferd.daemon.pipeline.records import BatchResult, Outcome, Request
 from inferd.daemon.config import ModelConfig
 from inferd.daemon.dispatch.device import Device
-from inferd.daemon.pipeline.engine import Engine, Staging
+from inferd.daemon.pipeline.engine import Engine
 from inferd.daemon.models.zoo.shapes import make_dataset
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,10 +40,10 @@ def _executor(monkeypatch, streams, order):
     monkeypatch.setattr(executor_mod, "Engine", Logged)
     model = model_mod.load(ModelConfig(builtin="shapes"))
     dev = Device(0, "cpu", 1)
-    staging = Staging(dev.torch_device, 8, model.spec.frame_shape, 2)
-    free, delivered = queue.SimpleQueue(), queue.SimpleQueue()
-    ex = Executor(dev, model, staging, free, delivered.put, 0, 3, 8, time.monotonic)
-    return model, dev, staging, free, delivered, ex
+    delivered = queue.SimpleQueue()
+    ex = Executor(dev, model, deliver=delivered.put, max_batch=8, warmup_batches=0, keep_k=3)
+    assert [ex.free.get_nowait() for _ in range(2)] == [0, 1]      # both taken, as a collector does
+    return model, dev, ex.staging, ex.free, delivered, ex
 
 
 class _Logged:
@@ -65,9 +65,7 @@ def _stage(dev, staging, buffer, images):
     now = time.monotonic()
     live = [Request(None, None, i, -1, 3, now, now + 60, dev) for i in range(len(images))]
     staging.arrays[buffer][:len(images)] = images
-    result = BatchResult(dev, live, [0] * len(live), canary=True)
-    result.running = [(r, 0) for r in live]
-    return result, live
+    return BatchResult.taking(dev, live), live
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -92,9 +90,10 @@ def test_batches_run_in_order_and_an_asynchronous_device_gets_the_next_before_th
     assert sorted([free.get_nowait(), free.get_nowait()]) == [0, 1]     # both buffers given back
     for result, frames in zip(results, (first, second)):
         idx, scores, _ = _want(model, frames, 3)
-        assert [[i for i, _ in top] for top in result.top] == idx
-        assert np.allclose([[s for _, s in top] for top in result.top], scores)
-        assert result.finished >= result.started and not result.failed
+        assert all(e.outcome is Outcome.DONE for e in result.entries)
+        assert [[i for i, _ in e.top] for e in result.entries] == idx
+        assert np.allclose([[s for _, s in e.top] for e in result.entries], scores)
+        assert result.finished >= result.started and not result.error
     # the second computed while the first was collected: its busy time starts when the first ended
     assert results[1].started >= results[0].finished
     assert dev.running == [] and dev.running_since is None
@@ -111,6 +110,8 @@ def test_a_request_re_dispatched_while_its_batch_was_staged_is_not_computed(monk
     got = delivered.get(timeout=30)
     ex.stop()
     ex.join(30)
-    assert order[0] == ("launch", 2) and got.dropped == [live[1]] and got.done == [live[0], live[2]]
+    assert order[0] == ("launch", 2)
+    assert [e.outcome for e in got.entries] == [Outcome.DONE, Outcome.DROPPED, Outcome.DONE]
+    assert [e.request for e in got.entries] == live
     idx, _, _ = _want(model, images[[0, 2]], 3)        # the rows closed up: each answer is its own
-    assert [[i for i, _ in top] for top in got.top] == idx
+    assert [[i for i, _ in e.top] for e in got.with_outcome(Outcome.DONE)] == idx

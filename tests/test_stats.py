@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import Clock, FakeSession, RawClient, wait_until
-from inferd.daemon.pipeline.collector import BatchResult
+from inferd.daemon.pipeline.records import BatchEntry, BatchResult, Outcome
 from inferd.daemon.config import Config, ConfigError
 from inferd.daemon.dispatch.device import Device
 from inferd.daemon.ops.metrics import SnapshotCollector, parse_listen
@@ -104,8 +104,8 @@ def test_device_utilisation_through_stats():
     dev = Device(0, "cpu", 1)
     stats = Stats(Config(), [dev], clock)
     clock.now = 60.0
-    result = SimpleNamespace(device=dev, started=58.0, finished=59.5, canary=False, done=[1, 2, 3],
-                             failed=[])
+    done = [BatchEntry(SimpleNamespace(session=object()), 0, Outcome.DONE) for _ in range(3)]
+    result = BatchResult(dev, done, started=58.0, finished=59.5)
     stats.batch(result, [], 60.0)
     rec = stats.devices[dev]
     fps, busy = stats.rates(rec)
@@ -135,8 +135,9 @@ def classify(spec, slot, **extra):
 
 def run_batch(sched, dev, started, finished, clock_at_reply, clock):
     taken = dev.queue.drain()
-    result = BatchResult(dev, taken, [r.attempt for r in taken])
-    result.done, result.top = taken, [[[0, 1.0]] for _ in taken]
+    result = BatchResult.taking(dev, taken)
+    for e in result.entries:
+        e.outcome, e.top = Outcome.DONE, [[0, 1.0]]
     result.started, result.finished = started, finished
     clock.now = clock_at_reply
     sched.on_batch_done(result)
@@ -189,8 +190,9 @@ def test_refusals_expiries_and_drops_are_outcomes_and_free_their_slots(spec):
         sched.submit(s, 2, classify(spec, 2))
     assert exc.value.code == wire.E_OVERLOADED
     taken = dev.queue.drain()
-    result = BatchResult(dev, taken, [r.attempt for r in taken])
-    result.expired, result.dropped = taken[:1], taken[1:]
+    result = BatchResult.taking(dev, taken)
+    for e, outcome in zip(result.entries, (Outcome.EXPIRED, Outcome.DROPPED)):
+        e.outcome = outcome
     result.started = result.finished = 10.1
     sched.on_batch_done(result)
     assert sched.stats.outcomes == {"overloaded": 1, "deadline_exceeded": 1, "dropped": 1}

@@ -219,13 +219,13 @@ class FakeThread:
     def __init__(self, alive=True):
         self._alive = alive
 
-    def alive(self):
+    def is_alive(self):
         return self._alive
 
 
 def fake_device(label="cpu#0", state="healthy", beat=100.0, running_since=None, size=0, alive=True):
     return SimpleNamespace(label=label, state=state, beat=beat, running_since=running_since,
-                           running_size=size, thread=FakeThread(alive), frames=0)
+                           running_size=size, collector=FakeThread(), executor=FakeThread(alive), frames=0)
 
 
 def bound(dev, size):
@@ -291,7 +291,7 @@ def test_the_task_pings_only_while_progress_is_made_and_looks_again_soon_after_a
     dog = watchdog.Watchdog(FakeServer([dev]), 30.0, clock=clock, send=lambda s: sent.append(s) or True)
     assert dog.tick() == 5.0 and sent[-1].startswith("WATCHDOG=1\nSTATUS=serving shapes (digest 1a2b3c4d5e6f)")
     assert "2 sessions" in sent[-1] and "1 of 1 devices in rotation" in sent[-1]
-    dev.thread._alive = False
+    dev.collector._alive = False
     clock.now += 5.0
     sent.clear()
     assert dog.tick() == watchdog.MISS_RETRY

@@ -44,7 +44,7 @@ def test_pinning_gives_each_cpu_device_cores_of_its_own():
 
 
 def test_an_oversubscribed_explicit_config_warns_or_is_refused(caplog):
-    with caplog.at_level(logging.WARNING, logger="inferd.threads"):
+    with caplog.at_level(logging.WARNING, logger="inferd.thread_pools"):
         out = threads.plan(devs(("cpu", 2), ("cpu", 2)), (0, 1), pin=True)
     assert "ask for 4 threads in all" in caplog.text and "2 cores" in caplog.text
     assert [a.cores for a in out] == [(), ()]                    # no pinning onto shared cores

@@ -1,7 +1,8 @@
 """One device's record: identity, queue, measured profile, what it is running, and its health.
 
-Who writes what: the event loop writes ``outstanding`` and the health fields; the device's batching
-threads write ``running_*``, ``staged``, ``beat`` and its ``profile``; the queue has its own lock. Readers on
+Who writes what: the event loop writes ``outstanding`` and the health fields; the device's pipeline
+threads (its collector and executor, daemon/pipeline/) write ``running_*``, ``staged``, ``beat`` and
+its ``profile``; the queue has its own lock. Readers on
 the other side read single attributes, each replaced whole (see daemon/dispatch/policy.py on staleness).
 """
 from __future__ import annotations
@@ -22,14 +23,15 @@ class Device:
         self.threads = threads
         self.queue = DeviceQueue(clock) if clock else DeviceQueue()
         self.profile = LatencyProfile()
-        self.thread = None                 # its BatchingThread
+        self.collector = None              # its pipeline's Collector thread (daemon/pipeline/collector.py)
+        self.executor = None               # ... and Executor thread (daemon/pipeline/executor.py)
         self.outstanding = 0               # requests assigned to it, queued or running (loop only)
         self.frames = 0                    # frames it answered (loop only)
-        # what the batching thread is running now
+        # what the pipeline is running now
         self.running_since: float | None = None
         self.running_size = 0
-        self.running: list = []            # [(request, attempt)] of the running batch
-        self.staged: list = []             # ... of the batch staged behind it (daemon/pipeline/collector.py)
+        self.running: list = []            # the BatchEntry of each request of the running batch(es)
+        self.staged: list = []             # ... of the batch staged behind them (daemon/pipeline/records.py)
         self.last_finished = 0.0           # when its executor last finished a batch
         self.beat = 0.0                    # monotonic time the thread last showed life
         # health (loop only): see daemon/dispatch/health.py
@@ -38,7 +40,7 @@ class Device:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.canary_pending = False
-        self.outs = 0                      # times taken out of rotation (its batching thread reads it)
+        self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
     @property

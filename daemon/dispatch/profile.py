@@ -10,7 +10,7 @@ line through the two nearest observed sizes, never below the nearest observation
 times b (batches are never cheaper per frame than the largest one measured); with one observed
 size, proportional to b (a conservative guess: it ignores the fixed cost batching amortises).
 
-Written by the device's batching thread, read by the event loop: one float per size, replaced whole,
+Written by the device's executor thread, read by the event loop: one float per size, replaced whole,
 so a reader sees either the old or the new average, which is all an estimate needs.
 """
 from __future__ import annotations

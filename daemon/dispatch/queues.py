@@ -2,9 +2,9 @@
 
 DeviceQueue is an order (daemon/dispatch/fairness.py: first come first served, or a fair share between uids)
 under one lock: the event loop puts requests in (admission) and drains it (a device taken out of
-rotation); the device's batching thread takes batches from the front of the order; an idle peer's
-batching thread steals from its back. Nobody holds two queue locks at once, so there is no lock
-order to get wrong.
+rotation); the device's collector (daemon/pipeline/collector.py) takes batches from the front of
+the order; an idle peer's collector steals from its back. Nobody holds two queue locks at once, so
+there is no lock order to get wrong.
 
 NOTE [ batch planning ]
 
@@ -213,7 +213,6 @@ class DeviceQueue:
         self._last_put = None
         self.gap = math.inf          # smoothed seconds between arrivals; read without the lock
         self._stopped = False
-        self._woken = False
         self._expected: dict = {}    # session -> [requests expected, at] (NOTE [ batch planning ])
         self._listening = True       # a waiting take wants to hear of arrivals (not in rule 0)
 
@@ -299,13 +298,6 @@ class DeviceQueue:
         with self._cond:
             return self._items.over_share(flow, limit)
 
-    def wake(self) -> None:
-        """Make a waiting ``take`` return at once ([] if nothing is ready), so the batching thread
-        looks at what the loop asked of it (daemon/pipeline/collector.py: stage / activate a model)."""
-        with self._cond:
-            self._woken = True
-            self._cond.notify_all()
-
     def poke(self) -> None:
         """Make a waiting ``take`` plan again now (its device became free sooner than expected)."""
         with self._cond:
@@ -327,9 +319,6 @@ class DeviceQueue:
         with self._cond:
             idle_until = self._clock() + idle_timeout
             while True:
-                if self._woken:
-                    self._woken = False
-                    return []
                 if not self._items:
                     if self._stopped:
                         return None

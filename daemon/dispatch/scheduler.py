@@ -31,7 +31,7 @@ import numpy as np
 
 from . import fairness
 from . import policy as policies
-from ..pipeline.collector import BatchResult, Request
+from ..pipeline.records import BatchResult, Outcome, Request
 from ..caching.results import Memory
 from .device import DISABLED
 from .health import HealthMonitor
@@ -296,21 +296,19 @@ class Scheduler:
     def on_batch_done(self, result: BatchResult) -> None:
         """Every request of one batch comes back here: reply, re-dispatch, or drop if stale."""
         dev = result.device
-        taken = dict(zip(map(id, result.requests), result.attempts))
         # a canary has no session: it only informs the health monitor below
-        live = lambda r: r.session is not None and not r.done and taken.get(id(r)) == r.attempt
-        stale = sum(not live(r) for r in result.requests if r.session is not None)
+        live = lambda e: e.request.session is not None and e.current()
+        stale = sum(not live(e) for e in result.entries if e.request.session is not None)
         if stale:
             self.counters["stale_results"] += stale
             _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
         answered = []                       # live requests answered ok: their latency is kept
-        vectors = result.embeddings
-        for i, (r, top) in enumerate(zip(result.done, result.top)):
-            if live(r):
+        for e in result.with_outcome(Outcome.DONE):
+            if live(e):
+                r, top, vector = e.request, e.top, e.embedding
                 dev.frames += 1
                 answered.append(r)
-                vector = vectors[i] if vectors is not None else None
                 if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
                     # an answer of the model before a swap is never stored (NOTE [ model swap ])
                     self.memory.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
@@ -321,31 +319,32 @@ class Scheduler:
                     self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
                                  result.gen)
                 else:
-                    message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
+                    message = self._embedding_reply(r.id, r.op, vector, r.content, e.matches)
                     if not message["ok"]:
                         answered.pop()
                         self.stats.outcome("failed")
                     self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
-        for r in result.expired:
-            if live(r):
+        for e in result.with_outcome(Outcome.EXPIRED):
+            if live(e):
                 self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
-                self._answer(replies, r, lambda rid, k: wire.error(
+                self._answer(replies, e.request, lambda rid, k: wire.error(
                     rid, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed"))
-        for r in result.dropped:
-            if live(r):
+        for e in result.with_outcome(Outcome.DROPPED):
+            if live(e):
                 self.stats.outcome("dropped")
-                self._finish(r)
-        for r, why in result.unreadable:   # its client shrank its (posix) ring: its error alone
-            if live(r):
+                self._finish(e.request)
+        for e in result.with_outcome(Outcome.UNREADABLE):   # its client shrank its (posix) ring: its error alone
+            if live(e):
                 self.stats.outcome(wire.E_INVALID_INPUT)
-                self._answer(replies, r, lambda rid, k, why=why: wire.error(rid, wire.E_INVALID_INPUT, why))
+                self._answer(replies, e.request, lambda rid, k, why=e.why: wire.error(rid, wire.E_INVALID_INPUT, why))
+        failed = result.with_outcome(Outcome.FAILED)
         if result.canary:
-            ok = not result.failed
+            ok = not failed
             (self.health.batch_ok if ok else self.health.batch_failed)(dev, True, *(() if ok else (result.error,)))
-        elif result.failed:
+        elif failed:
             self.counters["batches_failed"] += 1
             self.health.batch_failed(dev, False, result.error)
-            self._redispatch([r for r in result.failed if live(r)], dev, result.error)
+            self._redispatch([e.request for e in failed if live(e)], dev, result.error)
         else:
             self.health.batch_ok(dev, False)
         now = self._clock()
@@ -359,11 +358,12 @@ class Scheduler:
             # on a device it thought busy, the device is free and the expectations are in
             dev.queue.poke()
         c = self.counters
-        c["batches"] += bool(result.done)
-        c["frames"] += len(result.done)
+        done = result.count(Outcome.DONE)
+        c["batches"] += bool(done)
+        c["frames"] += done
         c["model_seconds"] += result.seconds
-        c["expired"] += len(result.expired)
-        c["dropped"] += len(result.dropped)
+        c["expired"] += result.count(Outcome.EXPIRED)
+        c["dropped"] += result.count(Outcome.DROPPED)
 
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
@@ -449,10 +449,9 @@ class Scheduler:
         moved = [r for r in queued if r.session is not None and not r.done]
         # a batch staged behind the running one has not started: it goes too (if it starts
         # meanwhile, the bumped attempts make its results stale)
-        moved += [r for r, attempt in dev.staged if r.session is not None and not r.done and r.attempt == attempt]
+        moved += [e.request for e in dev.staged if e.request.session is not None and e.current()]
         if stuck:
-            moved += [r for r, attempt in dev.running
-                      if r.session is not None and not r.done and r.attempt == attempt]
+            moved += [e.request for e in dev.running if e.request.session is not None and e.current()]
         if moved:
             log.warning("re-dispatching %d requests from %s", len(moved), dev.label)
         self._redispatch(moved, dev, f"device {dev.label} left rotation: {reason}")

@@ -40,12 +40,12 @@ from .labels import labels_id, numbered, read_labels
 from .embedding_pooling import MEAN
 from ..pipeline.preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocess
 
-log = logging.getLogger("inferd.model")
+log = logging.getLogger("inferd.loading")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a client must know to send frames, and what the batching threads need to prepare them."""
+    """What a client must know to send frames, and what the executor threads need to prepare them."""
 
     name: str
     input_height: int
@@ -318,10 +318,10 @@ def check_output(spec: ModelSpec, module, device: torch.device = torch.device("c
                  embed=None) -> int:
     """Run two blank frames through ``module`` on ``device``; ConfigError unless the output is
     (2, number of labels). Returns the embedding width (0 without one); ``embed(output)`` extracts
-    the embedding (see inferd.daemon.pipeline.collector).
+    the embedding (daemon/pipeline/engine.py ``embedding_of``).
 
-    Called by each batching thread before its warm-up, never on the main thread: a forward pass
-    there, at torch's default thread count, left every later pass in a 2-thread batching thread
+    Called by each executor thread before its warm-up, never on the main thread: a forward pass
+    there, at torch's default thread count, left every later pass in a 2-thread executor thread
     about 1.5x slower for the life of the process (ResNet-18 at batch 1: 11.3-12.0 ms instead of
     7.0-8.0 ms on this 2-core host; an OpenMP thread-pool interaction not pinned down further).
     """

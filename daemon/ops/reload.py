@@ -11,7 +11,7 @@ NOTE [ model swap ]
       |
       v
     for each device, one after another (the others keep serving):
-      BatchingThread.stage(model): between two batches the thread
+      Executor.stage(model): between two batches the executor
       puts it on its device, checks its output, warms it up           any failure: every staged
       |                                                               copy is discarded, the old
       v                                                               model keeps serving
@@ -114,7 +114,7 @@ class ModelSwap:
 
     ``scheduler``: admits, keys and stamps requests by ``scheduler.model``, the serving model
     (daemon/dispatch/scheduler.py ``switch_model``); its ``memory`` holds the result cache and the
-    embedding store. ``devices``: each one's batching thread stages and activates the new model.
+    embedding store. ``devices``: each one's executor stages and activates the new model.
     ``embeddings``: the [embeddings] section; ``store_dir``: where default-named stores live.
     ``retire(store, activated)``: close a swapped-out store once every thread let go of it.
     ``done(ok)``: count the outcome. ``draining()``: True once the daemon stops taking work."""
@@ -177,10 +177,10 @@ class ModelSwap:
         staged, dims = [], []
         for dev in self.devices:
             try:
-                dims.append(await asyncio.wrap_future(dev.thread.stage(new, keep_k)))
+                dims.append(await asyncio.wrap_future(dev.executor.stage(new, keep_k)))
             except Exception as exc:  # any failure of the new model on a device keeps the old one
                 for other in staged:
-                    other.thread.discard(new.gen)
+                    other.executor.discard(new.gen)
                 if isinstance(exc, ConfigError):
                     raise ReloadError(f"{dev.label}: {exc}") from None
                 raise ReloadError(f"{dev.label}: {type(exc).__name__}: {exc}") from None
@@ -205,7 +205,7 @@ class ModelSwap:
         old_store = memory.store
         self.scheduler.switch_model(new)
         memory.store = store
-        activated = [dev.thread.activate(new.gen, store) for dev in self.devices]
+        activated = [dev.executor.activate(new.gen, store) for dev in self.devices]
         if old_store is not None:
             self._retire(old_store, activated)
 

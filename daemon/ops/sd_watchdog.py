@@ -50,14 +50,14 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
            loading: bool = False) -> list[str]:
     """Why the daemon is not making progress, one reason per stalled in-rotation device; empty when
     every one is. ``loading``: a model swap is under way, so a thread may be silent while it warms
-    the new model. Pure: reads ``state``, ``thread``, ``running_since``, ``running_size``, ``beat``
-    and ``label`` of each device (each a single attribute the batching thread replaces whole)."""
+    the new model. Pure: reads ``state``, ``collector``, ``executor``, ``running_since``,
+    ``running_size``, ``beat`` and ``label`` of each device (each a single attribute the batching
+    thread replaces whole)."""
     reasons = []
     for dev in devices:
         if dev.state != HEALTHY:
             continue
-        thread = dev.thread
-        if thread is None or not thread.alive():
+        if dev.collector is None or not (dev.collector.is_alive() and dev.executor.is_alive()):
             reasons.append(f"{dev.label}: its batching thread has exited")
             continue
         started, size = dev.running_since, dev.running_size

@@ -30,7 +30,8 @@ NOTE [ stats ]
 
 Everything is written on the event loop thread, and read there too (an HTTP scrape hops onto the
 loop: daemon/ops/metrics.py), so there are no locks and a reading is one consistent moment. The
-batching threads write nothing here: the two times they take per batch travel in the BatchResult.
+pipeline threads write nothing here: the two times they take per batch travel in the BatchResult
+(daemon/pipeline/records.py).
 
 Cost on the request path: a histogram observe is one ``bisect`` and two additions; per request
 the scheduler makes three (queue, total, and total again for its device), per batch three more
@@ -45,7 +46,12 @@ from __future__ import annotations
 import bisect
 import collections
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from ..pipeline.records import Outcome
+
+if TYPE_CHECKING:
+    from ..pipeline.records import BatchResult, Request
 
 #: Upper bounds (seconds) of the latency buckets: 5 per decade from 10 us to 100 s, so a quantile
 #: read off them is within a factor 10**0.2 = 1.58 of the truth before interpolation.
@@ -281,12 +287,12 @@ class Stats:
         self.counters["reloads" if ok else "reloads_failed"] += 1
 
     # batches ------------------------------------------------------------------------------------
-    def batch(self, result, answered: list, now: float) -> None:
+    def batch(self, result: BatchResult, answered: list[Request], now: float) -> None:
         """One BatchResult back on the loop, its replies written at ``now``; ``answered``: the live
         requests it answered ok (their latency is kept; stale and failed ones have none)."""
         rec = self.devices.get(result.device) or self.add_device(result.device)
         started, finished = result.started, result.finished
-        frames = 0 if result.canary else len(result.done)
+        frames = 0 if result.canary else result.count(Outcome.DONE)
         rec.busy += finished - started
         rec.window.add(started, finished, frames)
         if answered:
@@ -296,7 +302,7 @@ class Stats:
             if self.timing:
                 rec.stalls.observe(stall)
         rec.last_finished = max(rec.last_finished, finished)
-        if result.failed and not result.canary:
+        if not result.canary and result.count(Outcome.FAILED):
             rec.failed_batches += 1
         if frames:
             rec.frames += frames
@@ -331,9 +337,6 @@ class Stats:
         rec.transitions[state] += 1
 
     # reading ------------------------------------------------------------------------------------
-    def uptime(self) -> float:
-        return self._clock() - self.started
-
     def rates(self, rec: DeviceStats, now: float | None = None) -> tuple[dict, dict]:
         return rec.window.rates(self._clock() if now is None else now, self.started)
 

@@ -32,7 +32,7 @@ import time
 from ..config import ConfigError, DeviceConfig
 from .thread_pools import record_layout, usable_cores
 
-log = logging.getLogger("inferd.layout")
+log = logging.getLogger("inferd.cpu_layout")
 
 TOLERANCE = 0.05
 
@@ -78,7 +78,7 @@ def _run_batches(step, seconds: float, barrier: threading.Barrier, out: list, i:
 
 
 def _step(model, threads: int, batch: int):
-    """A closure running one batch of ``batch`` blank frames as a batching thread does."""
+    """A closure running one batch of ``batch`` blank frames as an executor thread does."""
     import torch
 
     from .preprocess import Preprocess

@@ -47,7 +47,6 @@ import copy
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -63,9 +62,9 @@ INPUT_BUFFERS = 2           # device input buffers of the unpadded path (see NOT
 
 class Staging:
     """A device's ``count`` uint8 staging buffers of ``max_batch`` frames each (pinned host memory
-    on CUDA, so the copy to the device can be asynchronous). Filled by the collector, read by the
-    executor; a buffer is never written while a launch reads it (daemon/pipeline/collector.py hands them
-    over through a queue of free buffers)."""
+    on CUDA, so the copy to the device can be asynchronous). Owned by the executor, filled by the
+    collector; a buffer is never written while a launch reads it (the two hand them over through
+    the executor's queue of free buffers: NOTE [ request path ] in daemon/pipeline/collector.py)."""
 
     def __init__(self, torch_device: torch.device, max_batch: int, frame_shape: tuple, count: int = 2):
         pin = torch_device.type == "cuda"
@@ -310,7 +309,3 @@ def embedding_of(output, frames: torch.Tensor | None = None, pool: Pool = Pool()
         return None
     _current.embedding = None
     return pool(vectors, frames)
-
-
-def as_numpy_rows(vectors) -> np.ndarray | None:
-    return None if vectors is None else np.asarray(vectors, dtype=np.float32)

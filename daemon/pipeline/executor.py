@@ -1,10 +1,13 @@
-"""A device's executor: the thread that owns its model and runs the batches its collector stages.
+"""A device's executor: the thread that owns its model and its staging buffers, and runs the
+batches its collector stages.
 
-See NOTE [ request path ] in daemon/pipeline/collector.py for the pipeline it is the second half of: it takes
-staged batches in order, launches each on its Engine (daemon/pipeline/engine.py), frees the staging buffer
-once the frames are on the device, delivers each result the moment it is done, and between two
-batches loads, activates or discards a model for a swap (NOTE [ model swap ] in daemon/ops/reload.py).
-On an asynchronous device (CUDA) batch k+1 is launched before batch k is collected.
+See NOTE [ request path ] in daemon/pipeline/collector.py for the pipeline it is the second half of:
+it takes staged batches in order, screens each again now that the device is free
+(daemon/pipeline/records.py ``screen``), launches it on its Engine (daemon/pipeline/engine.py),
+gives the staging buffer back once the frames are on the device, settles each request's entry
+with its answer and delivers the result the moment it is done, and between two batches loads,
+activates or discards a model for a swap (NOTE [ model swap ] in daemon/ops/reload.py). On an
+asynchronous device (CUDA) batch k+1 is launched before batch k is collected.
 """
 from __future__ import annotations
 
@@ -15,56 +18,67 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from . import thread_pools
+from typing import TYPE_CHECKING, Callable
+
+from . import device_thread, thread_pools
 from .engine import Engine, Staging
+from .records import BatchEntry, BatchResult, Outcome, screen
 from ..models.loading import LoadedModel, warmup_sizes
 from ..dispatch.profile import LatencyProfile
 
-log = logging.getLogger("inferd.batcher")
-_current = threading.local()
+if TYPE_CHECKING:
+    from ..caching.embedding_store import EmbeddingStore
+    from ..dispatch.device import Device
 
+log = logging.getLogger("inferd.executor")
 
-def current_device():
-    """The Device whose executor thread is calling (None elsewhere). A hook for test models that
-    must behave differently per device (inferd.daemon.models.zoo.synthetic)."""
-    return getattr(_current, "device", None)
+STAGING_BUFFERS = 2         # per device: one computing, one being filled (NOTE [ request path ])
 
 
 class Executor(threading.Thread):
-    """The thread that owns a device's model (daemon/pipeline/engine.py): runs the staged batches in order,
-    delivers each result the moment it is done, and loads, activates or discards models between two
-    batches for a swap (NOTE [ model swap ] in daemon/ops/reload.py)."""
+    """The thread that owns a device's model (daemon/pipeline/engine.py) and its ``staging``
+    buffers: runs the staged batches in order, delivers each result the moment it is done, and
+    loads, activates or discards models between two batches for a swap (NOTE [ model swap ] in
+    daemon/ops/reload.py). Started and stopped by its collector (daemon/pipeline/collector.py).
 
-    def __init__(self, device, model: LoadedModel, staging: Staging, free, deliver, warmup: int,
-                 keep_k: int, max_batch: int, clock):
+    Its collector takes a buffer index from ``free``, fills ``staging.arrays[index]`` and hands it
+    over with ``submit``; this thread puts the index back once the frames are on the device.
+    ``ready`` is set once the model is warm, or once it failed (``startup_error``). ``deliver``
+    must be thread-safe (the server passes a call_soon_threadsafe wrapper)."""
+
+    def __init__(self, device: Device, model: LoadedModel, *, deliver: Callable[[BatchResult], None],
+                 max_batch: int, warmup_batches: int = 0, keep_k: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
         self.device = device
         self._model = model
-        self._staging = staging
-        self._free = free
+        self.staging = Staging(device.torch_device, max_batch, model.spec.frame_shape, STAGING_BUFFERS)
+        self.free: queues.SimpleQueue = queues.SimpleQueue()       # indices of free staging buffers
+        for i in range(len(self.staging)):
+            self.free.put(i)
         self._deliver = deliver
-        self._warmup = warmup
+        self._warmup = warmup_batches
         self._keep_k = keep_k
         self._max_batch = max_batch
         self._clock = clock
         self._inbox: queues.SimpleQueue = queues.SimpleQueue()
         self.embedding_dim = 0
-        self.store = None                  # the EmbeddingStore, set by the server once it is open
+        self.store: EmbeddingStore | None = None    # set by the server once it is open
         self._active: _Runner | None = None     # the model this thread serves
         self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
-    def submit(self, result: "BatchResult", buffer: int) -> None:
-        """Run the requests of ``result.running`` ((request, attempt noted by the collector)
-        pairs, staged in ``buffer`` in that order) after the batches before it."""
+    def submit(self, result: BatchResult, buffer: int) -> None:
+        """Run the PENDING entries of ``result`` (staged in ``buffer``, one row each, in order)
+        after the batches before it."""
         self._inbox.put(("batch", result, buffer, None))
 
     def stop(self) -> None:
         self._inbox.put(("stop", None, None, None))
 
     def run(self) -> None:
-        _current.device = self.device
+        device_thread.enter(self.device)
         try:
             self._prepare()
         except BaseException as exc:  # reported to the server, which stops start-up with it
@@ -92,7 +106,7 @@ class Executor(threading.Thread):
                     return
                 self._serve(what, a, b, c)
 
-    def _land(self, flight: "_Flight | None") -> None:
+    def _land(self, flight: _Flight | None) -> None:
         """Collect ``flight`` (None: nothing left to do), deliver its result, beat."""
         if flight is not None:
             result = self._collect(flight)
@@ -111,7 +125,7 @@ class Executor(threading.Thread):
         self._active = self._load(self._model, self._keep_k, self.device.profile)
         self.embedding_dim = self._active.engine.embedding_dim
 
-    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> "_Runner":
+    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> _Runner:
         """Put ``model`` on this thread's device, check its output, warm it up (teaching
         ``profile``). Runs on this thread: the embedding hook is per thread (daemon/pipeline/engine.py)."""
         engine = Engine(self.device.torch_device, model, keep_k)
@@ -119,7 +133,7 @@ class Executor(threading.Thread):
         # graphs captured, sizes compiled, CUDA initialised: never inside a timed warm-up batch,
         # which would teach the profile seconds of compilation as a batch time
         engine.prepare(self._max_batch)
-        frames = self._staging.tensors[0]
+        frames = self.staging.tensors[0]
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in warmup_sizes(self._max_batch, padded=engine.options.padded,
                                      asynchronous=engine.streams.asynchronous):
@@ -171,34 +185,33 @@ class Executor(threading.Thread):
             self._staged = None
 
     # batches ----------------------------------------------------------------------------------
-    def _launch(self, result: "BatchResult", buffer: int) -> "_Flight | None":
+    def _launch(self, result: BatchResult, buffer: int) -> _Flight | None:
         """Start computing a staged batch. Returns its flight; None when nothing was left to
         compute or the launch raised (then ``result`` has been delivered already)."""
         dev = self.device
         engine = self._active.engine
         result.gen = engine.model.gen
         now = result.started = self._clock()
-        running = self._recheck(result, buffer, now)
-        if not running:
-            self._free.put(buffer)
+        live = self._recheck(result.with_outcome(Outcome.PENDING), buffer, now)
+        if not live:
+            self.free.put(buffer)
             dev.staged = []
             result.finished = now
             self._deliver(result)
             return None
-        live = [r for r, _ in running]
         flight = _Flight(result, live, self._active, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
-        dev.running, dev.staged = dev.running + running, []
+        dev.running, dev.staged = dev.running + live, []
         dev.running_size += len(live)
         if dev.running_since is None:
             dev.running_since = now
         labels = len(engine.model.spec.labels)
         # a request admitted under the previous model may ask for more classes than this one has
-        flight.keep = [min(max(r.top_k, engine.keep_k), labels) for r in live]
+        flight.keep = [min(max(e.request.top_k, engine.keep_k), labels) for e in live]
         try:
             # embeddings only when a store keeps them: otherwise normalising and copying them out
             # is work on every batch that nothing reads
-            flight.pending = engine.launch(self._staging.tensors[buffer], len(live), max(flight.keep),
+            flight.pending = engine.launch(self.staging.tensors[buffer], len(live), max(flight.keep),
                                            want_embedding=self.store is not None,
                                            wait_copy=not flight.asynchronous)
             if flight.asynchronous:
@@ -206,32 +219,37 @@ class Executor(threading.Thread):
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             flight.error = exc
         finally:
-            self._free.put(buffer)
+            self.free.put(buffer)
         return flight
 
-    def _collect(self, flight: "_Flight") -> "BatchResult":
-        """Wait for a launched batch, and turn its answers into its BatchResult."""
+    def _collect(self, flight: _Flight) -> BatchResult:
+        """Wait for a launched batch, and settle each of its entries: DONE with its answer, or
+        every one FAILED with the batch's error."""
         dev, result, live = self.device, flight.result, flight.live
         try:
             if flight.error is not None:
                 raise flight.error
             indices, scores, vectors = flight.pending.result()
-            seconds = flight.pending.device_seconds() or (time.perf_counter() - flight.t0)
-            result.top = [[[i, s] for i, s in zip(idx[:k], sc[:k])]
-                          for k, idx, sc in zip(flight.keep, indices, scores)]
-            result.embeddings, result.seconds, result.done = vectors, seconds, live
+            result.seconds = flight.pending.device_seconds() or (time.perf_counter() - flight.t0)
             if dev.outs == flight.outs:
                 # a batch its device was taken out during (stuck) says nothing about its speed;
                 # learning from it would stretch the next watchdog bound by its whole hang
-                flight.runner.profile.observe(len(live), seconds)
-            if self.store is not None and vectors is not None:
-                # searches hold the store's lock for milliseconds at 100k rows: here, off the loop
-                # ... among the rows its uid may see (daemon/caching/embedding_store.py: per uid unless shared)
-                result.matches = {i: self.store.search(vectors[i], *r.args, uid=r.session.peer[1])
-                                  for i, r in enumerate(live) if r.op == "near"}
+                flight.runner.profile.observe(len(live), result.seconds)
+            for i, (e, k, idx, sc) in enumerate(zip(live, flight.keep, indices, scores)):
+                e.outcome, e.top = Outcome.DONE, [[c, s] for c, s in zip(idx[:k], sc[:k])]
+                if vectors is not None:
+                    e.embedding = vectors[i]
+                    if self.store is not None and e.request.op == "near":
+                        # searches hold the store's lock for milliseconds at 100k rows: here, off
+                        # the loop ... among the rows its uid may see
+                        # (daemon/caching/embedding_store.py: per uid unless shared)
+                        r = e.request
+                        e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
-            result.failed, result.error = live, f"{type(exc).__name__}: {exc}"
+            for e in live:
+                e.outcome = Outcome.FAILED
+            result.error = f"{type(exc).__name__}: {exc}"
         finally:
             result.finished = self._clock()
             # the batch behind it (asynchronous devices) has been computing since this one ended
@@ -242,23 +260,19 @@ class Executor(threading.Thread):
             dev.running_since = result.finished if left else None
         return result
 
-    def _recheck(self, result: "BatchResult", buffer: int, now: float) -> list:
-        """The staged (request, attempt) pairs still worth computing now that the device is free
-        (``result.running``, in the buffer's row order): a session closed, a request re-dispatched
-        (its device left rotation) or a deadline passed while the batch waited behind the running
-        one (the profile did not foresee a slow-down) splits them off, and the rows of the rest
-        close up."""
-        keep, rows = [], self._staging.arrays[buffer]
-        for i, (r, attempt) in enumerate(result.running):
-            if (r.session is not None and (r.session.closed or r.done)) or r.attempt != attempt:
-                result.dropped.append(r)            # closed, or re-dispatched while it waited
-            elif r.deadline < now:
-                result.expired.append(r)
-            else:
-                if len(keep) < i:
-                    rows[len(keep)] = rows[i]
-                keep.append((r, attempt))
-        return keep
+    def _recheck(self, staged: list[BatchEntry], buffer: int, now: float) -> list[BatchEntry]:
+        """The staged entries (one row of ``buffer`` each, in order) still worth computing now
+        that the device is free: a session closed, a request re-dispatched (its device left
+        rotation) or a deadline passed while the batch waited behind the running one (the profile
+        did not foresee a slow-down) settles them (``screen``), and the rows of the rest close up."""
+        live = screen(staged, now)
+        if len(live) < len(staged):
+            rows = self.staging.arrays[buffer]
+            kept = (i for i, e in enumerate(staged) if e.outcome is Outcome.PENDING)
+            for row, i in enumerate(kept):
+                if row < i:
+                    rows[row] = rows[i]
+        return live
 
 
 @dataclass(slots=True, eq=False)
@@ -274,9 +288,9 @@ class _Flight:
     """A launched batch: its result to fill, the requests computed, what ran it."""
 
     result: BatchResult
-    live: list
+    live: list[BatchEntry]      # the entries computed, in row order
     runner: _Runner
-    keep: list                  # top-k kept per request
+    keep: list[int]             # top-k kept per entry
     outs: int                   # the device's ``outs`` at launch (daemon/dispatch/health.py)
     t0: float                   # perf_counter at launch
     asynchronous: bool          # the device computes after launch returns (CUDA)

@@ -8,7 +8,7 @@ Clients always send uint8 RGB frames, NHWC (height x width x 3, 0..255). The mod
     uint8_nhwc   the frames as they are, uint8 NHWC: the model normalises inside, as most
                  exported production models do (no mean/std in the daemon)
 
-The daemon's batching threads (through :class:`Preprocess`), the training script of the built-in
+The daemon's executor threads (through :class:`Preprocess`), the training script of the built-in
 model and the exactness tests (through :func:`to_input`) compute the same thing, so "the same
 preprocessed tensor" means the same bytes everywhere.
 """

@@ -4,8 +4,8 @@ NOTE [ thread pools ]
 
     pool                       used by                               limit (config key)
     -------------------------  ------------------------------------  ----------------------------------
-    torch intra-op (OpenMP,    each CPU device's batching thread:    the device's threads; 0: the
-      oneDNN, MKL)               one team per batching thread          usable cores shared evenly
+    torch intra-op (OpenMP,    each CPU device's executor thread:    the device's threads; 0: the
+      oneDNN, MKL)               one team per executor thread          usable cores shared evenly
     torch inter-op             nothing (no torch.jit.fork)           threads.interop (1)
     BLAS of numpy (OpenBLAS)   the embedding store: open, search     threads.blas (1), threadpoolctl
     OpenMP idle workers        after every batch                     threads.omp_wait_policy (passive)
@@ -24,12 +24,13 @@ loaded (and OpenBLAS has started its threads) before any configuration is read.
 Cores. The CPU devices' threads together may use at most the usable cores
 (``os.sched_getaffinity``); :func:`plan` shares them out and warns about (or, with
 ``threads.oversubscribe = "refuse"``, refuses) an explicit configuration that asks for more. With
-``threads.pin`` each CPU device's batching thread is bound to its own cores before its first batch,
+``threads.pin`` each CPU device's executor thread is bound to its own cores before its first batch,
 so its OpenMP team (created by that thread, inheriting its affinity) stays there too.
 
 Who calls what: :func:`prepare_environment` before torch is imported; :func:`plan` when the devices
 are built; :func:`configure_process` once torch and numpy are loaded; :func:`enter_device_thread`
-first thing in each batching thread; :func:`snapshot` for the admin ``stats`` reply (``threads``).
+first thing in each executor thread (daemon/pipeline/executor.py); :func:`snapshot` for the admin
+``stats`` reply (``threads``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-log = logging.getLogger("inferd.threads")
+log = logging.getLogger("inferd.thread_pools")
 
 WAIT_POLICIES = ("passive", "active", "default")
 
@@ -56,7 +57,7 @@ class Assignment:
 
 
 class _Registry:
-    """What this process decided and what each batching thread applied (read by :func:`snapshot`)."""
+    """What this process decided and what each executor thread applied (read by :func:`snapshot`)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -93,7 +94,7 @@ def plan(devices: list, cores: tuple, *, pin: bool = False, oversubscribe: str =
     """One :class:`Assignment` per device config (``name``, ``threads``), in order.
 
     CPU devices with ``threads = 0`` share the cores that explicit ones leave, evenly, at least one
-    thread each; CUDA devices get ``Assignment(0)`` (their batching thread keeps torch's setting).
+    thread each; CUDA devices get ``Assignment(0)`` (their executor thread keeps torch's setting).
     More CPU threads in all than ``cores``: a warning, or ThreadPlanError with ``oversubscribe =
     "refuse"``. With ``pin`` (and no oversubscription) each CPU device gets consecutive cores of
     its own."""
@@ -147,7 +148,7 @@ def configure_process(blas_threads: int, interop_threads: int) -> None:
 
 
 def enter_device_thread(device) -> dict:
-    """Call first in ``device``'s batching thread, before any torch work: set this thread's torch
+    """Call first in ``device``'s executor thread, before any torch work: set this thread's torch
     intra-op threads to the device's share (CPU devices) and pin the thread to its cores when
     :func:`plan` gave it some. The OpenMP team this thread creates later inherits both. Returns
     (and records for :func:`snapshot`) what was applied. Never raises for a pinning the OS refuses

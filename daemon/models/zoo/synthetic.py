@@ -17,7 +17,8 @@ Control. ``$INFERD_SYNTHETIC`` names a JSON file, read again whenever it changes
 
 ``raise`` makes every batch on that device raise RuntimeError; ``hang`` blocks the batch (in 10 ms
 steps) until the file no longer says hang, so a stuck device can come back and its late result be
-seen and discarded; ``slow:F`` divides the device's speed by F. The device comes from inferd.daemon.pipeline.executor.current_device().
+seen and discarded; ``slow:F`` divides the device's speed by F. The device is the one whose executor
+thread runs the forward pass (daemon/pipeline/device_thread.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import time
 
 import torch
 from torch import nn
+
+from ...pipeline.device_thread import current_device
 
 LABELS = tuple(f"level_{k}" for k in range(10))
 SIZE = 16
@@ -62,8 +65,6 @@ class SyntheticNet(nn.Module):
         self.register_buffer("levels", torch.arange(10, dtype=torch.float32) / 9.0)
 
     def _device_index(self) -> str:
-        from ...pipeline.executor import current_device
-
         dev = current_device()
         return str(dev.index) if dev is not None else "-1"
 

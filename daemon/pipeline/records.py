@@ -1,0 +1,143 @@
+"""The records of a request in flight through a device's pipeline (NOTE [ request path ] in
+daemon/pipeline/collector.py), and the one rule that decides who is not computed.
+
+    Request       one request from admission to its reply; the loop's, lives as long as the request
+      |           (across re-dispatches: ``attempt`` counts them)
+      | taken by a batch (the collector, from the device's queue)
+      v
+    BatchEntry    one request as one batch took it: the attempt noted then, what became of it in
+      |           that batch (``outcome``) and its answer (``top``, ``embedding``, ``matches``) or
+      |           why not (``why``): the answer travels with the request it answers, never by
+      |           position in a list beside it
+      v
+    BatchResult   one batch, back to the loop in one call: its entries in the order taken, and
+                  what belongs to the batch (device, model generation, error, times)
+
+An entry is written by one pipeline thread at a time (the collector until it hands the batch over,
+then the executor until it delivers it) and read by the loop only after delivery. A batch may come
+back late, after its device was given up on and its requests went elsewhere: ``BatchEntry.current``
+tells the loop whether the entry still speaks for its request.
+
+Nothing here imports the rest of the daemon at run time (the types named in annotations are
+imported for type checkers only): the scheduler, the collector, the executor and the stats all
+import this module, and it imports none of them.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..caching.results import Upload
+    from ..dispatch.device import Device
+    from ..front.session import Session
+    from ...shm.ring import Ring
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One classify, embed or near request, from admission until its reply. Lives on the loop
+    thread except while a pipeline thread holds it; there ``session``, ``ring`` and ``slot`` are
+    read-only. A canary (daemon/dispatch/health.py) has no session and no ring: a blank frame."""
+
+    session: Session | None
+    ring: Ring | None        # the session's ring
+    id: int
+    slot: int
+    top_k: int
+    arrived: float           # monotonic seconds
+    deadline: float          # monotonic seconds
+    device: Device | None = None    # the Device whose ``outstanding`` counts it
+    attempt: int = 0         # bumped by each re-dispatch (daemon/dispatch/scheduler.py)
+    done: bool = False       # answered
+    frame: np.ndarray | None = None  # the daemon's private copy of the frame (hashed), or None: read the slot
+    key: bytes = b""         # result-cache key of ``frame``
+    content: bytes = b""     # content hash of ``frame`` (keys the embedding store)
+    op: str = "classify"     # classify | embed | near
+    tag: str | None = None   # client tag stored with the embedding
+    args: tuple[int, float] | None = None   # near: (k, min_similarity)
+    followers: list[tuple[int, int, int]] = field(default_factory=list)
+    #                          identical frames of the session coalesced with it: (id, slot, top_k)
+    gen: int = 0             # model generation at admission: the digest ``key`` was made with
+    upload: tuple[range, Upload | None] | None = None
+    #                          its encoded upload: (slots of the run, its verification or None)
+    #                          (NOTE [ encoded uploads ] in daemon/caching/results.py)
+
+
+class Outcome(enum.Enum):
+    """What became of a request in one batch."""
+
+    PENDING = "pending"          # taken; not settled yet (staged, or computing)
+    DONE = "done"                # computed: ``top`` (and ``embedding``, ``matches``) set
+    EXPIRED = "expired"          # its deadline passed before it could run: not computed
+    DROPPED = "dropped"          # its session closed, it was answered or re-dispatched: no reply
+    FAILED = "failed"            # the batch raised (``BatchResult.error``): re-dispatched or failed
+    UNREADABLE = "unreadable"    # its slot could not be read whole (``why``): its own error
+
+
+@dataclass(slots=True, eq=False)
+class BatchEntry:
+    """One request in one batch, and what became of it there."""
+
+    request: Request
+    attempt: int                                   # the request's attempt when the batch took it
+    outcome: Outcome = Outcome.PENDING
+    top: list[list] | None = None                  # DONE: [[index, score], ...], best first (keep_k+)
+    embedding: np.ndarray | None = None            # DONE: float32 unit row, when a store keeps them
+    matches: list | None = None                    # DONE near: the embedding store's search result
+    why: str = ""                                  # UNREADABLE: why its slot could not be read
+
+    def current(self) -> bool:
+        """The entry still speaks for its request: not answered meanwhile, and not re-dispatched
+        since this batch took it (a stuck device's late batch is stale)."""
+        return not self.request.done and self.request.attempt == self.attempt
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """One batch, back to the loop: every request taken, each as one entry in one outcome."""
+
+    device: Device
+    entries: list[BatchEntry]
+    error: str = ""                                # FAILED: what the batch raised
+    seconds: float = 0.0                           # copy + model time of the batch
+    started: float = 0.0                           # the executor's clock when the batch began computing
+    finished: float = 0.0                          # ... and when it was done (daemon/ops/stats.py)
+    gen: int = 0                                   # generation of the model that computed it
+
+    @classmethod
+    def taking(cls, device: Device, requests: list[Request]) -> BatchResult:
+        """A batch of ``requests`` just taken from a queue: each entry notes its attempt now."""
+        return cls(device, [BatchEntry(r, r.attempt) for r in requests])
+
+    @property
+    def canary(self) -> bool:
+        """A health probe (requests without a session, daemon/dispatch/health.py): no replies."""
+        return bool(self.entries) and self.entries[0].request.session is None
+
+    def with_outcome(self, outcome: Outcome) -> list[BatchEntry]:
+        """Its entries in ``outcome``, in the order taken (for PENDING: the staging buffer's rows)."""
+        return [e for e in self.entries if e.outcome is outcome]
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(e.outcome is outcome for e in self.entries)
+
+
+def screen(entries: list[BatchEntry], cutoff: float) -> list[BatchEntry]:
+    """Settle the entries not worth computing, and return the rest in order: a request whose
+    session closed, that was answered meanwhile (a late fleet-cache hit) or re-dispatched since it
+    was taken is DROPPED; one whose deadline is before ``cutoff`` is EXPIRED. The collector screens
+    a batch it takes, the executor again once the device is free (NOTE [ request path ])."""
+    live = []
+    for e in entries:
+        r = e.request
+        if r.attempt != e.attempt or (r.session is not None and (r.session.closed or r.done)):
+            e.outcome = Outcome.DROPPED
+        elif r.deadline < cutoff:
+            e.outcome = Outcome.EXPIRED
+        else:
+            live.append(e)
+    return live
