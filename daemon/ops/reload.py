@@ -129,7 +129,7 @@ def _open_store(server, new, dim: int):
     cfg = server.cfg.embeddings
     if not (cfg.enabled and dim):
         return None
-    from ..caching.embedding_store import EmbeddingStore, default_path
+    from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path
     from ..models.embedding_pooling import embedding_id
 
     embedding = embedding_id(new.spec)
@@ -137,7 +137,10 @@ def _open_store(server, new, dim: int):
     if cfg.path and server.scheduler.memory.store is not None:
         raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                           "leave embeddings.path empty (one file per model digest)")
-    return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
+    try:
+        return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
+    except EmbeddingStoreError as exc:      # a full filesystem, another daemon's lock: keep serving
+        raise ReloadError(str(exc)) from None
 
 
 def _switch(server, new, store) -> None:
