@@ -57,8 +57,8 @@ for this key (a torn copy passes with probability 2**-64). A daemon killed mid-w
 or the check wrong: a miss, repaired by the next insert there.
 
 At daemon start a truncated, garbage, wrong-version or wrong-size file is set aside as
-``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS).
-The file's blocks are reserved when it is created or opened
+``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS);
+only the latest set-aside copy is kept. The file's blocks are reserved when it is created or opened
 (inferd.shm.ownedfile), so a full filesystem never turns an insert into a SIGBUS: a cache that
 cannot have them is a start-up error (CacheNoSpace) naming the path and the size.
 """

@@ -22,6 +22,9 @@ cannot touch the owner (on ext4, xfs and tmpfs; copy-on-write filesystems such a
 cannot promise it, so keep these files off them). When the blocks cannot be had, ``acquire``
 raises the caller's ``no_space`` error naming the path and the size, and a fresh file is removed
 again: nothing is left at PATH.
+
+At most one set-aside copy of PATH is kept: setting one aside removes the earlier
+``PATH.corrupt-*`` copies (each up to the file's full size), and the log line names them.
 """
 from __future__ import annotations
 
@@ -64,11 +67,27 @@ def _reserve(fd: int, path: str, size: int, what: str, no_space: type) -> None:
                        "put it on another filesystem") from None
 
 
+def _prune_aside(path: str) -> list[str]:
+    """Remove the copies of PATH set aside earlier (``PATH.corrupt-*``); return their names."""
+    directory, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".corrupt-"
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:                    # another daemon's start pruned it first
+                continue
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
 def _install(path: str, size: int, header: bytes, mode: int, problem: str | None, what: str,
              log, no_space: type) -> int | None:
     """Build an empty locked file, its blocks reserved, under a temporary name and put it at PATH:
     by link if PATH is missing (None if another process got there first), else (the caller holds
-    PATH's lock) by hard-linking PATH aside and renaming over it."""
+    PATH's lock) by hard-linking PATH aside and renaming over it. Earlier set-aside copies go
+    first: their blocks may be what the new file needs."""
+    pruned = _prune_aside(path) if problem is not None else []
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -93,8 +112,11 @@ def _install(path: str, size: int, header: bytes, mode: int, problem: str | None
         os.unlink(tmp)
     else:
         log = _log if log is None else log
+        kept = (f"; the earlier set-aside {'copy' if len(pruned) == 1 else 'copies'} "
+                f"{', '.join(pruned)} removed" if pruned else "")
         (log.warning if isinstance(log, logging.Logger) else log)(
-            f"{what} {path}: {problem}; set aside as {aside} and rebuilt empty")
+            f"{what} {path}: {problem}; set aside as {aside} and rebuilt empty (only the latest "
+            f"set-aside copy is kept{kept})")
     return fd
 
 
