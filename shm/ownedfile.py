@@ -24,7 +24,9 @@ raises the caller's ``no_space`` error naming the path and the size, and a fresh
 again: nothing is left at PATH.
 
 At most one set-aside copy of PATH is kept: setting one aside removes the earlier
-``PATH.corrupt-*`` copies (each up to the file's full size), and the log line names them.
+``PATH.corrupt-*`` copies (each up to the file's full size), and the log line names them. A
+temporary file that a killed predecessor was building (``PATH.tmp-<pid>-*``, its blocks reserved)
+is removed at the next ``acquire`` once its pid is gone and nobody holds its lock.
 """
 from __future__ import annotations
 
@@ -81,6 +83,42 @@ def _prune_aside(path: str) -> list[str]:
     return removed
 
 
+def _sweep_tmp(path: str, what: str, log) -> None:
+    """Remove the temporary files of PATH that a killed process left half built: its pid is not
+    alive and nobody holds the file's lock (a live builder holds it from the first moment)."""
+    directory, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp-"
+    try:
+        names = os.listdir(directory)
+    except OSError:                                      # missing or unlistable: acquire says which
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                                     # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        leftover = os.path.join(directory, name)
+        try:
+            fd = os.open(leftover, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(leftover)
+        except OSError:                                  # locked, or gone meanwhile
+            continue
+        finally:
+            os.close(fd)
+        log = _log if log is None else log
+        (log.warning if isinstance(log, logging.Logger) else log)(
+            f"{what} {path}: removed {leftover}, left half built by process {pid}, which is gone")
+
+
 def _install(path: str, size: int, header: bytes, mode: int, problem: str | None, what: str,
              log, no_space: type) -> int | None:
     """Build an empty locked file, its blocks reserved, under a temporary name and put it at PATH:
@@ -91,10 +129,10 @@ def _install(path: str, size: int, header: bytes, mode: int, problem: str | None
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # ours while built: _sweep_tmp leaves it
         os.fchmod(fd, mode)                              # exactly: the umask must not decide who reads
         _reserve(fd, path, size, what, no_space)         # sets the size too
         os.pwrite(fd, header, 0)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else knows this name yet
         if problem is None:
             os.link(tmp, path)
         else:
@@ -136,6 +174,7 @@ def acquire(path: str, *, size: int, header: bytes, problem: Callable[[int], str
     """A descriptor of PATH, locked, that passed ``problem`` (or was rebuilt with ``header``), with
     all ``size`` bytes' blocks reserved. ``what`` names the file in messages; ``locked`` /
     ``no_space`` / ``error`` are the exception types to raise."""
+    _sweep_tmp(path, what, log)
     for _ in range(8):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

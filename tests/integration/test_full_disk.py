@@ -204,3 +204,26 @@ def test_a_filesystem_filled_while_serving_kills_nothing(kind):
         if d is not None:
             d.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# the same, in the library: typed errors, nothing left ---------------------------------------------
+def test_the_files_raise_their_no_space_errors_and_leave_nothing():
+    from inferd.daemon.caching.embedding_store import EmbeddingStore, EmbeddingStoreNoSpace
+    from inferd.shm.cache import CacheNoSpace, ResultCache
+
+    with small_fs("tmpfs", 1024) as mnt:
+        cache, store = os.path.join(mnt, "results.cache"), os.path.join(mnt, "e.store")
+        with pytest.raises(CacheNoSpace, match=f"result cache {cache}: cannot reserve its 4194304 bytes"):
+            ResultCache.open_writer(cache, 4 << 20)
+        with pytest.raises(EmbeddingStoreNoSpace, match=f"embedding store {store}: cannot reserve"):
+            EmbeddingStore.open(store, capacity=4096, dim=128)
+        assert os.listdir(mnt) == []
+        # a damaged file that cannot be rebuilt for want of room stays where it is, unchanged
+        with open(cache, "wb") as fh:
+            fh.write(b"garbage" * 100)
+        fill(mnt)
+        with pytest.raises(CacheNoSpace):
+            ResultCache.open_writer(cache, 512 << 10)
+        assert sorted(os.listdir(mnt)) == ["filler", "results.cache"]
+        with open(cache, "rb") as fh:
+            assert fh.read() == b"garbage" * 100

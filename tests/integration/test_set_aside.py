@@ -51,3 +51,33 @@ def test_three_corruptions_and_restarts_leave_one_set_aside_copy_of_each(fresh_d
             if round_ > 1:                             # and it says which earlier copy went
                 assert "removed" in line, line
     assert not [n for n in os.listdir(workdir) if ".tmp-" in n]
+
+
+def test_a_temporary_file_a_killed_builder_left_is_removed_at_the_next_open(tmp_path):
+    """A daemon killed while building a fresh file leaves ``PATH.tmp-<pid>-*`` with all its blocks
+    reserved; the next open removes it once that pid is gone and nobody holds its lock, and leaves
+    one that a live process holds."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from inferd.shm.cache import ResultCache
+
+    path = str(tmp_path / "results.cache")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = f"{path}.tmp-{int(gone.stdout)}-0a0b0c0d"             # its pid has exited
+    with open(dead, "wb") as fh:
+        fh.truncate(1 << 20)
+    live = f"{path}.tmp-{os.getppid()}-01020304"                 # a live pid, its lock held
+    holder = os.open(live, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        lines = []
+        ResultCache.open_writer(path, 1 << 18, log=lines.append).close()
+        assert not os.path.exists(dead) and os.path.exists(live)
+        assert lines == [f"result cache {path}: removed {dead}, left half built by process "
+                         f"{int(gone.stdout)}, which is gone"]
+    finally:
+        os.close(holder)
+        os.unlink(live)
