@@ -147,6 +147,7 @@ def test_a_sparse_cache_an_older_daemon_left_is_reserved_at_open_or_refused():
                              "--set", "embeddings.enabled=false", workdir=workdir)
             assert os.stat(cache).st_blocks * 512 >= 1 << 20  # every block reserved again
             assert d.stop() == 0
+            d.kill()                                         # reaped: closes its notify socket
             fill(mnt)
             with open(cache, "r+b") as fh:
                 assert libc.fallocate(fh.fileno(), punch, 4096, (1 << 20) - 4096) == 0
