@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from .ops import logs
     from .front.listener import Listener, ListenerError
     from ..shm.cache import CacheError
+    from ..shm.ownedfile import OwnedFileNoSpace
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         log.error("configuration error: %s", exc)
         return exitcodes.CONFIG
+    except OwnedFileNoSpace as exc:         # the cache or store file cannot have its blocks
+        log.error("%s", exc)
+        return exitcodes.NO_SPACE
     except CacheError as exc:               # e.g. another daemon holds the cache file
         log.error("cache.path: %s", exc)
         return exitcodes.CONFIG

@@ -176,7 +176,8 @@ class CacheConfig:
 class EmbeddingsConfig:
     enabled: bool = _opt(True, "keep embeddings of models that expose one (model.embedding_layer)")
     path: str = _opt("", "store file; empty: embeddings-<model digest>.store beside the result cache")
-    capacity: int = _opt(100_000, "embeddings kept (oldest replaced first); exact search is fine to ~100k",
+    capacity: int = _opt(100_000, "embeddings kept; once full, a uid past its share (capacity / uids "
+                                  "holding rows) replaces its own oldest; exact search is fine to ~100k",
                          lo=1, hi=10_000_000)
     shared: bool = _opt(False, "near-duplicate results and tags are visible to every uid; false: a "
                                "uid sees only the images it stored itself")

@@ -11,4 +11,5 @@ UNAVAILABLE = 69       # a socket path is taken (client or admin socket: a live 
                        # Unix stream socket
 NOT_INSTALLED = 69     # EX_UNAVAILABLE too: the daemon's packages are missing (a client-only install)
 STARTUP_FAILED = 70    # a device could not load or warm the model, or another start-up failure
+NO_SPACE = 73          # the cache or embedding store file cannot have its blocks: its filesystem is full
 CONFIG = 78            # a configuration value is invalid; the message names the key

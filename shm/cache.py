@@ -57,7 +57,10 @@ for this key (a torn copy passes with probability 2**-64). A daemon killed mid-w
 or the check wrong: a miss, repaired by the next insert there.
 
 At daemon start a truncated, garbage, wrong-version or wrong-size file is set aside as
-``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS).
+``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS);
+only the latest set-aside copy is kept. The file's blocks are reserved when it is created or opened
+(inferd.shm.ownedfile), so a full filesystem never turns an insert into a SIGBUS: a cache that
+cannot have them is a start-up error (CacheNoSpace) naming the path and the size.
 """
 from __future__ import annotations
 
@@ -100,6 +103,10 @@ class CacheUnavailable(CacheError):
 
 class CacheLocked(CacheError, ownedfile.OwnedFileLocked):
     """Another process holds the writer lock on the cache file."""
+
+
+class CacheNoSpace(CacheError, ownedfile.OwnedFileNoSpace):
+    """The cache file's filesystem has no room for its blocks; no file was left at the path."""
 
 
 def content_hash(frame: np.ndarray) -> bytes:
@@ -179,7 +186,7 @@ def _acquire(path: str, geom: CacheGeometry, size: int, mode: int, log) -> int:
 
     return ownedfile.acquire(path, size=size, header=head + blake3.blake3(head).digest(8),
                              problem=problem, mode=mode, what="result cache", log=log or _log,
-                             locked=CacheLocked, error=CacheError)
+                             locked=CacheLocked, error=CacheError, no_space=CacheNoSpace)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,7 +219,8 @@ class ResultCache:
                     mode: int = 0o600, log=None) -> "ResultCache":
         """The daemon's mapping; creates PATH, or rebuilds it (one line to ``log``: a Logger, a
         callable or None for ``inferd.cache``). ``mode`` is exact, not umasked, and an existing
-        file is narrowed to it: clients read through :meth:`share_fd`, not the path."""
+        file is narrowed to it: clients read through :meth:`share_fd`, not the path. Raises
+        CacheLocked (another daemon has it), CacheNoSpace (its blocks cannot be reserved), CacheError."""
         set_bytes = ways * (PAIRS_OFFSET + 8 * max_k)
         if not 1 <= max_k <= 1024 or ways < 1 or size_bytes < HEADER_SIZE + set_bytes:
             raise ValueError(f"cache of {size_bytes} bytes with max_k={max_k}, ways={ways}: needs max_k "

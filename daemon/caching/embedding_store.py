@@ -1,8 +1,11 @@
 """The embedding store: unit vectors kept per (uid, frame content hash), with near-duplicate search.
 
 The daemon alone opens it (an exclusive ``flock`` on the file, mode 0600; clients ask through the
-daemon). A bounded ring of rows in one mmap'ed file: when full, a new row takes the oldest one.
-Adding a (uid, content hash) already present rewrites its row in place (it keeps its age).
+daemon). A bounded set of rows in one mmap'ed file, each stamped with its age. Adding a (uid,
+content hash) already present rewrites its row in place (it keeps its age); a new one takes a free
+row while there is one, and once the store is full NOTE [ a full store is shared by uid ] decides
+whose oldest row it takes: a uid can never push out the rows of another that holds no more than
+its share.
 
 Who sees a row. Every row records the uid whose request stored it. A store opened per uid
 (``shared=False``, the default: ``embeddings.shared``) shows a uid only its own rows: ``search``
@@ -15,20 +18,18 @@ File layout (all integers little-endian; every byte written by the daemon)::
 
     offset  size  field
     0       8     magic            b"INFDEMBD"                           \\   written once, into a
-    8       4     format version   u32, currently 3 (1 had no uid, 2 no   |  temporary file that is
-                                   embedding id)                          |  linked or renamed into
+    8       4     format version   u32, currently 4 (1 had no uid, 2 no   |  temporary file that is
+                                   embedding id, 3 no row stamps)         |  linked or renamed into
     12      4     dim              u32, floats per vector                 |  place only when complete
     16      8     capacity         u64, rows                              |
-    24      8     file size        u64, = 4096 + capacity * (4 * dim + 104)
+    24      8     file size        u64, = 4096 + capacity * (4 * dim + 112)
     32      16    embedding id     blake2b-128 of the embedding's definition (daemon/models/embedding_pooling.py
                                    ``embedding_id``: layer and pooling); zero: unnamed
     48      4     header check     zlib.crc32 of bytes 0..48             /
     52      12    reserved         zero
-    64      8     next row         u64, where the next new content hash goes (< capacity); not under
-                                   the check: it changes at every add
-    72            zero up to 4096
+    64            zero up to 4096
     4096                           vectors: capacity rows of dim float32, unit length
-    4096 + capacity * 4 * dim      metadata: capacity rows of 104 bytes:
+    4096 + capacity * 4 * dim      metadata: capacity rows of 112 bytes:
 
         offset  size  field
         0       1     valid        u8: 1 = the row holds an embedding; 0 while it is rewritten
@@ -37,13 +38,18 @@ File layout (all integers little-endian; every byte written by the daemon)::
         4       4     uid          u32, the uid whose request stored the row
         8       32    content hash the frame's content hash (inferd.shm.cache.content_hash)
         40      64    tag          UTF-8, zero padded
+        104     8     stamp        u64, the row's age: one more than the largest stamp in the store
+                                   when the row was taken (a rewrite in place keeps it)
 
-An add clears ``valid``, moves ``next row``, writes vector and metadata, then sets ``valid``: a
-daemon killed mid-add loses that row only. At open, rows with a bad flag, a vector that is not
-unit length, or a (uid, content hash) already seen are dropped. A truncated or garbage file, another
-format (a version 1 file, whose rows have no owner, included), or another capacity, dimension or
-embedding id than configured is set aside as ``PATH.corrupt-<unix time>`` and rebuilt empty, with
-one log line. The embedding id is there because two definitions of the embedding (another layer
+An add clears ``valid``, writes vector and metadata, then sets ``valid``: a daemon killed mid-add
+loses that row only. At open, rows with a bad flag, a vector that is not unit length, or a (uid,
+content hash) already seen are dropped. A truncated or garbage file, another format (a version 1
+file, whose rows have no owner, or a version 3 one, whose rows have no age, included), or another
+capacity, dimension or embedding id than configured is set aside as ``PATH.corrupt-<unix time>``
+and rebuilt empty, with one log line (only the latest set-aside copy is kept). The file's blocks
+are reserved when it is created or opened (inferd.shm.ownedfile): a store the filesystem cannot
+hold is an error at open (EmbeddingStoreNoSpace), and a full filesystem later never turns an add
+into a SIGBUS. The embedding id is there because two definitions of the embedding (another layer
 or pooling, ``model.embedding_layer`` / ``model.embedding_pool``) may have the same width, and
 their vectors must never be compared; the default file name carries it too (:func:`default_path`),
 so each definition keeps its own file.
@@ -55,9 +61,25 @@ ms at 100k rows (memory bound: the product reads all 200 MB of vectors every que
 That is the limit of this design: beyond ~100k rows, or for many queries per second, use an
 approximate index (FAISS IVF-PQ or HNSW, or hnswlib) built over these rows, and keep this file as
 the source of truth that the index is rebuilt from.
+
+NOTE [ a full store is shared by uid ]
+Once every row is taken, a new row of uid U takes the oldest row of
+
+    U itself,               when U holds at least capacity // H rows (H: the uids holding rows,
+                            U counted too), its fair share;
+    the uid holding most    otherwise (ties: the one whose oldest row is oldest). It holds more
+    rows                    than its share, since the H shares add up to the capacity.
+
+So a uid past its share recycles its own rows, and one below it grows at the expense of the
+largest holder only: however many rows one uid adds, every other uid keeps all its rows up to
+capacity // H of them (8 rows of a victim survive any flood of another uid in a store of 16 or
+more). With one uid this is the ring it was: the oldest row goes. ``shared`` changes who sees a
+row, not who may replace it. Each uid's rows are kept in a deque in stamp order, so finding the
+oldest is O(1) and choosing whose is O(uids).
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import logging
@@ -72,19 +94,17 @@ import numpy as np
 from ...shm import ownedfile
 
 MAGIC = b"INFDEMBD"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADER_SIZE = 4096
-NEXT_OFFSET = 64
-META_SIZE = 104
+META_SIZE = 112
 TAG_MAX = 64
 NO_TAG = 255
 
 _HEADER = struct.Struct("<8sIIQQ16s")                    # bytes 0..48; the check follows at 48..52
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_META = np.dtype({"names": ["valid", "tag_len", "uid", "hash", "tag"],
-                  "formats": ["u1", "u1", "<u4", ("u1", (32,)), ("u1", (TAG_MAX,))],
-                  "offsets": [0, 1, 4, 8, 40], "itemsize": META_SIZE})
+_META = np.dtype({"names": ["valid", "tag_len", "uid", "hash", "tag", "stamp"],
+                  "formats": ["u1", "u1", "<u4", ("u1", (32,)), ("u1", (TAG_MAX,)), "<u8"],
+                  "offsets": [0, 1, 4, 8, 40, 104], "itemsize": META_SIZE})
 _log = logging.getLogger("inferd.embeddings")
 
 
@@ -94,6 +114,10 @@ class EmbeddingStoreError(ownedfile.OwnedFileError):
 
 class EmbeddingStoreLocked(EmbeddingStoreError, ownedfile.OwnedFileLocked):
     """Another process holds the lock on the store's file."""
+
+
+class EmbeddingStoreNoSpace(EmbeddingStoreError, ownedfile.OwnedFileNoSpace):
+    """The store file's filesystem has no room for its blocks; no new file was left at the path."""
 
 
 def _file_size(capacity: int, dim: int) -> int:
@@ -161,7 +185,7 @@ def _problem(fd: int, capacity: int, dim: int, embedding: str | None) -> str | N
     size = os.fstat(fd).st_size
     if size < HEADER_SIZE:
         return f"truncated to {size} bytes, less than the {HEADER_SIZE}-byte header"
-    head = os.pread(fd, NEXT_OFFSET + 8, 0)
+    head = os.pread(fd, _HEADER.size + 4, 0)
     magic, version, found_dim, found_cap, total, found_id = _HEADER.unpack_from(head)
     if magic != MAGIC or version != FORMAT_VERSION:
         return f"magic {magic!r} version {version}, expected {MAGIC!r} version {FORMAT_VERSION}"
@@ -174,8 +198,6 @@ def _problem(fd: int, capacity: int, dim: int, embedding: str | None) -> str | N
         return (f"holds embeddings of another definition (id {found_id.hex()[:8]}); this model's is "
                 f"{embedding or '(unnamed)'} (id {_embedding_key(embedding).hex()[:8]}): "
                 f"model.embedding_layer or model.embedding_pool changed")
-    if _U64.unpack_from(head, NEXT_OFFSET)[0] >= capacity:
-        return "next row is past the capacity"
     return None
 
 
@@ -184,7 +206,7 @@ def _acquire(path: str, capacity: int, dim: int, embedding: str | None, mode: in
     return ownedfile.acquire(path, size=_file_size(capacity, dim), header=_header(capacity, dim, embedding),
                              problem=lambda fd: _problem(fd, capacity, dim, embedding), mode=mode,
                              what="embedding store", log=log or _log, locked=EmbeddingStoreLocked,
-                             error=EmbeddingStoreError)
+                             error=EmbeddingStoreError, no_space=EmbeddingStoreNoSpace)
 
 
 class EmbeddingStore:
@@ -197,13 +219,15 @@ class EmbeddingStore:
         self._lock = threading.Lock()
         self._vectors = np.frombuffer(mm, np.float32, capacity * dim, HEADER_SIZE).reshape(capacity, dim)
         self._meta = np.frombuffer(mm, _META, capacity, HEADER_SIZE + capacity * dim * 4)
-        self._next = _U64.unpack_from(mm, NEXT_OFFSET)[0]
         self._valid = np.zeros(capacity, dtype=bool)     # a copy of the flags, for masking searches
         self._index: dict[bytes, dict[int, int]] = {}    # content hash -> {uid: row}
+        self._owned: dict[int, collections.deque] = {}   # uid -> its rows, oldest first (NOTE above)
         self._count = 0                                  # rows in use: len() is asked on every info
         self._hashes: list = [None] * capacity
         self._tags: list = [None] * capacity
         self._high = 0                                   # rows at and past this one were never used
+        self._free: list[int] = []                       # unused rows below _high, lowest last
+        self._stamp = 0                                  # the largest stamp in use
         self._load()
 
     @classmethod
@@ -255,11 +279,17 @@ class EmbeddingStore:
         self._valid = ok
         kept = np.flatnonzero(ok)
         self._high = int(kept[-1]) + 1 if len(kept) else 0
+        self._free = np.flatnonzero(~ok[:self._high])[::-1].tolist()
+        oldest_first = kept[np.argsort(meta["stamp"][kept], kind="stable")]
+        for row, uid in zip(oldest_first.tolist(), meta["uid"][oldest_first].tolist()):
+            self._owned.setdefault(uid, collections.deque()).append(row)
+        self._stamp = int(meta["stamp"][kept].max()) if len(kept) else 0
 
     def add(self, content_hash: bytes, vector: np.ndarray, tag: str | None = None, *, uid: int) -> int:
         """Store ``vector`` (normalised here) as ``uid``'s for ``content_hash``, replacing that
-        uid's row for the hash if present, else taking the next row (the oldest once full, whoever
-        stored it). Other uids' rows for the same hash are left as they are. Returns the row."""
+        uid's row for the hash if present, else taking a free row or, once the store is full, the
+        oldest row of ``uid`` or of the largest holder (NOTE [ a full store is shared by uid ]).
+        Other uids' rows for the same hash are left as they are. Returns the row."""
         key = bytes(content_hash)
         if len(key) != 32:
             raise ValueError(f"content_hash must be 32 bytes (inferd.shm.cache.content_hash), got {len(key)}")
@@ -272,11 +302,14 @@ class EmbeddingStore:
         with self._lock:
             self._require_open()
             row = self._index.get(key, {}).get(uid)
-            self._meta["valid"][row if row is not None else self._next] = 0   # a kill loses this row only
-            if row is None:
-                row, self._next = self._next, (self._next + 1) % self.capacity
-                _U64.pack_into(self._mm, NEXT_OFFSET, self._next)
-                self._forget(row)
+            fresh = row is None
+            if fresh:
+                row = self._take_row(uid)
+            self._meta["valid"][row] = 0                 # a kill loses this row only
+            if fresh:
+                self._stamp += 1
+                self._meta["stamp"][row] = self._stamp
+                self._owned.setdefault(uid, collections.deque()).append(row)
                 self._count += 1
             self._vectors[row] = unit
             self._meta["tag_len"][row] = NO_TAG if raw_tag is None else len(raw_tag)
@@ -290,8 +323,28 @@ class EmbeddingStore:
             self._high = max(self._high, row + 1)
         return row
 
+    def _take_row(self, uid: int) -> int:
+        """The row a new (uid, content hash) goes to: a free one, else one taken from its owner
+        (NOTE [ a full store is shared by uid ]) and forgotten."""
+        if self._free:
+            return self._free.pop()
+        if self._high < self.capacity:
+            return self._high
+        owned = self._owned
+        mine = owned.get(uid)
+        if not mine or len(mine) < self.capacity // (len(owned) + (mine is None)):
+            stamps = self._meta["stamp"]
+            uid = max(owned, key=lambda u: (len(owned[u]), -int(stamps[owned[u][0]])))
+        rows = owned[uid]
+        row = rows.popleft()
+        if not rows:
+            del owned[uid]
+        self._forget(row)
+        return row
+
     def _forget(self, row: int) -> None:
-        """Drop what the index knows of ``row`` before it is reused (its owner's entry only)."""
+        """Drop what the index knows of ``row`` before it is reused (its owner's entry only; the
+        caller took it off its owner's deque)."""
         if not self._valid[row]:
             return
         owners = self._index.get(self._hashes[row], {})

@@ -51,7 +51,7 @@ import dataclasses
 import logging
 import time
 
-from ..caching.embedding_store import EmbeddingStore, default_path
+from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path
 from ..config import ConfigError, ModelConfig, from_dict
 from ..models import loading as model_mod
 from ..models.embedding_pooling import embedding_id
@@ -197,7 +197,10 @@ class ModelSwap:
         if cfg.path and self.scheduler.memory.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
-        return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
+        try:
+            return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
+        except EmbeddingStoreError as exc:      # a full filesystem, another daemon's lock: keep serving
+            raise ReloadError(str(exc)) from None
 
     def _switch(self, new, store) -> None:
         """The switch itself: on the loop, no await, so no request sees half of it."""
