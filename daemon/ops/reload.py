@@ -108,7 +108,7 @@ async def reload_model(server, model_cfg) -> dict:
 
 async def _stage(server, new) -> int:
     """Load and warm ``new`` on every device, one after another. Returns the embedding width."""
-    memory = server.scheduler.memory
+    memory = server.scheduler.caches
     keep_k = min(memory.cache.geometry.max_k, len(new.spec.labels)) if memory.cache is not None else 0
     staged, dims = [], []
     for dev in server.devices:
@@ -134,7 +134,7 @@ def _open_store(server, new, dim: int):
 
     embedding = embedding_id(new.spec)
     path = cfg.path or default_path(os.path.dirname(server.cfg.cache_path), new.digest, embedding)
-    if cfg.path and server.scheduler.memory.store is not None:
+    if cfg.path and server.scheduler.caches.store is not None:
         raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                           "leave embeddings.path empty (one file per model digest)")
     return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
@@ -142,7 +142,7 @@ def _open_store(server, new, dim: int):
 
 def _switch(server, new, store) -> None:
     """The switch itself: on the loop, no await, so no request sees half of it."""
-    memory = server.scheduler.memory
+    memory = server.scheduler.caches
     old_store = memory.store
     server.model = new
     server.scheduler.switch_model(new)
