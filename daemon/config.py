@@ -111,12 +111,7 @@ def _check_cross(cfg: Config) -> None:
     if cfg.ring.default_slots > cfg.ring.max_slots:
         raise ConfigError(f"ring.default_slots: {cfg.ring.default_slots} is above ring.max_slots "
                           f"({cfg.ring.max_slots})")
-    for key, path in (("server.socket / --socket", cfg.socket_path),
-                      ("server.admin_socket", cfg.admin_socket_path)):
-        size = len(os.fsencode(path))
-        if size > SUN_PATH_MAX:            # bind() would fail with a bare EINVAL
-            raise ConfigError(f"socket path is {size} bytes; AF_UNIX allows at most {SUN_PATH_MAX}: "
-                              f"choose a shorter {key} ({path})")
+    _check_socket_paths(cfg)
     if cfg.model.path:
         # first, so `--model /typo.pt2` says the file is missing, not that its input size is
         if not os.path.exists(cfg.model.path):
@@ -131,6 +126,19 @@ def _check_cross(cfg: Config) -> None:
                           f"warm-up; set model.warmup_batches >= 1")
     if cfg.l2.enabled:
         check_l2_config(cfg.l2, cfg.cache.enabled)    # key file private, one topology named
+    _check_devices(cfg)
+
+
+def _check_socket_paths(cfg: Config) -> None:
+    for key, path in (("server.socket / --socket", cfg.socket_path),
+                      ("server.admin_socket", cfg.admin_socket_path)):
+        size = len(os.fsencode(path))
+        if size > SUN_PATH_MAX:            # bind() would fail with a bare EINVAL
+            raise ConfigError(f"socket path is {size} bytes; AF_UNIX allows at most {SUN_PATH_MAX}: "
+                              f"choose a shorter {key} ({path})")
+
+
+def _check_devices(cfg: Config) -> None:
     seen = set()
     for i, dev in enumerate(cfg.devices):
         if dev.name not in ("cpu", "cpu:auto") and not (dev.name.startswith("cuda:") and dev.name[5:].isdigit()):

@@ -40,6 +40,11 @@ from ..front.admission import Rejected, check_classify, check_near, check_tag, c
 from ..ops.stats import Stats
 from ...shm import wire
 
+# Why one module of ~400 lines: admission, dispatch, replies and re-dispatch all act on the same
+# records (a request's attempt, done, device reservation, session slots) and counters, and each
+# reply path must end in _finish; split across modules, that invariant would have no one place to
+# be read. What does not touch them is elsewhere: field checks (daemon/front/admission.py), device
+# choice (policy.py), fair order and planning (fairness.py, queues.py), caches (caching/results.py).
 log = logging.getLogger("inferd.scheduler")
 _late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
 
@@ -242,28 +247,7 @@ class Scheduler:
             self.counters["stale_results"] += stale
             _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
-        answered = []                       # live requests answered ok: their latency is kept
-        vectors = result.embeddings
-        for i, (r, top) in enumerate(zip(result.done, result.top)):
-            if live(r):
-                dev.frames += 1
-                answered.append(r)
-                vector = vectors[i] if vectors is not None else None
-                if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
-                    # an answer of the model before a swap is never stored (NOTE [ model swap ])
-                    self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                         vector, r.tag, r.session.peer[1])
-                if r.op == "classify":
-                    if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
-                        r.upload[1].answered(top)
-                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
-                                 result.gen)
-                else:
-                    message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
-                    if not message["ok"]:
-                        answered.pop()
-                        self.stats.outcome("failed")
-                    self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        answered = self._answer_computed(result, live, replies)
         for r in result.expired:
             if live(r):
                 self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
@@ -302,6 +286,35 @@ class Scheduler:
         c["model_seconds"] += result.seconds
         c["expired"] += len(result.expired)
         c["dropped"] += len(result.dropped)
+
+    def _answer_computed(self, result: BatchResult, live, replies: dict) -> list:
+        """Queue the replies of a batch's computed requests that are still ``live``, keep their
+        answers (cache, embeddings, a verified upload); the live requests answered ok (their
+        latency is kept)."""
+        answered = []
+        vectors = result.embeddings
+        for i, (r, top) in enumerate(zip(result.done, result.top)):
+            if not live(r):
+                continue
+            result.device.frames += 1
+            answered.append(r)
+            vector = vectors[i] if vectors is not None else None
+            if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
+                # an answer of the model before a swap is never stored (NOTE [ model swap ])
+                self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
+                                     vector, r.tag, r.session.peer[1])
+            if r.op == "classify":
+                if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
+                    r.upload[1].answered(top)
+                self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
+                             result.gen)
+            else:
+                message = self._embedding_reply(r.id, r.op, vector, r.content, result.matches.get(i))
+                if not message["ok"]:
+                    answered.pop()
+                    self.stats.outcome("failed")
+                self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        return answered
 
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;

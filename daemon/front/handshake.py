@@ -83,20 +83,14 @@ async def handshake(server, conn, hand: Hand) -> None:
         return
     except (asyncio.TimeoutError, OSError, EOFError) as exc:
         _dropped.info("connection dropped during hello: %r", exc)
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         return
     except asyncio.CancelledError:
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         raise
     except Exception:                       # a bug: this connection only, never a leaked socket
         log.exception("hello from pid %d failed; closing the connection", peer[0] if peer else -1)
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         return
     session = Session(server, sid, ring, peer, leftover, submit=hand.submit, hits=hand.caches.client_hits)
     session.told_gen = server.model.gen
@@ -104,6 +98,13 @@ async def handshake(server, conn, hand: Hand) -> None:
     await loop.connect_accepted_socket(lambda: session, conn)
     log.debug("session %d: pid %d uid %d, ring %d x %d bytes", sid, *peer[:2], geometry.slots,
               geometry.slot_bytes)
+
+
+def _drop(ring, conn) -> None:
+    """Close a connection whose hello failed, and its ring if one was made."""
+    if ring is not None:
+        ring.close()
+    conn.close()
 
 
 async def _answer_and_close(loop, conn, reply: dict) -> None:
