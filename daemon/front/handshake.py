@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..caching.results import Caches
 from .admission import Rejected
 from .listener import peer_credentials, peer_groups, send_with_fds
 from ..ops.logs import RateLimitedLog
@@ -43,7 +44,7 @@ class Hand:
     (Scheduler.submit). The server itself gives the limits, the state (draining, sessions, the
     model) and takes the new session (``session_opened``)."""
 
-    caches: object
+    caches: Caches
     submit: Callable[..., None]
 
 
