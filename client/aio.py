@@ -35,7 +35,7 @@ from . import decode, errors
 from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, default_socket_path
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, NearDuplicate, Prediction, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect_async
 
 __all__ = ["AsyncClient"]
@@ -387,7 +387,7 @@ class AsyncClient:
         return self._core.embedding(await self._embedding_op(image, "embed", {"tag": tag} if tag else {},
                                                              timeout))
 
-    async def near_duplicates(self, image, k: int = 5, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
+    async def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
                               timeout: float | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (Client.near_duplicates)."""
         return self._core.matches(await self._embedding_op(

@@ -50,7 +50,6 @@ InferenceFailed.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Iterable
@@ -58,9 +57,9 @@ from typing import Iterable
 from . import decode, errors
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect
-from ..shm import wire
+from ..shm import paths
 
 __all__ = ["Client", "ModelInfo", "Prediction", "NearDuplicate", "default_socket_path"]
 
@@ -71,8 +70,8 @@ HITS_REPORT_DELAY_S = 0.5
 
 
 def default_socket_path() -> str:
-    """$INFERD_SOCKET, else the daemon's own default (inferd.shm.wire.default_socket_path)."""
-    return os.environ.get("INFERD_SOCKET") or wire.default_socket_path()
+    """$INFERD_SOCKET, else the daemon's own default (inferd.shm.paths, the rules both sides share)."""
+    return paths.socket_path()
 
 
 class Client:
@@ -302,7 +301,7 @@ class Client:
         image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
         return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout))
 
-    def near_duplicates(self, image, k: int = 5, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
+    def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
                         timeout: float | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (cosine of embeddings), best first, at most k
         of them with similarity >= min_similarity. The query itself is not stored."""

@@ -98,7 +98,7 @@ def reconnect(open_session: Callable[[float], T], deadline: float, *, what: str,
 async def reconnect_async(open_session: Callable[[float], Awaitable[T]], deadline: float, *, what: str,
                           backoff: Backoff, clock: Callable[[], float] = time.monotonic) -> T:
     """``reconnect`` for AsyncClient: ``await open_session(seconds_left)``, sleeping with asyncio."""
-    import asyncio
+    import asyncio   # here: a blocking Client never pays for importing asyncio
 
     last: Exception | None = None
     while True:

@@ -27,17 +27,18 @@ from .pipeline.records import BatchResult
 from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
-from .front.handshake import handshake
+from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .models.loading import LoadedModel
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
-from .front.session import Rejected, Session
+from .front.admission import Rejected
+from .front.session import Session
 from ..shm import wire
-
 from .caching.embedding_store import default_path
+from .caching.fleet.cache import open_fleet_cache
 from .models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.server")
@@ -52,8 +53,9 @@ class Server:
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
         self.draining = False
-        self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
-        self.scheduler.model = model        # the serving model's one home (Server.model reads it)
+        self.scheduler = Scheduler(cfg, model, devices, clock)
+        self.caches = self.scheduler.caches
+        self._hand = Hand(caches=self.caches, submit=self.scheduler.submit)   # for each handshake
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
@@ -141,17 +143,15 @@ class Server:
         self.cfg.model = fresh.model
 
     async def _start_devices(self) -> bool:
-        memory = self.scheduler.memory
+        caches = self.caches
         if self.cfg.cache.enabled:
-            memory.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
+            caches.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
         if self.cfg.l2.enabled:             # the fleet cache (daemon/caching/fleet/cache.py); ConfigError: a bad key file
-            from .caching.fleet.cache import open_fleet_cache
-
-            memory.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(memory.spec.labels), self._clock)
+            caches.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(caches.spec.labels), self._clock)
         for dev in self.devices:
             dev.executor = Executor(
                 dev, self.model, deliver=self._deliver_threadsafe, max_batch=self.cfg.batching.max_batch,
-                warmup_batches=self.cfg.model.warmup_batches, keep_k=memory.keep_k, clock=self._clock)
+                warmup_batches=self.cfg.model.warmup_batches, keep_k=caches.keep_k, clock=self._clock)
             dev.collector = Collector(
                 dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
                 peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock)
@@ -168,10 +168,10 @@ class Server:
         dim = self.devices[0].executor.embedding_dim
         if self.cfg.embeddings.enabled and dim:
             embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
-            memory.open_store(self.cfg.embeddings.path or default_path(
+            caches.open_store(self.cfg.embeddings.path or default_path(
                 os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
             for dev in self.devices:
-                dev.executor.store = memory.store
+                dev.executor.store = caches.store
         return True
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
@@ -201,9 +201,9 @@ class Server:
             session.release_ring()
         self.sessions.clear()
         await asyncio.to_thread(self.metrics.close)       # before what a scrape reads closes
-        if self.scheduler.memory.l2 is not None:
-            await self.scheduler.memory.l2.close()          # its last writes, within a second
-        self.scheduler.memory.close()
+        if self.caches.l2 is not None:
+            await self.caches.l2.close()          # its last writes, within a second
+        self.caches.close()
         for store in self._retired:
             store.close()
         self.admin.close()
@@ -223,13 +223,9 @@ class Server:
         loop = self._loop
         while True:
             conn, _ = await loop.sock_accept(self.listener.sock)
-            task = loop.create_task(handshake(self, conn))
+            task = loop.create_task(handshake(self, conn, self._hand))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
-
-    # requests ---------------------------------------------------------------------------------
-    def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
-        self.scheduler.submit(session, rid, msg, op)
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
     def health(self) -> dict:
@@ -246,10 +242,10 @@ class Server:
 
     def flush_cache(self, peer: tuple) -> dict:
         """Empty the result cache (admin socket only)."""
-        cache = self.scheduler.memory.cache
+        cache = self.caches.cache
         if cache is None:
             raise Rejected(wire.E_INVALID_INPUT, "the result cache is disabled (cache.enabled)")
-        dropped, generation = self.scheduler.memory.flush()
+        dropped, generation = self.caches.flush()
         log.info("result cache flushed by pid %d uid %d: %d entries dropped", peer[0], peer[1], dropped)
         return {"dropped": dropped, "generation": generation}
 
@@ -309,7 +305,7 @@ class Server:
         snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
                     pid=self.pid, policy=self.scheduler.policy.name, in_flight=self.scheduler.outstanding,
                     sessions={"open": len(self.sessions), "opened": self.counters["sessions"]},
-                    cache=self.scheduler.memory.stats())
+                    cache=self.caches.stats())
         return snap
 
     def metrics_text(self) -> bytes:

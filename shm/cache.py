@@ -133,8 +133,8 @@ def cache_key(model_digest: str, preprocess: str, content_hash: bytes) -> bytes:
 
 def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: bytes) -> bytes:
     """32-byte cache key of an encoded upload (JPEG/PNG/WebP bytes, hashed by
-    ``inferd.client.decode.encoded_hash``) under a model, its preprocessing and the decoder that
-    turns the bytes into a frame (``inferd.client.decode.decoder_id``: library versions, steps,
+    ``inferd.shm.uploads.encoded_hash``) under a model, its preprocessing and the decoder that
+    turns the bytes into a frame (``inferd.shm.uploads.decoder_id``: library versions, steps,
     target size). Its own derivation context, so it can never equal a frame's key. The daemon
     inserts under it only bytes it decoded itself to the frame it computed (NOTE [ encoded uploads ]
     in daemon/caching/results.py)."""

@@ -59,6 +59,10 @@ class FakeServer:
     def session_closed(self, session) -> None:
         pass
 
+    def session(self, sid: int, peer: tuple) -> Session:
+        """A Session of this server with no ring; it may ping, nothing more."""
+        return Session(self, sid, None, peer, submit=None, hits=None)
+
 
 class FakeTransport:
     """Records replies in a shared ``order`` list; with ``drain=False`` nothing is ever read, and it
@@ -131,7 +135,7 @@ def test_a_turn_handles_a_bounded_number_of_frames_and_other_clients_run_between
     another session's ping, arriving as a later event, is answered within two turns."""
     async def main():
         server, order = FakeServer(), []
-        flood, victim = Session(server, 1, None, (1, 1000, 1000)), Session(server, 2, None, (2, 1001, 1001))
+        flood, victim = server.session(1, (1, 1000, 1000)), server.session(2, (2, 1001, 1001))
         ft, vt = FakeTransport(flood, order), FakeTransport(victim, order)
         flood.connection_made(ft)
         victim.connection_made(vt)
@@ -157,7 +161,7 @@ def test_unread_replies_stop_reading_and_then_disconnect():
     and it is aborted after unread_timeout_s."""
     async def main():
         server = FakeServer(reply_buffer_bytes=4096, unread_timeout_s=0.2)
-        s = Session(server, 1, None, (1, 1000, 1000))
+        s = server.session(1, (1, 1000, 1000))
         t = FakeTransport(s, [], drain=False)
         s.connection_made(t)
         s.data_received(_pings(100_000))

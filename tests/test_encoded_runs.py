@@ -151,7 +151,9 @@ def _scheduler(clock, devices=1):
     cfg = Config()
     cfg.health.max_attempts = 2
     devs = [Device(i, "cpu", 1) for i in range(devices)]
-    return Scheduler(cfg, SPEC, devs, clock, "digest"), devs
+    from types import SimpleNamespace
+
+    return Scheduler(cfg, SimpleNamespace(spec=SPEC, digest="digest", gen=0), devs, clock), devs
 
 
 def _classify(slot, **extra):
@@ -206,7 +208,7 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
     from inferd.daemon.caching import results as caching
 
     monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
-    memory = caching.Memory(Config(), SPEC, "digest", Counter())
+    memory = caching.Caches(Config(), SPEC, "digest", Counter())
     memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
     reads = []
     ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))
@@ -239,7 +241,7 @@ def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
 
     cfg = Config()
     cfg.cache.max_upload_bytes = 1000
-    memory = caching.Memory(cfg, SPEC, "digest", Counter())
+    memory = caching.Caches(cfg, SPEC, "digest", Counter())
     memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
     reads = []
     ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))

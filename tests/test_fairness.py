@@ -215,7 +215,7 @@ def test_fair_share_off_is_first_come_first_served():
     cfg = Config()
     cfg.dispatch.fair_share = False
     dev = Device(0, "cpu", 1)
-    Scheduler(cfg, SPEC, [dev], Clock(100.0), "digest")
+    Scheduler(cfg, SimpleNamespace(spec=SPEC, digest="digest", gen=0), [dev], Clock(100.0))
     for n in range(3):
         dev.queue.put(item("A", n=n))
     dev.queue.put(item("V"))
@@ -243,7 +243,7 @@ def scheduler(**settings):
     dev = Device(0, "cpu", 1)
     for b in (1, 32):
         dev.profile.observe(b, 0.001 * b)
-    sched = Scheduler(cfg, SPEC, [dev], Clock(100.0), "digest")
+    sched = Scheduler(cfg, SimpleNamespace(spec=SPEC, digest="digest", gen=0), [dev], Clock(100.0))
     return sched, dev
 
 

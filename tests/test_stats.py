@@ -125,7 +125,7 @@ def scheduler(spec, clock, enabled=True, queue_limit=1024):
     cfg.metrics.enabled = enabled
     cfg.batching.queue_limit = queue_limit
     dev = Device(0, "cpu", 1)
-    return Scheduler(cfg, spec, [dev], clock, "digest"), dev
+    return Scheduler(cfg, SimpleNamespace(spec=spec, digest="digest", gen=0), [dev], clock), dev
 
 
 def classify(spec, slot, **extra):
@@ -256,7 +256,7 @@ def test_prometheus_families_of_a_snapshot_parse_back(spec):
     run_batch(sched, dev, 10.0012, 10.004, 10.005, clock)
     snap = sched.stats.snapshot()
     snap.update(model={"name": "shapes", "digest": "d" * 8, "gen": 0}, pid=1, policy="weighted",
-                in_flight=sched.outstanding, sessions={"open": 1, "opened": 1}, cache=sched.memory.stats())
+                in_flight=sched.outstanding, sessions={"open": 1, "opened": 1}, cache=sched.caches.stats())
     assert wire.decode_body(wire.encode(snap)[wire.HEADER_SIZE:]) == snap      # msgpack carries it as is
     text = generate_latest(SnapshotCollector(lambda: snap)).decode()
     samples = {(x.name, tuple(sorted(x.labels.items()))): x.value

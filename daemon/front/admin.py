@@ -38,7 +38,7 @@ from ..config import ConfigError
 from .listener import Listener, peer_credentials, peer_groups
 from ..ops.logs import RateLimitedLog
 from ..ops.reload import ReloadError
-from .session import Rejected
+from .admission import Rejected
 from ...shm import wire
 
 from ..pipeline import thread_pools

@@ -22,11 +22,11 @@ NOTE [ stats ]
     Scheduler._finish                               uid.in_flight -= 1 + followers
     HealthMonitor._transition                       device state, since (monotonic and wall), count
     Server.session_opened / session_closed          uid.sessions +- 1
-    Memory (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
+    Caches (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
       a client's report of its own hits             by the cache file itself (insert / flush)
     the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
     the fleet cache (daemon/caching/fleet/cache.py): lookups by      its own ``counts``, ``wait`` histograms and
-      verdict, writes, breaker moves               breaker, read by Memory.stats (``cache.l2``)
+      verdict, writes, breaker moves               breaker, read by Caches.stats (``cache.l2``)
 
 Everything is written on the event loop thread, and read there too (an HTTP scrape hops onto the
 loop: daemon/ops/metrics.py), so there are no locks and a reading is one consistent moment. The

@@ -19,7 +19,7 @@ NOTE [ fleet cache ]
     answers the next repeat itself); anything else goes to its reserved device, or another one
     if that device left rotation meanwhile.
 
-    computed answer -> Memory.remember -> FleetCache.store -> bounded backlog -> one pipelined
+    computed answer -> Caches.remember -> FleetCache.store -> bounded backlog -> one pipelined
     SET EX per write batch (a task; never awaited by a request). Full backlog: dropped, counted.
 
 Why look up first and compute on a miss, rather than compute at once and answer from L2 if it
@@ -44,7 +44,7 @@ from typing import Callable
 
 from . import connection
 from .breaker import STATES, Breaker
-from .codec import decode, encode, load_fleet_key
+from .codec import decode, encode, load_fleet_key, redis_key
 from ...ops.logs import RateLimitedLog
 from ...ops.stats import LATENCY_BOUNDS, Histogram
 
@@ -117,7 +117,7 @@ class FleetCache:
         self.counts["batches"] += 1
 
     async def _ask(self, batch: _Batch) -> None:
-        keys = [self._prefix + key for key in batch.waiters]
+        keys = [redis_key(self._prefix, key) for key in batch.waiters]
         try:
             values = await connection.mget(self._client, self.cfg.cluster, keys)
         except asyncio.CancelledError:
@@ -182,7 +182,7 @@ class FleetCache:
         if self._closing or not self.breaker.writing or len(self._backlog) >= self.cfg.write_backlog:
             self.counts["writes_dropped"] += 1
             return
-        self._backlog.append((self._prefix + key, encode(self._key, key, top)))
+        self._backlog.append((redis_key(self._prefix, key), encode(self._key, key, top)))
         if self._writer is None:
             self._writer = self._loop.create_task(self._write_out())
 

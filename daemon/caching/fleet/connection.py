@@ -17,6 +17,7 @@ from .codec import read_secret
 
 def _common(cfg) -> dict:
     """Keyword arguments every topology's connections take."""
+    # redis is an optional dependency (the fleet extra): imported only when l2.enabled
     from redis.backoff import NoBackoff
     from redis.asyncio.retry import Retry
 
@@ -39,7 +40,7 @@ def _common(cfg) -> dict:
 def make_client(cfg):
     """A redis.asyncio client (Redis, a Sentinel master, or RedisCluster) for ``cfg`` (an L2Config
     checked by config.check_l2_config). Connects lazily: nothing blocks here."""
-    from redis import asyncio as aredis
+    from redis import asyncio as aredis     # optional dependency: see _common
 
     kwargs = _common(cfg)
     if cfg.sentinels:
