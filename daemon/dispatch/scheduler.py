@@ -48,7 +48,7 @@ MAX_TAG_BYTES = 64
 MAX_NEAR_K = 1000
 # The min_similarity of a near request that names none (the client's default is the same): chosen
 # from the similarities of changed copies against different images with the built-in model
-# (docs/operations.md, Near-duplicates; bench/near.py)
+# (docs/operations.md, Near-duplicates; bench/cache/near.py)
 DEFAULT_MIN_SIMILARITY = 0.95
 
 
