@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 from ..lib.daemons import daemon
-from ..lib.measure import cpu_seconds, time_calls
-from ..lib.procs import CTX, RESULT_GRACE_S, collect_results, stop_processes
+from ..lib.measure import cpu_seconds, sleep_until, time_calls
+from ..lib.procs import counts_per_second, report_ready
 
 SHAPES = ["--model", "shapes", "--device", "cpu:1"]
 CACHED = [*SHAPES, "--set", "cache.enabled=true", "--set", "embeddings.enabled=false"]
@@ -50,7 +50,7 @@ def jpeg(array: np.ndarray, quality: int = 85) -> bytes:
 
 
 # -- jpeg_throughput --------------------------------------------------------------------------------
-def _jpeg_client(q, socket_path: str, start_at: float, seconds: float, kind: str) -> None:
+def _jpeg_client(q, index: int, socket_path: str, seconds: float, kind: str, start, go, stop) -> None:
     """Classify 8 JPEGs (``kind`` "jpeg": as bytes, decoded here each time; "array": their frames)
     round robin until the shared window ends; the count of answers inside it."""
     try:
@@ -62,30 +62,22 @@ def _jpeg_client(q, socket_path: str, start_at: float, seconds: float, kind: str
             h, w, _ = c.model.input_shape
             items = files if kind == "jpeg" else [decode.decode(f, h, w) for f in files]
             c.classify(items[0])
-            while time.time() < start_at:
-                time.sleep(0.001)                          # noqa: sleep-ok: waiting for the shared start
-            n, end = 0, start_at + seconds
-            while time.time() < end:
+            report_ready(q, index, go)
+            sleep_until(start.value)
+            n, end = 0, start.value + seconds
+            while time.monotonic() < end:
                 c.classify(items[n % len(items)])
                 n += 1
-        q.put(("ok", n))
+        q.put(("ok", ("done", index, n)))
     except Exception:                                     # noqa: reported to the parent
         import traceback
         q.put(("error", traceback.format_exc()))
 
 
 def _round(socket_path: str, processes: int, kind: str, seconds: float) -> float:
-    q = CTX.Queue()
-    start_at = time.time() + 3.0
-    procs = [CTX.Process(target=_jpeg_client, args=(q, socket_path, start_at, seconds, kind), daemon=True)
-             for _ in range(processes)]
-    try:
-        for p in procs:
-            p.start()
-        counts = collect_results(q, procs, processes, seconds + RESULT_GRACE_S)
-    finally:
-        stop_processes(procs)
-    return sum(counts) / seconds
+    """``processes`` clients of ``kind`` over one shared window: answers/s."""
+    return counts_per_second([(_jpeg_client, (socket_path, seconds, kind))] * processes, seconds,
+                             name="bench-jpeg")
 
 
 def jpeg_throughput(processes: tuple = (2, 4), seconds: float = 4.0, rounds: int = 2) -> dict:

@@ -25,7 +25,8 @@ import time
 
 from ..lib.daemons import daemon
 from ..lib.measure import frames
-from ..lib.procs import CTX, RESULT_GRACE_S, collect_results, stop_processes
+from ..lib.measure import sleep_until
+from ..lib.procs import counts_per_second, report_ready
 from ..lib.report import DEFAULT_OUT, prog
 from .encoded import jpeg_throughput, repeat_upload
 
@@ -41,8 +42,8 @@ ASYNC_IN_FLIGHT = 64
 
 
 # -- async_vs_sync ----------------------------------------------------------------------------------
-def _sync_client(q, socket_path: str, size: int, start, seconds: float) -> None:
-    """One process, one Client: connected and warm, it waits at the ``start`` barrier with the other
+def _sync_client(q, index: int, socket_path: str, size: int, seconds: float, start, go, stop) -> None:
+    """One process, one Client: connected and warm, it waits for the shared start with the other
     processes of its round, then classifies for ``seconds``; the count of answers."""
     try:
         from inferd.client import Client
@@ -50,19 +51,20 @@ def _sync_client(q, socket_path: str, size: int, start, seconds: float) -> None:
         frame = frames(1, size, seed=os.getpid())[0]
         with Client(socket_path, cache=False) as c:
             c.classify(frame)                              # connected and warm before the window
-            start.wait()
-            n, end = 0, time.monotonic() + seconds
+            report_ready(q, index, go)
+            sleep_until(start.value)
+            n, end = 0, start.value + seconds
             while time.monotonic() < end:
                 c.classify(frame)
                 n += 1
-        q.put(("ok", n))
+        q.put(("ok", ("done", index, n)))
     except Exception:                                     # noqa: reported to the parent
         import traceback
         q.put(("error", traceback.format_exc()))
 
 
-def _async_client(q, socket_path: str, size: int, start, seconds: float, in_flight: int,
-                  loop: str = "asyncio") -> None:
+def _async_client(q, index: int, socket_path: str, size: int, seconds: float, in_flight: int,
+                  loop: str, start, go, stop) -> None:
     """One process, one AsyncClient, ``in_flight`` tasks classifying until the window ends, on
     asyncio's default loop or uvloop."""
     try:
@@ -73,8 +75,9 @@ def _async_client(q, socket_path: str, size: int, start, seconds: float, in_flig
         async def main() -> int:
             async with AsyncClient(socket_path, cache=False, ring_slots=in_flight) as c:
                 await c.classify(frame)
-                await asyncio.get_running_loop().run_in_executor(None, start.wait)
-                end, count = time.monotonic() + seconds, [0]
+                await asyncio.get_running_loop().run_in_executor(None, report_ready, q, index, go)
+                await asyncio.sleep(max(0.0, start.value - time.monotonic()))
+                end, count = start.value + seconds, [0]
 
                 async def task():
                     while time.monotonic() < end:
@@ -84,27 +87,12 @@ def _async_client(q, socket_path: str, size: int, start, seconds: float, in_flig
                 return count[0]
         if loop == "uvloop":
             import uvloop
-            q.put(("ok", uvloop.run(main())))
+            q.put(("ok", ("done", index, uvloop.run(main()))))
         else:
-            q.put(("ok", asyncio.run(main())))
+            q.put(("ok", ("done", index, asyncio.run(main()))))
     except Exception:                                     # noqa: reported to the parent
         import traceback
         q.put(("error", traceback.format_exc()))
-
-
-def _round(targets: list[tuple], seconds: float) -> float:
-    """Start the children (each ``(target, args)``), let them run one shared window; answers/s."""
-    q, start = CTX.Queue(), CTX.Barrier(len(targets) + 1)
-    procs = [CTX.Process(target=t, args=(q, *args[:2], start, seconds, *args[2:]), daemon=True)
-             for t, args in targets]
-    try:
-        for p in procs:
-            p.start()
-        start.wait(RESULT_GRACE_S)                         # every child connected and warm
-        counts = collect_results(q, procs, len(procs), seconds + RESULT_GRACE_S)
-    finally:
-        stop_processes(procs)
-    return sum(counts) / seconds
 
 
 def async_vs_sync(model: str = "noop", rounds: int = 2, seconds: float = 4.0) -> dict:
@@ -114,9 +102,11 @@ def async_vs_sync(model: str = "noop", rounds: int = 2, seconds: float = 4.0) ->
     with daemon(ASYNC_MODELS[model]) as d:
         path = d["socket"]
         for _ in range(rounds):
-            out["sync"].append(_round([(_sync_client, (path, size))] * SYNC_PROCESSES, seconds))
-            out["async"].append(_round([(_async_client, (path, size, ASYNC_IN_FLIGHT))], seconds))
-            out["uvloop"].append(_round([(_async_client, (path, size, ASYNC_IN_FLIGHT, "uvloop"))], seconds))
+            out["sync"].append(counts_per_second([(_sync_client, (path, size, seconds))] * SYNC_PROCESSES,
+                                                 seconds, name="bench-sync"))
+            for loop in ("asyncio", "uvloop"):
+                out["async" if loop == "asyncio" else loop].append(counts_per_second(
+                    [(_async_client, (path, size, seconds, ASYNC_IN_FLIGHT, loop))], seconds, name="bench-async"))
     for side in ("sync", "async", "uvloop"):
         out[f"{side}_rps"] = sum(out[side]) / rounds
     out["ratio"] = out["async_rps"] / out["sync_rps"]

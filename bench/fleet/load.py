@@ -23,7 +23,8 @@ import traceback
 
 import numpy as np
 
-from ..lib.procs import CTX, RESULT_GRACE_S, collect_results, stop_processes
+from ..lib.measure import sleep_until
+from ..lib.procs import RESULT_GRACE_S, children, report_ready
 
 SIZE = 64
 
@@ -58,7 +59,7 @@ def schedule(seed: int, total: int, repeat: float, fleet: int) -> tuple[list, di
     return hosts, counts
 
 
-def _client(q, socket_path: str, seed: int, fids: list, depth: int, go, start) -> None:
+def _client(q, index: int, socket_path: str, seed: int, fids: list, depth: int, start, go, stop) -> None:
     """Send ``fids`` in chunks of ``depth`` after the shared start; report (start time, seconds,
     frames, failed) per chunk and the end time."""
     try:
@@ -67,11 +68,8 @@ def _client(q, socket_path: str, seed: int, fids: list, depth: int, go, start) -
         chunks = [fids[i:i + depth] for i in range(0, len(fids), depth)]
         with Client(socket_path) as client:
             client.ping()
-            q.put(("ok", "ready"))
-            if not go.wait(timeout=RESULT_GRACE_S):
-                raise RuntimeError("no start signal from the parent")
-            while time.monotonic() < start.value:
-                time.sleep(0.001)
+            report_ready(q, index, go)
+            sleep_until(start.value)
             rows, errors = [], []
             for chunk in chunks:
                 imgs = [frame(seed, fid) for fid in chunk]
@@ -84,8 +82,8 @@ def _client(q, socket_path: str, seed: int, fids: list, depth: int, go, start) -
                     if len(errors) < 3:
                         errors.append(repr(exc)[:300])
                 rows.append((t0, time.monotonic() - t0, len(chunk), failed))
-            q.put(("ok", {"rows": rows, "end": time.monotonic(), "client_hits": client.cache_hits,
-                          "errors": errors}))
+            q.put(("ok", ("done", index, {"rows": rows, "end": time.monotonic(),
+                                          "client_hits": client.cache_hits, "errors": errors})))
     except BaseException:
         q.put(("error", traceback.format_exc()))
 
@@ -94,30 +92,16 @@ def run(sockets: list, hosts: list, seed: int, clients_per_host: int, depth: int
         during=None) -> dict:
     """Run one workload (``hosts[i]`` to ``sockets[i]``) to the end; ``during(start)`` runs in the
     parent meanwhile (the outage part stops Redis there). Returns rows, wall time, img/s."""
-    q = CTX.Queue()
-    go = CTX.Event()
-    start = CTX.Value("d", 0.0)
-    procs = []
-    for h, sock in enumerate(sockets):
-        for c in range(clients_per_host):
-            fids = hosts[h][c::clients_per_host]
-            procs.append(CTX.Process(target=_client, args=(q, sock, seed, fids, depth, go, start),
-                                     name=f"fleet-client-{h}-{c}", daemon=True))
-    try:
-        for p in procs:
-            p.start()
-        collect_results(q, procs, len(procs), RESULT_GRACE_S)      # every one connected
-        start.value = time.monotonic() + 0.2
-        go.set()
+    specs = [(_client, (sock, seed, hosts[h][c::clients_per_host], depth))
+             for h, sock in enumerate(sockets) for c in range(clients_per_host)]
+    with children(specs, lead_s=0.2, name="fleet-client", grace=5.0) as group:
         if during is not None:
-            during(start.value)
-        results = collect_results(q, procs, len(procs), RESULT_GRACE_S + 300)
-    finally:
-        stop_processes(procs)
+            during(group.start)
+        results = [r[0] for r in group.collect(RESULT_GRACE_S + 300)]
     rows = [row for r in results for row in r["rows"]]
-    wall = max(r["end"] for r in results) - start.value
+    wall = max(r["end"] for r in results) - group.start
     frames = sum(row[2] for row in rows)
     return {"rows": rows, "wall_s": wall, "img_s": frames / wall, "frames": frames,
             "failed": sum(row[3] for row in rows), "client_hits": sum(r["client_hits"] for r in results),
             "errors": [e for r in results for e in r["errors"]][:5],
-            "start": start.value}
+            "start": group.start}

@@ -27,7 +27,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from ..lib import daemons, measure, report
@@ -275,6 +274,3 @@ def main(argv=None) -> int:
     return report.settings_main(argv, __doc__, "fleet.json", "1 pair of 1500-request rounds, about 1 min",
                                 SETTINGS, measure, render)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,6 +28,7 @@ import traceback
 import numpy as np
 
 from ..lib.measure import frames
+from ..lib.report import REPO
 
 FLOOD_SLOTS = 256                  # frames the flooding session keeps in flight
 INFO_BATCH = 10_000                # info requests in one write
@@ -48,7 +49,7 @@ def sample_images() -> list[tuple[str, np.ndarray]]:
     """The repository's sample PNGs as (true label, uint8 HxWx3 array)."""
     from PIL import Image
 
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+    root = os.path.join(REPO, "samples")
     out = []
     for name in sorted(os.listdir(root)):
         if name.endswith(".png"):

@@ -27,7 +27,6 @@ what one uid can do to another). Writes ``OUT/isolation.json``. About 2 minutes 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
@@ -77,7 +76,7 @@ class RssSampler(threading.Thread):
 
 
 class Child:
-    """One spawned child of isolation_attacks with its own result queue and stop event."""
+    """One spawned child of bench/isolation/attacks.py with its own result queue and stop event."""
 
     def __init__(self, target, *args, name: str):
         self.q, self.stop = procs.CTX.Queue(), procs.CTX.Event()
@@ -325,6 +324,3 @@ def main(argv=None) -> int:
     return report.settings_main(argv, __doc__, "isolation.json",
                                 "5 s baseline, 10 s attacks, 4 s share phases: about 80 s", SETTINGS, measure, render)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

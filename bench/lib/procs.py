@@ -121,6 +121,14 @@ def children(specs: list, *, lead_s: float = 0.3, name: str = "bench-client", gr
         stop_processes(procs, grace=grace)
 
 
+def counts_per_second(specs: list, seconds: float, *, name: str) -> float:
+    """``children`` that each count what they did in one shared window of ``seconds`` from the start
+    and report ``("done", index, count)``: the counts summed, per second."""
+    with children(specs, lead_s=0.2, name=name) as group:
+        counts = group.collect(seconds + RESULT_GRACE_S)
+    return sum(c[0] for c in counts) / seconds
+
+
 def sigterm_as_exit() -> None:
     """Turn SIGTERM into SystemExit so every ``finally`` (daemons, children) still runs."""
     def handler(signum, frame):
