@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from ..lib.daemons import cache_daemon, daemon_summary
+from ..lib.report import prog
 from .embeddings import _parallel
 
 KINDS = ("resize", "jpeg", "crop", "brightness")
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     from inferd.daemon.models.zoo.shapes import make_dataset
     from inferd.daemon.dispatch.scheduler import DEFAULT_MIN_SIMILARITY
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__.split("\n\n")[0])
     p.add_argument("--stored", type=int, default=1000)
     p.add_argument("--copies", type=int, default=250, help="copies per change")
     p.add_argument("--fresh", type=int, default=1000)

@@ -29,7 +29,8 @@ import socket
 import subprocess
 import time
 
-from ..lib import daemons, measure, report
+from ..lib import daemons, report
+from ..lib.measure import latency_stats
 from . import load as fleet_load
 
 SETTINGS = {"full": {"hit_frames": 300, "total": 2400, "pairs": 2, "clients": 3, "depth": 4},
@@ -120,9 +121,9 @@ def part_hit(a, b, n: int, log) -> dict:
     deadline = time.monotonic() + 30
     while l2_stats(a)["writes"] < n and time.monotonic() < deadline:
         time.sleep(0.05)
-    local = measure.latency_stats(_round_trips(a["socket"], imgs))     # A's local cache
+    local = latency_stats(_round_trips(a["socket"], imgs))     # A's local cache
     before = l2_stats(b)
-    fleet = measure.latency_stats(_round_trips(b["socket"], imgs))     # B: from L2
+    fleet = latency_stats(_round_trips(b["socket"], imgs))     # B: from L2
     after = l2_stats(b)
     row = {"local_hit_rtt": local, "l2_hit_rtt": fleet, "hits": after["hits"] - before["hits"],
            "daemon_wait_hit": after["wait_hit"], "added_p50_ms": fleet["p50_ms"] - local["p50_ms"]}
@@ -145,7 +146,7 @@ def part_throughput(on: list, off: list, s: dict, fleet: int, seed0: int, log) -
             l2 = {k: sum(x[k] - y[k] for x, y in zip([l2_stats(d) for d in on], before))
                   for k in ("hits", "misses", "errors", "timeouts", "loop_late", "skipped", "breaker_opened")} \
                 if side == "on" else None
-            p99 = measure.latency_stats([row[1] for row in r["rows"]])["p99_ms"]
+            p99 = latency_stats([row[1] for row in r["rows"]])["p99_ms"]
             rounds.append({"side": side, "pair": pair, "img_s": r["img_s"], "failed": r["failed"],
                            "client_hits": r["client_hits"], "p99_ms": p99, "counts": counts, "l2": l2,
                            "computed": computed,
@@ -194,8 +195,8 @@ def part_outage(on: list, redis, s: dict, seed: int, log) -> dict:
     r = fleet_load.run([d["socket"] for d in on], hosts, seed, s["clients"], s["depth"], during=kill)
     after = [l2_stats(d) for d in on]
     t = stop_at["t"]
-    up = measure.latency_stats([row[1] for row in r["rows"] if row[0] + row[1] < t])
-    down = measure.latency_stats([row[1] for row in r["rows"] if row[0] >= t])
+    up = latency_stats([row[1] for row in r["rows"] if row[0] + row[1] < t])
+    down = latency_stats([row[1] for row in r["rows"] if row[0] >= t])
     delta = {k: sum(x[k] - y[k] for x, y in zip(after, before)) for k in ("errors", "timeouts", "skipped")}
     down_wait = wait_quantiles(stop_at["stats"], after)
     row = {"failed": r["failed"], "errors": r["errors"], "frames": r["frames"], "down_wait": down_wait, "p99_up_ms": up["p99_ms"], "p99_down_ms": down["p99_ms"],

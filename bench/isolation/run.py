@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-from ..lib import daemons, measure, procs, report
+from ..lib import daemons, procs, report
+from ..lib.measure import latency_stats
 from . import attacks
 
 SETTINGS = {"full": {"baseline_s": 15.0, "attack_s": 10.0, "share_s": 10.0, "settle_s": 5.0},
@@ -98,7 +99,7 @@ def window(victim: dict, t0: float, t1: float) -> dict:
     ends = np.asarray(victim["ends"])
     sel = (ends >= t0) & (ends <= t1)
     outcomes = np.asarray(victim["outcomes"])[sel]
-    return {**measure.latency_stats(np.asarray(victim["lats"])[sel]),
+    return {**latency_stats(np.asarray(victim["lats"])[sel]),
             "wrong": int(np.count_nonzero(outcomes == 1)), "errors": int(np.count_nonzero(outcomes == 2))}
 
 

@@ -53,7 +53,7 @@ def saturate(d: dict, probe, table: list, warmup_s: float, seconds: float, seed:
     per-device split from the daemon's counters over [start + warmup, + seconds]."""
     pid = d["proc"].pid
     specs = [(pool_load.saturator, (d["socket"], SAT_SLOTS, table, seed + i)) for i in range(SAT_CLIENTS)]
-    with children(specs) as g:
+    with children(specs, name="bench-pool") as g:
         sleep_until(g.start + warmup_s)
         before, cpu0, t0 = probe.info(), cpu_seconds(pid), time.monotonic()
         sleep_until(g.start + warmup_s + seconds)
@@ -99,7 +99,7 @@ def open_loop(d: dict, probe, table: list, rate: float, warmup_s: float, seconds
                                                           rate=rate / GEN_PROCS, timeout_ms=timeout_ms,
                                                           drain_s=drain_s), table))
              for i in range(GEN_PROCS)]
-    with children(specs) as g:
+    with children(specs, name="bench-pool") as g:
         t_w0, t_w1 = g.start + warmup_s, g.start + warmup_s + seconds
         t_rss_end = t_w1 + (2.0 if rss is not None else 0.0)
         before = after = None
@@ -192,7 +192,7 @@ def removal(table: list, capacity: float, dur: dict) -> dict:
     with pool(SPEEDS, "weighted", REMOVAL_ARGS, name="removal") as (d, ctl, probe):
         cfg = gen_cfg("open", SEED + 400, 3600.0, (0.0, 3600.0), rate=REMOVAL_LOAD * capacity,
                       drain_s=15.0)
-        with children([(pool_load.generator, (d["socket"], cfg, table))]) as g:
+        with children([(pool_load.generator, (d["socket"], cfg, table))], name="bench-pool") as g:
             sleep_until(g.start + 1.0)
             pid, t0, cpu0 = d["proc"].pid, time.monotonic(), cpu_seconds(d["proc"].pid)
             for fault in ("raise", "hang"):
@@ -239,7 +239,8 @@ def faults(table: list, dur: dict) -> dict:
         before = probe.info()
         failed0 = before["counters"].get("batches_failed", 0)
         pid = d["proc"].pid
-        with children([(pool_load.generator, (d["socket"], c, table)) for c in cfg]) as g:
+        specs = [(pool_load.generator, (d["socket"], c, table)) for c in cfg]
+        with children(specs, name="bench-pool") as g:
             sleep_until(g.start + 0.5)
             t0, cpu0 = time.monotonic(), cpu_seconds(pid)
             toggles, failed, raise_s, clear_s, stuck = 0, 0, [], [], 0
