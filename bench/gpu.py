@@ -28,7 +28,7 @@ import numpy as np
 from .lib.daemons import counters, daemon
 from .lib.measure import frames, latency_stats, sleep_until
 from .lib.procs import RESULT_GRACE_S, children, report_ready, run_in_child, sigterm_as_exit
-from .lib.report import DEFAULT_OUT, prog, write_results
+from .lib.report import DEFAULT_OUT, command, prog, write_results
 
 SETTINGS = {
     "gpu": {"device": "cuda:0", "model": "resnet50", "size": 224, "batches": (16, 32, 64, 128, 256),
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         at = {r["batch"]: r["img_s"] for r in ceiling["rows"] if r["precision"] == precision}
         results.append(measure_daemon(s, precision, at))
     report = {"mode": mode, "settings": s, "ceiling": ceiling, "best": best, "daemon": results,
-              "wall_s": time.monotonic() - t0, "command": sys.argv,
+              "wall_s": time.monotonic() - t0, "command": command(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     write_results(args.out, f"gpu{'-smoke' if args.cpu_smoke else ''}.json", report,
                   render(report) + f"\n\n{report['wall_s']:.0f} s in all")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     s = SIZES["quick" if args.quick else "full"]
     print(f"{s['clients']} clients, unique frames, {s['rounds']} rounds of cache on / off ...", flush=True)
     out = measure(s["clients"], s["rounds"], s["warmup_s"], s["seconds"], lambda m: print(m, flush=True))
-    out.update(quick=args.quick, command=sys.argv)
+    out.update(quick=args.quick, command=report.command())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cache_cost.json")
     with open(path, "w") as fh:

@@ -17,7 +17,6 @@ figures). See docs/benchmarks.md, section "Result cache and embeddings".
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..lib import procs, report as lib_report
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
     parts = {int(x) for x in args.parts.split(",") if x.strip()}
     sizes = SIZES["quick" if args.quick else "full"]
     results = run_all(sizes, parts, lambda msg: print(msg, flush=True))
-    results.update(quick=args.quick, parts=sorted(parts), command=sys.argv)
+    results.update(quick=args.quick, parts=sorted(parts), command=lib_report.command())
     results["plots"] = write_plots(results, lib_report.img_dir(args))
     lib_report.write_results(args.out, "cache.json", results, report.render(results))
     return 0

@@ -29,6 +29,11 @@ def prog() -> str:
     return "python -m " + rel[:-3].replace(os.sep, ".").removesuffix(".__main__")
 
 
+def command() -> list[str]:
+    """The command line of this run as one would type it again (``python -m bench.pool --quick``)."""
+    return [*prog().split(), *sys.argv[1:]]
+
+
 def parser(doc: str, results_name: str, quick: str) -> argparse.ArgumentParser:
     """The options every benchmark shares: --quick, --out, --img-dir, --replot."""
     p = argparse.ArgumentParser(prog=prog(), description=doc.split("\n\n")[0])
@@ -115,7 +120,7 @@ def settings_main(argv, doc: str, results_name: str, quick: str, settings: dict,
     t0 = time.monotonic()
     results = measure(settings, lambda msg: print(msg, flush=True))
     results.update(extra() if extra else {})
-    results.update(settings=settings, quick=args.quick, command=sys.argv, wall_s=time.monotonic() - t0,
+    results.update(settings=settings, quick=args.quick, command=command(), wall_s=time.monotonic() - t0,
                    date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    loadavg=os.getloadavg())
     write_results(args.out, results_name, results, render(results))

@@ -18,7 +18,6 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..lib import procs, report as lib_report
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
     results = run_all(durations, args.daemon_env, lambda msg: print(msg, flush=True),
                       args.device, args.max_delay_ms, args.daemon_set, not args.no_cpu)
     results.update(quick=args.quick, daemon_env=args.daemon_env, daemon_set=args.daemon_set,
-                   command=sys.argv)
+                   command=lib_report.command())
     results["plots"] = write_plots(results, lib_report.img_dir(args))
     lib_report.write_results(args.out, "results.json", results, report.render(results))
     return 0

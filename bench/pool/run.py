@@ -19,7 +19,6 @@ figures). See docs/benchmarks.md, section "Device pools".
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -328,7 +327,7 @@ def main(argv=None) -> int:
     LOG_DIR[0] = os.path.join(args.out, "devices-logs")
     shm_before = set(os.listdir(daemons.SHM_DIR)) if os.path.isdir(daemons.SHM_DIR) else set()
     t0 = time.monotonic()
-    res = {"machine": lib_report.machine(), "durations": dur, "quick": args.quick, "seed": SEED, "command": sys.argv,
+    res = {"machine": lib_report.machine(), "durations": dur, "quick": args.quick, "seed": SEED, "command": lib_report.command(),
            "model": {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS, "max_batch": MAX_BATCH, "speeds": SPEEDS}}
     table = level_table()
     log(f"seed {SEED}; synthetic model: ({BASE_MS:g} + {PER_FRAME_MS:g} n) ms / speed per batch of n")
