@@ -102,11 +102,11 @@ def run_all(s: dict, parts: set, log) -> dict:
     if parts & {2, 3}:
         log(f"(2, 3) throughput, {s['tp_rounds']} rounds of: {s['repeat_frac']:.0%} repeats on/off, unique on/off ...")
         results["throughput"] = load.throughput(s["tp_clients"], s["tp_warmup_s"], s["tp_s"],
-                                                      s["repeat_frac"], s["tp_rounds"], log)
+                                                s["repeat_frac"], s["tp_rounds"], log)
     if 4 in parts:
         log("(4) hashing against resnet50 @ 224 inference ...")
         results["hashing"] = hashing.measure(s["hash_count"], s["inf_warmup_s"], s["inf_s"],
-                                                s["hash_daemon_frames"])
+                                             s["hash_daemon_frames"])
         results["machine"]["torch"] = results["hashing"]["inference"]["torch"]
     if parts & {5, 6}:
         results["near"] = {}
@@ -128,13 +128,14 @@ def run_all(s: dict, parts: set, log) -> dict:
 
 
 def write_plots(results: dict, img_dir: str) -> list[str]:
+    """The figures of the parts that ran, from a results dict; returns their paths."""
     out = []
     if "latency" in results:
         out.append(plots.latency(results["latency"], os.path.join(img_dir, "cache_latency.png")))
     if "throughput" in results:
         out.append(plots.throughput(results["throughput"], os.path.join(img_dir, "cache_throughput.png")))
     if "near" in results:
-        out.append(plots.near(results["near"]["robustness"], os.path.join(img_dir, "embeddings.png")))
+        out.append(plots.near(results["near"]["robustness"], os.path.join(img_dir, "cache_near.png")))
     return out
 
 
