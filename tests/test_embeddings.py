@@ -231,7 +231,7 @@ def test_pool_is_unit_length_indifferent_to_brightness_and_never_zero():
 
 # near-duplicates through a real daemon ------------------------------------------------------------
 def _changed(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A copy as an upload pipeline makes it (bench/near.py measures the same four changes)."""
+    """A copy as an upload pipeline makes it (bench/cache/near.py measures the same four changes)."""
     from PIL import Image, ImageEnhance
 
     im, side = Image.fromarray(img), img.shape[0]
@@ -276,7 +276,7 @@ def test_changed_copies_find_their_original_and_other_images_stay_under_the_thre
             same_class += any(labels[tags.index(m.tag)] == label for m in near)
         before = c.near_duplicates(stored[0], k=1, min_similarity=-1.0)
     assert before[0].tag == tags[0] and before[0].similarity > 0.9999
-    # bench/near.py: 100 % found, about 1 % of different images passing; the bounds are generous
+    # bench/cache/near.py: 100 % found, about 1 % of different images passing; the bounds are generous
     assert found >= 0.85 * trials, f"{found} of {trials} changed copies found their original"
     assert passing <= 3 and same_class <= 2, f"{passing} of 32 different images passed ({same_class} same class)"
 

@@ -5,7 +5,7 @@ entries written with another fleet key, or by a writer without any key, are igno
 redis-server SIGKILLed under load fails no request, opens the breaker, and a restarted one closes it;
 a model reload never hits an old model's entries; a bad key file stops start-up naming the key.
 Budgets here are generous (a loaded 2-core machine must not turn a hit into a timeout); how fast
-a hit is belongs to bench/fleet.py.
+a hit is belongs to bench/fleet/run.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ NOTE [ fleet cache ]
 Why look up first and compute on a miss, rather than compute at once and answer from L2 if it
 wins: a hit found first costs the device nothing, which is where a fleet's repeats pay (a racing
 computation would be done, and paid for, anyway); a miss pays one round trip before its device,
-about 0.1 ms against milliseconds of batching and compute (bench/fleet.py measures both).
+about 0.1 ms against milliseconds of batching and compute (bench/fleet/run.py measures both).
 
 Every verdict comes within the budget: the timer resolves whatever the reply has not, and a
 request is resolved exactly once (``_Batch.open``). No request fails because of L2: an error, a

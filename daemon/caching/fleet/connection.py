@@ -3,7 +3,7 @@
 
 Why asyncio on the loop rather than a thread with the sync client: a pipelined MGET over loopback
 costs about 50 us of loop time with hiredis, about what a thread hop each way costs alone
-(bench/fleet.py measures the hit path), and the loop keeps all bookkeeping on one thread.
+(bench/fleet/run.py measures the hit path), and the loop keeps all bookkeeping on one thread.
 
 Nothing here retries: a failed command fails at once (``Retry(NoBackoff(), 0)``) and the caller
 counts it and lets the device compute, which is always cheaper for a waiting request than a retry;
