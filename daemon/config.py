@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .caching.fleet.codec import check_l2_config
+from .ops.metrics_listener import check_config as check_metrics_config
 from .config_sections import (COMPILE_MODES, INPUT_FORMS, LOG_LEVELS, MODEL_FORMATS, PRECISIONS, SECTIONS,
                               BatchingConfig, CacheConfig, Config, DeviceConfig, DispatchConfig,
                               EmbeddingsConfig, HealthConfig, L2Config, MetricsConfig, ModelConfig,
@@ -126,6 +127,8 @@ def _check_cross(cfg: Config) -> None:
     if cfg.model.compile != "none" and cfg.model.warmup_batches < 1:
         raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
                           f"warm-up; set model.warmup_batches >= 1")
+    if cfg.metrics.listen or cfg.metrics.socket or cfg.metrics.token_file:
+        check_metrics_config(cfg.metrics)   # who can reach the listener, and its token file
     if cfg.l2.enabled:
         check_l2_config(cfg.l2, cfg.cache.enabled)    # key file private, one topology named
     _check_devices(cfg)

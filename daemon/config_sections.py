@@ -190,8 +190,24 @@ class MetricsConfig:
     enabled: bool = _opt(True, "time every request and batch for the latency and batch-size "
                                "histograms (counters are always kept)")
     listen: str = _opt("", "HOST:PORT of an HTTP listener serving /metrics to a Prometheus server, "
-                           "loopback addresses only (127.0.0.1:9464, [::1]:9464); empty: off "
-                           "(the admin socket serves the same text)")
+                           "loopback addresses only (127.0.0.1:9464, [::1]:9464); every local user can "
+                           "connect, so it needs metrics.token_file (or metrics.allow_anonymous); empty: "
+                           "off (the admin socket serves the full text)")
+    socket: str = _opt("", "Unix socket path of an HTTP listener serving /metrics (the same text as "
+                           "metrics.listen), guarded by its file mode; empty: off")
+    socket_mode: int = _opt(0o600, "permission bits of metrics.socket (0o660 with metrics.socket_group "
+                                   "lets that group scrape)", lo=0, hi=0o777)
+    socket_group: str = _opt("", "group (name or number) given metrics.socket; empty: the daemon's")
+    token_file: str = _opt("", "file holding the bearer token the HTTP listener requires "
+                               "(Authorization: Bearer; Prometheus: authorization: credentials_file), "
+                               "at least 16 printable characters, readable by the daemon's user alone "
+                               "(mode 0600); read again when it changes")
+    allow_anonymous: bool = _opt(False, "serve a listener that every local user can reach (metrics.listen, "
+                                        "or a metrics.socket others may open) without a token: the "
+                                        "aggregate metrics become visible to every local user")
+    per_uid: bool = _opt(False, "the HTTP listener's text also carries the per-uid series "
+                                "(inferd_uid_*: which uids use the daemon, and how much); the admin "
+                                "socket always does")
 
 
 @dataclass

@@ -70,8 +70,8 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self.stats = self.scheduler.stats
-        # Prometheus text, and the HTTP listener of metrics.listen (ConfigError if it cannot be)
-        self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics.listen)
+        # Prometheus text, and the HTTP listener of [metrics] (ConfigError if it cannot be)
+        self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics)
 
     @property
     def model(self) -> LoadedModel:

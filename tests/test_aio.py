@@ -249,7 +249,7 @@ def test_without_reconnect_a_killed_daemon_is_daemon_unavailable(fresh_daemon):
 def test_no_daemon_is_daemon_unavailable_at_once():
     async def main():
         with pytest.raises(DaemonUnavailable, match="no inferd daemon"):
-            await AsyncClient.open(os.path.join(short_dir(), "nobody.sock"))
+            await AsyncClient.open(os.path.join(short_dir(), "nobody.sock"), reconnect=False)
 
     asyncio.run(main())
 

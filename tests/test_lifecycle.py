@@ -146,7 +146,7 @@ def test_usage_error_exits_64():
 
 def test_no_daemon_means_daemon_unavailable():
     with pytest.raises(DaemonUnavailable, match="no inferd daemon answers on"):
-        Client(os.path.join(short_dir(), "none.sock"))
+        Client(os.path.join(short_dir(), "none.sock"), connect_timeout=0.5)
 
 
 @pytest.mark.parametrize("backend", ["memfd", "posix"])

@@ -316,7 +316,8 @@ def _total(samples: dict, name: str, **labels) -> float:
 
 @pytest.mark.timeout(120)
 def test_a_daemon_counts_exactly_what_its_clients_sent(fresh_daemon):
-    d = fresh_daemon("--set", 'metrics.listen="127.0.0.1:0"')
+    d = fresh_daemon("--set", 'metrics.listen="127.0.0.1:0"', "--set", "metrics.allow_anonymous=true",
+                     "--set", "metrics.per_uid=true")
     port = int(re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", d.log()).group(1))
     frame_shape = (64, 64, 3)
     rng = np.random.default_rng(11)
