@@ -70,6 +70,17 @@ class ServerConfig:
                                             "the daemon stops reading its requests", lo=4096, hi=1 << 30)
     unread_timeout_s: float = _opt(30.0, "a client whose replies stay over reply_buffer_bytes this "
                                          "long is disconnected", lo=0.01, hi=86400.0)
+    max_prehello_per_uid: int = _opt(32, "connections of one uid that have not said hello yet (each "
+                                         "holds a descriptor until hello_timeout_s); more are closed at "
+                                         "once with an overloaded error", lo=1, hi=1 << 20)
+    max_prehello: int = _opt(256, "connections of all uids that have not said hello yet; when full, "
+                                  "the oldest one of the uid holding the most makes room for a newcomer "
+                                  "of another uid (NOTE [ the door ] in daemon/front/door.py)",
+                             lo=1, hi=1 << 20)
+    reserved_fds: int = _opt(64, "file descriptors below RLIMIT_NOFILE (raised to its hard limit at "
+                                 "start-up) that client connections never take, kept for the admin "
+                                 "socket, hello and reloads; a connection that would take one is "
+                                 "closed at once (at most half the limit; 0: none)", lo=0, hi=1 << 20)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .pipeline.records import BatchResult
 from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
+from .front.door import Door, raise_fd_limit
 from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
@@ -60,6 +61,7 @@ class Server:
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
+        self.door: Door | None = None        # the client socket's accept loop (daemon/front/door.py)
         self._reread_config = reread_config  # SIGHUP: a fresh Config from the same file and flags
         self._retired: list = []             # embedding stores of models swapped out
         self.counters = self.scheduler.counters
@@ -86,6 +88,7 @@ class Server:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        fd_limit = raise_fd_limit()          # before any client can take descriptors (logged)
         self.admin = AdminServer(self, self.cfg.admin_socket_path, self.cfg.server.admin_group)
         await self.admin.start()            # up while starting: `inferctl health --wait` asks it
         if not await self._start_devices():
@@ -97,6 +100,8 @@ class Server:
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)
         self.state = "ready"
+        self.door = Door(self.listener.sock, self.cfg.server, self._start_handshake, fd_limit, self._clock)
+        self.stats.door = self.door
         accept = loop.create_task(self._accept_loop())
         watchdog = loop.create_task(self._watchdog())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
@@ -220,17 +225,22 @@ class Server:
 
     # accept and hello -------------------------------------------------------------------------
     async def _accept_loop(self) -> None:
-        loop = self._loop
-        while True:
-            conn, _ = await loop.sock_accept(self.listener.sock)
-            task = loop.create_task(handshake(self, conn, self._hand))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+        """Until the drain cancels it: bounds, the descriptor reserve and back-off on EMFILE are
+        the door's (NOTE [ the door ] in daemon/front/door.py)."""
+        await self.door.run()
+
+    def _start_handshake(self, conn, peer: tuple) -> asyncio.Task:
+        task = self._loop.create_task(handshake(self, conn, self._hand, peer))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+        return task
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
     def health(self) -> dict:
         in_rotation = sum(d.healthy for d in self.devices)
-        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0, "live": True,
+        door = self.door.blocked() if self.door is not None else None     # why new clients are refused
+        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0 and door is None,
+                "live": True, "door": door,
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
                 "in_rotation": in_rotation, "pid": self.pid}

@@ -10,6 +10,7 @@ at a time per connection, each answered before the next is read::
 
     op           fields                         reply (besides id, ok)
     health       -                              state (starting|ready|draining), ready, live,
+                                                door (why new connections are refused, or None),
                                                 model {name, digest, gen}, devices [{index, name,
                                                 state}], in_rotation
     stats        -                              the structured statistics (Server.stats_snapshot)

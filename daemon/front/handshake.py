@@ -1,7 +1,8 @@
 """The hello handshake: who the peer is, what ring it gets, and the descriptors handed over.
 
 Runs on the raw accepted socket, before the session protocol (daemon/front/session.py) takes it over,
-because descriptors can only be sent with sendmsg::
+because descriptors can only be sent with sendmsg. The door (daemon/front/door.py) has counted the
+connection among those waiting for hello, per uid and in total, until this ends::
 
     accept -> peer credentials from the kernel (SO_PEERCRED: pid, uid, gid; SO_PEERGROUPS)
            -> read one ``hello`` frame within server.hello_timeout_s (length checked first)
@@ -48,13 +49,14 @@ class Hand:
     submit: Callable[..., None]
 
 
-async def handshake(server, conn, hand: Hand) -> None:
-    """Take one accepted connection through hello; on success the server gets a new Session."""
+async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None:
+    """Take one accepted connection through hello; on success the server gets a new Session.
+    ``peer``: its credentials when the door (daemon/front/door.py) read them already."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    ring = peer = None
+    ring = None
     try:
-        peer = peer_credentials(conn)
+        peer = peer or peer_credentials(conn)
         hello, leftover = await asyncio.wait_for(read_hello(loop, conn, server.cfg.server.max_frame_bytes),
                                                  server.cfg.server.hello_timeout_s)
         rid = hello.get("id") if type(hello.get("id")) is int else None

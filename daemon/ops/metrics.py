@@ -187,6 +187,9 @@ def families(s: dict, per_uid: bool = True):
     if "l2" in s["cache"]:
         yield from _l2_families(s["cache"]["l2"])
 
+    if s.get("door") is not None:
+        yield from _door_families(s["door"])
+
     reloads = CounterMetricFamily("inferd_reloads", "Model reloads by result", labels=["result"])
     for result in ("ok", "failed"):
         reloads.add_metric([result], s["reloads"][result])
@@ -196,6 +199,35 @@ def families(s: dict, per_uid: bool = True):
                    c.get("redispatched", 0))
     yield _counter("inferd_stale_results", "Results dropped because their request had gone elsewhere",
                    c.get("stale_results", 0))
+
+
+DOOR_REFUSALS = ("prehello_uid", "prehello_total", "evicted", "descriptors")
+DOOR_ERRORS = ("EMFILE", "ENFILE")
+
+
+def _door_families(door: dict):
+    """The client socket's door (NOTE [ the door ] in daemon/front/door.py)."""
+    yield _gauge("inferd_door_open", "1 while a new client of any uid would be accepted; 0 while new "
+                 "connections are turned away for lack of file descriptors (health is not ready)",
+                 float(door["open"]))
+    yield _gauge("inferd_door_waiting_hello", "Connections accepted that have not finished hello",
+                 door["waiting_hello"])
+    yield _gauge("inferd_door_fd_limit", "RLIMIT_NOFILE soft limit (raised to the hard limit at start-up)",
+                 door["fd_limit"])
+    refused = CounterMetricFamily("inferd_door_refused", "Connections closed at once by the door, by "
+                                  "reason: prehello_uid (server.max_prehello_per_uid), prehello_total "
+                                  "(server.max_prehello), evicted (waiting for hello, closed to make "
+                                  "room for another uid), descriptors (only the reserve left, or none)",
+                                  labels=["reason"])
+    for reason in (*DOOR_REFUSALS, *sorted(set(door["refused"]) - set(DOOR_REFUSALS))):
+        refused.add_metric([reason], door["refused"].get(reason, 0))
+    yield refused
+    errors = CounterMetricFamily("inferd_door_accept_errors", "accept() on the client socket failed, by "
+                                 "errno (EMFILE, ENFILE: out of file descriptors; the door backs off and "
+                                 "accepts again); other: an unexpected exception", labels=["errno"])
+    for name in (*DOOR_ERRORS, *sorted(set(door["accept_errors"]) - set(DOOR_ERRORS))):
+        errors.add_metric([name], door["accept_errors"].get(name, 0))
+    yield errors
 
 
 def _uid_families(uids: list):
