@@ -518,4 +518,9 @@ class ResultCache:
 
     def seqs(self) -> np.ndarray:
         """A copy of every entry's seqlock counter (tests and tools: what a scan sees change)."""
-        return self._view()[:, :8].copy().view("<u8").reshape(-1)
+        return self._seq_view().copy()
+
+    def _seq_view(self) -> np.ndarray:
+        """Every entry's seqlock counter, a live view of the mapping (delete it before close)."""
+        return np.ndarray((self.geometry.sets * self.geometry.ways,), "<u8", self._mm, HEADER_SIZE,
+                          (self._entry,))
