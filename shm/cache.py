@@ -16,10 +16,10 @@ uids map the descriptor itself.
 What a reader of the mapping learns (every client of every allowed uid holds one): entries are
 sealed under secrets derived from their lookup key, so an entry can be found and read only by
 whoever can compute that key, i.e. holds the same frame (or encoded bytes) and knows the model
-digest and preprocessing (hello tells everyone those). :class:`EntrySecrets` makes them with one
-BLAKE3 derive-key call on the key: a 16-byte *tag*, stored, that locates the entry (set = tag[:8]
-% sets) and names it within its set; a *MAC key*; and a keystream. The stored bytes are never the
-key itself, and nothing else in the file depends on the key, the answer or the time of the insert:
+digest and preprocessing (hello tells everyone those). How, in inferd.shm.cacheseal: the key
+derives a 16-byte *tag*, stored, that finds the entry (set = tag[:8] % sets), a MAC key and
+keystreams. The stored bytes are never the key itself, and nothing else in the file depends on the
+key, the answer or the time of the insert:
 
 - the body (k and the pairs, padded to max_k pairs, so every answer has one size) is stored
   XORed with a keystream chosen by the entry's check (a synthetic IV, as in SIV modes): two
@@ -33,23 +33,14 @@ key itself, and nothing else in the file depends on the key, the answer or the t
 What a reader still learns: the geometry and the generation (flushes) in the header, and the
 seqlock counters: a scan that compares two snapshots sees which entries were rewritten in between
 (that some answer was written at some time, not for which frame, nor its classes or scores). An
-entry rewritten with the same answer in the same generation gets the same bytes (the design is
+entry rewritten with the same answer in the same generation gets the same bytes (sealing is
 deterministic), so a watcher can tell "same answer again" from "another answer" for one entry, not
 what either is. A client can tell whether a frame it holds was classified here (a hit), as with
 any shared cache.
 
-Integrity, a check over the plaintext under the key (SIV-style): check = BLAKE3-keyed(MAC key,
-generation u64 || body)[:16], stored, and the keystream is the derive call's XOF output at window
-1 + check[:6] (``STREAM_WINDOW`` bytes each, window 0 holding tag and MAC key; BLAKE3's XOF is a
-PRF of its output position, so seeking to a window is counter mode). A reader unmasks its private
-copy with the stored check's keystream and recomputes the check: a torn copy, a flipped bit, an
-entry of an older generation or of another key (a tag collision), or one forged by anyone who
-cannot compute the key (the daemon alone writes anyway), is a miss, never a wrong answer (2**-128
-a try). Why this and not encrypt-then-MAC with a random nonce: the check doubles as the nonce, so
-a lookup costs two BLAKE3 instances (the derive call, the check) where encrypt-then-MAC needs
-three, the insert needs no random source, and a keystream can never be reused for two different
-plaintexts whatever the nonce source does. A check keyed by a key-derived MAC key says nothing of
-the plaintext to whoever lacks the key (an unkeyed one would let a reader test guesses).
+Integrity: a check over the plaintext body under a key-derived MAC key, which also picks the
+keystream (SIV-style; inferd.shm.cacheseal says why this construction): an entry opens only whole,
+for this key and this generation, else it is a miss, never a wrong answer.
 
 File layout (all integers little-endian)::
 
@@ -76,8 +67,8 @@ the key)::
     offset  size         field
     0       8            seq     u64 seqlock counter, even at rest, odd while the daemon writes
                                  the entry; starts at a random even value below 2**62
-    8       16           tag     EntrySecrets(key).tag
-    24      16           check   EntrySecrets(key).check(generation, body): see Integrity
+    8       16           tag     EntrySecrets(key).tag (inferd.shm.cacheseal)
+    24      16           check   BLAKE3-keyed(MAC key, generation u64 || body)[:16]
     40      8 + 8*max_k  masked  body XOR keystream(check); body = k u32 (1..max_k), reserved u32
                                  zero, max_k times (class index u32, score f32), the pairs after
                                  the k-th zero
@@ -115,6 +106,7 @@ import blake3
 import numpy as np
 
 from . import ownedfile
+from .cacheseal import EntrySecrets
 
 MAGIC = b"INFDRCCH"
 FORMAT_VERSION = 2
@@ -125,11 +117,8 @@ TAG_OFFSET = 8
 CHECK_OFFSET = 24
 MASKED_OFFSET = 40
 ENTRY_FIXED = 48                                         # entry size = ENTRY_FIXED + 8 * max_k
-TAG_SIZE = CHECK_SIZE = 16
-STREAM_WINDOW = 1 << 14                                  # > the largest body, 8 + 8 * 1024 bytes
 SEQ_START_MASK = (1 << 62) - 2                           # a random start: even, far from overflow
 FILL_CHUNK = 4 << 20                                     # bytes of random fill generated at once
-SECRETS_CONTEXT = "inferd 2026-12 result cache entry secrets v2"
 
 _HEADER = struct.Struct("<8sIIIIIIQ")                    # bytes 0..40; the check follows at 40..48
 _KPAD = struct.Struct("<II")                             # k, reserved: the first 8 bytes of the body
@@ -184,36 +173,6 @@ def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: 
     for part in (model_digest.encode(), preprocess.encode(), decoder.encode(), bytes(encoded_hash)):
         h.update(_U64.pack(len(part)) + part)
     return h.digest()
-
-
-class EntrySecrets:
-    """What an entry's lookup key derives (module docstring), from one BLAKE3 derive-key call whose
-    XOF output is read at three places: bytes 0..16 the tag (the only one ever stored), 16..48 the
-    MAC key, and from STREAM_WINDOW on, one window per synthetic IV, the keystreams."""
-
-    __slots__ = ("tag", "mac_key", "_xof")
-
-    def __init__(self, key: bytes):
-        if len(key) != 32:
-            raise ValueError(f"a cache key is 32 bytes (from cache_key()), got {len(key)}")
-        self._xof = blake3.blake3(bytes(key), derive_key_context=SECRETS_CONTEXT)
-        head = self._xof.digest(TAG_SIZE + 32)
-        self.tag, self.mac_key = head[:TAG_SIZE], head[TAG_SIZE:]
-
-    def check(self, generation: int, body: bytes) -> bytes:
-        """The synthetic IV of a plaintext body: BLAKE3-keyed(MAC key, generation || body)[:16]."""
-        return blake3.blake3(_U64.pack(generation) + body, key=self.mac_key).digest(CHECK_SIZE)
-
-    def mask(self, data: bytes, check: bytes) -> bytes:
-        """``data`` XOR the keystream of ``check``: masks a body, and unmasks one. The keystream is
-        the XOF output at window 1 + check[:6] (48 bits, STREAM_WINDOW bytes each, past the tag and
-        MAC key at window 0): a different plaintext or generation reads a different window."""
-        window = 1 + int.from_bytes(check[:6], "little")
-        stream = self._xof.digest(len(data), seek=window * STREAM_WINDOW)
-        return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(len(data), "little")
-
-
-entry_secrets = EntrySecrets
 
 
 class CacheGeometry(NamedTuple):
@@ -359,7 +318,7 @@ class ResultCache:
     def lookup(self, key: bytes) -> list[tuple[int, float]] | None:
         """The stored answer for ``key``, or None (absent, being written, torn or corrupt)."""
         generation, mm = self._generation(), self._mm    # raises once closed
-        secrets = entry_secrets(key)
+        secrets = EntrySecrets(key)
         off = self._find(secrets.tag)
         top = self._read(mm, off, secrets, generation) if off is not None else None
         if top is None:
@@ -388,17 +347,16 @@ class ResultCache:
 
     def _read(self, mm: mmap.mmap, off: int, secrets: EntrySecrets,
               gen: int) -> list[tuple[int, float]] | None:
-        """Seqlock read into a private copy; unmasked and checked on the copy."""
+        """Seqlock read into a private copy; opened (unmasked and checked) on the copy."""
         seq = _U64.unpack_from(mm, off)[0]
         entry = mm[off:off + self._entry]
-        if seq & 1 or _U64.unpack_from(mm, off)[0] != seq or entry[TAG_OFFSET:CHECK_OFFSET] != secrets.tag:
-            self._torn += 1                              # being written, or torn
+        body = None if seq & 1 or _U64.unpack_from(mm, off)[0] != seq else secrets.open(gen, entry[TAG_OFFSET:])
+        if body is None:
+            self._torn += 1                              # being written, torn, corrupt, or of an older generation
             return None
-        check = entry[CHECK_OFFSET:MASKED_OFFSET]
-        body = secrets.mask(entry[MASKED_OFFSET:], check)
         k = _KPAD.unpack_from(body)[0]
-        if secrets.check(gen, body) != check or not 0 < k <= self.geometry.max_k:
-            self._torn += 1                              # torn, corrupt, or of an older generation
+        if not 0 < k <= self.geometry.max_k:             # only a daemon bug could seal this
+            self._torn += 1
             return None
         flat = _pairs(k).unpack_from(body, 8)
         return list(zip(flat[0::2], flat[1::2]))
@@ -408,7 +366,7 @@ class ResultCache:
         if self._fd is None:
             raise CacheError(f"insert needs open_writer; result cache {self.path} is read-only or closed")
         k, max_k = len(top), self.geometry.max_k
-        secrets = entry_secrets(key)
+        secrets = EntrySecrets(key)
         if not 1 <= k <= max_k:
             raise ValueError(f"an answer has 1..{max_k} pairs (max_k), got {k}")
         try:
@@ -417,9 +375,9 @@ class ResultCache:
             raise ValueError(f"pairs must be (class index 0..2**32-1, float32 score): {exc}") from None
         body = _KPAD.pack(k, 0) + payload + bytes(8 * (max_k - k))      # every answer the same size
         with self._lock:
-            check = secrets.check(self._generation(), body)
+            sealed = secrets.seal(self._generation(), body)
             off, evicted, was_empty = self._choose_way(secrets.tag)
-            self._write(off, secrets.tag + check + secrets.mask(body, check))
+            self._write(off, sealed)
             self._clock += 1
             self._stamps[(off - HEADER_SIZE) // self._entry] = self._clock
             self._inserts += 1

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from inferd.shm.cache import (CHECK_OFFSET, ENTRY_FIXED, HEADER_SIZE, MASKED_OFFSET, TAG_OFFSET, CacheError,
-                              CacheLocked, CacheUnavailable, ResultCache, cache_key, content_hash,
-                              entry_secrets)
+                              CacheLocked, CacheUnavailable, ResultCache, cache_key, content_hash)
+from inferd.shm.cacheseal import EntrySecrets
 
 # The deterministic answer for (key, version), shared by the tests and their child processes. The
 # version is readable back from an answer (first class // 256), so a reader can recompute what the
@@ -199,7 +199,7 @@ def test_reader_refuses_missing_or_garbage_file(path):
 def entry_offset(path: str, key: bytes) -> int:
     """Where the entry of ``key`` starts: its tag is the one thing of it a scan can find."""
     data = open(path, "rb").read()
-    return data.index(entry_secrets(key).tag) - TAG_OFFSET
+    return data.index(EntrySecrets(key).tag) - TAG_OFFSET
 
 
 def flip(path: str, offset: int) -> None:
@@ -243,7 +243,7 @@ def test_an_entry_under_another_keys_tag_is_a_miss(path):
     cache.insert(b, [(2, 0.5)])
     at_a, at_b = entry_offset(path, a), entry_offset(path, b)
     data = open(path, "rb").read()
-    forged = data[at_a:at_a + TAG_OFFSET] + entry_secrets(b).tag + data[CHECK_OFFSET + at_a:at_a + ENTRY_FIXED + 8 * 16]
+    forged = data[at_a:at_a + TAG_OFFSET] + EntrySecrets(b).tag + data[CHECK_OFFSET + at_a:at_a + ENTRY_FIXED + 8 * 16]
     with open(path, "r+b") as fh:
         fh.seek(at_b)
         fh.write(forged)
