@@ -82,10 +82,11 @@ way never written since the open first).
 Why a reader never returns a wrong answer, with no lock while the daemon writes: the daemon stores
 seq odd, then bytes 8.. of the entry, then seq even (seq only grows, so a write in between cannot
 look unchanged). A reader loads seq, copies the entry into a private bytes object, loads seq
-again, and answers only if both loads are the same even value, the copy's tag is the key's and the copy,
-unmasked, verifies its check under this key and the current generation. A Python slice of an mmap is not atomic and nothing orders the
-loads on memory models weaker than x86's: the check over the private copy is what guarantees the
-answer is exactly one the daemon wrote for this key (a torn copy passes with probability 2**-128).
+again, and answers only if both loads are the same even value and the copy opens (its tag is the
+key's, and unmasked, it verifies its check under this key and the current generation). A Python
+slice of an mmap is not atomic and nothing orders the loads on memory models weaker than x86's: the
+check over the private copy is what guarantees the answer is exactly one the daemon wrote for this
+key (a torn copy passes with probability 2**-128).
 A daemon killed mid-write leaves seq odd or the check wrong: a miss, repaired by the next insert
 there.
 
@@ -277,7 +278,11 @@ class ResultCache:
         cache = cls(path, mm, fd, geom)
         cache._ro_fd = ro
         if _U64.unpack_from(mm, FILLED_OFFSET)[0] != 1:
-            cache._fill()
+            try:
+                cache._fill()
+            except BaseException:
+                cache.close()
+                raise
         return cache
 
     def share_fd(self) -> int:
@@ -411,22 +416,27 @@ class ResultCache:
     def _fill(self) -> None:
         """Random bytes in every entry (seq: a random even start), then ``filled`` = 1: run once,
         when the writer finds the flag unset (a new file, or a kill during an earlier fill). The
-        bytes come from BLAKE3's XOF under a fresh random key, a few MiB at a time."""
+        bytes come from BLAKE3's XOF under a fresh random key, a few MiB at a time, and go in with
+        ``pwrite``, not through the mapping: a file system with no room for them is an error
+        naming the file here, not a SIGBUS."""
+        entry, n = self._entry, self.geometry.sets * self.geometry.ways
+        stream = blake3.blake3(key=os.urandom(32))
+        per_chunk = max(FILL_CHUNK // entry, 1)
         with self._lock:
-            view, entry = self._view(), self._entry
-            stream = blake3.blake3(key=os.urandom(32))
-            per_chunk = max(FILL_CHUNK // entry, 1)
-            for start in range(0, len(view), per_chunk):
-                rows = view[start:start + per_chunk]
-                rows[:] = np.frombuffer(stream.digest(rows.size, seek=start * entry),
-                                        np.uint8).reshape(rows.shape)
-                seqs = rows[:, :8].copy().view("<u8")
+            for start in range(0, n, per_chunk):
+                rows = min(per_chunk, n - start)
+                chunk = np.frombuffer(stream.digest(rows * entry, seek=start * entry), np.uint8).copy()
+                seqs = chunk.reshape(rows, entry)[:, :8].copy().view("<u8")
                 seqs &= np.uint64(SEQ_START_MASK)
-                rows[:, :8] = seqs.view(np.uint8)
-            del view, rows
+                chunk.reshape(rows, entry)[:, :8] = seqs.view(np.uint8).reshape(rows, 8)
+                try:
+                    os.pwrite(self._fd, chunk, HEADER_SIZE + start * entry)
+                except OSError as exc:
+                    raise CacheError(f"cannot fill result cache {self.path} ({HEADER_SIZE + n * entry} "
+                                     f"bytes): {exc.strerror}; free space on its file system or lower "
+                                     "cache.size_mb") from None
             self._stamps[:] = 0
             self.used = 0
-            self._mm.flush()
             _U64.pack_into(self._mm, FILLED_OFFSET, 1)
 
     def flush(self) -> int:
@@ -468,11 +478,6 @@ class ResultCache:
         if self._mm is None:
             raise CacheError(f"result cache {self.path} is closed")
         return _U64.unpack_from(self._mm, GENERATION_OFFSET)[0]
-
-    def _view(self) -> np.ndarray:
-        """Every entry's bytes, one row each (a view of the mapping: delete it before close)."""
-        n = self.geometry.sets * self.geometry.ways
-        return np.frombuffer(self._mm, np.uint8, n * self._entry, HEADER_SIZE).reshape(n, self._entry)
 
     def seqs(self) -> np.ndarray:
         """A copy of every entry's seqlock counter (tests and tools: what a scan sees change)."""
