@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from inferd.shm.cache import (HEADER_SIZE, KEY_OFFSET, PAIRS_OFFSET, CacheError, CacheLocked,
-                              CacheUnavailable, ResultCache, cache_key, content_hash)
+from inferd.shm.cache import (CHECK_OFFSET, ENTRY_FIXED, HEADER_SIZE, MASKED_OFFSET, TAG_OFFSET, CacheError,
+                              CacheLocked, CacheUnavailable, ResultCache, cache_key, content_hash)
+from inferd.shm.cacheseal import EntrySecrets
 
 # The deterministic answer for (key, version), shared by the tests and their child processes. The
 # version is readable back from an answer (first class // 256), so a reader can recompute what the
@@ -30,23 +31,20 @@ exec(VALUES)
 
 # Child: open the cache as the writer, say so, then insert. Versioned mode writes every key at
 # versions 0..N-1 and says "done"; crash mode writes random keys at one version until killed.
-# "piecewise" keeps the writer's protocol (seq odd, body, check, seq even) but stores the body 8
-# bytes at a time, so readers and kills land inside it often: the real writer's single memcpy
+# "piecewise" keeps the writer's protocol (seq odd, bytes 8.., seq even) but stores them 8 bytes
+# at a time, so readers and kills land inside it often: the real writer's single memcpy
 # leaves a window of nanoseconds, and a reader that skipped the seqlock and the check would pass.
 WRITER = VALUES + '''
 import random, struct, sys
-import blake3
 from inferd.shm.cache import ResultCache
 path, size, nkeys, mode, arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 
-def piecewise_write(self, off, key, k, payload):
+def piecewise_write(self, off, record):
     mm = self._mm
     seq = struct.unpack_from("<Q", mm, off)[0] | 1
     struct.pack_into("<Q", mm, off, seq)
-    body = struct.pack("<IIQ32s", k, 0, self._generation(), key) + payload
-    for i in range(0, len(body), 8):
-        mm[off + 24 + i:off + 32 + i] = body[i:i + 8]
-    mm[off + 16:off + 24] = blake3.blake3(body).digest(8)
+    for i in range(0, len(record), 8):
+        mm[off + 8 + i:off + 16 + i] = record[i:i + 8]
     struct.pack_into("<Q", mm, off, seq + 1)
 
 if sys.argv[6] == "piecewise":
@@ -67,7 +65,7 @@ else:
 '''
 
 MAX_K = 8
-ENTRY = PAIRS_OFFSET + 8 * MAX_K
+ENTRY = ENTRY_FIXED + 8 * MAX_K
 
 
 def small_size(sets: int, ways: int = 4) -> int:
@@ -199,8 +197,9 @@ def test_reader_refuses_missing_or_garbage_file(path):
 
 
 def entry_offset(path: str, key: bytes) -> int:
+    """Where the entry of ``key`` starts: its tag is the one thing of it a scan can find."""
     data = open(path, "rb").read()
-    return data.index(key) - KEY_OFFSET
+    return data.index(EntrySecrets(key).tag) - TAG_OFFSET
 
 
 def flip(path: str, offset: int) -> None:
@@ -211,18 +210,97 @@ def flip(path: str, offset: int) -> None:
         fh.write(bytes([byte ^ 0x40]))
 
 
-@pytest.mark.parametrize("where, hit", [(PAIRS_OFFSET + 4, False), (PAIRS_OFFSET, False), (24, False),
-                                        (32, False), (16, False), (KEY_OFFSET + 31, False), (8, True)])
-def test_a_flipped_byte_is_a_miss_not_a_wrong_answer(path, where, hit):
+@pytest.mark.parametrize("where", [MASKED_OFFSET + 12, MASKED_OFFSET + 8, MASKED_OFFSET, MASKED_OFFSET + 100,
+                                   CHECK_OFFSET, CHECK_OFFSET + 15, TAG_OFFSET + 15])
+def test_a_flipped_byte_is_a_miss_not_a_wrong_answer(path, where):
     cache = ResultCache.open_writer(path, 1 << 18)
     key = key_of(5)
     top = [(11, 0.5), (12, 0.25)]
     cache.insert(key, top)
-    flip(path, entry_offset(path, key) + where)             # value, k, generation, check, key, stamp
+    assert ResultCache.open_reader(path).lookup(key) == top
+    flip(path, entry_offset(path, key) + where)     # a pair, k, a padding pair, check, tag, seq (odd)
     reader = ResultCache.open_reader(path)
-    assert reader.lookup(key) == (top if hit else None)     # only the stamp is outside the check
+    assert reader.lookup(key) is None                                   # every byte counts
+    assert reader.stats()["torn"] == (where >= CHECK_OFFSET)   # a changed tag is not found at all
     cache.close()
     reader.close()
+
+
+def test_seq_is_outside_the_check_any_even_value_reads(path):
+    cache = ResultCache.open_writer(path, 1 << 18)
+    cache.insert(key_of(5), [(11, 0.5)])
+    flip(path, entry_offset(path, key_of(5)) + 1)           # still even: a seq like any other
+    assert ResultCache.open_reader(path).lookup(key_of(5)) == [(11, 0.5)]
+    cache.close()
+
+
+def test_an_entry_under_another_keys_tag_is_a_miss(path):
+    """Wrong key: the entry of key A given key B's tag and moved into B's set (what a tag collision
+    or a forger who knows B's tag but not B itself could make) fails B's check."""
+    cache = ResultCache.open_writer(path, 1 << 18)
+    a, b = key_of(1), key_of(2)
+    cache.insert(a, [(1, 0.5)])
+    cache.insert(b, [(2, 0.5)])
+    at_a, at_b = entry_offset(path, a), entry_offset(path, b)
+    data = open(path, "rb").read()
+    forged = data[at_a:at_a + TAG_OFFSET] + EntrySecrets(b).tag + data[CHECK_OFFSET + at_a:at_a + ENTRY_FIXED + 8 * 16]
+    with open(path, "r+b") as fh:
+        fh.seek(at_b)
+        fh.write(forged)
+    reader = ResultCache.open_reader(path)
+    assert reader.lookup(b) is None and reader.stats()["torn"] == 1
+    assert reader.lookup(a) == [(1, 0.5)]
+    cache.close()
+
+
+def test_the_file_holds_no_key_answer_stamp_or_count(path):
+    """What a scan of the mapping sees: no lookup key, no plaintext pair, entries whose bytes are
+    uniformly random whether written or empty, and nothing a flush or an insert changes but the
+    written entries' bytes and seqs (and the header's generation)."""
+    size = 1 << 18
+    cache = ResultCache.open_writer(path, size)
+    entries = cache.geometry.sets * cache.geometry.ways
+    fresh = open(path, "rb").read()
+    keys = [key_of(n) for n in range(entries // 2)]
+    tops = [[(1000 + n, 0.5), (7, 0.25)] for n in range(len(keys))]
+    for key, top in zip(keys, tops):
+        cache.insert(key, top)
+    data = open(path, "rb").read()
+    assert not any(key in data for key in keys)
+    assert not any(struct_pairs(top) in data for top in tops[:50])
+    table = np.frombuffer(data, np.uint8, entries * cache.geometry.entry_size, HEADER_SIZE)
+    table = table.reshape(entries, -1)
+    assert not np.count_nonzero(table[:, :8].copy().view("<u8") & 1)      # every seq even
+    rest = table[:, 8:].reshape(-1)
+    counts = np.bincount(rest, minlength=256)                           # random bytes: ~flat
+    assert counts.min() > 0.8 * rest.size / 256 and counts.max() < 1.2 * rest.size / 256
+    changed = np.flatnonzero((table != np.frombuffer(fresh, np.uint8, table.size, HEADER_SIZE)
+                              .reshape(table.shape)).any(axis=1))
+    assert 0 < len(changed) <= len(keys)                                # the written ones, no more
+    before_flush = data[HEADER_SIZE:]
+    cache.flush()
+    assert open(path, "rb").read()[HEADER_SIZE:] == before_flush       # a flush rewrites no entry
+    assert all(ResultCache.open_reader(path).lookup(k) is None for k in keys[:20])
+    cache.close()
+
+
+def struct_pairs(top) -> bytes:
+    import struct
+    return b"".join(struct.pack("<If", c, s) for c, s in top)
+
+
+def test_recency_and_count_start_over_at_reopen(path):
+    size = small_size(sets=1)
+    cache = ResultCache.open_writer(path, size, max_k=MAX_K, ways=4)
+    for n in range(4):
+        cache.insert(key_of(n), [(n, 0.5)])
+    cache.close()
+    cache = ResultCache.open_writer(path, size, max_k=MAX_K, ways=4)
+    assert cache.stats()["used"] == 0                                   # the file keeps no count
+    assert [cache.lookup(key_of(n)) for n in range(4)] == [[(n, 0.5)] for n in range(4)]
+    cache.insert(key_of(9), [(9, 0.5)])         # every way has stamp 1 by now: the first way goes
+    assert cache.lookup(key_of(0)) is None and cache.lookup(key_of(9)) == [(9, 0.5)]
+    cache.close()
 
 
 def records_of(caplog):
@@ -328,7 +406,7 @@ def test_sigkill_during_writes_never_yields_a_wrong_answer(path):
         lines = []
         cache = ResultCache.open_writer(path, size, max_k=MAX_K, ways=4, log=lines.append)
         assert lines == [], f"round {round_}: the header was set aside: {lines}"
-        torn_rounds += bool(np.count_nonzero(cache._view()["seq"] & 1))
+        torn_rounds += bool(np.count_nonzero(cache.seqs() & 1))
         hits = 0
         for key in all_keys:
             top = cache.lookup(key)

@@ -178,7 +178,7 @@ def _writing(reader, deadline: float) -> bool:
     """Read the sum of every entry's seq again and again until two reads in a row differ (the
     daemon is writing entries right now: return True at once, so the kill lands mid-write) or
     ``deadline`` passes (False). Each read takes tens of microseconds."""
-    view = reader._view()["seq"]
+    view = reader._seq_view()
     last = int(view.sum())
     while time.monotonic() < deadline:
         time.sleep(0)  # noqa: sleep-ok: yields the GIL to the flood thread; the loop has a deadline
@@ -192,7 +192,7 @@ def _writing(reader, deadline: float) -> bool:
 def _seqs(reader) -> np.ndarray:
     """Every entry's seq, read raw from the file (shm/cache.py's layout): a write makes its entry's
     seq odd, then even and 2 larger; a kill inside a write leaves it odd."""
-    return reader._view()["seq"].copy()
+    return reader.seqs()
 
 
 @pytest.mark.timeout(900)

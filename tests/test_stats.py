@@ -285,19 +285,21 @@ def test_metrics_listen_accepts_loopback_only():
 # the cache keeps its count ------------------------------------------------------------------------
 def test_cache_entries_used_are_kept_by_insert_and_flush_not_scanned(tmp_path):
     path = str(tmp_path / "c.cache")
-    cache = ResultCache.open_writer(path, 4096 + 2 * 8 * (72 + 8 * 4), max_k=4)   # 2 sets of 8 ways
+    cache = ResultCache.open_writer(path, 4096 + 2 * 8 * (48 + 8 * 4), max_k=4)   # 2 sets of 8 ways
     rng = np.random.default_rng(3)
     keys = [secrets.token_bytes(32) for _ in range(40)]
     for i in range(200):
         cache.insert(keys[rng.integers(len(keys))], [(i % 7, 0.5)])
-        assert cache.used == cache._count_used(), i
+        assert cache.used == np.count_nonzero(cache._stamps), i           # ways written since the open
     assert cache.stats()["used"] == cache.used == 16                    # full: every way holds one
     cache.flush()
-    assert cache.used == cache._count_used() == 0
+    assert cache.used == np.count_nonzero(cache._stamps) == 0
     cache.insert(keys[0], [(1, 0.5)])
     cache.close()
-    reopened = ResultCache.open_writer(path, 4096 + 2 * 8 * (72 + 8 * 4), max_k=4)
-    assert reopened.used == 1                                           # counted once at open
+    reopened = ResultCache.open_writer(path, 4096 + 2 * 8 * (48 + 8 * 4), max_k=4)
+    assert reopened.used == 0 and reopened.lookup(keys[0]) == [(1, 0.5)]   # the file holds no count
+    reopened.insert(keys[1], [(1, 0.5)])
+    assert reopened.used == 1
     reopened.close()
 
 

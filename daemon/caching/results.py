@@ -70,7 +70,12 @@ entry.
 
 Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
 daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
-handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
+handed to them at hello, never the path. Every client can read every byte of that mapping, so each
+entry is sealed under its lookup key (inferd.shm.cache: a stored tag, the answer masked and
+checked under key-derived secrets, no stamps or counts in the file): a client reads the answer of a
+frame (or encoded bytes) it holds and nothing of anyone else's. Frame entries and encoded-upload
+entries are sealed alike (``ResultCache.insert`` and ``lookup`` take the lookup key and do the
+rest); nothing here stores a lookup key anywhere a client can read it. Embeddings are kept per (uid, content hash): a uid's
 near-duplicate search, its tags and its ``embed`` shortcuts see only the rows it stored itself,
 unless ``embeddings.shared`` opens every row to every uid (the store applies that rule: see
 daemon/caching/embedding_store.py).
@@ -271,7 +276,8 @@ class Caches:
         return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
 
     def flush(self) -> tuple[int, int]:
-        """Empty the result cache: (entries dropped, new generation)."""
+        """Empty the result cache: (entries dropped, new generation). The count is of entries
+        written since this daemon opened the file: the file keeps no count (inferd.shm.cache)."""
         dropped = self.cache.stats()["used"]
         return dropped, self.cache.flush()
 
