@@ -513,9 +513,13 @@ def test_a_flooding_uid_gets_its_share_and_a_victim_keeps_its_latency(fresh_daem
         for f in floods:
             f.kill()
             f.wait()
-    served = {u["uid"]: u["requests"] for u in after["uids"]}
+    # answered in the window = admitted less what is still held (a uid's ``requests`` counts
+    # admissions, NOTE [ stats ]). Admissions alone would not do: a flood admits a round of up to
+    # 768 and sends the next only once the whole round is answered, so over 4 s its admissions are
+    # 0 or a round or two, whatever it was served meanwhile
+    served = {u["uid"]: u["requests"] - u["in_flight"] for u in after["uids"]}
     for u in before["uids"]:
-        served[u["uid"]] -= u["requests"]
+        served[u["uid"]] -= u["requests"] - u["in_flight"]
     share = served[65534] / (served[65534] + served[0])
     p50, p99 = _quantiles(alone)
     q50, q99 = _quantiles(loaded)
@@ -523,5 +527,5 @@ def test_a_flooding_uid_gets_its_share_and_a_victim_keeps_its_latency(fresh_daem
           f"of {depth} in flight from uid 0 (queue_limit 1024): p50 {q50 * 1e3:.1f} ms p99 {q99 * 1e3:.1f} ms; "
           f"pipelined for 4 s: {done['frames']} frames, {share:.1%} of the {served[65534] + served[0]} "
           f"served (uid 0: {served[0]})")
-    assert q99 < 5 * p99 + 0.5, (alone, loaded)
-    assert share >= 0.3, served
+    assert 0.3 <= share <= 0.7, served             # each uid served, neither shut out
+    assert q99 < 5 * p99 + 0.5, (alone, loaded)     # (on a loaded machine the likelier to fail)
