@@ -326,7 +326,7 @@ def _cache_families(c: dict, counters: dict):
                    counters.get("hash_seconds", 0.0))
     f = c.get("file")
     if f is not None:
-        yield _gauge("inferd_cache_used_entries", "Entries of the cache file holding an answer", f["used"])
+        yield _gauge("inferd_cache_used_entries", "Entries written to the cache file since the daemon opened it", f["used"])
         yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
     if "embeddings" in c:
         yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])

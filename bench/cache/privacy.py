@@ -1,4 +1,4 @@
-"""What sealing the result cache's entries costs: ``python bench/cache_privacy.py [--quick] [--out FILE]``.
+"""What sealing the result cache's entries costs: ``python -m bench.cache.privacy [--quick] [--out FILE]``.
 
 The cache file's entries are sealed under their lookup keys (shm/cache.py, format version 2): a
 lookup now derives a tag, a MAC key and a keystream from the key and unmasks and checks the entry;
@@ -35,7 +35,7 @@ import numpy as np
 
 from inferd.shm import cache as sealed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE_REV = "acf97c1"             # the last commit with the version 1 entry format
 SIZES = {"full": {"rounds": 9, "calls": 20000, "keys": 4096, "create_mb": 64},
          "quick": {"rounds": 5, "calls": 4000, "keys": 1024, "create_mb": 64}}
