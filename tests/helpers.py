@@ -1,8 +1,15 @@
-"""Test helpers: a real daemon process, a raw protocol client, and leak probes.
+"""Test helpers shared by tests/unit, tests/integration and tests/system (pyproject.toml puts tests/
+on the path): a real daemon process, a raw protocol client, fakes, and leak probes.
 
 A daemon is started through inferd.daemon.launch, which waits for its sd_notify READY=1 (the signal
 systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
-ring name prefix.
+ring name prefix, so tests run side by side (pytest-xdist) never share a name.
+
+Every name the suite makes in /tmp or /dev/shm carries this run's token (``RUN``, from
+``$INFERD_TEST_RUN``, set once by the controlling pytest process and inherited by its workers): a
+directory from :func:`short_dir` is ``/tmp/inferd-t{RUN}-*``, a daemon's ring prefix
+``inferdt{RUN}*``. tests/conftest.py removes each test's directories when it ends, pass or fail, and
+fails the session when anything carrying the token is left over (:func:`leftovers`).
 """
 from __future__ import annotations
 
@@ -19,9 +26,33 @@ from inferd.daemon.launch import DaemonProcess
 from inferd.shm import wire
 from inferd.shm.ring import Ring
 
+#: This run's token, in every name the suite makes; the controller sets it before workers start.
+RUN = os.environ.setdefault("INFERD_TEST_RUN", secrets.token_hex(3))
+
+#: Every directory short_dir made, in order; tests/conftest.py removes those of a test (a module, the
+#: session) when it ends.
+made_dirs: list[str] = []
+
+
 def short_dir() -> str:
-    """A fresh directory with a short path (AF_UNIX paths are limited to 107 bytes)."""
-    return tempfile.mkdtemp(prefix="inferd-t", dir="/tmp")
+    """A fresh directory with a short path (AF_UNIX paths are limited to 107 bytes), removed when
+    the test (or the module or session fixture) that made it ends."""
+    path = tempfile.mkdtemp(prefix=f"inferd-t{RUN}-", dir="/tmp")
+    made_dirs.append(path)
+    return path
+
+
+def remove_dirs_made_since(mark: int) -> None:
+    """Remove the short_dir directories made after ``made_dirs[:mark]``."""
+    while len(made_dirs) > mark:
+        shutil.rmtree(made_dirs.pop(), ignore_errors=True)
+
+
+def leftovers() -> list[str]:
+    """Whatever this run made and left in /tmp or /dev/shm: names carrying its token."""
+    found = [f"/tmp/{n}" for n in os.listdir("/tmp") if n.startswith(f"inferd-t{RUN}-")]
+    found += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(f"inferdt{RUN}")]
+    return sorted(found)
 
 
 class Daemon(DaemonProcess):
@@ -54,7 +85,7 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
     """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
     unless ``args`` name devices); wait for READY=1."""
     workdir = workdir or short_dir()
-    prefix = f"inferdt{secrets.token_hex(4)}"
+    prefix = f"inferdt{RUN}{secrets.token_hex(4)}"
     default_device = [] if "--device" in args else ["--device", "cpu:1"]
     d = Daemon.start([*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
                       "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
@@ -68,6 +99,21 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
 def admin_path(daemon) -> str:
     """The daemon's admin socket: admin.sock beside its client socket (server.admin_socket's default)."""
     return os.path.join(os.path.dirname(daemon.socket_path), "admin.sock")
+
+
+def client_hits(info: dict) -> int:
+    """The daemon's count of hits clients answered themselves, wherever the stats put it."""
+    def find(node):
+        if isinstance(node, dict):
+            if type(node.get("client_hits")) is int:
+                return node["client_hits"]
+            for value in node.values():
+                if (found := find(value)) is not None:
+                    return found
+        return None
+    found = find(info)
+    assert found is not None, f"no client_hits in {sorted(info)}"
+    return found
 
 
 def shm_leftovers(prefix: str) -> list[str]:

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import FakeDaemon, sample_images, short_dir, spawn_daemon, wait_until
+from helpers import FakeDaemon, client_hits, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import (AsyncClient, Client, DaemonUnavailable, InvalidInput, ProtocolError,
                            ShuttingDown)
 from inferd.client import aio as aio_module
@@ -359,8 +359,6 @@ def test_shutting_down_without_reconnect_and_a_silent_daemon(monkeypatch):
 
 
 def test_local_hits_reach_the_daemon_by_the_loops_timer(fresh_daemon):
-    from test_reconnect import client_hits
-
     d = fresh_daemon()
     frame = _images(1, seed=11)[0]
 
