@@ -24,7 +24,7 @@ import pytest
 
 from helpers import RawClient, sample_images, short_dir, wait_until
 from inferd.client import Client
-from inferd.daemon.caching.results import results as caching
+from inferd.daemon.caching import results as caching
 from inferd.daemon.caching.embedding_store import HEADER_SIZE as STORE_HEADER
 from inferd.daemon.caching.embedding_store import EmbeddingStore
 from inferd.shm import wire
