@@ -14,15 +14,24 @@ fails the session when anything carrying the token is left over (:func:`leftover
 from __future__ import annotations
 
 import array
+import json
 import os
 import secrets
+import select
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from inferd.daemon.launch import DaemonProcess
+#: tests/ (where this module, redis_server.py and conftest.py live) and the repository root above it
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
 from inferd.shm import wire
 from inferd.shm.ring import Ring
 
@@ -80,20 +89,141 @@ class Daemon(DaemonProcess):
         return mapped + held
 
 
+def _daemon_args(args, model: str, workdir: str, prefix: str) -> list[str]:
+    default_device = [] if "--device" in args else ["--device", "cpu:1"]
+    return [*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
+            "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
+            *default_device, *args]
+
+
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
-                 socket_path: str | None = None) -> Daemon:
+                 socket_path: str | None = None, forks: "ForkServer | None" = None) -> Daemon:
     """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
-    unless ``args`` name devices); wait for READY=1."""
+    unless ``args`` name devices); wait for READY=1. With ``forks``, the daemon is forked from that
+    ForkServer instead of started as ``python -m inferd.daemon``."""
     workdir = workdir or short_dir()
     prefix = f"inferdt{RUN}{secrets.token_hex(4)}"
-    default_device = [] if "--device" in args else ["--device", "cpu:1"]
-    d = Daemon.start([*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
-                      "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
-                      *default_device, *args],
-                     socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
-                     wait=wait)
+    argv = _daemon_args(args, model, workdir, prefix)
+    socket_path = socket_path or os.path.join(workdir, "d.sock")
+    if forks is None:
+        d = Daemon.start(argv, socket_path=socket_path, workdir=workdir, wait=wait)
+    else:
+        d = forks.start(argv, socket_path=socket_path, workdir=workdir, wait=wait)
     d.prefix, d.workdir = prefix, workdir
     return d
+
+
+_FORK_SERVER = r"""
+import json, os, signal, sys, traceback
+import psutil, uvloop  # noqa: F401  what every start imports again (torch, the pipeline, ...)
+from inferd.daemon import __main__ as entry
+from inferd.daemon import config, server  # noqa: F401
+from inferd.daemon.front import listener  # noqa: F401
+from inferd.daemon.models import loading  # noqa: F401
+from inferd.daemon.models.zoo import shapes, synthetic  # noqa: F401
+from inferd.daemon.ops import logs  # noqa: F401
+from inferd.daemon.pipeline import thread_pools  # noqa: F401
+from inferd.shm import cache, ring  # noqa: F401
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)          # the kernel reaps the daemons
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        rc = 70
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update(job["env"])
+            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            rc = entry.main(job["argv"])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    print(pid, flush=True)
+"""
+
+
+class ForkedProcess:
+    """The part of subprocess.Popen that DaemonProcess uses, for a daemon forked by a ForkServer
+    (not our child: signalled and awaited through its pidfd). Its exit status is not known (the
+    fork server's kernel reaps it): after our SIGKILL it reads -9, after any other end 1."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._killed = False
+        self.returncode = None
+
+    def poll(self):
+        return self.wait(0) if self.returncode is None and self._ended(0) else self.returncode
+
+    def _ended(self, timeout) -> bool:
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if not self._ended(timeout):
+                raise subprocess.TimeoutExpired(f"inferd (pid {self.pid})", timeout)
+            self.returncode = -signal.SIGKILL if self._killed else 1
+            os.close(self._pidfd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._killed |= sig == signal.SIGKILL
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:            # ended already
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """A process that imported the daemon (and torch) once and forks a daemon per ``start``: a
+    start then costs the daemon's own start-up (model, cache, READY=1), not the 2 s of importing
+    torch again. For tests that start a daemon over and over (the SIGKILL rounds). The daemons are
+    separate processes like any other (SIGKILL, /proc, pidfd), but not exec'ed afresh: a test of
+    start-up itself (the thread environment set before torch loads) uses spawn_daemon."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def start(self, argv: list[str], *, socket_path: str, workdir: str, wait: bool = True) -> Daemon:
+        notify_path = os.path.join(workdir, f"notify-{secrets.token_hex(3)}")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notify.bind(notify_path)
+        log_path = os.path.join(workdir, f"daemon-{secrets.token_hex(3)}.log")
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
+        job = {"argv": ["--socket", socket_path, *argv], "env": env, "log": log_path}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server exited with {self.proc.wait()}")
+        d = Daemon(ForkedProcess(int(line)), socket_path, log_path, notify)
+        if wait:
+            try:
+                d.wait_notify("READY=1")
+            except BaseException:
+                d.kill()
+                raise
+        return d
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
 
 
 def admin_path(daemon) -> str:
@@ -228,7 +358,7 @@ def sample_images() -> list[tuple[str, "object"]]:
     import numpy as np
     from PIL import Image
 
-    root = Path(__file__).resolve().parent.parent / "samples"
+    root = ROOT / "samples"
     out = []
     for path in sorted(root.glob("*.png")):
         with Image.open(path) as img:

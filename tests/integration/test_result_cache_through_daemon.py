@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import RawClient, admin_path, sample_images, short_dir, wait_until
+from helpers import ForkServer, RawClient, admin_path, sample_images, short_dir, wait_until
 from inferd.client import AdminClient, Client, DaemonUnavailable, InvalidInput
 from inferd.daemon.models import zoo
 from inferd.daemon.pipeline.preprocess import to_input
@@ -195,8 +195,16 @@ def _seqs(reader) -> np.ndarray:
     return reader._view()["seq"].copy()
 
 
-@pytest.mark.timeout(900)
-def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon):
+@pytest.fixture
+def forks():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon, forks):
     """Rounds of: a daemon inserting every answer as fast as it can (a model that costs nothing,
     no insert sampling, unique frames) is SIGKILLed while it inserts; the next start opens the same
     cache file. After each kill, every answer read from the file equals the frame's class.
@@ -227,7 +235,7 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
         os.environ["INFERD_SYNTHETIC"] = control            # inherited by the daemon
         try:
             d = fresh_daemon(*args, model="synthetic", workdir=workdir,
-                             socket_path=os.path.join(workdir, f"s{r}.sock"))
+                             socket_path=os.path.join(workdir, f"s{r}.sock"), forks=forks)
         finally:
             del os.environ["INFERD_SYNTHETIC"]
         client = Client(d.socket_path, ring_slots=64, reconnect=False)   # the kill must end its flood
