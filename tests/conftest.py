@@ -12,12 +12,6 @@ import helpers
 from helpers import leftovers, remove_dirs_made_since, shm_leftovers, spawn_daemon
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: takes tens of seconds or more (fault rounds, restarts under load); "
-        "`make test` and CI run them, `pytest -m 'not slow'` leaves them out for a quick loop")
-
-
 def _is_worker(config) -> bool:
     return hasattr(config, "workerinput")
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sample_images
+from helpers import ROOT, sample_images
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
 #: What the client imports, as importable names and the folders their wheels bring along.
 CLIENT_DEPS = ("numpy", "numpy.libs", "msgpack", "blake3", "PIL", "pillow.libs", "posix_ipc")
 

@@ -13,13 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import Clock, Daemon, sample_images, short_dir, wait_until
+from helpers import ROOT, Clock, Daemon, sample_images, short_dir, wait_until
 from inferd.client import Client
 from inferd.daemon.ops import logs, sd_notify as notify, sd_watchdog as watchdog
 from inferd.daemon.config import ConfigError, from_dict, parse_override
 from inferd.daemon.front.listener import Listener, ListenerError
 
-ROOT = Path(__file__).resolve().parent.parent
 ANALYZE = shutil.which("systemd-analyze")
 ACTIVATE = shutil.which("systemd-socket-activate")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
