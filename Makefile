@@ -19,8 +19,14 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m inferd.daemon.demo samples/*.png
 
+# The suite on TEST_WORKERS processes (pytest-xdist): most tests wait on daemons, sockets and
+# subprocesses rather than on the CPU, so more workers than cores pays. Work stealing hands the tests
+# of a busy worker to an idle one; tests/conftest.py puts the slow ones first. TEST_WORKERS=0 runs
+# the suite in this one process. For a quick loop leave the slow tests out:
+# `.venv/bin/python -m pytest -q -n 4 -m "not slow"`.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

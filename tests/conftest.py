@@ -12,6 +12,20 @@ import helpers
 from helpers import leftovers, remove_dirs_made_since, shm_leftovers, spawn_daemon
 
 
+def _timeout_of(item) -> float:
+    mark = item.get_closest_marker("timeout")
+    return float(mark.args[0]) if mark and mark.args else 0.0
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the longest bound first: a worker starts on the longest at once, and
+    work stealing (which takes from the end of a busy worker's queue) spreads the rest. Every
+    process sorts alike, as pytest-xdist requires."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    slow.sort(key=_timeout_of, reverse=True)
+    items[:] = slow + [item for item in items if not item.get_closest_marker("slow")]
+
+
 def _is_worker(config) -> bool:
     return hasattr(config, "workerinput")
 

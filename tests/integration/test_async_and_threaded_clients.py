@@ -173,6 +173,7 @@ def test_encoded_files_are_decoded_off_the_loop_and_a_repeat_not_at_all(fresh_da
     assert decoded_on and threading.main_thread() not in decoded_on     # never on the loop's thread
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_restarts_under_async_load_fail_no_request(how):

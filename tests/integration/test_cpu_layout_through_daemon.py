@@ -76,6 +76,7 @@ def _cores_used(proc: psutil.Process, seconds: float) -> float:
     return (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("blas", [1, 2])
 def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_limits(fresh_daemon, blas):

@@ -111,6 +111,7 @@ with Client(sys.argv[1], ring_slots=8) as c:
 """
 
 
+@pytest.mark.slow
 def test_several_client_processes_get_their_own_answers(daemon):
     """Four processes at once, each with different images; each gets the answers for its own."""
     seeds = [11, 12, 13, 14]

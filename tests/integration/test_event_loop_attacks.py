@@ -540,6 +540,7 @@ def _sacrificial(path: str, fuzz: Fuzzer) -> str:
     return kind
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_fuzzed_frames_get_typed_answers_while_a_good_client_stays_correct(roomy):
     seed = int(os.environ.get("INFERD_FUZZ_SEED", secrets.randbits(32)))

@@ -167,6 +167,7 @@ def _posix_daemon(fresh_daemon, hashing: bool):
     return fresh_daemon(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("hashing", [True, False], ids=["copy-at-admission", "read-by-batch"])
 def test_posix_ring_truncated_to_zero_is_its_clients_error_alone(fresh_daemon, hashing):
@@ -189,6 +190,7 @@ def test_posix_ring_truncated_to_zero_is_its_clients_error_alone(fresh_daemon, h
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("hashing", [True, False], ids=["copy-at-admission", "read-by-batch"])
 def test_posix_ring_truncated_mid_flood_while_a_victim_is_served(fresh_daemon, hashing):
@@ -299,6 +301,7 @@ def _multi_user_daemon(fresh_daemon, *args):
     return fresh_daemon("--set", "server.socket_mode=0o666", *args, workdir=workdir)
 
 
+@pytest.mark.slow
 @needs_root
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("shared", [False, True], ids=["per-uid", "shared"])

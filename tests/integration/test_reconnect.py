@@ -111,6 +111,7 @@ def _classify_in_a_loop(socket_path, k, epoch, answered, stop, report):
         report.put((k, errors, c.reconnects, c.resubmitted))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_restarts_under_load_fail_no_request():
     """Four client processes classify without pause while the daemon is stopped (SIGTERM: drain)
