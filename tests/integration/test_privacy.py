@@ -1,9 +1,10 @@
 """Nobody reads what others classified, no client crashes the daemon through its ring, and groups
-count as operators expect (issue 8: cross-user disclosure, the posix-ring SIGBUS, supplementary
-groups).
+count as operators expect: no disclosure of one uid's results, tags or near-duplicates to another,
+a client that truncates its posix ring under the daemon (SIGBUS on a mapped read) hurts only its
+own requests, and supplementary groups let a client in.
 
 The tests that act as a second uid need root (they drop to uid 65534 after their imports, as
-tests/test_admin.py does); the others run as anyone.
+tests/integration/test_admin_socket_and_inferctl.py does); the others run as anyone.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Fair share of the devices, per-uid limits, and refusal before work (issue 8, points 3 to 5).
+"""Fair share of the devices across uids, per-uid limits, and refusal decided before any copy or
+hash.
 
 The policy (inferd.daemon.dispatch.fairness) and the queue around it are driven request by request on an
-injected clock; admission through a Scheduler with fake sessions; then the attacks against a real
-daemon: a flood of refused requests, a uid holding its whole session quota, a flooding uid, each
-with a victim's answers and latency checked. Those spawn clients as uid 65534 and need root.
+injected clock; admission through a Scheduler with fake sessions. The attacks against a real daemon
+(a flood of refused requests, a uid holding its whole session quota, a flooding uid):
+tests/integration/test_fair_share_attacks.py.
 """
 import collections
 import random
