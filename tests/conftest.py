@@ -47,6 +47,7 @@ def pytest_sessionfinish(session, exitstatus):
 def _remove_session_dirs():
     mark = len(helpers.made_dirs)
     yield
+    helpers.close_fork_server()
     remove_dirs_made_since(mark)
 
 

@@ -1,8 +1,9 @@
 """Test helpers shared by tests/unit, tests/integration and tests/system (pyproject.toml puts tests/
 on the path): a real daemon process, a raw protocol client, fakes, and leak probes.
 
-A daemon is started through inferd.daemon.launch, which waits for its sd_notify READY=1 (the signal
-systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
+A daemon is forked from a process that imported torch once (ForkServer; ``fork=False`` runs
+``python -m inferd.daemon`` through inferd.daemon.launch), and either way the test waits for its
+sd_notify READY=1 (the signal systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
 ring name prefix, so tests run side by side (pytest-xdist) never share a name.
 
 Every name the suite makes in /tmp or /dev/shm carries this run's token (``RUN``, from
@@ -96,15 +97,39 @@ def _daemon_args(args, model: str, workdir: str, prefix: str) -> list[str]:
             *default_device, *args]
 
 
+#: ``INFERD_TEST_FORK=0`` starts every daemon as ``python -m inferd.daemon`` (see ForkServer)
+FORK = os.environ.get("INFERD_TEST_FORK", "1") != "0"
+_fork_server: "ForkServer | None" = None
+
+
+def fork_server() -> "ForkServer":
+    """This process's ForkServer, started on first use; tests/conftest.py closes it at the end."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer()
+    return _fork_server
+
+
+def close_fork_server() -> None:
+    global _fork_server
+    if _fork_server is not None:
+        _fork_server.close()
+        _fork_server = None
+
+
 def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
-                 socket_path: str | None = None, forks: "ForkServer | None" = None) -> Daemon:
+                 socket_path: str | None = None, forks: "ForkServer | None" = None,
+                 fork: bool | None = None) -> Daemon:
     """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
-    unless ``args`` name devices); wait for READY=1. With ``forks``, the daemon is forked from that
-    ForkServer instead of started as ``python -m inferd.daemon``."""
+    unless ``args`` name devices); wait for READY=1. The daemon is forked from ``forks`` (by
+    default this process's fork_server()); ``fork=False`` (or INFERD_TEST_FORK=0) starts it as
+    ``python -m inferd.daemon`` instead, for a test of what a fresh interpreter does at start-up."""
     workdir = workdir or short_dir()
     prefix = f"inferdt{RUN}{secrets.token_hex(4)}"
     argv = _daemon_args(args, model, workdir, prefix)
     socket_path = socket_path or os.path.join(workdir, "d.sock")
+    if forks is None and (FORK if fork is None else fork):
+        forks = fork_server()
     if forks is None:
         d = Daemon.start(argv, socket_path=socket_path, workdir=workdir, wait=wait)
     else:
@@ -115,6 +140,7 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
 
 _FORK_SERVER = r"""
 import json, os, signal, sys, traceback
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # threads.omp_wait_policy's default, before torch
 import psutil, uvloop  # noqa: F401  what every start imports again (torch, the pipeline, ...)
 from inferd.daemon import __main__ as entry
 from inferd.daemon import config, server  # noqa: F401
@@ -146,6 +172,8 @@ for line in sys.stdin:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            with open(job["status"], "w") as fh:
+                fh.write(str(rc))
             os._exit(rc)
     print(pid, flush=True)
 """
@@ -153,11 +181,11 @@ for line in sys.stdin:
 
 class ForkedProcess:
     """The part of subprocess.Popen that DaemonProcess uses, for a daemon forked by a ForkServer
-    (not our child: signalled and awaited through its pidfd). Its exit status is not known (the
-    fork server's kernel reaps it): after our SIGKILL it reads -9, after any other end 1."""
+    (not our child: signalled and awaited through its pidfd). Its exit status is what the daemon
+    wrote to ``status`` as it returned; killed before that: -9 after our SIGKILL, else 1."""
 
-    def __init__(self, pid: int):
-        self.pid = pid
+    def __init__(self, pid: int, status: str):
+        self.pid, self.status = pid, status
         self._pidfd = os.pidfd_open(pid)
         self._killed = False
         self.returncode = None
@@ -172,7 +200,11 @@ class ForkedProcess:
         if self.returncode is None:
             if not self._ended(timeout):
                 raise subprocess.TimeoutExpired(f"inferd (pid {self.pid})", timeout)
-            self.returncode = -signal.SIGKILL if self._killed else 1
+            try:
+                with open(self.status) as fh:
+                    self.returncode = int(fh.read())
+            except (OSError, ValueError):
+                self.returncode = -signal.SIGKILL if self._killed else 1
             os.close(self._pidfd)
         return self.returncode
 
@@ -190,10 +222,11 @@ class ForkedProcess:
 
 class ForkServer:
     """A process that imported the daemon (and torch) once and forks a daemon per ``start``: a
-    start then costs the daemon's own start-up (model, cache, READY=1), not the 2 s of importing
-    torch again. For tests that start a daemon over and over (the SIGKILL rounds). The daemons are
-    separate processes like any other (SIGKILL, /proc, pidfd), but not exec'ed afresh: a test of
-    start-up itself (the thread environment set before torch loads) uses spawn_daemon."""
+    start then costs the daemon's own start-up (configuration, model, cache, READY=1), not the 2 s
+    of CPU of importing torch again, which was most of the suite's CPU time. The daemons are
+    separate processes like any other (signals, SIGKILL, /proc, pidfd, exit status), but not
+    exec'ed afresh: torch was loaded with the default OMP_WAIT_POLICY, so a test of what a fresh
+    interpreter does at start-up passes ``fork=False`` to spawn_daemon."""
 
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
@@ -205,13 +238,14 @@ class ForkServer:
         notify.bind(notify_path)
         log_path = os.path.join(workdir, f"daemon-{secrets.token_hex(3)}.log")
         env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
-        job = {"argv": ["--socket", socket_path, *argv], "env": env, "log": log_path}
+        status = os.path.join(workdir, f"status-{secrets.token_hex(3)}")
+        job = {"argv": ["--socket", socket_path, *argv], "env": env, "log": log_path, "status": status}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the fork server exited with {self.proc.wait()}")
-        d = Daemon(ForkedProcess(int(line)), socket_path, log_path, notify)
+        d = Daemon(ForkedProcess(int(line), status), socket_path, log_path, notify)
         if wait:
             try:
                 d.wait_notify("READY=1")

@@ -82,11 +82,11 @@ def _cores_used(proc: psutil.Process, seconds: float) -> float:
 def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_limits(fresh_daemon, blas):
     rows, capacity = 3000, 4000
     common = ("--set", f"embeddings.capacity={capacity}", "--set", f"threads.blas={blas}")
-    d = fresh_daemon(*common)
+    d = fresh_daemon(*common, fork=False)          # the thread environment of a fresh interpreter
     store = next(os.path.join(d.workdir, n) for n in os.listdir(d.workdir) if n.endswith(".store"))
     assert d.stop() == 0
     _fill_store(store, rows, capacity)
-    d = fresh_daemon(*common, workdir=d.workdir)
+    d = fresh_daemon(*common, workdir=d.workdir, fork=False)
     assert f"{rows} of {capacity} rows" in d.log()
     _, image = sample_images()[0]
     with Client(d.socket_path) as c:

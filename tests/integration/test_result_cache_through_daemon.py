@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ForkServer, RawClient, admin_path, sample_images, short_dir, wait_until
+from helpers import RawClient, admin_path, sample_images, short_dir, wait_until
 from inferd.client import AdminClient, Client, DaemonUnavailable, InvalidInput
 from inferd.daemon.models import zoo
 from inferd.daemon.pipeline.preprocess import to_input
@@ -195,16 +195,9 @@ def _seqs(reader) -> np.ndarray:
     return reader._view()["seq"].copy()
 
 
-@pytest.fixture
-def forks():
-    server = ForkServer()
-    yield server
-    server.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon, forks):
+def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon):
     """Rounds of: a daemon inserting every answer as fast as it can (a model that costs nothing,
     no insert sampling, unique frames) is SIGKILLed while it inserts; the next start opens the same
     cache file. After each kill, every answer read from the file equals the frame's class.
@@ -214,7 +207,11 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
     two reads in a row differ, and kills the daemon at once: a round is *mid-write* when they did
     (the daemon was writing entries in the tens of microseconds before the kill) or when the scan
     after the kill finds an entry this round left with an odd seq (killed inside a write). Most
-    rounds must be mid-write, and at least MIN_HITS_PER_ROUND hits per round must be checked."""
+    rounds must be mid-write, and at least MIN_HITS_PER_ROUND hits per round must be checked.
+
+    The daemons are forked from a process that imported torch once (helpers.ForkServer, as every
+    test's are): a round costs its daemon's own start-up, not 2 s of imports, and each kill still
+    lands on a process of its own mid-write."""
     from inferd.daemon.models.zoo.synthetic import level_of
 
     rounds = int(os.environ.get("INFERD_CRASH_ROUNDS", "100"))
@@ -235,7 +232,7 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
         os.environ["INFERD_SYNTHETIC"] = control            # inherited by the daemon
         try:
             d = fresh_daemon(*args, model="synthetic", workdir=workdir,
-                             socket_path=os.path.join(workdir, f"s{r}.sock"), forks=forks)
+                             socket_path=os.path.join(workdir, f"s{r}.sock"))
         finally:
             del os.environ["INFERD_SYNTHETIC"]
         client = Client(d.socket_path, ring_slots=64, reconnect=False)   # the kill must end its flood
