@@ -203,7 +203,7 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon.caching.results import results as caching
+    from inferd.daemon.caching import results as caching
 
     monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
     memory = caching.Memory(Config(), SPEC, "digest", Counter())
@@ -235,7 +235,7 @@ def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
     from collections import Counter
     from types import SimpleNamespace
 
-    from inferd.daemon.caching.results import results as caching
+    from inferd.daemon.caching import results as caching
 
     cfg = Config()
     cfg.cache.max_upload_bytes = 1000
