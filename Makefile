@@ -21,12 +21,14 @@ demo: $(STAMP)
 
 # The suite on TEST_WORKERS processes (pytest-xdist): most tests wait on daemons, sockets and
 # subprocesses rather than on the CPU, so more workers than cores pays. Work stealing hands the tests
-# of a busy worker to an idle one; tests/conftest.py puts the slow ones first. TEST_WORKERS=0 runs
-# the suite in this one process. For a quick loop leave the slow tests out:
-# `.venv/bin/python -m pytest -q -n 4 -m "not slow"`.
+# of a busy worker to an idle one; tests/conftest.py puts the slow ones first. The tests marked
+# timing (a victim's latency, a device's share of work, a watchdog deadline) then run alone, so no
+# other test's load decides them. TEST_WORKERS=0 runs the first part in this one process. For a
+# quick loop leave the slow tests out: `.venv/bin/python -m pytest -q -n 4 -m "not slow"`.
 TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not timing"
+	$(BIN)/python -m pytest -q -m timing
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

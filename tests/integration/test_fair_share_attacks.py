@@ -138,6 +138,7 @@ def _sequential_victim(d, count: int) -> list:
     return _result(_python(VICTIM, d.socket_path, "seq", str(count)))["latency"]
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_flood_of_refused_requests_is_never_copied_or_hashed(fresh_daemon):
@@ -210,6 +211,7 @@ def test_a_uid_holding_its_whole_session_quota_does_not_lock_out_another_uid(fre
             c.close()
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @as_root
 @pytest.mark.timeout(300)

@@ -126,6 +126,7 @@ def test_socket_activation_serves_a_client_and_leaves_the_path_to_systemd():
         d.cleanup()
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_device_out_of_rotation_does_not_stop_the_pings(tmp_path):
