@@ -35,6 +35,7 @@ def _save(kind: str, directory: str) -> str:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torchscript", "export"])
 def test_model_file_serves_the_same_answers_as_the_builtin(tmp_path, daemon, kind):
     path = _save(kind, str(tmp_path))
@@ -55,6 +56,7 @@ def test_model_file_serves_the_same_answers_as_the_builtin(tmp_path, daemon, kin
         d.cleanup()
 
 
+@pytest.mark.slow
 def test_labels_that_do_not_match_the_output_stop_start_up(tmp_path):
     path = _save("torchscript", str(tmp_path))
     (tmp_path / "three.txt").write_text("a\nb\nc\n")

@@ -13,13 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import Clock, Daemon, sample_images, short_dir, wait_until
+from helpers import ROOT, RUN, Clock, Daemon, sample_images, short_dir, wait_until
 from inferd.client import Client
 from inferd.daemon.ops import logs, sd_notify as notify, sd_watchdog as watchdog
 from inferd.daemon.config import ConfigError, from_dict, parse_override
 from inferd.daemon.front.listener import Listener, ListenerError
 
-ROOT = Path(__file__).resolve().parent.parent
 ANALYZE = shutil.which("systemd-analyze")
 ACTIVATE = shutil.which("systemd-socket-activate")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
@@ -96,11 +95,12 @@ def test_socket_activation_serves_a_client_and_leaves_the_path_to_systemd():
     workdir = short_dir()
     path = os.path.join(workdir, "act.sock")
     wrapper = [ACTIVATE, "-l", path, "-E", "NOTIFY_SOCKET", "-E", "PYTHONUNBUFFERED", "-E", "WATCHDOG_USEC"]
+    prefix = f"inferdt{RUN}sa"                   # this run's token: the session-end leftover check
     d = Daemon.start(["--model", "shapes", "--device", "cpu:1", "--set", "model.warmup_batches=1",
-                      "--set", f'cache.path="{workdir}/results.cache"', "--set", 'ring.shm_prefix="inferdtsa"'],
+                      "--set", f'cache.path="{workdir}/results.cache"', "--set", f'ring.shm_prefix="{prefix}"'],
                      socket_path=path, workdir=workdir, wait=False, env={"WATCHDOG_USEC": "1000000"},
                      wrapper=wrapper)
-    d.prefix, d.workdir = "inferdtsa", workdir
+    d.prefix, d.workdir = prefix, workdir
     try:
         def activator_listens():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,6 +126,8 @@ def test_socket_activation_serves_a_client_and_leaves_the_path_to_systemd():
         d.cleanup()
 
 
+@pytest.mark.timing
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_device_out_of_rotation_does_not_stop_the_pings(tmp_path):
     import json
@@ -138,10 +140,10 @@ def test_a_device_out_of_rotation_does_not_stop_the_pings(tmp_path):
     d = Daemon.start(["--model", "synthetic", "--device", "cpu:1", "--device", "cpu:1",
                       "--set", "model.warmup_batches=1", "--set", "cache.enabled=false",
                       "--set", "health.backoff_s=60", "--set", "health.backoff_max_s=60",
-                      "--set", 'ring.shm_prefix="inferdtwd"'],
+                      "--set", f'ring.shm_prefix="inferdt{RUN}wd"'],
                      socket_path=os.path.join(workdir, "d.sock"), workdir=workdir,
                      env={"WATCHDOG_USEC": "1000000", "INFERD_SYNTHETIC": str(control)})
-    d.prefix, d.workdir = "inferdtwd", workdir
+    d.prefix, d.workdir = f"inferdt{RUN}wd", workdir
     try:
         control.write_text(json.dumps({"fault": {"1": "hang"}}))     # device 1's batches now hang
         frames = [np.full((16, 16, 3), 28 * (i % 10), np.uint8) for i in range(40)]

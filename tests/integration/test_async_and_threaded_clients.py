@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import FakeDaemon, sample_images, short_dir, spawn_daemon, wait_until
+from helpers import ROOT, FakeDaemon, client_hits, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import (AsyncClient, Client, DaemonUnavailable, InvalidInput, ProtocolError,
                            ShuttingDown)
 from inferd.client import aio as aio_module
@@ -145,12 +145,10 @@ def test_embed_near_duplicates_and_a_bad_image(daemon):
 
 
 def test_encoded_files_are_decoded_off_the_loop_and_a_repeat_not_at_all(fresh_daemon, monkeypatch):
-    from pathlib import Path
-
     from inferd.client import decode as decode_module
 
     d = fresh_daemon()
-    png = sorted((Path(__file__).resolve().parent.parent / "samples").glob("*.png"))[0]
+    png = sorted((ROOT / "samples").glob("*.png"))[0]
     label = png.stem.rsplit("_", 1)[0]
     decoded_on = []
     real = decode_module.decode
@@ -175,6 +173,7 @@ def test_encoded_files_are_decoded_off_the_loop_and_a_repeat_not_at_all(fresh_da
     assert decoded_on and threading.main_thread() not in decoded_on     # never on the loop's thread
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_restarts_under_async_load_fail_no_request(how):
@@ -359,8 +358,6 @@ def test_shutting_down_without_reconnect_and_a_silent_daemon(monkeypatch):
 
 
 def test_local_hits_reach_the_daemon_by_the_loops_timer(fresh_daemon):
-    from test_reconnect import client_hits
-
     d = fresh_daemon()
     frame = _images(1, seed=11)[0]
 

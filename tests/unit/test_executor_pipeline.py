@@ -1,7 +1,7 @@
 """The per-device pipeline (NOTE [ request path ] in daemon/pipeline/collector.py) in one process: the executor
 (daemon/pipeline/executor.py) runs staged batches in order, frees each staging buffer once its frames are on
 the device, and on an asynchronous device queues batch k+1 before it collects batch k, so the device
-never waits for the host between two batches. The device is the fake of tests/test_engine.py, whose work runs only
+never waits for the host between two batches. The device is the fake of tests/unit/test_engine.py, whose work runs only
 when the host waits for it, so the order of launches and collections is exactly what is recorded."""
 import queue
 import time

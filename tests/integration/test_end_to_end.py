@@ -1,6 +1,5 @@
 """The whole request path with a real daemon process: answers, exactness, pipelining, clients."""
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import sample_images
+from helpers import ROOT, sample_images
 from inferd.client import Client, InvalidInput
 from inferd.daemon.models import zoo
 from inferd.daemon.pipeline.preprocess import to_input
@@ -112,6 +111,7 @@ with Client(sys.argv[1], ring_slots=8) as c:
 """
 
 
+@pytest.mark.slow
 def test_several_client_processes_get_their_own_answers(daemon):
     """Four processes at once, each with different images; each gets the answers for its own."""
     seeds = [11, 12, 13, 14]
@@ -131,8 +131,7 @@ def test_inferctl_ping_info_and_classify(daemon, tmp_path):
     label, image = sample_images()[3]
     npy = tmp_path / "frame.npy"
     np.save(npy, image)
-    png = sorted((os.path.dirname(__file__) + "/../samples/" + f) for f in os.listdir(
-        os.path.join(os.path.dirname(__file__), "..", "samples")))[0]
+    png = str(sorted((ROOT / "samples").glob("*.png"))[0])
     run = lambda *a: subprocess.run([sys.executable, "-m", "inferd.client.cli", "--socket",
                                      daemon.socket_path, *a], capture_output=True, text=True, timeout=60)
     ping = run("ping")

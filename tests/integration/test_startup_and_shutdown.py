@@ -149,6 +149,7 @@ def test_no_daemon_means_daemon_unavailable():
         Client(os.path.join(short_dir(), "none.sock"), connect_timeout=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["memfd", "posix"])
 def test_daemon_sigkilled_mid_request(fresh_daemon, backend):
     """The client waiting on a reply raises DaemonUnavailable at once (EOF), nothing is left in
@@ -179,6 +180,7 @@ def test_daemon_sigkilled_mid_request(fresh_daemon, backend):
     assert successor.stop() == 0
 
 
+@pytest.mark.slow
 def test_posix_backend_serves_and_leaves_no_names(fresh_daemon):
     d = fresh_daemon("--set", 'ring.backend="posix"')
     label, image = sample_images()[4]

@@ -6,17 +6,15 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import sample_images, spawn_daemon
+from helpers import ROOT, sample_images, spawn_daemon
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _jpeg(image: np.ndarray, quality: int = 95, size: int | None = None) -> bytes:

@@ -1,6 +1,6 @@
 """The CUDA path (daemon/pipeline/engine.py, daemon/pipeline/streams.py) on a real GPU; skipped without one.
 
-What the CPU tests (tests/test_engine.py) cannot show: the real streams and events give the model's
+What the CPU tests (tests/unit/test_engine.py) cannot show: the real streams and events give the model's
 answers, bf16 / fp16 / channels_last / CUDA graphs work, a daemon on cuda:0 serves, and no launch
 or result ever synchronises the whole device."""
 import numpy as np

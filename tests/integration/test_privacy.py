@@ -1,9 +1,10 @@
 """Nobody reads what others classified, no client crashes the daemon through its ring, and groups
-count as operators expect (issue 8: cross-user disclosure, the posix-ring SIGBUS, supplementary
-groups).
+count as operators expect: no disclosure of one uid's results, tags or near-duplicates to another,
+a client that truncates its posix ring under the daemon (SIGBUS on a mapped read) hurts only its
+own requests, and supplementary groups let a client in.
 
 The tests that act as a second uid need root (they drop to uid 65534 after their imports, as
-tests/test_admin.py does); the others run as anyone.
+tests/integration/test_admin_socket_and_inferctl.py does); the others run as anyone.
 """
 from __future__ import annotations
 
@@ -167,6 +168,7 @@ def _posix_daemon(fresh_daemon, hashing: bool):
     return fresh_daemon(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("hashing", [True, False], ids=["copy-at-admission", "read-by-batch"])
 def test_posix_ring_truncated_to_zero_is_its_clients_error_alone(fresh_daemon, hashing):
@@ -189,6 +191,7 @@ def test_posix_ring_truncated_to_zero_is_its_clients_error_alone(fresh_daemon, h
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("hashing", [True, False], ids=["copy-at-admission", "read-by-batch"])
 def test_posix_ring_truncated_mid_flood_while_a_victim_is_served(fresh_daemon, hashing):
@@ -299,6 +302,7 @@ def _multi_user_daemon(fresh_daemon, *args):
     return fresh_daemon("--set", "server.socket_mode=0o666", *args, workdir=workdir)
 
 
+@pytest.mark.slow
 @needs_root
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("shared", [False, True], ids=["per-uid", "shared"])

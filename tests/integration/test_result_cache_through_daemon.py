@@ -195,7 +195,8 @@ def _seqs(reader) -> np.ndarray:
     return reader.seqs()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_daemon):
     """Rounds of: a daemon inserting every answer as fast as it can (a model that costs nothing,
     no insert sampling, unique frames) is SIGKILLed while it inserts; the next start opens the same
@@ -206,7 +207,11 @@ def test_sigkill_during_heavy_cache_writes_never_leaves_a_wrong_answer(fresh_dae
     two reads in a row differ, and kills the daemon at once: a round is *mid-write* when they did
     (the daemon was writing entries in the tens of microseconds before the kill) or when the scan
     after the kill finds an entry this round left with an odd seq (killed inside a write). Most
-    rounds must be mid-write, and at least MIN_HITS_PER_ROUND hits per round must be checked."""
+    rounds must be mid-write, and at least MIN_HITS_PER_ROUND hits per round must be checked.
+
+    The daemons are forked from a process that imported torch once (helpers.ForkServer, as every
+    test's are): a round costs its daemon's own start-up, not 2 s of imports, and each kill still
+    lands on a process of its own mid-write."""
     from inferd.daemon.models.zoo.synthetic import level_of
 
     rounds = int(os.environ.get("INFERD_CRASH_ROUNDS", "100"))

@@ -62,6 +62,7 @@ def test_shapes_spec() -> None:
         zoo.build("shapes", input_size=128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", [resnet18_style, resnet50_style])
 def test_resnet_deterministic_per_seed(factory) -> None:
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))

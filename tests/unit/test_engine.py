@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sample_images
-from inferd.client import Client
 from inferd.daemon.pipeline import engine as engine_mod
 from inferd.daemon.models import loading as model_mod
-from inferd.daemon.models import zoo
 from inferd.daemon.config import ConfigError, ModelConfig, from_dict
 from inferd.daemon.pipeline.engine import Engine, Staging, embedding_of
 from inferd.daemon.models.embedding_pooling import Pool
@@ -283,18 +280,3 @@ def test_option_keys_are_checked_and_precision_changes_the_digest():
     nhwc = model_mod.load(ModelConfig(builtin="shapes", channels_last=True))
     assert bf16.digest == fp32.digest + "+bf16" and nhwc.digest == fp32.digest
     assert bf16.options == EngineOptions(precision="bf16")
-
-
-def test_a_bf16_daemon_answers_like_the_fp32_model(fresh_daemon):
-    d = fresh_daemon("--set", "model.precision=bf16", "--set", "model.channels_last=true")
-    images = [img for _, img in sample_images()]
-    model, spec = zoo.build("shapes")
-    with torch.inference_mode():
-        x = to_input(torch.from_numpy(np.stack(images)), spec.mean, spec.std)
-        want = torch.softmax(model(x), dim=1).topk(1, dim=1)
-    with Client(d.socket_path) as client:
-        got = client.classify_many(images, top_k=1)
-        assert client.model.digest.endswith("+bf16")
-    assert [t[0].index for t in got] == want.indices[:, 0].tolist()
-    np.testing.assert_allclose([t[0].score for t in got], want.values[:, 0].numpy(), atol=0.05)
-    assert d.stop() == 0

@@ -106,6 +106,7 @@ def flood_and_check(pool, n, seed):
     finish(flood(pool, n, seed=seed, out=out), out)
 
 
+@pytest.mark.timing
 def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
     pool = Pool(fresh_daemon, speeds=(1.0, 3.0))
     flood_and_check(pool, 800, seed=1)
@@ -115,6 +116,7 @@ def test_a_faster_device_gets_proportionally_more_work(fresh_daemon):
     assert fast > 2 * slow, (slow, fast)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("fault", ["raise", "hang"])
 def test_a_failing_device_leaves_within_2s_and_nothing_is_lost_or_doubled(fresh_daemon, fault):
     pool = Pool(fresh_daemon, (1.0, 1.0), "--set", "health.backoff_s=0.3", "--set", "health.max_failures=2")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import RawClient, admin_path, sample_images, short_dir, spawn_daemon, wait_until
+from helpers import TESTS, RawClient, admin_path, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import AdminClient, Client, ProtocolError, ReloadFailed
 from inferd.client.errors import InvalidInput, PermissionDenied
 from inferd.shm import wire
@@ -305,7 +305,7 @@ def test_model_swap_under_load_fails_no_request(fresh_daemon):
     d = fresh_daemon("--set", "cache.enabled=false")
     work = Path(d.workdir)
     (work / "worker.py").write_text(SWAP_WORKER)
-    tests_dir = str(Path(__file__).parent)
+    tests_dir = str(TESTS)
     stop = str(work / "stop")
     outs = [str(work / f"w{i}.json") for i in range(3)]
     procs = [subprocess.Popen([sys.executable, str(work / "worker.py"), d.socket_path, out, tests_dir, stop])

@@ -1,6 +1,7 @@
-"""inferd.client and inferctl in an environment without torch (issue 10): a real venv made in the
-test, offline, holding only what `pip install inferd` gives an application (setup.cfg's
-install_requires: numpy, msgpack, blake3, posix-ipc, pillow), classifies against a real daemon.
+"""inferd.client and inferctl in an environment without torch: a real venv made in the test,
+offline, holding only what `pip install inferd` gives an application (the client library alone,
+setup.cfg's install_requires: numpy, msgpack, blake3, posix-ipc, pillow), classifies against a
+real daemon.
 
 The venv is built in seconds without pip: ``python -m venv --without-pip``, then the client's
 dependencies linked from the project venv's site-packages and the package's client and shm folders
@@ -16,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sample_images
+from helpers import ROOT, sample_images
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
 #: What the client imports, as importable names and the folders their wheels bring along.
 CLIENT_DEPS = ("numpy", "numpy.libs", "msgpack", "blake3", "PIL", "pillow.libs", "posix_ipc")
 

@@ -389,6 +389,7 @@ def test_concurrent_reader_sees_only_whole_writes(path, stores):
 MIN_TORN_ROUNDS = 10
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sigkill_during_writes_never_yields_a_wrong_answer(path):
     seed = int(os.environ.get("INFERD_CACHE_SEED", random.SystemRandom().randrange(2**32)))

@@ -204,6 +204,7 @@ def _p99(xs: list[float]) -> float:
     return float(np.percentile(xs, 99))
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(120)
 def test_ten_thousand_infos_in_one_write_do_not_stall_a_victim(roomy):
     """The attacker gets all 10,000 answers; the victim's pings keep coming back meanwhile."""
@@ -244,6 +245,7 @@ def test_ten_thousand_infos_in_one_write_do_not_stall_a_victim(roomy):
     _served_correctly(roomy)
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(120)
 def test_a_client_that_never_reads_keeps_memory_bounded_and_is_disconnected():
     """Pipelined pings and classifies, replies never read: the daemon stops reading it, its RSS
@@ -361,6 +363,7 @@ def test_a_half_sent_frame_is_refused_after_frame_timeout(impatient):
     c.close()
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(60)
 def test_a_trickled_frame_gets_no_more_time_than_a_stalled_one(impatient):
     """One byte every 0.1 s keeps data flowing but the frame is not whole within 0.5 s."""
@@ -544,6 +547,7 @@ def _sacrificial(path: str, fuzz: Fuzzer) -> str:
     return kind
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_fuzzed_frames_get_typed_answers_while_a_good_client_stays_correct(roomy):
     seed = int(os.environ.get("INFERD_FUZZ_SEED", secrets.randbits(32)))

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import RawClient, sample_images, shm_leftovers, wait_until
+from helpers import TESTS, RawClient, sample_images, shm_leftovers, wait_until
 from inferd.client import Client, InvalidInput
 from inferd.shm import wire
 
@@ -166,7 +166,7 @@ c.sock.close()          # gone with 16 requests in flight, without reading a rep
 
 
 def test_disconnect_mid_request(daemon):
-    tests_dir = os.path.dirname(__file__)
+    tests_dir = str(TESTS)
     subprocess.run([sys.executable, "-c", DISCONNECTER, daemon.socket_path, tests_dir], check=True, timeout=60)
     # the autouse check then asserts the ring is unmapped and others are served
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FakeDaemon, RawClient, sample_images, short_dir, spawn_daemon, wait_until
+from helpers import FakeDaemon, RawClient, client_hits, sample_images, short_dir, spawn_daemon, wait_until
 from inferd.client import Client, DaemonUnavailable, PermissionDenied
 from inferd.client import client as client_module
 from inferd.client.connection import Connection
@@ -23,21 +23,6 @@ from inferd.client.retry import Backoff, reconnect
 from inferd.shm import wire
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def client_hits(info: dict) -> int:
-    """The daemon's count of hits clients answered themselves, wherever the stats put it."""
-    def find(node):
-        if isinstance(node, dict):
-            if type(node.get("client_hits")) is int:
-                return node["client_hits"]
-            for value in node.values():
-                if (found := find(value)) is not None:
-                    return found
-        return None
-    found = find(info)
-    assert found is not None, f"no client_hits in {sorted(info)}"
-    return found
 
 
 # -- backoff and the reconnect loop, on a fake clock ------------------------------------------------
@@ -126,6 +111,7 @@ def _classify_in_a_loop(socket_path, k, epoch, answered, stop, report):
         report.put((k, errors, c.reconnects, c.resubmitted))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_restarts_under_load_fail_no_request():
     """Four client processes classify without pause while the daemon is stopped (SIGTERM: drain)
