@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inferd.client import Client
-from inferd.daemon.dispatch.scheduler import DEFAULT_MIN_SIMILARITY
+from inferd.shm.limits import DEFAULT_MIN_SIMILARITY
 from inferd.daemon.models.zoo.shapes import make_dataset
 
 

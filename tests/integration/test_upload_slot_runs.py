@@ -22,7 +22,7 @@ from inferd.daemon.config import Config
 from inferd.daemon.dispatch.device import Device
 from inferd.daemon.models.loading import ModelSpec
 from inferd.daemon.dispatch.scheduler import Scheduler
-from inferd.daemon.front.session import Rejected
+from inferd.daemon.front.admission import Rejected
 from inferd.shm import wire
 from inferd.shm.ring import DATA_OFFSET, Ring, RingError, RingGeometry
 

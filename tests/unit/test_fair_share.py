@@ -21,7 +21,7 @@ from inferd.daemon.dispatch.fairness import DeficitRoundRobin, Fifo, quanta
 from inferd.daemon.models.loading import ModelSpec
 from inferd.daemon.dispatch.queues import DeviceQueue, plan_batch
 from inferd.daemon.dispatch.scheduler import Scheduler
-from inferd.daemon.front.session import Rejected
+from inferd.daemon.front.admission import Rejected
 from inferd.shm import wire
 
 

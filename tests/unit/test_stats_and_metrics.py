@@ -19,7 +19,7 @@ from inferd.daemon.dispatch.device import Device
 from inferd.daemon.ops.metrics import SnapshotCollector, parse_listen
 from inferd.daemon.models.loading import ModelSpec
 from inferd.daemon.dispatch.scheduler import Scheduler
-from inferd.daemon.front.session import Rejected
+from inferd.daemon.front.admission import Rejected
 from inferd.daemon.ops.stats import (LATENCY_BOUNDS, Histogram, SizeHistogram, Stats, Window,
                                      quantile)
 from inferd.shm import wire
