@@ -34,11 +34,12 @@ import time
 from typing import Iterable
 
 from . import decode, errors
-from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, default_socket_path, first_connect_failed
+from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, first_connect_failed
 from .connection import Connection, ModelInfo
 from .hits import HitReport
 from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect_async
+from .settings import ClientSettings
 
 __all__ = ["AsyncClient"]
 
@@ -67,22 +68,18 @@ class _Stream(asyncio.Protocol):
         self.conn.close()
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """One application's session with the daemon for the tasks of one event loop; the arguments
-    are Client's. Open it with ``async with AsyncClient(...)`` or ``await AsyncClient.open(...)``
-    (no daemon there within ``connect_timeout``: DaemonUnavailable; at once with
-    ``reconnect=False``); close with ``await aclose()``."""
+    are Client's (kept by ClientSettings, inferd.client.settings). Open it with
+    ``async with AsyncClient(...)`` or ``await AsyncClient.open(...)`` (no daemon there within
+    ``connect_timeout``: DaemonUnavailable; at once with ``reconnect=False``); close with
+    ``await aclose()``."""
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
                  timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
                  reconnect: bool = True):
-        self.socket_path = socket_path or default_socket_path()
-        self.timeout = timeout
-        self.reconnect = reconnect
-        self._ring_slots = ring_slots
-        self._connect_timeout = connect_timeout
-        self._use_cache = cache
-        self._clock = time.monotonic
+        super().__init__(socket_path, ring_slots=ring_slots, timeout=timeout,
+                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: _Stream | None = None
         self._closed = False
@@ -133,9 +130,7 @@ class AsyncClient:
     async def _open(self, hello_timeout: float) -> Connection:
         """Connect and hello in a worker thread (module docstring). A cancelled wait closes the
         connection the thread opens."""
-        fut = self._loop.run_in_executor(None, lambda: Connection.open(
-            self.socket_path, ring_slots=self._ring_slots, use_cache=self._use_cache,
-            connect_timeout=min(self._connect_timeout, hello_timeout), hello_timeout=hello_timeout))
+        fut = self._loop.run_in_executor(None, self._open_connection, hello_timeout)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

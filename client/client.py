@@ -64,7 +64,7 @@ from .connection import Connection, ModelInfo
 from .hits import HitReport
 from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect
-from ..shm import paths
+from .settings import ClientSettings, default_socket_path
 
 __all__ = ["Client", "ModelInfo", "Prediction", "NearDuplicate", "default_socket_path"]
 
@@ -79,12 +79,7 @@ def first_connect_failed(path: str, connect_timeout: float) -> str:
     return f"no inferd daemon answered on {path} within connect_timeout ({connect_timeout:g} s)"
 
 
-def default_socket_path() -> str:
-    """$INFERD_SOCKET, else the daemon's own default (inferd.shm.paths, the rules both sides share)."""
-    return paths.socket_path()
-
-
-class Client:
+class Client(ClientSettings):
     """One application's session with the daemon, renewed across daemon restarts.
 
     ``timeout`` (seconds) is the default deadline of each request; the daemon answers
@@ -92,21 +87,18 @@ class Client:
     ``reconnect``: wait up to ``connect_timeout`` for a daemon to connect to at first, and
     reconnect and resubmit within the deadline when the daemon restarts (see the module
     docstring); False raises DaemonUnavailable at the first failed or broken connection.
-    What a call sends and how its replies are read is the protocol core's
-    (inferd.client.protocol); this class adds the blocking socket, the lock and the thread timer.
+    The arguments are kept, and a session opened with them, by ClientSettings
+    (inferd.client.settings), AsyncClient's too. What a call sends and how its replies are read
+    is the protocol core's (inferd.client.protocol); this class adds the blocking socket, the
+    lock and the thread timer.
     """
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
                  timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
                  reconnect: bool = True):
-        self.socket_path = socket_path or default_socket_path()
-        self.timeout = timeout
-        self.reconnect = reconnect
-        self._ring_slots = ring_slots
-        self._connect_timeout = connect_timeout
-        self._use_cache = cache
+        super().__init__(socket_path, ring_slots=ring_slots, timeout=timeout,
+                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect)
         self._lock = threading.Lock()
-        self._clock = time.monotonic
         self._conn: Connection | None = None
         self._closed = False
         self._hits = HitReport(self._report_hits, HITS_REPORT_DELAY_S)
@@ -127,20 +119,15 @@ class Client:
     resubmitted = property(lambda self: self._core.resubmitted, doc="Requests sent again after a restart.")
 
     # connection -------------------------------------------------------------------------------
-    def _open(self, hello_timeout: float) -> Connection:
-        return Connection.open(self.socket_path, ring_slots=self._ring_slots, use_cache=self._use_cache,
-                               connect_timeout=min(self._connect_timeout, hello_timeout),
-                               hello_timeout=hello_timeout)
-
     def _first_connection(self) -> Connection:
         """The first session: with ``reconnect``, a daemon that is not there yet or is restarting
         is waited for until ``connect_timeout`` has passed (module docstring); without, the first
         failure is raised."""
         if not self.reconnect:
-            return self._open(self._connect_timeout)
-        return reconnect(self._open, self._clock() + self._connect_timeout, what=self.socket_path,
-                         backoff=Backoff(), clock=self._clock, gave_up=first_connect_failed(
-                             self.socket_path, self._connect_timeout))
+            return self._open_connection(self._connect_timeout)
+        return reconnect(self._open_connection, self._clock() + self._connect_timeout,
+                         what=self.socket_path, backoff=Backoff(), clock=self._clock,
+                         gave_up=first_connect_failed(self.socket_path, self._connect_timeout))
 
     def _adopt(self, conn: Connection) -> None:
         self._conn = conn
@@ -160,7 +147,7 @@ class Client:
         self._conn = None
         if conn is not None:
             conn.close()
-        self._adopt(reconnect(self._open, deadline, what=self.socket_path, backoff=backoff,
+        self._adopt(reconnect(self._open_connection, deadline, what=self.socket_path, backoff=backoff,
                               clock=self._clock))
         return self._conn
 

@@ -1,6 +1,8 @@
 """The printed report and the target summary of ``python -m bench.cache`` (plain text, from cache.json's dict)."""
 from __future__ import annotations
 
+from ..lib.report import table
+
 CLIENT_HIT_US = 20.0        # client-side hit p50
 REPEAT_RATIO = 1.35         # 30 %-repeat workload, img/s cache on / off
 UNIQUE_RATIO = 0.97         # unique images, img/s cache on / off
@@ -43,10 +45,6 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
-def _lat(s: dict) -> str:
-    return f"{s['p50_us']:>9.1f}  {s['p99_us']:>9.1f}"
-
-
 def _latency(l: dict) -> list[str]:
     miss = l["miss"]["p50_us"]
     rows = [("client-side hit: classify(), Client(cache=True)", l["client_hit"]),
@@ -59,9 +57,8 @@ def _latency(l: dict) -> list[str]:
             ("miss: fresh frame, Client(cache=False)", l["miss"]),
             ("miss: fresh frame, Client(cache=True)", l["miss_local_client"])]
     out = ["(1) Hit latency: resnet18 @ 64x64, --device cpu:2, embeddings off; one call at a time",
-           f"    {'':<50}  {'p50 us':>9}  {'p99 us':>9}  {'p50 / miss p50':>14}"]
-    for name, s in rows:
-        out.append(f"    {name:<50}  {_lat(s)}  {s['p50_us'] / miss:>14.4f}")
+           *table([("", "<50"), ("p50 us", ">9.1f"), ("p99 us", ">9.1f"), ("p50 / miss p50", ">14.4f")],
+                  [(name, s["p50_us"], s["p99_us"], s["p50_us"] / miss) for name, s in rows])]
     w = l["writer"]
     c = l["daemon_cache"]
     out.append(f"    daemon-side work per request (its counters): copy + hash + key {c['hash_us_mean']:.1f} us "
@@ -81,15 +78,16 @@ def _latency(l: dict) -> list[str]:
 def _throughput(t: dict) -> list[str]:
     out = [f"(2, 3) Throughput: {t['clients']} client processes, 1 frame in flight each, resnet18 @ 64x64, "
            f"--device cpu:2, embeddings off; warm-up {t['warmup_s']:g} s, window {t['seconds']:g} s",
-           f"    {'round':>5}  {'repeats':>7}  {'cache':>5}  {'img/s':>8}  {'computed/s':>10}  "
-           f"{'local hits':>10}  {'daemon hits':>11}  {'fresh p50 ms':>12}  {'mean batch':>10}  "
-           f"{'model ms/batch':>14}  {'model busy':>10}  {'CPU daemon':>10}  {'CPU clients':>11}  {'CPU other':>9}"]
-    for r in t["rows"]:
-        out.append(f"    {r['round']:>5}  {r['repeat_frac']:>7.0%}  {'on' if r['cache'] else 'off':>5}  "
-                   f"{r['img_s']:>8.1f}  {r['computed_img_s']:>10.1f}  {r['local_hits']:>10.1%}  "
-                   f"{r['daemon']['daemon_hits']:>11}  {r['latency_fresh_ms']['p50_us']:>12.2f}  "
-                   f"{r.get('mean_batch', 0):>10.2f}  {r.get('model_ms_per_batch', 0):>14.2f}  {r['model_busy']:>10.0%}  {r['daemon_cpu_cores']:>10.2f}  "
-                   f"{r['clients_cpu_cores']:>11.2f}  {r.get('other_cpu_cores', 0):>9.2f}")
+           *table([("round", ">5"), ("repeats", ">7.0%"), ("cache", ">5"), ("img/s", ">8.1f"),
+                   ("computed/s", ">10.1f"), ("local hits", ">10.1%"), ("daemon hits", ">11"),
+                   ("fresh p50 ms", ">12.2f"), ("mean batch", ">10.2f"), ("model ms/batch", ">14.2f"),
+                   ("model busy", ">10.0%"), ("CPU daemon", ">10.2f"), ("CPU clients", ">11.2f"),
+                   ("CPU other", ">9.2f")],
+                  [(r["round"], r["repeat_frac"], "on" if r["cache"] else "off", r["img_s"],
+                    r["computed_img_s"], r["local_hits"], r["daemon"]["daemon_hits"],
+                    r["latency_fresh_ms"]["p50_us"], r.get("mean_batch", 0), r.get("model_ms_per_batch", 0),
+                    r["model_busy"], r["daemon_cpu_cores"], r["clients_cpu_cores"], r.get("other_cpu_cores", 0))
+                   for r in t["rows"]])]
     out.append("    (CPU: cores used over the window; other = whole machine minus the daemon and its clients, i.e. "
                "this benchmark's parent (two info() calls) and anything else running)")
     rat = t["ratios"]
@@ -127,15 +125,13 @@ def _hashing(h: dict) -> list[str]:
 
 
 def _search(s: dict) -> list[str]:
-    out = ["(5) Near-duplicate search: EmbeddingStore.search(k=5), random unit vectors, dim 512",
-           f"    {'rows':>7}  {'store p50 us':>12}  {'store p99 us':>12}  {'bare p50 us':>11}  "
-           f"{'store / bare':>12}  {'add us':>7}  {'same as exact':>13}"]
-    for r in s["rows"]:
-        out.append(f"    {r['rows']:>7}  {r['store']['p50_us']:>12.1f}  {r['store']['p99_us']:>12.1f}  "
-                   f"{r['bare']['p50_us']:>11.1f}  {r['ratio_p50']:>12.2f}  {r['add_us_mean']:>7.1f}  "
-                   f"{str(r['same_answer_as_exact']):>13}")
-    out.append("    (bare: the same float32 matrix-vector product + argpartition over an in-memory array)")
-    return out
+    return ["(5) Near-duplicate search: EmbeddingStore.search(k=5), random unit vectors, dim 512",
+            *table([("rows", ">7"), ("store p50 us", ">12.1f"), ("store p99 us", ">12.1f"),
+                    ("bare p50 us", ">11.1f"), ("store / bare", ">12.2f"), ("add us", ">7.1f"),
+                    ("same as exact", ">13")],
+                   [(r["rows"], r["store"]["p50_us"], r["store"]["p99_us"], r["bare"]["p50_us"], r["ratio_p50"],
+                     r["add_us_mean"], str(r["same_answer_as_exact"])) for r in s["rows"]]),
+            "    (bare: the same float32 matrix-vector product + argpartition over an in-memory array)"]
 
 
 def _near(n: dict) -> list[str]:

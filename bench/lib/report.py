@@ -1,5 +1,6 @@
 """The command line and the results file every benchmark shares: the common options, ``--replot``,
-the machine a run measured, and writing ``OUT/<name>.json`` beside the printed report."""
+the machine a run measured, writing ``OUT/<name>.json`` beside the printed report, and the layout
+of that report's tables (``table``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +63,17 @@ def replot(results_path: str, img_dir: str | None, out: str, render, draw) -> in
     print(render(results))
     print(f"\nredrew {', '.join(draw(results, img_dir))}")
     return 0
+
+
+def table(columns, rows) -> list[str]:
+    """A printed report's table as lines: the column titles, then one line per row, every line
+    indented by four spaces, its cells two apart. ``columns`` are ``(title, spec)`` pairs: ``spec``
+    formats the column's values (``">8.1f"``, ``">6.0%"``, ``"<11"``) and, by its alignment and
+    width alone, its title; each row is the sequence of its values, one per column."""
+    heads = [re.match(r"[<>^]?\d*", spec).group() for _, spec in columns]
+    lines = [[format(title, head) for (title, _), head in zip(columns, heads)]]
+    lines += [[format(value, spec) for value, (_, spec) in zip(row, columns, strict=True)] for row in rows]
+    return ["    " + "  ".join(cells) for cells in lines]
 
 
 def cpu_model() -> str:

@@ -1,6 +1,8 @@
 """The printed tables and the target summary of a benchmark run (plain text, from results.json's dict)."""
 from __future__ import annotations
 
+from ..lib.report import table
+
 LOAD_TARGET = 0.95        # daemon img/s with N clients / in-process at batch N, N = 1, 4, 16
 TAIL_TARGET = 1.3         # p99 / p50 with 16 clients
 TRANSPORT_TARGET = 3.0    # no-op round trip through the daemon / bare socket ping-pong
@@ -41,52 +43,49 @@ def targets(results: dict) -> list[dict]:
 def _ceiling_table(c: dict) -> list[str]:
     """Part (a): img/s and ms per batch for each batch size."""
     omp = " ".join(f"{k}={v}" for k, v in c.get("omp_env", {}).items()) or "OpenMP defaults"
-    out = [f"(a) Ceiling: {c['model']} @ {c['input_size']}x{c['input_size']} in-process, "
-           f"{c['threads']} threads, {omp}, torch {c['torch']}",
-           f"    {'batch':>5}  {'img/s':>8}  {'ms/batch p50':>12}  {'x ceiling':>9}"]
-    for r in c["rows"]:
-        out.append(f"    {r['batch']:>5}  {r['img_s']:>8.1f}  {r['batch_ms_p50']:>12.2f}  "
-                   f"{r['img_s'] / c['ceiling_img_s']:>9.2f}")
-    out.append(f"    ceiling {c['ceiling_img_s']:.1f} img/s (batch {c['ceiling_batch']}); "
-               f"model time at batch 1: {c['model_ms_b1']:.2f} ms")
-    return out
+    return [f"(a) Ceiling: {c['model']} @ {c['input_size']}x{c['input_size']} in-process, "
+            f"{c['threads']} threads, {omp}, torch {c['torch']}",
+            *table([("batch", ">5"), ("img/s", ">8.1f"), ("ms/batch p50", ">12.2f"), ("x ceiling", ">9.2f")],
+                   [(r["batch"], r["img_s"], r["batch_ms_p50"], r["img_s"] / c["ceiling_img_s"])
+                    for r in c["rows"]]),
+            f"    ceiling {c['ceiling_img_s']:.1f} img/s (batch {c['ceiling_batch']}); "
+            f"model time at batch 1: {c['model_ms_b1']:.2f} ms"]
 
 
 def _load_table(load: dict, ceiling: float) -> list[str]:
     """Part (b): one line per case against the in-process model at the batch its frames in flight
     allow, with the daemon-side figures that explain it."""
     env = " ".join(f"{k}={v}" for k, v in load.get("daemon_env", {}).items())
-    out = [f"(b) Daemon under load: {env + ' ' if env else ''}{' '.join(load['daemon_args'])}",
-           f"    {'clients':>7}  {'in flight':>9}  {'in-proc@b':>13}  {'img/s':>8}  {'ratio':>5}  "
-           f"{'p50 ms':>8}  {'p99 ms':>8}  {'mean batch':>10}  {'model ms/b':>10}  {'busy':>9}  "
-           f"{'CPU daemon':>10}  {'CPU clients':>11}"]
+    rows = []
     for r in load["rows"]:
         lat = r["latency"]
         busy = "/".join(f"{v:.0%}" for v in r.get("device_busy", {}).values()) or f"{r['model_busy']:.0%}"
         ceil = f"{r['ceiling_img_s']:.1f}@{r['ceiling_batch']}" if r.get("ceiling_batch") else "-"
-        out.append(f"    {r['clients']:>7}  {r['clients'] * r['depth']:>9}  {ceil:>13}  {r['img_s']:>8.1f}  "
-                   f"{r['ratio_to_ceiling']:>5.2f}  {lat['p50_ms']:>8.2f}  {lat['p99_ms']:>8.2f}  "
-                   f"{r.get('mean_batch', 0):>10.1f}  {r.get('model_ms_per_batch', 0):>10.2f}  "
-                   f"{busy:>9}  {r['daemon']['cpu_cores']:>10.2f}  {r['clients_cpu_cores']:>11.2f}")
-    out.append(f"    (in-proc@b: img/s of the model in-process at batch b = min(frames in flight, "
-               f"max_batch), the row's ceiling; busy: each device's busy fraction (admin stats); "
-               f"latency is per call: one frame, or 4 frames for the 4-in-flight row; best batch "
-               f"overall {ceiling:.1f} img/s; CPU: cores used over the window)")
-    return out
+        rows.append((r["clients"], r["clients"] * r["depth"], ceil, r["img_s"], r["ratio_to_ceiling"],
+                     lat["p50_ms"], lat["p99_ms"], r.get("mean_batch", 0), r.get("model_ms_per_batch", 0),
+                     busy, r["daemon"]["cpu_cores"], r["clients_cpu_cores"]))
+    return [f"(b) Daemon under load: {env + ' ' if env else ''}{' '.join(load['daemon_args'])}",
+            *table([("clients", ">7"), ("in flight", ">9"), ("in-proc@b", ">13"), ("img/s", ">8.1f"),
+                    ("ratio", ">5.2f"), ("p50 ms", ">8.2f"), ("p99 ms", ">8.2f"), ("mean batch", ">10.1f"),
+                    ("model ms/b", ">10.2f"), ("busy", ">9"), ("CPU daemon", ">10.2f"),
+                    ("CPU clients", ">11.2f")], rows),
+            f"    (in-proc@b: img/s of the model in-process at batch b = min(frames in flight, "
+            f"max_batch), the row's ceiling; busy: each device's busy fraction (admin stats); "
+            f"latency is per call: one frame, or 4 frames for the 4-in-flight row; best batch "
+            f"overall {ceiling:.1f} img/s; CPU: cores used over the window)"]
 
 
 def _cpu_table(cpu: dict) -> list[str]:
     """Part (e): the daemon's CPU per frame at a steady paced load, per embeddings case."""
-    out = [f"(e) Daemon CPU per frame: {cpu['model']}, {cpu['senders']} paced senders, "
-           f"{cpu['rate']:.0f} frames/s, store of {cpu['rows_stored']} rows (dim {cpu['dim']}); "
-           f"near: 1 call in {cpu['near_every']} of one sender",
-           f"    {'case':<11}  {'frames/s':>8}  {'cores':>6}  {'us/frame':>8}  {'x off':>6}  {'p50 ms':>7}  {'p99 ms':>7}"]
     off = next(r for r in cpu["cases"] if r["case"] == "off")["cpu_us_per_frame"]
-    for r in cpu["cases"]:
-        out.append(f"    {r['case']:<11}  {r['frames_s']:>8.1f}  {r['cpu_cores']:>6.3f}  "
-                   f"{r['cpu_us_per_frame']:>8.0f}  {r['cpu_us_per_frame'] / off:>6.2f}  "
-                   f"{r['latency']['p50_ms']:>7.2f}  {r['latency']['p99_ms']:>7.2f}")
-    return out
+    return [f"(e) Daemon CPU per frame: {cpu['model']}, {cpu['senders']} paced senders, "
+            f"{cpu['rate']:.0f} frames/s, store of {cpu['rows_stored']} rows (dim {cpu['dim']}); "
+            f"near: 1 call in {cpu['near_every']} of one sender",
+            *table([("case", "<11"), ("frames/s", ">8.1f"), ("cores", ">6.3f"), ("us/frame", ">8.0f"),
+                    ("x off", ">6.2f"), ("p50 ms", ">7.2f"), ("p99 ms", ">7.2f")],
+                   [(r["case"], r["frames_s"], r["cpu_cores"], r["cpu_us_per_frame"],
+                     r["cpu_us_per_frame"] / off, r["latency"]["p50_ms"], r["latency"]["p99_ms"])
+                    for r in cpu["cases"]])]
 
 
 def _transport_table(t: dict) -> list[str]:
@@ -94,13 +93,10 @@ def _transport_table(t: dict) -> list[str]:
     b, d = t["bare"], t["daemon"]
     return [f"(c) Transport alone: {t['round_trips']} round trips; request {t['request_bytes']} B, "
             f"reply {t['reply_bytes']} B on the wire",
-            f"    {'':<26}  {'p50 us':>8}  {'mean us':>8}  {'p99 us':>8}",
-            f"    {'bare AF_UNIX ping-pong':<26}  {b['p50_ms'] * 1e3:>8.1f}  {b['mean_ms'] * 1e3:>8.1f}  "
-            f"{b['p99_ms'] * 1e3:>8.1f}",
-            f"    {'daemon, ping (no model)':<26}  {d['ping']['p50_ms'] * 1e3:>8.1f}  "
-            f"{d['ping']['mean_ms'] * 1e3:>8.1f}  {d['ping']['p99_ms'] * 1e3:>8.1f}",
-            f"    {'daemon, classify no-op':<26}  {d['p50_ms'] * 1e3:>8.1f}  {d['mean_ms'] * 1e3:>8.1f}  "
-            f"{d['p99_ms'] * 1e3:>8.1f}",
+            *table([("", "<26"), ("p50 us", ">8.1f"), ("mean us", ">8.1f"), ("p99 us", ">8.1f")],
+                   [(name, s["p50_ms"] * 1e3, s["mean_ms"] * 1e3, s["p99_ms"] * 1e3)
+                    for name, s in (("bare AF_UNIX ping-pong", b), ("daemon, ping (no model)", d["ping"]),
+                                    ("daemon, classify no-op", d))]),
             f"    ratio classify/bare: p50 {t['ratio_p50']:.2f}x, mean {t['ratio_mean']:.2f}x "
             f"(ping/bare p50 {d['ping']['p50_ms'] / b['p50_ms']:.2f}x; the daemon's batching-thread "
             f"work per no-op frame: {d['daemon_model_us_per_frame']:.0f} us)"] + _handoff_lines(t)

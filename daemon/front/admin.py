@@ -31,12 +31,10 @@ Errors are the client protocol's (``bad_request``, ``unknown_op``, ``invalid_inp
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
 import os
 
-from ..config import ConfigError
-from .listener import Listener, peer_credentials, peer_groups
+from .listener import Listener, group_gid, peer_credentials, peer_groups
 from ..ops.logs import RateLimitedLog
 from ..ops.reload import ReloadError
 from .admission import Rejected
@@ -52,24 +50,12 @@ MAX_FRAME = 64 * 1024
 OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device")
 
 
-def admin_gid(group: str) -> int | None:
-    """The gid of ``server.admin_group`` (a name or a number), or None when unset."""
-    if not group:
-        return None
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"server.admin_group: no group named {group!r} on this host") from None
-
-
 class AdminServer:
     """Serves the admin socket for ``server`` (daemon/server.py) until closed."""
 
     def __init__(self, server, path: str, group: str):
         self.server = server
-        self.gid = admin_gid(group)
+        self.gid = group_gid("server.admin_group", group)
         self.listener = Listener.bind(path, 0o660 if self.gid is not None else 0o600)
         if self.gid is not None:
             os.chown(path, -1, self.gid)

@@ -1,4 +1,6 @@
 """The daemon's listening Unix socket: bind safely, know the peer, pass descriptors, unlink on exit.
+A socket that a group may open (the admin socket, the metrics socket) names that group in its
+setting; ``group_gid`` reads it, one rule and one message for every such setting.
 
 Binding follows asyncio's ``create_unix_server`` rule, made stricter: a path that exists is removed
 only if it is a socket *and* nobody answers on it (a crashed predecessor's leftover). A path that is
@@ -18,10 +20,13 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import grp
 import os
 import socket
 import stat
 import struct
+
+from ..errors import ConfigError
 
 _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)    # Linux; Python names it from 3.13 only
@@ -40,6 +45,20 @@ def check_path_length(path: str, key: str = "server.socket / --socket") -> None:
     if size > SUN_PATH_MAX:
         raise ListenerError(f"socket path is {size} bytes; AF_UNIX allows at most {SUN_PATH_MAX}: "
                             f"choose a shorter {key} ({path})")
+
+
+def group_gid(key: str, group: str) -> int | None:
+    """The gid of the group a socket's file is given to, as the setting ``key`` names it (a group
+    name or a number), or None when unset (the socket stays its owner's alone). ConfigError naming
+    ``key`` when this host has no such group."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{key}: no group named {group!r} on this host") from None
 
 
 class Listener:

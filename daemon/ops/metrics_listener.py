@@ -29,7 +29,6 @@ from threads of their own; a scrape hands its snapshot call to the event loop (m
 """
 from __future__ import annotations
 
-import grp
 import hmac
 import ipaddress
 import logging
@@ -43,7 +42,7 @@ from prometheus_client.exposition import MetricsHandler
 
 from ..caching.fleet.codec import read_secret     # one home for private files' checks
 from ..errors import ConfigError
-from ..front.listener import Listener, ListenerError, check_path_length
+from ..front.listener import Listener, ListenerError, check_path_length, group_gid
 
 log = logging.getLogger("inferd.metrics")
 
@@ -69,18 +68,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def socket_gid(group: str) -> int | None:
-    """The gid of ``metrics.socket_group`` (a name or a number), or None when unset."""
-    if not group:
-        return None
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"metrics.socket_group: no group named {group!r} on this host") from None
-
-
 def load_token(path: str) -> bytes:
     """The bearer token in ``metrics.token_file``; ConfigError if the file is missing, readable by
     others, or holds no usable token."""
@@ -99,7 +86,7 @@ def check_config(m) -> None:
         parse_listen(m.listen)
     if m.socket:
         check_path_length(m.socket, "metrics.socket")
-        socket_gid(m.socket_group)
+        group_gid("metrics.socket_group", m.socket_group)
     if m.token_file:
         if not (m.listen or m.socket):
             raise ConfigError("metrics.token_file: there is no HTTP listener to guard; set metrics.listen "
@@ -221,7 +208,7 @@ class HttpListeners:
         return host, server.server_address[1]
 
     def _unix_socket(self, m, handler) -> None:
-        gid = socket_gid(m.socket_group)
+        gid = group_gid("metrics.socket_group", m.socket_group)
         try:
             self._unix = Listener.bind(m.socket, m.socket_mode)
         except ListenerError as exc:
