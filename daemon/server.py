@@ -30,6 +30,8 @@ from .front.admin import AdminServer
 from .front.handshake import handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
+from .front.loop_share import LoopShare
+from .dispatch import fairness
 from .models.loading import LoadedModel
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
@@ -51,6 +53,9 @@ class Server:
         self.listener = listener
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
+        # the loop's work shared per uid, weighted as the devices are (NOTE [ loop share ])
+        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(cfg.dispatch.weights)
+                               if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.draining = False
         self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
         self.scheduler.model = model        # the serving model's one home (Server.model reads it)
