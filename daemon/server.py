@@ -33,6 +33,7 @@ from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .dispatch import fairness
 from .models.loading import LoadedModel
+from .ops.heap_trim import HeapTrim
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
@@ -56,6 +57,7 @@ class Server:
         # the loop's work shared per uid, weighted as the devices are (NOTE [ loop share ])
         self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(cfg.dispatch.weights)
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
+        self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
         self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
         self.scheduler.model = model        # the serving model's one home (Server.model reads it)
@@ -298,6 +300,8 @@ class Server:
             self.stats.session_closed(session.peer[1])
         if not session.inflight:
             session.release_ring()
+        if session.heavy:
+            self.heap_trim.request()
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""

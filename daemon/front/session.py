@@ -125,6 +125,8 @@ class Session(asyncio.Protocol):
         self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
         self.transport: asyncio.Transport | None = None
         self.waiting = False                   # queued for a turn (daemon/front/loop_share.py)
+        self.heavy = False                     # buffered a backlog or replies: its close is worth a
+                                               # heap trim (daemon/ops/heap_trim.py)
         self._turns = server.turns             # the loop's share per uid
         limits = server.cfg.server
         self._limits = limits
@@ -222,6 +224,7 @@ class Session(asyncio.Protocol):
         self._time_partial_frame()
 
     def _hold(self, reason: str) -> None:
+        self.heavy = True                   # a backlog or unread replies: buffers worth a trim
         if not self._holds and not self.transport.is_closing():
             self.transport.pause_reading()
         self._holds.add(reason)
