@@ -50,7 +50,11 @@ class HeapTrim:
         loop.call_later(wait, self._start, loop)
 
     def _start(self, loop) -> None:
-        task = loop.run_in_executor(None, self._timed_trim)
+        try:
+            task = loop.run_in_executor(None, self._timed_trim)
+        except RuntimeError:                # the loop's executor is shutting down: so is the daemon
+            self._due = False
+            return
         task.add_done_callback(self._done)
 
     def _timed_trim(self) -> float:
@@ -62,6 +66,8 @@ class HeapTrim:
         self._due = False
         self._last = self._clock()
         self.trims += 1
+        if future.cancelled():
+            return
         if future.exception() is not None:
             log.warning("malloc_trim failed: %r", future.exception())
         else:
