@@ -95,9 +95,10 @@ def check_classify(msg: dict, ring: Ring, spec, inflight: dict, default_timeout_
 #      frames still buffered) or        uid's queue for the next tick (NOTE [ loop share ])  v
 #      "replies" (write buffer over reply_buffer_bytes: pause_writing, until resume_writing)
 #
-# - Bounded work per event: a uid's sessions together handle at most max_frames_per_turn frames
-#   per loop iteration (daemon/front/loop_share.py); the rest wait in the reader, and reading
-#   stops until they are handled, so the buffer holds at most one read more.
+# - Bounded work per event: a uid's sessions together handle one budget of frames per loop
+#   iteration (about 1 ms of loop, at most max_frames_per_turn: daemon/front/loop_share.py); the
+#   rest wait in the reader, and reading stops until they are handled, so the buffer holds at most
+#   one read more.
 # - Backpressure: replies a client does not read pile up in the transport's write buffer only up
 #   to reply_buffer_bytes (set_write_buffer_limits); then the session neither reads nor handles
 #   frames. Replies of requests already in flight still come, bounded by the ring's slots. A
