@@ -21,14 +21,17 @@ client wait for 4 x 32 frames per loop iteration. Here the budget belongs to the
   tick, which runs once per loop iteration while there is work (a callback queued with
   ``call_soon`` runs in the next iteration, before that iteration's I/O callbacks, in asyncio's
   loop and in uvloop). The budget is the frames that TURN_S (1 ms) of loop time buys at the uid's
-  recent cost per frame (measured around its turns, two clock reads a turn), at least one and at
+  recent cost per frame (the loop thread's CPU time around its turns, two clock reads a turn: wall
+  time also counts waits for the GIL, which the batching threads hold in turn: with it, four
+  pipelining sessions' share of the device beside another uid's flood fell from 52 % to 36 % in
+  bench/isolation.py (c), their budget shrunk to a frame or two), at least one and at
   most ``server.max_frames_per_turn``; times the uid's ``quantum`` of the device share
   (dispatch.weights, 1 for every uid by default), so a uid weighted 2 gets twice the loop, as it
   gets twice the devices. Counting time rather than frames makes costly frames (a cache hit
   copies and hashes its frame on the loop; info builds a reply) cost their uid accordingly.
 - So a client of another uid waits at most for one budget of each busy uid (about TURN_S, plus
-  one frame) before its own frames are handled, whatever those frames are (cache hits, misses, malformed, info), and however many
-  sessions each busy uid opens.
+  one frame) before its own frames are handled, whatever those frames are (cache hits, misses,
+  malformed, info), and however many sessions each busy uid opens.
 - A session that waits has reading paused (its ``backlog`` hold, NOTE [ session flow control ] in
   daemon/front/session.py): the kernel's socket buffer fills and the client blocks. Nothing waits
   unbounded in the daemon.
@@ -38,7 +41,7 @@ client wait for 4 x 32 frames per loop iteration. Here the budget belongs to the
 
 The session side offers two calls: ``wants_turn()`` (whole frames buffered, nothing holds it) and
 ``take_turn(limit)`` (handle up to ``limit`` frames, return how many). Budget and epochs are pure
-counting; only the tick needs the loop, and it is injected (tests drive ``tick()`` by hand).
+counting; the tick's ``call_soon`` and the clock are injected (tests drive ``tick()`` by hand).
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ class LoopShare:
     not given."""
 
     def __init__(self, frames_per_turn: int, quantum_of: Callable[[Hashable], float] = lambda uid: 1.0,
-                 call_soon: Callable | None = None, turn_s: float = TURN_S, clock=time.perf_counter):
+                 call_soon: Callable | None = None, turn_s: float = TURN_S, clock=time.thread_time):
         self._frames = max(1, int(frames_per_turn))
         self._quantum_of = quantum_of
         self._call_soon = call_soon
