@@ -19,11 +19,22 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m inferd.daemon.demo samples/*.png
 
+# The suite on TEST_WORKERS processes (pytest-xdist): most tests wait on daemons, sockets and
+# subprocesses rather than on the CPU, so more workers than cores pays. Work stealing hands the tests
+# of a busy worker to an idle one; tests/conftest.py puts the slow ones first. The tests marked
+# timing (a victim's latency, a device's share of work, a watchdog deadline) then run alone, so no
+# other test's load decides them. TEST_WORKERS=0 runs the first part in this one process. For a
+# quick loop leave the slow tests out: `.venv/bin/python -m pytest -q -n 4 -m "not slow"`.
+TEST_WORKERS ?= 4
+# Both parts always run; the last line counts them together (tests/summary.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@rm -rf .test-results && mkdir -p .test-results
+	-$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not timing" --junitxml=.test-results/parallel.xml
+	-$(BIN)/python -m pytest -q -m timing --junitxml=.test-results/timing.xml
+	@$(BIN)/python tests/summary.py .test-results/parallel.xml .test-results/timing.xml
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf $(VENV) bench/out

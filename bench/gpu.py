@@ -1,4 +1,5 @@
-"""The prepared GPU check (issue 9): ``bench/gpu.sh`` runs this; see docs/benchmarks.md, "GPU".
+"""The prepared GPU check: ``bench/gpu.sh`` runs this (``python -m bench.gpu``); see
+docs/benchmarks.md, "GPU".
 
 (a) The in-process ceiling: ResNet-50-style (daemon/zoo, random weights, no download) at 224x224
     on cuda:0, per batch size up to 256, in fp32 and bf16 (channels_last both), in a child process.
@@ -18,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 import time
 import traceback
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if BENCH_DIR not in sys.path:        # spawned children find these modules through the same sys.path
-    sys.path.insert(0, BENCH_DIR)
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import (CTX, RESULT_GRACE_S, collect_results, daemon, frames, latency_stats,  # noqa: E402
-                    run_in_child, sigterm_as_exit, stop_processes)
+from .lib.daemons import counters, daemon
+from .lib.measure import frames, latency_stats, sleep_until
+from .lib.procs import RESULT_GRACE_S, children, report_ready, run_in_child, sigterm_as_exit
+from .lib.report import DEFAULT_OUT, command, prog, write_results
 
 SETTINGS = {
     "gpu": {"device": "cuda:0", "model": "resnet50", "size": 224, "batches": (16, 32, 64, 128, 256),
@@ -105,7 +102,8 @@ def _time_engine(engine, staging, batch: int, warmup_s: float, seconds: float) -
 
 
 # (b) the daemon ------------------------------------------------------------------------------------
-def _client(q, index: int, socket_path: str, size: int, start, go, warmup_s: float, seconds: float) -> None:
+def _client(q, index: int, socket_path: str, size: int, warmup_s: float, seconds: float,
+            start, go, stop) -> None:
     """Client process: connect, report ready, wait for the shared start, classify in a closed loop,
     report the latencies of calls that ended inside the measured window."""
     try:
@@ -114,12 +112,10 @@ def _client(q, index: int, socket_path: str, size: int, start, go, warmup_s: flo
         frame = frames(1, size, seed=1000 + index)[0]
         with Client(socket_path, ring_slots=2, cache=False) as client:
             client.classify(frame)
-            q.put(("ok", ("ready", index)))
-            if not go.wait(timeout=RESULT_GRACE_S):
-                raise RuntimeError("no start signal from the parent")
+            report_ready(q, index, go)
             t_measure = start.value + warmup_s
             t_end = t_measure + seconds
-            time.sleep(max(0.0, start.value - time.monotonic()))
+            sleep_until(start.value)
             lat = []
             while time.monotonic() < t_end:
                 t0 = time.perf_counter()
@@ -132,33 +128,18 @@ def _client(q, index: int, socket_path: str, size: int, start, go, warmup_s: flo
         q.put(("error", traceback.format_exc()))
 
 
-def _counters(client) -> dict:
-    return dict(client.info()["counters"])
-
-
 def run_clients(socket_path: str, probe, n: int, s: dict) -> dict:
     """``n`` client processes against the daemon at ``socket_path``; one result row."""
-    q, go, start = CTX.Queue(), CTX.Event(), CTX.Value("d", 0.0)
-    procs = [CTX.Process(target=_client, name=f"bench-gpu-client-{i}", daemon=True,
-                         args=(q, i, socket_path, s["size"], start, go, s["warmup_s"], s["seconds"]))
-             for i in range(n)]
-    try:
-        for p in procs:
-            p.start()
-        collect_results(q, procs, n, RESULT_GRACE_S)
-        start.value = time.monotonic() + START_LEAD_S
-        go.set()
-        t_measure = start.value + s["warmup_s"]
-        time.sleep(max(0.0, t_measure - time.monotonic()))
-        before = _counters(probe)
-        time.sleep(max(0.0, t_measure + s["seconds"] - time.monotonic()))
-        after = _counters(probe)
-        done = collect_results(q, procs, n, s["warmup_s"] + s["seconds"] + RESULT_GRACE_S)
-    finally:
-        go.set()
-        stop_processes(procs)
+    specs = [(_client, (socket_path, s["size"], s["warmup_s"], s["seconds"]))] * n
+    with children(specs, lead_s=START_LEAD_S, name="bench-gpu-client") as group:
+        t_measure = group.start + s["warmup_s"]
+        sleep_until(t_measure)
+        before = counters(probe)
+        sleep_until(t_measure + s["seconds"])
+        after = counters(probe)
+        done = group.collect(s["warmup_s"] + s["seconds"] + RESULT_GRACE_S)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames", "batches", "model_seconds")}
-    lats = np.concatenate([np.asarray(d[2]) for d in done])
+    lats = np.concatenate([np.asarray(d[0]) for d in done])
     return {"clients": n, "img_s": lats.size / s["seconds"], "latency": latency_stats(lats),
             "mean_batch": delta["frames"] / delta["batches"] if delta["batches"] else None,
             "model_busy": delta["model_seconds"] / s["seconds"]}
@@ -219,9 +200,9 @@ def render(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU, to check the script")
-    p.add_argument("--out", default=os.path.join(BENCH_DIR, "out"), help="where gpu.json goes")
+    p.add_argument("--out", default=DEFAULT_OUT, help="where gpu.json goes")
     args = p.parse_args(argv)
     sigterm_as_exit()
     mode = "smoke" if args.cpu_smoke else "gpu"
@@ -230,7 +211,7 @@ def main(argv=None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print(f"bench/gpu.py: no CUDA device: torch {torch.__version__} at {sys.executable} sees none "
+            print(f"bench.gpu: no CUDA device: torch {torch.__version__} at {sys.executable} sees none "
                   f"(a CPU build of torch, or no GPU); use bench/gpu.sh --cpu-smoke to check the script",
                   file=sys.stderr)
             return 2
@@ -245,15 +226,10 @@ def main(argv=None) -> int:
         at = {r["batch"]: r["img_s"] for r in ceiling["rows"] if r["precision"] == precision}
         results.append(measure_daemon(s, precision, at))
     report = {"mode": mode, "settings": s, "ceiling": ceiling, "best": best, "daemon": results,
-              "wall_s": time.monotonic() - t0, "command": sys.argv,
+              "wall_s": time.monotonic() - t0, "command": command(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"gpu{'-smoke' if args.cpu_smoke else ''}.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=2)
-    print()
-    print(render(report))
-    print(f"\nwrote {path} in {report['wall_s']:.0f} s")
+    write_results(args.out, f"gpu{'-smoke' if args.cpu_smoke else ''}.json", report,
+                  render(report) + f"\n\n{report['wall_s']:.0f} s in all")
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 9 (docs/benchmarks.md, "GPU"): at most 5 minutes on one GPU, no
-# downloads. Prints the in-process ceiling (ResNet-50-style, 224x224, fp32 and bf16, batch sizes up
+# The prepared GPU check (docs/benchmarks.md, "GPU"): at most 5 minutes on one GPU, no downloads.
+# Prints the in-process ceiling (ResNet-50-style, 224x224, fp32 and bf16, batch sizes up
 # to 256) and the daemon's throughput and p50/p99 with 16 and 64 client processes, and the ratio.
 #
 #   bench/gpu.sh                  on a host with a CUDA device
@@ -64,6 +64,6 @@ if [ -n "$missing" ]; then
     exit 2
 fi
 rc=0
-timeout -k 20 "${BENCH_TIMEOUT:-300}" "$py" bench/gpu.py "$@" || rc=$?
+timeout -k 20 "${BENCH_TIMEOUT:-300}" "$py" -m bench.gpu "$@" || rc=$?
 [ "$rc" = 124 ] && echo "bench/gpu.sh: stopped after ${BENCH_TIMEOUT:-300} s" >&2
 exit "$rc"

@@ -10,20 +10,16 @@ inferd.daemon.front.admin). Only root, the daemon's user and members of ``server
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 
 from . import errors
-from ..shm import wire
+from ..shm import paths, wire
 
 
 def default_admin_path(socket_path: str | None = None) -> str:
     """$INFERD_ADMIN_SOCKET, else ``admin.sock`` in the directory of the client socket (the
-    daemon's own default for ``server.admin_socket``)."""
-    if os.environ.get("INFERD_ADMIN_SOCKET"):
-        return os.environ["INFERD_ADMIN_SOCKET"]
-    client_socket = socket_path or os.environ.get("INFERD_SOCKET") or wire.default_socket_path()
-    return os.path.join(os.path.dirname(client_socket), "admin.sock")
+    daemon's own default for ``server.admin_socket``): inferd.shm.paths."""
+    return paths.client_admin_socket_path(socket_path)
 
 
 class AdminClient:

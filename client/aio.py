@@ -10,6 +10,8 @@ ring has slots (calls beyond that wait for a slot, in order of arrival). It runs
 protocol core as Client (inferd.client.protocol), so requests, replies, cache hits, model swaps
 and resubmission after a restart behave alike; this module adds only its way of waiting:
 
+- First connection: as Client's, it waits for a daemon within ``connect_timeout`` (with
+  ``reconnect``), sleeping with asyncio between attempts.
 - Hello: connect and hello run in a worker thread (Connection.open, blocking, bounded by the
   timeouts), because the ring's descriptor arrives by SCM_RIGHTS and asyncio's ``sock_recv`` reads
   no ancillary data. The socket is then handed to the loop as a transport; replies arrive in
@@ -32,10 +34,10 @@ import time
 from typing import Iterable
 
 from . import decode, errors
-from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, default_socket_path
+from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, default_socket_path, first_connect_failed
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, NearDuplicate, Prediction, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect_async
 
 __all__ = ["AsyncClient"]
@@ -68,7 +70,8 @@ class _Stream(asyncio.Protocol):
 class AsyncClient:
     """One application's session with the daemon for the tasks of one event loop; the arguments
     are Client's. Open it with ``async with AsyncClient(...)`` or ``await AsyncClient.open(...)``
-    (no daemon there: DaemonUnavailable at once); close with ``await aclose()``."""
+    (no daemon there within ``connect_timeout``: DaemonUnavailable; at once with
+    ``reconnect=False``); close with ``await aclose()``."""
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
                  timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
@@ -106,7 +109,7 @@ class AsyncClient:
                                lambda delay, fn: self._loop.call_later(delay, fn))
         self._core = ProtocolCore(self._hits, resubmit=self.reconnect)
         try:
-            await self._attach(await self._open(self._connect_timeout))
+            await self._attach(await self._first_connection())
         except BaseException:
             self._close_now()
             raise
@@ -138,6 +141,14 @@ class AsyncClient:
         except asyncio.CancelledError:
             fut.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
             raise
+
+    async def _first_connection(self) -> Connection:
+        """Client._first_connection, awaitable."""
+        if not self.reconnect:
+            return await self._open(self._connect_timeout)
+        return await reconnect_async(self._open, self._clock() + self._connect_timeout,
+                                     what=self.socket_path, backoff=Backoff(), clock=self._clock,
+                                     gave_up=first_connect_failed(self.socket_path, self._connect_timeout))
 
     async def _attach(self, conn: Connection) -> None:
         try:
@@ -387,7 +398,7 @@ class AsyncClient:
         return self._core.embedding(await self._embedding_op(image, "embed", {"tag": tag} if tag else {},
                                                              timeout))
 
-    async def near_duplicates(self, image, k: int = 5, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
+    async def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
                               timeout: float | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (Client.near_duplicates)."""
         return self._core.matches(await self._embedding_op(

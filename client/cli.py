@@ -307,6 +307,8 @@ def _health(args) -> int:
 def _not_ready_reason(reply: dict) -> str:
     if reply["state"] != "ready":
         return f"the daemon is {reply['state']}"
+    if reply.get("door"):              # new clients are turned away (daemon/front/door.py)
+        return f"new connections are refused: {reply['door']}"
     states = [d["state"] for d in reply["devices"]]
     if states and all(s == "disabled" for s in states):
         return "no device in rotation: every device was disabled by an operator; inferctl device enable N"

@@ -19,10 +19,15 @@ left of its deadline. A ring of another slot count is fine: only what fits is in
 - The application sees nothing of a restart that a successor covers within the deadline; past it
   DaemonUnavailable (no daemon took over in time) or DeadlineExceeded (the deadline passed before
   the request could be resubmitted). ``reconnects`` and ``resubmitted`` count what happened.
-- The constructor connects once: no daemon there raises DaemonUnavailable at once.
+- The first connection waits for a daemon too: the constructor retries what a restart looks like
+  (no socket yet, connection refused or reset, ``shutting_down``) with the same backoff until
+  ``connect_timeout`` has passed, so an application started before the daemon (boot ordering) or
+  during ``systemctl restart`` gets the daemon that comes up; then DaemonUnavailable naming the last
+  failure. PermissionDenied and ProtocolError are raised at once.
 - A reply that belongs to no request (a protocol fault, not a restart) closes the Client.
-``reconnect=False`` keeps the old contract: a broken connection closes the Client and raises
-DaemonUnavailable, a draining daemon's refusal raises ShuttingDown.
+``reconnect=False`` keeps the old contract: the constructor raises the first failure at once, a
+broken connection closes the Client and raises DaemonUnavailable, a draining daemon's refusal
+raises ShuttingDown.
 
 Model swaps. Replies carry ``gen``, the model generation that computed them; the first reply of a
 generation this session has not been told of also carries ``model`` (hello's shape). The Client
@@ -50,7 +55,6 @@ InferenceFailed.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Iterable
@@ -58,9 +62,9 @@ from typing import Iterable
 from . import decode, errors
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
 from .retry import Backoff, Call, reconnect
-from ..shm import wire
+from ..shm import paths
 
 __all__ = ["Client", "ModelInfo", "Prediction", "NearDuplicate", "default_socket_path"]
 
@@ -70,9 +74,14 @@ READ_GRACE_S = 5.0
 HITS_REPORT_DELAY_S = 0.5
 
 
+def first_connect_failed(path: str, connect_timeout: float) -> str:
+    """The first words of DaemonUnavailable when no daemon answered a new client in time."""
+    return f"no inferd daemon answered on {path} within connect_timeout ({connect_timeout:g} s)"
+
+
 def default_socket_path() -> str:
-    """$INFERD_SOCKET, else the daemon's own default (inferd.shm.wire.default_socket_path)."""
-    return os.environ.get("INFERD_SOCKET") or wire.default_socket_path()
+    """$INFERD_SOCKET, else the daemon's own default (inferd.shm.paths, the rules both sides share)."""
+    return paths.socket_path()
 
 
 class Client:
@@ -80,8 +89,9 @@ class Client:
 
     ``timeout`` (seconds) is the default deadline of each request; the daemon answers
     DeadlineExceeded rather than compute a request whose deadline passed while queued.
-    ``reconnect``: reconnect and resubmit within the deadline when the daemon restarts (see the
-    module docstring); False raises DaemonUnavailable at the first broken connection.
+    ``reconnect``: wait up to ``connect_timeout`` for a daemon to connect to at first, and
+    reconnect and resubmit within the deadline when the daemon restarts (see the module
+    docstring); False raises DaemonUnavailable at the first failed or broken connection.
     What a call sends and how its replies are read is the protocol core's
     (inferd.client.protocol); this class adds the blocking socket, the lock and the thread timer.
     """
@@ -102,7 +112,7 @@ class Client:
         self._hits = HitReport(self._report_hits, HITS_REPORT_DELAY_S)
         self._core = ProtocolCore(self._hits, resubmit=reconnect)
         try:
-            self._adopt(self._open(connect_timeout))
+            self._adopt(self._first_connection())
         except BaseException:
             self.close()
             raise
@@ -121,6 +131,16 @@ class Client:
         return Connection.open(self.socket_path, ring_slots=self._ring_slots, use_cache=self._use_cache,
                                connect_timeout=min(self._connect_timeout, hello_timeout),
                                hello_timeout=hello_timeout)
+
+    def _first_connection(self) -> Connection:
+        """The first session: with ``reconnect``, a daemon that is not there yet or is restarting
+        is waited for until ``connect_timeout`` has passed (module docstring); without, the first
+        failure is raised."""
+        if not self.reconnect:
+            return self._open(self._connect_timeout)
+        return reconnect(self._open, self._clock() + self._connect_timeout, what=self.socket_path,
+                         backoff=Backoff(), clock=self._clock, gave_up=first_connect_failed(
+                             self.socket_path, self._connect_timeout))
 
     def _adopt(self, conn: Connection) -> None:
         self._conn = conn
@@ -302,7 +322,7 @@ class Client:
         image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
         return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout))
 
-    def near_duplicates(self, image, k: int = 5, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
+    def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
                         timeout: float | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (cosine of embeddings), best first, at most k
         of them with similarity >= min_similarity. The query itself is not stored."""

@@ -1,7 +1,6 @@
-"""Encoded images (JPEG, PNG, WebP) into the uint8 HxWx3 frame the model takes, in the caller's process.
+"""What an application passes to ``classify`` / ``embed`` / ``near_duplicates``, ready to send.
 
-One entry point, :func:`prepare`, takes whatever an application passes to ``classify`` / ``embed`` /
-``near_duplicates`` and returns a :class:`Prepared`:
+One entry point, :func:`prepare`, takes it and returns a :class:`Prepared`:
 
 - a numpy array or torch tensor: converted by :func:`inferd.client.images.to_frame` (no encoded bytes);
 - ``bytes`` / ``bytearray`` / ``memoryview``: the encoded file itself;
@@ -12,75 +11,23 @@ Encoded bytes are *read* by ``prepare`` but decoded only when ``Prepared.frame()
 so a client can look a repeated upload up by the hash of its bytes (``encoded_hash``) and answer it
 without decoding (NOTE [ encoded uploads ] in daemon/caching/results.py).
 
-The decode, one definition used by the client and by the daemon's verification
-(:func:`decode`; ``decoder_id`` names it, and is part of every encoded-bytes cache key):
-
-1. Only JPEG, PNG and WebP are opened (Pillow's ``formats=``); anything else, truncated or garbage
-   bytes raise InvalidInput.
-2. Bombs are refused before any pixel is decoded: more than ``MAX_ENCODED_BYTES`` of input, or a
-   header announcing more than ``MAX_PIXELS`` pixels (width x height), raises InvalidInput naming
-   the limit. Pillow's own ``Image.MAX_IMAGE_PIXELS`` check stays on behind ours.
-3. JPEG only: ``Image.draft`` lets libjpeg-turbo decode at 1/2, 1/4 or 1/8 scale (DCT scaling) as
-   long as the result stays at least the model's input size on both sides: a 12-megapixel photo
-   for a 224x224 model decodes at 1/8 cost, and the bilinear resize below does the rest.
-4. EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stands upright.
-5. Modes to RGB: 16-bit greyscale (``I;16*``, ``I``) keeps its top 8 bits (Pillow's own convert
-   would clip it to white); RGBA, LA and palette images with transparency lose the alpha channel
-   (the colour under it is kept, as for an HxWx4 array); CMYK, greyscale, palette, YCbCr and
-   bilevel go through Pillow's ``convert("RGB")``.
-6. Fitted to the model's input by :func:`inferd.client.images.resize`: stretched to exactly
-   height x width (no crop, no padding; aspect ratio follows the model's), Pillow's bilinear filter,
-   antialiased on downscaling. Arrays of another size take the same resize.
+The decode itself, its limits and its name (``decoder_id``) are the ones the daemon verifies
+uploads with, in inferd.shm.uploads; :func:`decode` and :func:`probe` here raise the client's
+InvalidInput instead of its UndecodableImage.
 """
 from __future__ import annotations
 
-import functools
-import io
 import os
-import struct
-import warnings
 
-import blake3
 import numpy as np
 
+from ..shm import uploads
+from ..shm.uploads import FORMATS, MAX_ENCODED_BYTES, MAX_PIXELS, decoder_id, encoded_hash
 from .errors import InvalidInput
-from .images import resize, to_frame
+from .images import to_frame
 
-__all__ = ["Prepared", "prepare", "decode", "decoder_id", "encoded_hash",
+__all__ = ["Prepared", "prepare", "decode", "probe", "decoder_id", "encoded_hash",
            "MAX_ENCODED_BYTES", "MAX_PIXELS", "FORMATS"]
-
-#: The largest encoded file accepted, in bytes (a larger file is refused before it is read whole).
-MAX_ENCODED_BYTES = 32 * 2**20
-#: The most pixels (width x height) an encoded image may announce: 64 megapixels, about 192 MiB as
-#: RGB. Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 M by default) stays on behind it.
-MAX_PIXELS = 64_000_000
-#: The formats opened; Pillow's names.
-FORMATS = ("JPEG", "PNG", "WEBP")
-_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-
-
-@functools.lru_cache(maxsize=None)
-def _library_versions() -> str:
-    import PIL
-    from PIL import features
-
-    codecs = [f"{name}={features.version_codec(name) or features.version_module(name)}"
-              for name in ("jpg", "zlib")]
-    return f"pillow={PIL.__version__} " + " ".join(codecs) + f" webp={features.version_module('webp')}"
-
-
-@functools.lru_cache(maxsize=64)
-def decoder_id(height: int, width: int) -> str:
-    """Everything that decides the frame decoded from given bytes: library and codec versions, the
-    steps above, and the target size. Part of every encoded-bytes cache key, so a client and a
-    daemon with different decoders never share an entry."""
-    return (f"inferd-decode-1 {_library_versions()} jpeg-draft exif-transpose rgb-drop-alpha i16-top8 "
-            f"stretch-bilinear {height}x{width}")
-
-
-def encoded_hash(data: bytes) -> bytes:
-    """32-byte BLAKE3 of encoded bytes (derived key: no collision with a frame's content hash)."""
-    return blake3.blake3(data, derive_key_context="inferd 2026-11 encoded upload hash v1").digest()
 
 
 class Prepared:
@@ -132,77 +79,25 @@ def read_encoded(image) -> bytes | None:
         return None
     if len(data) > MAX_ENCODED_BYTES:
         raise InvalidInput(f"encoded image is over the limit of {MAX_ENCODED_BYTES} bytes "
-                           "(inferd.client.decode.MAX_ENCODED_BYTES)")
+                           "(inferd.shm.limits.MAX_ENCODED_BYTES)")
     if not data:
         raise InvalidInput("encoded image is empty (0 bytes)")
     return data
 
 
 def probe(data: bytes) -> tuple[str, int, int]:
-    """(format, width, height) from the header of encoded ``data``, decoding no pixel. Raises
-    InvalidInput for a format other than JPEG/PNG/WebP, garbage, or over the limits."""
-    from PIL import Image
-
+    """(format, width, height) from the header of encoded ``data`` (inferd.shm.uploads.probe).
+    Raises InvalidInput."""
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            fmt, (w, h) = im.format, im.size
-    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
-        raise InvalidInput(f"not a JPEG, PNG or WebP image ({len(data)} bytes starting "
-                           f"{bytes(data[:8])!r})") from None
-    if w * h > MAX_PIXELS:
-        raise InvalidInput(f"image of {w}x{h} pixels is over the limit of {MAX_PIXELS} pixels "
-                           "(inferd.client.decode.MAX_PIXELS): refused as a decompression bomb")
-    return fmt, w, h
+        return uploads.probe(data)
+    except uploads.UndecodableImage as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def decode(data: bytes, height: int, width: int) -> np.ndarray:
-    """The frame (uint8, C-contiguous, height x width x 3) of JPEG/PNG/WebP ``data``, by the steps
-    in the module docstring. Raises InvalidInput (never another exception) for bad bytes."""
-    from PIL import Image, ImageOps
-
-    if len(data) > MAX_ENCODED_BYTES:
-        raise InvalidInput(f"encoded image is over the limit of {MAX_ENCODED_BYTES} bytes "
-                           "(inferd.client.decode.MAX_ENCODED_BYTES)")
+    """The frame (uint8, C-contiguous, height x width x 3) of JPEG/PNG/WebP ``data``
+    (inferd.shm.uploads.decode). Raises InvalidInput for bad bytes."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-            w0, h0 = im.size
-            if w0 * h0 > MAX_PIXELS:
-                raise InvalidInput(f"image of {w0}x{h0} pixels is over the limit of {MAX_PIXELS} pixels "
-                                   "(inferd.client.decode.MAX_PIXELS): refused as a decompression bomb")
-            if im.format == "JPEG":
-                side = max(height, width)        # EXIF may swap the axes: fit either way round
-                im.draft("RGB", (side, side))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            frame = resize(im, height, width)
-    except InvalidInput:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"refused as a decompression bomb: {exc} (PIL.Image.MAX_IMAGE_PIXELS "
-                           f"{Image.MAX_IMAGE_PIXELS})") from None
-    except Image.UnidentifiedImageError:
-        raise InvalidInput(f"not a JPEG, PNG or WebP image ({len(data)} bytes starting "
-                           f"{bytes(data[:8])!r})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:
-        raise InvalidInput(f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
-    return frame
-
-
-def _to_rgb(im):
-    """An RGB image of ``im`` (step 5 of the module docstring)."""
-    from PIL import Image
-
-    if im.mode == "RGB":
-        return im
-    if im.mode in _SIXTEEN_BIT:
-        grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        im = im.convert("RGBA")
-        return Image.fromarray(np.ascontiguousarray(np.asarray(im)[:, :, :3]), "RGB")
-    return im.convert("RGB")
+        return uploads.decode(data, height, width)
+    except uploads.UndecodableImage as exc:
+        raise InvalidInput(str(exc)) from None

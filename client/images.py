@@ -4,16 +4,17 @@ Accepted: a numpy uint8 array HxWx3 (RGB), HxWx4 (alpha dropped) or HxW (grey, r
 channels); a torch tensor, uint8 or float in 0..1, laid out HxWxC or CxHxW (C of 1, 3 or 4).
 Anything else raises InvalidInput naming what it got.
 
-Resampling (:func:`resize`, the one definition: encoded images in inferd.client.decode take it
-too): when the image is not the model's input size it is stretched to exactly height x width with
-Pillow's bilinear filter (``Image.Resampling.BILINEAR``), which on downscaling widens its support by
-the scale factor, so it antialiases rather than skipping pixels. No cropping, no padding: the aspect
-ratio follows the model's.
+Resampling (:func:`inferd.shm.uploads.resize`, the one definition: encoded images, and the daemon's
+verification of uploads, take it too): when the image is not the model's input size it is
+stretched to exactly height x width with Pillow's bilinear filter (``Image.Resampling.BILINEAR``),
+which on downscaling widens its support by the scale factor, so it antialiases rather than skipping
+pixels. No cropping, no padding: the aspect ratio follows the model's.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..shm.uploads import resize
 from .errors import InvalidInput
 
 
@@ -46,17 +47,3 @@ def to_frame(image, height: int, width: int) -> np.ndarray:
     if image.shape[:2] != (height, width):
         return resize(image, height, width)
     return np.ascontiguousarray(image)
-
-
-def resize(image, height: int, width: int) -> np.ndarray:
-    """``image`` (an RGB PIL image or uint8 HxWx3 array) stretched to (height, width, 3) with
-    Pillow's bilinear filter; a C-contiguous uint8 array. Already that size: returned as it is."""
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        if image.shape[:2] == (height, width):
-            return np.ascontiguousarray(image)
-        image = Image.fromarray(np.ascontiguousarray(image))
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(image))

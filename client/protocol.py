@@ -40,15 +40,16 @@ from .connection import Connection, ModelInfo
 from .hits import HitReport
 from .retry import Call
 from ..shm import cache as cachefile
-from ..shm import wire
+from ..shm import limits, wire
 
 #: The id of notifications (``hits``): no reply is expected, and a refusal by an older daemon,
 #: which answers it ``unknown_op``, is ignored. Requests count from 1.
 NOTE_ID = 0
 #: Model generations whose labels a client keeps, for replies computed just before a swap.
 KEEP_GENERATIONS = 4
-#: near_duplicates' default threshold (docs/architecture.md says how it was chosen).
-DEFAULT_MIN_SIMILARITY = 0.95
+#: near_duplicates' defaults, the daemon's for a request that names none (inferd.shm.limits).
+DEFAULT_MIN_SIMILARITY = limits.DEFAULT_MIN_SIMILARITY
+DEFAULT_NEAR_K = limits.DEFAULT_NEAR_K
 
 
 class Prediction(NamedTuple):
@@ -252,9 +253,9 @@ class ProtocolCore:
         n = self.model.classes or len(self.model.labels)
         if type(top_k) is not int or not 1 <= top_k <= n:
             raise errors.InvalidInput(f"top_k {top_k!r} is out of range: 1 to {n}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
-            raise errors.InvalidInput(f"timeout {timeout!r} is out of range: more than 0, at most 3600 s "
-                                      "(timeout_ms)")
+        if not limits.timeout_s_ok(timeout):
+            raise errors.InvalidInput(f"timeout {timeout!r} is out of range: more than 0, at most "
+                                      f"{limits.MAX_TIMEOUT_S:g} s (timeout_ms)")
 
     def look_up(self, items: list, top_k: int, tag: str | None) -> tuple[list, list[int], dict]:
         """Local answers from the read-only cache for prepared inputs (inferd.client.decode):

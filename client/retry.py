@@ -12,7 +12,9 @@ A restart, seen from a client (systemctl restart, SIGTERM then a successor on th
 
 ``reconnect`` retries ConnectionLost and ShuttingDown with exponential backoff and jitter until
 the caller's deadline; anything else (PermissionDenied, ProtocolError, ...) is not a restart and
-is raised at once. The clock and the sleep are injected so tests drive them without waiting.
+is raised at once. A client's first connection waits the same way (within its ``connect_timeout``),
+so an application started during a restart, or before the daemon at boot, finds the daemon that
+comes up rather than failing on the one that went. The clock and the sleep are injected so tests drive them without waiting.
 
 ``Call`` keeps, for one call, which requests are still owed an answer and so go again on the next
 connection; a request in flight on MAX_LOSSES broken connections in a row does not.
@@ -72,12 +74,12 @@ class Backoff:
 
 def reconnect(open_session: Callable[[float], T], deadline: float, *, what: str, backoff: Backoff,
               clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep) -> T:
+              sleep: Callable[[float], None] = time.sleep, gave_up: str = "") -> T:
     """``open_session(seconds_left)``, after ``backoff``'s delay, until it succeeds or ``deadline``
     (on ``clock``) passes.
 
-    Raises DaemonUnavailable naming ``what`` and the last failure when the deadline passes, or the
-    first failure that is not a restart.
+    Raises DaemonUnavailable naming ``what`` and the last failure when the deadline passes (its
+    first words are ``gave_up`` when given), or the first failure that is not a restart.
     """
     last: Exception | None = None
     while True:
@@ -91,14 +93,14 @@ def reconnect(open_session: Callable[[float], T], deadline: float, *, what: str,
             return open_session(left)
         except RETRYABLE as exc:
             last = exc
-    raise errors.DaemonUnavailable(f"no inferd daemon took over {what} before the request's deadline"
-                                   + (f"; last attempt: {last}" if last else ""))
+    raise _gave_up(gave_up or f"no inferd daemon took over {what} before the request's deadline", last)
 
 
 async def reconnect_async(open_session: Callable[[float], Awaitable[T]], deadline: float, *, what: str,
-                          backoff: Backoff, clock: Callable[[], float] = time.monotonic) -> T:
+                          backoff: Backoff, clock: Callable[[], float] = time.monotonic,
+                          gave_up: str = "") -> T:
     """``reconnect`` for AsyncClient: ``await open_session(seconds_left)``, sleeping with asyncio."""
-    import asyncio
+    import asyncio   # here: a blocking Client never pays for importing asyncio
 
     last: Exception | None = None
     while True:
@@ -112,8 +114,11 @@ async def reconnect_async(open_session: Callable[[float], Awaitable[T]], deadlin
             return await open_session(left)
         except RETRYABLE as exc:
             last = exc
-    raise errors.DaemonUnavailable(f"no inferd daemon took over {what} before the request's deadline"
-                                   + (f"; last attempt: {last}" if last else ""))
+    raise _gave_up(gave_up or f"no inferd daemon took over {what} before the request's deadline", last)
+
+
+def _gave_up(message: str, last: Exception | None) -> errors.DaemonUnavailable:
+    return errors.DaemonUnavailable(message + (f"; last attempt: {last}" if last else ""))
 
 
 class Call:

@@ -111,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     from . import config as config_mod
     from .ops import logs
     from .front.listener import Listener, ListenerError
-    from ..shm.cache import CacheError
-    from ..shm.ownedfile import OwnedFileNoSpace
 
     try:
         cfg = config_mod.load(args.config, _overrides(args))
@@ -134,6 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                     "(the admin socket defaults to the directory of server.socket)",
                     listener.path, cfg.socket_path)
     try:
+        return _serve_or_exit_code(cfg, args, listener, log)
+    finally:
+        listener.close()
+
+
+def _serve_or_exit_code(cfg, args, listener, log) -> int:
+    """Serve until stopped; a start-up failure becomes one log line and the exit code that says
+    what a restart can cure (docs/operations.md, exit codes)."""
+    from . import config as config_mod
+    from .front.listener import ListenerError
+    from ..shm.cache import CacheError
+    from ..shm.ownedfile import OwnedFileNoSpace
+
+    try:
         return _serve(cfg, args, listener)
     except ListenerError as exc:            # the admin socket (the server binds it): as the client socket
         log.error("admin socket: %s (server.admin_socket; by default admin.sock beside server.socket, "
@@ -154,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # anything else at start-up: say so in the log, exit with a named code
         log.exception("start-up failed")
         return exitcodes.STARTUP_FAILED
-    finally:
-        listener.close()
 
 
 def _serve(cfg, args, listener) -> int:

@@ -27,7 +27,8 @@ from .pipeline.records import BatchResult
 from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
-from .front.handshake import handshake
+from .front.door import Door, raise_fd_limit
+from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
@@ -37,10 +38,11 @@ from .ops.heap_trim import HeapTrim
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
-from .front.session import Rejected, Session
+from .front.admission import Rejected
+from .front.session import Session
 from ..shm import wire
-
 from .caching.embedding_store import default_path
+from .caching.fleet.cache import open_fleet_cache
 from .models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.server")
@@ -59,12 +61,15 @@ class Server:
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
-        self.scheduler = Scheduler(cfg, model.spec, devices, clock, model.digest)
-        self.scheduler.model = model        # the serving model's one home (Server.model reads it)
+        self.scheduler = Scheduler(cfg, model, devices, clock)
+        self.caches = self.scheduler.caches
+        self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
+                          turns=self.turns)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
+        self.door: Door | None = None        # the client socket's accept loop (daemon/front/door.py)
         self._reread_config = reread_config  # SIGHUP: a fresh Config from the same file and flags
         self._retired: list = []             # embedding stores of models swapped out
         self.counters = self.scheduler.counters
@@ -75,8 +80,8 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self.stats = self.scheduler.stats
-        # Prometheus text, and the HTTP listener of metrics.listen (ConfigError if it cannot be)
-        self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics.listen)
+        # Prometheus text, and the HTTP listener of [metrics] (ConfigError if it cannot be)
+        self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics)
 
     @property
     def model(self) -> LoadedModel:
@@ -91,6 +96,7 @@ class Server:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        fd_limit = raise_fd_limit()          # before any client can take descriptors (logged)
         self.admin = AdminServer(self, self.cfg.admin_socket_path, self.cfg.server.admin_group)
         await self.admin.start()            # up while starting: `inferctl health --wait` asks it
         if not await self._start_devices():
@@ -102,6 +108,8 @@ class Server:
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)
         self.state = "ready"
+        self.door = Door(self.listener.sock, self.cfg.server, self._start_handshake, fd_limit, self._clock)
+        self.stats.door = self.door
         accept = loop.create_task(self._accept_loop())
         watchdog = loop.create_task(self._watchdog())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
@@ -148,17 +156,15 @@ class Server:
         self.cfg.model = fresh.model
 
     async def _start_devices(self) -> bool:
-        memory = self.scheduler.memory
+        caches = self.caches
         if self.cfg.cache.enabled:
-            memory.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
+            caches.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
         if self.cfg.l2.enabled:             # the fleet cache (daemon/caching/fleet/cache.py); ConfigError: a bad key file
-            from .caching.fleet.cache import open_fleet_cache
-
-            memory.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(memory.spec.labels), self._clock)
+            caches.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(caches.spec.labels), self._clock)
         for dev in self.devices:
             dev.executor = Executor(
                 dev, self.model, deliver=self._deliver_threadsafe, max_batch=self.cfg.batching.max_batch,
-                warmup_batches=self.cfg.model.warmup_batches, keep_k=memory.keep_k, clock=self._clock)
+                warmup_batches=self.cfg.model.warmup_batches, keep_k=caches.keep_k, clock=self._clock)
             dev.collector = Collector(
                 dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
                 peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock)
@@ -175,10 +181,10 @@ class Server:
         dim = self.devices[0].executor.embedding_dim
         if self.cfg.embeddings.enabled and dim:
             embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
-            memory.open_store(self.cfg.embeddings.path or default_path(
+            caches.open_store(self.cfg.embeddings.path or default_path(
                 os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
             for dev in self.devices:
-                dev.executor.store = memory.store
+                dev.executor.store = caches.store
         return True
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
@@ -208,9 +214,9 @@ class Server:
             session.release_ring()
         self.sessions.clear()
         await asyncio.to_thread(self.metrics.close)       # before what a scrape reads closes
-        if self.scheduler.memory.l2 is not None:
-            await self.scheduler.memory.l2.close()          # its last writes, within a second
-        self.scheduler.memory.close()
+        if self.caches.l2 is not None:
+            await self.caches.l2.close()          # its last writes, within a second
+        self.caches.close()
         for store in self._retired:
             store.close()
         self.admin.close()
@@ -227,21 +233,22 @@ class Server:
 
     # accept and hello -------------------------------------------------------------------------
     async def _accept_loop(self) -> None:
-        loop = self._loop
-        while True:
-            conn, _ = await loop.sock_accept(self.listener.sock)
-            task = loop.create_task(handshake(self, conn))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+        """Until the drain cancels it: bounds, the descriptor reserve and back-off on EMFILE are
+        the door's (NOTE [ the door ] in daemon/front/door.py)."""
+        await self.door.run()
 
-    # requests ---------------------------------------------------------------------------------
-    def submit(self, session: Session, rid: int, msg: dict, op: str) -> None:
-        self.scheduler.submit(session, rid, msg, op)
+    def _start_handshake(self, conn, peer: tuple) -> asyncio.Task:
+        task = self._loop.create_task(handshake(self, conn, self._hand, peer))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+        return task
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
     def health(self) -> dict:
         in_rotation = sum(d.healthy for d in self.devices)
-        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0, "live": True,
+        door = self.door.blocked() if self.door is not None else None     # why new clients are refused
+        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0 and door is None,
+                "live": True, "door": door,
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
                 "in_rotation": in_rotation, "pid": self.pid}
@@ -253,10 +260,10 @@ class Server:
 
     def flush_cache(self, peer: tuple) -> dict:
         """Empty the result cache (admin socket only)."""
-        cache = self.scheduler.memory.cache
+        cache = self.caches.cache
         if cache is None:
             raise Rejected(wire.E_INVALID_INPUT, "the result cache is disabled (cache.enabled)")
-        dropped, generation = self.scheduler.memory.flush()
+        dropped, generation = self.caches.flush()
         log.info("result cache flushed by pid %d uid %d: %d entries dropped", peer[0], peer[1], dropped)
         return {"dropped": dropped, "generation": generation}
 
@@ -318,7 +325,7 @@ class Server:
         snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
                     pid=self.pid, policy=self.scheduler.policy.name, in_flight=self.scheduler.outstanding,
                     sessions={"open": len(self.sessions), "opened": self.counters["sessions"]},
-                    cache=self.scheduler.memory.stats())
+                    cache=self.caches.stats())
         return snap
 
     def metrics_text(self) -> bytes:

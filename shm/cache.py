@@ -1,27 +1,55 @@
 """The result cache: top-k answers in one fixed-size mmap'ed file the daemon writes and clients read.
 
-Key = BLAKE3(model digest, preprocessing spec, frame content hash): a new model or spec makes keys
-no old entry can match. Only the daemon maps it writable (under an exclusive ``flock``) and inserts
-answers computed from its own private copy of the frame; clients map it ``ACCESS_READ``.
+Lookup key = BLAKE3(model digest, preprocessing spec, frame content hash) (:func:`cache_key`): a new
+model or spec makes keys no old entry can match. The lookup key is never stored. Only the daemon
+maps the file writable (under an exclusive ``flock``) and inserts answers computed from its own
+private copy of the frame; clients map it ``ACCESS_READ``.
 
-Who may read it: the file is mode 0600, the daemon's user's alone, so no other local user can list
-what this host classified. A client maps the descriptor the daemon hands it at hello
-(:meth:`ResultCache.share_fd`, opened ``O_RDONLY`` by the daemon) and never opens a path: with an
-``O_RDONLY`` descriptor the kernel refuses a shared writable mapping (``PROT_WRITE`` with
-``MAP_SHARED`` needs ``O_RDWR``: EACCES), ``write``/``pwrite`` (EBADF) and ``ftruncate`` (EINVAL), for
-root too; a private (copy-on-write) mapping never reaches the file. Reopening ``/proc/self/fd/N``
-would check the file's mode again, which is why clients of other uids map the descriptor itself.
-A client can still tell whether an image it holds was classified here (a hit), as with any shared
-cache; it cannot enumerate entries it cannot name.
+Who may read it: the file is mode 0600, the daemon's user's alone. A client maps the descriptor
+the daemon hands it at hello (:meth:`ResultCache.share_fd`, opened ``O_RDONLY`` by the daemon) and
+never opens a path: with an ``O_RDONLY`` descriptor the kernel refuses a shared writable mapping
+(``PROT_WRITE`` with ``MAP_SHARED`` needs ``O_RDWR``: EACCES), ``write``/``pwrite`` (EBADF) and
+``ftruncate`` (EINVAL), for root too; a private (copy-on-write) mapping never reaches the file.
+Reopening ``/proc/self/fd/N`` would check the file's mode again, which is why clients of other
+uids map the descriptor itself.
+
+What a reader of the mapping learns (every client of every allowed uid holds one): entries are
+sealed under secrets derived from their lookup key, so an entry can be found and read only by
+whoever can compute that key, i.e. holds the same frame (or encoded bytes) and knows the model
+digest and preprocessing (hello tells everyone those). How, in inferd.shm.cacheseal: the key
+derives a 16-byte *tag*, stored, that finds the entry (set = tag[:8] % sets), a MAC key and
+keystreams. The stored bytes are never the key itself, and nothing else in the file depends on the
+key, the answer or the time of the insert:
+
+- the body (k and the pairs, padded to max_k pairs, so every answer has one size) is stored
+  XORed with a keystream chosen by the entry's check (a synthetic IV, as in SIV modes): two
+  different answers, or one answer in two generations, never share a keystream;
+- no stamps, no counts: eviction recency lives in the daemon's memory alone (lost at a restart:
+  entries written before it are then the first evicted), and ``used`` is the writer's own count;
+- at creation every entry is filled with random bytes (seq even, like a written entry's), so an
+  empty entry and a full one look the same; a flush only bumps the generation (see below), and
+  the old entries stay as they were: random-looking bytes nobody can open any more.
+
+What a reader still learns: the geometry and the generation (flushes) in the header, and the
+seqlock counters: a scan that compares two snapshots sees which entries were rewritten in between
+(that some answer was written at some time, not for which frame, nor its classes or scores). An
+entry rewritten with the same answer in the same generation gets the same bytes (sealing is
+deterministic), so a watcher can tell "same answer again" from "another answer" for one entry, not
+what either is. A client can tell whether a frame it holds was classified here (a hit), as with
+any shared cache.
+
+Integrity: a check over the plaintext body under a key-derived MAC key, which also picks the
+keystream (SIV-style; inferd.shm.cacheseal says why this construction): an entry opens only whole,
+for this key and this generation, else it is a miss, never a wrong answer.
 
 File layout (all integers little-endian)::
 
     offset  size  field                                                   written by the daemon
     0       8     magic            b"INFDRCCH"                           \\
-    8       4     format version   u32, currently 1                       |
+    8       4     format version   u32, currently 2                       |
     12      4     sets             u32                                    |  once, into a temporary
     16      4     ways             u32, entries per set                   |  file that is linked or
-    20      4     entry size       u32, = 72 + 8 * max_k                  |  renamed into place only
+    20      4     entry size       u32, = 48 + 8 * max_k                  |  renamed into place only
     24      4     max_k            u32, most (class, score) pairs         |  when complete
     28      4     reserved         zero                                   |
     32      8     file size        u64, bytes; the configured size        |
@@ -29,32 +57,38 @@ File layout (all integers little-endian)::
     48      16    reserved         zero
     64      8     generation       u64 flush counter, written at flush; not under the check
                                    (any value is valid: a kill mid-flush cannot spoil the header)
-    4096 + (set * ways + way) * entry size: one entry (72..4096 and the slack after the last: zero)
+    72      8     filled           u64, 1 once every entry holds random bytes (at the first open);
+                                   not under the check (a kill mid-fill leaves 0: filled again)
+    4096 + (set * ways + way) * entry size: one entry (80..4096 and the slack after the last: zero)
 
-Entry layout (written by the daemon only)::
+Entry layout (written by the daemon only; every byte but seq looks random to a reader without
+the key)::
 
-    offset  size     field
-    0       8        seq         u64 seqlock counter: odd while the daemon writes the entry
-    8       8        stamp       u64 recency for eviction (not under the check)
-    16      8        check       BLAKE3(bytes 24 .. 72 + 8k)[:8]
-    24      4        k           u32, pairs in this answer, 1..max_k; 0 = empty
-    28      4        reserved    zero
-    32      8        generation  u64, the header generation when written; another value = empty
-    40      32       key         see cache_key; the set is int.from_bytes(key[:8], "little") % sets
-    72      8*max_k  pairs       k times (class index u32, score f32); bytes after them are not read
+    offset  size         field
+    0       8            seq     u64 seqlock counter, even at rest, odd while the daemon writes
+                                 the entry; starts at a random even value below 2**62
+    8       16           tag     EntrySecrets(key).tag (inferd.shm.cacheseal)
+    24      16           check   BLAKE3-keyed(MAC key, generation u64 || body)[:16]
+    40      8 + 8*max_k  masked  body XOR keystream(check); body = k u32 (1..max_k), reserved u32
+                                 zero, max_k times (class index u32, score f32), the pairs after
+                                 the k-th zero
 
-Eviction: per-set LRU. The daemon stamps an entry from a clock that only grows at insert and when
-its own ``lookup`` hits (clients never write: their hits do not count). An insert takes the key's
-way, else an empty one (k = 0, odd seq left by a kill, older generation), else the oldest stamp.
+Eviction: per-set LRU over recency the writer keeps in memory (``ResultCache._stamps``, one u64 per
+entry, 0 = not written since this open). Its clock grows at insert and when the daemon's own
+``lookup`` hits (clients never write: their hits do not count). An insert takes the way holding
+the key's tag, else one whose seq is odd (a kill mid-write), else the least recently stamped (a
+way never written since the open first).
 
 Why a reader never returns a wrong answer, with no lock while the daemon writes: the daemon stores
-seq odd, then body and check, then seq even (seq only grows, so a write in between cannot look
-unchanged). A reader loads seq, copies the entry into a private bytes object, loads seq again, and
-answers only if both loads are the same even value and the copy's key, generation and check match.
-A Python slice of an mmap is not atomic and nothing orders the loads on memory models weaker than
-x86's: the check over the private copy is what guarantees the answer is exactly one the daemon wrote
-for this key (a torn copy passes with probability 2**-64). A daemon killed mid-write leaves seq odd
-or the check wrong: a miss, repaired by the next insert there.
+seq odd, then bytes 8.. of the entry, then seq even (seq only grows, so a write in between cannot
+look unchanged). A reader loads seq, copies the entry into a private bytes object, loads seq
+again, and answers only if both loads are the same even value and the copy opens (its tag is the
+key's, and unmasked, it verifies its check under this key and the current generation). A Python
+slice of an mmap is not atomic and nothing orders the loads on memory models weaker than x86's: the
+check over the private copy is what guarantees the answer is exactly one the daemon wrote for this
+key (a torn copy passes with probability 2**-128).
+A daemon killed mid-write leaves seq odd or the check wrong: a miss, repaired by the next insert
+there.
 
 At daemon start a truncated, garbage, wrong-version or wrong-size file is set aside as
 ``PATH.corrupt-<unix time>`` and rebuilt (one log line), never resized in place (readers: SIGBUS);
@@ -76,20 +110,23 @@ import blake3
 import numpy as np
 
 from . import ownedfile
+from .cacheseal import EntrySecrets
 
 MAGIC = b"INFDRCCH"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_SIZE = 4096
 GENERATION_OFFSET = 64
-KEY_OFFSET = 40
-PAIRS_OFFSET = 72
+FILLED_OFFSET = 72
+TAG_OFFSET = 8
+CHECK_OFFSET = 24
+MASKED_OFFSET = 40
+ENTRY_FIXED = 48                                         # entry size = ENTRY_FIXED + 8 * max_k
+SEQ_START_MASK = (1 << 62) - 2                           # a random start: even, far from overflow
+FILL_CHUNK = 4 << 20                                     # bytes of random fill generated at once
 
 _HEADER = struct.Struct("<8sIIIIIIQ")                    # bytes 0..40; the check follows at 40..48
-_ENTRY = struct.Struct("<QQ8sIIQ32s")                    # bytes 0..72 of an entry
-_BODY = struct.Struct("<IIQ32s")                         # bytes 24..72: k, reserved, generation, key
+_KPAD = struct.Struct("<II")                             # k, reserved: the first 8 bytes of the body
 _U64 = struct.Struct("<Q")
-_FIELDS = {"names": ["seq", "stamp", "k", "generation"], "formats": ["<u8", "<u8", "<u4", "<u8"],
-           "offsets": [0, 8, 24, 32]}
 _log = logging.getLogger("inferd.cache")
 
 
@@ -133,8 +170,8 @@ def cache_key(model_digest: str, preprocess: str, content_hash: bytes) -> bytes:
 
 def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: bytes) -> bytes:
     """32-byte cache key of an encoded upload (JPEG/PNG/WebP bytes, hashed by
-    ``inferd.client.decode.encoded_hash``) under a model, its preprocessing and the decoder that
-    turns the bytes into a frame (``inferd.client.decode.decoder_id``: library versions, steps,
+    ``inferd.shm.uploads.encoded_hash``) under a model, its preprocessing and the decoder that
+    turns the bytes into a frame (``inferd.shm.uploads.decoder_id``: library versions, steps,
     target size). Its own derivation context, so it can never equal a frame's key. The daemon
     inserts under it only bytes it decoded itself to the frame it computed (NOTE [ encoded uploads ]
     in daemon/caching/results.py)."""
@@ -153,7 +190,7 @@ class CacheGeometry(NamedTuple):
 
     @property
     def entry_size(self) -> int:
-        return PAIRS_OFFSET + 8 * self.max_k
+        return ENTRY_FIXED + 8 * self.max_k
 
 
 def _parse_header(head: bytes, size: int) -> tuple[str | None, CacheGeometry | None]:
@@ -209,10 +246,12 @@ class ResultCache:
         self._set_bytes = geom.ways * geom.entry_size
         self._lock = threading.Lock()
         self._hits = self._misses = self._torn = self._inserts = self._evictions = 0
-        self._clock = int(self._view()["stamp"].max()) if fd is not None else 0
-        # The writer counts its entries in use once, here, then keeps the count at insert and
-        # flush: the daemon reports it on every stats request, and a scan reads the whole file.
-        self.used = self._count_used() if fd is not None else 0
+        self._clock = 0
+        # The writer's private recency, one stamp per entry (0: not written since this open), and
+        # its count of entries written since the open: nothing in the file can say either (the
+        # module docstring), so both start from zero at every open.
+        self._stamps = np.zeros(geom.sets * geom.ways, np.uint64) if fd is not None else None
+        self.used = 0
 
     @classmethod
     def open_writer(cls, path, size_bytes: int, max_k: int = 16, *, ways: int = 8,
@@ -221,7 +260,7 @@ class ResultCache:
         callable or None for ``inferd.cache``). ``mode`` is exact, not umasked, and an existing
         file is narrowed to it: clients read through :meth:`share_fd`, not the path. Raises
         CacheLocked (another daemon has it), CacheNoSpace (its blocks cannot be reserved), CacheError."""
-        set_bytes = ways * (PAIRS_OFFSET + 8 * max_k)
+        set_bytes = ways * (ENTRY_FIXED + 8 * max_k)
         if not 1 <= max_k <= 1024 or ways < 1 or size_bytes < HEADER_SIZE + set_bytes:
             raise ValueError(f"cache of {size_bytes} bytes with max_k={max_k}, ways={ways}: needs max_k "
                              f"1..1024, ways >= 1 and at least {HEADER_SIZE + set_bytes} bytes")
@@ -246,6 +285,12 @@ class ResultCache:
             raise
         cache = cls(path, mm, fd, geom)
         cache._ro_fd = ro
+        if _U64.unpack_from(mm, FILLED_OFFSET)[0] != 1:
+            try:
+                cache._fill()
+            except BaseException:
+                cache.close()
+                raise
         return cache
 
     def share_fd(self) -> int:
@@ -285,118 +330,146 @@ class ResultCache:
 
     def lookup(self, key: bytes) -> list[tuple[int, float]] | None:
         """The stored answer for ``key``, or None (absent, being written, torn or corrupt)."""
-        generation, mm, base = self._generation(), self._mm, self._set_offset(key)   # raises once closed
-        off = mm.find(key, base + KEY_OFFSET, base + self._set_bytes) - KEY_OFFSET   # one C scan of the set
-        # Found off an entry's key field (only by a 2**-256 accident), or not at all: a miss.
-        top = self._read(mm, off, key, generation) if off >= base and not (off - base) % self._entry else None
+        generation, mm = self._generation(), self._mm    # raises once closed
+        secrets = EntrySecrets(key)
+        off = self._find(secrets.tag)
+        top = self._read(mm, off, secrets, generation) if off is not None else None
         if top is None:
             self._misses += 1
             return None
         self._hits += 1
-        if self._fd is not None:                         # the daemon's own hits refresh recency
+        if self._stamps is not None:                     # the daemon's own hits refresh recency
             self._clock += 1                             # a race with insert only blurs recency
-            _U64.pack_into(mm, off + 8, self._clock)
+            self._stamps[(off - HEADER_SIZE) // self._entry] = self._clock
         return top
 
-    def _set_offset(self, key: bytes) -> int:
-        if len(key) != 32:
-            raise ValueError(f"a cache key is 32 bytes (from cache_key()), got {len(key)}")
-        return HEADER_SIZE + int.from_bytes(key[:8], "little") % self.geometry.sets * self._set_bytes
+    def _set_offset(self, tag: bytes) -> int:
+        return HEADER_SIZE + int.from_bytes(tag[:8], "little") % self.geometry.sets * self._set_bytes
 
-    def _read(self, mm: mmap.mmap, off: int, key: bytes, gen: int) -> list[tuple[int, float]] | None:
-        """Seqlock read into a private copy; every check is made on the copy."""
+    def _find(self, tag: bytes) -> int | None:
+        """Offset of the entry of ``tag`` in its set, or None: one C scan of the set. A match off
+        an entry's tag field (random bytes that happen to equal it, 2**-128 a place) is skipped."""
+        mm, base = self._mm, self._set_offset(tag)
+        end = base + self._set_bytes
+        at = mm.find(tag, base + TAG_OFFSET, end)
+        while at >= 0:
+            if not (at - TAG_OFFSET - base) % self._entry:
+                return at - TAG_OFFSET
+            at = mm.find(tag, at + 1, end)
+        return None
+
+    def _read(self, mm: mmap.mmap, off: int, secrets: EntrySecrets,
+              gen: int) -> list[tuple[int, float]] | None:
+        """Seqlock read into a private copy; opened (unmasked and checked) on the copy."""
         seq = _U64.unpack_from(mm, off)[0]
-        body = mm[off:off + self._entry]
-        _, _, check, k, _, generation, stored = _ENTRY.unpack_from(body)
-        if seq & 1 or _U64.unpack_from(mm, off)[0] != seq or not 0 < k <= self.geometry.max_k \
-                or blake3.blake3(memoryview(body)[24:PAIRS_OFFSET + 8 * k]).digest(8) != check:
-            self._torn += 1                              # being written, torn or corrupt
+        entry = mm[off:off + self._entry]
+        body = None if seq & 1 or _U64.unpack_from(mm, off)[0] != seq else secrets.open(gen, entry[TAG_OFFSET:])
+        if body is None:
+            self._torn += 1                              # being written, torn, corrupt, or of an older generation
             return None
-        if stored != key or generation != gen:
+        k = _KPAD.unpack_from(body)[0]
+        if not 0 < k <= self.geometry.max_k:             # only a daemon bug could seal this
+            self._torn += 1
             return None
-        flat = _pairs(k).unpack_from(body, PAIRS_OFFSET)
+        flat = _pairs(k).unpack_from(body, 8)
         return list(zip(flat[0::2], flat[1::2]))
 
     def insert(self, key: bytes, top) -> bool:
         """Store 1..max_k (class index, score) pairs under ``key``; True if another key was evicted."""
         if self._fd is None:
             raise CacheError(f"insert needs open_writer; result cache {self.path} is read-only or closed")
-        key, k = bytes(key), len(top)
-        base = self._set_offset(key)
-        if not 1 <= k <= self.geometry.max_k:
-            raise ValueError(f"an answer has 1..{self.geometry.max_k} pairs (max_k), got {k}")
+        k, max_k = len(top), self.geometry.max_k
+        secrets = EntrySecrets(key)
+        if not 1 <= k <= max_k:
+            raise ValueError(f"an answer has 1..{max_k} pairs (max_k), got {k}")
         try:
             payload = _pairs(k).pack(*[v for pair in top for v in pair])
         except (struct.error, OverflowError, TypeError) as exc:
             raise ValueError(f"pairs must be (class index 0..2**32-1, float32 score): {exc}") from None
+        body = _KPAD.pack(k, 0) + payload + bytes(8 * (max_k - k))      # every answer the same size
         with self._lock:
-            off, evicted, was_empty = self._choose_way(base, key)
-            self._write(off, key, k, payload)
+            sealed = secrets.seal(self._generation(), body)
+            off, evicted, was_empty = self._choose_way(secrets.tag)
+            self._write(off, sealed)
+            self._clock += 1
+            self._stamps[(off - HEADER_SIZE) // self._entry] = self._clock
             self._inserts += 1
             self._evictions += evicted
             self.used += was_empty
         return evicted
 
-    def _choose_way(self, base: int, key: bytes) -> tuple[int, bool, bool]:
-        """(offset, evicted, was empty) of the way for ``key``: its own, else an empty one, else
-        the least recently stamped."""
-        generation = self._generation()
-        empty = victim = None
-        oldest = 2**64
-        for off in range(base, base + self._set_bytes, self._entry):
-            seq, stamp, _, k, _, gen, stored = _ENTRY.unpack_from(self._mm, off)
-            vacant = bool(seq & 1 or k == 0 or gen != generation)
-            if stored == key:
-                return off, False, vacant          # its own way, or what a kill left of it
-            if vacant:
-                empty = off if empty is None else empty
-            elif stamp < oldest:
-                victim, oldest = off, stamp
-        return (empty, False, True) if empty is not None else (victim, True, False)
+    def _choose_way(self, tag: bytes) -> tuple[int, bool, bool]:
+        """(offset, evicted, was empty) of the way for ``tag``: its own, else one a kill left
+        mid-write, else the least recently stamped (stamp 0: not written since the open)."""
+        base = self._set_offset(tag)
+        own = self._find(tag)
+        first = (base - HEADER_SIZE) // self._entry
+        stamps = self._stamps[first:first + self.geometry.ways]
+        if own is not None:
+            return own, False, not stamps[(own - base) // self._entry]
+        for way in range(self.geometry.ways):
+            if _U64.unpack_from(self._mm, base + way * self._entry)[0] & 1:
+                return base + way * self._entry, False, not stamps[way]
+        way = int(stamps.argmin())
+        return base + way * self._entry, bool(stamps[way]), not stamps[way]
 
-    def _write(self, off: int, key: bytes, k: int, payload: bytes) -> None:
+    def _write(self, off: int, record: bytes) -> None:
+        """Bytes 8.. of the entry at ``off``, under its seqlock."""
         mm = self._mm
         seq = _U64.unpack_from(mm, off)[0] | 1           # odd: being written (one left by a kill stays odd)
         _U64.pack_into(mm, off, seq)
-        body = _BODY.pack(k, 0, self._generation(), key) + payload       # bytes 24.. of the entry
-        mm[off + 24:off + 24 + len(body)] = body
-        mm[off + 16:off + 24] = blake3.blake3(body).digest(8)
-        self._clock += 1
-        _U64.pack_into(mm, off + 8, self._clock)
+        mm[off + TAG_OFFSET:off + self._entry] = record
         _U64.pack_into(mm, off, seq + 1)                 # even, and larger than any earlier value
 
+    def _fill(self) -> None:
+        """Random bytes in every entry (seq: a random even start), then ``filled`` = 1: run once,
+        when the writer finds the flag unset (a new file, or a kill during an earlier fill). The
+        bytes come from BLAKE3's XOF under a fresh random key, a few MiB at a time, and go in with
+        ``pwrite``, not through the mapping: a file system with no room for them is an error
+        naming the file here, not a SIGBUS."""
+        entry, n = self._entry, self.geometry.sets * self.geometry.ways
+        stream = blake3.blake3(key=os.urandom(32))
+        per_chunk = max(FILL_CHUNK // entry, 1)
+        with self._lock:
+            for start in range(0, n, per_chunk):
+                rows = min(per_chunk, n - start)
+                chunk = np.frombuffer(stream.digest(rows * entry, seek=start * entry), np.uint8).copy()
+                seqs = chunk.reshape(rows, entry)[:, :8].copy().view("<u8")
+                seqs &= np.uint64(SEQ_START_MASK)
+                chunk.reshape(rows, entry)[:, :8] = seqs.view(np.uint8).reshape(rows, 8)
+                try:
+                    os.pwrite(self._fd, chunk, HEADER_SIZE + start * entry)
+                except OSError as exc:
+                    raise CacheError(f"cannot fill result cache {self.path} ({HEADER_SIZE + n * entry} "
+                                     f"bytes): {exc.strerror}; free space on its file system or lower "
+                                     "cache.size_mb") from None
+            self._stamps[:] = 0
+            self.used = 0
+            _U64.pack_into(self._mm, FILLED_OFFSET, 1)
+
     def flush(self) -> int:
-        """Empty the cache; returns the new generation. Readers miss everything from the bump on;
-        then every entry is cleared under its seqlock."""
+        """Empty the cache; returns the new generation. Readers miss everything from the bump on
+        (every check covers the generation); the entries stay as they were, random-looking bytes
+        no key opens any more, so a flush rewrites nothing but the header's generation."""
         if self._fd is None:
             raise CacheError(f"flush needs open_writer; result cache {self.path} is read-only or closed")
         with self._lock:
             generation = self._generation() + 1
             _U64.pack_into(self._mm, GENERATION_OFFSET, generation)
-            view = self._view()
-            raw = view.view(np.uint8).reshape(len(view), self._entry)
-            view["seq"] |= 1
-            raw[:, 8:] = 0
-            view["seq"] += 1
-            del view, raw                                # the mapping cannot close while viewed
+            self._stamps[:] = 0
             self._clock = 0
             self.used = 0
         return generation
 
     def stats(self) -> dict:
-        """Geometry, entries in use, counters; ``torn``: misses refused by seq or check. O(1) for
-        the writer (``used`` is kept); a reader scans the file for ``used``."""
+        """Geometry, entries in use, counters; ``torn``: misses refused by seq or check. ``used``
+        is the writer's count of entries written since it opened the file (None for a reader:
+        the file does not say which entries hold an answer)."""
         generation = self._generation()                  # raises once closed
-        used = self.used if self._fd is not None else self._count_used()
+        used = self.used if self._fd is not None else None
         return {**self.geometry._asdict(), "entries": self.geometry.sets * self.geometry.ways,
                 "used": used, "generation": generation, "hits": self._hits, "misses": self._misses,
                 "torn": self._torn, "inserts": self._inserts, "evictions": self._evictions}
-
-    def _count_used(self) -> int:
-        """Entries that hold an answer of the current generation: a scan of the whole file."""
-        generation, view = self._generation(), self._view()
-        return int(np.count_nonzero(((view["seq"] & 1) == 0) & (view["k"] > 0)
-                                    & (view["generation"] == generation)))
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
@@ -414,7 +487,11 @@ class ResultCache:
             raise CacheError(f"result cache {self.path} is closed")
         return _U64.unpack_from(self._mm, GENERATION_OFFSET)[0]
 
-    def _view(self) -> np.ndarray:
-        dtype = np.dtype({**_FIELDS, "itemsize": self._entry})
-        return np.frombuffer(self._mm, dtype=dtype, count=self.geometry.sets * self.geometry.ways,
-                             offset=HEADER_SIZE)
+    def seqs(self) -> np.ndarray:
+        """A copy of every entry's seqlock counter (tests and tools: what a scan sees change)."""
+        return self._seq_view().copy()
+
+    def _seq_view(self) -> np.ndarray:
+        """Every entry's seqlock counter, a live view of the mapping (delete it before close)."""
+        return np.ndarray((self.geometry.sets * self.geometry.ways,), "<u8", self._mm, HEADER_SIZE,
+                          (self._entry,))

@@ -124,7 +124,7 @@ def _make_memfd(size: int, prefix: str) -> int:
 
 
 def _make_posix(size: int, prefix: str) -> int:
-    import posix_ipc
+    import posix_ipc   # here: only the posix backend needs it; memfd rings never load it
 
     name = f"/{prefix}.{os.getpid()}.{next(_counter)}.{secrets.token_hex(4)}"
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
@@ -296,7 +296,7 @@ def sweep_stale(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:
     A name is ``{prefix}.{pid}.{n}.{random}``; it is removed only when that pid is not alive.
     Returns the names removed.
     """
-    import psutil
+    import psutil   # here: a daemon-only dependency; the client library (which imports this module) has none
 
     removed = []
     try:

@@ -23,7 +23,8 @@ levels, so the reader refuses more before anything looks at the message.
 Requests carry ``op`` and ``id`` (an int the client picks; replies are matched by id, so a client
 may pipeline any number of requests up to its ring's slot count). Every reply carries ``id`` and
 ``ok``. The full message list is in docs/protocol.md; the keys live here as constants only where
-code on both sides spells them.
+code on both sides spells them. The bounds on their values are in :mod:`inferd.shm.limits`, the
+socket paths in :mod:`inferd.shm.paths`.
 
 Image bytes never travel in a frame: ``classify`` names a slot of the client's shared-memory ring
 (see :mod:`inferd.shm.ring`) together with shape, dtype and byte count. A classify of a frame the
@@ -33,7 +34,6 @@ client decoded from a JPEG/PNG/WebP file may also name a second slot holding tho
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import msgpack
@@ -79,17 +79,6 @@ UPLOAD_SLOT = "upload_slot"
 UPLOAD_NBYTES = "upload_nbytes"
 
 _packer = msgpack.Packer(use_bin_type=True)
-
-
-def default_socket_path() -> str:
-    """Where the daemon listens unless configured: ``/run/inferd/inferd.sock`` as root, else
-    ``$XDG_RUNTIME_DIR/inferd/inferd.sock``, else ``/tmp/inferd-<uid>/inferd.sock``."""
-    if os.geteuid() == 0:
-        return "/run/inferd/inferd.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "inferd", "inferd.sock")
-    return f"/tmp/inferd-{os.geteuid()}/inferd.sock"
 
 
 class FrameError(Exception):

@@ -1,27 +1,68 @@
-"""Test helpers: a real daemon process, a raw protocol client, and leak probes.
+"""Test helpers shared by tests/unit, tests/integration and tests/system (pyproject.toml puts tests/
+on the path): a real daemon process, a raw protocol client, fakes, and leak probes.
 
-A daemon is started through inferd.daemon.launch, which waits for its sd_notify READY=1 (the signal
-systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
-ring name prefix.
+A daemon is forked from a process that imported torch once (ForkServer; ``fork=False`` runs
+``python -m inferd.daemon`` through inferd.daemon.launch), and either way the test waits for its
+sd_notify READY=1 (the signal systemd waits for), so no test sleeps or polls a path. Every daemon gets its own socket path and
+ring name prefix, so tests run side by side (pytest-xdist) never share a name.
+
+Every name the suite makes in /tmp or /dev/shm carries this run's token (``RUN``, from
+``$INFERD_TEST_RUN``, set once by the controlling pytest process and inherited by its workers): a
+directory from :func:`short_dir` is ``/tmp/inferd-t{RUN}-*``, a daemon's ring prefix
+``inferdt{RUN}*``. tests/conftest.py removes each test's directories when it ends, pass or fail, and
+fails the session when anything carrying the token is left over (:func:`leftovers`).
 """
 from __future__ import annotations
 
 import array
+import json
 import os
 import secrets
+import select
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from inferd.daemon.launch import DaemonProcess
+#: tests/ (where this module, redis_server.py and conftest.py live) and the repository root above it
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
 from inferd.shm import wire
 from inferd.shm.ring import Ring
 
+#: This run's token, in every name the suite makes; the controller sets it before workers start.
+RUN = os.environ.setdefault("INFERD_TEST_RUN", secrets.token_hex(3))
+
+#: Every directory short_dir made, in order; tests/conftest.py removes those of a test (a module, the
+#: session) when it ends.
+made_dirs: list[str] = []
+
+
 def short_dir() -> str:
-    """A fresh directory with a short path (AF_UNIX paths are limited to 107 bytes)."""
-    return tempfile.mkdtemp(prefix="inferd-t", dir="/tmp")
+    """A fresh directory with a short path (AF_UNIX paths are limited to 107 bytes), removed when
+    the test (or the module or session fixture) that made it ends."""
+    path = tempfile.mkdtemp(prefix=f"inferd-t{RUN}-", dir="/tmp")
+    made_dirs.append(path)
+    return path
+
+
+def remove_dirs_made_since(mark: int) -> None:
+    """Remove the short_dir directories made after ``made_dirs[:mark]``."""
+    while len(made_dirs) > mark:
+        shutil.rmtree(made_dirs.pop(), ignore_errors=True)
+
+
+def leftovers() -> list[str]:
+    """Whatever this run made and left in /tmp or /dev/shm: names carrying its token."""
+    found = [f"/tmp/{n}" for n in os.listdir("/tmp") if n.startswith(f"inferd-t{RUN}-")]
+    found += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(f"inferdt{RUN}")]
+    return sorted(found)
 
 
 class Daemon(DaemonProcess):
@@ -49,25 +90,194 @@ class Daemon(DaemonProcess):
         return mapped + held
 
 
-def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
-                 socket_path: str | None = None) -> Daemon:
-    """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
-    unless ``args`` name devices); wait for READY=1."""
-    workdir = workdir or short_dir()
-    prefix = f"inferdt{secrets.token_hex(4)}"
+def _daemon_args(args, model: str, workdir: str, prefix: str) -> list[str]:
     default_device = [] if "--device" in args else ["--device", "cpu:1"]
-    d = Daemon.start([*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
-                      "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
-                      *default_device, *args],
-                     socket_path=socket_path or os.path.join(workdir, "d.sock"), workdir=workdir,
-                     wait=wait)
+    return [*(["--model", model] if model else []), "--set", f'ring.shm_prefix="{prefix}"',
+            "--set", "model.warmup_batches=1", "--set", f'cache.path="{workdir}/results.cache"',
+            *default_device, *args]
+
+
+#: ``INFERD_TEST_FORK=0`` starts every daemon as ``python -m inferd.daemon`` (see ForkServer)
+FORK = os.environ.get("INFERD_TEST_FORK", "1") != "0"
+_fork_server: "ForkServer | None" = None
+
+
+def fork_server() -> "ForkServer":
+    """This process's ForkServer, started on first use; tests/conftest.py closes it at the end."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer()
+    return _fork_server
+
+
+def close_fork_server() -> None:
+    global _fork_server
+    if _fork_server is not None:
+        _fork_server.close()
+        _fork_server = None
+
+
+def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: str | None = None,
+                 socket_path: str | None = None, forks: "ForkServer | None" = None,
+                 fork: bool | None = None) -> Daemon:
+    """Start a daemon with its own socket and ring prefix (one CPU device of one torch thread
+    unless ``args`` name devices); wait for READY=1. The daemon is forked from ``forks`` (by
+    default this process's fork_server()); ``fork=False`` (or INFERD_TEST_FORK=0) starts it as
+    ``python -m inferd.daemon`` instead, for a test of what a fresh interpreter does at start-up."""
+    workdir = workdir or short_dir()
+    prefix = f"inferdt{RUN}{secrets.token_hex(4)}"
+    argv = _daemon_args(args, model, workdir, prefix)
+    socket_path = socket_path or os.path.join(workdir, "d.sock")
+    if forks is None and (FORK if fork is None else fork):
+        forks = fork_server()
+    if forks is None:
+        d = Daemon.start(argv, socket_path=socket_path, workdir=workdir, wait=wait)
+    else:
+        d = forks.start(argv, socket_path=socket_path, workdir=workdir, wait=wait)
     d.prefix, d.workdir = prefix, workdir
     return d
+
+
+_FORK_SERVER = r"""
+import json, os, signal, sys, traceback
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # threads.omp_wait_policy's default, before torch
+import psutil, uvloop  # noqa: F401  what every start imports again (torch, the pipeline, ...)
+from inferd.daemon import __main__ as entry
+from inferd.daemon import config, server  # noqa: F401
+from inferd.daemon.front import listener  # noqa: F401
+from inferd.daemon.models import loading  # noqa: F401
+from inferd.daemon.models.zoo import shapes, synthetic  # noqa: F401
+from inferd.daemon.ops import logs  # noqa: F401
+from inferd.daemon.pipeline import thread_pools  # noqa: F401
+from inferd.shm import cache, ring  # noqa: F401
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)          # the kernel reaps the daemons
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        rc = 70
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update(job["env"])
+            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            rc = entry.main(job["argv"])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with open(job["status"], "w") as fh:
+                fh.write(str(rc))
+            os._exit(rc)
+    print(pid, flush=True)
+"""
+
+
+class ForkedProcess:
+    """The part of subprocess.Popen that DaemonProcess uses, for a daemon forked by a ForkServer
+    (not our child: signalled and awaited through its pidfd). Its exit status is what the daemon
+    wrote to ``status`` as it returned; killed before that: -9 after our SIGKILL, else 1."""
+
+    def __init__(self, pid: int, status: str):
+        self.pid, self.status = pid, status
+        self._pidfd = os.pidfd_open(pid)
+        self._killed = False
+        self.returncode = None
+
+    def poll(self):
+        return self.wait(0) if self.returncode is None and self._ended(0) else self.returncode
+
+    def _ended(self, timeout) -> bool:
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if not self._ended(timeout):
+                raise subprocess.TimeoutExpired(f"inferd (pid {self.pid})", timeout)
+            try:
+                with open(self.status) as fh:
+                    self.returncode = int(fh.read())
+            except (OSError, ValueError):
+                self.returncode = -signal.SIGKILL if self._killed else 1
+            os.close(self._pidfd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._killed |= sig == signal.SIGKILL
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:            # ended already
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """A process that imported the daemon (and torch) once and forks a daemon per ``start``: a
+    start then costs the daemon's own start-up (configuration, model, cache, READY=1), not the 2 s
+    of CPU of importing torch again, which was most of the suite's CPU time. The daemons are
+    separate processes like any other (signals, SIGKILL, /proc, pidfd, exit status), but not
+    exec'ed afresh: torch was loaded with the default OMP_WAIT_POLICY, so a test of what a fresh
+    interpreter does at start-up passes ``fork=False`` to spawn_daemon."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def start(self, argv: list[str], *, socket_path: str, workdir: str, wait: bool = True) -> Daemon:
+        notify_path = os.path.join(workdir, f"notify-{secrets.token_hex(3)}")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notify.bind(notify_path)
+        log_path = os.path.join(workdir, f"daemon-{secrets.token_hex(3)}.log")
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
+        status = os.path.join(workdir, f"status-{secrets.token_hex(3)}")
+        job = {"argv": ["--socket", socket_path, *argv], "env": env, "log": log_path, "status": status}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server exited with {self.proc.wait()}")
+        d = Daemon(ForkedProcess(int(line), status), socket_path, log_path, notify)
+        if wait:
+            try:
+                d.wait_notify("READY=1")
+            except BaseException:
+                d.kill()
+                raise
+        return d
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
 
 
 def admin_path(daemon) -> str:
     """The daemon's admin socket: admin.sock beside its client socket (server.admin_socket's default)."""
     return os.path.join(os.path.dirname(daemon.socket_path), "admin.sock")
+
+
+def client_hits(info: dict) -> int:
+    """The daemon's count of hits clients answered themselves, wherever the stats put it."""
+    def find(node):
+        if isinstance(node, dict):
+            if type(node.get("client_hits")) is int:
+                return node["client_hits"]
+            for value in node.values():
+                if (found := find(value)) is not None:
+                    return found
+        return None
+    found = find(info)
+    assert found is not None, f"no client_hits in {sorted(info)}"
+    return found
 
 
 def shm_leftovers(prefix: str) -> list[str]:
@@ -182,7 +392,7 @@ def sample_images() -> list[tuple[str, "object"]]:
     import numpy as np
     from PIL import Image
 
-    root = Path(__file__).resolve().parent.parent / "samples"
+    root = ROOT / "samples"
     out = []
     for path in sorted(root.glob("*.png")):
         with Image.open(path) as img:

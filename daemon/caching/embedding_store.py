@@ -93,6 +93,11 @@ import numpy as np
 
 from ...shm import ownedfile
 
+# Why one module of ~420 lines: the file layout drawn above, the start-up checks that read it and
+# the store that writes it are one format; split, a change to a row's bytes would have to be made
+# in two files that only agree by convention. The per-uid share and the search are methods of the
+# store because both act on the same rows under the same lock.
+
 MAGIC = b"INFDEMBD"
 FORMAT_VERSION = 4
 HEADER_SIZE = 4096

@@ -1,4 +1,8 @@
-"""How the daemon uses its result cache (inferd.shm.cache) and embedding store (daemon/caching/embedding_store.py).
+"""Every cache of answers the daemon keeps, and how it uses them: :class:`Caches`.
+
+The result cache (inferd.shm.cache, an mmap'ed file clients read too), the embedding store
+(daemon/caching/embedding_store.py), the fleet cache (daemon/caching/fleet/cache.py, Redis) and
+the verification of encoded uploads (a decode thread; NOTE [ encoded uploads ]).
 
 The content hash that keys both is computed here, by the daemon, over its own private copy of the
 frame, taken from the client's slot at admission; that copy is also what the batching thread
@@ -32,7 +36,7 @@ or the fleet cache is on, are always hashed (those key by content whatever the h
 NOTE [ encoded uploads ]
 
 A client that classifies JPEG/PNG/WebP bytes looks their hash up in the read-only cache before it
-decodes them (inferd.client.decode), under ``encoded_key(digest, preprocess_id, decoder_id,
+decodes them (inferd.shm.uploads), under ``encoded_key(digest, preprocess_id, decoder_id,
 BLAKE3(bytes))`` (inferd.shm.cache). Only the daemon writes, and it writes such a key only for
 bytes it decoded itself to exactly the frame it computed the answer for:
 
@@ -43,7 +47,7 @@ bytes it decoded itself to exactly the frame it computed the answer for:
                       (private bytes, one copy)
                       -> decode pool (one thread, at most MAX_UPLOADS and MAX_UPLOAD_BYTES
                          waiting; else no entry):
-                         decode(copy of U) == copy of S ?  (the client's own decode module)
+                         decode(copy of U) == copy of S ?  (the client's own decode: inferd.shm.uploads)
                          equal: BLAKE3(copy of U)          (hashed here: a large upload's hash
                                                             is not the loop's either)
     answer (loop):    top of the frame  --+
@@ -57,7 +61,7 @@ keys that never meet the daemon's. The copies are private, so nothing the client
 admission changes what is verified. Every slot of the run is held (``session.inflight``) from
 admission to the request's reply, like its frame's slot, and let go in Scheduler._finish, the one
 place every reply, error, expiry and drop passes. The decode runs off the loop; its CPU (one decode
-per first upload, bounded by inferd.client.decode.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
+per first upload, bounded by inferd.shm.uploads.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
 the repeat answered without decoding; the loop's part is one copy of the bytes, at most
 ``cache.max_upload_bytes`` (4 MiB, about 1-4 ms) a request, so a client sending huge uploads cannot
 hold the loop for long: a larger upload is classified from its frame and makes no entry. Uploads of requests
@@ -66,7 +70,12 @@ entry.
 
 Who sees what (docs/operations.md, "Who can see and write what"). The result cache file is the
 daemon's alone (0600, in a directory the daemon makes 0700): clients map the read-only descriptor
-handed to them at hello, never the path. Embeddings are kept per (uid, content hash): a uid's
+handed to them at hello, never the path. Every client can read every byte of that mapping, so each
+entry is sealed under its lookup key (inferd.shm.cache: a stored tag, the answer masked and
+checked under key-derived secrets, no stamps or counts in the file): a client reads the answer of a
+frame (or encoded bytes) it holds and nothing of anyone else's. Frame entries and encoded-upload
+entries are sealed alike (``ResultCache.insert`` and ``lookup`` take the lookup key and do the
+rest); nothing here stores a lookup key anywhere a client can read it. Embeddings are kept per (uid, content hash): a uid's
 near-duplicate search, its tags and its ``embed`` shortcuts see only the rows it stored itself,
 unless ``embeddings.shared`` opens every row to every uid (the store applies that rule: see
 daemon/caching/embedding_store.py).
@@ -82,12 +91,11 @@ import time
 
 import numpy as np
 
-from ..front.session import Rejected
+from ..front.admission import Rejected
 from ...shm import cache as cachefile
-from ...shm import wire
+from ...shm import limits, uploads, wire
 from ...shm.ring import RingError
-
-from ...client import decode as decoding
+from .embedding_store import EmbeddingStore
 
 log = logging.getLogger("inferd.caching")
 
@@ -102,10 +110,10 @@ class Upload:
     (``top``) and an equal decode (``verdict``: the BLAKE3 of the bytes, hashed on the decode
     thread) are in, on the loop thread (NOTE [ encoded uploads ])."""
 
-    __slots__ = ("digest", "preprocess_id", "decoder", "top", "verdict", "memory")
+    __slots__ = ("digest", "preprocess_id", "decoder", "top", "verdict", "caches")
 
-    def __init__(self, memory: "Memory", decoder: str):
-        self.memory, self.digest, self.preprocess_id = memory, memory.digest, memory.spec.preprocess_id
+    def __init__(self, caches: "Caches", decoder: str):
+        self.caches, self.digest, self.preprocess_id = caches, caches.digest, caches.spec.preprocess_id
         self.decoder = decoder
         self.top = self.verdict = None
 
@@ -115,33 +123,37 @@ class Upload:
 
     def decided(self, future) -> None:
         self.verdict = future.result() if not future.cancelled() and future.exception() is None else None
-        self.memory.counters["uploads_verified" if self.verdict else "uploads_mismatched"] += 1
+        self.caches.counters["uploads_verified" if self.verdict else "uploads_mismatched"] += 1
         self._settle()
 
     def _settle(self) -> None:
-        memory = self.memory
-        if self.verdict and self.top is not None and memory.cache is not None and memory.digest == self.digest:
+        caches = self.caches
+        if self.verdict and self.top is not None and caches.cache is not None and caches.digest == self.digest:
             key = cachefile.encoded_key(self.digest, self.preprocess_id, self.decoder, self.verdict)
-            if memory.cache.insert(key, self.top):
-                memory.counters["evictions"] += 1
-            memory.counters["uploads_inserted"] += 1
+            if caches.cache.insert(key, self.top):
+                caches.counters["evictions"] += 1
+            caches.counters["uploads_inserted"] += 1
             self.verdict = None             # once
 
 
 def _decodes_to(data: np.ndarray, frame: np.ndarray) -> bytes | None:
-    """The BLAKE3 of ``data`` (inferd.client.decode.encoded_hash) when it decodes to exactly
+    """The BLAKE3 of ``data`` (inferd.shm.uploads.encoded_hash) when it decodes to exactly
     ``frame``, else None. Runs on the decode thread: neither the decode nor the hash of a large
     upload (up to MAX_ENCODED_BYTES) is the loop's."""
     try:
-        if not np.array_equal(decoding.decode(data, frame.shape[0], frame.shape[1]), frame):
+        if not np.array_equal(uploads.decode(data, frame.shape[0], frame.shape[1]), frame):
             return None
-    except decoding.InvalidInput:
+    except uploads.UndecodableImage:
         return None
-    return decoding.encoded_hash(data)
+    return uploads.encoded_hash(data)
 
 
-class Memory:
-    """Result cache plus embedding store, either of which may be absent."""
+class Caches:
+    """Every cache of answers, and the counters and sampling that decide what goes in them (the
+    module docstring): ``cache`` the result cache (inferd.shm.cache), ``store`` the embedding
+    store, ``l2`` the fleet cache, each None when off; and the thread that verifies encoded
+    uploads (started by the first). Loop thread only, but for the decode thread's verdicts, which
+    come back on the loop."""
 
     def __init__(self, cfg, spec, digest: str, counters: collections.Counter):
         self.cfg = cfg
@@ -164,6 +176,19 @@ class Memory:
     def hashing(self) -> bool:
         return self.cache is not None or self.store is not None
 
+    # what a new session is handed at hello (daemon/front/handshake.py) ---------------------------
+    def share_cache(self) -> int | None:
+        """A new read-only (O_RDONLY) descriptor of the result cache for a client to map (the
+        caller closes its copy after sending it), or None without a result cache."""
+        return self.cache.share_fd() if self.cache is not None else None
+
+    def hello_cache(self) -> dict | None:
+        """The ``cache`` part of a hello reply: what a client needs to look answers up itself
+        (most pairs kept, the preprocessing id of its keys), or None without a result cache."""
+        if self.cache is None:
+            return None
+        return {"max_k": self.keep_k, "preprocess": self.spec.preprocess_id}
+
     def open_cache(self, path: str) -> None:
         c = self.cfg.cache
         private_directory(os.path.dirname(path) or ".")
@@ -173,8 +198,6 @@ class Memory:
 
     def open_store(self, path: str, dim: int, embedding: str = "") -> None:
         """Open the embedding store (``embedding``: the definition's id, daemon/models/embedding_pooling.py)."""
-        from .embedding_store import EmbeddingStore
-
         private_directory(os.path.dirname(path) or ".")
         self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
                                          shared=self.cfg.embeddings.shared, log=log, embedding=embedding)
@@ -234,7 +257,7 @@ class Memory:
         except RingError as exc:
             raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {run.start} cannot be read: {exc}") from None
         h, w = self.spec.frame_shape[:2]
-        record = Upload(self, decoding.decoder_id(h, w))
+        record = Upload(self, uploads.decoder_id(h, w))
         if self._decoder is None:
             self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
         self._uploads_waiting += 1
@@ -253,7 +276,8 @@ class Memory:
         return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
 
     def flush(self) -> tuple[int, int]:
-        """Empty the result cache: (entries dropped, new generation)."""
+        """Empty the result cache: (entries dropped, new generation). The count is of entries
+        written since this daemon opened the file: the file keeps no count (inferd.shm.cache)."""
         dropped = self.cache.stats()["used"]
         return dropped, self.cache.flush()
 
@@ -274,8 +298,9 @@ class Memory:
         return hit if ok else None
 
     def client_hits(self, n) -> None:
-        """Hits a client answered itself, reported with its next request."""
-        if type(n) is int and 0 < n < 1 << 30:
+        """Hits a client answered itself, reported with its next request or a ``hits``
+        notification; anything but a count within inferd.shm.limits.MAX_HITS_REPORT is ignored."""
+        if limits.hits_ok(n):
             self.counters["client_hits"] += n
             self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
 

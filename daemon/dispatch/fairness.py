@@ -3,7 +3,7 @@ fair share between uids and between the sessions of each uid.
 
 A DeviceQueue (daemon/dispatch/queues.py) is the mechanism: one lock, a blocking ``take``, steal, wake. An
 order is the policy it holds: pure bookkeeping, no lock, no clock, no threads, so tests drive it
-request by request (tests/test_fairness.py). Both orders offer the same operations:
+request by request (tests/unit/test_fair_share.py). Both orders offer the same operations:
 
     push(item)          admitted: joins the order
     push_front(items)   re-dispatched from a failed device: served before anything else, oldest

@@ -17,7 +17,7 @@ now + L_thief(k) < now + running_v + drain_v(q_v). Stealing can only move a requ
 finishes sooner, so this push policy never does worse than a shared pull queue.
 
 ``round_robin``. Healthy devices in turn, whatever their speed or load; no stealing. Kept to
-measure what weighting buys (bench/devices.py).
+measure what weighting buys (bench/pool/run.py).
 
 Both read the devices' state without locks: queue lengths and profile entries are single values
 replaced whole, so a reading is at worst one batch stale, which an estimate tolerates.

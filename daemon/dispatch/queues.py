@@ -29,7 +29,7 @@ request spent behind a busy device ("first" is in the order the device serves: f
      best throughput (admission counted on it); a request in it that cannot finish within the
      batch's time is answered deadline_exceeded without being computed, rather than let it shrink
      the batch: shrinking to save the oldest requests lowers throughput and makes every later
-     request later still (a collapse seen in bench/devices.py at 3x load).
+     request later still (a collapse seen in bench/pool/run.py at 3x load).
   2. Deadline cap (n < B). m = the largest size <= n with S + L(m) <= D(m). If m < n, go now with
      m: more frames could only make the batch later (in the spirit of Clipper's adaptive batching,
      with the measured profile in place of AIMD probing).

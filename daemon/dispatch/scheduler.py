@@ -11,8 +11,9 @@ mean none is lost when a device fails, and none is answered twice when a stuck d
 
 Refuse first, then work: everything that can refuse a request is decided before the daemon copies
 or hashes its frame, so a flood of refused requests costs the loop a few dict lookups each. In
-order: not draining (else ``shutting_down``); its fields and slot (``check_classify``: ring bounds,
-spec, the slot not already in flight, which bounds a session by its ring); its uid holds fewer than
+order: not draining (else ``shutting_down``); its fields and slots (daemon/front/admission.py:
+ring bounds, spec, the slot not already in flight, which bounds a session by its ring; the tag, a
+near request's k and similarity, an upload's run of slots); its uid holds fewer than
 ``server.max_inflight_per_uid`` requests in flight (else ``overloaded``); a healthy device exists
 (else ``no_healthy_device``); the chosen device holds fewer than ``batching.queue_limit`` requests,
 or the uid holds less than its fair share of them (NOTE [ batch planning ] in daemon/dispatch/queues.py);
@@ -32,25 +33,21 @@ import numpy as np
 from . import fairness
 from . import policy as policies
 from ..pipeline.records import BatchResult, Outcome, Request
-from ..caching.results import Memory
+from ..caching.results import Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
-from ..front.session import Rejected, check_classify
+from ..front.admission import Rejected, check_classify, check_near, check_tag, check_upload
 from ..ops.stats import Stats
 from ...shm import wire
 
-from ...client import decode as decoding
-
+# Why one module of ~400 lines: admission, dispatch, replies and re-dispatch all act on the same
+# records (a request's attempt, done, device reservation, session slots) and counters, and each
+# reply path must end in _finish; split across modules, that invariant would have no one place to
+# be read. What does not touch them is elsewhere: field checks (daemon/front/admission.py), device
+# choice (policy.py), fair order and planning (fairness.py, queues.py), caches (caching/results.py).
 log = logging.getLogger("inferd.scheduler")
 _late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
-
-MAX_TAG_BYTES = 64
-MAX_NEAR_K = 1000
-# The min_similarity of a near request that names none (the client's default is the same): chosen
-# from the similarities of changed copies against different images with the built-in model
-# (docs/operations.md, Near-duplicates; bench/near.py)
-DEFAULT_MIN_SIMILARITY = 0.95
 
 
 def _flow_of(request: Request) -> tuple:
@@ -59,68 +56,15 @@ def _flow_of(request: Request) -> tuple:
     return (session.peer[1], session) if session is not None else (None, None)
 
 
-def _tag(value):
-    """A client's tag for its embeddings: None or a short string. Raises Rejected."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value.encode()) > MAX_TAG_BYTES:
-        raise Rejected(wire.E_INVALID_INPUT, f"tag must be a string of at most {MAX_TAG_BYTES} bytes")
-    return value
-
-
-def _upload_of(msg: dict, ring, slot: int, inflight: dict, op: str) -> tuple[range, int] | None:
-    """(run of slots, upload_nbytes) of a classify that carries its encoded bytes, None when it
-    carries none. The bytes span ``[upload_slot, upload_slot + m)``, ``m = ceil(nbytes / slot
-    capacity)`` (Runs in inferd.shm.ring). Every field checked against the ring before anything is
-    read: O(m), m at most half the ring (NOTE [ encoded uploads ] in daemon/caching/results.py). Raises
-    Rejected."""
-    if wire.UPLOAD_SLOT not in msg and wire.UPLOAD_NBYTES not in msg:
-        return None
-    first, nbytes = msg.get(wire.UPLOAD_SLOT), msg.get(wire.UPLOAD_NBYTES)
-    if type(first) is not int or type(nbytes) is not int:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} and {wire.UPLOAD_NBYTES} must both be "
-                       f"integers, got {first!r} and {nbytes!r}")
-    if op != "classify":
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} is for classify only, not {op}")
-    g = ring.geometry
-    if not 0 < nbytes <= decoding.MAX_ENCODED_BYTES:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} is out of range: 1 to "
-                       f"{decoding.MAX_ENCODED_BYTES} (inferd.client.decode.MAX_ENCODED_BYTES)")
-    m = g.run_slots(nbytes)
-    if m > g.max_run:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_NBYTES} {nbytes} spans {m} slots of "
-                       f"{g.slot_bytes} bytes; an upload may span at most {g.max_run}, half this "
-                       f"ring's {g.slots}, so one request never holds the whole ring: send no upload, "
-                       "or ask hello for more ring_slots")
-    if not 0 <= first <= g.slots - m:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {first} is out of range: its {m} "
-                       f"slots must lie within slots 0 to {g.slots - 1}, without wrapping")
-    run = range(first, first + m)
-    if slot in run:
-        raise Rejected(wire.E_INVALID_INPUT, f"{wire.UPLOAD_SLOT} {first} and its {m} slots include "
-                       f"the frame's slot {slot}; the bytes need slots of their own")
-    for s in run:
-        if s in inflight:
-            raise Rejected(wire.E_SLOT_BUSY, f"{wire.UPLOAD_SLOT} {first} and its {m} slots include "
-                           f"slot {s}, which already carries request {inflight[s]}; a slot may be "
-                           "reused only after its reply")
-    return run, nbytes
-
-
-def _near_args(msg: dict) -> tuple[int, float]:
-    """(k, min_similarity) of a near request. Raises Rejected."""
-    k, sim = msg.get("k", 5), msg.get("min_similarity", DEFAULT_MIN_SIMILARITY)
-    if type(k) is not int or not 1 <= k <= MAX_NEAR_K:
-        raise Rejected(wire.E_INVALID_INPUT, f"k {k!r} is out of range: 1 to {MAX_NEAR_K}")
-    if isinstance(sim, bool) or not isinstance(sim, (int, float)) or not -1.0 <= sim <= 1.0:
-        raise Rejected(wire.E_INVALID_INPUT, f"min_similarity {sim!r} is out of range: -1 to 1")
-    return k, float(sim)
-
-
 class Scheduler:
-    def __init__(self, cfg, spec, devices: list, clock, digest: str = ""):
+    """Admission, dispatch and replies of every request (the module docstring). ``model`` is the
+    LoadedModel serving at start (its ``spec``, ``digest`` and ``gen``); a reload hands over the
+    next one with ``switch_model``."""
+
+    def __init__(self, cfg, model, devices: list, clock):
         self.cfg = cfg
-        self.spec = spec
+        self.model = model                  # the LoadedModel serving now
+        self.spec = model.spec
         self.devices = devices
         self.policy = policies.make(cfg.dispatch.policy)
         self.stats = Stats(cfg, devices, clock)       # NOTE [ stats ] in daemon/ops/stats.py
@@ -132,8 +76,7 @@ class Scheduler:
         self.health = HealthMonitor(cfg.health, devices, on_out=self._device_out,
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
-        self.memory = Memory(cfg, spec, digest, self.counters)
-        self.model = None                   # the LoadedModel serving now (set by the server)
+        self.caches = Caches(cfg, model.spec, model.digest, self.counters)
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
             quantum = fairness.quanta(cfg.dispatch.weights)
             for dev in devices:
@@ -141,7 +84,7 @@ class Scheduler:
 
     @property
     def gen(self) -> int:
-        return self.model.gen if self.model is not None else 0
+        return self.model.gen
 
     def switch_model(self, model) -> None:
         """Admit and key new requests for ``model`` (a reload switched to it, daemon/ops/reload.py):
@@ -149,7 +92,7 @@ class Scheduler:
         still keying by the old digest misses and learns the new model from its next reply."""
         self.model = model
         self.spec = model.spec
-        self.memory.switch_model(model)
+        self.caches.switch_model(model)
 
     # admission --------------------------------------------------------------------------------
     def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
@@ -165,24 +108,24 @@ class Scheduler:
             raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
         slot, top_k, timeout = check_classify(msg, session.ring, self.spec, session.inflight,
                                               self.cfg.batching.default_timeout_ms)
-        memory = self.memory
-        memory.client_hits(msg.get("hits"))
-        if op != "classify" and memory.store is None:
+        caches = self.caches
+        caches.client_hits(msg.get("hits"))
+        if op != "classify" and caches.store is None:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: this model exposes none, or "
                            "embeddings.enabled is false")
-        tag = _tag(msg.get("tag"))
-        args = _near_args(msg) if op == "near" else None
-        upload = _upload_of(msg, session.ring, slot, session.inflight, op)
+        tag = check_tag(msg.get("tag"))
+        args = check_near(msg) if op == "near" else None
+        upload = check_upload(msg, session.ring, slot, session.inflight, op)
         uid = session.peer[1]
         now = self._clock()
         device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
-        if memory.hashing:                  # NOTE [ unhashed misses ] in daemon/caching/results.py
+        if caches.hashing:                  # NOTE [ unhashed misses ] in daemon/caching/results.py
             looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
-            frame, content, key = memory.admission_copy(session.ring, slot, looked, op, tag)
+            frame, content, key = caches.admission_copy(session.ring, slot, looked, op, tag)
             if key is not None and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                 return
-        verifying = memory.upload(session.ring, *upload, frame) if upload is not None else None
+        verifying = caches.upload(session.ring, *upload, frame) if upload is not None else None
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)
         session.inflight[slot] = rid
@@ -195,10 +138,10 @@ class Scheduler:
             session.pending[key] = request
         self.outstanding += 1
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
-        if memory.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
+        if caches.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
             request.device = device
             device.outstanding += 1         # reserved while L2 is asked (at most l2.budget_ms)
-            if memory.l2.lookup(request, self._after_l2):
+            if caches.l2.lookup(request, self._after_l2):
                 return
             device.outstanding -= 1
         self._assign(request, device)
@@ -210,8 +153,8 @@ class Scheduler:
         if r.done:
             return
         if top is not None and r.gen == self.gen:
-            self.memory.adopt(r.key, top)
-            self.memory.retag(r.content, r.tag, r.session.peer[1])
+            self.caches.adopt(r.key, top)
+            self.caches.retag(r.content, r.tag, r.session.peer[1])
             self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
             replies: dict = {}
             self._answer(replies, r, lambda rid, k: {"id": rid, "ok": True, "cached": True,
@@ -224,11 +167,11 @@ class Scheduler:
 
     def _answered_at_once(self, session, rid, slot, top_k, op, key, content, tag) -> bool:
         """A cache hit, a frame already in flight (coalesced), or an embedding already stored."""
-        memory = self.memory
-        if op == "classify" and memory.cache is not None:
-            hit = memory.lookup(key, top_k)
+        caches = self.caches
+        if op == "classify" and caches.cache is not None:
+            hit = caches.lookup(key, top_k)
             if hit is not None:
-                memory.retag(content, tag, session.peer[1])
+                caches.retag(content, tag, session.peer[1])
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, self.gen))
@@ -242,9 +185,9 @@ class Scheduler:
                 self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = memory.store.get(content, uid=session.peer[1])   # its own row (unless shared)
+            vector = caches.store.get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
-                memory.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
+                caches.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None), self.gen))
                 return True
@@ -303,27 +246,7 @@ class Scheduler:
             self.counters["stale_results"] += stale
             _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
         replies: dict = {}
-        answered = []                       # live requests answered ok: their latency is kept
-        for e in result.with_outcome(Outcome.DONE):
-            if live(e):
-                r, top, vector = e.request, e.top, e.embedding
-                dev.frames += 1
-                answered.append(r)
-                if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
-                    # an answer of the model before a swap is never stored (NOTE [ model swap ])
-                    self.memory.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                         vector, r.tag, r.session.peer[1])
-                if r.op == "classify":
-                    if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
-                        r.upload[1].answered(top)
-                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
-                                 result.gen)
-                else:
-                    message = self._embedding_reply(r.id, r.op, vector, r.content, e.matches)
-                    if not message["ok"]:
-                        answered.pop()
-                        self.stats.outcome("failed")
-                    self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        answered = self._answer_computed(result, live, replies)
         for e in result.with_outcome(Outcome.EXPIRED):
             if live(e):
                 self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
@@ -365,6 +288,34 @@ class Scheduler:
         c["expired"] += result.count(Outcome.EXPIRED)
         c["dropped"] += result.count(Outcome.DROPPED)
 
+    def _answer_computed(self, result: BatchResult, live, replies: dict) -> list:
+        """Queue the replies of a batch's computed requests that are still ``live``, keep their
+        answers (cache, embeddings, a verified upload); the live requests answered ok (their
+        latency is kept)."""
+        answered = []
+        for e in result.with_outcome(Outcome.DONE):
+            if not live(e):
+                continue
+            r, top, vector = e.request, e.top, e.embedding
+            result.device.frames += 1
+            answered.append(r)
+            if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
+                # an answer of the model before a swap is never stored (NOTE [ model swap ])
+                self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
+                                     vector, r.tag, r.session.peer[1])
+            if r.op == "classify":
+                if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
+                    r.upload[1].answered(top)
+                self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
+                             result.gen)
+            else:
+                message = self._embedding_reply(r.id, r.op, vector, r.content, e.matches)
+                if not message["ok"]:
+                    answered.pop()
+                    self.stats.outcome("failed")
+                self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        return answered
+
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
         an answer computed by model generation ``gen`` says so (``_stamp``)."""
@@ -389,7 +340,7 @@ class Scheduler:
         new one when it was admitted (and keyed) under the model before a swap."""
         if r.gen == self.gen or not r.key:
             return r.key
-        return self.memory.key(r.content)
+        return self.caches.key(r.content)
 
     def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
         """The reply to embed (the vector) or near (``matches``, searched by the batching thread)."""
@@ -465,7 +416,7 @@ class Scheduler:
         c = self.counters
         return {"outstanding": self.outstanding, "policy": self.policy.name,
                 "requests": dict(self.stats.outcomes),
-                "devices": [d.describe() for d in self.devices], "cache": self.memory.stats(),
+                "devices": [d.describe() for d in self.devices], "cache": self.caches.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}
 
 

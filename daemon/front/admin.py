@@ -10,6 +10,7 @@ at a time per connection, each answered before the next is read::
 
     op           fields                         reply (besides id, ok)
     health       -                              state (starting|ready|draining), ready, live,
+                                                door (why new connections are refused, or None),
                                                 model {name, digest, gen}, devices [{index, name,
                                                 state}], in_rotation
     stats        -                              the structured statistics (Server.stats_snapshot)
@@ -38,7 +39,7 @@ from ..config import ConfigError
 from .listener import Listener, peer_credentials, peer_groups
 from ..ops.logs import RateLimitedLog
 from ..ops.reload import ReloadError
-from .session import Rejected
+from .admission import Rejected
 from ...shm import wire
 
 from ..pipeline import thread_pools

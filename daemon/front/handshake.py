@@ -1,7 +1,8 @@
 """The hello handshake: who the peer is, what ring it gets, and the descriptors handed over.
 
 Runs on the raw accepted socket, before the session protocol (daemon/front/session.py) takes it over,
-because descriptors can only be sent with sendmsg::
+because descriptors can only be sent with sendmsg. The door (daemon/front/door.py) has counted the
+connection among those waiting for hello, per uid and in total, until this ends::
 
     accept -> peer credentials from the kernel (SO_PEERCRED: pid, uid, gid; SO_PEERGROUPS)
            -> read one ``hello`` frame within server.hello_timeout_s (length checked first)
@@ -19,10 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
+from typing import Callable
 
+from ..caching.results import Caches
+from .admission import Rejected
 from .listener import peer_credentials, peer_groups, send_with_fds
+from .loop_share import LoopShare
 from ..ops.logs import RateLimitedLog
-from .session import Rejected, Session
+from .session import Session
 from ...shm import wire
 from ...shm.ring import Ring, RingGeometry
 
@@ -32,13 +38,28 @@ _refused = RateLimitedLog(log, interval=10.0)
 _dropped = RateLimitedLog(log, interval=10.0)
 
 
-async def handshake(server, conn) -> None:
-    """Take one accepted connection through hello; on success the server gets a new Session."""
+@dataclass(frozen=True)
+class Hand:
+    """What the handshake hands on, made once by the server. ``caches`` is the source of the
+    result cache's descriptor and hello fields (``share_cache()``, ``hello_cache()``) and the sink
+    of the hits clients report (``client_hits``); ``submit`` admits a session's requests
+    (Scheduler.submit); ``turns`` shares the loop's work between uids (NOTE [ loop share ] in
+    daemon/front/loop_share.py). The server itself gives the limits, the state (draining, sessions, the
+    model) and takes the new session (``session_opened``)."""
+
+    caches: Caches
+    submit: Callable[..., None]
+    turns: LoopShare
+
+
+async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None:
+    """Take one accepted connection through hello; on success the server gets a new Session.
+    ``peer``: its credentials when the door (daemon/front/door.py) read them already."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    ring = peer = None
+    ring = None
     try:
-        peer = peer_credentials(conn)
+        peer = peer or peer_credentials(conn)
         hello, leftover = await asyncio.wait_for(read_hello(loop, conn, server.cfg.server.max_frame_bytes),
                                                  server.cfg.server.hello_timeout_s)
         rid = hello.get("id") if type(hello.get("id")) is int else None
@@ -52,11 +73,13 @@ async def handshake(server, conn) -> None:
         cfg = server.cfg
         ring, fd = Ring.create(geometry, backend=cfg.ring.backend, prefix=cfg.ring.shm_prefix)
         fds = [fd]
-        if server.scheduler.memory.cache is not None:     # read-only: clients look up, never write
-            fds.append(server.scheduler.memory.cache.share_fd())   # O_RDONLY: see inferd.shm.cache
+        cache_fd = hand.caches.share_cache()    # read-only: clients look up, never write
+        if cache_fd is not None:                # (O_RDONLY: see inferd.shm.cache)
+            fds.append(cache_fd)
         sid = server.next_session_id()
         try:
-            await send_with_fds(loop, conn, wire.encode(hello_reply(server, rid, sid, geometry)), fds)
+            reply = hello_reply(server, rid, sid, geometry, hand.caches.hello_cache())
+            await send_with_fds(loop, conn, wire.encode(reply), fds)
         finally:
             for f in fds:
                 os.close(f)
@@ -66,27 +89,29 @@ async def handshake(server, conn) -> None:
         return
     except (asyncio.TimeoutError, OSError, EOFError) as exc:
         _dropped.info("connection dropped during hello: %r", exc)
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         return
     except asyncio.CancelledError:
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         raise
     except Exception:                       # a bug: this connection only, never a leaked socket
         log.exception("hello from pid %d failed; closing the connection", peer[0] if peer else -1)
-        if ring is not None:
-            ring.close()
-        conn.close()
+        _drop(ring, conn)
         return
-    session = Session(server, sid, ring, peer, leftover)
+    session = Session(server, sid, ring, peer, leftover, submit=hand.submit, hits=hand.caches.client_hits,
+                      turns=hand.turns)
     session.told_gen = server.model.gen
     server.session_opened(session)
     await loop.connect_accepted_socket(lambda: session, conn)
     log.debug("session %d: pid %d uid %d, ring %d x %d bytes", sid, *peer[:2], geometry.slots,
               geometry.slot_bytes)
+
+
+def _drop(ring, conn) -> None:
+    """Close a connection whose hello failed, and its ring if one was made."""
+    if ring is not None:
+        ring.close()
+    conn.close()
 
 
 async def _answer_and_close(loop, conn, reply: dict) -> None:
@@ -156,12 +181,11 @@ def check_hello(server, hello: dict, peer: tuple, groups: tuple = ()) -> RingGeo
     return geometry
 
 
-def hello_reply(server, rid, sid: int, geometry: RingGeometry) -> dict:
-    memory = server.scheduler.memory
+def hello_reply(server, rid, sid: int, geometry: RingGeometry, cache: dict | None) -> dict:
+    """The reply to an accepted hello; ``cache``: Caches.hello_cache()."""
     return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
             "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
             "model": server.model.describe(),
-            "cache": ({"max_k": memory.keep_k, "preprocess": server.model.spec.preprocess_id}
-                      if memory.cache is not None else None),
+            "cache": cache,
             "limits": {"max_frame_bytes": server.cfg.server.max_frame_bytes,
                        "default_timeout_ms": server.cfg.batching.default_timeout_ms}}

@@ -2,7 +2,7 @@
 
 A session starts after the hello handshake (inferd.daemon.front.handshake) has created its ring and
 handed the descriptor over. From then on every frame is a request; nothing a client sends is used
-before it is checked against the ring's geometry and the model's spec (``check_classify``).
+before it is checked against the ring's geometry and the model's spec (daemon/front/admission.py).
 A client can only hurt its own requests: a bad field gets a typed error for that request id, a bad
 frame body (not a map, or nested deeper than a request needs) gets ``bad_frame``, and the
 connection is closed only for an unreadable stream (a header over the frame limit), a frame left
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from ..dispatch.queues import ThinkTime
+from .loop_share import LoopShare
 from ..ops.logs import RateLimitedLog
+from .admission import Rejected, check_hits
 from ...shm import wire
 from ...shm.ring import Ring
 
@@ -24,64 +27,6 @@ log = logging.getLogger("inferd.session")
 _bad_frames = RateLimitedLog(log)
 _unread = RateLimitedLog(log)
 _idle = RateLimitedLog(log)
-
-MAX_TIMEOUT_MS = 3_600_000.0
-
-
-class Rejected(Exception):
-    """A request that fails a check: answered with ``code`` and ``message`` for its id."""
-
-    def __init__(self, code: str, message: str, **extra):
-        super().__init__(message)
-        self.code = code
-        self.extra = extra
-
-
-def _int_field(msg: dict, key: str, code: str = wire.E_BAD_REQUEST) -> int:
-    value = msg.get(key)
-    if type(value) is not int:
-        raise Rejected(code, f"{key} must be an integer, got {value!r}")
-    return value
-
-
-def check_classify(msg: dict, ring: Ring, spec, inflight: dict, default_timeout_ms: float) -> tuple:
-    """Check a classify request; returns (slot, top_k, timeout seconds) or raises Rejected.
-
-    The order matters only for which message a request with several faults gets: ring bounds
-    first (they guard memory), then the model's spec.
-    """
-    geometry = ring.geometry
-    slot = _int_field(msg, "slot")
-    if not 0 <= slot < geometry.slots:
-        raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} is out of range: this session's ring has "
-                       f"{geometry.slots} slots (0 to {geometry.slots - 1})")
-    nbytes = _int_field(msg, "nbytes")
-    if not 0 < nbytes <= geometry.slot_bytes:
-        raise Rejected(wire.E_INVALID_INPUT, f"nbytes {nbytes} does not fit a slot: this ring's "
-                       f"slots hold 1 to {geometry.slot_bytes} bytes")
-    if msg.get("dtype") != "uint8":
-        raise Rejected(wire.E_INVALID_INPUT, f"dtype {msg.get('dtype')!r} is not supported: frames are "
-                       "uint8 RGB (Client.classify converts)")
-    shape = msg.get("shape")
-    if not isinstance(shape, list) or tuple(shape) != spec.frame_shape:
-        raise Rejected(wire.E_INVALID_INPUT, f"shape {shape!r} does not match the model input "
-                       f"{list(spec.frame_shape)} (HxWx3); resize on the client (Client.classify does)")
-    if nbytes != spec.frame_bytes:
-        raise Rejected(wire.E_INVALID_INPUT, f"nbytes {nbytes} does not match shape {shape} of uint8 "
-                       f"({spec.frame_bytes} bytes)")
-    top_k = msg.get("top_k", spec.top_k)
-    if type(top_k) is not int or not 1 <= top_k <= len(spec.labels):
-        raise Rejected(wire.E_INVALID_INPUT, f"top_k {top_k!r} is out of range: 1 to {len(spec.labels)}")
-    timeout_ms = msg.get("timeout_ms", default_timeout_ms)
-    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) \
-            or not 0 < timeout_ms <= MAX_TIMEOUT_MS:
-        raise Rejected(wire.E_INVALID_INPUT, f"timeout_ms {timeout_ms!r} is out of range: "
-                       f"more than 0, at most {MAX_TIMEOUT_MS:.0f}")
-    if slot in inflight:
-        raise Rejected(wire.E_SLOT_BUSY, f"slot {slot} already carries request {inflight[slot]}; "
-                       "a slot may be reused only after its reply")
-    return slot, top_k, timeout_ms / 1000.0
-
 
 # NOTE [ session flow control ]
 #
@@ -112,10 +57,19 @@ def check_classify(msg: dict, ring: Ring, spec, inflight: dict, default_timeout_
 class Session(asyncio.Protocol):
     """The loop-side state of one client. ``inflight`` maps slot -> request id; the ring is
     released when the session has closed and its last in-flight request has come back.
-    Flow control and timeouts: NOTE [ session flow control ]."""
+    Flow control and timeouts: NOTE [ session flow control ].
 
-    def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b""):
+    ``submit(session, rid, msg, op)`` admits a classify / embed / near request or raises Rejected
+    (Scheduler.submit); ``hits(n)`` takes the local cache hits a client reports (the result
+    caches' count, Caches.client_hits); ``turns`` says when its frames are handled (the loop's share
+    per uid, daemon/front/loop_share.py). ``server`` gives the limits (``cfg.server``), ``pid``,
+    ``info()``, the model's ``labels()`` and ``session_closed``."""
+
+    def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b"", *,
+                 submit: Callable[..., None], hits: Callable[[int], None], turns: LoopShare):
         self.server = server
+        self._submit = submit
+        self._hits = hits
         self.sid = sid
         self.ring = ring
         self.peer = peer                       # (pid, uid, gid)
@@ -128,7 +82,7 @@ class Session(asyncio.Protocol):
         self.waiting = False                   # queued for a turn (daemon/front/loop_share.py)
         self.heavy = False                     # buffered a backlog or replies: its close is worth a
                                                # heap trim (daemon/ops/heap_trim.py)
-        self._turns = server.turns             # the loop's share per uid
+        self._turns = turns                    # the loop's share per uid
         limits = server.cfg.server
         self._limits = limits
         self._reader = wire.FrameReader(limits.max_frame_bytes, wire.MAX_REQUEST_DEPTH)
@@ -322,7 +276,7 @@ class Session(asyncio.Protocol):
         op = msg.get("op")
         try:
             if op in ("classify", "embed", "near"):
-                self.server.submit(self, rid, msg, op)
+                self._submit(self, rid, msg, op)
             elif op == "flush_cache":
                 raise Rejected(wire.E_UNKNOWN_OP, "flush_cache moved to the admin socket: "
                                "`inferctl flush-cache` (root, the daemon's user or server.admin_group)")
@@ -345,10 +299,7 @@ class Session(asyncio.Protocol):
     def _client_hits(self, n) -> None:
         """``hits``: requests the client answered from its read-only cache mapping, reported
         within a second and at close, so the hit rate needs no request to follow them."""
-        if type(n) is not int or not 0 < n < 1 << 30:
-            raise Rejected(wire.E_INVALID_INPUT, f"hits n {n!r} is out of range: an integer, 1 to "
-                           f"{(1 << 30) - 1}")
-        self.server.scheduler.memory.client_hits(n)
+        self._hits(check_hits(n))
 
     def send(self, message: dict) -> None:
         self.write(wire.encode(message))

@@ -12,23 +12,23 @@ The admin socket asks for the text on the loop: the snapshot is taken in place. 
 collector hands the snapshot call to the loop (``call_soon_threadsafe``) and waits for the plain
 dict, so the loop spends a snapshot per scrape and the text is rendered off the loop.
 
-The listener has no authentication, so it binds loopback addresses only (127.0.0.0/8, ::1,
-localhost); anything else is a ConfigError naming ``metrics.listen``. Port 0 picks a free port,
-logged at start-up. docs/operations.md ("Metrics") lists every metric.
+Who may read what. The admin socket's text is complete. The HTTP listener's doors (loopback TCP,
+a Unix socket), their bearer token and what every local user can reach are
+daemon/ops/metrics_listener.py's; its text leaves out the per-uid series (``inferd_uid_*``: who
+uses the daemon and how much) unless ``metrics.per_uid`` asks for them, so it is rendered from a
+registry of its own. docs/operations.md ("Metrics") lists every metric and what each door exposes.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 from typing import Callable
 
-from prometheus_client import (CollectorRegistry, ProcessCollector, generate_latest,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from ..config import ConfigError
+from .metrics_listener import HttpListeners, parse_listen  # noqa: F401 (parse_listen: its old home)
 from .stats import LATENCY_BOUNDS
 
 log = logging.getLogger("inferd.metrics")
@@ -41,59 +41,41 @@ OUTCOMES = ("ok", "cached", "cached_l2", "coalesced", "overloaded", "no_healthy_
 DEVICE_STATES = ("healthy", "probing", "out", "disabled")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """(host, port) of ``metrics.listen`` (HOST:PORT, [V6]:PORT); ConfigError unless loopback."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"metrics.listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host != "localhost":
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError(f"metrics.listen: {host!r} is not a loopback address; the listener has no "
-                              "authentication, so it binds 127.0.0.1, ::1 or localhost only (scrape "
-                              "from another host through a proxy you secure)")
-    return host, int(port)
-
-
 class SnapshotCollector:
-    """A prometheus_client collector: every ``collect()`` reads one snapshot and yields families."""
+    """A prometheus_client collector: every ``collect()`` reads one snapshot and yields families
+    (without the per-uid ones unless ``per_uid``)."""
 
-    def __init__(self, read: Callable[[], dict]):
+    def __init__(self, read: Callable[[], dict], per_uid: bool = True):
         self._read = read
+        self._per_uid = per_uid
 
     def describe(self) -> list:
         return []           # names vary with devices and uids; registering must not take a snapshot
 
     def collect(self):
-        return families(self._read())
+        return families(self._read(), per_uid=self._per_uid)
 
 
 class Exporter:
-    """One daemon's registry, its text, and (``listen``) the HTTP listener. ``close()`` is
-    idempotent."""
+    """One daemon's registries, its text, and (``[metrics]`` listen / socket) the HTTP listener.
+    ``close()`` is idempotent."""
 
     def __init__(self, snapshot: Callable[[], dict], loop: Callable[[], asyncio.AbstractEventLoop | None],
-                 listen: str = ""):
+                 cfg=None):
         self._snapshot, self._loop = snapshot, loop
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(self._read))
-        ProcessCollector(registry=self.registry)
-        self._httpd = self._thread = None
+        self.registry = self._registry(per_uid=True)           # the admin socket's: everything
+        self._listeners: HttpListeners | None = None
         self.address: tuple[str, int] | None = None
-        if listen:
-            host, port = parse_listen(listen)
-            try:
-                self._httpd, self._thread = start_http_server(port, host, self.registry)
-            except OSError as exc:
-                raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
-                                  f"{exc.strerror or exc}") from None
-            self.address = (host, self._httpd.server_port)
-            log.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
-                     self.address[1])
+        if cfg is not None and (cfg.listen or cfg.socket):
+            http = self.registry if cfg.per_uid else self._registry(per_uid=False)
+            self._listeners = HttpListeners(cfg, http)
+            self.address = self._listeners.address
+
+    def _registry(self, per_uid: bool) -> CollectorRegistry:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(self._read, per_uid))
+        ProcessCollector(registry=registry)
+        return registry
 
     def text(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4)."""
@@ -128,11 +110,9 @@ class Exporter:
 
     def close(self) -> None:
         """Stop the HTTP listener (blocks up to its 0.5 s poll interval)."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-            self._thread.join(timeout=5.0)
+        listeners, self._listeners = self._listeners, None
+        if listeners is not None:
+            listeners.close()
 
 
 # families ---------------------------------------------------------------------------------------
@@ -171,8 +151,9 @@ def _size_buckets(pairs: list, max_batch: int) -> list:
     return out
 
 
-def families(s: dict):
-    """Metric families of one ``Server.stats_snapshot()``; docs/operations.md lists them."""
+def families(s: dict, per_uid: bool = True):
+    """Metric families of one ``Server.stats_snapshot()``; docs/operations.md lists them. The
+    per-uid families only with ``per_uid``."""
     m = s["model"]
     info = GaugeMetricFamily("inferd_model_info", "The model being served (value 1)",
                              labels=["name", "digest", "generation"])
@@ -199,11 +180,15 @@ def families(s: dict):
             fam.add_metric([phase], _latency_buckets(h["buckets"]), h["sum_s"])
         yield fam
 
-    yield from _uid_families(s["uids"])
+    if per_uid:
+        yield from _uid_families(s["uids"])
     yield from _device_families(s["devices"], s["histograms"], s["max_batch"])
     yield from _cache_families(s["cache"], s["counters"])
     if "l2" in s["cache"]:
         yield from _l2_families(s["cache"]["l2"])
+
+    if s.get("door") is not None:
+        yield from _door_families(s["door"])
 
     reloads = CounterMetricFamily("inferd_reloads", "Model reloads by result", labels=["result"])
     for result in ("ok", "failed"):
@@ -214,6 +199,35 @@ def families(s: dict):
                    c.get("redispatched", 0))
     yield _counter("inferd_stale_results", "Results dropped because their request had gone elsewhere",
                    c.get("stale_results", 0))
+
+
+DOOR_REFUSALS = ("prehello_uid", "prehello_total", "evicted", "descriptors")
+DOOR_ERRORS = ("EMFILE", "ENFILE")
+
+
+def _door_families(door: dict):
+    """The client socket's door (NOTE [ the door ] in daemon/front/door.py)."""
+    yield _gauge("inferd_door_open", "1 while a new client of any uid would be accepted; 0 while new "
+                 "connections are turned away for lack of file descriptors (health is not ready)",
+                 float(door["open"]))
+    yield _gauge("inferd_door_waiting_hello", "Connections accepted that have not finished hello",
+                 door["waiting_hello"])
+    yield _gauge("inferd_door_fd_limit", "RLIMIT_NOFILE soft limit (raised to the hard limit at start-up)",
+                 door["fd_limit"])
+    refused = CounterMetricFamily("inferd_door_refused", "Connections closed at once by the door, by "
+                                  "reason: prehello_uid (server.max_prehello_per_uid), prehello_total "
+                                  "(server.max_prehello), evicted (waiting for hello, closed to make "
+                                  "room for another uid), descriptors (only the reserve left, or none)",
+                                  labels=["reason"])
+    for reason in (*DOOR_REFUSALS, *sorted(set(door["refused"]) - set(DOOR_REFUSALS))):
+        refused.add_metric([reason], door["refused"].get(reason, 0))
+    yield refused
+    errors = CounterMetricFamily("inferd_door_accept_errors", "accept() on the client socket failed, by "
+                                 "errno (EMFILE, ENFILE: out of file descriptors; the door backs off and "
+                                 "accepts again); other: an unexpected exception", labels=["errno"])
+    for name in (*DOOR_ERRORS, *sorted(set(door["accept_errors"]) - set(DOOR_ERRORS))):
+        errors.add_metric([name], door["accept_errors"].get(name, 0))
+    yield errors
 
 
 def _uid_families(uids: list):
@@ -312,7 +326,7 @@ def _cache_families(c: dict, counters: dict):
                    counters.get("hash_seconds", 0.0))
     f = c.get("file")
     if f is not None:
-        yield _gauge("inferd_cache_used_entries", "Entries of the cache file holding an answer", f["used"])
+        yield _gauge("inferd_cache_used_entries", "Entries written to the cache file since the daemon opened it", f["used"])
         yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
     if "embeddings" in c:
         yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])

@@ -40,8 +40,8 @@ takes uint8_nhwc when the reload names the keys such a model needs (``model.inpu
 ``input_height``, ``input_width``), as the configuration would.
 
 What a swap changes is named in :class:`ModelSwap`: the scheduler (which keys, checks and stamps
-requests by the serving model, and so is where the serving model lives), the devices' batching
-threads, the embedding store in the scheduler's memory, and two callbacks (retire a swapped-out
+requests by the serving model, and so is where the serving model lives), the devices' executor
+threads, the embedding store held by the scheduler's caches, and two callbacks (retire a swapped-out
 store, count the outcome). It never touches the Server.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ class ModelSwap:
     """Swaps the served model (NOTE [ model swap ]) given what that touches and nothing more.
 
     ``scheduler``: admits, keys and stamps requests by ``scheduler.model``, the serving model
-    (daemon/dispatch/scheduler.py ``switch_model``); its ``memory`` holds the result cache and the
+    (daemon/dispatch/scheduler.py ``switch_model``); its ``caches`` holds the result cache and the
     embedding store. ``devices``: each one's executor stages and activates the new model.
     ``embeddings``: the [embeddings] section; ``store_dir``: where default-named stores live.
     ``retire(store, activated)``: close a swapped-out store once every thread let go of it.
@@ -172,8 +172,8 @@ class ModelSwap:
 
     async def _stage(self, new) -> int:
         """Load and warm ``new`` on every device, one after another. Returns the embedding width."""
-        memory = self.scheduler.memory
-        keep_k = min(memory.cache.geometry.max_k, len(new.spec.labels)) if memory.cache is not None else 0
+        caches = self.scheduler.caches
+        keep_k = min(caches.cache.geometry.max_k, len(new.spec.labels)) if caches.cache is not None else 0
         staged, dims = [], []
         for dev in self.devices:
             try:
@@ -194,7 +194,7 @@ class ModelSwap:
             return None
         embedding = embedding_id(new.spec)
         path = cfg.path or default_path(self.store_dir, new.digest, embedding)
-        if cfg.path and self.scheduler.memory.store is not None:
+        if cfg.path and self.scheduler.caches.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
         try:
@@ -204,10 +204,10 @@ class ModelSwap:
 
     def _switch(self, new, store) -> None:
         """The switch itself: on the loop, no await, so no request sees half of it."""
-        memory = self.scheduler.memory
-        old_store = memory.store
+        caches = self.scheduler.caches
+        old_store = caches.store
         self.scheduler.switch_model(new)
-        memory.store = store
+        caches.store = store
         activated = [dev.executor.activate(new.gen, store) for dev in self.devices]
         if old_store is not None:
             self._retire(old_store, activated)

@@ -22,12 +22,12 @@ def notify(state: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
-        try:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(address)
             sock.send(state.encode())
-        except OSError:          # BlockingIOError (queue full) included
-            return False
+    except OSError:          # BlockingIOError (queue full) included; EMFILE: no descriptor left
+        return False         # for the socket (the watchdog task must not die of it)
     return True
 
 

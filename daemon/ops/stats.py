@@ -22,11 +22,14 @@ NOTE [ stats ]
     Scheduler._finish                               uid.in_flight -= 1 + followers
     HealthMonitor._transition                       device state, since (monotonic and wall), count
     Server.session_opened / session_closed          uid.sessions +- 1
-    Memory (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
+    the door (daemon/front/door.py): a connection   its own counters (refused by reason, accept
+      refused, evicted, an accept that failed       errors by errno) and connections waiting for
+                                                    hello, read by its snapshot() (``door``)
+    Caches (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
       a client's report of its own hits             by the cache file itself (insert / flush)
     the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
     the fleet cache (daemon/caching/fleet/cache.py): lookups by      its own ``counts``, ``wait`` histograms and
-      verdict, writes, breaker moves               breaker, read by Memory.stats (``cache.l2``)
+      verdict, writes, breaker moves               breaker, read by Caches.stats (``cache.l2``)
 
 Everything is written on the event loop thread, and read there too (an HTTP scrape hops onto the
 loop: daemon/ops/metrics.py), so there are no locks and a reading is one consistent moment. The
@@ -249,6 +252,7 @@ class Stats:
         self.started, self.started_wall = clock(), wall()
         self._max_batch = cfg.batching.max_batch
         self.devices: dict = {}                    # Device -> DeviceStats
+        self.door = None                           # the client socket's (daemon/front/door.py): snapshot()
         for dev in devices:
             self.add_device(dev)
 
@@ -367,6 +371,7 @@ class Stats:
                           "requests": u.requests} for uid, u in sorted(self.uids.items())],
                 "devices": [self.device_summary(rec, now) for rec in self.devices.values()],
                 "reloads": {"ok": self.counters["reloads"], "failed": self.counters["reloads_failed"]},
+                "door": self.door.snapshot() if self.door is not None else None,
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v)
                              for k, v in self.counters.items()}}
 

@@ -32,7 +32,7 @@ NOTE [ engine streams ]
 Events are per launch, so nothing waits for more than its own batch. The streams and events come
 from daemon/pipeline/streams.py: on a CPU they are no-ops (every step has finished when its call returns,
 the model reads the staging rows themselves and nothing is packed: ``launch`` returns a ``Done``,
-the same bytes as before the GPU path existed), and tests/test_engine.py checks the order above
+the same bytes as before the GPU path existed), and tests/unit/test_engine.py checks the order above
 with a fake whose events complete only when waited on.
 
 Two device input buffers alternate, so the copy of batch k+1 may overlap the compute of batch k;

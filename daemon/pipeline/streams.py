@@ -20,7 +20,7 @@ what differs per device lives here:
     synchronize()                nothing                             both streams, never the whole device
 
 An event has ``query()`` (done yet?) and ``synchronize()`` (wait for this one event only). A CPU
-event is always done: every call above has finished its work when it returns. tests/test_engine.py
+event is always done: every call above has finished its work when it returns. tests/unit/test_engine.py
 has a third implementation whose events complete only when waited on, and which checks the order.
 """
 from __future__ import annotations

@@ -199,6 +199,7 @@ def _p(xs, q) -> float:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+@pytest.mark.timing
 @pytest.mark.timeout(240)
 def test_another_uids_cache_hit_flood_leaves_the_victim_served(fresh_daemon):
     workdir = short_dir()

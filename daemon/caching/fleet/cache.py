@@ -19,13 +19,13 @@ NOTE [ fleet cache ]
     answers the next repeat itself); anything else goes to its reserved device, or another one
     if that device left rotation meanwhile.
 
-    computed answer -> Memory.remember -> FleetCache.store -> bounded backlog -> one pipelined
+    computed answer -> Caches.remember -> FleetCache.store -> bounded backlog -> one pipelined
     SET EX per write batch (a task; never awaited by a request). Full backlog: dropped, counted.
 
 Why look up first and compute on a miss, rather than compute at once and answer from L2 if it
 wins: a hit found first costs the device nothing, which is where a fleet's repeats pay (a racing
 computation would be done, and paid for, anyway); a miss pays one round trip before its device,
-about 0.1 ms against milliseconds of batching and compute (bench/fleet.py measures both).
+about 0.1 ms against milliseconds of batching and compute (bench/fleet/run.py measures both).
 
 Every verdict comes within the budget: the timer resolves whatever the reply has not, and a
 request is resolved exactly once (``_Batch.open``). No request fails because of L2: an error, a
@@ -44,7 +44,7 @@ from typing import Callable
 
 from . import connection
 from .breaker import STATES, Breaker
-from .codec import decode, encode, load_fleet_key
+from .codec import decode, encode, load_fleet_key, redis_key
 from ...ops.logs import RateLimitedLog
 from ...ops.stats import LATENCY_BOUNDS, Histogram
 
@@ -117,7 +117,7 @@ class FleetCache:
         self.counts["batches"] += 1
 
     async def _ask(self, batch: _Batch) -> None:
-        keys = [self._prefix + key for key in batch.waiters]
+        keys = [redis_key(self._prefix, key) for key in batch.waiters]
         try:
             values = await connection.mget(self._client, self.cfg.cluster, keys)
         except asyncio.CancelledError:
@@ -182,7 +182,7 @@ class FleetCache:
         if self._closing or not self.breaker.writing or len(self._backlog) >= self.cfg.write_backlog:
             self.counts["writes_dropped"] += 1
             return
-        self._backlog.append((self._prefix + key, encode(self._key, key, top)))
+        self._backlog.append((redis_key(self._prefix, key), encode(self._key, key, top)))
         if self._writer is None:
             self._writer = self._loop.create_task(self._write_out())
 

@@ -29,6 +29,8 @@ import struct
 
 import blake3
 
+from ...errors import ConfigError
+
 VERSION = 1
 MAC_BYTES = 16
 MIN_KEY_FILE_BYTES = 32
@@ -38,27 +40,23 @@ _DOMAIN = b"inferd-l2\x01"
 _PAIR = struct.Struct("<If")
 
 
-def _config_error(message: str) -> Exception:
-    from ...config import ConfigError     # late: config.py imports this module
-
-    return ConfigError(message)
 
 
 def check_secret_file(key: str, path: str) -> None:
     """``path`` (named by config key ``key``) exists, is a regular file, and neither group nor
     others may read or write it. Raises ConfigError naming ``key`` and saying what to do."""
     if not path:
-        raise _config_error(f"{key}: required with l2.enabled; create one with `head -c 32 /dev/urandom "
+        raise ConfigError(f"{key}: required with l2.enabled; create one with `head -c 32 /dev/urandom "
                             f"> FILE; chmod 600 FILE` (the fleet key: the same file on every host)"
                             if key == "l2.key_file" else f"{key}: empty")
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise _config_error(f"{key}: {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise _config_error(f"{key}: {path} is not a regular file")
+        raise ConfigError(f"{key}: {path} is not a regular file")
     if st.st_mode & 0o077:
-        raise _config_error(f"{key}: {path} is mode {st.st_mode & 0o777:03o}: other users could read "
+        raise ConfigError(f"{key}: {path} is mode {st.st_mode & 0o777:03o}: other users could read "
                             f"the secret; chmod 600 it (owned by the daemon's user)")
 
 
@@ -69,9 +67,9 @@ def read_secret(key: str, path: str) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read(MAX_SECRET_FILE_BYTES + 1)
     except OSError as exc:
-        raise _config_error(f"{key}: {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: {path}: {exc.strerror}") from None
     if len(data) > MAX_SECRET_FILE_BYTES:
-        raise _config_error(f"{key}: {path} is over {MAX_SECRET_FILE_BYTES} bytes; is it the right file?")
+        raise ConfigError(f"{key}: {path} is over {MAX_SECRET_FILE_BYTES} bytes; is it the right file?")
     return data
 
 
@@ -79,7 +77,7 @@ def load_fleet_key(path: str) -> bytes:
     """The 32-byte MAC key derived from ``l2.key_file``. Raises ConfigError."""
     data = read_secret("l2.key_file", path)
     if len(data) < MIN_KEY_FILE_BYTES:
-        raise _config_error(f"l2.key_file: {path} holds {len(data)} bytes; the fleet key needs at least "
+        raise ConfigError(f"l2.key_file: {path} holds {len(data)} bytes; the fleet key needs at least "
                             f"{MIN_KEY_FILE_BYTES} (head -c 32 /dev/urandom > {path})")
     return blake3.blake3(data, derive_key_context=_CONTEXT).digest()
 
@@ -88,7 +86,7 @@ def check_l2_config(l2, cache_enabled: bool = True) -> None:
     """Checks of an enabled ``[l2]`` section that involve more than one key or a file. Raises
     ConfigError."""
     if not cache_enabled:
-        raise _config_error("l2.enabled: needs cache.enabled (the fleet cache is the second level of "
+        raise ConfigError("l2.enabled: needs cache.enabled (the fleet cache is the second level of "
                             "the local one, keyed by the same hash)")
     load_fleet_key(l2.key_file)             # present, private and long enough, before anything starts
     if l2.password_file:
@@ -97,23 +95,24 @@ def check_l2_config(l2, cache_enabled: bool = True) -> None:
     named = [what for what, on in (("l2.url", bool(l2.url) and not l2.cluster), ("l2.sentinels", bool(sentinels)),
                                    ("l2.cluster", l2.cluster)) if on]
     if len(named) != 1:
-        raise _config_error("l2: name exactly one Redis topology: l2.url (standalone), l2.sentinels "
+        raise ConfigError("l2: name exactly one Redis topology: l2.url (standalone), l2.sentinels "
                             f"(Sentinel) or l2.cluster = true with l2.url (any node); got {named or 'none'}")
     if l2.cluster and not l2.url:
-        raise _config_error("l2.cluster: needs l2.url naming one node of the cluster (redis://HOST:PORT)")
+        raise ConfigError("l2.cluster: needs l2.url naming one node of the cluster (redis://HOST:PORT)")
     for i, addr in enumerate(sentinels):
         host, sep, port = str(addr).rpartition(":")
         if not isinstance(addr, str) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise _config_error(f"l2.sentinels[{i}]: {addr!r} is not \"HOST:PORT\"")
+            raise ConfigError(f"l2.sentinels[{i}]: {addr!r} is not \"HOST:PORT\"")
     if l2.url and not l2.url.startswith(("redis://", "rediss://", "unix://")):
-        raise _config_error(f"l2.url: {l2.url!r} is not redis://HOST:PORT/DB, rediss://... or unix:///PATH")
+        raise ConfigError(f"l2.url: {l2.url!r} is not redis://HOST:PORT/DB, rediss://... or unix:///PATH")
     if bool(l2.tls_cert_file) != bool(l2.tls_key_file):
-        raise _config_error("l2.tls_cert_file / l2.tls_key_file: give both or neither")
+        raise ConfigError("l2.tls_cert_file / l2.tls_key_file: give both or neither")
     if not l2.prefix or len(l2.prefix.encode()) > 64:
-        raise _config_error(f"l2.prefix: {l2.prefix!r} must be 1 to 64 bytes")
+        raise ConfigError(f"l2.prefix: {l2.prefix!r} must be 1 to 64 bytes")
 
 
 def redis_key(prefix: bytes, key: bytes) -> bytes:
+    """The Redis key of an entry: ``l2.prefix`` (encoded) followed by the 32-byte cache key."""
     return prefix + key
 
 

@@ -3,7 +3,7 @@
 
 Why asyncio on the loop rather than a thread with the sync client: a pipelined MGET over loopback
 costs about 50 us of loop time with hiredis, about what a thread hop each way costs alone
-(bench/fleet.py measures the hit path), and the loop keeps all bookkeeping on one thread.
+(bench/fleet/run.py measures the hit path), and the loop keeps all bookkeeping on one thread.
 
 Nothing here retries: a failed command fails at once (``Retry(NoBackoff(), 0)``) and the caller
 counts it and lets the device compute, which is always cheaper for a waiting request than a retry;
@@ -17,6 +17,7 @@ from .codec import read_secret
 
 def _common(cfg) -> dict:
     """Keyword arguments every topology's connections take."""
+    # redis is an optional dependency (the fleet extra): imported only when l2.enabled
     from redis.backoff import NoBackoff
     from redis.asyncio.retry import Retry
 
@@ -39,7 +40,7 @@ def _common(cfg) -> dict:
 def make_client(cfg):
     """A redis.asyncio client (Redis, a Sentinel master, or RedisCluster) for ``cfg`` (an L2Config
     checked by config.check_l2_config). Connects lazily: nothing blocks here."""
-    from redis import asyncio as aredis
+    from redis import asyncio as aredis     # optional dependency: see _common
 
     kwargs = _common(cfg)
     if cfg.sentinels:

@@ -1,0 +1,75 @@
+"""Measurements every benchmark takes: percentiles, timed calls, test frames, CPU time, clocks.
+
+No torch and no matplotlib here: the client processes the benchmarks spawn import this module.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def latency_stats(seconds: list[float] | np.ndarray) -> dict:
+    """p50, p99, mean, min and max of a list of durations in seconds, as milliseconds, plus n."""
+    a = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if a.size == 0:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "mean_ms": None, "min_ms": None, "max_ms": None}
+    p50, p99 = np.percentile(a, [50, 99])
+    return {"n": int(a.size), "p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(a.mean()),
+            "min_ms": float(a.min()), "max_ms": float(a.max())}
+
+
+def us_stats(seconds) -> dict:
+    """p50, p99, mean, min of durations in seconds, as microseconds, plus n."""
+    a = np.asarray(seconds, dtype=np.float64) * 1e6
+    if a.size == 0:
+        return {"n": 0, "p50_us": None, "p99_us": None, "mean_us": None, "min_us": None}
+    p50, p99 = np.percentile(a, [50, 99])
+    return {"n": int(a.size), "p50_us": float(p50), "p99_us": float(p99), "mean_us": float(a.mean()),
+            "min_us": float(a.min())}
+
+
+def time_calls(fn, count: int, warmup: int = 0) -> list[float]:
+    """``fn()`` called ``warmup`` times untimed, then ``count`` times, each timed with perf_counter."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 RGB frames of ``size`` x ``size`` (NHWC), reproducible by ``seed``."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all threads) so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> dict:
+    """Whole-machine CPU seconds so far from /proc/stat: busy (all but idle and iowait) and steal
+    (time the hypervisor gave our vCPUs to someone else)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    steal = fields[7] if len(fields) > 7 else 0
+    return {"busy_s": (sum(fields[:8]) - idle) / tick, "steal_s": steal / tick}
+
+
+def delta(before: dict, after: dict) -> dict:
+    """after - before for every key in after."""
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def sleep_until(t: float) -> None:
+    """Sleep until monotonic time ``t`` (at once if it has passed)."""
+    time.sleep(max(0.0, t - time.monotonic()))

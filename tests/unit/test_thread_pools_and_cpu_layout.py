@@ -1,0 +1,106 @@
+"""Thread pools and the CPU layout (daemon/pipeline/thread_pools.py, daemon/pipeline/cpu_layout.py): the plan shares the cores
+without oversubscribing them, and cpu:auto picks by its documented rule (a real daemon's layout and
+limits: tests/integration/test_cpu_layout_through_daemon.py)."""
+import logging
+import os
+
+import pytest
+
+from inferd.daemon.pipeline import cpu_layout as layout, thread_pools as threads
+from inferd.daemon.config import DeviceConfig
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    threads.reset_for_tests()
+    yield
+    threads.reset_for_tests()
+
+
+def devs(*specs):
+    return [DeviceConfig(name, n) for name, n in specs]
+
+
+# the plan ------------------------------------------------------------------------------------------
+def test_unset_threads_share_the_cores_evenly_and_cuda_keeps_its_own():
+    out = threads.plan(devs(("cpu", 0), ("cuda:0", 0), ("cpu", 0)), (0, 1, 2, 3, 4, 5))
+    assert [a.threads for a in out] == [3, 0, 3]
+    assert all(a.cores == () for a in out)                       # not pinned unless asked
+    out = threads.plan(devs(("cpu", 2), ("cpu", 0)), (0, 1, 2, 3, 4, 5))
+    assert [a.threads for a in out] == [2, 4]                    # the rest goes to the unset one
+
+
+def test_pinning_gives_each_cpu_device_cores_of_its_own():
+    out = threads.plan(devs(("cpu", 1), ("cpu", 2), ("cuda:0", 0)), (4, 5, 6, 7), pin=True)
+    assert [a.cores for a in out] == [(4,), (5, 6), ()]
+
+
+def test_an_oversubscribed_explicit_config_warns_or_is_refused(caplog):
+    with caplog.at_level(logging.WARNING, logger="inferd.thread_pools"):
+        out = threads.plan(devs(("cpu", 2), ("cpu", 2)), (0, 1), pin=True)
+    assert "ask for 4 threads in all" in caplog.text and "2 cores" in caplog.text
+    assert [a.cores for a in out] == [(), ()]                    # no pinning onto shared cores
+    assert threads.snapshot()["oversubscribed"] is True
+    with pytest.raises(threads.ThreadPlanError, match="refuse"):
+        threads.plan(devs(("cpu", 2), ("cpu", 1)), (0, 1), oversubscribe="refuse")
+    assert threads.plan(devs(("cpu", 1), ("cpu", 1)), (0, 1), oversubscribe="refuse")[1].threads == 1
+
+
+def test_a_wait_policy_already_in_the_environment_wins():
+    env = {}
+    assert threads.prepare_environment("passive", env) == "PASSIVE" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.prepare_environment("passive", env) == "ACTIVE"
+    assert threads.prepare_environment("default", {}) == ""
+    with pytest.raises(ValueError, match="spin"):
+        threads.prepare_environment("spin", {})
+
+
+# the layout rule -------------------------------------------------------------------------------------
+def test_candidates_never_use_more_than_the_cores():
+    assert layout.candidates(1) == [(1, 1)]
+    assert layout.candidates(2) == [(1, 2), (2, 1)]
+    assert layout.candidates(6) == [(1, 6), (2, 3), (4, 1), (6, 1)]
+    assert all(k * t <= c for c in range(1, 33) for k, t in layout.candidates(c))
+    with pytest.raises(ValueError):
+        layout.candidates(0)
+
+
+def row(k, t, b1_ms, full):
+    return {"devices": k, "threads": t, "batch1_ms": b1_ms, "full_img_s": full}
+
+
+def test_capacity_decides_and_batch1_latency_breaks_near_ties():
+    assert layout.choose([row(1, 2, 10.0, 500.0), row(2, 1, 20.0, 700.0)])["devices"] == 2
+    # within 5% of the best capacity: the faster lone request wins
+    assert layout.choose([row(1, 2, 10.0, 690.0), row(2, 1, 20.0, 700.0)])["devices"] == 1
+    # a full tie: fewer devices
+    assert layout.choose([row(2, 1, 10.0, 700.0), row(1, 2, 10.0, 700.0)])["devices"] == 1
+    with pytest.raises(ValueError):
+        layout.choose([])
+
+
+def test_enter_device_thread_sets_this_threads_team_and_pins_it():
+    import threading as th
+    from types import SimpleNamespace
+
+    import torch
+
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    dev = SimpleNamespace(index=0, label="cpu#0", threads=0, torch_device=torch.device("cpu"))
+    threads.plan(devs(("cpu", 1)), cores, pin=True)
+    seen = {}
+
+    def body():
+        seen["applied"] = threads.enter_device_thread(dev)
+        seen["threads"] = torch.get_num_threads()
+        seen["affinity"] = os.sched_getaffinity(0)
+
+    worker = th.Thread(target=body)
+    worker.start()
+    worker.join(timeout=30)
+    assert seen["threads"] == 1 and seen["applied"]["intra_op"] == 1
+    assert seen["affinity"] == {cores[0]} and seen["applied"]["cores"] == [cores[0]]
+    assert os.sched_getaffinity(0) == set(cores)            # the caller's thread is not pinned
+    snap = threads.snapshot()["devices"]
+    assert snap == [dict(seen["applied"], planned=1)]
