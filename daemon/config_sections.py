@@ -64,8 +64,8 @@ class ServerConfig:
                                         "long is closed (0: never)", lo=0.0, hi=86400.0)
     frame_timeout_s: float = _opt(10.0, "a frame begun must be complete within this (a half-sent "
                                         "frame holds nothing longer)", lo=0.01, hi=3600.0)
-    max_frames_per_turn: int = _opt(32, "frames of one client handled before the loop serves the "
-                                        "others", lo=1, hi=65536)
+    max_frames_per_turn: int = _opt(32, "frames of one uid (all its sessions) handled per loop "
+                                        "turn, at most; fewer when its frames are costly", lo=1, hi=65536)
     reply_buffer_bytes: int = _opt(1 << 20, "replies queued for a client that does not read, before "
                                             "the daemon stops reading its requests", lo=4096, hi=1 << 30)
     unread_timeout_s: float = _opt(30.0, "a client whose replies stay over reply_buffer_bytes this "

@@ -31,7 +31,10 @@ from .front.door import Door, raise_fd_limit
 from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
+from .front.loop_share import LoopShare
+from .dispatch import fairness
 from .models.loading import LoadedModel
+from .ops.heap_trim import HeapTrim
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
@@ -53,10 +56,15 @@ class Server:
         self.listener = listener
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
+        # the loop's work shared per uid, weighted as the devices are (NOTE [ loop share ])
+        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(cfg.dispatch.weights)
+                               if cfg.dispatch.fair_share else (lambda uid: 1.0))
+        self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
         self.scheduler = Scheduler(cfg, model, devices, clock)
         self.caches = self.scheduler.caches
-        self._hand = Hand(caches=self.caches, submit=self.scheduler.submit)   # for each handshake
+        self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
+                          turns=self.turns)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
@@ -299,6 +307,8 @@ class Server:
             self.stats.session_closed(session.peer[1])
         if not session.inflight:
             session.release_ring()
+        if session.heavy:
+            self.heap_trim.request()
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""

@@ -12,7 +12,9 @@ setuid), then connects. Attackers run until their ``stop`` event is set, each in
 - ``flood``: one Client keeping ``FLOOD_SLOTS`` frames in flight (``classify_many``);
 - ``door``: as many sessions as the daemon lets one uid open, every other one with half a frame
   sent; a session the daemon closes is opened again;
-- ``malformed``: seeded garbage frames until ``stop``, and at least ``MALFORMED_FRAMES`` of them.
+- ``malformed``: seeded garbage frames until ``stop``, and at least ``MALFORMED_FRAMES`` of them;
+- ``hits``: ``HITS_SESSIONS`` sessions, each keeping ``HITS_DEPTH`` copies of one frame in flight
+  (answered from the daemon's result cache, on its event loop, after the first).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ FLOOD_SLOTS = 256                  # frames the flooding session keeps in flight
 INFO_BATCH = 10_000                # info requests in one write
 MALFORMED_FRAMES = 100_000
 MALFORMED_MAX_S = 60.0             # a daemon that reads the garbage slowly ends the attack short of it
+HITS_SESSIONS, HITS_DEPTH = 4, 64  # the cache-hit flood: sessions of one uid, frames in flight each
 DOOR_MAX = 400                     # sessions the door attacker tries to hold (max_clients is 256)
 
 
@@ -100,14 +103,16 @@ def loader(q, stop, socket_path: str, depth: int, uid: int | None, seed: int) ->
     try:
         from inferd.client import Client, InferdError
 
-        batch = list(frames(depth, 64, seed=seed))
+        batch = frames(depth, 64, seed=seed)
         drop_to(uid)
-        ends, errors = [], 0
+        ends, errors, n = [], 0, 0
         with Client(socket_path, ring_slots=min(depth, FLOOD_SLOTS), cache=False, timeout=60) as client:
             q.put(("ok", "ready"))
             while not stop.is_set():
+                n += 1                   # every call's frames new: misses of the daemon's result cache
+                batch[:, 0, 0, :3] = np.frombuffer(n.to_bytes(3, "little"), np.uint8)
                 try:
-                    client.classify_many(batch, top_k=1)
+                    client.classify_many(list(batch), top_k=1)
                     ends.append(time.monotonic())
                 except InferdError:
                     errors += 1
@@ -342,4 +347,25 @@ def _reconnect(socket_path, stop) -> Raw | None:
     return None
 
 
-ATTACKS = {"info": _info, "unread": _unread, "door": _door, "malformed": _malformed}
+def _hits(socket_path, stop, rng) -> dict:
+    import threading
+
+    from inferd.client import Client
+
+    batch = list(frames(1, 64, seed=rng.randrange(1 << 30))) * HITS_DEPTH
+    done = [0] * HITS_SESSIONS
+
+    def session(i: int) -> None:
+        with Client(socket_path, ring_slots=HITS_DEPTH, cache=False, timeout=60) as client:
+            while not stop.is_set():
+                client.classify_many(batch, top_k=1)
+                done[i] += HITS_DEPTH
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(HITS_SESSIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"frames": sum(done), "sessions": HITS_SESSIONS}
+
+
+ATTACKS = {"info": _info, "unread": _unread, "door": _door, "malformed": _malformed, "hits": _hits}

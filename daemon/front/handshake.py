@@ -26,6 +26,7 @@ from typing import Callable
 from ..caching.results import Caches
 from .admission import Rejected
 from .listener import peer_credentials, peer_groups, send_with_fds
+from .loop_share import LoopShare
 from ..ops.logs import RateLimitedLog
 from .session import Session
 from ...shm import wire
@@ -42,11 +43,13 @@ class Hand:
     """What the handshake hands on, made once by the server. ``caches`` is the source of the
     result cache's descriptor and hello fields (``share_cache()``, ``hello_cache()``) and the sink
     of the hits clients report (``client_hits``); ``submit`` admits a session's requests
-    (Scheduler.submit). The server itself gives the limits, the state (draining, sessions, the
+    (Scheduler.submit); ``turns`` shares the loop's work between uids (NOTE [ loop share ] in
+    daemon/front/loop_share.py). The server itself gives the limits, the state (draining, sessions, the
     model) and takes the new session (``session_opened``)."""
 
     caches: Caches
     submit: Callable[..., None]
+    turns: LoopShare
 
 
 async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None:
@@ -95,7 +98,8 @@ async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None
         log.exception("hello from pid %d failed; closing the connection", peer[0] if peer else -1)
         _drop(ring, conn)
         return
-    session = Session(server, sid, ring, peer, leftover, submit=hand.submit, hits=hand.caches.client_hits)
+    session = Session(server, sid, ring, peer, leftover, submit=hand.submit, hits=hand.caches.client_hits,
+                      turns=hand.turns)
     session.told_gen = server.model.gen
     server.session_opened(session)
     await loop.connect_accepted_socket(lambda: session, conn)

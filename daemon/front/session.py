@@ -16,6 +16,7 @@ import logging
 from typing import Callable
 
 from ..dispatch.queues import ThinkTime
+from .loop_share import LoopShare
 from ..ops.logs import RateLimitedLog
 from .admission import Rejected, check_hits
 from ...shm import wire
@@ -31,16 +32,18 @@ _idle = RateLimitedLog(log)
 #
 # No client may hold the loop, the daemon's memory or a session slot for longer than a bound.
 #
-#    socket --data_received--> FrameReader buffer --_turn: take <= max_frames_per_turn frames
-#                                   ^                      (and <= max_frame_bytes of bodies)
-#                                   |                      --> handle() --> replies --> transport
-#      pause_reading while a hold   |                                                    | write
-#      is set: "backlog" (whole     +-- more whole frames? hold "backlog", call_soon(_turn)|buffer
-#      frames still buffered) or        (other clients' events run first)               v
+#    socket --data_received--> FrameReader buffer --take_turn: <= the frames its uid may still
+#                                   ^                  handle this loop iteration (and <= max_frame_bytes
+#                                   |                  of bodies) --> handle() --> replies --> transport
+#      pause_reading while a hold   |                                                        | write
+#      is set: "backlog" (whole     +-- more whole frames? hold "backlog", wait in the       | buffer
+#      frames still buffered) or        uid's queue for the next tick (NOTE [ loop share ])  v
 #      "replies" (write buffer over reply_buffer_bytes: pause_writing, until resume_writing)
 #
-# - Bounded work per event: a turn handles a bounded number of frames; the rest wait in the
-#   reader, and reading stops until they are handled, so the buffer holds at most one read more.
+# - Bounded work per event: a uid's sessions together handle one budget of frames per loop
+#   iteration (about 1 ms of loop, at most max_frames_per_turn: daemon/front/loop_share.py); the
+#   rest wait in the reader, and reading stops until they are handled, so the buffer holds at most
+#   one read more.
 # - Backpressure: replies a client does not read pile up in the transport's write buffer only up
 #   to reply_buffer_bytes (set_write_buffer_limits); then the session neither reads nor handles
 #   frames. Replies of requests already in flight still come, bounded by the ring's slots. A
@@ -58,11 +61,12 @@ class Session(asyncio.Protocol):
 
     ``submit(session, rid, msg, op)`` admits a classify / embed / near request or raises Rejected
     (Scheduler.submit); ``hits(n)`` takes the local cache hits a client reports (the result
-    caches' count, Caches.client_hits). ``server`` gives the limits (``cfg.server``), ``pid``,
+    caches' count, Caches.client_hits); ``turns`` says when its frames are handled (the loop's share
+    per uid, daemon/front/loop_share.py). ``server`` gives the limits (``cfg.server``), ``pid``,
     ``info()``, the model's ``labels()`` and ``session_closed``."""
 
     def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b"", *,
-                 submit: Callable[..., None], hits: Callable[[int], None]):
+                 submit: Callable[..., None], hits: Callable[[int], None], turns: LoopShare):
         self.server = server
         self._submit = submit
         self._hits = hits
@@ -75,13 +79,16 @@ class Session(asyncio.Protocol):
         self.told_gen = 0                      # newest model generation this client was told of
         self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
         self.transport: asyncio.Transport | None = None
+        self.waiting = False                   # queued for a turn (daemon/front/loop_share.py)
+        self.heavy = False                     # buffered a backlog or replies: its close is worth a
+                                               # heap trim (daemon/ops/heap_trim.py)
+        self._turns = turns                    # the loop's share per uid
         limits = server.cfg.server
         self._limits = limits
         self._reader = wire.FrameReader(limits.max_frame_bytes, wire.MAX_REQUEST_DEPTH)
         self._leftover = leftover
         self._loop: asyncio.AbstractEventLoop | None = None
         self._holds: set[str] = set()          # why reading is paused: "backlog", "replies"
-        self._turn_handle = None               # a turn scheduled with call_soon
         self._last_data = 0.0                  # loop time of the last bytes received
         self._partial_since: float | None = None   # when the partial frame being timed began
         self._partial_frame = -1               # reader.taken when it began (which frame it is)
@@ -105,17 +112,16 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_data = self._loop.time()
         self._reader.append(data)
-        if self._turn_handle is None and "replies" not in self._holds:
-            self._turn()
+        if "replies" not in self._holds:
+            self._turns.offer(self)
+            self._settle()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        if self._turn_handle is not None:
-            self._turn_handle.cancel()
-            self._turn_handle = None
+        self._reader = None                    # its buffer goes now, not when the last reply does
         self.server.session_closed(self)
 
     def pause_writing(self) -> None:
@@ -127,21 +133,27 @@ class Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._disarm("unread")
         self._release("replies")
-        if self._turn_handle is None and self._reader.has_frame() and not self.closed:
-            self._turn_handle = self._loop.call_soon(self._turn)
+        if self.wants_turn():
+            self._turns.offer(self)
 
     # turns ------------------------------------------------------------------------------------
-    def _turn(self) -> None:
-        """Handle at most max_frames_per_turn buffered frames; schedule the next turn if more wait."""
-        self._turn_handle = None
-        if self.closed or "replies" in self._holds or self.transport.is_closing():
-            return
+    def wants_turn(self) -> bool:
+        """Whole frames wait and nothing holds this session back (NOTE [ loop share ])."""
+        return (not self.closed and "replies" not in self._holds and not self.transport.is_closing()
+                and self._reader.has_frame())
+
+    def take_turn(self, limit: int) -> int:
+        """Handle at most ``limit`` (and max_frames_per_turn) buffered frames; returns how many
+        were taken. Called by the loop share (daemon/front/loop_share.py), which decides when."""
+        if not self.wants_turn():
+            return 0
         try:
-            messages = self._reader.take(self._limits.max_frames_per_turn, self._limits.max_frame_bytes)
+            messages = self._reader.take(min(limit, self._limits.max_frames_per_turn),
+                                         self._limits.max_frame_bytes)
         except wire.FrameError as exc:      # a header over the limit: the stream is lost
             _bad_frames.warning("%r: %s; closing the connection", self, exc)
             self._shut(wire.error(None, exc.code, str(exc)))
-            return
+            return 1
         try:
             for msg in messages:
                 if isinstance(msg, wire.FrameError):
@@ -151,17 +163,23 @@ class Session(asyncio.Protocol):
         except Exception:                   # a bug, not the client's doing: this session only
             log.exception("%r: handling a request failed; closing the connection", self)
             self.transport.abort()
+            return len(messages)
+        self._settle()
+        return len(messages)
+
+    def _settle(self) -> None:
+        """Reading stays paused while whole frames wait for a turn; else time a partial frame."""
+        if self.closed or self.transport.is_closing():
             return
         if self._reader.has_frame():
             self._partial_since = None
             self._hold("backlog")
-            if "replies" not in self._holds:
-                self._turn_handle = self._loop.call_soon(self._turn)
             return
         self._release("backlog")
         self._time_partial_frame()
 
     def _hold(self, reason: str) -> None:
+        self.heavy = True                   # a backlog or unread replies: buffers worth a trim
         if not self._holds and not self.transport.is_closing():
             self.transport.pause_reading()
         self._holds.add(reason)
@@ -219,7 +237,7 @@ class Session(asyncio.Protocol):
             return
         idle = self._limits.idle_timeout_s
         # busy, or a frame begun (the frame timer has a better reason to give): not idle
-        if self.inflight or self._holds or self._turn_handle is not None or self._reader.pending():
+        if self.inflight or self._holds or self.waiting or self._reader.pending():
             self._arm("idle", idle, self._check_idle)
             return
         left = self._last_data + idle - self._loop.time()

@@ -40,6 +40,7 @@ import pytest
 from helpers import RawClient, sample_images, shm_leftovers, spawn_daemon, wait_until
 from inferd.client import Client
 from inferd.daemon.config import ServerConfig
+from inferd.daemon.front.loop_share import LoopShare
 from inferd.daemon.front.session import Session
 from inferd.shm import wire
 
@@ -52,6 +53,7 @@ class FakeServer:
     def __init__(self, **limits):
         self.cfg = SimpleNamespace(server=ServerConfig(**limits))
         self.pid = 4242
+        self.turns = LoopShare(self.cfg.server.max_frames_per_turn)
 
     def info(self) -> dict:
         return {"sessions": 2}
@@ -61,7 +63,7 @@ class FakeServer:
 
     def session(self, sid: int, peer: tuple) -> Session:
         """A Session of this server with no ring; it may ping, nothing more."""
-        return Session(self, sid, None, peer, submit=None, hits=None)
+        return Session(self, sid, None, peer, submit=None, hits=None, turns=self.turns)
 
 
 class FakeTransport:
