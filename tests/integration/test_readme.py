@@ -26,12 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from helpers import short_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -97,9 +98,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def workdir():
-    path = tempfile.mkdtemp(prefix="inferd-t", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return short_dir()          # removed when the test ends, and checked for at the end of the run
 
 
 def run(script: list[str], *, cwd: Path, env: dict, workdir: str) -> subprocess.CompletedProcess:
