@@ -2,10 +2,10 @@
 
 Lifecycle::
 
-    bind socket -> start batching threads, wait until each has warmed its model -> accept
-    -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1: stop accepting, unlink the
+    bind socket -> start each device's collector and executor, wait until each has warmed its
+    model -> accept -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1: stop accepting, unlink the
     socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
-    -> close sessions, stop and join batching threads, unmap every ring -> exit 0
+    -> close sessions, stop and join the device threads, unmap every ring -> exit 0
 
 Each accepted connection goes through the hello handshake (daemon/front/handshake.py), then becomes a
 Session (daemon/front/session.py).
@@ -111,18 +111,18 @@ class Server:
         self.door = Door(self.listener.sock, self.cfg.server, self._start_handshake, fd_limit, self._clock)
         self.stats.door = self.door
         accept = loop.create_task(self._accept_loop())
-        watchdog = loop.create_task(self._watchdog())
+        health_ticks = loop.create_task(self._health_ticks())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
         notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=serving {self.model.spec.name} on "
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
         await self._stop.wait()
-        watchdog.cancel()
+        health_ticks.cancel()
         await self._drain(accept)
         return exitcodes.OK
 
-    async def _watchdog(self) -> None:
+    async def _health_ticks(self) -> None:
         """Health checks on the loop (daemon/dispatch/health.py): a timer, not a poll of anything the OS
         could tell us; a stuck batch gives no event to wait on."""
         health = self.scheduler.health
