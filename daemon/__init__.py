@@ -1,1 +1,1 @@
-"""inferd.daemon: the server process (sessions, batching threads, models)."""
+"""inferd.daemon: the server process, one sub-package per stage of the request path (docs/architecture.md, Layout)."""

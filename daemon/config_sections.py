@@ -231,7 +231,7 @@ class ThreadsConfig:
                                            "OpenMP workers sleep, not spin), active, or default "
                                            "(OpenMP's own); the environment variable wins",
                                 choices=("passive", "active", "default"))
-    pin: bool = _opt(False, "bind each CPU device's batching thread (and its OpenMP team) to cores of "
+    pin: bool = _opt(False, "bind each CPU device's device thread (and its OpenMP team) to cores of "
                             "its own")
     oversubscribe: str = _opt("warn", "CPU devices asking for more threads in all than the usable "
                                       "cores (sched_getaffinity): warn, or refuse to start",

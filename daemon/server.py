@@ -229,7 +229,7 @@ class Server:
             if dev.collector is not None:        # it joins its executor
                 dev.collector.join(timeout=max(self.cfg.server.drain_timeout_s, 1.0))
                 if dev.collector.is_alive():
-                    log.error("batching thread of %s did not stop", dev.name)
+                    log.error("device thread of %s did not stop", dev.name)
 
     # accept and hello -------------------------------------------------------------------------
     async def _accept_loop(self) -> None:
@@ -279,7 +279,7 @@ class Server:
         self.scheduler.stats.reload_done(ok)
 
     def retire(self, store, activated: list) -> None:
-        """Close a swapped-out model's embedding store once every batching thread let go of it
+        """Close a swapped-out model's embedding store once every device thread let go of it
         (``activated``: their futures); at shutdown if one never does."""
         self._retired.append(store)
         futures = [asyncio.wrap_future(f) for f in activated]

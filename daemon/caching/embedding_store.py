@@ -215,7 +215,7 @@ def _acquire(path: str, capacity: int, dim: int, embedding: str | None, mode: in
 
 
 class EmbeddingStore:
-    """Open with :meth:`open`. Every method takes an internal lock, so batching threads may add
+    """Open with :meth:`open`. Every method takes an internal lock, so device threads may add
     while the loop thread searches. ``close()`` is idempotent. ``shared``: see the module."""
 
     def __init__(self, path: str, mm: mmap.mmap, fd: int, capacity: int, dim: int, shared: bool = False):

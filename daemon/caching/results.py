@@ -5,7 +5,7 @@ The result cache (inferd.shm.cache, an mmap'ed file clients read too), the embed
 the verification of encoded uploads (a decode thread; NOTE [ encoded uploads ]).
 
 The content hash that keys both is computed here, by the daemon, over its own private copy of the
-frame, taken from the client's slot at admission; that copy is also what the batching thread
+frame, taken from the client's slot at admission; that copy is also what the device thread
 computes on. So the answer stored under a hash is the answer for exactly the bytes that hash
 covers, and no client can make another receive an answer for different bytes: whatever it writes
 into its slot, before or after submitting, is either what gets hashed and computed, or nothing
@@ -23,7 +23,7 @@ NOTE [ unhashed misses ]
 A client that maps the cache looks every frame up itself before it sends it, and says so
 (``looked`` in the request, docs/protocol.md): such a request is already a miss, and on unique
 traffic the daemon's copy, hash and lookup of it buy nothing but loop time (a BLAKE3 of a frame
-also lets go of the GIL, so the loop then waits on the batching threads for it back). So while the
+also lets go of the GIL, so the loop then waits on the device threads for it back). So while the
 hit rate is below ``cache.min_hit_rate``, admission copies and hashes only 1 in
 ``cache.sample_every`` of the looked-up requests, and remember() inserts those (``admission_copy``:
 the same insert rate as sampling gives hashed misses); the others count as misses and go to a

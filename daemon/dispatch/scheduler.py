@@ -1,10 +1,10 @@
 """The event loop's side of every request: admission, dispatch, replies, re-dispatch.
 
-Runs on the loop thread only; batching threads talk to it through ``on_batch_done`` (scheduled with
+Runs on the loop thread only; device threads talk to it through ``on_batch_done`` (scheduled with
 call_soon_threadsafe, one call per batch). See NOTE [ request path ] in daemon/pipeline/collector.py.
 
 Exactly one reply per admitted request. A request carries ``attempt``, bumped each time it is
-re-dispatched; a batching thread notes the attempt of each request when it takes it, and a result
+re-dispatched; a device thread notes the attempt of each request when it takes it, and a result
 whose noted attempt is not the request's current one is stale (its device was given up on and the
 request already went elsewhere) and is dropped. ``done`` marks a request answered. Together they
 mean none is lost when a device fails, and none is answered twice when a stuck device wakes up.
@@ -343,7 +343,7 @@ class Scheduler:
         return self.caches.key(r.content)
 
     def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
-        """The reply to embed (the vector) or near (``matches``, searched by the batching thread)."""
+        """The reply to embed (the vector) or near (``matches``, searched by the device thread)."""
         if vector is None or (op == "near" and matches is None):
             return wire.error(rid, wire.E_INTERNAL, "the model produced no embedding for this frame")
         if op == "embed":

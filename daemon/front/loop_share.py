@@ -22,7 +22,7 @@ client wait for 4 x 32 frames per loop iteration. Here the budget belongs to the
   ``call_soon`` runs in the next iteration, before that iteration's I/O callbacks, in asyncio's
   loop and in uvloop). The budget is the frames that TURN_S (1 ms) of loop time buys at the uid's
   recent cost per frame (the loop thread's CPU time around its turns, two clock reads a turn: wall
-  time also counts waits for the GIL, which the batching threads hold in turn: with it, four
+  time also counts waits for the GIL, which the device threads hold in turn: with it, four
   pipelining sessions' share of the device beside another uid's flood fell from 52 % to 36 % in
   bench/isolation.py (c), their budget shrunk to a frame or two), at least one and at
   most ``server.max_frames_per_turn``; times the uid's ``quantum`` of the device share

@@ -4,7 +4,7 @@ systemd kills and restarts a service that stays silent for WatchdogSec, so a pin
 gets done", not "a timer fired". A ping is sent only when all of these hold:
 
 - the event loop runs: the check is a task on it, so a blocked loop sends nothing;
-- every batching thread of a device *in rotation* (state ``healthy``) is alive, and either
+- every device thread of a device *in rotation* (state ``healthy``) is alive, and either
   - runs a batch that is still within its health watchdog bound (``HealthMonitor.bound``), or
   - beat recently: ``Device.beat`` is stamped each time ``DeviceQueue.take`` returns, at least
     every IDLE_TIMEOUT (0.1 s) when idle. Between two beats the thread runs at most one batch
@@ -16,7 +16,7 @@ Devices out of rotation (``out``, ``probing``) are ignored: health (daemon/dispa
 their work to the others and probes them with canaries; a restart would take the healthy devices
 down with them. A stuck batch is health's first: it takes the device out within bound + 0.1 s, and
 from then on it is ignored here. What is left for systemd is what the daemon cannot heal itself:
-a blocked loop, a dead batching thread, or a thread stuck where health does not look. During a
+a blocked loop, a dead device thread, or a thread stuck where health does not look. During a
 drain the threads are being stopped on purpose; only the loop counts. During a model swap
 (daemon/ops/reload.py) each thread loads and warms the new model between two batches, seconds without
 a beat: a silent thread then counts as loading, while a dead thread or a batch past its bound
@@ -58,7 +58,7 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
         if dev.state != HEALTHY:
             continue
         if dev.collector is None or not (dev.collector.is_alive() and dev.executor.is_alive()):
-            reasons.append(f"{dev.label}: its batching thread has exited")
+            reasons.append(f"{dev.label}: its device thread has exited")
             continue
         started, size = dev.running_since, dev.running_size
         if started is not None:
@@ -69,7 +69,7 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
             continue
         limit = bound(dev, max(size, 1)) + max_delay + IDLE_TIMEOUT + SLACK
         if now - dev.beat > limit and not loading:
-            reasons.append(f"{dev.label}: batching thread silent for {now - dev.beat:.1f} s "
+            reasons.append(f"{dev.label}: device thread silent for {now - dev.beat:.1f} s "
                            f"(limit {limit:.1f} s)")
     return reasons
 
