@@ -63,7 +63,8 @@ def sample_images() -> list[tuple[str, np.ndarray]]:
 
 # -- well-behaved clients ------------------------------------------------------------------------
 def victim(q, stop, socket_path: str, hold) -> None:
-    """Classify the sample images one at a time until ``stop`` (idle while ``hold`` is set);
+    """Classify the sample images one at a time until ``stop`` (idle while ``hold`` is set), each
+    with its corner pixel stamped by a counter so that every call is computed on the device;
     report every call's end time, latency and outcome (0 right, 1 wrong label, 2 error) and the
     errors by type."""
     try:
@@ -80,6 +81,8 @@ def victim(q, stop, socket_path: str, hold) -> None:
                 stop.wait(0.05)
                 continue
             label, image = samples[i % len(samples)]
+            image = image.copy()                         # a frame never seen: computed, not a cache
+            image[0, 0] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)   # hit (the cache is on)
             i += 1
             t0 = time.perf_counter()
             try:
