@@ -73,3 +73,18 @@ def delta(before: dict, after: dict) -> dict:
 def sleep_until(t: float) -> None:
     """Sleep until monotonic time ``t`` (at once if it has passed)."""
     time.sleep(max(0.0, t - time.monotonic()))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds so far of each thread of process ``pid``, by thread id (from
+    /proc/PID/task/TID/stat; a thread that ends between the listing and the read is left out).
+    The main thread's id is ``pid``."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out

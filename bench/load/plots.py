@@ -49,11 +49,17 @@ def latency_throughput(load: dict, ceiling: float, path: str) -> str:
 
 
 def ceiling_batch(ceiling: dict, path: str) -> str:
-    """In-process img/s against batch size (log2 axis). Returns ``path``."""
+    """In-process img/s against batch size (log2 axis), one line per OpenMP setting measured and
+    the ceiling (the faster at each batch size) annotated. Returns ``path``."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = ceiling["rows"]
-    ax.plot([r["batch"] for r in rows], [r["img_s"] for r in rows], "o-")
+    for name, setting in ceiling.get("settings", {}).items():
+        env = " ".join(f"{k}={v}" for k, v in setting["omp_env"].items()) or "torch defaults"
+        ax.plot([r["batch"] for r in setting["rows"]], [r["img_s"] for r in setting["rows"]], ".--",
+                alpha=0.7, label=f"{name} ({env})")
+    ax.plot([r["batch"] for r in rows], [r["img_s"] for r in rows], "o-", color="black",
+            label="ceiling: the faster")
     for r in rows:
         ax.annotate(f"{r['img_s']:.0f}", (r["batch"], r["img_s"]), textcoords="offset points",
                     xytext=(0, 6), ha="center", fontsize=8)
@@ -65,6 +71,7 @@ def ceiling_batch(ceiling: dict, path: str) -> str:
     ax.set_title(f"{ceiling['model']} @ {ceiling['input_size']}x{ceiling['input_size']} in-process, "
                  f"{ceiling['threads']} torch threads")
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, plt, path)
 
 
