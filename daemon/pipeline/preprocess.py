@@ -11,9 +11,42 @@ Clients always send uint8 RGB frames, NHWC (height x width x 3, 0..255). The mod
 The daemon's executor threads (through :class:`Preprocess`), the training script of the built-in
 model and the exactness tests (through :func:`to_input`) compute the same thing, so "the same
 preprocessed tensor" means the same bytes everywhere.
+
+NOTE [ preprocessing on a CPU ]
+
+Every float is ``fma(x, scale[c], bias[c])`` rounded once, with ``scale = 1 / (255 std)`` and
+``bias = -mean / std`` made once per Preprocess: what torch's ``addcmul(bias, x, scale)``
+computes on this machine, and what it computed when this was three whole-batch ops (permute +
+``to(float32)``, ``addcmul`` with per-channel (1, 3, 1, 1) factors, ``contiguous``). The model
+digest and the cache keys (daemon/models/loading.py ``preprocess_id``) name that arithmetic, so
+only how it runs may change, never a bit of what it gives; tests/unit/test_preprocess.py
+checks every byte value of every channel against those three ops.
+
+On a CPU those three ops cost 10-40x a memory copy of their float output: a conversion read
+with a stride of 3 bytes, an ``addcmul`` whose two per-channel factors (both broadcast) keep
+torch on its scalar loop, a transposing copy, and two new tensors a batch (at 224x224, 0.6 MB
+a frame: page faults on every call). Here, into one output buffer (kept between calls with
+``reuse``: the executor's):
+
+    frames (uint8 NHWC) --numpy copy, channel by channel--> uint8 NCHW   (the only strided pass:
+                                                                           1 byte an element)
+        --torch copy_ --> float32 NCHW (the output)     contiguous: vectorised conversion
+        --addcmul(bias plane, out, scale, out=out)      in place; the bias as a full (3, H*W)
+                                                         plane so that only one operand is
+                                                         broadcast and torch takes its
+                                                         vectorised fused multiply-add
+
+With ``channels_last`` the output is NHWC in memory, as the frames are: one contiguous
+conversion, then the same ``addcmul`` with both factors laid out as one (W*3) row of
+alternating channels. Each pass is a whole-batch call that releases the GIL. The uint8
+transpose stays a scalar byte loop (nothing in numpy or torch deinterleaves 3 channels with
+SIMD), so float_nchw costs a few memory copies, not one; bench/load/preprocess.py measures it
+against one (docs/benchmarks.md, "Preprocessing on a CPU"). Frames on a GPU keep the three ops:
+one fused pass of a GPU is not where its time goes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import INPUT_FORMS
@@ -26,16 +59,22 @@ class Preprocess:
 
     ``float_nchw`` (the default): float32 NCHW, ``(x / 255 - mean) / std`` per channel, computed
     as one multiply-add, ``x * (1 / (255 std)) + (-mean / std)``, with both factors made once
-    here: on small batches torch's per-op overhead dominates, and this is two ops per batch where
-    the textbook form takes five. ``uint8_nhwc``: the frames themselves (no copy; mean and std
-    are ignored, and so is ``channels_last``: the frames are NHWC already).
+    here (NOTE [ preprocessing on a CPU ]). ``uint8_nhwc``: the frames themselves (no copy; mean
+    and std are ignored, and so is ``channels_last``: the frames are NHWC already).
+
+    ``reuse``: every call on CPU frames writes into one buffer kept for the next call (grown to
+    the largest batch, and returns a view of its first rows), so each result is valid only until
+    the next call and a reusing Preprocess belongs to one thread: the executor's, whose model has
+    finished with a batch's input before the next batch is made. Without it each call returns a
+    new tensor.
     """
 
     def __init__(self, mean, std, device: torch.device | str = "cpu", channels_last: bool = False,
-                 form: str = FLOAT_NCHW):
+                 form: str = FLOAT_NCHW, reuse: bool = False):
         if form not in INPUT_FORMS:
             raise ValueError(f"input form {form!r} is not one of {', '.join(INPUT_FORMS)}")
         self.form = form
+        self.reuse = reuse
         self.scale = self.bias = None
         if form == FLOAT_NCHW:
             mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -43,23 +82,75 @@ class Preprocess:
             self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
             self.bias = (-mean_t / std_t).view(1, 3, 1, 1)
         # channels_last: NHWC in memory, as the frames arrive, so the permute below costs no copy
+        self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._cpu: _CpuPass | None = None      # the CPU pass of the last frame size (its buffers)
 
     @classmethod
-    def of(cls, spec, device: torch.device | str = "cpu", channels_last: bool = False) -> "Preprocess":
+    def of(cls, spec, device: torch.device | str = "cpu", channels_last: bool = False,
+           reuse: bool = False) -> "Preprocess":
         """The preprocessing of a model spec (inferd.daemon.models.loading.ModelSpec)."""
-        return cls(spec.mean, spec.std, device, channels_last, spec.input_form)
+        return cls(spec.mean, spec.std, device, channels_last, spec.input_form, reuse)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """``frames`` on the same device as this Preprocess. ``float_nchw``: returns a new tensor,
+        """``frames`` on the same device as this Preprocess. ``float_nchw``: a float32 tensor
         contiguous in this Preprocess's memory format (NCHW, or NHWC in memory with
-        ``channels_last``); ``uint8_nhwc``: returns ``frames`` itself."""
+        ``channels_last``): new, or this Preprocess's buffer with ``reuse``; ``uint8_nhwc``:
+        returns ``frames`` itself."""
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
             raise ValueError(f"expected uint8 NHWC frames with 3 channels, got {frames.dtype} {tuple(frames.shape)}")
         if self.scale is None:
             return frames
-        x = frames.permute(0, 3, 1, 2).to(torch.float32)
-        return torch.addcmul(self.bias, x, self.scale).contiguous(memory_format=self.memory_format)
+        if frames.device.type != "cpu":
+            x = frames.permute(0, 3, 1, 2).to(torch.float32)
+            return torch.addcmul(self.bias, x, self.scale).contiguous(memory_format=self.memory_format)
+        n, h, w, _ = frames.shape
+        cpu = self._cpu
+        if cpu is None or (cpu.h, cpu.w) != (h, w):
+            cpu = self._cpu = _CpuPass(self.scale, self.bias, h, w, self.channels_last)
+        return cpu(frames, self.reuse)
+
+
+class _CpuPass:
+    """The CPU passes of NOTE [ preprocessing on a CPU ] for frames of ``h`` x ``w``: the
+    factors laid out for a vectorised ``addcmul``, and the buffers kept for reuse."""
+
+    def __init__(self, scale: torch.Tensor, bias: torch.Tensor, h: int, w: int, channels_last: bool):
+        self.h, self.w, self.channels_last = h, w, channels_last
+        if channels_last:                   # one (W*3) row, channels alternating as in the frame
+            self.scale = scale.view(1, 3).repeat(w, 1).view(1, w * 3).contiguous()
+            self.bias = bias.view(1, 3).repeat(w, 1).view(1, w * 3).contiguous()
+        else:                               # (3, 1) scalars per channel, and a full bias plane
+            self.scale = scale.view(3, 1).contiguous()
+            self.bias = bias.view(3, 1).expand(3, h * w).contiguous()
+        self._out: torch.Tensor | None = None       # float32, max rows seen (reuse)
+        self._planes: torch.Tensor | None = None    # uint8 NCHW, max rows seen (reuse)
+
+    def __call__(self, frames: torch.Tensor, reuse: bool) -> torch.Tensor:
+        n, h, w = frames.shape[0], self.h, self.w
+        out = self._rows("_out", n, torch.float32, reuse)
+        if self.channels_last:
+            nhwc = out.permute(0, 2, 3, 1)          # contiguous: out is NHWC in memory
+            nhwc.copy_(frames)
+            rows = nhwc.view(n * h, w * 3)
+        else:
+            planes = self._rows("_planes", n, torch.uint8, reuse)
+            np.copyto(planes.numpy(), frames.numpy().transpose(0, 3, 1, 2))
+            out.copy_(planes)
+            rows = out.view(n, 3, h * w)
+        torch.addcmul(self.bias, rows, self.scale, out=rows)
+        return out
+
+    def _rows(self, name: str, n: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+        """``n`` rows of (3, h, w) ``dtype``: the first rows of the kept buffer ``name`` with
+        ``reuse`` (grown first where it is shorter), else new."""
+        buffer = getattr(self, name) if reuse else None
+        if buffer is None or buffer.shape[0] < n:
+            fmt = torch.channels_last if self.channels_last and dtype == torch.float32 else torch.contiguous_format
+            buffer = torch.empty((n, 3, self.h, self.w), dtype=dtype, memory_format=fmt)
+            if reuse:
+                setattr(self, name, buffer)
+        return buffer[:n]
 
 
 def to_input(frames: torch.Tensor, mean, std, form: str = FLOAT_NCHW) -> torch.Tensor:
