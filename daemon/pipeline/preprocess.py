@@ -14,37 +14,39 @@ preprocessed tensor" means the same bytes everywhere.
 
 NOTE [ preprocessing on a CPU ]
 
-Every float is ``fma(x, scale[c], bias[c])`` rounded once, with ``scale = 1 / (255 std)`` and
-``bias = -mean / std`` made once per Preprocess: what torch's ``addcmul(bias, x, scale)``
-computes on this machine, and what it computed when this was three whole-batch ops (permute +
+Every float is ``fma(x, scale[c], bias[c])``, rounded once, with ``scale = 1 / (255 std)`` and
+``bias = -mean / std`` made once per Preprocess: what torch's ``addcmul(bias, x, scale)`` computes
+on the machine it runs on, and what this computed as three whole-batch ops (permute +
 ``to(float32)``, ``addcmul`` with per-channel (1, 3, 1, 1) factors, ``contiguous``). The model
 digest and the cache keys (daemon/models/loading.py ``preprocess_id``) name that arithmetic, so
-only how it runs may change, never a bit of what it gives; tests/unit/test_preprocess.py
-checks every byte value of every channel against those three ops.
+only how it runs may change, never a bit of what it gives: tests/unit/test_preprocess.py checks
+every byte value of every channel, and random batches, against those three ops.
 
-On a CPU those three ops cost 10-40x a memory copy of their float output: a conversion read
-with a stride of 3 bytes, an ``addcmul`` whose two per-channel factors (both broadcast) keep
-torch on its scalar loop, a transposing copy, and two new tensors a batch (at 224x224, 0.6 MB
-a frame: page faults on every call). Here, into one output buffer (kept between calls with
-``reuse``: the executor's):
+On a CPU those three ops cost 5-30x a memory copy of their float output: a conversion that read
+with a stride of 3 bytes, an ``addcmul`` whose two broadcast factors kept torch on its scalar
+loop, a transposing float copy, and two new tensors a batch (at 224x224, 0.6 MB a frame, page
+faults on every call). Now, into one output buffer (kept between calls with ``reuse``: the
+executor's Engine, and each measuring thread of daemon/pipeline/cpu_layout.py):
 
-    frames (uint8 NHWC) --numpy copy, channel by channel--> uint8 NCHW   (the only strided pass:
-                                                                           1 byte an element)
-        --torch copy_ --> float32 NCHW (the output)     contiguous: vectorised conversion
-        --addcmul(bias plane, out, scale, out=out)      in place; the bias as a full (3, H*W)
-                                                         plane so that only one operand is
-                                                         broadcast and torch takes its
-                                                         vectorised fused multiply-add
+    frames (uint8 NHWC) --np.copyto of the transposed view--> uint8 NCHW planes
+                          (the one strided pass, a byte an element; numpy releases the GIL)
+        --torch copy_--> float32 NCHW, the output    (contiguous: a vectorised conversion)
+        --addcmul(bias plane, out, scale, out=out)   (in place; the bias as a full (3, H*W) plane
+                                                      so that one operand alone is broadcast and
+                                                      torch takes its vectorised fused
+                                                      multiply-add, the same single rounding)
 
 With ``channels_last`` the output is NHWC in memory, as the frames are: one contiguous
-conversion, then the same ``addcmul`` with both factors laid out as one (W*3) row of
-alternating channels. Each pass is a whole-batch call that releases the GIL. The uint8
-transpose stays a scalar byte loop (nothing in numpy or torch deinterleaves 3 channels with
-SIMD), so float_nchw costs a few memory copies, not one; bench/load/preprocess.py measures it
-against one (docs/benchmarks.md, "Preprocessing on a CPU"). Frames on a GPU keep the three ops:
-one fused pass of a GPU is not where its time goes.
+conversion, then the same ``addcmul`` with both factors laid out as one (W*3) row of alternating
+channels. The uint8 transpose stays a scalar loop, about a cycle a byte (neither numpy nor torch
+has a vectorised 3-channel deinterleave), so float_nchw costs a few memory copies of its output,
+channels_last about one and a half: bench/load/preprocess.py measures both against a copy
+(docs/benchmarks.md, "Preprocessing on a CPU"). Frames on a GPU keep the three ops: kernels over
+device memory, not where a GPU's time goes.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,7 +115,9 @@ class Preprocess:
 
 class _CpuPass:
     """The CPU passes of NOTE [ preprocessing on a CPU ] for frames of ``h`` x ``w``: the
-    factors laid out for a vectorised ``addcmul``, and the buffers kept for reuse."""
+    factors laid out for a vectorised ``addcmul``, and with ``reuse`` the buffers of the largest
+    batch so far and their views per batch size (a torch view costs microseconds to make, about
+    what a 64x64 frame's whole conversion costs)."""
 
     def __init__(self, scale: torch.Tensor, bias: torch.Tensor, h: int, w: int, channels_last: bool):
         self.h, self.w, self.channels_last = h, w, channels_last
@@ -123,34 +127,63 @@ class _CpuPass:
         else:                               # (3, 1) scalars per channel, and a full bias plane
             self.scale = scale.view(3, 1).contiguous()
             self.bias = bias.view(3, 1).expand(3, h * w).contiguous()
-        self._out: torch.Tensor | None = None       # float32, max rows seen (reuse)
-        self._planes: torch.Tensor | None = None    # uint8 NCHW, max rows seen (reuse)
+        self._rows = 0                      # rows of the kept buffers (reuse)
+        self._out: torch.Tensor | None = None
+        self._planes: torch.Tensor | None = None
+        self._views: dict[int, _Views] = {}
 
     def __call__(self, frames: torch.Tensor, reuse: bool) -> torch.Tensor:
-        n, h, w = frames.shape[0], self.h, self.w
-        out = self._rows("_out", n, torch.float32, reuse)
-        if self.channels_last:
-            nhwc = out.permute(0, 2, 3, 1)          # contiguous: out is NHWC in memory
-            nhwc.copy_(frames)
-            rows = nhwc.view(n * h, w * 3)
+        n = frames.shape[0]
+        views = self._views.get(n) if reuse else None
+        if views is None:
+            views = self._make(n, reuse)
+        if views.planes is None:                    # channels_last: out is NHWC in memory
+            views.convert.copy_(frames)
         else:
-            planes = self._rows("_planes", n, torch.uint8, reuse)
-            np.copyto(planes.numpy(), frames.numpy().transpose(0, 3, 1, 2))
-            out.copy_(planes)
-            rows = out.view(n, 3, h * w)
-        torch.addcmul(self.bias, rows, self.scale, out=rows)
-        return out
+            np.copyto(views.planes, frames.numpy().transpose(0, 3, 1, 2))
+            views.convert.copy_(views.source)
+        torch.addcmul(self.bias, views.rows, self.scale, out=views.rows)
+        return views.out
 
-    def _rows(self, name: str, n: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
-        """``n`` rows of (3, h, w) ``dtype``: the first rows of the kept buffer ``name`` with
-        ``reuse`` (grown first where it is shorter), else new."""
-        buffer = getattr(self, name) if reuse else None
-        if buffer is None or buffer.shape[0] < n:
-            fmt = torch.channels_last if self.channels_last and dtype == torch.float32 else torch.contiguous_format
-            buffer = torch.empty((n, 3, self.h, self.w), dtype=dtype, memory_format=fmt)
-            if reuse:
-                setattr(self, name, buffer)
-        return buffer[:n]
+    def _make(self, n: int, reuse: bool) -> "_Views":
+        """The views of a batch of ``n``: into the kept buffers with ``reuse`` (made again, and
+        every view with them, where they are shorter), else into new ones."""
+        if not reuse:
+            out, planes = self._new(n)
+        else:
+            if n > self._rows:
+                self._out, self._planes = self._new(n)
+                self._rows, self._views = n, {}
+            out, planes = self._out[:n], None if self._planes is None else self._planes[:n]
+        h, w = self.h, self.w
+        if planes is None:
+            nhwc = out.permute(0, 2, 3, 1)          # contiguous NHWC
+            views = _Views(out, nhwc, None, None, nhwc.view(n * h, w * 3))
+        else:
+            views = _Views(out, out, planes.numpy(), planes, out.view(n, 3, h * w))
+        if reuse:
+            self._views[n] = views
+        return views
+
+    def _new(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A float32 output of ``n`` rows in this pass's memory format, and the uint8 NCHW planes
+        (None with channels_last: the conversion reads the frames themselves)."""
+        shape = (n, 3, self.h, self.w)
+        if self.channels_last:
+            return torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last), None
+        return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.uint8)
+
+
+class _Views(NamedTuple):
+    """What one call writes: ``out`` (returned); ``convert``, the float view the uint8 values
+    are converted into, from the frames (channels_last) or from ``source``, the uint8 NCHW
+    ``planes`` (numpy) the frames are transposed into; ``rows``, ``out`` as the addcmul sees it."""
+
+    out: torch.Tensor
+    convert: torch.Tensor
+    planes: np.ndarray | None
+    source: torch.Tensor | None
+    rows: torch.Tensor
 
 
 def to_input(frames: torch.Tensor, mean, std, form: str = FLOAT_NCHW) -> torch.Tensor:

@@ -81,12 +81,15 @@ def test_rows_of_a_staging_buffer_and_a_fresh_preprocess_agree():
 
 def test_a_reused_buffer_is_rewritten_each_call_and_fresh_outputs_are_not_shared():
     big, small = random_frames(1, 8, 64, 64), random_frames(2, 3, 64, 64)
-    reusing = Preprocess(*IMAGENET, reuse=True)
-    first = reusing(big)
-    second = reusing(small)
-    assert second.data_ptr() == first.data_ptr(), "reuse=True allocated a second buffer"
-    assert_same_bits(second, previous(small, *IMAGENET))
-    assert_same_bits(reusing(big), previous(big, *IMAGENET))
+    for channels_last in (False, True):
+        reusing = Preprocess(*IMAGENET, channels_last=channels_last, reuse=True)
+        assert_same_bits(reusing(small), previous(small, *IMAGENET, channels_last))
+        first = reusing(big)                             # grows the buffer past the small batch
+        assert_same_bits(first, previous(big, *IMAGENET, channels_last))
+        second = reusing(small)
+        assert second.data_ptr() == first.data_ptr(), "reuse=True allocated a second buffer"
+        assert_same_bits(second, previous(small, *IMAGENET, channels_last))
+        assert_same_bits(reusing(big), previous(big, *IMAGENET, channels_last))
     fresh = Preprocess(*IMAGENET)
     a = fresh(big)
     b = fresh(small)
