@@ -85,7 +85,7 @@ def _step(model, threads: int, batch: int):
 
     spec = model.spec
     replica = model.replica(torch.device("cpu"))
-    preprocess = Preprocess.of(spec)
+    preprocess = Preprocess.of(spec, reuse=True)       # one per measuring thread, as per executor
     frames = torch.randint(0, 256, (batch, *spec.frame_shape), dtype=torch.uint8)
     k = min(5, len(spec.labels))
     state = {"threads_set": False}

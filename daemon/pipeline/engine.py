@@ -171,7 +171,10 @@ class Engine:
                 replica = copy.deepcopy(replica)
             replica = replica.to(memory_format=torch.channels_last)
         self.replica = replica
-        self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last)
+        # reuse: one input buffer for every batch of this thread (the CPU's, NOTE [ preprocessing
+        # on a CPU ] in daemon/pipeline/preprocess.py): Done has read the batch's output before
+        # launch returns
+        self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last, reuse=True)
         if spec.embedding_layer:
             _hook(dict(self.replica.named_modules())[spec.embedding_layer], spec.embedding_layer)
         self.pool = Pool.parse(getattr(spec, "embedding_pool", "") or MEAN)
