@@ -142,7 +142,8 @@ def plan(devices: list, cores: tuple, *, pin: bool = False, oversubscribe: str =
     return out
 
 
-def configure_process(blas_threads: int, interop_threads: int, switch_interval_ms: float | None = None) -> None:
+def configure_process(blas_threads: int, interop_threads: int,
+                      switch_interval_ms: float | None = None) -> None:
     """Limit the process-wide pools once torch and numpy are loaded: numpy's BLAS to
     ``blas_threads`` (threadpoolctl, so it holds although OpenBLAS started before), torch's
     inter-op pool to ``interop_threads`` (only possible before it first ran; a later call logs);

@@ -43,7 +43,8 @@ import numpy as np
 import psutil
 import pytest
 
-from helpers import RawClient, admin_path, sample_images, short_dir, shm_leftovers, spawn_daemon, wait_until
+from helpers import (RawClient, admin_path, sample_images, short_dir, shm_leftovers, spawn_daemon,
+                     wait_until)
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import ServerConfig
 from inferd.daemon.front.loop_share import LoopShare
