@@ -182,7 +182,8 @@ def _serve(cfg, args, listener) -> int:
                                             len(removed), ", ".join(removed))
     from .pipeline import thread_pools as threads_mod
 
-    threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop)   # NOTE [ thread pools ]
+    threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop,   # NOTE [ thread pools ]
+                                  cfg.threads.switch_interval_ms)
     model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
     _remove_stale_stores(cfg, model)
     devices = _devices(cfg, args.device, model)

@@ -238,6 +238,12 @@ class ThreadsConfig:
                               choices=("warn", "refuse"))
     auto_measure_s: float = _opt(0.3, "--device cpu:auto: seconds measured per layout and batch size "
                                       "at start-up (daemon/pipeline/cpu_layout.py)", lo=0.02, hi=60.0)
+    switch_interval_ms: float = _opt(0.25, "longest wait of a thread for the GIL before its holder must "
+                                           "hand it over (sys.setswitchinterval; Python's own is 5 ms): "
+                                           "a device thread waits for it after every torch op, so with "
+                                           "the event loop busy each op would cost up to this (NOTE "
+                                           "[ thread pools ] in daemon/pipeline/thread_pools.py)",
+                                     lo=0.01, hi=100.0)
 
 
 @dataclass

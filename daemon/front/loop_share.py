@@ -32,6 +32,11 @@ client wait for 4 x 32 frames per loop iteration. Here the budget belongs to the
 - So a client of another uid waits at most for one budget of each busy uid (about TURN_S, plus
   one frame) before its own frames are handled, whatever those frames are (cache hits, misses,
   malformed, info), and however many sessions each busy uid opens.
+- The share bounds each uid's loop time per iteration, not the loop's time as a whole: one busy
+  uid may keep the loop busy all the time. The device threads, which take the GIL back after
+  every torch op, then wait for it at most the switch interval (threads.switch_interval_ms, NOTE
+  [ thread pools ] in daemon/pipeline/thread_pools.py): at Python's 5 ms another uid's classify
+  behind an info flood took over a second.
 - A session that waits has reading paused (its ``backlog`` hold, NOTE [ session flow control ] in
   daemon/front/session.py): the kernel's socket buffer fills and the client blocks. Nothing waits
   unbounded in the daemon.

@@ -9,6 +9,8 @@ NOTE [ thread pools ]
     torch inter-op             nothing (no torch.jit.fork)           threads.interop (1)
     BLAS of numpy (OpenBLAS)   the embedding store: open, search     threads.blas (1), threadpoolctl
     OpenMP idle workers        after every batch                     threads.omp_wait_policy (passive)
+    the GIL's hand-over        every thread: the event loop, each    threads.switch_interval_ms (0.25)
+                                 device's collector and executor
 
 Why each limit. The daemon's real work is the devices' batches; every other pool competes with them
 for the same cores. numpy's OpenBLAS starts one worker per core when it is loaded, and a worker that
@@ -20,6 +22,17 @@ replies go out, so the daemon asks for passive waiting. ``OMP_WAIT_POLICY`` is r
 loaded (``import torch``): :func:`prepare_environment` runs before that (daemon/__main__.py); a value
 already in the environment wins. BLAS is limited at run time through threadpoolctl, since numpy is
 loaded (and OpenBLAS has started its threads) before any configuration is read.
+
+The GIL. A torch op lets go of the GIL while it computes and takes it back to return, so a device
+thread asks for it again after every op: about 30 times in a forward pass of the shapes CNN. When
+another thread holds it (the event loop busy with one client's flood of ``info`` requests, say),
+each ask waits until the holder is told to hand it over, which CPython does after the switch
+interval, 5 ms by default: a 3 ms forward pass took 140 ms beside a thread that kept the GIL, and a
+client classifying one frame at a time during such a flood waited over a second
+(bench/isolation (a); the loop's share per uid bounds the loop time of each uid, not what the loop
+as a whole leaves the devices). At 0.25 ms the same forward pass takes 13 ms. The price is more
+switches when two threads both want to run Python, a few microseconds each, and it is the loop's
+work that then yields to the devices', which is what a daemon serving its devices wants.
 
 Cores. The CPU devices' threads together may use at most the usable cores
 (``os.sched_getaffinity``); :func:`plan` shares them out and warns about (or, with
@@ -129,13 +142,20 @@ def plan(devices: list, cores: tuple, *, pin: bool = False, oversubscribe: str =
     return out
 
 
-def configure_process(blas_threads: int, interop_threads: int) -> None:
+def configure_process(blas_threads: int, interop_threads: int,
+                      switch_interval_ms: float | None = None) -> None:
     """Limit the process-wide pools once torch and numpy are loaded: numpy's BLAS to
     ``blas_threads`` (threadpoolctl, so it holds although OpenBLAS started before), torch's
-    inter-op pool to ``interop_threads`` (only possible before it first ran; a later call logs)."""
+    inter-op pool to ``interop_threads`` (only possible before it first ran; a later call logs);
+    and set the GIL's switch interval to ``switch_interval_ms`` (None leaves Python's)."""
+    import sys
+
     import numpy  # noqa: F401  (loads OpenBLAS, so threadpoolctl finds it)
     import torch
     from threadpoolctl import ThreadpoolController
+
+    if switch_interval_ms is not None:
+        sys.setswitchinterval(switch_interval_ms / 1000)
 
     controller = ThreadpoolController()
     controller.select(user_api="blas").limit(limits=blas_threads)
@@ -195,7 +215,7 @@ def snapshot() -> dict:
         controller = _state.controller
         out = {"usable_cores": len(_state.usable) or len(usable_cores()),
                "oversubscribed": _state.oversubscribed, "omp_wait_policy": _state.wait_policy,
-               "blas_limit": _state.blas_limit,
+               "blas_limit": _state.blas_limit, "switch_interval_ms": sys.getswitchinterval() * 1000,
                "devices": [dict(v, planned=_state.assignments.get(i, Assignment(0)).threads)
                            for i, v in sorted(_state.entered.items())]}
         if _state.layout is not None:

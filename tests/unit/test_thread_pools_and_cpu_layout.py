@@ -3,6 +3,7 @@ without oversubscribing them, and cpu:auto picks by its documented rule (a real 
 limits: tests/integration/test_cpu_layout_through_daemon.py)."""
 import logging
 import os
+import sys
 
 import pytest
 
@@ -57,6 +58,20 @@ def test_a_wait_policy_already_in_the_environment_wins():
 
 
 # the layout rule -------------------------------------------------------------------------------------
+def test_the_gil_switch_interval_is_set_and_reported():
+    """threads.switch_interval_ms reaches sys.setswitchinterval (a device thread waits at most that
+    for the GIL after each torch op, NOTE [ thread pools ]); None leaves the interpreter's."""
+    before = sys.getswitchinterval()
+    try:
+        threads.configure_process(1, 1, 0.25)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        assert threads.snapshot()["switch_interval_ms"] == pytest.approx(0.25)
+        threads.configure_process(1, 1)
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_candidates_never_use_more_than_the_cores():
     assert layout.candidates(1) == [(1, 1)]
     assert layout.candidates(2) == [(1, 2), (2, 1)]
