@@ -95,7 +95,7 @@ def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_l
         info = _threads_info(d)
         assert info["blas_limit"] == blas and info["blas_threads"] == blas
         assert info["interop"] == 1 and info["omp_wait_policy"] == "PASSIVE"
-        # the batching thread applied its device's share (spawn_daemon: --device cpu:1)
+        # the device thread applied its device's share (spawn_daemon: --device cpu:1)
         assert [(d["device"], d["intra_op"], d["planned"]) for d in info["devices"]] == [("cpu#0", 1, 1)]
         proc = psutil.Process(d.pid)
         # idle: a window of near zero CPU must come soon (a spinning pool keeps ~1 core busy)

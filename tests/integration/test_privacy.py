@@ -163,7 +163,7 @@ def _frame_message(rid: int, slot: int, frame) -> dict:
 
 def _posix_daemon(fresh_daemon, hashing: bool):
     args = ["--set", 'ring.backend="posix"']
-    if not hashing:                                       # the batching thread reads the slot itself
+    if not hashing:                                       # the device thread reads the slot itself
         args += ["--set", "cache.enabled=false", "--set", "embeddings.enabled=false"]
     return fresh_daemon(*args)
 

@@ -253,7 +253,7 @@ def test_a_stuck_in_rotation_device_withholds_the_ping():
 def test_a_dead_thread_of_an_in_rotation_device_withholds_the_ping():
     dev = fake_device(alive=False)
     assert watchdog.stalls([dev], 100.0, bound=bound, max_delay=0.002) == [
-        "cpu#0: its batching thread has exited"]
+        "cpu#0: its device thread has exited"]
 
 
 def test_a_silent_thread_outside_a_batch_withholds_the_ping():
@@ -298,7 +298,7 @@ def test_the_task_pings_only_while_progress_is_made_and_looks_again_soon_after_a
     sent.clear()
     assert dog.tick() == watchdog.MISS_RETRY
     assert sent and all("WATCHDOG=1" not in s for s in sent)
-    assert "watchdog withheld: cpu#0: its batching thread has exited" in sent[-1]
+    assert "watchdog withheld: cpu#0: its device thread has exited" in sent[-1]
     dev.state = "out"                     # health took it out: no reason to restart the daemon
     clock.now += 1.0
     sent.clear()

@@ -70,7 +70,7 @@ def test_adaptive_full_batch_goes_at_once():
 
 def test_a_backlog_is_never_shrunk_to_save_its_oldest():
     # the oldest is due in 5 ms and a batch of 32 takes 34 ms: still a full batch (its doomed
-    # requests are answered deadline_exceeded uncomputed by the batching thread)
+    # requests are answered deadline_exceeded uncomputed by the device thread)
     queued = [req(deadline=100.005)] + [req(deadline=101.0) for _ in range(39)]
     assert plan_batch(100.0, queued, linear(0.002, 0.001), 32, 0.002, gap=0.0001) == (32, 0.0)
 
