@@ -462,3 +462,20 @@ class FakeDaemon:
             self.listener.shutdown(socket.SHUT_RDWR)
             self.listener.close()
         self.thread.join(10)
+
+
+def during_attack(script: str, args: list[str], work):
+    """Run the attacker ``script`` (``python -c script *args``) until it prints ``flooding``, call
+    ``work()`` meanwhile, then close its stdin: it stops and prints its counts as its last line,
+    a JSON object. Returns ``(work(), counts)``; the attacker is killed however this ends."""
+    attacker = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "flooding", attacker.stderr.read()
+        result = work()
+        out, err = attacker.communicate("", timeout=60)
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert attacker.returncode == 0, err
+    return result, json.loads(out.strip().splitlines()[-1])

@@ -28,12 +28,9 @@ memory figures are printed (run with -s); their bounds are generous, the figures
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import socket
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -43,8 +40,8 @@ import numpy as np
 import psutil
 import pytest
 
-from helpers import (RawClient, admin_path, sample_images, short_dir, shm_leftovers, spawn_daemon,
-                     wait_until)
+from helpers import (TESTS, RawClient, admin_path, during_attack, sample_images, short_dir, shm_leftovers,
+                     spawn_daemon, wait_until)
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import ServerConfig
 from inferd.daemon.front.loop_share import LoopShare
@@ -298,7 +295,6 @@ while not select.select([sys.stdin], [], [], 0)[0]:    # until stdin closes
 print(json.dumps(counts), flush=True)
 """
 SESSIONS = 2
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _classify_for(client: Client, samples, seconds: float, first: int) -> list[float]:
@@ -337,18 +333,9 @@ def test_an_info_flood_leaves_the_device_threads_the_gil(fresh_daemon):
     samples = sample_images()
     with Client(d.socket_path, cache=False) as victim:
         alone = _classify_for(victim, samples, 2.0, 0)
-        attacker = subprocess.Popen([sys.executable, "-c", INFO_FLOOD, TESTS, d.socket_path,
-                                     "65534" if root else "-", str(SESSIONS)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert attacker.stdout.readline().strip() == "flooding", attacker.stderr.read()
-            attacked = _classify_for(victim, samples, 5.0, len(alone))
-            out, err = attacker.communicate("", timeout=60)
-        finally:
-            attacker.kill()
-            attacker.wait()
-        assert attacker.returncode == 0, err
-        counts = json.loads(out.strip().splitlines()[-1])
+        attacked, counts = during_attack(
+            INFO_FLOOD, [str(TESTS), d.socket_path, "65534" if root else "-", str(SESSIONS)],
+            lambda: _classify_for(victim, samples, 5.0, len(alone)))
         print(f"\nvictim alone: {len(alone)} classifies, p50 {_p(alone, 50):.2f} ms p99 {_p(alone, 99):.2f} ms; "
               f"beside {'uid 65534' if root else 'this uid'}'s info flood ({counts}): {len(attacked)} "
               f"classifies, p50 {_p(attacked, 50):.2f} ms p99 {_p(attacked, 99):.2f} ms, max "

@@ -14,22 +14,18 @@ The real-daemon attack needs root (the flooding child drops to uid 65534).
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from helpers import RawClient, admin_path, sample_images, short_dir, wait_until
+from helpers import TESTS, RawClient, admin_path, during_attack, sample_images, short_dir, wait_until
 from inferd.client import AdminClient, Client
 from inferd.daemon.front.loop_share import LoopShare
 from inferd.shm import wire
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTACKER = 65534
 MiB = 1 << 20
 
@@ -208,18 +204,8 @@ def test_another_uids_cache_hit_flood_leaves_the_victim_served(fresh_daemon):
     samples = sample_images()
     with Client(d.socket_path, cache=False) as victim:
         alone = _victim(victim, samples, 3.0)
-        attacker = subprocess.Popen([sys.executable, "-c", FLOOD, TESTS, d.socket_path, "4", "64"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-        try:
-            assert attacker.stdout.readline().strip() == "flooding", attacker.stderr.read()
-            loaded = _victim(victim, samples, 4.0)
-            out, err = attacker.communicate("", timeout=60)
-        finally:
-            attacker.kill()
-            attacker.wait()
-        assert attacker.returncode == 0, err
-        counts = json.loads(out.strip().splitlines()[-1])
+        loaded, counts = during_attack(FLOOD, [str(TESTS), d.socket_path, "4", "64"],
+                                       lambda: _victim(victim, samples, 4.0))
         with AdminClient(admin_path(d)) as admin:
             sessions = admin.call("stats")["sessions"]
         print(f"victim alone: {len(alone)} requests, p50 {_p(alone, 50):.2f} ms p99 {_p(alone, 99):.2f} ms; "
