@@ -117,17 +117,29 @@ class Listener:
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, mode=0o750, exist_ok=True)
         _remove_if_stale(path)
+        # Bound, chmod-ed and listening under a temporary name, then renamed into place: a client
+        # polling for the path finds it only once it accepts connections with its final mode, never a
+        # socket that refuses (not yet listening) or denies (not yet chmod-ed) it.
+        staging = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
+        if len(os.fsencode(staging)) > SUN_PATH_MAX:
+            staging = path                 # no room for a longer name: bind in place (path fits)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)   # the socket file is never wider than 0600 before chmod
         try:
-            sock.bind(path)
+            if staging != path and os.path.lexists(staging):
+                os.unlink(staging)         # our own pid's leftover: nobody else names it so
+            sock.bind(staging)
+            os.chmod(staging, mode)
+            sock.listen(backlog)
+            if staging != path:
+                os.rename(staging, path)
         except OSError as exc:
             sock.close()
+            if staging != path and os.path.lexists(staging):
+                os.unlink(staging)
             raise ListenerError(f"cannot bind {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(backlog)
         sock.setblocking(False)
         return cls(sock, path, os.stat(path).st_ino)
 

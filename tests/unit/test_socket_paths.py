@@ -2,6 +2,8 @@
 configuration, the client library and inferctl's admin client resolve the same paths from the same
 environment. In-process, no daemon."""
 import os
+import socket
+import stat
 
 import pytest
 
@@ -66,3 +68,33 @@ def test_daemon_client_and_inferctl_agree(env, socket_env, xdg):
                                                                          "admin.sock")
     named = from_dict({"server": {"socket": "/srv/cfg/d.sock"}})
     assert named.socket_path == "/srv/cfg/d.sock" and named.admin_socket_path == "/srv/cfg/admin.sock"
+
+
+def test_the_socket_path_appears_only_listening_and_with_its_final_mode(tmp_path, monkeypatch):
+    """Listener.bind binds, chmods and listens under a temporary name, then renames: whoever finds
+    the path can connect at once, with the configured mode, and nothing else is left in the folder."""
+    from inferd.daemon.front.listener import Listener
+
+    path = str(tmp_path / "d.sock")
+    seen = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        assert not os.path.exists(dst)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(src)                      # already listening under the temporary name
+        probe.close()
+        seen.append(stat.S_IMODE(os.stat(src).st_mode))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    listener = Listener.bind(path, 0o660)
+    try:
+        assert seen == [0o660]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        assert os.listdir(tmp_path) == ["d.sock"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+    finally:
+        listener.close()
+    assert os.listdir(tmp_path) == []
