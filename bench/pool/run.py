@@ -72,7 +72,12 @@ def saturate(d: dict, probe, table: list, warmup_s: float, seconds: float, seed:
             "mean_batch": delta["frames"] / max(delta["batches"], 1), "daemon": delta,
             "cpu_daemon": (cpu1 - cpu0) / span, "cpu_clients": sum(cpu for _, cpu in done),
             "clients": counts, "in_flight": SAT_CLIENTS * SAT_SLOTS,
-            "batch_ms": [dv["batch_ms"] for dv in after["devices"]]}
+            "batch_ms": [dv["batch_ms"] for dv in after["devices"]],
+            # full batches handed to an idle device late, and the staging lead then (NOTE [ batch
+            # planning ] rule 0); None from a daemon that does not report them
+            "late_handovers": [(a.get("late_handovers") or 0) - (b.get("late_handovers") or 0)
+                               for a, b in zip(after["devices"], before["devices"])],
+            "stage_lead_ms": [dv.get("stage_lead_ms") for dv in after["devices"]]}
 
 
 def standalone(table: list, dur: dict) -> list[dict]:
@@ -312,7 +317,9 @@ def saturated_only(table: list, dur: dict) -> int:
     log(f"    weighted pool: {sat['fps']:.1f} frames/s = {sat['fps'] / cap:.1%} of the summed capacity "
         f"{cap:.1f}; per device {', '.join(f'{x:.1f}' for x in sat['device_fps'])} frames/s "
         f"(dev1 share {sat['share'][1]:.1%}, standalone {rows[1]['fps'] / cap:.1%}), mean batch "
-        f"{sat['mean_batch']:.1f}, daemon CPU {sat['cpu_daemon']:.2f}, batch ms {sat['batch_ms']}")
+        f"{sat['mean_batch']:.1f}, daemon CPU {sat['cpu_daemon']:.2f}; late handovers {sat['late_handovers']} "
+        f"of about {[round(f / MAX_BATCH) for f in sat['device_frames']]} batches, staging lead "
+        f"{sat['stage_lead_ms']} ms; batch ms {sat['batch_ms']}")
     return 0
 
 
