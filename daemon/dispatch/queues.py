@@ -29,9 +29,10 @@ request spent behind a busy device ("first" is in the order the device serves: f
      batch's time and is learnt from the handovers: a full batch handed over after the device
      went idle with its requests already queued (the device waited on its own collector) moves it
      up, one in time moves it down nine times more slowly, so about one handover in ten is late,
-     and never more than half the running batch's time. On a quiet host it stays at its floor; on
-     a loaded one (the collector woken milliseconds late) it is what keeps a fast device from
-     idling a tenth of its time between batches (bench/pool/run.py, ``--cost 2,0.5``).
+     and never more than half the running batch's time. Where fewer than one in ten is late at
+     the floor (a quiet host) it stays there; on a loaded host (the collector woken milliseconds
+     late) it is what keeps a fast device from idling a tenth of its time between batches
+     (docs/benchmarks.md, "The saturated pool when the daemon's own work shows").
   1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
      best throughput (admission counted on it); a request in it that cannot finish within the
      batch's time is answered deadline_exceeded without being computed, rather than let it shrink
