@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU check (docs/benchmarks.md, "GPU"): at most 5 minutes on one GPU, no downloads.
-# Prints the in-process ceiling (ResNet-50-style, 224x224, fp32 and bf16, batch sizes up
-# to 256) and the daemon's throughput and p50/p99 with 16 and 64 client processes, and the ratio.
+# The prepared GPU check (docs/benchmarks.md, "GPU"): about 5 minutes on one GPU (7 at most), no downloads.
+# Prints, in this order, and rewrites OUT/gpu.json after each: (a) the in-process ceiling
+# (ResNet-50-style, 224x224, bf16 and fp32, batch sizes up to 256); (b) the daemon with 64 client
+# processes, bf16, result cache on, against the fastest in-process batch (the target: >= 0.9);
+# (c) bench.feed's feed-rate rows (uint8 no-op, 64x64 and 224x224, cache off and on, one GPU and
+# all of them where there are several); then (b) with the cache off at 16 and 64 clients, bf16 and fp32.
 #
-#   bench/gpu.sh                  on a host with a CUDA device
-#   bench/gpu.sh --cpu-smoke      the same script at toy sizes on the CPU (seconds): does it work?
+#   bench/gpu.sh [--out DIR]      on a host with a CUDA device (DIR/gpu.json; default bench/out)
+#   bench/gpu.sh --cpu-smoke      the same script at toy sizes on the CPU (about 1.5 minutes): does it work?
 #   PYTHON=/opt/torch/bin/python bench/gpu.sh
+#
+# On a lent device machine (Python 3.12 with its own CUDA torch; blake3 and posix_ipc carried as
+# wheels in .whl/, see docs/benchmarks.md "GPU"), one command, results under $OUT:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && PYTHON=python3 bench/gpu.sh --out "$OUT"
 #
 # Python: $PYTHON if set, else the project's .venv/bin/python. The project's venv pins a CPU build of
 # torch; on a GPU host point PYTHON at an interpreter whose torch is a CUDA build (the host's). If
 # that interpreter has no inferd installed, this script maps the source folders into a temporary
 # inferd package (what setup.cfg's package_dir does), so nothing is installed or downloaded; the
 # daemon's other dependencies (numpy, uvloop, msgpack, posix_ipc, psutil, blake3, ...) must be there.
-# BENCH_TIMEOUT (seconds, default 300) bounds the whole run.
+# BENCH_TIMEOUT (seconds, default 420) bounds the whole run; what was measured by then is in gpu.json.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -64,6 +71,6 @@ if [ -n "$missing" ]; then
     exit 2
 fi
 rc=0
-timeout -k 20 "${BENCH_TIMEOUT:-300}" "$py" -m bench.gpu "$@" || rc=$?
-[ "$rc" = 124 ] && echo "bench/gpu.sh: stopped after ${BENCH_TIMEOUT:-300} s" >&2
+timeout -k 20 "${BENCH_TIMEOUT:-420}" "$py" -m bench.gpu "$@" || rc=$?
+[ "$rc" = 124 ] && echo "bench/gpu.sh: stopped after ${BENCH_TIMEOUT:-420} s" >&2
 exit "$rc"

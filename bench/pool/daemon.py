@@ -14,6 +14,9 @@ from ..lib import daemons
 
 #: The synthetic model's cost: a batch of n frames sleeps (BASE_MS + PER_FRAME_MS * n) / speed ms.
 BASE_MS, PER_FRAME_MS = 10.0, 4.0
+#: The cost this run uses: the defaults above, or --cost (run.py) for a faster model, where the
+#: daemon's own per-frame and per-batch work shows (the tests' 2 + 0.5 n).
+COST = {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS}
 MAX_BATCH = 32
 SPEEDS = (1.0, 3.0)
 SEED = 20261130
@@ -42,7 +45,7 @@ WEIGHTED_TARGET = 0.95
 # ------------------------------------------------------------------------------------ plumbing
 def theory_fps(speed: float, batch: int = MAX_BATCH) -> float:
     """Frames/s of a device at ``speed`` running full batches back to back."""
-    return speed * 1000.0 * batch / (BASE_MS + PER_FRAME_MS * batch)
+    return speed * 1000.0 * batch / (COST["base_ms"] + COST["per_frame_ms"] * batch)
 
 
 class Control:
@@ -51,7 +54,7 @@ class Control:
     def __init__(self, speeds):
         self.dir = tempfile.mkdtemp(prefix="inferd-bctl", dir="/tmp")
         self.path = os.path.join(self.dir, "synthetic.json")
-        self.values = {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS,
+        self.values = {**COST,
                        "speed": {str(i): s for i, s in enumerate(speeds)}, "fault": {}}
         self.write()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .daemon import (
-    BASE_MS, GEN_PROCS, LATENCY_TIMEOUT_MS, LOAD_70, MAX_BATCH, OVERLOAD_X, PER_FRAME_MS,
+    GEN_PROCS, LATENCY_TIMEOUT_MS, LOAD_70, MAX_BATCH, OVERLOAD_X,
     POLL_S, REMOVAL_BOUND_S, RSS_FLAT, SAT_CLIENTS, SAT_SLOTS, SPEEDS, WEIGHTED_TARGET,
     theory_fps)
 
@@ -39,7 +39,7 @@ def targets(res: dict) -> list[dict]:
 def render(res: dict) -> str:
     L = []
     s, cap = res["standalone"], res["capacity_sum"]
-    L.append(f"Device pools: synthetic model, batch of n = ({BASE_MS:g} + {PER_FRAME_MS:g} n) ms / speed, "
+    L.append(f"Device pools: synthetic model, batch of n = ({res['model']['base_ms']:g} + {res['model']['per_frame_ms']:g} n) ms / speed, "
              f"max_batch {MAX_BATCH}, speeds {', '.join(f'{x:g}' for x in SPEEDS)}; seed {res['seed']}")
     L.append(f"\n(1) Standalone capacity: one daemon per device, {SAT_CLIENTS} Client processes x "
              f"{SAT_SLOTS} frames in flight (classify_many), {res['durations']['sat_s']:g} s window")

@@ -28,9 +28,9 @@ from ..lib.measure import cpu_seconds, sleep_until
 from ..lib.procs import children
 from . import load as pool_load, plots as pool_plots
 from .daemon import (
-    BASE_MS, CDF_QUANTILES, CLEANUP, FAULT_ARGS, FAULT_CLEAR_MS, FAULT_DEPTH, FAULT_POLL_S,
+    CDF_QUANTILES, CLEANUP, COST, FAULT_ARGS, FAULT_CLEAR_MS, FAULT_DEPTH, FAULT_POLL_S,
     FAULT_RAISE_MS, GEN_PROCS, LATENCY_TIMEOUT_MS, LOAD_70, LOG_DIR, MAX_BATCH,
-    OVERLOAD_TIMEOUT_MS, OVERLOAD_X, PER_FRAME_MS, POLL_S, REMOVAL_ARGS, REMOVAL_LOAD,
+    OVERLOAD_TIMEOUT_MS, OVERLOAD_X, POLL_S, REMOVAL_ARGS, REMOVAL_LOAD,
     RSS_EVERY_S, SAT_CLIENTS, SAT_SLOTS, SEED, SPEEDS, counter_delta,
     gen_cfg, merge_generators, pool, rss_bytes, theory_fps)
 from .report import render, targets
@@ -72,7 +72,12 @@ def saturate(d: dict, probe, table: list, warmup_s: float, seconds: float, seed:
             "mean_batch": delta["frames"] / max(delta["batches"], 1), "daemon": delta,
             "cpu_daemon": (cpu1 - cpu0) / span, "cpu_clients": sum(cpu for _, cpu in done),
             "clients": counts, "in_flight": SAT_CLIENTS * SAT_SLOTS,
-            "batch_ms": [dv["batch_ms"] for dv in after["devices"]]}
+            "batch_ms": [dv["batch_ms"] for dv in after["devices"]],
+            # full batches handed to an idle device late, and the staging lead then (NOTE [ batch
+            # planning ] rule 0); None from a daemon that does not report them
+            "late_handovers": [(a.get("late_handovers") or 0) - (b.get("late_handovers") or 0)
+                               for a, b in zip(after["devices"], before["devices"])],
+            "stage_lead_ms": [dv.get("stage_lead_ms") for dv in after["devices"]]}
 
 
 def standalone(table: list, dur: dict) -> list[dict]:
@@ -299,6 +304,25 @@ def overload(table: list, capacity: float, dur: dict) -> dict:
     return r
 
 
+def saturated_only(table: list, dur: dict) -> int:
+    """``--only saturated``: the standalone capacities and the saturated weighted pool, printed;
+    nothing written (the full run's report and figures stay as they are)."""
+    rows = standalone(table, dur)
+    cap = sum(r["fps"] for r in rows)
+    with pool(SPEEDS, "weighted", name="pool-weighted") as (d, _ctl, probe):
+        sat = saturate(d, probe, table, dur["sat_warmup_s"], dur["sat_s"], SEED + 200)
+    for r in rows:
+        log(f"    standalone speed {r['speed']:g}: {r['fps']:.1f} frames/s (theory {r['theory_fps']:.1f}), "
+            f"mean batch {r['mean_batch']:.1f}, daemon CPU {r['cpu_daemon']:.2f}")
+    log(f"    weighted pool: {sat['fps']:.1f} frames/s = {sat['fps'] / cap:.1%} of the summed capacity "
+        f"{cap:.1f}; per device {', '.join(f'{x:.1f}' for x in sat['device_fps'])} frames/s "
+        f"(dev1 share {sat['share'][1]:.1%}, standalone {rows[1]['fps'] / cap:.1%}), mean batch "
+        f"{sat['mean_batch']:.1f}, daemon CPU {sat['cpu_daemon']:.2f}; late handovers {sat['late_handovers']} "
+        f"of about {[round(f / MAX_BATCH) for f in sat['device_frames']]} batches, staging lead "
+        f"{sat['stage_lead_ms']} ms; batch ms {sat['batch_ms']}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ report
 def level_table() -> list[int]:
     """level_of(v) for v = 0..255, from the model's own module (imports torch, in the parent only)."""
@@ -316,21 +340,36 @@ def strip_private(obj):
     return obj
 
 
+def _cost(text: str) -> tuple[float, float]:
+    base, per_frame = (float(x) for x in text.split(","))
+    return base, per_frame
+
+
 def main(argv=None) -> int:
     p = lib_report.parser(__doc__, "devices.json", "about 1.5 minutes")
+    p.add_argument("--only", choices=("saturated",),
+                   help="saturated: only (1) and (2)'s saturated weighted pool, its %% of the summed "
+                        "capacity printed (a figure to compare before and after a dispatcher change)")
+    p.add_argument("--cost", metavar="BASE_MS,PER_FRAME_MS", type=_cost,
+                   help=f"the synthetic model's cost per batch of n, (BASE_MS + PER_FRAME_MS n) ms / speed "
+                        f"(default {COST['base_ms']:g},{COST['per_frame_ms']:g}; the tests' model is 2,0.5)")
     args = p.parse_args(argv)
     procs.sigterm_as_exit()
     if args.replot:
         return lib_report.replot(args.replot, args.img_dir, args.out, render, pool_plots.draw_all)
+    if args.cost:
+        COST.update(base_ms=args.cost[0], per_frame_ms=args.cost[1])
     dur = DURATIONS["quick" if args.quick else "full"]
     img_dir = lib_report.img_dir(args)
     LOG_DIR[0] = os.path.join(args.out, "devices-logs")
     shm_before = set(os.listdir(daemons.SHM_DIR)) if os.path.isdir(daemons.SHM_DIR) else set()
     t0 = time.monotonic()
     res = {"machine": lib_report.machine(), "durations": dur, "quick": args.quick, "seed": SEED, "command": lib_report.command(),
-           "model": {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS, "max_batch": MAX_BATCH, "speeds": SPEEDS}}
+           "model": {**COST, "max_batch": MAX_BATCH, "speeds": SPEEDS}}
     table = level_table()
-    log(f"seed {SEED}; synthetic model: ({BASE_MS:g} + {PER_FRAME_MS:g} n) ms / speed per batch of n")
+    log(f"seed {SEED}; synthetic model: ({COST['base_ms']:g} + {COST['per_frame_ms']:g} n) ms / speed per batch of n")
+    if args.only == "saturated":
+        return saturated_only(table, dur)
     res["standalone"] = standalone(table, dur)
     cap = res["capacity_sum"] = sum(r["fps"] for r in res["standalone"])
     res["policies"] = policies(table, cap, dur)

@@ -1,8 +1,8 @@
 """One device's record: identity, queue, measured profile, what it is running, and its health.
 
 Who writes what: the event loop writes ``outstanding`` and the health fields; the device's pipeline
-threads (its collector and executor, daemon/pipeline/) write ``running_*``, ``staged``, ``beat`` and
-its ``profile``; the queue has its own lock. Readers on
+threads (its collector and executor, daemon/pipeline/) write ``running_*``, ``staged``, ``beat``,
+its ``profile`` and (the collector) its ``lead``; the queue has its own lock. Readers on
 the other side read single attributes, each replaced whole (see daemon/dispatch/policy.py on staleness).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .profile import LatencyProfile
-from .queues import DeviceQueue
+from .queues import DeviceQueue, StagingLead
 
 HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
 
@@ -23,6 +23,7 @@ class Device:
         self.threads = threads
         self.queue = DeviceQueue(clock) if clock else DeviceQueue()
         self.profile = LatencyProfile()
+        self.lead = StagingLead()          # rule 0's lead, learnt by its collector (queues.py)
         self.collector = None              # its pipeline's Collector thread (daemon/pipeline/collector.py)
         self.executor = None               # ... and Executor thread (daemon/pipeline/executor.py)
         self.outstanding = 0               # requests assigned to it, queued or running (loop only)
@@ -43,6 +44,22 @@ class Device:
         self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
+    def stage_lead(self) -> float:
+        """Seconds before this device is free that its collector closes the next batch (rule 0 of
+        NOTE [ batch planning ] in daemon/dispatch/queues.py)."""
+        return self.lead.seconds(self.profile.latency(self.running_size) if self.running_size else 0.0)
+
+    def handover(self, entries: list, now: float, full: bool) -> None:
+        """Its collector hands ``entries`` (BatchEntry, daemon/pipeline/records.py) of a batch taken
+        ``full`` (max_batch) to the executor at ``now``, before it sets ``staged``: was that in
+        time? (``StagingLead.handed``). Only a full batch can be late: it goes at once on an idle
+        device, while a partial one may have waited for company by choice. ``running`` is set
+        before ``staged`` is cleared (daemon/pipeline/executor.py), so a batch moving from one to
+        the other never looks like an idle device."""
+        busy = bool(self.running or self.staged) or self.running_since is not None
+        queued_by = max(e.request.arrived for e in entries) if full else now
+        self.lead.handed(busy, self.last_finished, queued_by, self.profile.latency(len(entries)), now)
+
     @property
     def healthy(self) -> bool:
         return self.state == HEALTHY
@@ -57,4 +74,6 @@ class Device:
     def describe(self) -> dict:
         return {"index": self.index, "name": self.name, "threads": self.threads, "state": self.state,
                 "outstanding": self.outstanding, "queued": len(self.queue), "frames": self.frames,
-                "failures": self.failures, "batch_ms": self.profile.snapshot()}
+                "failures": self.failures, "batch_ms": self.profile.snapshot(),
+                "stage_lead_ms": round(self.stage_lead() * 1000, 3),
+                "late_handovers": self.lead.late}

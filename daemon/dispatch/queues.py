@@ -20,11 +20,19 @@ request spent behind a busy device ("first" is in the order the device serves: f
 
   0. The device is busy. If now < F - LEAD, wait until F - LEAD, whatever is queued: company is
      free while the device works, and the batch is closed and staged just before the device needs
-     it (LEAD covers the copy into the staging buffer and the error of F: the larger of 0.5 ms and
-     a tenth of the running batch's time, given by the collector), so it is the freshest batch the fair order
-     can make: a request arriving while a full batch computes goes into the next one, not the one
-     after. No arrival changes this answer, so arrivals do not wake the planner meanwhile; the
-     executor wakes it when a batch ends early.
+     it, so it is the freshest batch the fair order can make: a request arriving while a full
+     batch computes goes into the next one, not the one after. No arrival changes this answer, so
+     arrivals do not wake the planner meanwhile; the executor wakes it when a batch ends early.
+     LEAD (``StagingLead``) covers what happens between the planner's wake-up and the device
+     taking the batch: the collector thread waking and getting the GIL, the copy into the staging
+     buffer, and the error of F. It starts at the larger of 0.5 ms and a tenth of the running
+     batch's time and is learnt from the handovers: a full batch handed over after the device
+     went idle with its requests already queued (the device waited on its own collector) moves it
+     up, one in time moves it down nine times more slowly, so about one handover in ten is late,
+     and never more than half the running batch's time. Where fewer than one in ten is late at
+     the floor (a quiet host) it stays there; on a loaded host (the collector woken milliseconds
+     late) it is what keeps a fast device from idling a tenth of its time between batches
+     (docs/benchmarks.md, "The saturated pool when the daemon's own work shows").
   1. Full. If n >= B, go now with B. Under a backlog a full batch is what keeps the device at its
      best throughput (admission counted on it); a request in it that cannot finish within the
      batch's time is answered deadline_exceeded without being computed, rather than let it shrink
@@ -144,6 +152,41 @@ def _goodput(now: float, start: float, n: int, latency, max_batch: int, window_e
     if until is None:
         return n, 0.0
     return 0, until
+
+
+class StagingLead:
+    """How long before its device is free the collector closes the next batch (rule 0 of NOTE
+    [ batch planning ]): a floor, plus what late handovers taught. Collector thread only; read by
+    stats (``describe``) without a lock, one float replaced whole."""
+
+    Q = 0.9            # the share of handovers to be in time: a late one counts Q, one in time 1 - Q
+    STEP = 0.05        # of the batch's time: the size of one unit of learning (at least LEAD)
+    CAP = 0.5          # of the running batch's time: the most the lead grows to
+
+    __slots__ = ("extra", "late", "in_time")
+
+    def __init__(self):
+        self.extra = 0.0          # seconds learnt above the floor
+        self.late = 0             # handovers after the device went idle waiting for them
+        self.in_time = 0
+
+    def seconds(self, running: float) -> float:
+        """The lead while a batch of ``running`` seconds computes (0: none)."""
+        floor = max(LEAD, 0.1 * running)
+        return floor + min(self.extra, max(self.CAP * running - floor, 0.0))
+
+    def handed(self, busy: bool, free_since: float, queued_by: float, batch: float, now: float) -> None:
+        """A batch of ``batch`` seconds handed to its device at ``now``: ``busy`` when the device
+        still had a batch to run (in time), else idle since ``free_since``; ``queued_by`` is when
+        the last of its requests arrived. Idle before the batch was complete is no lesson (the
+        planner waited for company, or there was no work): only idle with the work queued is late."""
+        step = max(LEAD, self.STEP * batch)
+        if busy:
+            self.in_time += 1
+            self.extra = max(self.extra - (1.0 - self.Q) * step, 0.0)
+        elif free_since and queued_by <= free_since < now:
+            self.late += 1
+            self.extra = min(self.extra + self.Q * step, max(self.CAP * batch - max(LEAD, 0.1 * batch), 0.0))
 
 
 class ThinkTime:

@@ -63,7 +63,7 @@ import numpy as np
 from .executor import Executor
 from .records import BatchEntry, BatchResult, Outcome, screen
 from ..dispatch.policy import busy_until
-from ..dispatch.queues import LEAD, plan_batch
+from ..dispatch.queues import plan_batch
 from ...shm.ring import RingError
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ class Collector(threading.Thread):
                 executor.free.put(buffer)
                 self._deliver(result)
                 continue
+            dev.handover(live, self._clock(), full=len(batch) == self._max_batch)   # in time? (rule 0)
             dev.staged = live
             executor.submit(result, buffer)
 
@@ -176,8 +177,8 @@ def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
     if back:
         expected = sorted([*expected, *back])
     # stage early enough that a batch ending a little sooner than the profile says finds the next
-    # one ready (a tenth of the batch), and never later than the copy needs (LEAD)
-    lead = max(LEAD, 0.1 * device.profile.latency(device.running_size)) if device.running_size else LEAD
+    # one ready, learnt from the handovers (rule 0: StagingLead in daemon/dispatch/queues.py)
+    lead = device.stage_lead()
     return plan_batch(now, queued, device.profile.latency, batching.max_batch, batching.max_delay_ms / 1000.0,
                       device.queue.gap, batching.adaptive, free_at, expected,
                       free_at if free_at > now else device.last_finished, lead)

@@ -13,7 +13,7 @@ from inferd.daemon.config import HealthConfig
 from inferd.daemon.dispatch.device import HEALTHY, OUT, PROBING, Device
 from inferd.daemon.dispatch.health import HealthMonitor
 from inferd.daemon.dispatch.profile import LatencyProfile
-from inferd.daemon.dispatch.queues import GRACE, LEAD, DeviceQueue, ThinkTime, plan_batch
+from inferd.daemon.dispatch.queues import GRACE, LEAD, DeviceQueue, StagingLead, ThinkTime, plan_batch
 
 
 def req(arrived=100.0, deadline=200.0):
@@ -191,6 +191,47 @@ def test_arrivals_do_not_wake_a_planner_waiting_on_a_busy_device_but_its_executo
     q.poke()                                                       # the batch ended early
     t.join(10)
     assert not t.is_alive() and len(got[0]) == 2
+
+
+def test_the_staging_lead_grows_on_late_handovers_and_shrinks_on_timely_ones_within_bounds():
+    lead, batch = StagingLead(), 0.020                      # a 20 ms batch: floor 2 ms, cap 10 ms
+    assert lead.seconds(batch) == pytest.approx(0.002)
+    assert lead.seconds(0.0) == LEAD                        # nothing running: the copy's lead
+    # late: the device went idle at 100.000 with the whole batch queued, handed over 2 ms later
+    lead.handed(busy=False, free_since=100.0, queued_by=99.9, batch=batch, now=100.002)
+    assert lead.late == 1 and lead.seconds(batch) == pytest.approx(0.002 + 0.9 * 0.001)
+    for _ in range(100):
+        lead.handed(False, 100.0, 99.9, batch, 100.002)
+    assert lead.seconds(batch) == pytest.approx(0.010)     # half the batch at most
+    assert lead.seconds(0.004) == pytest.approx(0.002)     # ... of the batch running now
+    # in time: nine of them undo one late handover, and it never goes below the floor
+    before = lead.seconds(batch)
+    for _ in range(9):
+        lead.handed(True, 100.0, 99.9, batch, 100.5)
+    assert lead.in_time == 9 and before - lead.seconds(batch) == pytest.approx(0.9 * 0.001)
+    for _ in range(1000):
+        lead.handed(True, 100.0, 99.9, batch, 100.5)
+    assert lead.seconds(batch) == pytest.approx(0.002)
+    # idle, but a request of the batch came after the device went idle (no work, or company
+    # waited for): no lesson
+    lead.handed(False, 100.0, 100.001, batch, 100.002)
+    assert lead.late == 101 and lead.seconds(batch) == pytest.approx(0.002)
+
+
+def test_a_device_judges_a_handover_by_what_its_executor_holds():
+    (dev,) = make_devices(linear(0.010, 0.001))
+    entries = [SimpleNamespace(request=req(arrived=99.0)) for _ in range(32)]
+    dev.last_finished = 100.0
+    dev.staged = [object()]                                 # a batch staged: in time
+    dev.handover(entries, 100.5, full=True)
+    dev.staged, dev.running = [], [object()]                # moving to running: still in time
+    dev.handover(entries, 100.5, full=True)
+    dev.running = []
+    dev.handover(entries, 100.5, full=False)                # idle, but a partial batch: no lesson
+    assert (dev.lead.late, dev.lead.in_time) == (0, 2)
+    dev.handover(entries, 100.5, full=True)                 # idle with a full batch queued: late
+    assert dev.lead.late == 1 and dev.describe()["late_handovers"] == 1
+    assert dev.describe()["stage_lead_ms"] == pytest.approx(LEAD * 1000)   # nothing running
 
 
 def test_think_time_is_learnt_from_reply_to_next_request_and_sets_expectations():
