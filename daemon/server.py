@@ -33,6 +33,7 @@ from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
+from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
 from .models.loading import LoadedModel
 from .ops.heap_trim import HeapTrim
@@ -67,6 +68,7 @@ class Server:
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
                           turns=self.turns)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
+        self.front = None                   # the OIP front's supervisor, with [oip] enabled
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
@@ -118,6 +120,9 @@ class Server:
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
+        if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
+            self.front = FrontSupervisor(self.cfg)
+            self.front.start()
         await self._stop.wait()
         health_ticks.cancel()
         await self._drain(accept)
@@ -192,6 +197,8 @@ class Server:
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
 
     async def _drain(self, accept: asyncio.Task) -> None:
+        if self.front is not None:          # its doors close first; what it sent still finishes below
+            await self.front.stop(self.cfg.server.drain_timeout_s)
         self.draining = self.scheduler.draining = True
         self.state = "draining"
         self.scheduler.on_idle = self._drained.set
