@@ -66,7 +66,7 @@ def parse(value: str, key: str, default_name: str, socket_path: str) -> Address 
         return Address(path=value)
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{key} = {value!r}: a Unix socket path (with a /), HOST:PORT or \"off\"")
     return Address(host=host, port=int(port))
 

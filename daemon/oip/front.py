@@ -72,13 +72,17 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
             else:
                 site = web.TCPSite(runner, http_at.host, http_at.port, ssl_context=tls, reuse_address=True)
             await site.start()
+            if not http_at.unix and http_at.port == 0:        # port 0: the one the kernel chose
+                http_at = doors.Address(host=http_at.host, port=site._server.sockets[0].getsockname()[1])
         if grpc_at is not None:
             from .grpc_front import GrpcDoor        # grpcio loads only when a gRPC door is configured
             grpc_door = GrpcDoor(backend, auth, grpc_at, oip, version=version())
             await grpc_door.start()
+            grpc_at = grpc_door.address
         log.info("OIP front ready: HTTP on %s, gRPC on %s, serving %s for the daemon on %s",
                  http_at or "off", grpc_at or "off", backend.model.name, cfg.socket_path)
-        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'}, gRPC {grpc_at or 'off'}")
+        # the addresses bound (a port 0 resolved): tests and scripts read them from STATUS=
+        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'} gRPC {grpc_at or 'off'}")
         await stop.wait()
         notify("STOPPING=1")
     finally:

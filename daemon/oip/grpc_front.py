@@ -14,6 +14,7 @@ server its Unix peer's uid, so a Unix-socket caller without a token is the tenan
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -57,9 +58,10 @@ class GrpcDoor:
             if self.oip.tls_cert:
                 with open(self.oip.tls_key, "rb") as k, open(self.oip.tls_cert, "rb") as c:
                     credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-                server.add_secure_port(target, credentials)
+                port = server.add_secure_port(target, credentials)
             else:
-                server.add_insecure_port(target)
+                port = server.add_insecure_port(target)
+            self.address = dataclasses.replace(a, port=port)      # port 0: the one chosen
         await server.start()
         if a.unix:
             os.chmod(a.path, self.oip.socket_mode)
