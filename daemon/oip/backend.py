@@ -8,6 +8,10 @@ client; repeats are answered from the read-only result cache without a round tri
 ``oip.max_principals`` sessions stay open; the least recently used one is closed to make room.
 
 ``own`` is the front's session as itself: the model's metadata, its labels and readiness.
+
+Sessions do not wait for a daemon that went away (``reconnect=False``): a request that finds none
+is answered 503 at once, so a balancer sends it elsewhere, and the session is dropped; the next
+request opens a new one (within ``CONNECT_S``), so a restarted daemon is served again at once.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from ...client.connection import Connection
 from .errors import OipError, from_client
 
 log = logging.getLogger("inferd.oip")
+#: how long opening a session waits for the daemon, once the front runs
+CONNECT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class Backend:
 
     async def start(self, connect_timeout: float = 30.0) -> None:
         """Open the front's own session (waits up to ``connect_timeout`` for the daemon)."""
-        self.own = await self._open(FRONT, connect_timeout)
+        self.own = await self._open(FRONT, connect_timeout, reconnect=True)
         self.labels = await self.own.labels()
 
     async def close(self) -> None:
@@ -114,8 +120,17 @@ class Backend:
             self.labels = await self.own.labels()
         try:
             return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s)
+        except client_errors.DaemonUnavailable as exc:
+            self._forget(principal, client)
+            raise from_client(exc) from None
         except client_errors.InferdError as exc:
             raise from_client(exc) from None
+
+    def _forget(self, principal: Principal, client: AsyncClient) -> None:
+        """Drop a session whose daemon went away; the next request opens another."""
+        if self._clients.get(principal) is client:
+            del self._clients[principal]
+        asyncio.ensure_future(client.aclose())
 
     async def _client(self, principal: Principal) -> AsyncClient:
         client = self._clients.get(principal)
@@ -124,7 +139,7 @@ class Backend:
             return client
         task = self._opening.get(principal)
         if task is None:
-            task = self._opening[principal] = asyncio.ensure_future(self._open(principal, 5.0))
+            task = self._opening[principal] = asyncio.ensure_future(self._open(principal, CONNECT_S))
             task.add_done_callback(lambda _: self._opening.pop(principal, None))
         try:
             client = await asyncio.shield(task)
@@ -137,9 +152,9 @@ class Backend:
                 asyncio.ensure_future(old.aclose())
         return self._clients[principal]
 
-    async def _open(self, principal: Principal, connect_timeout: float) -> AsyncClient:
-        client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots,
-                                  timeout=self.timeout_s, connect_timeout=connect_timeout)
+    async def _open(self, principal: Principal, connect_timeout: float, reconnect: bool = False) -> AsyncClient:
+        client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots, timeout=self.timeout_s,
+                                  connect_timeout=connect_timeout, reconnect=reconnect)
         try:
             await client.connect()
         except client_errors.PermissionDenied as exc:

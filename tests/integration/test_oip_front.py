@@ -404,3 +404,186 @@ def test_a_tenants_privacy_scope_is_its_own(served):
         assert c.near_duplicates(image[0], k=5, min_similarity=0.99) == []
         c.embed(image[0])
         assert len(c.near_duplicates(image[0], k=5, min_similarity=0.99)) == 1
+
+
+# a daemon of known cost: overload, deadlines, draining, fair share between tenants ---------------
+class Slow:
+    """A daemon serving the synthetic model (daemon/models/zoo/synthetic.py) at a known cost, one
+    device, the cache off (its frames repeat), and a front on loopback TCP with two tenants."""
+
+    def __init__(self, *args, base_ms=20.0, per_frame_ms=20.0, weights=(1, 1), fault=None):
+        self.workdir = short_dir()
+        self.control = os.path.join(self.workdir, "synthetic.json")
+        self.set(base_ms=base_ms, per_frame_ms=per_frame_ms, fault=fault or {})
+        self.tokens = tokens_file({TOKEN_A: ("alpha", weights[0]), TOKEN_B: ("beta", weights[1])})
+        os.environ["INFERD_SYNTHETIC"] = self.control
+        try:
+            self.daemon = spawn_daemon("--set", "cache.enabled=false", "--set", f'oip.tokens_file="{self.tokens}"',
+                                       *args, model="synthetic", workdir=self.workdir)
+        finally:
+            del os.environ["INFERD_SYNTHETIC"]
+        try:
+            self.front = Front(self.daemon, "oip.http=127.0.0.1:0", "oip.grpc=127.0.0.1:0",
+                               f'oip.tokens_file="{self.tokens}"')
+        except BaseException:
+            self.daemon.cleanup()
+            raise
+
+    def set(self, **values) -> None:
+        tmp = self.control + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"speed": {}, **values}, fh)
+        os.replace(tmp, self.control)
+
+    def close(self) -> None:
+        try:
+            self.front.stop()
+        finally:
+            self.daemon.cleanup()
+
+
+def _level(v: int, n: int = 1, side: int = 16) -> list:
+    return [v] * (n * side * side * 3)
+
+
+def _infer(front, auth, value: int, n: int = 1, **params) -> tuple[int, dict, dict]:
+    body = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [n, 16, 16, 3],
+                                   "data": _level(value, n)}],
+                       "outputs": [{"name": "SCORES", "parameters": {"classification": 1}}],
+                       **({"parameters": params} if params else {})}).encode()
+    return _post(f"http://{front.http}/v2/models/synthetic/infer", body, auth)
+
+
+@pytest.mark.slow
+def test_overload_is_429_with_a_retry_hint_and_draining_is_503():
+    slow = Slow("--set", "batching.queue_limit=2", "--set", "batching.max_batch=1", base_ms=100.0, per_frame_ms=100.0)
+    try:
+        results = []
+        def call(i):
+            results.append(_infer(slow.front, AUTH_A, (i * 28) % 256))
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        statuses = sorted(s for s, _, _ in results)
+        assert 200 in statuses and 429 in statuses, statuses
+        for status, headers, reply in results:
+            if status == 429:
+                assert int(headers["Retry-After"]) >= 1 and "not admitted" in reply["error"]
+            else:
+                assert status == 200 and reply["outputs"][0]["data"][0].count(":") == 2
+        # level v is class round(9 v / 255): the answers went to the right requests
+        status, _, reply = _infer(slow.front, AUTH_A, 255)
+        assert status == 200 and reply["outputs"][0]["data"][0].split(":")[1] == "9"
+        # the daemon drains: the front is not ready and answers 503
+        with AdminClient(helpers.admin_path(slow.daemon)) as admin:
+            admin.call("drain")
+        wait_until(lambda: _get(f"http://{slow.front.http}/v2/health/ready")[0] == 503, 30, "not ready while draining")
+        status, _, reply = _infer(slow.front, AUTH_A, 100)
+        assert status == 503, reply
+        assert slow.front.alive()
+    finally:
+        slow.close()
+
+
+@pytest.mark.slow
+def test_a_deadline_that_passes_in_the_queue_is_504():
+    slow = Slow("--set", "batching.max_batch=1", base_ms=300.0, per_frame_ms=0.0)
+    try:
+        # the next batch takes far longer than the profile (measured at start) says: a request
+        # admitted behind it waits in the queue past its deadline
+        slow.set(base_ms=2500.0, per_frame_ms=0.0)
+        first = threading.Thread(target=_infer, args=(slow.front, AUTH_A, 10))
+        first.start()
+        wait_until(lambda: _uid_rows(slow.daemon).get(tenant_uid("alpha"), {}).get("in_flight", 0) >= 1, 30,
+                   "the first request running")
+        status, _, reply = _infer(slow.front, AUTH_B, 20, timeout=1_000_000)
+        first.join(60)
+        assert status == 504, reply
+        assert "deadline" in reply["error"]
+    finally:
+        slow.close()
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_two_tenants_share_the_device_by_their_weights():
+    """Both tenants keep the one device backlogged (8 callers each, batches of 1); beta weighs 3,
+    alpha 1: of the requests served while both wait, beta gets about three quarters."""
+    slow = Slow("--set", "batching.max_batch=1", base_ms=15.0, per_frame_ms=0.0, weights=(1, 3))
+    done = {"alpha": [], "beta": []}
+    stop = threading.Event()
+    try:
+        def caller(name, auth, seed):
+            i = seed
+            while not stop.is_set():
+                status, _, _ = _infer(slow.front, auth, i % 256)
+                if status == 200:
+                    done[name].append(time.monotonic())
+                i += 7
+        threads = [threading.Thread(target=caller, args=(n, a, s)) for s in range(8)
+                   for n, a in (("alpha", AUTH_A), ("beta", AUTH_B))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(done["alpha"]) + len(done["beta"]) >= 40, 120, "a warm backlog")
+        t0 = time.monotonic()
+        wait_until(lambda: sum(1 for v in done.values() for x in v if x > t0) >= 120, 240, "120 more answers")
+        t1 = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join(60)
+        a = sum(1 for x in done["alpha"] if t0 < x <= t1)
+        b = sum(1 for x in done["beta"] if t0 < x <= t1)
+        assert 0.62 <= b / (a + b) <= 0.88, (a, b)
+    finally:
+        stop.set()
+        slow.close()
+
+
+# the daemon's supervised child -------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_daemon_supervises_its_front():
+    where = short_dir()
+    http = f"{where}/http.sock"
+    daemon = spawn_daemon("--set", "oip.enabled=true", "--set", f'oip.http="{http}"', "--set", "oip.grpc=off",
+                          fork=False)
+    try:
+        def ready() -> bool:
+            try:
+                return _curl(["--unix-socket", http, "http://localhost/v2/health/ready"])[0] == 200
+            except subprocess.CalledProcessError:
+                return False
+        wait_until(ready, 60, "the front's HTTP door")
+        pid = _front_pid(daemon.pid)
+        os.kill(pid, 9)                                      # the front dies: the daemon starts another
+        wait_until(lambda: _front_pid(daemon.pid) not in (None, pid), 30, "a new front")
+        wait_until(ready, 60, "the new front's HTTP door")
+        assert daemon.stop() == 0                            # SIGTERM: the front goes first, its socket too
+        assert not os.path.exists(http)
+    finally:
+        daemon.cleanup()
+
+
+def _front_pid(parent: int) -> int | None:
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as fh:
+            children = [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return None
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"inferd.daemon.oip" in fh.read():
+                    return pid
+        except FileNotFoundError:
+            pass
+    return None
