@@ -259,7 +259,8 @@ class Server:
                 "live": True, "door": door,
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
-                "in_rotation": in_rotation, "pid": self.pid}
+                "in_rotation": in_rotation, "pid": self.pid,
+                "oip": self.front.describe() if self.front is not None else None}
 
     def request_drain(self, who: str) -> dict:
         log.info("%s: draining", who)
@@ -321,7 +322,7 @@ class Server:
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
-                **self.scheduler.describe()}
+                "oip": self.front.describe() if self.front is not None else None, **self.scheduler.describe()}
 
     # stats ------------------------------------------------------------------------------------
     def stats_snapshot(self) -> dict:

@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..front.listener import Listener
 from ..ops.sd_notify import notify
-from . import doors
+from . import addresses, doors
 from .backend import Backend
 from .http_front import HttpDoor
 
@@ -39,11 +39,11 @@ def version() -> str:
         return "0"
 
 
-def plan(cfg: Config) -> tuple[doors.Address | None, doors.Address | None]:
+def plan(cfg: Config) -> tuple[addresses.Address | None, addresses.Address | None]:
     """The HTTP and gRPC addresses, checked against the listen policy; ConfigError otherwise."""
     oip = cfg.oip
-    http = doors.parse(oip.http, "oip.http", "oip-http.sock", cfg.server.socket)
-    grpc_at = doors.parse(oip.grpc, "oip.grpc", "oip-grpc.sock", cfg.server.socket)
+    http = addresses.parse(oip.http, "oip.http", "oip-http.sock", cfg.server.socket)
+    grpc_at = addresses.parse(oip.grpc, "oip.grpc", "oip-grpc.sock", cfg.server.socket)
     if http is None and grpc_at is None:
         raise ConfigError("oip.http and oip.grpc are both \"off\": the front would serve nothing")
     for address, key in ((http, "oip.http"), (grpc_at, "oip.grpc")):
@@ -74,7 +74,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
                 site = web.TCPSite(runner, http_at.host, http_at.port, ssl_context=tls, reuse_address=True)
             await site.start()
             if not http_at.unix and http_at.port == 0:        # port 0: the one the kernel chose
-                http_at = doors.Address(host=http_at.host, port=site._server.sockets[0].getsockname()[1])
+                http_at = addresses.Address(host=http_at.host, port=site._server.sockets[0].getsockname()[1])
         if grpc_at is not None:
             from .grpc_front import GrpcDoor        # grpcio loads only when a gRPC door is configured
             grpc_door = GrpcDoor(backend, auth, grpc_at, oip, version=version())

@@ -22,6 +22,9 @@ import signal
 import sys
 import time
 
+from ..errors import ConfigError
+from .addresses import parse
+
 log = logging.getLogger("inferd.oip")
 BACKOFF_S, BACKOFF_MAX_S, HEALTHY_RUN_S = 1.0, 30.0, 60.0
 
@@ -56,6 +59,15 @@ def front_argv(cfg) -> list[str]:
 class FrontSupervisor:
     def __init__(self, cfg, clock=time.monotonic):
         self._argv = front_argv(cfg)
+        self._doors = {}
+        for key, value, name in (("http", cfg.oip.http, "oip-http.sock"), ("grpc", cfg.oip.grpc, "oip-grpc.sock")):
+            try:
+                address = parse(value, f"oip.{key}", name, cfg.server.socket)
+            except ConfigError as exc:                  # the front says so too, and exits 78
+                self._doors[key] = f"invalid: {exc}"
+            else:
+                self._doors[key] = str(address) if address is not None else "off"
+        self.restarts = 0
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
@@ -63,6 +75,10 @@ class FrontSupervisor:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._keep_running())
+
+    def describe(self) -> dict:
+        """The front's doors and process, for the daemon's ``health`` and ``info`` (inferctl)."""
+        return {**self._doors, "pid": self.pid, "restarts": self.restarts}
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +100,7 @@ class FrontSupervisor:
                 if self._stopping:
                     return
                 log.error("the OIP front exited with status %d; starting it again in %.0f s", status, backoff)
+                self.restarts += 1
             if self._clock() - started >= HEALTHY_RUN_S:
                 backoff = BACKOFF_S
             await asyncio.sleep(backoff)        # noqa: sleep-ok  the restart back-off
