@@ -594,3 +594,30 @@ def _front_pid(parent: int) -> int | None:
         except FileNotFoundError:
             pass
     return None
+
+
+# TLS on the TCP doors ---------------------------------------------------------------------------
+def test_tls_doors_serve_https_and_grpc_over_tls(served):
+    daemon, _, _ = served
+    where = short_dir()
+    cert, key = os.path.join(where, "cert.pem"), os.path.join(where, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    os.chmod(key, 0o600)
+    front = Front(daemon, "oip.http=127.0.0.1:0", "oip.grpc=127.0.0.1:0", f'oip.tls_cert="{cert}"',
+                  f'oip.tls_key="{key}"')
+    try:
+        import ssl
+        context = ssl.create_default_context(cafile=cert)
+        with urllib.request.urlopen(f"https://{front.http}/v2/health/ready", context=context, timeout=30) as r:
+            assert r.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):    # plain HTTP to a TLS door: no answer
+            urllib.request.urlopen(f"http://{front.http}/v2/health/ready", timeout=10)
+        assert tritongrpc.InferenceServerClient(front.grpc, ssl=True, root_certificates=cert).is_server_ready()
+        h = tritonhttp.InferenceServerClient(front.http, ssl=True, ssl_options={"ca_certs": cert})
+        inp = tritonhttp.InferInput("IMAGE", [1, 64, 64, 3], "UINT8")
+        inp.set_data_from_numpy(frames(1, seed=5))
+        assert h.infer("shapes", [inp]).as_numpy("SCORES").shape == (1, 8)
+    finally:
+        front.stop()
