@@ -383,6 +383,10 @@ def test_tenants_and_local_callers_are_principals_of_their_own(served):
               "print(c.getresponse().status)\n")
     run = subprocess.run([sys.executable, "-c", script, local.http], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "200", run.stderr
+    # a uid the daemon's allow-list does not admit is refused through the front as it is directly
+    run = subprocess.run([sys.executable, "-c", script.replace(str(NOBODY), "4242"), local.http],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "403", run.stderr
     after = _uid_rows(daemon)
     grew = lambda uid: after.get(uid, {}).get("requests", 0) - before.get(uid, {}).get("requests", 0)
     assert grew(tenant_uid("alpha")) >= 3 * 2 - 2 and grew(tenant_uid("beta")) >= 5 * 2 - 2
