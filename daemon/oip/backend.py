@@ -5,7 +5,7 @@ local uid read from its Unix socket's SO_PEERCRED, or a tenant named by a bearer
 one AsyncClient whose hello names that principal, so the daemon's fair share, per-uid quotas and
 privacy scope apply to the caller, not to the front. Frames go into that session's ring as for any
 client; repeats are answered from the read-only result cache without a round trip. At most
-``oip.max_principals`` sessions stay open; the least recently used one is closed to make room.
+``oip.max_principals`` sessions stay open; the least recently used idle one is closed to make room.
 
 ``own`` is the front's session as itself: the model's metadata, its labels and readiness.
 
@@ -20,9 +20,12 @@ import collections
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...client import errors as client_errors
 from ...client.aio import AsyncClient
 from ...client.connection import Connection
+from ...client.images import to_frame
 from .errors import OipError, from_client
 
 log = logging.getLogger("inferd.oip")
@@ -75,6 +78,7 @@ class Backend:
         self.timeout_s = timeout_s
         self._clients: collections.OrderedDict[Principal, AsyncClient] = collections.OrderedDict()
         self._opening: dict[Principal, asyncio.Task] = {}
+        self._busy: collections.Counter[Principal] = collections.Counter()     # requests in flight
         self.own: AsyncClient | None = None
         self.labels: tuple = ()
 
@@ -114,10 +118,17 @@ class Backend:
 
     # inference --------------------------------------------------------------------------------
     async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None) -> list:
-        """Each image's predictions (inferd.client Prediction lists), as ``principal``."""
+        """Each image's predictions (inferd.client Prediction lists), as ``principal``. Frames of
+        another size are resized in a worker thread first (the client library would resize them
+        on this loop: a large frame would stall every other caller of the front)."""
+        h, w, _ = self.own.model.input_shape
+        if any(isinstance(im, np.ndarray) and im.shape[:2] != (h, w) for im in images):
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [to_frame(im, h, w) if isinstance(im, np.ndarray) else im for im in images])
         client = await self._client(principal)
         if self.own.model.labels_id != client.model.labels_id:
             self.labels = await self.own.labels()
+        self._busy[principal] += 1
         try:
             return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s)
         except client_errors.DaemonUnavailable as exc:
@@ -125,6 +136,10 @@ class Backend:
             raise from_client(exc) from None
         except client_errors.InferdError as exc:
             raise from_client(exc) from None
+        finally:
+            self._busy[principal] -= 1
+            if not self._busy[principal]:
+                del self._busy[principal]
 
     def _forget(self, principal: Principal, client: AsyncClient) -> None:
         """Drop a session whose daemon went away; the next request opens another."""
@@ -147,10 +162,15 @@ class Backend:
             raise from_client(exc) from None
         if principal not in self._clients:
             self._clients[principal] = client
-            while len(self._clients) > self._max:
-                _, old = self._clients.popitem(last=False)
-                asyncio.ensure_future(old.aclose())
+            self._evict()
         return self._clients[principal]
+
+    def _evict(self) -> None:
+        """Close the least recently used sessions over ``max_principals`` that have nothing in
+        flight (a busy one stays until it is idle: its callers' requests are never cut off)."""
+        over = len(self._clients) - self._max
+        for principal in [p for p in self._clients if p not in self._busy][:max(over, 0)]:
+            asyncio.ensure_future(self._clients.pop(principal).aclose())
 
     async def _open(self, principal: Principal, connect_timeout: float, reconnect: bool = False) -> AsyncClient:
         client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots, timeout=self.timeout_s,

@@ -625,3 +625,24 @@ def test_tls_doors_serve_https_and_grpc_over_tls(served):
         assert h.infer("shapes", [inp]).as_numpy("SCORES").shape == (1, 8)
     finally:
         front.stop()
+
+
+def test_large_frames_and_large_json_are_served_beside_small_requests(served):
+    """A 2000x1500 frame (resized off the loop) and a 1 MB JSON body (parsed off the loop) are
+    answered as the Python client answers them, and the front stays live meanwhile."""
+    daemon, net, _ = served
+    big = frames(1, 1500, 2000, seed=21)
+    dense, _ = python_client_answers(daemon, big, 8)
+    h = tritonhttp.InferenceServerClient(net.http, network_timeout=120)
+    inp = tritonhttp.InferInput("IMAGE", list(big.shape), "UINT8")
+    inp.set_data_from_numpy(big, binary_data=True)
+    np.testing.assert_allclose(h.infer("shapes", [inp], headers={**AUTH_A}).as_numpy("SCORES"), dense,
+                               rtol=1e-6, atol=1e-7)
+    mid = frames(1, 300, 400, seed=22)
+    dense, _ = python_client_answers(daemon, mid, 8)
+    status, _, reply = _post(f"http://{net.http}/v2/models/shapes/infer",
+                             _infer_body(list(mid.shape), data=mid.reshape(-1).tolist()), AUTH_A)
+    assert status == 200, reply
+    np.testing.assert_allclose(np.array(reply["outputs"][0]["data"], np.float32).reshape(1, 8), dense,
+                               rtol=1e-6, atol=1e-7)
+    assert net.alive()
