@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...client import errors as client_errors
+from ...client.admin import AdminClient
 from ...client.aio import AsyncClient
 from ...client.connection import Connection
 from ...client.images import to_frame
@@ -71,8 +72,10 @@ class _PrincipalClient(AsyncClient):
 
 
 class Backend:
-    def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float):
+    def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float,
+                 admin_path: str | None = None):
         self.socket_path = socket_path
+        self.admin_path = admin_path
         self._ring_slots = ring_slots
         self._max = max_principals
         self.timeout_s = timeout_s
@@ -105,8 +108,22 @@ class Backend:
         return m.classes or len(m.labels)
 
     async def ready(self) -> tuple[bool, str]:
-        """Whether an inference sent now can be served, and why not: the daemon answers, is not
-        draining and has a device in rotation."""
+        """Whether an inference sent now can be served, and why not. The daemon's own word when
+        the front may ask its admin socket (it runs as the daemon's user): ready, not starting or
+        draining, a device in rotation, new clients admitted (``inferctl health``); else, from
+        the client socket, that the daemon answers and has a device in rotation."""
+        if self.admin_path is not None:
+            try:
+                health = await asyncio.get_running_loop().run_in_executor(None, self._admin_health)
+            except client_errors.PermissionDenied:
+                self.admin_path = None               # not the daemon's user: the client socket's view
+            except client_errors.InferdError as exc:
+                return False, f"the daemon does not answer: {exc}"
+            else:
+                if health.get("ready"):
+                    return True, ""
+                return False, (f"the daemon is {health.get('state')}, {health.get('in_rotation')} device(s) "
+                               f"in rotation{'; ' + health['door'] if health.get('door') else ''}")
         try:
             info = await asyncio.wait_for(self.own.info(), 2.0)
         except (client_errors.InferdError, TimeoutError) as exc:
@@ -115,6 +132,10 @@ class Backend:
         if devices and not any(d.get("state", "healthy") == "healthy" for d in devices):
             return False, "no device is in rotation"
         return True, ""
+
+    def _admin_health(self) -> dict:
+        with AdminClient(self.admin_path, timeout=2.0) as admin:
+            return admin.call("health")
 
     # inference --------------------------------------------------------------------------------
     async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None) -> list:

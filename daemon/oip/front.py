@@ -58,7 +58,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     tls = doors.tls_context(oip)
     auth = doors.Authenticator(oip.tokens_file, time.monotonic)
     backend = Backend(cfg.socket_path, ring_slots=oip.ring_slots, max_principals=oip.max_principals,
-                      timeout_s=oip.request_timeout_ms / 1000.0)
+                      timeout_s=oip.request_timeout_ms / 1000.0, admin_path=cfg.admin_socket_path)
     await backend.start()
     runner = listener = grpc_door = None
     try:

@@ -646,3 +646,23 @@ def test_large_frames_and_large_json_are_served_beside_small_requests(served):
     np.testing.assert_allclose(np.array(reply["outputs"][0]["data"], np.float32).reshape(1, 8), dense,
                                rtol=1e-6, atol=1e-7)
     assert net.alive()
+
+
+def test_ready_follows_the_daemons_own_health(served):
+    """/v2/health/ready and gRPC ServerReady say what `inferctl health` says: with its only device
+    taken out of rotation the daemon is not ready, and inference answers 503."""
+    daemon, net, local = served
+    g = tritongrpc.InferenceServerClient(net.grpc)
+    with AdminClient(helpers.admin_path(daemon)) as admin:
+        admin.call("device", index=0, action="disable")
+        try:
+            status, reply = _get(f"http://{net.http}/v2/health/ready")
+            assert status == 503 and "0 device(s) in rotation" in reply["error"], reply
+            assert not g.is_server_ready() and not g.is_model_ready("shapes")
+            fresh = frames(1, seed=int.from_bytes(os.urandom(4), "little"))
+            status, _, reply = _post(f"http://{net.http}/v2/models/shapes/infer",
+                                     _infer_body([1, 64, 64, 3], data=fresh.reshape(-1).tolist()), AUTH_A)
+            assert status == 503, reply
+        finally:
+            admin.call("device", index=0, action="enable")
+    assert _get(f"http://{net.http}/v2/health/ready")[0] == 200 and g.is_server_ready()
