@@ -8,7 +8,8 @@
                       then the daemon's own drain; SIGKILL if it overstays the bound
 
 Runs in the daemon's process, so it imports neither the front nor the client library: it only
-starts, watches and stops a process (asyncio's child watcher tells it when the front exits); the front dies with the daemon
+starts, watches and stops a process (asyncio's child watcher tells it when the front exits);
+the front dies with the daemon
 (PR_SET_PDEATHSIG, set by ``--parent-pid``).
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ class FrontSupervisor:
         while not self._stopping:
             started = self._clock()
             try:
-                self._proc = await asyncio.create_subprocess_exec(*self._argv, env=env, stdin=asyncio.subprocess.DEVNULL)
+                self._proc = await asyncio.create_subprocess_exec(*self._argv, env=env,
+                                                                  stdin=asyncio.subprocess.DEVNULL)
             except OSError as exc:
                 log.error("cannot start the OIP front: %s", exc)
             else:
