@@ -9,8 +9,7 @@
 
 Runs in the daemon's process, so it imports neither the front nor the client library: it only
 starts, watches and stops a process (asyncio's child watcher tells it when the front exits);
-the front dies with the daemon
-(PR_SET_PDEATHSIG, set by ``--parent-pid``).
+the front dies with the daemon (PR_SET_PDEATHSIG, set by ``--parent-pid``).
 """
 from __future__ import annotations
 
