@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -198,6 +199,7 @@ def _curl(args: list[str]) -> tuple[int, dict, dict]:
     return status, headers, json.loads(body) if body.strip() else {}
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
 def test_curl_json_over_the_unix_socket_answers_as_the_python_client(served):
     daemon, _, local = served
     batch = frames(2, 32, 48, seed=3)
@@ -555,6 +557,7 @@ def test_two_tenants_share_the_device_by_their_weights():
 
 # the daemon's supervised child -------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
 def test_the_daemon_supervises_its_front():
     where = short_dir()
     http = f"{where}/http.sock"
@@ -601,6 +604,7 @@ def _front_pid(parent: int) -> int | None:
 
 
 # TLS on the TCP doors ---------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
 def test_tls_doors_serve_https_and_grpc_over_tls(served):
     daemon, _, _ = served
     where = short_dir()
