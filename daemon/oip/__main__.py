@@ -36,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..ops import logs
     logs.setup(cfg.server.log_level)           # journald priorities, as the daemon's lines
     from .front import run                      # aiohttp and the client library: after the config
+    from ...client.errors import InferdError
     try:
         return run(cfg)
     except ConfigError as exc:
         print(f"inferd oip: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    except InferdError as exc:                  # no daemon to serve (within 30 s), or it refused us
+        print(f"inferd oip: cannot serve the daemon on {cfg.socket_path}: {exc}", file=sys.stderr)
+        return exitcodes.UNAVAILABLE
 
 
 def _die_with_parent(parent: int) -> None:
