@@ -32,6 +32,8 @@ from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
+from .front.principal import weights as principal_weights
+from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
 from .models.loading import LoadedModel
 from .ops.heap_trim import HeapTrim
@@ -57,7 +59,7 @@ class Server:
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
         # the loop's work shared per uid, weighted as the devices are (NOTE [ loop share ])
-        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(cfg.dispatch.weights)
+        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(principal_weights(cfg))
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
@@ -66,6 +68,7 @@ class Server:
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
                           turns=self.turns)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
+        self.front = None                   # the OIP front's supervisor, with [oip] enabled
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
@@ -117,6 +120,9 @@ class Server:
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
+        if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
+            self.front = FrontSupervisor(self.cfg)
+            self.front.start()
         await self._stop.wait()
         health_ticks.cancel()
         await self._drain(accept)
@@ -191,6 +197,8 @@ class Server:
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
 
     async def _drain(self, accept: asyncio.Task) -> None:
+        if self.front is not None:          # its doors close first; what it sent still finishes below
+            await self.front.stop(self.cfg.server.drain_timeout_s)
         self.draining = self.scheduler.draining = True
         self.state = "draining"
         self.scheduler.on_idle = self._drained.set
@@ -251,7 +259,8 @@ class Server:
                 "live": True, "door": door,
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
-                "in_rotation": in_rotation, "pid": self.pid}
+                "in_rotation": in_rotation, "pid": self.pid,
+                "oip": self.front.describe() if self.front is not None else None}
 
     def request_drain(self, who: str) -> dict:
         log.info("%s: draining", who)
@@ -313,7 +322,7 @@ class Server:
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
-                **self.scheduler.describe()}
+                "oip": self.front.describe() if self.front is not None else None, **self.scheduler.describe()}
 
     # stats ------------------------------------------------------------------------------------
     def stats_snapshot(self) -> dict:
