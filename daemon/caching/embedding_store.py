@@ -85,13 +85,16 @@ import hashlib
 import logging
 import mmap
 import os
+import shutil
 import struct
 import threading
+import types
 import zlib
 
 import numpy as np
 
 from ...shm import ownedfile
+from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
 
 # Why one module of ~420 lines: the file layout drawn above, the start-up checks that read it and
 # the store that writes it are one format; split, a change to a row's bytes would have to be made
@@ -142,6 +145,16 @@ def default_path(directory: str, digest: str, embedding: str) -> str:
     return os.path.join(directory, name + ".store")
 
 
+def index_options(cfg) -> IndexOptions | None:
+    """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
+    if not cfg.index:
+        return None
+    return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
+                        expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
+                        exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
+                        save_interval_s=cfg.index_save_interval_s)
+
+
 def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     """Remove from ``directory`` the stores that :func:`default_path` named for other models or
     embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
@@ -156,6 +169,11 @@ def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     removed, freed = [], 0
     for name in names:
         base = name.split(".corrupt-")[0]
+        if name.startswith("embeddings-") and name.endswith(".store.index") and name != keep_name + ".index" \
+                and not os.path.exists(os.path.join(directory, name[:-len(".index")])):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)   # its store went before
+            removed.append(name)
+            continue
         if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
             continue
         path = os.path.join(directory, name)
@@ -214,6 +232,22 @@ def _acquire(path: str, capacity: int, dim: int, embedding: str | None, mode: in
                              error=EmbeddingStoreError, no_space=EmbeddingStoreNoSpace)
 
 
+class _Lines:
+    """A callable taking one line, as a Logger for the index (``open``'s ``log`` may be either)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def info(self, msg, *args):
+        self.fn(msg % args)
+
+    warning = exception = info
+
+
+def _as_logger(log):
+    return log if log is None or isinstance(log, logging.Logger) else _Lines(log)
+
+
 class EmbeddingStore:
     """Open with :meth:`open`. Every method takes an internal lock, so device threads may add
     while the loop thread searches. ``close()`` is idempotent. ``shared``: see the module."""
@@ -233,16 +267,19 @@ class EmbeddingStore:
         self._high = 0                                   # rows at and past this one were never used
         self._free: list[int] = []                       # unused rows below _high, lowest last
         self._stamp = 0                                  # the largest stamp in use
+        self._ann: AnnIndex | None = None                # the near-duplicate index, when asked for
         self._load()
 
     @classmethod
     def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
-             log=None, embedding: str | None = None) -> "EmbeddingStore":
+             log=None, embedding: str | None = None, index: IndexOptions | None = None) -> "EmbeddingStore":
         """Open or create the store at ``path``; rebuild it (one line to ``log``: a Logger, a callable
         or None for ``inferd.embeddings``) if it is damaged, of another format, or was made for
         another capacity, dim or ``embedding`` (the definition's id, daemon/models/embedding_pooling.py
         ``embedding_id``; None: whatever the file was made for, unnamed when it is created, for
-        tools and tests). ``shared``: every uid sees every row (see the module)."""
+        tools and tests). ``shared``: every uid sees every row (see the module). ``index``: search
+        through a near-duplicate index (daemon/caching/ann_index.py) kept in ``PATH.index/``,
+        reopened or rebuilt from the rows here; None: exact search only."""
         if not 1 <= capacity < 2**40 or not 1 <= dim < 2**20:
             raise ValueError(f"capacity must be 1..2**40 and dim 1..2**20, got {capacity} and {dim}")
         try:
@@ -255,7 +292,35 @@ class EmbeddingStore:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, mm, fd, capacity, dim, shared)
+        store = cls(path, mm, fd, capacity, dim, shared)
+        if index is not None:
+            try:
+                store._open_index(index, log)
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def _open_index(self, options: IndexOptions, log) -> None:
+        ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
+                 "shared": self.shared, "connectivity": options.connectivity,
+                 "expansion_add": options.expansion_add}
+        source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
+        self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
+
+    def _hash8(self, rows) -> np.ndarray:
+        return np.ascontiguousarray(self._meta["hash"][rows, :8]).view("<u8").reshape(-1)
+
+    def _index_state(self):
+        """(valid, stamp, uid, first 8 bytes of the content hash) of every row: what the index
+        checks its saved rows against (daemon/caching/ann_file.py). Under the lock."""
+        m = self._meta
+        return self._valid.copy(), m["stamp"].copy(), m["uid"].copy(), self._hash8(slice(None))
+
+    def _index_read(self, rows: np.ndarray):
+        """The same for ``rows``, and their vectors (copies). Under the lock."""
+        m = self._meta
+        return self._valid[rows], m["stamp"][rows], m["uid"][rows], self._hash8(rows), self._vectors[rows]
 
     def _load(self) -> None:
         """Rebuild the in-memory index, dropping rows an interrupted add or damage left behind."""
@@ -310,6 +375,9 @@ class EmbeddingStore:
             fresh = row is None
             if fresh:
                 row = self._take_row(uid)
+            # the index re-inserts a new image, or a rewrite with another vector (the daemon's
+            # rewrites carry the same frame's, so equal up to float noise: kept where they are)
+            moved = fresh or not np.allclose(self._vectors[row], unit, rtol=0, atol=1e-4)
             self._meta["valid"][row] = 0                 # a kill loses this row only
             if fresh:
                 self._stamp += 1
@@ -326,6 +394,8 @@ class EmbeddingStore:
             self._hashes[row], self._tags[row] = key, tag
             self._valid[row] = True
             self._high = max(self._high, row + 1)
+            if moved and self._ann is not None:
+                self._ann.changed(row)                   # a new image in this row: to (re)index
         return row
 
     def _take_row(self, uid: int) -> int:
@@ -377,28 +447,79 @@ class EmbeddingStore:
                uid: int | None) -> list[tuple[bytes, str | None, float]]:
         """The up to ``k`` rows ``uid`` may see (its own; every row when shared or ``uid`` is None)
         most similar to ``vector`` with cosine similarity at least ``min_similarity``, best first:
-        (content hash, tag, similarity). Exact (see the module)."""
+        (content hash, tag, similarity). Through the index when there is one and the store is not
+        small (NOTE [ searching ]); similarities are always computed here, exactly. Raises
+        EmbeddingIndexBusy while the index rebuilds a store too large to scan."""
         query = self._unit(vector)
+        ann = self._ann
+        if k < 1:
+            return []
+        if ann is not None and self._high >= ann.options.exact_below:
+            if ann.answers():
+                return self._search_index(ann, query, k, min_similarity, uid)
+            if self._high > ann.options.exact_max:
+                ann.counters["busy"] += 1
+                raise EmbeddingIndexBusy(
+                    f"the near-duplicate index is {len(ann.pending)} rows behind the store ({self._high} "
+                    f"rows, more than embeddings.index_exact_max to scan instead); retry in a few seconds")
+            ann.counters["exact_searches"] += 1
         with self._lock:
             self._require_open()
-            n = self._high
-            if n == 0 or k < 1:
-                return []
-            sims = self._vectors[:n] @ query             # the one O(N * D) step
-            hidden = ~self._valid[:n]
-            if uid is not None and not self.shared:
-                hidden |= self._meta["uid"][:n] != uid
-            sims[hidden] = -np.inf
-            k = min(k, n)
-            best = np.argpartition(-sims, k - 1)[:k]
-            best = best[np.argsort(-sims[best], kind="stable")]
-            return [(self._hashes[i], self._tags[i], float(sims[i]))
-                    for i in best.tolist() if sims[i] >= min_similarity]
+            return self._search_exact(query, k, min_similarity, uid)
+
+    def _search_exact(self, query, k, min_similarity, uid):
+        n = self._high
+        if n == 0:
+            return []
+        sims = self._vectors[:n] @ query                 # the one O(N * D) step
+        hidden = ~self._valid[:n]
+        if uid is not None and not self.shared:
+            hidden |= self._meta["uid"][:n] != uid
+        sims[hidden] = -np.inf
+        return self._best(np.arange(n), sims, k, min_similarity)
+
+    def _search_index(self, ann: AnnIndex, query, k, min_similarity, uid):
+        """NOTE [ searching ]: the graph proposes rows (outside the store's lock: it takes the
+        index's), the store keeps those it may show that are not pending, adds the pending rows
+        (exact), and ranks all by their own vectors. Fewer than k kept from the graph while its
+        scope holds more: ask again for four times as many."""
+        count = k + 16
+        while True:
+            cand = ann.candidates(query, count, uid)
+            with self._lock:
+                self._require_open()
+                pend = np.fromiter(ann.pending, np.int64, len(ann.pending))
+                got = cand[self._valid[cand] & ~np.isin(cand, pend)] if len(pend) else cand[self._valid[cand]]
+                if uid is not None and not self.shared:
+                    got = got[self._meta["uid"][got] == uid]
+                if len(got) >= k or count >= ann.scope_rows(uid):
+                    pend = pend[self._valid[pend]]
+                    if uid is not None and not self.shared:
+                        pend = pend[self._meta["uid"][pend] == uid]
+                    rows = np.concatenate([got, pend])
+                    return self._best(rows, self._vectors[rows] @ query, k, min_similarity)
+            count *= 4
+
+    def _best(self, rows: np.ndarray, sims: np.ndarray, k: int, min_similarity: float):
+        if len(rows) == 0:
+            return []
+        k = min(k, len(rows))
+        best = np.argpartition(-sims, k - 1)[:k]
+        best = best[np.argsort(-sims[best], kind="stable")]
+        return [(self._hashes[i], self._tags[i], float(sims[j]))
+                for i, j in zip(rows[best].tolist(), best.tolist()) if sims[j] >= min_similarity]
+
+    def index_stats(self) -> dict | None:
+        """The near-duplicate index's counters (rows, pending, reopened, rebuilt ...), or None."""
+        return None if self._ann is None else self._ann.stats()
 
     def __len__(self) -> int:
         return self._count
 
     def close(self) -> None:
+        ann, self._ann = self._ann, None
+        if ann is not None:
+            ann.close()                                  # saves; its thread takes our lock meanwhile
         with self._lock:
             mm, self._mm = self._mm, None
             fd, self._fd = self._fd, None

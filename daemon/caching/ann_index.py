@@ -1,0 +1,318 @@
+"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope.
+
+The embedding store (daemon/caching/embedding_store.py) is the truth; this index only proposes
+candidate rows, and the store answers from its own float32 vectors: every candidate is checked
+against the store's current row (valid, visible to the asking uid) and its similarity computed
+exactly there. So the index can cost a miss (the approximation: recall, measured in bench/ann),
+never a wrong answer, another uid's row, or a stale tag.
+
+Why usearch (bench/ann/libs.py, docs/benchmarks.md "Near-duplicate index"): on this machine, with
+the built-in 305-float embeddings, it was the one library that memory-maps a saved graph (reopening
+a million rows takes milliseconds, not a read of the file), stores vectors as float16 (the graph
+takes ~760 bytes a row beside the store's 1,332, within 2x of the raw vector in all), removes keys
+(a full store recycles rows), and releases the GIL in search and insert. hnswlib searched fastest
+but keeps float32 vectors and reads the whole file at open; faiss' HNSW cannot remove a row;
+voyager was slowest.
+
+Scopes. With ``embeddings.shared`` one graph holds every row; otherwise one graph per uid holds
+that uid's rows (a uid's search walks its own graph only, so a small uid's rows are never drowned by
+a large one's, which a filter over one shared graph would do: bench/ann/libs.py ``--uids``). The
+graph key of a row is its store row number.
+
+NOTE [ index rows ]
+A row is *indexed* when the graph of its scope holds it under the store row's current stamp, uid
+and content hash (``self.rows``); a row the store wrote since is *pending* (``self.pending``, row ->
+sequence number, filled by the store under its lock at every new row). A search asks the graph
+for candidates and skips the pending ones, then scans the pending rows exactly: every row is in
+one of the two. The inserter thread takes pending rows in batches, reads each row's vector under
+the store lock, re-inserts it into its scope's graph (after removing the key from the scope it
+had), and drops it from ``pending`` only if its sequence number did not move meanwhile (the store
+wrote it again: it stays pending). While more than ``max_pending`` rows wait (a rebuild, a burst
+of inserts on a fast device), the index does not answer; the store then scans exactly when it is
+small enough (``exact_max``) and says overloaded otherwise (EmbeddingIndexBusy).
+
+Saved every ``save_interval_s`` while rows changed, and at close (ann_file.py: layout and the
+crash-safe order); reopened memory-mapped (usearch ``view``) and served from the mapping at once,
+while the inserter thread loads a writable copy of each graph in the background and swaps it in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import ann_file
+from .ann_file import ALL, IndexFileError
+
+_log = logging.getLogger("inferd.embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexOptions:
+    """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
+    connectivity: int = 16
+    expansion_add: int = 128
+    expansion_search: int = 64
+    exact_below: int = 5_000
+    exact_max: int = 100_000
+    max_pending: int = 4_096
+    save_interval_s: float = 60.0
+    threads: int = 1
+
+
+class EmbeddingIndexBusy(Exception):
+    """The index is rebuilding or far behind the store, and the store is too large to scan."""
+
+
+class _Graph:
+    """One scope's usearch graph, memory-mapped (read-only) or loaded (writable)."""
+
+    def __init__(self, index, path: str | None = None):
+        self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
+        self.dirty = path is None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class AnnIndex:
+    """Opened by the store with :meth:`open`, fed by :meth:`changed` under the store's lock,
+    asked by :meth:`candidates`. ``source`` is the store's side (see EmbeddingStore._index_source):
+    ``lock``, ``state()`` -> (valid, stamp, uid, hash8) arrays, ``read(rows)`` -> same plus vectors."""
+
+    def __init__(self, directory: str, ident: dict, options: IndexOptions, source, log=None):
+        self.directory, self.ident, self.options, self.source = directory, ident, options, source
+        self.log = log or _log
+        self.rows = np.zeros(ident["capacity"], ann_file.ROW)   # what the graphs hold (NOTE above)
+        self.pending: dict[int, int] = {}                   # row -> sequence number; store lock
+        self._seq = 0
+        self.graphs: dict[int, _Graph] = {}
+        self._lock = threading.Lock()                       # the graphs: one call at a time
+        self._wake = threading.Condition(threading.Lock())
+        self._stop = False
+        self._generation = 0
+        self._saved_at = time.monotonic()
+        self._changed = False
+        self.counters = {"reopened": 0, "rebuilt": 0, "inserted": 0, "saves": 0, "save_s": 0.0,
+                         "searches": 0, "exact_searches": 0, "busy": 0}
+        self._thread: threading.Thread | None = None
+        self._drop: list[int] = []
+
+    # opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str, ident: dict, options: IndexOptions, source, log=None) -> "AnnIndex":
+        """Reopen the index saved in ``directory`` (memory-mapped) or start an empty one that the
+        inserter thread fills from the store; either way its thread is running on return."""
+        self = cls(directory, ident, options, source, log)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with source.lock:                                   # no add between the check and pending
+            valid, stamp, uid, hash8 = source.state()
+            try:
+                self._reopen()
+                held = self.rows["stamp"] != 0
+                current = held & valid & (self.rows["stamp"] == stamp) & (self.rows["uid"] == uid) \
+                    & (self.rows["hash"] == hash8)
+                self.counters["reopened"] = 1
+                stale = int((valid & ~current).sum())
+                self.log.info("near-duplicate index %s reopened: %d rows, %d to insert", directory,
+                              int(current.sum()), stale)
+            except (IndexFileError, RuntimeError, ValueError, OSError) as exc:
+                self.graphs, self.rows = {}, np.zeros(ident["capacity"], ann_file.ROW)
+                current = np.zeros(len(valid), bool)
+                if valid.any() or os.path.exists(ann_file.meta_path(directory)):
+                    self.counters["rebuilt"] = 1
+                    self.log.warning("near-duplicate index %s rebuilt from the store (%d rows): %s",
+                                     directory, int(valid.sum()), exc)
+            for row in np.flatnonzero(valid & ~current).tolist():
+                self._seq += 1
+                self.pending[row] = self._seq
+            ann_file.remove_others(directory, {os.path.basename(g.view_path) for g in self.graphs.values()})
+            # rows a graph holds that the store no longer has (not pending): removed by the thread
+            self._drop = np.flatnonzero((self.rows["stamp"] != 0) & ~current & ~valid).tolist()
+        self._thread = threading.Thread(target=self._run, name="inferd-ann", daemon=True)
+        self._thread.start()
+        return self
+
+    def _reopen(self) -> None:
+        from usearch.index import Index
+
+        generation, scopes, rows = ann_file.read_meta(self.directory, self.ident)
+        graphs = {}
+        for uid, path, count in scopes:
+            index = Index.restore(path, view=True)
+            if index is None or len(index) != count or index.ndim != self.ident["dim"]:
+                raise IndexFileError(f"graph file {os.path.basename(path)} holds "
+                                     f"{None if index is None else len(index)} rows, meta says {count}")
+            index.expansion_search = self.options.expansion_search
+            graphs[uid] = _Graph(index, path)
+        self.graphs, self.rows, self._generation = graphs, rows, generation
+
+    def _new_graph(self):
+        from usearch.index import Index
+
+        o = self.options
+        return Index(ndim=self.ident["dim"], metric="cos", dtype="f16", connectivity=o.connectivity,
+                     expansion_add=o.expansion_add, expansion_search=o.expansion_search)
+
+    # the store's side ------------------------------------------------------------------------
+    def changed(self, row: int) -> None:
+        """Row ``row`` holds a new image (the store calls this under its lock)."""
+        self._seq += 1
+        self.pending[row] = self._seq
+        if len(self.pending) == 1 or len(self.pending) % 256 == 0:
+            with self._wake:
+                self._wake.notify()
+
+    def answers(self) -> bool:
+        """Whether the graphs plus an exact scan of the pending rows answer now (store lock)."""
+        return len(self.pending) <= self.options.max_pending
+
+    def scope(self, uid: int | None) -> list[int]:
+        if self.ident["shared"]:
+            return [ALL]
+        return list(self.graphs) if uid is None else [uid]
+
+    def candidates(self, query: np.ndarray, count: int, uid: int | None) -> np.ndarray:
+        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (float16).
+        The caller checks each against the store and :meth:`pending` (NOTE [ index rows ])."""
+        out = []
+        with self._lock:
+            self.counters["searches"] += 1
+            for key in self.scope(uid):
+                g = self.graphs.get(key)
+                if g is not None and len(g):
+                    out.append(np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.int64))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def scope_rows(self, uid: int | None) -> int:
+        return sum(len(self.graphs[k]) for k in self.scope(uid) if k in self.graphs)
+
+    def stats(self) -> dict:
+        return {"rows": int((self.rows["stamp"] != 0).sum()), "pending": len(self.pending),
+                "graphs": len(self.graphs), "mapped": sum(g.view_path is not None for g in self.graphs.values()),
+                "bytes": sum(g.index.memory_usage for g in self.graphs.values()), **self.counters}
+
+    # the inserter thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load_views()
+            while not self._stop:
+                with self.source.lock:
+                    batch = list(itertools.islice(self.pending.items(), 1024))
+                if batch:
+                    self._insert(batch)
+                    continue
+                interval = self.options.save_interval_s
+                with self._wake:
+                    if not self._stop and not self.pending:
+                        wait = max(0.0, self._saved_at + interval - time.monotonic()) if self._changed else None
+                        if wait is None or wait > 0:
+                            self._wake.wait(wait)
+                if self._changed and time.monotonic() >= self._saved_at + interval:
+                    self.save()
+            with self.source.lock:
+                batch = list(self.pending.items()) if len(self.pending) <= self.options.max_pending else []
+            if batch:                                       # a few: inserted now rather than at reopen
+                self._insert(batch)
+            if self._changed:
+                self.save()                                 # the rest is pending at reopen
+        except Exception:                                   # never silently: the index stops answering
+            self.log.exception("near-duplicate index %s: inserter thread failed; exact search only",
+                               self.directory)
+            self.options = dataclasses.replace(self.options, max_pending=-1)
+
+    def _load_views(self) -> None:
+        """Swap each memory-mapped graph for a writable copy, and remove the keys of rows the
+        store no longer has."""
+        from usearch.index import Index
+
+        for key, g in list(self.graphs.items()):
+            if g.view_path is None or self._stop:
+                continue
+            index = Index.restore(g.view_path, view=False)
+            index.expansion_search = self.options.expansion_search
+            with self._lock:
+                self.graphs[key] = loaded = _Graph(index)
+                loaded.dirty = False
+        with self._lock:
+            for row in self._drop:
+                self._remove(row)
+        self._changed |= bool(self._drop)
+        self._drop = []
+
+    def _remove(self, row: int) -> None:
+        r = self.rows[row]
+        if r["stamp"]:
+            g = self.graphs.get(ALL if self.ident["shared"] else int(r["uid"]))
+            if g is not None:
+                g.index.remove(row)
+                g.dirty = True
+            self.rows[row] = (0, 0, 0)
+
+    def _insert(self, batch: list[tuple[int, int]]) -> None:
+        rows = np.asarray([r for r, _ in batch], np.int64)
+        with self.source.lock:
+            valid, stamp, uid, hash8, vectors = self.source.read(rows)
+        with self._lock:
+            for row in rows.tolist():
+                self._remove(row)
+            for key in np.unique(uid[valid]).tolist() if not self.ident["shared"] else ([ALL] if valid.any() else []):
+                mine = valid if key == ALL else valid & (uid == key)
+                g = self.graphs.get(key)
+                if g is None:
+                    g = self.graphs[key] = _Graph(self._new_graph())
+                g.index.add(rows[mine], vectors[mine], threads=self.options.threads)
+                g.dirty = True
+                at = rows[mine]
+                self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[mine], uid[mine], hash8[mine]
+            self.counters["inserted"] += int(valid.sum())
+        with self.source.lock:
+            for row, seq in batch:
+                if self.pending.get(row) == seq:
+                    del self.pending[row]
+        self._changed = True
+
+    def save(self) -> None:
+        """Write the graphs and ``meta`` (ann_file.py: crash-safe order). Inserter thread only
+        (or after it stopped): searches go on meanwhile, a save only reads the graphs."""
+        t0 = time.monotonic()
+        generation = self._generation + 1
+        scopes, keep = [], {"meta"}
+        with self._lock:
+            rows = self.rows.copy()
+            graphs = dict(self.graphs)
+        for key, g in graphs.items():
+            path = os.path.join(self.directory, ann_file.graph_name(key, generation))
+            old = g.view_path or os.path.join(self.directory, ann_file.graph_name(key, self._generation))
+            if not g.dirty and os.path.exists(old):
+                os.link(old, path)                          # unchanged: the same bytes under the new name
+            else:
+                g.index.save(path + ".tmp")
+                with open(path + ".tmp", "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(path + ".tmp", path)
+                g.dirty = False
+            scopes.append((key, path, len(g)))
+            keep.add(os.path.basename(path))
+        if graphs:
+            ann_file.fsync_dir(self.directory)
+        ann_file.write_meta(self.directory, self.ident, generation, scopes, rows)
+        ann_file.remove_others(self.directory, keep)
+        self._generation, self._changed, self._saved_at = generation, False, time.monotonic()
+        self.counters["saves"] += 1
+        self.counters["save_s"] = round(time.monotonic() - t0, 3)
+
+    def close(self) -> None:
+        """Stop the inserter thread (it saves what changed first). Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        thread.join()
