@@ -1,7 +1,7 @@
 """Which approximate-nearest-neighbour library backs the embedding store's index: measured.
 
     python -m bench.ann.libs [--rows 100000] [--vectors FILE.npy] [--libs usearch,hnswlib,faiss,voyager]
-                             [--queries 1000] [--out FILE]
+                             [--queries 1000] [--uids U] [--out FILE]
 
 Every library builds an HNSW graph of the same shape (M / connectivity 16, ef_construction 128)
 over the same unit vectors (``--vectors``: an ``.npy`` of real embeddings, e.g. the built-in model's
@@ -19,6 +19,11 @@ no file), one insert call per row from one thread (how the daemon adds), cosine 
   ``IO_FLAG_MMAP``; hnswlib and voyager read the whole file) and the first query after it.
 
 The exact scan runs in the same process as the reference (its p50 / p99 are reported too).
+
+``--uids U``: instead, how a uid's search is kept to its own rows (usearch, float16): one graph
+per uid against one graph of every row whose answers are filtered by uid (asked for 10x and 100x
+k), rows spread over U uids by a Zipf law: recall@1 and p50 / p99 for the small uids and the large
+ones, build time and memory per row.
 """
 from __future__ import annotations
 
@@ -278,12 +283,73 @@ def measure(name: str, vecs: np.ndarray, queries: dict, truth: dict, log) -> dic
     return out
 
 
+def scoping(vecs: np.ndarray, uids: int, queries: int, rng, log) -> dict:
+    """One graph per uid against one graph of every row filtered afterwards (usearch has no filter
+    inside the search: the shared graph is asked for ``over`` times k and the other uids' rows
+    dropped), rows spread over ``uids`` uids by a Zipf law (a few large holders, many small).
+    recall@1: the uid's exact best (among its own rows) comes first."""
+    from usearch.index import Index
+
+    rows, dim = vecs.shape
+    weights = 1.0 / np.arange(1, uids + 1)
+    owner = rng.choice(uids, rows, p=weights / weights.sum())
+    new = lambda: Index(ndim=dim, metric="cos", dtype="f16", connectivity=M, expansion_add=EF_CONSTRUCTION,
+                        expansion_search=64)
+    t0 = time.perf_counter()
+    shared = new()
+    shared.add(np.arange(rows), vecs, threads=1)
+    shared_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    graphs = {}
+    for u in range(uids):
+        mine = np.flatnonzero(owner == u)
+        if len(mine):
+            graphs[u] = new()
+            graphs[u].add(mine, vecs[mine], threads=1)
+    per_uid_s = time.perf_counter() - t0
+    out = {"uids": uids, "rows": rows, "largest_uid_rows": int(np.bincount(owner).max()),
+           "smallest_uid_rows": int(np.bincount(owner, minlength=uids).min()),
+           "build_s": {"shared": round(shared_s, 1), "per_uid": round(per_uid_s, 1)},
+           "memory_bytes_per_row": {"shared": round(shared.memory_usage / rows),
+                                    "per_uid": round(sum(g.memory_usage for g in graphs.values()) / rows)}}
+    picks = rng.choice(rows, queries, replace=False)
+    noise = unit(rng.standard_normal((queries, dim))) * 0.33
+    qs = unit(vecs[picks] + noise)
+    for group, chosen in (("small_uids", [i for i in range(queries) if owner[picks[i]] >= uids // 2]),
+                          ("large_uids", [i for i in range(queries) if owner[picks[i]] < 3])):
+        res = {}
+        truth = []
+        for i in chosen:
+            mine = np.flatnonzero(owner == owner[picks[i]])
+            truth.append(mine[np.argmax(vecs[mine] @ qs[i])])
+        for name in ("per_uid", "shared_x10", "shared_x100"):
+            got, times = [], []
+            for i in chosen:
+                u = owner[picks[i]]
+                t = time.perf_counter()
+                if name == "per_uid":
+                    keys = graphs[u].search(qs[i], K, threads=1).keys
+                else:
+                    over = 10 if name == "shared_x10" else 100
+                    keys = shared.search(qs[i], min(rows, K * over), threads=1).keys
+                    keys = keys[owner[keys] == u]
+                times.append(time.perf_counter() - t)
+                got.append(keys[0] if len(keys) else -1)
+            st = latency_stats(times)
+            res[name] = {"recall_at_1": round(float(np.mean(np.asarray(got) == np.asarray(truth))), 4),
+                         "p50_ms": round(st["p50_ms"], 3), "p99_ms": round(st["p99_ms"], 3)}
+        out[group] = {"queries": len(chosen), **res}
+        log(f"  scoping, {group}: {json.dumps(out[group])}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=prog(), description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--vectors", default="", help=".npy of real unit embeddings (rows x dim)")
     p.add_argument("--libs", default="usearch,usearch-f16,hnswlib,faiss,voyager")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--uids", type=int, default=0, help="instead: per-uid graphs against one filtered graph, at this many uids")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
@@ -293,6 +359,13 @@ def main(argv=None) -> int:
     _, changed = changed_copies(vecs, args.queries, rng)
     others = dataset(args.queries, "", args.seed + 1) if not args.vectors else \
         unit(dataset(args.rows + args.queries, args.vectors, args.seed + 1)[args.rows:])
+    if args.uids:
+        text = json.dumps(scoping(vecs, args.uids, args.queries, rng, log), indent=1)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text)
+        print(text)
+        return 0
     queries = {"changed": changed, "unrelated": others}
     t0 = time.perf_counter()
     truth = {kind: exact_top(vecs, qs, K) for kind, qs in queries.items()}

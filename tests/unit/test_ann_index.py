@@ -106,10 +106,14 @@ def test_recycled_rows_never_answer_for_their_old_image(path):
         for i in range(1200):                           # four times round the store
             store.add(h(i), v[i], str(i), uid=i % 2)
         settled(store)
+        overlap = []
         for i in range(0, 1200, 11):
             got = store.search(v[i], 5, -1.0, uid=i % 2)
             assert all(int(t) >= 600 and int(t) % 2 == i % 2 for _, t, _ in got)   # each uid kept its newest 150
-            assert [t for _, t, _ in got] == [t for _, t, _ in exact(store, v[i], 5, i % 2)] or i < 600
+            want = [t for _, t, _ in exact(store, v[i], 5, i % 2)]
+            assert got[0][1] == want[0]
+            overlap.append(len({t for _, t, _ in got} & set(want)) / 5)
+        assert np.mean(overlap) >= 0.95, np.mean(overlap)       # approximate: a rare miss below the first
     finally:
         store.close()
 
