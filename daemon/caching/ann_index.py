@@ -70,14 +70,22 @@ class EmbeddingIndexBusy(Exception):
 
 
 class _Graph:
-    """One scope's usearch graph, memory-mapped (read-only) or loaded (writable)."""
+    """One scope's usearch graph, memory-mapped (read-only) or loaded (writable). ``size`` and
+    ``bytes`` are copies for readers without the graph lock (stats on the event loop): usearch
+    must not be asked while the inserter grows it."""
 
     def __init__(self, index, path: str | None = None):
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
+        self.size = self.bytes = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Under the graph lock, after a change."""
+        self.size, self.bytes = len(self.index), self.index.memory_usage
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.size
 
 
 class AnnIndex:
@@ -102,6 +110,7 @@ class AnnIndex:
                          "searches": 0, "exact_searches": 0, "busy": 0}
         self._thread: threading.Thread | None = None
         self._drop: list[int] = []
+        self._held = 0                                      # rows the graphs hold
 
     # opening ---------------------------------------------------------------------------------
     @classmethod
@@ -122,7 +131,7 @@ class AnnIndex:
                 self.log.info("near-duplicate index %s reopened: %d rows, %d to insert", directory,
                               int(current.sum()), stale)
             except (IndexFileError, RuntimeError, ValueError, OSError) as exc:
-                self.graphs, self.rows = {}, np.zeros(ident["capacity"], ann_file.ROW)
+                self.graphs, self.rows, self._held = {}, np.zeros(ident["capacity"], ann_file.ROW), 0
                 current = np.zeros(len(valid), bool)
                 if valid.any() or os.path.exists(ann_file.meta_path(directory)):
                     self.counters["rebuilt"] = 1
@@ -151,6 +160,7 @@ class AnnIndex:
             index.expansion_search = self.options.expansion_search
             graphs[uid] = _Graph(index, path)
         self.graphs, self.rows, self._generation = graphs, rows, generation
+        self._held = int((rows["stamp"] != 0).sum())
 
     def _new_graph(self):
         from usearch.index import Index
@@ -193,9 +203,11 @@ class AnnIndex:
         return sum(len(self.graphs[k]) for k in self.scope(uid) if k in self.graphs)
 
     def stats(self) -> dict:
-        return {"rows": int((self.rows["stamp"] != 0).sum()), "pending": len(self.pending),
-                "graphs": len(self.graphs), "mapped": sum(g.view_path is not None for g in self.graphs.values()),
-                "bytes": sum(g.index.memory_usage for g in self.graphs.values()), **self.counters}
+        """Counters for the daemon's stats: O(graphs), and no call into usearch (event loop)."""
+        graphs = list(self.graphs.values())
+        return {"rows": self._held, "pending": len(self.pending), "graphs": len(graphs),
+                "mapped": sum(g.view_path is not None for g in graphs), "bytes": sum(g.bytes for g in graphs),
+                **self.counters}
 
     # the inserter thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -252,25 +264,35 @@ class AnnIndex:
             if g is not None:
                 g.index.remove(row)
                 g.dirty = True
+                g.refresh()
             self.rows[row] = (0, 0, 0)
+            self._held -= 1
 
     def _insert(self, batch: list[tuple[int, int]]) -> None:
+        """Insert ``batch`` (row, sequence number) into the graphs, 64 rows per hold of the graph
+        lock (searches wait for one such step at most), then drop from ``pending`` the rows the
+        store did not write again meanwhile."""
         rows = np.asarray([r for r, _ in batch], np.int64)
         with self.source.lock:
             valid, stamp, uid, hash8, vectors = self.source.read(rows)
         with self._lock:
             for row in rows.tolist():
                 self._remove(row)
-            for key in np.unique(uid[valid]).tolist() if not self.ident["shared"] else ([ALL] if valid.any() else []):
-                mine = valid if key == ALL else valid & (uid == key)
-                g = self.graphs.get(key)
-                if g is None:
-                    g = self.graphs[key] = _Graph(self._new_graph())
-                g.index.add(rows[mine], vectors[mine], threads=self.options.threads)
-                g.dirty = True
-                at = rows[mine]
-                self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[mine], uid[mine], hash8[mine]
-            self.counters["inserted"] += int(valid.sum())
+        keys = [ALL] if self.ident["shared"] and valid.any() else np.unique(uid[valid]).tolist()
+        for key in keys:
+            mine = np.flatnonzero(valid if key == ALL else valid & (uid == key))
+            for part in np.array_split(mine, max(1, len(mine) // 64)):
+                with self._lock:
+                    g = self.graphs.get(key)
+                    if g is None:
+                        g = self.graphs[key] = _Graph(self._new_graph())
+                    g.index.add(rows[part], vectors[part], threads=self.options.threads)
+                    g.dirty = True
+                    g.refresh()
+                    at = rows[part]
+                    self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[part], uid[part], hash8[part]
+                    self._held += len(at)
+        self.counters["inserted"] += int(valid.sum())
         with self.source.lock:
             for row, seq in batch:
                 if self.pending.get(row) == seq:

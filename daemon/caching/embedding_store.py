@@ -68,7 +68,10 @@ NOTE [ searching ]
 The index proposes candidates (HNSW over float16 copies of the vectors, one graph per uid unless
 shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
 to the asking uid and not pending (written since the index took them), adds every pending row the
-uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
+uid may see, and ranks them all by their float32 vectors here. A uid holding fewer than
+``embeddings.index_exact_below`` rows is scanned exactly over its own rows instead (its deque of
+rows): as fast there, and exact, where a small graph that recycled its rows many times can lose a
+row (measured: 1 in 150 after eight rounds, none in 5,000 after five). Similarities are exact, rows are
 the store's current ones: the index can only miss a row (recall), never return a wrong, stale or
 foreign one. A new image's row (and a rewrite with another vector) is handed to the index under the
 store's lock (``AnnIndex.changed``), so no row is ever neither pending nor indexed.
@@ -401,21 +404,29 @@ class EmbeddingStore:
         tag_len = meta["tag_len"]
         ok = flagged & (np.abs(norm2 - 1.0) < 1e-3) & ((tag_len <= TAG_MAX) | (tag_len == NO_TAG))
         rows = np.flatnonzero(ok)
+        # one bytes object per column, sliced per row: a million rows load in about a second
+        # (numpy's per-row indexing took four)
         hashes = np.ascontiguousarray(meta["hash"][rows]).tobytes()
-        uids = meta["uid"][rows].tolist()
-        for j, row in enumerate(rows.tolist()):
+        tags = np.ascontiguousarray(meta["tag"][rows]).tobytes()
+        index, row_hashes, row_tags, count = self._index, self._hashes, self._tags, 0
+        for j, (row, uid, n) in enumerate(zip(rows.tolist(), meta["uid"][rows].tolist(), tag_len[rows].tolist())):
             key = hashes[32 * j:32 * j + 32]
-            n = int(tag_len[row])
             try:
-                tag = None if n == NO_TAG else meta["tag"][row][:n].tobytes().decode("utf-8")
+                tag = None if n == NO_TAG else tags[TAG_MAX * j:TAG_MAX * j + n].decode("utf-8")
             except UnicodeDecodeError:
-                tag = key = None
-            owners = self._index.setdefault(key, {}) if key is not None else None
-            if owners is None or uids[j] in owners:
                 ok[row] = False
                 continue
-            owners[uids[j]], self._hashes[row], self._tags[row] = row, key, tag
-            self._count += 1
+            owners = index.get(key)
+            if owners is None:
+                index[key] = {uid: row}
+            elif uid in owners:
+                ok[row] = False
+                continue
+            else:
+                owners[uid] = row
+            row_hashes[row], row_tags[row] = key, tag
+            count += 1
+        self._count = count
         meta["valid"][flagged & ~ok] = 0                 # dropped for good, not re-examined next time
         self._valid = ok
         kept = np.flatnonzero(ok)
@@ -526,6 +537,11 @@ class EmbeddingStore:
         if k < 1:
             return []
         if ann is not None and self._high >= ann.options.exact_below:
+            if uid is not None and not self.shared and len(self._owned.get(uid, ())) < ann.options.exact_below:
+                with self._lock:                         # a small uid in a large store: its own rows
+                    self._require_open()
+                    rows = np.fromiter(self._owned.get(uid, ()), np.int64)
+                    return self._best(rows, self._vectors[rows] @ query, k, min_similarity)
             if ann.answers():
                 return self._search_index(ann, query, k, min_similarity, uid)
             if self._high > ann.options.exact_max:

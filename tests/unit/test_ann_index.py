@@ -100,20 +100,42 @@ def test_shared_sees_every_row(path):
 
 
 def test_recycled_rows_never_answer_for_their_old_image(path):
-    store = EmbeddingStore.open(path, 300, DIM, index=OPTS)
-    v = vectors(1200)
+    store = EmbeddingStore.open(path, 1600, DIM, index=OPTS)
+    v = vectors(4800)
     try:
-        for i in range(1200):                           # four times round the store
+        for i in range(4800):                           # three times round the store
             store.add(h(i), v[i], str(i), uid=i % 2)
         settled(store)
-        overlap = []
-        for i in range(0, 1200, 11):
+        overlap, first = [], []
+        for i in range(0, 4800, 7):
             got = store.search(v[i], 5, -1.0, uid=i % 2)
-            assert all(int(t) >= 600 and int(t) % 2 == i % 2 for _, t, _ in got)   # each uid kept its newest 150
+            assert all(int(t) >= 3200 and int(t) % 2 == i % 2 for _, t, _ in got)   # each uid kept its newest 800
             want = [t for _, t, _ in exact(store, v[i], 5, i % 2)]
-            assert got[0][1] == want[0]
+            if i >= 3200:                               # still stored: found first, as exactly
+                first.append(got[0][1] == want[0] == str(i))
             overlap.append(len({t for _, t, _ in got} & set(want)) / 5)
-        assert np.mean(overlap) >= 0.95, np.mean(overlap)       # approximate: a rare miss below the first
+        # approximate: a graph that recycled every row three times may lose one (docs/benchmarks.md)
+        assert np.mean(first) >= 0.97 and np.mean(overlap) >= 0.9, (np.mean(first), np.mean(overlap))
+    finally:
+        store.close()
+
+
+def test_a_small_uid_in_a_large_store_is_scanned_exactly(path):
+    store = EmbeddingStore.open(path, 1000, DIM, index=IndexOptions(exact_below=100))
+    v = vectors(1000)
+    try:
+        for i in range(1000):
+            store.add(h(i), v[i], str(i), uid=7 if i % 20 == 0 else 8)   # 50 rows of uid 7
+        settled(store)
+        searches = store.index_stats()["searches"]
+        for i in range(0, 1000, 20):
+            got = store.search(v[i], 5, -1.0, uid=7)
+            want = exact(store, v[i], 5, 7)
+            assert [t for _, t, _ in got] == [t for _, t, _ in want] and got[0][1] == str(i)
+            assert [s for _, _, s in got] == pytest.approx([s for _, _, s in want], abs=1e-6)
+        assert store.index_stats()["searches"] == searches      # its graph was not asked
+        assert store.search(v[1], 1, -1.0, uid=8)[0][1] == "1"
+        assert store.index_stats()["searches"] == searches + 1
     finally:
         store.close()
 
