@@ -56,7 +56,7 @@ _log = logging.getLogger("inferd.embeddings")
 class IndexOptions:
     """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
     connectivity: int = 16
-    expansion_add: int = 128
+    expansion_add: int = 64
     expansion_search: int = 64
     exact_below: int = 5_000
     exact_max: int = 100_000
