@@ -1,6 +1,7 @@
 """The near-duplicate index through a real daemon: a restart reopens it without re-inserting a row,
 a damaged or missing one is rebuilt from the store with one log line and answers as before, and
-another uid's rows never come back (the index alone: tests/unit/test_ann_index.py)."""
+another uid's rows never come back, and a near request over a large store whose index rebuilds is
+answered overloaded (the index alone: tests/unit/test_ann_index.py)."""
 from __future__ import annotations
 
 import glob
@@ -145,4 +146,37 @@ def test_another_uids_rows_never_come_back(fresh_daemon):
     assert all(len(tags) == 8 for tags in nobody)
     assert [tags[0] for tags in nobody[:8]] == [f"nobody-{i}" for i in range(8)]
     assert all(len(tags) == 16 and all(t.startswith("root-") for t in tags) for tags in root_view), root_view
+    assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_near_is_overloaded_while_a_large_stores_index_rebuilds(fresh_daemon):
+    """A store too large to scan (over embeddings.index_exact_max rows) whose index is missing: near
+    requests are answered overloaded (typed, with a retry hint) until the rebuild is done."""
+    from inferd.client import Overloaded
+    from inferd.daemon.caching.embedding_store import EmbeddingStore
+    from inferd.daemon.config import ModelConfig
+    from inferd.daemon.models import loading as model_mod
+    from inferd.daemon.models.embedding_pooling import embedding_id
+
+    workdir = short_dir()
+    path = os.path.join(workdir, "near.store")
+    rows = 20_000                                       # seconds of inserts: the rebuild outlasts start-up
+    store = EmbeddingStore.open(path, rows, 305, embedding=embedding_id(model_mod.load(ModelConfig()).spec))
+    rng = np.random.default_rng(5)
+    for i in range(rows):
+        store.add(i.to_bytes(32, "little"), rng.standard_normal(305), None, uid=os.geteuid())
+    store.close()
+    d = fresh_daemon("--set", f'embeddings.path="{path}"', "--set", f"embeddings.capacity={rows}",
+                     "--set", "embeddings.index_exact_max=1000", "--set", "embeddings.index_max_pending=0",
+                     workdir=workdir)
+    image = make_dataset(1, 34)[0][0]
+    with Client(d.socket_path) as c:
+        with pytest.raises(Overloaded, match="embeddings.index_exact_max") as err:
+            c.near_duplicates(image, k=1, min_similarity=-1.0)
+        assert err.value.retry_after > 0
+        stats = wait_until(lambda: (s := c.info()["cache"]["embedding_index"])["pending"] == 0 and s,
+                           timeout=240, what="the rebuild")
+        assert stats["rebuilt"] == 1 and stats["busy"] >= 1
+        assert len(c.near_duplicates(image, k=3, min_similarity=-1.0)) == 3
     assert d.stop() == 0
