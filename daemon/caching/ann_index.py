@@ -61,7 +61,7 @@ class IndexOptions:
     exact_below: int = 5_000
     exact_max: int = 100_000
     max_pending: int = 4_096
-    save_interval_s: float = 60.0
+    save_interval_s: float = 300.0
     threads: int = 1
 
 
