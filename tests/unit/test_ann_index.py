@@ -260,3 +260,33 @@ def test_busy_rather_than_a_long_scan(path):
         assert store.index_stats()["exact_searches"] == 1
     finally:
         store.close()
+
+
+def test_tags_follow_the_store_and_a_retag_is_no_new_insert(path):
+    store, v = fill(path, n=800)
+    try:
+        inserted = store.index_stats()["inserted"]
+        for i in range(0, 800, 10):
+            store.add(h(i), v[i], f"new-{i}", uid=0)     # the same image, tagged again
+        assert store.index_stats()["pending"] == 0 and store.index_stats()["inserted"] == inserted
+        assert all(store.search(v[i], 1, -1.0, uid=0)[0][1] == f"new-{i}" for i in range(0, 800, 10))
+    finally:
+        store.close()
+
+
+def test_a_flooding_uid_replaces_only_its_own_rows(path):
+    store = EmbeddingStore.open(path, 600, DIM, index=OPTS)
+    v = vectors(2200)
+    try:
+        for i in range(200):                            # the victim: under its share of 300
+            store.add(h(i), v[i], f"victim-{i}", uid=2000)
+        for i in range(200, 2200):                      # the flood: ten times its share
+            store.add(h(i), v[i], f"flood-{i}", uid=1000)
+        settled(store)
+        for i in range(200):
+            got = store.search(v[i], 3, -1.0, uid=2000)
+            assert got[0][1] == f"victim-{i}" and all(t.startswith("victim-") for _, t, _ in got)
+        assert all(t.startswith("flood-") for i in range(0, 2200, 50)
+                   for _, t, _ in store.search(v[i], 5, -1.0, uid=1000))
+    finally:
+        store.close()
