@@ -68,72 +68,13 @@ NOTE [ searching ]
 The index proposes candidates (HNSW over float16 copies of the vectors, one graph per uid unless
 shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
 to the asking uid and not pending (written since the index took them), adds every pending row the
-uid may see, and ranks them all by their float32 vectors here. A uid holding fewer than
-``embeddings.index_exact_below`` rows is scanned exactly over its own rows instead (its deque of
-rows): as fast there, and exact, where a small graph that recycled its rows many times can lose a
-row (measured: 1 in 150 after eight rounds, none in 5,000 after five). Similarities are exact, rows are
+uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
 the store's current ones: the index can only miss a row (recall), never return a wrong, stale or
 foreign one. A new image's row (and a rewrite with another vector) is handed to the index under the
-store's lock (``AnnIndex.changed``), so no row is ever neither pending nor indexed.
-
-NOTE [ a full store is shared by uid ] decides
-whose oldest row it takes: a uid can never push out the rows of another that holds no more than
-its share.
-
-Who sees a row. Every row records the uid whose request stored it. A store opened per uid
-(``shared=False``, the default: ``embeddings.shared``) shows a uid only its own rows: ``search``
-ranks them alone, ``get`` finds them alone, and ``add`` writes the caller's row only, so no uid
-learns or changes another's content hashes or tags. ``shared=True`` lets ``search`` and ``get`` see
-every row (rows stay per uid: two uids tagging one image keep two tags). ``uid=None`` means the
-daemon itself (every row), for what it never sends to a client.
-
-File layout (all integers little-endian; every byte written by the daemon)::
-
-    offset  size  field
-    0       8     magic            b"INFDEMBD"                           \\   written once, into a
-    8       4     format version   u32, currently 4 (1 had no uid, 2 no   |  temporary file that is
-                                   embedding id, 3 no row stamps)         |  linked or renamed into
-    12      4     dim              u32, floats per vector                 |  place only when complete
-    16      8     capacity         u64, rows                              |
-    24      8     file size        u64, = 4096 + capacity * (4 * dim + 112)
-    32      16    embedding id     blake2b-128 of the embedding's definition (daemon/models/embedding_pooling.py
-                                   ``embedding_id``: layer and pooling); zero: unnamed
-    48      4     header check     zlib.crc32 of bytes 0..48             /
-    52      12    reserved         zero
-    64            zero up to 4096
-    4096                           vectors: capacity rows of dim float32, unit length
-    4096 + capacity * 4 * dim      metadata: capacity rows of 112 bytes:
-
-        offset  size  field
-        0       1     valid        u8: 1 = the row holds an embedding; 0 while it is rewritten
-        1       1     tag length   u8, 0..64 bytes of UTF-8; 255 = no tag
-        2       2     reserved     zero
-        4       4     uid          u32, the uid whose request stored the row
-        8       32    content hash the frame's content hash (inferd.shm.cache.content_hash)
-        40      64    tag          UTF-8, zero padded
-        104     8     stamp        u64, the row's age: one more than the largest stamp in the store
-                                   when the row was taken (a rewrite in place keeps it)
-
-An add clears ``valid``, writes vector and metadata, then sets ``valid``: a daemon killed mid-add
-loses that row only. At open, rows with a bad flag, a vector that is not unit length, or a (uid,
-content hash) already seen are dropped. A truncated or garbage file, another format (a version 1
-file, whose rows have no owner, or a version 3 one, whose rows have no age, included), or another
-capacity, dimension or embedding id than configured is set aside as ``PATH.corrupt-<unix time>``
-and rebuilt empty, with one log line (only the latest set-aside copy is kept). The file's blocks
-are reserved when it is created or opened (inferd.shm.ownedfile): a store the filesystem cannot
-hold is an error at open (EmbeddingStoreNoSpace), and a full filesystem later never turns an add
-into a SIGBUS. The embedding id is there because two definitions of the embedding (another layer
-or pooling, ``model.embedding_layer`` / ``model.embedding_pool``) may have the same width, and
-their vectors must never be compared; the default file name carries it too (:func:`default_path`),
-so each definition keeps its own file.
-
-Search is exact: one float32 matrix-vector product over the rows in use, O(N * D) per query, rows
-of other uids masked out (per uid), then ``np.argpartition`` for the top k. Measured on the 2-core
-development machine, dim 512, file in the page cache: about 0.2 ms per query at 10k rows and 5-8
-ms at 100k rows (memory bound: the product reads all 200 MB of vectors every query).
-That is the limit of this design: beyond ~100k rows, or for many queries per second, use an
-approximate index (FAISS IVF-PQ or HNSW, or hnswlib) built over these rows, and keep this file as
-the source of truth that the index is rebuilt from.
+store's lock (``AnnIndex.changed``), so no row is ever neither pending nor indexed. A uid holding
+fewer than ``embeddings.index_exact_below`` rows is scanned exactly over its own rows instead (its
+deque of rows): as fast there, and exact, where a small graph that recycled its rows many times
+can lose a row (measured: 1 in 150 after eight rounds, none in 5,000 after five).
 
 NOTE [ a full store is shared by uid ]
 Once every row is taken, a new row of uid U takes the oldest row of
@@ -169,7 +110,7 @@ import numpy as np
 from ...shm import ownedfile
 from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
 
-# Why one module of ~600 lines: the file layout drawn above, the start-up checks that read it and
+# Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
 # the store that writes it are one format; split, a change to a row's bytes would have to be made
 # in two files that only agree by convention. The per-uid share and the search are methods of the
 # store because both act on the same rows under the same lock; the index is a module of its own
