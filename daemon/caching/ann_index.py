@@ -126,6 +126,8 @@ class AnnIndex:
                 held = self.rows["stamp"] != 0
                 current = held & valid & (self.rows["stamp"] == stamp) & (self.rows["uid"] == uid) \
                     & (self.rows["hash"] == hash8)
+                if held.any() and not current.any():        # a store rebuilt empty, or another one
+                    raise IndexFileError("the store holds none of its rows")
                 self.counters["reopened"] = 1
                 stale = int((valid & ~current).sum())
                 self.log.info("near-duplicate index %s reopened: %d rows, %d to insert", directory,

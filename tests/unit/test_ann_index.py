@@ -290,3 +290,18 @@ def test_a_flooding_uid_replaces_only_its_own_rows(path):
                    for _, t, _ in store.search(v[i], 5, -1.0, uid=1000))
     finally:
         store.close()
+
+
+def test_an_index_of_another_store_is_rebuilt(path, tmp_path, caplog):
+    store, v = fill(path, n=600)
+    store.close()
+    other = str(tmp_path / "other.store")
+    os.rename(path + ".index", other + ".index")        # beside a store that never held its rows
+    caplog.set_level("INFO", logger="inferd.embeddings")
+    store, w = fill(other, n=600, uids=(5,))
+    try:
+        assert store.index_stats()["rebuilt"] == 1
+        assert any("holds none of its rows" in r.getMessage() for r in caplog.records)
+        assert store.search(v[3], 1, -1.0, uid=0) == []
+    finally:
+        store.close()
