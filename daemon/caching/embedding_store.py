@@ -173,9 +173,10 @@ def index_options(cfg) -> IndexOptions | None:
 def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     """Remove from ``directory`` the stores that :func:`default_path` named for other models or
     embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
-    model ever served otherwise piles up in the cache directory (hundreds of MB at the default
-    capacity). A store another process holds (its ``flock``: a daemon sharing the folder) is
-    left alone. Returns the names removed; one log line says what and how much."""
+    model ever served otherwise piles up in the cache directory (a GB at the default capacity),
+    with the near-duplicate index directory (``.index``) of each. A store another process holds
+    (its ``flock``: a daemon sharing the folder) is left alone, and so is its index. Returns the
+    names of the stores removed; one log line says what and how much."""
     keep_name = os.path.basename(keep)
     try:
         names = sorted(os.listdir(directory))
@@ -187,7 +188,6 @@ def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
         if name.startswith("embeddings-") and name.endswith(".store.index") and name != keep_name + ".index" \
                 and not os.path.exists(os.path.join(directory, name[:-len(".index")])):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)   # its store went before
-            removed.append(name)
             continue
         if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
             continue
