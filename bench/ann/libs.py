@@ -295,23 +295,24 @@ def scoping(vecs: np.ndarray, uids: int, queries: int, rng, log) -> dict:
     owner = rng.choice(uids, rows, p=weights / weights.sum())
     new = lambda: Index(ndim=dim, metric="cos", dtype="f16", connectivity=M, expansion_add=EF_CONSTRUCTION,
                         expansion_search=64)
-    t0 = time.perf_counter()
+    gc.collect()
+    r0, t0 = rss(), time.perf_counter()
     shared = new()
     shared.add(np.arange(rows), vecs, threads=1)
-    shared_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    shared_s, shared_rss = time.perf_counter() - t0, rss() - r0
+    gc.collect()
+    r0, t0 = rss(), time.perf_counter()
     graphs = {}
     for u in range(uids):
         mine = np.flatnonzero(owner == u)
         if len(mine):
             graphs[u] = new()
             graphs[u].add(mine, vecs[mine], threads=1)
-    per_uid_s = time.perf_counter() - t0
+    per_uid_s, per_uid_rss = time.perf_counter() - t0, rss() - r0
     out = {"uids": uids, "rows": rows, "largest_uid_rows": int(np.bincount(owner).max()),
            "smallest_uid_rows": int(np.bincount(owner, minlength=uids).min()),
            "build_s": {"shared": round(shared_s, 1), "per_uid": round(per_uid_s, 1)},
-           "memory_bytes_per_row": {"shared": round(shared.memory_usage / rows),
-                                    "per_uid": round(sum(g.memory_usage for g in graphs.values()) / rows)}}
+           "rss_bytes_per_row": {"shared": round(shared_rss / rows), "per_uid": round(per_uid_rss / rows)}}
     picks = rng.choice(rows, queries, replace=False)
     noise = unit(rng.standard_normal((queries, dim))) * 0.33
     qs = unit(vecs[picks] + noise)
