@@ -77,14 +77,23 @@ class _Graph:
     def __init__(self, index, path: str | None = None):
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
+        self.per_row = 2 * index.ndim + 10 * index.connectivity   # float16 vector + links, estimated
         self.size = self.bytes = 0
-        self.refresh()
+        self.measure()
 
     def refresh(self) -> None:
-        """Under the graph lock, after a change. ``bytes``: the graph's serialized length, what it
+        """Under the graph lock, after a change."""
+        self.size = len(self.index)
+        self.bytes = self.size * self.per_row
+
+    def measure(self) -> None:
+        """``refresh`` with the bytes a row takes measured: the serialized length, what the graph
         holds in memory (usearch's ``memory_usage`` counts a 16 MiB arena reservation per graph
-        that stays virtual: 132 KB resident for a graph of 100 rows)."""
-        self.size, self.bytes = len(self.index), self.index.serialized_length
+        that stays virtual). O(rows): at open, load and save only."""
+        self.size = len(self.index)
+        if self.size:
+            self.per_row = self.index.serialized_length / self.size
+        self.refresh()
 
     def __len__(self) -> int:
         return self.size
@@ -252,9 +261,10 @@ class AnnIndex:
                 continue
             index = Index.restore(g.view_path, view=False)
             index.expansion_search = self.options.expansion_search
+            loaded = _Graph(index)                          # measured outside the lock
+            loaded.dirty = False
             with self._lock:
-                self.graphs[key] = loaded = _Graph(index)
-                loaded.dirty = False
+                self.graphs[key] = loaded
         with self._lock:
             for row in self._drop:
                 self._remove(row)
@@ -323,6 +333,8 @@ class AnnIndex:
                     os.fsync(fh.fileno())
                 os.replace(path + ".tmp", path)
                 g.dirty = False
+                if len(g):                                  # the file is the serialized graph
+                    g.per_row = os.path.getsize(path) / len(g)
             scopes.append((key, path, len(g)))
             keep.add(os.path.basename(path))
         if graphs:
