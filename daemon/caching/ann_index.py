@@ -239,13 +239,13 @@ class AnnIndex:
                         if wait is None or wait > 0:
                             self._wake.wait(wait)
                 if self._changed and time.monotonic() >= self._saved_at + interval:
-                    self.save()
+                    self._try_save()
             with self.source.lock:
                 batch = list(self.pending.items()) if len(self.pending) <= self.options.max_pending else []
             if batch:                                       # a few: inserted now rather than at reopen
                 self._insert(batch)
             if self._changed:
-                self.save()                                 # the rest is pending at reopen
+                self._try_save()                            # the rest is pending at reopen
         except Exception:                                   # never silently: the index stops answering
             self.log.exception("near-duplicate index %s: inserter thread failed; exact search only",
                                self.directory)
@@ -312,6 +312,16 @@ class AnnIndex:
                 if self.pending.get(row) == seq:
                     del self.pending[row]
         self._changed = True
+
+    def _try_save(self) -> None:
+        """Save; a filesystem that refuses (full, read-only) costs a warning and a retry at the
+        next interval, never the index: it serves from memory meanwhile."""
+        try:
+            self.save()
+        except OSError as exc:
+            self._saved_at = time.monotonic()
+            self.log.warning("near-duplicate index %s not saved (retried in %.0f s): %s",
+                             self.directory, self.options.save_interval_s, exc)
 
     def save(self) -> None:
         """Write the graphs and ``meta`` (ann_file.py: crash-safe order). Inserter thread only
