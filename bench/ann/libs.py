@@ -355,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)            # numpy's BLAS on one thread, as the daemon runs it (threads.blas)
     rng = np.random.default_rng(args.seed)
     vecs = dataset(args.rows, args.vectors, args.seed)
     _, changed = changed_copies(vecs, args.queries, rng)

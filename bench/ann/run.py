@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     os.makedirs(args.keep, exist_ok=True)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)            # numpy's BLAS on one thread, as the daemon runs it (threads.blas)
     if args.save_vectors:
         from inferd.daemon.models.zoo.shapes import make_dataset
         np.save(args.vectors, embed(make_dataset(args.save_vectors, args.seed + 100)[0]))
