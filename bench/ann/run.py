@@ -216,7 +216,7 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
     from ..lib.daemons import cache_daemon, daemon_summary
     from ..lib.measure import cpu_seconds
 
-    imgs = make_dataset(frames * 3, seed + 7)[0]
+    imgs = make_dataset(frames * 4, seed + 7)[0]
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
     out = {"frames": frames, "runs": []}
     try:
