@@ -130,6 +130,7 @@ class AnnIndex:
         inserter thread fills from the store; either way its thread is running on return."""
         self = cls(directory, ident, options, source, log)
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)                          # as private as the store beside it
         with source.lock:                                   # no add between the check and pending
             valid, stamp, uid, hash8 = source.state()
             try:
@@ -340,6 +341,7 @@ class AnnIndex:
             else:
                 g.index.save(path + ".tmp")
                 with open(path + ".tmp", "rb+") as fh:
+                    os.fchmod(fh.fileno(), 0o600)           # other uids' vectors: the daemon's alone
                     os.fsync(fh.fileno())
                 os.replace(path + ".tmp", path)
                 g.dirty = False

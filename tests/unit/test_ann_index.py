@@ -3,6 +3,7 @@ answers against the exact scan, per-uid scoping, recycled rows, saving and reope
 rebuild, and a missing, corrupt, truncated, stale or foreign index rebuilt from the store, never a
 wrong answer (through a real daemon: tests/integration/test_near_index.py)."""
 import os
+import stat
 import threading
 import time
 
@@ -159,6 +160,9 @@ def test_pending_rows_are_searched_exactly(path):
 def test_reopened_without_rebuild(path):
     store, v = fill(path, uids=(0, 1))
     store.close()
+    d = path + ".index"
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert all(stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode) == 0o600 for n in os.listdir(d))
     store = EmbeddingStore.open(path, 1500, DIM, index=OPTS)
     try:
         stats = store.index_stats()
