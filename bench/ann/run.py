@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default="/tmp/inferd-ann-bench", help="where built stores are kept for reuse")
     p.add_argument("--cpu-frames", type=int, default=1500,
                    help="at the largest size, daemon CPU per classified frame with the store against without; 0: skip")
+    p.add_argument("--cpu-only", action="store_true", help="only the daemon CPU per frame, at the largest size")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
     p.add_argument("--seed", type=int, default=3)
@@ -302,11 +303,18 @@ def main(argv=None) -> int:
     for rows in (int(s) for s in args.sizes.split(",")):
         path = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
         info = build(path, rows, data, vectors, args.seed, log)
-        if args.build_only:
+        if args.build_only or args.cpu_only:
             continue
         report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log),
                                 "build": info})
     if args.build_only:
+        return 0
+    if args.cpu_only:
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log)
+        print(json.dumps(out, indent=1))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(out, fh, indent=1)
         return 0
     big = report["sizes"][-1]
     if args.cpu_frames:
