@@ -190,12 +190,38 @@ class CacheConfig:
 class EmbeddingsConfig:
     enabled: bool = _opt(True, "keep embeddings of models that expose one (model.embedding_layer)")
     path: str = _opt("", "store file; empty: embeddings-<model digest>.store beside the result cache")
-    capacity: int = _opt(100_000, "embeddings kept; once full, a uid past its share (capacity / uids "
-                                  "holding rows) replaces its own oldest; exact search is fine to ~100k",
-                         lo=1, hi=10_000_000)
+    capacity: int = _opt(1_000_000, "embeddings kept (a file of capacity * (4 * dim + 112) bytes, 1.3 GB "
+                                    "at the default with the built-in model, and the index beside it: "
+                                    "~760 bytes a row in use); once full, a uid past its share (capacity "
+                                    "/ uids holding rows) replaces its own oldest",
+                         lo=1, hi=100_000_000)
     shared: bool = _opt(False, "near-duplicate results and tags are visible to every uid; false: a "
                                "uid sees only the images it stored itself")
-
+    index: bool = _opt(True, "search through an approximate index (HNSW graphs, usearch, one per uid "
+                             "or one for all when shared) saved in <store file>.index/ and reopened "
+                             "memory-mapped; false: every search scans the whole store exactly "
+                             "(~70 ms a query at a million rows)")
+    index_exact_below: int = _opt(5_000, "stores with fewer rows are scanned exactly (as fast as the "
+                                         "graph there, and exact)", lo=0, hi=100_000_000)
+    index_exact_max: int = _opt(100_000, "while the index rebuilds or is over index_max_pending rows "
+                                         "behind, stores up to this many rows are scanned exactly "
+                                         "(~7 ms a query at 100k); larger ones answer near-duplicate "
+                                         "requests overloaded (retry later)", lo=0, hi=100_000_000)
+    index_max_pending: int = _opt(4_096, "rows stored but not yet in the graph that a search scans "
+                                         "exactly beside it; more: as index_exact_max says",
+                                  lo=0, hi=1_000_000)
+    index_ef: int = _opt(64, "HNSW ef at search: candidates kept while walking the graph (more: "
+                             "better recall, slower)", lo=8, hi=4096)
+    index_m: int = _opt(16, "HNSW M: links per row (changing it rebuilds the index)", lo=4, hi=128)
+    index_ef_construction: int = _opt(64, "HNSW ef at insert: candidates kept while linking a new row "
+                                          "(128 costs twice the CPU per insert for no recall measured "
+                                          "on near-duplicates; changing it rebuilds the index)",
+                                      lo=8, hi=4096)
+    index_save_interval_s: float = _opt(300.0, "seconds between saves of the index while rows change "
+                                               "(and at shutdown): a save writes every changed graph "
+                                               "(~760 MB at a million rows); a crash loses only the "
+                                               "inserts since, redone from the store at start-up",
+                                        lo=1.0, hi=86400.0)
 
 @dataclass
 class MetricsConfig:

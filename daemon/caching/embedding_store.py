@@ -54,13 +54,27 @@ or pooling, ``model.embedding_layer`` / ``model.embedding_pool``) may have the s
 their vectors must never be compared; the default file name carries it too (:func:`default_path`),
 so each definition keeps its own file.
 
-Search is exact: one float32 matrix-vector product over the rows in use, O(N * D) per query, rows
-of other uids masked out (per uid), then ``np.argpartition`` for the top k. Measured on the 2-core
-development machine, dim 512, file in the page cache: about 0.2 ms per query at 10k rows and 5-8
-ms at 100k rows (memory bound: the product reads all 200 MB of vectors every query).
-That is the limit of this design: beyond ~100k rows, or for many queries per second, use an
-approximate index (FAISS IVF-PQ or HNSW, or hnswlib) built over these rows, and keep this file as
-the source of truth that the index is rebuilt from.
+Search. Exact: one float32 matrix-vector product over the rows in use, rows of other uids masked
+out (per uid), then ``np.argpartition`` for the top k; O(N * D) a query, memory bound: with the
+built-in 305-float embedding about 0.2 ms at 10k rows, 7 ms at 100k and 70 ms at a million.
+With an index (``embeddings.index``, daemon/caching/ann_index.py) and at least
+``embeddings.index_exact_below`` rows, NOTE [ searching ] instead: about a millisecond at a
+million rows (docs/benchmarks.md "Near-duplicate index"). The exact scan stays the reference the
+index is measured against, answers small stores, and answers while a store of at most
+``embeddings.index_exact_max`` rows has its index rebuilt; a larger one then raises
+EmbeddingIndexBusy (the daemon answers overloaded).
+
+NOTE [ searching ]
+The index proposes candidates (HNSW over float16 copies of the vectors, one graph per uid unless
+shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
+to the asking uid and not pending (written since the index took them), adds every pending row the
+uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
+the store's current ones: the index can only miss a row (recall), never return a wrong, stale or
+foreign one. A new image's row (and a rewrite with another vector) is handed to the index under the
+store's lock (``AnnIndex.changed``), so no row is ever neither pending nor indexed. A uid holding
+fewer than ``embeddings.index_exact_below`` rows is scanned exactly over its own rows instead (its
+deque of rows): as fast there, and exact, where a small graph that recycled its rows many times
+can lose a row (measured: 1 in 150 after eight rounds, none in 5,000 after five).
 
 NOTE [ a full store is shared by uid ]
 Once every row is taken, a new row of uid U takes the oldest row of
@@ -85,18 +99,22 @@ import hashlib
 import logging
 import mmap
 import os
+import shutil
 import struct
 import threading
+import types
 import zlib
 
 import numpy as np
 
 from ...shm import ownedfile
+from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
 
-# Why one module of ~420 lines: the file layout drawn above, the start-up checks that read it and
+# Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
 # the store that writes it are one format; split, a change to a row's bytes would have to be made
 # in two files that only agree by convention. The per-uid share and the search are methods of the
-# store because both act on the same rows under the same lock.
+# store because both act on the same rows under the same lock; the index is a module of its own
+# (ann_index.py, its file ann_file.py): it holds no truth of the store's.
 
 MAGIC = b"INFDEMBD"
 FORMAT_VERSION = 4
@@ -142,12 +160,23 @@ def default_path(directory: str, digest: str, embedding: str) -> str:
     return os.path.join(directory, name + ".store")
 
 
+def index_options(cfg) -> IndexOptions | None:
+    """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
+    if not cfg.index:
+        return None
+    return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
+                        expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
+                        exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
+                        save_interval_s=cfg.index_save_interval_s)
+
+
 def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     """Remove from ``directory`` the stores that :func:`default_path` named for other models or
     embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
-    model ever served otherwise piles up in the cache directory (hundreds of MB at the default
-    capacity). A store another process holds (its ``flock``: a daemon sharing the folder) is
-    left alone. Returns the names removed; one log line says what and how much."""
+    model ever served otherwise piles up in the cache directory (a GB at the default capacity),
+    with the near-duplicate index directory (``.index``) of each. A store another process holds
+    (its ``flock``: a daemon sharing the folder) is left alone, and so is its index. Returns the
+    names of the stores removed; one log line says what and how much."""
     keep_name = os.path.basename(keep)
     try:
         names = sorted(os.listdir(directory))
@@ -156,6 +185,10 @@ def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     removed, freed = [], 0
     for name in names:
         base = name.split(".corrupt-")[0]
+        if name.startswith("embeddings-") and name.endswith(".store.index") and name != keep_name + ".index" \
+                and not os.path.exists(os.path.join(directory, name[:-len(".index")])):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)   # its store went before
+            continue
         if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
             continue
         path = os.path.join(directory, name)
@@ -214,6 +247,22 @@ def _acquire(path: str, capacity: int, dim: int, embedding: str | None, mode: in
                              error=EmbeddingStoreError, no_space=EmbeddingStoreNoSpace)
 
 
+class _Lines:
+    """A callable taking one line, as a Logger for the index (``open``'s ``log`` may be either)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def info(self, msg, *args):
+        self.fn(msg % args)
+
+    warning = exception = info
+
+
+def _as_logger(log):
+    return log if log is None or isinstance(log, logging.Logger) else _Lines(log)
+
+
 class EmbeddingStore:
     """Open with :meth:`open`. Every method takes an internal lock, so device threads may add
     while the loop thread searches. ``close()`` is idempotent. ``shared``: see the module."""
@@ -233,16 +282,19 @@ class EmbeddingStore:
         self._high = 0                                   # rows at and past this one were never used
         self._free: list[int] = []                       # unused rows below _high, lowest last
         self._stamp = 0                                  # the largest stamp in use
+        self._ann: AnnIndex | None = None                # the near-duplicate index, when asked for
         self._load()
 
     @classmethod
     def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
-             log=None, embedding: str | None = None) -> "EmbeddingStore":
+             log=None, embedding: str | None = None, index: IndexOptions | None = None) -> "EmbeddingStore":
         """Open or create the store at ``path``; rebuild it (one line to ``log``: a Logger, a callable
         or None for ``inferd.embeddings``) if it is damaged, of another format, or was made for
         another capacity, dim or ``embedding`` (the definition's id, daemon/models/embedding_pooling.py
         ``embedding_id``; None: whatever the file was made for, unnamed when it is created, for
-        tools and tests). ``shared``: every uid sees every row (see the module)."""
+        tools and tests). ``shared``: every uid sees every row (see the module). ``index``: search
+        through a near-duplicate index (daemon/caching/ann_index.py) kept in ``PATH.index/``,
+        reopened or rebuilt from the rows here; None: exact search only."""
         if not 1 <= capacity < 2**40 or not 1 <= dim < 2**20:
             raise ValueError(f"capacity must be 1..2**40 and dim 1..2**20, got {capacity} and {dim}")
         try:
@@ -255,31 +307,74 @@ class EmbeddingStore:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, mm, fd, capacity, dim, shared)
+        store = cls(path, mm, fd, capacity, dim, shared)
+        if index is not None:
+            try:
+                store._open_index(index, log)
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def _open_index(self, options: IndexOptions, log) -> None:
+        ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
+                 "shared": self.shared, "connectivity": options.connectivity,
+                 "expansion_add": options.expansion_add}
+        source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
+        self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
+
+    def _hash8(self, rows) -> np.ndarray:
+        return np.ascontiguousarray(self._meta["hash"][rows, :8]).view("<u8").reshape(-1)
+
+    def _index_state(self):
+        """(valid, stamp, uid, first 8 bytes of the content hash) of every row: what the index
+        checks its saved rows against (daemon/caching/ann_file.py). Under the lock."""
+        m = self._meta
+        return self._valid.copy(), m["stamp"].copy(), m["uid"].copy(), self._hash8(slice(None))
+
+    def _index_read(self, rows: np.ndarray):
+        """The same for ``rows``, and their vectors (copies). Under the lock."""
+        m = self._meta
+        return self._valid[rows], m["stamp"][rows], m["uid"][rows], self._hash8(rows), self._vectors[rows]
 
     def _load(self) -> None:
         """Rebuild the in-memory index, dropping rows an interrupted add or damage left behind."""
         meta = self._meta
         flagged = meta["valid"] == 1
-        norm2 = np.einsum("ij,ij->i", self._vectors, self._vectors)
+        # the norms of flagged rows only: a new or sparse store's vectors are never paged in (a
+        # million-row file's 1.2 GB of zero pages took 2.6 s to read at every first start)
+        cand = np.flatnonzero(flagged)
+        vectors = self._vectors if len(cand) > self.capacity // 2 else self._vectors[cand]
+        norm2 = np.einsum("ij,ij->i", vectors, vectors)
+        if len(cand) > self.capacity // 2:
+            norm2 = norm2[cand]
         tag_len = meta["tag_len"]
-        ok = flagged & (np.abs(norm2 - 1.0) < 1e-3) & ((tag_len <= TAG_MAX) | (tag_len == NO_TAG))
+        ok = np.zeros(self.capacity, bool)
+        ok[cand] = (np.abs(norm2 - 1.0) < 1e-3) & ((tag_len[cand] <= TAG_MAX) | (tag_len[cand] == NO_TAG))
         rows = np.flatnonzero(ok)
+        # one bytes object per column, sliced per row: a million rows load in about a second
+        # (numpy's per-row indexing took four)
         hashes = np.ascontiguousarray(meta["hash"][rows]).tobytes()
-        uids = meta["uid"][rows].tolist()
-        for j, row in enumerate(rows.tolist()):
+        tags = np.ascontiguousarray(meta["tag"][rows]).tobytes()
+        index, row_hashes, row_tags, count = self._index, self._hashes, self._tags, 0
+        for j, (row, uid, n) in enumerate(zip(rows.tolist(), meta["uid"][rows].tolist(), tag_len[rows].tolist())):
             key = hashes[32 * j:32 * j + 32]
-            n = int(tag_len[row])
             try:
-                tag = None if n == NO_TAG else meta["tag"][row][:n].tobytes().decode("utf-8")
+                tag = None if n == NO_TAG else tags[TAG_MAX * j:TAG_MAX * j + n].decode("utf-8")
             except UnicodeDecodeError:
-                tag = key = None
-            owners = self._index.setdefault(key, {}) if key is not None else None
-            if owners is None or uids[j] in owners:
                 ok[row] = False
                 continue
-            owners[uids[j]], self._hashes[row], self._tags[row] = row, key, tag
-            self._count += 1
+            owners = index.get(key)
+            if owners is None:
+                index[key] = {uid: row}
+            elif uid in owners:
+                ok[row] = False
+                continue
+            else:
+                owners[uid] = row
+            row_hashes[row], row_tags[row] = key, tag
+            count += 1
+        self._count = count
         meta["valid"][flagged & ~ok] = 0                 # dropped for good, not re-examined next time
         self._valid = ok
         kept = np.flatnonzero(ok)
@@ -310,6 +405,9 @@ class EmbeddingStore:
             fresh = row is None
             if fresh:
                 row = self._take_row(uid)
+            # the index re-inserts a new image, or a rewrite with another vector (the daemon's
+            # rewrites carry the same frame's, so equal up to float noise: kept where they are)
+            moved = fresh or not np.allclose(self._vectors[row], unit, rtol=0, atol=1e-4)
             self._meta["valid"][row] = 0                 # a kill loses this row only
             if fresh:
                 self._stamp += 1
@@ -326,6 +424,8 @@ class EmbeddingStore:
             self._hashes[row], self._tags[row] = key, tag
             self._valid[row] = True
             self._high = max(self._high, row + 1)
+            if moved and self._ann is not None:
+                self._ann.changed(row)                   # a new image in this row: to (re)index
         return row
 
     def _take_row(self, uid: int) -> int:
@@ -377,28 +477,84 @@ class EmbeddingStore:
                uid: int | None) -> list[tuple[bytes, str | None, float]]:
         """The up to ``k`` rows ``uid`` may see (its own; every row when shared or ``uid`` is None)
         most similar to ``vector`` with cosine similarity at least ``min_similarity``, best first:
-        (content hash, tag, similarity). Exact (see the module)."""
+        (content hash, tag, similarity). Through the index when there is one and the store is not
+        small (NOTE [ searching ]); similarities are always computed here, exactly. Raises
+        EmbeddingIndexBusy while the index rebuilds a store too large to scan."""
         query = self._unit(vector)
+        ann = self._ann
+        if k < 1:
+            return []
+        if ann is not None and self._high >= ann.options.exact_below:
+            if uid is not None and not self.shared and len(self._owned.get(uid, ())) < ann.options.exact_below:
+                with self._lock:                         # a small uid in a large store: its own rows
+                    self._require_open()
+                    rows = np.fromiter(self._owned.get(uid, ()), np.int64)
+                    return self._best(rows, self._vectors[rows] @ query, k, min_similarity)
+            if ann.answers():
+                return self._search_index(ann, query, k, min_similarity, uid)
+            if self._high > ann.options.exact_max:
+                ann.counters["busy"] += 1
+                raise EmbeddingIndexBusy(
+                    f"the near-duplicate index is {len(ann.pending)} rows behind the store ({self._high} "
+                    f"rows, more than embeddings.index_exact_max to scan instead); retry in a few seconds")
+            ann.counters["exact_searches"] += 1
         with self._lock:
             self._require_open()
-            n = self._high
-            if n == 0 or k < 1:
-                return []
-            sims = self._vectors[:n] @ query             # the one O(N * D) step
-            hidden = ~self._valid[:n]
-            if uid is not None and not self.shared:
-                hidden |= self._meta["uid"][:n] != uid
-            sims[hidden] = -np.inf
-            k = min(k, n)
-            best = np.argpartition(-sims, k - 1)[:k]
-            best = best[np.argsort(-sims[best], kind="stable")]
-            return [(self._hashes[i], self._tags[i], float(sims[i]))
-                    for i in best.tolist() if sims[i] >= min_similarity]
+            return self._search_exact(query, k, min_similarity, uid)
+
+    def _search_exact(self, query, k, min_similarity, uid):
+        n = self._high
+        if n == 0:
+            return []
+        sims = self._vectors[:n] @ query                 # the one O(N * D) step
+        hidden = ~self._valid[:n]
+        if uid is not None and not self.shared:
+            hidden |= self._meta["uid"][:n] != uid
+        sims[hidden] = -np.inf
+        return self._best(np.arange(n), sims, k, min_similarity)
+
+    def _search_index(self, ann: AnnIndex, query, k, min_similarity, uid):
+        """NOTE [ searching ]: the graph proposes rows (outside the store's lock: it takes the
+        index's), the store keeps those it may show that are not pending, adds the pending rows
+        (exact), and ranks all by their own vectors. Fewer than k kept from the graph while its
+        scope holds more: ask again for four times as many."""
+        count = k + 16
+        while True:
+            cand = ann.candidates(query, count, uid)
+            with self._lock:
+                self._require_open()
+                pend = np.fromiter(ann.pending, np.int64, len(ann.pending))
+                got = cand[self._valid[cand] & ~np.isin(cand, pend)] if len(pend) else cand[self._valid[cand]]
+                if uid is not None and not self.shared:
+                    got = got[self._meta["uid"][got] == uid]
+                if len(got) >= k or count >= ann.scope_rows(uid):
+                    pend = pend[self._valid[pend]]
+                    if uid is not None and not self.shared:
+                        pend = pend[self._meta["uid"][pend] == uid]
+                    rows = np.concatenate([got, pend])
+                    return self._best(rows, self._vectors[rows] @ query, k, min_similarity)
+            count *= 4
+
+    def _best(self, rows: np.ndarray, sims: np.ndarray, k: int, min_similarity: float):
+        if len(rows) == 0:
+            return []
+        k = min(k, len(rows))
+        best = np.argpartition(-sims, k - 1)[:k]
+        best = best[np.argsort(-sims[best], kind="stable")]
+        return [(self._hashes[i], self._tags[i], float(sims[j]))
+                for i, j in zip(rows[best].tolist(), best.tolist()) if sims[j] >= min_similarity]
+
+    def index_stats(self) -> dict | None:
+        """The near-duplicate index's counters (rows, pending, reopened, rebuilt ...), or None."""
+        return None if self._ann is None else self._ann.stats()
 
     def __len__(self) -> int:
         return self._count
 
     def close(self) -> None:
+        ann, self._ann = self._ann, None
+        if ann is not None:
+            ann.close()                                  # saves; its thread takes our lock meanwhile
         with self._lock:
             mm, self._mm = self._mm, None
             fd, self._fd = self._fd, None

@@ -95,7 +95,7 @@ from ..front.admission import Rejected
 from ...shm import cache as cachefile
 from ...shm import limits, uploads, wire
 from ...shm.ring import RingError
-from .embedding_store import EmbeddingStore
+from .embedding_store import EmbeddingStore, index_options
 
 log = logging.getLogger("inferd.caching")
 
@@ -200,7 +200,8 @@ class Caches:
         """Open the embedding store (``embedding``: the definition's id, daemon/models/embedding_pooling.py)."""
         private_directory(os.path.dirname(path) or ".")
         self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
-                                         shared=self.cfg.embeddings.shared, log=log, embedding=embedding)
+                                         shared=self.cfg.embeddings.shared, log=log, embedding=embedding,
+                                         index=index_options(self.cfg.embeddings))
         log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
                  self.cfg.embeddings.capacity, dim)
 
@@ -352,6 +353,8 @@ class Caches:
             out["file"] = self.cache.stats()
         if self.store is not None:
             out["embeddings"] = len(self.store)
+            if (index := self.store.index_stats()) is not None:
+                out["embedding_index"] = index
         if self.l2 is not None:
             out["l2"] = self.l2.stats()
         return out

@@ -347,6 +347,8 @@ class Scheduler:
         """The reply to embed (the vector) or near (``matches``, searched by the device thread)."""
         if vector is None or (op == "near" and matches is None):
             return wire.error(rid, wire.E_INTERNAL, "the model produced no embedding for this frame")
+        if isinstance(matches, Exception):  # the near-duplicate index rebuilding a large store
+            return wire.error(rid, wire.E_OVERLOADED, str(matches), retry_after_ms=5000)
         if op == "embed":
             return {"id": rid, "ok": True, "embedding": np.asarray(vector, np.float32).tobytes(),
                     "content_hash": content.hex()}

@@ -330,6 +330,17 @@ def _cache_families(c: dict, counters: dict):
         yield _gauge("inferd_cache_capacity_entries", "Entries the cache file has room for", f["entries"])
     if "embeddings" in c:
         yield _gauge("inferd_embeddings_stored", "Embeddings in the store", c["embeddings"])
+    ix = c.get("embedding_index")
+    if ix is not None:                  # the near-duplicate index (daemon/caching/ann_index.py)
+        yield _gauge("inferd_embedding_index_rows", "Rows in the near-duplicate index's graphs", ix["rows"])
+        yield _gauge("inferd_embedding_index_pending", "Rows stored but not yet in the index (scanned "
+                     "exactly beside it)", ix["pending"])
+        yield _gauge("inferd_embedding_index_bytes", "Memory of the index's graphs", ix["bytes"])
+        yield _counter("inferd_embedding_index_inserted", "Rows inserted into the index", ix["inserted"])
+        yield _counter("inferd_embedding_index_busy", "Near-duplicate searches answered overloaded while "
+                       "the index of a large store rebuilt", ix["busy"])
+        yield _gauge("inferd_embedding_index_rebuilt", "1 if the index was rebuilt from the store at "
+                     "start-up (missing, damaged or stale), 0 if reopened", ix["rebuilt"])
 
 
 L2_LOOKUP_RESULTS = ("hits", "misses", "errors", "timeouts", "skipped")

@@ -51,7 +51,7 @@ import dataclasses
 import logging
 import time
 
-from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path
+from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path, index_options
 from ..config import ConfigError, ModelConfig, from_dict
 from ..models import loading as model_mod
 from ..models.embedding_pooling import embedding_id
@@ -198,7 +198,8 @@ class ModelSwap:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
         try:
-            return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding)
+            return EmbeddingStore.open(path, cfg.capacity, dim, shared=cfg.shared, log=log, embedding=embedding,
+                                       index=index_options(cfg))
         except EmbeddingStoreError as exc:      # a full filesystem, another daemon's lock: keep serving
             raise ReloadError(str(exc)) from None
 

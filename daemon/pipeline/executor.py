@@ -25,6 +25,7 @@ from .engine import Engine, Staging
 from .records import BatchEntry, BatchResult, Outcome, screen
 from ..models.loading import LoadedModel, warmup_sizes
 from ..dispatch.profile import LatencyProfile
+from ..caching.ann_index import EmbeddingIndexBusy
 
 if TYPE_CHECKING:
     from ..caching.embedding_store import EmbeddingStore
@@ -244,7 +245,10 @@ class Executor(threading.Thread):
                         # the loop ... among the rows its uid may see
                         # (daemon/caching/embedding_store.py: per uid unless shared)
                         r = e.request
-                        e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
+                        try:
+                            e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
+                        except EmbeddingIndexBusy as exc:   # this request only: answered overloaded
+                            e.matches = exc
         except Exception as exc:  # a model failure reaches every request of the batch, typed
             log.error("batch of %d on %s failed: %s: %s", len(live), dev.label, type(exc).__name__, exc)
             for e in live:

@@ -16,7 +16,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _stores(work: str) -> set[str]:
-    return {n for n in os.listdir(work) if n.startswith("embeddings-")}
+    """The stores (each with its near-duplicate index directory, checked here)."""
+    names = {n for n in os.listdir(work) if n.startswith("embeddings-")}
+    stores = {n for n in names if not n.endswith(".index")}
+    assert {n[:-len(".index")] for n in names - stores} <= stores, names   # no index outlives its store
+    return stores
 
 
 def _serve_once(work: str, *args: str):

@@ -1,0 +1,6 @@
+"""``python -m bench.ann``: see run.py (the library comparison: ``python -m bench.ann.libs``)."""
+import sys
+
+from .run import main
+
+sys.exit(main())

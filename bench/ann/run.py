@@ -1,0 +1,338 @@
+"""The near-duplicate index against the exact scan, in one run, at 10k, 100k and 1M stored rows.
+
+    python -m bench.ann [--sizes 10000,100000,1000000] [--vectors FILE.npy] [--quick] [--out FILE]
+
+Real images and their changed copies: ``--stored`` images of the built-in model's dataset
+(``inferd.daemon.models.zoo.shapes.make_dataset``) are embedded in this process by the built-in
+model as the daemon embeds them (``Engine``, ``features.0`` pooled ``grid:4+thumbnail:4``: the
+vectors the daemon stores), with changed copies of them made as bench/cache/near.py makes them
+(resize, JPEG-60, crop, brightness; ``--copies`` per change), and ``--fresh`` different images
+(another seed). The rest of each store is filler: real embeddings of other images from
+``--vectors`` (an .npy this benchmark writes with ``--save-vectors N``, e.g. 100,000 rows, once),
+then synthetic rows (mixtures of two real ones plus noise) up to the size: "1M rows" is 100k real
+and 900k synthetic rows plus the stored originals.
+
+Per size, one store (``EmbeddingStore`` with the index, capacity = rows), filled through ``add``
+(insert rate: rows per second until the index holds them all), then per query kind both searches
+in the same process: the index (``search``) and the exact scan (the store's own product over
+every row): p50 / p99 of one query (k=10), the fraction of changed copies whose original comes
+first and passes the default threshold, the fraction of different images whose best match passes
+it; memory per row (graph bytes in memory, graph file, store file) against the raw vector (4 *
+dim bytes); start-up with the full store: ``EmbeddingStore.open`` until the first search is
+answered, and until the graphs are writable again; at the largest size, a real daemon
+(``--model shapes``, result cache off) classifies ``--cpu-frames`` new images with a copy of the
+store and without one (off, on, on without the index, off): daemon CPU per frame, inserts
+included; on / off is everything storing costs (the embedding's pooling, hashing, the row and the
+index), on / on-without-index what the index adds. Stores are kept under ``--keep`` (in /tmp) and
+reused by the next run of the same size and seed. Targets: docs/benchmarks.md "Near-duplicate index".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..lib.measure import latency_stats
+from ..lib.report import prog
+
+KINDS = ("resize", "jpeg", "crop", "brightness")
+K = 10
+
+
+def embed(images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The built-in model's embeddings of uint8 images, as the daemon computes them (1 torch thread)."""
+    import torch
+
+    from inferd.daemon.config import ModelConfig
+    from inferd.daemon.models import loading as model_mod
+    from inferd.daemon.pipeline.engine import Engine, Staging
+
+    torch.set_num_threads(1)
+    engine = Engine(torch.device("cpu"), model_mod.load(ModelConfig()), keep_k=3)
+    engine.load()
+    staging = Staging(torch.device("cpu"), batch, images.shape[1:])
+    out = np.empty((len(images), engine.embedding_dim), np.float32)
+    for i in range(0, len(images), batch):
+        n = min(batch, len(images) - i)
+        staging.arrays[0][:n] = images[i:i + n]
+        out[i:i + n] = engine.launch(staging.tensors[0], n, 3, want_embedding=True).result()[2]
+    return out
+
+
+def images(stored: int, copies: int, fresh: int, seed: int) -> dict:
+    """Embeddings of the stored originals, their changed copies (per kind: indices, vectors) and
+    the different images."""
+    from inferd.daemon.models.zoo.shapes import make_dataset
+
+    from ..cache.near import change
+
+    rng = np.random.default_rng(seed)
+    originals, _ = make_dataset(stored, seed)
+    others, _ = make_dataset(fresh, seed + 1)
+    batches, copy_idx = [originals, others], {}
+    for kind in KINDS:
+        idx = rng.choice(stored, size=min(copies, stored), replace=False)
+        copy_idx[kind] = idx
+        batches.append(np.stack([change(originals[i], kind, rng) for i in idx]))
+    vecs = embed(np.concatenate(batches))
+    out = {"stored": vecs[:stored], "fresh": vecs[stored:stored + fresh], "copies": {}}
+    at = stored + fresh
+    for kind in KINDS:
+        n = len(copy_idx[kind])
+        out["copies"][kind] = (copy_idx[kind], vecs[at:at + n])
+        at += n
+    return out
+
+
+def filler(rows: int, path: str, seed: int, dim: int) -> np.ndarray:
+    from .libs import dataset
+
+    return dataset(rows, path, seed) if rows else np.zeros((0, dim), np.float32)
+
+
+def embedding() -> str:
+    """The built-in model's embedding id: stores built here are ones the daemon opens as they are."""
+    from inferd.daemon.config import ModelConfig
+    from inferd.daemon.models import loading as model_mod
+    from inferd.daemon.models.embedding_pooling import embedding_id
+
+    return embedding_id(model_mod.load(ModelConfig()).spec)
+
+
+def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dict:
+    """A store of ``rows`` rows at ``path`` with the index settled: the originals among filler.
+    Reused when a previous run left it complete."""
+    from inferd.daemon.caching.embedding_store import EmbeddingStore, IndexOptions
+
+    stored = data["stored"]
+    done = path + ".complete"
+    if os.path.exists(done):
+        with open(done) as fh:
+            return json.load(fh)
+    for leftover in (path, path + ".index"):
+        if os.path.isdir(leftover):
+            import shutil
+            shutil.rmtree(leftover)
+        elif os.path.exists(leftover):
+            os.unlink(leftover)
+    fill = filler(rows - len(stored), vectors, seed, stored.shape[1])
+    store = EmbeddingStore.open(path, rows, stored.shape[1], index=IndexOptions(exact_below=0),
+                                embedding=embedding())
+    try:
+        t0 = time.perf_counter()
+        for i in range(len(fill)):
+            store.add(b"F" + i.to_bytes(31, "little"), fill[i], None, uid=0)
+        for i in range(len(stored)):
+            store.add(b"S" + i.to_bytes(31, "little"), stored[i], str(i), uid=0)
+        added = time.perf_counter() - t0
+        while store.index_stats()["pending"]:
+            time.sleep(0.2)  # noqa: sleep-ok (waiting for the inserter thread, reported as its rate)
+        settled = time.perf_counter() - t0
+        log(f"  {rows} rows: added in {added:.1f} s, indexed in {settled:.1f} s")
+        info = {"add_rows_per_s": round(rows / added), "insert_rows_per_s": round(rows / settled)}
+    finally:
+        store.close()
+    with open(done, "w") as fh:
+        json.dump(info, fh)
+    return info
+
+
+def measure(path: str, rows: int, data: dict, queries: int, threshold: float, log) -> dict:
+    from inferd.daemon.caching.embedding_store import EmbeddingStore, IndexOptions
+
+    t0 = time.perf_counter()
+    store = EmbeddingStore.open(path, rows, data["stored"].shape[1], index=IndexOptions(exact_below=0))
+    opened = time.perf_counter() - t0
+    try:
+        first = data["fresh"][0]
+        store.search(first, K, -1.0, uid=0)
+        serving = time.perf_counter() - t0
+        while store.index_stats()["mapped"]:
+            time.sleep(0.01)  # noqa: sleep-ok (waiting for the graphs to be loaded, reported)
+        writable = time.perf_counter() - t0
+        stats = store.index_stats()
+        out = {"rows": rows, "start": {"open_s": round(opened, 3), "serving_s": round(serving, 3),
+                                       "writable_s": round(writable, 3), "rebuilt": stats["rebuilt"]}}
+        dim = data["stored"].shape[1]
+        graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index") if n.startswith("scope-")]
+        out["memory_bytes_per_row"] = {
+            "raw_vector": 4 * dim, "graph_in_memory": round(stats["bytes"] / rows),
+            "graph_file": round(sum(os.path.getsize(p) for p in graph_files) / rows),
+            "store_file": round(os.path.getsize(path) / rows)}
+        out["memory_bytes_per_row"]["store_and_graph_over_raw"] = round(
+            (out["memory_bytes_per_row"]["graph_file"] + out["memory_bytes_per_row"]["store_file"]) / (4 * dim), 2)
+
+        def run(fn, qs):
+            times, found = [], []
+            for q in qs:
+                t = time.perf_counter()
+                found.append(fn(q))
+                times.append(time.perf_counter() - t)
+            st = latency_stats(times)
+            return found, {"p50_ms": round(st["p50_ms"], 3), "p99_ms": round(st["p99_ms"], 3)}
+
+        index = lambda q: store.search(q, K, -1.0, uid=0)
+
+        def exact(q):
+            with store._lock:
+                return store._search_exact(store._unit(q), K, -1.0, 0)
+
+        copies = [(str(i), v) for kind in KINDS for i, v in zip(*data["copies"][kind])]
+        fresh = list(data["fresh"])
+        if rows > 100_000:                              # the exact scan answers an even sample (time)
+            copies, fresh = copies[::max(1, len(copies) // queries)], fresh[::max(1, len(fresh) // queries)]
+        tops = {}
+        for name, fn in (("index", index), ("exact", exact)):
+            res = {}
+            found, res["copy_query"] = run(fn, [v for _, v in copies])
+            tops[name] = [m[0][1] for m in found]
+            res["copies_found_first"] = round(float(np.mean(
+                [bool(m) and m[0][1] == want and m[0][2] >= threshold for (want, _), m in zip(copies, found)])), 4)
+            found, res["different_query"] = run(fn, fresh)
+            res["different_above_threshold"] = round(float(np.mean([bool(m) and m[0][2] >= threshold for m in found])), 4)
+            res["queries"] = len(copies) + len(fresh)
+            out[name] = res
+            log(f"  {rows} rows, {name}: {json.dumps(res)}")
+        out["index_top1_equals_exact"] = round(float(np.mean([a == b for a, b in zip(tops["index"], tops["exact"])])), 4)
+    finally:
+        store.close()
+    return out
+
+
+def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
+    """Daemon CPU per classified frame (new images: each one stored and inserted) with this store
+    (a copy) against the store off, in the same run: off, on, off. Result cache off in both."""
+    import shutil
+    import tempfile
+
+    from inferd.client import Client
+    from inferd.daemon.models.zoo.shapes import make_dataset
+
+    from ..cache.embeddings import _parallel
+    from ..lib.daemons import cache_daemon, daemon_summary
+    from ..lib.measure import cpu_seconds
+
+    imgs = make_dataset(frames * 4, seed + 7)[0]
+    tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
+    out = {"frames": frames, "runs": []}
+    try:
+        copy = os.path.join(tmp, "e.store")
+        shutil.copyfile(path, copy)
+        shutil.copytree(path + ".index", copy + ".index")
+        for run_no, (on, index) in enumerate(((False, False), (True, True), (True, False), (False, False))):
+            args = ["--model", "shapes", "--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
+                    "--set", f"embeddings.index={'true' if index else 'false'}"]
+            t0 = time.perf_counter()
+            with cache_daemon(args, cache=False, embeddings=on) as d:
+                started = time.perf_counter() - t0
+                pid = d["proc"].pid
+                part = imgs[run_no * frames:(run_no + 1) * frames]
+                with Client(d["socket"]) as c:
+                    c.classify(part[0])
+                    while index and c.info()["cache"]["embedding_index"]["mapped"]:
+                        time.sleep(0.05)  # noqa: sleep-ok (start-up: the graphs loaded, reported apart)
+                    writable = time.perf_counter() - t0
+                    before = cpu_seconds(pid)
+                    t1 = time.perf_counter()
+                    _parallel(4, d["socket"], range(1, len(part)), lambda cl, i: cl.classify(part[i]))
+                    if index:                               # the inserts count too: wait for them
+                        while c.info()["cache"]["embedding_index"]["pending"]:
+                            time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
+                    wall = time.perf_counter() - t1
+                    used = cpu_seconds(pid) - before
+                    index = c.info()["cache"].get("embedding_index")
+            run = {"store": on, "index": index, "start_s": round(started, 2), "writable_s": round(writable, 2), "cpu_ms_per_frame": round(1e3 * used / (len(part) - 1), 3),
+                   "frames_per_s": round((len(part) - 1) / wall, 1), "daemon": daemon_summary(d)}
+            if index:
+                run["index_stats"] = {k: index[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
+            out["runs"].append(run)
+            log(f"  daemon, store {'on' if on else 'off'}, index {'on' if index else 'off'}: {json.dumps({k: v for k, v in run.items() if k != 'daemon'})}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    off = np.mean([r["cpu_ms_per_frame"] for r in out["runs"] if not r["store"]])
+    on, exact = out["runs"][1]["cpu_ms_per_frame"], out["runs"][2]["cpu_ms_per_frame"]
+    out["on_over_off"] = round(float(on / off), 3)              # embeddings, hashing, store and index
+    out["index_over_no_index"] = round(float(on / exact), 3)    # what the index adds to a stored frame
+    return out
+
+
+def main(argv=None) -> int:
+    from inferd.shm.limits import DEFAULT_MIN_SIMILARITY
+
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--quick", action="store_true", help="sizes 10k and 100k, fewer images")
+    p.add_argument("--vectors", default="/tmp/inferd-ann-bench/real.npy",
+                   help="real embeddings for filler rows (written by --save-vectors)")
+    p.add_argument("--save-vectors", type=int, default=0, help="embed this many images into --vectors and stop")
+    p.add_argument("--stored", type=int, default=1000)
+    p.add_argument("--copies", type=int, default=250, help="copies per change")
+    p.add_argument("--fresh", type=int, default=1000)
+    p.add_argument("--exact-queries", type=int, default=300,
+                   help="above 100k rows, copies and different images queried (both ways): an even sample")
+    p.add_argument("--keep", default="/tmp/inferd-ann-bench", help="where built stores are kept for reuse")
+    p.add_argument("--cpu-frames", type=int, default=1500,
+                   help="at the largest size, daemon CPU per classified frame with the store against without; 0: skip")
+    p.add_argument("--cpu-only", action="store_true", help="only the daemon CPU per frame, at the largest size")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    os.makedirs(args.keep, exist_ok=True)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)            # numpy's BLAS on one thread, as the daemon runs it (threads.blas)
+    if args.save_vectors:
+        from inferd.daemon.models.zoo.shapes import make_dataset
+        np.save(args.vectors, embed(make_dataset(args.save_vectors, args.seed + 100)[0]))
+        return 0
+    if args.quick:
+        args.sizes, args.copies, args.fresh = "10000,100000", 100, 400
+    vectors = args.vectors if os.path.exists(args.vectors) else ""
+    t0 = time.perf_counter()
+    data = images(args.stored, args.copies, args.fresh, args.seed)
+    log(f"embedded {args.stored} originals, {args.copies} copies of each change, {args.fresh} others "
+        f"in {time.perf_counter() - t0:.1f} s")
+    report = {"stored": args.stored, "copies_per_change": args.copies, "fresh": args.fresh, "k": K,
+              "threshold": DEFAULT_MIN_SIMILARITY, "filler": vectors or "synthetic", "sizes": []}
+    for rows in (int(s) for s in args.sizes.split(",")):
+        path = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
+        info = build(path, rows, data, vectors, args.seed, log)
+        if args.build_only or args.cpu_only:
+            continue
+        report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log),
+                                "build": info})
+    if args.build_only:
+        return 0
+    if args.cpu_only:
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log)
+        print(json.dumps(out, indent=1))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(out, fh, indent=1)
+        return 0
+    big = report["sizes"][-1]
+    if args.cpu_frames:
+        big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log)
+    report["targets"] = {"rows": big["rows"], "p99_ms<=5": bool(big["index"]["copy_query"]["p99_ms"] <= 5.0),
+                         "recall_within_0.5pp": bool(big["exact"]["copies_found_first"]
+                                                     - big["index"]["copies_found_first"] <= 0.005),
+                         "memory<=2x": bool(big["memory_bytes_per_row"]["store_and_graph_over_raw"] <= 2.0),
+                         "serving_s<=5": bool(big["start"]["serving_s"] <= 5.0)}
+    if "daemon_cpu" in big:
+        report["targets"]["daemon_cpu<=1.1x"] = bool(big["daemon_cpu"]["on_over_off"] <= 1.1)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

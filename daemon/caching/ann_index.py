@@ -1,0 +1,389 @@
+"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope.
+
+The embedding store (daemon/caching/embedding_store.py) is the truth; this index only proposes
+candidate rows, and the store answers from its own float32 vectors: every candidate is checked
+against the store's current row (valid, visible to the asking uid) and its similarity computed
+exactly there. So the index can cost a miss (the approximation: recall, measured in bench/ann),
+never a wrong answer, another uid's row, or a stale tag.
+
+Why usearch (bench/ann/libs.py, docs/benchmarks.md "Near-duplicate index"): on this machine, with
+the built-in 305-float embeddings, it was the one library that memory-maps a saved graph (reopening
+a million rows takes milliseconds, not a read of the file), stores vectors as float16 (the graph
+takes ~760 bytes a row beside the store's 1,332, within 2x of the raw vector in all), removes keys
+(a full store recycles rows), and releases the GIL in search and insert. hnswlib searched fastest
+but keeps float32 vectors and reads the whole file at open; faiss' HNSW cannot remove a row;
+voyager was slowest.
+
+Scopes. With ``embeddings.shared`` one graph holds every row; otherwise one graph per uid holds
+that uid's rows (a uid's search walks its own graph only, so a small uid's rows are never drowned by
+a large one's, which a filter over one shared graph would do: bench/ann/libs.py ``--uids``). The
+graph key of a row is its store row number.
+
+NOTE [ index rows ]
+A row is *indexed* when the graph of its scope holds it under the store row's current stamp, uid
+and content hash (``self.rows``); a row the store wrote since is *pending* (``self.pending``, row ->
+sequence number, filled by the store under its lock at every new row). A search asks the graph
+for candidates and skips the pending ones, then scans the pending rows exactly: every row is in
+one of the two. The inserter thread takes pending rows in batches, reads each row's vector under
+the store lock, re-inserts it into its scope's graph (after removing the key from the scope it
+had), and drops it from ``pending`` only if its sequence number did not move meanwhile (the store
+wrote it again: it stays pending). While more than ``max_pending`` rows wait (a rebuild, a burst
+of inserts on a fast device), the index does not answer; the store then scans exactly when it is
+small enough (``exact_max``) and says overloaded otherwise (EmbeddingIndexBusy).
+
+Saved every ``save_interval_s`` while rows changed, and at close (ann_file.py: layout and the
+crash-safe order); reopened memory-mapped (usearch ``view``) and served from the mapping at once,
+while the inserter thread loads a writable copy of each graph in the background and swaps it in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import ann_file
+from .ann_file import ALL, IndexFileError
+
+_log = logging.getLogger("inferd.embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexOptions:
+    """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
+    connectivity: int = 16
+    expansion_add: int = 64
+    expansion_search: int = 64
+    exact_below: int = 5_000
+    exact_max: int = 100_000
+    max_pending: int = 4_096
+    save_interval_s: float = 300.0
+    batch_wait_s: float = 1.0
+    threads: int = 1
+
+
+BATCH = 256
+
+# NOTE [ batched inserts ]
+# A row the store recycles (a full store, every new image) must leave its graph before its new
+# vector enters it, and usearch pays for removals at the next insert with a pass over the whole
+# graph: 44 ms at a million rows, whether one row was removed or three hundred (an insert alone:
+# 1.6 ms). So the inserter waits until BATCH rows are pending or the first of them has waited
+# ``batch_wait_s``, removes them all, then inserts them: one pass per batch. The pending rows are
+# scanned exactly meanwhile, so nothing is missed while they wait.
+
+
+class EmbeddingIndexBusy(Exception):
+    """The index is rebuilding or far behind the store, and the store is too large to scan."""
+
+
+class _Graph:
+    """One scope's usearch graph, memory-mapped (read-only) or loaded (writable). ``size`` and
+    ``bytes`` are copies for readers without the graph lock (stats on the event loop): usearch
+    must not be asked while the inserter grows it."""
+
+    def __init__(self, index, path: str | None = None):
+        self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
+        self.dirty = path is None
+        self.per_row = 2 * index.ndim + 10 * index.connectivity   # float16 vector + links, estimated
+        self.size = self.bytes = 0
+        self.measure()
+
+    def refresh(self) -> None:
+        """Under the graph lock, after a change."""
+        self.size = len(self.index)
+        self.bytes = self.size * self.per_row
+
+    def measure(self) -> None:
+        """``refresh`` with the bytes a row takes measured: the serialized length, what the graph
+        holds in memory (usearch's ``memory_usage`` counts a 16 MiB arena reservation per graph
+        that stays virtual). O(rows): at open, load and save only."""
+        self.size = len(self.index)
+        if self.size:
+            self.per_row = self.index.serialized_length / self.size
+        self.refresh()
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class AnnIndex:
+    """Opened by the store with :meth:`open`, fed by :meth:`changed` under the store's lock,
+    asked by :meth:`candidates`. ``source`` is the store's side (see EmbeddingStore._index_source):
+    ``lock``, ``state()`` -> (valid, stamp, uid, hash8) arrays, ``read(rows)`` -> same plus vectors."""
+
+    def __init__(self, directory: str, ident: dict, options: IndexOptions, source, log=None):
+        self.directory, self.ident, self.options, self.source = directory, ident, options, source
+        self.log = log or _log
+        self.rows = np.zeros(ident["capacity"], ann_file.ROW)   # what the graphs hold (NOTE above)
+        self.pending: dict[int, int] = {}                   # row -> sequence number; store lock
+        self._seq = 0
+        self._pending_since = 0.0                           # when the oldest pending row came
+        self.graphs: dict[int, _Graph] = {}
+        self._lock = threading.Lock()                       # the graphs: one call at a time
+        self._wake = threading.Condition(threading.Lock())
+        self._stop = False
+        self._generation = 0
+        self._saved_at = time.monotonic()
+        self._changed = False
+        self.counters = {"reopened": 0, "rebuilt": 0, "inserted": 0, "saves": 0, "save_s": 0.0,
+                         "searches": 0, "exact_searches": 0, "busy": 0}
+        self._thread: threading.Thread | None = None
+        self._drop: list[int] = []
+        self._held = 0                                      # rows the graphs hold
+
+    # opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str, ident: dict, options: IndexOptions, source, log=None) -> "AnnIndex":
+        """Reopen the index saved in ``directory`` (memory-mapped) or start an empty one that the
+        inserter thread fills from the store; either way its thread is running on return."""
+        self = cls(directory, ident, options, source, log)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)                          # as private as the store beside it
+        with source.lock:                                   # no add between the check and pending
+            valid, stamp, uid, hash8 = source.state()
+            try:
+                self._reopen()
+                held = self.rows["stamp"] != 0
+                current = held & valid & (self.rows["stamp"] == stamp) & (self.rows["uid"] == uid) \
+                    & (self.rows["hash"] == hash8)
+                if held.any() and not current.any():        # a store rebuilt empty, or another one
+                    raise IndexFileError("the store holds none of its rows")
+                self.counters["reopened"] = 1
+                stale = int((valid & ~current).sum())
+                self.log.info("near-duplicate index %s reopened: %d rows, %d to insert", directory,
+                              int(current.sum()), stale)
+            except (IndexFileError, RuntimeError, ValueError, OSError) as exc:
+                self.graphs, self.rows, self._held = {}, np.zeros(ident["capacity"], ann_file.ROW), 0
+                current = np.zeros(len(valid), bool)
+                if valid.any() or os.path.exists(ann_file.meta_path(directory)):
+                    self.counters["rebuilt"] = 1
+                    self.log.warning("near-duplicate index %s rebuilt from the store (%d rows): %s",
+                                     directory, int(valid.sum()), exc)
+            for row in np.flatnonzero(valid & ~current).tolist():
+                self._seq += 1
+                self.pending[row] = self._seq
+            ann_file.remove_others(directory, {os.path.basename(g.view_path) for g in self.graphs.values()})
+            # rows a graph holds that the store no longer has (not pending): removed by the thread
+            self._drop = np.flatnonzero((self.rows["stamp"] != 0) & ~current & ~valid).tolist()
+        self._thread = threading.Thread(target=self._run, name="inferd-ann", daemon=True)
+        self._thread.start()
+        return self
+
+    def _reopen(self) -> None:
+        from usearch.index import Index
+
+        generation, scopes, rows = ann_file.read_meta(self.directory, self.ident)
+        graphs = {}
+        for uid, path, count in scopes:
+            index = Index.restore(path, view=True)
+            if index is None or len(index) != count or index.ndim != self.ident["dim"]:
+                raise IndexFileError(f"graph file {os.path.basename(path)} holds "
+                                     f"{None if index is None else len(index)} rows, meta says {count}")
+            index.expansion_search = self.options.expansion_search
+            graphs[uid] = _Graph(index, path)
+        self.graphs, self.rows, self._generation = graphs, rows, generation
+        self._held = int((rows["stamp"] != 0).sum())
+
+    def _new_graph(self):
+        from usearch.index import Index
+
+        o = self.options
+        return Index(ndim=self.ident["dim"], metric="cos", dtype="f16", connectivity=o.connectivity,
+                     expansion_add=o.expansion_add, expansion_search=o.expansion_search)
+
+    # the store's side ------------------------------------------------------------------------
+    def changed(self, row: int) -> None:
+        """Row ``row`` holds a new image (the store calls this under its lock)."""
+        self._seq += 1
+        if not self.pending:
+            self._pending_since = time.monotonic()
+        self.pending[row] = self._seq
+        if len(self.pending) == 1 or len(self.pending) % BATCH == 0:
+            with self._wake:
+                self._wake.notify()
+
+    def answers(self) -> bool:
+        """Whether the graphs plus an exact scan of the pending rows answer now (store lock)."""
+        return len(self.pending) <= self.options.max_pending
+
+    def scope(self, uid: int | None) -> list[int]:
+        if self.ident["shared"]:
+            return [ALL]
+        return list(self.graphs) if uid is None else [uid]
+
+    def candidates(self, query: np.ndarray, count: int, uid: int | None) -> np.ndarray:
+        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (float16).
+        The caller checks each against the store and :meth:`pending` (NOTE [ index rows ])."""
+        out = []
+        with self._lock:
+            self.counters["searches"] += 1
+            for key in self.scope(uid):
+                g = self.graphs.get(key)
+                if g is not None and len(g):
+                    out.append(np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.int64))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def scope_rows(self, uid: int | None) -> int:
+        return sum(len(self.graphs[k]) for k in self.scope(uid) if k in self.graphs)
+
+    def stats(self) -> dict:
+        """Counters for the daemon's stats: O(graphs), and no call into usearch (event loop)."""
+        graphs = list(self.graphs.values())
+        return {"rows": self._held, "pending": len(self.pending), "graphs": len(graphs),
+                "mapped": sum(g.view_path is not None for g in graphs), "bytes": sum(g.bytes for g in graphs),
+                **self.counters}
+
+    # the inserter thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load_views()
+            while not self._stop:
+                with self.source.lock:
+                    batch = list(itertools.islice(self.pending.items(), 4 * BATCH))
+                    wait = self._pending_since + self.options.batch_wait_s - time.monotonic()
+                if batch and len(batch) < BATCH and wait > 0:   # NOTE [ batched inserts ]
+                    with self._wake:
+                        if not self._stop:
+                            self._wake.wait(wait)
+                    continue
+                if batch:
+                    self._insert(batch)
+                    continue
+                interval = self.options.save_interval_s
+                with self._wake:
+                    if not self._stop and not self.pending:
+                        wait = max(0.0, self._saved_at + interval - time.monotonic()) if self._changed else None
+                        if wait is None or wait > 0:
+                            self._wake.wait(wait)
+                if self._changed and time.monotonic() >= self._saved_at + interval:
+                    self._try_save()
+            with self.source.lock:
+                batch = list(self.pending.items()) if len(self.pending) <= self.options.max_pending else []
+            if batch:                                       # a few: inserted now rather than at reopen
+                self._insert(batch)
+            if self._changed:
+                self._try_save()                            # the rest is pending at reopen
+        except Exception:                                   # never silently: the index stops answering
+            self.log.exception("near-duplicate index %s: inserter thread failed; exact search only",
+                               self.directory)
+            self.options = dataclasses.replace(self.options, max_pending=-1)
+
+    def _load_views(self) -> None:
+        """Swap each memory-mapped graph for a writable copy, and remove the keys of rows the
+        store no longer has."""
+        from usearch.index import Index
+
+        for key, g in list(self.graphs.items()):
+            if g.view_path is None or self._stop:
+                continue
+            index = Index.restore(g.view_path, view=False)
+            index.expansion_search = self.options.expansion_search
+            loaded = _Graph(index)                          # measured outside the lock
+            loaded.dirty = False
+            with self._lock:
+                self.graphs[key] = loaded
+        with self._lock:
+            for row in self._drop:
+                self._remove(row)
+        self._changed |= bool(self._drop)
+        self._drop = []
+
+    def _remove(self, row: int) -> None:
+        r = self.rows[row]
+        if r["stamp"]:
+            g = self.graphs.get(ALL if self.ident["shared"] else int(r["uid"]))
+            if g is not None:
+                g.index.remove(row)
+                g.dirty = True
+                g.refresh()
+            self.rows[row] = (0, 0, 0)
+            self._held -= 1
+
+    def _insert(self, batch: list[tuple[int, int]]) -> None:
+        """Insert ``batch`` (row, sequence number) into the graphs, 64 rows per hold of the graph
+        lock (searches wait for one such step at most), then drop from ``pending`` the rows the
+        store did not write again meanwhile."""
+        rows = np.asarray([r for r, _ in batch], np.int64)
+        with self.source.lock:
+            valid, stamp, uid, hash8, vectors = self.source.read(rows)
+        with self._lock:
+            for row in rows.tolist():
+                self._remove(row)
+        keys = [ALL] if self.ident["shared"] and valid.any() else np.unique(uid[valid]).tolist()
+        for key in keys:
+            mine = np.flatnonzero(valid if key == ALL else valid & (uid == key))
+            for part in np.array_split(mine, max(1, len(mine) // 64)):
+                with self._lock:
+                    g = self.graphs.get(key)
+                    if g is None:
+                        g = self.graphs[key] = _Graph(self._new_graph())
+                    g.index.add(rows[part], vectors[part], threads=self.options.threads)
+                    g.dirty = True
+                    g.refresh()
+                    at = rows[part]
+                    self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[part], uid[part], hash8[part]
+                    self._held += len(at)
+        self.counters["inserted"] += int(valid.sum())
+        with self.source.lock:
+            for row, seq in batch:
+                if self.pending.get(row) == seq:
+                    del self.pending[row]
+        self._changed = True
+
+    def _try_save(self) -> None:
+        """Save; a filesystem that refuses (full, read-only) costs a warning and a retry at the
+        next interval, never the index: it serves from memory meanwhile."""
+        try:
+            self.save()
+        except OSError as exc:
+            self._saved_at = time.monotonic()
+            self.log.warning("near-duplicate index %s not saved (retried in %.0f s): %s",
+                             self.directory, self.options.save_interval_s, exc)
+
+    def save(self) -> None:
+        """Write the graphs and ``meta`` (ann_file.py: crash-safe order). Inserter thread only
+        (or after it stopped): searches go on meanwhile, a save only reads the graphs."""
+        t0 = time.monotonic()
+        generation = self._generation + 1
+        scopes, keep = [], {"meta"}
+        with self._lock:
+            rows = self.rows.copy()
+            graphs = dict(self.graphs)
+        for key, g in graphs.items():
+            path = os.path.join(self.directory, ann_file.graph_name(key, generation))
+            old = g.view_path or os.path.join(self.directory, ann_file.graph_name(key, self._generation))
+            if not g.dirty and os.path.exists(old):
+                os.link(old, path)                          # unchanged: the same bytes under the new name
+            else:
+                g.index.save(path + ".tmp")
+                with open(path + ".tmp", "rb+") as fh:
+                    os.fchmod(fh.fileno(), 0o600)           # other uids' vectors: the daemon's alone
+                    os.fsync(fh.fileno())
+                os.replace(path + ".tmp", path)
+                g.dirty = False
+                if len(g):                                  # the file is the serialized graph
+                    g.per_row = os.path.getsize(path) / len(g)
+            scopes.append((key, path, len(g)))
+            keep.add(os.path.basename(path))
+        if graphs:
+            ann_file.fsync_dir(self.directory)
+        ann_file.write_meta(self.directory, self.ident, generation, scopes, rows)
+        ann_file.remove_others(self.directory, keep)
+        self._generation, self._changed, self._saved_at = generation, False, time.monotonic()
+        self.counters["saves"] += 1
+        self.counters["save_s"] = round(time.monotonic() - t0, 3)
+
+    def close(self) -> None:
+        """Stop the inserter thread (it saves what changed first). Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        thread.join()
