@@ -12,6 +12,7 @@ check a file and to print the reference.
     [embeddings]  EmbeddingsConfig  the embedding store and who sees its rows
     [metrics]     MetricsConfig     timing histograms and the Prometheus listener
     [l2]          L2Config          the fleet cache on Redis
+    [fleet]       FleetConfig       behind a load balancer: the HAProxy agent-check, the drain grace
     [threads]     ThreadsConfig     BLAS, OpenMP and torch thread pools, pinning
     [[device]]    DeviceConfig      a list: cpu, cpu:auto or cuda:N, and threads
 
@@ -287,6 +288,26 @@ class L2Config:
 
 
 @dataclass
+class FleetConfig:
+    """A host behind a load balancer (docs/fleet.md): readiness, weight and drain."""
+    agent: str = _opt("", "HOST:PORT of the HAProxy agent-check listener (HAProxy: agent-check "
+                          "agent-port PORT): one line per connection, \"up ready NN%\", \"drain\" or "
+                          "\"down\" (daemon/ops/agent_check.py); it tells only readiness and weight, so "
+                          "it may listen where the balancer reaches it; empty: off")
+    reference_fps: float = _opt(1000.0, "capacity in frames/s that the agent reports as 100%: a host "
+                                        "reports 100 x (frames/s its devices in rotation deliver at "
+                                        "batching.max_batch, by their measured profiles) / this, within "
+                                        "1..256%; the same on every host of a fleet, e.g. the capacity "
+                                        "of the fastest host type (inferctl health shows a host's)",
+                                lo=0.001, hi=1e9)
+    drain_grace_s: float = _opt(0.0, "SIGTERM or inferctl drain: seconds the daemon keeps serving while "
+                                     "it reports draining (agent \"drain\", not ready), so balancers stop "
+                                     "sending before it refuses; then the usual drain "
+                                     "(server.drain_timeout_s). Set it above the balancer's check "
+                                     "interval (agent-inter) plus a request's time", lo=0.0, hi=3600.0)
+
+
+@dataclass
 class DeviceConfig:
     name: str = _opt("cpu", "cpu, cpu:auto (threads and number of CPU devices measured at start-up, "
                             "daemon/pipeline/cpu_layout.py) or cuda:N")
@@ -307,6 +328,7 @@ class Config:
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     l2: L2Config = field(default_factory=L2Config)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
@@ -336,4 +358,5 @@ def default_cache_path() -> str:
 
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
             "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
-            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "threads": ThreadsConfig}
+            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "fleet": FleetConfig,
+            "threads": ThreadsConfig}

@@ -3,9 +3,14 @@
 Lifecycle::
 
     bind socket -> start each device's collector and executor, wait until each has warmed its
-    model -> accept -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1: stop accepting, unlink the
-    socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
-    -> close sessions, stop and join the device threads, unmap every ring -> exit 0
+    model -> accept -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1, not ready
+    (draining), still serving for fleet.drain_grace_s so a balancer stops sending first -> stop
+    accepting, unlink the socket, refuse new requests (shutting_down), wait up to drain_timeout_s for
+    in-flight requests -> close sessions, stop and join the device threads, unmap every ring -> exit 0
+
+Readiness (starting / ready / draining, devices in rotation, capacity) is daemon/ops/readiness.py's
+one answer, told by the admin ``health``, the client ``info`` and the HAProxy agent-check
+(daemon/ops/agent_check.py, ``[fleet] agent``).
 
 Each accepted connection goes through the hello handshake (daemon/front/handshake.py), then becomes a
 Session (daemon/front/session.py).
@@ -34,7 +39,9 @@ from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .dispatch import fairness
 from .models.loading import LoadedModel
+from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
+from .ops import readiness
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
@@ -82,6 +89,10 @@ class Server:
         self.stats = self.scheduler.stats
         # Prometheus text, and the HTTP listener of [metrics] (ConfigError if it cannot be)
         self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics)
+        # the HAProxy agent-check of [fleet], up while starting (it says "down #starting" then)
+        self.agent = AgentCheck(cfg.fleet.agent, cfg.fleet.reference_fps, self.readiness) \
+            if cfg.fleet.agent else None
+        self._grace_over: asyncio.Event | None = None
 
     @property
     def model(self) -> LoadedModel:
@@ -95,7 +106,7 @@ class Server:
     # lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
-        self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        self._stop, self._drained, self._grace_over = asyncio.Event(), asyncio.Event(), asyncio.Event()
         fd_limit = raise_fd_limit()          # before any client can take descriptors (logged)
         self.admin = AdminServer(self, self.cfg.admin_socket_path, self.cfg.server.admin_group)
         await self.admin.start()            # up while starting: `inferctl health --wait` asks it
@@ -103,6 +114,7 @@ class Server:
             self._stop_devices()
             self.listener.close()
             self.admin.close()
+            self._close_agent()
             return exitcodes.STARTUP_FAILED
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
@@ -118,9 +130,25 @@ class Server:
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
         await self._stop.wait()
+        await self._announce_drain()
         health_ticks.cancel()
         await self._drain(accept)
         return exitcodes.OK
+
+    async def _announce_drain(self) -> None:
+        """Not ready from now on (the agent-check says ``drain``, health and info not ready), while
+        still serving for ``fleet.drain_grace_s``: a balancer that checks within that time sends
+        nothing more, so no request of its reaches a daemon that refuses. A second signal ends it."""
+        self.state = readiness.DRAINING
+        notify("STOPPING=1")
+        grace = self.cfg.fleet.drain_grace_s
+        if grace > 0 and not self._grace_over.is_set():
+            log.info("draining: still serving for %.1f s (fleet.drain_grace_s) while balancers take "
+                     "this host out", grace)
+            try:
+                await asyncio.wait_for(self._grace_over.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
 
     async def _health_ticks(self) -> None:
         """Health checks on the loop (daemon/dispatch/health.py): a timer, not a poll of anything the OS
@@ -131,6 +159,10 @@ class Server:
             await asyncio.sleep(health.tick)
 
     def handle_stop_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():             # a second signal: no more grace
+            log.info("%s: draining now", signal.Signals(sig).name)
+            self._grace_over.set()
+            return
         log.info("%s: draining", signal.Signals(sig).name)
         self._stop.set()
 
@@ -192,9 +224,7 @@ class Server:
 
     async def _drain(self, accept: asyncio.Task) -> None:
         self.draining = self.scheduler.draining = True
-        self.state = "draining"
         self.scheduler.on_idle = self._drained.set
-        notify("STOPPING=1")
         accept.cancel()
         for task in list(self._handshakes):
             task.cancel()
@@ -220,7 +250,12 @@ class Server:
         for store in self._retired:
             store.close()
         self.admin.close()
+        self._close_agent()
         log.info("stopped")
+
+    def _close_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
 
     def _stop_devices(self) -> None:
         for dev in self.devices:
@@ -244,14 +279,23 @@ class Server:
         return task
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
+    def readiness(self, door: str | None = None) -> readiness.Readiness:
+        """Ready or not, why, and the capacity (daemon/ops/readiness.py); safe off the loop (the
+        agent-check thread asks it). ``door``: why new clients are refused, if the caller knows."""
+        if door is None and self.door is not None:
+            door = self.door.blocked()
+        return readiness.assess(self.state, self.devices, self.cfg.batching.max_batch, door)
+
     def health(self) -> dict:
-        in_rotation = sum(d.healthy for d in self.devices)
         door = self.door.blocked() if self.door is not None else None     # why new clients are refused
-        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0 and door is None,
-                "live": True, "door": door,
+        r = self.readiness(door)
+        return {"state": r.state, "ready": r.ready, "reason": r.reason, "live": True, "door": door,
+                "capacity_fps": r.capacity_fps,
+                "agent": ({"address": "%s:%d" % self.agent.address, "line": agent_line(r, self.agent.reference_fps).strip(),
+                           "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
-                "in_rotation": in_rotation, "pid": self.pid}
+                "in_rotation": r.in_rotation, "pid": self.pid}
 
     def request_drain(self, who: str) -> dict:
         log.info("%s: draining", who)
@@ -312,7 +356,9 @@ class Server:
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
+        r = self.readiness()
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
+                "ready": r.ready, "state": r.state, "reason": r.reason, "capacity_fps": r.capacity_fps,
                 **self.scheduler.describe()}
 
     # stats ------------------------------------------------------------------------------------
