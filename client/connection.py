@@ -83,15 +83,16 @@ class Connection:
 
     @classmethod
     def open(cls, path: str, *, ring_slots: int, use_cache: bool, connect_timeout: float,
-             hello_timeout: float) -> "Connection":
+             hello_timeout: float, principal: dict | None = None) -> "Connection":
         """Connect and say hello. ``hello_timeout`` bounds the wait for the hello reply: a daemon
         that is starting accepts only once its model is warm, so a reconnect gives it the rest of
-        the request's deadline."""
+        the request's deadline. ``principal``: whom the session serves, named by a trusted front
+        (the daemon refuses it from anyone else: inferd.daemon.front.principal)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         conn = cls(sock, path)
         try:
             conn._connect(connect_timeout)
-            conn._hello(ring_slots, use_cache, hello_timeout)
+            conn._hello(ring_slots, use_cache, hello_timeout, principal)
         except BaseException:
             conn.close()
             raise
@@ -114,9 +115,12 @@ class Connection:
         except OSError as exc:
             raise errors.ConnectionLost(f"cannot connect to {self.path}: {exc}") from None
 
-    def _hello(self, ring_slots: int, use_cache: bool, timeout: float) -> None:
-        self.send(wire.encode({"op": "hello", "id": 0, "version": wire.PROTOCOL_VERSION,
-                               "ring_slots": ring_slots, "slot_bytes": 0}))
+    def _hello(self, ring_slots: int, use_cache: bool, timeout: float, principal: dict | None = None) -> None:
+        hello = {"op": "hello", "id": 0, "version": wire.PROTOCOL_VERSION, "ring_slots": ring_slots,
+                 "slot_bytes": 0}
+        if principal is not None:
+            hello["principal"] = principal
+        self.send(wire.encode(hello))
         self._sock.settimeout(timeout)
         reply, fds = self._read_hello()
         try:

@@ -14,6 +14,7 @@ check a file and to print the reference.
     [l2]          L2Config          the fleet cache on Redis
     [fleet]       FleetConfig       behind a load balancer: the HAProxy agent-check, the drain grace
     [threads]     ThreadsConfig     BLAS, OpenMP and torch thread pools, pinning
+    [oip]         OipConfig         the Open Inference Protocol front (HTTP and gRPC), its tenants
     [[device]]    DeviceConfig      a list: cpu, cpu:auto or cuda:N, and threads
 
 No checks that involve more than one key live here (daemon/config.py has them), and nothing here
@@ -308,6 +309,45 @@ class FleetConfig:
 
 
 @dataclass
+class OipConfig:
+    enabled: bool = _opt(False, "start the Open Inference Protocol front (KServe v2 over HTTP and gRPC, "
+                                "daemon/oip/) as a supervised child process of the daemon; it can also run "
+                                "alone: python -m inferd.daemon.oip --config FILE")
+    http: str = _opt("", "where the HTTP/REST door listens: a Unix socket path, or HOST:PORT for TCP "
+                         "(127.0.0.1:8000, [::1]:8000); empty: oip-http.sock beside the client socket; "
+                         "\"off\": no HTTP door")
+    grpc: str = _opt("", "where the gRPC door listens: a Unix socket path, or HOST:PORT for TCP; empty: "
+                         "oip-grpc.sock beside the client socket; \"off\": no gRPC door")
+    socket_mode: int = _opt(0o660, "permission bits of the doors' Unix sockets (as server.socket_mode: the "
+                                   "daemon's allow-list still decides who is served)", lo=0, hi=0o777)
+    tokens_file: str = _opt("", "bearer tokens of network tenants, one per line: TOKEN TENANT [WEIGHT] "
+                                "(# comments); the file must belong to the daemon's user and be readable "
+                                "by it alone (mode 0600), else the front refuses to start; with it, every "
+                                "TCP caller must send Authorization: Bearer TOKEN (gRPC: authorization "
+                                "metadata). A tenant is a principal as a uid is: its own fair share "
+                                "(WEIGHT, default 1), quotas and privacy scope. The daemon reads the "
+                                "weights at start; the front re-reads the file when it changes")
+    allow_anonymous_network: bool = _opt(False, "listen on a non-loopback TCP address without "
+                                                "tokens_file: every host that reaches the port is served "
+                                                "as the one tenant \"anonymous\" (refused without this)")
+    tls_cert: str = _opt("", "PEM certificate chain for the TCP doors (HTTPS, gRPC over TLS); empty: plain "
+                             "TCP (terminate TLS at the load balancer instead: docs/oip.md)")
+    tls_key: str = _opt("", "PEM private key of tls_cert, readable by the daemon's user alone")
+    request_timeout_ms: float = _opt(30000.0, "deadline of an inference request that names none (the "
+                                              "timeout parameter in microseconds, or the gRPC deadline)",
+                                     lo=1.0, hi=limits.MAX_TIMEOUT_MS)
+    max_request_bytes: int = _opt(64 * 2**20, "largest HTTP request body or gRPC message accepted",
+                                  lo=4096, hi=2**31 - 1)
+    max_batch: int = _opt(256, "images in one inference request, at most", lo=1, hi=65536)
+    idle_timeout_s: float = _opt(75.0, "an HTTP keep-alive connection idle this long is closed",
+                                 lo=0.1, hi=86400.0)
+    ring_slots: int = _opt(64, "ring slots of each session the front opens to the daemon (one session per "
+                               "principal: a local uid or a tenant)", lo=1, hi=65536)
+    max_principals: int = _opt(256, "principals the front keeps a daemon session open for; the least "
+                                    "recently used one is closed to make room", lo=1, hi=65536)
+
+
+@dataclass
 class DeviceConfig:
     name: str = _opt("cpu", "cpu, cpu:auto (threads and number of CPU devices measured at start-up, "
                             "daemon/pipeline/cpu_layout.py) or cuda:N")
@@ -330,6 +370,7 @@ class Config:
     l2: L2Config = field(default_factory=L2Config)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
+    oip: OipConfig = field(default_factory=OipConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
 
     @property
@@ -359,4 +400,4 @@ def default_cache_path() -> str:
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
             "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
             "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "fleet": FleetConfig,
-            "threads": ThreadsConfig}
+            "threads": ThreadsConfig, "oip": OipConfig}

@@ -35,16 +35,19 @@ class DaemonProcess:
 
     @classmethod
     def start(cls, args: list[str], *, socket_path: str, workdir: str, wait: bool = True,
-              env: dict | None = None, wrapper: list[str] = ()) -> "DaemonProcess":
+              env: dict | None = None, wrapper: list[str] = (),
+              module: str = "inferd.daemon") -> "DaemonProcess":
         """Run ``python -m inferd.daemon --socket socket_path *args``; its log goes to a file in
         ``workdir``. With ``wait``, return only once it sent READY=1. ``wrapper`` goes before the
-        command, for a program that execs it (such as ``systemd-socket-activate -l PATH``)."""
+        command, for a program that execs it (such as ``systemd-socket-activate -l PATH``);
+        ``module``: another program that takes --socket and notifies (the OIP front,
+        ``inferd.daemon.oip``)."""
         notify_path = os.path.join(workdir, f"notify-{secrets.token_hex(3)}")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         notify.bind(notify_path)
         log_path = os.path.join(workdir, f"daemon-{secrets.token_hex(3)}.log")
         child_env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
-        command = [*wrapper, sys.executable, "-m", "inferd.daemon", "--socket", socket_path, *args]
+        command = [*wrapper, sys.executable, "-m", module, "--socket", socket_path, *args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env)
         daemon = cls(proc, socket_path, log_path, notify)

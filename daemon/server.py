@@ -37,6 +37,7 @@ from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
+from .front.principal import weights as principal_weights
 from .dispatch import fairness
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
@@ -64,7 +65,7 @@ class Server:
         self.pid = os.getpid()
         self.sessions: dict[int, Session] = {}
         # the loop's work shared per uid, weighted as the devices are (NOTE [ loop share ])
-        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(cfg.dispatch.weights)
+        self.turns = LoopShare(cfg.server.max_frames_per_turn, fairness.quanta(principal_weights(cfg))
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False

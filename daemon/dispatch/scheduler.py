@@ -38,6 +38,7 @@ from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
 from ..front.admission import Rejected, check_classify, check_near, check_tag, check_upload
+from ..front.principal import weights as principal_weights
 from ..ops.stats import Stats
 from ...shm import wire
 
@@ -78,7 +79,7 @@ class Scheduler:
                                     stats=self.stats)
         self.caches = Caches(cfg, model.spec, model.digest, self.counters)
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
-            quantum = fairness.quanta(cfg.dispatch.weights)
+            quantum = fairness.quanta(principal_weights(cfg))
             for dev in devices:
                 dev.queue.use(fairness.DeficitRoundRobin(_flow_of, quantum))
 

@@ -27,6 +27,7 @@ from ..caching.results import Caches
 from .admission import Rejected
 from .listener import peer_credentials, peer_groups, send_with_fds
 from .loop_share import LoopShare
+from . import principal
 from ..ops.logs import RateLimitedLog
 from .session import Session
 from ...shm import wire
@@ -64,7 +65,9 @@ async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None
                                                  server.cfg.server.hello_timeout_s)
         rid = hello.get("id") if type(hello.get("id")) is int else None
         try:
-            geometry = check_hello(server, hello, peer, peer_groups(conn))
+            # a trusted front (daemon/oip/) may name the principal it serves (daemon/front/principal.py)
+            peer, groups, authorised = principal.adopt(hello, peer, peer_groups(conn))
+            geometry = check_hello(server, hello, peer, groups, authorised=authorised)
         except Rejected as exc:
             _refused.info("hello from pid %d uid %d refused: %s", peer[0], peer[1], exc)
             await loop.sock_sendall(conn, wire.encode(wire.error(rid, exc.code, str(exc))))
@@ -144,12 +147,13 @@ async def read_hello(loop, conn, limit: int) -> tuple[dict, bytes]:
         buf += data
 
 
-def check_hello(server, hello: dict, peer: tuple, groups: tuple = ()) -> RingGeometry:
-    """The ring geometry this peer gets, or Rejected with the reason."""
+def check_hello(server, hello: dict, peer: tuple, groups: tuple = (), *, authorised: bool = False) -> RingGeometry:
+    """The ring geometry this peer gets, or Rejected with the reason. ``authorised``: a tenant
+    principal (daemon/front/principal.py), past the allow-list already."""
     s, r = server.cfg.server, server.cfg.ring
     pid, uid, gid = peer
     # a group counts as primary or supplementary (SO_PEERGROUPS): `usermod -aG inferd alice` lets her in
-    if uid not in (0, os.geteuid(), *(s.allow_uids or ())) and not {gid, *groups} & set(s.allow_gids or ()):
+    if not authorised and uid not in (0, os.geteuid(), *(s.allow_uids or ())) and not {gid, *groups} & set(s.allow_gids or ()):
         raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed, nor are its "
                        f"{len(groups)} supplementary groups; add the uid to server.allow_uids or one "
                        "of its groups to server.allow_gids")

@@ -1,0 +1,148 @@
+"""The front's side of the daemon: one client-library session per principal.
+
+The front is a trusted local client (daemon/front/principal.py): for each principal it serves (a
+local uid read from its Unix socket's SO_PEERCRED, or a tenant named by a bearer token) it opens
+one AsyncClient whose hello names that principal, so the daemon's fair share, per-uid quotas and
+privacy scope apply to the caller, not to the front. Frames go into that session's ring as for any
+client; repeats are answered from the read-only result cache without a round trip. At most
+``oip.max_principals`` sessions stay open; the least recently used one is closed to make room.
+
+``own`` is the front's session as itself: the model's metadata, its labels and readiness.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+
+from ...client import errors as client_errors
+from ...client.aio import AsyncClient
+from ...client.connection import Connection
+from .errors import OipError, from_client
+
+log = logging.getLogger("inferd.oip")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Whom a request is served as: ``hello`` is what the daemon's hello gets (None: the front
+    itself), ``name`` what logs say."""
+    name: str
+    hello: tuple | None = None      # (("uid", 1000), ("gid", 1000), ("groups", (..)) or (("tenant", "x"),)
+
+    @classmethod
+    def local(cls, uid: int, gid: int, groups: tuple = ()) -> "Principal":
+        return cls(f"uid {uid}", (("uid", uid), ("gid", gid), ("groups", tuple(groups))))
+
+    @classmethod
+    def tenant(cls, name: str) -> "Principal":
+        return cls(f"tenant {name}", (("tenant", name),))
+
+    def wire(self) -> dict | None:
+        if self.hello is None:
+            return None
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.hello}
+
+
+FRONT = Principal("the front")
+
+
+class _PrincipalClient(AsyncClient):
+    """An AsyncClient whose hello names the principal it serves."""
+
+    def __init__(self, socket_path: str, principal: Principal, **kwargs):
+        super().__init__(socket_path, **kwargs)
+        self._principal = principal.wire()
+
+    def _open_connection(self, hello_timeout: float) -> Connection:
+        return Connection.open(self.socket_path, ring_slots=self._ring_slots, use_cache=self._use_cache,
+                               connect_timeout=min(self._connect_timeout, hello_timeout),
+                               hello_timeout=hello_timeout, principal=self._principal)
+
+
+class Backend:
+    def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float):
+        self.socket_path = socket_path
+        self._ring_slots = ring_slots
+        self._max = max_principals
+        self.timeout_s = timeout_s
+        self._clients: collections.OrderedDict[Principal, AsyncClient] = collections.OrderedDict()
+        self._opening: dict[Principal, asyncio.Task] = {}
+        self.own: AsyncClient | None = None
+        self.labels: tuple = ()
+
+    async def start(self, connect_timeout: float = 30.0) -> None:
+        """Open the front's own session (waits up to ``connect_timeout`` for the daemon)."""
+        self.own = await self._open(FRONT, connect_timeout)
+        self.labels = await self.own.labels()
+
+    async def close(self) -> None:
+        for task in list(self._opening.values()):
+            task.cancel()
+        clients, self._clients = list(self._clients.values()), collections.OrderedDict()
+        for c in clients + ([self.own] if self.own else []):
+            await c.aclose()
+
+    # what the model is ------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.own.model
+
+    @property
+    def classes(self) -> int:
+        m = self.own.model
+        return m.classes or len(m.labels)
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether an inference sent now can be served, and why not: the daemon answers, is not
+        draining and has a device in rotation."""
+        try:
+            info = await asyncio.wait_for(self.own.info(), 2.0)
+        except (client_errors.InferdError, TimeoutError) as exc:
+            return False, f"the daemon does not answer: {exc}"
+        devices = info.get("devices") or []
+        if devices and not any(d.get("state", "healthy") == "healthy" for d in devices):
+            return False, "no device is in rotation"
+        return True, ""
+
+    # inference --------------------------------------------------------------------------------
+    async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None) -> list:
+        """Each image's predictions (inferd.client Prediction lists), as ``principal``."""
+        client = await self._client(principal)
+        if self.own.model.labels_id != client.model.labels_id:
+            self.labels = await self.own.labels()
+        try:
+            return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s)
+        except client_errors.InferdError as exc:
+            raise from_client(exc) from None
+
+    async def _client(self, principal: Principal) -> AsyncClient:
+        client = self._clients.get(principal)
+        if client is not None:
+            self._clients.move_to_end(principal)
+            return client
+        task = self._opening.get(principal)
+        if task is None:
+            task = self._opening[principal] = asyncio.ensure_future(self._open(principal, 5.0))
+            task.add_done_callback(lambda _: self._opening.pop(principal, None))
+        try:
+            client = await asyncio.shield(task)
+        except client_errors.InferdError as exc:
+            raise from_client(exc) from None
+        if principal not in self._clients:
+            self._clients[principal] = client
+            while len(self._clients) > self._max:
+                _, old = self._clients.popitem(last=False)
+                asyncio.ensure_future(old.aclose())
+        return self._clients[principal]
+
+    async def _open(self, principal: Principal, connect_timeout: float) -> AsyncClient:
+        client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots,
+                                  timeout=self.timeout_s, connect_timeout=connect_timeout)
+        try:
+            await client.connect()
+        except client_errors.PermissionDenied as exc:
+            raise OipError("forbidden", f"{principal.name}: {exc}") from None
+        log.debug("session opened for %s", principal.name)
+        return client

@@ -1,0 +1,104 @@
+"""The OIP front as a process: its doors (HTTP, gRPC) over one backend, from start to stop.
+
+    start   config -> check every door's address and policy (daemon/oip/doors.py), the tokens
+            file and TLS -> open the front's own session to the daemon (waits for it) -> bind the
+            doors -> READY=1 (sd_notify, when NOTIFY_SOCKET is set)
+    stop    SIGTERM / SIGINT -> stop accepting, let requests under way finish (grace), close the
+            daemon sessions, unlink the Unix sockets
+
+It runs on the default asyncio loop (grpc.aio requires it) in a process of its own, so its HTTP
+parsing, JSON and protobuf work never take turns from the daemon's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from importlib import metadata
+
+from aiohttp import web
+
+from ..config import Config
+from ..errors import ConfigError
+from ..front.listener import Listener
+from ..ops.sd_notify import notify
+from . import doors
+from .backend import Backend
+from .http_front import HttpDoor
+
+log = logging.getLogger("inferd.oip")
+STOP_GRACE_S = 5.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("inferd")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def plan(cfg: Config) -> tuple[doors.Address | None, doors.Address | None]:
+    """The HTTP and gRPC addresses, checked against the listen policy; ConfigError otherwise."""
+    oip = cfg.oip
+    http = doors.parse(oip.http, "oip.http", "oip-http.sock", cfg.server.socket)
+    grpc_at = doors.parse(oip.grpc, "oip.grpc", "oip-grpc.sock", cfg.server.socket)
+    if http is None and grpc_at is None:
+        raise ConfigError("oip.http and oip.grpc are both \"off\": the front would serve nothing")
+    for address, key in ((http, "oip.http"), (grpc_at, "oip.grpc")):
+        if address is not None:
+            doors.check_policy(address, key, oip)
+    return http, grpc_at
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    oip = cfg.oip
+    http_at, grpc_at = plan(cfg)
+    tls = doors.tls_context(oip)
+    auth = doors.Authenticator(oip.tokens_file, time.monotonic)
+    backend = Backend(cfg.socket_path, ring_slots=oip.ring_slots, max_principals=oip.max_principals,
+                      timeout_s=oip.request_timeout_ms / 1000.0)
+    await backend.start()
+    runner = listener = grpc_door = None
+    try:
+        if http_at is not None:
+            door = HttpDoor(backend, auth, network=not http_at.unix, max_batch=oip.max_batch, version=version())
+            runner = web.AppRunner(door.app(oip.max_request_bytes), keepalive_timeout=oip.idle_timeout_s,
+                                   access_log=None, handle_signals=False)
+            await runner.setup()
+            if http_at.unix:
+                listener = Listener.bind(http_at.path, oip.socket_mode)
+                site = web.SockSite(runner, listener.sock)
+            else:
+                site = web.TCPSite(runner, http_at.host, http_at.port, ssl_context=tls, reuse_address=True)
+            await site.start()
+        if grpc_at is not None:
+            from .grpc_front import GrpcDoor        # grpcio loads only when a gRPC door is configured
+            grpc_door = GrpcDoor(backend, auth, grpc_at, oip, version=version())
+            await grpc_door.start()
+        log.info("OIP front ready: HTTP on %s, gRPC on %s, serving %s for the daemon on %s",
+                 http_at or "off", grpc_at or "off", backend.model.name, cfg.socket_path)
+        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'}, gRPC {grpc_at or 'off'}")
+        await stop.wait()
+        notify("STOPPING=1")
+    finally:
+        if grpc_door is not None:
+            await grpc_door.stop(STOP_GRACE_S)
+        if runner is not None:
+            await runner.cleanup()
+        if listener is not None:
+            listener.close()
+        await backend.close()
+
+
+def run(cfg: Config) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+    asyncio.run(main())
+    return 0

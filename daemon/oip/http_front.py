@@ -1,0 +1,235 @@
+"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp.
+
+    GET  /v2/health/live                              200 while the front runs
+    GET  /v2/health/ready                             200 when an inference can be served, else 503
+    GET  /v2                                          server metadata (name, version, extensions)
+    GET  /v2/models/{model}[/versions/{v}]            model metadata (daemon/oip/tensors.py)
+    GET  /v2/models/{model}[/versions/{v}]/ready      200 when ready, else 503 (404: unknown model)
+    POST /v2/models/{model}[/versions/{v}]/infer      inference: JSON, or the binary tensor data
+                                                      extension (Inference-Header-Content-Length:
+                                                      the JSON's length; tensors' bytes follow it)
+
+An inference request::
+
+    {"id": "42", "parameters": {"timeout": 2000000, "binary_data_output": true},
+     "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 64, 64, 3],
+                 "parameters": {"binary_data_size": 12288}}],
+     "outputs": [{"name": "SCORES", "parameters": {"classification": 3, "binary_data": false}}]}
+
+``timeout`` is in microseconds (Triton's parameter); without it, ``oip.request_timeout_ms``.
+Errors are ``{"error": "..."}`` with the status daemon/oip/errors.py lists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+from aiohttp import web
+
+from ..front.listener import peer_credentials, peer_groups
+from . import tensors
+from .errors import OipError
+
+log = logging.getLogger("inferd.oip.http")
+SERVER_NAME = "inferd"
+EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _json(body, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def error_response(exc: OipError) -> web.Response:
+    return _json({"error": exc.message}, exc.http_status, exc.http_headers())
+
+
+class HttpDoor:
+    """The routes above for one backend (daemon/oip/backend.py). ``network``: a TCP door, whose
+    callers are tenants; otherwise a Unix socket, whose callers are the peers' uids."""
+
+    def __init__(self, backend, auth, *, network: bool, max_batch: int, version: str):
+        self.backend = backend
+        self.auth = auth
+        self.network = network
+        self.max_batch = max_batch
+        self.version = version
+
+    def app(self, max_request_bytes: int) -> web.Application:
+        app = web.Application(client_max_size=max_request_bytes, middlewares=[self._errors])
+        r = app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2", self.server_metadata)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            r.add_get(base, self.model_metadata)
+            r.add_get(base + "/ready", self.model_ready)
+            r.add_get(base + "/config", self.model_config)
+            r.add_post(base + "/infer", self.infer)
+        return app
+
+    @web.middleware
+    async def _errors(self, request, handler):
+        try:
+            return await handler(request)
+        except OipError as exc:
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return error_response(OipError("too_large", f"{exc.text}; raise oip.max_request_bytes or send "
+                                                        "fewer images per request"))
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _json({"error": exc.reason}, exc.status)
+            raise
+        except Exception:                   # a bug: this request only, never the front
+            log.exception("%s %s failed", request.method, request.path)
+            return _json({"error": "internal error in the OIP front; its log says more"}, 500)
+
+    # health and metadata ----------------------------------------------------------------------
+    async def live(self, request):
+        return web.Response(status=200)
+
+    async def ready(self, request):
+        ok, why = await self.backend.ready()
+        return web.Response(status=200) if ok else _json({"error": why}, 503)
+
+    async def server_metadata(self, request):
+        return _json({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
+
+    def _model(self, request) -> str:
+        name = request.match_info["model"]
+        version = request.match_info.get("version", "")
+        model = self.backend.model
+        if name != model.name or version not in ("", "1"):
+            raise OipError("not_found", f"no model {name!r}{f' version {version!r}' if version else ''}; "
+                           f"this daemon serves {model.name!r} (version 1)")
+        return name
+
+    async def model_metadata(self, request):
+        return _json(tensors.metadata(self._model(request), self.backend.classes))
+
+    async def model_ready(self, request):
+        self._model(request)
+        return await self.ready(request)
+
+    async def model_config(self, request):
+        name = self._model(request)
+        return _json({"name": name, "platform": "inferd", "max_batch_size": 0,
+                      "input": [{"name": tensors.IMAGE, "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
+                                {"name": tensors.IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [-1]}],
+                      "output": [{"name": tensors.SCORES, "data_type": "TYPE_FP32",
+                                  "dims": [-1, self.backend.classes]}]})
+
+    # inference --------------------------------------------------------------------------------
+    def _principal(self, request):
+        if self.network:
+            return self.auth.bearer(request.headers.get("Authorization"), network=True)
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise OipError("unavailable", "the connection closed")
+        _, uid, gid = peer_credentials(sock)
+        return self.auth.unix_peer(uid, gid, peer_groups(sock))
+
+    async def infer(self, request):
+        principal = self._principal(request)
+        name = self._model(request)
+        body = await request.read()
+        header, binary = split_body(body, request.headers.get(_HEADER_LENGTH))
+        parsed, binary_out = parse_request(header, binary, self.max_batch)
+        backend = self.backend
+        classes = backend.classes
+        results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s)
+        return response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels), binary_out)
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    """(the JSON header, the binary data after it)."""
+    if header_length is None:
+        length = len(body)
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise OipError("invalid", f"{_HEADER_LENGTH} {header_length!r} must be the length of the JSON "
+                           f"part, at most the body's {len(body)} bytes")
+        length = int(header_length)
+    try:
+        header = json.loads(memoryview(body)[:length].tobytes() if length != len(body) else body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OipError("invalid", f"the request's JSON is not valid: {exc}") from None
+    if not isinstance(header, dict):
+        raise OipError("invalid", "the request's JSON must be an object")
+    return header, memoryview(body)[length:]
+
+
+def _params(obj: dict, what: str) -> dict:
+    p = obj.get("parameters") or {}
+    if not isinstance(p, dict):
+        raise OipError("invalid", f"{what}: parameters must be an object")
+    return p
+
+
+def parse_request(header: dict, binary: memoryview, max_batch: int) -> tuple[tensors.Inference, bool]:
+    """The parsed inference and whether outputs default to binary data."""
+    params = _params(header, "request")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise OipError("invalid", f"a request carries exactly one input: {tensors.IMAGE} (UINT8 [N, H, W, 3]) "
+                       f"or {tensors.IMAGE_BYTES} (BYTES [N] of encoded images)")
+    tensor = inputs[0]
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or not isinstance(shape, list):
+        raise OipError("invalid", "an input needs a name, a datatype and a shape")
+    n = tensors.check_input(name, datatype, shape, max_batch)
+    size = _params(tensor, f"input {name!r}").get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or not 0 <= size <= len(binary):
+            raise OipError("invalid", f"input {name!r}: binary_data_size {size!r}, but {len(binary)} bytes of "
+                           "binary data follow the JSON")
+        data = binary[:size]
+    else:
+        data = tensor.get("data")
+        if data is None:
+            raise OipError("invalid", f"input {name!r}: no data and no binary_data_size")
+    if datatype == "UINT8":
+        images = tensors.uint8_images(name, shape, data)
+    else:
+        images = tensors.bytes_elements(name, n, data.tobytes() if isinstance(data, memoryview) else data)
+    binary_out = params.get("binary_data_output") is True
+    wanted = []
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise OipError("invalid", "outputs must be a list")
+    for out in outputs:
+        if not isinstance(out, dict):
+            raise OipError("invalid", "each output must be an object")
+        p = _params(out, f"output {out.get('name')!r}")
+        wanted.append(tensors.wanted(out.get("name"), p.get("classification"), p.get("binary_data", binary_out)))
+    if not wanted:
+        wanted = [tensors.Wanted(binary=binary_out)]
+    request_id = header.get("id", "")
+    return tensors.Inference(images, wanted, tensors.timeout_s(params.get("timeout")),
+                             request_id if isinstance(request_id, str) else ""), binary_out
+
+
+def response(name: str, request: tensors.Inference, outputs: list, binary_out: bool) -> web.Response:
+    blobs, described = [], []
+    for w, datatype, array in outputs:
+        entry = {"name": w.name, "datatype": datatype, "shape": list(array.shape)}
+        if w.binary:
+            blob = tensors.bytes_binary(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [e.decode() for e in array.reshape(-1)]
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        described.append(entry)
+    body = {"model_name": name, "model_version": "1", "outputs": described}
+    if request.id:
+        body["id"] = request.id
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return web.Response(body=head, content_type="application/json")
+    return web.Response(body=b"".join([head, *blobs]), content_type="application/octet-stream",
+                        headers={_HEADER_LENGTH: str(len(head))})
