@@ -45,23 +45,30 @@ class Backend:
 def config(frontend_port: int, stats_socket: str, backends: list[Backend], *, check_path: str,
            inter_ms: int = 300, agent_inter_ms: int = 300) -> str:
     servers = "\n".join(
-        f"    server {b.name} 127.0.0.1:{b.port} weight 100 check inter {inter_ms}ms fall 2 rise 1 "
+        f"    server {b.name} 127.0.0.1:{b.port} weight 100 check inter {inter_ms}ms fall 3 rise 1 "
         f"agent-check agent-port {b.agent_port} agent-inter {agent_inter_ms}ms" for b in backends)
     return f"""\
 global
     stats socket {stats_socket} mode 600 level admin
     maxconn 1000
+    log stdout format raw local0 notice
 
 defaults
     mode http
+    log global
+    option httplog
+    option log-separate-errors
     timeout connect 1s
     timeout client 30s
     timeout server 30s
     timeout check 1s
     option redispatch 1
     retries 3
-    retry-on conn-failure empty-response response-timeout 503
-    # retrying a request needs its body kept: HAProxy buffers up to tune.bufsize (16 KiB default)
+    retry-on conn-failure empty-response response-timeout 500 503
+    # a request is retried only if HAProxy holds all of it when it sends it: wait for the whole
+    # body first (a client that sends headers and body in two writes is otherwise never retried);
+    # bodies over tune.bufsize (16 KiB by default) are never retried
+    option http-buffer-request
 
 frontend fleet
     bind 127.0.0.1:{frontend_port}
@@ -71,6 +78,7 @@ backend inferd
     balance roundrobin
     option httpchk GET {check_path}
     http-check expect status 200
+    http-response set-header X-Inferd-Host %[srv_name]
 {servers}
 """
 
