@@ -9,28 +9,25 @@ and real OIP inference requests through HAProxy.
 - Drain: a host told to stop (SIGTERM, ``fleet.drain_grace_s``) gets no new request once HAProxy
   reads ``drain`` from its agent, and no request fails.
 
-The load is a few threads, each a keep-alive HTTP connection to HAProxy sending one request after
-another; HAProxy stamps each response with the server that answered (X-Inferd-Host). Every request
-of the load must answer 200 with the right class: the synthetic model's answer is the frame's grey
-level, so a wrong or mixed-up answer shows.
+The load (bench/fleet/oip_load.py) is a few threads, each a keep-alive HTTP connection to HAProxy
+sending one request after another; HAProxy stamps each response with the server that answered
+(X-Inferd-Host). Every request of the load must answer 200 with the right class: the synthetic
+model's answer is the frame's grey level, so a wrong or mixed-up answer shows. The same runs with
+figures: ``python -m bench.fleet.balancer``.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import threading
 import time
-from collections import Counter
 
 import pytest
 
-from haproxy_server import Backend, HAProxy, free_port
+from haproxy_server import Backend, HAProxy, Load, free_port
 from helpers import admin_path, short_dir, spawn_daemon
 from inferd.client import AdminClient
 from inferd.daemon.launch import DaemonProcess
-from inferd.daemon.models.zoo.synthetic import level_of
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -118,76 +115,6 @@ def fleet():
         host.close()
 
 
-def _frame_body(level: int) -> bytes:
-    return json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3],
-                                   "data": [level] * 768}],
-                       "outputs": [{"name": "SCORES", "parameters": {"classification": 1}}]}).encode()
-
-
-BODIES = [(level, _frame_body(level)) for level in range(0, 256, 17)]
-
-
-class Load:
-    """``threads`` keep-alive connections to HAProxy, each sending inference requests one after
-    another until ``stop()`` (or ``limit`` requests in all); every answer is checked."""
-
-    def __init__(self, port: int, threads: int = 4, limit: int | None = None):
-        self.port, self.limit = port, limit
-        self.served: Counter = Counter()         # X-Inferd-Host -> requests answered 200, right
-        self.failures: list = []                 # (status, body) of every other answer
-        self.log: list = []                      # (monotonic time, host) of each answer
-        self._sent = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def _take(self) -> bool:
-        with self._lock:
-            if self._stop.is_set() or (self.limit is not None and self._sent >= self.limit):
-                return False
-            self._sent += 1
-            return True
-
-    def _run(self, k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        i = k
-        while self._take():
-            level, body = BODIES[i % len(BODIES)]
-            i += 1
-            try:
-                conn.request("POST", "/v2/models/synthetic/infer", body, {"Content-Type": "application/json"})
-                r = conn.getresponse()
-                data = r.read()
-            except (OSError, http.client.HTTPException) as exc:
-                with self._lock:
-                    self.failures.append(("connection", repr(exc)))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                continue
-            host = r.getheader("X-Inferd-Host", "?")
-            ok = r.status == 200 and json.loads(data)["outputs"][0]["data"][0].split(":")[1] == str(level_of(level))
-            with self._lock:
-                if ok:
-                    self.served[host] += 1
-                    self.log.append((time.monotonic(), host))
-                else:
-                    self.failures.append((r.status, data[:300], host))
-        conn.close()
-
-    def wait_served(self, n: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while sum(self.served.values()) < n:
-            assert time.monotonic() < deadline, f"only {sum(self.served.values())} of {n} served; {self.failures[:3]}"
-            time.sleep(0.02)  # noqa: sleep-ok: polling the load's progress with a deadline
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-
-
 @pytest.mark.timing
 def test_traffic_splits_by_measured_capacity(fleet):
     fleet.start(("slow", 1.0), ("fast", 3.0))
@@ -204,9 +131,9 @@ def test_traffic_splits_by_measured_capacity(fleet):
     load.stop()
     assert not load.failures, load.failures[:5]
     expected = caps["fast"] / (caps["fast"] + caps["slow"])
-    share = load.served["fast"] / sum(load.served.values())
+    share = load.served["fast"] / load.total
     print(f"capacities {caps}, HAProxy weights {weights}: fast host served {share:.3f} of "
-          f"{sum(load.served.values())} requests, its capacity share {expected:.3f}")
+          f"{load.total} requests, its capacity share {expected:.3f}")
     assert abs(share - expected) <= SPLIT_TOLERANCE * expected, (share, expected, load.served)
 
 
@@ -223,7 +150,7 @@ def test_a_host_whose_devices_fail_leaves_rotation_and_no_request_fails(fleet):
                                        "host a out of rotation")
         status = fleet.haproxy.servers()["a"]
         seen = len(load.log)
-        load.wait_served(sum(load.served.values()) + 100, 60.0)
+        load.wait_served(load.total + 100, 60.0)
         after_out = [h for t, h in load.log[seen:] if t > t0 + out_s + 0.05]
         print(f"host a out of rotation {out_s:.2f} s after its device began failing "
               f"({status['status']}, agent: {status.get('agent_desc') or status.get('agent_status')}); "
@@ -237,7 +164,7 @@ def test_a_host_whose_devices_fail_leaves_rotation_and_no_request_fails(fleet):
         fleet.hosts["a"].fault("none")
         fleet.haproxy.wait_for(lambda s: s["a"]["status"] == "UP", 20.0, "host a back in rotation")
         n = load.served["a"]
-        load.wait_served(sum(load.served.values()) + 100, 60.0)
+        load.wait_served(load.total + 100, 60.0)
         assert load.served["a"] > n
     finally:
         load.stop()
@@ -259,7 +186,7 @@ def test_a_drained_host_gets_no_new_requests_and_none_fails(fleet):
         state = fleet.haproxy.servers()["a"]
         sent_to_a = int(state["stot"])
         assert host.d.proc.wait(30) == 0                        # it finished its work and stopped
-        load.wait_served(sum(load.served.values()) + 100, 60.0)
+        load.wait_served(load.total + 100, 60.0)
         print(f"HAProxy saw host a {state['status']} {drain_s:.2f} s after SIGTERM; it had sent it "
               f"{sent_to_a} requests, and {int(fleet.haproxy.servers()['a']['stot'])} at the end; "
               f"served {dict(load.served)}; failures {len(load.failures)}")
