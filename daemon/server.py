@@ -120,9 +120,9 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)
-        self.state = "ready"
         self.door = Door(self.listener.sock, self.cfg.server, self._start_handshake, fd_limit, self._clock)
         self.stats.door = self.door
+        self.state = readiness.READY
         accept = loop.create_task(self._accept_loop())
         health_ticks = loop.create_task(self._health_ticks())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
@@ -280,16 +280,22 @@ class Server:
         return task
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
-    def readiness(self, door: str | None = None) -> readiness.Readiness:
+    def readiness(self) -> readiness.Readiness:
         """Ready or not, why, and the capacity (daemon/ops/readiness.py); safe off the loop (the
-        agent-check thread asks it). ``door``: why new clients are refused, if the caller knows."""
-        if door is None and self.door is not None:
-            door = self.door.blocked()
+        agent-check thread asks it)."""
+        return self._readiness(self._door_blocked())
+
+    def _door_blocked(self) -> str | None:
+        """Why new clients are refused (daemon/front/door.py), asked only while serving: a draining
+        server is closing the socket the question dups."""
+        return self.door.blocked() if self.door is not None and self.state == readiness.READY else None
+
+    def _readiness(self, door: str | None) -> readiness.Readiness:
         return readiness.assess(self.state, self.devices, self.cfg.batching.max_batch, door)
 
     def health(self) -> dict:
-        door = self.door.blocked() if self.door is not None else None     # why new clients are refused
-        r = self.readiness(door)
+        door = self._door_blocked()
+        r = self._readiness(door)
         return {"state": r.state, "ready": r.ready, "reason": r.reason, "live": True, "door": door,
                 "capacity_fps": r.capacity_fps,
                 "agent": ({"address": "%s:%d" % self.agent.address, "line": agent_line(r, self.agent.reference_fps).strip(),

@@ -165,3 +165,17 @@ def test_drain_grace_says_drain_and_still_serves():
         assert time.monotonic() - t0 >= 2.0                   # it waited the grace out
     finally:
         host.d.cleanup()
+
+
+def test_a_second_signal_ends_the_grace():
+    host = Host(1, "--set", "fleet.drain_grace_s=60")
+    try:
+        t0 = time.monotonic()
+        host.d.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: host.agent().startswith("drain #"), 5.0, "the agent saying drain")
+        host.d.proc.send_signal(signal.SIGTERM)
+        assert host.d.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 30
+        assert "draining now" in host.d.log()
+    finally:
+        host.d.cleanup()
