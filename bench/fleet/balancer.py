@@ -15,7 +15,9 @@ requests one after another (bench/fleet/oip_load.py), every answer checked. Thre
 3. **drain**: the load runs; the slow host is SIGTERMed with ``fleet.drain_grace_s = 2``; seconds
    until HAProxy has it in DRAIN, requests HAProxy sent it after that (target 0), failed requests
    (target 0). Then the same with no grace, for comparison (the door closes at once: HAProxy's
-   retries carry what reaches it before its checks notice).
+   retries carry what reaches it before its checks notice). Last, **crash**: the slow host's daemon
+   SIGKILLed under load (its agent gone, the regular check decides): seconds until DOWN, failed
+   requests.
 
 Writes ``OUT/balancer.json``.
 """
@@ -132,6 +134,25 @@ def part_failover(s, log) -> dict:
         return out
 
 
+def part_crash(s, log) -> dict:
+    """The slow host's daemon SIGKILLed under load: its agent is gone (HAProxy ignores an agent it
+    cannot reach), so its regular check (the front's readiness) takes it out."""
+    with fleet() as (hosts, proxy, caps):
+        load = Load(proxy.port, threads=s["clients"])
+        try:
+            load.wait_served(100, 60.0)
+            t0 = time.monotonic()
+            hosts["slow"]["daemon"]["proc"].proc.kill()
+            out_s = proxy.wait_for(lambda v: v["slow"]["status"].startswith(("DOWN", "MAINT")), 30.0, "slow host out")
+            load.wait_served(load.total + s["after_requests"], 120.0)
+        finally:
+            load.stop()
+        out = {"out_s": out_s, "failed": len(load.failures), "failures": [repr(f) for f in load.failures[:5]],
+               "served": dict(load.served), "elapsed_s": time.monotonic() - t0}
+        log(f"crash: {out}")
+        return out
+
+
 def part_drain(s, log, grace_s: float) -> dict:
     with fleet("--set", f"fleet.drain_grace_s={grace_s}") as (hosts, proxy, caps):
         load = Load(proxy.port, threads=s["clients"])
@@ -157,7 +178,8 @@ def part_drain(s, log, grace_s: float) -> dict:
 
 def measure(s, log) -> dict:
     return {"split": part_split(s, log), "failover": part_failover(s, log),
-            "drain": part_drain(s, log, GRACE_S), "drain_no_grace": part_drain(s, log, 0.0)}
+            "drain": part_drain(s, log, GRACE_S), "drain_no_grace": part_drain(s, log, 0.0),
+            "crash": part_crash(s, log)}
 
 
 def render(r: dict) -> str:
@@ -180,7 +202,9 @@ def render(r: dict) -> str:
         f"(target 0: {met(dr['failed'] == 0)})",
         f"  drain without grace (fleet.drain_grace_s = 0): HAProxy had it {dn['status']} after "
         f"{dn['drain_seen_s']:.2f} s and sent it {dn['sent_after_drain']} requests after that; failed requests "
-        f"{dn['failed']} (the ones it refused in between were retried on the other host: retry-on 503)"])
+        f"{dn['failed']} (the ones it refused in between were retried on the other host: retry-on 503)",
+        f"  crash (the slow host's daemon SIGKILLed): DOWN in HAProxy after {r['crash']['out_s']:.2f} s by its "
+        f"regular check (an agent that is gone changes nothing); failed requests {r['crash']['failed']}"])
 
 
 def main(argv=None) -> int:
