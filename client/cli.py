@@ -305,8 +305,17 @@ def _health(args) -> int:
     if reply.get("agent"):
         fleet += f"; agent-check {reply['agent']['address']}: {reply['agent']['line']}"
     _out(args, reply, f"{state}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
-                      f"devices: {devices}{fleet}")
+                      f"devices: {devices}{fleet}{_oip_line(reply.get('oip'))}")
     return EXIT_OK if reply["ready"] else EXIT_ERROR
+
+
+def _oip_line(oip: dict | None) -> str:
+    """The OIP front's doors, when the daemon supervises one (``[oip] enabled``)."""
+    if not oip:
+        return ""
+    running = f"pid {oip['pid']}" if oip.get("pid") else "not running"
+    restarts = f", restarted {oip['restarts']} times" if oip.get("restarts") else ""
+    return f"\nOIP front: HTTP {oip.get('http')}, gRPC {oip.get('grpc')} ({running}{restarts})"
 
 
 def _not_ready_reason(reply: dict) -> str:

@@ -38,6 +38,7 @@ from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
+from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
@@ -74,6 +75,7 @@ class Server:
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
                           turns=self.turns)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
+        self.front = None                   # the OIP front's supervisor, with [oip] enabled
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
@@ -130,6 +132,9 @@ class Server:
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
+        if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
+            self.front = FrontSupervisor(self.cfg)
+            self.front.start()
         await self._stop.wait()
         await self._announce_drain()
         health_ticks.cancel()
@@ -224,6 +229,8 @@ class Server:
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
 
     async def _drain(self, accept: asyncio.Task) -> None:
+        if self.front is not None:          # its doors close first; what it sent still finishes below
+            await self.front.stop(self.cfg.server.drain_timeout_s)
         self.draining = self.scheduler.draining = True
         self.scheduler.on_idle = self._drained.set
         accept.cancel()
@@ -302,7 +309,8 @@ class Server:
                            "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
-                "in_rotation": r.in_rotation, "pid": self.pid}
+                "in_rotation": r.in_rotation, "pid": self.pid,
+                "oip": self.front.describe() if self.front is not None else None}
 
     def request_drain(self, who: str) -> dict:
         log.info("%s: draining", who)
@@ -366,7 +374,7 @@ class Server:
         r = self.readiness()
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
                 "ready": r.ready, "state": r.state, "reason": r.reason, "capacity_fps": r.capacity_fps,
-                **self.scheduler.describe()}
+                "oip": self.front.describe() if self.front is not None else None, **self.scheduler.describe()}
 
     # stats ------------------------------------------------------------------------------------
     def stats_snapshot(self) -> dict:

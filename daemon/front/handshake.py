@@ -153,7 +153,8 @@ def check_hello(server, hello: dict, peer: tuple, groups: tuple = (), *, authori
     s, r = server.cfg.server, server.cfg.ring
     pid, uid, gid = peer
     # a group counts as primary or supplementary (SO_PEERGROUPS): `usermod -aG inferd alice` lets her in
-    if not authorised and uid not in (0, os.geteuid(), *(s.allow_uids or ())) and not {gid, *groups} & set(s.allow_gids or ()):
+    if (not authorised and uid not in (0, os.geteuid(), *(s.allow_uids or ()))
+            and not {gid, *groups} & set(s.allow_gids or ())):
         raise Rejected(wire.E_PERMISSION_DENIED, f"uid {uid} gid {gid} is not allowed, nor are its "
                        f"{len(groups)} supplementary groups; add the uid to server.allow_uids or one "
                        "of its groups to server.allow_gids")

@@ -5,9 +5,13 @@ local uid read from its Unix socket's SO_PEERCRED, or a tenant named by a bearer
 one AsyncClient whose hello names that principal, so the daemon's fair share, per-uid quotas and
 privacy scope apply to the caller, not to the front. Frames go into that session's ring as for any
 client; repeats are answered from the read-only result cache without a round trip. At most
-``oip.max_principals`` sessions stay open; the least recently used one is closed to make room.
+``oip.max_principals`` sessions stay open; the least recently used idle one is closed to make room.
 
 ``own`` is the front's session as itself: the model's metadata, its labels and readiness.
+
+Sessions do not wait for a daemon that went away (``reconnect=False``): a request that finds none
+is answered 503 at once, so a balancer sends it elsewhere, and the session is dropped; the next
+request opens a new one (within ``CONNECT_S``), so a restarted daemon is served again at once.
 """
 from __future__ import annotations
 
@@ -16,12 +20,18 @@ import collections
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...client import errors as client_errors
+from ...client.admin import AdminClient
 from ...client.aio import AsyncClient
 from ...client.connection import Connection
+from ...client.images import to_frame
 from .errors import OipError, from_client
 
 log = logging.getLogger("inferd.oip")
+#: how long opening a session waits for the daemon, once the front runs
+CONNECT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,22 @@ class _PrincipalClient(AsyncClient):
 
 
 class Backend:
-    def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float):
+    def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float,
+                 admin_path: str | None = None):
         self.socket_path = socket_path
+        self.admin_path = admin_path
         self._ring_slots = ring_slots
         self._max = max_principals
         self.timeout_s = timeout_s
         self._clients: collections.OrderedDict[Principal, AsyncClient] = collections.OrderedDict()
         self._opening: dict[Principal, asyncio.Task] = {}
+        self._busy: collections.Counter[Principal] = collections.Counter()     # requests in flight
         self.own: AsyncClient | None = None
         self.labels: tuple = ()
 
     async def start(self, connect_timeout: float = 30.0) -> None:
         """Open the front's own session (waits up to ``connect_timeout`` for the daemon)."""
-        self.own = await self._open(FRONT, connect_timeout)
+        self.own = await self._open(FRONT, connect_timeout, reconnect=True)
         self.labels = await self.own.labels()
 
     async def close(self) -> None:
@@ -95,8 +108,22 @@ class Backend:
         return m.classes or len(m.labels)
 
     async def ready(self) -> tuple[bool, str]:
-        """Whether an inference sent now can be served, and why not: the daemon answers, is not
-        draining and has a device in rotation."""
+        """Whether an inference sent now can be served, and why not. The daemon's own word when
+        the front may ask its admin socket (it runs as the daemon's user): ready, not starting or
+        draining, a device in rotation, new clients admitted (``inferctl health``); else, from
+        the client socket, that the daemon answers and has a device in rotation."""
+        if self.admin_path is not None:
+            try:
+                health = await asyncio.get_running_loop().run_in_executor(None, self._admin_health)
+            except client_errors.PermissionDenied:
+                self.admin_path = None               # not the daemon's user: the client socket's view
+            except client_errors.InferdError as exc:
+                return False, f"the daemon does not answer: {exc}"
+            else:
+                if health.get("ready"):
+                    return True, ""
+                return False, (f"the daemon is {health.get('state')}, {health.get('in_rotation')} device(s) "
+                               f"in rotation{'; ' + health['door'] if health.get('door') else ''}")
         try:
             info = await asyncio.wait_for(self.own.info(), 2.0)
         except (client_errors.InferdError, TimeoutError) as exc:
@@ -108,16 +135,40 @@ class Backend:
             return False, "no device is in rotation"
         return True, ""
 
+    def _admin_health(self) -> dict:
+        with AdminClient(self.admin_path, timeout=2.0) as admin:
+            return admin.call("health")
+
     # inference --------------------------------------------------------------------------------
     async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None) -> list:
-        """Each image's predictions (inferd.client Prediction lists), as ``principal``."""
+        """Each image's predictions (inferd.client Prediction lists), as ``principal``. Frames of
+        another size are resized in a worker thread first (the client library would resize them
+        on this loop: a large frame would stall every other caller of the front)."""
+        h, w, _ = self.own.model.input_shape
+        if any(isinstance(im, np.ndarray) and im.shape[:2] != (h, w) for im in images):
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [to_frame(im, h, w) if isinstance(im, np.ndarray) else im for im in images])
         client = await self._client(principal)
         if self.own.model.labels_id != client.model.labels_id:
             self.labels = await self.own.labels()
+        self._busy[principal] += 1
         try:
             return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s)
+        except client_errors.DaemonUnavailable as exc:
+            self._forget(principal, client)
+            raise from_client(exc) from None
         except client_errors.InferdError as exc:
             raise from_client(exc) from None
+        finally:
+            self._busy[principal] -= 1
+            if not self._busy[principal]:
+                del self._busy[principal]
+
+    def _forget(self, principal: Principal, client: AsyncClient) -> None:
+        """Drop a session whose daemon went away; the next request opens another."""
+        if self._clients.get(principal) is client:
+            del self._clients[principal]
+        asyncio.ensure_future(client.aclose())
 
     async def _client(self, principal: Principal) -> AsyncClient:
         client = self._clients.get(principal)
@@ -126,7 +177,7 @@ class Backend:
             return client
         task = self._opening.get(principal)
         if task is None:
-            task = self._opening[principal] = asyncio.ensure_future(self._open(principal, 5.0))
+            task = self._opening[principal] = asyncio.ensure_future(self._open(principal, CONNECT_S))
             task.add_done_callback(lambda _: self._opening.pop(principal, None))
         try:
             client = await asyncio.shield(task)
@@ -134,14 +185,19 @@ class Backend:
             raise from_client(exc) from None
         if principal not in self._clients:
             self._clients[principal] = client
-            while len(self._clients) > self._max:
-                _, old = self._clients.popitem(last=False)
-                asyncio.ensure_future(old.aclose())
+            self._evict()
         return self._clients[principal]
 
-    async def _open(self, principal: Principal, connect_timeout: float) -> AsyncClient:
-        client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots,
-                                  timeout=self.timeout_s, connect_timeout=connect_timeout)
+    def _evict(self) -> None:
+        """Close the least recently used sessions over ``max_principals`` that have nothing in
+        flight (a busy one stays until it is idle: its callers' requests are never cut off)."""
+        over = len(self._clients) - self._max
+        for principal in [p for p in self._clients if p not in self._busy][:max(over, 0)]:
+            asyncio.ensure_future(self._clients.pop(principal).aclose())
+
+    async def _open(self, principal: Principal, connect_timeout: float, reconnect: bool = False) -> AsyncClient:
+        client = _PrincipalClient(self.socket_path, principal, ring_slots=self._ring_slots, timeout=self.timeout_s,
+                                  connect_timeout=connect_timeout, reconnect=reconnect)
         try:
             await client.connect()
         except client_errors.PermissionDenied as exc:

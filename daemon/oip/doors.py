@@ -14,61 +14,15 @@ A TCP door on an address that is not loopback is refused without ``oip.tokens_fi
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import ssl
-from dataclasses import dataclass
-
 from ..errors import ConfigError
-from ...shm import paths
+from .addresses import Address
 from .backend import Principal
 from .errors import OipError
 from .tenants import ANONYMOUS, Tokens
 
 log = logging.getLogger("inferd.oip")
-
-
-@dataclass(frozen=True)
-class Address:
-    """A Unix socket path, or a TCP host and port."""
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    @property
-    def unix(self) -> bool:
-        return bool(self.path)
-
-    def __str__(self) -> str:
-        return self.path or (f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
-
-    @property
-    def loopback(self) -> bool:
-        if self.unix:
-            return True
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-
-def parse(value: str, key: str, default_name: str, socket_path: str) -> Address | None:
-    """``oip.http`` / ``oip.grpc``: "off" -> None; "" -> ``default_name`` beside the client
-    socket; a value with a "/" -> a Unix socket path; else HOST:PORT ([v6]:PORT)."""
-    if value == "off":
-        return None
-    if not value:
-        return Address(path=os.path.join(os.path.dirname(paths.socket_path(socket_path)), default_name))
-    if "/" in value:
-        return Address(path=value)
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key} = {value!r}: a Unix socket path (with a /), HOST:PORT or \"off\"")
-    return Address(host=host, port=int(port))
 
 
 def check_policy(address: Address, key: str, oip) -> None:

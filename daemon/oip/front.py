@@ -6,14 +6,14 @@
     stop    SIGTERM / SIGINT -> stop accepting, let requests under way finish (grace), close the
             daemon sessions, unlink the Unix sockets
 
-It runs on the default asyncio loop (grpc.aio requires it) in a process of its own, so its HTTP
-parsing, JSON and protobuf work never take turns from the daemon's event loop.
+It runs on uvloop (as the daemon does; grpc.aio runs on it too, and a gRPC call costs about half
+the CPU it costs on asyncio's own loop) in a process of its own, so its HTTP parsing, JSON and
+protobuf work never take turns from the daemon's event loop (docs/oip.md, "Where it runs").
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from importlib import metadata
@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..front.listener import Listener
 from ..ops.sd_notify import notify
-from . import doors
+from . import addresses, doors
 from .backend import Backend
 from .http_front import HttpDoor
 
@@ -39,11 +39,11 @@ def version() -> str:
         return "0"
 
 
-def plan(cfg: Config) -> tuple[doors.Address | None, doors.Address | None]:
+def plan(cfg: Config) -> tuple[addresses.Address | None, addresses.Address | None]:
     """The HTTP and gRPC addresses, checked against the listen policy; ConfigError otherwise."""
     oip = cfg.oip
-    http = doors.parse(oip.http, "oip.http", "oip-http.sock", cfg.server.socket)
-    grpc_at = doors.parse(oip.grpc, "oip.grpc", "oip-grpc.sock", cfg.server.socket)
+    http = addresses.parse(oip.http, "oip.http", "oip-http.sock", cfg.server.socket)
+    grpc_at = addresses.parse(oip.grpc, "oip.grpc", "oip-grpc.sock", cfg.server.socket)
     if http is None and grpc_at is None:
         raise ConfigError("oip.http and oip.grpc are both \"off\": the front would serve nothing")
     for address, key in ((http, "oip.http"), (grpc_at, "oip.grpc")):
@@ -58,7 +58,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     tls = doors.tls_context(oip)
     auth = doors.Authenticator(oip.tokens_file, time.monotonic)
     backend = Backend(cfg.socket_path, ring_slots=oip.ring_slots, max_principals=oip.max_principals,
-                      timeout_s=oip.request_timeout_ms / 1000.0)
+                      timeout_s=oip.request_timeout_ms / 1000.0, admin_path=cfg.admin_socket_path)
     await backend.start()
     runner = listener = grpc_door = None
     try:
@@ -73,13 +73,17 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
             else:
                 site = web.TCPSite(runner, http_at.host, http_at.port, ssl_context=tls, reuse_address=True)
             await site.start()
+            if not http_at.unix and http_at.port == 0:        # port 0: the one the kernel chose
+                http_at = addresses.Address(host=http_at.host, port=site._server.sockets[0].getsockname()[1])
         if grpc_at is not None:
             from .grpc_front import GrpcDoor        # grpcio loads only when a gRPC door is configured
             grpc_door = GrpcDoor(backend, auth, grpc_at, oip, version=version())
             await grpc_door.start()
+            grpc_at = grpc_door.address
         log.info("OIP front ready: HTTP on %s, gRPC on %s, serving %s for the daemon on %s",
                  http_at or "off", grpc_at or "off", backend.model.name, cfg.socket_path)
-        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'}, gRPC {grpc_at or 'off'}")
+        # the addresses bound (a port 0 resolved): tests and scripts read them from STATUS=
+        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'} gRPC {grpc_at or 'off'}")
         await stop.wait()
         notify("STOPPING=1")
     finally:
@@ -100,5 +104,10 @@ def run(cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve(cfg, stop)
-    asyncio.run(main())
+    try:
+        import uvloop
+    except ImportError:                         # the daemon extra brings it; asyncio's loop works too
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
     return 0

@@ -59,7 +59,7 @@ class Inference:
     def top_k(self, classes: int) -> int:
         """How many classes to ask the daemon for: all of them when SCORES is wanted as a tensor,
         else the largest classification k."""
-        if any(w.classes == 0 for w in self.outputs):
+        if not self.outputs or any(w.classes == 0 for w in self.outputs):
             return classes
         return min(classes, max(w.classes for w in self.outputs))
 

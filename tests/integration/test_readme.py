@@ -182,8 +182,10 @@ def test_shell_block_runs(block: Block, workdir: str):
                     f"test_install_commands_name_makefile_targets)")
     if "curl " in script and shutil.which("curl") is None:
         pytest.skip("curl is not installed (apt-get install curl)")
-    # A fixed port in the README may be taken on a test machine: the same command on a free one.
-    script = re.sub(r"\b8080\b", str(free_port()), script)
+    # A fixed port in the README may be taken on a test machine: the same command on a free one
+    # (8080: the upload service; 8000, 8001: the OIP front's HTTP and gRPC doors, Triton's ports).
+    for port in (8080, 8000, 8001):
+        script = re.sub(rf"\b{port}\b", str(free_port()), script)
     socket_path = os.path.join(workdir, "inferd.sock")
     result = run(["bash", "-c", "set -eo pipefail\n" + script], cwd=ROOT,
                  env=environment(workdir, socket_path), workdir=workdir)

@@ -1,0 +1,225 @@
+"""The OIP front against the client library's ring path, on one daemon, in one run.
+
+    python -m bench.oip [--quick]
+
+One daemon (the built-in model, 64x64 frames, one CPU device of one thread; the result cache off,
+so every request reaches the model) and one OIP front (daemon/oip/, loopback TCP doors). Three
+kinds of caller, each one process with ``callers`` requests in flight (asyncio tasks):
+
+    ring   AsyncClient over the Unix socket and its shared-memory ring (the baseline)
+    http   aiohttp POST /v2/models/shapes/infer with binary tensor data (Inference-Header-Content-Length)
+    grpc   grpc.aio ModelInfer with raw_input_contents (what tritonclient[grpc] sends)
+
+Each asks for the top 5 (the ring's classify(top_k=5); OIP's classification: 5). Rounds interleave
+the kinds (ring, http, grpc, ring, ...); each kind's throughput is summed over its rounds and its
+latency percentiles taken over all its requests. Then one caller alone sends one request of
+each kind in turn (ring, http, grpc, ring, ...): the latency a kind adds is the p50 of its
+difference to the ring request before it. Targets (docs/oip.md): HTTP binary and gRPC carry >= 0.8
+of the ring's throughput at 16 callers, and add <= 0.5 ms to the p50 of a request.
+
+CPU per request: the daemon's (all threads, and its event loop thread alone) and the front's CPU
+seconds over each window divided by its answers, from /proc: the front's figure is what its work
+would add to the daemon's event loop, its busiest thread, if it ran inside the daemon instead of
+beside it (docs/oip.md, "Where it runs").
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+from ..lib.daemons import daemon
+from ..lib.measure import cpu_seconds, frames, latency_stats, thread_cpu_seconds
+from ..lib.procs import run_in_child
+from ..lib.report import settings_main, table
+
+SETTINGS = {
+    "full": {"size": 64, "callers": 16, "seconds": 6.0, "rounds": 3, "seq_seconds": 4.0, "warmup_s": 1.0},
+    "quick": {"size": 64, "callers": 16, "seconds": 2.0, "rounds": 1, "seq_seconds": 1.5, "warmup_s": 0.5},
+}
+KINDS = ("ring", "http", "grpc")
+TOP_K = 5
+
+
+def _caller(q, kind: str, target: str, size: int, callers: int, seconds: float, warmup_s: float) -> None:
+    """One caller process: ``callers`` tasks send requests of ``kind`` for ``warmup_s``, then for
+    ``seconds``; reports the latencies of the measured window."""
+    try:
+        import uvloop                                   # every kind of caller on the same loop
+        q.put(("ok", uvloop.run(_callers(kind, target, size, callers, seconds, warmup_s))))
+    except Exception:                                       # noqa: reported to the parent
+        import traceback
+        q.put(("error", traceback.format_exc()))
+
+
+async def _callers(kind, target, size, callers, seconds, warmup_s) -> dict:
+    frame = frames(1, size, seed=1)[0]
+    call, close = await _client(kind, target, frame, callers)
+    try:
+        await call()
+        lat: list[float] = []
+        start = time.monotonic() + warmup_s
+        end = start + seconds
+
+        async def task():
+            while True:
+                t0 = time.perf_counter()
+                await call()
+                now = time.monotonic()
+                if now >= end:
+                    return
+                if now >= start:
+                    lat.append(time.perf_counter() - t0)
+        await asyncio.gather(*(task() for _ in range(callers)))
+        return {"count": len(lat), "seconds": seconds, "lat": lat}
+    finally:
+        await close()
+
+
+async def _client(kind, target, frame, callers):
+    """(an awaitable making one request, an awaitable closing the client)."""
+    if kind == "ring":
+        from inferd.client import AsyncClient
+        c = await AsyncClient.open(target, cache=False, ring_slots=max(callers, 1) * 2)
+        return (lambda: c.classify(frame, TOP_K)), c.aclose
+    shape = [1, *frame.shape]
+    if kind == "http":
+        import aiohttp
+        head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
+                                       "parameters": {"binary_data_size": frame.nbytes}}],
+                           "outputs": [{"name": "SCORES", "parameters": {"classification": TOP_K,
+                                                                         "binary_data": True}}]}).encode()
+        body, headers = head + frame.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                                 "Content-Type": "application/octet-stream"}
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=callers))
+        url = f"http://{target}/v2/models/shapes/infer"
+
+        async def post():
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+        return post, session.close
+    import grpc
+    from inferd.daemon.oip import oip_pb2 as pb
+    request = pb.ModelInferRequest(model_name="shapes", raw_input_contents=[frame.tobytes()])
+    request.inputs.add(name="IMAGE", datatype="UINT8", shape=shape)
+    request.outputs.add(name="SCORES").parameters["classification"].int64_param = TOP_K
+    raw = request.SerializeToString()
+    channel = grpc.aio.insecure_channel(target)
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")   # bytes in, bytes out
+    return (lambda: infer(raw)), channel.close
+
+
+def _alternating(q, targets: dict, size: int, seconds: float, warmup_s: float) -> None:
+    """One caller process, one request at a time, the kinds in turn (ring, http, grpc, ring,
+    ...): the latency each kind adds is the p50 of its difference to the ring request just before
+    it, so a change of the machine's load during the run falls on all three alike."""
+    try:
+        import uvloop
+        q.put(("ok", uvloop.run(_alternate(targets, size, seconds, warmup_s))))
+    except Exception:                                       # noqa: reported to the parent
+        import traceback
+        q.put(("error", traceback.format_exc()))
+
+
+async def _alternate(targets, size, seconds, warmup_s) -> dict:
+    frame = frames(1, size, seed=2)[0]
+    clients = {k: await _client(k, targets[k], frame, 1) for k in KINDS}
+    try:
+        lat = {k: [] for k in KINDS}
+        start = time.monotonic() + warmup_s
+        end = start + seconds
+        while (now := time.monotonic()) < end:
+            for kind, (call, _) in clients.items():
+                t0 = time.perf_counter()
+                await call()
+                if now >= start:
+                    lat[kind].append(time.perf_counter() - t0)
+        return lat
+    finally:
+        for _, close in clients.values():
+            await close()
+
+
+def _front(d: dict):
+    from inferd.daemon.launch import DaemonProcess
+    proc = DaemonProcess.start(["--set", "oip.http=127.0.0.1:0", "--set", "oip.grpc=127.0.0.1:0"],
+                               socket_path=d["socket"], workdir=d["workdir"], wait=False, module="inferd.daemon.oip")
+    status = proc.wait_notify("READY=1", timeout=120)
+    http, grpc_at = re.search(r"HTTP (\S+) gRPC (\S+)", status).groups()
+    return proc, {"ring": d["socket"], "http": http, "grpc": grpc_at}
+
+
+def measure(s: dict, log) -> dict:
+    out: dict = {"kinds": {}, "sequential": {}}
+    with daemon(["--model", "shapes", "--device", "cpu:1"]) as d:
+        front, targets = _front(d)
+        try:
+            dpid, fpid = d["proc"].pid, front.pid
+            runs = {k: {"count": 0, "seconds": 0.0, "lat": [], "daemon_cpu": 0.0, "front_cpu": 0.0,
+                        "loop_cpu": 0.0} for k in KINDS}
+            for r in range(s["rounds"]):
+                for kind in KINDS:
+                    c0 = (cpu_seconds(dpid), cpu_seconds(fpid), thread_cpu_seconds(dpid).get(dpid, 0.0))
+                    got = run_in_child(_caller, (kind, targets[kind], s["size"], s["callers"], s["seconds"],
+                                                 s["warmup_s"]), s["seconds"] + 120, f"oip-{kind}")
+                    c1 = (cpu_seconds(dpid), cpu_seconds(fpid), thread_cpu_seconds(dpid).get(dpid, 0.0))
+                    # the CPU of the warm-up goes in too: per request, over the warm-up's requests as well
+                    total = s["seconds"] + s["warmup_s"]
+                    run = runs[kind]
+                    run["count"] += got["count"]
+                    run["seconds"] += got["seconds"]
+                    run["lat"] += got["lat"]
+                    run["daemon_cpu"] += (c1[0] - c0[0]) * s["seconds"] / total
+                    run["front_cpu"] += (c1[1] - c0[1]) * s["seconds"] / total
+                    run["loop_cpu"] += (c1[2] - c0[2]) * s["seconds"] / total
+                    log(f"round {r + 1} {kind}: {got['count'] / got['seconds']:.0f} req/s")
+            for kind, run in runs.items():
+                out["kinds"][kind] = {"rps": run["count"] / run["seconds"], **latency_stats(run["lat"]),
+                                      "daemon_cpu_us": 1e6 * run["daemon_cpu"] / max(run["count"], 1),
+                                      "front_cpu_us": 1e6 * run["front_cpu"] / max(run["count"], 1),
+                                      "loop_cpu_us": 1e6 * run["loop_cpu"] / max(run["count"], 1)}
+            lat = run_in_child(_alternating, (targets, s["size"], s["seq_seconds"], s["warmup_s"]),
+                               s["seq_seconds"] + 120, "oip-alternating")
+            for kind in KINDS:
+                n = min(len(lat[kind]), len(lat["ring"]))
+                added = [a - b for a, b in zip(lat[kind][:n], lat["ring"][:n])]
+                out["sequential"][kind] = {**latency_stats(lat[kind]), "added_p50_ms": latency_stats(added)["p50_ms"]}
+                log(f"one caller {kind}: p50 {out['sequential'][kind]['p50_ms']:.3f} ms")
+        finally:
+            front.stop(timeout=30)
+            front.kill()
+    ring = out["kinds"]["ring"]
+    for kind in ("http", "grpc"):
+        k, q = out["kinds"][kind], out["sequential"][kind]
+        out[kind] = {"throughput_ratio": k["rps"] / ring["rps"], "added_p50_ms_16": k["p50_ms"] - ring["p50_ms"],
+                     "added_p50_ms_1": q["added_p50_ms"],
+                     "target_met": k["rps"] / ring["rps"] >= 0.8 and q["added_p50_ms"] <= 0.5}
+    return out
+
+
+def render(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"OIP front vs the ring path: {s['callers']} callers, {s['size']}x{s['size']} frames, the built-in "
+             f"model on one CPU device ({r['command'] and ' '.join(r['command'])})", ""]
+    cols = [("caller", "<6"), ("req/s", ">8.0f"), ("vs ring", ">8.2f"), ("p50 ms", ">8.3f"), ("p99 ms", ">8.3f"),
+            ("1-caller p50", ">12.3f"), ("daemon us/req", ">13.0f"), ("its loop", ">8.0f"),
+            ("front us/req", ">12.0f")]
+    ring = r["kinds"]["ring"]["rps"]
+    rows = [(k, v["rps"], v["rps"] / ring, v["p50_ms"], v["p99_ms"], r["sequential"][k]["p50_ms"],
+             v["daemon_cpu_us"], v["loop_cpu_us"], v["front_cpu_us"]) for k, v in r["kinds"].items()]
+    lines += table(cols, rows)
+    lines.append("")
+    for kind in ("http", "grpc"):
+        k = r[kind]
+        lines.append(f"    {kind}: {k['throughput_ratio']:.2f} of the ring's throughput (target >= 0.80); "
+                     f"added p50 {k['added_p50_ms_1'] * 1000:.0f} us with one caller, "
+                     f"{k['added_p50_ms_16'] * 1000:.0f} us at {s['callers']} (target <= 500 us): "
+                     f"{'met' if k['target_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return settings_main(argv, __doc__, "oip.json", "one round of 2 s", SETTINGS, measure, render)
