@@ -386,7 +386,7 @@ class Server:
         snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
                     pid=self.pid, policy=self.scheduler.policy.name, in_flight=self.scheduler.outstanding,
                     sessions={"open": len(self.sessions), "opened": self.counters["sessions"]},
-                    cache=self.caches.stats())
+                    cache=self.caches.stats(), readiness=self.readiness().as_dict())
         return snap
 
     def metrics_text(self) -> bytes:

@@ -17,7 +17,7 @@ import pytest
 
 from haproxy_server import free_port
 from helpers import admin_path, short_dir, spawn_daemon, wait_until
-from inferd.client import AdminClient, Client, InferdError
+from inferd.client import AdminClient, Client, DaemonUnavailable, InferdError
 from inferd.daemon.models.zoo.synthetic import level_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,7 +90,7 @@ def test_starting_ready_and_capacity_agree():
     try:
         wait_until(lambda: _answers(host), 30.0, "the agent listener while starting")
         assert host.agent().startswith("down #starting")
-        health = host.health()                               # the admin socket is up while starting
+        health = wait_until(lambda: _health_or_none(host), 30.0, "the admin socket")   # up while starting
         assert health["state"] == "starting" and not health["ready"] and health["reason"].startswith("starting")
         host.fault(0, "none")
         host.d.wait_notify("READY=1")
@@ -101,6 +101,9 @@ def test_starting_ready_and_capacity_agree():
         assert expected_fps(2) * 0.8 < health["capacity_fps"] <= expected_fps(2) * 1.02
         assert line == f"up ready {round(health['capacity_fps'] / 10)}%\n"
         assert health["agent"]["line"] == line.strip()
+        with AdminClient(admin_path(host.d)) as a:               # and Prometheus says the same
+            text = a.call("metrics")["text"]
+        assert "inferd_ready 1.0" in text and "inferd_capacity_frames_per_second " in text
         # one device out by an operator: half the capacity, still ready
         with AdminClient(admin_path(host.d)) as a:
             a.call("device", index=1, action="disable")
@@ -109,6 +112,13 @@ def test_starting_ready_and_capacity_agree():
         assert host.agent() == f"up ready {round(half / 10)}%\n"
     finally:
         host.close()
+
+
+def _health_or_none(host):
+    try:
+        return host.health()
+    except DaemonUnavailable:               # the agent listens first; the admin socket comes next
+        return None
 
 
 def _answers(host) -> bool:
