@@ -23,8 +23,8 @@ proportion to what their devices deliver; a host that loses a device reports les
 ``maint`` is never sent: it stops HAProxy's own checks, and only the agent could undo it.
 
 An agent that cannot be reached changes nothing in HAProxy (its regular ``check`` decides up or
-down), so the listener comes up with the server, before the devices warm, and says ``down
-#starting`` until they have.
+down), so the listener comes up with the server, once the model is loaded and before the devices
+warm it, and says ``down #starting`` until they have.
 
 Off the event loop: one thread of its own accepts, computes the line from ``assess`` (it reads a few
 attributes, O(devices): daemon/ops/readiness.py says why that is safe beside the loop), writes it
