@@ -42,22 +42,28 @@ class Host:
     """One host of the fleet: a daemon (synthetic model, one device at ``speed``, the agent-check)
     and its OIP front on a loopback TCP port."""
 
-    def __init__(self, name: str, speed: float, *daemon_args: str):
+    def __init__(self, name: str, speed: float, *daemon_args: str, supervised: bool = False):
         self.name = name
         self.workdir = short_dir()
         self.control = os.path.join(self.workdir, "synthetic.json")
         self.values = {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS, "speed": {"0": speed}, "fault": {}}
         self.write()
         self.http_port, self.agent_port = free_port(), free_port()
+        # supervised: the daemon starts its front itself ([oip] enabled: one unit, as systemd runs it)
+        front = ("--set", "oip.enabled=true", "--set", f'oip.http="127.0.0.1:{self.http_port}"',
+                 "--set", 'oip.grpc="off"') if supervised else ()
         os.environ["INFERD_SYNTHETIC"] = self.control
         try:
-            self.d = spawn_daemon("--set", "cache.enabled=false", "--set", f"batching.max_batch={MAX_BATCH}",
+            self.d = spawn_daemon(*front, "--set", "cache.enabled=false", "--set", f"batching.max_batch={MAX_BATCH}",
                                   "--set", f'fleet.agent="127.0.0.1:{self.agent_port}"',
                                   "--set", f"fleet.reference_fps={REFERENCE_FPS}", "--set", "health.backoff_s=0.5",
                                   "--set", "model.warmup_batches=3",
                                   *daemon_args, model="synthetic", workdir=self.workdir)
         finally:
             del os.environ["INFERD_SYNTHETIC"]
+        self.front = None
+        if supervised:
+            return
         try:
             self.front = DaemonProcess.start(["--set", f'oip.http="127.0.0.1:{self.http_port}"',
                                               "--set", 'oip.grpc="off"'], socket_path=self.d.socket_path,
@@ -84,7 +90,7 @@ class Host:
             return a.call("health")
 
     def close(self):
-        if self.front.proc.poll() is None:
+        if self.front is not None and self.front.proc.poll() is None:
             self.front.stop()
         if self.d.proc.poll() is None:
             self.d.stop()
@@ -97,10 +103,10 @@ def fleet():
     made: dict = {}
 
     class Fleet:
-        def start(self, *specs, grace_s: float = 0.0):
+        def start(self, *specs, grace_s: float = 0.0, supervised: bool = False):
             args = ("--set", f"fleet.drain_grace_s={grace_s}") if grace_s else ()
             for name, speed in specs:
-                made[name] = Host(name, speed, *args)
+                made[name] = Host(name, speed, *args, supervised=supervised)
             self.hosts = made
             self.haproxy = made["haproxy"] = HAProxy().start(
                 [h.backend for h in list(made.values())], check_path="/v2/health/ready",
@@ -172,8 +178,9 @@ def test_a_host_whose_devices_fail_leaves_rotation_and_no_request_fails(fleet):
 
 
 @pytest.mark.timing
-def test_a_drained_host_gets_no_new_requests_and_none_fails(fleet):
-    fleet.start(("a", 1.0), ("b", 1.0), grace_s=2.0)
+@pytest.mark.parametrize("supervised", [False, True], ids=["own-front", "supervised-front"])
+def test_a_drained_host_gets_no_new_requests_and_none_fails(fleet, supervised):
+    fleet.start(("a", 1.0), ("b", 1.0), grace_s=2.0, supervised=supervised)
     load = Load(fleet.haproxy.port, threads=4)
     try:
         load.wait_served(100, 60.0)
