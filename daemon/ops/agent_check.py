@@ -22,7 +22,8 @@ fleet.reference_fps``, rounded, at least 1 (0% would read as a drain) and at mos
 proportion to what their devices deliver; a host that loses a device reports less at the next check.
 ``maint`` is never sent: it stops HAProxy's own checks, and only the agent could undo it.
 
-An agent that cannot be reached changes nothing in HAProxy (its regular ``check`` decides up or
+A line that cannot be made (a bug) closes that connection without one and is logged; the thread
+goes on. An agent that cannot be reached changes nothing in HAProxy (its regular ``check`` decides up or
 down), so the listener comes up with the server, once the model is loaded and before the devices
 warm it, and says ``down #starting`` until they have.
 
@@ -45,9 +46,11 @@ import time
 from typing import Callable
 
 from ..errors import ConfigError
+from .logs import RateLimitedLog
 from .readiness import DRAINING, Readiness
 
 log = logging.getLogger("inferd.fleet")
+_failed = RateLimitedLog(log)
 
 MAX_PERCENT = 256
 LINGER_S = 2.0                  # longest a replied connection is kept open waiting for the peer's close
@@ -160,7 +163,13 @@ class AgentCheck:
                 raise
             conn.setblocking(False)
             try:
-                conn.send(self.line().encode())     # a few bytes into an empty buffer: never blocks
+                line = self.line()
+            except Exception as exc:        # a bug: no line (HAProxy keeps its last word), the thread goes on
+                _failed.error("fleet: agent-check line failed: %r", exc)
+                conn.close()
+                continue
+            try:
+                conn.send(line.encode())    # a few bytes into an empty buffer: never blocks
                 conn.shutdown(socket.SHUT_WR)
             except OSError:
                 conn.close()

@@ -116,3 +116,19 @@ def test_listener_refuses_a_taken_address():
         s.listen()
         with pytest.raises(ConfigError, match="fleet.agent: cannot listen on"):
             AgentCheck(f"127.0.0.1:{s.getsockname()[1]}", 1000.0, lambda: None)
+
+
+def test_a_failing_readiness_costs_one_connection_not_the_listener():
+    calls = {"n": 0}
+
+    def readiness_():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return readiness.Readiness("ready", True, None, 1, 500.0)
+    agent = AgentCheck("127.0.0.1:0", 1000.0, readiness_)
+    try:
+        assert _ask(agent.port) == b""                                 # closed without a line
+        assert _ask(agent.port) == b"up ready 50%\n"                   # and the next is answered
+    finally:
+        agent.close()
