@@ -22,10 +22,10 @@ fleet.reference_fps``, rounded, at least 1 (0% would read as a drain) and at mos
 proportion to what their devices deliver; a host that loses a device reports less at the next check.
 ``maint`` is never sent: it stops HAProxy's own checks, and only the agent could undo it.
 
-A line that cannot be made (a bug) closes that connection without one and is logged; the thread
-goes on. An agent that cannot be reached changes nothing in HAProxy (its regular ``check`` decides up or
+An agent that cannot be reached changes nothing in HAProxy (its regular ``check`` decides up or
 down), so the listener comes up with the server, once the model is loaded and before the devices
-warm it, and says ``down #starting`` until they have.
+warm it, and says ``down #starting`` until they have. A line that cannot be made (a bug) closes
+that connection without one and is logged; the thread goes on.
 
 Off the event loop: one thread of its own accepts, computes the line from ``assess`` (it reads a few
 attributes, O(devices): daemon/ops/readiness.py says why that is safe beside the loop), writes it
