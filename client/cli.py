@@ -8,7 +8,8 @@ Client socket (any allowed user)::
 
 Admin socket (root, the daemon's user, members of server.admin_group)::
 
-    inferctl health [--wait]            exit 0 when ready; --wait blocks until it is
+    inferctl health [--wait]            exit 0 when ready; --wait blocks until it is; says why
+                                        not, the capacity (frames/s) and the agent-check's line
     inferctl stats                      a readable table (--json: everything, structured)
     inferctl top                        live per-device view, refreshed every second
     inferctl metrics                    Prometheus text
@@ -298,9 +299,13 @@ def _health(args) -> int:
     devices = ", ".join(f"{d['name']} {d['state']}" for d in reply["devices"])
     m = reply["model"]
     # "ready" alone only when it is: a daemon whose devices are all out says so, and why
-    state = reply["state"] if reply["ready"] else f"not ready ({_not_ready_reason(reply)})"
+    state = reply["state"] if reply["ready"] else f"not ready ({reply.get('reason') or _not_ready_reason(reply)})"
+    # capacity: frames/s the devices in rotation deliver; agent: what a balancer's agent-check reads
+    fleet = f"; capacity {reply['capacity_fps']:.0f} frames/s" if "capacity_fps" in reply else ""
+    if reply.get("agent"):
+        fleet += f"; agent-check {reply['agent']['address']}: {reply['agent']['line']}"
     _out(args, reply, f"{state}: {m['name']} (digest {m['digest'][:12]}, generation {m['gen']}); "
-                      f"devices: {devices}{_oip_line(reply.get('oip'))}")
+                      f"devices: {devices}{fleet}{_oip_line(reply.get('oip'))}")
     return EXIT_OK if reply["ready"] else EXIT_ERROR
 
 

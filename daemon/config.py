@@ -2,7 +2,7 @@
 
 A TOML file (``inferd --config FILE``) gives sections ``[server]``, ``[ring]``, ``[batching]``,
 ``[model]``, ``[dispatch]``, ``[health]``, ``[cache]``, ``[embeddings]``, ``[metrics]``, ``[l2]``,
-``[threads]`` and a list ``[[device]]`` (their keys, defaults and ranges: daemon/config_sections.py);
+``[fleet]``, ``[threads]`` and a list ``[[device]]`` (their keys, defaults and ranges: daemon/config_sections.py);
 command-line flags override single keys (``--set batching.max_batch=16``, or the shortcuts
 ``--socket``, ``--model``, ...). An unknown key, a wrong type or a value out of range stops start-up
 with a :class:`ConfigError` whose message names the key and what is allowed. The
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .caching.fleet.codec import check_l2_config
+from .ops.agent_check import parse_agent
 from .ops.metrics_listener import check_config as check_metrics_config
 from .config_sections import (COMPILE_MODES, INPUT_FORMS, LOG_LEVELS, MODEL_FORMATS, PRECISIONS, SECTIONS,
                               BatchingConfig, CacheConfig, Config, DeviceConfig, DispatchConfig,
-                              EmbeddingsConfig, HealthConfig, L2Config, MetricsConfig, ModelConfig,
+                              EmbeddingsConfig, FleetConfig, HealthConfig, L2Config, MetricsConfig, ModelConfig,
                               RingConfig, ServerConfig, ThreadsConfig, default_cache_path)
 from .errors import ConfigError
 from .front.listener import SUN_PATH_MAX
@@ -33,7 +34,7 @@ from .front.listener import SUN_PATH_MAX
 __all__ = ["ConfigError", "Config", "load", "from_dict", "parse_override", "reference", "check_input_form",
            "SECTIONS", "default_cache_path", "ServerConfig", "RingConfig", "BatchingConfig", "ModelConfig",
            "DispatchConfig", "HealthConfig", "CacheConfig", "EmbeddingsConfig", "MetricsConfig", "L2Config",
-           "ThreadsConfig", "DeviceConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES",
+           "FleetConfig", "ThreadsConfig", "DeviceConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES",
            "INPUT_FORMS"]
 
 
@@ -131,6 +132,8 @@ def _check_cross(cfg: Config) -> None:
         check_metrics_config(cfg.metrics)   # who can reach the listener, and its token file
     if cfg.l2.enabled:
         check_l2_config(cfg.l2, cfg.cache.enabled)    # key file private, one topology named
+    if cfg.fleet.agent:
+        parse_agent(cfg.fleet.agent)        # HOST:PORT (bound at start: daemon/ops/agent_check.py)
     _check_devices(cfg)
 
 

@@ -12,6 +12,7 @@ check a file and to print the reference.
     [embeddings]  EmbeddingsConfig  the embedding store and who sees its rows
     [metrics]     MetricsConfig     timing histograms and the Prometheus listener
     [l2]          L2Config          the fleet cache on Redis
+    [fleet]       FleetConfig       behind a load balancer: the HAProxy agent-check, the drain grace
     [threads]     ThreadsConfig     BLAS, OpenMP and torch thread pools, pinning
     [oip]         OipConfig         the Open Inference Protocol front (HTTP and gRPC), its tenants
     [[device]]    DeviceConfig      a list: cpu, cpu:auto or cuda:N, and threads
@@ -314,6 +315,26 @@ class L2Config:
 
 
 @dataclass
+class FleetConfig:
+    """A host behind a load balancer (docs/fleet.md): readiness, weight and drain."""
+    agent: str = _opt("", "HOST:PORT of the HAProxy agent-check listener (HAProxy: agent-check "
+                          "agent-port PORT): one line per connection, \"up ready NN%\", \"drain\" or "
+                          "\"down\" (daemon/ops/agent_check.py); it tells only readiness and weight, so "
+                          "it may listen where the balancer reaches it; empty: off")
+    reference_fps: float = _opt(1000.0, "capacity in frames/s that the agent reports as 100%: a host "
+                                        "reports 100 x (frames/s its devices in rotation deliver at "
+                                        "batching.max_batch, by their measured profiles) / this, within "
+                                        "1..256%; the same on every host of a fleet, e.g. the capacity "
+                                        "of the fastest host type (inferctl health shows a host's)",
+                                lo=0.001, hi=1e9)
+    drain_grace_s: float = _opt(0.0, "SIGTERM or inferctl drain: seconds the daemon keeps serving while "
+                                     "it reports draining (agent \"drain\", not ready), so balancers stop "
+                                     "sending before it refuses; then the usual drain "
+                                     "(server.drain_timeout_s). Set it above the balancer's check "
+                                     "interval (agent-inter) plus a request's time", lo=0.0, hi=3600.0)
+
+
+@dataclass
 class OipConfig:
     enabled: bool = _opt(False, "start the Open Inference Protocol front (KServe v2 over HTTP and gRPC, "
                                 "daemon/oip/) as a supervised child process of the daemon; it can also run "
@@ -373,6 +394,7 @@ class Config:
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     l2: L2Config = field(default_factory=L2Config)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     oip: OipConfig = field(default_factory=OipConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
@@ -403,5 +425,5 @@ def default_cache_path() -> str:
 
 SECTIONS = {"server": ServerConfig, "ring": RingConfig, "batching": BatchingConfig, "model": ModelConfig,
             "dispatch": DispatchConfig, "health": HealthConfig, "cache": CacheConfig,
-            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "threads": ThreadsConfig,
-            "oip": OipConfig}
+            "embeddings": EmbeddingsConfig, "metrics": MetricsConfig, "l2": L2Config, "fleet": FleetConfig,
+            "threads": ThreadsConfig, "oip": OipConfig}

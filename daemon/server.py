@@ -3,9 +3,14 @@
 Lifecycle::
 
     bind socket -> start each device's collector and executor, wait until each has warmed its
-    model -> accept -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1: stop accepting, unlink the
-    socket, refuse new requests (shutting_down), wait up to drain_timeout_s for in-flight requests
-    -> close sessions, stop and join the device threads, unmap every ring -> exit 0
+    model -> accept -> READY=1 (sd_notify) -> serve -> SIGTERM/SIGINT -> STOPPING=1, not ready
+    (draining), still serving for fleet.drain_grace_s so a balancer stops sending first -> stop
+    accepting, unlink the socket, refuse new requests (shutting_down), wait up to drain_timeout_s for
+    in-flight requests -> close sessions, stop and join the device threads, unmap every ring -> exit 0
+
+Readiness (starting / ready / draining, devices in rotation, capacity) is daemon/ops/readiness.py's
+one answer, told by the admin ``health``, the client ``info`` and the HAProxy agent-check
+(daemon/ops/agent_check.py, ``[fleet] agent``).
 
 Each accepted connection goes through the hello handshake (daemon/front/handshake.py), then becomes a
 Session (daemon/front/session.py).
@@ -36,7 +41,9 @@ from .front.principal import weights as principal_weights
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
 from .models.loading import LoadedModel
+from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
+from .ops import readiness
 from .ops.sd_notify import notify
 from .ops.sd_watchdog import start as start_systemd_watchdog
 from .dispatch.scheduler import Scheduler
@@ -85,6 +92,10 @@ class Server:
         self.stats = self.scheduler.stats
         # Prometheus text, and the HTTP listener of [metrics] (ConfigError if it cannot be)
         self.metrics = metrics.Exporter(self.stats_snapshot, lambda: self._loop, cfg.metrics)
+        # the HAProxy agent-check of [fleet], up while starting (it says "down #starting" then)
+        self.agent = AgentCheck(cfg.fleet.agent, cfg.fleet.reference_fps, self.readiness) \
+            if cfg.fleet.agent else None
+        self._grace_over: asyncio.Event | None = None
 
     @property
     def model(self) -> LoadedModel:
@@ -98,7 +109,7 @@ class Server:
     # lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
-        self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        self._stop, self._drained, self._grace_over = asyncio.Event(), asyncio.Event(), asyncio.Event()
         fd_limit = raise_fd_limit()          # before any client can take descriptors (logged)
         self.admin = AdminServer(self, self.cfg.admin_socket_path, self.cfg.server.admin_group)
         await self.admin.start()            # up while starting: `inferctl health --wait` asks it
@@ -106,13 +117,14 @@ class Server:
             self._stop_devices()
             self.listener.close()
             self.admin.close()
+            self._close_agent()
             return exitcodes.STARTUP_FAILED
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)
-        self.state = "ready"
         self.door = Door(self.listener.sock, self.cfg.server, self._start_handshake, fd_limit, self._clock)
         self.stats.door = self.door
+        self.state = readiness.READY
         accept = loop.create_task(self._accept_loop())
         health_ticks = loop.create_task(self._health_ticks())
         start_systemd_watchdog(self)         # WATCHDOG=1 and STATUS= (daemon/ops/sd_watchdog.py)
@@ -124,9 +136,25 @@ class Server:
             self.front = FrontSupervisor(self.cfg)
             self.front.start()
         await self._stop.wait()
+        await self._announce_drain()
         health_ticks.cancel()
         await self._drain(accept)
         return exitcodes.OK
+
+    async def _announce_drain(self) -> None:
+        """Not ready from now on (the agent-check says ``drain``, health and info not ready), while
+        still serving for ``fleet.drain_grace_s``: a balancer that checks within that time sends
+        nothing more, so no request of its reaches a daemon that refuses. A second signal ends it."""
+        self.state = readiness.DRAINING
+        notify("STOPPING=1")
+        grace = self.cfg.fleet.drain_grace_s
+        if grace > 0 and not self._grace_over.is_set():
+            log.info("draining: still serving for %.1f s (fleet.drain_grace_s) while balancers take "
+                     "this host out", grace)
+            try:
+                await asyncio.wait_for(self._grace_over.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
 
     async def _health_ticks(self) -> None:
         """Health checks on the loop (daemon/dispatch/health.py): a timer, not a poll of anything the OS
@@ -137,6 +165,10 @@ class Server:
             await asyncio.sleep(health.tick)
 
     def handle_stop_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():             # a second signal: no more grace
+            log.info("%s: draining now", signal.Signals(sig).name)
+            self._grace_over.set()
+            return
         log.info("%s: draining", signal.Signals(sig).name)
         self._stop.set()
 
@@ -200,9 +232,7 @@ class Server:
         if self.front is not None:          # its doors close first; what it sent still finishes below
             await self.front.stop(self.cfg.server.drain_timeout_s)
         self.draining = self.scheduler.draining = True
-        self.state = "draining"
         self.scheduler.on_idle = self._drained.set
-        notify("STOPPING=1")
         accept.cancel()
         for task in list(self._handshakes):
             task.cancel()
@@ -228,7 +258,12 @@ class Server:
         for store in self._retired:
             store.close()
         self.admin.close()
+        self._close_agent()
         log.info("stopped")
+
+    def _close_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
 
     def _stop_devices(self) -> None:
         for dev in self.devices:
@@ -252,14 +287,29 @@ class Server:
         return task
 
     # admin operations (daemon/front/admin.py) -----------------------------------------------------
+    def readiness(self) -> readiness.Readiness:
+        """Ready or not, why, and the capacity (daemon/ops/readiness.py); safe off the loop (the
+        agent-check thread asks it)."""
+        return self._readiness(self._door_blocked())
+
+    def _door_blocked(self) -> str | None:
+        """Why new clients are refused (daemon/front/door.py), asked only while serving: a draining
+        server is closing the socket the question dups."""
+        return self.door.blocked() if self.door is not None and self.state == readiness.READY else None
+
+    def _readiness(self, door: str | None) -> readiness.Readiness:
+        return readiness.assess(self.state, self.devices, self.cfg.batching.max_batch, door)
+
     def health(self) -> dict:
-        in_rotation = sum(d.healthy for d in self.devices)
-        door = self.door.blocked() if self.door is not None else None     # why new clients are refused
-        return {"state": self.state, "ready": self.state == "ready" and in_rotation > 0 and door is None,
-                "live": True, "door": door,
+        door = self._door_blocked()
+        r = self._readiness(door)
+        return {"state": r.state, "ready": r.ready, "reason": r.reason, "live": True, "door": door,
+                "capacity_fps": r.capacity_fps,
+                "agent": ({"address": "%s:%d" % self.agent.address, "line": agent_line(r, self.agent.reference_fps).strip(),
+                           "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
-                "in_rotation": in_rotation, "pid": self.pid,
+                "in_rotation": r.in_rotation, "pid": self.pid,
                 "oip": self.front.describe() if self.front is not None else None}
 
     def request_drain(self, who: str) -> dict:
@@ -321,7 +371,9 @@ class Server:
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
+        r = self.readiness()
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
+                "ready": r.ready, "state": r.state, "reason": r.reason, "capacity_fps": r.capacity_fps,
                 "oip": self.front.describe() if self.front is not None else None, **self.scheduler.describe()}
 
     # stats ------------------------------------------------------------------------------------
@@ -334,7 +386,7 @@ class Server:
         snap.update(model={"name": model.spec.name, "digest": model.digest, "gen": getattr(model, "gen", 0)},
                     pid=self.pid, policy=self.scheduler.policy.name, in_flight=self.scheduler.outstanding,
                     sessions={"open": len(self.sessions), "opened": self.counters["sessions"]},
-                    cache=self.caches.stats())
+                    cache=self.caches.stats(), readiness=self.readiness().as_dict())
         return snap
 
     def metrics_text(self) -> bytes:

@@ -9,10 +9,12 @@ Same framing as the client protocol (inferd.shm.wire: u32 length + one msgpack m
 at a time per connection, each answered before the next is read::
 
     op           fields                         reply (besides id, ok)
-    health       -                              state (starting|ready|draining), ready, live,
-                                                door (why new connections are refused, or None),
+    health       -                              state (starting|ready|draining), ready, reason
+                                                (why not ready, or None), live, door (why new
+                                                connections are refused, or None), capacity_fps,
+                                                agent {address, line, reference_fps} or None,
                                                 model {name, digest, gen}, devices [{index, name,
-                                                state}], in_rotation
+                                                state}], in_rotation (daemon/ops/readiness.py)
     stats        -                              the structured statistics (Server.stats_snapshot)
     metrics      -                              text: Prometheus exposition format
     reload       model (optional: built-in      changed, model {name, digest, gen}, previous,

@@ -128,6 +128,8 @@ class Backend:
             info = await asyncio.wait_for(self.own.info(), 2.0)
         except (client_errors.InferdError, TimeoutError) as exc:
             return False, f"the daemon does not answer: {exc}"
+        if "ready" in info:                 # the daemon's own answer (daemon/ops/readiness.py)
+            return bool(info["ready"]), info.get("reason") or ""
         devices = info.get("devices") or []
         if devices and not any(d.get("state", "healthy") == "healthy" for d in devices):
             return False, "no device is in rotation"

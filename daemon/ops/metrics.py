@@ -160,6 +160,12 @@ def families(s: dict, per_uid: bool = True):
     info.add_metric([m["name"], m["digest"], str(m.get("gen", 0))], 1)
     yield info
     yield _gauge("inferd_start_time_seconds", "Unix time the daemon started", s["started_unix"])
+    if "readiness" in s:                # daemon/ops/readiness.py: what a balancer is told
+        r = s["readiness"]
+        yield _gauge("inferd_ready", "1 when the daemon takes work (not starting or draining, a device "
+                     "in rotation, the door open), else 0", int(r["ready"]))
+        yield _gauge("inferd_capacity_frames_per_second", "Frames per second the devices in rotation "
+                     "deliver at full batches, by their measured profiles", r["capacity_fps"])
     yield _gauge("inferd_sessions", "Client sessions open", s["sessions"]["open"])
     yield _counter("inferd_sessions_opened", "Client sessions that passed hello", s["sessions"]["opened"])
 
