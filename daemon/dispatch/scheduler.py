@@ -41,7 +41,7 @@ from ..caching.results import LOOP, STAGED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
-from ..front.admission import Rejected, check_classify, check_near, check_tag, check_upload
+from ..front.admission import Rejected, check_classify, check_frame, check_near, check_slot, check_tag, check_upload
 from ..ops.stats import Stats
 from ...shm import wire
 
@@ -111,8 +111,11 @@ class Scheduler:
         """Check and admit each request of a classify_many (docs/protocol.md): request i is
         ``rid + i`` on ``msg["slots"][i]``, the other fields shared. A message whose ``slots`` is
         not a list of 1 to wire.MAX_BATCH_REQUESTS, or that carries an upload, raises Rejected for
-        ``rid`` alone (nothing admitted); a request refused on its own (its slot out of range or
-        busy, the queue full) gets its error under its id, all of them in one write."""
+        ``rid`` alone (nothing admitted); a shared field refused refuses every request, each
+        under its id; a request refused on its own (its slot out of range or busy, the queue
+        full) gets its error under its id; all the errors of a message go in one write. The
+        shared fields are checked once a message: per request, the loop does only the slot's
+        checks, admission and the queueing."""
         slots = msg.get("slots")
         if type(slots) is not list or not 1 <= len(slots) <= wire.MAX_BATCH_REQUESTS:
             self.stats.outcome(wire.E_BAD_REQUEST)
@@ -122,14 +125,26 @@ class Scheduler:
             self.stats.outcome(wire.E_BAD_REQUEST)
             raise Rejected(wire.E_BAD_REQUEST, f"{wire.CLASSIFY_MANY} carries no upload: send a frame "
                            "with its encoded bytes as a classify of its own")
-        self.caches.client_hits(msg.get("hits"))
-        one = {k: v for k, v in msg.items() if k not in ("slots", "hits", "op")}
         refused = []
+        try:
+            if self.draining:
+                raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
+            top_k, timeout = check_frame(msg, session.ring, self.spec, self.cfg.batching.default_timeout_ms)
+            self.caches.client_hits(msg.get("hits"))
+            tag = check_tag(msg.get("tag"))
+        except Rejected as exc:
+            for i in range(len(slots)):
+                self.stats.outcome(exc.code)
+                refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
+            self._write({session: refused})
+            return
+        looked, inflight, ring = msg.get("looked"), session.inflight, session.ring
         for i, slot in enumerate(slots):
-            one["slot"] = slot
             try:
-                self.submit(session, rid + i, one)
+                self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
+                            tag, None, None, looked)
             except Rejected as exc:
+                self.stats.outcome(exc.code)
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
         if refused:
             self._write({session: refused})
@@ -147,13 +162,20 @@ class Scheduler:
         tag = check_tag(msg.get("tag"))
         args = check_near(msg) if op == "near" else None
         upload = check_upload(msg, session.ring, slot, session.inflight, op)
+        looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
+        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked)
+
+    def _enter(self, session, rid: int, slot: int, top_k: int, timeout: float, op: str, tag, args,
+               upload, looked) -> None:
+        """Admit one checked request (refused here: nothing copied or hashed) and queue it, or
+        answer it at once (a hit or a coalesced frame found by a hash taken on the loop)."""
+        caches = self.caches
         uid = session.peer[1]
         now = self._clock()
         device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
         staged = insert = False
         if caches.hashing:                  # NOTE [ unhashed misses ] in daemon/caching/results.py
-            looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
             where, insert = caches.hashing_for(looked, op, tag)
             if where == LOOP:
                 frame, content, key = caches.private_copy(session.ring, slot)
