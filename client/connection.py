@@ -75,6 +75,7 @@ class Connection:
         self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
         self.model: ModelInfo | None = None
         self.session = None
+        self.max_batch = 0                      # classify requests one message may carry (hello)
         self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
         self._ready: list = []
         self._wait = 0                         # whole seconds of SO_RCVTIMEO / SO_SNDTIMEO now set
@@ -139,6 +140,10 @@ class Connection:
             for fd in fds:
                 os.close(fd)
         self.session = reply.get("session")
+        limits = reply.get("limits")
+        batch = limits.get("max_batch_requests") if isinstance(limits, dict) else None
+        # how many requests one classify_many may carry; 0: a daemon without it, one message each
+        self.max_batch = batch if type(batch) is int and 1 < batch <= wire.MAX_BATCH_REQUESTS else 0
         self._sock.settimeout(None)             # NOTE [ reply wait ]
         self._bound(timeout)
 
@@ -220,10 +225,21 @@ class Connection:
     # framing ----------------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
         try:
-            self._ready.extend(self._reader.feed(data))
+            messages = self._reader.feed(data)
         except wire.FrameError as exc:
             self.close()
             raise errors.ProtocolError(f"unreadable reply from the daemon: {exc}") from None
+        for m in messages:
+            # a ``replies`` message carries the replies of one batch (docs/protocol.md): each
+            # goes on as if it had come in a frame of its own
+            if type(m) is dict and wire.REPLIES in m and "id" not in m:
+                many = m[wire.REPLIES]
+                if type(many) is not list:
+                    self.close()
+                    raise errors.ProtocolError(f"unreadable replies message from the daemon: {many!r:.200}")
+                self._ready.extend(many)
+            else:
+                self._ready.append(m)
 
     def send(self, data: bytes) -> None:
         if self._sock is None:

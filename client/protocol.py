@@ -91,6 +91,7 @@ class ProtocolCore:
         self.inflight: dict[int, InFlight] = {}
         self.free: list[int] = []
         self._ring = None
+        self._max_batch = 0                 # classify requests one message may carry (0: one each)
         self._ids = itertools.count(NOTE_ID + 1)
         self._models: dict[int, ModelInfo] = {}
         self._label_book: dict[str, tuple] = {}     # labels_id -> names
@@ -104,6 +105,7 @@ class ProtocolCore:
         self.cache, self._ring = conn.cache, conn.ring
         self._models = {conn.model.gen: conn.model}
         self.free = list(range(conn.ring.geometry.slots - 1, -1, -1))
+        self._max_batch = getattr(conn, "max_batch", 0)     # (a stand-in connection may lack it)
         self.inflight = {}
         self.draining = False
 
@@ -137,6 +139,10 @@ class ProtocolCore:
             call.fail(errors.DeadlineExceeded("the request's deadline passed before it could be "
                                               "resubmitted to a restarted daemon; it was not computed"))
             return b""
+        if call.op == "classify" and call.frames is not None and self._max_batch and len(call.todo) > 1 \
+                and not (call.uploads and any(call.uploads[i] is not None for i in call.todo)) \
+                and len({call.frames[i].shape for i in call.todo}) == 1:     # their fields are shared
+            return self._submit_many(call, left)
         out = []
         while call.todo and (call.frames is None or self.free):
             index = call.todo.popleft()
@@ -156,6 +162,32 @@ class ProtocolCore:
                 upload_slot = self._upload(msg, call.uploads[index] if call.uploads else None)
             self.inflight[rid] = InFlight(call, index, slot, upload_slot, hits)
             call.inflight += 1
+            out.append(wire.encode(msg))
+        return b"".join(out)
+
+    def _submit_many(self, call: Call, left: float) -> bytes:
+        """What fits of ``call.todo`` as classify_many messages (docs/protocol.md): consecutive
+        ids, a slot each, the frames written first; at most the daemon's ``max_batch_requests``
+        a message."""
+        out = []
+        while call.todo and self.free:
+            n = min(len(call.todo), len(self.free), self._max_batch)
+            first = next(self._ids)
+            rids = [first, *(next(self._ids) for _ in range(n - 1))]
+            slots, frame = [], None
+            hits = self.hits.take()
+            for rid in rids:
+                index = call.todo.popleft()
+                slot = self.free.pop()
+                frame = call.frames[index]
+                self._ring.slot(slot, frame.nbytes)[:] = frame.reshape(-1)
+                slots.append(slot)
+                self.inflight[rid] = InFlight(call, index, slot, None, hits if rid == first else 0)
+            call.inflight += n
+            msg = {"op": wire.CLASSIFY_MANY, "id": first, "slots": slots, "shape": list(frame.shape),
+                   "dtype": "uint8", "nbytes": frame.nbytes, "timeout_ms": left * 1000.0, **call.extra}
+            if hits:
+                msg["hits"] = hits
             out.append(wire.encode(msg))
         return b"".join(out)
 

@@ -73,7 +73,7 @@ class Server:
         self.scheduler = Scheduler(cfg, model, devices, clock)
         self.caches = self.scheduler.caches
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
-                          turns=self.turns)
+                          turns=self.turns, submit_many=self.scheduler.submit_many)
         self.state = "starting"             # -> ready -> draining (health on the admin socket)
         self.front = None                   # the OIP front's supervisor, with [oip] enabled
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
@@ -205,7 +205,7 @@ class Server:
                 warmup_batches=self.cfg.model.warmup_batches, keep_k=caches.keep_k, clock=self._clock)
             dev.collector = Collector(
                 dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
-                peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock)
+                peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock, caches=caches)
             dev.collector.start()           # it starts the executor
         for dev in self.devices:
             await asyncio.to_thread(dev.executor.ready.wait)

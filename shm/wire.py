@@ -26,6 +26,10 @@ may pipeline any number of requests up to its ring's slot count). Every reply ca
 code on both sides spells them. The bounds on their values are in :mod:`inferd.shm.limits`, the
 socket paths in :mod:`inferd.shm.paths`.
 
+A client may send many classify requests in one ``classify_many`` message, and the daemon then
+answers it a ``replies`` message carrying every reply of one batch for that client, so a client
+feeding a device pays one frame a batch rather than one a request either way.
+
 Image bytes never travel in a frame: ``classify`` names a slot of the client's shared-memory ring
 (see :mod:`inferd.shm.ring`) together with shape, dtype and byte count. A classify of a frame the
 client decoded from a JPEG/PNG/WebP file may also name a second slot holding those encoded bytes
@@ -77,6 +81,15 @@ ERROR_CODES = frozenset({
 #: classify: the ring slot holding the encoded file the frame was decoded from, and its length.
 UPLOAD_SLOT = "upload_slot"
 UPLOAD_NBYTES = "upload_nbytes"
+
+#: Many classify requests in one message: ``id`` is the first request's id, ``slots`` their slots
+#: (request i: id + i, slots[i]), every other field shared (docs/protocol.md). At most
+#: MAX_BATCH_REQUESTS slots; the daemon says it takes them in hello (``limits.max_batch_requests``).
+CLASSIFY_MANY = "classify_many"
+MAX_BATCH_REQUESTS = 256
+#: A message of many replies, one per request (a batch's replies to one session, in one write):
+#: ``{"replies": [reply, ...]}``, no ``id`` of its own. Sent only to a client that sent classify_many.
+REPLIES = "replies"
 
 _packer = msgpack.Packer(use_bin_type=True)
 

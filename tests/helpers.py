@@ -360,13 +360,23 @@ class FakeSession:
         self.peer = (4242, uid, uid)
         self.ring = SimpleNamespace(geometry=RingGeometry(slots, frame_bytes))
         self.inflight, self.pending = {}, {}
-        self.closed, self.told_gen = False, 0
+        self.closed, self.told_gen, self.batches = False, 0, False
         self.sent = []
         from inferd.daemon.dispatch.queues import ThinkTime
         self.think = ThinkTime()
 
     def send(self, message):
         self.sent.append(message)
+
+    def claim(self, key, request):
+        leader = self.pending.get(key)
+        if leader is None or leader.done:
+            self.pending[key] = leader = request
+        return leader
+
+    def unclaim(self, key, request):
+        if self.pending.get(key) is request:
+            del self.pending[key]
 
     def write(self, data):
         self.sent.append(data)

@@ -47,9 +47,10 @@ FRAMES = (("unique", 0.0), ("30% rep", REPEAT))
 SETTINGS = {
     "full": {"warmup_s": 1.0, "seconds": 4.0, "bare_warmup": 300, "bare_count": 3000,
              "daemons": DAEMONS},
-    # every value of every dimension once: a smoke run of each code path, two daemons
-    "quick": {"warmup_s": 0.5, "seconds": 1.0, "bare_warmup": 100, "bare_count": 500,
-              "daemons": ((64, False, 1), (224, True, 2))},
+    # every value of every dimension once, and every row a target reads: 224x224 cache off and on
+    # (one device), with two devices, 64x64 cache on
+    "quick": {"warmup_s": 0.5, "seconds": 1.5, "bare_warmup": 100, "bare_count": 500,
+              "daemons": ((224, False, 1), (224, True, 1), (224, True, 2), (64, True, 1))},
 }
 
 

@@ -4,13 +4,17 @@ The result cache (inferd.shm.cache, an mmap'ed file clients read too), the embed
 (daemon/caching/embedding_store.py), the fleet cache (daemon/caching/fleet/cache.py, Redis) and
 the verification of encoded uploads (a decode thread; NOTE [ encoded uploads ]).
 
-The content hash that keys both is computed here, by the daemon, over its own private copy of the
-frame, taken from the client's slot at admission; that copy is also what the device thread
-computes on. So the answer stored under a hash is the answer for exactly the bytes that hash
-covers, and no client can make another receive an answer for different bytes: whatever it writes
-into its slot, before or after submitting, is either what gets hashed and computed, or nothing
-(a client that rewrites its slot after admission changes nothing we read again). The hash a client
-computes for its own lookups is never trusted for writing.
+The content hash that keys both is computed by the daemon over its own private copy of the
+frame: the row its device's collector staged it into (``hash_row``, on the collector thread,
+NOTE [ request path ] in daemon/pipeline/collector.py), which is also what the model computes on.
+So the answer stored under a hash is the answer for exactly the bytes that hash covers, and no
+client can make another receive an answer for different bytes: whatever it writes into its slot,
+before or after submitting, is either what gets staged, hashed and computed, or nothing (a client
+that rewrites its slot after staging changes nothing we read again). The hash a client computes
+for its own lookups is never trusted for writing. Two kinds of request are still copied and hashed
+on the loop at admission (``private_copy``): every request while the fleet cache is on (Redis is
+asked on the loop before a device is) and ``embed`` / ``near`` (their stored vector is looked up
+at admission).
 
 Insert sampling (no decay on unique traffic): the hit rate is an exponentially weighted average
 over lookups (daemon-side) and the hits clients report (client-side). While it is below
@@ -22,12 +26,11 @@ NOTE [ unhashed misses ]
 
 A client that maps the cache looks every frame up itself before it sends it, and says so
 (``looked`` in the request, docs/protocol.md): such a request is already a miss, and on unique
-traffic the daemon's copy, hash and lookup of it buy nothing but loop time (a BLAKE3 of a frame
-also lets go of the GIL, so the loop then waits on the device threads for it back). So while the
-hit rate is below ``cache.min_hit_rate``, admission copies and hashes only 1 in
-``cache.sample_every`` of the looked-up requests, and remember() inserts those (``admission_copy``:
-the same insert rate as sampling gives hashed misses); the others count as misses and go to a
-device unhashed: computed from their slot, answered, never inserted, never coalesced. Nothing
+traffic the daemon's hash and lookup of it buy nothing but device-thread time. So while the
+hit rate is below ``cache.min_hit_rate``, only 1 in ``cache.sample_every`` of the looked-up
+requests is hashed (by its collector), and remember() inserts those (``hashing_for``: the same
+insert rate as sampling gives hashed misses); the others count as misses and go to a device
+unhashed: staged and computed, answered, never inserted, never coalesced. Nothing
 changes in what may be written: every insert is still of a frame the daemon copied and hashed
 itself, and a client that claims ``looked`` falsely only gives up the daemon-side lookup for its
 own requests. Requests that name a tag, embed or near, and any request while the embedding store
@@ -43,14 +46,15 @@ bytes it decoded itself to exactly the frame it computed the answer for:
     client: miss -> decode -> frame in slot S, the bytes in the run of slots U..U+m-1
             --classify(slot S, upload_slot U, upload_nbytes n)-->
     admission (loop): refuse first (S and every slot of the run checked, m <= half the ring,
-                      n <= MAX_ENCODED_BYTES), copy S (private frame, hashed as ever) and the run
-                      (private bytes, one copy)
-                      -> decode pool (one thread, at most MAX_UPLOADS and MAX_UPLOAD_BYTES
+                      n <= MAX_ENCODED_BYTES); n over cache.max_upload_bytes: no entry, nothing copied
+    collector:        stage S (its row, hashed as ever) and copy that row (private frame) and
+                      the run (private bytes, one copy)
+    answer (loop):    -> decode pool (one thread, at most MAX_UPLOADS and MAX_UPLOAD_BYTES
                          waiting; else no entry):
                          decode(copy of U) == copy of S ?  (the client's own decode: inferd.shm.uploads)
                          equal: BLAKE3(copy of U)          (hashed here: a large upload's hash
                                                             is not the loop's either)
-    answer (loop):    top of the frame  --+
+                      top of the frame  --+
     verdict (loop):   hash / not equal  --+--> both in, equal: insert
                                                encoded_key(model, decoder, hash) -> top; else nothing
 
@@ -60,11 +64,11 @@ its frame and makes no entry; a client whose decoder differs (another Pillow, li
 keys that never meet the daemon's. The copies are private, so nothing the client writes after
 admission changes what is verified. Every slot of the run is held (``session.inflight``) from
 admission to the request's reply, like its frame's slot, and let go in Scheduler._finish, the one
-place every reply, error, expiry and drop passes. The decode runs off the loop; its CPU (one decode
-per first upload, bounded by inferd.shm.uploads.MAX_ENCODED_BYTES and MAX_PIXELS) is the price of
-the repeat answered without decoding; the loop's part is one copy of the bytes, at most
-``cache.max_upload_bytes`` (4 MiB, about 1-4 ms) a request, so a client sending huge uploads cannot
-hold the loop for long: a larger upload is classified from its frame and makes no entry. Uploads of requests
+place every reply, error, expiry and drop passes. The copies are the collector's and the decode runs
+off the loop; its CPU (one decode per first upload, bounded by inferd.shm.uploads.MAX_ENCODED_BYTES
+and MAX_PIXELS) is the price of the repeat answered without decoding; nothing of it is the loop's,
+and an upload over ``cache.max_upload_bytes`` (4 MiB) is not even copied: it is classified from
+its frame and makes no entry. Uploads of requests
 answered at once (cache hit, coalesced) and of a model that changed before the verdict make no
 entry.
 
@@ -100,7 +104,8 @@ from .embedding_store import EmbeddingStore, index_options
 log = logging.getLogger("inferd.caching")
 
 RATE_ALPHA = 0.01          # weight of one lookup in the smoothed hit rate
-MAX_CHOSEN = 4096          # keys sampled for insert whose answers are awaited, at most
+#: Where admission decides a request's frame is hashed (Caches.hashing_for).
+LOOP, STAGED, UNHASHED = "loop", "staged", "unhashed"
 MAX_UPLOADS = 32           # encoded uploads waiting for the decode thread, at most (NOTE [ encoded uploads ])
 MAX_UPLOAD_BYTES = 64 * 2**20   # ... and their copies' bytes, at most: the daemon's memory for them
 
@@ -165,7 +170,8 @@ class Caches:
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
         self._looked = 0                    # looked-up misses seen at a low hit rate
-        self._chosen: dict[bytes, bool] = {}    # keys of those sampled for insert (NOTE [ unhashed misses ])
+        # what keys a row, swapped in one assignment by a reload: device threads read it
+        self.keying = (digest, spec.preprocess_id)
         self.keep_k = 0
         self.l2 = None                      # the fleet cache (daemon/caching/fleet/cache.py), when l2.enabled
         self._decoder = None                # the upload decode thread, started by the first upload
@@ -205,30 +211,52 @@ class Caches:
         log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
                  self.cfg.embeddings.capacity, dim)
 
-    def admission_copy(self, ring, slot: int, looked, op: str, tag) -> tuple:
-        """``private_copy`` of a request's frame, or (None, None, None) for a miss the client
-        already looked up that the cache would not insert (NOTE [ unhashed misses ]; counted here
-        as a miss and an insert skipped). Raises Rejected as private_copy does."""
-        if looked is not True or op != "classify" or tag is not None or self.store is not None \
-                or self.l2 is not None or self.cache is None or self.hit_rate >= self.cfg.cache.min_hit_rate:
-            return self.private_copy(ring, slot)
+    def hashing_for(self, looked, op: str, tag) -> tuple[str, bool]:
+        """Where a request's frame is hashed, decided at admission in O(1) (the caller checks
+        ``hashing`` first): (``LOOP``: copied and hashed now, ``private_copy``; ``STAGED``: its
+        collector hashes the staged row; ``UNHASHED``: a miss its client already looked up that the
+        cache would not insert, counted here as a miss and an insert skipped (NOTE [ unhashed
+        misses ]), and whether a STAGED request is sampled for insert)."""
+        if op != "classify" or self.l2 is not None:
+            return LOOP, False
+        if looked is not True or tag is not None or self.store is not None or self.cache is None \
+                or self.hit_rate >= self.cfg.cache.min_hit_rate:
+            return STAGED, False
         self._looked += 1
         if self._looked % self.cfg.cache.sample_every == 0:
-            copied = self.private_copy(ring, slot)
-            self._chosen[copied[2]] = True          # remember() inserts it
-            while len(self._chosen) > MAX_CHOSEN:   # answers that never came (expired, failed)
-                del self._chosen[next(iter(self._chosen))]
-            return copied
+            return STAGED, True                     # remember() inserts it
         c = self.counters
         c["misses"] += 1
         c["inserts_skipped"] += 1
         c["unhashed"] += 1
         self.hit_rate -= RATE_ALPHA * self.hit_rate
-        return None, None, None
+        return UNHASHED, False
+
+    # on device threads (the collectors): thread-safe ------------------------------------------------
+    def hash_row(self, row: np.ndarray) -> tuple[bytes, bytes]:
+        """(content hash, cache key) of a staged row, the daemon's own copy of a frame. BLAKE3
+        lets go of the GIL over a frame, so devices hash in parallel. Any thread."""
+        content = cachefile.content_hash(row)
+        digest, preprocess_id = self.keying
+        return content, cachefile.cache_key(digest, preprocess_id, content)
+
+    def peek(self, key: bytes, top_k: int):
+        """Cached top pairs (at least ``top_k``) for a staged row's key, or None; counted by the
+        loop (``count_lookup``) when the batch comes back. Any thread: a lookup reads the file
+        under its seqlock, as clients do."""
+        cache = self.cache
+        hit = cache.lookup(key) if cache is not None else None
+        return hit if hit is not None and len(hit) >= top_k else None
+
+    def count_lookup(self, hit: bool) -> None:
+        """A lookup a collector made (``peek``), counted on the loop."""
+        self.counters["daemon_hits" if hit else "misses"] += 1
+        self.hit_rate += RATE_ALPHA * (hit - self.hit_rate)
 
     def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
-        """(frame copy, content hash, cache key) for a checked slot. Rejected (invalid_input) when
-        the slot cannot be read whole: a posix ring its client shrank (inferd.shm.ring)."""
+        """(frame copy, content hash, cache key) for a checked slot, on the loop (``LOOP``
+        requests). Rejected (invalid_input) when the slot cannot be read whole: a posix ring its
+        client shrank (inferd.shm.ring)."""
         t0 = time.perf_counter()
         try:
             frame = ring.read_slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape)
@@ -240,23 +268,26 @@ class Caches:
         self.counters["hashed"] += 1
         return frame, content, key
 
-    def upload(self, ring, run: range, nbytes: int, frame) -> Upload | None:
-        """Start verifying the encoded bytes in a checked ``run`` of slots against ``frame`` (the
-        private copy), or None when no entry can be made (no cache, no frame, the upload over
-        cache.max_upload_bytes, the decode thread busy: MAX_UPLOADS uploads or MAX_UPLOAD_BYTES
-        bytes waiting). Copies the bytes now (one
-        copy, on the loop; hashed on the decode thread). Raises Rejected when the run cannot be
-        read whole (see private_copy)."""
-        if self.cache is None or frame is None:
-            return None
-        if nbytes > self.cfg.cache.max_upload_bytes or self._uploads_waiting >= MAX_UPLOADS \
+    def upload_bytes(self, nbytes: int) -> int:
+        """At admission: how many bytes of a checked upload its collector should copy for
+        verification, 0 when no entry can be made (no cache, over cache.max_upload_bytes)."""
+        if self.cache is None:
+            return 0
+        if nbytes > self.cfg.cache.max_upload_bytes:
+            self.counters["uploads_skipped"] += 1
+            return 0
+        return nbytes
+
+    def verify_upload(self, data: np.ndarray, frame: np.ndarray, top: list) -> None:
+        """The answer ``top`` of a frame whose collector copied its encoded bytes (``data``) and
+        its staged row (``frame``): verify them on the decode thread and insert the encoded key
+        when they agree (NOTE [ encoded uploads ]); nothing when the decode thread is busy
+        (MAX_UPLOADS uploads or MAX_UPLOAD_BYTES bytes waiting). Loop thread."""
+        nbytes = data.nbytes
+        if self.cache is None or self._uploads_waiting >= MAX_UPLOADS \
                 or self._upload_bytes + nbytes > MAX_UPLOAD_BYTES:
             self.counters["uploads_skipped"] += 1
-            return None
-        try:
-            data = ring.read_run(run.start, nbytes)     # (into np.empty: 4x faster than a bytearray at 32 MiB)
-        except RingError as exc:
-            raise Rejected(wire.E_INVALID_INPUT, f"upload_slot {run.start} cannot be read: {exc}") from None
+            return
         h, w = self.spec.frame_shape[:2]
         record = Upload(self, uploads.decoder_id(h, w))
         if self._decoder is None:
@@ -266,7 +297,7 @@ class Caches:
         future = asyncio.get_running_loop().run_in_executor(self._decoder, _decodes_to, data, frame)
         future.add_done_callback(lambda _f, n=nbytes: self._upload_done(n))
         future.add_done_callback(record.decided)
-        return record
+        record.answered(top)
 
     def _upload_done(self, nbytes: int) -> None:
         self._uploads_waiting -= 1
@@ -286,6 +317,7 @@ class Caches:
         """Key by ``model`` from now on (a reload). The cache is emptied: no entry of the old
         model can be answered under a key a client still makes with the old digest."""
         self.spec, self.digest = model.spec, model.digest
+        self.keying = (model.digest, model.spec.preprocess_id)
         if self.cache is not None:
             self.keep_k = min(self.cache.geometry.max_k, len(model.spec.labels))
             self.cache.flush()
@@ -305,13 +337,14 @@ class Caches:
             self.counters["client_hits"] += n
             self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
 
-    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int) -> None:
-        """After a computed answer: insert (sampled while the hit rate is low), keep the embedding
-        as ``uid``'s (the uid of the request's session)."""
+    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int, insert: bool = False) -> None:
+        """After a computed answer: insert (sampled while the hit rate is low, always when
+        ``insert``: sampled at admission, NOTE [ unhashed misses ]), keep the embedding as
+        ``uid``'s (the uid of the request's session)."""
         if self.cache is not None and key:
             self._misses += 1
             if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
-                    or self._chosen.pop(key, False):
+                    or insert:
                 if self.cache.insert(key, top):
                     self.counters["evictions"] += 1
                 self.counters["inserts"] += 1

@@ -19,10 +19,14 @@ near request's k and similarity, an upload's run of slots); its uid holds fewer 
 or the uid holds less than its fair share of them (NOTE [ batch planning ] in daemon/dispatch/queues.py);
 the request is expected to finish before its deadline at its place in the device's (fair) order,
 given the device's measured latency (else ``overloaded``, with ``retry_after_ms`` = how late it
-would be). Only then is the frame copied and hashed; a cache hit, a coalesced frame or a stored
-embedding found by the hash is still answered at once (admission reserved nothing, so nothing is
-given back). A request that passes may still find its deadline gone by the time a batch takes it:
-it is answered ``deadline_exceeded`` without being computed.
+would be). Admission itself copies and hashes nothing (NOTE [ request path ] in
+daemon/pipeline/collector.py): the device's collector stages the frame, hashes its row, and settles
+a cache hit or a coalesced frame before the model runs; those come back here and are answered at
+once. Only with the fleet cache on, and for embed / near, is the frame still copied and hashed
+here, once admitted; a hit, a coalesced frame or a stored embedding found then is answered at once
+(admission reserved nothing, so nothing is given back). A request that passes may still find its
+deadline gone by the time a batch takes it: it is answered ``deadline_exceeded`` without being
+computed.
 """
 from __future__ import annotations
 
@@ -33,11 +37,11 @@ import numpy as np
 from . import fairness
 from . import policy as policies
 from ..pipeline.records import BatchResult, Outcome, Request
-from ..caching.results import Caches
+from ..caching.results import LOOP, STAGED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
-from ..front.admission import Rejected, check_classify, check_near, check_tag, check_upload
+from ..front.admission import Rejected, check_classify, check_frame, check_near, check_slot, check_tag, check_upload
 from ..front.principal import weights as principal_weights
 from ..ops.stats import Stats
 from ...shm import wire
@@ -104,6 +108,48 @@ class Scheduler:
             self.stats.outcome(exc.code)
             raise
 
+    def submit_many(self, session, rid: int, msg: dict) -> None:
+        """Check and admit each request of a classify_many (docs/protocol.md): request i is
+        ``rid + i`` on ``msg["slots"][i]``, the other fields shared. A message whose ``slots`` is
+        not a list of 1 to wire.MAX_BATCH_REQUESTS, or that carries an upload, raises Rejected for
+        ``rid`` alone (nothing admitted); a shared field refused refuses every request, each
+        under its id; a request refused on its own (its slot out of range or busy, the queue
+        full) gets its error under its id; all the errors of a message go in one write. The
+        shared fields are checked once a message: per request, the loop does only the slot's
+        checks, admission and the queueing."""
+        slots = msg.get("slots")
+        if type(slots) is not list or not 1 <= len(slots) <= wire.MAX_BATCH_REQUESTS:
+            self.stats.outcome(wire.E_BAD_REQUEST)
+            raise Rejected(wire.E_BAD_REQUEST, f"slots must be a list of 1 to {wire.MAX_BATCH_REQUESTS} "
+                           f"slot numbers, got {type(slots).__name__} of {len(slots) if type(slots) is list else 0}")
+        if wire.UPLOAD_SLOT in msg or wire.UPLOAD_NBYTES in msg:
+            self.stats.outcome(wire.E_BAD_REQUEST)
+            raise Rejected(wire.E_BAD_REQUEST, f"{wire.CLASSIFY_MANY} carries no upload: send a frame "
+                           "with its encoded bytes as a classify of its own")
+        refused = []
+        try:
+            if self.draining:
+                raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
+            top_k, timeout = check_frame(msg, session.ring, self.spec, self.cfg.batching.default_timeout_ms)
+            self.caches.client_hits(msg.get("hits"))
+            tag = check_tag(msg.get("tag"))
+        except Rejected as exc:
+            for i in range(len(slots)):
+                self.stats.outcome(exc.code)
+                refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
+            self._write({session: refused})
+            return
+        looked, inflight, ring = msg.get("looked"), session.inflight, session.ring
+        for i, slot in enumerate(slots):
+            try:
+                self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
+                            tag, None, None, looked)
+            except Rejected as exc:
+                self.stats.outcome(exc.code)
+                refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
+        if refused:
+            self._write({session: refused})
+
     def _submit(self, session, rid: int, msg: dict, op: str) -> None:
         if self.draining:
             raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
@@ -117,26 +163,37 @@ class Scheduler:
         tag = check_tag(msg.get("tag"))
         args = check_near(msg) if op == "near" else None
         upload = check_upload(msg, session.ring, slot, session.inflight, op)
+        looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
+        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked)
+
+    def _enter(self, session, rid: int, slot: int, top_k: int, timeout: float, op: str, tag, args,
+               upload, looked) -> None:
+        """Admit one checked request (refused here: nothing copied or hashed) and queue it, or
+        answer it at once (a hit or a coalesced frame found by a hash taken on the loop)."""
+        caches = self.caches
         uid = session.peer[1]
         now = self._clock()
         device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
         frame = content = key = None
+        staged = insert = False
         if caches.hashing:                  # NOTE [ unhashed misses ] in daemon/caching/results.py
-            looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
-            frame, content, key = caches.admission_copy(session.ring, slot, looked, op, tag)
-            if key is not None and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
-                return
-        verifying = caches.upload(session.ring, *upload, frame) if upload is not None else None
+            where, insert = caches.hashing_for(looked, op, tag)
+            if where == LOOP:
+                frame, content, key = caches.private_copy(session.ring, slot)
+                if self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
+                    return
+            staged = where == STAGED
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
-                          key=key or b"", content=content or b"", op=op, tag=tag, args=args, gen=self.gen)
+                          key=key or b"", content=content or b"", hash=staged, insert=insert, op=op,
+                          tag=tag, args=args, gen=self.gen)
         session.inflight[slot] = rid
         if upload is not None:              # every slot of the run held until the reply, like the frame's
             for s in upload[0]:
                 session.inflight[s] = rid
-            request.upload = (upload[0], verifying)
+            request.upload = (upload[0], caches.upload_bytes(upload[1]))
         self.stats.admitted(uid)
         if key and op == "classify":
-            session.pending[key] = request
+            session.claim(key, request)
         self.outstanding += 1
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
         if caches.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
@@ -158,9 +215,10 @@ class Scheduler:
             self.caches.retag(r.content, r.tag, r.session.peer[1])
             self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
             replies: dict = {}
+            r.answer = top
             self._answer(replies, r, lambda rid, k: {"id": rid, "ok": True, "cached": True,
                                                      "top": [list(p) for p in top[:k]]}, r.gen)
-            r.session.write(b"".join(replies[r.session]))
+            self._write(replies)
         elif r.device.healthy:
             r.device.queue.put(r)
         else:
@@ -242,11 +300,17 @@ class Scheduler:
         dev = result.device
         # a canary has no session: it only informs the health monitor below
         live = lambda e: e.request.session is not None and e.current()
+        replies: dict = {}
+        self._hashed(result, live)
+        if result.early:                    # hits and coalesced frames, ahead of their batch
+            self._answer_settled(result, live, replies)
+            self._write(replies)
+            return
         stale = sum(not live(e) for e in result.entries if e.request.session is not None)
         if stale:
             self.counters["stale_results"] += stale
             _late.info("%d late results from %s dropped: their requests went elsewhere", stale, dev.label)
-        replies: dict = {}
+        self._answer_settled(result, live, replies)
         answered = self._answer_computed(result, live, replies)
         for e in result.with_outcome(Outcome.EXPIRED):
             if live(e):
@@ -273,9 +337,9 @@ class Scheduler:
             self.health.batch_ok(dev, False)
         now = self._clock()
         horizon = self.cfg.batching.max_delay_ms / 1000.0
-        for session, chunks in replies.items():
-            session.write(b"".join(chunks))
-            session.think.replied(session, now, len(chunks), dev.queue, horizon)
+        self._write(replies)
+        for session, messages in replies.items():
+            session.think.replied(session, now, len(messages), dev.queue, horizon)
         self.stats.batch(result, answered, now)
         if len(dev.queue):
             # the planner learns who is coming back only now (NOTE [ batch planning ]): if it waits
@@ -288,6 +352,60 @@ class Scheduler:
         c["model_seconds"] += result.seconds
         c["expired"] += result.count(Outcome.EXPIRED)
         c["dropped"] += result.count(Outcome.DROPPED)
+
+    def _hashed(self, result: BatchResult, live) -> None:
+        """What the collector learnt by hashing a batch's rows: each live request's key and content
+        hash (its answer is stored under them), the lookups it made, the time it took."""
+        caches = self.caches
+        for e in result.entries:
+            if e.key:
+                if e.looked:
+                    caches.count_lookup(e.outcome is Outcome.HIT)
+                if live(e):
+                    e.request.key, e.request.content = e.key, e.content
+        if result.hashed:
+            self.counters["hash_seconds"] += result.hash_seconds
+            self.counters["hashed"] += result.hashed
+
+    def _answer_settled(self, result: BatchResult, live, replies: dict) -> None:
+        """The entries the collector settled without computing: a cache hit answered from the
+        cache; a frame coalesced with an identical one of its session rides on that leader,
+        answered with it (or from its answer, if it came first; or queued again, if it failed)."""
+        for e in result.with_outcome(Outcome.HIT):
+            if live(e):
+                r = e.request
+                r.answer = e.top
+                self.caches.retag(r.content, r.tag, r.session.peer[1])
+                self.stats.outcome("cached")
+                self._answer(replies, r, lambda rid, k, top=e.top: {
+                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, self.gen)
+        for e in result.with_outcome(Outcome.COALESCED):
+            if not live(e):
+                continue
+            r, leader = e.request, e.leader
+            self.counters["coalesced"] += 1
+            self.stats.outcome("coalesced")
+            if not leader.done:             # its slot stays held until the leader's reply
+                leader.followers.append((r.id, r.slot, r.top_k))
+                r.done = True
+                r.device.outstanding -= 1
+                self.outstanding -= 1
+            elif leader.answer is not None:
+                self._answer(replies, r, lambda rid, k, top=leader.answer: {
+                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, self.gen)
+            elif r.device.healthy:          # its leader failed: computed on its own
+                r.device.queue.put(r)
+            else:
+                self._redispatch([r], r.device, f"device {r.device.label} left rotation")
+
+    def _write(self, replies: dict) -> None:
+        """One write per session: a client that batches its requests gets its replies in one
+        ``replies`` message (docs/protocol.md), any other one frame each."""
+        for session, messages in replies.items():
+            if session.batches and len(messages) > 1:
+                session.write(wire.encode({"replies": messages}))
+            else:
+                session.write(b"".join(map(wire.encode, messages)))
 
     def _answer_computed(self, result: BatchResult, live, replies: dict) -> list:
         """Queue the replies of a batch's computed requests that are still ``live``, keep their
@@ -303,10 +421,11 @@ class Scheduler:
             if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1])
+                                     vector, r.tag, r.session.peer[1], r.insert)
             if r.op == "classify":
-                if r.upload is not None and r.upload[1] is not None and result.gen == self.gen:
-                    r.upload[1].answered(top)
+                r.answer = top
+                if e.upload is not None and result.gen == self.gen:
+                    self.caches.verify_upload(e.upload, e.frame, top)
                 self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
                              result.gen)
             else:
@@ -320,10 +439,10 @@ class Scheduler:
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
         an answer computed by model generation ``gen`` says so (``_stamp``)."""
-        chunks = replies.setdefault(r.session, [])
+        messages = replies.setdefault(r.session, [])
         for rid, top_k in ((r.id, r.top_k), *((rid, top_k) for rid, _, top_k in r.followers)):
             message = make(rid, top_k)
-            chunks.append(wire.encode(self._stamp(r.session, message, gen) if gen else message))
+            messages.append(self._stamp(r.session, message, gen) if gen else message)
         self._finish(r)
 
     def _stamp(self, session, message: dict, gen: int) -> dict:
@@ -365,8 +484,8 @@ class Scheduler:
         for _, slot, _ in r.followers:      # coalesced frames hold slots too, even when r is dropped
             session.inflight.pop(slot, None)
         self.stats.finished(session.peer[1], 1 + len(r.followers))
-        if r.key and session.pending.get(r.key) is r:
-            del session.pending[r.key]
+        if r.key:
+            session.unclaim(r.key, r)
         r.device.outstanding -= 1
         self.outstanding -= 1
         if session.closed and not session.inflight:
@@ -390,7 +509,7 @@ class Scheduler:
                 replies: dict = {}
                 self._answer(replies, r, lambda rid, k: wire.error(
                     rid, code, f"not computed: {why} (tried on {r.attempt} device(s))"))
-                r.session.write(b"".join(replies[r.session]))
+                self._write(replies)
                 continue
             self.counters["redispatched"] += 1
             r.device.outstanding -= 1

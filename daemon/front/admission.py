@@ -8,6 +8,8 @@ them. Pure functions: no I/O, no state, O(1) each but for an upload's run of slo
 run), at most half the ring).
 
     check_classify   slot, nbytes, dtype, shape, top_k, timeout_ms; the slot not in flight
+    check_frame      the fields a classify_many's requests share: nbytes, dtype, shape, top_k, timeout_ms
+    check_slot       one slot of a classify_many: in range, not in flight
     check_upload     upload_slot / upload_nbytes of a classify that carries its encoded bytes
     check_tag        the tag stored with embeddings
     check_near       k and min_similarity of a near request
@@ -45,11 +47,36 @@ def check_classify(msg: dict, ring, spec, inflight: dict, default_timeout_ms: fl
     The order matters only for which message a request with several faults gets: ring bounds
     first (they guard memory), then the model's spec.
     """
-    geometry = ring.geometry
-    slot = _int_field(msg, "slot")
-    if not 0 <= slot < geometry.slots:
+    slot = _slot_in_range(msg.get("slot"), ring)
+    top_k, timeout = check_frame(msg, ring, spec, default_timeout_ms)
+    if slot in inflight:
+        raise Rejected(wire.E_SLOT_BUSY, f"slot {slot} already carries request {inflight[slot]}; "
+                       "a slot may be reused only after its reply")
+    return slot, top_k, timeout
+
+
+def _slot_in_range(slot, ring) -> int:
+    if type(slot) is not int:
+        raise Rejected(wire.E_BAD_REQUEST, f"slot must be an integer, got {slot!r}")
+    if not 0 <= slot < ring.geometry.slots:
         raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} is out of range: this session's ring has "
-                       f"{geometry.slots} slots (0 to {geometry.slots - 1})")
+                       f"{ring.geometry.slots} slots (0 to {ring.geometry.slots - 1})")
+    return slot
+
+
+def check_slot(slot, ring, inflight: dict) -> int:
+    """One slot of a classify_many: an int within ``ring``, not carrying a request. Raises Rejected."""
+    slot = _slot_in_range(slot, ring)
+    if slot in inflight:
+        raise Rejected(wire.E_SLOT_BUSY, f"slot {slot} already carries request {inflight[slot]}; "
+                       "a slot may be reused only after its reply")
+    return slot
+
+
+def check_frame(msg: dict, ring, spec, default_timeout_ms: float) -> tuple[int, float]:
+    """The frame fields of a classify (or those a classify_many's requests share) against the
+    ring's slot size and the model's spec: (top_k, timeout seconds), or raises Rejected."""
+    geometry = ring.geometry
     nbytes = _int_field(msg, "nbytes")
     if not 0 < nbytes <= geometry.slot_bytes:
         raise Rejected(wire.E_INVALID_INPUT, f"nbytes {nbytes} does not fit a slot: this ring's "
@@ -71,10 +98,7 @@ def check_classify(msg: dict, ring, spec, inflight: dict, default_timeout_ms: fl
     if not limits.timeout_ms_ok(timeout_ms):
         raise Rejected(wire.E_INVALID_INPUT, f"timeout_ms {timeout_ms!r} is out of range: "
                        f"more than 0, at most {limits.MAX_TIMEOUT_MS:.0f}")
-    if slot in inflight:
-        raise Rejected(wire.E_SLOT_BUSY, f"slot {slot} already carries request {inflight[slot]}; "
-                       "a slot may be reused only after its reply")
-    return slot, top_k, timeout_ms / 1000.0
+    return top_k, timeout_ms / 1000.0
 
 
 def check_tag(value):

@@ -44,13 +44,14 @@ class Hand:
     """What the handshake hands on, made once by the server. ``caches`` is the source of the
     result cache's descriptor and hello fields (``share_cache()``, ``hello_cache()``) and the sink
     of the hits clients report (``client_hits``); ``submit`` admits a session's requests
-    (Scheduler.submit); ``turns`` shares the loop's work between uids (NOTE [ loop share ] in
+    (Scheduler.submit), ``submit_many`` those of a classify_many (Scheduler.submit_many); ``turns`` shares the loop's work between uids (NOTE [ loop share ] in
     daemon/front/loop_share.py). The server itself gives the limits, the state (draining, sessions, the
     model) and takes the new session (``session_opened``)."""
 
     caches: Caches
     submit: Callable[..., None]
     turns: LoopShare
+    submit_many: Callable[..., None] | None = None
 
 
 async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None:
@@ -102,7 +103,7 @@ async def handshake(server, conn, hand: Hand, peer: tuple | None = None) -> None
         _drop(ring, conn)
         return
     session = Session(server, sid, ring, peer, leftover, submit=hand.submit, hits=hand.caches.client_hits,
-                      turns=hand.turns)
+                      turns=hand.turns, submit_many=hand.submit_many)
     session.told_gen = server.model.gen
     server.session_opened(session)
     await loop.connect_accepted_socket(lambda: session, conn)
@@ -193,4 +194,5 @@ def hello_reply(server, rid, sid: int, geometry: RingGeometry, cache: dict | Non
             "model": server.model.describe(),
             "cache": cache,
             "limits": {"max_frame_bytes": server.cfg.server.max_frame_bytes,
-                       "default_timeout_ms": server.cfg.batching.default_timeout_ms}}
+                       "default_timeout_ms": server.cfg.batching.default_timeout_ms,
+                       "max_batch_requests": wire.MAX_BATCH_REQUESTS}}

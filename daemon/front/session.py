@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Callable
 
 from ..dispatch.queues import ThinkTime
@@ -60,23 +61,31 @@ class Session(asyncio.Protocol):
     Flow control and timeouts: NOTE [ session flow control ].
 
     ``submit(session, rid, msg, op)`` admits a classify / embed / near request or raises Rejected
-    (Scheduler.submit); ``hits(n)`` takes the local cache hits a client reports (the result
+    (Scheduler.submit), ``submit_many(session, rid, msg)`` each request of a classify_many
+    (Scheduler.submit_many); ``hits(n)`` takes the local cache hits a client reports (the result
     caches' count, Caches.client_hits); ``turns`` says when its frames are handled (the loop's share
     per uid, daemon/front/loop_share.py). ``server`` gives the limits (``cfg.server``), ``pid``,
     ``info()``, the model's ``labels()`` and ``session_closed``."""
 
     def __init__(self, server, sid: int, ring: Ring, peer: tuple, leftover: bytes = b"", *,
-                 submit: Callable[..., None], hits: Callable[[int], None], turns: LoopShare):
+                 submit: Callable[..., None], hits: Callable[[int], None], turns: LoopShare,
+                 submit_many: Callable[..., None] | None = None):
         self.server = server
         self._submit = submit
+        self._submit_many = submit_many
         self._hits = hits
         self.sid = sid
         self.ring = ring
         self.peer = peer                       # (pid, uid, gid)
         self.inflight: dict[int, int] = {}
-        self.pending: dict[bytes, object] = {}    # cache key -> Request in flight (coalescing)
+        # cache key -> the Request in flight that leads identical frames of this session: claimed by
+        # the collectors of every device once they hashed a row, let go on the loop when it is
+        # answered (NOTE [ request path ] in daemon/pipeline/collector.py)
+        self.pending: dict[bytes, object] = {}
+        self._pending_lock = threading.Lock()
         self.closed = False
         self.told_gen = 0                      # newest model generation this client was told of
+        self.batches = False                   # it sent classify_many: its replies may come batched
         self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
         self.transport: asyncio.Transport | None = None
         self.waiting = False                   # queued for a turn (daemon/front/loop_share.py)
@@ -277,6 +286,9 @@ class Session(asyncio.Protocol):
         try:
             if op in ("classify", "embed", "near"):
                 self._submit(self, rid, msg, op)
+            elif op == wire.CLASSIFY_MANY:
+                self.batches = True             # it reads ``replies`` messages from now on
+                self._submit_many(self, rid, msg)
             elif op == "flush_cache":
                 raise Rejected(wire.E_UNKNOWN_OP, "flush_cache moved to the admin socket: "
                                "`inferctl flush-cache` (root, the daemon's user or server.admin_group)")
@@ -291,8 +303,8 @@ class Session(asyncio.Protocol):
             elif op == "hello":
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:
-                raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, embed, near, "
-                               "hits, ping, info, labels")
+                raise Rejected(wire.E_UNKNOWN_OP, f"unknown op {op!r}; ops are classify, classify_many, "
+                               "embed, near, hits, ping, info, labels")
         except Rejected as exc:
             self.send(wire.error(rid, exc.code, str(exc), **exc.extra))
 
@@ -300,6 +312,21 @@ class Session(asyncio.Protocol):
         """``hits``: requests the client answered from its read-only cache mapping, reported
         within a second and at close, so the hit rate needs no request to follow them."""
         self._hits(check_hits(n))
+
+    def claim(self, key: bytes, request):
+        """The request that leads frames of ``key`` in this session: ``request`` itself if none
+        in flight does (it leads from now on), else that one. Any thread (collectors claim)."""
+        with self._pending_lock:
+            leader = self.pending.get(key)
+            if leader is None or leader.done:
+                self.pending[key] = leader = request
+            return leader
+
+    def unclaim(self, key: bytes, request) -> None:
+        """``request`` (answered) leads frames of ``key`` no more. Loop thread."""
+        with self._pending_lock:
+            if self.pending.get(key) is request:
+                del self.pending[key]
 
     def send(self, message: dict) -> None:
         self.write(wire.encode(message))

@@ -14,7 +14,16 @@ NOTE [ request path ]
                       BatchResult.taking(batch): one BatchEntry per request, its attempt noted
                       screen (records.py): DROPPED if its session closed or it was answered
                         meanwhile, EXPIRED if it cannot finish by its deadline
-                      copy each frame into its row of the buffer; a slot not read whole: UNREADABLE
+                      copy each frame from its ring slot straight into its row of the buffer (one
+                        copy, the GIL let go); a slot not read whole: UNREADABLE
+                      a request admitted to be hashed (Request.hash): BLAKE3 over its row, the
+                        daemon's own copy (Caches.hash_row, GIL let go: devices hash in parallel);
+                        an identical frame of its session in flight (Session.claim): COALESCED
+                        behind that leader, the row not kept (the next frame is staged over it,
+                        so it costs the model nothing); else it leads, and its key in the result
+                        cache: HIT, its answer taken, the row not kept either
+                      an upload to verify: its row and encoded bytes copied (NOTE [ encoded uploads ])
+                      HIT and COALESCED entries: deliver them at once (BatchResult.early)
                       nothing left to compute: deliver(result) at once, the buffer back
                       else Device.staged = the PENDING entries; executor.submit(result, buffer)
                              |
@@ -31,9 +40,29 @@ NOTE [ request path ]
                              |
                              v
     loop thread       Scheduler.on_batch_done(result), by each entry's outcome: one reply per live
-                        request, slot released, ring freed when a closed session's last request
-                        comes back; FAILED ones re-dispatched; an entry whose request went
+                        request, all of a session's in one write (one ``replies`` message for a
+                        client that batches), slot released, ring freed when a closed session's
+                        last request comes back; answers stored (only here: the loop is the
+                        cache's one writer); a COALESCED one rides on its leader (answered with
+                        it, or from its answer if that came first, or queued again if it
+                        failed); FAILED ones re-dispatched; an entry whose request went
                         elsewhere since it was taken (a stuck device's late batch) only counted
+
+What the loop does per request is O(1) Python whatever the frame size: checks, admission, a
+record on a queue, a reply (docs/architecture.md, "The request path"). Everything proportional to
+the frame's bytes is a device thread's, with the GIL let go, so it runs in parallel across devices.
+
+Why the trust argument holds. The row is the daemon's own copy: the client cannot write the staging
+buffer, and the ring slot stays the daemon's (``Session.inflight``) until the request's reply, so
+the client may reuse it only after that. The hash is taken over that row, the model computes on
+that row, and the loop alone inserts, under the key of the row an answer was computed from: what
+the client wrote before, during or after the copy can only change which bytes its own request is
+answered for. Coalescing is per session: a frame only ever rides on an identical frame of the same
+client (the same content hash under the same model), so it tells a client nothing about another's
+frames. It lives on the collectors' side because only there is the hash known; the table
+(``Session.pending``) is shared by every device's collector under a lock, so identical frames
+coalesce across devices too, and a leader leaves it when the loop answers it (a late follower then
+takes the leader's answer from the record).
 
 Two buffers per device ("double-buffered staging", owned by the executor): while the executor
 computes batch k from one, the collector plans batch k+1, waiting for company for free while the
@@ -83,7 +112,7 @@ class Collector(threading.Thread):
 
     def __init__(self, device: Device, executor: Executor, *, batching: BatchingConfig, policy,
                  peers: list[Device], deliver: Callable[[BatchResult], None],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, caches=None):
         super().__init__(name=f"inferd-collect-{device.label}", daemon=True)
         self.device = device
         self.executor = executor
@@ -93,6 +122,7 @@ class Collector(threading.Thread):
         self._peers = peers
         self._deliver = deliver
         self._clock = clock
+        self._caches = caches               # hash_row and peek (daemon/caching/results.py), thread-safe
 
     def run(self) -> None:
         executor = self.executor
@@ -120,7 +150,11 @@ class Collector(threading.Thread):
             now = result.started = result.finished = self._clock()
             live = screen(result.entries, self._cutoff(len(batch), now))
             if live:
-                live = self._stage(live, executor.staging.arrays[buffer])
+                live = self._stage(result, live, executor.staging.arrays[buffer])
+                settled = [e for e in result.entries if e.outcome in _SETTLED]
+                if settled and live:        # answered now, not after the batch computes
+                    result.entries = [e for e in result.entries if e.outcome not in _SETTLED]
+                    self._deliver(BatchResult(dev, settled, started=now, finished=now, early=True))
             if not live:
                 executor.free.put(buffer)
                 self._deliver(result)
@@ -145,14 +179,17 @@ class Collector(threading.Thread):
             return max(now, busy_until(self.device, now)) + self.device.profile.latency(size)
         return now
 
-    def _stage(self, live: list[BatchEntry], rows) -> list[BatchEntry]:
-        """Copy each entry's frame into the next of ``rows``; an entry whose slot cannot be read
-        whole is settled UNREADABLE (its own error; the others are computed). Returns those
-        staged, one row each in order."""
+    def _stage(self, result: BatchResult, live: list[BatchEntry], rows) -> list[BatchEntry]:
+        """Copy each entry's frame into the next of ``rows``, hash it if it was admitted to be,
+        settle a HIT or a COALESCED one (its row is staged over by the next frame), copy what an
+        upload's check needs; an entry whose slot cannot be read whole is settled UNREADABLE (its
+        own error; the others are computed). Returns those to compute, one row each in order."""
         staged = []
+        caches = self._caches
+        spent, hashed = 0.0, 0
         for e in live:
             r, row = e.request, rows[len(staged)]
-            if r.frame is not None:                 # the daemon's private (hashed) copy
+            if r.frame is not None:                 # a private copy taken on the loop
                 np.copyto(row, r.frame.reshape(row.shape))
             elif r.ring is None:                    # canary: a blank frame
                 row.fill(0)
@@ -162,8 +199,38 @@ class Collector(threading.Thread):
                 except RingError as exc:
                     e.outcome, e.why = Outcome.UNREADABLE, f"slot {r.slot} cannot be read: {exc}"
                     continue
+            if r.hash and caches is not None:
+                t0 = time.perf_counter()
+                e.content, e.key = caches.hash_row(row)
+                spent += time.perf_counter() - t0
+                hashed += 1
+                if r.op == "classify":
+                    # claim first, then look up: the loop inserts an answer before it lets its
+                    # leader go, so a frame that finds no leader in flight finds its answer
+                    if r.upload is None:            # (an upload's run is freed with its own reply)
+                        leader = r.session.claim(e.key, r)
+                        if leader is not r:
+                            e.outcome, e.leader = Outcome.COALESCED, leader
+                            continue
+                    e.looked = caches.cache is not None
+                    hit = caches.peek(e.key, r.top_k) if e.looked else None
+                    if hit is not None:
+                        e.outcome, e.top = Outcome.HIT, hit
+                        continue
+            if r.upload is not None and r.upload[1]:
+                try:
+                    e.upload = r.ring.read_run(r.upload[0].start, r.upload[1])
+                    e.frame = row.copy()
+                except RingError:                   # computed from its frame, no entry
+                    e.upload = None
             staged.append(e)
+        if hashed:
+            result.hash_seconds, result.hashed = spent, hashed
         return staged
+
+
+#: Outcomes the collector settles before computing: answered at once.
+_SETTLED = (Outcome.HIT, Outcome.COALESCED)
 
 
 def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:

@@ -53,18 +53,24 @@ class Request:
     device: Device | None = None    # the Device whose ``outstanding`` counts it
     attempt: int = 0         # bumped by each re-dispatch (daemon/dispatch/scheduler.py)
     done: bool = False       # answered
-    frame: np.ndarray | None = None  # the daemon's private copy of the frame (hashed), or None: read the slot
-    key: bytes = b""         # result-cache key of ``frame``
-    content: bytes = b""     # content hash of ``frame`` (keys the embedding store)
+    frame: np.ndarray | None = None  # a private copy taken on the loop (only with the fleet cache, or
+    #                          embed / near: NOTE [ request path ]), or None: the collector stages the slot
+    key: bytes = b""         # result-cache key of the daemon's copy (set at admission with ``frame``,
+    #                          else by the collector when it hashes the staged row)
+    content: bytes = b""     # content hash of that copy (keys the embedding store)
+    hash: bool = False       # the collector hashes its staged row, looks it up and coalesces it
+    insert: bool = False     # sampled for insert although its client looked it up
+    #                          (NOTE [ unhashed misses ] in daemon/caching/results.py)
+    answer: list | None = None   # its computed top pairs once answered (for followers that come late)
     op: str = "classify"     # classify | embed | near
     tag: str | None = None   # client tag stored with the embedding
     args: tuple[int, float] | None = None   # near: (k, min_similarity)
     followers: list[tuple[int, int, int]] = field(default_factory=list)
     #                          identical frames of the session coalesced with it: (id, slot, top_k)
     gen: int = 0             # model generation at admission: the digest ``key`` was made with
-    upload: tuple[range, Upload | None] | None = None
-    #                          its encoded upload: (slots of the run, its verification or None)
-    #                          (NOTE [ encoded uploads ] in daemon/caching/results.py)
+    upload: tuple[range, int] | None = None
+    #                          its encoded upload: (slots of the run, bytes the collector copies
+    #                          for verification, 0: none) (NOTE [ encoded uploads ] in daemon/caching/results.py)
 
 
 class Outcome(enum.Enum):
@@ -76,6 +82,8 @@ class Outcome(enum.Enum):
     DROPPED = "dropped"          # its session closed, it was answered or re-dispatched: no reply
     FAILED = "failed"            # the batch raised (``BatchResult.error``): re-dispatched or failed
     UNREADABLE = "unreadable"    # its slot could not be read whole (``why``): its own error
+    HIT = "hit"                  # its staged row's key was in the result cache: ``top``, not computed
+    COALESCED = "coalesced"      # an identical frame of its session is in flight: ``leader``, not computed
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +97,12 @@ class BatchEntry:
     embedding: np.ndarray | None = None            # DONE: float32 unit row, when a store keeps them
     matches: list | None = None                    # DONE near: the embedding store's search result
     why: str = ""                                  # UNREADABLE: why its slot could not be read
+    key: bytes = b""                               # the collector's hash of its staged row: cache key
+    content: bytes = b""                           # ... and content hash (Request.hash)
+    looked: bool = False                           # the collector looked its key up (hit or miss)
+    leader: Request | None = None                  # COALESCED: the request whose answer it takes
+    frame: np.ndarray | None = None                # a private copy of its staged row, for an upload's check
+    upload: np.ndarray | None = None               # the collector's copy of its upload's encoded bytes
 
     def current(self) -> bool:
         """The entry still speaks for its request: not answered meanwhile, and not re-dispatched
@@ -107,6 +121,10 @@ class BatchResult:
     started: float = 0.0                           # the executor's clock when the batch began computing
     finished: float = 0.0                          # ... and when it was done (daemon/ops/stats.py)
     gen: int = 0                                   # generation of the model that computed it
+    early: bool = False                            # only entries settled before computing (HIT,
+    #                                                COALESCED), sent ahead of their batch
+    hash_seconds: float = 0.0                      # the collector's time hashing ...
+    hashed: int = 0                                # ... this many rows
 
     @classmethod
     def taking(cls, device: Device, requests: list[Request]) -> BatchResult:

@@ -199,31 +199,34 @@ def test_a_redispatched_request_keeps_its_run():
     assert s.inflight == {5: 1, 0: 1, 1: 1}
 
 
-def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatch):
+def test_upload_bytes_waiting_are_bounded():
     """A run can hold megabytes: past MAX_UPLOAD_BYTES waiting for the decode thread an upload is
-    neither copied nor verified (no entry), and room comes back with the verdicts."""
+    not verified (no entry), and room comes back with the verdicts."""
     from collections import Counter
     from types import SimpleNamespace
 
     from inferd.daemon.caching import results as caching
 
-    monkeypatch.setattr(caching, "MAX_UPLOAD_BYTES", 1000)
     memory = caching.Caches(Config(), SPEC, "digest", Counter())
     memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
-    reads = []
-    ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))
     frame = np.zeros(SPEC.frame_shape, np.uint8)
+    data = np.zeros(600, np.uint8)
 
     async def main():
-        assert memory.upload(ring, range(2, 3), 600, frame) is not None
-        assert memory.upload(ring, range(4, 5), 600, frame) is None          # 1200 bytes would wait
-        assert reads == [(2, 600)] and memory.counters["uploads_skipped"] == 1
-        deadline = asyncio.get_running_loop().time() + 10
-        while memory.counters["uploads_mismatched"] == 0:                    # zeros: not an image
-            assert asyncio.get_running_loop().time() < deadline, "no verdict"
-            await asyncio.sleep(0.01)
-        assert memory.upload(ring, range(4, 5), 600, frame) is not None      # room again
-        assert reads == [(2, 600), (4, 600)]
+        caching.MAX_UPLOAD_BYTES, saved = 1000, caching.MAX_UPLOAD_BYTES
+        try:
+            memory.verify_upload(data, frame, [[0, 1.0]])
+            assert memory._uploads_waiting == 1
+            memory.verify_upload(data, frame, [[0, 1.0]])                  # 1200 bytes would wait
+            assert memory.counters["uploads_skipped"] == 1 and memory._uploads_waiting <= 1
+            deadline = asyncio.get_running_loop().time() + 10
+            while memory.counters["uploads_mismatched"] == 0:              # zeros: not an image
+                assert asyncio.get_running_loop().time() < deadline, "no verdict"
+                await asyncio.sleep(0.01)
+            memory.verify_upload(data, frame, [[0, 1.0]])                  # room again
+            assert memory.counters["uploads_skipped"] == 1
+        finally:
+            caching.MAX_UPLOAD_BYTES = saved
 
     try:
         asyncio.run(main())
@@ -231,9 +234,10 @@ def test_upload_bytes_waiting_are_bounded_and_skipped_before_any_copy(monkeypatc
         memory.close()
 
 
-def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
-    """cache.max_upload_bytes bounds the event loop's copy per request (a hostile client asking
-    for a 256 MiB ring could otherwise have it copy 32 MiB for each of its requests)."""
+def test_an_upload_over_the_copy_limit_is_skipped_before_any_copy():
+    """cache.max_upload_bytes bounds the copy per request (a hostile client asking for a 256 MiB
+    ring could otherwise have its collector copy 32 MiB for each of its requests): admission says
+    to copy nothing."""
     from collections import Counter
     from types import SimpleNamespace
 
@@ -243,12 +247,9 @@ def test_an_upload_over_the_loop_copy_limit_is_skipped_before_any_copy():
     cfg.cache.max_upload_bytes = 1000
     memory = caching.Caches(cfg, SPEC, "digest", Counter())
     memory.cache = SimpleNamespace(insert=lambda key, top: False, close=lambda: None)
-    reads = []
-    ring = SimpleNamespace(read_run=lambda first, nbytes: reads.append((first, nbytes)) or np.zeros(nbytes, np.uint8))
-    frame = np.zeros(SPEC.frame_shape, np.uint8)
     try:
-        assert memory.upload(ring, range(2, 3), 1001, frame) is None
-        assert reads == [] and memory.counters["uploads_skipped"] == 1
+        assert memory.upload_bytes(1001) == 0 and memory.counters["uploads_skipped"] == 1
+        assert memory.upload_bytes(1000) == 1000
     finally:
         memory.close()
 
