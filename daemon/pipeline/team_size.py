@@ -14,9 +14,12 @@ and the load of the machine, so it is measured, per batch size, while serving:
     per bucket, per candidate team size t (1, 2, 4, ..., the share):
         seconds per frame, smoothed (EWMA, ALPHA) over the batches it ran
     choose:  each candidate runs TRIALS batches first (interleaved),
-             then the fastest, except one batch in EXPLORE_EVERY that runs the candidate
-             measured longest ago, whose estimate that one fresh batch replaces (the load may
-             have changed since), so a change of load is followed within a few hundred batches
+             then the fastest, the whole share unless a smaller team is MARGIN faster (what
+             torch does by default wins a tie of noisy measurements), except exploring batches:
+             8, 16, 32, ... batches after the trials, then one in EXPLORE_EVERY, each runs the
+             candidate measured longest ago, whose estimate that one fresh batch replaces (the
+             load may have changed since), so a change of load is followed within a few hundred
+             batches and a choice made on a few noisy trials is checked again soon
 
 The chosen team runs most batches, so its estimate is always fresh: a wrong switch (one noisy
 exploring batch) costs a few batches before its own times send it back. An exploring batch may be
@@ -32,8 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 TRIALS = 3             # batches each candidate runs in a bucket before the choice is made
-EXPLORE_EVERY = 200    # one batch in this many re-measures a candidate not chosen
+EXPLORE_FIRST = 8      # the first exploring batch this many after the trials, then twice as far ...
+EXPLORE_EVERY = 200    # ... until one batch in this many re-measures a candidate not chosen
 ALPHA = 0.2            # weight of a new batch in the smoothed seconds per frame
+MARGIN = 0.1           # a team smaller than the share is chosen only when this much faster
 
 
 def candidates(share: int) -> tuple[int, ...]:
@@ -55,6 +60,8 @@ class _Bucket:
     last: dict = field(default_factory=dict)         # team size -> batch number of its last run
     batches: int = 0
     exploring: int | None = None                     # the team size of a batch exploring now
+    next_explore: int = 0                            # batch number of the next exploring batch
+    gap: int = EXPLORE_FIRST                         # batches to the one after it
 
 
 class TeamSize:
@@ -63,24 +70,30 @@ class TeamSize:
     batch runs on one thread and nothing is measured."""
 
     def __init__(self, share: int, *, trials: int = TRIALS, explore_every: int = EXPLORE_EVERY,
-                 alpha: float = ALPHA):
+                 explore_first: int = EXPLORE_FIRST, alpha: float = ALPHA, margin: float = MARGIN):
         self.share = share
         self.candidates = candidates(share)
         self.trials, self.explore_every, self.alpha = trials, explore_every, alpha
+        self.explore_first, self.margin = min(explore_first, explore_every), margin
         self._buckets: dict[int, _Bucket] = {}
 
     def pick(self, n: int) -> int:
         """The team size to run a batch of ``n`` frames with."""
         if len(self.candidates) == 1:
             return self.candidates[0]
-        b = self._buckets.setdefault(n.bit_length(), _Bucket())
+        b = self._buckets.get(n.bit_length())
+        if b is None:
+            b = self._buckets[n.bit_length()] = _Bucket(gap=self.explore_first)
         b.batches += 1
         b.exploring = None
         untried = [t for t in self.candidates if b.runs.get(t, 0) < self.trials]
         if untried:                                  # interleave the first trials
+            b.next_explore = b.batches + b.gap
             return min(untried, key=lambda t: (b.runs.get(t, 0), t))
         best = self.best(n)
-        if b.batches % self.explore_every == 0:
+        if b.batches >= b.next_explore:
+            b.gap = min(2 * b.gap, self.explore_every)
+            b.next_explore = b.batches + b.gap
             others = [t for t in self.candidates if t != best]
             b.exploring = min(others, key=lambda t: b.last.get(t, 0))
             return b.exploring
@@ -102,13 +115,18 @@ class TeamSize:
     def best(self, n: int) -> int:
         """The team size measured fastest for batches like ``n`` (the share before any measurement)."""
         b = self._buckets.get(n.bit_length())
-        if b is None or not b.per_frame:
+        return self.share if b is None else self._best(b)
+
+    def _best(self, b: _Bucket) -> int:
+        est = b.per_frame
+        if self.share not in est:
             return self.share
-        return min(b.per_frame, key=lambda t: (b.per_frame[t], -t))
+        fastest = min(est, key=lambda t: (est[t], -t))
+        return fastest if est[fastest] < (1.0 - self.margin) * est[self.share] else self.share
 
     def snapshot(self) -> dict:
         """Per bucket (its smallest batch size): each team size's smoothed microseconds per frame,
         and the one chosen; for the admin ``stats`` reply."""
         return {str(1 << (k - 1)): {"us_per_frame": {str(t): round(v * 1e6, 1) for t, v in sorted(b.per_frame.items())},
-                                    "chosen": min(b.per_frame, key=lambda t: (b.per_frame[t], -t))}
+                                    "chosen": self._best(b)}
                 for k, b in sorted(self._buckets.items()) if b.per_frame}

@@ -30,9 +30,9 @@ a worker spinning after the last op of a batch takes a core from the event loop,
 the clients exactly when the replies go out and the next batch is gathered, and when the cores are
 shared (teams that together ask for more threads than there are, or other processes on a busy
 host) a spinning worker waits on a core its team's master needs: on the shared 2-core development
-machine, with other work on it, the default ran the same model 8-20x slower than passive. So ``threads.omp_wait_policy =
-"auto"`` (:func:`auto_wait`) spins only where it pays: where the CPU devices' teams fit the usable
-cores, OpenMP's default policy with ``GOMP_SPINCOUNT = threads.omp_spin_count`` (10000, about
+machine, with other work on it, the default ran the same model 8-20x slower than passive. So
+``threads.omp_wait_policy = "auto"`` (:func:`auto_wait`) spins only where it pays: where the CPU
+devices' teams fit the usable cores, OpenMP's default policy with ``GOMP_SPINCOUNT = threads.omp_spin_count`` (10000, about
 30-100 us on this kind of CPU: across the gap between two ops of a forward pass, asleep soon after
 a batch); where they do not fit, or no team has a second thread, passive. These settings are read
 once, when libgomp is loaded (``import torch``): :func:`prepare_environment` runs before that
