@@ -196,6 +196,7 @@ class Engine:
         self._threads = torch.get_num_threads()
         if self.device.type == "cpu" and thread_pools.per_batch() == "auto" and self._threads > 1:
             self.team = TeamSize(self._threads)
+            thread_pools.record_team(self.team)       # the admin stats show its choices
         self._run = compiled(self.replica) if opts.compile == "compile" else self.replica
         if opts.compile == "graphs":
             self._graphs = CudaGraphs(self._forward)

@@ -103,6 +103,8 @@ class _Registry:
         self.oversubscribed = False
         self.wait_policy = ""
         self.per_batch = "fixed"                         # threads.per_batch (configure_process)
+        self.threads: dict[int, int] = {}                # executor thread ident -> device index
+        self.teams: dict[int, object] = {}               # device index -> its engine's TeamSize
         self.blas_limit = 0
         self.controller = None                           # threadpoolctl.ThreadpoolController
         self.layout: dict | None = None                  # cpu:auto's choice (daemon/pipeline/cpu_layout.py)
@@ -271,7 +273,17 @@ def enter_device_thread(device) -> dict:
     applied["intra_op"] = torch.get_num_threads()
     with _state.lock:
         _state.entered[device.index] = applied
+        _state.threads[threading.get_ident()] = device.index
     return applied
+
+
+def record_team(team) -> None:
+    """Keep the calling executor thread's TeamSize (daemon/pipeline/team_size.py) for
+    :func:`snapshot`; a thread that never entered a device (a test's engine) records nothing."""
+    with _state.lock:
+        index = _state.threads.get(threading.get_ident())
+        if index is not None:
+            _state.teams[index] = team
 
 
 def record_layout(choice: dict) -> None:
@@ -296,6 +308,13 @@ def snapshot() -> dict:
                "per_batch": _state.per_batch,
                "devices": [dict(v, planned=_state.assignments.get(i, Assignment(0)).threads)
                            for i, v in sorted(_state.entered.items())]}
+        teams = dict(_state.teams)
+    for d, (i, _) in zip(out["devices"], sorted(_state.entered.items())):
+        if i in teams:
+            try:                # read while its executor may add a bucket: a retry next time
+                d["team_by_batch"] = teams[i].snapshot()
+            except RuntimeError:
+                d["team_by_batch"] = {}
         if _state.layout is not None:
             out["layout"] = _state.layout
     out["interop"] = torch.get_num_interop_threads() if torch is not None else None

@@ -121,6 +121,8 @@ def test_a_fresh_daemon_spins_briefly_where_its_team_fits_and_sleeps_where_teams
         info = _threads_info(d)
         assert info["omp_wait_policy"] == "GOMP_SPINCOUNT=10000" and info["per_batch"] == "auto"
         assert [x["intra_op"] for x in info["devices"]] == [2]
+        chosen = info["devices"][0]["team_by_batch"]["1"]        # batches of one frame: measured
+        assert chosen["chosen"] in (1, 2) and set(chosen["us_per_frame"]) == {"1", "2"}
         proc = psutil.Process(d.pid)
         wait_until(lambda: _cores_used(proc, 1.0) < 0.1, timeout=30, what="an idle daemon near 0 CPU")
         d = fresh_daemon("--device", "cpu:1", "--device", "cpu:1", fork=False)
