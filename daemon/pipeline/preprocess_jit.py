@@ -3,18 +3,20 @@
 NOTE [ fused preprocessing ]
 
 What daemon/pipeline/preprocess.py defines, ``fma(x, scale[c], bias[c])`` per value, rounded once,
-computed by one loop that reads each frame byte once and writes each float once:
+computed in one pass that writes each float once:
 
     frames (n, H*W*3) uint8, channels interleaved          out, float32
-      for each pixel p:  r, g, b = bytes 3p, 3p+1, 3p+2      NCHW: out[0, p], out[1, p], out[2, p]
-                         out = fma(byte, scale[c], bias[c])  NHWC: out[3p], out[3p+1], out[3p+2]
+      NCHW: for each channel c, each pixel p:                out[c, p] = fma(byte 3p+c, scale[c], bias[c])
+      NHWC: for each pixel p, each channel c:                out[3p+c] = fma(byte 3p+c, scale[c], bias[c])
+      (NCHW a plane at a time: one output stream per loop, and the frame, a quarter of the
+       output's bytes, read three times from cache)
 
 compiled by numba (LLVM) for the machine it runs on, with the GIL released. LLVM vectorises the
 stride-3 byte loads (interleaved access groups) and the fused multiply-add (``llvm.fma``, one
 rounding, as torch's vectorised addcmul), so the pass runs at about the speed of a memory copy of
 its output: bench/load/preprocess.py.
 
-Exactness. The output is a function of (channel, byte value) alone: 768 floats. :func:`kernels`
+Exactness. The output is a function of (channel, byte value) alone: 768 floats. :class:`Fused`
 computes them with the compiled fma and with torch's ops (the definition) and uses the fma loop
 only when all 768 are equal bit for bit; else (a machine where torch does not use a fused
 multiply-add) it uses the same loop reading a 3 x 256 table of torch's own values, exact by
@@ -74,14 +76,15 @@ if numba is not None:
 
     @_jit
     def _nchw_fma(src, out, scale, bias):
+        # a plane at a time: one output stream per loop vectorises (three interleaved ones, which
+        # LLVM must check against each other, ran 2-3x slower); the frame's bytes stay in cache
         n, hw = src.shape[0], src.shape[1] // 3
-        s0, s1, s2, b0, b1, b2 = scale[0], scale[1], scale[2], bias[0], bias[1], bias[2]
         for i in range(n):
             s, o = src[i], out[i]
-            for p in range(hw):
-                o[p] = _fma32(np.float32(s[3 * p]), s0, b0)
-                o[hw + p] = _fma32(np.float32(s[3 * p + 1]), s1, b1)
-                o[2 * hw + p] = _fma32(np.float32(s[3 * p + 2]), s2, b2)
+            for c in range(3):
+                sc, bc, base = scale[c], bias[c], c * hw
+                for p in range(hw):
+                    o[base + p] = _fma32(np.float32(s[3 * p + c]), sc, bc)
 
     @_jit
     def _nhwc_fma(src, out, scale, bias):
@@ -99,10 +102,10 @@ if numba is not None:
         n, hw = src.shape[0], src.shape[1] // 3
         for i in range(n):
             s, o = src[i], out[i]
-            for p in range(hw):
-                o[p] = table[s[3 * p]]
-                o[hw + p] = table[256 + s[3 * p + 1]]
-                o[2 * hw + p] = table[512 + s[3 * p + 2]]
+            for c in range(3):
+                base = c * hw
+                for p in range(hw):
+                    o[base + p] = table[256 * c + s[3 * p + c]]
 
     @_jit
     def _nhwc_table(src, out, table, unused):
