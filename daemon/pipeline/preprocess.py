@@ -28,8 +28,8 @@ loop, a transposing float copy, and two new tensors a batch (at 224x224, 0.6 MB 
 faults on every call). Now, into one output buffer (kept between calls with ``reuse``: the
 executor's Engine, and each measuring thread of daemon/pipeline/cpu_layout.py), one fused pass
 where numba is installed (daemon/pipeline/preprocess_jit.py, NOTE [ fused preprocessing ]): each
-frame byte read once, each float written once, the multiply-add vectorised; within 1.5x of a
-memory copy of the output at 224x224 (docs/benchmarks.md, "Preprocessing on a CPU"). Without
+float written once, the multiply-add vectorised; within 1.3x of a memory copy of the output at
+224x224 (docs/benchmarks.md, "Preprocessing on a CPU"). Without
 numba (``fused=False``), the torch passes:
 
     frames (uint8 NHWC) --np.copyto of the transposed view--> uint8 NCHW planes
