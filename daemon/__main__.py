@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.CONFIG
     logs.setup(cfg.server.log_level)       # journald priorities when stderr is the journal
     from .pipeline import thread_pools as threads_mod
-    threads_mod.prepare_environment(cfg.threads.omp_wait_policy)   # before torch loads libgomp
+    threads_mod.prepare_environment(cfg.threads.omp_wait_policy,      # before torch loads libgomp
+                                    teams=threads_mod.cpu_teams(args.device, cfg.devices),
+                                    spin_count=cfg.threads.omp_spin_count)
     log = logging.getLogger("inferd")
     try:
         # socket activation (inferd.socket) passes the bound socket; else bind it ourselves
@@ -183,7 +185,7 @@ def _serve(cfg, args, listener) -> int:
     from .pipeline import thread_pools as threads_mod
 
     threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop,   # NOTE [ thread pools ]
-                                  cfg.threads.switch_interval_ms)
+                                  cfg.threads.switch_interval_ms, cfg.threads.per_batch)
     model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
     _remove_stale_stores(cfg, model)
     devices = _devices(cfg, args.device, model)

@@ -257,10 +257,22 @@ class ThreadsConfig:
                         "through threadpoolctl; more only competes with the devices (NOTE [ thread "
                         "pools ] in daemon/pipeline/thread_pools.py)", lo=1, hi=1024)
     interop: int = _opt(1, "torch inter-op threads (the daemon forks no torch work)", lo=1, hi=1024)
-    omp_wait_policy: str = _opt("passive", "OMP_WAIT_POLICY set before torch loads: passive (idle "
-                                           "OpenMP workers sleep, not spin), active, or default "
-                                           "(OpenMP's own); the environment variable wins",
-                                choices=("passive", "active", "default"))
+    omp_wait_policy: str = _opt("auto", "how idle OpenMP workers wait, set before torch loads: auto "
+                                        "(spin omp_spin_count times, then sleep, where the CPU devices' "
+                                        "teams fit the usable cores; else passive), passive (sleep at "
+                                        "once), active (spin), or default (OpenMP's own: about 300000 "
+                                        "spins); OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment "
+                                        "wins (NOTE [ thread pools ] in daemon/pipeline/thread_pools.py)",
+                                choices=("auto", "passive", "active", "default"))
+    omp_spin_count: int = _opt(10000, "omp_wait_policy = auto: GOMP_SPINCOUNT, the spins of an idle "
+                                      "OpenMP worker before it sleeps (about 5-10 ns each): enough to "
+                                      "bridge the gaps between the ops of a forward pass",
+                               lo=0, hi=1 << 40)
+    per_batch: str = _opt("auto", "intra-op threads of each CPU batch: auto (each batch size runs "
+                                  "with the team size, 1 or up to the device's threads, that its "
+                                  "executor measured fastest lately; daemon/pipeline/team_size.py), "
+                                  "or fixed (always the device's threads)",
+                          choices=("auto", "fixed"))
     pin: bool = _opt(False, "bind each CPU device's device thread (and its OpenMP team) to cores of "
                             "its own")
     oversubscribe: str = _opt("warn", "CPU devices asking for more threads in all than the usable "

@@ -140,7 +140,7 @@ def spawn_daemon(*args: str, model: str = "shapes", wait: bool = True, workdir: 
 
 _FORK_SERVER = r"""
 import json, os, signal, sys, traceback
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # threads.omp_wait_policy's default, before torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # what omp_wait_policy = auto picks for the tests' 1-thread devices, before torch
 import psutil, uvloop  # noqa: F401  what every start imports again (torch, the pipeline, ...)
 from inferd.daemon import __main__ as entry
 from inferd.daemon import config, server  # noqa: F401

@@ -7,13 +7,15 @@ copy uint8 frames into a staging tensor, ``to_input``, the model, softmax, top-k
 frames done / elapsed.
 
 The ceiling is the model at its fastest settings on this machine, never at the daemon's own. Each
-OpenMP setting of ``SETTINGS`` is measured in a fresh child (the environment must be set before
-torch loads libgomp): torch's defaults, what a user who runs the model in their own process gets,
-and ``OMP_WAIT_POLICY=PASSIVE``, the daemon's default (daemon/pipeline/thread_pools.py), which
-spares the cores between batches but wakes its threads slower. At each batch size the faster of
-them is the ceiling (``fastest``), and the report says which one that was; a run may add the
-daemon's own setting as one more candidate (``candidates``). The best img/s over the batch sizes
-is the overall ceiling.
+setting of ``SETTINGS`` is measured in a fresh child (the environment must be set before torch
+loads libgomp): torch's defaults (2 threads), what a user who runs the model in their own process
+gets; ``OMP_WAIT_POLICY=PASSIVE``, which spares the cores between batches but wakes its threads
+slower; and torch's defaults on one thread, since the daemon may run a batch on one thread
+(threads.per_batch, daemon/pipeline/team_size.py) and a user could too. A run adds the daemon's
+own OpenMP setting (``GOMP_SPINCOUNT=10000`` with threads.omp_wait_policy = auto on cpu:2) as one
+more candidate (``candidates``). At each batch size the fastest of them is the ceiling
+(``fastest``), and the report says which one that was, beside each setting's own figure. The best
+img/s over the batch sizes is the overall ceiling.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ MODEL = "resnet18"
 INPUT_SIZE = 64
 THREADS = 2
 TOP_K = 5
-#: The OpenMP settings the ceiling is measured at, by name: torch's defaults (nothing set) and the
-#: daemon's passive wait policy. Names are what the report shows.
-SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}))
+#: The settings the ceiling is measured at, by name: ``(name, OpenMP environment[, torch threads])``
+#: (threads: THREADS unless given): torch's defaults (nothing set), passive waiting, and torch's
+#: defaults on one thread. Names are what the report shows.
+SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("1 thread", {}, 1))
 
 
 def _make_step(model, spec, batch: int):
@@ -75,7 +78,7 @@ def _time_batch(step, batch: int, warmup_s: float, seconds: float) -> dict:
             "batch_ms_mean": 1000.0 * sum(times) / len(times)}
 
 
-def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict) -> None:
+def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threads: int = THREADS) -> None:
     """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``.
     ``omp_env`` goes into the environment before torch (and with it libgomp) is loaded."""
     try:
@@ -86,7 +89,7 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict) -> No
         os.environ.update(omp_env)
         import torch
 
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(threads)
         from inferd.daemon.models import zoo
 
         model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
@@ -114,7 +117,7 @@ def candidates(daemon_omp: dict | None = None) -> tuple:
     """``SETTINGS``, plus the daemon's own OpenMP environment as ``"daemon"`` when a run gives the
     daemon one that is not already among them (``--daemon-set threads.omp_wait_policy=active``):
     a setting found faster is a ceiling too."""
-    if daemon_omp is None or any(env == dict(daemon_omp) for _, env in SETTINGS):
+    if daemon_omp is None or any(env == dict(daemon_omp) for _, env, *_ in SETTINGS):
         return SETTINGS
     return (*SETTINGS, ("daemon", dict(daemon_omp)))
 
@@ -138,7 +141,8 @@ def fastest(by_setting: dict) -> dict:
     first = by_setting[names[0]]
     return {"rows": rows, "ceiling_img_s": best["img_s"], "ceiling_batch": best["batch"],
             "ceiling_setting": best["setting"], "model_ms_b1": b1["batch_ms_p50"] if b1 else None,
-            "settings": {n: {"omp_env": m["omp_env"], "rows": m["rows"]} for n, m in by_setting.items()},
+            "settings": {n: {"omp_env": m["omp_env"], "threads": m["threads"], "rows": m["rows"]}
+                         for n, m in by_setting.items()},
             "torch": first["torch"], "threads": first["threads"]}
 
 
@@ -153,9 +157,9 @@ def measure(warmup_s: float, seconds: float, batch_sizes=BATCH_SIZES, settings=S
     ``settings`` (every setting's own rows), ``torch``, ``threads``.
     """
     budget = len(batch_sizes) * (warmup_s + seconds) + 60.0
-    by_setting = {name: run_in_child(_child, (tuple(batch_sizes), warmup_s, seconds, dict(env)), budget,
-                                     f"bench-ceiling-{name}")
-                  for name, env in settings}
+    by_setting = {name: run_in_child(_child, (tuple(batch_sizes), warmup_s, seconds, dict(env), *threads),
+                                     budget, f"bench-ceiling-{name.replace(' ', '-')}")
+                  for name, env, *threads in settings}
     out = fastest(by_setting)
     out.update(model=MODEL, input_size=INPUT_SIZE)
     return out

@@ -56,10 +56,11 @@ def ceiling_batch(ceiling: dict, path: str) -> str:
     rows = ceiling["rows"]
     for name, setting in ceiling.get("settings", {}).items():
         env = " ".join(f"{k}={v}" for k, v in setting["omp_env"].items()) or "torch defaults"
+        env += f", {setting['threads']} thread(s)" if "threads" in setting else ""
         ax.plot([r["batch"] for r in setting["rows"]], [r["img_s"] for r in setting["rows"]], ".--",
                 alpha=0.7, label=f"{name} ({env})")
     ax.plot([r["batch"] for r in rows], [r["img_s"] for r in rows], "o-", color="black",
-            label="ceiling: the faster")
+            label="ceiling: the fastest")
     for r in rows:
         ax.annotate(f"{r['img_s']:.0f}", (r["batch"], r["img_s"]), textcoords="offset points",
                     xytext=(0, 6), ha="center", fontsize=8)

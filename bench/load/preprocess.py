@@ -5,8 +5,10 @@ input (daemon/pipeline/preprocess.py, NOTE [ preprocessing on a CPU ]), per fram
 a plain memory copy of that float32 output costs in the same run. In this one process, with
 ``--threads`` torch threads (default 1: a CPU device of one thread), under inference mode:
 
-    float_nchw      the executor's Preprocess (reuse): normalised float32 NCHW
+    float_nchw      the executor's Preprocess (reuse): normalised float32 NCHW, by the fused
+                    pass where numba is installed (daemon/pipeline/preprocess_jit.py)
     channels_last   the same with ``model.channels_last``: float32, NHWC in memory
+    torch passes    float_nchw by the torch passes (``fused=False``: the daemon without numba)
     previous        the three whole-batch ops the CPU passes replaced (permute + to(float32),
                     addcmul with per-channel factors, contiguous), as they ran before
     u8->f32         a contiguous uint8 -> float32 conversion of the frames alone (copy_)
@@ -37,7 +39,7 @@ SETTINGS = {"full": {"rounds": 7, "frame_bytes_per_round": 64 << 20},
             "quick": {"rounds": 3, "frame_bytes_per_round": 8 << 20}}
 SIZES = (64, 224)
 BATCHES = (1, 8, 32)
-METHODS = ("float_nchw", "channels_last", "previous", "u8->f32", "np.copyto", "copy_")
+METHODS = ("float_nchw", "channels_last", "torch passes", "previous", "u8->f32", "np.copyto", "copy_")
 TARGET = 2.0             # float_nchw at 224x224 against np.copyto, at most
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet's, as the built-in resnets
 
@@ -52,6 +54,7 @@ def _methods(size: int, batch: int) -> dict:
     frames = torch.from_numpy(random_frames(batch, size, seed=size + batch))
     nchw = Preprocess(MEAN, STD, reuse=True)
     nhwc = Preprocess(MEAN, STD, channels_last=True, reuse=True)
+    torch_passes = Preprocess(MEAN, STD, reuse=True, fused=False)
     mean_t, std_t = torch.tensor(MEAN), torch.tensor(STD)
     scale, bias = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1), (-mean_t / std_t).view(1, 3, 1, 1)
 
@@ -60,7 +63,7 @@ def _methods(size: int, batch: int) -> dict:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.addcmul(bias, x, scale).contiguous(memory_format=fmt)
 
-    for pre, cl in ((nchw, False), (nhwc, True)):
+    for pre, cl in ((nchw, False), (nhwc, True), (torch_passes, False)):
         got, want = pre(frames), previous(cl)
         assert got.stride() == want.stride() and torch.equal(got.view(torch.int32), want.view(torch.int32)), \
             f"{size}x{size} batch {batch}: the preprocessing differs from the previous ops"
@@ -69,7 +72,7 @@ def _methods(size: int, batch: int) -> dict:
     dst = np.empty_like(src)
     src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
     return {"float_nchw": lambda: nchw(frames), "channels_last": lambda: nhwc(frames),
-            "previous": previous, "u8->f32": lambda: converted.copy_(frames),
+            "torch passes": lambda: torch_passes(frames), "previous": previous, "u8->f32": lambda: converted.copy_(frames),
             "np.copyto": lambda: np.copyto(dst, src), "copy_": lambda: dst_t.copy_(src_t)}
 
 
@@ -107,18 +110,24 @@ def measure(settings: dict, threads: int, log) -> dict:
             log(f"  {size}x{size} batch {batch}: float_nchw {case['us']['float_nchw']:.1f} us a frame, "
                 f"{case['ratio']['float_nchw']:.2f}x np.copyto")
             cases.append(case)
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
+    from inferd.daemon.pipeline.preprocess import NUMBA
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "fused": NUMBA,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cases": cases}
 
 
 def render(results: dict) -> str:
-    lines = [f"CPU preprocessing, uint8 NHWC -> float32, per frame, {results['threads']} torch thread(s) "
+    lines = [f"CPU preprocessing, uint8 NHWC -> float32, per frame, "
+             f"{'fused pass (numba)' if results.get('fused') else 'torch passes (no numba)'}, "
+             f"{results['threads']} torch thread(s) "
              f"(torch {results['torch']}, {results['cpu_capability']}); ratio = against np.copyto "
              f"of the float32 output"]
     columns = [("size", ">7"), ("batch", ">5")] + [(f"{m} us", ">16.1f") for m in METHODS] + \
-              [("float_nchw x", ">12.2f"), ("channels_last x", ">15.2f"), ("previous x", ">10.1f")]
-    rows = [[f"{c['size']}x{c['size']}", c["batch"], *(c["us"][m] for m in METHODS),
-             c["ratio"]["float_nchw"], c["ratio"]["channels_last"], c["ratio"]["previous"]]
+              [("float_nchw x", ">12.2f"), ("channels_last x", ">15.2f"), ("torch passes x", ">14.2f"),
+               ("previous x", ">10.1f")]
+    rows = [[f"{c['size']}x{c['size']}", c["batch"], *(c["us"].get(m, float("nan")) for m in METHODS),
+             c["ratio"]["float_nchw"], c["ratio"]["channels_last"], c["ratio"].get("torch passes", float("nan")),
+             c["ratio"]["previous"]]
             for c in results["cases"]]
     lines += report.table(columns, rows)
     worst = max(c["ratio"]["float_nchw"] for c in results["cases"] if c["size"] == 224)

@@ -3,7 +3,8 @@
 Measures, in one go and on this machine only:
 
 (a) the ceiling: ResNet-18 @ 64x64 in-process (a child process, 2 torch threads), img/s per batch size
-    at torch's default OpenMP settings and at the daemon's passive wait policy, the faster of the two;
+    at torch's default OpenMP settings, passive waiting, one thread and the daemon's own OpenMP
+    setting, the fastest at each batch size (bench/load/ceiling.py);
 (b) the daemon under load (cpu:2, max_batch 16, max_delay 5 ms, cache off): 1, 4, 16 and 64
     closed-loop client processes with one frame in flight each, and 16 with 4, each row against
     the in-process model at the batch its frames in flight allow, with each device's busy fraction;
@@ -49,8 +50,13 @@ def _args(argv):
                    help="add --set SECTION.KEY=VALUE to the part (b) daemon (repeatable), e.g. "
                         "threads.omp_wait_policy=default to compare a setting")
     p.add_argument("--no-cpu", action="store_true", help="skip part (e), the CPU per frame")
+    p.add_argument("--cases", default=None, metavar="N[xD],...",
+                   help="part (b)'s rows: client processes, x frames in flight each (default "
+                        "1,4,16,64,16x4); the targets need 1, 4 and 16")
     args = p.parse_args(argv)
     args.daemon_env = dict(item.split("=", 1) for item in args.daemon_env)
+    args.cases = daemon_load.CASES if args.cases is None else tuple(
+        (int(n), int(d or 1)) for n, _, d in (c.partition("x") for c in args.cases.split(",")))
     return args
 
 
@@ -64,35 +70,41 @@ def one_client_check(ceil: dict, load: dict) -> dict:
             "slack_ms": LATENCY_SLACK_MS, "bound_ms": bound, "margin_ms": bound - p50}
 
 
-def omp_env(env: dict, daemon_set) -> dict:
+def omp_env(env: dict, daemon_set, devices=None) -> dict:
     """The OpenMP settings the part (b) daemon runs with: its environment's, else
-    threads.omp_wait_policy's, else the daemon's default (passive; daemon/pipeline/thread_pools.py).
-    The ceiling does not follow them: it is measured at torch's defaults and at passive and takes
-    the faster (bench/load/ceiling.py); a daemon setting that is neither is measured as one more
-    candidate."""
+    threads.omp_wait_policy's (auto by default: what daemon/pipeline/thread_pools.py's auto_wait
+    picks for ``devices`` on this machine's usable cores, with threads.omp_spin_count). The ceiling
+    does not follow them: it is measured at torch's defaults, passive and one thread and takes the
+    fastest (bench/load/ceiling.py); a daemon setting that is none of them is one more candidate."""
+    from inferd.daemon.pipeline import thread_pools
+
     out = {k: v for k, v in env.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if "OMP_WAIT_POLICY" not in out:
-        policy = next((kv.split("=", 1)[1].strip('"') for kv in daemon_set
-                       if kv.startswith("threads.omp_wait_policy=")), "passive")
-        if policy != "default":
-            out["OMP_WAIT_POLICY"] = policy.upper()
-    return out
+    if out:
+        return out
+    value = lambda key, default: next((kv.split("=", 1)[1].strip('"') for kv in daemon_set
+                                       if kv.startswith(f"threads.{key}=")), default)
+    policy = value("omp_wait_policy", "auto")
+    if policy == "auto":
+        teams = thread_pools.cpu_teams(list(devices or daemon_load.DEVICES), [])
+        return thread_pools.auto_wait(teams, len(thread_pools.usable_cores()),
+                                      int(value("omp_spin_count", thread_pools.SPIN_COUNT)))
+    return {} if policy == "default" else {"OMP_WAIT_POLICY": policy.upper()}
 
 
 def run_all(d: dict, env: dict, log, devices=None, max_delay_ms: float = MAX_DELAY_MS,
-            daemon_set=(), cpu: bool = True) -> dict:
+            daemon_set=(), cpu: bool = True, cases=daemon_load.CASES) -> dict:
     """Parts (a) to (e) in order, then the ceiling once more (batch 1 and the best batch) to show
     how much the machine drifted; the daemons and children of each part are gone when it returns."""
     results = {"machine": lib_report.machine(), "durations": d}
     t0 = time.monotonic()
-    settings = ceiling.candidates(omp_env(env, daemon_set))
-    log("(a) ceiling: in-process model, batch sizes %s, OpenMP settings %s ..."
-        % (ceiling.BATCH_SIZES, ", ".join(f"{name} {omp or '(torch defaults)'}" for name, omp in settings)))
+    settings = ceiling.candidates(omp_env(env, daemon_set, devices))
+    log("(a) ceiling: in-process model, batch sizes %s, settings %s ..."
+        % (ceiling.BATCH_SIZES, ", ".join(f"{name} {omp or '(torch defaults)'}" for name, omp, *_ in settings)))
     results["ceiling"] = ceil = ceiling.measure(d["ceiling_warmup_s"], d["ceiling_s"], settings=settings)
-    log("(b) daemon under load: cases %s ..." % (daemon_load.CASES,))
+    log("(b) daemon under load: cases %s ..." % (cases,))
     extra = [a for kv in daemon_set for a in ("--set", kv)]
     results["load"] = load = daemon_load.measure(
-        ceiling.fair(ceil, MAX_BATCH), d["load_warmup_s"], d["load_s"], env=env,
+        ceiling.fair(ceil, MAX_BATCH), d["load_warmup_s"], d["load_s"], cases=cases, env=env,
         args=daemon_load.daemon_args(devices or daemon_load.DEVICES, max_delay_ms) + extra)
     load["max_delay_ms"], load["max_batch"] = max_delay_ms, MAX_BATCH
     log("(c) transport: %d round trips each ..." % d["rt_count"])
@@ -125,7 +137,7 @@ def main(argv=None) -> int:
         return lib_report.replot(args.replot, args.img_dir, args.out, report.render, write_plots)
     durations = DURATIONS["quick" if args.quick else "full"]
     results = run_all(durations, args.daemon_env, lambda msg: print(msg, flush=True),
-                      args.device, args.max_delay_ms, args.daemon_set, not args.no_cpu)
+                      args.device, args.max_delay_ms, args.daemon_set, not args.no_cpu, args.cases)
     results.update(quick=args.quick, daemon_env=args.daemon_env, daemon_set=args.daemon_set,
                    command=lib_report.command())
     results["plots"] = write_plots(results, lib_report.img_dir(args))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,10 @@ from ..config import ConfigError
 from ..models.loading import LoadedModel, check_output, logits_of
 from .engine_options import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
 from ..models.embedding_pooling import MEAN, Pool
+from . import thread_pools
 from .preprocess import Preprocess
 from .streams import streams_for
+from .team_size import TeamSize
 
 _current = threading.local()
 INPUT_BUFFERS = 2           # device input buffers of the unpadded path (see NOTE [ engine streams ])
@@ -157,6 +160,8 @@ class Engine:
         self._sizes: tuple[int, ...] = ()   # prepared sizes of padded batches; () until prepare()
         self._inputs: dict = {}             # key -> _Input (NOTE [ engine streams ])
         self._turn = 0
+        self.team: TeamSize | None = None   # CPU, threads.per_batch = auto: each batch's team size
+        self._threads = 0                   # the team size set last (torch.set_num_threads)
 
     def load(self) -> None:
         """Put the model on the device as the options say, hook its embedding layer, check its
@@ -186,6 +191,12 @@ class Engine:
                               f"(a torch.export program's module() keeps the names of its layers but "
                               f"not their calls); return (logits, embedding) from forward instead")
         self.streams.follow_default()
+        # the calling thread is the executor: its torch threads are the device's share (NOTE [ thread
+        # pools ]); with per_batch = auto each batch size runs on the team measured fastest
+        self._threads = torch.get_num_threads()
+        if self.device.type == "cpu" and thread_pools.per_batch() == "auto" and self._threads > 1:
+            self.team = TeamSize(self._threads)
+            thread_pools.record_team(self.team)       # the admin stats show its choices
         self._run = compiled(self.replica) if opts.compile == "compile" else self.replica
         if opts.compile == "graphs":
             self._graphs = CudaGraphs(self._forward)
@@ -210,13 +221,23 @@ class Engine:
         dst = None if slot.tensor is None else slot.tensor[:n]
         _, copied = s.copy_in(dst, frames[:n], after=slot.consumed)
         rows = (frames if slot.tensor is None else slot.tensor)[:size]   # padded: stale rows past n
+        team = self.team
+        if team is not None:            # NOTE [ team size per batch ] in daemon/pipeline/team_size.py
+            threads = team.pick(n)
+            if threads != self._threads:
+                torch.set_num_threads(threads)
+                self._threads = threads
+            t0 = time.perf_counter()
         with s.compute(after=copied), torch.inference_mode():
             started = s.record()
             logits, vectors = self._graphs.replay(size) if self._graphs else self._forward(rows, want_embedding)
             slot.consumed = s.record()
             vectors = vectors[:n] if want_embedding and vectors is not None else None
             if not s.asynchronous:      # nothing to copy back: no packing (a no-op model's batch
-                return Done(logits[:n], vectors, k)    # costs 80 us less)
+                done = Done(logits[:n], vectors, k)    # costs 80 us less)
+                if team is not None:
+                    team.observe(n, threads, time.perf_counter() - t0)
+                return done
             host, done = s.copy_out(pack(logits[:n], vectors, k))
         if wait_copy:
             copied.synchronize()

@@ -26,7 +26,11 @@ On a CPU those three ops cost 5-30x a memory copy of their float output: a conve
 with a stride of 3 bytes, an ``addcmul`` whose two broadcast factors kept torch on its scalar
 loop, a transposing float copy, and two new tensors a batch (at 224x224, 0.6 MB a frame, page
 faults on every call). Now, into one output buffer (kept between calls with ``reuse``: the
-executor's Engine, and each measuring thread of daemon/pipeline/cpu_layout.py):
+executor's Engine, and each measuring thread of daemon/pipeline/cpu_layout.py), one fused pass
+where numba is installed (daemon/pipeline/preprocess_jit.py, NOTE [ fused preprocessing ]): each
+float written once, the multiply-add vectorised; within 1.3x of a memory copy of the output at
+224x224 (docs/benchmarks.md, "Preprocessing on a CPU"). Without
+numba (``fused=False``), the torch passes:
 
     frames (uint8 NHWC) --np.copyto of the transposed view--> uint8 NCHW planes
                           (the one strided pass, a byte an element; numpy releases the GIL)
@@ -38,14 +42,13 @@ executor's Engine, and each measuring thread of daemon/pipeline/cpu_layout.py):
 
 With ``channels_last`` the output is NHWC in memory, as the frames are: one contiguous
 conversion, then the same ``addcmul`` with both factors laid out as one (W*3) row of alternating
-channels. The uint8 transpose stays a scalar loop, about a cycle a byte (neither numpy nor torch
-has a vectorised 3-channel deinterleave), so float_nchw costs a few memory copies of its output,
-channels_last about one and a half: bench/load/preprocess.py measures both against a copy
-(docs/benchmarks.md, "Preprocessing on a CPU"). Frames on a GPU keep the three ops: kernels over
-device memory, not where a GPU's time goes.
+channels. The uint8 transpose there is a scalar loop, about a cycle a byte, so the torch passes
+cost 1.5-6x a copy. Frames on a GPU keep the three ops: kernels over device memory, not where a
+GPU's time goes.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple
 
 import numpy as np
@@ -54,6 +57,8 @@ import torch
 from ..config import INPUT_FORMS
 
 FLOAT_NCHW, UINT8_NHWC = INPUT_FORMS
+#: Whether the fused CPU pass can run (numba installed; daemon/pipeline/preprocess_jit.py).
+NUMBA = importlib.util.find_spec("numba") is not None
 
 
 class Preprocess:
@@ -72,7 +77,7 @@ class Preprocess:
     """
 
     def __init__(self, mean, std, device: torch.device | str = "cpu", channels_last: bool = False,
-                 form: str = FLOAT_NCHW, reuse: bool = False):
+                 form: str = FLOAT_NCHW, reuse: bool = False, fused: bool | None = None):
         if form not in INPUT_FORMS:
             raise ValueError(f"input form {form!r} is not one of {', '.join(INPUT_FORMS)}")
         self.form = form
@@ -87,6 +92,8 @@ class Preprocess:
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._cpu: _CpuPass | None = None      # the CPU pass of the last frame size (its buffers)
+        # the fused pass (NOTE [ fused preprocessing ]) where numba is installed; False: the torch passes
+        self.fused = NUMBA if fused is None else fused
 
     @classmethod
     def of(cls, spec, device: torch.device | str = "cpu", channels_last: bool = False,
@@ -109,7 +116,7 @@ class Preprocess:
         n, h, w, _ = frames.shape
         cpu = self._cpu
         if cpu is None or (cpu.h, cpu.w) != (h, w):
-            cpu = self._cpu = _CpuPass(self.scale, self.bias, h, w, self.channels_last)
+            cpu = self._cpu = _CpuPass(self.scale, self.bias, h, w, self.channels_last, self.fused)
         return cpu(frames, self.reuse)
 
 
@@ -119,8 +126,13 @@ class _CpuPass:
     batch so far and their views per batch size (a torch view costs microseconds to make, about
     what a 64x64 frame's whole conversion costs)."""
 
-    def __init__(self, scale: torch.Tensor, bias: torch.Tensor, h: int, w: int, channels_last: bool):
+    def __init__(self, scale: torch.Tensor, bias: torch.Tensor, h: int, w: int, channels_last: bool,
+                 fused: bool = False):
         self.h, self.w, self.channels_last = h, w, channels_last
+        self.fused = None
+        if fused:                           # imported here: numba costs a second to load
+            from .preprocess_jit import Fused
+            self.fused = Fused(scale.numpy(), bias.numpy(), channels_last)
         if channels_last:                   # one (W*3) row, channels alternating as in the frame
             self.scale = scale.view(1, 3).repeat(w, 1).view(1, w * 3).contiguous()
             self.bias = bias.view(1, 3).repeat(w, 1).view(1, w * 3).contiguous()
@@ -137,6 +149,9 @@ class _CpuPass:
         views = self._views.get(n) if reuse else None
         if views is None:
             views = self._make(n, reuse)
+        if self.fused is not None:                  # one pass, GIL released
+            self.fused(frames.contiguous().numpy().reshape(n, -1), views.flat)
+            return views.out
         if views.planes is None:                    # channels_last: out is NHWC in memory
             views.convert.copy_(frames)
         else:
@@ -156,11 +171,13 @@ class _CpuPass:
                 self._rows, self._views = n, {}
             out, planes = self._out[:n], None if self._planes is None else self._planes[:n]
         h, w = self.h, self.w
-        if planes is None:
-            nhwc = out.permute(0, 2, 3, 1)          # contiguous NHWC
-            views = _Views(out, nhwc, None, None, nhwc.view(n * h, w * 3))
+        nhwc = out.permute(0, 2, 3, 1)              # contiguous NHWC with channels_last
+        if self.fused is not None:
+            views = _Views(out, None, None, None, None, (nhwc if self.channels_last else out).reshape(n, -1).numpy())
+        elif planes is None:
+            views = _Views(out, nhwc, None, None, nhwc.view(n * h, w * 3), None)
         else:
-            views = _Views(out, out, planes.numpy(), planes, out.view(n, 3, h * w))
+            views = _Views(out, out, planes.numpy(), planes, out.view(n, 3, h * w), None)
         if reuse:
             self._views[n] = views
         return views
@@ -171,6 +188,8 @@ class _CpuPass:
         shape = (n, 3, self.h, self.w)
         if self.channels_last:
             return torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last), None
+        if self.fused is not None:                  # no uint8 planes: the fused pass reads the frames
+            return torch.empty(shape, dtype=torch.float32), None
         return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.uint8)
 
 
@@ -184,6 +203,7 @@ class _Views(NamedTuple):
     planes: np.ndarray | None
     source: torch.Tensor | None
     rows: torch.Tensor
+    flat: np.ndarray | None                  # the fused pass: out as (n, H*W*3) numpy, what it writes
 
 
 def to_input(frames: torch.Tensor, mean, std, form: str = FLOAT_NCHW) -> torch.Tensor:

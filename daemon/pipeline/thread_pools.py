@@ -8,7 +8,9 @@ NOTE [ thread pools ]
       oneDNN, MKL)               one team per executor thread          usable cores shared evenly
     torch inter-op             nothing (no torch.jit.fork)           threads.interop (1)
     BLAS of numpy (OpenBLAS)   the embedding store: open, search     threads.blas (1), threadpoolctl
-    OpenMP idle workers        after every batch                     threads.omp_wait_policy (passive)
+    OpenMP idle workers        between ops and after every batch     threads.omp_wait_policy (auto) and
+                                                                     threads.omp_spin_count (10000)
+    the team of one batch      each CPU batch                        threads.per_batch (auto)
     the GIL's hand-over        every thread: the event loop, each    threads.switch_interval_ms (0.25)
                                  device's collector and executor
 
@@ -16,12 +18,29 @@ Why each limit. The daemon's real work is the devices' batches; every other pool
 for the same cores. numpy's OpenBLAS starts one worker per core when it is loaded, and a worker that
 ran a product spins for a while before it sleeps: with a near-duplicate search after every few batches
 it never sleeps, and one of two cores goes to spinning (0.3 -> 1.1 cores at the same throughput in a
-soak). A search is one matrix-vector product, memory bound, so one thread loses nothing. An OpenMP
-team that spins after a batch steals a core from the event loop and the clients exactly when the
-replies go out, so the daemon asks for passive waiting. ``OMP_WAIT_POLICY`` is read when libgomp is
-loaded (``import torch``): :func:`prepare_environment` runs before that (daemon/__main__.py); a value
-already in the environment wins. BLAS is limited at run time through threadpoolctl, since numpy is
-loaded (and OpenBLAS has started its threads) before any configuration is read.
+soak). A search is one matrix-vector product, memory bound, so one thread loses nothing. BLAS is
+limited at run time through threadpoolctl, since numpy is loaded (and OpenBLAS has started its
+threads) before any configuration is read.
+
+Waiting. Between two parallel regions (two ops of a forward pass) an OpenMP worker either spins or
+sleeps on a futex, and waking a sleeper costs tens of microseconds at every op: in one process,
+ResNet-18 at 64x64 on two threads ran 222.8 img/s at batch 4 with OpenMP's default (spin about
+300000 times, a few milliseconds here, then sleep) against 122.5 with OMP_WAIT_POLICY=PASSIVE. But
+a worker spinning after the last op of a batch takes a core from the event loop, the collector and
+the clients exactly when the replies go out and the next batch is gathered, and when the cores are
+shared (teams that together ask for more threads than there are, or other processes on a busy
+host) a spinning worker waits on a core its team's master needs: on the shared 2-core development
+machine, with other work on it, the default ran the same model 8-20x slower than passive. So
+``threads.omp_wait_policy = "auto"`` (:func:`auto_wait`) spins only where it pays: where the CPU
+devices' teams fit the usable cores, OpenMP's default policy with ``GOMP_SPINCOUNT = threads.omp_spin_count`` (10000, about
+30-100 us on this kind of CPU: across the gap between two ops of a forward pass, asleep soon after
+a batch); where they do not fit, or no team has a second thread, passive. These settings are read
+once, when libgomp is loaded (``import torch``): :func:`prepare_environment` runs before that
+(daemon/__main__.py) with the devices of the configuration; OMP_WAIT_POLICY or GOMP_SPINCOUNT
+already in the environment wins. What the spin count cannot see, the load of the machine while
+serving, the team size per batch does: on a contended machine one thread runs each batch faster
+than two, and a team of one has no worker to spin or wake (daemon/pipeline/team_size.py, NOTE
+[ team size per batch ]).
 
 The GIL. A torch op lets go of the GIL while it computes and takes it back to return, so a device
 thread asks for it again after every op: about 30 times in a forward pass of the shapes CNN. When
@@ -54,7 +73,11 @@ from dataclasses import dataclass
 
 log = logging.getLogger("inferd.thread_pools")
 
-WAIT_POLICIES = ("passive", "active", "default")
+WAIT_POLICIES = ("auto", "passive", "active", "default")
+#: GOMP_SPINCOUNT of threads.omp_wait_policy = "auto" (threads.omp_spin_count's default): about
+#: 30-100 us of spinning on this kind of CPU (5-10 ns a pause), across the gaps between the ops of
+#: a forward pass, and no more (NOTE [ thread pools ], "Waiting")
+SPIN_COUNT = 10000
 
 
 class ThreadPlanError(Exception):
@@ -79,6 +102,9 @@ class _Registry:
         self.usable: tuple = ()
         self.oversubscribed = False
         self.wait_policy = ""
+        self.per_batch = "fixed"                         # threads.per_batch (configure_process)
+        self.threads: dict[int, int] = {}                # executor thread ident -> device index
+        self.teams: dict[int, object] = {}               # device index -> its engine's TeamSize
         self.blas_limit = 0
         self.controller = None                           # threadpoolctl.ThreadpoolController
         self.layout: dict | None = None                  # cpu:auto's choice (daemon/pipeline/cpu_layout.py)
@@ -92,14 +118,59 @@ def usable_cores() -> tuple:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
-def prepare_environment(wait_policy: str, environ=os.environ) -> str:
-    """Set ``OMP_WAIT_POLICY`` for libgomp before torch is imported; a value already set wins.
-    Returns the policy in force ("" for OpenMP's default)."""
+def cpu_teams(specs, devices) -> list[int | None]:
+    """The intra-op team size of each CPU device, before torch loads: from ``--device`` ``specs``
+    (strings, they replace the configured devices) or the configured ``devices`` (``name``,
+    ``threads``); 0 for a device whose share of the cores is worked out later (:func:`plan`),
+    None for ``cpu:auto`` (measured after torch loads)."""
+    if specs:
+        teams = []
+        for spec in specs:
+            if spec == "cpu:auto":
+                teams.append(None)
+            elif spec.startswith("cpu"):
+                _, _, n = spec.partition(":")
+                teams.append(int(n) if n.isdigit() else 0)
+        return teams
+    if not devices:                     # none configured: one CPU device on every core (or
+        return [0]                      # the CUDA devices found later, whose teams idle)
+    return [None if d.name == "cpu:auto" else d.threads for d in devices if d.name.startswith("cpu")]
+
+
+def auto_wait(teams: list, cores: int, spin_count: int = SPIN_COUNT) -> dict:
+    """The OpenMP environment threads.omp_wait_policy = "auto" picks for CPU devices with these
+    intra-op ``teams`` (:func:`cpu_teams`) on ``cores`` usable cores (NOTE [ thread pools ],
+    "Waiting"): passive where the teams together ask for more threads than there are cores (a
+    spinning worker would take the core another team needs) or where no CPU device has a team
+    that could spin (only CUDA devices, or teams of one thread); else OpenMP's default policy
+    with ``GOMP_SPINCOUNT = spin_count``: spin a little, then sleep."""
+    explicit = sum(t for t in teams if t)
+    shared = [t for t in teams if t == 0]
+    share = max(1, (cores - explicit) // len(shared)) if shared else 0
+    sizes = [t if t else share for t in teams if t is not None]
+    unknown = any(t is None for t in teams)          # cpu:auto: its layouts never oversubscribe
+    if not teams or sum(sizes) > cores or (not unknown and max(sizes, default=1) <= 1):
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": str(spin_count)}
+
+
+def prepare_environment(wait_policy: str, environ=os.environ, *, teams: list | None = None,
+                        cores: int | None = None, spin_count: int = SPIN_COUNT) -> str:
+    """Set the OpenMP wait policy for libgomp before torch is imported: ``OMP_WAIT_POLICY`` for
+    passive and active, nothing for default, and for auto what :func:`auto_wait` picks for the
+    CPU ``teams`` on ``cores`` (default: the usable cores). ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` already in the environment wins. Returns the setting in force, as the admin
+    ``stats`` shows it: "PASSIVE", "ACTIVE", "GOMP_SPINCOUNT=N", or "" for OpenMP's default."""
     if wait_policy not in WAIT_POLICIES:
         raise ValueError(f"wait policy {wait_policy!r} is not one of {', '.join(WAIT_POLICIES)}")
-    if "OMP_WAIT_POLICY" not in environ and wait_policy != "default":
-        environ["OMP_WAIT_POLICY"] = wait_policy.upper()
-    _state.wait_policy = environ.get("OMP_WAIT_POLICY", "")
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        if wait_policy == "auto":
+            environ.update(auto_wait(teams or [], len(usable_cores()) if cores is None else cores,
+                                     spin_count))
+        elif wait_policy != "default":
+            environ["OMP_WAIT_POLICY"] = wait_policy.upper()
+    _state.wait_policy = " ".join(v if k == "OMP_WAIT_POLICY" else f"{k}={v}"
+                                  for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if (v := environ.get(k)))
     return _state.wait_policy
 
 
@@ -143,11 +214,12 @@ def plan(devices: list, cores: tuple, *, pin: bool = False, oversubscribe: str =
 
 
 def configure_process(blas_threads: int, interop_threads: int,
-                      switch_interval_ms: float | None = None) -> None:
+                      switch_interval_ms: float | None = None, per_batch: str = "fixed") -> None:
     """Limit the process-wide pools once torch and numpy are loaded: numpy's BLAS to
     ``blas_threads`` (threadpoolctl, so it holds although OpenBLAS started before), torch's
     inter-op pool to ``interop_threads`` (only possible before it first ran; a later call logs);
-    and set the GIL's switch interval to ``switch_interval_ms`` (None leaves Python's)."""
+    set the GIL's switch interval to ``switch_interval_ms`` (None leaves Python's); and keep
+    threads.per_batch for the CPU engines (:func:`per_batch`)."""
     import sys
 
     import numpy  # noqa: F401  (loads OpenBLAS, so threadpoolctl finds it)
@@ -165,6 +237,13 @@ def configure_process(blas_threads: int, interop_threads: int,
         log.warning("torch inter-op threads stay at %d: %s", torch.get_num_interop_threads(), exc)
     with _state.lock:
         _state.controller, _state.blas_limit = controller, blas_threads
+        _state.per_batch = per_batch
+
+
+def per_batch() -> str:
+    """threads.per_batch: "auto" (each CPU batch's team size measured, daemon/pipeline/team_size.py)
+    or "fixed" (the default until :func:`configure_process` says otherwise)."""
+    return _state.per_batch
 
 
 def enter_device_thread(device) -> dict:
@@ -194,7 +273,17 @@ def enter_device_thread(device) -> dict:
     applied["intra_op"] = torch.get_num_threads()
     with _state.lock:
         _state.entered[device.index] = applied
+        _state.threads[threading.get_ident()] = device.index
     return applied
+
+
+def record_team(team) -> None:
+    """Keep the calling executor thread's TeamSize (daemon/pipeline/team_size.py) for
+    :func:`snapshot`; a thread that never entered a device (a test's engine) records nothing."""
+    with _state.lock:
+        index = _state.threads.get(threading.get_ident())
+        if index is not None:
+            _state.teams[index] = team
 
 
 def record_layout(choice: dict) -> None:
@@ -216,8 +305,16 @@ def snapshot() -> dict:
         out = {"usable_cores": len(_state.usable) or len(usable_cores()),
                "oversubscribed": _state.oversubscribed, "omp_wait_policy": _state.wait_policy,
                "blas_limit": _state.blas_limit, "switch_interval_ms": sys.getswitchinterval() * 1000,
+               "per_batch": _state.per_batch,
                "devices": [dict(v, planned=_state.assignments.get(i, Assignment(0)).threads)
                            for i, v in sorted(_state.entered.items())]}
+        teams = dict(_state.teams)
+    for d, (i, _) in zip(out["devices"], sorted(_state.entered.items())):
+        if i in teams:
+            try:                # read while its executor may add a bucket: a retry next time
+                d["team_by_batch"] = teams[i].snapshot()
+            except RuntimeError:
+                d["team_by_batch"] = {}
         if _state.layout is not None:
             out["layout"] = _state.layout
     out["interop"] = torch.get_num_interop_threads() if torch is not None else None

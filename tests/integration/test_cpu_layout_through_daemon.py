@@ -100,3 +100,32 @@ def test_an_idle_daemon_with_thousands_of_embeddings_uses_no_cpu_and_keeps_its_l
         proc = psutil.Process(d.pid)
         # idle: a window of near zero CPU must come soon (a spinning pool keeps ~1 core busy)
         wait_until(lambda: _cores_used(proc, 1.0) < 0.1, timeout=30, what="an idle daemon near 0 CPU")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_fresh_daemon_spins_briefly_where_its_team_fits_and_sleeps_where_teams_do_not(fresh_daemon):
+    """threads.omp_wait_policy = auto (NOTE [ thread pools ], "Waiting") in a fresh interpreter, with
+    nothing in its environment: one 2-thread team on 2 cores spins GOMP_SPINCOUNT times and runs
+    each batch size on the team it measured (threads.per_batch = auto); two 1-thread devices have no
+    worker to spin and wait passively. Either way an idle daemon soon uses no CPU."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable cores")
+    saved = {k: os.environ.pop(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    try:
+        d = fresh_daemon("--device", "cpu:2", "--set", "cache.enabled=false", fork=False)
+        with Client(d.socket_path) as c:
+            label, image = sample_images()[0]
+            for _ in range(10):                          # batches of one: the team sizes are tried
+                assert c.classify(image)[0].label == label
+        info = _threads_info(d)
+        assert info["omp_wait_policy"] == "GOMP_SPINCOUNT=10000" and info["per_batch"] == "auto"
+        assert [x["intra_op"] for x in info["devices"]] == [2]
+        chosen = info["devices"][0]["team_by_batch"]["1"]        # batches of one frame: measured
+        assert chosen["chosen"] in (1, 2) and set(chosen["us_per_frame"]) == {"1", "2"}
+        proc = psutil.Process(d.pid)
+        wait_until(lambda: _cores_used(proc, 1.0) < 0.1, timeout=30, what="an idle daemon near 0 CPU")
+        d = fresh_daemon("--device", "cpu:1", "--device", "cpu:1", fork=False)
+        assert _threads_info(d)["omp_wait_policy"] == "PASSIVE"
+    finally:
+        os.environ.update(saved)

@@ -43,14 +43,34 @@ def test_the_ceiling_leaves_out_a_batch_size_not_measured_by_every_setting():
     assert got["ceiling_setting"] == "passive"
 
 
-def test_the_ceiling_candidates_are_torch_defaults_and_passive_plus_a_different_daemon_setting():
-    names = lambda settings: [name for name, _ in settings]
-    assert names(ceiling.candidates()) == ["default", "passive"]
-    assert dict(ceiling.candidates())["default"] == {}                     # nothing set: torch's defaults
-    assert names(ceiling.candidates({"OMP_WAIT_POLICY": "PASSIVE"})) == ["default", "passive"]
-    assert names(ceiling.candidates({})) == ["default", "passive"]
+def test_the_ceiling_candidates_are_torch_defaults_passive_one_thread_plus_a_different_daemon_setting():
+    names = lambda settings: [name for name, *_ in settings]
+    base = ["default", "passive", "1 thread"]
+    assert names(ceiling.candidates()) == base
+    assert ceiling.candidates()[0][1] == {}                                # nothing set: torch's defaults
+    assert ceiling.candidates()[2][1:] == ({}, 1)                          # torch's defaults, one thread
+    assert names(ceiling.candidates({"OMP_WAIT_POLICY": "PASSIVE"})) == base
+    assert names(ceiling.candidates({})) == base
     active = ceiling.candidates({"OMP_WAIT_POLICY": "ACTIVE"})
-    assert names(active) == ["default", "passive", "daemon"] and active[-1][1] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert names(active) == base + ["daemon"] and active[-1][1] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    spin = ceiling.candidates({"GOMP_SPINCOUNT": "10000"})                 # threads.omp_wait_policy = auto
+    assert names(spin) == base + ["daemon"] and spin[-1][1] == {"GOMP_SPINCOUNT": "10000"}
+
+
+def test_the_daemon_openmp_setting_follows_its_wait_policy_and_devices():
+    """bench.load's daemon OpenMP environment (a ceiling candidate) is what the daemon sets:
+    auto on cpu:2 spins a little where 2 cores are usable, two 1-thread devices wait passively."""
+    from bench.load import run
+    from inferd.daemon.pipeline import thread_pools
+
+    cores = len(thread_pools.usable_cores())
+    want = {"GOMP_SPINCOUNT": "10000"} if cores >= 2 else {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert run.omp_env({}, []) == want
+    assert run.omp_env({}, ["threads.omp_spin_count=500"]) == ({"GOMP_SPINCOUNT": "500"} if cores >= 2 else want)
+    assert run.omp_env({}, [], ["cpu:1", "cpu:1"]) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert run.omp_env({}, ['threads.omp_wait_policy="passive"']) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert run.omp_env({}, ['threads.omp_wait_policy="default"']) == {}
+    assert run.omp_env({"GOMP_SPINCOUNT": "7"}, []) == {"GOMP_SPINCOUNT": "7"}
 
 
 def _edge(t: float, cpu: float, threads: dict, frames: int, hits: int) -> dict:

@@ -280,3 +280,33 @@ def test_option_keys_are_checked_and_precision_changes_the_digest():
     nhwc = model_mod.load(ModelConfig(builtin="shapes", channels_last=True))
     assert bf16.digest == fp32.digest + "+bf16" and nhwc.digest == fp32.digest
     assert bf16.options == EngineOptions(precision="bf16")
+
+
+def test_with_per_batch_auto_each_cpu_batch_runs_on_the_team_its_size_measured_fastest(monkeypatch):
+    """threads.per_batch = auto (NOTE [ team size per batch ]): the engine asks its TeamSize before
+    each batch, sets the executor thread's torch threads to it, and reports the batch time; the
+    answers do not depend on it."""
+    from inferd.daemon.pipeline import team_size, thread_pools
+
+    monkeypatch.setattr(thread_pools._state, "per_batch", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, engine = _shapes()
+        assert engine.team is not None and engine.team.candidates == (1, 2)
+        seen = []
+        pick, observe = engine.team.pick, engine.team.observe
+        monkeypatch.setattr(engine.team, "pick", lambda n: seen.append(("pick", n, p := pick(n))) or p)
+        monkeypatch.setattr(engine.team, "observe",
+                            lambda n, t, s: seen.append(("ran", n, t, torch.get_num_threads(), s > 0)) or observe(n, t, s))
+        images, staging = _frames(5)
+        for _ in range(2 * team_size.TRIALS + 2):
+            indices, scores, _ = engine.launch(staging.tensors[0], 5, 3).result()
+            assert (indices, scores) == _want(model, images, 3)[:2]
+        picks = [e[2] for e in seen if e[0] == "pick"]
+        assert sorted(picks[:2 * team_size.TRIALS]) == [1] * team_size.TRIALS + [2] * team_size.TRIALS
+        assert all(e[2] == e[3] and e[4] for e in seen if e[0] == "ran")    # ran on the team picked
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(thread_pools._state, "per_batch", "fixed")
+    assert _shapes()[1].team is None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from inferd.daemon.pipeline import preprocess_jit
 from inferd.daemon.pipeline.preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocess, to_input
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,3 +116,50 @@ def test_uint8_nhwc_passes_the_frames_themselves_and_bad_input_is_refused():
     with pytest.raises(ValueError, match="input form"):
         Preprocess(*IMAGENET, form="float_nhwc")
     assert FLOAT_NCHW == "float_nchw"
+
+
+# The fused pass (daemon/pipeline/preprocess_jit.py, NOTE [ fused preprocessing ]) where numba is
+# installed, its table arithmetic (the fallback where the compiled fma differs from torch's), and
+# the torch passes (no numba): all three give the previous bits.
+
+needs_numba = pytest.mark.skipif(not preprocess_jit.available(), reason="numba is not installed")
+
+
+@needs_numba
+def test_the_fused_pass_is_what_a_cpu_preprocess_runs_and_its_fma_matches_torch_here():
+    pre = Preprocess(*IMAGENET, reuse=True)
+    frames = random_frames(7, 2, 16, 16)
+    assert_same_bits(pre(frames), previous(frames, *IMAGENET))
+    assert pre.fused and pre._cpu.fused is not None
+    # on this machine torch's addcmul is a fused multiply-add, so the check picked the fma loop
+    assert pre._cpu.fused.arithmetic == "fma"
+
+
+@needs_numba
+@pytest.mark.parametrize("arithmetic", ["fma", "table"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_both_arithmetics_of_the_fused_pass_give_the_previous_bits(arithmetic, channels_last):
+    for mean, std in (IMAGENET, ODD):
+        pre = Preprocess(mean, std, channels_last=channels_last, reuse=True)
+        frames = every_byte()
+        pre(frames)                                      # makes the pass of this frame size
+        pre._cpu.fused = preprocess_jit.Fused(pre.scale.numpy(), pre.bias.numpy(), channels_last, arithmetic)
+        assert pre._cpu.fused.arithmetic == arithmetic
+        assert_same_bits(pre(frames), previous(frames, mean, std, channels_last))
+        for i, (n, h, w) in enumerate([(1, 224, 224), (8, 64, 64), (3, 17, 13), (32, 64, 64)]):
+            frames = random_frames(100 + i, n, h, w)
+            if (h, w) != (pre._cpu.h, pre._cpu.w):
+                pre(frames)
+                pre._cpu.fused = preprocess_jit.Fused(pre.scale.numpy(), pre.bias.numpy(), channels_last,
+                                                      arithmetic)
+            assert_same_bits(pre(frames), previous(frames, mean, std, channels_last))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_torch_passes_without_numba_give_the_previous_bits(channels_last):
+    pre = Preprocess(*ODD, channels_last=channels_last, reuse=True, fused=False)
+    assert_same_bits(pre(every_byte()), previous(every_byte(), *ODD, channels_last))
+    assert pre._cpu.fused is None
+    for i, (n, h, w) in enumerate([(1, 224, 224), (8, 64, 64), (3, 17, 13)]):
+        frames = random_frames(200 + i, n, h, w)
+        assert_same_bits(pre(frames), previous(frames, *ODD, channels_last))

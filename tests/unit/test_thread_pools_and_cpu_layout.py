@@ -53,8 +53,39 @@ def test_a_wait_policy_already_in_the_environment_wins():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.prepare_environment("passive", env) == "ACTIVE"
     assert threads.prepare_environment("default", {}) == ""
+    env = {"GOMP_SPINCOUNT": "500"}
+    assert threads.prepare_environment("auto", env, teams=[2], cores=2) == "GOMP_SPINCOUNT=500"
+    assert env == {"GOMP_SPINCOUNT": "500"}
     with pytest.raises(ValueError, match="spin"):
         threads.prepare_environment("spin", {})
+
+
+# the automatic wait policy (NOTE [ thread pools ], "Waiting") ------------------------------------------
+@pytest.mark.parametrize("teams, cores, want", [
+    ([2], 2, {"GOMP_SPINCOUNT": "10000"}),        # cpu:2 on 2 cores: the team fits, spin a little
+    ([0], 8, {"GOMP_SPINCOUNT": "10000"}),        # one device sharing every core
+    ([4, 4], 8, {"GOMP_SPINCOUNT": "10000"}),
+    ([2, 0], 8, {"GOMP_SPINCOUNT": "10000"}),     # the unset one gets the other 6
+    ([None], 2, {"GOMP_SPINCOUNT": "10000"}),     # cpu:auto: its layouts never oversubscribe
+    ([2, 2], 2, {"OMP_WAIT_POLICY": "PASSIVE"}),  # oversubscribed: a spinning worker takes a core
+    ([4], 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ([1, 1], 2, {"OMP_WAIT_POLICY": "PASSIVE"}),  # teams of one: nothing would spin
+    ([0, 0], 2, {"OMP_WAIT_POLICY": "PASSIVE"}),  # two devices of one thread each
+    ([], 2, {"OMP_WAIT_POLICY": "PASSIVE"}),      # only CUDA devices
+])
+def test_auto_spins_a_little_where_the_teams_fit_the_cores_and_sleeps_where_they_do_not(teams, cores, want):
+    assert threads.auto_wait(teams, cores) == want
+    env = {}
+    shown = threads.prepare_environment("auto", env, teams=teams, cores=cores)
+    assert env == want and shown == " ".join(v if k == "OMP_WAIT_POLICY" else f"{k}={v}" for k, v in want.items())
+    assert threads.auto_wait([2], 2, spin_count=123) == {"GOMP_SPINCOUNT": "123"}
+
+
+def test_the_teams_come_from_the_device_flags_else_the_configuration():
+    assert threads.cpu_teams(["cpu:2"], devs(("cpu", 1))) == [2]
+    assert threads.cpu_teams(["cpu", "cuda:0", "cpu:auto"], []) == [0, None]
+    assert threads.cpu_teams(None, devs(("cpu", 3), ("cuda:0", 0), ("cpu:auto", 0))) == [3, None]
+    assert threads.cpu_teams(None, []) == [0]      # none configured: one CPU device on every core
 
 
 # the layout rule -------------------------------------------------------------------------------------
