@@ -1,4 +1,5 @@
-"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp.
+"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp's low-level
+server (one handler routing by the path's parts: no Application, router or middlewares).
 
     GET  /v2/health/live                              200 while the front runs
     GET  /v2/health/ready                             200 when an inference can be served, else 503
