@@ -68,9 +68,12 @@ class HttpDoor:
 
     def server(self, max_request_bytes: int, **kwargs) -> web.Server:
         """The door as an aiohttp low-level server (``kwargs``: its RequestHandler's, such as
-        keepalive_timeout and access_log); bodies over ``max_request_bytes`` are answered 413."""
+        keepalive_timeout and access_log); bodies over ``max_request_bytes`` are answered 413.
+        Made on the loop that serves it."""
+        loop = asyncio.get_running_loop()
+
         def request_factory(message, payload, protocol, writer, task):
-            return web.BaseRequest(message, payload, protocol, writer, task, protocol._loop,
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
                                    client_max_size=max_request_bytes)
         return web.Server(self.handle, request_factory=request_factory, **kwargs)
 
