@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -42,10 +43,12 @@ class Principal:
     hello: tuple | None = None      # (("uid", 1000), ("gid", 1000), ("groups", (..)) or (("tenant", "x"),)
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)          # one object per caller, not one per request
     def local(cls, uid: int, gid: int, groups: tuple = ()) -> "Principal":
         return cls(f"uid {uid}", (("uid", uid), ("gid", gid), ("groups", tuple(groups))))
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def tenant(cls, name: str) -> "Principal":
         return cls(f"tenant {name}", (("tenant", name),))
 

@@ -64,8 +64,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     try:
         if http_at is not None:
             door = HttpDoor(backend, auth, network=not http_at.unix, max_batch=oip.max_batch, version=version())
-            runner = web.AppRunner(door.app(oip.max_request_bytes), keepalive_timeout=oip.idle_timeout_s,
-                                   access_log=None, handle_signals=False)
+            runner = web.ServerRunner(door.server(oip.max_request_bytes, keepalive_timeout=oip.idle_timeout_s,
+                                                  access_log=None), handle_signals=False)
             await runner.setup()
             if http_at.unix:
                 listener = Listener.bind(http_at.path, oip.socket_mode)

@@ -91,7 +91,9 @@ class GrpcDoor:
             "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            # the reply is encoded by hand (``response``): no message object built and serialized per call
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(_guard(self.model_infer),
+                                                              request_deserializer=pb.ModelInferRequest.FromString),
         }
 
     # health and metadata ----------------------------------------------------------------------
@@ -190,13 +192,47 @@ def parse_request(request, max_batch: int) -> tensors.Inference:
     return tensors.Inference(images, wanted, tensors.timeout_s(_param(request.parameters, "timeout")), request.id)
 
 
-def response(name: str, request: tensors.Inference, outputs: list) -> "pb.ModelInferResponse":
-    reply = pb.ModelInferResponse(model_name=name, model_version="1", id=request.id)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (string, bytes, a message, a packed repeated)."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+#: ModelInferResponse's outputs entry (InferOutputTensor: name, datatype, shape) for each shape of
+#: answer, encoded once
+_ENTRIES: dict = {}
+_MAX_ENTRIES = 256
+_VERSION_1 = _field(2, b"1")
+
+
+def response(name: str, request: tensors.Inference, outputs: list) -> bytes:
+    """The ModelInferResponse, encoded: model_name, model_version "1", id, an outputs entry and a
+    raw_output_contents for each output (what ``pb.ModelInferResponse(...).SerializeToString()``
+    gives, field for field, without building the message)."""
+    parts = [_field(1, name.encode()), _VERSION_1]
+    if request.id:
+        parts.append(_field(3, request.id.encode()))
+    raw = []
     for w, datatype, array in outputs:
-        reply.outputs.add(name=w.name, datatype=datatype, shape=list(array.shape))
-        reply.raw_output_contents.append(tensors.bytes_binary(array) if datatype == "BYTES"
-                                         else array.astype("<f4").tobytes())
-    return reply
+        key = (w.name, datatype, array.shape)
+        entry = _ENTRIES.get(key)
+        if entry is None:
+            shape = b"".join(_varint(d) for d in array.shape)
+            entry = _field(5, _field(1, w.name.encode()) + _field(2, datatype.encode()) + _field(3, shape))
+            if len(_ENTRIES) < _MAX_ENTRIES:
+                _ENTRIES[key] = entry
+        parts.append(entry)
+        blob = tensors.bytes_binary(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
+        raw += (b"\x32", _varint(len(blob)), blob)          # field 6, length-delimited
+    return b"".join(parts + raw)
 
 
 def _remove_stale(path: str) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp.
+"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp's low-level
+server (one handler routing by the path's parts: no Application, router or middlewares).
 
     GET  /v2/health/live                              200 while the front runs
     GET  /v2/health/ready                             200 when an inference can be served, else 503
@@ -51,7 +52,11 @@ def error_response(exc: OipError) -> web.Response:
 
 class HttpDoor:
     """The routes above for one backend (daemon/oip/backend.py). ``network``: a TCP door, whose
-    callers are tenants; otherwise a Unix socket, whose callers are the peers' uids."""
+    callers are tenants; otherwise a Unix socket, whose callers are the peers' uids.
+
+    It runs on aiohttp's low-level server (``web.Server``): one handler that routes by splitting
+    the path, with no Application, router or middleware chain per request; an inference pays for
+    the HTTP parsing, its own JSON and the client library's ring, little else."""
 
     def __init__(self, backend, auth, *, network: bool, max_batch: int, version: str):
         self.backend = backend
@@ -59,24 +64,67 @@ class HttpDoor:
         self.network = network
         self.max_batch = max_batch
         self.version = version
+        self._gets = {"": self.model_metadata, "ready": self.model_ready, "config": self.model_config}
 
-    def app(self, max_request_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_request_bytes, middlewares=[self._errors])
-        r = app.router
-        r.add_get("/v2/health/live", self.live)
-        r.add_get("/v2/health/ready", self.ready)
-        r.add_get("/v2", self.server_metadata)
-        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            r.add_get(base, self.model_metadata)
-            r.add_get(base + "/ready", self.model_ready)
-            r.add_get(base + "/config", self.model_config)
-            r.add_post(base + "/infer", self.infer)
-        return app
+    def server(self, max_request_bytes: int, **kwargs) -> web.Server:
+        """The door as an aiohttp low-level server (``kwargs``: its RequestHandler's, such as
+        keepalive_timeout and access_log); bodies over ``max_request_bytes`` are answered 413.
+        Made on the loop that serves it."""
+        loop = asyncio.get_running_loop()
 
-    @web.middleware
-    async def _errors(self, request, handler):
+        def request_factory(message, payload, protocol, writer, task):
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                   client_max_size=max_request_bytes)
+        return web.Server(self.handle, request_factory=request_factory, **kwargs)
+
+    def route(self, method: str, path: str):
+        """(the handler, the model and version the path names); the handler is None for a path
+        no route has (404), or the methods the path takes when ``method`` is not one (405)."""
+        parts = path.split("/")
+        if len(parts) < 3 or parts[0] or parts[1] != "v2":
+            return None, "", ""
+        model = version = ""
+        if parts[2] == "health" and len(parts) == 4 and parts[3] in ("live", "ready"):
+            handler, post = (self.live if parts[3] == "live" else self.ready), False
+        elif parts[2] == "models" and len(parts) >= 4 and parts[3]:
+            model, rest = parts[3], parts[4:]
+            if rest[:1] == ["versions"]:
+                if len(rest) < 2 or not rest[1]:
+                    return None, "", ""
+                version, rest = rest[1], rest[2:]
+            if len(rest) > 1:
+                return None, "", ""
+            what = rest[0] if rest else ""
+            if what == "infer":
+                handler, post = self.infer, True
+            elif what in self._gets:
+                handler, post = self._gets[what], False
+            else:
+                return None, "", ""
+        else:
+            return None, "", ""
+        if (method == "POST") != post or (not post and method not in ("GET", "HEAD")):
+            return "POST" if post else "GET, HEAD", model, version
+        return handler, model, version
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: routed, then its errors as OIP error bodies (a bug answers this request
+        500, never the door)."""
         try:
-            return await handler(request)
+            path = request.path
+            if path == "/v2":
+                handler, model, version = (self.server_metadata if request.method in ("GET", "HEAD")
+                                           else "GET, HEAD"), "", ""
+            else:
+                handler, model, version = self.route(request.method, path)
+            if handler is None:
+                return _json({"error": "Not Found"}, 404)
+            if isinstance(handler, str):
+                return _json({"error": "Method Not Allowed"}, 405, {"Allow": handler})
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # what curl sends before a large body; aiohttp's router answers it, this server must
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return await handler(request, model, version)
         except OipError as exc:
             return error_response(exc)
         except web.HTTPRequestEntityTooLarge as exc:
@@ -91,34 +139,32 @@ class HttpDoor:
             return _json({"error": "internal error in the OIP front; its log says more"}, 500)
 
     # health and metadata ----------------------------------------------------------------------
-    async def live(self, request):
+    async def live(self, request, model, version):
         return web.Response(status=200)
 
-    async def ready(self, request):
+    async def ready(self, request, model="", version=""):
         ok, why = await self.backend.ready()
         return web.Response(status=200) if ok else _json({"error": why}, 503)
 
-    async def server_metadata(self, request):
+    async def server_metadata(self, request, model, version):
         return _json({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
 
-    def _model(self, request) -> str:
-        name = request.match_info["model"]
-        version = request.match_info.get("version", "")
+    def _model(self, name: str, version: str) -> str:
         model = self.backend.model
         if name != model.name or version not in ("", "1"):
             raise OipError("not_found", f"no model {name!r}{f' version {version!r}' if version else ''}; "
                            f"this daemon serves {model.name!r} (version 1)")
         return name
 
-    async def model_metadata(self, request):
-        return _json(tensors.metadata(self._model(request), self.backend.classes))
+    async def model_metadata(self, request, model, version):
+        return _json(tensors.metadata(self._model(model, version), self.backend.classes))
 
-    async def model_ready(self, request):
-        self._model(request)
+    async def model_ready(self, request, model, version):
+        self._model(model, version)
         return await self.ready(request)
 
-    async def model_config(self, request):
-        name = self._model(request)
+    async def model_config(self, request, model, version):
+        name = self._model(model, version)
         return _json({"name": name, "platform": "inferd", "max_batch_size": 0,
                       "input": [{"name": tensors.IMAGE, "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
                                 {"name": tensors.IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [-1]}],
@@ -135,9 +181,9 @@ class HttpDoor:
         _, uid, gid = peer_credentials(sock)
         return self.auth.unix_peer(uid, gid, peer_groups(sock))
 
-    async def infer(self, request):
+    async def infer(self, request, model, version):
         principal = self._principal(request)
-        name = self._model(request)
+        name = self._model(model, version)
         body = await request.read()
         length = request.headers.get(_HEADER_LENGTH)
         json_bytes = int(length) if length and length.isdigit() else len(body)
@@ -221,23 +267,38 @@ def parse_request(header: dict, binary: memoryview, max_batch: int) -> tuple[ten
                              request_id if isinstance(request_id, str) else ""), binary_out
 
 
+#: a binary reply's JSON header (without its id) for each shape of answer: built once, not per request
+_HEADS: dict = {}
+_MAX_HEADS = 256
+
+
 def response(name: str, request: tensors.Inference, outputs: list, binary_out: bool) -> web.Response:
-    blobs, described = [], []
+    blobs, described, key = [], [], [name]
     for w, datatype, array in outputs:
-        entry = {"name": w.name, "datatype": datatype, "shape": list(array.shape)}
         if w.binary:
             blob = tensors.bytes_binary(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-        elif datatype == "BYTES":
+            if key is not None:
+                key.append((w.name, datatype, array.shape, len(blob)))
+            described.append({"name": w.name, "datatype": datatype, "shape": list(array.shape),
+                              "parameters": {"binary_data_size": len(blob)}})
+            continue
+        key = None
+        entry = {"name": w.name, "datatype": datatype, "shape": list(array.shape)}
+        if datatype == "BYTES":
             entry["data"] = [e.decode() for e in array.reshape(-1)]
         else:
             entry["data"] = array.reshape(-1).tolist()
         described.append(entry)
-    body = {"model_name": name, "model_version": "1", "outputs": described}
+    key = tuple(key) if key is not None else None
+    head = _HEADS.get(key) if key is not None else None
+    if head is None:
+        head = json.dumps({"model_name": name, "model_version": "1", "outputs": described},
+                          separators=(",", ":")).encode()
+        if key is not None and len(_HEADS) < _MAX_HEADS:
+            _HEADS[key] = head
     if request.id:
-        body["id"] = request.id
-    head = json.dumps(body, separators=(",", ":")).encode()
+        head = b'{"id":' + json.dumps(request.id).encode() + b"," + head[1:]
     if not blobs:
         return web.Response(body=head, content_type="application/json")
     return web.Response(body=b"".join([head, *blobs]), content_type="application/octet-stream",

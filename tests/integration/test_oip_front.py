@@ -311,6 +311,56 @@ def test_garbage_on_the_doors_leaves_them_serving(served):
     assert net.alive() and local.alive()
 
 
+def test_unknown_paths_wrong_methods_and_expect_100_continue_over_the_wire(served):
+    """The HTTP door routes by itself (aiohttp's low-level server): 404 and 405 as OIP error
+    bodies, HEAD on a GET route, and a body sent only after "100 Continue" (what curl does
+    before a large one) is read and answered."""
+    daemon, net, local = served
+    import socket as so
+    for method, path, want in [("GET", "/v2/nope", 404), ("GET", "/v2/models/shapes/infer", 405),
+                               ("POST", "/v2/health/live", 405), ("GET", "/v2/models/shapes/versions", 404)]:
+        request = urllib.request.Request(f"http://{net.http}{path}", method=method, headers=AUTH_A,
+                                         data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == want and json.loads(err.value.read())["error"], (method, path)
+    with urllib.request.urlopen(urllib.request.Request(f"http://{net.http}/v2/health/ready", method="HEAD"),
+                                timeout=30) as r:
+        assert r.status == 200
+    frame = frames(1, 64, 64, seed=9)
+    head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 64, 64, 3],
+                                   "parameters": {"binary_data_size": frame.nbytes}}],
+                       "outputs": [{"name": "SCORES", "parameters": {"classification": 3}}]}).encode()
+    body = head + frame.tobytes()
+    host, port = net.http.rsplit(":", 1)
+    with so.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall((f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN_A}\r\n"
+                   f"Expect: 100-continue\r\nInference-Header-Content-Length: {len(head)}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 100 Continue"), reply[:80]
+        s.sendall(body)
+        reply = reply.split(b"\r\n\r\n", 1)[1]
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        status, rest = reply.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", status).group(1))
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            assert chunk, reply
+            rest += chunk
+    assert status.startswith(b"HTTP/1.1 200"), status
+    answer = json.loads(rest)
+    _, top3 = python_client_answers(daemon, frame, 8)
+    assert answer["outputs"][0]["data"] == top3[0][:3]
+
+
 # identity ---------------------------------------------------------------------------------------
 def test_a_non_loopback_door_without_tokens_is_refused_with_the_reason(served):
     daemon, _, _ = served

@@ -180,3 +180,75 @@ def test_the_supervised_front_reads_the_daemons_values_back():
             if hasattr(getattr(cfg, section), key):
                 assert getattr(getattr(back, section), key) == getattr(getattr(cfg, section), key)
     assert not back.oip.enabled                          # the front never starts a front
+
+
+# the doors' hand-made parts: HTTP routing, replies built once ---------------------------------------
+@pytest.mark.parametrize("method, path, want, model, version", [
+    ("GET", "/v2/health/live", "live", "", ""),
+    ("GET", "/v2/health/ready", "ready", "", ""),
+    ("HEAD", "/v2/health/ready", "ready", "", ""),
+    ("GET", "/v2/models/shapes", "model_metadata", "shapes", ""),
+    ("GET", "/v2/models/shapes/versions/1", "model_metadata", "shapes", "1"),
+    ("GET", "/v2/models/shapes/ready", "model_ready", "shapes", ""),
+    ("GET", "/v2/models/shapes/versions/7/config", "model_config", "shapes", "7"),
+    ("POST", "/v2/models/shapes/infer", "infer", "shapes", ""),
+    ("POST", "/v2/models/nope/versions/1/infer", "infer", "nope", "1"),
+    ("GET", "/v2/models/shapes/infer", "POST", "shapes", ""),
+    ("POST", "/v2/models/shapes/ready", "GET, HEAD", "shapes", ""),
+    ("GET", "/v2/models", None, "", ""),
+    ("GET", "/v2/models/", None, "", ""),
+    ("GET", "/v2/models/shapes/versions", None, "", ""),
+    ("GET", "/v2/models/shapes/versions//infer", None, "", ""),
+    ("GET", "/v2/models/shapes/stats", None, "", ""),
+    ("GET", "/v2/models/shapes/ready/more", None, "", ""),
+    ("GET", "/v2/health/alive", None, "", ""),
+    ("GET", "/v3/health/live", None, "", ""),
+    ("GET", "/", None, "", ""),
+])
+def test_the_http_door_routes_by_the_path_as_its_router_did(method, path, want, model, version):
+    from inferd.daemon.oip.http_front import HttpDoor
+    door = HttpDoor(None, None, network=True, max_batch=8, version="0")
+    handler, m, v = door.route(method, path)
+    if want is None:
+        assert handler is None
+    elif want in ("POST", "GET, HEAD"):             # 405 with the methods the path takes
+        assert handler == want and (m, v) == (model, version)
+    else:
+        assert handler.__name__ == want and (m, v) == (model, version)
+
+
+def _predictions(rows):
+    return [[Prediction(i, f"c{i}", s) for i, s in enumerate(row)] for row in rows]
+
+
+@pytest.mark.parametrize("request_id", ["", "42", "é\"x"])
+def test_grpc_replies_encoded_by_hand_equal_protobufs(request_id):
+    from inferd.daemon.oip import grpc_front, oip_pb2 as pb
+    results = _predictions([[0.25, 0.5, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1]])
+    parsed = tensors.Inference([], [tensors.Wanted(), tensors.Wanted(classes=2)], None, request_id)
+    outputs = tensors.outputs(parsed, results, 4, ("a", "b", "c", "d"))
+    for _ in range(2):                                  # the second from the encoded entries kept
+        got = pb.ModelInferResponse.FromString(grpc_front.response("shapes", parsed, outputs))
+        want = pb.ModelInferResponse(model_name="shapes", model_version="1", id=request_id)
+        for w, datatype, array in outputs:
+            want.outputs.add(name=w.name, datatype=datatype, shape=list(array.shape))
+            want.raw_output_contents.append(tensors.bytes_binary(array) if datatype == "BYTES"
+                                            else array.astype("<f4").tobytes())
+        assert got == want
+
+
+@pytest.mark.parametrize("request_id", ["", "7", "a\"b"])
+def test_http_replies_built_once_carry_each_requests_id(request_id):
+    import json
+
+    from inferd.daemon.oip import http_front
+    results = _predictions([[0.25, 0.5, 0.125, 0.125]])
+    parsed = tensors.Inference([], [tensors.Wanted(classes=3, binary=True)], None, request_id)
+    for _ in range(2):
+        reply = http_front.response("shapes", parsed, tensors.outputs(parsed, results, 4, ("a", "b", "c", "d")), True)
+        length = int(reply.headers["Inference-Header-Content-Length"])
+        head = json.loads(reply.body[:length])
+        assert head.get("id", "") == request_id and head["model_name"] == "shapes"
+        (out,) = head["outputs"]
+        assert out["shape"] == [1, 3] and out["parameters"]["binary_data_size"] == len(reply.body) - length
+        assert reply.body[length:][4:].startswith(b"0.500000:1:b")
