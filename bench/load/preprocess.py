@@ -49,11 +49,12 @@ def _methods(size: int, batch: int) -> dict:
     preprocessing against the previous ops first (AssertionError when a bit differs)."""
     import torch
 
-    from inferd.daemon.pipeline.preprocess import Preprocess
+    from inferd.daemon.pipeline.preprocess import NUMBA, Preprocess
 
     frames = torch.from_numpy(random_frames(batch, size, seed=size + batch))
-    nchw = Preprocess(MEAN, STD, reuse=True)
-    nhwc = Preprocess(MEAN, STD, channels_last=True, reuse=True)
+    fused = True if NUMBA else False        # True: the fused pass at once (a daemon loads it in the background)
+    nchw = Preprocess(MEAN, STD, reuse=True, fused=fused)
+    nhwc = Preprocess(MEAN, STD, channels_last=True, reuse=True, fused=fused)
     torch_passes = Preprocess(MEAN, STD, reuse=True, fused=False)
     mean_t, std_t = torch.tensor(MEAN), torch.tensor(STD)
     scale, bias = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1), (-mean_t / std_t).view(1, 3, 1, 1)

@@ -49,6 +49,8 @@ GPU's time goes.
 from __future__ import annotations
 
 import importlib.util
+import logging
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -56,9 +58,49 @@ import torch
 
 from ..config import INPUT_FORMS
 
+log = logging.getLogger("inferd.preprocess")
+
 FLOAT_NCHW, UINT8_NHWC = INPUT_FORMS
 #: Whether the fused CPU pass can run (numba installed; daemon/pipeline/preprocess_jit.py).
 NUMBA = importlib.util.find_spec("numba") is not None
+#: ``Preprocess(fused=BACKGROUND)``, a daemon's default: the torch passes until the fused pass is loaded.
+BACKGROUND = "background"
+
+
+class _FusedLoader:
+    """numba's import and the load of its kernels from the on-disk cache take about a second, a
+    compile several: a daemon does it on a thread of its own, once a process, and preprocesses with
+    the torch passes until then. Both give the same bits (NOTE [ fused preprocessing ]), so start-up
+    never waits on the faster pass and no answer depends on when it arrived."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started = False
+        self.ready = threading.Event()          # set once the kernels are loaded
+        self.failed: str = ""                   # why they will not be (the torch passes stay)
+
+    def ready_now(self) -> bool:
+        """Whether the fused pass can be made now; starts loading it the first time it is not."""
+        if self.ready.is_set():
+            return True
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._load, name="inferd-jit-load", daemon=True).start()
+        return False
+
+    def _load(self) -> None:
+        try:
+            from .preprocess_jit import warm
+            warm()
+        except Exception as exc:               # noqa: BLE001 - any failure leaves the torch passes
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("fused CPU preprocessing unavailable, the torch passes stay: %s", self.failed)
+            return
+        self.ready.set()
+
+
+FUSED_LOADER = _FusedLoader()
 
 
 class Preprocess:
@@ -92,8 +134,9 @@ class Preprocess:
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._cpu: _CpuPass | None = None      # the CPU pass of the last frame size (its buffers)
-        # the fused pass (NOTE [ fused preprocessing ]) where numba is installed; False: the torch passes
-        self.fused = NUMBA if fused is None else fused
+        # the fused pass (NOTE [ fused preprocessing ]) where numba is installed, loaded in the
+        # background (FUSED_LOADER); True: loaded at the first call; False: the torch passes
+        self.fused = (BACKGROUND if NUMBA else False) if fused is None else fused
 
     @classmethod
     def of(cls, spec, device: torch.device | str = "cpu", channels_last: bool = False,
@@ -127,10 +170,13 @@ class _CpuPass:
     what a 64x64 frame's whole conversion costs)."""
 
     def __init__(self, scale: torch.Tensor, bias: torch.Tensor, h: int, w: int, channels_last: bool,
-                 fused: bool = False):
+                 fused: bool | str = False):
         self.h, self.w, self.channels_last = h, w, channels_last
         self.fused = None
-        if fused:                           # imported here: numba costs a second to load
+        self._waiting = None                # the fused pass's arguments while FUSED_LOADER loads it
+        if fused == BACKGROUND and not FUSED_LOADER.ready_now():
+            self._waiting = (scale.numpy(), bias.numpy(), channels_last)
+        elif fused:                         # imported here: numba costs a second to load
             from .preprocess_jit import Fused
             self.fused = Fused(scale.numpy(), bias.numpy(), channels_last)
         if channels_last:                   # one (W*3) row, channels alternating as in the frame
@@ -145,6 +191,10 @@ class _CpuPass:
         self._views: dict[int, _Views] = {}
 
     def __call__(self, frames: torch.Tensor, reuse: bool) -> torch.Tensor:
+        if self._waiting is not None and FUSED_LOADER.ready.is_set():
+            from .preprocess_jit import Fused
+            self.fused, self._waiting = Fused(*self._waiting), None
+            self._rows, self._out, self._planes, self._views = 0, None, None, {}   # its own layout
         n = frames.shape[0]
         views = self._views.get(n) if reuse else None
         if views is None:

@@ -121,6 +121,18 @@ if numba is not None:
                 "nhwc_table": _nhwc_table}
 
 
+def warm() -> None:
+    """Import numba and load (or compile) every kernel, as their first calls would: for
+    preprocess.FUSED_LOADER's thread, so a device thread never pays for it."""
+    if numba is None:
+        raise ImportError("numba is not installed")
+    src = np.zeros((1, 3), dtype=np.uint8)
+    out = np.empty((1, 3), dtype=np.float32)
+    ones, table = np.ones(3, dtype=np.float32), np.zeros(768, dtype=np.float32)
+    for name, kernel in _KERNELS.items():
+        kernel(src, out, *((ones, ones) if name.endswith("fma") else (table, ones)))
+
+
 def reference_table(scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """The 768 values of the definition, by torch's ops: ``addcmul(bias, x, scale)`` for every
     byte value x of each channel, as float32 (3 * 256,), channel-major."""

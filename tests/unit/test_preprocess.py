@@ -127,12 +127,30 @@ needs_numba = pytest.mark.skipif(not preprocess_jit.available(), reason="numba i
 
 @needs_numba
 def test_the_fused_pass_is_what_a_cpu_preprocess_runs_and_its_fma_matches_torch_here():
-    pre = Preprocess(*IMAGENET, reuse=True)
+    pre = Preprocess(*IMAGENET, reuse=True, fused=True)
     frames = random_frames(7, 2, 16, 16)
     assert_same_bits(pre(frames), previous(frames, *IMAGENET))
-    assert pre.fused and pre._cpu.fused is not None
+    assert pre._cpu.fused is not None
     # on this machine torch's addcmul is a fused multiply-add, so the check picked the fma loop
     assert pre._cpu.fused.arithmetic == "fma"
+
+
+@needs_numba
+def test_a_daemons_preprocess_loads_the_fused_pass_in_the_background_with_the_same_bits():
+    """The default (a daemon's): the torch passes until FUSED_LOADER's thread has loaded numba's
+    kernels, then the fused pass, in the same buffers' place; the bits never change."""
+    from inferd.daemon.pipeline.preprocess import BACKGROUND, FUSED_LOADER
+
+    pre = Preprocess(*IMAGENET, reuse=True)
+    assert pre.fused == BACKGROUND
+    frames = random_frames(11, 3, 24, 20)
+    first = pre(frames).clone()
+    assert_same_bits(first, previous(frames, *IMAGENET))
+    assert FUSED_LOADER.ready.wait(60), FUSED_LOADER.failed
+    again = pre(frames)
+    assert pre._cpu.fused is not None and pre._cpu._waiting is None
+    assert_same_bits(again, first)
+    assert_same_bits(pre(random_frames(12, 5, 24, 20)), previous(random_frames(12, 5, 24, 20), *IMAGENET))
 
 
 @needs_numba
@@ -140,7 +158,7 @@ def test_the_fused_pass_is_what_a_cpu_preprocess_runs_and_its_fma_matches_torch_
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_both_arithmetics_of_the_fused_pass_give_the_previous_bits(arithmetic, channels_last):
     for mean, std in (IMAGENET, ODD):
-        pre = Preprocess(mean, std, channels_last=channels_last, reuse=True)
+        pre = Preprocess(mean, std, channels_last=channels_last, reuse=True, fused=True)
         frames = every_byte()
         pre(frames)                                      # makes the pass of this frame size
         pre._cpu.fused = preprocess_jit.Fused(pre.scale.numpy(), pre.bias.numpy(), channels_last, arithmetic)
