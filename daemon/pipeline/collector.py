@@ -21,7 +21,8 @@ NOTE [ request path ]
                         an identical frame of its session in flight (Session.claim): COALESCED
                         behind that leader, the row not kept (the next frame is staged over it,
                         so it costs the model nothing); else it leads, and its key in the result
-                        cache: HIT, its answer taken, the row not kept either
+                        cache: HIT, its answer taken, the row not kept either (a request for its
+                        logits is neither: always computed, hashed only for its top-k's insert)
                       an upload to verify: its row and encoded bytes copied (NOTE [ encoded uploads ])
                       HIT and COALESCED entries: deliver them at once (BatchResult.early)
                       nothing left to compute: deliver(result) at once, the buffer back
@@ -204,7 +205,9 @@ class Collector(threading.Thread):
                 e.content, e.key = caches.hash_row(row)
                 spent += time.perf_counter() - t0
                 hashed += 1
-                if r.op == "classify":
+                if r.op == "classify" and not r.logits:
+                    # (a request for its logits is always computed: its key is only for the
+                    # cache to store its top-k under)
                     # claim first, then look up: the loop inserts an answer before it lets its
                     # leader go, so a frame that finds no leader in flight finds its answer
                     if r.upload is None:            # (an upload's run is freed with its own reply)
