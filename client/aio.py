@@ -37,7 +37,7 @@ from . import decode, errors
 from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, first_connect_failed
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Prediction, Predictions, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Predictions, ProtocolCore
 from .retry import Backoff, Call, reconnect_async
 from .settings import ClientSettings
 

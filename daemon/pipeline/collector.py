@@ -33,7 +33,8 @@ NOTE [ request path ]
     executor thread   screen again, the device being free now (a request re-dispatched meanwhile
     (one per device)    is DROPPED); the rows of the rest close up
                       Device.running += them, running_since/size (health and the watchdog read them)
-                      Engine.launch(buffer): preprocess, model, softmax, top-k on the device
+                      Engine.launch(buffer): preprocess, model, softmax, top-k on the device, and
+                        the logits rows of requests that asked for them, in the same copy back
                         (daemon/pipeline/engine.py); the buffer back once its frames are there
                       each entry DONE with its top-k (its embedding row, near-duplicate matches
                         searched here), or every one FAILED with the batch's error
