@@ -406,14 +406,12 @@ class Scheduler:
         """One write per session: a client that batches its requests gets its replies in one
         ``replies`` message (docs/protocol.md), any other one frame each."""
         for session, messages in replies.items():
+            if session.batches and len(messages) > 1 and any("logits" in m for m in messages):
+                # a reply with logits (up to 4 MiB) goes in a frame of its own: no bundle of a
+                # batch's replies can pass the client's frame limit
+                session.write(b"".join(wire.encode(m) for m in messages if "logits" in m))
+                messages = [m for m in messages if "logits" not in m]
             if session.batches and len(messages) > 1:
-                if any("logits" in m for m in messages):    # each up to 4 MiB: a frame of its own,
-                    big = [m for m in messages if "logits" in m]   # so no bundle passes the limit
-                    messages = [m for m in messages if "logits" not in m]
-                    session.write(b"".join(map(wire.encode, big)))
-                    if len(messages) <= 1:
-                        session.write(b"".join(map(wire.encode, messages)))
-                        continue
                 session.write(wire.encode({"replies": messages}))
             else:
                 session.write(b"".join(map(wire.encode, messages)))

@@ -328,8 +328,15 @@ def pack(logits: torch.Tensor, vectors: torch.Tensor | None, k: int) -> torch.Te
 def with_logits(packed: torch.Tensor, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """``packed`` (:func:`pack`) flattened, then the float32 ``logits`` of ``rows`` as bits,
     flattened: one 1-D int32 tensor, so the same single copy brings them back."""
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    chosen = logits.index_select(0, index).float().contiguous().view(torch.int32)
+    first, last = rows[0], rows[-1]
+    if last - first + 1 == len(rows):            # a run of rows (every row, often): a slice
+        chosen = logits[first:last + 1]
+    else:   # the index goes over from pinned memory: a pageable copy would wait for the forward pass
+        index = torch.tensor(rows, dtype=torch.long)
+        if logits.device.type == "cuda":
+            index = index.pin_memory().to(logits.device, non_blocking=True)
+        chosen = logits.index_select(0, index)
+    chosen = chosen.float().contiguous().view(torch.int32)
     return torch.cat((packed.reshape(-1), chosen.reshape(-1)))
 
 

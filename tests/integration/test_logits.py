@@ -124,3 +124,30 @@ def test_bad_logits_fields_are_refused_typed(daemon):
         c.close()
     with Client(daemon.socket_path) as client, pytest.raises(InvalidInput):
         client.classify(images[0], top_k=99, logits=True)
+
+
+def test_a_batching_session_gets_logits_replies_in_frames_of_their_own(daemon):
+    images, _ = make_dataset(8, seed=1906)
+    want, _ = in_process(images)
+    c = RawClient(daemon.socket_path, ring_slots=8)
+    try:
+        for slot in range(8):
+            c.ring.slot(slot, images[slot].nbytes)[:] = images[slot].reshape(-1)
+        shared = {"shape": [64, 64, 3], "dtype": "uint8", "nbytes": images[0].nbytes, "top_k": 2}
+        c.send_raw(wire.encode({"op": wire.CLASSIFY_MANY, "id": 100, "slots": [0, 1, 2, 3], **shared})
+                   + wire.encode({"op": wire.CLASSIFY_MANY, "id": 200, "slots": [4, 5, 6, 7], **shared,
+                                  "logits": True}))
+        got, bundled = {}, []
+        while len(got) < 8:
+            message = c.recv()
+            for r in message.get(wire.REPLIES, [message]):
+                got[r["id"]] = r
+            bundled += [r["id"] for r in message.get(wire.REPLIES, [])]
+    finally:
+        c.close()
+    assert sorted(got) == [100, 101, 102, 103, 200, 201, 202, 203]
+    assert not any(rid >= 200 for rid in bundled)          # never inside a replies message
+    for i in range(4):
+        assert "logits" not in got[100 + i]
+        np.testing.assert_allclose(np.frombuffer(got[200 + i]["logits"], np.float32), want[4 + i],
+                                   atol=1e-4, rtol=1e-5)

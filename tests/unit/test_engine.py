@@ -196,6 +196,9 @@ def test_logits_ride_in_the_one_copy_back_and_only_when_asked_for():
     want_idx, want_scores, _ = _want(model, images, 3)
     assert indices == want_idx and scores == want_scores
     np.testing.assert_allclose(pending.logits(), _want_logits(model, images)[[0, 5]], atol=1e-5, rtol=0)
+    run = engine.launch(staging.tensors[0], 6, 3, logits_rows=[2, 3, 4])      # a run of rows: a slice
+    run.result()
+    np.testing.assert_allclose(run.logits(), _want_logits(model, images)[2:5], atol=1e-5, rtol=0)
 
 
 def test_device_input_buffers_alternate_and_wait_for_their_last_reader():
