@@ -288,9 +288,10 @@ class Client(ClientSettings):
 
         A frame the daemon already answered is answered from the read-only result cache without a
         round trip, unless ``logits`` asks for each image's raw output row too (``.logits`` of
-        each result, float32 numpy): the daemon computes those, the caches hold top-k only. ``tag`` (at most 64 bytes) is stored with the frames' embeddings, where the
-        model has them (see near_duplicates). If any request fails, the others still complete (no
-        slot is left in flight) and the first error is raised.
+        each result, float32 numpy): the daemon computes those, the caches hold top-k only.
+        ``tag`` (at most 64 bytes) is stored with the frames' embeddings, where the model has them
+        (see near_duplicates). If any request fails, the others still complete (no slot is left in
+        flight) and the first error is raised.
         """
         h, w, _ = self.model.input_shape
         items = [decode.prepare(img, h, w) for img in images]     # read, not yet decoded

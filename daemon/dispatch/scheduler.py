@@ -41,7 +41,8 @@ from ..caching.results import LOOP, STAGED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
-from ..front.admission import Rejected, check_classify, check_frame, check_logits, check_near, check_slot, check_tag, check_upload
+from ..front.admission import (Rejected, check_classify, check_frame, check_logits, check_near, check_slot,
+                               check_tag, check_upload)
 from ..front.principal import weights as principal_weights
 from ..ops.stats import Stats
 from ...shm import wire
@@ -200,7 +201,8 @@ class Scheduler:
             session.claim(key, request)
         self.outstanding += 1
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
-        if caches.l2 is not None and key and op == "classify" and not logits:      # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
+        # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
+        if caches.l2 is not None and key and op == "classify" and not logits:
             request.device = device
             device.outstanding += 1         # reserved while L2 is asked (at most l2.budget_ms)
             if caches.l2.lookup(request, self._after_l2):
