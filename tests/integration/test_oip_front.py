@@ -296,7 +296,7 @@ def test_each_error_path_has_its_status_and_harms_nothing(served):
         (b"{not json", AUTH_A, 400),
         (json.dumps({"inputs": [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1],
                                  "data": ["not an image"]}]}).encode(), AUTH_A, 400),
-        (_infer_body([1, 2, 2, 3], outputs=[{"name": "LOGITS"}]), AUTH_A, 400),
+        (_infer_body([1, 2, 2, 3], outputs=[{"name": "PROBS"}]), AUTH_A, 400),      # no such output
         (_infer_body([1, 2, 2, 3], outputs=[{"name": "SCORES", "parameters": {"classification": 99}}]), AUTH_A, 400),
         (_infer_body([1, 2, 2, 3]), {}, 401),                         # no token on a TCP door
         (_infer_body([1, 2, 2, 3]), {"Authorization": "Bearer " + "x" * 32}, 401),
