@@ -11,12 +11,12 @@ Pillow, never torch (a torch tensor is accepted when torch is there) nor inferd.
 """
 from .admin import AdminClient
 from .aio import AsyncClient
-from .client import Client, ModelInfo, NearDuplicate, Prediction
+from .client import Client, ModelInfo, NearDuplicate, Prediction, Predictions
 from .errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed,
                      InvalidInput, NoHealthyDevice, Overloaded, PermissionDenied, ProtocolError,
                      ReloadFailed, ShuttingDown)
 
-__all__ = ["Client", "AsyncClient", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction",
+__all__ = ["Client", "AsyncClient", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction", "Predictions",
            "NearDuplicate", "InferdError", "DaemonUnavailable", "ShuttingDown", "ProtocolError",
            "InvalidInput", "Overloaded", "DeadlineExceeded", "PermissionDenied", "InferenceFailed",
            "NoHealthyDevice"]

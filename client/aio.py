@@ -37,7 +37,7 @@ from . import decode, errors
 from .client import HITS_REPORT_DELAY_S, READ_GRACE_S, first_connect_failed
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Prediction, ProtocolCore
+from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NearDuplicate, Predictions, ProtocolCore
 from .retry import Backoff, Call, reconnect_async
 from .settings import ClientSettings
 
@@ -354,13 +354,14 @@ class AsyncClient(ClientSettings):
         return self._core.learn_labels(reply, model)
 
     async def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
-                       tag: str | None = None) -> list[Prediction]:
-        """Top-k predictions for one image (what Client.classify takes)."""
-        return (await self.classify_many([image], top_k, timeout=timeout, tag=tag))[0]
+                       tag: str | None = None, logits: bool = False) -> Predictions:
+        """Top-k predictions for one image (what Client.classify takes; ``logits`` as there)."""
+        return (await self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits))[0]
 
     async def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
-                            tag: str | None = None) -> list[list[Prediction]]:
-        """Top-k predictions for each image, in order (Client.classify_many). Reading files and
+                            tag: str | None = None, logits: bool = False) -> list[Predictions]:
+        """Top-k predictions for each image, in order (Client.classify_many; with ``logits`` each
+        result's ``.logits`` is the model's raw output row, always computed by the daemon). Reading files and
         decoding encoded images run in the loop's default executor, never on the loop; a repeat
         upload answered from the cache by the hash of its bytes is not decoded at all."""
         self._check_open()
@@ -369,16 +370,16 @@ class AsyncClient(ClientSettings):
         core.check(top_k, timeout)
         deadline = self._clock() + timeout
         items = await self._prepare(list(images))
-        slow = [it for it in items if core.needs_decoding(it, top_k)]
+        slow = [it for it in items if logits or core.needs_decoding(it, top_k)]
         if slow:
             await self._loop.run_in_executor(None, lambda: [it.frame() for it in slow])
-        results, todo, extra = core.look_up(items, top_k, tag)
+        results, todo, extra = core.look_up(items, top_k, tag, logits)
         if todo:
             asked = [items[i] for i in todo]
             call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
             for i, (reply, model) in zip(todo, await self._run(call)):
-                results[i] = (core.top(reply, model), model)
-        return [core.predictions(pairs, await self._names(model)) for pairs, model in results]
+                results[i] = core.answer(reply, model, logits)
+        return [core.predictions(pairs, await self._names(model), *rest) for pairs, model, *rest in results]
 
     async def _prepare(self, images: list) -> list:
         """inferd.client.decode.prepare for each image; paths and file objects are read in the

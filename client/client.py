@@ -62,11 +62,12 @@ from typing import Iterable
 from . import decode, errors
 from .connection import Connection, ModelInfo
 from .hits import HitReport
-from .protocol import DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NOTE_ID, NearDuplicate, Prediction, ProtocolCore
+from .protocol import (DEFAULT_MIN_SIMILARITY, DEFAULT_NEAR_K, NOTE_ID, NearDuplicate, Prediction, Predictions,
+                       ProtocolCore)
 from .retry import Backoff, Call, reconnect
 from .settings import ClientSettings, default_socket_path
 
-__all__ = ["Client", "ModelInfo", "Prediction", "NearDuplicate", "default_socket_path"]
+__all__ = ["Client", "ModelInfo", "Prediction", "Predictions", "NearDuplicate", "default_socket_path"]
 
 #: Extra time a read waits beyond a request's own deadline before the client gives up on the daemon.
 READ_GRACE_S = 5.0
@@ -275,19 +276,22 @@ class Client(ClientSettings):
         return names
 
     def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
-                 tag: str | None = None) -> list[Prediction]:
+                 tag: str | None = None, logits: bool = False) -> Predictions:
         """Top-k predictions for one image: a numpy array or torch tensor (inferd.client.images), or
-        a JPEG/PNG/WebP file as bytes, a path or a binary file object (inferd.client.decode)."""
-        return self.classify_many([image], top_k, timeout=timeout, tag=tag)[0]
+        a JPEG/PNG/WebP file as bytes, a path or a binary file object (inferd.client.decode).
+        With ``logits`` the result's ``logits`` is the model's raw output row (float32 numpy)."""
+        return self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits)[0]
 
     def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
-                      tag: str | None = None) -> list[list[Prediction]]:
+                      tag: str | None = None, logits: bool = False) -> list[Predictions]:
         """Top-k predictions for each image, in order, keeping up to all ring slots in flight.
 
         A frame the daemon already answered is answered from the read-only result cache without a
-        round trip. ``tag`` (at most 64 bytes) is stored with the frames' embeddings, where the
-        model has them (see near_duplicates). If any request fails, the others still complete (no
-        slot is left in flight) and the first error is raised.
+        round trip, unless ``logits`` asks for each image's raw output row too (``.logits`` of
+        each result, float32 numpy): the daemon computes those, the caches hold top-k only.
+        ``tag`` (at most 64 bytes) is stored with the frames' embeddings, where the model has them
+        (see near_duplicates). If any request fails, the others still complete (no slot is left in
+        flight) and the first error is raised.
         """
         h, w, _ = self.model.input_shape
         items = [decode.prepare(img, h, w) for img in images]     # read, not yet decoded
@@ -297,12 +301,12 @@ class Client(ClientSettings):
         with self._lock:
             deadline = self._clock() + timeout
             self._connection(deadline, Backoff())
-            results, todo, extra = core.look_up(items, top_k, tag)
+            results, todo, extra = core.look_up(items, top_k, tag, logits)
             asked = [items[i] for i in todo]
             call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
             for i, (reply, model) in zip(todo, self._run(call)):
-                results[i] = (core.top(reply, model), model)
-            return [core.predictions(pairs, self._names(model)) for pairs, model in results]
+                results[i] = core.answer(reply, model, logits)
+            return [core.predictions(pairs, self._names(model), *rest) for pairs, model, *rest in results]
 
     def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
         """The model's embedding of an image (float32, unit length), stored by the daemon under the

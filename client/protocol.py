@@ -58,6 +58,18 @@ class Prediction(NamedTuple):
     score: float
 
 
+class Predictions(list):
+    """One image's top-k predictions, best first (a list of Prediction); with ``logits=True``
+    also ``logits``: the model's raw output row, a float32 numpy array of one value per class
+    (None when not asked for)."""
+
+    __slots__ = ("logits",)
+
+    def __init__(self, items=(), logits: np.ndarray | None = None):
+        super().__init__(items)
+        self.logits = logits
+
+
 class NearDuplicate(NamedTuple):
     content_hash: bytes      # BLAKE3 of the stored frame (shape, dtype, bytes)
     tag: str | None          # the tag it was stored with
@@ -289,12 +301,14 @@ class ProtocolCore:
             raise errors.InvalidInput(f"timeout {timeout!r} is out of range: more than 0, at most "
                                       f"{limits.MAX_TIMEOUT_S:g} s (timeout_ms)")
 
-    def look_up(self, items: list, top_k: int, tag: str | None) -> tuple[list, list[int], dict]:
+    def look_up(self, items: list, top_k: int, tag: str | None,
+                logits: bool = False) -> tuple[list, list[int], dict]:
         """Local answers from the read-only cache for prepared inputs (inferd.client.decode):
-        ((pairs, model) or None per input, the indices to ask the daemon, the request's fields)."""
+        ((pairs, model) or None per input, the indices to ask the daemon, the request's fields).
+        A request for the logits is never answered here: the cache holds top-k only."""
         answers: list = [None] * len(items)
-        extra = {"top_k": top_k, **({"tag": tag} if tag else {})}
-        if self.cache is None or tag is not None:      # a tag must reach the daemon's store
+        extra = {"top_k": top_k, **({"tag": tag} if tag else {}), **({"logits": True} if logits else {})}
+        if self.cache is None or tag is not None or logits:    # a tag must reach the daemon's store
             return answers, list(range(len(items))), extra
         for i, item in enumerate(items):
             answers[i] = self._local_answer(item, top_k)
@@ -349,8 +363,21 @@ class ProtocolCore:
         return pairs
 
     @staticmethod
-    def predictions(pairs: list, names: tuple) -> list[Prediction]:
-        return [Prediction(i, names[i] if i < len(names) else str(i), s) for i, s in pairs]
+    def logits(reply: dict, model: ModelInfo) -> np.ndarray:
+        """A classify reply's raw output row (float32, one value per class of ``model``)."""
+        data = reply.get("logits")
+        n = model.classes or len(model.labels)
+        if not isinstance(data, bytes) or len(data) != 4 * n:
+            raise errors.ProtocolError(f"classify reply carries no float32 logits of {n} classes")
+        return np.frombuffer(data, dtype=np.float32).copy()
+
+    @staticmethod
+    def predictions(pairs: list, names: tuple, logits: np.ndarray | None = None) -> Predictions:
+        return Predictions([Prediction(i, names[i] if i < len(names) else str(i), s) for i, s in pairs], logits)
+
+    def answer(self, reply: dict, model: ModelInfo, logits: bool) -> tuple:
+        """(pairs, model, logits row or None) of a classify reply."""
+        return self.top(reply, model), model, self.logits(reply, model) if logits else None
 
     @staticmethod
     def embedding(reply: dict) -> np.ndarray:

@@ -14,6 +14,8 @@ its own values against these constants.
     upload_nbytes          1 to MAX_ENCODED_BYTES                  daemon (admission), client (reading
                                                                    a file: inferd.shm.uploads)
     hits n                 1 to MAX_HITS_REPORT                    daemon (session), client sums below it
+    logits (classify)      a bool; a model of at most              daemon (admission)
+                           MAX_LOGITS_CLASSES classes
 
 No I/O, no imports: both sides and the configuration module read these names.
 """
@@ -38,6 +40,10 @@ DEFAULT_MIN_SIMILARITY = 0.95
 #: The largest encoded file (JPEG, PNG, WebP) a client reads or uploads, in bytes; a larger file is
 #: refused before it is read whole (inferd.shm.uploads).
 MAX_ENCODED_BYTES = 32 * 2**20
+
+#: The most classes of a model whose logits a classify may ask for: a reply carrying them
+#: (4 bytes a class) then stays at 4 MiB, well under the frame a client reads (wire.MAX_REPLY_FRAME).
+MAX_LOGITS_CLASSES = 1 << 20
 
 #: Local cache hits one ``hits`` notification or request field may report (below 2**30, so a
 #: client cannot overflow the daemon's counters in a few messages).

@@ -41,7 +41,8 @@ from ..caching.results import LOOP, STAGED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
-from ..front.admission import Rejected, check_classify, check_frame, check_near, check_slot, check_tag, check_upload
+from ..front.admission import (Rejected, check_classify, check_frame, check_logits, check_near, check_slot,
+                               check_tag, check_upload)
 from ..front.principal import weights as principal_weights
 from ..ops.stats import Stats
 from ...shm import wire
@@ -133,6 +134,7 @@ class Scheduler:
             top_k, timeout = check_frame(msg, session.ring, self.spec, self.cfg.batching.default_timeout_ms)
             self.caches.client_hits(msg.get("hits"))
             tag = check_tag(msg.get("tag"))
+            logits = check_logits(msg, self.spec, "classify")
         except Rejected as exc:
             for i in range(len(slots)):
                 self.stats.outcome(exc.code)
@@ -143,7 +145,7 @@ class Scheduler:
         for i, slot in enumerate(slots):
             try:
                 self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
-                            tag, None, None, looked)
+                            tag, None, None, looked, logits)
             except Rejected as exc:
                 self.stats.outcome(exc.code)
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
@@ -161,15 +163,18 @@ class Scheduler:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: this model exposes none, or "
                            "embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
+        logits = check_logits(msg, self.spec, op)
         args = check_near(msg) if op == "near" else None
         upload = check_upload(msg, session.ring, slot, session.inflight, op)
         looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
-        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked)
+        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked, logits)
 
     def _enter(self, session, rid: int, slot: int, top_k: int, timeout: float, op: str, tag, args,
-               upload, looked) -> None:
+               upload, looked, logits: bool = False) -> None:
         """Admit one checked request (refused here: nothing copied or hashed) and queue it, or
-        answer it at once (a hit or a coalesced frame found by a hash taken on the loop)."""
+        answer it at once (a hit or a coalesced frame found by a hash taken on the loop). A
+        request for its ``logits`` is always computed: never answered from a cache nor coalesced
+        (the caches hold top-k only); its top-k is stored as any other's."""
         caches = self.caches
         uid = session.peer[1]
         now = self._clock()
@@ -180,23 +185,24 @@ class Scheduler:
             where, insert = caches.hashing_for(looked, op, tag)
             if where == LOOP:
                 frame, content, key = caches.private_copy(session.ring, slot)
-                if self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
+                if not logits and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
                     return
             staged = where == STAGED
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", hash=staged, insert=insert, op=op,
-                          tag=tag, args=args, gen=self.gen)
+                          tag=tag, args=args, gen=self.gen, logits=logits)
         session.inflight[slot] = rid
         if upload is not None:              # every slot of the run held until the reply, like the frame's
             for s in upload[0]:
                 session.inflight[s] = rid
             request.upload = (upload[0], caches.upload_bytes(upload[1]))
         self.stats.admitted(uid)
-        if key and op == "classify":
+        if key and op == "classify" and not logits:
             session.claim(key, request)
         self.outstanding += 1
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
-        if caches.l2 is not None and key and op == "classify":      # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
+        # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
+        if caches.l2 is not None and key and op == "classify" and not logits:
             request.device = device
             device.outstanding += 1         # reserved while L2 is asked (at most l2.budget_ms)
             if caches.l2.lookup(request, self._after_l2):
@@ -402,6 +408,11 @@ class Scheduler:
         """One write per session: a client that batches its requests gets its replies in one
         ``replies`` message (docs/protocol.md), any other one frame each."""
         for session, messages in replies.items():
+            if session.batches and len(messages) > 1 and any("logits" in m for m in messages):
+                # a reply with logits (up to 4 MiB) goes in a frame of its own: no bundle of a
+                # batch's replies can pass the client's frame limit
+                session.write(b"".join(wire.encode(m) for m in messages if "logits" in m))
+                messages = [m for m in messages if "logits" not in m]
             if session.batches and len(messages) > 1:
                 session.write(wire.encode({"replies": messages}))
             else:
@@ -426,8 +437,12 @@ class Scheduler:
                 r.answer = top
                 if e.upload is not None and result.gen == self.gen:
                     self.caches.verify_upload(e.upload, e.frame, top)
-                self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
-                             result.gen)
+                if e.logits is not None:    # it has no followers: it never leads coalesced frames
+                    self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
+                        "id": rid, "ok": True, "top": top[:k], "logits": raw}, result.gen)
+                else:
+                    self._answer(replies, r, lambda rid, k, top=top: {"id": rid, "ok": True, "top": top[:k]},
+                                 result.gen)
             else:
                 message = self._embedding_reply(r.id, r.op, vector, r.content, e.matches)
                 if not message["ok"]:

@@ -13,6 +13,7 @@ run), at most half the ring).
     check_upload     upload_slot / upload_nbytes of a classify that carries its encoded bytes
     check_tag        the tag stored with embeddings
     check_near       k and min_similarity of a near request
+    check_logits     logits of a classify: a bool, for a model of bounded size
     check_hits       n of a hits notification
 
 The scheduler (daemon/dispatch/scheduler.py) calls them in the order of its admission (its module
@@ -157,6 +158,21 @@ def check_near(msg: dict) -> tuple[int, float]:
     if not limits.similarity_ok(sim):
         raise Rejected(wire.E_INVALID_INPUT, f"min_similarity {sim!r} is out of range: -1 to 1")
     return k, float(sim)
+
+
+def check_logits(msg: dict, spec, op: str) -> bool:
+    """Whether a classify (or a classify_many's requests) asked for the model's raw output rows
+    (``logits``: a bool, false if absent). Raises Rejected for another op or a model too wide for
+    a reply (limits.MAX_LOGITS_CLASSES)."""
+    value = msg.get("logits", False)
+    if type(value) is not bool:
+        raise Rejected(wire.E_BAD_REQUEST, f"logits must be true or false, got {value!r}")
+    if value and op != "classify":
+        raise Rejected(wire.E_INVALID_INPUT, f"logits is for classify only, not {op}")
+    if value and len(spec.labels) > limits.MAX_LOGITS_CLASSES:
+        raise Rejected(wire.E_INVALID_INPUT, f"logits: this model has {len(spec.labels)} classes; a reply "
+                       f"carries at most {limits.MAX_LOGITS_CLASSES} (inferd.shm.limits.MAX_LOGITS_CLASSES)")
+    return value
 
 
 def check_hits(n) -> int:

@@ -143,8 +143,10 @@ class Backend:
             return admin.call("health")
 
     # inference --------------------------------------------------------------------------------
-    async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None) -> list:
-        """Each image's predictions (inferd.client Prediction lists), as ``principal``. Frames of
+    async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None,
+                       logits: bool = False) -> list:
+        """Each image's predictions (inferd.client Predictions, with their ``logits`` rows when
+        ``logits``), as ``principal``. Frames of
         another size are resized in a worker thread first (the client library would resize them
         on this loop: a large frame would stall every other caller of the front)."""
         h, w, _ = self.own.model.input_shape
@@ -156,7 +158,7 @@ class Backend:
             self.labels = await self.own.labels()
         self._busy[principal] += 1
         try:
-            return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s)
+            return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s, logits=logits)
         except client_errors.DaemonUnavailable as exc:
             self._forget(principal, client)
             raise from_client(exc) from None

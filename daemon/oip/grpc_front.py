@@ -140,7 +140,8 @@ class GrpcDoor:
             parsed.timeout_s = left
         backend = self.backend
         classes = backend.classes
-        results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s)
+        results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
+                                         parsed.logits())
         return response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels))
 
 

@@ -168,8 +168,8 @@ class HttpDoor:
         return _json({"name": name, "platform": "inferd", "max_batch_size": 0,
                       "input": [{"name": tensors.IMAGE, "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
                                 {"name": tensors.IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [-1]}],
-                      "output": [{"name": tensors.SCORES, "data_type": "TYPE_FP32",
-                                  "dims": [-1, self.backend.classes]}]})
+                      "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [-1, self.backend.classes]}
+                                 for name in tensors.OUTPUTS]})
 
     # inference --------------------------------------------------------------------------------
     def _principal(self, request):
@@ -195,7 +195,8 @@ class HttpDoor:
             parsed, binary_out = parse_request(*split_body(body, length), self.max_batch)
         backend = self.backend
         classes = backend.classes
-        results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s)
+        results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
+                                         parsed.logits())
         return response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels), binary_out)
 
 

@@ -10,11 +10,15 @@ The model as OIP clients see it (``model_metadata``)::
                                                   bytes from the result cache (inferd.client.decode)
     output  SCORES       FP32   [-1, C]           the model's class scores (softmax probabilities,
                                                   as the daemon and its cache keep them)
+    output  LOGITS       FP32   [-1, C]           the model's raw output (its logits), computed for
+                                                  each request that names it: never from a cache
 
-A request carries exactly one of the two inputs. The classification extension: an output asked
-for with the parameter ``classification: k`` comes back as a BYTES tensor [N, k] of
-``"score:index:label"`` strings, best first, the score printed as C++'s std::to_string prints a
-float (six decimals), as Triton returns them.
+A request carries exactly one of the two inputs; a request that names no output gets SCORES alone
+(LOGITS costs the result cache: it is computed whenever asked for). The classification extension:
+an output asked for with the parameter ``classification: k`` comes back as a BYTES tensor [N, k]
+of ``"value:index:label"`` strings, best first, where the value is that output's own (a softmax
+probability for SCORES, a logit for LOGITS: Triton reports the output tensor's value), printed as
+C++'s std::to_string prints a float (six decimals), as Triton returns them.
 
 Binary data (HTTP's binary tensor data extension, gRPC's raw_input_contents): a UINT8 tensor is its
 N*H*W*3 bytes, row-major; a BYTES tensor is each element as a 4-byte little-endian length and its
@@ -33,7 +37,8 @@ import numpy as np
 from ...shm import limits
 from .errors import OipError
 
-IMAGE, IMAGE_BYTES, SCORES = "IMAGE", "IMAGE_BYTES", "SCORES"
+IMAGE, IMAGE_BYTES, SCORES, LOGITS = "IMAGE", "IMAGE_BYTES", "SCORES", "LOGITS"
+OUTPUTS = (SCORES, LOGITS)
 #: the largest side of a frame a caller may send: a 16384 x 16384 frame is 768 MiB already
 MAX_SIDE = 16384
 _LEN = struct.Struct("<I")
@@ -58,10 +63,15 @@ class Inference:
 
     def top_k(self, classes: int) -> int:
         """How many classes to ask the daemon for: all of them when SCORES is wanted as a tensor,
-        else the largest classification k."""
-        if not self.outputs or any(w.classes == 0 for w in self.outputs):
+        else the largest classification k of SCORES (1 when only LOGITS is wanted)."""
+        scores = [w for w in self.outputs if w.name == SCORES] if self.outputs else [Wanted()]
+        if any(w.classes == 0 for w in scores):
             return classes
-        return min(classes, max(w.classes for w in self.outputs))
+        return min(classes, max((w.classes for w in scores), default=1))
+
+    def logits(self) -> bool:
+        """Whether the model's raw output rows are wanted (LOGITS, as a tensor or classified)."""
+        return any(w.name == LOGITS for w in self.outputs)
 
 
 def metadata(model_name: str, classes: int) -> dict:
@@ -69,7 +79,7 @@ def metadata(model_name: str, classes: int) -> dict:
     return {"name": model_name, "versions": ["1"], "platform": "inferd",
             "inputs": [{"name": IMAGE, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
                        {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": SCORES, "datatype": "FP32", "shape": [-1, classes]}]}
+            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUTS]}
 
 
 # inputs ---------------------------------------------------------------------------------------
@@ -172,8 +182,9 @@ def _element(name: str, e) -> bytes:
 
 def wanted(name, classification, binary) -> Wanted:
     """One requested output, checked."""
-    if name != SCORES:
-        raise OipError("invalid", f"output {name!r}: this model has one output, {SCORES}")
+    if name not in OUTPUTS:
+        raise OipError("invalid", f"output {name!r}: this model's outputs are {SCORES} (softmax "
+                       f"probabilities) and {LOGITS} (its raw output)")
     k = 0 if classification is None else classification
     if type(k) is not int or k < 0:
         raise OipError("invalid", f"output {name!r}: classification {classification!r} must be a "
@@ -215,6 +226,23 @@ def classification(results: list, k: int, labels) -> np.ndarray:
     return out
 
 
+def logits(results: list) -> np.ndarray:
+    """[N, C] float32: each image's raw output row (inferd.client Predictions.logits)."""
+    return np.stack([r.logits for r in results]).astype(np.float32, copy=False)
+
+
+def classification_of(values: np.ndarray, k: int, labels) -> np.ndarray:
+    """[N, k] object array of ``"value:index:label"`` bytes of the k highest of each row of
+    ``values`` (a whole output tensor), best first; equal values by index, as a stable sort."""
+    out = np.empty((len(values), k), object)
+    for i, row in enumerate(values):
+        for j, c in enumerate(np.argsort(-row, kind="stable")[:k]):
+            c = int(c)
+            label = labels[c] if c < len(labels) else ""
+            out[i, j] = (f"{row[c]:f}:{c}:{label}" if label else f"{row[c]:f}:{c}").encode()
+    return out
+
+
 def bytes_binary(array: np.ndarray) -> bytes:
     """A BYTES tensor as binary data: each element's 4-byte length, then its bytes."""
     return b"".join(_LEN.pack(len(e)) + e for e in array.reshape(-1))
@@ -223,11 +251,15 @@ def bytes_binary(array: np.ndarray) -> bytes:
 def outputs(request: Inference, results: list, classes: int, labels) -> list:
     """(Wanted, datatype, array) for each output the request asked for."""
     out = []
+    raw = None
     for w in request.outputs or [Wanted()]:
-        if w.classes:
-            if w.classes > classes:
-                raise OipError("invalid", f"output {w.name!r}: classification {w.classes} is more than "
-                               f"the model's {classes} classes")
+        if w.classes > classes:
+            raise OipError("invalid", f"output {w.name!r}: classification {w.classes} is more than "
+                           f"the model's {classes} classes")
+        if w.name == LOGITS:
+            raw = logits(results) if raw is None else raw
+            out.append((w, "BYTES", classification_of(raw, w.classes, labels)) if w.classes else (w, "FP32", raw))
+        elif w.classes:
             out.append((w, "BYTES", classification(results, w.classes, labels)))
         else:
             out.append((w, "FP32", scores(results, classes)))

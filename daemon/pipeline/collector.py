@@ -21,7 +21,8 @@ NOTE [ request path ]
                         an identical frame of its session in flight (Session.claim): COALESCED
                         behind that leader, the row not kept (the next frame is staged over it,
                         so it costs the model nothing); else it leads, and its key in the result
-                        cache: HIT, its answer taken, the row not kept either
+                        cache: HIT, its answer taken, the row not kept either (a request for its
+                        logits is neither: always computed, hashed only for its top-k's insert)
                       an upload to verify: its row and encoded bytes copied (NOTE [ encoded uploads ])
                       HIT and COALESCED entries: deliver them at once (BatchResult.early)
                       nothing left to compute: deliver(result) at once, the buffer back
@@ -32,7 +33,8 @@ NOTE [ request path ]
     executor thread   screen again, the device being free now (a request re-dispatched meanwhile
     (one per device)    is DROPPED); the rows of the rest close up
                       Device.running += them, running_since/size (health and the watchdog read them)
-                      Engine.launch(buffer): preprocess, model, softmax, top-k on the device
+                      Engine.launch(buffer): preprocess, model, softmax, top-k on the device, and
+                        the logits rows of requests that asked for them, in the same copy back
                         (daemon/pipeline/engine.py); the buffer back once its frames are there
                       each entry DONE with its top-k (its embedding row, near-duplicate matches
                         searched here), or every one FAILED with the batch's error
@@ -204,7 +206,9 @@ class Collector(threading.Thread):
                 e.content, e.key = caches.hash_row(row)
                 spent += time.perf_counter() - t0
                 hashed += 1
-                if r.op == "classify":
+                if r.op == "classify" and not r.logits:
+                    # (a request for its logits is always computed: its key is only for the
+                    # cache to store its top-k under)
                     # claim first, then look up: the loop inserts an answer before it lets its
                     # leader go, so a frame that finds no leader in flight finds its answer
                     if r.upload is None:            # (an upload's run is freed with its own reply)

@@ -2,9 +2,12 @@
 
 The batching pipeline (NOTE [ request path ] in daemon/pipeline/collector.py) stages uint8 frames into one of
 a device's ``Staging`` buffers and hands the buffer to its executor, which calls
-``Engine.launch(buffer, n, k, want_embedding)`` and later ``Pending.result()``. ``launch`` returns
-once the work is queued on the device; ``result()`` waits for it and returns plain Python lists
-(top-k indices and scores) and the embeddings as a numpy array.
+``Engine.launch(buffer, n, k, want_embedding, logits_rows)`` and later ``Pending.result()``.
+``launch`` returns once the work is queued on the device; ``result()`` waits for it and returns
+plain Python lists (top-k indices and scores) and the embeddings as a numpy array; then
+``logits()`` gives the raw float32 output rows of the rows that asked for them (``logits_rows``),
+copied back in the same device->host copy as the top-k. A batch where no row asked packs exactly
+what it did before: the logits cost only the batches that want them.
 
 NOTE [ engine streams ]
 
@@ -21,7 +24,8 @@ NOTE [ engine streams ]
                                                                   [consumed: the input may be reused]
                                                                   softmax, top-k, pack indices +
                                                                     scores (+ embeddings) in one
-                                                                    int32 tensor
+                                                                    int32 tensor (+ the logits rows
+                                                                    asked for, flattened after it)
                                                                   one copy -> pinned host  [done]
       wait_copy: wait [copied] only
       return Pending
@@ -84,11 +88,14 @@ class Pending:
     ``result()``: (indices lists, scores lists, float32 vectors numpy or None); waits for this
     batch's own copy back only, and may be called once."""
 
-    __slots__ = ("_host", "_done", "_copied", "_k", "_dim", "_started")
+    __slots__ = ("_host", "_done", "_copied", "_k", "_dim", "_started", "_shape", "_logits")
 
-    def __init__(self, host: torch.Tensor, done, copied, k: int, dim: int, started=None):
+    def __init__(self, host: torch.Tensor, done, copied, k: int, dim: int, started=None,
+                 shape: tuple[int, int, int] | None = None):
         self._host, self._done, self._copied, self._k, self._dim = host, done, copied, k, dim
         self._started = started
+        self._shape = shape          # (n, columns, classes) when logits rows follow the packed rows
+        self._logits = None
 
     def staged(self) -> bool:
         return self._copied.query()
@@ -98,7 +105,16 @@ class Pending:
 
     def result(self):
         self._done.synchronize()
-        return unpack(self._host, self._k, self._dim)
+        host = self._host
+        if self._shape is not None:
+            n, cols, classes = self._shape
+            host, self._logits = split_logits(host, n, cols, classes)
+        return unpack(host, self._k, self._dim)
+
+    def logits(self):
+        """After ``result()``: float32 numpy [rows asked, classes] in the order of ``logits_rows``,
+        or None when no row asked."""
+        return self._logits
 
     def device_seconds(self) -> float | None:
         """After ``result()``: how long the device worked on this batch, from the moment its
@@ -111,11 +127,17 @@ class Pending:
 class Done:
     """A batch computed before ``launch`` returned (a synchronous device): the Pending of CPUs."""
 
-    __slots__ = ("_result",)
+    __slots__ = ("_result", "_logits")
 
-    def __init__(self, logits: torch.Tensor, vectors: torch.Tensor | None, k: int):
+    def __init__(self, logits: torch.Tensor, vectors: torch.Tensor | None, k: int, logits_rows=None):
         scores, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
         self._result = (indices.tolist(), scores.tolist(), None if vectors is None else vectors.numpy())
+        # a copy: the model's output buffer may be reused by the next batch
+        self._logits = None if not logits_rows else \
+            logits[list(logits_rows)].to(torch.float32, copy=True).numpy()
+
+    def logits(self):
+        return self._logits
 
     def staged(self) -> bool:
         return True
@@ -205,12 +227,13 @@ class Engine:
         """Wait for everything this engine queued (its own streams, not the whole device)."""
         self.streams.synchronize()
 
-    def launch(self, frames: torch.Tensor, n: int, k: int, want_embedding: bool = False, *,
-               wait_copy: bool = True) -> Pending:
+    def launch(self, frames: torch.Tensor, n: int, k: int, want_embedding: bool = False,
+               logits_rows: list[int] | None = None, *, wait_copy: bool = True) -> Pending:
         """Queue the forward pass of the first ``n`` rows of ``frames`` (a Staging tensor): top-k
         (indices, scores) of the softmax and, when asked and the model has them, embeddings
-        (float32 unit rows). With ``wait_copy`` it returns once the rows are on the device, so
-        ``frames`` may be rewritten at once; else only after ``Pending.staged()``."""
+        (float32 unit rows), and the raw float32 logits of the rows ``logits_rows`` (indices
+        below ``n``; ``Pending.logits()``). With ``wait_copy`` it returns once the rows are on the
+        device, so ``frames`` may be rewritten at once; else only after ``Pending.staged()``."""
         if not 0 < n <= frames.shape[0]:
             raise ValueError(f"a batch of {n} rows from a staging buffer of {frames.shape[0]}")
         if self.options.padded and not self._sizes:
@@ -234,14 +257,19 @@ class Engine:
             slot.consumed = s.record()
             vectors = vectors[:n] if want_embedding and vectors is not None else None
             if not s.asynchronous:      # nothing to copy back: no packing (a no-op model's batch
-                done = Done(logits[:n], vectors, k)    # costs 80 us less)
+                done = Done(logits[:n], vectors, k, logits_rows)    # costs 80 us less)
                 if team is not None:
                     team.observe(n, threads, time.perf_counter() - t0)
                 return done
-            host, done = s.copy_out(pack(logits[:n], vectors, k))
+            packed = pack(logits[:n], vectors, k)
+            shape = None
+            if logits_rows:             # one copy still: the rows asked for, flattened after it
+                shape = (n, packed.shape[1], logits.shape[1])
+                packed = with_logits(packed, logits, logits_rows)
+            host, done = s.copy_out(packed)
         if wait_copy:
             copied.synchronize()
-        return Pending(host, done, copied, k, 0 if vectors is None else vectors.shape[1], started)
+        return Pending(host, done, copied, k, 0 if vectors is None else vectors.shape[1], started, shape)
 
     def _forward(self, rows: torch.Tensor, want_embedding: bool = True):
         """uint8 rows on the device -> (logits, unit embeddings or None), under the options'
@@ -295,6 +323,29 @@ def pack(logits: torch.Tensor, vectors: torch.Tensor | None, k: int) -> torch.Te
     if vectors is not None:
         parts.append(vectors.float().contiguous().view(torch.int32))
     return torch.cat(parts, dim=1)
+
+
+def with_logits(packed: torch.Tensor, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``packed`` (:func:`pack`) flattened, then the float32 ``logits`` of ``rows`` as bits,
+    flattened: one 1-D int32 tensor, so the same single copy brings them back."""
+    first, last = rows[0], rows[-1]
+    if last - first + 1 == len(rows):            # a run of rows (every row, often): a slice
+        chosen = logits[first:last + 1]
+    else:   # the index goes over from pinned memory: a pageable copy would wait for the forward pass
+        index = torch.tensor(rows, dtype=torch.long)
+        if logits.device.type == "cuda":
+            index = index.pin_memory().to(logits.device, non_blocking=True)
+        chosen = logits.index_select(0, index)
+    chosen = chosen.float().contiguous().view(torch.int32)
+    return torch.cat((packed.reshape(-1), chosen.reshape(-1)))
+
+
+def split_logits(host: torch.Tensor, n: int, cols: int, classes: int):
+    """:func:`with_logits`'s tensor on the host -> (the packed [n, cols] part, logits numpy
+    [rows, classes] float32)."""
+    head = host[:n * cols].view(n, cols)
+    tail = host[n * cols:].view(torch.float32).view(-1, classes).numpy()
+    return head, tail
 
 
 def unpack(host: torch.Tensor, k: int, dim: int):

@@ -212,9 +212,12 @@ class Executor(threading.Thread):
         try:
             # embeddings only when a store keeps them: otherwise normalising and copying them out
             # is work on every batch that nothing reads
+            # the raw output rows only of the requests that asked (none: the batch costs the same)
+            flight.logits = [i for i, e in enumerate(live) if e.request.logits]
+            extra = {"logits_rows": flight.logits} if flight.logits else {}
             flight.pending = engine.launch(self.staging.tensors[buffer], len(live), max(flight.keep),
                                            want_embedding=self.store is not None,
-                                           wait_copy=not flight.asynchronous)
+                                           wait_copy=not flight.asynchronous, **extra)
             if flight.asynchronous:
                 flight.pending.wait_staged()    # the frames are on the device: the buffer is free
         except Exception as exc:  # a model failure reaches every request of the batch, typed
@@ -231,6 +234,10 @@ class Executor(threading.Thread):
             if flight.error is not None:
                 raise flight.error
             indices, scores, vectors = flight.pending.result()
+            if flight.logits:
+                rows = flight.pending.logits()
+                for j, i in enumerate(flight.logits):
+                    live[i].logits = rows[j]
             result.seconds = flight.pending.device_seconds() or (time.perf_counter() - flight.t0)
             if dev.outs == flight.outs:
                 # a batch its device was taken out during (stuck) says nothing about its speed;
@@ -299,4 +306,5 @@ class _Flight:
     t0: float                   # perf_counter at launch
     asynchronous: bool          # the device computes after launch returns (CUDA)
     pending: object = None      # daemon/pipeline/engine.py Pending
+    logits: list | None = None  # indices in ``live`` of the requests that asked for their logits
     error: Exception | None = None

@@ -6,7 +6,7 @@ daemon/pipeline/collector.py), and the one rule that decides who is not computed
       | taken by a batch (the collector, from the device's queue)
       v
     BatchEntry    one request as one batch took it: the attempt noted then, what became of it in
-      |           that batch (``outcome``) and its answer (``top``, ``embedding``, ``matches``) or
+      |           that batch (``outcome``) and its answer (``top``, ``embedding``, ``logits``, ``matches``) or
       |           why not (``why``): the answer travels with the request it answers, never by
       |           position in a list beside it
       v
@@ -68,6 +68,8 @@ class Request:
     followers: list[tuple[int, int, int]] = field(default_factory=list)
     #                          identical frames of the session coalesced with it: (id, slot, top_k)
     gen: int = 0             # model generation at admission: the digest ``key`` was made with
+    logits: bool = False     # classify that asked for the model's raw output row: always computed
+    #                          (never a cache hit, never coalesced), its top-k still cached
     upload: tuple[range, int] | None = None
     #                          its encoded upload: (slots of the run, bytes the collector copies
     #                          for verification, 0: none) (NOTE [ encoded uploads ] in daemon/caching/results.py)
@@ -95,6 +97,7 @@ class BatchEntry:
     outcome: Outcome = Outcome.PENDING
     top: list[list] | None = None                  # DONE: [[index, score], ...], best first (keep_k+)
     embedding: np.ndarray | None = None            # DONE: float32 unit row, when a store keeps them
+    logits: np.ndarray | None = None               # DONE: its float32 logits row, when it asked
     matches: list | None = None                    # DONE near: the embedding store's search result
     why: str = ""                                  # UNREADABLE: why its slot could not be read
     key: bytes = b""                               # the collector's hash of its staged row: cache key

@@ -145,6 +145,54 @@ def test_tritonclient_reads_health_and_metadata(served):
     assert not h.is_model_ready("no-such-model")
 
 
+def test_logits_come_back_as_the_python_clients_and_classify_by_their_own_values(served):
+    """LOGITS (FP32 [N, C]) equals the Python client's logits; SCORES comes beside it; the
+    classification parameter reports each output's own values: logits for LOGITS, softmax
+    probabilities for SCORES (as Triton reports the output tensor's value)."""
+    daemon, net, _ = served
+    batch = frames(3, seed=1903)
+    with Client(daemon.socket_path) as c:
+        answers = c.classify_many(list(batch), top_k=8, logits=True)
+    logits = np.stack([a.logits for a in answers])
+    labels = {p.index: p.label for p in answers[0]}
+    dense, top3 = python_client_answers(daemon, batch, 8)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :3]
+    logit3 = [[f"{logits[r, i]:f}:{i}:{labels[i]}" for i in row] for r, row in enumerate(order)]
+    assert [[int(s.split(":")[1]) for s in row] for row in logit3] == \
+        [[int(s.split(":")[1]) for s in row] for row in top3]      # the same classes, other values
+    h = tritonhttp.InferenceServerClient(net.http)
+    g = tritongrpc.InferenceServerClient(net.grpc)
+    assert [o["name"] for o in h.get_model_metadata("shapes")["outputs"]] == ["SCORES", "LOGITS"]
+    assert [o["name"] for o in g.get_model_metadata("shapes", as_json=True)["outputs"]] == ["SCORES", "LOGITS"]
+    text = lambda rows: [[e.decode() if isinstance(e, bytes) else e for e in row] for row in rows]
+    for binary in (True, False):
+        inp = tritonhttp.InferInput("IMAGE", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch, binary_data=binary)
+        got = h.infer("shapes", [inp], headers={**AUTH_A}, outputs=[
+            tritonhttp.InferRequestedOutput("LOGITS", binary_data=binary),
+            tritonhttp.InferRequestedOutput("SCORES", binary_data=binary)])
+        assert got.as_numpy("LOGITS").dtype == np.float32
+        np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-6, atol=1e-7)
+        got = h.infer("shapes", [inp], headers={**AUTH_A}, outputs=[
+            tritonhttp.InferRequestedOutput("LOGITS", binary_data=binary, class_count=3),
+            tritonhttp.InferRequestedOutput("SCORES", binary_data=binary, class_count=3)])
+        assert text(got.as_numpy("LOGITS")) == logit3 and text(got.as_numpy("SCORES")) == top3
+    inp = tritongrpc.InferInput("IMAGE", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch)
+    got = g.infer("shapes", [inp], headers={**GRPC_A}, outputs=[
+        tritongrpc.InferRequestedOutput("LOGITS"), tritongrpc.InferRequestedOutput("SCORES")])
+    np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-6, atol=1e-7)
+    got = g.infer("shapes", [inp], headers={**GRPC_A}, outputs=[
+        tritongrpc.InferRequestedOutput("LOGITS", class_count=3),
+        tritongrpc.InferRequestedOutput("SCORES", class_count=2)])
+    assert text(got.as_numpy("LOGITS")) == logit3 and text(got.as_numpy("SCORES")) == [r[:2] for r in top3]
+    with pytest.raises(InferenceServerException, match="LOGITS"):
+        h.infer("shapes", [tritonhttp.InferInput("IMAGE", list(batch.shape), "UINT8").set_data_from_numpy(batch)],
+                headers={**AUTH_A}, outputs=[tritonhttp.InferRequestedOutput("PROBS")])
+
+
 @pytest.mark.parametrize("size", [(64, 64), (50, 90)])
 def test_tensor_answers_equal_the_python_client(served, size):
     daemon, net, _ = served
@@ -248,7 +296,7 @@ def test_each_error_path_has_its_status_and_harms_nothing(served):
         (b"{not json", AUTH_A, 400),
         (json.dumps({"inputs": [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1],
                                  "data": ["not an image"]}]}).encode(), AUTH_A, 400),
-        (_infer_body([1, 2, 2, 3], outputs=[{"name": "LOGITS"}]), AUTH_A, 400),
+        (_infer_body([1, 2, 2, 3], outputs=[{"name": "PROBS"}]), AUTH_A, 400),      # no such output
         (_infer_body([1, 2, 2, 3], outputs=[{"name": "SCORES", "parameters": {"classification": 99}}]), AUTH_A, 400),
         (_infer_body([1, 2, 2, 3]), {}, 401),                         # no token on a TCP door
         (_infer_body([1, 2, 2, 3]), {"Authorization": "Bearer " + "x" * 32}, 401),

@@ -160,3 +160,21 @@ def test_local_hits_ride_on_the_next_frame_request(session):
     core.hits.add(2)
     (msg,) = _sent(core.submit(Call("classify", {"top_k": 1}, 10.0, _frames(1)), now=0.0))
     assert msg["hits"] == 2 and core.hits_note() == b""
+
+
+def test_a_logits_call_asks_the_daemon_and_reads_one_float32_per_class(session):
+    core = _core()
+    core.adopt(session())
+    results, todo, extra = core.look_up([SimpleNamespace(encoded_hash=None)], 2, None, logits=True)
+    assert results == [None] and todo == [0] and extra == {"top_k": 2, "logits": True}   # no "looked"
+    (msg,) = _sent(core.submit(Call("classify", extra, 10.0, _frames(1)), now=0.0))
+    assert msg["logits"] is True
+    row = np.array([0.5, -1.0, 3.0], np.float32)
+    pairs, model, logits = core.answer({"top": [[2, 0.9], [0, 0.1]], "logits": row.tobytes()}, MODEL, True)
+    assert pairs == [(2, 0.9), (0, 0.1)] and model is MODEL and np.array_equal(logits, row)
+    preds = core.predictions(pairs, MODEL.labels, logits)
+    assert [p.label for p in preds] == ["c", "a"] and preds.logits is logits
+    assert core.predictions(pairs, MODEL.labels).logits is None
+    for bad in ({"top": [[2, 0.9]]}, {"top": [[2, 0.9]], "logits": row[:2].tobytes()}):
+        with pytest.raises(ProtocolError, match="logits"):
+            core.answer(bad, MODEL, True)

@@ -161,6 +161,46 @@ def test_the_gpu_order_copy_compute_copy_back_with_events_only():
     assert indices == want_idx and scores == want_scores and np.array_equal(vectors, want_vectors)
 
 
+def _want_logits(model, images):
+    with torch.inference_mode():
+        return model.module(to_input(torch.from_numpy(images), model.spec.mean, model.spec.std)).float().numpy()
+
+
+def test_the_logits_rows_asked_for_come_back_equal_to_the_model_on_a_cpu():
+    model, engine = _shapes()
+    images, staging = _frames(9)
+    pending = engine.launch(staging.tensors[0], 9, 3, logits_rows=[1, 4, 8])
+    indices, _, _ = pending.result()
+    got = pending.logits()
+    assert got.dtype == np.float32 and got.shape == (3, len(model.spec.labels))
+    np.testing.assert_allclose(got, _want_logits(model, images)[[1, 4, 8]], atol=1e-5, rtol=0)
+    assert indices == _want(model, images, 3)[0]
+    plain = engine.launch(staging.tensors[0], 9, 3)
+    plain.result()
+    assert plain.logits() is None
+
+
+def test_logits_ride_in_the_one_copy_back_and_only_when_asked_for():
+    fake = FakeStreams()
+    model, engine = _shapes(streams=fake)
+    images, staging = _frames(6)
+    fake.log.clear()
+    engine.launch(staging.tensors[0], 6, 3).result()
+    assert [s[2] for s in fake.log if s[0] == "copy-out"] == [(6, 6)]     # unchanged without logits
+    fake.log.clear()
+    pending = engine.launch(staging.tensors[0], 6, 3, logits_rows=[0, 5])
+    classes = len(model.spec.labels)
+    copies = [s[2] for s in fake.log if s[0] == "copy-out"]
+    assert copies == [(6 * 6 + 2 * classes,)], fake.log                    # still one copy back
+    indices, scores, _ = pending.result()
+    want_idx, want_scores, _ = _want(model, images, 3)
+    assert indices == want_idx and scores == want_scores
+    np.testing.assert_allclose(pending.logits(), _want_logits(model, images)[[0, 5]], atol=1e-5, rtol=0)
+    run = engine.launch(staging.tensors[0], 6, 3, logits_rows=[2, 3, 4])      # a run of rows: a slice
+    run.result()
+    np.testing.assert_allclose(run.logits(), _want_logits(model, images)[2:5], atol=1e-5, rtol=0)
+
+
 def test_device_input_buffers_alternate_and_wait_for_their_last_reader():
     fake = FakeStreams()
     model, engine = _shapes(streams=fake)

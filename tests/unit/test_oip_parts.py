@@ -147,6 +147,26 @@ def test_classification_strings_are_tritons():
     assert tensors.bytes_elements("x", 2, binary) == [b"0.750000:2:cat", b"0.250000:0:dog"]
 
 
+def test_logits_as_a_tensor_and_classified_by_their_own_values():
+    from inferd.client.protocol import Predictions
+    row = np.array([1.5, -2.0, 4.25], np.float32)
+    results = [Predictions([Prediction(2, "cat", 0.9)], row)]
+    LOGITS, SCORES = tensors.LOGITS, tensors.SCORES
+    assert tensors.wanted("LOGITS", None, True) == tensors.Wanted(LOGITS, 0, True)
+    with pytest.raises(OipError, match="LOGITS"):
+        tensors.wanted("PROBS", None, False)
+    only = tensors.Inference([None], [tensors.Wanted(LOGITS, 2)])
+    assert only.logits() and only.top_k(3) == 1         # SCORES not wanted: one pair is enough
+    both = tensors.Inference([None], [tensors.Wanted(LOGITS), tensors.Wanted(SCORES, 1)])
+    assert both.logits() and both.top_k(3) == 1 and not tensors.Inference([None]).logits()
+    (w1, t1, a1), (w2, t2, a2) = tensors.outputs(
+        tensors.Inference([None], [tensors.Wanted(LOGITS), tensors.Wanted(LOGITS, 2)]), results, 3,
+        ("dog", "", "cat"))
+    assert t1 == "FP32" and a1.dtype == np.float32 and a1.tolist() == [row.tolist()]
+    assert t2 == "BYTES" and a2.tolist() == [[b"4.250000:2:cat", b"1.500000:0:dog"]]   # the logits' values
+    assert [o["name"] for o in tensors.metadata("m", 3)["outputs"]] == [SCORES, LOGITS]
+
+
 # principals ------------------------------------------------------------------------------------
 def test_only_root_or_the_daemons_user_may_name_a_principal():
     me = os.geteuid()

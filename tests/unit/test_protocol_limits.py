@@ -12,8 +12,8 @@ from inferd.client.connection import ModelInfo
 from inferd.client.hits import HitReport
 from inferd.client.protocol import ProtocolCore
 from inferd.daemon.config import ConfigError, from_dict
-from inferd.daemon.front.admission import (Rejected, check_classify, check_hits, check_near, check_tag,
-                                           check_upload)
+from inferd.daemon.front.admission import (Rejected, check_classify, check_hits, check_logits, check_near,
+                                           check_tag, check_upload)
 from inferd.shm import limits, wire
 from inferd.shm.ring import RingGeometry
 
@@ -65,6 +65,21 @@ def test_near_bounds():
                 {"min_similarity": True}):
         with pytest.raises(Rejected):
             check_near(bad)
+
+
+def test_logits_is_a_bool_for_classify_and_bounded_by_the_models_classes():
+    narrow = SimpleNamespace(labels=("a",) * 8)
+    wide = SimpleNamespace(labels=("a",) * (limits.MAX_LOGITS_CLASSES + 1))
+    assert check_logits({}, narrow, "classify") is False
+    assert check_logits({"logits": True}, narrow, "classify") is True
+    assert check_logits({"logits": False}, wide, "embed") is False
+    assert limits.MAX_LOGITS_CLASSES * 4 < wire.MAX_REPLY_FRAME      # a reply fits the client's frame
+    for msg, spec, op, code in (({"logits": 1}, narrow, "classify", wire.E_BAD_REQUEST),
+                                ({"logits": True}, narrow, "near", wire.E_INVALID_INPUT),
+                                ({"logits": True}, wide, "classify", wire.E_INVALID_INPUT)):
+        with pytest.raises(Rejected) as caught:
+            check_logits(msg, spec, op)
+        assert caught.value.code == code and "logits" in str(caught.value)
 
 
 def test_a_tag_is_bounded_by_its_utf8_bytes():
