@@ -165,6 +165,16 @@ def test_logits_come_back_as_the_python_clients_and_classify_by_their_own_values
     assert [o["name"] for o in h.get_model_metadata("shapes")["outputs"]] == ["SCORES", "LOGITS"]
     assert [o["name"] for o in g.get_model_metadata("shapes", as_json=True)["outputs"]] == ["SCORES", "LOGITS"]
     text = lambda rows: [[e.decode() if isinstance(e, bytes) else e for e in row] for row in rows]
+
+    def same(got_rows, want_rows):
+        """"value:index:label" strings alike: the same classes in the same order, values equal
+        but for the last bits (the rows of one request may be computed in batches of other sizes,
+        whose float sums differ there)."""
+        got_rows, want_rows = text(got_rows), text(want_rows)
+        split = lambda rows: [[e.split(":", 1) for e in row] for row in rows]
+        assert [[k for _, k in row] for row in split(got_rows)] == [[k for _, k in row] for row in split(want_rows)]
+        np.testing.assert_allclose([[float(v) for v, _ in row] for row in split(got_rows)],
+                                   [[float(v) for v, _ in row] for row in split(want_rows)], rtol=1e-5, atol=1e-5)
     for binary in (True, False):
         inp = tritonhttp.InferInput("IMAGE", list(batch.shape), "UINT8")
         inp.set_data_from_numpy(batch, binary_data=binary)
@@ -172,22 +182,24 @@ def test_logits_come_back_as_the_python_clients_and_classify_by_their_own_values
             tritonhttp.InferRequestedOutput("LOGITS", binary_data=binary),
             tritonhttp.InferRequestedOutput("SCORES", binary_data=binary)])
         assert got.as_numpy("LOGITS").dtype == np.float32
-        np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-5, atol=1e-6)
         got = h.infer("shapes", [inp], headers={**AUTH_A}, outputs=[
             tritonhttp.InferRequestedOutput("LOGITS", binary_data=binary, class_count=3),
             tritonhttp.InferRequestedOutput("SCORES", binary_data=binary, class_count=3)])
-        assert text(got.as_numpy("LOGITS")) == logit3 and text(got.as_numpy("SCORES")) == top3
+        same(got.as_numpy("LOGITS"), logit3)
+        same(got.as_numpy("SCORES"), top3)
     inp = tritongrpc.InferInput("IMAGE", list(batch.shape), "UINT8")
     inp.set_data_from_numpy(batch)
     got = g.infer("shapes", [inp], headers={**GRPC_A}, outputs=[
         tritongrpc.InferRequestedOutput("LOGITS"), tritongrpc.InferRequestedOutput("SCORES")])
-    np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.as_numpy("LOGITS"), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.as_numpy("SCORES"), dense, rtol=1e-5, atol=1e-6)
     got = g.infer("shapes", [inp], headers={**GRPC_A}, outputs=[
         tritongrpc.InferRequestedOutput("LOGITS", class_count=3),
         tritongrpc.InferRequestedOutput("SCORES", class_count=2)])
-    assert text(got.as_numpy("LOGITS")) == logit3 and text(got.as_numpy("SCORES")) == [r[:2] for r in top3]
+    same(got.as_numpy("LOGITS"), logit3)
+    same(got.as_numpy("SCORES"), [r[:2] for r in top3])
     with pytest.raises(InferenceServerException, match="LOGITS"):
         h.infer("shapes", [tritonhttp.InferInput("IMAGE", list(batch.shape), "UINT8").set_data_from_numpy(batch)],
                 headers={**AUTH_A}, outputs=[tritonhttp.InferRequestedOutput("PROBS")])
