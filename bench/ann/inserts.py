@@ -53,17 +53,24 @@ def ask(search, queries, want):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ann.inserts", description=__doc__.split("\n")[0])
-    ap.add_argument("--vectors", required=True)
+    ap.add_argument("--vectors", default="", help=".npy of real unit embeddings (rows x dim)")
+    ap.add_argument("--store", default="", help="instead: the vectors of an embedding store file "
+                    "(bench.ann --build-only's), its last --queries rows asked as the other rows")
+    ap.add_argument("--dim", type=int, default=305)
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32", help="M/expansion_add pairs")
     ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows))")
+    ap.add_argument("--nprobe", default="8,16,32,64")
     args = ap.parse_args(argv)
     import faiss
     from usearch.index import Index
 
     faiss.omp_set_num_threads(1)
-    real = np.load(args.vectors, mmap_mode="r")
+    if args.store:                                      # header 4096 bytes, then rows of dim float32
+        real = np.memmap(args.store, np.float32, "r", 4096, (args.rows + args.queries, args.dim))
+    else:
+        real = np.load(args.vectors, mmap_mode="r")
     x = np.ascontiguousarray(real[:args.rows], np.float32)
     rng = np.random.default_rng(7)
     pick = rng.integers(0, args.rows, args.queries)
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
     others = np.ascontiguousarray(real[args.rows:args.rows + args.queries], np.float32)
     nearest = np.argmax(others @ x.T, axis=1)
     out = {"rows": args.rows, "queries": args.queries, "copy_cosine": round(float(np.mean(np.sum(copies * x[pick], 1))), 3)}
-    for pair in args.hnsw.split(","):
+    for pair in filter(None, args.hnsw.split(",")):
         m, ef = map(int, pair.split("/"))
         ix = Index(ndim=x.shape[1], metric="cos", dtype="f16", connectivity=m, expansion_add=ef, expansion_search=64)
         res = fill(lambda k, v: ix.add(k, v, threads=1), x)
@@ -87,11 +94,13 @@ def main(argv=None) -> int:
     quant = faiss.IndexFlatIP(x.shape[1])
     ivf = faiss.IndexIVFScalarQuantizer(quant, x.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     t = time.perf_counter()
+    faiss.omp_set_num_threads(2)                        # training is set-up, not an insert
     ivf.train(x[rng.choice(args.rows, min(args.rows, 40 * nlist), replace=False)])
+    faiss.omp_set_num_threads(1)
     ix = faiss.IndexIDMap(ivf)
     res = {"nlist": nlist, "train_s": round(time.perf_counter() - t, 2)}
     res.update(fill(lambda k, v: ix.add_with_ids(np.ascontiguousarray(v), k.astype(np.int64)), x))
-    for nprobe in (8, 16, 32, 64):
+    for nprobe in map(int, args.nprobe.split(",")):
         ivf.nprobe = nprobe
         s = lambda q: ix.search(q[None], CAND)[1][0]
         res[f"nprobe{nprobe}"] = {"changed": ask(s, copies, pick), "other": ask(s, others, nearest)}
