@@ -111,10 +111,13 @@ def write_meta(directory: str, ident: dict, generation: int, scopes: list[tuple[
     fsync_dir(directory)
 
 
-def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, int]], np.ndarray]:
-    """(generation, [(uid, graph path, rows)], rows array) of the saved index, checked against
-    ``ident`` (dim, capacity, embedding, shared, connectivity, expansion_add) and against each graph
-    file's size and checksum. Raises IndexFileError saying what does not match."""
+def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, int, int]], np.ndarray]:
+    """(generation, [(uid, graph path, rows, checksum)], rows array) of the saved index, checked
+    against ``ident`` (dim, capacity, embedding, shared, connectivity, expansion_add) and against
+    each graph file's size. The graph files' checksums are not read here (a second per GB):
+    :func:`check_graph` does that on the inserter thread, and the index answers nothing from a
+    graph before it passed (NOTE [ verified before searched ] in ann_index.py). Raises
+    IndexFileError saying what does not match."""
     try:
         with open(meta_path(directory), "rb") as fh:
             data = fh.read()
@@ -144,12 +147,17 @@ def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, in
             real = os.path.getsize(path)
         except FileNotFoundError:
             raise IndexFileError(f"graph file {os.path.basename(path)} is missing") from None
-        if real != size or file_crc(path) != crc:
-            raise IndexFileError(f"graph file {os.path.basename(path)} has {real} bytes "
-                                 f"(meta: {size}) or its check does not match")
-        scopes.append((uid, path, n))
+        if real != size:
+            raise IndexFileError(f"graph file {os.path.basename(path)} has {real} bytes (meta: {size})")
+        scopes.append((uid, path, n, crc))
     rows = np.frombuffer(body, ROW, capacity, count * _SCOPE.size).copy()
     return generation, scopes, rows
+
+
+def check_graph(path: str, crc: int) -> None:
+    """Raise IndexFileError unless the graph file at ``path`` has the checksum ``meta`` gave it."""
+    if file_crc(path) != crc:
+        raise IndexFileError(f"graph file {os.path.basename(path)}: its check does not match")
 
 
 def remove_others(directory: str, keep: set[str]) -> None:

@@ -32,8 +32,23 @@ of inserts on a fast device), the index does not answer; the store then scans ex
 small enough (``exact_max``) and says overloaded otherwise (EmbeddingIndexBusy).
 
 Saved every ``save_interval_s`` while rows changed, and at close (ann_file.py: layout and the
-crash-safe order); reopened memory-mapped (usearch ``view``) and served from the mapping at once,
-while the inserter thread loads a writable copy of each graph in the background and swaps it in.
+crash-safe order); reopened memory-mapped (usearch ``view``), checked on the inserter thread (NOTE
+[ verified before searched ]) and served from the mapping once checked, while the same thread loads
+a writable copy of each graph and swaps it in.
+
+NOTE [ verified before searched ]
+A restart must not wait for the checksum of a large graph (760 MB at a million rows: about a
+second warm, more cold), and must not search a damaged one either: usearch maps a graph file
+without looking at its links, and a flipped byte in a link sends its search outside the mapping
+(bench/ann/damage.py: a crash of the process, or keys the graph never held). The store would drop
+a wrong key (it re-ranks every candidate with its own vectors), but not a crash. So ``open`` checks
+only ``meta`` (its own checksums) and each graph file's size, maps the graphs, and returns: the
+daemon classifies at once. The inserter thread then checks each graph file's checksum before it
+does anything else; until every one passed, :meth:`answers` is False, and the store answers a near
+query as it does during a rebuild: by its exact scan where the store is small enough
+(``exact_max``), else with EmbeddingIndexBusy, a typed "retry in a moment" (the daemon's
+overloaded answer) for the second or two the check takes. A graph that fails is dropped with
+one log line and its rows are inserted again from the store (a rebuild).
 """
 from __future__ import annotations
 
@@ -135,6 +150,9 @@ class AnnIndex:
         self._thread: threading.Thread | None = None
         self._drop: list[int] = []
         self._held = 0                                      # rows the graphs hold
+        self._checks: list[tuple[str, int]] = []            # (graph file, checksum) still to verify
+        self._reopened: tuple = ()                          # its log line, said once verified
+        self.verified = True                                # NOTE [ verified before searched ]
 
     # opening ---------------------------------------------------------------------------------
     @classmethod
@@ -155,8 +173,10 @@ class AnnIndex:
                     raise IndexFileError("the store holds none of its rows")
                 self.counters["reopened"] = 1
                 stale = int((valid & ~current).sum())
-                self.log.info("near-duplicate index %s reopened: %d rows, %d to insert", directory,
-                              int(current.sum()), stale)
+                self._reopened = ("near-duplicate index %s reopened: %d rows, %d to insert", directory,
+                                  int(current.sum()), stale)
+                if self.verified:                           # else once its graphs passed their check
+                    self.log.info(*self._reopened)
             except (IndexFileError, RuntimeError, ValueError, OSError) as exc:
                 self.graphs, self.rows, self._held = {}, np.zeros(ident["capacity"], ann_file.ROW), 0
                 current = np.zeros(len(valid), bool)
@@ -179,7 +199,7 @@ class AnnIndex:
 
         generation, scopes, rows = ann_file.read_meta(self.directory, self.ident)
         graphs = {}
-        for uid, path, count in scopes:
+        for uid, path, count, _ in scopes:
             index = Index.restore(path, view=True)
             if index is None or len(index) != count or index.ndim != self.ident["dim"]:
                 raise IndexFileError(f"graph file {os.path.basename(path)} holds "
@@ -188,6 +208,8 @@ class AnnIndex:
             graphs[uid] = _Graph(index, path)
         self.graphs, self.rows, self._generation = graphs, rows, generation
         self._held = int((rows["stamp"] != 0).sum())
+        self._checks = [(path, crc) for _, path, _, crc in scopes]
+        self.verified = not self._checks
 
     def _new_graph(self):
         from usearch.index import Index
@@ -208,8 +230,9 @@ class AnnIndex:
                 self._wake.notify()
 
     def answers(self) -> bool:
-        """Whether the graphs plus an exact scan of the pending rows answer now (store lock)."""
-        return len(self.pending) <= self.options.max_pending
+        """Whether the graphs plus an exact scan of the pending rows answer now (store lock): the
+        graphs verified (NOTE [ verified before searched ]) and not too far behind the store."""
+        return self.verified and len(self.pending) <= self.options.max_pending
 
     def scope(self, uid: int | None) -> list[int]:
         if self.ident["shared"]:
@@ -234,7 +257,7 @@ class AnnIndex:
     def stats(self) -> dict:
         """Counters for the daemon's stats: O(graphs), and no call into usearch (event loop)."""
         graphs = list(self.graphs.values())
-        return {"rows": self._held, "pending": len(self.pending), "graphs": len(graphs),
+        return {"rows": self._held, "pending": len(self.pending), "graphs": len(graphs), "verified": self.verified,
                 "mapped": sum(g.view_path is not None for g in graphs), "bytes": sum(g.bytes for g in graphs),
                 **self.counters}
 
@@ -273,11 +296,40 @@ class AnnIndex:
                                self.directory)
             self.options = dataclasses.replace(self.options, max_pending=-1)
 
+    def _verify(self) -> None:
+        """Check the reopened graph files' checksums (NOTE [ verified before searched ]); on a
+        mismatch drop every graph and make every row of the store pending: a rebuild."""
+        try:
+            for path, crc in self._checks:
+                if self._stop:
+                    return
+                ann_file.check_graph(path, crc)
+        except (IndexFileError, OSError) as exc:
+            with self.source.lock:
+                valid = self.source.state()[0]
+                for row in np.flatnonzero(valid).tolist():  # pending first: stats never see neither
+                    self._seq += 1
+                    self.pending[row] = self._seq
+                self._pending_since = time.monotonic()
+                with self._lock:
+                    self.graphs, self._held, self._drop = {}, 0, []
+                    self.rows = np.zeros(self.ident["capacity"], ann_file.ROW)
+            self.counters["reopened"], self.counters["rebuilt"] = 0, 1
+            self._changed = True
+            self.log.warning("near-duplicate index %s rebuilt from the store (%d rows): %s",
+                             self.directory, int(valid.sum()), exc)
+        else:
+            if self._reopened:
+                self.log.info(*self._reopened)
+        self._checks = []
+        self.verified = True
+
     def _load_views(self) -> None:
-        """Swap each memory-mapped graph for a writable copy, and remove the keys of rows the
-        store no longer has."""
+        """Verify the reopened graphs, swap each memory-mapped graph for a writable copy, and
+        remove the keys of rows the store no longer has."""
         from usearch.index import Index
 
+        self._verify()
         for key, g in list(self.graphs.items()):
             if g.view_path is None or self._stop:
                 continue

@@ -42,8 +42,9 @@ File layout (all integers little-endian; every byte written by the daemon)::
                                    when the row was taken (a rewrite in place keeps it)
 
 An add clears ``valid``, writes vector and metadata, then sets ``valid``: a daemon killed mid-add
-loses that row only. At open, rows with a bad flag, a vector that is not unit length, or a (uid,
-content hash) already seen are dropped. A truncated or garbage file, another format (a version 1
+loses that row only. At open, rows with a bad flag or tag, or a (uid, content hash) already seen
+are dropped; a vector that is not unit length is dropped too, but found later (NOTE [ vectors
+checked when first used ]). A truncated or garbage file, another format (a version 1
 file, whose rows have no owner, or a version 3 one, whose rows have no age, included), or another
 capacity, dimension or embedding id than configured is set aside as ``PATH.corrupt-<unix time>``
 and rebuilt empty, with one log line (only the latest set-aside copy is kept). The file's blocks
@@ -75,6 +76,17 @@ store's lock (``AnnIndex.changed``), so no row is ever neither pending nor index
 fewer than ``embeddings.index_exact_below`` rows is scanned exactly over its own rows instead (its
 deque of rows): as fast there, and exact, where a small graph that recycled its rows many times
 can lose a row (measured: 1 in 150 after eight rounds, none in 5,000 after five).
+
+NOTE [ vectors checked when first used ]
+Reading every vector at open to check its length (1.2 GB at a million rows: seconds, most of a
+restart) would keep the daemon from serving for that long. So open reads the row data only
+(112 bytes a row), and a vector is checked the first time it leaves the store: ``get`` checks the
+row it returns, :meth:`_best` the rows it is about to answer with (a damaged one is dropped and
+the next best taken), the index's reads the rows it inserts; a background thread
+(``inferd-embcheck``) checks the rest in slices under the lock and drops the damaged ones, so
+``len`` and the free rows are right a few seconds after start (a store of at most
+``CHECK_AT_OPEN`` rows is checked whole at open, in milliseconds). No answer is ever made from a
+vector that was not checked; a row written by this process is checked by construction.
 
 NOTE [ a full store is shared by uid ]
 Once every row is taken, a new row of uid U takes the oldest row of
@@ -283,7 +295,10 @@ class EmbeddingStore:
         self._free: list[int] = []                       # unused rows below _high, lowest last
         self._stamp = 0                                  # the largest stamp in use
         self._ann: AnnIndex | None = None                # the near-duplicate index, when asked for
+        self._checked = np.zeros(capacity, dtype=bool)   # NOTE [ vectors checked when first used ]
+        self._log = _log
         self._load()
+        self._sweeper: threading.Thread | None = None
 
     @classmethod
     def open(cls, path, capacity: int, dim: int, *, shared: bool = False, mode: int = 0o600,
@@ -308,6 +323,8 @@ class EmbeddingStore:
             os.close(fd)
             raise
         store = cls(path, mm, fd, capacity, dim, shared)
+        store._log = _as_logger(log) or _log
+        store._start_sweep()
         if index is not None:
             try:
                 store._open_index(index, log)
@@ -323,6 +340,67 @@ class EmbeddingStore:
         source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
         self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
 
+    # NOTE [ vectors checked when first used ] ------------------------------------------------
+    SWEEP_ROWS = 8192                                    # a slice: ~10 MB of vectors, a few ms under the lock
+    CHECK_AT_OPEN = 65_536                               # a store this small is checked whole at open (~30 ms)
+
+    def _check(self, rows: np.ndarray) -> np.ndarray:
+        """Check the vectors of ``rows`` not checked yet, drop the damaged ones; returns which of
+        ``rows`` are valid now. Under the lock."""
+        rows = np.asarray(rows, np.int64)
+        todo = rows[~self._checked[rows] & self._valid[rows]]
+        if len(todo):
+            v = self._vectors[todo]
+            with np.errstate(all="ignore"):
+                good = np.abs(np.einsum("ij,ij->i", v, v) - 1.0) < 1e-3
+            self._checked[todo] = True
+            bad = todo[~good]
+            for row in bad.tolist():
+                self._discard(row)
+            if len(bad):
+                self._log.warning("embedding store %s: dropped %d rows whose vector is not unit length "
+                                  "(damaged)", self.path, len(bad))
+        return self._valid[rows]
+
+    def _discard(self, row: int) -> None:
+        """Drop a damaged row as open drops one: its flag cleared on disk, its row free."""
+        uid = int(self._meta["uid"][row])
+        owned = self._owned.get(uid)
+        if owned is not None:
+            try:
+                owned.remove(row)
+            except ValueError:
+                pass
+            if not owned:
+                del self._owned[uid]
+        self._forget(row)
+        self._meta["valid"][row] = 0
+        self._free.append(row)
+
+    def _start_sweep(self) -> None:
+        if self._high <= self.CHECK_AT_OPEN:
+            if self._high:
+                self._check(np.arange(self._high))
+            self._checked[:] = True
+            return
+        self._sweeper = threading.Thread(target=self._sweep, name="inferd-embcheck", daemon=True)
+        self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Check every vector not yet checked, a slice at a time (NOTE [ vectors checked when
+        first used ]); ends at close."""
+        for start in range(0, self.capacity, self.SWEEP_ROWS):
+            with self._lock:
+                if self._mm is None:
+                    return
+                end = min(self._high, start + self.SWEEP_ROWS)
+                if start >= end:
+                    break
+                self._check(np.arange(start, end))
+        with self._lock:
+            if self._mm is not None:
+                self._checked[:] = True                  # rows past _high are written before use
+
     def _hash8(self, rows) -> np.ndarray:
         return np.ascontiguousarray(self._meta["hash"][rows, :8]).view("<u8").reshape(-1)
 
@@ -335,44 +413,48 @@ class EmbeddingStore:
     def _index_read(self, rows: np.ndarray):
         """The same for ``rows``, and their vectors (copies). Under the lock."""
         m = self._meta
-        return self._valid[rows], m["stamp"][rows], m["uid"][rows], self._hash8(rows), self._vectors[rows]
+        valid = self._check(rows)
+        return valid, m["stamp"][rows], m["uid"][rows], self._hash8(rows), self._vectors[rows]
 
     def _load(self) -> None:
         """Rebuild the in-memory index, dropping rows an interrupted add or damage left behind."""
         meta = self._meta
         flagged = meta["valid"] == 1
-        # the norms of flagged rows only: a new or sparse store's vectors are never paged in (a
-        # million-row file's 1.2 GB of zero pages took 2.6 s to read at every first start)
+        # the row data only: the vectors are checked when first used (NOTE [ vectors checked
+        # when first used ]), so a new or sparse store's vectors are never paged in here
         cand = np.flatnonzero(flagged)
-        vectors = self._vectors if len(cand) > self.capacity // 2 else self._vectors[cand]
-        norm2 = np.einsum("ij,ij->i", vectors, vectors)
-        if len(cand) > self.capacity // 2:
-            norm2 = norm2[cand]
         tag_len = meta["tag_len"]
         ok = np.zeros(self.capacity, bool)
-        ok[cand] = (np.abs(norm2 - 1.0) < 1e-3) & ((tag_len[cand] <= TAG_MAX) | (tag_len[cand] == NO_TAG))
+        ok[cand] = (tag_len[cand] <= TAG_MAX) | (tag_len[cand] == NO_TAG)
         rows = np.flatnonzero(ok)
         # one bytes object per column, sliced per row: a million rows load in about a second
         # (numpy's per-row indexing took four)
+        # tags first, decoded only where a row has one (most rows of a photo service have none):
+        # an undecodable one drops its row
+        row_tags = self._tags
+        tagged = rows[tag_len[rows] != NO_TAG]
+        if len(tagged):
+            tags = np.ascontiguousarray(meta["tag"][tagged]).tobytes()
+            for j, (row, n) in enumerate(zip(tagged.tolist(), tag_len[tagged].tolist())):
+                try:
+                    row_tags[row] = tags[TAG_MAX * j:TAG_MAX * j + n].decode("utf-8")
+                except UnicodeDecodeError:
+                    ok[row] = False
+            rows = np.flatnonzero(ok)
         hashes = np.ascontiguousarray(meta["hash"][rows]).tobytes()
-        tags = np.ascontiguousarray(meta["tag"][rows]).tobytes()
-        index, row_hashes, row_tags, count = self._index, self._hashes, self._tags, 0
-        for j, (row, uid, n) in enumerate(zip(rows.tolist(), meta["uid"][rows].tolist(), tag_len[rows].tolist())):
-            key = hashes[32 * j:32 * j + 32]
-            try:
-                tag = None if n == NO_TAG else tags[TAG_MAX * j:TAG_MAX * j + n].decode("utf-8")
-            except UnicodeDecodeError:
-                ok[row] = False
-                continue
+        keys = [hashes[i:i + 32] for i in range(0, len(hashes), 32)]
+        index, row_hashes, count = self._index, self._hashes, 0
+        for key, uid, row in zip(keys, meta["uid"][rows].tolist(), rows.tolist()):
             owners = index.get(key)
             if owners is None:
                 index[key] = {uid: row}
             elif uid in owners:
                 ok[row] = False
+                row_tags[row] = None
                 continue
             else:
                 owners[uid] = row
-            row_hashes[row], row_tags[row] = key, tag
+            row_hashes[row] = key
             count += 1
         self._count = count
         meta["valid"][flagged & ~ok] = 0                 # dropped for good, not re-examined next time
@@ -415,6 +497,7 @@ class EmbeddingStore:
                 self._owned.setdefault(uid, collections.deque()).append(row)
                 self._count += 1
             self._vectors[row] = unit
+            self._checked[row] = True
             self._meta["tag_len"][row] = NO_TAG if raw_tag is None else len(raw_tag)
             self._meta["uid"][row] = uid
             self._meta["hash"][row] = np.frombuffer(key, np.uint8)
@@ -471,7 +554,9 @@ class EmbeddingStore:
             row = owners.get(uid) if uid is not None else None
             if row is None and (uid is None or self.shared):
                 row = next(iter(owners.values()))
-            return None if row is None else self._vectors[row].copy()
+            if row is None or not self._check(np.array([row]))[0]:
+                return None
+            return self._vectors[row].copy()
 
     def search(self, vector: np.ndarray, k: int = 5, min_similarity: float = 0.9, *,
                uid: int | None) -> list[tuple[bytes, str | None, float]]:
@@ -479,7 +564,8 @@ class EmbeddingStore:
         most similar to ``vector`` with cosine similarity at least ``min_similarity``, best first:
         (content hash, tag, similarity). Through the index when there is one and the store is not
         small (NOTE [ searching ]); similarities are always computed here, exactly. Raises
-        EmbeddingIndexBusy while the index rebuilds a store too large to scan."""
+        EmbeddingIndexBusy while the index rebuilds, or checks its graphs after a restart (NOTE
+        [ verified before searched ] in ann_index.py), for a store too large to scan."""
         query = self._unit(vector)
         ann = self._ann
         if k < 1:
@@ -494,9 +580,11 @@ class EmbeddingStore:
                 return self._search_index(ann, query, k, min_similarity, uid)
             if self._high > ann.options.exact_max:
                 ann.counters["busy"] += 1
+                behind = (f"{len(ann.pending)} rows behind the store" if ann.verified else
+                          "checking its saved graphs after the restart")
                 raise EmbeddingIndexBusy(
-                    f"the near-duplicate index is {len(ann.pending)} rows behind the store ({self._high} "
-                    f"rows, more than embeddings.index_exact_max to scan instead); retry in a few seconds")
+                    f"the near-duplicate index is {behind} ({self._high} rows, more than "
+                    f"embeddings.index_exact_max to scan instead); retry in a few seconds")
             ann.counters["exact_searches"] += 1
         with self._lock:
             self._require_open()
@@ -536,10 +624,19 @@ class EmbeddingStore:
             count *= 4
 
     def _best(self, rows: np.ndarray, sims: np.ndarray, k: int, min_similarity: float):
+        """The best ``k`` of ``rows`` by ``sims`` (a copy of theirs, changed here): rows whose vector
+        was never checked are checked first, and a damaged one gives its place to the next
+        (NOTE [ vectors checked when first used ]). Under the lock."""
         if len(rows) == 0:
             return []
         k = min(k, len(rows))
-        best = np.argpartition(-sims, k - 1)[:k]
+        while True:
+            best = np.argpartition(-sims, k - 1)[:k]
+            ok = self._check(rows[best])
+            if ok.all() or np.isneginf(sims[best[~ok]]).all():
+                break
+            sims[best[~ok]] = -np.inf                    # dropped: the next best takes its place
+        best = best[ok]
         best = best[np.argsort(-sims[best], kind="stable")]
         return [(self._hashes[i], self._tags[i], float(sims[j]))
                 for i, j in zip(rows[best].tolist(), best.tolist()) if sims[j] >= min_similarity]
@@ -555,6 +652,7 @@ class EmbeddingStore:
         ann, self._ann = self._ann, None
         if ann is not None:
             ann.close()                                  # saves; its thread takes our lock meanwhile
+        sweeper, self._sweeper = self._sweeper, None
         with self._lock:
             mm, self._mm = self._mm, None
             fd, self._fd = self._fd, None
@@ -563,6 +661,8 @@ class EmbeddingStore:
                 mm.close()
             if fd is not None:
                 os.close(fd)                             # releases the lock
+        if sweeper is not None:
+            sweeper.join()                               # it stops at its next slice: the mapping is gone
 
     def _unit(self, vector: np.ndarray) -> np.ndarray:
         v = np.asarray(vector, dtype=np.float32)

@@ -34,7 +34,7 @@ def vectors(n: int, seed: int = 0) -> np.ndarray:
 def settled(store: EmbeddingStore, deadline_s: float = 60.0) -> dict:
     """The index's stats once its inserter thread has taken every pending row (polled with a deadline)."""
     end = time.monotonic() + deadline_s
-    while (stats := store.index_stats())["pending"] or stats["mapped"]:
+    while (stats := store.index_stats())["pending"] or stats["mapped"] or not stats["verified"]:
         assert time.monotonic() < end, f"index still busy after {deadline_s} s: {stats}"
         time.sleep(0.01)  # noqa: sleep-ok (polling a background thread, with a deadline)
     return stats
@@ -224,10 +224,11 @@ def test_a_damaged_index_is_rebuilt_with_one_line(path, damage, caplog):
     caplog.set_level("INFO", logger="inferd.embeddings")
     store = EmbeddingStore.open(path, 1000, DIM, index=OPTS)
     try:
-        assert store.index_stats()["rebuilt"] == 1
+        stats = settled(store)                          # a graph's checksum is checked on its thread
+        assert stats["rebuilt"] == 1 and stats["reopened"] == 0
         lines = [r for r in caplog.records if "near-duplicate index" in r.getMessage()]
         assert len(lines) == 1 and "rebuilt from the store (1000 rows)" in lines[0].getMessage()
-        assert settled(store)["inserted"] == 1000
+        assert stats["inserted"] == 1000
         for i in range(0, 1000, 7):
             assert store.search(v[i], 3, -1.0, uid=i % 2) == exact(store, v[i], 3, i % 2) or \
                 store.search(v[i], 1, -1.0, uid=i % 2)[0][1] == str(i)
@@ -308,4 +309,28 @@ def test_an_index_of_another_store_is_rebuilt(path, tmp_path, caplog):
         assert any("holds none of its rows" in r.getMessage() for r in caplog.records)
         assert store.search(v[3], 1, -1.0, uid=0) == []
     finally:
+        store.close()
+
+
+def test_a_reopened_graph_answers_only_once_its_checksum_passed(path, monkeypatch):
+    """open returns before the graphs' checksums are read; until they pass, a store too large to
+    scan answers busy (a typed retry), never from an unchecked graph."""
+    from inferd.daemon.caching import ann_file
+
+    store, v = fill(path, n=1000)
+    store.close()
+    gate, real = threading.Event(), ann_file.check_graph
+    monkeypatch.setattr(ann_file, "check_graph", lambda p, crc: (gate.wait(30), real(p, crc)))
+    store = EmbeddingStore.open(path, 1000, DIM, index=IndexOptions(exact_below=0, exact_max=10,
+                                                                     save_interval_s=3600.0))
+    try:
+        assert not store.index_stats()["verified"]
+        with pytest.raises(EmbeddingIndexBusy, match="checking its saved graphs"):
+            store.search(v[5], 1, -1.0, uid=0)
+        gate.set()
+        stats = settled(store)
+        assert stats["reopened"] == 1 and stats["rebuilt"] == 0
+        assert store.search(v[5], 1, -1.0, uid=0)[0][1] == "5"
+    finally:
+        gate.set()
         store.close()

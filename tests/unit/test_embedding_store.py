@@ -268,3 +268,45 @@ def test_a_file_model_gets_the_same_pooling_as_the_built_in(tmp_path):
     assert np.allclose(_vectors(own, images), _vectors(builtin, images), atol=1e-5)
     with pytest.raises(ConfigError, match="model.embedding_layer: 'features.0' is a TorchScript module"):
         _file_engine(tmp_path, shapes.load_pretrained(), embedding_layer="features.0")
+
+
+def test_a_damaged_vector_is_never_answered_before_the_background_check(path, monkeypatch):
+    """A large store's vectors are checked when first used or by the background sweep, not at
+    open: a damaged one must still never be returned by get or search."""
+    store = EmbeddingStore.open(path, capacity=8, dim=4)
+    for n in range(4):
+        store.add(h(n), np.eye(4)[n], uid=0)
+    store.close()
+    with open(path, "r+b") as fh:
+        fh.seek(HEADER_SIZE + 2 * 16)                       # row 2: a vector that is not unit
+        fh.write(np.full(4, 3.0, np.float32).tobytes())
+    monkeypatch.setattr(EmbeddingStore, "CHECK_AT_OPEN", 0)
+    monkeypatch.setattr(EmbeddingStore, "_start_sweep", lambda self: None)   # no background check
+    store = EmbeddingStore.open(path, capacity=8, dim=4)
+    try:
+        assert len(store) == 4                              # not read yet
+        found = store.search(np.array([0.1, 0.1, 1.0, 0.1]), k=2, min_similarity=-1.0, uid=0)
+        assert [f[0] for f in found] == [h(0), h(1)] or h(2) not in [f[0] for f in found]
+        assert len(found) == 2 and len(store) == 3          # found damaged, dropped, replaced
+        assert store.get(h(2), uid=0) is None
+        assert store.add(h(9), np.eye(4)[2], uid=0) == 2    # its row is free again
+    finally:
+        store.close()
+
+
+def test_the_background_check_drops_damaged_rows(path, monkeypatch):
+    store = EmbeddingStore.open(path, capacity=8, dim=4)
+    for n in range(4):
+        store.add(h(n), np.eye(4)[n], uid=0)
+    store.close()
+    with open(path, "r+b") as fh:
+        fh.seek(HEADER_SIZE + 1 * 16)
+        fh.write(np.full(4, np.nan, np.float32).tobytes())
+    monkeypatch.setattr(EmbeddingStore, "CHECK_AT_OPEN", 0)
+    monkeypatch.setattr(EmbeddingStore, "SWEEP_ROWS", 2)
+    store = EmbeddingStore.open(path, capacity=8, dim=4)
+    try:
+        store._sweeper.join(30)
+        assert len(store) == 3 and store.get(h(1), uid=0) is None and store.get(h(3), uid=0) is not None
+    finally:
+        store.close()

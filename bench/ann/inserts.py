@@ -1,0 +1,113 @@
+"""Insert CPU against recall: usearch HNSW at several connectivity (M) / expansion_add, and a faiss IVF layout.
+
+    python -m bench.ann.inserts --vectors /tmp/inferd-ann-bench/real.npy [--rows 50000] [--queries 500]
+
+``--rows`` real embeddings (305 floats, unit) are inserted one 256-row batch at a time, as the
+index's inserter thread does; the CPU seconds of the process per row inserted are reported (the
+last 10 % of the rows alone too: the cost at the full size), then ``--queries`` changed copies (a
+stored row plus noise, cosine ~0.95 to it) and as many other real rows (not stored) are asked for
+the index's candidates (k + 16 = 26, what the store re-ranks): recall is the fraction whose
+original (changed copies) or exact nearest stored row (other rows) is among them, query p50 / p99
+one query at a time. faiss ``IndexIDMap(IndexIVFScalarQuantizer(fp16))``: an insert is one
+centroid assignment and an append; a query scans ``nprobe`` lists; rows can be removed by id.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+CAND = 26
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def fill(add, x):
+    n, c0 = len(x), cpu()
+    tail = int(n * 0.9)
+    for s in range(0, n, 256):
+        if s <= tail < s + 256:
+            c1 = cpu()
+        add(np.arange(s, min(n, s + 256)), x[s:s + 256])
+    c2 = cpu()
+    return {"insert_ms_cpu": round(1e3 * (c2 - c0) / n, 3), "insert_ms_cpu_last10pct": round(1e3 * (c2 - c1) / (n - tail), 3)}
+
+
+def ask(search, queries, want):
+    times, hits = [], 0
+    for q, w in zip(queries, want):
+        t = time.perf_counter()
+        keys = search(q)
+        times.append(time.perf_counter() - t)
+        hits += int(w in set(np.asarray(keys).tolist()))
+    t = np.sort(times)
+    return {"recall": round(hits / len(want), 4), "p50_ms": round(1e3 * t[len(t) // 2], 3),
+            "p99_ms": round(1e3 * t[int(len(t) * 0.99)], 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ann.inserts", description=__doc__.split("\n")[0])
+    ap.add_argument("--vectors", default="", help=".npy of real unit embeddings (rows x dim)")
+    ap.add_argument("--store", default="", help="instead: the vectors of an embedding store file "
+                    "(bench.ann --build-only's), its last --queries rows asked as the other rows")
+    ap.add_argument("--dim", type=int, default=305)
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32", help="M/expansion_add pairs")
+    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows))")
+    ap.add_argument("--nprobe", default="8,16,32,64")
+    args = ap.parse_args(argv)
+    import faiss
+    from usearch.index import Index
+
+    faiss.omp_set_num_threads(1)
+    if args.store:                                      # header 4096 bytes, then rows of dim float32
+        real = np.memmap(args.store, np.float32, "r", 4096, (args.rows + args.queries, args.dim))
+    else:
+        real = np.load(args.vectors, mmap_mode="r")
+    x = np.ascontiguousarray(real[:args.rows], np.float32)
+    rng = np.random.default_rng(7)
+    pick = rng.integers(0, args.rows, args.queries)
+    noise = rng.standard_normal((args.queries, x.shape[1])).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    copies = x[pick] + 0.33 * noise
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    others = np.ascontiguousarray(real[args.rows:args.rows + args.queries], np.float32)
+    nearest = np.argmax(others @ x.T, axis=1)
+    out = {"rows": args.rows, "queries": args.queries, "copy_cosine": round(float(np.mean(np.sum(copies * x[pick], 1))), 3)}
+    for pair in filter(None, args.hnsw.split(",")):
+        m, ef = map(int, pair.split("/"))
+        ix = Index(ndim=x.shape[1], metric="cos", dtype="f16", connectivity=m, expansion_add=ef, expansion_search=64)
+        res = fill(lambda k, v: ix.add(k, v, threads=1), x)
+        s = lambda q: ix.search(q, CAND, threads=1).keys
+        res["changed"], res["other"] = ask(s, copies, pick), ask(s, others, nearest)
+        out[f"usearch M{m} ef_add{ef}"] = res
+        print(json.dumps({f"usearch M{m} ef_add{ef}": res}), flush=True)
+        del ix
+    nlist = args.nlist or int(4 * np.sqrt(args.rows))
+    quant = faiss.IndexFlatIP(x.shape[1])
+    ivf = faiss.IndexIVFScalarQuantizer(quant, x.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    t = time.perf_counter()
+    faiss.omp_set_num_threads(2)                        # training is set-up, not an insert
+    ivf.train(x[rng.choice(args.rows, min(args.rows, 40 * nlist), replace=False)])
+    faiss.omp_set_num_threads(1)
+    ix = faiss.IndexIDMap(ivf)
+    res = {"nlist": nlist, "train_s": round(time.perf_counter() - t, 2)}
+    res.update(fill(lambda k, v: ix.add_with_ids(np.ascontiguousarray(v), k.astype(np.int64)), x))
+    for nprobe in map(int, args.nprobe.split(",")):
+        ivf.nprobe = nprobe
+        s = lambda q: ix.search(q[None], CAND)[1][0]
+        res[f"nprobe{nprobe}"] = {"changed": ask(s, copies, pick), "other": ask(s, others, nearest)}
+    out["faiss IVF-SQfp16"] = res
+    print(json.dumps({"faiss IVF-SQfp16": res}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
