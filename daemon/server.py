@@ -57,6 +57,10 @@ from .models.embedding_pooling import embedding_id
 log = logging.getLogger("inferd.server")
 
 
+#: How stale the door's answer in ``info`` may be (Server._door_blocked_lately).
+DOOR_CHECK_S = 0.5
+
+
 class Server:
     def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
                  clock=time.monotonic, reread_config=None):
@@ -84,6 +88,7 @@ class Server:
         self._retired: list = []             # embedding stores of models swapped out
         self.counters = self.scheduler.counters
         self._clock = clock
+        self._door_asked: tuple[float, str | None] = (float("-inf"), None)   # (when, answer): info's door
         self._sids = itertools.count(1)
         self._handshakes: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,6 +302,16 @@ class Server:
         server is closing the socket the question dups."""
         return self.door.blocked() if self.door is not None and self.state == readiness.READY else None
 
+    def _door_blocked_lately(self) -> str | None:
+        """The door's answer as of at most DOOR_CHECK_S ago, for ``info``, which any client may
+        ask for as often as it likes: asking the door each time (a dup and a close) under an info
+        flood left another uid's classify waiting 0.2-1 s for the device threads (measured by
+        tests/integration/test_event_loop_attacks.py; 30-50 ms with this)."""
+        now = self._clock()
+        if now - self._door_asked[0] >= DOOR_CHECK_S:
+            self._door_asked = (now, self._door_blocked())
+        return self._door_asked[1]
+
     def _readiness(self, door: str | None) -> readiness.Readiness:
         return readiness.assess(self.state, self.devices, self.cfg.batching.max_batch, door)
 
@@ -371,7 +386,7 @@ class Server:
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""
-        r = self.readiness()
+        r = self._readiness(self._door_blocked_lately())
         return {"model": self.model.describe(), "pid": self.pid, "sessions": len(self.sessions),
                 "ready": r.ready, "state": r.state, "reason": r.reason, "capacity_fps": r.capacity_fps,
                 "oip": self.front.describe() if self.front is not None else None, **self.scheduler.describe()}

@@ -492,7 +492,10 @@ def test_a_trickled_frame_gets_no_more_time_than_a_stalled_one(impatient):
     stop.set()
     assert reply["code"] == wire.E_BAD_FRAME and "frame_timeout_s" in reply["message"], reply
     assert 0.45 <= elapsed < 3, elapsed                # the whole frame would take 12 s
-    assert c.recv() is None
+    try:
+        assert c.recv() is None                        # closed
+    except ConnectionResetError:                       # closed with a trickled byte unread: the
+        pass                                           # kernel answers that byte with a reset
     sender.join(5)
     c.close()
     _served_correctly(impatient)
