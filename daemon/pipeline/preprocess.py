@@ -79,6 +79,14 @@ class _FusedLoader:
         self.ready = threading.Event()          # set once the kernels are loaded
         self.failed: str = ""                   # why they will not be (the torch passes stay)
 
+    def state(self) -> str:
+        """"idle" (never asked for), "loading", "ready", or "failed: why" (admin stats)."""
+        if self.ready.is_set():
+            return "ready"
+        if self.failed:
+            return f"failed: {self.failed}"
+        return "loading" if self._started else "idle"
+
     def ready_now(self) -> bool:
         """Whether the fused pass can be made now; starts loading it the first time it is not."""
         if self.ready.is_set():

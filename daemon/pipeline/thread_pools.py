@@ -309,6 +309,8 @@ def snapshot() -> dict:
                "devices": [dict(v, planned=_state.assignments.get(i, Assignment(0)).threads)
                            for i, v in sorted(_state.entered.items())]}
         teams = dict(_state.teams)
+    preprocess = sys.modules.get(__name__.rsplit(".", 1)[0] + ".preprocess")   # never imported from here
+    out["fused_preprocessing"] = preprocess.FUSED_LOADER.state() if preprocess is not None else "idle"
     for d, (i, _) in zip(out["devices"], sorted(_state.entered.items())):
         if i in teams:
             try:                # read while its executor may add a bucket: a retry next time
