@@ -133,7 +133,8 @@ def test_identical_frames_in_flight_together_run_once(daemon):
     c = RawClient(daemon.socket_path, ring_slots=8)
     try:
         with Client(daemon.socket_path) as probe:
-            before = probe.info()["counters"]
+            info = probe.info()
+            before, hits_before = info["counters"], info["cache"]["daemon_hits"]
         for slot in range(8):
             c.ring.slot(slot, img.nbytes)[:] = img.reshape(-1)
         c.send_raw(b"".join(wire.encode(
@@ -141,13 +142,16 @@ def test_identical_frames_in_flight_together_run_once(daemon):
              "nbytes": img.nbytes}) for slot in range(8)))
         replies = [c.recv() for _ in range(8)]
         with Client(daemon.socket_path) as probe:
-            after = probe.info()["counters"]
+            info = probe.info()
+            after, hits = info["counters"], info["cache"]["daemon_hits"] - hits_before
     finally:
         c.close()
     assert sorted(r["id"] for r in replies) == list(range(8))
     assert len({tuple(map(tuple, r["top"])) for r in replies}) == 1
     assert after["frames"] - before.get("frames", 0) == 1
-    assert after["coalesced"] - before.get("coalesced", 0) == 7
+    # the other seven joined the one in flight, or (claimed once it had been answered: a loaded
+    # machine) found its answer in the cache; never computed again
+    assert after.get("coalesced", 0) - before.get("coalesced", 0) + hits == 7
 
 
 def test_unique_traffic_samples_its_inserts(fresh_daemon):

@@ -170,7 +170,9 @@ def test_forged_entries_are_ignored_counted_and_never_served(redis_server):
         with Client(b.socket_path, cache=False) as cb:
             assert answers(cb, imgs) == truth             # computed by b: a's entries do not pass
         stats = l2_stats(b)
-        assert stats["forged"] == len(imgs) and stats["hits"] == 0, stats
+        assert stats["hits"] == 0 and 1 <= stats["forged"] <= len(imgs), stats
+        # every lookup found a forgery, but for one that came back past its budget on a loaded machine
+        assert stats["forged"] == len(imgs) or stats["late"] + stats["timeouts"] > 0, stats
         assert frames_computed(b) == len(imgs)
 
         # a writer without any key: every entry rewritten to claim another class, with a made-up MAC
