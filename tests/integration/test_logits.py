@@ -103,8 +103,9 @@ def test_identical_frames_asking_for_logits_are_each_computed(daemon):
             np.testing.assert_allclose(np.frombuffer(r["logits"], np.float32), want[0], atol=1e-4, rtol=1e-5)
         else:
             assert "logits" not in r
-    # the four that asked are computed each; the four others may coalesce among themselves
-    assert after["frames"] - before.get("frames", 0) >= 4 + 1
+    # the four that asked are computed each; the four others may coalesce among themselves, or find
+    # an answer already in the cache (a loaded machine: a logits row computed first fills it)
+    assert after["frames"] - before.get("frames", 0) >= 4
     assert after.get("coalesced", 0) - before.get("coalesced", 0) <= 3
 
 
