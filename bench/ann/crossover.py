@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..lib.measure import latency_stats
-from ..lib.report import prog
+from ..lib.report import print_json, prog
 from .libs import changed_copies, dataset
 
 
@@ -73,12 +73,7 @@ def main(argv=None) -> int:
                "top1_agree": round(agree / len(qs), 4)}
         rows_out.append(row)
         log(json.dumps(row))
-    text = json.dumps(rows_out, indent=1)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
-    return 0
+    return print_json(rows_out, args.out)
 
 
 if __name__ == "__main__":

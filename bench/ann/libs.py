@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from ..lib.measure import latency_stats
-from ..lib.report import prog
+from ..lib.report import print_json, prog
 
 M, EF_CONSTRUCTION, K = 16, 128, 10
 EFS = (32, 64, 128)
@@ -363,12 +363,7 @@ def main(argv=None) -> int:
     others = dataset(args.queries, "", args.seed + 1) if not args.vectors else \
         unit(dataset(args.rows + args.queries, args.vectors, args.seed + 1)[args.rows:])
     if args.uids:
-        text = json.dumps(scoping(vecs, args.uids, args.queries, rng, log), indent=1)
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write(text)
-        print(text)
-        return 0
+        return print_json(scoping(vecs, args.uids, args.queries, rng, log), args.out)
     queries = {"changed": changed, "unrelated": others}
     t0 = time.perf_counter()
     truth = {kind: exact_top(vecs, qs, K) for kind, qs in queries.items()}
@@ -386,12 +381,7 @@ def main(argv=None) -> int:
     for name in args.libs.split(","):
         report["libs"][name] = measure(name, vecs, queries, truth, log)
         log(json.dumps({name: report["libs"][name]}))
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
-    return 0
+    return print_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from ..lib.measure import latency_stats
-from ..lib.report import prog
+from ..lib.report import print_json, prog
 
 KINDS = ("resize", "jpeg", "crop", "brightness")
 K = 10
@@ -316,11 +316,7 @@ def main(argv=None) -> int:
         return 0
     if args.cpu_only:
         out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log)
-        print(json.dumps(out, indent=1))
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(out, fh, indent=1)
-        return 0
+        return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:
         big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log)
@@ -331,12 +327,7 @@ def main(argv=None) -> int:
                          "serving_s<=5": bool(big["start"]["serving_s"] <= 5.0)}
     if "daemon_cpu" in big:
         report["targets"]["daemon_cpu<=1.1x"] = bool(big["daemon_cpu"]["on_over_off"] <= 1.1)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
-    return 0
+    return print_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,17 @@ def machine() -> dict:
             "platform": platform.platform(), "loadavg_start": os.getloadavg()}
 
 
+def print_json(data, out: str | None = None) -> int:
+    """Print ``data`` as indented JSON and, with ``out``, write the same text there; returns 0 (a
+    ``main``'s exit status). For the measuring scripts without a report of their own (bench/ann)."""
+    text = json.dumps(data, indent=1)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    print(text)
+    return 0
+
+
 def write_results(out: str, name: str, results: dict, report: str, *, indent: int = 2) -> str:
     """Write ``results`` to ``out``/``name``, print ``report`` and where the results (and their
     ``plots``, when listed) went; returns the file's path."""
