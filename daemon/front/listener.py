@@ -116,7 +116,7 @@ class Listener:
         check_path_length(path)
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, mode=0o750, exist_ok=True)
-        _remove_if_stale(path)
+        remove_if_stale(path)
         # Bound, chmod-ed and listening under a temporary name, then renamed into place: a client
         # polling for the path finds it only once it accepts connections with its final mode, never a
         # socket that refuses (not yet listening) or denies (not yet chmod-ed) it.
@@ -164,7 +164,9 @@ def _describe(family: int, kind: int) -> str:
     return f"{names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')}"
 
 
-def _remove_if_stale(path: str) -> None:
+def remove_if_stale(path: str, who: str = "daemon") -> None:
+    """Unlink ``path`` if it is a socket nobody listens on (a crashed predecessor's leftover); a
+    ListenerError if it is not a socket, or a ``who`` answers there."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -181,10 +183,10 @@ def _remove_if_stale(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ListenerError(f"cannot tell whether a daemon answers on {path}: {exc.strerror}") from None
+        raise ListenerError(f"cannot tell whether a {who} answers on {path}: {exc.strerror}") from None
     finally:
         probe.close()
-    raise ListenerError(f"another daemon answers on {path}; stop it or choose another socket path")
+    raise ListenerError(f"another {who} answers on {path}; stop it or choose another socket path")
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import stat
 
 import grpc
 import numpy as np
 
 from ..errors import ConfigError
-from ..front.listener import check_path_length
+from ..front.listener import ListenerError, check_path_length, remove_if_stale
 from . import oip_pb2 as pb
 from . import tensors
 from .errors import OipError
@@ -240,20 +239,6 @@ def _remove_stale(path: str) -> None:
     """A socket file nobody listens on (a killed predecessor's) goes; a live one, or anything
     that is not a socket, is a ConfigError (the front exits 78 saying so)."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"oip.grpc {path} exists and is not a socket; remove it or choose another path")
-    import socket
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)                         # nobody listens: a killed predecessor's
-        return
-    except OSError as exc:
-        raise ConfigError(f"oip.grpc {path}: cannot tell whether a front answers there: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"oip.grpc {path}: another front answers there; stop it or choose another path")
+        remove_if_stale(path, who="front")
+    except ListenerError as exc:
+        raise ConfigError(f"oip.grpc: {exc}") from None
