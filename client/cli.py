@@ -4,7 +4,8 @@ Client socket (any allowed user)::
 
     inferctl ping                       round-trip time and the daemon's pid
     inferctl info                       model, devices, cache, counters (JSON)
-    inferctl classify FILE... [-k N]    JPEG/PNG/WebP files (decoded as Client.classify does) or .npy arrays
+    inferctl classify FILE... [-k N]    JPEG/PNG/WebP files (decoded as Client.classify does) or .npy arrays;
+                                        --model NAME [--version N]: which of the daemon's models
 
 Admin socket (root, the daemon's user, members of server.admin_group)::
 
@@ -140,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", parents=[common], help="classify image files (client socket)")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("-k", "--top-k", type=_positive(int), default=3, metavar="N")
+    c.add_argument("--model", metavar="NAME", default=None,
+                   help="which of the daemon's models answers (default: its default model)")
+    c.add_argument("--version", type=_positive(int), default=None, metavar="N",
+                   help="which version of that model (default: the daemon's route)")
     h = sub.add_parser("health", parents=[common], help="exit 0 when the daemon is ready")
     h.add_argument("--wait", action="store_true", help="block until the daemon is ready")
     h.add_argument("--wait-timeout", type=_positive(float), default=HEALTH_WAIT_S, metavar="SECONDS",
@@ -267,7 +272,7 @@ def _client_command(args) -> int:
         elif args.command == "info":
             _out(args, {k: v for k, v in client.info().items() if k not in ("id", "ok")})
         else:
-            tops = client.classify_many(images, args.top_k)
+            tops = client.classify_many(images, args.top_k, model=args.model, version=args.version)
             data = {path: [{"index": p.index, "label": p.label, "score": p.score} for p in top]
                     for path, top in zip(args.files, tops)}
             _out(args, data, "\n".join(f"{path}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in top)

@@ -40,6 +40,7 @@ from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
+from .models.catalog import UnknownModel
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
@@ -62,8 +63,9 @@ DOOR_CHECK_S = 0.5
 
 
 class Server:
-    def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
+    def __init__(self, cfg: Config, catalog, devices: list[Device], listener: Listener,
                  clock=time.monotonic, reread_config=None):
+        """``catalog``: what is served (daemon/models/catalog.py), or one LoadedModel."""
         self.cfg = cfg
         self.devices = devices
         self.listener = listener
@@ -74,7 +76,8 @@ class Server:
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
-        self.scheduler = Scheduler(cfg, model, devices, clock)
+        self.scheduler = Scheduler(cfg, catalog, devices, clock)
+        self.catalog = self.scheduler.catalog
         self.caches = self.scheduler.caches
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
                           turns=self.turns, submit_many=self.scheduler.submit_many)
@@ -204,10 +207,20 @@ class Server:
             caches.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
         if self.cfg.l2.enabled:             # the fleet cache (daemon/caching/fleet/cache.py); ConfigError: a bad key file
             caches.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(caches.spec.labels), self._clock)
+        for served in self.catalog.by_id:   # the answers each model keeps, at most the cache's
+            served.keep_k = min(caches.cache.geometry.max_k, len(served.spec.labels)) \
+                if caches.cache is not None else 0
+        first = self.scheduler.first
         for dev in self.devices:
+            # the default model's runner first: its embeddings are the store's (Executor)
+            served = sorted(self.catalog.on_device(dev.index), key=lambda s: s is not first)
+            if not served:
+                raise ConfigError(f"device {dev.label} runs no model: every [[models]] entry's devices "
+                                  f"leave it out; remove it or name it in one")
             dev.executor = Executor(
-                dev, self.model, deliver=self._deliver_threadsafe, max_batch=self.cfg.batching.max_batch,
-                warmup_batches=self.cfg.model.warmup_batches, keep_k=caches.keep_k, clock=self._clock)
+                dev, served if not self.catalog.single else self.model, deliver=self._deliver_threadsafe,
+                max_batch=self.cfg.batching.max_batch, warmup_batches=self._warmup_batches(),
+                keep_k=caches.keep_k, clock=self._clock)
             dev.collector = Collector(
                 dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
                 peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock, caches=caches)
@@ -221,14 +234,21 @@ class Server:
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
-        dim = self.devices[0].executor.embedding_dim
+        dim = next((d.executor.embedding_dim for d in self.devices
+                    if d.executor.runs(self.scheduler.first.mid)), 0)
         if self.cfg.embeddings.enabled and dim:
             embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
             caches.open_store(self.cfg.embeddings.path or default_path(
                 os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
-            for dev in self.devices:
-                dev.executor.store = caches.store
+            for dev in self.devices:        # embeddings of the default model only (the store's)
+                if dev.executor.runs(self.scheduler.first.mid):
+                    dev.executor.store = caches.store
         return True
+
+    def _warmup_batches(self) -> int:
+        """Warm-up batches per model on each device: [model]'s, or the most any entry asks."""
+        return max(getattr(s.config, "warmup_batches", self.cfg.model.warmup_batches)
+                   for s in self.catalog.by_id)
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
@@ -323,6 +343,8 @@ class Server:
                 "agent": ({"address": "%s:%d" % self.agent.address, "line": agent_line(r, self.agent.reference_fps).strip(),
                            "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
+                "models": [{"name": s.name, "version": s.version, "digest": s.digest, "gen": s.gen}
+                           for s in self.catalog.by_id],
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
                 "in_rotation": r.in_rotation, "pid": self.pid,
                 "oip": self.front.describe() if self.front is not None else None}
@@ -383,6 +405,16 @@ class Server:
             session.release_ring()
         if session.heavy:
             self.heap_trim.request()
+
+    def labels_of(self, msg: dict) -> dict:
+        """The ``labels`` reply: the named model's (``model``, ``version``), else the default's.
+        Rejected (unknown_model) naming the models there are."""
+        if msg.get("model") is None and msg.get("version") is None:
+            return self.model.labels()
+        try:
+            return self.catalog.resolve(msg.get("model"), msg.get("version"), 0, 0).model.labels()
+        except UnknownModel as exc:
+            raise Rejected(wire.E_UNKNOWN_MODEL, str(exc)) from None
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""

@@ -233,11 +233,12 @@ class Caches:
         return UNHASHED, False
 
     # on device threads (the collectors): thread-safe ------------------------------------------------
-    def hash_row(self, row: np.ndarray) -> tuple[bytes, bytes]:
-        """(content hash, cache key) of a staged row, the daemon's own copy of a frame. BLAKE3
-        lets go of the GIL over a frame, so devices hash in parallel. Any thread."""
+    def hash_row(self, row: np.ndarray, keying: tuple | None = None) -> tuple[bytes, bytes]:
+        """(content hash, cache key) of a staged row, the daemon's own copy of a frame, under
+        ``keying`` (its model's, daemon/models/catalog.py ``Served.keying``; None: the first
+        model's). BLAKE3 lets go of the GIL over a frame, so devices hash in parallel. Any thread."""
         content = cachefile.content_hash(row)
-        digest, preprocess_id = self.keying
+        digest, preprocess_id = keying or self.keying
         return content, cachefile.cache_key(digest, preprocess_id, content)
 
     def peek(self, key: bytes, top_k: int):
@@ -253,17 +254,18 @@ class Caches:
         self.counters["daemon_hits" if hit else "misses"] += 1
         self.hit_rate += RATE_ALPHA * (hit - self.hit_rate)
 
-    def private_copy(self, ring, slot: int) -> tuple[np.ndarray, bytes, bytes]:
-        """(frame copy, content hash, cache key) for a checked slot, on the loop (``LOOP``
-        requests). Rejected (invalid_input) when the slot cannot be read whole: a posix ring its
-        client shrank (inferd.shm.ring)."""
+    def private_copy(self, ring, slot: int, served=None) -> tuple[np.ndarray, bytes, bytes]:
+        """(frame copy, content hash, cache key) for a checked slot of model ``served`` (None: the
+        first model), on the loop (``LOOP`` requests). Rejected (invalid_input) when the slot cannot
+        be read whole: a posix ring its client shrank (inferd.shm.ring)."""
         t0 = time.perf_counter()
+        spec = served.spec if served is not None else self.spec
         try:
-            frame = ring.read_slot(slot, self.spec.frame_bytes).reshape(self.spec.frame_shape)
+            frame = ring.read_slot(slot, spec.frame_bytes).reshape(spec.frame_shape)
         except RingError as exc:
             raise Rejected(wire.E_INVALID_INPUT, f"slot {slot} cannot be read: {exc}") from None
         content = cachefile.content_hash(frame)
-        key = self.key(content)
+        key = self.key(content, served.keying if served is not None else None)
         self.counters["hash_seconds"] += time.perf_counter() - t0
         self.counters["hashed"] += 1
         return frame, content, key
@@ -303,9 +305,10 @@ class Caches:
         self._uploads_waiting -= 1
         self._upload_bytes -= nbytes
 
-    def key(self, content: bytes) -> bytes:
-        """The cache key of a content hash under the current model."""
-        return cachefile.cache_key(self.digest, self.spec.preprocess_id, content)
+    def key(self, content: bytes, keying: tuple | None = None) -> bytes:
+        """The cache key of a content hash under a model's ``keying`` (None: the first model's)."""
+        digest, preprocess_id = keying or self.keying
+        return cachefile.cache_key(digest, preprocess_id, content)
 
     def flush(self) -> tuple[int, int]:
         """Empty the result cache: (entries dropped, new generation). The count is of entries

@@ -1,0 +1,168 @@
+"""Several models in one daemon ([[models]]): each answers as the in-process model does, requests
+name theirs (or get the default), an unknown one is a typed error naming those there are, hello
+and info list them, and no batch ever mixes two models."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import RawClient, short_dir, spawn_daemon
+from inferd.client import Client, InvalidInput, UnknownModel
+from inferd.daemon.models import zoo
+from inferd.daemon.models.zoo.shapes import make_dataset
+from inferd.daemon.models.zoo.synthetic import level_of
+from inferd.daemon.pipeline.preprocess import to_input
+from inferd.shm import wire
+
+pytestmark = pytest.mark.timeout(180)
+
+TWO_MODELS = """
+[[models]]
+builtin = "shapes"
+default = true
+warmup_batches = 1
+
+[[models]]
+builtin = "synthetic"
+name = "synth"
+warmup_batches = 1
+"""
+
+
+def write_config(text: str) -> str:
+    path = os.path.join(short_dir(), "models.toml")
+    with open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two():
+    d = spawn_daemon("--config", write_config(TWO_MODELS), model="")
+    yield d
+    rc = d.stop()
+    d.cleanup()
+    assert rc == 0, f"daemon exited with {rc}:\n{d.log()}"
+
+
+def in_process_shapes(images: np.ndarray, k: int):
+    model, spec = zoo.build("shapes")
+    with torch.inference_mode():
+        x = to_input(torch.from_numpy(images), torch.tensor(spec.mean), torch.tensor(spec.std))
+        return torch.softmax(model(x), dim=1).topk(k, dim=1)
+
+
+def test_each_model_answers_as_in_process_under_mixed_load(two):
+    """Both models at once from two threads: shapes' answers equal the in-process model's, the
+    synthetic model's name each frame's level, and the daemon counts batches of each model and
+    none that mixed them (the executor fails such a batch; the loop counts it apart)."""
+    images, _ = make_dataset(96, seed=7)
+    want_scores, want_idx = in_process_shapes(images, 5)
+    levels = [(i * 37) % 256 for i in range(96)]
+    frames = [np.full((16, 16, 3), v, np.uint8) for v in levels]
+    got = {}
+
+    def shapes():
+        with Client(two.socket_path, ring_slots=16) as c:
+            got["shapes"] = [c.classify_many(list(images[i:i + 16]), top_k=5) for i in range(0, 96, 16)]
+
+    def synth():
+        with Client(two.socket_path, ring_slots=16, model="synth") as c:
+            got["synth"] = [c.classify_many(frames[i:i + 16], top_k=1) for i in range(0, 96, 16)]
+
+    threads = [threading.Thread(target=shapes), threading.Thread(target=synth)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    tops = [t for chunk in got["shapes"] for t in chunk]
+    for row, top in enumerate(tops):
+        assert [p.index for p in top] == want_idx[row].tolist()
+        np.testing.assert_allclose([p.score for p in top], want_scores[row].numpy(), atol=1e-5, rtol=0)
+    answers = [t[0] for chunk in got["synth"] for t in chunk]
+    assert [p.index for p in answers] == [level_of(v) for v in levels]
+    assert all(p.label == f"level_{level_of(v)}" for p, v in zip(answers, levels))   # synth's own labels
+    with Client(two.socket_path) as c:
+        counters = c.info()["counters"]
+    assert counters["mixed_batches"] == 0
+    assert counters["batches_model_0"] > 0 and counters["batches_model_1"] > 0
+    assert counters["frames_model_0"] >= 96 and counters["frames_model_1"] >= 96
+
+
+def test_unknown_model_is_a_typed_error_naming_the_models(two):
+    raw = RawClient(two.socket_path)
+    try:
+        frame = np.zeros((16, 16, 3), np.uint8)
+        raw.classify(1, 0, frame, model="nope")
+        reply = raw.recv()
+        assert reply["code"] == wire.E_UNKNOWN_MODEL
+        assert "shapes" in reply["message"] and "synth" in reply["message"]
+        raw.classify(2, 0, frame, model="synth", version=7)
+        reply = raw.recv()
+        assert reply["code"] == wire.E_UNKNOWN_MODEL and "version" in reply["message"]
+        raw.send({"op": "classify_many", "id": 3, "slots": [0, 1], "shape": [16, 16, 3], "dtype": "uint8",
+                  "nbytes": 768, "model": 5})
+        reply = raw.recv()                  # one ``replies`` message: the errors of a message go together
+        assert [m["code"] for m in reply["replies"]] == [wire.E_UNKNOWN_MODEL] * 2
+    finally:
+        raw.close()
+    with Client(two.socket_path) as c, pytest.raises(UnknownModel, match="synth"):
+        c.classify(frame, model="nope")
+
+
+def test_a_frame_is_checked_against_its_own_model(two):
+    """Slots hold the largest model's frame; a frame of the default's shape sent for synth is refused."""
+    raw = RawClient(two.socket_path)
+    try:
+        assert raw.ring.geometry.slot_bytes == 64 * 64 * 3
+        raw.classify(1, 0, np.zeros((64, 64, 3), np.uint8), model="synth")
+        reply = raw.recv()
+        assert reply["code"] == wire.E_INVALID_INPUT and "[16, 16, 3]" in reply["message"]
+        raw.classify(2, 1, np.full((16, 16, 3), 255, np.uint8), model="synth", top_k=1)
+        reply = raw.recv()
+        assert reply["ok"] and reply["top"][0][0] == 9 and reply["served"] == ["synth", 1]
+    finally:
+        raw.close()
+    with Client(two.socket_path) as c, pytest.raises(InvalidInput):
+        c.classify(np.zeros((16, 16, 3), np.uint8), top_k=11, model="synth")     # synth has 10 classes
+
+
+def test_hello_and_info_list_the_models(two):
+    raw = RawClient(two.socket_path)
+    try:
+        hello = raw.hello_reply
+    finally:
+        raw.close()
+    assert hello["model"]["name"] == "shapes" and hello["default_model"] == "shapes"
+    listed = {(m["name"], m["version"]): m for m in hello["models"]}
+    assert set(listed) == {("shapes", 1), ("synth", 1)}
+    assert listed["synth", 1]["input"] == [16, 16, 3] and listed["synth", 1]["classes"] == 10
+    assert listed["shapes", 1]["default"] and not listed["synth", 1]["default"]
+    assert listed["shapes", 1]["digest"] != listed["synth", 1]["digest"]
+    with Client(two.socket_path) as c:
+        info = c.info()
+        assert [(m["name"], m["input"]) for m in info["models"]] == [("shapes", [64, 64, 3]), ("synth", [16, 16, 3])]
+        assert c.labels(model="synth")[3] == "level_3"
+        assert c.labels() == tuple(zoo.build("shapes")[1].labels)
+        assert c.classify(np.zeros((64, 64, 3), np.uint8), model="default").__len__() == 5
+
+
+def test_a_one_model_daemon_says_nothing_new(daemon):
+    """[model] alone: hello and replies as before (no ``models``, no ``served``), and its model
+    answers to its own name and to "default"."""
+    raw = RawClient(daemon.socket_path)
+    try:
+        assert "models" not in raw.hello_reply
+        raw.classify(1, 0, np.zeros((64, 64, 3), np.uint8))
+        reply = raw.recv()
+        assert reply["ok"] and "served" not in reply
+        raw.classify(2, 1, np.zeros((64, 64, 3), np.uint8), model="shapes")
+        assert raw.recv()["ok"]
+        raw.classify(3, 2, np.zeros((64, 64, 3), np.uint8), model="default")
+        assert raw.recv()["ok"]
+        raw.classify(4, 3, np.zeros((64, 64, 3), np.uint8), model="resnet18")
+        assert raw.recv()["code"] == wire.E_UNKNOWN_MODEL
+    finally:
+        raw.close()
