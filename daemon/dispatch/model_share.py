@@ -7,85 +7,90 @@ no lock, no clock, no threads: the queue calls it under its lock, and tests driv
 
 NOTE [ model share ]
 
-Weighted deficit round robin over the lanes with work, in device seconds (Shreedhar and Varghese's
-DRR with a batch's expected time as its cost)::
+Weighted fair queueing in device seconds over the lanes with work: each lane has a virtual time
+``vt`` (the device seconds charged to it, divided by its weight share / min(shares)); the next
+batch comes from the lane with the smallest ``vt``, in runs::
 
-    ring of lanes with work      head                   tail
-                                 [model 0] -> [model 2] -> (head)
-    the head is granted          deficit += quantum_m = RUN_S * share_m / min(shares)
-    and serves batches           while deficit > 0: a batch of n, deficit -= L_m(n)
-                                 (its expected seconds on this device, from the lane's profile)
-    then goes to the tail        keeping what it overdrew (deficit <= 0), so an overrun is paid back
-    a lane that runs empty       leaves the ring, deficit = 0: idle time is never saved up
+    a batch of n of lane m is taken        vt[m] += L_m(n) / weight[m]
+                                           (its expected seconds on this device, the lane's profile)
+    the current lane goes on               while vt[cur] < min(vt of the other lanes with work) + RUN_S
+    then the lane furthest behind          (smallest vt) starts its run
+    a lane that gets work after none       vt = max(vt, now_vt - RUN_S): its lead is kept, and at
+                                           most RUN_S of credit is kept while it had nothing queued
 
-While lanes stay backlogged, model m gets share_m / sum(shares) of the device's time (each turn's
-overrun is carried, so the error stays within one batch per turn whatever the batch times are).
+While lanes stay backlogged, model m gets share_m / sum(shares) of the device's time, within one
+run either way whatever the batch times are. This is the fairness of a weighted deficit round
+robin (a DRR quantum is a run here) with one difference that matters for closed-loop clients: a
+DRR lane that runs empty leaves the ring and loses its turn and deficit, and a model whose
+clients wait for their answers empties its lane at every batch (its requests are in the device),
+so under DRR two models of shares 2:1 were served 1:1 (bench/models, measured). Here such a lane
+keeps its virtual time, so it is served first when its clients come back.
+
 Switching cost. A device that alternates models pays for it: a CPU's caches hold the last model's
 weights and activations, a GPU may hold another model's CUDA graphs, and batches form from half
-the arrivals. The quantum makes each turn a run of batches: RUN_S (8 ms) of one model before the
-next, so a switch happens at most every RUN_S x share while both have work. Measured here
-(bench/models, a CPU device, shapes at 64x64 against resnet18 at 64x64 in turns, batch 8): one
-batch of A after a batch of B costs within noise of A after A on this 2-core host (the models'
-weights, 0.1-45 MB, do not fit the L2 either way), so RUN_S is kept short for latency; a GPU's
-switch (graphs, allocator) is what it is for. A deadline overrides the turn: a lane whose front
-request would miss its deadline if it waited for one more batch of the current lane goes first
-(``urgent``), and pays for it from its deficit as any other batch.
+the arrivals. Runs bound the switches: a lane's run lasts until it is RUN_S (8 ms, in its
+weighted seconds) ahead of the lane furthest behind, so while two models both have work a switch
+happens about every 2 x RUN_S x weight of device time, never every batch (when a batch is longer,
+every batch; then a switch is a small part of it anyway). Measured here (bench/models, a CPU
+device, one thread, batch 8 at 64x64, two runs): a batch of shapes after a batch of resnet18 took
+1.02-1.08x a batch of shapes after shapes, resnet18 after shapes 0.96-1.02x of resnet18 after
+resnet18: within this shared host's noise (the weights, 0.1 and 45 MB, and the activations do not
+stay in this CPU's caches between batches either way), so RUN_S is kept short, for latency. A deadline overrides the run: a lane
+whose front request would miss its deadline if it waited for one more batch of the current lane
+goes first (``urgent`` in DeviceQueue._choose) and is charged as any other batch.
 """
 from __future__ import annotations
 
-#: seconds of device time one turn of a model with the smallest share runs, at least one batch
+#: how far (weighted device seconds) the current lane may run ahead of the one furthest behind
 RUN_S = 0.008
 
 
 class ModelShare:
-    """Deficit round robin over lanes ``0 .. len(shares) - 1`` (NOTE [ model share ])."""
+    """Weighted fair queueing over lanes ``0 .. len(shares) - 1`` (NOTE [ model share ])."""
 
-    __slots__ = ("quantum", "deficit", "ring", "turns", "served")
+    __slots__ = ("weight", "vt", "ring", "current", "now_vt", "run_s", "turns", "served")
 
     def __init__(self, shares: list[float], run_s: float = RUN_S):
         low = min(shares) if shares else 1.0
-        self.quantum = [run_s * s / low for s in shares]
-        self.deficit = [0.0] * len(shares)
-        self.ring: list[int] = []          # lanes with work, head first (a few: a list is fine)
-        self.turns = 0                     # turns granted (stats)
+        self.weight = [s / low for s in shares]
+        self.vt = [0.0] * len(shares)      # weighted device seconds charged to each lane
+        self.ring: list[int] = []          # lanes with queued work, in the order they got it
+        self.current = -1                  # the lane of the run going on (-1: none)
+        self.now_vt = 0.0                  # the virtual time of the last batch taken
+        self.run_s = run_s
+        self.turns = 0                     # runs begun (stats)
         self.served = [0.0] * len(shares)  # device seconds charged per lane (stats, the share test)
 
     def active(self, lane: int) -> None:
-        """``lane`` got work while it had none: it joins the tail."""
+        """``lane`` got work while it had none; at most ``run_s`` of credit is kept."""
         if lane not in self.ring:
             self.ring.append(lane)
+            self.vt[lane] = max(self.vt[lane], self.now_vt - self.run_s)
 
     def idle(self, lane: int) -> None:
-        """``lane`` ran out of work: it leaves the ring and forgets its deficit."""
+        """``lane`` has no queued work (its virtual time stays: NOTE [ model share ])."""
         if lane in self.ring:
-            if self.ring[0] == lane:
-                self.deficit[lane] = 0.0
             self.ring.remove(lane)
-        self.deficit[lane] = min(self.deficit[lane], 0.0)
 
     def head(self) -> int:
-        """The lane to serve next (the ring is not empty): its turn begins if it had none."""
-        ring = self.ring
-        lane = ring[0]
-        while self.deficit[lane] <= 0.0:
-            self.deficit[lane] += self.quantum[lane]
+        """The lane to serve next (the ring is not empty)."""
+        vt, cur = self.vt, self.current
+        if cur in self.ring:
+            behind = min((vt[m] for m in self.ring if m != cur), default=vt[cur])
+            if vt[cur] < behind + self.run_s:
+                return cur
+        lane = min(self.ring, key=vt.__getitem__)
+        if lane != cur:
+            self.current = lane
             self.turns += 1
-            if self.deficit[lane] > 0.0:
-                break
-            ring.append(ring.pop(0))       # still paying back an overrun: the next one
-            lane = ring[0]
         return lane
 
     def charge(self, lane: int, seconds: float) -> None:
-        """A batch of ``lane`` expected to take ``seconds`` was taken; its turn ends once spent."""
+        """A batch of ``lane`` expected to take ``seconds`` was taken."""
         self.served[lane] += seconds
-        ring = self.ring
-        if len(ring) <= 1:                 # alone: nobody to pay an overrun back to
-            self.deficit[lane] = 0.0
-            return
-        self.deficit[lane] -= seconds
-        if self.deficit[lane] <= 0.0 and ring and ring[0] == lane and len(ring) > 1:
-            ring.append(ring.pop(0))
+        self.now_vt = max(self.now_vt, self.vt[lane])
+        self.vt[lane] += seconds / self.weight[lane]
+        self.current = lane
 
     def shares(self) -> list[float]:
         """Each lane's part of the device seconds charged so far."""

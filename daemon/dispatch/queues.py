@@ -401,10 +401,10 @@ class DeviceQueue:
             if share is None:
                 return self._items.ahead(flow)
             mine = self._lanes[mid].ahead(flow)
-            others = [(len(lane), share.quantum[i]) for i, lane in enumerate(self._lanes) if i != mid and len(lane)]
+            others = [(len(lane), share.weight[i]) for i, lane in enumerate(self._lanes) if i != mid and len(lane)]
             if not others:
                 return mine
-            ratio = sum(q for _, q in others) / share.quantum[mid]
+            ratio = sum(w for _, w in others) / share.weight[mid]
             return mine + min(sum(n for n, _ in others), math.ceil((mine + 1) * ratio))
 
     def over_share(self, flow, limit: int, mid: int = 0) -> bool:
@@ -424,7 +424,7 @@ class DeviceQueue:
             self._cond.notify_all()
 
     def _choose(self, now: float) -> int:
-        """The lane the next batch comes from (several models): ModelShare's turn, unless another
+        """The lane the next batch comes from (several models): ModelShare's run, unless another
         lane's front request would miss its deadline behind one more batch of that lane
         (NOTE [ model share ]). Under the lock."""
         share = self._share
