@@ -371,6 +371,22 @@ class Server:
         return {"device": {"index": dev.index, "name": dev.label, "state": dev.state},
                 "in_rotation": sum(d.healthy for d in self.devices)}
 
+    def promote(self, name, version, who: str) -> dict:
+        """Make ``version`` (None: the canary) of model ``name`` take every request that names no
+        version (Catalog.promote): on the loop, between two requests, so none fails; requests in
+        flight finish on the version they resolved to. Rejected (unknown_model) naming the models."""
+        if not isinstance(name, str) or (version is not None and type(version) is not int):
+            raise Rejected(wire.E_INVALID_INPUT, "promote takes model (a name) and version (an integer, "
+                           "optional: the canary)")
+        try:
+            served = self.catalog.promote(name, version)
+        except UnknownModel as exc:
+            raise Rejected(wire.E_UNKNOWN_MODEL, str(exc)) from None
+        log.info("model %s version %d promoted by %s: it takes every request naming no version",
+                 served.name, served.version, who)
+        return {"promoted": {"name": served.name, "version": served.version},
+                "route": self.catalog.routes[served.name].describe()}
+
     def reload_done(self, ok: bool) -> None:
         self.scheduler.stats.reload_done(ok)
 

@@ -26,6 +26,9 @@ at a time per connection, each answered before the next is read::
     drain        -                              draining, outstanding: the daemon drains and exits
     flush_cache  -                              dropped, generation
     device       index, action (disable|enable) device {index, name, state}, in_rotation
+    promote      model (a name), version        promoted {name, version}, route: every request
+                 (optional: the canary)         naming no version gets it from now on
+                                                (daemon/models/catalog.py); unknown_model else
 
 Errors are the client protocol's (``bad_request``, ``unknown_op``, ``invalid_input``, ...) plus
 ``reload_failed``. ``inferctl`` (inferd.client.cli) is the command-line face of this socket.
@@ -49,7 +52,7 @@ _refused = RateLimitedLog(log, interval=10.0)
 
 MAX_CONNECTIONS = 32            # concurrent admin connections (inferctl top holds one)
 MAX_FRAME = 64 * 1024
-OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device")
+OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device", "promote")
 
 
 class AdminServer:
@@ -157,6 +160,8 @@ class AdminServer:
                 body = server.request_drain(f"admin drain by pid {peer[0]} uid {peer[1]}")
             elif op == "flush_cache":
                 body = server.flush_cache(peer)
+            elif op == "promote":
+                body = server.promote(msg.get("model"), msg.get("version"), f"pid {peer[0]} uid {peer[1]}")
             elif op == "device":
                 index, action = msg.get("index"), msg.get("action")
                 if type(index) is not int or not 0 <= index < len(server.devices):
