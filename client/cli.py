@@ -16,7 +16,8 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl metrics                    Prometheus text
     inferctl reload [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
                                         swap the model without failing a request; the [model]
-                                        keys as in the configuration (input, input_height, ...)
+                                        keys as in the configuration (input, input_height, ...);
+                                        --name NAME [--version N]: which of several models
     inferctl drain                      finish in-flight work, then exit
     inferctl flush-cache                empty the result cache
     inferctl device disable|enable N    take device N out of rotation, or put it back
@@ -161,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "and --set on top, checked as start-up checks it. A model of another "
                                    "input size needs a restart.")
     r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+    r.add_argument("--name", default=None, metavar="NAME",
+                   help="which served model it swaps (required when the daemon serves several)")
+    r.add_argument("--version", type=_positive(int), default=None, metavar="N",
+                   help="which version of --name (default: the one requests naming none get)")
     r.add_argument("--set", dest="settings", action="append", default=[], type=_model_setting,
                    metavar="model.KEY=VALUE",
                    help="a [model] key, value in TOML syntax (repeatable), e.g. --set model.input=uint8_nhwc")
@@ -236,6 +241,7 @@ def _run(args) -> int:
                 sys.stdout.flush()
         elif cmd == "reload":
             fields = {"model": args.model} if args.model else {}
+            fields.update({k: v for k, v in (("name", args.name), ("version", args.version)) if v is not None})
             if args.model_config is not None:
                 fields["section"] = args.model_config
             if args.settings:

@@ -194,12 +194,18 @@ class Server:
                       self.model.spec.name, exc)
             self.reload_done(False)
             return
+        if not self.catalog.single or fresh.models:
+            log.warning("SIGHUP: this daemon serves [[models]]; reload one by name (inferctl reload "
+                        "--name NAME) or restart to apply a changed list")
+            self.reload_done(False)
+            return
         log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
         try:
             await self.swap.reload(fresh.model)
         except ReloadError:
             return                          # logged by the swap
         self.cfg.model = fresh.model
+        self.scheduler.first.config = fresh.model
 
     async def _start_devices(self) -> bool:
         caches = self.caches

@@ -22,7 +22,10 @@ at a time per connection, each answered before the next is read::
                  (optional: a whole [model]
                  table); set (optional: [model]
                  keys on top), checked as at
-                 start-up (daemon/ops/reload.py)
+                 start-up (daemon/ops/reload.py);
+                 name, version: which served
+                 model it swaps (required when
+                 several are served)
     drain        -                              draining, outstanding: the daemon drains and exits
     flush_cache  -                              dropped, generation
     device       index, action (disable|enable) device {index, name, state}, in_rotation
@@ -153,7 +156,10 @@ class AdminServer:
                 log.info("reload asked by pid %d uid %d: %s%s%s", peer[0], peer[1], source or "the configured model",
                          f", section {section}" if section is not None else "", f", set {settings}" if settings else "")
                 try:
-                    body = await server.swap.reload(server.cfg.model, source, section, settings)
+                    name, version = msg.get("name"), msg.get("version")
+                    served = server.swap.target(name, version)     # several models: the one named
+                    configured = served.config if not server.catalog.single else server.cfg.model
+                    body = await server.swap.reload(configured, source, section, settings, served)
                 except ReloadError as exc:
                     raise Rejected(wire.E_RELOAD_FAILED, str(exc)) from None
             elif op == "drain":

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import RawClient, short_dir, spawn_daemon
-from inferd.client import Client, InvalidInput, UnknownModel
+from helpers import RawClient, admin_path, short_dir, spawn_daemon
+from inferd.client import AdminClient, Client, InvalidInput, ReloadFailed, UnknownModel
 from inferd.daemon.models import zoo
 from inferd.daemon.models.zoo.shapes import make_dataset
 from inferd.daemon.models.zoo.synthetic import level_of
@@ -166,3 +166,23 @@ def test_a_one_model_daemon_says_nothing_new(daemon):
         assert raw.recv()["code"] == wire.E_UNKNOWN_MODEL
     finally:
         raw.close()
+
+
+def test_a_reload_names_the_model_it_swaps(two):
+    """With several models a reload must name one; the named one is swapped (its generation moves
+    on, its answers keep coming), the other is untouched."""
+    with AdminClient(admin_path(two)) as admin:
+        with pytest.raises(ReloadFailed, match="several models"):
+            admin.call("reload")
+        with pytest.raises(ReloadFailed, match="no model 'nope'"):
+            admin.call("reload", name="nope")
+        before = {m["name"]: m for m in admin.call("health")["models"]}
+        reply = admin.call("reload", name="synth", set={"top_k": 3})
+        assert reply["changed"] and reply["model"]["name"] == "synth"
+        after = {m["name"]: m for m in admin.call("health")["models"]}
+    assert after["synth"]["gen"] == before["synth"]["gen"] + 1
+    assert after["synth"]["digest"] == before["synth"]["digest"]       # same weights, same keys
+    assert after["shapes"] == before["shapes"]
+    with Client(two.socket_path, model="synth") as c:
+        assert c.classify(np.full((16, 16, 3), 255, np.uint8), top_k=1)[0].label == "level_9"
+        assert c.info()["models"][1]["top_k"] == 3
