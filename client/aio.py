@@ -383,7 +383,9 @@ class AsyncClient(ClientSettings):
         results, todo, extra = core.look_up(items, top_k, tag, logits, target)
         if todo:
             asked = [items[i] for i in todo]
-            call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
+            # encoded bytes go beside a frame for the default model only (the daemon verifies those)
+            uploads = core.uploads(asked) if target[0].digest == core.model.digest else None
+            call = Call("classify", extra, deadline, [it.frame() for it in asked], uploads)
             for i, (reply, model) in zip(todo, await self._run(call)):
                 results[i] = core.answer(reply, model, logits)
         return [core.predictions(pairs, await self._names(model), *rest) for pairs, model, *rest in results]

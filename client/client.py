@@ -315,7 +315,9 @@ class Client(ClientSettings):
             self._connection(deadline, Backoff())
             results, todo, extra = core.look_up(items, top_k, tag, logits, target)
             asked = [items[i] for i in todo]
-            call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
+            # encoded bytes go beside a frame for the default model only (the daemon verifies those)
+            uploads = core.uploads(asked) if target[0].digest == core.model.digest else None
+            call = Call("classify", extra, deadline, [it.frame() for it in asked], uploads)
             for i, (reply, model) in zip(todo, self._run(call)):
                 results[i] = core.answer(reply, model, logits)
             return [core.predictions(pairs, self._names(model), *rest) for pairs, model, *rest in results]

@@ -359,7 +359,7 @@ class ProtocolCore:
         daemon/caching/results.py); on a miss there, by the decoded frame's content hash."""
         model, hit = model or self.model, None
         preprocess = model.preprocess or self.preprocess_id
-        if item.encoded_hash is not None and model is self.model:   # the daemon verifies the first model's
+        if item.encoded_hash is not None and model.digest == self.model.digest:   # verified: the default model only
             h, w, _ = model.input_shape
             hit = self.cache.lookup(cachefile.encoded_key(model.digest, preprocess,
                                                           decode.decoder_id(h, w), item.encoded_hash))
@@ -377,7 +377,7 @@ class ProtocolCore:
         an AsyncClient decodes these off its event loop first."""
         if item.encoded is None:
             return False
-        if self.cache is None or (model is not None and model is not self.model):
+        if self.cache is None or (model is not None and model.digest != self.model.digest):
             return True
         h, w, _ = self.model.input_shape
         hit = self.cache.lookup(cachefile.encoded_key(self.model.digest, self.preprocess_id,
@@ -440,11 +440,18 @@ class ProtocolCore:
         if type(served) is list and len(served) == 2 and not isinstance(reply.get("model"), dict):
             model = self.catalog.get(tuple(served))
             if model is not None:
+                gen = reply.get("gen")
+                if type(gen) is int and gen != model.gen:      # the default model's other generation
+                    other = self._models.get(gen)
+                    if other is not None and (other.name, other.version) == (model.name, model.version):
+                        return other
                 return model
         described = reply.get("model")
         if isinstance(described, dict):
             info = ModelInfo.from_wire(described)
             self._models[info.gen] = info
+            if (info.name, info.version) in self.catalog and info.gen >= self.catalog[info.name, info.version].gen:
+                self.catalog[info.name, info.version] = info
             if info.gen >= self.model.gen:
                 self.model = info
             while len(self._models) > KEEP_GENERATIONS:
