@@ -28,6 +28,9 @@ NOTE [ stats ]
     Caches (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
       a client's report of its own hits             by the cache file itself (insert / flush)
     the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
+    several models (NOTE [ stats per model ])       per model: outcomes, queue / compute / total
+                                                    histograms, its rate window, and per device
+                                                    device seconds, frames, batches, batch sizes
     the fleet cache (daemon/caching/fleet/cache.py): lookups by      its own ``counts``, ``wait`` histograms and
       verdict, writes, breaker moves               breaker, read by Caches.stats (``cache.l2``)
 
@@ -40,6 +43,18 @@ Cost on the request path: a histogram observe is one ``bisect`` and two addition
 the scheduler makes three (queue, total, and total again for its device), per batch three more
 (compute, reply, batch size) and one per-second ring update. ``metrics.enabled = false`` skips the histograms; counters, gauges and
 rates are always kept (they cost an addition each).
+
+NOTE [ stats per model ]
+
+With several models (``catalog.single`` false) every figure above that a model owns is kept a
+second time in that model's ModelStats (keyed by its Served): the outcomes of the requests that
+named it (refusals before its name was resolved, such as unknown_model, stay the daemon's alone),
+the queue, compute and total latency of its answers, and per device the seconds the device spent
+running its batches (the device share an operator checks against ``share``), its frames, batches
+and batch sizes. A one-model daemon keeps none of it: its one model's figures are the daemon's,
+read off them when asked, so a one-model request pays for nothing here. When a second model
+arrives at run time the first record is forked from the daemon's figures (everything so far was
+that model's), then both are kept from the next event on.
 
 Time is monotonic seconds from an injected ``clock`` (tests drive it); wall-clock time is used
 only to show operators when something happened (``wall``, also injectable).
@@ -183,9 +198,10 @@ class Window:
             self.busy[self._slot(second)] += end - t
             t, second = end, second + 1
 
-    def rates(self, now: float, since: float) -> tuple[dict, dict]:
+    def rates(self, now: float, since: float, cap: float = 1.0) -> tuple[dict, dict]:
         """({window: frames/s}, {window: busy ratio}) over each of WINDOWS, measured from the
-        start of the second ``window`` seconds before ``now`` (or ``since``, if later) to ``now``."""
+        start of the second ``window`` seconds before ``now`` (or ``since``, if later) to ``now``;
+        the busy ratio at most ``cap`` (a model's ring sums several devices: no cap)."""
         s = int(now)
         frames = dict.fromkeys(WINDOWS, 0)
         busy = dict.fromkeys(WINDOWS, 0.0)
@@ -201,7 +217,7 @@ class Window:
         for w in WINDOWS:
             span = now - max(s - w, since)
             fps[w] = frames[w] / span if span > 0 else 0.0
-            ratio[w] = min(busy[w] / span, 1.0) if span > 0 else 0.0
+            ratio[w] = min(busy[w] / span, cap) if span > 0 else 0.0
         return fps, ratio
 
 
@@ -229,6 +245,46 @@ class DeviceStats:
         self.transitions = collections.Counter()
 
 
+class ModelDeviceStats:
+    """What one device did for one model: seconds running its batches, frames, batches, sizes."""
+
+    __slots__ = ("seconds", "frames", "batches", "sizes")
+
+    def __init__(self, max_batch: int):
+        self.seconds = 0.0
+        self.frames = self.batches = 0
+        self.sizes = SizeHistogram(max_batch)
+
+
+class ModelStats:
+    """What one served model (name, version) was asked and did (NOTE [ stats per model ])."""
+
+    __slots__ = ("served", "outcomes", "late", "latency", "window", "devices")
+
+    def __init__(self, served):
+        self.served = served
+        self.outcomes = collections.Counter()
+        self.late = 0
+        self.latency = {phase: Histogram(LATENCY_BOUNDS) for phase in MODEL_PHASES}
+        self.window = Window()                     # frames answered, device seconds (all devices)
+        self.devices: dict = {}                    # Device -> ModelDeviceStats
+
+
+#: The phases kept per model: every one the daemon keeps (a per-batch add for compute and reply).
+MODEL_PHASES = PHASES
+
+
+class _NoCatalog:
+    """Stats made without a catalog (unit tests of the daemon's figures): no model rows."""
+
+    single = True
+    by_id: list = []
+    default = None
+
+
+_NO_CATALOG = _NoCatalog()
+
+
 class UidStats:
     __slots__ = ("sessions", "in_flight", "requests")
 
@@ -241,7 +297,7 @@ class Stats:
     (daemon/caching/results.py, daemon/dispatch/health.py, the scheduler's batch counters); the rest has methods."""
 
     def __init__(self, cfg, devices: list, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, catalog=None):
         self.timing = cfg.metrics.enabled          # keep the histograms
         self.counters = collections.Counter()
         self.outcomes = collections.Counter()      # requests by how they were answered
@@ -253,6 +309,11 @@ class Stats:
         self._max_batch = cfg.batching.max_batch
         self.devices: dict = {}                    # Device -> DeviceStats
         self.door = None                           # the client socket's (daemon/front/door.py): snapshot()
+        # what is served (daemon/models/catalog.py); its ``single`` says whether figures are kept
+        # per model too (NOTE [ stats per model ]); None: no model rows at all (unit tests)
+        self.catalog = catalog if catalog is not None else _NO_CATALOG
+        self.models: dict = {}                     # Served -> ModelStats, several models only
+        self._alone_so_far = self.catalog.single   # a second model arriving forks the first's record
         for dev in devices:
             self.add_device(dev)
 
@@ -282,8 +343,81 @@ class Stats:
     def finished(self, uid: int, n: int = 1) -> None:
         self._uid(uid).in_flight -= n
 
-    def outcome(self, name: str, n: int = 1) -> None:
+    def outcome(self, name: str, n: int = 1, served=None) -> None:
+        """``n`` requests answered as ``name``; ``served``: the model they named, once resolved."""
+        if served is not None and not self.catalog.single:
+            self._model(served).outcomes[name] += n     # (first: a fork copies the daemon's before it)
         self.outcomes[name] += n
+
+    # per model (NOTE [ stats per model ]) ----------------------------------------------------
+    def _model(self, served) -> ModelStats:
+        rec = self.models.get(served)
+        if rec is None:
+            if self._alone_so_far:          # the daemon goes from one model to several
+                self._alone_so_far = False
+                first = self.catalog.by_id[0]
+                self.models[first] = self._alone(first)
+            rec = self.models.get(served) or self.models.setdefault(served, ModelStats(served))
+        return rec
+
+    def _alone(self, served) -> ModelStats:
+        """The record of the one model of a one-model daemon: the daemon's own figures, copied."""
+        rec = ModelStats(served)
+        rec.outcomes.update(self.outcomes)
+        rec.late = self.late
+        for phase in MODEL_PHASES:
+            h, mine = self.latency[phase], rec.latency[phase]
+            mine.counts[:], mine.sum = h.counts, h.sum
+        for dev, d in self.devices.items():
+            mine = rec.devices[dev] = ModelDeviceStats(self._max_batch)
+            mine.seconds, mine.frames, mine.batches = d.busy, d.frames, d.batches
+            mine.sizes.counts[:], mine.sizes.sum = d.sizes.counts, d.sizes.sum
+        w = rec.window                      # the devices' rings summed, slot by slot
+        for d in self.devices.values():
+            for i, second in enumerate(d.window.sec):
+                if second > w.sec[i]:
+                    w.sec[i], w.frames[i], w.busy[i] = second, 0, 0.0
+                if second == w.sec[i]:
+                    w.frames[i] += d.window.frames[i]
+                    w.busy[i] += d.window.busy[i]
+        return rec
+
+    def _model_batch(self, result: BatchResult, answered: list, frames: int, now: float) -> None:
+        """A batch's figures in its model's record (several models only)."""
+        if result.mid >= 0:
+            served = self.catalog.by_id[result.mid]
+        elif result.entries and result.entries[0].request.served is not None:
+            served = result.entries[0].request.served
+        else:
+            return
+        rec = self._model(served)
+        started, finished = result.started, result.finished
+        dev = rec.devices.get(result.device)
+        if dev is None:
+            dev = rec.devices[result.device] = ModelDeviceStats(self._max_batch)
+        dev.seconds += finished - started
+        rec.window.add(started, finished, frames)
+        if frames:
+            dev.frames += frames
+            dev.batches += 1
+        n = len(answered)
+        if n:
+            rec.outcomes["ok"] += n
+        if not self.timing:
+            rec.late += sum(now > r.deadline for r in answered)
+            return
+        if frames:
+            dev.sizes.observe(frames)
+        if n:
+            lat = rec.latency
+            lat["compute"].observe(finished - started, n)
+            lat["reply"].observe(now - finished, n)
+            queue, total = lat["queue"], lat["total"]
+            for r in answered:
+                queue.observe(started - r.arrived)
+                total.observe(now - r.arrived)
+                if now > r.deadline:
+                    rec.late += 1
 
     def reload_done(self, ok: bool) -> None:
         """Called by the model reload, once per attempt (kept in ``counters``: reloads,
@@ -297,6 +431,8 @@ class Stats:
         rec = self.devices.get(result.device) or self.add_device(result.device)
         started, finished = result.started, result.finished
         frames = 0 if result.canary else result.count(Outcome.DONE)
+        if not self.catalog.single:
+            self._model_batch(result, answered, frames, now)
         rec.busy += finished - started
         rec.window.add(started, finished, frames)
         if answered:
@@ -370,8 +506,71 @@ class Stats:
                 "uids": [{"uid": uid, "sessions": u.sessions, "in_flight": u.in_flight,
                           "requests": u.requests} for uid, u in sorted(self.uids.items())],
                 "devices": [self.device_summary(rec, now) for rec in self.devices.values()],
+                "models": self.model_summaries(now),
                 "reloads": {"ok": self.counters["reloads"], "failed": self.counters["reloads_failed"]},
                 "door": self.door.snapshot() if self.door is not None else None,
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v)
                              for k, v in self.counters.items()}}
 
+
+    # reading per model ----------------------------------------------------------------------
+    def model_summaries(self, now: float) -> list[dict]:
+        """A row per served model (NOTE [ stats per model ]): requests by outcome, answers,
+        errors, latency split, batch sizes, and per device its seconds there, its share of the
+        device's time spent on models, and the share configured for it. O(models x devices +
+        buckets)."""
+        catalog = self.catalog
+        if not catalog.by_id:
+            return []
+        if catalog.single:
+            records = [self._alone(catalog.by_id[0])]
+        else:
+            records = [self.models.get(s) or self._model(s) for s in catalog.by_id]
+            records += [r for s, r in self.models.items() if s not in catalog.by_id]   # left since
+        spent: dict = collections.Counter()         # device -> seconds on every model
+        for rec in records:
+            for dev, d in rec.devices.items():
+                spent[dev] += d.seconds
+        default = catalog.default.stable if getattr(catalog, "default", None) is not None else None
+        rows = []
+        for rec in records:
+            served = rec.served
+            weights = {dev: sum(s.share for s in catalog.by_id if s.runs_on(dev.index)) for dev in self.devices}
+            devices = []
+            for dev in self.devices:        # every device it runs on, and any it ran on before
+                if dev not in rec.devices and not served.runs_on(dev.index):
+                    continue
+                d = rec.devices.get(dev) or ModelDeviceStats(self._max_batch)
+                devices.append({"index": dev.index, "label": dev.label, "seconds": round(d.seconds, 6),
+                                "share": round(d.seconds / spent[dev], 4) if spent[dev] else None,
+                                "share_configured": (round(served.share / weights[dev], 4)
+                                                     if served in catalog.by_id and weights[dev] else None),
+                                "frames": d.frames, "batches": d.batches, "batch_sizes": d.sizes.pairs()})
+            sizes = collections.Counter()
+            for d in rec.devices.values():
+                for size, n in d.sizes.pairs():
+                    sizes[size] += n
+            batches = sum(sizes.values())
+            fps, busy = rec.window.rates(now, self.started, cap=float(len(rec.devices) or 1))
+            outcomes = dict(rec.outcomes)
+            answers = sum(outcomes.get(k, 0) for k in ANSWERS)
+            rows.append({
+                "name": served.name, "version": served.version, "mid": served.mid,
+                "digest": served.digest, "gen": served.gen,
+                "default": served is default, "served": served in catalog.by_id, "share": served.share,
+                "requests": sum(outcomes.values()), "answers": answers,
+                "errors": sum(outcomes.values()) - answers, "outcomes": outcomes, "late": rec.late,
+                "frames": sum(d.frames for d in rec.devices.values()),
+                "batches": sum(d.batches for d in rec.devices.values()),
+                "device_seconds": round(sum(d.seconds for d in rec.devices.values()), 6),
+                "frames_per_s": {f"{w}s": round(v, 3) for w, v in fps.items()},
+                "device_seconds_per_s": {f"{w}s": round(v, 4) for w, v in busy.items()},
+                "batch_sizes": [[k, v] for k, v in sorted(sizes.items())],
+                "batch_mean": round(sum(k * v for k, v in sizes.items()) / batches, 3) if batches else 0.0,
+                "latency": {phase: h.summary() for phase, h in rec.latency.items()},
+                "devices": devices})
+        return rows
+
+
+#: Outcomes that answer a request (the rest are errors: refused, expired, failed, dropped).
+ANSWERS = ("ok", "cached", "cached_l2", "coalesced")
