@@ -165,7 +165,7 @@ def families(s: dict, per_uid: bool = True):
     models = [m for m in s.get("models", ()) if m.get("served", True)]
     info = GaugeMetricFamily("inferd_model_info", "A model being served (value 1): its name, version, "
                              "digest, generation, and whether requests naming no model get it",
-                             labels=["name", "version", "digest", "generation", "default"])
+                             labels=["name", "version", "digest", "generation", "is_default"])
     for m in models or [{**s["model"], "version": "", "default": True}]:
         info.add_metric([m["name"], str(m["version"]), m["digest"], str(m.get("gen", 0)),
                          str(int(bool(m["default"])))], 1)

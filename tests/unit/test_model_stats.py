@@ -111,7 +111,7 @@ def test_two_models_keep_their_own_outcomes_latency_batches_and_device_share():
     assert samples[key("inferd_request_duration_seconds_count", phase="total", model="light", version="1")] == 1
     assert samples[key("inferd_model_share", model="heavy", version="1")] == 2.0
     assert samples[key("inferd_model_info", name="light", version="1", digest="d2", generation="0",
-                       default="0")] == 1
+                       is_default="0")] == 1
     assert sum(v for (name, _), v in samples.items() if name == "inferd_requests_total") == 6
 
 
