@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .metrics_listener import HttpListeners, parse_listen  # noqa: F401 (parse_listen: its old home)
-from .stats import LATENCY_BOUNDS
+from .histograms import LATENCY_BOUNDS
 
 log = logging.getLogger("inferd.metrics")
 
