@@ -11,7 +11,13 @@ is this checkout's bench/ for both; only the package the daemon, clients and cei
 differs (PYTHONPATH points each run at a folder of links, ``inferd/{daemon,client,shm}``, to one
 tree's folders). Rounds alternate baseline, this, baseline, this ..., so drift on a shared machine
 hits both; the report gives each run's ratios and the median ratio of this tree's to the
-baseline's per row (1.00: as fast). Writes ``OUT/models_single.json``.
+baseline's per row (1.00: as fast).
+
+Those ratios swing by tens of percent between runs of one tree on a shared 2-core machine, so a
+second part measures the loop's own work per request on each tree (bench/models/loop_cost.py:
+the scheduler driven in process, CPU microseconds and Python function calls per request), also
+alternating, ``loop_rounds`` times each. The call count is deterministic: it shows a difference
+in work the times cannot resolve. Writes ``OUT/models_single.json``.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import tempfile
 
 from ..lib import report
 
-SETTINGS = {"full": {"rounds": 3, "quick": False}, "quick": {"rounds": 2, "quick": True}}
+SETTINGS = {"full": {"rounds": 3, "quick": False, "loop_rounds": 10, "loop_batches": 1000},
+            "quick": {"rounds": 2, "quick": True, "loop_rounds": 6, "loop_batches": 400}}
 CASES = "1,4,16"
 BASELINE = "/work/main"
 
@@ -61,20 +68,34 @@ def _rows(results: dict) -> dict:
     return out
 
 
+def loop_run(tree: str, path: str, batches: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, report.REPO])}
+    done = subprocess.run([sys.executable, "-m", "bench.models.loop_cost", str(batches), "16"], cwd=report.REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"loop_cost on {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure(settings: dict, log, baseline: str = BASELINE) -> dict:
     runs = {"baseline": [], "this": []}
+    loops = {"baseline": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="inferd-single-") as tmp:
         paths = {"baseline": farm(baseline, os.path.join(tmp, "baseline")),
                  "this": farm(report.REPO, os.path.join(tmp, "this"))}
+        for i in range(settings["loop_rounds"]):
+            for tree in ("baseline", "this"):
+                loops[tree].append(loop_run(tree, paths[tree], settings["loop_batches"]))
+        log(f"loop: {loops}")
         for i in range(settings["rounds"]):
             for tree in ("baseline", "this"):
                 out = os.path.join(tmp, f"{tree}-{i}")
                 runs[tree].append(_rows(one_run(tree, paths[tree], settings["quick"], out, log)))
-    keys = list(runs["this"][0])
+    keys = list(runs["this"][0]) if runs["this"] else []
     ratio = {k: statistics.median(r[k] for r in runs["this"]) / statistics.median(r[k] for r in runs["baseline"])
              for k in keys}
     return {"machine": report.machine(), "baseline": os.path.abspath(baseline), "this": report.REPO,
-            "baseline_commit": _commit(baseline), "runs": runs, "this_over_baseline": ratio}
+            "baseline_commit": _commit(baseline), "runs": runs, "this_over_baseline": ratio, "loop": loops}
 
 
 def _commit(root: str) -> str:
@@ -87,27 +108,46 @@ def _commit(root: str) -> str:
 
 def render(results: dict) -> str:
     keys = list(results["this_over_baseline"])
-    lines = [f"One model, bench.load --cases {CASES} on the baseline ({results['baseline']} at "
-             f"{results['baseline_commit']}) and this checkout, alternating:"]
-    rows = []
-    for k in keys:
-        base = [r[k] for r in results["runs"]["baseline"]]
-        this = [r[k] for r in results["runs"]["this"]]
-        rows.append([k, " ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in base),
-                     " ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in this),
-                     results["this_over_baseline"][k]])
-    lines += report.table([("figure", "<30"), ("baseline runs", ">18"), ("this runs", ">18"),
-                           ("this / baseline", ">15.3f")], rows)
-    lines.append("(ratios to the in-process ceiling measured in the same bench.load run; img/s as measured; "
-                 "the last column: median of this tree's runs over the baseline's)")
+    base_name = f"{results['baseline']} at {results['baseline_commit']}"
+    lines = []
+    if keys:
+        lines.append(f"One model, bench.load --cases {CASES} on the baseline ({base_name}) and this checkout, "
+                     "alternating:")
+        runs, rows = results["runs"], []
+        for k in keys:
+            base, this = [r[k] for r in runs["baseline"]], [r[k] for r in runs["this"]]
+            rows.append([k, " ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in base),
+                         " ".join(f"{v:.2f}" if v < 100 else f"{v:.0f}" for v in this),
+                         results["this_over_baseline"][k], max(base) / min(base)])
+        lines += report.table([("figure", "<30"), ("baseline runs", ">24"), ("this runs", ">24"),
+                               ("this / baseline", ">15.3f"), ("baseline spread", ">15.2f")], rows)
+        lines.append("(ratios to the in-process ceiling measured in the same bench.load run; img/s as measured; "
+                     "this / baseline: the medians' ratio; spread: the baseline's largest run over its smallest)")
+    loops = results.get("loop")
+    if loops:
+        lines += ["", f"The loop's own work per request, one model (bench/models/loop_cost.py, in process, "
+                      f"alternating; baseline {base_name}):"]
+        rows = []
+        for tree in ("baseline", "this"):
+            cpu = sorted(r["cpu_us_per_request"] for r in loops[tree])
+            rows.append([tree, cpu[0], statistics.median(cpu), cpu[-1],
+                         statistics.median(r["calls_per_request"] for r in loops[tree])])
+        lines += report.table([("tree", "<9"), ("CPU us min", ">10.2f"), ("median", ">7.2f"), ("max", ">7.2f"),
+                               ("calls/request", ">13.2f")], rows)
+        lines.append(f"    this / baseline: CPU min {rows[1][1] / rows[0][1]:.3f}, median "
+                     f"{rows[1][2] / rows[0][2]:.3f}; calls {rows[1][4] / rows[0][4]:.3f}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = report.parser(__doc__, "models_single.json", "2 rounds of bench.load --quick")
     p.add_argument("--baseline", default=BASELINE, help="the checkout to compare with (default /work/main)")
+    p.add_argument("--rounds", type=int, default=None, help="pairs of bench.load runs (default 3; --quick 2; "
+                   "0: the loop's work alone)")
     args = p.parse_args(argv)
-    settings = SETTINGS["quick" if args.quick else "full"]
+    settings = dict(SETTINGS["quick" if args.quick else "full"])
+    if args.rounds is not None:
+        settings["rounds"] = args.rounds
     results = measure(settings, lambda m: print(m, flush=True), args.baseline)
     results["command"] = report.command()
     report.write_results(args.out, "models_single.json", results, render(results))
