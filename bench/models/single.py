@@ -54,7 +54,8 @@ def one_run(tree: str, path: str, quick: bool, out: str, log) -> dict:
     log(f"{tree}: {' '.join(cmd[1:])}")
     done = subprocess.run(cmd, cwd=report.REPO, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode:
-        raise RuntimeError(f"bench.load on {tree} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"bench.load on {tree} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                           f"{done.stderr[-3000:]}")
     with open(os.path.join(out, "results.json")) as fh:
         return json.load(fh)
 
