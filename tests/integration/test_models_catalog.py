@@ -14,6 +14,7 @@ import torch
 
 from helpers import RawClient, admin_path, short_dir, spawn_daemon
 from inferd.client import AdminClient, AsyncClient, Client, InvalidInput, ReloadFailed, UnknownModel
+from inferd.daemon import exitcodes
 from inferd.daemon.models import zoo
 from inferd.daemon.models.zoo.shapes import make_dataset
 from inferd.daemon.models.zoo.synthetic import level_of
@@ -220,3 +221,25 @@ def test_inferctl_classify_takes_a_model(two, tmp_path):
     assert json.loads(out.stdout)[str(frame)][0]["label"] == "level_9"
     bad = run("--model", "nope", str(frame))
     assert bad.returncode == 1 and "synth" in bad.stderr and "nope" in bad.stderr
+
+
+def test_start_up_names_the_entry_that_does_not_load():
+    work = short_dir()
+    junk = os.path.join(work, "junk.pt2")
+    with open(junk, "wb") as fh:
+        fh.write(b"not a model")
+    config = write_config(TWO_MODELS + f"""
+[[models]]
+path = "{junk}"
+input = "uint8_nhwc"
+input_height = 16
+input_width = 16
+""")
+    d = spawn_daemon("--config", config, model="", wait=False)
+    try:
+        rc = d.proc.wait(120)
+        log = d.log()
+    finally:
+        d.kill()
+    assert rc == exitcodes.CONFIG, log
+    assert "configuration error: models[2] (junk version 1): model.path: cannot load" in log, log
