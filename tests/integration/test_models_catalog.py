@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import RawClient, admin_path, short_dir, spawn_daemon
+from helpers import RawClient, admin_path, short_dir, spawn_daemon, wait_until
 from inferd.client import AdminClient, AsyncClient, Client, InvalidInput, ReloadFailed, UnknownModel
 from inferd.daemon import exitcodes
 from inferd.daemon.models import zoo
@@ -243,3 +243,15 @@ input_width = 16
         d.kill()
     assert rc == exitcodes.CONFIG, log
     assert "configuration error: models[2] (junk version 1): model.path: cannot load" in log, log
+
+
+def test_a_named_model_is_answered_from_the_local_cache_under_its_own_key(two):
+    """A repeat for synth is found in the client's read-only mapping, under synth's digest and
+    preprocessing (hello's ``models``), not the default model's."""
+    frame = np.full((16, 16, 3), 77, np.uint8)
+    with Client(two.socket_path, model="synth") as c:
+        first = c.classify(frame, top_k=1)
+        wait_until(lambda: c.classify(frame, top_k=1) and c.cache_hits >= 1, 10, "a local hit for synth")
+        hits = c.cache_hits
+        assert c.classify(frame, top_k=1)[0].index == first[0].index == level_of(77)
+        assert c.cache_hits == hits + 1
