@@ -26,8 +26,8 @@ class Device:
         # ``profile`` is model 0's (the only one of a one-model daemon): readiness, stats, retry hints
         self.profiles = [LatencyProfile()]
         self.profile = self.profiles[0]
-        self.running_mid = 0               # the model of the running batch (its executor sets it)
-        self.staged_mid = 0                # ... and of the batch staged behind it (its collector)
+        self.running_profile = self.profile    # the profile of the running batch's model (its executor)
+        self.staged_profile = self.profile     # ... and of the batch staged behind it (its collector)
         self.lead = StagingLead()          # rule 0's lead, learnt by its collector (queues.py)
         self.collector = None              # its pipeline's Collector thread (daemon/pipeline/collector.py)
         self.executor = None               # ... and Executor thread (daemon/pipeline/executor.py)
@@ -55,7 +55,7 @@ class Device:
 
     def running_latency(self) -> float:
         """Expected seconds of the running batch (0: none)."""
-        return self.profiles[self.running_mid].latency(self.running_size) if self.running_size else 0.0
+        return self.running_profile.latency(self.running_size) if self.running_size else 0.0
 
     def stage_lead(self) -> float:
         """Seconds before this device is free that its collector closes the next batch (rule 0 of

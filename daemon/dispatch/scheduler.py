@@ -308,7 +308,7 @@ class Scheduler:
                            f"flight (server.max_inflight_per_uid {server.max_inflight_per_uid}); wait "
                            "for replies, or ask the operator to raise the limit",
                            retry_after_ms=self._batch_ms())
-        device = self.policy.choose(self.devices, now, max_batch, served=served if served.devices else None)
+        device = self.policy.choose(self.devices, now, max_batch, served=served if self.several else None)
         if device is None:
             self.counters["no_healthy_device"] += 1
             raise Rejected(wire.E_NO_HEALTHY_DEVICE, _none_in_rotation(self.devices))
@@ -571,7 +571,7 @@ class Scheduler:
         for r in requests:
             r.attempt += 1
             target = self.policy.choose(self.devices, now, max_batch, exclude=failed_dev,
-                                        served=r.served if r.served is not None and r.served.devices else None)
+                                        served=r.served if self.several else None)
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1

@@ -242,7 +242,7 @@ class Executor(threading.Thread):
             return None
         flight = _Flight(result, live, runner, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
-        dev.running_mid = mid
+        dev.running_profile = runner.profile
         dev.running, dev.staged = dev.running + live, []
         dev.running_size += len(live)
         if dev.running_since is None:
