@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .profile import LatencyProfile
+from .lanes import ModelLanes
 from .queues import DeviceQueue, StagingLead
 
 HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
@@ -21,6 +22,7 @@ class Device:
         self.name = name
         self.torch_device = torch.device(name)
         self.threads = threads
+        self._clock = clock
         self.queue = DeviceQueue(clock) if clock else DeviceQueue()
         # the measured latency per batch size of each model (by model id, daemon/models/catalog.py);
         # ``profile`` is model 0's (the only one of a one-model daemon): readiness, stats, retry hints
@@ -49,9 +51,12 @@ class Device:
         self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
-    def use_models(self, count: int) -> None:
-        """A latency profile for each of ``count`` models (at start-up)."""
-        self.profiles = [self.profiles[0], *(LatencyProfile() for _ in range(count - 1))]
+    def use_models(self, shares: list[float], make_order, max_batch: int) -> None:
+        """Several models (by id, ``shares`` their weights): a latency profile and a queue lane
+        each (daemon/dispatch/lanes.py). At start-up, while the queue is empty."""
+        self.profiles = [self.profile, *(LatencyProfile() for _ in shares[1:])]
+        self.queue = ModelLanes(make_order, shares, lambda mid, n: self.profiles[mid].latency(n), max_batch,
+                                *([self._clock] if self._clock else []))
 
     def running_latency(self) -> float:
         """Expected seconds of the running batch (0: none)."""

@@ -101,9 +101,7 @@ class Scheduler:
         shares = [s.share for s in catalog.by_id]
         for dev in devices:
             if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
-                dev.use_models(len(shares))
-                dev.queue.use_models(make, shares, lambda mid, n, d=dev: d.profiles[mid].latency(n),
-                                     cfg.batching.max_batch)
+                dev.use_models(shares, make, cfg.batching.max_batch)
             elif cfg.dispatch.fair_share:
                 dev.queue.use(make())
 
