@@ -93,6 +93,7 @@ class Scheduler:
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
         self.caches = Caches(cfg, self.model.spec, self.model.digest, self.counters)
+        self.caches.first_mid = self.first.mid
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
             quantum = fairness.quanta(principal_weights(cfg))
             make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
@@ -191,10 +192,9 @@ class Scheduler:
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
         caches.client_hits(msg.get("hits"))
-        if op != "classify" and (caches.store is None or served is not self.first):
+        if op != "classify" and caches.store_for(served.mid) is None:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: model {served.name} exposes none, "
-                           "or embeddings.enabled is false (with several models, the embedding store "
-                           f"keeps {self.first.name} version {self.first.version}'s)")
+                           "or embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
         logits = check_logits(msg, served.spec, op)
         args = check_near(msg) if op == "near" else None
@@ -254,7 +254,7 @@ class Scheduler:
             return
         if top is not None and r.gen == r.served.gen:
             self.caches.adopt(r.key, top)
-            self.caches.retag(r.content, r.tag, r.session.peer[1])
+            self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
             self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
             replies: dict = {}
             r.answer = top
@@ -272,7 +272,7 @@ class Scheduler:
         if op == "classify" and caches.cache is not None:
             hit = caches.lookup(key, top_k)
             if hit is not None:
-                caches.retag(content, tag, session.peer[1])
+                caches.retag(content, tag, session.peer[1], served.mid)
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, served.gen, served))
@@ -286,9 +286,9 @@ class Scheduler:
                 self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = caches.store.get(content, uid=session.peer[1])   # its own row (unless shared)
+            vector = caches.store_for(served.mid).get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
-                caches.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
+                caches.retag(content, tag, session.peer[1], served.mid)     # a new tag wins, as classify's does
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None),
                                          served.gen, served))
@@ -426,7 +426,7 @@ class Scheduler:
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1])
+                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
                 self.stats.outcome("cached")
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
@@ -479,7 +479,7 @@ class Scheduler:
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert)
+                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:

@@ -54,7 +54,7 @@ import time
 from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path, index_options
 from ..config import ConfigError, ModelConfig, ModelEntryConfig, entry_name, from_dict
 from ..models import loading as model_mod
-from ..models.catalog import UnknownModel
+from ..models.catalog import UnknownModel, store_digest
 from ..models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.reload")
@@ -190,7 +190,9 @@ class ModelSwap:
                 store = await asyncio.to_thread(self._open_store, new, dim)
                 self._switch(new, store)
             else:
-                self._switch_other(served, new)
+                # (embeddings.path names the default model's one file: the others keep none)
+                store = None if self.embeddings.path else await asyncio.to_thread(self._open_store, new, dim)
+                self._switch_other(served, new, store)
         except ReloadError as exc:
             log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
             self._done(False)
@@ -229,7 +231,7 @@ class ModelSwap:
         if not (cfg.enabled and dim):
             return None
         embedding = embedding_id(new.spec)
-        path = cfg.path or default_path(self.store_dir, new.digest, embedding)
+        path = cfg.path or default_path(self.store_dir, store_digest(new.digest), embedding)
         if cfg.path and self.scheduler.caches.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
@@ -250,16 +252,22 @@ class ModelSwap:
         if old_store is not None:
             self._retire(old_store, activated)
 
-    def _switch_other(self, served, new) -> None:
+    def _switch_other(self, served, new, store) -> None:
         """A model other than the first: its Served takes the new model (requests resolve to it,
-        are checked and keyed by it from now on), each device running it is told to activate it.
-        Its answers are keyed by its own digest, so nothing cached needs emptying."""
-        cache = self.scheduler.caches.cache
+        are checked and keyed by it from now on) and its embedding ``store``, each device running it
+        is told to activate it. Its answers are keyed by its own digest, so nothing cached needs
+        emptying."""
+        caches = self.scheduler.caches
+        cache = caches.cache
         served.keep_k = min(cache.geometry.max_k, len(new.spec.labels)) if cache is not None else 0
         served.model = new
-        for dev in self.devices:
-            if dev.executor.runs(served.mid):
-                dev.executor.activate(new.gen, None)
+        old_store = caches.stores.pop(served.mid, None)
+        if store is not None:
+            caches.stores[served.mid] = store
+        activated = [dev.executor.activate(new.gen, store) for dev in self.devices
+                     if dev.executor.runs(served.mid)]
+        if old_store is not None:
+            self._retire(old_store, activated)
 
 
 def _shape(model) -> str:
