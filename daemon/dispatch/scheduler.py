@@ -518,7 +518,8 @@ class Scheduler:
                 if served is not self.first:
                     return message
             if gen > session.told_gen and gen == self.gen:
-                message["model"] = self.model.describe()
+                # (several models: with its version, so a client files it under (name, version))
+                message["model"] = self.first.describe() if self.several else self.model.describe()
                 session.told_gen = gen
         return message
 

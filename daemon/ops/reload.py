@@ -187,11 +187,12 @@ class ModelSwap:
             new.gen = old.gen + 1
             dim = await self._stage(new, served)
             if served is self.scheduler.first:      # the embedding store is the first model's
-                store = await asyncio.to_thread(self._open_store, new, dim)
+                store = await asyncio.to_thread(self._open_store, new, dim, self.scheduler.caches.store)
                 self._switch(new, store)
             else:
                 # (embeddings.path names the default model's one file: the others keep none)
-                store = None if self.embeddings.path else await asyncio.to_thread(self._open_store, new, dim)
+                store = None if self.embeddings.path else await asyncio.to_thread(
+                    self._open_store, new, dim, self.scheduler.caches.stores.get(served.mid))
                 self._switch_other(served, new, store)
         except ReloadError as exc:
             log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
@@ -225,13 +226,17 @@ class ModelSwap:
             staged.append(dev)
         return dims[0] if dims else 0
 
-    def _open_store(self, new, dim: int):
-        """The embedding store of the new model (one file per digest), or None."""
+    def _open_store(self, new, dim: int, current=None):
+        """The embedding store of the new model (one file per digest), or None. ``current``: the
+        store of the model it replaces, kept when it is that very file (the same weights and
+        embedding definition: a swap that changes labels or top-k only)."""
         cfg = self.embeddings
         if not (cfg.enabled and dim):
             return None
         embedding = embedding_id(new.spec)
         path = cfg.path or default_path(self.store_dir, store_digest(new.digest), embedding)
+        if current is not None and current.path == path and current.dim == dim:
+            return current
         if cfg.path and self.scheduler.caches.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
@@ -249,7 +254,7 @@ class ModelSwap:
         caches.store = store
         activated = [dev.executor.activate(new.gen, store) for dev in self.devices
                      if dev.executor.runs(self.scheduler.first.mid)]
-        if old_store is not None:
+        if old_store is not None and old_store is not store:
             self._retire(old_store, activated)
 
     def _switch_other(self, served, new, store) -> None:
@@ -266,7 +271,7 @@ class ModelSwap:
             caches.stores[served.mid] = store
         activated = [dev.executor.activate(new.gen, store) for dev in self.devices
                      if dev.executor.runs(served.mid)]
-        if old_store is not None:
+        if old_store is not None and old_store is not store:
             self._retire(old_store, activated)
 
 

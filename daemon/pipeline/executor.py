@@ -16,11 +16,11 @@ import queue as queues
 import threading
 import time
 from concurrent.futures import Future
-
-import torch
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING, Callable
+
+import torch
 
 from . import device_thread, thread_pools
 from .engine import Engine, Staging
@@ -57,7 +57,7 @@ class Executor(threading.Thread):
         self.device = device
         # what it runs: a LoadedModel (model id 0), or the catalog's Served this device may run
         # (daemon/models/catalog.py): one runner (engine, staging, profile) per model id
-        self._models = ([(0, model, keep_k, None)] if isinstance(model, LoadedModel) or not isinstance(model, list)
+        self._models = ([(0, model, keep_k, None)] if not isinstance(model, list)
                         else [(s.mid, s.model, s.keep_k, s.name) for s in model])
         self._model = self._models[0][1]
         count = max(mid for mid, *_ in self._models) + 1
