@@ -32,8 +32,8 @@ the arrivals. Runs bound the switches: a lane's run lasts until it is RUN_S (8 m
 weighted seconds) ahead of the lane furthest behind, so while two models both have work a switch
 happens about every 2 x RUN_S x weight of device time, never every batch (when a batch is longer,
 every batch; then a switch is a small part of it anyway). Measured here (bench/models, a CPU
-device, one thread, batch 8 at 64x64, two runs): a batch of shapes after a batch of resnet18 took
-1.02-1.08x a batch of shapes after shapes, resnet18 after shapes 0.96-1.02x of resnet18 after
+device, one thread, batch 8 at 64x64, three runs): a batch of shapes after a batch of resnet18
+took 1.02-1.08x a batch of shapes after shapes, resnet18 after shapes 0.92-1.02x of resnet18 after
 resnet18: within this shared host's noise (the weights, 0.1 and 45 MB, and the activations do not
 stay in this CPU's caches between batches either way), so RUN_S is kept short, for latency. A deadline overrides the run: a lane
 whose front request would miss its deadline if it waited for one more batch of the current lane
