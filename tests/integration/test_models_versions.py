@@ -185,5 +185,18 @@ def test_each_version_keeps_its_embeddings_apart():
         assert len(stores) == 2, stores                     # a file per version
     finally:
         rc = d.stop()
-        d.cleanup()
+        d.kill()
+    assert rc == 0
+    # served again with version 1 alone: version 2's store goes at start-up, version 1's stays
+    with open(path, "w") as fh:
+        fh.write('[[models]]\nbuiltin = "shapes"\nname = "s"\nwarmup_batches = 1\n')
+    again = spawn_daemon("--config", path, "--set", "embeddings.capacity=1000", model="", workdir=d.workdir)
+    try:
+        left = sorted(n for n in os.listdir(d.workdir) if n.startswith("embeddings-") and n.endswith(".store"))
+        assert len(left) == 1 and left[0] in stores, (left, stores)
+        with Client(again.socket_path, model="s") as c:
+            assert [m.tag for m in c.near_duplicates(frame)] == ["v1-only"]
+    finally:
+        rc = again.stop()
+        again.cleanup()
     assert rc == 0
