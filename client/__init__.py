@@ -14,9 +14,9 @@ from .aio import AsyncClient
 from .client import Client, ModelInfo, NearDuplicate, Prediction, Predictions
 from .errors import (DaemonUnavailable, DeadlineExceeded, InferdError, InferenceFailed,
                      InvalidInput, NoHealthyDevice, Overloaded, PermissionDenied, ProtocolError,
-                     ReloadFailed, ShuttingDown)
+                     ReloadFailed, ShuttingDown, UnknownModel)
 
 __all__ = ["Client", "AsyncClient", "AdminClient", "ReloadFailed", "ModelInfo", "Prediction", "Predictions",
            "NearDuplicate", "InferdError", "DaemonUnavailable", "ShuttingDown", "ProtocolError",
            "InvalidInput", "Overloaded", "DeadlineExceeded", "PermissionDenied", "InferenceFailed",
-           "NoHealthyDevice"]
+           "NoHealthyDevice", "UnknownModel"]

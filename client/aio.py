@@ -77,9 +77,10 @@ class AsyncClient(ClientSettings):
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
                  timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
-                 reconnect: bool = True):
+                 reconnect: bool = True, model: str | None = None, version: int | None = None):
         super().__init__(socket_path, ring_slots=ring_slots, timeout=timeout,
-                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect)
+                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect,
+                         model=model, version=version)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: _Stream | None = None
         self._closed = False
@@ -336,10 +337,10 @@ class AsyncClient(ClientSettings):
         """The daemon's model, devices and counters."""
         return await self._call({"op": "info"})
 
-    async def labels(self) -> tuple[str, ...]:
-        """The current model's class names (Client.labels)."""
+    async def labels(self, model: str | None = None, version: int | None = None) -> tuple[str, ...]:
+        """A model's class names (Client.labels)."""
         self._check_open()
-        return await self._names(self.model)
+        return await self._names(self._target(model, version)[0])
 
     async def _names(self, model: ModelInfo) -> tuple[str, ...]:
         """Fetched at most once per labels_id, however many tasks ask at once."""
@@ -348,18 +349,23 @@ class AsyncClient(ClientSettings):
             return names
         asked = self._labels_asked.get(model.labels_id)
         if asked is None:
-            asked = self._labels_asked[model.labels_id] = self._loop.create_task(self._call({"op": "labels"}))
+            ask = {"op": "labels", **({"model": model.name, "version": model.version} if model.version else {})}
+            asked = self._labels_asked[model.labels_id] = self._loop.create_task(self._call(ask))
             asked.add_done_callback(lambda _: self._labels_asked.pop(model.labels_id, None))
         reply = await asyncio.shield(asked)
         return self._core.learn_labels(reply, model)
 
     async def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
-                       tag: str | None = None, logits: bool = False) -> Predictions:
-        """Top-k predictions for one image (what Client.classify takes; ``logits`` as there)."""
-        return (await self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits))[0]
+                       tag: str | None = None, logits: bool = False, model: str | None = None,
+                       version: int | None = None) -> Predictions:
+        """Top-k predictions for one image (what Client.classify takes; ``logits``, ``model`` and
+        ``version`` as there)."""
+        return (await self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits,
+                                         model=model, version=version))[0]
 
     async def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
-                            tag: str | None = None, logits: bool = False) -> list[Predictions]:
+                            tag: str | None = None, logits: bool = False, model: str | None = None,
+                            version: int | None = None) -> list[Predictions]:
         """Top-k predictions for each image, in order (Client.classify_many; with ``logits`` each
         result's ``.logits`` is the model's raw output row, always computed by the daemon). Reading files and
         decoding encoded images run in the loop's default executor, never on the loop; a repeat
@@ -367,42 +373,49 @@ class AsyncClient(ClientSettings):
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
         core = self._core
-        core.check(top_k, timeout)
+        target = self._target(model, version)
+        core.check(top_k, timeout, target[0])
         deadline = self._clock() + timeout
-        items = await self._prepare(list(images))
-        slow = [it for it in items if logits or core.needs_decoding(it, top_k)]
+        items = await self._prepare(list(images), target[0])
+        slow = [it for it in items if logits or core.needs_decoding(it, top_k, target[0])]
         if slow:
             await self._loop.run_in_executor(None, lambda: [it.frame() for it in slow])
-        results, todo, extra = core.look_up(items, top_k, tag, logits)
+        results, todo, extra = core.look_up(items, top_k, tag, logits, target)
         if todo:
             asked = [items[i] for i in todo]
-            call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
+            # encoded bytes go beside a frame for the default model only (the daemon verifies those)
+            uploads = core.uploads(asked) if target[0].digest == core.model.digest else None
+            call = Call("classify", extra, deadline, [it.frame() for it in asked], uploads)
             for i, (reply, model) in zip(todo, await self._run(call)):
                 results[i] = core.answer(reply, model, logits)
         return [core.predictions(pairs, await self._names(model), *rest) for pairs, model, *rest in results]
 
-    async def _prepare(self, images: list) -> list:
-        """inferd.client.decode.prepare for each image; paths and file objects are read in the
-        executor (blocking I/O), arrays and bytes here."""
-        h, w, _ = self.model.input_shape
+    async def _prepare(self, images: list, model: ModelInfo | None = None) -> list:
+        """inferd.client.decode.prepare for each image, sized for ``model`` (default: the daemon's);
+        paths and file objects are read in the executor (blocking I/O), arrays and bytes here."""
+        h, w, _ = (model or self.model).input_shape
         if any(isinstance(im, (str, os.PathLike)) or hasattr(im, "read") for im in images):
             return await self._loop.run_in_executor(None, lambda: [decode.prepare(im, h, w) for im in images])
         return [decode.prepare(im, h, w) for im in images]
 
-    async def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
+    async def embed(self, image, *, tag: str | None = None, timeout: float | None = None,
+                    model: str | None = None, version: int | None = None):
         """The model's embedding of an image (Client.embed)."""
         return self._core.embedding(await self._embedding_op(image, "embed", {"tag": tag} if tag else {},
-                                                             timeout))
+                                                             timeout, model, version))
 
     async def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
-                              timeout: float | None = None) -> list[NearDuplicate]:
+                              timeout: float | None = None, model: str | None = None,
+                              version: int | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (Client.near_duplicates)."""
         return self._core.matches(await self._embedding_op(
-            image, "near", {"k": k, "min_similarity": min_similarity}, timeout))
+            image, "near", {"k": k, "min_similarity": min_similarity}, timeout, model, version))
 
-    async def _embedding_op(self, image, op: str, extra: dict, timeout) -> dict:
+    async def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
         self._check_open()
-        (item,) = await self._prepare([image])
+        target, fields, _ = self._target(model, version)
+        extra = {**extra, **fields}
+        (item,) = await self._prepare([image], target)
         frame = item.frame() if item.encoded is None else await self._loop.run_in_executor(None, item.frame)
         timeout = self.timeout if timeout is None else timeout
         ((reply, _),) = await self._run(Call(op, extra, self._clock() + timeout, [frame]))

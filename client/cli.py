@@ -4,7 +4,8 @@ Client socket (any allowed user)::
 
     inferctl ping                       round-trip time and the daemon's pid
     inferctl info                       model, devices, cache, counters (JSON)
-    inferctl classify FILE... [-k N]    JPEG/PNG/WebP files (decoded as Client.classify does) or .npy arrays
+    inferctl classify FILE... [-k N]    JPEG/PNG/WebP files (decoded as Client.classify does) or .npy arrays;
+                                        --model NAME [--version N]: which of the daemon's models
 
 Admin socket (root, the daemon's user, members of server.admin_group)::
 
@@ -15,7 +16,8 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl metrics                    Prometheus text
     inferctl reload [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
                                         swap the model without failing a request; the [model]
-                                        keys as in the configuration (input, input_height, ...)
+                                        keys as in the configuration (input, input_height, ...);
+                                        --name NAME [--version N]: which of several models
     inferctl drain                      finish in-flight work, then exit
     inferctl flush-cache                empty the result cache
     inferctl device disable|enable N    take device N out of rotation, or put it back
@@ -140,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", parents=[common], help="classify image files (client socket)")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("-k", "--top-k", type=_positive(int), default=3, metavar="N")
+    c.add_argument("--model", metavar="NAME", default=None,
+                   help="which of the daemon's models answers (default: its default model)")
+    c.add_argument("--version", type=_positive(int), default=None, metavar="N",
+                   help="which version of that model (default: the daemon's route)")
     h = sub.add_parser("health", parents=[common], help="exit 0 when the daemon is ready")
     h.add_argument("--wait", action="store_true", help="block until the daemon is ready")
     h.add_argument("--wait-timeout", type=_positive(float), default=HEALTH_WAIT_S, metavar="SECONDS",
@@ -156,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "and --set on top, checked as start-up checks it. A model of another "
                                    "input size needs a restart.")
     r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+    r.add_argument("--name", default=None, metavar="NAME",
+                   help="which served model it swaps (required when the daemon serves several)")
+    r.add_argument("--version", type=_positive(int), default=None, metavar="N",
+                   help="which version of --name (default: the one requests naming none get)")
     r.add_argument("--set", dest="settings", action="append", default=[], type=_model_setting,
                    metavar="model.KEY=VALUE",
                    help="a [model] key, value in TOML syntax (repeatable), e.g. --set model.input=uint8_nhwc")
@@ -231,6 +241,7 @@ def _run(args) -> int:
                 sys.stdout.flush()
         elif cmd == "reload":
             fields = {"model": args.model} if args.model else {}
+            fields.update({k: v for k, v in (("name", args.name), ("version", args.version)) if v is not None})
             if args.model_config is not None:
                 fields["section"] = args.model_config
             if args.settings:
@@ -267,7 +278,7 @@ def _client_command(args) -> int:
         elif args.command == "info":
             _out(args, {k: v for k, v in client.info().items() if k not in ("id", "ok")})
         else:
-            tops = client.classify_many(images, args.top_k)
+            tops = client.classify_many(images, args.top_k, model=args.model, version=args.version)
             data = {path: [{"index": p.index, "label": p.label, "score": p.score} for p in top]
                     for path, top in zip(args.files, tops)}
             _out(args, data, "\n".join(f"{path}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in top)

@@ -96,9 +96,10 @@ class Client(ClientSettings):
 
     def __init__(self, socket_path: str | None = None, *, ring_slots: int = 0,
                  timeout: float = 30.0, connect_timeout: float = 5.0, cache: bool = True,
-                 reconnect: bool = True):
+                 reconnect: bool = True, model: str | None = None, version: int | None = None):
         super().__init__(socket_path, ring_slots=ring_slots, timeout=timeout,
-                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect)
+                         connect_timeout=connect_timeout, cache=cache, reconnect=reconnect,
+                         model=model, version=version)
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._closed = False
@@ -112,6 +113,9 @@ class Client(ClientSettings):
 
     # what the core knows, read-only -----------------------------------------------------------
     model = property(lambda self: self._core.model, doc="The daemon's model (ModelInfo), updated on swaps.")
+    models = property(lambda self: list(self._core.catalog.values()),
+                      doc="Every model the daemon serves (ModelInfo each, with its version), when it serves "
+                          "several; [] for a one-model daemon.")
     session = property(lambda self: self._core.session)
     preprocess_id = property(lambda self: self._core.preprocess_id,
                              doc="The daemon's preprocessing, part of cache keys.")
@@ -262,28 +266,35 @@ class Client(ClientSettings):
         """The daemon's model, devices and counters."""
         return self._call({"op": "info"})
 
-    def labels(self) -> tuple[str, ...]:
-        """The current model's class names, by index: asked of the daemon once per list of names
-        (``labels`` request; hello carries only their number and ``labels_id``), then kept.
-        Numbered classes ("0", "1", ...: a model without a labels file) are named without asking."""
+    def labels(self, model: str | None = None, version: int | None = None) -> tuple[str, ...]:
+        """A model's class names (default: this client's model), by index: asked of the daemon once
+        per list of names (``labels`` request; hello carries only their number and ``labels_id``),
+        then kept. Numbered classes ("0", "1", ...: a model without a labels file) are named
+        without asking."""
         with self._lock:
-            return self._names(self.model)
+            return self._names(self._target(model, version)[0])
 
     def _names(self, model: ModelInfo) -> tuple[str, ...]:
         names = self._core.names(model)
         if names is None:
-            names = self._core.learn_labels(self._call_locked({"op": "labels"}), model)
+            ask = {"op": "labels", **({"model": model.name, "version": model.version} if model.version else {})}
+            names = self._core.learn_labels(self._call_locked(ask), model)
         return names
 
     def classify(self, image, top_k: int = 5, *, timeout: float | None = None,
-                 tag: str | None = None, logits: bool = False) -> Predictions:
+                 tag: str | None = None, logits: bool = False, model: str | None = None,
+                 version: int | None = None) -> Predictions:
         """Top-k predictions for one image: a numpy array or torch tensor (inferd.client.images), or
         a JPEG/PNG/WebP file as bytes, a path or a binary file object (inferd.client.decode).
-        With ``logits`` the result's ``logits`` is the model's raw output row (float32 numpy)."""
-        return self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits)[0]
+        With ``logits`` the result's ``logits`` is the model's raw output row (float32 numpy).
+        ``model`` (a name) and ``version``: which of the daemon's models answers (default: the
+        client's ``model``, else the daemon's default); UnknownModel names those there are."""
+        return self.classify_many([image], top_k, timeout=timeout, tag=tag, logits=logits, model=model,
+                                  version=version)[0]
 
     def classify_many(self, images: Iterable, top_k: int = 5, *, timeout: float | None = None,
-                      tag: str | None = None, logits: bool = False) -> list[Predictions]:
+                      tag: str | None = None, logits: bool = False, model: str | None = None,
+                      version: int | None = None) -> list[Predictions]:
         """Top-k predictions for each image, in order, keeping up to all ring slots in flight.
 
         A frame the daemon already answered is answered from the read-only result cache without a
@@ -293,35 +304,45 @@ class Client(ClientSettings):
         (see near_duplicates). If any request fails, the others still complete (no slot is left in
         flight) and the first error is raised.
         """
-        h, w, _ = self.model.input_shape
+        target = self._target(model, version)
+        h, w, _ = target[0].input_shape                            # frames sized for that model
         items = [decode.prepare(img, h, w) for img in images]     # read, not yet decoded
         timeout = self.timeout if timeout is None else timeout
         core = self._core
-        core.check(top_k, timeout)
+        core.check(top_k, timeout, target[0])
         with self._lock:
             deadline = self._clock() + timeout
             self._connection(deadline, Backoff())
-            results, todo, extra = core.look_up(items, top_k, tag, logits)
+            results, todo, extra = core.look_up(items, top_k, tag, logits, target)
             asked = [items[i] for i in todo]
-            call = Call("classify", extra, deadline, [it.frame() for it in asked], core.uploads(asked))
+            # encoded bytes go beside a frame for the default model only (the daemon verifies those)
+            uploads = core.uploads(asked) if target[0].digest == core.model.digest else None
+            call = Call("classify", extra, deadline, [it.frame() for it in asked], uploads)
             for i, (reply, model) in zip(todo, self._run(call)):
                 results[i] = core.answer(reply, model, logits)
             return [core.predictions(pairs, self._names(model), *rest) for pairs, model, *rest in results]
 
-    def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
+    def embed(self, image, *, tag: str | None = None, timeout: float | None = None, model: str | None = None,
+              version: int | None = None):
         """The model's embedding of an image (float32, unit length), stored by the daemon under the
-        image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
-        return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout))
+        image's content hash with ``tag``. InvalidInput if the model exposes no embedding.
+        ``model`` / ``version`` as classify's: each model keeps its own embeddings."""
+        return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout,
+                                                       model, version))
 
     def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
-                        timeout: float | None = None) -> list[NearDuplicate]:
+                        timeout: float | None = None, model: str | None = None,
+                        version: int | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (cosine of embeddings), best first, at most k
-        of them with similarity >= min_similarity. The query itself is not stored."""
+        of them with similarity >= min_similarity, among those the model (``model`` / ``version``
+        as classify's) embedded. The query itself is not stored."""
         return self._core.matches(self._embedding_op(image, "near", {"k": k, "min_similarity": min_similarity},
-                                                     timeout))
+                                                     timeout, model, version))
 
-    def _embedding_op(self, image, op: str, extra: dict, timeout) -> dict:
-        h, w, _ = self.model.input_shape
+    def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
+        target, fields, _ = self._target(model, version)
+        h, w, _ = target.input_shape
+        extra = {**extra, **fields}
         frame = decode.prepare(image, h, w).frame()
         timeout = self.timeout if timeout is None else timeout
         with self._lock:

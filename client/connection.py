@@ -44,6 +44,9 @@ class ModelInfo:
     gen: int = 0             # the daemon's model generation, 1 up; 0 from a daemon that sends none
     classes: int = 0         # number of classes (the width of the model's output)
     labels_id: str = ""      # identifies the names (daemon/models/labels.py); "numbered": "0", "1", ...
+    version: int = 0         # its version, with several models (hello's ``models``); 0: not told
+    preprocess: str = ""     # its preprocessing id (cache keys), with several models
+    route: str = ""          # stable | canary | named: what a request naming no version gets
 
     @classmethod
     def from_wire(cls, m: dict) -> "ModelInfo":
@@ -56,8 +59,11 @@ class ModelInfo:
             labels_id = str(m.get("labels_id", ""))
             if labels_id == "numbered":
                 labels = tuple(str(i) for i in range(classes))
+            version = m.get("version", 0)
             return cls(str(m["name"]), str(m["digest"]), tuple(m["input"]), labels,
-                       int(m["top_k"]), gen if type(gen) is int else 0, classes, labels_id)
+                       int(m["top_k"]), gen if type(gen) is int else 0, classes, labels_id,
+                       version if type(version) is int else 0, str(m.get("preprocess", "")),
+                       str(m.get("route", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise errors.ProtocolError(f"unreadable model description from the daemon: {exc!r}") from None
 
@@ -74,6 +80,7 @@ class Connection:
         self.cache = None                       # read-only ResultCache, when the daemon has one
         self.preprocess_id = None               # the daemon's preprocessing, part of cache keys
         self.model: ModelInfo | None = None
+        self.models: list[ModelInfo] = []       # every model served, with several (hello's ``models``)
         self.session = None
         self.max_batch = 0                      # classify requests one message may carry (hello)
         self._reader = wire.FrameReader(wire.MAX_REPLY_FRAME)
@@ -128,6 +135,8 @@ class Connection:
             if not reply.get("ok"):
                 raise errors.from_reply(reply)
             self.model = ModelInfo.from_wire(reply.get("model") or {})
+            listed = reply.get("models")
+            self.models = [ModelInfo.from_wire(m) for m in listed] if isinstance(listed, list) else []
             want = 2 if reply.get("cache") else 1
             if len(fds) != want:
                 raise errors.ProtocolError(f"hello reply carried {len(fds)} descriptors, expected {want}")

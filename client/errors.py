@@ -90,6 +90,13 @@ class ReloadFailed(InferdError):
     code = wire.E_RELOAD_FAILED
 
 
+class UnknownModel(InvalidInput):
+    """The request named a model (or a version) the daemon does not serve; the message lists the
+    models it does (``Client.models``). A subclass of InvalidInput: the request was the fault."""
+
+    code = wire.E_UNKNOWN_MODEL
+
+
 _BY_CODE = {
     wire.E_BAD_FRAME: ProtocolError, wire.E_FRAME_TOO_LARGE: ProtocolError,
     wire.E_UNSUPPORTED_VERSION: ProtocolError, wire.E_UNKNOWN_OP: ProtocolError,
@@ -98,6 +105,7 @@ _BY_CODE = {
     wire.E_DEADLINE_EXCEEDED: DeadlineExceeded, wire.E_PERMISSION_DENIED: PermissionDenied,
     wire.E_SHUTTING_DOWN: ShuttingDown, wire.E_INTERNAL: InferenceFailed,
     wire.E_NO_HEALTHY_DEVICE: NoHealthyDevice, wire.E_RELOAD_FAILED: ReloadFailed,
+    wire.E_UNKNOWN_MODEL: UnknownModel,
 }
 
 

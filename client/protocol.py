@@ -107,6 +107,7 @@ class ProtocolCore:
         self._ids = itertools.count(NOTE_ID + 1)
         self._models: dict[int, ModelInfo] = {}
         self._label_book: dict[str, tuple] = {}     # labels_id -> names
+        self.catalog: dict[tuple, ModelInfo] = {}   # (name, version) -> model, with several (hello)
 
     # sessions ---------------------------------------------------------------------------------
     def adopt(self, conn: Connection) -> None:
@@ -116,6 +117,7 @@ class ProtocolCore:
         self.session, self.model, self.preprocess_id = conn.session, conn.model, conn.preprocess_id
         self.cache, self._ring = conn.cache, conn.ring
         self._models = {conn.model.gen: conn.model}
+        self.catalog = {(m.name, m.version): m for m in getattr(conn, "models", ())}
         self.free = list(range(conn.ring.geometry.slots - 1, -1, -1))
         self._max_batch = getattr(conn, "max_batch", 0)     # (a stand-in connection may lack it)
         self.inflight = {}
@@ -291,10 +293,43 @@ class ProtocolCore:
         return wire.encode({"op": "hits", "id": NOTE_ID, "n": n}) if n else b""
 
     # checks and answers -----------------------------------------------------------------------
-    def check(self, top_k, timeout) -> None:
+    def target(self, name: str | None, version: int | None) -> tuple[ModelInfo, dict, bool]:
+        """The model a request naming ``name`` (None: the default) and ``version`` (None: the
+        daemon's route) is sized and checked for, the fields that name it, and whether it may be
+        answered from the local cache: only where the name's answer cannot depend on the daemon's
+        route between versions (one version, or a version named), so a canary split or a
+        promotion is never bypassed. UnknownModel for a name or version hello did not list."""
+        if name is None and version is None:
+            if not self.catalog:
+                return self.model, {}, True
+            name = self.model.name
+            fields = {}
+        else:
+            name = name if name is not None else self.model.name
+            fields = {"model": name, **({"version": version} if version is not None else {})}
+        if not self.catalog:                        # one model: it answers to its name and "default"
+            if name in (self.model.name, "default") and version in (None, self.model.version, 1):
+                return self.model, fields, True
+            raise errors.UnknownModel(f"no model {name!r}{'' if version is None else f' version {version}'} "
+                                      f"is served; the daemon serves {self.model.name}")
+        if name == "default":
+            name = self.model.name
+        versions = [m for (n, _), m in self.catalog.items() if n == name]
+        if version is not None:
+            model = self.catalog.get((name, version))
+        else:
+            model = next((m for m in versions if m.route == "stable"), versions[0] if versions else None)
+        if model is None:
+            known = ", ".join(f"{n} v{v}" for n, v in self.catalog)
+            raise errors.UnknownModel(f"no model {name!r}{'' if version is None else f' version {version}'} "
+                                      f"is served; the models are {known}")
+        return model, fields, version is not None or len(versions) == 1
+
+    def check(self, top_k, timeout, model: ModelInfo | None = None) -> None:
         """The daemon's own range checks, made here too so a local cache hit answers a bad
         argument the same way a round trip would."""
-        n = self.model.classes or len(self.model.labels)
+        model = model or self.model
+        n = model.classes or len(model.labels)
         if type(top_k) is not int or not 1 <= top_k <= n:
             raise errors.InvalidInput(f"top_k {top_k!r} is out of range: 1 to {n}")
         if not limits.timeout_s_ok(timeout):
@@ -302,30 +337,34 @@ class ProtocolCore:
                                       f"{limits.MAX_TIMEOUT_S:g} s (timeout_ms)")
 
     def look_up(self, items: list, top_k: int, tag: str | None,
-                logits: bool = False) -> tuple[list, list[int], dict]:
+                logits: bool = False, target: tuple | None = None) -> tuple[list, list[int], dict]:
         """Local answers from the read-only cache for prepared inputs (inferd.client.decode):
         ((pairs, model) or None per input, the indices to ask the daemon, the request's fields).
-        A request for the logits is never answered here: the cache holds top-k only."""
+        A request for the logits is never answered here: the cache holds top-k only. ``target``:
+        ``self.target(...)`` of a request that names a model."""
+        model, fields, local = target or (self.model, {}, True)
         answers: list = [None] * len(items)
-        extra = {"top_k": top_k, **({"tag": tag} if tag else {}), **({"logits": True} if logits else {})}
-        if self.cache is None or tag is not None or logits:    # a tag must reach the daemon's store
+        extra = {"top_k": top_k, **({"tag": tag} if tag else {}), **({"logits": True} if logits else {}),
+                 **fields}
+        if self.cache is None or tag is not None or logits or not local:    # a tag must reach the daemon's store
             return answers, list(range(len(items))), extra
         for i, item in enumerate(items):
-            answers[i] = self._local_answer(item, top_k)
+            answers[i] = self._local_answer(item, top_k, model)
         extra["looked"] = True          # misses here: NOTE [ unhashed misses ] in daemon/caching/results.py
         return answers, [i for i, a in enumerate(answers) if a is None], extra
 
-    def _local_answer(self, item: decode.Prepared, top_k: int):
+    def _local_answer(self, item: decode.Prepared, top_k: int, model: ModelInfo | None = None):
         """(pairs, model) from the read-only cache, or None (a miss). Encoded bytes are looked up
         by their hash first, before they are decoded (NOTE [ encoded uploads ] in
         daemon/caching/results.py); on a miss there, by the decoded frame's content hash."""
-        model, hit = self.model, None
-        if item.encoded_hash is not None:
+        model, hit = model or self.model, None
+        preprocess = model.preprocess or self.preprocess_id
+        if item.encoded_hash is not None and model.digest == self.model.digest:   # verified: the default model only
             h, w, _ = model.input_shape
-            hit = self.cache.lookup(cachefile.encoded_key(model.digest, self.preprocess_id,
+            hit = self.cache.lookup(cachefile.encoded_key(model.digest, preprocess,
                                                           decode.decoder_id(h, w), item.encoded_hash))
         if hit is None or len(hit) < top_k:
-            key = cachefile.cache_key(model.digest, self.preprocess_id, cachefile.content_hash(item.frame()))
+            key = cachefile.cache_key(model.digest, preprocess, cachefile.content_hash(item.frame()))
             hit = self.cache.lookup(key)
         if hit is None or len(hit) < top_k:
             return None
@@ -333,12 +372,12 @@ class ProtocolCore:
         self.hits.add(1)
         return hit[:top_k], model
 
-    def needs_decoding(self, item: decode.Prepared, top_k: int) -> bool:
+    def needs_decoding(self, item: decode.Prepared, top_k: int, model: ModelInfo | None = None) -> bool:
         """Encoded bytes the cache cannot answer by their hash (so ``look_up`` would decode them):
         an AsyncClient decodes these off its event loop first."""
         if item.encoded is None:
             return False
-        if self.cache is None:
+        if self.cache is None or (model is not None and model.digest != self.model.digest):
             return True
         h, w, _ = self.model.input_shape
         hit = self.cache.lookup(cachefile.encoded_key(self.model.digest, self.preprocess_id,
@@ -395,11 +434,24 @@ class ProtocolCore:
 
     # model generations and names --------------------------------------------------------------
     def model_of(self, reply: dict) -> ModelInfo:
-        """The model that computed a reply: a new generation it announces becomes ``model``."""
+        """The model that computed a reply: a new generation it announces becomes ``model``; with
+        several models, the one its ``served`` [name, version] names."""
+        served = reply.get("served")
+        if type(served) is list and len(served) == 2 and not isinstance(reply.get("model"), dict):
+            model = self.catalog.get(tuple(served))
+            if model is not None:
+                gen = reply.get("gen")
+                if type(gen) is int and gen != model.gen:      # the default model's other generation
+                    other = self._models.get(gen)
+                    if other is not None and (other.name, other.version) == (model.name, model.version):
+                        return other
+                return model
         described = reply.get("model")
         if isinstance(described, dict):
             info = ModelInfo.from_wire(described)
             self._models[info.gen] = info
+            if (info.name, info.version) in self.catalog and info.gen >= self.catalog[info.name, info.version].gen:
+                self.catalog[info.name, info.version] = info
             if info.gen >= self.model.gen:
                 self.model = info
             while len(self._models) > KEEP_GENERATIONS:

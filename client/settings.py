@@ -26,20 +26,32 @@ class ClientSettings:
       bound on one connect.
     - ``cache``: answer repeated frames from the daemon's read-only result cache.
     - ``reconnect``: wait for a daemon at first and ride out its restarts (inferd.client.client).
+    - ``model``: the model (name) a call that names none asks for; None: the daemon's default.
+      ``version``: its version; None: whichever the daemon's route gives (docs/protocol.md).
 
     ``socket_path``, ``timeout`` and ``reconnect`` are public attributes; the others are read
     only by ``_open_connection``. ``_clock`` is the monotonic clock deadlines are taken from.
     """
 
     def __init__(self, socket_path: str | None, *, ring_slots: int, timeout: float,
-                 connect_timeout: float, cache: bool, reconnect: bool):
+                 connect_timeout: float, cache: bool, reconnect: bool, model: str | None = None,
+                 version: int | None = None):
         self.socket_path = socket_path or default_socket_path()
+        self.model_name = model
+        self.model_version = version
         self.timeout = timeout
         self.reconnect = reconnect
         self._ring_slots = ring_slots
         self._connect_timeout = connect_timeout
         self._use_cache = cache
         self._clock = time.monotonic
+
+    def _target(self, model: str | None, version: int | None) -> tuple:
+        """(ModelInfo, request fields, local lookups allowed) of a call's model: its argument, else
+        the client's (inferd.client.protocol ProtocolCore.target). UnknownModel if not served."""
+        if model is None and version is None:
+            model, version = self.model_name, self.model_version
+        return self._core.target(model, version)
 
     def _open_connection(self, hello_timeout: float) -> Connection:
         """Connect and say hello with these settings, blocking; the connect is bounded by

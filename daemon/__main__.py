@@ -186,28 +186,53 @@ def _serve(cfg, args, listener) -> int:
 
     threads_mod.configure_process(cfg.threads.blas, cfg.threads.interop,   # NOTE [ thread pools ]
                                   cfg.threads.switch_interval_ms, cfg.threads.per_batch)
-    model = model_mod.load(cfg.model)          # first: --device cpu:auto measures it
-    _remove_stale_stores(cfg, model)
+    catalog = _catalog(cfg)                    # first: --device cpu:auto measures its first model
+    model = catalog.by_id[0].model
+    _remove_stale_stores(cfg, catalog)
     devices = _devices(cfg, args.device, model)
+    catalog.check_devices(len(devices))
     # SIGHUP reads the same file with the same flags again (daemon/ops/reload.py)
     reread = lambda: config_mod.load(args.config, _overrides(args))
-    return uvloop.run(Server(cfg, model, devices, listener, reread_config=reread).run())
+    return uvloop.run(Server(cfg, catalog, devices, listener, reread_config=reread).run())
 
 
-def _remove_stale_stores(cfg, model) -> None:
+def _catalog(cfg):
+    """Every configured model loaded (on the CPU; each device puts it on itself at start), as the
+    catalog (daemon/models/catalog.py). A [[models]] entry that does not load is named."""
+    from .config import ConfigError, entry_name
+    from .models import loading as model_mod
+    from .models.catalog import Catalog
+
+    if not cfg.models:
+        return Catalog.of([(cfg.model, model_mod.load(cfg.model))])
+    loaded = []
+    for i, entry in enumerate(cfg.models):
+        try:
+            loaded.append((entry, model_mod.load(entry)))
+        except ConfigError as exc:
+            raise ConfigError(f"models[{i}] ({entry_name(entry)} version {entry.version}): {exc}") from None
+        except MemoryError:
+            raise ConfigError(f"models[{i}] ({entry_name(entry)} version {entry.version}): does not "
+                              f"fit this host's memory with the models before it") from None
+    return Catalog.of(loaded)
+
+
+
+def _remove_stale_stores(cfg, catalog) -> None:
     """The embedding stores of models no longer configured go at start-up (with a log line), so the
-    cache directory holds one store, not one per model ever served. Only stores named by default
-    (embeddings.path empty): a path the operator chose is theirs to manage."""
+    cache directory holds one store per model served, not one per model ever served. Only stores
+    named by default (embeddings.path empty): a path the operator chose is theirs to manage."""
     import os
 
     from .caching.embedding_store import default_path, remove_stale
+    from .models.catalog import store_digest
     from .models.embedding_pooling import embedding_id
 
     if cfg.embeddings.path:
         return
     directory = os.path.dirname(cfg.cache_path)
-    remove_stale(directory, default_path(directory, model.digest, embedding_id(model.spec)),
-                 logging.getLogger("inferd"))
+    keep = [default_path(directory, store_digest(s.digest), embedding_id(s.spec)) for s in catalog.by_id]
+    remove_stale(directory, keep, logging.getLogger("inferd"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .ops.metrics_listener import check_config as check_metrics_config
 from .config_sections import (COMPILE_MODES, INPUT_FORMS, LOG_LEVELS, MODEL_FORMATS, PRECISIONS, SECTIONS,
                               BatchingConfig, CacheConfig, Config, DeviceConfig, DispatchConfig,
                               EmbeddingsConfig, FleetConfig, HealthConfig, L2Config, MetricsConfig, ModelConfig,
+                              ModelEntryConfig,
                               RingConfig, ServerConfig, ThreadsConfig, default_cache_path)
 from .errors import ConfigError
 from .front.listener import SUN_PATH_MAX
@@ -34,7 +35,7 @@ from .front.listener import SUN_PATH_MAX
 __all__ = ["ConfigError", "Config", "load", "from_dict", "parse_override", "reference", "check_input_form",
            "SECTIONS", "default_cache_path", "ServerConfig", "RingConfig", "BatchingConfig", "ModelConfig",
            "DispatchConfig", "HealthConfig", "CacheConfig", "EmbeddingsConfig", "MetricsConfig", "L2Config",
-           "FleetConfig", "ThreadsConfig", "DeviceConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES",
+           "FleetConfig", "ThreadsConfig", "DeviceConfig", "ModelEntryConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES",
            "INPUT_FORMS"]
 
 
@@ -93,14 +94,6 @@ def _check_cross(cfg: Config) -> None:
         ids = getattr(cfg.server, key.split(".")[1]) or []
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids):
             raise ConfigError(f"{key}: expected a list of ids 0 to {2**32 - 1}, got {ids!r}")
-    for key in ("model.mean", "model.std"):
-        vals = getattr(cfg.model, key.split(".")[1])
-        if vals is None:
-            continue
-        if len(vals) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            raise ConfigError(f"{key}: expected 3 numbers (one per RGB channel), got {vals!r}")
-        if key == "model.std" and not all(v > 0 for v in vals):
-            raise ConfigError(f"{key}: every std must be > 0, got {vals!r}")
     for who, weight in (cfg.dispatch.weights or {}).items():
         if not (who.isdigit() or (who.startswith("@") and len(who) > 1)):
             raise ConfigError(f"dispatch.weights: key {who!r} is not a uid or @group")
@@ -116,18 +109,10 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(f"ring.default_slots: {cfg.ring.default_slots} is above ring.max_slots "
                           f"({cfg.ring.max_slots})")
     _check_socket_paths(cfg)
-    if cfg.model.path:
-        # first, so `--model /typo.pt2` says the file is missing, not that its input size is
-        if not os.path.exists(cfg.model.path):
-            raise ConfigError(f"model.path: {cfg.model.path} does not exist")
-        if not os.path.isfile(cfg.model.path):
-            raise ConfigError(f"model.path: {cfg.model.path} is not a file")
-        if not cfg.model.input_height or not cfg.model.input_width:
-            raise ConfigError("model.input_height / model.input_width: required (> 0) with model.path")
-    check_input_form(cfg.model)
-    if cfg.model.compile != "none" and cfg.model.warmup_batches < 1:
-        raise ConfigError(f"model.compile: {cfg.model.compile} prepares every batch size during the "
-                          f"warm-up; set model.warmup_batches >= 1")
+    if cfg.models:
+        _check_models(cfg)
+    else:
+        _check_model(cfg.model, "model")
     if cfg.metrics.listen or cfg.metrics.socket or cfg.metrics.token_file:
         check_metrics_config(cfg.metrics)   # who can reach the listener, and its token file
     if cfg.l2.enabled:
@@ -135,6 +120,63 @@ def _check_cross(cfg: Config) -> None:
     if cfg.fleet.agent:
         parse_agent(cfg.fleet.agent)        # HOST:PORT (bound at start: daemon/ops/agent_check.py)
     _check_devices(cfg)
+
+
+def _check_model(m: ModelConfig, key: str) -> None:
+    """One model's keys: ``[model]`` (``key`` "model") or a ``[[models]]`` entry ("models[i]")."""
+    for name in ("mean", "std"):
+        vals = getattr(m, name)
+        if vals is None:
+            continue
+        if len(vals) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            raise ConfigError(f"{key}.{name}: expected 3 numbers (one per RGB channel), got {vals!r}")
+        if name == "std" and not all(v > 0 for v in vals):
+            raise ConfigError(f"{key}.{name}: every std must be > 0, got {vals!r}")
+    if m.path:
+        # first, so `--model /typo.pt2` says the file is missing, not that its input size is
+        if not os.path.exists(m.path):
+            raise ConfigError(f"{key}.path: {m.path} does not exist")
+        if not os.path.isfile(m.path):
+            raise ConfigError(f"{key}.path: {m.path} is not a file")
+        if not m.input_height or not m.input_width:
+            raise ConfigError(f"{key}.input_height / {key}.input_width: required (> 0) with {key}.path")
+    check_input_form(m, key)
+    if m.compile != "none" and m.warmup_batches < 1:
+        raise ConfigError(f"{key}.compile: {m.compile} prepares every batch size during the "
+                          f"warm-up; set {key}.warmup_batches >= 1")
+
+
+def _check_models(cfg: Config) -> None:
+    """The ``[[models]]`` list: each entry as ``[model]`` is checked, a name for each (a file's stem
+    or the built-in's name when empty: daemon/models/catalog.py), one (name, version) once, at most
+    one default, devices that exist."""
+    defaults = [i for i, m in enumerate(cfg.models) if m.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"models[{defaults[1]}].default: models[{defaults[0]}] is the default "
+                          f"already; mark one entry only")
+    seen: dict = {}
+    for i, m in enumerate(cfg.models):
+        key = f"models[{i}]"
+        _check_model(m, key)
+        name = entry_name(m)
+        if not name or name == "default" or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"{key}.name: {name!r} is not a model name (letters, digits, - _ . and "
+                              f"not \"default\", which names the default model)")
+        if (name, m.version) in seen:
+            raise ConfigError(f"{key}: {name} version {m.version} is models[{seen[name, m.version]}] "
+                              f"already; give it another version or name")
+        seen[name, m.version] = i
+        for d in m.devices or ():
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ConfigError(f"{key}.devices: expected device indices (0, 1, ...), got {d!r}")
+        for u in m.canary_uids or ():
+            if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < 2**32:
+                raise ConfigError(f"{key}.canary_uids: expected uids, got {u!r}")
+
+
+def entry_name(m: ModelConfig) -> str:
+    """A configured model's name: ``name``, else the file's stem, else the built-in's name."""
+    return m.name or (Path(m.path).stem if m.path else m.builtin)
 
 
 def _check_socket_paths(cfg: Config) -> None:
@@ -159,20 +201,20 @@ def _check_devices(cfg: Config) -> None:
         seen.add(dev.name)
 
 
-def check_input_form(m: "ModelConfig") -> None:
+def check_input_form(m: "ModelConfig", key: str = "model") -> None:
     """A file model's normalisation is explicit: float_nchw needs model.mean and model.std (no
     silent ImageNet default), uint8_nhwc takes neither; built-ins take float_nchw only."""
-    given = [key for key in ("mean", "std") if getattr(m, key) is not None]
+    given = [k for k in ("mean", "std") if getattr(m, k) is not None]
     if m.input == "uint8_nhwc":
         if not m.path:
-            raise ConfigError(f"model.input: uint8_nhwc is for file models that normalise inside; the "
+            raise ConfigError(f"{key}.input: uint8_nhwc is for file models that normalise inside; the "
                               f"built-in {m.builtin} takes float_nchw")
         if given:
-            raise ConfigError(f"model.{given[0]}: a uint8_nhwc model normalises inside and is given the "
+            raise ConfigError(f"{key}.{given[0]}: a uint8_nhwc model normalises inside and is given the "
                               f"frames as they are; remove model.mean / model.std, or set "
                               f"model.input = \"float_nchw\"")
     elif m.path and len(given) < 2:
-        raise ConfigError("model.mean / model.std: required for a float_nchw file model (the daemon "
+        raise ConfigError(f"{key}.mean / {key}.std: required for a float_nchw file model (the daemon "
                           "normalises (x / 255 - mean) / std and will not guess); e.g. ImageNet's "
                           "mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], or set "
                           "model.input = \"uint8_nhwc\" if the model normalises inside")
@@ -189,10 +231,18 @@ def from_dict(data: dict, overrides: dict | None = None) -> Config:
                 d = DeviceConfig()
                 _apply(d, f"device[{i}]", dev)
                 cfg.devices.append(d)
+        elif section == "models":
+            if not isinstance(values, list):
+                raise ConfigError("models: expected a list of tables ([[models]])")
+            for i, entry in enumerate(values):
+                m = ModelEntryConfig()
+                _apply(m, f"models[{i}]", entry)
+                cfg.models.append(m)
         elif section in SECTIONS:
             _apply(getattr(cfg, section), section, values)
         else:
-            raise ConfigError(f"[{section}]: unknown section; allowed: {', '.join([*SECTIONS, 'device'])}")
+            raise ConfigError(f"[{section}]: unknown section; allowed: "
+                              f"{', '.join([*SECTIONS, 'device', 'models'])}")
     for dotted, value in (overrides or {}).items():
         section, _, name = dotted.partition(".")
         if section not in SECTIONS or not name:
@@ -240,14 +290,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 def reference() -> str:
     """The configuration reference as a Markdown table (for docs/configuration.md)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, cls in [*SECTIONS.items(), ("device", DeviceConfig)]:
+    for section, cls in [*SECTIONS.items(), ("device", DeviceConfig), ("models", ModelEntryConfig)]:
         for f in dataclasses.fields(cls):
+            if cls is ModelEntryConfig and f.name in _MODEL_KEYS:
+                continue                    # [model]'s keys, listed there
             default = f.default
             shown = "(see meaning)" if default in ("", None) else f"`{default!r}`"
             if f.name == "socket_mode":
                 shown = f"`{oct(default)}`"
             rows.append(f"| `{section}.{f.name}` | {shown} | {f.metadata['doc']} |")
     return "\n".join(rows)
+
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 #: docs/configuration.md holds the table between these two lines; the prose around it is written by hand.

@@ -16,6 +16,8 @@ check a file and to print the reference.
     [threads]     ThreadsConfig     BLAS, OpenMP and torch thread pools, pinning
     [oip]         OipConfig         the Open Inference Protocol front (HTTP and gRPC), its tenants
     [[device]]    DeviceConfig      a list: cpu, cpu:auto or cuda:N, and threads
+    [[models]]    ModelEntryConfig  a list: several named models (and versions) in one daemon, each
+                                    with [model]'s keys (daemon/models/catalog.py); replaces [model]
 
 No checks that involve more than one key live here (daemon/config.py has them), and nothing here
 reads a file: importing this module costs only the dataclasses.
@@ -170,6 +172,26 @@ class ModelConfig:
                                 "max_batch, batches padded up), for small models and batches; compile: "
                                 "torch.compile with static shapes per size (minutes at start-up); both "
                                 "prepared during warm-up (docs/operations.md, GPU)", choices=COMPILE_MODES)
+
+
+@dataclass
+class ModelEntryConfig(ModelConfig):
+    """One ``[[models]]`` entry: every ``[model]`` key, plus where it runs, its share of a device, its
+    version and the traffic split between versions of one name (daemon/models/catalog.py)."""
+    version: int = _opt(1, "version of this name; two entries of one name and different versions are "
+                           "served side by side (a request may name one; else the route below)",
+                        lo=1, hi=1 << 30)
+    devices: list = _opt(None, "indices of the devices ([[device]] order, or --device order) that may run "
+                               "this model; empty: all")
+    share: float = _opt(1.0, "this model's weight of a device's time while models compete for it "
+                             "(NOTE [ model share ] in daemon/dispatch/model_share.py)", lo=0.001, hi=1e6)
+    default: bool = _opt(False, "requests that name no model get this one (at most one entry; none "
+                                "marked: the first)")
+    canary_percent: float = _opt(0.0, "the newer version of a name: this percent of the name's requests "
+                                      "that name no version, chosen by request id (deterministic), go to it; "
+                                      "0 with no canary_uids: the newest version takes all", lo=0.0, hi=100.0)
+    canary_uids: list = _opt(None, "the newer version of a name: requests of these uids (or OIP tenants' "
+                                   "principal numbers) that name no version go to it; the rest to the older")
 
 
 @dataclass
@@ -412,6 +434,12 @@ class Config:
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     oip: OipConfig = field(default_factory=OipConfig)
     devices: list = field(default_factory=list)   # of DeviceConfig; empty: all CUDA devices, else cpu
+    models: list = field(default_factory=list)    # of ModelEntryConfig; empty: [model] alone
+
+    def model_entries(self) -> list:
+        """The configured models: the ``[[models]]`` entries, or ``[model]`` alone as a one-model
+        catalog (daemon/models/catalog.py)."""
+        return self.models or [self.model]
 
     @property
     def socket_path(self) -> str:

@@ -40,6 +40,7 @@ from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
+from .models.catalog import UnknownModel, store_digest
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
@@ -62,8 +63,9 @@ DOOR_CHECK_S = 0.5
 
 
 class Server:
-    def __init__(self, cfg: Config, model: LoadedModel, devices: list[Device], listener: Listener,
+    def __init__(self, cfg: Config, catalog, devices: list[Device], listener: Listener,
                  clock=time.monotonic, reread_config=None):
+        """``catalog``: what is served (daemon/models/catalog.py), or one LoadedModel."""
         self.cfg = cfg
         self.devices = devices
         self.listener = listener
@@ -74,7 +76,8 @@ class Server:
                                if cfg.dispatch.fair_share else (lambda uid: 1.0))
         self.heap_trim = HeapTrim()         # the heap a closed session's buffers freed goes back
         self.draining = False
-        self.scheduler = Scheduler(cfg, model, devices, clock)
+        self.scheduler = Scheduler(cfg, catalog, devices, clock)
+        self.catalog = self.scheduler.catalog
         self.caches = self.scheduler.caches
         self._hand = Hand(caches=self.caches, submit=self.scheduler.submit,    # for each handshake
                           turns=self.turns, submit_many=self.scheduler.submit_many)
@@ -191,12 +194,18 @@ class Server:
                       self.model.spec.name, exc)
             self.reload_done(False)
             return
+        if not self.catalog.single or fresh.models:
+            log.warning("SIGHUP: this daemon serves [[models]]; reload one by name (inferctl reload "
+                        "--name NAME) or restart to apply a changed list")
+            self.reload_done(False)
+            return
         log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
         try:
             await self.swap.reload(fresh.model)
         except ReloadError:
             return                          # logged by the swap
         self.cfg.model = fresh.model
+        self.scheduler.first.config = fresh.model
 
     async def _start_devices(self) -> bool:
         caches = self.caches
@@ -204,10 +213,20 @@ class Server:
             caches.open_cache(self.cfg.cache_path)     # CacheError: reported by __main__
         if self.cfg.l2.enabled:             # the fleet cache (daemon/caching/fleet/cache.py); ConfigError: a bad key file
             caches.l2 = await open_fleet_cache(self.cfg.l2, lambda: len(caches.spec.labels), self._clock)
+        for served in self.catalog.by_id:   # the answers each model keeps, at most the cache's
+            served.keep_k = min(caches.cache.geometry.max_k, len(served.spec.labels)) \
+                if caches.cache is not None else 0
+        first = self.scheduler.first
         for dev in self.devices:
+            # the default model's runner first: its embeddings are the store's (Executor)
+            served = sorted(self.catalog.on_device(dev.index), key=lambda s: s is not first)
+            if not served:
+                raise ConfigError(f"device {dev.label} runs no model: every [[models]] entry's devices "
+                                  f"leave it out; remove it or name it in one")
             dev.executor = Executor(
-                dev, self.model, deliver=self._deliver_threadsafe, max_batch=self.cfg.batching.max_batch,
-                warmup_batches=self.cfg.model.warmup_batches, keep_k=caches.keep_k, clock=self._clock)
+                dev, served if not self.catalog.single else self.model, deliver=self._deliver_threadsafe,
+                max_batch=self.cfg.batching.max_batch, warmup_batches=self._warmup_batches(),
+                keep_k=caches.keep_k, clock=self._clock)
             dev.collector = Collector(
                 dev, dev.executor, batching=self.cfg.batching, policy=self.scheduler.policy,
                 peers=self.devices, deliver=self._deliver_threadsafe, clock=self._clock, caches=caches)
@@ -221,14 +240,37 @@ class Server:
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
-        dim = self.devices[0].executor.embedding_dim
-        if self.cfg.embeddings.enabled and dim:
-            embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
-            caches.open_store(self.cfg.embeddings.path or default_path(
-                os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
-            for dev in self.devices:
-                dev.executor.store = caches.store
+        if self.cfg.embeddings.enabled:
+            self._open_stores()
         return True
+
+    def _open_stores(self) -> None:
+        """An embedding store for each model that has an embedding, one file per model digest and
+        embedding definition (so versions never share rows), handed to the devices that run it.
+        ``embeddings.path`` names one file: the default model's alone then."""
+        first = self.scheduler.first
+        for served in [first, *(s for s in self.catalog.by_id if s is not first)]:
+            dim = next((d.executor.embedding_dim_of(served.mid) for d in self.devices
+                        if d.executor.runs(served.mid)), 0)
+            if not dim:
+                continue
+            if served is not first and self.cfg.embeddings.path:
+                log.warning("embeddings.path names one file, the default model's: model %s version %d "
+                            "keeps no embeddings (leave embeddings.path empty for a store per model)",
+                            served.name, served.version)
+                continue
+            embedding = embedding_id(served.spec)      # one file per model and embedding definition
+            store = self.caches.open_store(self.cfg.embeddings.path or default_path(
+                os.path.dirname(self.cfg.cache_path), store_digest(served.digest), embedding), dim, embedding,
+                served.mid)
+            for dev in self.devices:
+                if dev.executor.runs(served.mid):
+                    dev.executor.set_store(served.mid, store)
+
+    def _warmup_batches(self) -> int:
+        """Warm-up batches per model on each device: [model]'s, or the most any entry asks."""
+        return max(getattr(s.config, "warmup_batches", self.cfg.model.warmup_batches)
+                   for s in self.catalog.by_id)
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
@@ -323,6 +365,8 @@ class Server:
                 "agent": ({"address": "%s:%d" % self.agent.address, "line": agent_line(r, self.agent.reference_fps).strip(),
                            "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
+                "models": [{"name": s.name, "version": s.version, "digest": s.digest, "gen": s.gen}
+                           for s in self.catalog.by_id],
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
                 "in_rotation": r.in_rotation, "pid": self.pid,
                 "oip": self.front.describe() if self.front is not None else None}
@@ -348,6 +392,22 @@ class Server:
         (health.enable if enable else health.disable)(dev, f"by {who}")
         return {"device": {"index": dev.index, "name": dev.label, "state": dev.state},
                 "in_rotation": sum(d.healthy for d in self.devices)}
+
+    def promote(self, name, version, who: str) -> dict:
+        """Make ``version`` (None: the canary) of model ``name`` take every request that names no
+        version (Catalog.promote): on the loop, between two requests, so none fails; requests in
+        flight finish on the version they resolved to. Rejected (unknown_model) naming the models."""
+        if not isinstance(name, str) or (version is not None and type(version) is not int):
+            raise Rejected(wire.E_INVALID_INPUT, "promote takes model (a name) and version (an integer, "
+                           "optional: the canary)")
+        try:
+            served = self.catalog.promote(name, version)
+        except UnknownModel as exc:
+            raise Rejected(wire.E_UNKNOWN_MODEL, str(exc)) from None
+        log.info("model %s version %d promoted by %s: it takes every request naming no version",
+                 served.name, served.version, who)
+        return {"promoted": {"name": served.name, "version": served.version},
+                "route": self.catalog.routes[served.name].describe()}
 
     def reload_done(self, ok: bool) -> None:
         self.scheduler.stats.reload_done(ok)
@@ -383,6 +443,16 @@ class Server:
             session.release_ring()
         if session.heavy:
             self.heap_trim.request()
+
+    def labels_of(self, msg: dict) -> dict:
+        """The ``labels`` reply: the named model's (``model``, ``version``), else the default's.
+        Rejected (unknown_model) naming the models there are."""
+        if msg.get("model") is None and msg.get("version") is None:
+            return self.model.labels()
+        try:
+            return self.catalog.resolve(msg.get("model"), msg.get("version"), 0, 0).model.labels()
+        except UnknownModel as exc:
+            raise Rejected(wire.E_UNKNOWN_MODEL, str(exc)) from None
 
     def info(self) -> dict:
         """The client socket's ``info``: O(devices), nothing scanned (the cache keeps its count)."""

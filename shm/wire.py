@@ -71,11 +71,12 @@ E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"                  # the model raised; the message says what
 E_NO_HEALTHY_DEVICE = "no_healthy_device"  # every device is out of rotation
 E_RELOAD_FAILED = "reload_failed"        # admin socket: the new model cannot serve; the old one does
+E_UNKNOWN_MODEL = "unknown_model"        # the request names a model or version not served; the message lists them
 
 ERROR_CODES = frozenset({
     E_BAD_FRAME, E_FRAME_TOO_LARGE, E_UNSUPPORTED_VERSION, E_UNKNOWN_OP, E_BAD_REQUEST,
     E_INVALID_INPUT, E_SLOT_BUSY, E_OVERLOADED, E_DEADLINE_EXCEEDED, E_PERMISSION_DENIED,
-    E_SHUTTING_DOWN, E_INTERNAL, E_NO_HEALTHY_DEVICE, E_RELOAD_FAILED,
+    E_SHUTTING_DOWN, E_INTERNAL, E_NO_HEALTHY_DEVICE, E_RELOAD_FAILED, E_UNKNOWN_MODEL,
 })
 
 #: classify: the ring slot holding the encoded file the frame was decoded from, and its length.

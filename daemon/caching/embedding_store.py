@@ -182,14 +182,15 @@ def index_options(cfg) -> IndexOptions | None:
                         save_interval_s=cfg.index_save_interval_s)
 
 
-def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
+def remove_stale(directory: str, keep: str | list[str], log=_log) -> list[str]:
     """Remove from ``directory`` the stores that :func:`default_path` named for other models or
-    embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
+    embedding definitions than ``keep``'s (one path, or a list: a daemon of several models keeps
+    a store each) (and their ``.corrupt-*`` set-asides): one file per
     model ever served otherwise piles up in the cache directory (a GB at the default capacity),
     with the near-duplicate index directory (``.index``) of each. A store another process holds
     (its ``flock``: a daemon sharing the folder) is left alone, and so is its index. Returns the
     names of the stores removed; one log line says what and how much."""
-    keep_name = os.path.basename(keep)
+    keep_names = {os.path.basename(k) for k in ([keep] if isinstance(keep, str) else keep)}
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -197,11 +198,11 @@ def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     removed, freed = [], 0
     for name in names:
         base = name.split(".corrupt-")[0]
-        if name.startswith("embeddings-") and name.endswith(".store.index") and name != keep_name + ".index" \
+        if name.startswith("embeddings-") and name.endswith(".store.index") and name[:-len(".index")] not in keep_names \
                 and not os.path.exists(os.path.join(directory, name[:-len(".index")])):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)   # its store went before
             continue
-        if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
+        if not (name.startswith("embeddings-") and base.endswith(".store")) or base in keep_names:
             continue
         path = os.path.join(directory, name)
         try:

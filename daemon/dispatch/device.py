@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .profile import LatencyProfile
+from .lanes import ModelLanes
 from .queues import DeviceQueue, StagingLead
 
 HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
@@ -21,8 +22,14 @@ class Device:
         self.name = name
         self.torch_device = torch.device(name)
         self.threads = threads
+        self._clock = clock
         self.queue = DeviceQueue(clock) if clock else DeviceQueue()
-        self.profile = LatencyProfile()
+        # the measured latency per batch size of each model (by model id, daemon/models/catalog.py);
+        # ``profile`` is model 0's (the only one of a one-model daemon): readiness, stats, retry hints
+        self.profiles = [LatencyProfile()]
+        self.profile = self.profiles[0]
+        self.running_profile = self.profile    # the profile of the running batch's model (its executor)
+        self.staged_profile = self.profile     # ... and of the batch staged behind it (its collector)
         self.lead = StagingLead()          # rule 0's lead, learnt by its collector (queues.py)
         self.collector = None              # its pipeline's Collector thread (daemon/pipeline/collector.py)
         self.executor = None               # ... and Executor thread (daemon/pipeline/executor.py)
@@ -44,21 +51,33 @@ class Device:
         self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
+    def use_models(self, shares: list[float], make_order, max_batch: int) -> None:
+        """Several models (by id, ``shares`` their weights): a latency profile and a queue lane
+        each (daemon/dispatch/lanes.py). At start-up, while the queue is empty."""
+        self.profiles = [self.profile, *(LatencyProfile() for _ in shares[1:])]
+        self.queue = ModelLanes(make_order, shares, lambda mid, n: self.profiles[mid].latency(n), max_batch,
+                                *([self._clock] if self._clock else []))
+
+    def running_latency(self) -> float:
+        """Expected seconds of the running batch (0: none)."""
+        return self.running_profile.latency(self.running_size) if self.running_size else 0.0
+
     def stage_lead(self) -> float:
         """Seconds before this device is free that its collector closes the next batch (rule 0 of
         NOTE [ batch planning ] in daemon/dispatch/queues.py)."""
-        return self.lead.seconds(self.profile.latency(self.running_size) if self.running_size else 0.0)
+        return self.lead.seconds(self.running_latency())
 
-    def handover(self, entries: list, now: float, full: bool) -> None:
+    def handover(self, entries: list, now: float, full: bool, mid: int = 0) -> None:
         """Its collector hands ``entries`` (BatchEntry, daemon/pipeline/records.py) of a batch taken
-        ``full`` (max_batch) to the executor at ``now``, before it sets ``staged``: was that in
+        ``full`` (max_batch) of model ``mid`` to the executor at ``now``, before it sets ``staged``: was that in
         time? (``StagingLead.handed``). Only a full batch can be late: it goes at once on an idle
         device, while a partial one may have waited for company by choice. ``running`` is set
         before ``staged`` is cleared (daemon/pipeline/executor.py), so a batch moving from one to
         the other never looks like an idle device."""
         busy = bool(self.running or self.staged) or self.running_since is not None
         queued_by = max(e.request.arrived for e in entries) if full else now
-        self.lead.handed(busy, self.last_finished, queued_by, self.profile.latency(len(entries)), now)
+        self.lead.handed(busy, self.last_finished, queued_by,
+                         self.profiles[mid].latency(len(entries)), now)
 
     @property
     def healthy(self) -> bool:
@@ -75,5 +94,8 @@ class Device:
         return {"index": self.index, "name": self.name, "threads": self.threads, "state": self.state,
                 "outstanding": self.outstanding, "queued": len(self.queue), "frames": self.frames,
                 "failures": self.failures, "batch_ms": self.profile.snapshot(),
+                **({"models_batch_ms": [p.snapshot() for p in self.profiles],
+                    "model_seconds": [round(x, 6) for x in self.queue.share_served()]}
+                   if len(self.profiles) > 1 else {}),
                 "stage_lead_ms": round(self.stage_lead() * 1000, 3),
                 "late_handovers": self.lead.late}

@@ -50,7 +50,7 @@ class HealthMonitor:
         self.tick = min(0.1, cfg.watchdog_floor_s / 5)
 
     def bound(self, dev, size: int) -> float:
-        return max(self.cfg.watchdog_floor_s, self.cfg.watchdog_factor * dev.profile.latency(size))
+        return max(self.cfg.watchdog_floor_s, self.cfg.watchdog_factor * dev.running_profile.latency(size))
 
     def batch_ok(self, dev, canary: bool) -> None:
         dev.failures = 0

@@ -49,36 +49,41 @@ def busy_until(dev, now: float) -> float:
     t = now
     started, size = dev.running_since, dev.running_size
     if started is not None:
-        t = max(t, started + dev.profile.latency(size))
+        t = max(t, started + dev.running_profile.latency(size))
     staged = dev.staged
     if staged:
-        t += dev.profile.latency(len(staged))
+        t += dev.staged_profile.latency(len(staged))
     return t
 
 
-def backlog(dev, now: float, max_batch: int, extra: int = 0) -> float:
-    """Seconds until ``dev`` would finish what it holds now plus ``extra`` more frames."""
-    return finish_in(dev, now, max_batch, len(dev.queue) + extra)
+def backlog(dev, now: float, max_batch: int, extra: int = 0, mid: int = 0) -> float:
+    """Seconds until ``dev`` would finish what it holds now plus ``extra`` more frames (of model
+    ``mid``: its profile times them all, an estimate when several models share the device)."""
+    return finish_in(dev, now, max_batch, len(dev.queue) + extra, mid)
 
 
-def finish_in(dev, now: float, max_batch: int, frames: int) -> float:
+def finish_in(dev, now: float, max_batch: int, frames: int, mid: int = 0) -> float:
     """Seconds until ``dev`` would finish the batch it runs and the next ``frames`` it serves (a
     request's place in the fair order, for admission: NOTE [ batch planning ])."""
-    return running_left(dev, now) + drain_time(dev.profile.latency, frames, max_batch)
+    return running_left(dev, now) + drain_time((dev.profiles[mid] if mid else dev.profile).latency, frames, max_batch)
 
 
 class Weighted:
     name = "weighted"
     steals = True
 
-    def choose(self, devices: list, now: float, max_batch: int, exclude=None):
-        """The healthy device (not ``exclude``) with the earliest expected finish for one more
-        request, or None."""
+    def choose(self, devices: list, now: float, max_batch: int, exclude=None, served=None):
+        """The healthy device (not ``exclude``; one ``served`` may run on, when given) with the
+        earliest expected finish for one more request, or None."""
         best, best_key = None, None
+        mid = 0
+        if served is not None:              # several models: its devices, its profile
+            devices = [d for d in devices if served.runs_on(d.index)]
+            mid = served.mid
         for dev in devices:
             if not dev.healthy or dev is exclude:
                 continue
-            key = (backlog(dev, now, max_batch, extra=1), dev.outstanding, dev.index)
+            key = (backlog(dev, now, max_batch, 1, mid), dev.outstanding, dev.index)
             if best_key is None or key < best_key:
                 best, best_key = dev, key
         return best
@@ -104,8 +109,9 @@ class RoundRobin:
     def __init__(self):
         self._turn = itertools.count()
 
-    def choose(self, devices: list, now: float, max_batch: int, exclude=None):
-        healthy = [d for d in devices if d.healthy and d is not exclude]
+    def choose(self, devices: list, now: float, max_batch: int, exclude=None, served=None):
+        healthy = [d for d in devices if d.healthy and d is not exclude
+                   and (served is None or served.runs_on(d.index))]
         return healthy[next(self._turn) % len(healthy)] if healthy else None
 
     def steal_from(self, thief, peers: list, now: float, max_batch: int):

@@ -325,18 +325,19 @@ class DeviceQueue:
         with self._cond:
             return self._items.clear()
 
-    def steal(self, count: int) -> list:
+    def steal(self, count: int, serves: Callable[[int], bool] | None = None) -> list:
         """Take up to ``count`` requests from the back (newest; under fair share, of the longest
-        flow), oldest of them first."""
+        flow), oldest of them first. (``serves``: the models the thief runs; one model here.)"""
         with self._cond:
             return self._items.take_newest(count)
 
-    def ahead(self, flow) -> int:
-        """Requests expected to be served before one more of ``flow`` (a uid): for admission."""
+    def ahead(self, flow, mid: int = 0) -> int:
+        """Requests expected to be served before one more of ``flow`` (a uid): for admission.
+        (``mid``: the request's model; one model here, daemon/dispatch/lanes.py for several.)"""
         with self._cond:
             return self._items.ahead(flow)
 
-    def over_share(self, flow, limit: int) -> bool:
+    def over_share(self, flow, limit: int, mid: int = 0) -> bool:
         """``flow`` holds at least its share of ``limit`` queued requests (fair share off: always)."""
         with self._cond:
             return self._items.over_share(flow, limit)
@@ -352,17 +353,25 @@ class DeviceQueue:
             self._stopped = True
             self._cond.notify_all()
 
+    def lane_len(self, mid: int) -> int:
+        return len(self._items)
+
+    def share_served(self) -> list[float]:
+        """Device seconds charged to each model (several models: daemon/dispatch/lanes.py)."""
+        return []
+
     def take(self, plan: Callable[[float, object, list], tuple[int, float]],
              idle_timeout: float) -> list | None:
         """Block until ``plan`` says go, and return that many requests from the front of the
         order (``plan`` reads them front-first: ``len`` and indexing; its third argument is the
-        expected arrivals). Returns [] when the queue
+        expected arrivals; ModelLanes passes a fourth, the model of the lane it plans, and the
+        batch is that lane's alone). Returns [] when the queue
         stayed empty for ``idle_timeout`` (the caller may steal or beat its heartbeat), None once
         stopped and empty."""
         with self._cond:
             idle_until = self._clock() + idle_timeout
             while True:
-                if not self._items:
+                if self._empty():
                     if self._stopped:
                         return None
                     left = idle_until - self._clock()
@@ -370,10 +379,21 @@ class DeviceQueue:
                         return []
                     self._cond.wait(left)
                     continue
-                now = self._clock()
-                count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
-                if count:
-                    return [self._items.pop() for _ in range(count)]
-                self._listening = not listen or listen[0]
+                batch, until, listen = self._next(plan, self._clock())
+                if batch:
+                    return batch
+                self._listening = listen
                 self._cond.wait(max(until - self._clock(), 0.0))
                 self._listening = True
+
+    # what ModelLanes (daemon/dispatch/lanes.py) changes: under the lock, once per batch ----------
+    def _empty(self) -> bool:
+        return not self._items
+
+    def _next(self, plan, now: float) -> tuple[list | None, float, bool]:
+        """The batch ``plan`` says go with now, or (None, when to ask again, whether an arrival
+        should wake the wait)."""
+        count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
+        if count:
+            return [self._items.pop() for _ in range(count)], 0.0, True
+        return None, until, not listen or listen[0]

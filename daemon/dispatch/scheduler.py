@@ -44,6 +44,7 @@ from ..ops.logs import RateLimitedLog
 from ..front.admission import (Rejected, check_classify, check_frame, check_logits, check_near, check_slot,
                                check_tag, check_upload)
 from ..front.principal import weights as principal_weights
+from ..models.catalog import Catalog, UnknownModel
 from ..ops.stats import Stats
 from ...shm import wire
 
@@ -63,14 +64,23 @@ def _flow_of(request: Request) -> tuple:
 
 
 class Scheduler:
-    """Admission, dispatch and replies of every request (the module docstring). ``model`` is the
-    LoadedModel serving at start (its ``spec``, ``digest`` and ``gen``); a reload hands over the
-    next one with ``switch_model``."""
+    """Admission, dispatch and replies of every request (the module docstring). ``catalog``
+    (daemon/models/catalog.py) is what is served: each request resolves to one of its Served at
+    admission and keeps it (its checks, keys, lane, runner, stamp). ``model`` is the LoadedModel
+    of the default (the first) model, as a one-model daemon's; a reload hands over the next one
+    with ``switch_model``."""
 
-    def __init__(self, cfg, model, devices: list, clock):
+    def __init__(self, cfg, catalog, devices: list, clock):
         self.cfg = cfg
-        self.model = model                  # the LoadedModel serving now
-        self.spec = model.spec
+        if not isinstance(catalog, Catalog):   # a LoadedModel alone: a one-model catalog
+            catalog = Catalog.of([(None, catalog)])
+        self.catalog = catalog
+        self.several = not catalog.single   # replies say which model answered (``_stamp``)
+        # the default model at start: the Served whose keys, store and generation the caches hold,
+        # hello's ``model`` (what a client that names none is told), and a reload's target
+        self.first = catalog.default_served
+        self.model = self.first.model       # the LoadedModel serving now (of a one-model daemon)
+        self.spec = self.model.spec
         self.devices = devices
         self.policy = policies.make(cfg.dispatch.policy)
         self.stats = Stats(cfg, devices, clock)       # NOTE [ stats ] in daemon/ops/stats.py
@@ -82,11 +92,19 @@ class Scheduler:
         self.health = HealthMonitor(cfg.health, devices, on_out=self._device_out,
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
-        self.caches = Caches(cfg, model.spec, model.digest, self.counters)
+        self.caches = Caches(cfg, self.model.spec, self.model.digest, self.counters)
+        self.caches.first_mid = self.first.mid
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
             quantum = fairness.quanta(principal_weights(cfg))
-            for dev in devices:
-                dev.queue.use(fairness.DeficitRoundRobin(_flow_of, quantum))
+            make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
+        else:
+            make = fairness.Fifo
+        shares = [s.share for s in catalog.by_id]
+        for dev in devices:
+            if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
+                dev.use_models(shares, make, cfg.batching.max_batch)
+            elif cfg.dispatch.fair_share:
+                dev.queue.use(make())
 
     @property
     def gen(self) -> int:
@@ -98,7 +116,20 @@ class Scheduler:
         still keying by the old digest misses and learns the new model from its next reply."""
         self.model = model
         self.spec = model.spec
+        self.first.model = model
         self.caches.switch_model(model)
+
+    def _resolve(self, msg: dict, uid: int, rid: int):
+        """The Served a request gets: its ``model`` and ``version`` fields, else the default route
+        (daemon/models/catalog.py). One model and neither field: the one, at no cost."""
+        catalog = self.catalog
+        name, version = msg.get("model"), msg.get("version")
+        if catalog.single and name is None and version is None:
+            return self.first           # (one model: the first is the only one)
+        try:
+            return catalog.resolve(name, version, uid, rid)
+        except UnknownModel as exc:
+            raise Rejected(wire.E_UNKNOWN_MODEL, str(exc)) from None
 
     # admission --------------------------------------------------------------------------------
     def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
@@ -131,10 +162,11 @@ class Scheduler:
         try:
             if self.draining:
                 raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
-            top_k, timeout = check_frame(msg, session.ring, self.spec, self.cfg.batching.default_timeout_ms)
+            served = self._resolve(msg, session.peer[1], rid)
+            top_k, timeout = check_frame(msg, session.ring, served.spec, self.cfg.batching.default_timeout_ms)
             self.caches.client_hits(msg.get("hits"))
             tag = check_tag(msg.get("tag"))
-            logits = check_logits(msg, self.spec, "classify")
+            logits = check_logits(msg, served.spec, "classify")
         except Rejected as exc:
             for i in range(len(slots)):
                 self.stats.outcome(exc.code)
@@ -145,7 +177,7 @@ class Scheduler:
         for i, slot in enumerate(slots):
             try:
                 self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
-                            tag, None, None, looked, logits)
+                            tag, None, None, looked, logits, served)
             except Rejected as exc:
                 self.stats.outcome(exc.code)
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
@@ -155,22 +187,25 @@ class Scheduler:
     def _submit(self, session, rid: int, msg: dict, op: str) -> None:
         if self.draining:
             raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
-        slot, top_k, timeout = check_classify(msg, session.ring, self.spec, session.inflight,
+        served = self._resolve(msg, session.peer[1], rid)
+        slot, top_k, timeout = check_classify(msg, session.ring, served.spec, session.inflight,
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
         caches.client_hits(msg.get("hits"))
-        if op != "classify" and caches.store is None:
-            raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: this model exposes none, or "
-                           "embeddings.enabled is false")
+        if op != "classify" and caches.store_for(served.mid) is None:
+            raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: model {served.name} exposes none, "
+                           "or embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
-        logits = check_logits(msg, self.spec, op)
+        logits = check_logits(msg, served.spec, op)
         args = check_near(msg) if op == "near" else None
         upload = check_upload(msg, session.ring, slot, session.inflight, op)
+        if upload is not None and served is not self.first:
+            upload = None                   # verified uploads key the first model's entries only
         looked = msg.get("looked") if upload is None else None     # an upload is verified on the copy
-        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked, logits)
+        self._enter(session, rid, slot, top_k, timeout, op, tag, args, upload, looked, logits, served)
 
     def _enter(self, session, rid: int, slot: int, top_k: int, timeout: float, op: str, tag, args,
-               upload, looked, logits: bool = False) -> None:
+               upload, looked, logits: bool = False, served=None) -> None:
         """Admit one checked request (refused here: nothing copied or hashed) and queue it, or
         answer it at once (a hit or a coalesced frame found by a hash taken on the loop). A
         request for its ``logits`` is always computed: never answered from a cache nor coalesced
@@ -178,19 +213,20 @@ class Scheduler:
         caches = self.caches
         uid = session.peer[1]
         now = self._clock()
-        device = self._admit(uid, now, now + timeout)     # refused here: nothing copied or hashed
+        device = self._admit(uid, now, now + timeout, served)     # refused here: nothing copied or hashed
         frame = content = key = None
         staged = insert = False
         if caches.hashing:                  # NOTE [ unhashed misses ] in daemon/caching/results.py
             where, insert = caches.hashing_for(looked, op, tag)
             if where == LOOP:
-                frame, content, key = caches.private_copy(session.ring, slot)
-                if not logits and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag):
+                frame, content, key = caches.private_copy(session.ring, slot, served)
+                if not logits and self._answered_at_once(session, rid, slot, top_k, op, key, content, tag,
+                                                         served):
                     return
             staged = where == STAGED
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", hash=staged, insert=insert, op=op,
-                          tag=tag, args=args, gen=self.gen, logits=logits)
+                          tag=tag, args=args, gen=served.model.gen, logits=logits, served=served, mid=served.mid)
         session.inflight[slot] = rid
         if upload is not None:              # every slot of the run held until the reply, like the frame's
             for s in upload[0]:
@@ -216,9 +252,9 @@ class Scheduler:
         elsewhere if that one left rotation meanwhile."""
         if r.done:
             return
-        if top is not None and r.gen == self.gen:
+        if top is not None and r.gen == r.served.gen:
             self.caches.adopt(r.key, top)
-            self.caches.retag(r.content, r.tag, r.session.peer[1])
+            self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
             self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
             replies: dict = {}
             r.answer = top
@@ -230,16 +266,16 @@ class Scheduler:
         else:
             self._redispatch([r], r.device, f"device {r.device.label} left rotation")
 
-    def _answered_at_once(self, session, rid, slot, top_k, op, key, content, tag) -> bool:
+    def _answered_at_once(self, session, rid, slot, top_k, op, key, content, tag, served) -> bool:
         """A cache hit, a frame already in flight (coalesced), or an embedding already stored."""
         caches = self.caches
         if op == "classify" and caches.cache is not None:
             hit = caches.lookup(key, top_k)
             if hit is not None:
-                caches.retag(content, tag, session.peer[1])
+                caches.retag(content, tag, session.peer[1], served.mid)
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
-                                                   "cached": True}, self.gen))
+                                                   "cached": True}, served.gen, served))
                 return True
             leader = session.pending.get(key)
             if leader is not None and not leader.done:
@@ -250,17 +286,18 @@ class Scheduler:
                 self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = caches.store.get(content, uid=session.peer[1])   # its own row (unless shared)
+            vector = caches.store_for(served.mid).get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
-                caches.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
+                caches.retag(content, tag, session.peer[1], served.mid)     # a new tag wins, as classify's does
                 self.stats.outcome("cached")
-                session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None), self.gen))
+                session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None),
+                                         served.gen, served))
                 return True
         return False
 
-    def _admit(self, uid: int, now: float, deadline: float):
-        """The device a request of ``uid`` due at ``deadline`` goes to, or Rejected. Reserves
-        nothing: O(1) but for the device choice (O(devices))."""
+    def _admit(self, uid: int, now: float, deadline: float, served):
+        """The device a request of ``uid`` for model ``served`` due at ``deadline`` goes to, or
+        Rejected. Reserves nothing: O(1) but for the device choice (O(devices))."""
         server, max_batch = self.cfg.server, self.cfg.batching.max_batch
         held = self.stats.uids.get(uid)
         if held is not None and held.in_flight >= server.max_inflight_per_uid:
@@ -269,19 +306,20 @@ class Scheduler:
                            f"flight (server.max_inflight_per_uid {server.max_inflight_per_uid}); wait "
                            "for replies, or ask the operator to raise the limit",
                            retry_after_ms=self._batch_ms())
-        device = self.policy.choose(self.devices, now, max_batch)
+        device = self.policy.choose(self.devices, now, max_batch, served=served if self.several else None)
         if device is None:
             self.counters["no_healthy_device"] += 1
             raise Rejected(wire.E_NO_HEALTHY_DEVICE, _none_in_rotation(self.devices))
         limit, queue = self.cfg.batching.queue_limit, device.queue
         # a uid under its share of a full queue still gets in, up to twice the limit in all
         # (NOTE [ batch planning ]): a flood fills the queue, never shuts others out of it
-        if device.outstanding >= limit and (device.outstanding >= 2 * limit or queue.over_share(uid, limit)):
+        mid = served.mid
+        if device.outstanding >= limit and (device.outstanding >= 2 * limit or queue.over_share(uid, limit, mid)):
             self.counters["overloaded"] += 1
             raise Rejected(wire.E_OVERLOADED, f"not admitted: {device.outstanding} requests are queued on "
                            f"{device.label} (batching.queue_limit {limit}), uid {uid}'s share of them "
                            "taken; retry later", retry_after_ms=self._batch_ms())
-        finish = now + policies.finish_in(device, now, max_batch, queue.ahead(uid) + 1)
+        finish = now + policies.finish_in(device, now, max_batch, queue.ahead(uid, mid) + 1, mid)
         if finish > deadline:
             self.counters["overloaded"] += 1
             late_ms = (finish - deadline) * 1000.0
@@ -353,6 +391,13 @@ class Scheduler:
             dev.queue.poke()
         c = self.counters
         done = result.count(Outcome.DONE)
+        if done and not self.catalog.single:
+            # which model each batch ran, checked apart from the queue that formed it (the
+            # executor fails a batch that mixes models; this counts one that got through)
+            c[f"batches_model_{result.mid}"] += 1
+            c[f"frames_model_{result.mid}"] += done
+            c["mixed_batches"] += any(e.request.mid != result.mid for e in result.entries
+                                      if e.outcome is Outcome.DONE)
         c["batches"] += bool(done)
         c["frames"] += done
         c["model_seconds"] += result.seconds
@@ -381,10 +426,10 @@ class Scheduler:
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1])
+                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
                 self.stats.outcome("cached")
                 self._answer(replies, r, lambda rid, k, top=e.top: {
-                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, self.gen)
+                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
         for e in result.with_outcome(Outcome.COALESCED):
             if not live(e):
                 continue
@@ -398,7 +443,7 @@ class Scheduler:
                 self.outstanding -= 1
             elif leader.answer is not None:
                 self._answer(replies, r, lambda rid, k, top=leader.answer: {
-                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, self.gen)
+                    "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, r.served.gen)
             elif r.device.healthy:          # its leader failed: computed on its own
                 r.device.queue.put(r)
             else:
@@ -423,19 +468,21 @@ class Scheduler:
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
         answered = []
+        # a batch is one model's: is its generation the one serving now?
+        current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
         for e in result.with_outcome(Outcome.DONE):
             if not live(e):
                 continue
             r, top, vector = e.request, e.top, e.embedding
             result.device.frames += 1
             answered.append(r)
-            if r.op != "near" and result.gen == self.gen:   # a query is searched, never stored;
+            if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert)
+                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
             if r.op == "classify":
                 r.answer = top
-                if e.upload is not None and result.gen == self.gen:
+                if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
@@ -457,25 +504,31 @@ class Scheduler:
         messages = replies.setdefault(r.session, [])
         for rid, top_k in ((r.id, r.top_k), *((rid, top_k) for rid, _, top_k in r.followers)):
             message = make(rid, top_k)
-            messages.append(self._stamp(r.session, message, gen) if gen else message)
+            messages.append(self._stamp(r.session, message, gen, r.served) if gen else message)
         self._finish(r)
 
-    def _stamp(self, session, message: dict, gen: int) -> dict:
-        """Mark an answer with the model generation that computed it; the first answer of a newer
-        generation than the session knows also carries that model's description."""
+    def _stamp(self, session, message: dict, gen: int, served=None) -> dict:
+        """Mark an answer with the model generation that computed it, and with several models
+        which one (``served``: [name, version]); the first answer of a newer generation of the
+        first model than the session knows also carries that model's description."""
         if message.get("ok"):
             message["gen"] = gen
+            if self.several and served is not None:
+                message["served"] = [served.name, served.version]
+                if served is not self.first:
+                    return message
             if gen > session.told_gen and gen == self.gen:
-                message["model"] = self.model.describe()
+                # (several models: with its version, so a client files it under (name, version))
+                message["model"] = self.first.describe() if self.several else self.model.describe()
                 session.told_gen = gen
         return message
 
     def _key_for(self, r: Request) -> bytes:
         """The cache key of a request's answer under the current model: its admission key, or a
         new one when it was admitted (and keyed) under the model before a swap."""
-        if r.gen == self.gen or not r.key:
+        if r.gen == r.served.gen or not r.key:
             return r.key
-        return self.caches.key(r.content)
+        return self.caches.key(r.content, r.served.keying)
 
     def _embedding_reply(self, rid: int, op: str, vector, content: bytes, matches) -> dict:
         """The reply to embed (the vector) or near (``matches``, searched by the device thread)."""
@@ -516,7 +569,8 @@ class Scheduler:
         max_batch = self.cfg.batching.max_batch
         for r in requests:
             r.attempt += 1
-            target = self.policy.choose(self.devices, now, max_batch, exclude=failed_dev)
+            target = self.policy.choose(self.devices, now, max_batch, exclude=failed_dev,
+                                        served=r.served if self.several else None)
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1
@@ -545,13 +599,16 @@ class Scheduler:
         self._redispatch(moved, dev, f"device {dev.label} left rotation: {reason}")
 
     def _send_canary(self, dev) -> None:
+        """A blank frame of the first model this device runs."""
         now = self._clock()
-        dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev))
+        served = self.catalog.on_device(dev.index)[0]
+        dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev, served=served, mid=served.mid))
 
     def describe(self) -> dict:
         """Devices, cache and counters for the client socket's ``info`` (``self.stats`` is the rest)."""
         c = self.counters
         return {"outstanding": self.outstanding, "policy": self.policy.name,
+                "models": self.catalog.describe(), "routes": self.catalog.routes_describe(),
                 "requests": dict(self.stats.outcomes),
                 "devices": [d.describe() for d in self.devices], "cache": self.caches.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}

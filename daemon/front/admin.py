@@ -22,10 +22,16 @@ at a time per connection, each answered before the next is read::
                  (optional: a whole [model]
                  table); set (optional: [model]
                  keys on top), checked as at
-                 start-up (daemon/ops/reload.py)
+                 start-up (daemon/ops/reload.py);
+                 name, version: which served
+                 model it swaps (required when
+                 several are served)
     drain        -                              draining, outstanding: the daemon drains and exits
     flush_cache  -                              dropped, generation
     device       index, action (disable|enable) device {index, name, state}, in_rotation
+    promote      model (a name), version        promoted {name, version}, route: every request
+                 (optional: the canary)         naming no version gets it from now on
+                                                (daemon/models/catalog.py); unknown_model else
 
 Errors are the client protocol's (``bad_request``, ``unknown_op``, ``invalid_input``, ...) plus
 ``reload_failed``. ``inferctl`` (inferd.client.cli) is the command-line face of this socket.
@@ -49,7 +55,7 @@ _refused = RateLimitedLog(log, interval=10.0)
 
 MAX_CONNECTIONS = 32            # concurrent admin connections (inferctl top holds one)
 MAX_FRAME = 64 * 1024
-OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device")
+OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device", "promote")
 
 
 class AdminServer:
@@ -150,13 +156,18 @@ class AdminServer:
                 log.info("reload asked by pid %d uid %d: %s%s%s", peer[0], peer[1], source or "the configured model",
                          f", section {section}" if section is not None else "", f", set {settings}" if settings else "")
                 try:
-                    body = await server.swap.reload(server.cfg.model, source, section, settings)
+                    name, version = msg.get("name"), msg.get("version")
+                    served = server.swap.target(name, version)     # several models: the one named
+                    configured = served.config if not server.catalog.single else server.cfg.model
+                    body = await server.swap.reload(configured, source, section, settings, served)
                 except ReloadError as exc:
                     raise Rejected(wire.E_RELOAD_FAILED, str(exc)) from None
             elif op == "drain":
                 body = server.request_drain(f"admin drain by pid {peer[0]} uid {peer[1]}")
             elif op == "flush_cache":
                 body = server.flush_cache(peer)
+            elif op == "promote":
+                body = server.promote(msg.get("model"), msg.get("version"), f"pid {peer[0]} uid {peer[1]}")
             elif op == "device":
                 index, action = msg.get("index"), msg.get("action")
                 if type(index) is not int or not 0 <= index < len(server.devices):

@@ -173,7 +173,7 @@ def check_hello(server, hello: dict, peer: tuple, groups: tuple = (), *, authori
     if len(server.sessions) >= s.max_clients:
         raise Rejected(wire.E_OVERLOADED, f"{s.max_clients} sessions are open (server.max_clients)")
     slots, slot_bytes = hello.get("ring_slots", 0), hello.get("slot_bytes", 0)
-    frame = server.model.spec.frame_bytes
+    frame = server.catalog.largest_frame()     # a slot holds any model's frame (docs/protocol.md)
     if type(slots) is not int or not 0 <= slots <= r.max_slots:
         raise Rejected(wire.E_INVALID_INPUT, f"ring_slots {slots!r} is out of range: 0 (default "
                        f"{r.default_slots}) to {r.max_slots}")
@@ -191,7 +191,9 @@ def hello_reply(server, rid, sid: int, geometry: RingGeometry, cache: dict | Non
     """The reply to an accepted hello; ``cache``: Caches.hello_cache()."""
     return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
             "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
-            "model": server.model.describe(),
+            "model": server.model.describe() if server.catalog.single else server.scheduler.first.describe(),
+            **({"models": server.catalog.describe(), "default_model": server.catalog.default.name}
+               if not server.catalog.single else {}),
             "cache": cache,
             "limits": {"max_frame_bytes": server.cfg.server.max_frame_bytes,
                        "default_timeout_ms": server.cfg.batching.default_timeout_ms,

@@ -299,7 +299,7 @@ class Session(asyncio.Protocol):
             elif op == "info":
                 self.send({"id": rid, "ok": True, **self.server.info()})
             elif op == "labels":            # once per labels_id, not in hello (daemon/models/labels.py)
-                self.send({"id": rid, "ok": True, **self.server.model.labels()})
+                self.send({"id": rid, "ok": True, **self.server.labels_of(msg)})
             elif op == "hello":
                 raise Rejected(wire.E_BAD_REQUEST, "hello was already said on this connection")
             else:

@@ -271,7 +271,9 @@ def load(cfg: ModelConfig) -> LoadedModel:
             raise ConfigError("model.input_height / input_width: built-in models take square inputs")
         module, bspec = zoo.build(cfg.builtin, input_size=cfg.input_height or None)
         digest = _state_digest(module)
-        name, source = cfg.name or bspec.name, None
+        # a [[models]] entry with no name is called by its built-in's name (config.entry_name)
+        name = cfg.name or (cfg.builtin if hasattr(cfg, "version") else bspec.name)
+        source = None
         labels = read_labels(cfg.labels) if cfg.labels else bspec.labels
         mean, std = cfg.mean or bspec.mean, cfg.std or bspec.std
         height, width_px = bspec.input_height, bspec.input_width
@@ -289,7 +291,13 @@ def load(cfg: ModelConfig) -> LoadedModel:
     if cfg.top_k > len(spec.labels):
         raise ConfigError(f"model.top_k: {cfg.top_k} is more than the model's {len(spec.labels)} classes")
     options = EngineOptions.of(cfg)         # how each device runs it (daemon/pipeline/engine_options.py)
-    model = LoadedModel(module, spec, digest + options.digest_tag, source)
+    digest += options.digest_tag
+    version = getattr(cfg, "version", None)
+    if version is not None:
+        # a [[models]] entry: its name and version in its digest, so two versions of one file key
+        # the caches apart (daemon/models/catalog.py); [model] alone keeps the model's own digest
+        digest += f"-{spec.name}.v{version}"
+    model = LoadedModel(module, spec, digest, source)
     model.options = options
     log.info("model %s loaded: %s input %dx%d, %d %s, digest %s", name, spec.input_form, height, width_px,
              len(spec.labels), "numbered classes" if spec.numbered else "labels", digest)

@@ -52,8 +52,9 @@ import logging
 import time
 
 from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path, index_options
-from ..config import ConfigError, ModelConfig, from_dict
+from ..config import ConfigError, ModelConfig, ModelEntryConfig, entry_name, from_dict
 from ..models import loading as model_mod
+from ..models.catalog import UnknownModel, store_digest
 from ..models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.reload")
@@ -81,9 +82,12 @@ def model_config(configured: ModelConfig, source: str | None = None, section: di
     when it has a '/' or a '.', read as ``inferd --model`` reads it (a built-in drops the file
     model's keys, FILE_MODEL_KEYS). ``settings``: keys set on top (``--set model.KEY=VALUE``).
     Nothing given: ``configured`` itself (its file read again, picking up a model replaced on
-    disk). ReloadError names the key that is wrong."""
+    disk). A ``[[models]]`` entry (ModelEntryConfig) stays one: its name, version, devices, share
+    and route keys are kept whatever the source, so the swap keeps its place in the catalog.
+    ReloadError names the key that is wrong."""
     if not source and section is None and not settings:
         return configured
+    entry = isinstance(configured, ModelEntryConfig)
     if section is not None:
         keys = dict(_table("section", section))
     else:
@@ -97,6 +101,12 @@ def model_config(configured: ModelConfig, source: str | None = None, section: di
             keys["builtin"] = source
     keys.update(_table("set", settings or {}))
     try:
+        if entry:
+            model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+            keys = {k: v for k, v in keys.items() if k in model_keys}
+            keys.update({k: v for k, v in dataclasses.asdict(configured).items()
+                         if k not in model_keys and v is not None}, name=entry_name(configured))
+            return from_dict({"models": [keys]}).models[0]
         return from_dict({"model": keys}).model
     except ConfigError as exc:
         raise ReloadError(str(exc)) from None
@@ -131,17 +141,37 @@ class ModelSwap:
     def model(self):
         return self.scheduler.model
 
+    def target(self, name, version=None):
+        """The Served a reload swaps: the named model (``version``: the default route's when None),
+        or with one model that one. ReloadError when several are served and none is named, or the
+        name is not served."""
+        catalog = self.scheduler.catalog
+        if name is None and version is None:
+            if not catalog.single:
+                raise ReloadError(f"this daemon serves several models ({catalog.names_text()}): name the "
+                                  f"one to reload (inferctl reload --name NAME)")
+            return self.scheduler.first
+        if not isinstance(name, str) or (version is not None and type(version) is not int):
+            raise ReloadError("name must be a model name and version an integer")
+        try:
+            return catalog.resolve(name, version, 0, 0) if version is not None else catalog.routes[
+                name if name != "default" else catalog.default.name].stable
+        except (UnknownModel, KeyError):
+            raise ReloadError(f"no model {name!r} is served; the models are {catalog.names_text()}") from None
+
     async def reload(self, configured: ModelConfig, source: str | None = None, section: dict | None = None,
-                     settings: dict | None = None) -> dict:
-        """Swap to the model :func:`model_config` describes. Returns what the admin reply says;
-        raises ReloadError, with the old model still serving."""
+                     settings: dict | None = None, served=None) -> dict:
+        """Swap ``served`` (a catalog Served; None: the first model, a one-model daemon's) to the
+        model :func:`model_config` describes. Returns what the admin reply says; raises
+        ReloadError, with the old model still serving."""
         if self._draining():
             raise ReloadError("the daemon is draining")
         if self.running:
             raise ReloadError("a reload is already in progress")
         self.running = True
         t0 = time.perf_counter()
-        old = self.model
+        served = served or self.scheduler.first
+        old = served.model
         try:
             model_cfg = model_config(configured, source, section, settings)
             try:
@@ -155,9 +185,15 @@ class ModelSwap:
                 log.info("reload: %s unchanged (digest %s); nothing to do", new.spec.name, new.digest)
                 return {"changed": False, "model": _brief(old), "seconds": time.perf_counter() - t0}
             new.gen = old.gen + 1
-            dim = await self._stage(new)
-            store = await asyncio.to_thread(self._open_store, new, dim)
-            self._switch(new, store)
+            dim = await self._stage(new, served)
+            if served is self.scheduler.first:      # the embedding store is the first model's
+                store = await asyncio.to_thread(self._open_store, new, dim, self.scheduler.caches.store)
+                self._switch(new, store)
+            else:
+                # (embeddings.path names the default model's one file: the others keep none)
+                store = None if self.embeddings.path else await asyncio.to_thread(
+                    self._open_store, new, dim, self.scheduler.caches.stores.get(served.mid))
+                self._switch_other(served, new, store)
         except ReloadError as exc:
             log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
             self._done(False)
@@ -170,14 +206,17 @@ class ModelSwap:
         self._done(True)
         return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
 
-    async def _stage(self, new) -> int:
-        """Load and warm ``new`` on every device, one after another. Returns the embedding width."""
+    async def _stage(self, new, served) -> int:
+        """Load and warm ``new`` in ``served``'s place on every device that runs it, one after
+        another. Returns the embedding width."""
         caches = self.scheduler.caches
         keep_k = min(caches.cache.geometry.max_k, len(new.spec.labels)) if caches.cache is not None else 0
         staged, dims = [], []
         for dev in self.devices:
+            if not dev.executor.runs(served.mid):
+                continue
             try:
-                dims.append(await asyncio.wrap_future(dev.executor.stage(new, keep_k)))
+                dims.append(await asyncio.wrap_future(dev.executor.stage(new, keep_k, served.mid)))
             except Exception as exc:  # any failure of the new model on a device keeps the old one
                 for other in staged:
                     other.executor.discard(new.gen)
@@ -187,13 +226,17 @@ class ModelSwap:
             staged.append(dev)
         return dims[0] if dims else 0
 
-    def _open_store(self, new, dim: int):
-        """The embedding store of the new model (one file per digest), or None."""
+    def _open_store(self, new, dim: int, current=None):
+        """The embedding store of the new model (one file per digest), or None. ``current``: the
+        store of the model it replaces, kept when it is that very file (the same weights and
+        embedding definition: a swap that changes labels or top-k only)."""
         cfg = self.embeddings
         if not (cfg.enabled and dim):
             return None
         embedding = embedding_id(new.spec)
-        path = cfg.path or default_path(self.store_dir, new.digest, embedding)
+        path = cfg.path or default_path(self.store_dir, store_digest(new.digest), embedding)
+        if current is not None and current.path == path and current.dim == dim:
+            return current
         if cfg.path and self.scheduler.caches.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
@@ -209,8 +252,26 @@ class ModelSwap:
         old_store = caches.store
         self.scheduler.switch_model(new)
         caches.store = store
-        activated = [dev.executor.activate(new.gen, store) for dev in self.devices]
-        if old_store is not None:
+        activated = [dev.executor.activate(new.gen, store) for dev in self.devices
+                     if dev.executor.runs(self.scheduler.first.mid)]
+        if old_store is not None and old_store is not store:
+            self._retire(old_store, activated)
+
+    def _switch_other(self, served, new, store) -> None:
+        """A model other than the first: its Served takes the new model (requests resolve to it,
+        are checked and keyed by it from now on) and its embedding ``store``, each device running it
+        is told to activate it. Its answers are keyed by its own digest, so nothing cached needs
+        emptying."""
+        caches = self.scheduler.caches
+        cache = caches.cache
+        served.keep_k = min(cache.geometry.max_k, len(new.spec.labels)) if cache is not None else 0
+        served.model = new
+        old_store = caches.stores.pop(served.mid, None)
+        if store is not None:
+            caches.stores[served.mid] = store
+        activated = [dev.executor.activate(new.gen, store) for dev in self.devices
+                     if dev.executor.runs(served.mid)]
+        if old_store is not None and old_store is not store:
             self._retire(old_store, activated)
 
 

@@ -148,11 +148,12 @@ class Collector(threading.Thread):
             if batch is None:
                 return
             dev.beat = self._clock()
+            mid = batch[0].mid                      # one model's lane: a batch never mixes models
             result = BatchResult.taking(dev, batch)
             now = result.started = result.finished = self._clock()
-            live = screen(result.entries, self._cutoff(len(batch), now))
+            live = screen(result.entries, self._cutoff(len(batch), now, mid))
             if live:
-                live = self._stage(result, live, executor.staging.arrays[buffer])
+                live = self._stage(result, live, executor.staging_of(mid).arrays[buffer])
                 settled = [e for e in result.entries if e.outcome in _SETTLED]
                 if settled and live:        # answered now, not after the batch computes
                     result.entries = [e for e in result.entries if e.outcome not in _SETTLED]
@@ -161,7 +162,8 @@ class Collector(threading.Thread):
                 executor.free.put(buffer)
                 self._deliver(result)
                 continue
-            dev.handover(live, self._clock(), full=len(batch) == self._max_batch)   # in time? (rule 0)
+            dev.handover(live, self._clock(), full=len(batch) == self._max_batch, mid=mid)   # in time? (rule 0)
+            dev.staged_profile = dev.profiles[mid]
             dev.staged = live
             executor.submit(result, buffer)
 
@@ -170,15 +172,15 @@ class Collector(threading.Thread):
         if not (dev.healthy and self._policy.steals):
             return []
         victim, count = self._policy.steal_from(dev, self._peers, self._clock(), self._max_batch)
-        return victim.queue.steal(count) if victim is not None else []
+        return victim.queue.steal(count, self.executor.runs) if victim is not None else []
 
-    def _cutoff(self, size: int, now: float) -> float:
+    def _cutoff(self, size: int, now: float, mid: int = 0) -> float:
         """The deadline a request of a batch of ``size`` taken at ``now`` must meet to be computed.
         The batch starts when the device is free; a full batch is never shrunk for its oldest
         (NOTE [ batch planning ]): who cannot finish within it is not computed; otherwise only
         who is already late."""
         if size == self._max_batch:
-            return max(now, busy_until(self.device, now)) + self.device.profile.latency(size)
+            return max(now, busy_until(self.device, now)) + self.device.profiles[mid].latency(size)
         return now
 
     def _stage(self, result: BatchResult, live: list[BatchEntry], rows) -> list[BatchEntry]:
@@ -203,7 +205,7 @@ class Collector(threading.Thread):
                     continue
             if r.hash and caches is not None:
                 t0 = time.perf_counter()
-                e.content, e.key = caches.hash_row(row)
+                e.content, e.key = caches.hash_row(row, r.served.keying if r.served is not None else None)
                 spent += time.perf_counter() - t0
                 hashed += 1
                 if r.op == "classify" and not r.logits:
@@ -237,7 +239,8 @@ class Collector(threading.Thread):
 _SETTLED = (Outcome.HIT, Outcome.COALESCED)
 
 
-def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
+def _plan(device, batching, now: float, queued, expected, mid: int = 0) -> tuple[int, float]:
+    """NOTE [ batch planning ] for the lane of model ``mid`` (its profile; the device's state)."""
     free_at = busy_until(device, now)
     horizon = batching.max_delay_ms / 1000.0
     # the running batch's clients come back one think time after its replies (NOTE [ batch
@@ -250,6 +253,6 @@ def _plan(device, batching, now: float, queued, expected) -> tuple[int, float]:
     # stage early enough that a batch ending a little sooner than the profile says finds the next
     # one ready, learnt from the handovers (rule 0: StagingLead in daemon/dispatch/queues.py)
     lead = device.stage_lead()
-    return plan_batch(now, queued, device.profile.latency, batching.max_batch, batching.max_delay_ms / 1000.0,
+    return plan_batch(now, queued, device.profiles[mid].latency, batching.max_batch, batching.max_delay_ms / 1000.0,
                       device.queue.gap, batching.adaptive, free_at, expected,
                       free_at if free_at > now else device.last_finished, lead)

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING, Callable
 
+import torch
+
 from . import device_thread, thread_pools
 from .engine import Engine, Staging
 from .records import BatchEntry, BatchResult, Outcome, screen
 from ..models.loading import LoadedModel, warmup_sizes
 from ..dispatch.profile import LatencyProfile
 from ..caching.ann_index import EmbeddingIndexBusy
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..caching.embedding_store import EmbeddingStore
@@ -47,15 +50,25 @@ class Executor(threading.Thread):
     ``ready`` is set once the model is warm, or once it failed (``startup_error``). ``deliver``
     must be thread-safe (the server passes a call_soon_threadsafe wrapper)."""
 
-    def __init__(self, device: Device, model: LoadedModel, *, deliver: Callable[[BatchResult], None],
+    def __init__(self, device: Device, model, *, deliver: Callable[[BatchResult], None],
                  max_batch: int, warmup_batches: int = 0, keep_k: int = 0,
                  clock: Callable[[], float] = time.monotonic):
         super().__init__(name=f"inferd-batch-{device.label}", daemon=True)
         self.device = device
-        self._model = model
-        self.staging = Staging(device.torch_device, max_batch, model.spec.frame_shape, STAGING_BUFFERS)
+        # what it runs: a LoadedModel (model id 0), or the catalog's Served this device may run
+        # (daemon/models/catalog.py): one runner (engine, staging, profile) per model id
+        self._models = ([(0, model, keep_k, None)] if not isinstance(model, list)
+                        else [(s.mid, s.model, s.keep_k, s.name) for s in model])
+        self._model = self._models[0][1]
+        count = max(mid for mid, *_ in self._models) + 1
+        # staging buffer i of every model is one buffer index: the collector takes an index from
+        # ``free`` before it knows which model its next batch is, then fills that model's
+        self._stagings: list[Staging | None] = [None] * count
+        for mid, m, _, _ in self._models:
+            self._stagings[mid] = Staging(device.torch_device, max_batch, m.spec.frame_shape, STAGING_BUFFERS)
+        self.staging = self._stagings[self._models[0][0]]
         self.free: queues.SimpleQueue = queues.SimpleQueue()       # indices of free staging buffers
-        for i in range(len(self.staging)):
+        for i in range(STAGING_BUFFERS):
             self.free.put(i)
         self._deliver = deliver
         self._warmup = warmup_batches
@@ -64,9 +77,10 @@ class Executor(threading.Thread):
         self._clock = clock
         self._inbox: queues.SimpleQueue = queues.SimpleQueue()
         self.embedding_dim = 0
-        self.store: EmbeddingStore | None = None    # set by the server once it is open
-        self._active: _Runner | None = None     # the model this thread serves
+        self._runners: list[_Runner | None] = [None] * count    # by model id: what this thread runs
+        self._active: _Runner | None = None     # the first model's runner (a one-model daemon's)
         self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
+        self._staged_mid = 0
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
 
@@ -121,12 +135,45 @@ class Executor(threading.Thread):
             self.device.beat = self._clock()
         return None
 
+    @property
+    def store(self) -> EmbeddingStore | None:
+        """The first model's embedding store (the server sets it once open; a swap replaces it)."""
+        return self._active.store if self._active is not None else None
+
+    @store.setter
+    def store(self, store) -> None:
+        self._active.store = store
+
+    def set_store(self, mid: int, store) -> None:
+        """Model ``mid``'s embedding store (several models: each its own, daemon/caching/results.py).
+        Set before the collector starts taking batches, or between two of them."""
+        self._runners[mid].store = store
+
+    def embedding_dim_of(self, mid: int) -> int:
+        runner = self._runners[mid] if mid < len(self._runners) else None
+        return runner.engine.embedding_dim if runner is not None else 0
+
+    def staging_of(self, mid: int) -> Staging:
+        """Model ``mid``'s staging buffers (its frame shape)."""
+        return self._stagings[mid]
+
+    def runs(self, mid: int) -> bool:
+        """This device runs model ``mid`` (a peer may steal its requests)."""
+        return mid < len(self._runners) and self._stagings[mid] is not None
+
     def _prepare(self) -> None:
         thread_pools.enter_device_thread(self.device)    # NOTE [ thread pools ] in daemon/pipeline/thread_pools.py
-        self._active = self._load(self._model, self._keep_k, self.device.profile)
+        for mid, model, keep_k, name in self._models:
+            try:
+                self._runners[mid] = self._load(model, keep_k, self.device.profiles[mid], mid)
+            except torch.cuda.OutOfMemoryError as exc:     # says which model did not fit where
+                what = f"model {name}" if name else "the model"
+                raise ConfigError(f"{what} does not fit {self.device.label}'s memory with the models "
+                                  f"before it: {exc}".split("\n")[0]) from None
+        self._active = self._runners[self._models[0][0]]
         self.embedding_dim = self._active.engine.embedding_dim
 
-    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile) -> _Runner:
+    def _load(self, model: LoadedModel, keep_k: int, profile: LatencyProfile, mid: int = 0) -> _Runner:
         """Put ``model`` on this thread's device, check its output, warm it up (teaching
         ``profile``). Runs on this thread: the embedding hook is per thread (daemon/pipeline/engine.py)."""
         engine = Engine(self.device.torch_device, model, keep_k)
@@ -134,7 +181,7 @@ class Executor(threading.Thread):
         # graphs captured, sizes compiled, CUDA initialised: never inside a timed warm-up batch,
         # which would teach the profile seconds of compilation as a batch time
         engine.prepare(self._max_batch)
-        frames = self.staging.tensors[0]
+        frames = self._stagings[mid].tensors[0]
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in warmup_sizes(self._max_batch, padded=engine.options.padded,
                                      asynchronous=engine.streams.asynchronous):
@@ -142,14 +189,14 @@ class Executor(threading.Thread):
                 engine.launch(frames, size, 1).result()
                 profile.observe(size, time.perf_counter() - t0)
         engine.synchronize()
-        return _Runner(engine, profile)
+        return _Runner(engine, profile, mid)
 
     # model swap (NOTE [ model swap ] in daemon/ops/reload.py) ---------------------------------------
-    def stage(self, model: LoadedModel, keep_k: int) -> Future:
-        """Load and warm ``model`` beside the one served, between two batches. The future gets the
-        embedding width, or the exception that stopped it."""
+    def stage(self, model: LoadedModel, keep_k: int, mid: int = 0) -> Future:
+        """Load and warm ``model`` beside model ``mid`` (the one it replaces), between two batches.
+        The future gets the embedding width, or the exception that stopped it."""
         future: Future = Future()
-        self._inbox.put(("stage", model, keep_k, future))
+        self._inbox.put(("stage", model, (keep_k, mid), future))
         return future
 
     def activate(self, gen: int, store) -> Future:
@@ -167,8 +214,10 @@ class Executor(threading.Thread):
     def _serve(self, what: str, a, b, future) -> None:
         if what == "stage":
             if future.set_running_or_notify_cancel():
+                keep_k, mid = b
                 try:
-                    self._staged = self._load(a, b, LatencyProfile())
+                    self._staged_mid = mid
+                    self._staged = self._load(a, keep_k, LatencyProfile(), mid)
                 except BaseException as exc:  # reported to the reload, which keeps the old model
                     self._staged = None
                     future.set_exception(exc)
@@ -176,10 +225,15 @@ class Executor(threading.Thread):
                     future.set_result(self._staged.engine.embedding_dim)
         elif what == "activate":
             if self._staged is not None and self._staged.engine.model.gen == a:
-                self._active, self._staged = self._staged, None
-                self.store = b
-                self.embedding_dim = self._active.engine.embedding_dim
-                self.device.profile = self._active.profile
+                mid = self._staged_mid
+                self._runners[mid], self._staged = self._staged, None
+                self.device.profiles[mid] = self._runners[mid].profile
+                self._runners[mid].store = b
+                if mid == self._models[0][0]:
+                    self._active = self._runners[mid]
+                    self.embedding_dim = self._active.engine.embedding_dim
+                    if mid == 0:
+                        self.device.profile = self._active.profile
             if future.set_running_or_notify_cancel():
                 future.set_result(self._active.engine.model.gen)
         elif what == "discard" and self._staged is not None and self._staged.engine.model.gen == a:
@@ -190,18 +244,22 @@ class Executor(threading.Thread):
         """Start computing a staged batch. Returns its flight; None when nothing was left to
         compute or the launch raised (then ``result`` has been delivered already)."""
         dev = self.device
-        engine = self._active.engine
+        pending = result.with_outcome(Outcome.PENDING)
+        mid = pending[0].request.mid if pending else self._models[0][0]
+        runner = self._runners[mid]
+        engine = runner.engine
         result.gen = engine.model.gen
         now = result.started = self._clock()
-        live = self._recheck(result.with_outcome(Outcome.PENDING), buffer, now)
+        live = self._recheck(pending, buffer, now, mid)
         if not live:
             self.free.put(buffer)
             dev.staged = []
             result.finished = now
             self._deliver(result)
             return None
-        flight = _Flight(result, live, self._active, [], dev.outs, time.perf_counter(),
+        flight = _Flight(result, live, runner, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
+        dev.running_profile = runner.profile
         dev.running, dev.staged = dev.running + live, []
         dev.running_size += len(live)
         if dev.running_since is None:
@@ -209,14 +267,18 @@ class Executor(threading.Thread):
         labels = len(engine.model.spec.labels)
         # a request admitted under the previous model may ask for more classes than this one has
         flight.keep = [min(max(e.request.top_k, engine.keep_k), labels) for e in live]
+        result.mid = mid
         try:
+            # a batch is one model's: the collector takes it from one lane (daemon/dispatch/queues.py);
+            # were it not, its frames would be another model's shape: fail it, never answer it
+            assert all(e.request.mid == mid for e in live), f"a batch of model {mid} holds another model's frames"
             # embeddings only when a store keeps them: otherwise normalising and copying them out
             # is work on every batch that nothing reads
             # the raw output rows only of the requests that asked (none: the batch costs the same)
             flight.logits = [i for i, e in enumerate(live) if e.request.logits]
             extra = {"logits_rows": flight.logits} if flight.logits else {}
-            flight.pending = engine.launch(self.staging.tensors[buffer], len(live), max(flight.keep),
-                                           want_embedding=self.store is not None,
+            flight.pending = engine.launch(self._stagings[mid].tensors[buffer], len(live), max(flight.keep),
+                                           want_embedding=runner.store is not None,
                                            wait_copy=not flight.asynchronous, **extra)
             if flight.asynchronous:
                 flight.pending.wait_staged()    # the frames are on the device: the buffer is free
@@ -247,13 +309,14 @@ class Executor(threading.Thread):
                 e.outcome, e.top = Outcome.DONE, [[c, s] for c, s in zip(idx[:k], sc[:k])]
                 if vectors is not None:
                     e.embedding = vectors[i]
-                    if self.store is not None and e.request.op == "near":
+                    store = flight.runner.store
+                    if store is not None and e.request.op == "near":
                         # searches hold the store's lock for milliseconds at 100k rows: here, off
                         # the loop ... among the rows its uid may see
                         # (daemon/caching/embedding_store.py: per uid unless shared)
                         r = e.request
                         try:
-                            e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
+                            e.matches = store.search(e.embedding, *r.args, uid=r.session.peer[1])
                         except EmbeddingIndexBusy as exc:   # this request only: answered overloaded
                             e.matches = exc
         except Exception as exc:  # a model failure reaches every request of the batch, typed
@@ -271,14 +334,14 @@ class Executor(threading.Thread):
             dev.running_since = result.finished if left else None
         return result
 
-    def _recheck(self, staged: list[BatchEntry], buffer: int, now: float) -> list[BatchEntry]:
+    def _recheck(self, staged: list[BatchEntry], buffer: int, now: float, mid: int = 0) -> list[BatchEntry]:
         """The staged entries (one row of ``buffer`` each, in order) still worth computing now
         that the device is free: a session closed, a request re-dispatched (its device left
         rotation) or a deadline passed while the batch waited behind the running one (the profile
         did not foresee a slow-down) settles them (``screen``), and the rows of the rest close up."""
         live = screen(staged, now)
         if len(live) < len(staged):
-            rows = self.staging.arrays[buffer]
+            rows = self._stagings[mid].arrays[buffer]
             kept = (i for i, e in enumerate(staged) if e.outcome is Outcome.PENDING)
             for row, i in enumerate(kept):
                 if row < i:
@@ -292,6 +355,8 @@ class _Runner:
 
     engine: Engine
     profile: LatencyProfile
+    mid: int = 0                # its model id (daemon/models/catalog.py)
+    store: object = None        # its model's embedding store, when it keeps embeddings
 
 
 @dataclass(slots=True, eq=False)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from ..caching.results import Upload
     from ..dispatch.device import Device
+    from ..models.catalog import Served
     from ..front.session import Session
     from ...shm.ring import Ring
 
@@ -70,6 +71,8 @@ class Request:
     gen: int = 0             # model generation at admission: the digest ``key`` was made with
     logits: bool = False     # classify that asked for the model's raw output row: always computed
     #                          (never a cache hit, never coalesced), its top-k still cached
+    served: Served | None = None   # the model (name, version) it resolved to (daemon/models/catalog.py)
+    mid: int = 0             # ``served.mid``: its lane, profile and runner on a device
     upload: tuple[range, int] | None = None
     #                          its encoded upload: (slots of the run, bytes the collector copies
     #                          for verification, 0: none) (NOTE [ encoded uploads ] in daemon/caching/results.py)
@@ -124,6 +127,8 @@ class BatchResult:
     started: float = 0.0                           # the executor's clock when the batch began computing
     finished: float = 0.0                          # ... and when it was done (daemon/ops/stats.py)
     gen: int = 0                                   # generation of the model that computed it
+    mid: int = -1                                  # ... and its model id (daemon/models/catalog.py);
+    #                                                -1: not computed
     early: bool = False                            # only entries settled before computing (HIT,
     #                                                COALESCED), sent ahead of their batch
     hash_seconds: float = 0.0                      # the collector's time hashing ...
