@@ -220,6 +220,10 @@ class EmbeddingsConfig:
                                           "(128 costs twice the CPU per insert for no recall measured "
                                           "on near-duplicates; changing it rebuilds the index)",
                                       lo=8, hi=4096)
+    index_scalar: str = _opt("f16", "how the graph keeps its copy of each vector: f16 (float16), i8 "
+                                    "(int8: half the bytes and cheaper inserts; the store re-ranks "
+                                    "every candidate by its float32 vectors) or bf16 (changing it "
+                                    "rebuilds the index)", choices=("f16", "i8", "bf16"))
     index_save_interval_s: float = _opt(300.0, "seconds between saves of the index while rows change "
                                                "(and at shutdown): a save writes every changed graph "
                                                "(~760 MB at a million rows); a crash loses only the "

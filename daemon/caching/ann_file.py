@@ -21,7 +21,7 @@ at any point leaves either the old ``meta`` with its intact files or the new one
     24      16    embedding id     the store header's (daemon/caching/embedding_store.py): vectors of
                                    another embedding definition are never searched
     40      1     shared           u8: 1 = one scope of every row, 0 = one scope per uid
-    41      1     scalar           u8: 1 = float16 (the graph's stored vectors)
+    41      1     scalar           u8, the graph's stored vectors: 1 = float16, 2 = int8, 3 = bfloat16
     42      2     connectivity     u16, HNSW M
     44      4     expansion_add    u32, HNSW ef_construction
     48      8     generation       u64, the save that wrote this file
@@ -56,7 +56,8 @@ MAGIC = b"INFDANNX"
 FORMAT_VERSION = 1
 HEAD_SIZE = 128
 ALL = 0xFFFFFFFF                  # the scope of every row (embeddings.shared)
-SCALAR_F16 = 1
+SCALARS = {"f16": 1, "i8": 2, "bf16": 3}  # the graph's stored vectors: meta's scalar byte
+SCALAR_BYTES = {"f16": 2, "i8": 1, "bf16": 2}
 
 _HEAD = struct.Struct("<8sIIQ16sBBHIQII")        # bytes 0..64; the header check follows
 _U32 = struct.Struct("<I")
@@ -94,7 +95,7 @@ def write_meta(directory: str, ident: dict, generation: int, scopes: list[tuple[
         table += _SCOPE.pack(uid, 0, os.path.getsize(path), count, file_crc(path), 0)
     body = table + np.ascontiguousarray(rows, ROW).tobytes()
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, ident["dim"], ident["capacity"], ident["embedding"],
-                      int(ident["shared"]), SCALAR_F16, ident["connectivity"], ident["expansion_add"],
+                      int(ident["shared"]), SCALARS[ident["scalar"]], ident["connectivity"], ident["expansion_add"],
                       generation, len(scopes), zlib.crc32(body))
     head += _U32.pack(zlib.crc32(head))
     tmp = meta_path(directory) + ".tmp"
@@ -132,10 +133,11 @@ def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, in
     if _U32.unpack_from(data, _HEAD.size)[0] != zlib.crc32(data[:_HEAD.size]):
         raise IndexFileError("meta header check does not match")
     found = {"dim": dim, "capacity": capacity, "embedding": embedding, "shared": bool(shared),
-             "connectivity": conn, "expansion_add": ef_add}
-    if scalar != SCALAR_F16 or found != {k: ident[k] for k in found}:
+             "scalar": {v: k for k, v in SCALARS.items()}.get(scalar, scalar), "connectivity": conn,
+             "expansion_add": ef_add}
+    if found != {k: ident[k] for k in found}:
         diff = ", ".join(f"{k} {found[k]!r} (now {ident[k]!r})" for k in found if found[k] != ident[k])
-        raise IndexFileError(f"made for another store or index shape: {diff or 'scalar'}")
+        raise IndexFileError(f"made for another store or index shape: {diff}")
     body = data[HEAD_SIZE:]
     if len(body) != count * _SCOPE.size + capacity * ROW.itemsize or zlib.crc32(body) != body_crc:
         raise IndexFileError("meta body truncated or its check does not match")

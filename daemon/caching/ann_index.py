@@ -72,24 +72,27 @@ class IndexOptions:
     """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
     connectivity: int = 16
     expansion_add: int = 64
+    scalar: str = "f16"
     expansion_search: int = 64
     exact_below: int = 5_000
     exact_max: int = 100_000
     max_pending: int = 4_096
     save_interval_s: float = 300.0
-    batch_wait_s: float = 1.0
+    batch_wait_s: float = 5.0
     threads: int = 1
 
 
-BATCH = 256
+BATCH = 1024
 
 # NOTE [ batched inserts ]
 # A row the store recycles (a full store, every new image) must leave its graph before its new
-# vector enters it, and usearch pays for removals at the next insert with a pass over the whole
-# graph: 44 ms at a million rows, whether one row was removed or three hundred (an insert alone:
-# 1.6 ms). So the inserter waits until BATCH rows are pending or the first of them has waited
-# ``batch_wait_s``, removes them all, then inserts them: one pass per batch. The pending rows are
-# scanned exactly meanwhile, so nothing is missed while they wait.
+# vector enters it, and usearch pays for removals at the next insert call with a pass over its
+# whole key table: 40-65 ms at a million rows, whether one row was removed or a thousand (an
+# insert alone: 0.3 ms, int8, M 12). So the inserter waits until BATCH rows are pending or the
+# first of them has waited ``batch_wait_s``, removes them all, then inserts them: one pass per
+# batch, 0.04 ms a row at a million (bench/ann/inserts.py ``--graph``). The pending rows are
+# scanned exactly meanwhile (1024 rows: a tenth of a millisecond), so nothing is missed while
+# they wait.
 
 
 class EmbeddingIndexBusy(Exception):
@@ -104,7 +107,7 @@ class _Graph:
     def __init__(self, index, path: str | None = None):
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
-        self.per_row = 2 * index.ndim + 10 * index.connectivity   # float16 vector + links, estimated
+        self.per_row = index.ndim * ann_file.SCALAR_BYTES[index.dtype.name.lower()] + 10 * index.connectivity  # estimated
         self.size = self.bytes = 0
         self.measure()
 
@@ -146,7 +149,7 @@ class AnnIndex:
         self._saved_at = time.monotonic()
         self._changed = False
         self.counters = {"reopened": 0, "rebuilt": 0, "inserted": 0, "saves": 0, "save_s": 0.0,
-                         "searches": 0, "exact_searches": 0, "busy": 0}
+                         "searches": 0, "exact_searches": 0, "busy": 0, "thread_cpu_s": 0.0}
         self._thread: threading.Thread | None = None
         self._drop: list[int] = []
         self._held = 0                                      # rows the graphs hold
@@ -204,7 +207,7 @@ class AnnIndex:
             if index is None or len(index) != count or index.ndim != self.ident["dim"]:
                 raise IndexFileError(f"graph file {os.path.basename(path)} holds "
                                      f"{None if index is None else len(index)} rows, meta says {count}")
-            index.expansion_search = self.options.expansion_search
+            self._tune(index)
             graphs[uid] = _Graph(index, path)
         self.graphs, self.rows, self._generation = graphs, rows, generation
         self._held = int((rows["stamp"] != 0).sum())
@@ -215,8 +218,14 @@ class AnnIndex:
         from usearch.index import Index
 
         o = self.options
-        return Index(ndim=self.ident["dim"], metric="cos", dtype="f16", connectivity=o.connectivity,
+        return Index(ndim=self.ident["dim"], metric="cos", dtype=o.scalar, connectivity=o.connectivity,
                      expansion_add=o.expansion_add, expansion_search=o.expansion_search)
+
+    def _tune(self, index) -> None:
+        """A restored graph's expansions: a usearch file keeps neither, and a graph restored
+        without them inserts with usearch's own ef 128 (twice the CPU of 64 an insert)."""
+        index.expansion_add = self.options.expansion_add
+        index.expansion_search = self.options.expansion_search
 
     # the store's side ------------------------------------------------------------------------
     def changed(self, row: int) -> None:
@@ -266,6 +275,8 @@ class AnnIndex:
         try:
             self._load_views()
             while not self._stop:
+                # the inserter's own CPU (inserts, removals, checks, saves), for the daemon's stats
+                self.counters["thread_cpu_s"] = round(time.thread_time(), 3)
                 with self.source.lock:
                     batch = list(itertools.islice(self.pending.items(), 4 * BATCH))
                     wait = self._pending_since + self.options.batch_wait_s - time.monotonic()
@@ -334,7 +345,7 @@ class AnnIndex:
             if g.view_path is None or self._stop:
                 continue
             index = Index.restore(g.view_path, view=False)
-            index.expansion_search = self.options.expansion_search
+            self._tune(index)
             loaded = _Graph(index)                          # measured outside the lock
             loaded.dirty = False
             with self._lock:
@@ -385,6 +396,9 @@ class AnnIndex:
             for row, seq in batch:
                 if self.pending.get(row) == seq:
                     del self.pending[row]
+            # the rows stored meanwhile wait for a batch of their own (NOTE [ batched inserts ]):
+            # from the oldest pending row's time, a tiny batch would go at once, each paying the pass
+            self._pending_since = time.monotonic()
         self._changed = True
 
     def _try_save(self) -> None:

@@ -177,7 +177,7 @@ def index_options(cfg) -> IndexOptions | None:
     if not cfg.index:
         return None
     return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
-                        expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
+                        scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
                         save_interval_s=cfg.index_save_interval_s)
 
@@ -335,7 +335,7 @@ class EmbeddingStore:
 
     def _open_index(self, options: IndexOptions, log) -> None:
         ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
-                 "shared": self.shared, "connectivity": options.connectivity,
+                 "shared": self.shared, "scalar": options.scalar, "connectivity": options.connectivity,
                  "expansion_add": options.expansion_add}
         source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
         self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
@@ -640,6 +640,13 @@ class EmbeddingStore:
         best = best[np.argsort(-sims[best], kind="stable")]
         return [(self._hashes[i], self._tags[i], float(sims[j]))
                 for i, j in zip(rows[best].tolist(), best.tolist()) if sims[j] >= min_similarity]
+
+    @property
+    def checking(self) -> bool:
+        """Whether the vectors of a reopened store are still being checked (NOTE [ vectors checked
+        when first used ]): a start-up cost, about a second of a core at a million rows."""
+        sweeper = self._sweeper
+        return sweeper is not None and sweeper.is_alive()
 
     def index_stats(self) -> dict | None:
         """The near-duplicate index's counters (rows, pending, reopened, rebuilt ...), or None."""

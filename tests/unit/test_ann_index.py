@@ -2,6 +2,7 @@
 answers against the exact scan, per-uid scoping, recycled rows, saving and reopening without a
 rebuild, and a missing, corrupt, truncated, stale or foreign index rebuilt from the store, never a
 wrong answer (through a real daemon: tests/integration/test_near_index.py)."""
+import dataclasses
 import os
 import stat
 import threading
@@ -16,7 +17,7 @@ from inferd.daemon.caching.embedding_store import EmbeddingStore
 pytestmark = pytest.mark.timeout(120)
 
 DIM = 32
-OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0)
+OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0, batch_wait_s=0.05)
 
 
 def h(n: int) -> bytes:
@@ -59,8 +60,11 @@ def fill(path, n=1500, uids=(0,), opts=OPTS, capacity=None, **kw) -> tuple[Embed
     return store, v
 
 
-def test_index_answers_as_the_exact_scan(path):
-    store, v = fill(path)
+@pytest.mark.parametrize("scalar", ["f16", "i8", "bf16"])
+def test_index_answers_as_the_exact_scan(path, scalar):
+    """Whatever the graph keeps of a vector (int8 included), the store re-ranks by its own float32."""
+    store, v = fill(path, opts=dataclasses.replace(OPTS, scalar=scalar))
+    assert store._ann.graphs[0].index.dtype.name.lower() == scalar
     try:
         rng = np.random.default_rng(1)
         hits, same = 0, 0
@@ -236,16 +240,67 @@ def test_a_damaged_index_is_rebuilt_with_one_line(path, damage, caplog):
         store.close()
 
 
-def test_another_shape_or_scoping_rebuilds(path):
+def test_another_shape_or_scoping_rebuilds(path, caplog):
+    """Every parameter the saved graphs were built with is in ``meta``: another one rebuilds."""
     store, v = fill(path, n=600)
     store.close()
-    for kw in ({"index": IndexOptions(exact_below=0, connectivity=8)}, {"index": OPTS, "shared": True}):
+    caplog.set_level("INFO", logger="inferd.embeddings")
+    for kw, what in (({"index": dataclasses.replace(OPTS, connectivity=8)}, "connectivity 16 (now 8)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32)},
+                      "expansion_add 64 (now 32)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32, scalar="i8")},
+                      "scalar 'f16' (now 'i8')"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32, scalar="i8"),
+                       "shared": True}, "shared False (now True)")):
+        caplog.clear()
         store = EmbeddingStore.open(path, 600, DIM, **kw)
         try:
             assert store.index_stats()["rebuilt"] == 1
+            assert any(what in r.getMessage() for r in caplog.records), (what, caplog.records)
             assert store.search(v[4], 1, -1.0, uid=0)[0][1] == "4"
         finally:
             store.close()
+
+
+def test_a_reopened_graph_inserts_with_the_configured_expansion(path):
+    """usearch's file keeps neither expansion: a graph reopened without them would insert with
+    usearch's own ef 128, twice the CPU of the configured 64."""
+    opts = dataclasses.replace(OPTS, expansion_add=24, expansion_search=40)
+    store, v = fill(path, n=600, opts=opts)
+    store.close()
+    store = EmbeddingStore.open(path, 600, DIM, index=opts)
+    try:
+        ann = store._ann
+        assert all((g.index.expansion_add, g.index.expansion_search) == (24, 40) for g in ann.graphs.values())
+        settled(store)                                   # the writable copies swapped in
+        assert ann.stats()["mapped"] == 0
+        assert all((g.index.expansion_add, g.index.expansion_search) == (24, 40) for g in ann.graphs.values())
+    finally:
+        store.close()
+
+
+def test_rows_stored_during_an_insert_wait_for_a_batch_of_their_own(path):
+    """NOTE [ batched inserts ]: the rows the store wrote while a batch was inserted are not taken
+    at once (each insert call after removals costs a pass over the graph's keys), but once BATCH
+    are pending or ``batch_wait_s`` has passed since that insert ended."""
+    store, v = fill(path, n=300)
+    store.close()
+    store = EmbeddingStore.open(path, 300, DIM, index=dataclasses.replace(OPTS, batch_wait_s=3600.0))
+    ann = store._ann
+    try:
+        settled(store)
+        w = vectors(20, seed=5)
+        since = ann._pending_since
+        before = time.monotonic()
+        for i in range(10):
+            store.add(h(1000 + i), w[i], None, uid=0)    # recycles rows: removals, then inserts
+        batch = list(ann.pending.items())
+        assert len(batch) == 10 and ann.stats()["inserted"] == 0  # the thread waits for more
+        ann._insert(batch[:4])                          # as the thread does; 6 rows stay pending
+        assert len(ann.pending) == 6 and ann.stats()["inserted"] == 4
+        assert ann._pending_since >= before > since     # their wait starts now, not with the first row
+    finally:
+        store.close()
 
 
 def test_busy_rather_than_a_long_scan(path):
