@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=305)
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32", help="M/expansion_add pairs")
-    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows))")
+    ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32",
+                    help="M/expansion_add[/scalar] (f16 unless said: i8, bf16)")
+    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows); -1: no IVF)")
     ap.add_argument("--nprobe", default="8,16,32,64")
     args = ap.parse_args(argv)
     import faiss
@@ -82,14 +83,19 @@ def main(argv=None) -> int:
     nearest = np.argmax(others @ x.T, axis=1)
     out = {"rows": args.rows, "queries": args.queries, "copy_cosine": round(float(np.mean(np.sum(copies * x[pick], 1))), 3)}
     for pair in filter(None, args.hnsw.split(",")):
-        m, ef = map(int, pair.split("/"))
-        ix = Index(ndim=x.shape[1], metric="cos", dtype="f16", connectivity=m, expansion_add=ef, expansion_search=64)
+        m, ef, scalar = (pair + "/f16").split("/")[:3]
+        m, ef = int(m), int(ef)
+        ix = Index(ndim=x.shape[1], metric="cos", dtype=scalar, connectivity=m, expansion_add=ef, expansion_search=64)
         res = fill(lambda k, v: ix.add(k, v, threads=1), x)
         s = lambda q: ix.search(q, CAND, threads=1).keys
         res["changed"], res["other"] = ask(s, copies, pick), ask(s, others, nearest)
-        out[f"usearch M{m} ef_add{ef}"] = res
-        print(json.dumps({f"usearch M{m} ef_add{ef}": res}), flush=True)
+        res["graph_bytes_per_row"] = round(ix.serialized_length / len(ix))
+        name = f"usearch {scalar} M{m} ef_add{ef}"
+        out[name] = res
+        print(json.dumps({name: res}), flush=True)
         del ix
+    if args.nlist < 0:
+        return 0
     nlist = args.nlist or int(4 * np.sqrt(args.rows))
     quant = faiss.IndexFlatIP(x.shape[1])
     ivf = faiss.IndexIVFScalarQuantizer(quant, x.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)

@@ -103,9 +103,25 @@ def embedding() -> str:
     return embedding_id(model_mod.load(ModelConfig()).spec)
 
 
-def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dict:
-    """A store of ``rows`` rows at ``path`` with the index settled: the originals among filler.
-    Reused when a previous run left it complete."""
+def index_spec(text: str) -> tuple[dict, str]:
+    """``--index`` ("scalar=i8,m=12,ef_add=32") as IndexOptions fields, and the store name's suffix."""
+    names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search"}
+    fields, tail = {}, ""
+    for part in filter(None, text.split(",")):
+        key, value = part.split("=")
+        fields[names[key]] = value if key == "scalar" else int(value)
+        tail += f"-{key}{value}"
+    return fields, tail
+
+
+def build(path: str, rows: int, data: dict, vectors: str, seed: int, log, index: dict | None = None,
+          base: str = "") -> dict:
+    """A store of ``rows`` rows at ``path`` with the index (``index``: IndexOptions fields) settled:
+    the originals among filler. Reused when a previous run left it complete. With ``base`` (the
+    same store built with the default index), a copy of its store file whose index is rebuilt from
+    the rows under ``index``: the daemon's own path when the index parameters change."""
+    import shutil
+
     from inferd.daemon.caching.embedding_store import EmbeddingStore, IndexOptions
 
     stored = data["stored"]
@@ -115,12 +131,29 @@ def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dic
             return json.load(fh)
     for leftover in (path, path + ".index"):
         if os.path.isdir(leftover):
-            import shutil
             shutil.rmtree(leftover)
         elif os.path.exists(leftover):
             os.unlink(leftover)
+    if base:
+        build(base, rows, data, vectors, seed, log)
+        shutil.copyfile(base, path)
+        t0 = time.perf_counter()
+        store = EmbeddingStore.open(path, rows, stored.shape[1], embedding=embedding(),
+                                    index=IndexOptions(exact_below=0, threads=2, **index))
+        try:
+            while (stats := store.index_stats())["pending"] or not stats["verified"]:
+                time.sleep(0.2)  # noqa: sleep-ok (waiting for the inserter thread, reported as its rate)
+            settled = time.perf_counter() - t0
+        finally:
+            store.close()
+        log(f"  {rows} rows: index {index} rebuilt from the store in {settled:.1f} s (2 threads)")
+        info = {"rebuilt_from": os.path.basename(base), "rebuild_s": round(settled, 1), "rebuild_threads": 2,
+                "insert_rows_per_s": round(rows / settled)}
+        with open(done, "w") as fh:
+            json.dump(info, fh)
+        return info
     fill = filler(rows - len(stored), vectors, seed, stored.shape[1])
-    store = EmbeddingStore.open(path, rows, stored.shape[1], index=IndexOptions(exact_below=0),
+    store = EmbeddingStore.open(path, rows, stored.shape[1], index=IndexOptions(exact_below=0, **(index or {})),
                                 embedding=embedding())
     try:
         t0 = time.perf_counter()
@@ -141,11 +174,11 @@ def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dic
     return info
 
 
-def measure(path: str, rows: int, data: dict, queries: int, threshold: float, log) -> dict:
+def measure(path: str, rows: int, data: dict, queries: int, threshold: float, log, index: dict) -> dict:
     from inferd.daemon.caching.embedding_store import EmbeddingIndexBusy, EmbeddingStore, IndexOptions
 
     t0 = time.perf_counter()
-    store = EmbeddingStore.open(path, rows, data["stored"].shape[1], index=IndexOptions(exact_below=0))
+    store = EmbeddingStore.open(path, rows, data["stored"].shape[1], index=IndexOptions(exact_below=0, **index))
     opened = time.perf_counter() - t0
     try:
         first = data["fresh"][0]
@@ -208,9 +241,28 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
     return out
 
 
-def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
+def thread_cpu(pid: int) -> dict:
+    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                head, rest = fh.read().rsplit(")", 1)
+        except FileNotFoundError:                       # ended meanwhile
+            continue
+        fields = rest.split()
+        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
+
+
+def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 3) -> dict:
     """Daemon CPU per classified frame (new images: each one stored and inserted) with this store
-    (a copy) against the store off, in the same run: off, on, off. Result cache off in both."""
+    (a copy) against the store off, in the same run: ``rounds`` rounds of off, on, on without the
+    index, so each mode's median and spread are seen beside the others' (one run of each moved
+    by 15 % with what else ran). Result cache off in all."""
     import shutil
     import tempfile
 
@@ -221,16 +273,20 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
     from ..lib.daemons import cache_daemon, daemon_summary
     from ..lib.measure import cpu_seconds
 
-    imgs = make_dataset(frames * 4, seed + 7)[0]
+    imgs = make_dataset(frames * len(MODES) * rounds, seed + 7)[0]
+    names = {"connectivity": "index_m", "expansion_add": "index_ef_construction", "scalar": "index_scalar",
+             "expansion_search": "index_ef"}
+    tuned = [a for k, v in index.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
-    out = {"frames": frames, "runs": []}
+    out = {"frames": frames, "rounds": rounds, "index": index, "runs": []}
     try:
         copy = os.path.join(tmp, "e.store")
         shutil.copyfile(path, copy)
         shutil.copytree(path + ".index", copy + ".index")
-        for run_no, (on, index) in enumerate(((False, False), (True, True), (True, False), (False, False))):
+        for run_no in range(rounds * len(MODES)):
+            mode, on, indexed = MODES[run_no % len(MODES)]
             args = ["--model", "shapes", "--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
-                    "--set", f"embeddings.index={'true' if index else 'false'}"]
+                    "--set", f"embeddings.index={'true' if indexed else 'false'}", *tuned]
             t0 = time.perf_counter()
             with cache_daemon(args, cache=False, embeddings=on) as d:
                 started = time.perf_counter() - t0
@@ -238,30 +294,49 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
                 part = imgs[run_no * frames:(run_no + 1) * frames]
                 with Client(d["socket"]) as c:
                     c.classify(part[0])
-                    while index and c.info()["cache"]["embedding_index"]["mapped"]:
-                        time.sleep(0.05)  # noqa: sleep-ok (start-up: the graphs loaded, reported apart)
+
+                    def busy():
+                        info = c.info()["cache"]
+                        st = info.get("embedding_index") or {"mapped": 0, "pending": 0, "verified": True}
+                        return info.get("embeddings_checking") or st["mapped"] or st["pending"] or not st["verified"]
+
+                    while busy():                       # start-up (vectors checked, graphs loaded,
+                        time.sleep(0.05)  # noqa: sleep-ok (the last run's rows inserted): reported apart
                     writable = time.perf_counter() - t0
-                    before = cpu_seconds(pid)
+                    before, threads = cpu_seconds(pid), thread_cpu(pid)
+                    index_cpu = c.info()["cache"]["embedding_index"]["thread_cpu_s"] if indexed else 0.0
                     t1 = time.perf_counter()
                     _parallel(4, d["socket"], range(1, len(part)), lambda cl, i: cl.classify(part[i]))
-                    if index:                               # the inserts count too: wait for them
-                        while c.info()["cache"]["embedding_index"]["pending"]:
-                            time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
                     wall = time.perf_counter() - t1
+                    while indexed and busy():           # the inserts count too: wait for them
+                        time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
                     used = cpu_seconds(pid) - before
-                    index = c.info()["cache"].get("embedding_index")
-            run = {"store": on, "index": index, "start_s": round(started, 2), "writable_s": round(writable, 2), "cpu_ms_per_frame": round(1e3 * used / (len(part) - 1), 3),
+                    threads = {t: round(1e3 * (v - threads.get(t, 0.0)) / (len(part) - 1), 3)
+                               for t, v in thread_cpu(pid).items()}
+                    stats = c.info()["cache"].get("embedding_index")
+            run = {"mode": mode, "start_s": round(started, 2), "writable_s": round(writable, 2),
+                   "cpu_ms_per_frame": round(1e3 * used / (len(part) - 1), 3),
                    "frames_per_s": round((len(part) - 1) / wall, 1), "daemon": daemon_summary(d)}
-            if index:
-                run["index_stats"] = {k: index[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
+            # the threads that spent the most, ms a frame (tid: the index's inserter is named apart)
+            run["threads_ms_per_frame"] = dict(sorted(threads.items(), key=lambda kv: -kv[1])[:5])
+            if indexed:
+                run["index_stats"] = {k: stats[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
+                run["inserter_ms_per_frame"] = round(1e3 * (stats["thread_cpu_s"] - index_cpu) / (len(part) - 1), 3)
             out["runs"].append(run)
-            log(f"  daemon, store {'on' if on else 'off'}, index {'on' if index else 'off'}: {json.dumps({k: v for k, v in run.items() if k != 'daemon'})}")
+            log(f"  daemon {mode}: {json.dumps({k: v for k, v in run.items() if k != 'daemon'})}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    off = np.mean([r["cpu_ms_per_frame"] for r in out["runs"] if not r["store"]])
-    on, exact = out["runs"][1]["cpu_ms_per_frame"], out["runs"][2]["cpu_ms_per_frame"]
-    out["on_over_off"] = round(float(on / off), 3)              # embeddings, hashing, store and index
-    out["index_over_no_index"] = round(float(on / exact), 3)    # what the index adds to a stored frame
+    cpu = {m: [r["cpu_ms_per_frame"] for r in out["runs"] if r["mode"] == m] for m, _, _ in MODES}
+    out["cpu_ms_per_frame"] = {m: {"median": round(float(np.median(v)), 3), "min": min(v), "max": max(v),
+                                   "spread": round((max(v) - min(v)) / float(np.median(v)), 3)}
+                               for m, v in cpu.items()}
+    med = {m: out["cpu_ms_per_frame"][m]["median"] for m in cpu}
+    out["on_over_off"] = round(med["on"] / med["off"], 3)              # everything storing costs
+    out["no_index_over_off"] = round(med["no_index"] / med["off"], 3)  # the store alone
+    out["index_over_no_index"] = round(med["on"] / med["no_index"], 3)  # what the index adds
+    # each round's own ratio: a round's three runs are a minute apart, the rounds several
+    out["on_over_off_per_round"] = [round(a / b, 3) for a, b in zip(cpu["on"], cpu["off"])]
+    out["no_index_over_off_per_round"] = [round(a / b, 3) for a, b in zip(cpu["no_index"], cpu["off"])]
     return out
 
 
@@ -283,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-frames", type=int, default=1500,
                    help="at the largest size, daemon CPU per classified frame with the store against without; 0: skip")
     p.add_argument("--cpu-only", action="store_true", help="only the daemon CPU per frame, at the largest size")
+    p.add_argument("--cpu-rounds", type=int, default=3, help="rounds of off / on / on without the index")
+    p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
+                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
     p.add_argument("--seed", type=int, default=3)
@@ -305,21 +383,24 @@ def main(argv=None) -> int:
         f"in {time.perf_counter() - t0:.1f} s")
     report = {"stored": args.stored, "copies_per_change": args.copies, "fresh": args.fresh, "k": K,
               "threshold": DEFAULT_MIN_SIMILARITY, "filler": vectors or "synthetic", "sizes": []}
+    index, tail = index_spec(args.index)
+    report["index"] = index
     for rows in (int(s) for s in args.sizes.split(",")):
-        path = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
-        info = build(path, rows, data, vectors, args.seed, log)
+        base = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
+        path = base.replace(".store", f"{tail}.store")
+        info = build(path, rows, data, vectors, args.seed, log, index, base if tail else "")
         if args.build_only or args.cpu_only:
             continue
-        report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log),
+        report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log, index),
                                 "build": info})
     if args.build_only:
         return 0
     if args.cpu_only:
-        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log)
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:
-        big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log)
+        big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log, index, args.cpu_rounds)
     report["targets"] = {"rows": big["rows"], "p99_ms<=5": bool(big["index"]["copy_query"]["p99_ms"] <= 5.0),
                          "recall_within_0.5pp": bool(big["exact"]["copies_found_first"]
                                                      - big["index"]["copies_found_first"] <= 0.005),
