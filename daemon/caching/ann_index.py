@@ -17,7 +17,7 @@ voyager was slowest.
 Scopes. With ``embeddings.shared`` one graph holds every row; otherwise one graph per uid holds
 that uid's rows (a uid's search walks its own graph only, so a small uid's rows are never drowned by
 a large one's, which a filter over one shared graph would do: bench/ann/libs.py ``--uids``). The
-graph key of a row is its store row number.
+graph key of a row is its store row number and a version (NOTE [ deferred removals ]).
 
 NOTE [ index rows ]
 A row is *indexed* when the graph of its scope holds it under the store row's current stamp, uid
@@ -95,6 +95,17 @@ BATCH = 1024
 # they wait.
 
 
+# NOTE [ deferred removals ]
+# usearch's pass after removals (NOTE [ batched inserts ]) is paid once per insert call however
+# few rows were removed, so at a few frames a second (a batch of tens of rows every
+# ``batch_wait_s``) it cost more than the inserts. So a row's graph key is ``row | version << 32``,
+# its version one more at each insert (``meta`` keeps it); a recycled row's old key stays in its
+# graph, stale, and is removed with the others once they are 1/STALE_SHARE of the graph's nodes
+# (at a million rows: one pass per ~16,000 rows) and before every save. A search drops the stale
+# keys it meets (their version is not the row's), so they cost a few candidates, never an answer.
+STALE_SHARE = 64
+
+
 class EmbeddingIndexBusy(Exception):
     """The index is rebuilding or far behind the store, and the store is too large to scan."""
 
@@ -107,6 +118,7 @@ class _Graph:
     def __init__(self, index, path: str | None = None):
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
+        self.stale: list[int] = []                     # NOTE [ deferred removals ]
         self.per_row = index.ndim * ann_file.SCALAR_BYTES[index.dtype.name.lower()] + 10 * index.connectivity  # estimated
         self.size = self.bytes = 0
         self.measure()
@@ -257,7 +269,11 @@ class AnnIndex:
             for key in self.scope(uid):
                 g = self.graphs.get(key)
                 if g is not None and len(g):
-                    out.append(np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.int64))
+                    keys = np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.uint64)
+                    rows = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+                    # a stale key (NOTE [ deferred removals ]) is an older image of its row: dropped
+                    live = (self.rows["ver"][rows] == (keys >> np.uint64(32))) & (self.rows["stamp"][rows] != 0)
+                    out.append(rows[live])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def scope_rows(self, uid: int | None) -> int:
@@ -350,6 +366,8 @@ class AnnIndex:
             loaded.dirty = False
             with self._lock:
                 self.graphs[key] = loaded
+        if any(g.view_path is not None for g in self.graphs.values()):
+            return                                      # stopped first: the next start drops them
         with self._lock:
             for row in self._drop:
                 self._remove(row)
@@ -357,15 +375,24 @@ class AnnIndex:
         self._drop = []
 
     def _remove(self, row: int) -> None:
+        """Take ``row`` out of its graph (NOTE [ deferred removals ]: its key is left there, stale,
+        until the graph's next flush). Graph lock."""
         r = self.rows[row]
         if r["stamp"]:
             g = self.graphs.get(ALL if self.ident["shared"] else int(r["uid"]))
             if g is not None:
-                g.index.remove(row)
-                g.dirty = True
-                g.refresh()
-            self.rows[row] = (0, 0, 0)
+                g.stale.append(row | int(r["ver"]) << 32)
+            self.rows["stamp"][row] = self.rows["uid"][row] = self.rows["hash"][row] = 0   # ver kept
             self._held -= 1
+
+    def _flush(self, g: "_Graph", force: bool = False) -> None:
+        """Remove ``g``'s stale keys from it once they are STALE_SHARE of its nodes (or ``force``:
+        before a save). Graph lock."""
+        if g.stale and g.view_path is None and (force or len(g.stale) * STALE_SHARE >= len(g.index)):
+            g.index.remove(np.asarray(g.stale, np.uint64))
+            g.stale = []
+            g.dirty = True
+            g.refresh()
 
     def _insert(self, batch: list[tuple[int, int]]) -> None:
         """Insert ``batch`` (row, sequence number) into the graphs, 64 rows per hold of the graph
@@ -385,11 +412,15 @@ class AnnIndex:
                     g = self.graphs.get(key)
                     if g is None:
                         g = self.graphs[key] = _Graph(self._new_graph())
-                    g.index.add(rows[part], vectors[part], threads=self.options.threads)
+                    self._flush(g)
+                    at = rows[part]
+                    ver = self.rows["ver"][at] + np.uint32(1)   # wraps after 2**32 reuses of a row
+                    g.index.add(at.astype(np.uint64) | ver.astype(np.uint64) << np.uint64(32), vectors[part],
+                                threads=self.options.threads)
                     g.dirty = True
                     g.refresh()
-                    at = rows[part]
                     self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[part], uid[part], hash8[part]
+                    self.rows["ver"][at] = ver
                     self._held += len(at)
         self.counters["inserted"] += int(valid.sum())
         with self.source.lock:
@@ -418,6 +449,8 @@ class AnnIndex:
         generation = self._generation + 1
         scopes, keep = [], {"meta"}
         with self._lock:
+            for g in self.graphs.values():              # a saved graph holds no stale key
+                self._flush(g, force=True)
             rows = self.rows.copy()
             graphs = dict(self.graphs)
         for key, g in graphs.items():

@@ -389,3 +389,37 @@ def test_a_reopened_graph_answers_only_once_its_checksum_passed(path, monkeypatc
     finally:
         gate.set()
         store.close()
+
+
+def test_a_recycled_rows_old_key_stays_stale_until_a_flush_and_never_answers(path):
+    """NOTE [ deferred removals ]: recycling a few rows leaves their old keys in the graph (no
+    removal pass per batch); a search drops them; a save removes them; a reopened graph holds
+    exactly the store's rows, under their new keys."""
+    from inferd.daemon.caching.ann_index import STALE_SHARE
+
+    n = 3000
+    store, v = fill(path, n=n, capacity=n)
+    ann = store._ann
+    w = vectors(20, seed=9)
+    try:
+        for i in range(20):                             # 20 < 3000 / STALE_SHARE: no flush
+            store.add(h(50_000 + i), w[i], f"w{i}", uid=0)
+        settled(store)
+        g = ann.graphs[0]
+        assert 20 < n // STALE_SHARE and len(g.stale) == 20 and len(g.index) == n + 20
+        for i in range(20):                             # the recycled rows' old images: gone
+            assert store.search(w[i], 1, -1.0, uid=0)[0][1] == f"w{i}"
+            assert all(t != str(i) for _, t, _ in store.search(v[i], 10, -1.0, uid=0))
+    finally:
+        store.close()                                   # saves: the stale keys removed first
+    store = EmbeddingStore.open(path, n, DIM, index=OPTS)
+    try:
+        stats = settled(store)
+        assert stats["reopened"] == 1 and stats["inserted"] == 0
+        g = store._ann.graphs[0]
+        assert len(g.index) == n and not g.stale
+        assert store._ann.rows["ver"][:20].tolist() == [2] * 20 and store._ann.rows["ver"][20:].max() == 1
+        for i in range(0, 20, 3):
+            assert store.search(w[i], 1, -1.0, uid=0)[0][1] == f"w{i}"
+    finally:
+        store.close()
