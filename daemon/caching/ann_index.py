@@ -8,9 +8,12 @@ never a wrong answer, another uid's row, or a stale tag.
 
 Why usearch (bench/ann/libs.py, docs/benchmarks.md "Near-duplicate index"): on this machine, with
 the built-in 305-float embeddings, it was the one library that memory-maps a saved graph (reopening
-a million rows takes milliseconds, not a read of the file), stores vectors as float16 (the graph
-takes ~760 bytes a row beside the store's 1,332, within 2x of the raw vector in all), removes keys
-(a full store recycles rows), and releases the GIL in search and insert. hnswlib searched fastest
+a million rows takes milliseconds, not a read of the file), stores vectors as float16 or int8 (the
+graph takes ~760 or ~420 bytes a row beside the store's 1,332, within 2x of the raw vector in all),
+removes keys (a full store recycles rows), and releases the GIL in search and insert. int8 with M
+12 and ef_construction 32 is the default: at a million rows it finds the same near-duplicates as
+float16 with M 16 and ef 64 for a third of the insert CPU (the store re-ranks every candidate by
+its float32 vectors, so the int8 copy only has to find them). hnswlib searched fastest
 but keeps float32 vectors and reads the whole file at open; faiss' HNSW cannot remove a row;
 voyager was slowest.
 
@@ -37,7 +40,7 @@ crash-safe order); reopened memory-mapped (usearch ``view``), checked on the ins
 a writable copy of each graph and swaps it in.
 
 NOTE [ verified before searched ]
-A restart must not wait for the checksum of a large graph (760 MB at a million rows: about a
+A restart must not wait for the checksum of a large graph (420 MB at a million rows: about half a
 second warm, more cold), and must not search a damaged one either: usearch maps a graph file
 without looking at its links, and a flipped byte in a link sends its search outside the mapping
 (bench/ann/damage.py: a crash of the process, or keys the graph never held). The store would drop
@@ -70,9 +73,9 @@ _log = logging.getLogger("inferd.embeddings")
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
     """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
-    connectivity: int = 16
-    expansion_add: int = 64
-    scalar: str = "f16"
+    connectivity: int = 12
+    expansion_add: int = 32
+    scalar: str = "i8"
     expansion_search: int = 64
     exact_below: int = 5_000
     exact_max: int = 100_000
@@ -261,7 +264,7 @@ class AnnIndex:
         return list(self.graphs) if uid is None else [uid]
 
     def candidates(self, query: np.ndarray, count: int, uid: int | None) -> np.ndarray:
-        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (float16).
+        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (its scalar kind).
         The caller checks each against the store and :meth:`pending` (NOTE [ index rows ])."""
         out = []
         with self._lock:

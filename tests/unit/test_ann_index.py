@@ -104,8 +104,12 @@ def test_shared_sees_every_row(path):
         store.close()
 
 
-def test_recycled_rows_never_answer_for_their_old_image(path):
-    store = EmbeddingStore.open(path, 1600, DIM, index=OPTS)
+@pytest.mark.parametrize("opts, bound", [
+    (OPTS, 0.95),                                        # the defaults: int8, M 12, ef 32
+    (dataclasses.replace(OPTS, scalar="f16", connectivity=16, expansion_add=64), 0.97),
+], ids=["defaults", "f16-m16-ef64"])
+def test_recycled_rows_never_answer_for_their_old_image(path, opts, bound):
+    store = EmbeddingStore.open(path, 1600, DIM, index=opts)
     v = vectors(4800)
     try:
         for i in range(4800):                           # three times round the store
@@ -119,8 +123,10 @@ def test_recycled_rows_never_answer_for_their_old_image(path):
             if i >= 3200:                               # still stored: found first, as exactly
                 first.append(got[0][1] == want[0] == str(i))
             overlap.append(len({t for _, t, _ in got} & set(want)) / 5)
-        # approximate: a graph that recycled every row three times may lose one (docs/benchmarks.md)
-        assert np.mean(first) >= 0.97 and np.mean(overlap) >= 0.9, (np.mean(first), np.mean(overlap))
+        # approximate: a graph that recycled every row three times may lose one (docs/benchmarks.md);
+        # on these 32-float clusters M 12 / ef 32 loses about a point more than M 16 / ef 64 (on the
+        # built-in embeddings at a million rows: none, bench.ann)
+        assert np.mean(first) >= bound and np.mean(overlap) >= 0.9, (np.mean(first), np.mean(overlap))
     finally:
         store.close()
 
@@ -245,12 +251,13 @@ def test_another_shape_or_scoping_rebuilds(path, caplog):
     store, v = fill(path, n=600)
     store.close()
     caplog.set_level("INFO", logger="inferd.embeddings")
-    for kw, what in (({"index": dataclasses.replace(OPTS, connectivity=8)}, "connectivity 16 (now 8)"),
-                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32)},
-                      "expansion_add 64 (now 32)"),
-                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32, scalar="i8")},
-                      "scalar 'f16' (now 'i8')"),
-                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=32, scalar="i8"),
+    assert (OPTS.connectivity, OPTS.expansion_add, OPTS.scalar) == (12, 32, "i8")   # the defaults
+    for kw, what in (({"index": dataclasses.replace(OPTS, connectivity=8)}, "connectivity 12 (now 8)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24)},
+                      "expansion_add 32 (now 24)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24, scalar="f16")},
+                      "scalar 'i8' (now 'f16')"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24, scalar="f16"),
                        "shared": True}, "shared False (now True)")):
         caplog.clear()
         store = EmbeddingStore.open(path, 600, DIM, **kw)
