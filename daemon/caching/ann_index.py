@@ -89,14 +89,13 @@ BATCH = 1024
 
 # NOTE [ batched inserts ]
 # A row the store recycles (a full store, every new image) must leave its graph before its new
-# vector enters it, and usearch pays for removals at the next insert call with a pass over its
-# whole key table: 40-65 ms at a million rows, whether one row was removed or a thousand (an
-# insert alone: 0.3 ms, int8, M 12). So the inserter waits until BATCH rows are pending or the
-# first of them has waited ``batch_wait_s``, removes them all, then inserts them: one pass per
-# batch, 0.04 ms a row at a million (bench/ann/inserts.py ``--graph``). The pending rows are
-# scanned exactly meanwhile (1024 rows: a tenth of a millisecond), so nothing is missed while
-# they wait.
-
+# vector enters it, and usearch pays for removals at the next insert call, once per call: 40-65
+# ms at a million rows (the earlier float16 graph: 44), whether one row was removed or a thousand (an
+# insert alone: 0.3 ms, int8, M 12; bench/ann/inserts.py ``--graph``). So the inserter waits until
+# BATCH rows are pending or ``batch_wait_s`` has passed since its last insert ended, and inserts
+# them in one go; the removals themselves wait longer still (NOTE [ deferred removals ]). The
+# pending rows are scanned exactly meanwhile (1024 rows: a tenth of a millisecond), so nothing is
+# missed while they wait.
 
 # NOTE [ deferred removals ]
 # usearch's pass after removals (NOTE [ batched inserts ]) is paid once per insert call however
