@@ -406,6 +406,7 @@ class Caches:
             out["file"] = self.cache.stats()
         if self.store is not None:
             out["embeddings"] = len(self.store)
+            out["embeddings_checking"] = self.store.checking
             if (index := self.store.index_stats()) is not None:
                 out["embedding_index"] = index
         if self.l2 is not None:
