@@ -53,6 +53,14 @@ class Device:
         """A latency profile for each of ``count`` models (at start-up)."""
         self.profiles = [self.profiles[0], *(LatencyProfile() for _ in range(count - 1))]
 
+    def add_model(self, mid: int) -> None:
+        """A fresh latency profile for model ``mid``, loaded live (a new id, or one an unloaded
+        model left); its executor replaces it with the one its warm-up taught."""
+        if mid == len(self.profiles):
+            self.profiles.append(LatencyProfile())
+        else:
+            self.profiles[mid] = LatencyProfile()
+
     def running_latency(self) -> float:
         """Expected seconds of the running batch (0: none)."""
         return self.profiles[self.running_mid].latency(self.running_size) if self.running_size else 0.0

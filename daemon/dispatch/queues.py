@@ -292,6 +292,36 @@ class DeviceQueue:
             self._share = ModelShare(shares) if len(shares) > 1 else None
             self._latency, self._max_batch = latency, max_batch
 
+    def add_lane(self, mid: int, order, shares: list[float], latency: Callable[[int, int], float],
+                 max_batch: int) -> None:
+        """A lane for model ``mid`` in ``order`` (a model loaded live; ``mid`` is a new id, or an
+        unloaded model's whose lane is empty), weighted ``shares[mid]``. A one-model queue turns
+        into lanes here, its order lane 0, without a request moving: under the lock, between two
+        puts or takes. ``shares``: each model id's weight. Every device gets a lane for every id
+        (empty where the model does not run), so lane i stays model id i."""
+        with self._cond:
+            if self._share is None:
+                self._lanes = [self._items]
+                self._share = ModelShare(shares[:1])
+                self._latency, self._max_batch = latency, max_batch
+                if len(self._items):
+                    self._share.active(0)
+            if mid < len(self._lanes):
+                if len(self._lanes[mid]):
+                    raise RuntimeError(f"lane {mid} still holds requests")
+                self._lanes[mid] = order
+            elif mid == len(self._lanes):
+                self._lanes.append(order)
+            else:
+                raise RuntimeError(f"lane {mid} after {len(self._lanes)} lanes: every device has a lane per model id")
+            self._share.add(mid, shares[mid])
+
+    def set_share(self, mid: int, share: float) -> None:
+        """Model ``mid``'s weight from now on (SIGHUP changed its ``share``); one model: nothing."""
+        with self._cond:
+            if self._share is not None:
+                self._share.weight[mid] = share / self._share.low
+
     def lane_len(self, mid: int) -> int:
         return len(self._lanes[mid])
 

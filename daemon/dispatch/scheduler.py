@@ -97,6 +97,7 @@ class Scheduler:
             make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
         else:
             make = fairness.Fifo
+        self._make_order = make             # a model loaded live gets its lanes in it (add_lanes)
         shares = [s.share for s in catalog.by_id]
         for dev in devices:
             if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
@@ -105,6 +106,15 @@ class Scheduler:
                                      cfg.batching.max_batch)
             elif cfg.dispatch.fair_share:
                 dev.queue.use(make())
+
+    def add_lanes(self, mid: int, shares: list[float]) -> None:
+        """A lane and a latency profile for model ``mid`` on every device (a model loaded live,
+        daemon/ops/model_ops.py; ``shares``: each model id's weight). Empty until the catalog
+        routes requests to it."""
+        for dev in self.devices:
+            dev.add_model(mid)
+            dev.queue.add_lane(mid, self._make_order(), shares, lambda m, n, d=dev: d.profiles[m].latency(n),
+                               self.cfg.batching.max_batch)
 
     @property
     def gen(self) -> int:
@@ -237,6 +247,7 @@ class Scheduler:
         if key and op == "classify" and not logits:
             session.claim(key, request)
         self.outstanding += 1
+        served.inflight += 1                # an unloaded model is freed once none is left
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
         # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
         if caches.l2 is not None and key and op == "classify" and not logits:
@@ -442,6 +453,7 @@ class Scheduler:
                 r.done = True
                 r.device.outstanding -= 1
                 self.outstanding -= 1
+                self._let_go(r.served)
             elif leader.answer is not None:
                 self._answer(replies, r, lambda rid, k, top=leader.answer: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, r.served.gen)
@@ -512,7 +524,8 @@ class Scheduler:
         first model than the session knows also carries that model's description."""
         if message.get("ok"):
             message["gen"] = gen
-            if served is not None and not self.catalog.single:
+            if served is not None and (not self.catalog.single or served is not self.first):
+                # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:
                     return message
@@ -554,10 +567,20 @@ class Scheduler:
             session.unclaim(r.key, r)
         r.device.outstanding -= 1
         self.outstanding -= 1
+        self._let_go(r.served)
         if session.closed and not session.inflight:
             session.release_ring()
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
             self.on_idle()
+
+    @staticmethod
+    def _let_go(served) -> None:
+        """One request of ``served`` answered; the last one of an unloaded model lets it be freed."""
+        if served is None:
+            return
+        served.inflight -= 1
+        if served.retired and not served.inflight and served.on_idle is not None:
+            served.on_idle()
 
     # failures ---------------------------------------------------------------------------------
     def _redispatch(self, requests: list, failed_dev, why: str) -> None:

@@ -203,6 +203,21 @@ class ModelSwap:
         self._done(True)
         return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
 
+    async def stage(self, served, new):
+        """``new`` staged and warm in ``served``'s place on its devices, and for the first model
+        its embedding store opened: the store (or None). A [[models]] list applied by SIGHUP
+        (daemon/ops/model_ops.py) stages every change before it switches any. ReloadError: the
+        devices staged let it go."""
+        dim = await self._stage(new, served)
+        return await asyncio.to_thread(self._open_store, new, dim) if served is self.scheduler.first else None
+
+    def switch(self, served, new, store) -> None:
+        """Switch ``served`` to ``new`` staged by ``stage`` (on the loop, no await)."""
+        if served is self.scheduler.first:
+            self._switch(new, store)
+        else:
+            self._switch_other(served, new)
+
     async def _stage(self, new, served) -> int:
         """Load and warm ``new`` in ``served``'s place on every device that runs it, one after
         another. Returns the embedding width."""
