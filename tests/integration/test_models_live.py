@@ -4,6 +4,7 @@ it and refuses the later ones with unknown_model naming the models there are, th
 client failing none; reload and promote under load fail none."""
 import json
 import os
+import signal
 import threading
 
 import numpy as np
@@ -214,3 +215,44 @@ def test_a_load_that_fails_changes_nothing():
             assert c.classify(np.full((16, 16, 3), 0, np.uint8), top_k=1)[0].index == 0
     finally:
         stop(d)
+
+
+def test_sighup_applies_an_added_a_removed_and_a_changed_entry():
+    """a untouched (its client fails none), b removed, c changed (new labels: swapped), d added; then
+    a list that does not load (a file that is not a model) changes nothing and the log says why."""
+    work = short_dir()
+    d = start(work, entry("a"), entry("b"), entry("c"))
+    steady = Steady(d, "a")
+    try:
+        wait_until(lambda: steady.answered >= 20, 60, "a answering")
+        with AdminClient(admin_path(d)) as admin:
+            digests = {m["name"]: m["digest"] for m in admin.call("models")["models"]}
+            models_file(work, entry("a"), entry("c", labels=labels_file(work, "sea")), entry("d"))
+            os.kill(d.pid, signal.SIGHUP)
+            wait_until(lambda: "SIGHUP: serving" in d.log(), 60, "the list applied, b freed")
+            listed = {m["name"]: m for m in admin.call("models")["models"]}
+            assert sorted(listed) == ["a", "c", "d"], listed
+            assert listed["a"]["digest"] == digests["a"] and listed["a"]["gen"] == 1      # untouched
+            assert listed["c"]["gen"] == 2                                               # swapped
+        with Client(d.socket_path, model="c") as c:
+            assert c.classify(np.full((16, 16, 3), 255, np.uint8), top_k=1)[0].label == "sea_9"
+            assert c.classify(np.full((16, 16, 3), 0, np.uint8), top_k=1, model="d")[0].index == 0
+            with pytest.raises(UnknownModel):
+                c.classify(np.full((16, 16, 3), 0, np.uint8), model="b")
+        junk = os.path.join(work, "junk.pt")
+        with open(junk, "wb") as fh:
+            fh.write(b"not a model")
+        models_file(work, entry("a"), entry("c"),
+                    '[[models]]\nname = "e"\npath = "%s"\ninput = "uint8_nhwc"\ninput_height = 16\n'
+                    'input_width = 16\n' % junk)
+        os.kill(d.pid, signal.SIGHUP)
+        wait_until(lambda: "the [[models]] list is not applied" in d.log(), 60, "the bad list refused")
+        assert "model e version 1 does not load" in d.log()
+        with AdminClient(admin_path(d)) as admin:
+            assert sorted(m["name"] for m in admin.call("models")["models"]) == ["a", "c", "d"]   # as it was
+        before = steady.answered
+        wait_until(lambda: steady.answered >= before + 20, 60, "a still answering")
+    finally:
+        steady.finish()
+        stop(d)
+    assert not steady.errors, steady.errors
