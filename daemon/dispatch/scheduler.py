@@ -521,13 +521,20 @@ class Scheduler:
     def _stamp(self, session, message: dict, gen: int, served=None) -> dict:
         """Mark an answer with the model generation that computed it, and with several models
         which one (``served``: [name, version]); the first answer of a newer generation of the
-        first model than the session knows also carries that model's description."""
+        first model than the session knows also carries that model's description, and the first
+        answer of another model (or of its new generation) to a session carries that one's
+        (``served_model``): a model loaded or swapped after hello, or a canary version the client
+        never heard of, is named by its own labels, never the default model's."""
         if message.get("ok"):
             message["gen"] = gen
             if served is not None and (not self.catalog.single or served is not self.first):
                 # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:
+                    told, key = session.told_models, (served.name, served.version)
+                    if gen == served.gen and told.get(key) != (served.digest, gen):
+                        told[key] = (served.digest, gen)
+                        message["served_model"] = served.describe()
                     return message
             if gen > session.told_gen and gen == self.gen:
                 message["model"] = self.model.describe()

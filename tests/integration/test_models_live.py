@@ -173,6 +173,9 @@ def test_reload_and_promote_under_load_fail_no_request():
         with AdminClient(admin_path(d)) as admin:
             reply = admin.call("reload", name="m", set={"labels": labels_file(work, "new")})
             assert reply["changed"]
+            mark = len(steady_m.labels)
+            wait_until(lambda: len(steady_m.labels) >= mark + 40, 60, "m after the reload")
+            assert all(label.startswith("new_") for label in steady_m.labels[mark + 8:])    # named by the new
             admin.call("load", name="m", version=2, model="synthetic", canary_percent=50.0,
                        set={"labels": labels_file(work, "two")})
             assert admin.call("models")["routes"][1]["canary"] == 2
@@ -190,6 +193,8 @@ def test_reload_and_promote_under_load_fail_no_request():
         steady_m.finish()
         stop(d)
     assert not steady_a.errors and not steady_m.errors, (steady_a.errors, steady_m.errors)
+    # clients connected before version 2 was loaded name its answers by its own labels
+    assert all(label.startswith("two_") for label in steady_m.labels[more + 8:]), set(steady_m.labels[more + 8:])
 
 
 def test_a_load_that_fails_changes_nothing():
