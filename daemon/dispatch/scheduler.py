@@ -574,7 +574,11 @@ class Scheduler:
             session.unclaim(r.key, r)
         r.device.outstanding -= 1
         self.outstanding -= 1
-        self._let_go(r.served)
+        served = r.served
+        if served is not None:              # (Scheduler._let_go, inline: once per request)
+            served.inflight -= 1
+            if served.retired and not served.inflight and served.on_idle is not None:
+                served.on_idle()
         if session.closed and not session.inflight:
             session.release_ring()
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
