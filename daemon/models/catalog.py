@@ -24,6 +24,13 @@ is then stable), else the newest is stable and takes all the traffic that names 
 which Served new requests resolve to, on the loop, between two requests, so no request fails:
 every admitted request keeps the Served it resolved to (both versions stay loaded).
 
+Live changes (daemon/ops/model_ops.py, NOTE [ live models ]). ``enter`` routes to a model loaded
+while serving, ``remove`` stops routing to one being unloaded, each on the loop in one step. A
+removed Served stays in ``by_id`` (``retired``; its requests admitted before keep it and are
+answered) until every device freed it (``released``); then ``free_mid`` gives its id to the next
+model loaded, so ids, lanes and profiles do not grow with every load. ``live`` is what is served
+now: iterate it, not ``by_id``, to list the models.
+
 Keys. A [[models]] entry's digest carries its name and version (daemon/models/loading.py), so two
 versions of one file still key the result cache, the embedding store and the clients' local
 lookups apart, and every answer is cached under the model that computed it. ``[model]`` alone is

@@ -135,6 +135,9 @@ class LiveModels:
                 keys[key] = msg[key]
         if not keys.get("name"):
             raise ModelOpError(wire.E_INVALID_INPUT, "name: a load names the model (inferctl load NAME PATH)")
+        if not keys.get("path") and not keys.get("builtin"):
+            raise ModelOpError(wire.E_INVALID_INPUT, "model: a load names a model file or a built-in "
+                               "(inferctl load NAME PATH)")
         if keys.get("default"):
             raise ModelOpError(wire.E_INVALID_INPUT, "default: the default model changes only at a restart")
         try:

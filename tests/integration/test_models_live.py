@@ -261,3 +261,29 @@ def test_sighup_applies_an_added_a_removed_and_a_changed_entry():
         steady.finish()
         stop(d)
     assert not steady.errors, steady.errors
+
+
+def test_a_one_model_daemon_of_model_alone_takes_a_second_and_lets_it_go():
+    """A daemon started with [model] (no [[models]] list): a client of it, connected before, goes on
+    unchanged while a second model comes and goes; a client connected meanwhile uses both."""
+    d = spawn_daemon("--model", "synthetic", "--set", "cache.enabled=false", model="")
+    steady = Steady(d, None)
+    try:
+        wait_until(lambda: steady.answered >= 20, 60, "the model answering")
+        with AdminClient(admin_path(d)) as admin:
+            admin.call("load", name="b", model="synthetic", set={"labels": labels_file(short_dir(), "bee")})
+            with Client(d.socket_path) as c:
+                white = np.full((16, 16, 3), 255, np.uint8)
+                assert c.classify(white, top_k=1)[0].label == "level_9"
+                assert c.classify(white, top_k=1, model="b")[0].label == "bee_9"
+                admin.call("unload", name="b")
+                with pytest.raises(UnknownModel, match="synthetic"):
+                    c.classify(white, model="b")
+                assert c.classify(white, top_k=1)[0].label == "level_9"
+        before = steady.answered
+        wait_until(lambda: steady.answered >= before + 20, 60, "the model still answering")
+    finally:
+        steady.finish()
+        stop(d)
+    assert not steady.errors, steady.errors
+    assert set(steady.labels) <= {f"level_{k}" for k in range(10)}
