@@ -486,7 +486,7 @@ class DeviceQueue:
         with self._cond:
             idle_until = self._clock() + idle_timeout
             while True:
-                if not len(self):
+                if not (self._items if self._share is None else len(self)):
                     if self._stopped:
                         return None
                     left = idle_until - self._clock()

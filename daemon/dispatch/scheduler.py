@@ -75,6 +75,7 @@ class Scheduler:
         if not isinstance(catalog, Catalog):   # a LoadedModel alone: a one-model catalog
             catalog = Catalog.of([(None, catalog)])
         self.catalog = catalog
+        self.several = not catalog.single   # replies say which model answered (``_stamp``)
         # the default model at start: the Served whose keys, store and generation the caches hold,
         # hello's ``model`` (what a client that names none is told), and a reload's target
         self.first = catalog.default_served
@@ -237,7 +238,7 @@ class Scheduler:
             staged = where == STAGED
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", hash=staged, insert=insert, op=op,
-                          tag=tag, args=args, gen=served.gen, logits=logits, served=served, mid=served.mid)
+                          tag=tag, args=args, gen=served.model.gen, logits=logits, served=served, mid=served.mid)
         session.inflight[slot] = rid
         if upload is not None:              # every slot of the run held until the reply, like the frame's
             for s in upload[0]:
@@ -481,19 +482,21 @@ class Scheduler:
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
         answered = []
+        # a batch is one model's: is its generation the one serving now?
+        current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
         for e in result.with_outcome(Outcome.DONE):
             if not live(e):
                 continue
             r, top, vector = e.request, e.top, e.embedding
             result.device.frames += 1
             answered.append(r)
-            if r.op != "near" and result.gen == r.served.gen:   # a query is searched, never stored;
+            if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
                                      vector, r.tag, r.session.peer[1], r.insert)
             if r.op == "classify":
                 r.answer = top
-                if e.upload is not None and result.gen == r.served.gen:
+                if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
@@ -527,7 +530,7 @@ class Scheduler:
         never heard of, is named by its own labels, never the default model's."""
         if message.get("ok"):
             message["gen"] = gen
-            if served is not None and (not self.catalog.single or served is not self.first):
+            if served is not None and (self.several or served is not self.first):
                 # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:

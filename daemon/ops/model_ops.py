@@ -152,6 +152,7 @@ class LiveModels:
         async with self._one_at_a_time():
             served = await self._prepare(entry, self._check_new(entry, set()))
             self.catalog.enter(served)
+            self._stamps()
         seconds = time.perf_counter() - t0
         log.info("model %s version %d loaded (digest %s) on %s in %.2f s", served.name, served.version,
                  served.digest, self._where(served), seconds)
@@ -264,6 +265,7 @@ class LiveModels:
             self.catalog.remove(s)
             log.info("model %s version %d unloaded: no request goes to it; %d admitted before are "
                      "still answered", s.name, s.version, s.inflight)
+        self._stamps()
         return sum(s.inflight for s in targets)
 
     async def _release(self, targets: list[Served]) -> None:
@@ -307,6 +309,7 @@ class LiveModels:
             pending = self._unroute(plan.removed)
             for served in added:
                 self.catalog.enter(served)
+            self._stamps()
             for served, entry, new, store in swaps:
                 if new is not served.model:
                     self.swap.switch(served, new, store)
@@ -382,6 +385,11 @@ class LiveModels:
             raise ModelOpError(wire.E_RELOAD_FAILED, "another model operation (a reload, load or unload) "
                                "is in progress; retry when it is done")
         return _Running(self.swap, self._reserved)
+
+    def _stamps(self) -> None:
+        """Replies say which model answered while several are served (Scheduler._stamp; a model
+        being unloaded is stamped regardless)."""
+        self.scheduler.several = not self.catalog.single
 
     def _where(self, served: Served) -> str:
         return ", ".join(d.label for d in self.devices if served.runs_on(d.index))
