@@ -200,11 +200,12 @@ class Server:
         if fresh.models:
             await self._apply_models(fresh)
             return
-        if not self.catalog.single or self.cfg.models:
+        if self.cfg.models:
             log.error("SIGHUP: the configuration has no [[models]] list any more; still serving %s "
                       "(a restart serves [model] alone)", self.catalog.names_text())
             self.reload_done(False)
             return
+        # [model] alone: its model swapped (models loaded live beside it are left as they are)
         log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
         try:
             await self.swap.reload(fresh.model)
