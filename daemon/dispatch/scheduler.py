@@ -634,9 +634,10 @@ class Scheduler:
         self._redispatch(moved, dev, f"device {dev.label} left rotation: {reason}")
 
     def _send_canary(self, dev) -> None:
-        """A blank frame of the first model this device runs."""
+        """A blank frame of the first model this device runs: the daemon's first model where it
+        runs (it is never unloaded, so no canary can outlive its model's replica)."""
         now = self._clock()
-        served = self.catalog.on_device(dev.index)[0]
+        served = self.first if self.first.runs_on(dev.index) else self.catalog.on_device(dev.index)[0]
         dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev, served=served, mid=served.mid))
 
     def describe(self) -> dict:
