@@ -287,3 +287,31 @@ def test_a_one_model_daemon_of_model_alone_takes_a_second_and_lets_it_go():
         stop(d)
     assert not steady.errors, steady.errors
     assert set(steady.labels) <= {f"level_{k}" for k in range(10)}
+
+
+def test_a_model_loaded_on_one_device_of_two_runs_there_alone():
+    """Loaded with devices [1]: every device gets its lane, only device 1 its replica and its
+    frames (a peer never steals them), while the first model keeps both devices; unloaded, both go on."""
+    work = short_dir()
+    path = models_file(work, entry("a"))
+    d = spawn_daemon("--config", path, "--device", "cpu:1", "--device", "cpu:1", "--set", "cache.enabled=false",
+                     model="")
+    steady = Steady(d, "a", clients=3)
+    try:
+        wait_until(lambda: steady.answered >= 20, 60, "a answering")
+        with AdminClient(admin_path(d)) as admin:
+            admin.call("load", name="b", model="synthetic", devices=[1])
+            with Client(d.socket_path, model="b", ring_slots=16) as c:
+                frames = [np.full((16, 16, 3), 17 * i, np.uint8) for i in range(16)]
+                for _ in range(10):
+                    assert [t[0].index for t in c.classify_many(frames, top_k=1)] == \
+                        [round(9 * 17 * i / 255) for i in range(16)]
+                devices = c.info()["devices"]
+            assert devices[0]["model_seconds"][1] == 0 and devices[1]["model_seconds"][1] > 0, devices
+            admin.call("unload", name="b")
+        before = steady.answered
+        wait_until(lambda: steady.answered >= before + 40, 60, "a after b left")
+    finally:
+        steady.finish()
+        stop(d)
+    assert not steady.errors, steady.errors
