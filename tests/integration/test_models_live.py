@@ -104,11 +104,12 @@ def test_load_a_second_model_under_load_then_classify_with_it():
     assert not steady.errors, steady.errors
 
 
+@pytest.mark.slow
 def test_unload_answers_its_queued_requests_and_refuses_later_ones():
     """40 requests for b queued on a slow device when the unload comes: each is answered; the
     next request for b gets unknown_model naming a; a's clients fail none."""
     work = short_dir()
-    d = start(work, entry("a"), entry("b"), control={"base_ms": 20.0, "per_frame_ms": 50.0})
+    d = start(work, entry("a"), entry("b"), control={"base_ms": 20.0, "per_frame_ms": 25.0})
     steady = Steady(d, "a")
     raw = RawClient(d.socket_path, ring_slots=64)
     try:
@@ -116,7 +117,7 @@ def test_unload_answers_its_queued_requests_and_refuses_later_ones():
         frame = np.full((16, 16, 3), 255, np.uint8)
         for rid in range(1, 41):
             raw.classify(rid, rid - 1, frame, top_k=1, model="b", timeout_ms=60_000)
-        with AdminClient(admin_path(d)) as admin:      # all 40 admitted (the device holds them ~2 s)
+        with AdminClient(admin_path(d)) as admin:      # all 40 admitted (the device holds them ~1 s)
             wait_until(lambda: admin.call("models")["models"][1]["inflight"] == 40, 10, "b's requests admitted")
         unloaded = {}
         t = threading.Thread(target=lambda: unloaded.update(AdminClient(admin_path(d)).call("unload", name="b")))
@@ -315,3 +316,52 @@ def test_a_model_loaded_on_one_device_of_two_runs_there_alone():
         steady.finish()
         stop(d)
     assert not steady.errors, steady.errors
+
+
+def test_load_and_unload_cycles_under_load_fail_only_the_requests_for_the_absent_model():
+    """b unloaded and loaded again 6 times while clients of a and of b classify: a's clients fail
+    none; b's get answers or UnknownModel (while it is away), never another error, and each
+    unload answers what was admitted for b before it."""
+    work = short_dir()
+    d = start(work, entry("a"), entry("b"), control={"base_ms": 1.0, "per_frame_ms": 0.3})
+    steady = Steady(d, "a")
+    counts = {"ok": 0, "unknown": 0}
+    other, stop_b = [], threading.Event()
+
+    def use_b(seed: int) -> None:
+        frames = [np.full((16, 16, 3), (seed * 50 + 17 * i) % 256, np.uint8) for i in range(4)]
+        try:
+            with Client(d.socket_path, ring_slots=8, model="b", cache=False, timeout=30.0) as c:
+                while not stop_b.is_set():
+                    try:
+                        c.classify_many(frames, top_k=1)
+                        counts["ok"] += 1
+                    except UnknownModel:
+                        counts["unknown"] += 1
+        except Exception as exc:  # noqa: BLE001  the test names it
+            other.append(repr(exc))
+
+    users = [threading.Thread(target=use_b, args=(i,)) for i in range(2)]
+    try:
+        wait_until(lambda: steady.answered >= 20, 60, "a answering")
+        for t in users:
+            t.start()
+        with AdminClient(admin_path(d)) as admin:
+            for cycle in range(6):
+                mark = counts["ok"]
+                wait_until(lambda: counts["ok"] >= mark + 5, 60, "b answering")
+                admin.call("unload", name="b")
+                mark = counts["unknown"]
+                wait_until(lambda: counts["unknown"] >= mark + 2, 60, "b refused while away")
+                admin.call("load", name="b", model="synthetic", set={"warmup_batches": 1})
+        before = steady.answered
+        wait_until(lambda: steady.answered >= before + 20, 60, "a after the cycles")
+    finally:
+        stop_b.set()
+        for t in users:
+            t.join(60)
+        steady.finish()
+        stop(d)
+    assert not steady.errors, steady.errors
+    assert not other, other
+    print(f"b: {counts['ok']} answered, {counts['unknown']} refused unknown_model over 6 cycles")
