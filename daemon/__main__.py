@@ -227,8 +227,8 @@ def _remove_stale_stores(cfg, model) -> None:
     from .caching.embedding_store import default_path, remove_stale
     from .models.embedding_pooling import embedding_id
 
-    if cfg.embeddings.path:
-        return
+    if cfg.embeddings.path or cfg.models:
+        return      # (several models: a store each; remove_stale keeps one path, so none is removed)
     directory = os.path.dirname(cfg.cache_path)
     remove_stale(directory, default_path(directory, model.digest, embedding_id(model.spec)),
                  logging.getLogger("inferd"))

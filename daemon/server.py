@@ -41,7 +41,7 @@ from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
-from .models.catalog import UnknownModel
+from .models.catalog import UnknownModel, store_digest
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
@@ -264,16 +264,32 @@ class Server:
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
-        dim = next((d.executor.embedding_dim for d in self.devices
-                    if d.executor.runs(self.scheduler.first.mid)), 0)
-        if self.cfg.embeddings.enabled and dim:
-            embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
-            caches.open_store(self.cfg.embeddings.path or default_path(
-                os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
-            for dev in self.devices:        # embeddings of the default model only (the store's)
-                if dev.executor.runs(self.scheduler.first.mid):
-                    dev.executor.store = caches.store
+        if self.cfg.embeddings.enabled:
+            self._open_stores()
         return True
+
+    def _open_stores(self) -> None:
+        """An embedding store for each model that has an embedding, one file per model digest and
+        embedding definition (so versions never share rows), handed to the devices that run it.
+        ``embeddings.path`` names one file: the default model's alone then."""
+        first = self.scheduler.first
+        for served in [first, *(s for s in self.catalog.by_id if s is not first)]:
+            dim = next((d.executor.embedding_dim_of(served.mid) for d in self.devices
+                        if d.executor.runs(served.mid)), 0)
+            if not dim:
+                continue
+            if served is not first and self.cfg.embeddings.path:
+                log.warning("embeddings.path names one file, the default model's: model %s version %d "
+                            "keeps no embeddings (leave embeddings.path empty for a store per model)",
+                            served.name, served.version)
+                continue
+            embedding = embedding_id(served.spec)      # one file per model and embedding definition
+            store = self.caches.open_store(self.cfg.embeddings.path or default_path(
+                os.path.dirname(self.cfg.cache_path), store_digest(served.digest), embedding), dim, embedding,
+                served.mid)
+            for dev in self.devices:
+                if dev.executor.runs(served.mid):
+                    dev.executor.set_store(served.mid, store)
 
     def _warmup_batches(self) -> int:
         """Warm-up batches per model on each device: [model]'s, or the most any entry asks."""

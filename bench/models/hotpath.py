@@ -4,8 +4,10 @@ What the event loop does per frame for a daemon of one model, without sockets or
 Scheduler with one device and the result cache off takes a ``classify_many`` of 16 frames
 (admission, the model's resolution, queueing), the device queue gives them as one batch (the
 take a collector makes), and ``on_batch_done`` answers them (replies, stamps, stats). Prints the
-median microseconds per frame of ``--rounds`` rounds of 500 messages. It uses only what the code
-before several models had too, so the same file measures both sides of a change: run it with
+median microseconds per frame of ``--rounds`` rounds of 500 messages, and the Python bytecodes
+executed per frame (counted with sys.settrace over 50 messages: deterministic, where the time on a
+shared host moves by a quarter between runs of one tree). It uses only what the code before
+several models had too, so the same file measures both sides of a change: run it with
 ``PYTHONPATH`` at each tree, alternating (docs/benchmarks.md, Many models).
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
@@ -50,7 +53,7 @@ class Session:
         pass
 
 
-def round_us() -> float:
+def setup():
     from inferd.daemon.config import Config
     from inferd.daemon.dispatch.device import Device
     from inferd.daemon.dispatch.scheduler import Scheduler
@@ -70,8 +73,8 @@ def round_us() -> float:
            "shape": list(spec.frame_shape), "top_k": 5}
     top = [[0, 0.9], [1, 0.05], [2, 0.03], [3, 0.01], [4, 0.01]]
     plan = lambda now, queued, expected=(), mid=0: (len(queued), 0.0)
-    t0 = time.perf_counter()
-    for i in range(MESSAGES):
+
+    def one(i: int) -> None:
         sched.submit_many(session, i * FRAMES + 1, msg)
         batch = dev.queue.take(plan, 0.0)
         result = BatchResult.taking(dev, batch)
@@ -81,7 +84,37 @@ def round_us() -> float:
         for e in result.entries:
             e.outcome, e.top = Outcome.DONE, top
         sched.on_batch_done(result)
+    return one
+
+
+def round_us() -> float:
+    one = setup()
+    t0 = time.perf_counter()
+    for i in range(MESSAGES):
+        one(i)
     return (time.perf_counter() - t0) / (MESSAGES * FRAMES) * 1e6
+
+
+def bytecodes_per_frame(messages: int = 50) -> float:
+    """Bytecodes the loop's Python runs per frame (every frame of the call tree, this file's too)."""
+    one = setup()
+    for i in range(10):
+        one(i)
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return tracer
+    sys.settrace(tracer)
+    try:
+        for i in range(10, 10 + messages):
+            one(i)
+    finally:
+        sys.settrace(None)
+    return count / (messages * FRAMES)
 
 
 def main() -> int:
@@ -90,7 +123,8 @@ def main() -> int:
     args = p.parse_args()
     round_us()                               # warm
     rounds = [round_us() for _ in range(args.rounds)]
-    print(json.dumps({"us_per_frame_median": statistics.median(rounds), "min": min(rounds), "rounds": rounds}))
+    print(json.dumps({"us_per_frame_median": statistics.median(rounds), "min": min(rounds),
+                      "bytecodes_per_frame": bytecodes_per_frame(), "rounds": rounds}))
     return 0
 
 

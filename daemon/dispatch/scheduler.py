@@ -93,6 +93,7 @@ class Scheduler:
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
         self.caches = Caches(cfg, self.model.spec, self.model.digest, self.counters)
+        self.caches.first_mid = self.first.mid
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
             quantum = fairness.quanta(principal_weights(cfg))
             make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
@@ -102,9 +103,7 @@ class Scheduler:
         shares = [s.share for s in catalog.by_id]
         for dev in devices:
             if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
-                dev.use_models(len(shares))
-                dev.queue.use_models(make, shares, lambda mid, n, d=dev: d.profiles[mid].latency(n),
-                                     cfg.batching.max_batch)
+                dev.use_models(shares, make, cfg.batching.max_batch)
             elif cfg.dispatch.fair_share:
                 dev.queue.use(make())
 
@@ -113,9 +112,7 @@ class Scheduler:
         daemon/ops/model_ops.py; ``shares``: each model id's weight). Empty until the catalog
         routes requests to it."""
         for dev in self.devices:
-            dev.add_model(mid)
-            dev.queue.add_lane(mid, self._make_order(), shares, lambda m, n, d=dev: d.profiles[m].latency(n),
-                               self.cfg.batching.max_batch)
+            dev.add_model(mid, shares, self._make_order, self.cfg.batching.max_batch)
 
     @property
     def gen(self) -> int:
@@ -203,10 +200,9 @@ class Scheduler:
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
         caches.client_hits(msg.get("hits"))
-        if op != "classify" and (caches.store is None or served is not self.first):
+        if op != "classify" and caches.store_for(served.mid) is None:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: model {served.name} exposes none, "
-                           "or embeddings.enabled is false (with several models, the embedding store "
-                           f"keeps {self.first.name} version {self.first.version}'s)")
+                           "or embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
         logits = check_logits(msg, served.spec, op)
         args = check_near(msg) if op == "near" else None
@@ -267,7 +263,7 @@ class Scheduler:
             return
         if top is not None and r.gen == r.served.gen:
             self.caches.adopt(r.key, top)
-            self.caches.retag(r.content, r.tag, r.session.peer[1])
+            self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
             self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
             replies: dict = {}
             r.answer = top
@@ -285,7 +281,7 @@ class Scheduler:
         if op == "classify" and caches.cache is not None:
             hit = caches.lookup(key, top_k)
             if hit is not None:
-                caches.retag(content, tag, session.peer[1])
+                caches.retag(content, tag, session.peer[1], served.mid)
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, served.gen, served))
@@ -299,9 +295,9 @@ class Scheduler:
                 self.stats.outcome("coalesced")
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = caches.store.get(content, uid=session.peer[1])   # its own row (unless shared)
+            vector = caches.store_for(served.mid).get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
-                caches.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
+                caches.retag(content, tag, session.peer[1], served.mid)     # a new tag wins, as classify's does
                 self.stats.outcome("cached")
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None),
                                          served.gen, served))
@@ -319,7 +315,7 @@ class Scheduler:
                            f"flight (server.max_inflight_per_uid {server.max_inflight_per_uid}); wait "
                            "for replies, or ask the operator to raise the limit",
                            retry_after_ms=self._batch_ms())
-        device = self.policy.choose(self.devices, now, max_batch, served=served if served.devices else None)
+        device = self.policy.choose(self.devices, now, max_batch, served=served if self.several else None)
         if device is None:
             self.counters["no_healthy_device"] += 1
             raise Rejected(wire.E_NO_HEALTHY_DEVICE, _none_in_rotation(self.devices))
@@ -439,7 +435,7 @@ class Scheduler:
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1])
+                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
                 self.stats.outcome("cached")
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
@@ -493,7 +489,7 @@ class Scheduler:
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert)
+                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:
@@ -540,7 +536,8 @@ class Scheduler:
                         message["served_model"] = served.describe()
                     return message
             if gen > session.told_gen and gen == self.gen:
-                message["model"] = self.model.describe()
+                # (several models: with its version, so a client files it under (name, version))
+                message["model"] = self.first.describe() if self.several else self.model.describe()
                 session.told_gen = gen
         return message
 
@@ -605,7 +602,7 @@ class Scheduler:
         for r in requests:
             r.attempt += 1
             target = self.policy.choose(self.devices, now, max_batch, exclude=failed_dev,
-                                        served=r.served if r.served is not None and r.served.devices else None)
+                                        served=r.served if self.several else None)
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1

@@ -38,6 +38,7 @@ a one-model catalog whose digest is the model's own, as before (its name: the sp
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -45,6 +46,16 @@ from ...shm import wire
 
 DEFAULT_NAME = "default"
 _SPREAD = 2654435761          # Knuth's multiplicative hash: request ids 1, 2, 3 ... spread over 2**32
+
+
+def store_digest(digest: str) -> str:
+    """What a model's embedding store file is named by (daemon/caching/embedding_store.py
+    ``default_path``, which keeps 16 characters of it): the model's digest, or for a [[models]]
+    entry, whose digest ends in ``-NAME.vVERSION``, a hash of the whole, so versions of one file
+    get files of their own."""
+    if "-" not in digest:
+        return digest
+    return hashlib.blake2b(digest.encode(), digest_size=8).hexdigest()
 
 
 class UnknownModel(Exception):

@@ -55,6 +55,7 @@ import time
 from ..config import ConfigError, ModelEntryConfig, entry_name, from_dict
 from ..models import loading as model_mod
 from ..models.catalog import DEFAULT_NAME, Served
+from .reload import ReloadError
 from ...shm import wire
 
 log = logging.getLogger("inferd.models")
@@ -96,6 +97,7 @@ class LiveModels:
         self.swap = swap
         self._draining = draining
         self._reserved: set[int] = set()    # model ids given to models staged, not yet routed
+        self._stores: dict = {}             # their embedding stores, by model id, until routed
 
     @property
     def catalog(self):
@@ -151,7 +153,7 @@ class LiveModels:
         t0 = time.perf_counter()
         async with self._one_at_a_time():
             served = await self._prepare(entry, self._check_new(entry, set()))
-            self.catalog.enter(served)
+            self._route(served)
             self._stamps()
         seconds = time.perf_counter() - t0
         log.info("model %s version %d loaded (digest %s) on %s in %.2f s", served.name, served.version,
@@ -186,7 +188,7 @@ class LiveModels:
             raise ModelOpError(wire.E_RELOAD_FAILED, f"model {entry_name(entry)} does not fit this host's "
                                "memory beside the models served") from None
 
-    async def _prepare(self, entry, name: str, model=None) -> Served:
+    async def _prepare(self, entry, name: str, model=None, current=None) -> Served:
         """``entry`` loaded (``model``: already, on the CPU), lanes on every device, staged and warm
         on each device that may run it; not yet routed. ModelOpError: nothing of it is kept."""
         model = model or await self._load_cpu(entry)
@@ -200,12 +202,12 @@ class LiveModels:
         shares = [s.share for s in self.catalog.by_id] + [0.0] * (mid + 1 - len(self.catalog.by_id))
         shares[mid] = served.share
         self.scheduler.add_lanes(mid, shares)
-        staged = []
+        staged, dims = [], []
         for dev in self.devices:
             if not served.runs_on(dev.index):
                 continue
             try:
-                await asyncio.wrap_future(dev.executor.add(model, keep_k, mid))
+                dims.append(await asyncio.wrap_future(dev.executor.add(model, keep_k, mid)))
             except Exception as exc:  # any failure on a device: the others let it go too
                 for other in staged:
                     other.executor.drop(mid)
@@ -213,7 +215,23 @@ class LiveModels:
                 raise ModelOpError(wire.E_RELOAD_FAILED, f"model {name} version {entry.version} on "
                                    f"{dev.label}: {type(exc).__name__}: {why}") from None
             staged.append(dev)
+        try:                                # its embeddings in a store of its own digest
+            self._stores[mid] = await self.swap.open_store(model, dims[0] if dims else 0, current)
+        except ReloadError as exc:
+            for dev in staged:
+                dev.executor.drop(mid)
+            raise ModelOpError(wire.E_RELOAD_FAILED, f"model {name} version {entry.version}: {exc}") from None
         return served
+
+    def _route(self, served: Served) -> None:
+        """On the loop, no await: its embedding store in place, then requests resolve to it."""
+        store = self._stores.pop(served.mid, None)
+        if store is not None:
+            self.scheduler.caches.stores[served.mid] = store
+            for dev in self.devices:
+                if dev.executor.runs(served.mid):
+                    dev.executor.set_store(served.mid, store)
+        self.catalog.enter(served)
 
     def _check_frames(self, name: str, model, leaving=()) -> None:
         """Versions of one name take one frame: a client sizes a frame for a name before the route
@@ -279,6 +297,9 @@ class LiveModels:
             for dev in self.devices:
                 if dev.executor.runs(s.mid):
                     await asyncio.wrap_future(dev.executor.drop(s.mid))
+            store = self.scheduler.caches.stores.pop(s.mid, None)
+            if store is not None and store not in self.scheduler.caches.stores.values():
+                store.close()               # no device holds it any more (nor a model loaded again)
             s.released = True
             log.info("model %s version %d freed on its devices", s.name, s.version)
 
@@ -304,18 +325,18 @@ class LiveModels:
                 swaps.append([served, entry, new, None])
             for entry, name, model in loaded:
                 self._check_frames(name, model, leaving=plan.removed)
-            added = await self._stage_all(loaded, swaps)
+            added = await self._stage_all(loaded, swaps, plan.removed)
             # one loop step from here on: what requests resolve to changes all at once
             pending = self._unroute(plan.removed)
             for served in added:
-                self.catalog.enter(served)
+                self._route(served)
             self._stamps()
             for served, entry, new, store in swaps:
                 if new is not served.model:
                     self.swap.switch(served, new, store)
                 served.config, served.share = entry, entry.share
                 for dev in self.devices:
-                    dev.queue.set_share(served.mid, entry.share)
+                    dev.set_share(served.mid, entry.share)
                 self.catalog.reroute(served.name)
         summary = {"added": [_brief(s) for s in added], "changed": [_brief(s) for s, *_ in swaps],
                    "removed": [_brief(s) for s in plan.removed], "answered": pending}
@@ -350,13 +371,17 @@ class LiveModels:
                 plan.changed.append((s, entry))
         return plan
 
-    async def _stage_all(self, loaded: list, swaps: list) -> list[Served]:
+    async def _stage_all(self, loaded: list, swaps: list, removed: list) -> list[Served]:
         """Stage every added model, and every changed one's new model, on its devices; a failure
         lets every staged one go (nothing changed). Fills each swap's store (the first model's)."""
         added, staged = [], []
         try:
             for entry, name, model in loaded:
-                added.append(await self._prepare(entry, name, model))
+                # the same name and version unloaded in this list (its devices changed): its
+                # store, the same file, is taken over rather than opened twice
+                leaving = next((s for s in removed if (s.name, s.version) == (name, entry.version)), None)
+                current = self.scheduler.caches.stores.get(leaving.mid) if leaving is not None else None
+                added.append(await self._prepare(entry, name, model, current))
             for swap in swaps:
                 served, _, new, _ = swap
                 if new is not served.model:
@@ -368,6 +393,9 @@ class LiveModels:
                 for dev in self.devices:
                     if dev.executor.runs(served.mid):
                         dev.executor.drop(served.mid)
+                store = self._stores.pop(served.mid, None)
+                if store is not None and store not in self.scheduler.caches.stores.values():
+                    store.close()
             for new in staged:
                 for dev in self.devices:
                     dev.executor.discard(new.gen)

@@ -16,11 +16,11 @@ import queue as queues
 import threading
 import time
 from concurrent.futures import Future
-
-import torch
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING, Callable
+
+import torch
 
 from . import device_thread, thread_pools
 from .engine import Engine, Staging
@@ -57,7 +57,7 @@ class Executor(threading.Thread):
         self.device = device
         # what it runs: a LoadedModel (model id 0), or the catalog's Served this device may run
         # (daemon/models/catalog.py): one runner (engine, staging, profile) per model id
-        self._models = ([(0, model, keep_k, None)] if isinstance(model, LoadedModel) or not isinstance(model, list)
+        self._models = ([(0, model, keep_k, None)] if not isinstance(model, list)
                         else [(s.mid, s.model, s.keep_k, s.name) for s in model])
         self._model = self._models[0][1]
         count = max(mid for mid, *_ in self._models) + 1
@@ -77,7 +77,6 @@ class Executor(threading.Thread):
         self._clock = clock
         self._inbox: queues.SimpleQueue = queues.SimpleQueue()
         self.embedding_dim = 0
-        self.store: EmbeddingStore | None = None    # set by the server once it is open
         self._runners: list[_Runner | None] = [None] * count    # by model id: what this thread runs
         self._active: _Runner | None = None     # the first model's runner (a one-model daemon's)
         self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
@@ -135,6 +134,24 @@ class Executor(threading.Thread):
             self._deliver(result)
             self.device.beat = self._clock()
         return None
+
+    @property
+    def store(self) -> EmbeddingStore | None:
+        """The first model's embedding store (the server sets it once open; a swap replaces it)."""
+        return self._active.store if self._active is not None else None
+
+    @store.setter
+    def store(self, store) -> None:
+        self._active.store = store
+
+    def set_store(self, mid: int, store) -> None:
+        """Model ``mid``'s embedding store (several models: each its own, daemon/caching/results.py).
+        Set before the collector starts taking batches, or between two of them."""
+        self._runners[mid].store = store
+
+    def embedding_dim_of(self, mid: int) -> int:
+        runner = self._runners[mid] if mid < len(self._runners) else None
+        return runner.engine.embedding_dim if runner is not None else 0
 
     def staging_of(self, mid: int) -> Staging:
         """Model ``mid``'s staging buffers (its frame shape)."""
@@ -248,9 +265,9 @@ class Executor(threading.Thread):
                 mid = self._staged_mid
                 self._runners[mid], self._staged = self._staged, None
                 self.device.profiles[mid] = self._runners[mid].profile
+                self._runners[mid].store = b
                 if mid == self._models[0][0]:
                     self._active = self._runners[mid]
-                    self.store = b
                     self.embedding_dim = self._active.engine.embedding_dim
                     if mid == 0:
                         self.device.profile = self._active.profile
@@ -293,7 +310,7 @@ class Executor(threading.Thread):
             return None
         flight = _Flight(result, live, runner, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
-        dev.running_mid = mid
+        dev.running_profile = runner.profile
         dev.running, dev.staged = dev.running + live, []
         dev.running_size += len(live)
         if dev.running_since is None:
@@ -312,7 +329,7 @@ class Executor(threading.Thread):
             flight.logits = [i for i, e in enumerate(live) if e.request.logits]
             extra = {"logits_rows": flight.logits} if flight.logits else {}
             flight.pending = engine.launch(self._stagings[mid].tensors[buffer], len(live), max(flight.keep),
-                                           want_embedding=self.store is not None and runner is self._active,
+                                           want_embedding=runner.store is not None,
                                            wait_copy=not flight.asynchronous, **extra)
             if flight.asynchronous:
                 flight.pending.wait_staged()    # the frames are on the device: the buffer is free
@@ -343,13 +360,14 @@ class Executor(threading.Thread):
                 e.outcome, e.top = Outcome.DONE, [[c, s] for c, s in zip(idx[:k], sc[:k])]
                 if vectors is not None:
                     e.embedding = vectors[i]
-                    if self.store is not None and e.request.op == "near" and flight.runner is self._active:
+                    store = flight.runner.store
+                    if store is not None and e.request.op == "near":
                         # searches hold the store's lock for milliseconds at 100k rows: here, off
                         # the loop ... among the rows its uid may see
                         # (daemon/caching/embedding_store.py: per uid unless shared)
                         r = e.request
                         try:
-                            e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
+                            e.matches = store.search(e.embedding, *r.args, uid=r.session.peer[1])
                         except EmbeddingIndexBusy as exc:   # this request only: answered overloaded
                             e.matches = exc
         except Exception as exc:  # a model failure reaches every request of the batch, typed
@@ -389,6 +407,7 @@ class _Runner:
     engine: Engine
     profile: LatencyProfile
     mid: int = 0                # its model id (daemon/models/catalog.py)
+    store: object = None        # its model's embedding store, when it keeps embeddings
 
 
 @dataclass(slots=True, eq=False)

@@ -255,3 +255,22 @@ def test_a_named_model_is_answered_from_the_local_cache_under_its_own_key(two):
         hits = c.cache_hits
         assert c.classify(frame, top_k=1)[0].index == first[0].index == level_of(77)
         assert c.cache_hits == hits + 1
+
+
+def test_a_reload_of_the_default_model_renames_its_classes_in_the_client(two):
+    """The default model swapped to other labels: a client connected before names the next
+    answers with the new labels (the first answer of the new generation carries it, filed under
+    its name and version), and the other model's answers keep theirs."""
+    labels = os.path.join(short_dir(), "shapes.labels")
+    names = [f"renamed_{k}" for k in range(len(zoo.build("shapes")[1].labels))]
+    with open(labels, "w") as fh:
+        fh.write("\n".join(names) + "\n")
+    frame = np.zeros((64, 64, 3), np.uint8)
+    with Client(two.socket_path) as c:
+        before = c.classify(frame, top_k=1)[0]
+        with AdminClient(admin_path(two)) as admin:
+            assert admin.call("reload", name="shapes", set={"labels": labels})["changed"]
+        after = [c.classify(frame, top_k=1, model=m)[0] for m in (None, "shapes", "synth")]
+    assert not before.label.startswith("renamed_")
+    assert after[0].label == after[1].label == names[after[0].index]
+    assert after[2].label.startswith("level_")

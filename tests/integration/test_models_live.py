@@ -365,3 +365,23 @@ def test_load_and_unload_cycles_under_load_fail_only_the_requests_for_the_absent
     assert not steady.errors, steady.errors
     assert not other, other
     print(f"b: {counts['ok']} answered, {counts['unknown']} refused unknown_model over 6 cycles")
+
+
+def test_a_model_loaded_live_keeps_its_embeddings_in_a_store_of_its_own():
+    """shapes loaded beside the synthetic model: embed for it is answered from its own store; unloaded
+    and loaded again, its store (the same file, its lock let go at the unload) opens again."""
+    work = short_dir()
+    d = spawn_daemon("--config", models_file(work, entry("a")), model="")
+    try:
+        frame = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        with AdminClient(admin_path(d)) as admin:
+            for round_ in range(2):
+                admin.call("load", name="s", model="shapes")
+                with Client(d.socket_path, model="s") as c:
+                    vector = c.embed(frame, model="s")
+                    assert vector.ndim == 1 and vector.size > 0
+                    assert c.near_duplicates(frame, k=1, model="s")[0].similarity > 0.99
+                admin.call("unload", name="s")
+        assert "ERROR" not in d.log()
+    finally:
+        stop(d)

@@ -19,6 +19,7 @@ from inferd.daemon.pipeline.executor import Executor
 from inferd.daemon.pipeline.records import BatchResult, Outcome, Request
 from inferd.daemon.config import ModelConfig
 from inferd.daemon.dispatch.device import Device
+from inferd.daemon.dispatch.fairness import Fifo
 from inferd.daemon.pipeline.engine import Engine
 from inferd.daemon.models.zoo.shapes import make_dataset
 
@@ -133,7 +134,7 @@ def test_a_model_that_does_not_fit_the_device_is_named(monkeypatch):
     cfg = from_dict({"models": [{"builtin": "noop", "name": "small"}, {"builtin": "noop", "name": "big"}]})
     catalog = Catalog.of([(m, model_mod.load(m)) for m in cfg.models])
     dev = Device(0, "cpu", 1)
-    dev.use_models(2)
+    dev.use_models([1.0, 1.0], Fifo, 4)
     ex = Executor(dev, catalog.by_id, deliver=lambda r: None, max_batch=4, warmup_batches=0)
     ex.start()
     assert ex.ready.wait(30)

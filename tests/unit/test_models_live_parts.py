@@ -8,7 +8,8 @@ import pytest
 from inferd.daemon.config import from_dict
 from inferd.daemon.dispatch.fairness import Fifo
 from inferd.daemon.dispatch.model_share import ModelShare
-from inferd.daemon.dispatch.queues import DeviceQueue
+from inferd.daemon.dispatch.device import Device
+from inferd.daemon.dispatch.lanes import ModelLanes
 from inferd.daemon.models.catalog import Catalog, Served, UnknownModel
 
 
@@ -65,24 +66,30 @@ def test_a_newer_version_takes_the_route_and_the_route_survives_its_removal():
     assert "m" not in catalog.routes and catalog.single
 
 
-def test_a_one_model_queue_gains_a_lane_with_requests_in_it():
-    q = DeviceQueue(clock=lambda: 0.0)
-    q.use(Fifo())
+def test_a_one_model_device_gains_a_lane_with_requests_queued():
+    """Its queue becomes lanes: the requests queued move to lane 0 in their order, none lost, and
+    batches never mix the two models; an empty lane may be given to a new model again."""
+    dev = Device(0, "cpu", 1, clock=lambda: 0.0)
+    dev.queue.use(Fifo())
+    old = dev.queue
     for i in range(3):
-        q.put(SimpleNamespace(mid=0, deadline=1e9, arrived=0.0, session=None, i=i))
-    q.add_lane(1, Fifo(), [1.0, 2.0], lambda mid, n: 0.001 * n, 4)
-    q.put(SimpleNamespace(mid=1, deadline=1e9, arrived=0.0, session=None, i=9))
-    assert len(q) == 4 and q.lane_len(0) == 3 and q.lane_len(1) == 1
+        dev.queue.put(SimpleNamespace(mid=0, deadline=1e9, arrived=0.0, session=None, i=i))
+    dev.add_model(1, [1.0, 2.0], Fifo, 4)
+    assert isinstance(dev.queue, ModelLanes) and dev.queue is not old and len(old) == 0
+    dev.queue.put(SimpleNamespace(mid=1, deadline=1e9, arrived=0.0, session=None, i=9))
+    assert len(dev.queue) == 4 and dev.queue.lane_len(0) == 3 and dev.queue.lane_len(1) == 1
+    assert len(dev.profiles) == 2
     batches = []
-    while len(q):
-        batches.append(q.take(lambda now, queued, expected, mid=0: (len(queued), 0.0), 0.0))
-    assert sorted(tuple(r.mid for r in b) for b in batches) == [(0, 0, 0), (1,)]   # none lost, none mixed
-    q.add_lane(1, Fifo(), [1.0, 2.0], lambda mid, n: 0.001 * n, 4)     # an empty lane may be reused
-    q.put(SimpleNamespace(mid=1, deadline=1e9, arrived=0.0, session=None, i=10))
+    while len(dev.queue):
+        batches.append(dev.queue.take(lambda now, queued, expected, mid=0: (len(queued), 0.0), 0.0))
+    assert sorted(tuple(r.i for r in b) for b in batches) == [(0, 1, 2), (9,)]   # in order, none mixed
+    assert old.take(lambda *a: (1, 0.0), 0.0) == []     # its collector, woken, finds it empty
+    dev.add_model(1, [1.0, 2.0], Fifo, 4)               # an empty lane may be reused
+    dev.queue.put(SimpleNamespace(mid=1, deadline=1e9, arrived=0.0, session=None, i=10))
     with pytest.raises(RuntimeError, match="still holds"):
-        q.add_lane(1, Fifo(), [1.0, 2.0], lambda mid, n: 0.001 * n, 4)
+        dev.add_model(1, [1.0, 2.0], Fifo, 4)
     with pytest.raises(RuntimeError, match="every device has a lane"):
-        q.add_lane(5, Fifo(), [1.0] * 6, lambda mid, n: 0.001 * n, 4)
+        dev.add_model(5, [1.0] * 6, Fifo, 4)
 
 
 def test_a_lane_added_gets_its_share_from_where_the_others_are():
