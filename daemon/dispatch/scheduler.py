@@ -526,7 +526,7 @@ class Scheduler:
         never heard of, is named by its own labels, never the default model's."""
         if message.get("ok"):
             message["gen"] = gen
-            if served is not None and (self.several or served is not self.first):
+            if (self.several or served is not self.first) and served is not None:
                 # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:
