@@ -301,6 +301,7 @@ class LiveModels:
             if store is not None and store not in self.scheduler.caches.stores.values():
                 store.close()               # no device holds it any more (nor a model loaded again)
             s.released = True
+            self._stamps()
             log.info("model %s version %d freed on its devices", s.name, s.version)
 
     # SIGHUP ---------------------------------------------------------------------------------------
@@ -415,9 +416,11 @@ class LiveModels:
         return _Running(self.swap, self._reserved)
 
     def _stamps(self) -> None:
-        """Replies say which model answered while several are served (Scheduler._stamp; a model
-        being unloaded is stamped regardless)."""
-        self.scheduler.several = not self.catalog.single
+        """The scheduler's ``several``: replies say which model answered, and a request's device
+        is chosen among its model's, while several models are served or one is still being
+        unloaded (its requests admitted before may be dispatched again)."""
+        self.scheduler.several = not self.catalog.single or any(s.retired and not s.released
+                                                                for s in self.catalog.by_id)
 
     def _where(self, served: Served) -> str:
         return ", ".join(d.label for d in self.devices if served.runs_on(d.index))
