@@ -58,6 +58,34 @@ class Device:
         self.queue = ModelLanes(make_order, shares, lambda mid, n: self.profiles[mid].latency(n), max_batch,
                                 *([self._clock] if self._clock else []))
 
+    def add_model(self, mid: int, shares: list[float], make_order, max_batch: int) -> None:
+        """Model ``mid`` loaded live (a new id, or one an unloaded model left; ``shares``: each
+        id's weight): a fresh latency profile (its executor puts the one its warm-up taught in its
+        place) and a lane. A one-model device's queue becomes lanes here: its queued requests move
+        to lane 0 in their order, in one step on the loop (the only thread that puts), and its
+        collector, waiting in the old queue's ``take``, comes to the new one within its idle timeout."""
+        if mid > len(self.profiles):
+            raise RuntimeError(f"model id {mid} after {len(self.profiles)}: every device has a lane per model id")
+        if not isinstance(self.queue, ModelLanes):
+            old = self.queue
+            lanes = ModelLanes(make_order, shares[:mid], lambda m, n: self.profiles[m].latency(n), max_batch,
+                               *([self._clock] if self._clock else []))
+            moved = old.drain()
+            if moved:
+                lanes.put_front(moved)
+            self.queue = lanes
+            old.poke()
+        self.queue.add_lane(mid, make_order(), shares[mid])
+        if mid == len(self.profiles):
+            self.profiles.append(LatencyProfile())
+        else:
+            self.profiles[mid] = LatencyProfile()
+
+    def set_share(self, mid: int, share: float) -> None:
+        """Model ``mid``'s weight of this device from now on (one model: nothing to share)."""
+        if isinstance(self.queue, ModelLanes):
+            self.queue.set_share(mid, share)
+
     def running_latency(self) -> float:
         """Expected seconds of the running batch (0: none)."""
         return self.running_profile.latency(self.running_size) if self.running_size else 0.0

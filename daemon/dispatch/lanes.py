@@ -46,6 +46,27 @@ class ModelLanes(DeviceQueue):
     def use(self, order) -> None:
         raise RuntimeError("a device queue of several models takes its orders at construction")
 
+    def add_lane(self, mid: int, order, share: float) -> None:
+        """A lane for model ``mid`` in ``order``, weighted ``share`` (a model loaded live,
+        daemon/ops/model_ops.py): a new id, or one an unloaded model left, whose lane is empty.
+        Every device gets a lane for every id (empty where the model does not run), so lane i
+        stays model id i."""
+        with self._cond:
+            if mid < len(self._lanes):
+                if len(self._lanes[mid]):
+                    raise RuntimeError(f"lane {mid} still holds requests")
+                self._lanes[mid] = order
+            elif mid == len(self._lanes):
+                self._lanes.append(order)
+            else:
+                raise RuntimeError(f"lane {mid} after {len(self._lanes)} lanes: every device has a lane per model id")
+            self._share.add(mid, share)
+
+    def set_share(self, mid: int, share: float) -> None:
+        """Model ``mid``'s weight from now on (SIGHUP changed its ``share``)."""
+        with self._cond:
+            self._share.weight[mid] = share / self._share.low
+
     def lane_len(self, mid: int) -> int:
         return len(self._lanes[mid])
 

@@ -48,10 +48,10 @@ RUN_S = 0.008
 class ModelShare:
     """Weighted fair queueing over lanes ``0 .. len(shares) - 1`` (NOTE [ model share ])."""
 
-    __slots__ = ("weight", "vt", "ring", "current", "now_vt", "run_s", "turns", "served")
+    __slots__ = ("weight", "vt", "ring", "current", "now_vt", "run_s", "turns", "served", "low")
 
     def __init__(self, shares: list[float], run_s: float = RUN_S):
-        low = min(shares) if shares else 1.0
+        low = self.low = min(shares) if shares else 1.0
         self.weight = [s / low for s in shares]
         self.vt = [0.0] * len(shares)      # weighted device seconds charged to each lane
         self.ring: list[int] = []          # lanes with queued work, in the order they got it
@@ -60,6 +60,16 @@ class ModelShare:
         self.run_s = run_s
         self.turns = 0                     # runs begun (stats)
         self.served = [0.0] * len(shares)  # device seconds charged per lane (stats, the share test)
+
+    def add(self, lane: int, share: float) -> None:
+        """Lane ``lane`` (a new one, or an idle one whose model was unloaded) serves a model of
+        ``share`` from now on (a model loaded live): it starts level with the lanes served now."""
+        if lane == len(self.weight):
+            self.weight.append(0.0)
+            self.vt.append(0.0)
+            self.served.append(0.0)
+        self.weight[lane] = share / self.low
+        self.vt[lane], self.served[lane] = self.now_vt, 0.0
 
     def active(self, lane: int) -> None:
         """``lane`` got work while it had none; at most ``run_s`` of credit is kept."""

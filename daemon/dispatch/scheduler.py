@@ -99,12 +99,20 @@ class Scheduler:
             make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
         else:
             make = fairness.Fifo
+        self._make_order = make             # a model loaded live gets its lanes in it (add_lanes)
         shares = [s.share for s in catalog.by_id]
         for dev in devices:
             if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
                 dev.use_models(shares, make, cfg.batching.max_batch)
             elif cfg.dispatch.fair_share:
                 dev.queue.use(make())
+
+    def add_lanes(self, mid: int, shares: list[float]) -> None:
+        """A lane and a latency profile for model ``mid`` on every device (a model loaded live,
+        daemon/ops/model_ops.py; ``shares``: each model id's weight). Empty until the catalog
+        routes requests to it."""
+        for dev in self.devices:
+            dev.add_model(mid, shares, self._make_order, self.cfg.batching.max_batch)
 
     @property
     def gen(self) -> int:
@@ -236,6 +244,7 @@ class Scheduler:
         if key and op == "classify" and not logits:
             session.claim(key, request)
         self.outstanding += 1
+        served.inflight += 1                # an unloaded model is freed once none is left
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
         # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
         if caches.l2 is not None and key and op == "classify" and not logits:
@@ -441,6 +450,7 @@ class Scheduler:
                 r.done = True
                 r.device.outstanding -= 1
                 self.outstanding -= 1
+                self._let_go(r.served)
             elif leader.answer is not None:
                 self._answer(replies, r, lambda rid, k, top=leader.answer: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, r.served.gen)
@@ -510,12 +520,20 @@ class Scheduler:
     def _stamp(self, session, message: dict, gen: int, served=None) -> dict:
         """Mark an answer with the model generation that computed it, and with several models
         which one (``served``: [name, version]); the first answer of a newer generation of the
-        first model than the session knows also carries that model's description."""
+        first model than the session knows also carries that model's description, and the first
+        answer of another model (or of its new generation) to a session carries that one's
+        (``served_model``): a model loaded or swapped after hello, or a canary version the client
+        never heard of, is named by its own labels, never the default model's."""
         if message.get("ok"):
             message["gen"] = gen
-            if self.several and served is not None:
+            if (self.several or served is not self.first) and served is not None:
+                # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:
+                    told, key = session.told_models, (served.name, served.version)
+                    if gen == served.gen and told.get(key) != (served.digest, gen):
+                        told[key] = (served.digest, gen)
+                        message["served_model"] = served.describe()
                     return message
             if gen > session.told_gen and gen == self.gen:
                 # (several models: with its version, so a client files it under (name, version))
@@ -556,10 +574,24 @@ class Scheduler:
             session.unclaim(r.key, r)
         r.device.outstanding -= 1
         self.outstanding -= 1
+        served = r.served
+        if served is not None:              # (Scheduler._let_go, inline: once per request)
+            served.inflight -= 1
+            if served.retired and not served.inflight and served.on_idle is not None:
+                served.on_idle()
         if session.closed and not session.inflight:
             session.release_ring()
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
             self.on_idle()
+
+    @staticmethod
+    def _let_go(served) -> None:
+        """One request of ``served`` answered; the last one of an unloaded model lets it be freed."""
+        if served is None:
+            return
+        served.inflight -= 1
+        if served.retired and not served.inflight and served.on_idle is not None:
+            served.on_idle()
 
     # failures ---------------------------------------------------------------------------------
     def _redispatch(self, requests: list, failed_dev, why: str) -> None:
@@ -599,9 +631,10 @@ class Scheduler:
         self._redispatch(moved, dev, f"device {dev.label} left rotation: {reason}")
 
     def _send_canary(self, dev) -> None:
-        """A blank frame of the first model this device runs."""
+        """A blank frame of the first model this device runs: the daemon's first model where it
+        runs (it is never unloaded, so no canary can outlive its model's replica)."""
         now = self._clock()
-        served = self.catalog.on_device(dev.index)[0]
+        served = self.first if self.first.runs_on(dev.index) else self.catalog.on_device(dev.index)[0]
         dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev, served=served, mid=served.mid))
 
     def describe(self) -> dict:

@@ -206,6 +206,29 @@ class ModelSwap:
         self._done(True)
         return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
 
+    async def stage(self, served, new):
+        """``new`` staged and warm in ``served``'s place on its devices, and its embedding store
+        opened: the store (or None). A [[models]] list applied by SIGHUP (daemon/ops/model_ops.py)
+        stages every change before it switches any. ReloadError: the devices staged let it go."""
+        dim = await self._stage(new, served)
+        first = served is self.scheduler.first
+        caches = self.scheduler.caches
+        return await self.open_store(new, dim, caches.store if first else caches.stores.get(served.mid), first)
+
+    async def open_store(self, new, dim: int, current=None, first: bool = False):
+        """The embedding store of ``new`` (off the loop), or None: for a model other than the first
+        none when ``embeddings.path`` names the default model's one file. ReloadError says why not."""
+        if not first and self.embeddings.path:
+            return None
+        return await asyncio.to_thread(self._open_store, new, dim, current)
+
+    def switch(self, served, new, store) -> None:
+        """Switch ``served`` to ``new`` staged by ``stage`` (on the loop, no await)."""
+        if served is self.scheduler.first:
+            self._switch(new, store)
+        else:
+            self._switch_other(served, new, store)
+
     async def _stage(self, new, served) -> int:
         """Load and warm ``new`` in ``served``'s place on every device that runs it, one after
         another. Returns the embedding width."""

@@ -211,6 +211,43 @@ class Executor(threading.Thread):
         """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
         self._inbox.put(("discard", gen, None, None))
 
+    # models loaded and unloaded live (daemon/ops/model_ops.py) -------------------------------------
+    def add(self, model: LoadedModel, keep_k: int, mid: int) -> Future:
+        """Put ``model`` on this device as model id ``mid`` (a new id, or one ``drop`` freed),
+        between two batches: its staging buffers, its replica, warmed up, its latency profile the
+        device's ``profiles[mid]``. Its requests may come once the future has the embedding width
+        (or the exception that stopped it: nothing of it is kept)."""
+        future: Future = Future()
+        self._inbox.put(("add", model, (keep_k, mid), future))
+        return future
+
+    def drop(self, mid: int) -> Future:
+        """Free model ``mid``'s replica and staging buffers after the batches handed over before
+        (none of its requests may be queued any more). The future is done once they are let go."""
+        future: Future = Future()
+        self._inbox.put(("drop", mid, None, future))
+        return future
+
+    def _add(self, model: LoadedModel, keep_k: int, mid: int) -> int:
+        while len(self._runners) <= mid:
+            self._runners.append(None)
+            self._stagings.append(None)
+        try:
+            self._stagings[mid] = Staging(self.device.torch_device, self._max_batch, model.spec.frame_shape,
+                                          STAGING_BUFFERS)
+            runner = self._load(model, keep_k, LatencyProfile(), mid)
+        except BaseException:
+            self._stagings[mid] = None
+            raise
+        self._runners[mid] = runner
+        self.device.profiles[mid] = runner.profile
+        return runner.engine.embedding_dim
+
+    def _drop(self, mid: int) -> None:
+        self._runners[mid] = self._stagings[mid] = None       # runs(mid) is False from now on
+        if self.device.torch_device.type == "cuda":
+            torch.cuda.empty_cache()        # its replica's memory back for the next model loaded
+
     def _serve(self, what: str, a, b, future) -> None:
         if what == "stage":
             if future.set_running_or_notify_cancel():
@@ -236,6 +273,12 @@ class Executor(threading.Thread):
                         self.device.profile = self._active.profile
             if future.set_running_or_notify_cancel():
                 future.set_result(self._active.engine.model.gen)
+        elif what in ("add", "drop"):
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._add(a, *b) if what == "add" else self._drop(a))
+                except BaseException as exc:  # reported to the load, which keeps nothing of it
+                    future.set_exception(exc)
         elif what == "discard" and self._staged is not None and self._staged.engine.model.gen == a:
             self._staged = None
 
@@ -247,6 +290,14 @@ class Executor(threading.Thread):
         pending = result.with_outcome(Outcome.PENDING)
         mid = pending[0].request.mid if pending else self._models[0][0]
         runner = self._runners[mid]
+        if runner is None:          # unloaded: only a canary can be left in its lane (the loop
+            for e in pending:       # frees a model once its last request was answered)
+                e.outcome = Outcome.DROPPED
+            self.free.put(buffer)
+            dev.staged = []
+            result.finished = self._clock()
+            self._deliver(result)
+            return None
         engine = runner.engine
         result.gen = engine.model.gen
         now = result.started = self._clock()
