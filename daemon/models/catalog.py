@@ -50,10 +50,11 @@ _SPREAD = 2654435761          # Knuth's multiplicative hash: request ids 1, 2, 3
 
 def store_digest(digest: str) -> str:
     """What a model's embedding store file is named by (daemon/caching/embedding_store.py
-    ``default_path``, which keeps 16 characters of it): the model's digest, or for a [[models]]
-    entry, whose digest ends in ``-NAME.vVERSION``, a hash of the whole, so versions of one file
-    get files of their own."""
-    if "-" not in digest:
+    ``default_path``, which keeps 16 characters of it): a plain digest as it is (the name stores
+    have always had), else a hash of the whole: a digest tagged with its precision (``+bf16``,
+    daemon/pipeline/engine_options.py) or, for a [[models]] entry, with ``-NAME.vVERSION``, so
+    the bf16 and fp32 runs of one file, and versions of one file, get stores of their own."""
+    if "-" not in digest and "+" not in digest:
         return digest
     return hashlib.blake2b(digest.encode(), digest_size=8).hexdigest()
 
