@@ -65,11 +65,14 @@ class Request:
     """One whole request. ``headers`` maps lower-case names to values (the last of a repeated
     name); ``path`` is percent-decoded, without the query; ``connection`` is the Connection it
     came on (its ``transport``, and ``memo`` for what a handler keeps per connection)."""
-    __slots__ = ("method", "path", "headers", "body", "connection", "keep_alive", "received")
+    __slots__ = ("method", "path", "headers", "body", "connection", "keep_alive", "received", "waited")
 
     def __init__(self, method: str, path: str, headers: dict, body: bytes, connection: "Connection",
                  keep_alive: bool, received: float):
-        self.received = received                # perf_counter() when its first bytes were parsed
+        # perf_counter() when its last bytes were parsed (a client may send the head and the body
+        # in two writes: the time between them is the client's, not the server's)
+        self.received = received
+        self.waited = 0.0                       # seconds its handler waited for the daemon (timings.py)
         self.method = method
         self.path = path
         self.headers = headers
@@ -110,7 +113,6 @@ class Connection(asyncio.Protocol):
         self._headers: dict = {}
         self._body: list = []
         self._size = 0
-        self._began = 0.0
         self._refused = False                   # a 413 was answered: discard the body, then close
         self._queue: collections.deque = collections.deque()
         self._task: asyncio.Task | None = None
@@ -145,7 +147,6 @@ class Connection(asyncio.Protocol):
 
     # httptools' callbacks ---------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._began = time.perf_counter()
         self._url = b""
         self._headers = {}
         self._body = []
@@ -190,7 +191,7 @@ class Connection(asyncio.Protocol):
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         parser = self._parser
         request = Request(parser.get_method().decode("latin-1"), path, self._headers, body, self,
-                          parser.should_keep_alive(), self._began)
+                          parser.should_keep_alive(), time.perf_counter())
         self._body = []
         if self._task is None:
             self._start(request)
@@ -216,7 +217,7 @@ class Connection(asyncio.Protocol):
         close = self._closing or not request.keep_alive or self.server.closing
         self._write(response, request.method == "HEAD", close)
         if self.server.timings is not None:
-            self.server.timings.add(request.received)
+            self.server.timings.add(request.received, request.waited)
         if close:
             self.transport.close()
             return

@@ -1,11 +1,12 @@
-"""The front's own time per request, for benchmarks: from a request's first bytes to its reply
-written (HTTP), or from the gRPC handler's start to the reply handed back to grpcio (gRPC: what
-grpcio does before and after is not the front's to see).
+"""The front's own time per request, for benchmarks: from a request's last bytes read to its
+reply written (HTTP), or from the gRPC handler's start to the reply handed back to grpcio (gRPC: what
+grpcio does before and after is not the front's to see); and of that, the time it waited for the
+daemon's answer (the backend's classify: the client library's path, the daemon and the model).
 
 Off unless the environment names a file: ``INFERD_OIP_TIMINGS=/path/timings.json``. Then each
 door records its requests, and SIGUSR1 writes what was recorded since the last SIGUSR1 to that
 file (written beside it and renamed into place, so a reader never sees half) and starts afresh:
-``{"http": [seconds, ...], "grpc": [...]}``. bench/oip/run.py reads it around a measured window.
+``{"http": [[total_s, waited_s], ...], "grpc": [...]}``. bench/oip/run.py reads it around a measured window.
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ ENV = "INFERD_OIP_TIMINGS"
 
 
 class Timings:
-    """One door's samples (seconds)."""
+    """One door's samples: (seconds in all, seconds of it waiting for the daemon's answer)."""
 
     def __init__(self):
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
 
-    def add(self, since: float) -> None:
-        self.samples.append(time.perf_counter() - since)
+    def add(self, since: float, waited: float) -> None:
+        self.samples.append((time.perf_counter() - since, waited))
 
 
 class Recorder:
