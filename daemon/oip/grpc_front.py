@@ -142,11 +142,13 @@ class GrpcDoor:
             parsed.timeout_s = left
         backend = self.backend
         classes = backend.classes
+        asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
                                          parsed.logits())
+        waited = time.perf_counter() - asked
         reply = response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels))
         if self.timings is not None:
-            self.timings.add(began)
+            self.timings.add(began, waited)
         return reply
 
 

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 
 from ..front.listener import peer_credentials, peer_groups
 from . import tensors
@@ -181,8 +182,10 @@ class HttpDoor:
             parsed, binary_out = parse_request(*split_body(body, length), self.max_batch)
         backend = self.backend
         classes = backend.classes
+        asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
                                          parsed.logits())
+        request.waited = time.perf_counter() - asked
         return response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels), binary_out)
 
 
