@@ -58,6 +58,8 @@ KINDS = ("ring", "http", "grpc")
 #: data) and "triton-grpc" (tritonclient.grpc), when installed
 SEQ_KINDS = ("ring", "http", "http-raw", "grpc", "triton-http", "triton-grpc")
 TOP_K = 5
+#: the model the daemon serves, as the callers name it
+MODEL = "shapes"
 
 
 def _caller(q, kind: str, target: str, size: int, callers: int, seconds: float, warmup_s: float) -> None:
@@ -95,7 +97,7 @@ async def _callers(kind, target, size, callers, seconds, warmup_s) -> dict:
         await close()
 
 
-async def _client(kind, target, frame, callers):
+async def _client(kind, target, frame, callers, model=MODEL):
     """(an awaitable making one request, an awaitable closing the client)."""
     if kind == "ring":
         from inferd.client import AsyncClient
@@ -103,9 +105,9 @@ async def _client(kind, target, frame, callers):
         return (lambda: c.classify(frame, TOP_K)), c.aclose
     shape = [1, *frame.shape]
     if kind.startswith("triton-"):
-        return _triton(kind, target, frame)
+        return _triton(kind, target, frame, model)
     if kind == "http-raw":
-        return await _raw_http(target, frame, shape)
+        return await _raw_http(target, frame, shape, model)
     if kind == "http":
         import aiohttp
         head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
@@ -115,7 +117,7 @@ async def _client(kind, target, frame, callers):
         body, headers = head + frame.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
                                                  "Content-Type": "application/octet-stream"}
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=callers))
-        url = f"http://{target}/v2/models/shapes/infer"
+        url = f"http://{target}/v2/models/{model}/infer"
 
         async def post():
             async with session.post(url, data=body, headers=headers) as r:
@@ -125,7 +127,7 @@ async def _client(kind, target, frame, callers):
         return post, session.close
     import grpc
     from inferd.daemon.oip import oip_pb2 as pb
-    request = pb.ModelInferRequest(model_name="shapes", raw_input_contents=[frame.tobytes()])
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[frame.tobytes()])
     request.inputs.add(name="IMAGE", datatype="UINT8", shape=shape)
     request.outputs.add(name="SCORES").parameters["classification"].int64_param = TOP_K
     raw = request.SerializeToString()
@@ -134,7 +136,7 @@ async def _client(kind, target, frame, callers):
     return (lambda: infer(raw)), channel.close
 
 
-async def _raw_http(target: str, frame, shape):
+async def _raw_http(target: str, frame, shape, model: str):
     """A bare HTTP/1.1 client of one keep-alive connection: the request's bytes built once, the
     reply read by its Content-Length."""
     head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
@@ -142,7 +144,7 @@ async def _raw_http(target: str, frame, shape):
                        "outputs": [{"name": "SCORES", "parameters": {"classification": TOP_K,
                                                                      "binary_data": True}}]}).encode()
     body = head + frame.tobytes()
-    request = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: {target}\r\n"
+    request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {target}\r\n"
                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     host, port = target.rsplit(":", 1)
@@ -162,7 +164,7 @@ async def _raw_http(target: str, frame, shape):
     return post, close
 
 
-def _triton(kind: str, target: str, frame):
+def _triton(kind: str, target: str, frame, model: str):
     """tritonclient's own client (blocking calls: the caller is alone when these run)."""
     if kind == "triton-http":
         import tritonclient.http as tc
@@ -178,21 +180,21 @@ def _triton(kind: str, target: str, frame):
         out = tc.InferRequestedOutput("SCORES", class_count=TOP_K)
 
     async def infer():
-        client.infer("shapes", [image], outputs=[out]).as_numpy("SCORES")
+        client.infer(model, [image], outputs=[out]).as_numpy("SCORES")
 
     async def close():
         client.close()
     return infer, close
 
 
-def _alternating(q, targets: dict, size: int, seconds: float, warmup_s: float) -> None:
+def _alternating(q, targets: dict, size: int, seconds: float, warmup_s: float, model: str = MODEL) -> None:
     """One caller process, one request at a time, the kinds in turn (ring, http, http-raw, grpc,
     ring, ...): the latency each kind adds is the median of its differences to the mean of the
     ring requests either side of it (the one before it and the one after), so a change of the
     machine's load during the run falls on all kinds alike and a drift cancels."""
     try:
         import uvloop
-        q.put(("ok", uvloop.run(_alternate(targets, size, seconds, warmup_s))))
+        q.put(("ok", uvloop.run(_alternate(targets, size, seconds, warmup_s, model))))
     except Exception:                                       # noqa: reported to the parent
         import traceback
         q.put(("error", traceback.format_exc()))
@@ -202,9 +204,9 @@ def _door(kind: str) -> str:
     return kind.split("-")[-1] if kind.startswith("triton-") else kind.split("-")[0]
 
 
-async def _alternate(targets, size, seconds, warmup_s) -> dict:
+async def _alternate(targets, size, seconds, warmup_s, model=MODEL) -> dict:
     frame = frames(1, size, seed=2)[0]
-    clients = {k: await _client(k, targets[_door(k)], frame, 1) for k in SEQ_KINDS
+    clients = {k: await _client(k, targets[_door(k)], frame, 1, model) for k in SEQ_KINDS
                if not k.startswith("triton-") or importlib.util.find_spec("tritonclient") is not None}
     try:
         lat = {k: [] for k in clients}
@@ -253,7 +255,7 @@ def _front_timings(pid: int, path: str) -> dict:
 
 def measure(s: dict, log) -> dict:
     out: dict = {"kinds": {}, "sequential": {}}
-    with daemon(["--model", "shapes", "--device", "cpu:1"]) as d:
+    with daemon(["--model", MODEL, "--device", "cpu:1"]) as d:
         front, timings_path, targets = _front(d)
         try:
             dpid, fpid = d["proc"].pid, front.pid
