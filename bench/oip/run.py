@@ -347,7 +347,8 @@ def render(r: dict) -> str:
             what = "request read to reply written" if kind == "http" else "handler start to reply handed to grpcio"
             lines.append(f"    {kind}: the front's own time a request ({what}), one caller: p50 "
                          f"{k['front_p50_ms'] * 1000:.0f} us, {k['front_added_p50_ms'] * 1000:.0f} us over the ring's "
-                         f"p50; outside its wait for the daemon's answer {k['front_outside_wait_p50_ms'] * 1000:.0f} us")
+                         f"p50; outside its wait for the daemon's answer "
+                         f"{k['front_outside_wait_p50_ms'] * 1000:.0f} us")
     return "\n".join(lines)
 
 

@@ -55,7 +55,8 @@ def test_keep_alive_head_and_pipelined_requests_in_order():
             assert int(_LENGTH.search(head).group(1)) > 0           # the GET's length, and no body follows
             # three requests in one write, the first slow: answered in the order sent
             writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
-                         b"POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                         b"POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
             paths = [(await _reply(reader))[1] for _ in range(3)]
             assert [(p["path"], p["size"]) for p in paths] == [("/slow", 0), ("/2", 0), ("/3", 5)]
             writer.write(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -144,3 +145,20 @@ def test_the_time_a_request_takes_is_recorded_when_asked():
             writer.close()
             await server.close(1.0)
     asyncio.run(main())
+
+
+def test_the_recorder_writes_what_was_recorded_since_it_last_wrote(tmp_path, monkeypatch):
+    from inferd.daemon.oip import timings
+    path = tmp_path / "t.json"
+    monkeypatch.setenv(timings.ENV, str(path))
+    recorder = timings.Recorder.from_env()
+    recorder.doors["http"].add(0.0, 0.25)
+    recorder.dump()
+    first = json.loads(path.read_text())
+    assert len(first["http"]) == 1 and first["http"][0][1] == 0.25 and first["grpc"] == []
+    recorder.doors["grpc"].add(0.0, 0.5)
+    recorder.dump()
+    second = json.loads(path.read_text())
+    assert second["http"] == [] and len(second["grpc"]) == 1 and second["grpc"][0][1] == 0.5
+    monkeypatch.delenv(timings.ENV)
+    assert timings.Recorder.from_env() is None
