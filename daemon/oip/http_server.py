@@ -12,7 +12,8 @@ read into memory before the handler runs, and its replies are one bytes object.
 
 A connection handles one request at a time, in order (HTTP/1.1 pipelining: requests that arrive
 meanwhile wait, reading pauses once ``MAX_PIPELINED`` do). A body over ``max_body`` is answered
-413 and the connection closes; a malformed request 400, then close. ``Expect: 100-continue`` is
+413 and the connection closes; a malformed request 400, a request line and headers over
+``MAX_HEAD_BYTES`` 431, then close. ``Expect: 100-continue`` is
 answered "100 Continue" (what curl sends before a large body) unless the body would be too
 large. A connection that has no request under way and has sent nothing for ``idle_timeout_s``
 is closed (idle keep-alive, or a request that stopped half way). TLS is the loop's own (the
@@ -36,8 +37,11 @@ import httptools
 log = logging.getLogger("inferd.oip.http")
 #: requests parsed and waiting behind the one being handled, before the connection stops reading
 MAX_PIPELINED = 8
+#: bytes a request's line and headers may take (counted by the reads they arrive in, so a read
+#: that also carries the start of the body counts whole); over it: 431, then close
+MAX_HEAD_BYTES = 1 << 20
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large", 429: "Too Many Requests",
+            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 _STATUS_LINES: dict = {}
 
@@ -113,6 +117,8 @@ class Connection(asyncio.Protocol):
         self._headers: dict = {}
         self._body: list = []
         self._size = 0
+        self._head = 0                          # bytes read while a request's head was incomplete
+        self._in_head = False
         self._refused = False                   # a 413 was answered: discard the body, then close
         self._queue: collections.deque = collections.deque()
         self._task: asyncio.Task | None = None
@@ -132,6 +138,11 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
+        if self._in_head or self._task is None:     # a head under way, or the next one may begin here
+            self._head += len(data)
+            if self._head > MAX_HEAD_BYTES:
+                self._fail(431, f"the request's line and headers are over {MAX_HEAD_BYTES} bytes")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -147,6 +158,7 @@ class Connection(asyncio.Protocol):
 
     # httptools' callbacks ---------------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._url = b""
         self._headers = {}
         self._body = []
@@ -160,6 +172,8 @@ class Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head = 0
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_large(int(length))
@@ -255,6 +269,7 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, status: int, message: str) -> None:
         self._reply_now(status, message)
+        self._set_reading(False)                    # nothing more is read from this connection
         self._closing = True
         self._queue.clear()
         if self._task is None and self.transport is not None:

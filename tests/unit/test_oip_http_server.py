@@ -1,6 +1,7 @@
 """The OIP front's HTTP/1.1 server (daemon/oip/http_server.py) on a real loopback socket, with a
 handler of the test's own: keep-alive, HEAD, pipelined requests answered in order, chunked bodies,
-413 for a body over the limit, 400 for a malformed request, idle connections closed, a request
+413 for a body over the limit, 400 for a malformed request, 431 for a head that never ends, idle
+connections closed, a request
 under way answered through close(grace), and the time per request recorded when asked."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from inferd.daemon.oip.http_server import HttpServer, Response
+from inferd.daemon.oip.http_server import MAX_HEAD_BYTES, HttpServer, Response
 from inferd.daemon.oip.timings import Timings
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,6 +89,18 @@ def test_a_body_over_the_limit_is_413_and_a_malformed_request_400():
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
             head, body = await _reply(reader)
             assert head.startswith(b"HTTP/1.1 400") and body["error"] and await _closed(reader)
+            writer.close()
+            # a head that never ends: refused once it passes MAX_HEAD_BYTES, not held in memory
+            reader, writer = await asyncio.open_connection("127.0.0.1", server._server.sockets[0].getsockname()[1])
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: ")
+            try:
+                for _ in range(MAX_HEAD_BYTES // 65536 + 2):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+                head, body = await _reply(reader)
+                assert head.startswith(b"HTTP/1.1 431") and await _closed(reader)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass        # closed with the sender's bytes unread, the kernel resets: closed all the same
         finally:
             writer.close()
             await server.close(1.0)
