@@ -15,13 +15,14 @@ p50 latency and the server process's CPU per request (all its threads, from /pro
                    (run_coroutine_threadsafe) and waits: how a sync door would reach the front's
                    asyncio backend (the client library's sessions)
 
-The stacks alternate (each runs ``rounds`` times), so a change of the machine's load falls on all
-of them alike.
+The stacks alternate (each runs ``rounds`` times, its figures the median over them), so a change
+of the machine's load falls on all of them alike.
 """
 from __future__ import annotations
 
 import asyncio
 import re
+import statistics
 import time
 
 from ..lib.report import settings_main, table
@@ -165,8 +166,8 @@ def measure(s: dict, log) -> dict:
             got = measure_stack(stack, s)                  # this process is the caller
             runs[stack].append(got)
             log(f"round {r + 1} {stack}: p50 {got['p50_us']:.0f} us, server CPU {got['cpu_us']:.0f} us a request")
-    return {"stacks": {k: {"p50_us": sorted(v["p50_us"] for v in runs[k])[len(runs[k]) // 2],
-                           "cpu_us": sorted(v["cpu_us"] for v in runs[k])[len(runs[k]) // 2], "runs": runs[k]}
+    return {"stacks": {k: {"p50_us": statistics.median(v["p50_us"] for v in runs[k]),
+                           "cpu_us": statistics.median(v["cpu_us"] for v in runs[k]), "runs": runs[k]}
                        for k in STACKS}}
 
 
