@@ -117,8 +117,8 @@ class Connection(asyncio.Protocol):
         self._headers: dict = {}
         self._body: list = []
         self._size = 0
-        self._head = 0                          # bytes read while a request's head was incomplete
-        self._in_head = False
+        self._head = 0                          # bytes read since the last head completed, outside bodies
+        self._in_body = False
         self._refused = False                   # a 413 was answered: discard the body, then close
         self._queue: collections.deque = collections.deque()
         self._task: asyncio.Task | None = None
@@ -138,7 +138,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
-        if self._in_head or self._task is None:     # a head under way, or the next one may begin here
+        if not self._in_body:                       # a head under way, or the next one may begin here
             self._head += len(data)
             if self._head > MAX_HEAD_BYTES:
                 self._fail(431, f"the request's line and headers are over {MAX_HEAD_BYTES} bytes")
@@ -158,7 +158,6 @@ class Connection(asyncio.Protocol):
 
     # httptools' callbacks ---------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._in_head = True
         self._url = b""
         self._headers = {}
         self._body = []
@@ -172,7 +171,7 @@ class Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_body = True
         self._head = 0
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
@@ -191,6 +190,7 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         if self._refused:
             self._closing = True
             if self._task is None and not self._queue:

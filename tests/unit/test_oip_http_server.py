@@ -175,3 +175,21 @@ def test_the_recorder_writes_what_was_recorded_since_it_last_wrote(tmp_path, mon
     assert second["http"] == [] and len(second["grpc"]) == 1 and second["grpc"][0][1] == 0.5
     monkeypatch.delenv(timings.ENV)
     assert timings.Recorder.from_env() is None
+
+
+def test_a_body_larger_than_the_head_limit_is_read_whole():
+    """Only the request line and headers count against MAX_HEAD_BYTES, never the body."""
+    async def main():
+        server, reader, writer = await _serving(max_body=4 * MAX_HEAD_BYTES)
+        try:
+            size = 2 * MAX_HEAD_BYTES + 1
+            writer.write(f"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+            for at in range(0, size, 65536):
+                writer.write(b"b" * min(65536, size - at))
+                await writer.drain()
+            head, body = await _reply(reader)
+            assert head.startswith(b"HTTP/1.1 200") and body["size"] == size
+        finally:
+            writer.close()
+            await server.close(1.0)
+    asyncio.run(main())
