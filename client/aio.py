@@ -398,20 +398,24 @@ class AsyncClient(ClientSettings):
             return await self._loop.run_in_executor(None, lambda: [decode.prepare(im, h, w) for im in images])
         return [decode.prepare(im, h, w) for im in images]
 
-    async def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
+    async def embed(self, image, *, tag: str | None = None, timeout: float | None = None,
+                    model: str | None = None, version: int | None = None):
         """The model's embedding of an image (Client.embed)."""
         return self._core.embedding(await self._embedding_op(image, "embed", {"tag": tag} if tag else {},
-                                                             timeout))
+                                                             timeout, model, version))
 
     async def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
-                              timeout: float | None = None) -> list[NearDuplicate]:
+                              timeout: float | None = None, model: str | None = None,
+                              version: int | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (Client.near_duplicates)."""
         return self._core.matches(await self._embedding_op(
-            image, "near", {"k": k, "min_similarity": min_similarity}, timeout))
+            image, "near", {"k": k, "min_similarity": min_similarity}, timeout, model, version))
 
-    async def _embedding_op(self, image, op: str, extra: dict, timeout) -> dict:
+    async def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
         self._check_open()
-        (item,) = await self._prepare([image])
+        target, fields, _ = self._target(model, version)
+        extra = {**extra, **fields}
+        (item,) = await self._prepare([image], target)
         frame = item.frame() if item.encoded is None else await self._loop.run_in_executor(None, item.frame)
         timeout = self.timeout if timeout is None else timeout
         ((reply, _),) = await self._run(Call(op, extra, self._clock() + timeout, [frame]))

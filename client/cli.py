@@ -14,10 +14,15 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl stats                      a readable table (--json: everything, structured)
     inferctl top                        live per-device (and per-model) view, refreshed every second
     inferctl metrics                    Prometheus text
-    inferctl reload [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
-                                        swap the model without failing a request; the [model]
+    inferctl reload [NAME] [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
+                                        swap a model without failing a request; the [model]
                                         keys as in the configuration (input, input_height, ...);
-                                        --name NAME [--version N]: which of several models
+                                        NAME (or --name NAME) [--version N]: which of several
+    inferctl models                     the models served: versions, routes, devices, state
+    inferctl load NAME PATH [--version N] [--devices 0,1] [--share W] [--set KEY=VALUE]...
+                                        load a model beside the others, failing no request
+    inferctl unload NAME [--version N]  stop routing to it, answer its admitted requests, free it
+    inferctl promote NAME [VERSION]     VERSION (default: the canary) takes the requests naming none
     inferctl drain                      finish in-flight work, then exit
     inferctl flush-cache                empty the result cache
     inferctl device disable|enable N    take device N out of rotation, or put it back
@@ -39,6 +44,7 @@ import os
 import sys
 import time
 
+from . import cli_models
 from .admin import AdminClient, default_admin_path
 from .errors import DaemonUnavailable, InferdError, PermissionDenied
 
@@ -156,12 +162,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N",
                    help="stop after N refreshes (default: until Ctrl-C)")
     sub.add_parser("metrics", parents=[common], help="Prometheus text")
-    r = sub.add_parser("reload", parents=[common], help="swap the model (default: the configured one again)",
-                       description="Swap the served model without failing a request. The new [model] "
+    r = sub.add_parser("reload", parents=[common], help="swap a model (default: its configuration read again)",
+                       description="Swap a served model without failing a request. The new [model] "
                                    "section is the configured one (or --model-config FILE's), with MODEL "
                                    "and --set on top, checked as start-up checks it. A model of another "
-                                   "input size needs a restart.")
-    r.add_argument("model", nargs="?", metavar="MODEL", help="built-in model name or model file path")
+                                   "input size needs a restart. With several models served, NAME says "
+                                   "which (inferctl models lists them).")
+    r.add_argument("model", nargs="?", metavar="NAME", help="with several models served: the one to swap; "
+                   "else, as MODEL below, the source")
+    r.add_argument("source", nargs="?", metavar="MODEL", help="built-in model name or model file path "
+                   "(default: the model's configuration, read again)")
     r.add_argument("--name", default=None, metavar="NAME",
                    help="which served model it swaps (required when the daemon serves several)")
     r.add_argument("--version", type=_positive(int), default=None, metavar="N",
@@ -171,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a [model] key, value in TOML syntax (repeatable), e.g. --set model.input=uint8_nhwc")
     r.add_argument("--model-config", metavar="FILE", type=_model_section,
                    help="a TOML file whose [model] table (or top-level keys) replaces the configured section")
+    cli_models.add_parsers(sub, common, _positive, _model_setting)
     sub.add_parser("drain", parents=[common], help="finish in-flight work, then exit")
     sub.add_parser("flush-cache", parents=[common], help="empty the result cache")
     d = sub.add_parser("device", parents=[common], help="take a device out of rotation or put it back")
@@ -239,9 +250,10 @@ def _run(args) -> int:
             else:
                 sys.stdout.write(text)
                 sys.stdout.flush()
+        elif cli_models.run(args, admin, _out):
+            pass
         elif cmd == "reload":
-            fields = {"model": args.model} if args.model else {}
-            fields.update({k: v for k, v in (("name", args.name), ("version", args.version)) if v is not None})
+            fields = cli_models.reload_fields(args, admin)
             if args.model_config is not None:
                 fields["section"] = args.model_config
             if args.settings:

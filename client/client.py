@@ -322,20 +322,27 @@ class Client(ClientSettings):
                 results[i] = core.answer(reply, model, logits)
             return [core.predictions(pairs, self._names(model), *rest) for pairs, model, *rest in results]
 
-    def embed(self, image, *, tag: str | None = None, timeout: float | None = None):
+    def embed(self, image, *, tag: str | None = None, timeout: float | None = None, model: str | None = None,
+              version: int | None = None):
         """The model's embedding of an image (float32, unit length), stored by the daemon under the
-        image's content hash with ``tag``. InvalidInput if the model exposes no embedding."""
-        return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout))
+        image's content hash with ``tag``. InvalidInput if the model exposes no embedding.
+        ``model`` / ``version`` as classify's: each model keeps its own embeddings."""
+        return self._core.embedding(self._embedding_op(image, "embed", {"tag": tag} if tag else {}, timeout,
+                                                       model, version))
 
     def near_duplicates(self, image, k: int = DEFAULT_NEAR_K, min_similarity: float = DEFAULT_MIN_SIMILARITY, *,
-                        timeout: float | None = None) -> list[NearDuplicate]:
+                        timeout: float | None = None, model: str | None = None,
+                        version: int | None = None) -> list[NearDuplicate]:
         """The stored images most similar to this one (cosine of embeddings), best first, at most k
-        of them with similarity >= min_similarity. The query itself is not stored."""
+        of them with similarity >= min_similarity, among those the model (``model`` / ``version``
+        as classify's) embedded. The query itself is not stored."""
         return self._core.matches(self._embedding_op(image, "near", {"k": k, "min_similarity": min_similarity},
-                                                     timeout))
+                                                     timeout, model, version))
 
-    def _embedding_op(self, image, op: str, extra: dict, timeout) -> dict:
-        h, w, _ = self.model.input_shape
+    def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
+        target, fields, _ = self._target(model, version)
+        h, w, _ = target.input_shape
+        extra = {**extra, **fields}
         frame = decode.prepare(image, h, w).frame()
         timeout = self.timeout if timeout is None else timeout
         with self._lock:

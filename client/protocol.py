@@ -438,6 +438,13 @@ class ProtocolCore:
         several models, the one its ``served`` [name, version] names."""
         served = reply.get("served")
         if type(served) is list and len(served) == 2 and not isinstance(reply.get("model"), dict):
+            fresh = reply.get("served_model")
+            if isinstance(fresh, dict):             # a model (or generation) hello did not tell of
+                info = ModelInfo.from_wire(fresh)
+                if not self.catalog:                # one model at hello: the default joins the catalog
+                    self.catalog[self.model.name, self.model.version or 1] = self.model
+                self.catalog[info.name, info.version] = info
+                return info
             model = self.catalog.get(tuple(served))
             if model is not None:
                 gen = reply.get("gen")

@@ -188,7 +188,7 @@ def _serve(cfg, args, listener) -> int:
                                   cfg.threads.switch_interval_ms, cfg.threads.per_batch)
     catalog = _catalog(cfg)                    # first: --device cpu:auto measures its first model
     model = catalog.by_id[0].model
-    _remove_stale_stores(cfg, model)
+    _remove_stale_stores(cfg, catalog)
     devices = _devices(cfg, args.device, model)
     catalog.check_devices(len(devices))
     # SIGHUP reads the same file with the same flags again (daemon/ops/reload.py)
@@ -218,20 +218,21 @@ def _catalog(cfg):
 
 
 
-def _remove_stale_stores(cfg, model) -> None:
+def _remove_stale_stores(cfg, catalog) -> None:
     """The embedding stores of models no longer configured go at start-up (with a log line), so the
-    cache directory holds one store, not one per model ever served. Only stores named by default
-    (embeddings.path empty): a path the operator chose is theirs to manage."""
+    cache directory holds one store per model served, not one per model ever served. Only stores
+    named by default (embeddings.path empty): a path the operator chose is theirs to manage."""
     import os
 
     from .caching.embedding_store import default_path, remove_stale
+    from .models.catalog import store_digest
     from .models.embedding_pooling import embedding_id
 
     if cfg.embeddings.path:
         return
     directory = os.path.dirname(cfg.cache_path)
-    remove_stale(directory, default_path(directory, model.digest, embedding_id(model.spec)),
-                 logging.getLogger("inferd"))
+    keep = [default_path(directory, store_digest(s.digest), embedding_id(s.spec)) for s in catalog.by_id]
+    remove_stale(directory, keep, logging.getLogger("inferd"))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ from .front.admin import AdminServer
 from .front.door import Door, raise_fd_limit
 from .front.handshake import Hand, handshake
 from .ops.reload import ACTIVATE_WAIT_S, ModelSwap, ReloadError
+from .ops.model_ops import LiveModels, ModelOpError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
-from .models.catalog import UnknownModel
+from .models.catalog import UnknownModel, store_digest
 from .models.loading import LoadedModel
 from .ops.agent_check import AgentCheck, agent_line
 from .ops.heap_trim import HeapTrim
@@ -85,6 +86,8 @@ class Server:
         self.front = None                   # the OIP front's supervisor, with [oip] enabled
         self.swap = ModelSwap(self.scheduler, devices, cfg.embeddings, os.path.dirname(cfg.cache_path),
                               retire=self.retire, done=self.reload_done, draining=lambda: self.draining)
+        # models loaded and unloaded live, and SIGHUP's [[models]] list (NOTE [ live models ])
+        self.models = LiveModels(self.scheduler, devices, self.swap, draining=lambda: self.draining)
         self.admin: AdminServer | None = None
         self.door: Door | None = None        # the client socket's accept loop (daemon/front/door.py)
         self._reread_config = reread_config  # SIGHUP: a fresh Config from the same file and flags
@@ -194,11 +197,15 @@ class Server:
                       self.model.spec.name, exc)
             self.reload_done(False)
             return
-        if not self.catalog.single or fresh.models:
-            log.warning("SIGHUP: this daemon serves [[models]]; reload one by name (inferctl reload "
-                        "--name NAME) or restart to apply a changed list")
+        if fresh.models:
+            await self._apply_models(fresh)
+            return
+        if self.cfg.models:
+            log.error("SIGHUP: the configuration has no [[models]] list any more; still serving %s "
+                      "(a restart serves [model] alone)", self.catalog.names_text())
             self.reload_done(False)
             return
+        # [model] alone: its model swapped (models loaded live beside it are left as they are)
         log.info("SIGHUP: reloading the model (other configuration changes need a restart)")
         try:
             await self.swap.reload(fresh.model)
@@ -206,6 +213,23 @@ class Server:
             return                          # logged by the swap
         self.cfg.model = fresh.model
         self.scheduler.first.config = fresh.model
+
+    async def _apply_models(self, fresh: Config) -> None:
+        """SIGHUP with a [[models]] list: serve it (NOTE [ live models ] in daemon/ops/model_ops.py);
+        one that does not load changes nothing, and the log says why."""
+        log.info("SIGHUP: applying the [[models]] list (other configuration changes need a restart)")
+        try:
+            done = await self.models.apply(fresh.models)
+        except ModelOpError as exc:
+            log.error("SIGHUP: the [[models]] list is not applied; still serving %s as before: %s",
+                      self.catalog.names_text(), exc)
+            self.reload_done(False)
+            return
+        self.cfg.models = fresh.models
+        self.reload_done(True)
+        log.info("SIGHUP: serving %s (added %s; changed %s; removed %s)", self.catalog.names_text(),
+                 *(", ".join(f"{m['name']} v{m['version']}" for m in done[k]) or "none"
+                   for k in ("added", "changed", "removed")))
 
     async def _start_devices(self) -> bool:
         caches = self.caches
@@ -240,16 +264,32 @@ class Server:
             if error is not None:
                 log.error("device %s failed to start: %r", dev.name, error)
                 return False
-        dim = next((d.executor.embedding_dim for d in self.devices
-                    if d.executor.runs(self.scheduler.first.mid)), 0)
-        if self.cfg.embeddings.enabled and dim:
-            embedding = embedding_id(self.model.spec)      # one file per model and embedding definition
-            caches.open_store(self.cfg.embeddings.path or default_path(
-                os.path.dirname(self.cfg.cache_path), self.model.digest, embedding), dim, embedding)
-            for dev in self.devices:        # embeddings of the default model only (the store's)
-                if dev.executor.runs(self.scheduler.first.mid):
-                    dev.executor.store = caches.store
+        if self.cfg.embeddings.enabled:
+            self._open_stores()
         return True
+
+    def _open_stores(self) -> None:
+        """An embedding store for each model that has an embedding, one file per model digest and
+        embedding definition (so versions never share rows), handed to the devices that run it.
+        ``embeddings.path`` names one file: the default model's alone then."""
+        first = self.scheduler.first
+        for served in [first, *(s for s in self.catalog.by_id if s is not first)]:
+            dim = next((d.executor.embedding_dim_of(served.mid) for d in self.devices
+                        if d.executor.runs(served.mid)), 0)
+            if not dim:
+                continue
+            if served is not first and self.cfg.embeddings.path:
+                log.warning("embeddings.path names one file, the default model's: model %s version %d "
+                            "keeps no embeddings (leave embeddings.path empty for a store per model)",
+                            served.name, served.version)
+                continue
+            embedding = embedding_id(served.spec)      # one file per model and embedding definition
+            store = self.caches.open_store(self.cfg.embeddings.path or default_path(
+                os.path.dirname(self.cfg.cache_path), store_digest(served.digest), embedding), dim, embedding,
+                served.mid)
+            for dev in self.devices:
+                if dev.executor.runs(served.mid):
+                    dev.executor.set_store(served.mid, store)
 
     def _warmup_batches(self) -> int:
         """Warm-up batches per model on each device: [model]'s, or the most any entry asks."""
@@ -350,7 +390,7 @@ class Server:
                            "reference_fps": self.agent.reference_fps} if self.agent else None),
                 "model": {"name": self.model.spec.name, "digest": self.model.digest, "gen": self.model.gen},
                 "models": [{"name": s.name, "version": s.version, "digest": s.digest, "gen": s.gen}
-                           for s in self.catalog.by_id],
+                           for s in self.catalog.live],
                 "devices": [{"index": d.index, "name": d.label, "state": d.state} for d in self.devices],
                 "in_rotation": r.in_rotation, "pid": self.pid,
                 "oip": self.front.describe() if self.front is not None else None}

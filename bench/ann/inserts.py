@@ -1,6 +1,7 @@
 """Insert CPU against recall: usearch HNSW at several connectivity (M) / expansion_add, and a faiss IVF layout.
 
     python -m bench.ann.inserts --vectors /tmp/inferd-ann-bench/real.npy [--rows 50000] [--queries 500]
+    python -m bench.ann.inserts --vectors /tmp/inferd-ann-bench/real.npy --graph STORE.index/scope-0-1.usearch
 
 ``--rows`` real embeddings (305 floats, unit) are inserted one 256-row batch at a time, as the
 index's inserter thread does; the CPU seconds of the process per row inserted are reported (the
@@ -51,6 +52,38 @@ def ask(search, queries, want):
             "p99_ms": round(1e3 * t[int(len(t) * 0.99)], 3)}
 
 
+def graph_costs(path: str, vectors: str, batches: list[int], ef_add: list[int]) -> dict:
+    """In a saved graph (the daemon's ``scope-*.usearch``, loaded writable): CPU a row of an
+    insert call of ``batch`` new keys, and of one after removing ``batch`` keys (as a full store
+    recycles rows): what NOTE [ batched inserts ] and [ deferred removals ] in
+    daemon/caching/ann_index.py are about."""
+    from usearch.index import Index
+
+    ix = Index.restore(path, view=False)
+    real = np.load(vectors, mmap_mode="r")
+    rng = np.random.default_rng(1)
+    out, new_key, old_key = {"rows": len(ix), "dtype": ix.dtype.name, "connectivity": ix.connectivity}, 1 << 40, 0
+    for ef in ef_add:
+        ix.expansion_add = ef
+        for b in batches:
+            v = np.ascontiguousarray(real[rng.integers(0, len(real), 2 * b)])
+            c = cpu()
+            ix.add(np.arange(new_key, new_key + b), v[:b], threads=1)
+            fresh = cpu() - c
+            new_key += b
+            keys = np.arange(old_key, old_key + b)
+            old_key += b
+            c = cpu()
+            ix.remove(keys)
+            ix.add(keys, v[b:], threads=1)
+            recycled = cpu() - c
+            out[f"ef_add{ef} batch{b}"] = {"new_ms_a_row": round(1e3 * fresh / b, 3),
+                                           "recycled_ms_a_row": round(1e3 * recycled / b, 3),
+                                           "recycled_call_ms": round(1e3 * recycled, 1)}
+            print(json.dumps({f"ef_add{ef} batch{b}": out[f"ef_add{ef} batch{b}"]}), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ann.inserts", description=__doc__.split("\n")[0])
     ap.add_argument("--vectors", default="", help=".npy of real unit embeddings (rows x dim)")
@@ -59,10 +92,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=305)
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32", help="M/expansion_add pairs")
-    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows))")
+    ap.add_argument("--hnsw", default="16/64,16/32,16/16,12/32,8/32",
+                    help="M/expansion_add[/scalar] (f16 unless said: i8, bf16)")
+    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows); -1: no IVF)")
     ap.add_argument("--nprobe", default="8,16,32,64")
+    ap.add_argument("--graph", default="", help="instead: insert costs in this saved graph file "
+                    "(a store's .index/scope-*.usearch), --batches rows a call, with --vectors")
+    ap.add_argument("--batches", default="8,64,1024")
+    ap.add_argument("--ef-add", default="32", help="expansion_add values for --graph")
     args = ap.parse_args(argv)
+    if args.graph:
+        graph_costs(args.graph, args.vectors, [int(b) for b in args.batches.split(",")],
+                    [int(e) for e in args.ef_add.split(",")])
+        return 0
     import faiss
     from usearch.index import Index
 
@@ -82,14 +124,19 @@ def main(argv=None) -> int:
     nearest = np.argmax(others @ x.T, axis=1)
     out = {"rows": args.rows, "queries": args.queries, "copy_cosine": round(float(np.mean(np.sum(copies * x[pick], 1))), 3)}
     for pair in filter(None, args.hnsw.split(",")):
-        m, ef = map(int, pair.split("/"))
-        ix = Index(ndim=x.shape[1], metric="cos", dtype="f16", connectivity=m, expansion_add=ef, expansion_search=64)
+        m, ef, scalar = (pair + "/f16").split("/")[:3]
+        m, ef = int(m), int(ef)
+        ix = Index(ndim=x.shape[1], metric="cos", dtype=scalar, connectivity=m, expansion_add=ef, expansion_search=64)
         res = fill(lambda k, v: ix.add(k, v, threads=1), x)
         s = lambda q: ix.search(q, CAND, threads=1).keys
         res["changed"], res["other"] = ask(s, copies, pick), ask(s, others, nearest)
-        out[f"usearch M{m} ef_add{ef}"] = res
-        print(json.dumps({f"usearch M{m} ef_add{ef}": res}), flush=True)
+        res["graph_bytes_per_row"] = round(ix.serialized_length / len(ix))
+        name = f"usearch {scalar} M{m} ef_add{ef}"
+        out[name] = res
+        print(json.dumps({name: res}), flush=True)
         del ix
+    if args.nlist < 0:
+        return 0
     nlist = args.nlist or int(4 * np.sqrt(args.rows))
     quant = faiss.IndexFlatIP(x.shape[1])
     ivf = faiss.IndexIVFScalarQuantizer(quant, x.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)

@@ -1,6 +1,6 @@
 """Restart with a full store: how long until the daemon could classify, and until near queries are answered.
 
-    python -m bench.ann.restart [--store /tmp/inferd-ann-bench/s1000000-seed3-stored1000.store] [--rows N] [--repeat 2]
+    python -m bench.ann.restart [--store /tmp/inferd-ann-bench/s1000000-seed3-stored1000.store] [--rows N] [--repeat 2] [--index ...]
 
 Opens a store that ``python -m bench.ann --build-only`` left (with its saved index) the way the
 daemon does (``EmbeddingStore.open`` with the index), and reports: ``open_s``, when open returns
@@ -21,12 +21,12 @@ import time
 import numpy as np
 
 
-def once(path: str, rows: int, dim: int) -> dict:
+def once(path: str, rows: int, dim: int, index: dict) -> dict:
     from inferd.daemon.caching.embedding_store import EmbeddingIndexBusy, EmbeddingStore, IndexOptions
 
     query = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
     t0 = time.perf_counter()
-    store = EmbeddingStore.open(path, rows, dim, index=IndexOptions(exact_below=0))
+    store = EmbeddingStore.open(path, rows, dim, index=IndexOptions(exact_below=0, **index))
     out = {"open_s": round(time.perf_counter() - t0, 3), "busy_answers": 0}
     try:
         while True:
@@ -56,9 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="its capacity (default: from the file name)")
     ap.add_argument("--dim", type=int, default=305)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--index", default="", help="the index parameters the store was built with "
+                    "(bench.ann --index: scalar=i8,m=12,ef_add=32; its store name carries them)")
     args = ap.parse_args(argv)
     rows = args.rows or int(os.path.basename(args.store)[1:].split("-")[0])
-    runs = [once(args.store, rows, args.dim) for _ in range(args.repeat)]
+    from .run import index_spec
+
+    runs = [once(args.store, rows, args.dim, index_spec(args.index)[0]) for _ in range(args.repeat)]
     for r in runs:
         print(json.dumps(r), flush=True)
     return 0

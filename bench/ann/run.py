@@ -19,12 +19,14 @@ every row): p50 / p99 of one query (k=10), the fraction of changed copies whose 
 first and passes the default threshold, the fraction of different images whose best match passes
 it; memory per row (graph bytes in memory, graph file, store file) against the raw vector (4 *
 dim bytes); start-up with the full store: ``EmbeddingStore.open`` until the first search is
-answered, and until the graphs are writable again; at the largest size, a real daemon
-(``--model shapes``, result cache off) classifies ``--cpu-frames`` new images with a copy of the
-store and without one (off, on, on without the index, off): daemon CPU per frame, inserts
-included; on / off is everything storing costs (the embedding's pooling, hashing, the row and the
-index), on / on-without-index what the index adds. Stores are kept under ``--keep`` (in /tmp) and
-reused by the next run of the same size and seed. Targets: docs/benchmarks.md "Near-duplicate index".
+answered, and until the graphs are writable again; at the largest size, three real daemons
+(``--model shapes``, result cache off) side by side, the store off, a copy of it with the index, a
+copy without, take ``--cpu-rounds`` rounds of ``--cpu-frames`` new images each in turn: daemon
+CPU per frame, inserts included (``daemon_cpu``); on / off is everything storing costs (the
+embedding's pooling, hashing, the row and the index), on / on-without-index what the index adds.
+``--index`` measures other index parameters on a copy of the store whose index the daemon's own
+path rebuilt. Stores are kept under ``--keep`` (in /tmp) and reused by the next run of the same
+size, seed and index. Targets: docs/benchmarks.md "Near-duplicate index".
 """
 from __future__ import annotations
 
@@ -103,9 +105,36 @@ def embedding() -> str:
     return embedding_id(model_mod.load(ModelConfig()).spec)
 
 
-def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dict:
-    """A store of ``rows`` rows at ``path`` with the index settled: the originals among filler.
-    Reused when a previous run left it complete."""
+#: The index the stores under --keep are first built with (the defaults until 2026-12-07); a
+#: store for other parameters is a copy of that one whose index the daemon's own path rebuilt.
+BASE_INDEX = {"scalar": "f16", "connectivity": 16, "expansion_add": 64}
+
+
+def index_spec(text: str) -> tuple[dict, str]:
+    """``--index`` ("scalar=i8,m=12,ef_add=32", the daemon's defaults for what it leaves out) as
+    IndexOptions fields, and the store name's suffix: the built parameters that differ from
+    BASE_INDEX (the search-time ``ef`` builds nothing)."""
+    from inferd.daemon.caching.ann_index import IndexOptions
+
+    names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search"}
+    defaults = IndexOptions()
+    fields = {f: getattr(defaults, f) for f in BASE_INDEX}
+    for part in filter(None, text.split(",")):
+        key, value = part.split("=")
+        fields[names[key]] = value if key == "scalar" else int(value)
+    tail = "".join(f"-{key}{fields[f]}" for key, f in (("scalar", "scalar"), ("m", "connectivity"),
+                                                      ("ef_add", "expansion_add")) if fields[f] != BASE_INDEX[f])
+    return fields, tail
+
+
+def build(path: str, rows: int, data: dict, vectors: str, seed: int, log, index: dict | None = None,
+          base: str = "") -> dict:
+    """A store of ``rows`` rows at ``path`` with the index (``index``: IndexOptions fields) settled:
+    the originals among filler. Reused when a previous run left it complete. With ``base`` (the
+    same store built with the default index), a copy of its store file whose index is rebuilt from
+    the rows under ``index``: the daemon's own path when the index parameters change."""
+    import shutil
+
     from inferd.daemon.caching.embedding_store import EmbeddingStore, IndexOptions
 
     stored = data["stored"]
@@ -115,12 +144,29 @@ def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dic
             return json.load(fh)
     for leftover in (path, path + ".index"):
         if os.path.isdir(leftover):
-            import shutil
             shutil.rmtree(leftover)
         elif os.path.exists(leftover):
             os.unlink(leftover)
+    if base:
+        build(base, rows, data, vectors, seed, log, BASE_INDEX)
+        shutil.copyfile(base, path)
+        t0 = time.perf_counter()
+        store = EmbeddingStore.open(path, rows, stored.shape[1], embedding=embedding(),
+                                    index=IndexOptions(exact_below=0, threads=2, **index))
+        try:
+            while (stats := store.index_stats())["pending"] or not stats["verified"]:
+                time.sleep(0.2)  # noqa: sleep-ok (waiting for the inserter thread, reported as its rate)
+            settled = time.perf_counter() - t0
+        finally:
+            store.close()
+        log(f"  {rows} rows: index {index} rebuilt from the store in {settled:.1f} s (2 threads)")
+        info = {"rebuilt_from": os.path.basename(base), "rebuild_s": round(settled, 1), "rebuild_threads": 2,
+                "insert_rows_per_s": round(rows / settled)}
+        with open(done, "w") as fh:
+            json.dump(info, fh)
+        return info
     fill = filler(rows - len(stored), vectors, seed, stored.shape[1])
-    store = EmbeddingStore.open(path, rows, stored.shape[1], index=IndexOptions(exact_below=0),
+    store = EmbeddingStore.open(path, rows, stored.shape[1], index=IndexOptions(exact_below=0, **(index or BASE_INDEX)),
                                 embedding=embedding())
     try:
         t0 = time.perf_counter()
@@ -141,11 +187,11 @@ def build(path: str, rows: int, data: dict, vectors: str, seed: int, log) -> dic
     return info
 
 
-def measure(path: str, rows: int, data: dict, queries: int, threshold: float, log) -> dict:
+def measure(path: str, rows: int, data: dict, queries: int, threshold: float, log, index: dict) -> dict:
     from inferd.daemon.caching.embedding_store import EmbeddingIndexBusy, EmbeddingStore, IndexOptions
 
     t0 = time.perf_counter()
-    store = EmbeddingStore.open(path, rows, data["stored"].shape[1], index=IndexOptions(exact_below=0))
+    store = EmbeddingStore.open(path, rows, data["stored"].shape[1], index=IndexOptions(exact_below=0, **index))
     opened = time.perf_counter() - t0
     try:
         first = data["fresh"][0]
@@ -159,9 +205,15 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
         while store.index_stats()["mapped"]:
             time.sleep(0.01)  # noqa: sleep-ok (waiting for the graphs to be loaded, reported)
         writable = time.perf_counter() - t0
+        # the store's start-up check of its vectors holds its lock for a slice at a time, a read
+        # of 10 MB from disk when the page cache lost the file: queries timed after it (steady state)
+        while store.checking:
+            time.sleep(0.01)  # noqa: sleep-ok (waiting for the start-up check, reported)
+        checked = time.perf_counter() - t0
         stats = store.index_stats()
         out = {"rows": rows, "start": {"open_s": round(opened, 3), "serving_s": round(serving, 3),
-                                       "writable_s": round(writable, 3), "rebuilt": stats["rebuilt"]}}
+                                       "writable_s": round(writable, 3), "checked_s": round(checked, 3),
+                                       "rebuilt": stats["rebuilt"]}}
         dim = data["stored"].shape[1]
         graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index") if n.startswith("scope-")]
         out["memory_bytes_per_row"] = {
@@ -208,9 +260,34 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
     return out
 
 
-def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
-    """Daemon CPU per classified frame (new images: each one stored and inserted) with this store
-    (a copy) against the store off, in the same run: off, on, off. Result cache off in both."""
+def thread_cpu(pid: int) -> dict:
+    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                head, rest = fh.read().rsplit(")", 1)
+        except FileNotFoundError:                       # ended meanwhile
+            continue
+        fields = rest.split()
+        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
+
+
+def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8) -> dict:
+    """Daemon CPU per classified frame (new images: each one stored and, with the index, inserted)
+    with this store against the store off, in the same run: three daemons side by side (off; a
+    copy of the store with its index; another copy without), each started and settled (vectors
+    checked, graphs loaded) before anything is counted, then ``rounds`` rounds of ``frames`` new
+    images to each in turn from 4 client threads. What other tenants of the machine do lands on
+    all three alike, a few seconds apart. Each daemon's CPU is counted over the whole run, its
+    idle time between its bursts included, so the inserts the index does after a burst count
+    (the last ones waited for at the end); each burst's own figure gives the spread. Result cache
+    off in all."""
+    import contextlib
     import shutil
     import tempfile
 
@@ -221,47 +298,83 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log) -> dict:
     from ..lib.daemons import cache_daemon, daemon_summary
     from ..lib.measure import cpu_seconds
 
-    imgs = make_dataset(frames * 4, seed + 7)[0]
+    imgs = make_dataset(frames * len(MODES) * rounds + 3, seed + 7)[0]
+    names = {"connectivity": "index_m", "expansion_add": "index_ef_construction", "scalar": "index_scalar",
+             "expansion_search": "index_ef"}
+    tuned = [a for k, v in index.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
-    out = {"frames": frames, "runs": []}
+    out = {"frames_per_burst": frames, "rounds": rounds, "index": index, "daemons": {}}
     try:
-        copy = os.path.join(tmp, "e.store")
-        shutil.copyfile(path, copy)
-        shutil.copytree(path + ".index", copy + ".index")
-        for run_no, (on, index) in enumerate(((False, False), (True, True), (True, False), (False, False))):
-            args = ["--model", "shapes", "--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
-                    "--set", f"embeddings.index={'true' if index else 'false'}"]
-            t0 = time.perf_counter()
-            with cache_daemon(args, cache=False, embeddings=on) as d:
-                started = time.perf_counter() - t0
-                pid = d["proc"].pid
-                part = imgs[run_no * frames:(run_no + 1) * frames]
-                with Client(d["socket"]) as c:
-                    c.classify(part[0])
-                    while index and c.info()["cache"]["embedding_index"]["mapped"]:
-                        time.sleep(0.05)  # noqa: sleep-ok (start-up: the graphs loaded, reported apart)
-                    writable = time.perf_counter() - t0
-                    before = cpu_seconds(pid)
-                    t1 = time.perf_counter()
-                    _parallel(4, d["socket"], range(1, len(part)), lambda cl, i: cl.classify(part[i]))
-                    if index:                               # the inserts count too: wait for them
-                        while c.info()["cache"]["embedding_index"]["pending"]:
-                            time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
-                    wall = time.perf_counter() - t1
-                    used = cpu_seconds(pid) - before
-                    index = c.info()["cache"].get("embedding_index")
-            run = {"store": on, "index": index, "start_s": round(started, 2), "writable_s": round(writable, 2), "cpu_ms_per_frame": round(1e3 * used / (len(part) - 1), 3),
-                   "frames_per_s": round((len(part) - 1) / wall, 1), "daemon": daemon_summary(d)}
-            if index:
-                run["index_stats"] = {k: index[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
-            out["runs"].append(run)
-            log(f"  daemon, store {'on' if on else 'off'}, index {'on' if index else 'off'}: {json.dumps({k: v for k, v in run.items() if k != 'daemon'})}")
+        with contextlib.ExitStack() as stack:
+            live = {}
+            for n, (mode, on, indexed) in enumerate(MODES):
+                args = ["--model", "shapes"]
+                if on:
+                    copy = os.path.join(tmp, f"{mode}.store")
+                    shutil.copyfile(path, copy)
+                    if indexed:
+                        shutil.copytree(path + ".index", copy + ".index")
+                    args += ["--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
+                             "--set", f"embeddings.index={'true' if indexed else 'false'}", *tuned]
+                t0 = time.perf_counter()
+                d = stack.enter_context(cache_daemon(args, cache=False, embeddings=on))
+                c = stack.enter_context(Client(d["socket"]))
+                c.classify(imgs[n])
+                live[mode] = {"d": d, "c": c, "indexed": indexed, "start_s": round(time.perf_counter() - t0, 2)}
+
+            def busy(c, indexed):
+                info = c.info()["cache"]
+                st = info.get("embedding_index") or {"mapped": 0, "pending": 0, "verified": True}
+                return info.get("embeddings_checking") or (indexed and (st["mapped"] or st["pending"] or not st["verified"]))
+
+            for mode, x in live.items():                # start-up: reported apart, never counted
+                t0 = time.perf_counter()
+                while busy(x["c"], x["indexed"]):
+                    time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's start-up, with the index's counters)
+                x.update(settled_s=round(time.perf_counter() - t0, 2), bursts=[], wall=0.0,
+                         cpu0=cpu_seconds(x["d"]["proc"].pid), threads0=thread_cpu(x["d"]["proc"].pid),
+                         ins0=(x["c"].info()["cache"].get("embedding_index") or {}).get("thread_cpu_s", 0.0))
+            at = 3
+            for r in range(rounds):
+                for mode, x in live.items():
+                    pid, part = x["d"]["proc"].pid, imgs[at:at + frames]
+                    at += frames
+                    c0, t0 = cpu_seconds(pid), time.perf_counter()
+                    _parallel(4, x["d"]["socket"], range(len(part)), lambda cl, i: cl.classify(part[i]))
+                    x["wall"] += time.perf_counter() - t0
+                    x["bursts"].append(round(1e3 * (cpu_seconds(pid) - c0) / len(part), 3))
+            log("  bursts, ms a frame: " + json.dumps({m: x["bursts"] for m, x in live.items()}))
+            for mode, x in live.items():
+                while busy(x["c"], x["indexed"]):       # the inserts of the last burst count too
+                    time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
+                pid, n = x["d"]["proc"].pid, frames * rounds
+                threads = thread_cpu(pid)
+                res = {"start_s": x["start_s"], "settled_s": x["settled_s"],
+                       "cpu_ms_per_frame": round(1e3 * (cpu_seconds(pid) - x["cpu0"]) / n, 3),
+                       "bursts_ms_per_frame": x["bursts"], "frames_per_s": round(n / x["wall"], 1),
+                       "threads_ms_per_frame": dict(sorted(
+                           ((t, round(1e3 * (v - x["threads0"].get(t, 0.0)) / n, 3)) for t, v in threads.items()),
+                           key=lambda kv: -kv[1])[:5])}
+                st = x["c"].info()["cache"].get("embedding_index")
+                if st:
+                    res["inserter_ms_per_frame"] = round(1e3 * (st["thread_cpu_s"] - x["ins0"]) / n, 3)
+                    res["index_stats"] = {k: st[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
+                out["daemons"][mode] = res
+            for x in live.values():
+                x["c"].close()
+        for mode, x in live.items():
+            out["daemons"][mode]["daemon"] = daemon_summary(x["d"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    off = np.mean([r["cpu_ms_per_frame"] for r in out["runs"] if not r["store"]])
-    on, exact = out["runs"][1]["cpu_ms_per_frame"], out["runs"][2]["cpu_ms_per_frame"]
-    out["on_over_off"] = round(float(on / off), 3)              # embeddings, hashing, store and index
-    out["index_over_no_index"] = round(float(on / exact), 3)    # what the index adds to a stored frame
+    cpu = {m: r["cpu_ms_per_frame"] for m, r in out["daemons"].items()}
+    out["on_over_off"] = round(cpu["on"] / cpu["off"], 3)              # everything storing costs
+    out["no_index_over_off"] = round(cpu["no_index"] / cpu["off"], 3)  # the store alone
+    out["index_over_no_index"] = round(cpu["on"] / cpu["no_index"], 3)  # what the index adds
+    b = {m: np.asarray(r["bursts_ms_per_frame"]) for m, r in out["daemons"].items()}
+    for m in ("on", "no_index"):    # each round's own ratio: its bursts a few seconds apart
+        ratio = b[m] / b["off"]
+        out[f"{m}_over_off_bursts"] = {"median": round(float(np.median(ratio)), 3), "min": round(float(ratio.min()), 3),
+                                       "max": round(float(ratio.max()), 3)}
     return out
 
 
@@ -280,9 +393,13 @@ def main(argv=None) -> int:
     p.add_argument("--exact-queries", type=int, default=300,
                    help="above 100k rows, copies and different images queried (both ways): an even sample")
     p.add_argument("--keep", default="/tmp/inferd-ann-bench", help="where built stores are kept for reuse")
-    p.add_argument("--cpu-frames", type=int, default=1500,
+    p.add_argument("--cpu-frames", type=int, default=400,
                    help="at the largest size, daemon CPU per classified frame with the store against without; 0: skip")
     p.add_argument("--cpu-only", action="store_true", help="only the daemon CPU per frame, at the largest size")
+    p.add_argument("--cpu-rounds", type=int, default=8, help="rounds of --cpu-frames to each of off / on / "
+                   "on without the index (three daemons side by side)")
+    p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
+                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
     p.add_argument("--seed", type=int, default=3)
@@ -305,21 +422,24 @@ def main(argv=None) -> int:
         f"in {time.perf_counter() - t0:.1f} s")
     report = {"stored": args.stored, "copies_per_change": args.copies, "fresh": args.fresh, "k": K,
               "threshold": DEFAULT_MIN_SIMILARITY, "filler": vectors or "synthetic", "sizes": []}
+    index, tail = index_spec(args.index)
+    report["index"] = index
     for rows in (int(s) for s in args.sizes.split(",")):
-        path = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
-        info = build(path, rows, data, vectors, args.seed, log)
+        base = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
+        path = base.replace(".store", f"{tail}.store")
+        info = build(path, rows, data, vectors, args.seed, log, index, base if tail else "")
         if args.build_only or args.cpu_only:
             continue
-        report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log),
+        report["sizes"].append({**measure(path, rows, data, args.exact_queries, DEFAULT_MIN_SIMILARITY, log, index),
                                 "build": info})
     if args.build_only:
         return 0
     if args.cpu_only:
-        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log)
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:
-        big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log)
+        big["daemon_cpu"] = daemon_cpu(path, big["rows"], args.cpu_frames, args.seed, log, index, args.cpu_rounds)
     report["targets"] = {"rows": big["rows"], "p99_ms<=5": bool(big["index"]["copy_query"]["p99_ms"] <= 5.0),
                          "recall_within_0.5pp": bool(big["exact"]["copies_found_first"]
                                                      - big["index"]["copies_found_first"] <= 0.005),

@@ -12,22 +12,33 @@ kinds of caller, each one process with ``callers`` requests in flight (asyncio t
 
 Each asks for the top 5 (the ring's classify(top_k=5); OIP's classification: 5). Rounds interleave
 the kinds (ring, http, grpc, ring, ...); each kind's throughput is summed over its rounds and its
-latency percentiles taken over all its requests. Then one caller alone sends one request of
-each kind in turn (ring, http, http-raw, grpc, ring, ...; http-raw: the same HTTP request from a
-bare HTTP/1.1 client, the front's part without aiohttp's client's): the latency a kind adds is the
-median of its differences to the mean of the ring requests either side of it. Targets (docs/oip.md): HTTP binary and gRPC carry >= 0.8
-of the ring's throughput at 16 callers, and add <= 0.5 ms to the p50 of a request.
+latency percentiles taken over all its requests. Targets (docs/oip.md): HTTP binary and gRPC
+carry >= 0.8 of the ring's throughput at 16 callers, and add <= 0.5 ms to the p50 of a request.
+
+The added latency, three views:
+1. one caller alone sends one request of each kind in turn (ring, http, http-raw, grpc,
+   triton-http, triton-grpc, ring, ...; http-raw: the same HTTP request from a bare HTTP/1.1
+   client, the front's part without aiohttp's client's): the latency a kind adds is the median of
+   its differences to the mean of the ring requests either side of it;
+2. the same, for the callers a Triton user has: tritonclient.http and tritonclient.grpc, unmodified
+   (their own client-side cost included, as a Triton user pays it);
+3. the front's own time a request over that one caller's run (daemon/oip/timings.py): request read
+   to reply written (HTTP), handler start to reply handed to grpcio (gRPC), against the ring's p50;
+   and of it, the front's work outside its wait for the daemon's answer.
 
 CPU per request: the daemon's (all threads, and its event loop thread alone) and the front's CPU
 seconds over each window divided by its answers, from /proc: the front's figure is what its work
 would add to the daemon's event loop, its busiest thread, if it ran inside the daemon instead of
-beside it (docs/oip.md, "Where it runs").
+beside it (docs/oip.md, "Where it runs"). bench/oip/servers.py measures the server stacks alone.
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import os
 import re
+import signal
 import time
 
 from ..lib.daemons import daemon
@@ -36,15 +47,19 @@ from ..lib.procs import run_in_child
 from ..lib.report import settings_main, table
 
 SETTINGS = {
-    "full": {"size": 64, "callers": 16, "seconds": 6.0, "rounds": 3, "seq_seconds": 4.0, "warmup_s": 1.0},
+    "full": {"size": 64, "callers": 16, "seconds": 6.0, "rounds": 3, "seq_seconds": 10.0, "warmup_s": 1.0},
     "quick": {"size": 64, "callers": 16, "seconds": 2.0, "rounds": 1, "seq_seconds": 1.5, "warmup_s": 0.5},
 }
 KINDS = ("ring", "http", "grpc")
 #: the one-caller alternation adds "http-raw": the same HTTP request from a bare HTTP/1.1 client (one
 #: keep-alive connection, the request's bytes built once), so the latency the front adds is not
 #: mixed with aiohttp's client's own (a caller's HTTP stack is the caller's, whatever it is)
-SEQ_KINDS = ("ring", "http", "http-raw", "grpc")
+#: and the clients a Triton user has, unmodified: "triton-http" (tritonclient.http, binary tensor
+#: data) and "triton-grpc" (tritonclient.grpc), when installed
+SEQ_KINDS = ("ring", "http", "http-raw", "grpc", "triton-http", "triton-grpc")
 TOP_K = 5
+#: the model the daemon serves, as the callers name it
+MODEL = "shapes"
 
 
 def _caller(q, kind: str, target: str, size: int, callers: int, seconds: float, warmup_s: float) -> None:
@@ -82,15 +97,17 @@ async def _callers(kind, target, size, callers, seconds, warmup_s) -> dict:
         await close()
 
 
-async def _client(kind, target, frame, callers):
+async def _client(kind, target, frame, callers, model=MODEL):
     """(an awaitable making one request, an awaitable closing the client)."""
     if kind == "ring":
         from inferd.client import AsyncClient
         c = await AsyncClient.open(target, cache=False, ring_slots=max(callers, 1) * 2)
         return (lambda: c.classify(frame, TOP_K)), c.aclose
     shape = [1, *frame.shape]
+    if kind.startswith("triton-"):
+        return _triton(kind, target, frame, model)
     if kind == "http-raw":
-        return await _raw_http(target, frame, shape)
+        return await _raw_http(target, frame, shape, model)
     if kind == "http":
         import aiohttp
         head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
@@ -100,7 +117,7 @@ async def _client(kind, target, frame, callers):
         body, headers = head + frame.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
                                                  "Content-Type": "application/octet-stream"}
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=callers))
-        url = f"http://{target}/v2/models/shapes/infer"
+        url = f"http://{target}/v2/models/{model}/infer"
 
         async def post():
             async with session.post(url, data=body, headers=headers) as r:
@@ -110,7 +127,7 @@ async def _client(kind, target, frame, callers):
         return post, session.close
     import grpc
     from inferd.daemon.oip import oip_pb2 as pb
-    request = pb.ModelInferRequest(model_name="shapes", raw_input_contents=[frame.tobytes()])
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[frame.tobytes()])
     request.inputs.add(name="IMAGE", datatype="UINT8", shape=shape)
     request.outputs.add(name="SCORES").parameters["classification"].int64_param = TOP_K
     raw = request.SerializeToString()
@@ -119,7 +136,7 @@ async def _client(kind, target, frame, callers):
     return (lambda: infer(raw)), channel.close
 
 
-async def _raw_http(target: str, frame, shape):
+async def _raw_http(target: str, frame, shape, model: str):
     """A bare HTTP/1.1 client of one keep-alive connection: the request's bytes built once, the
     reply read by its Content-Length."""
     head = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
@@ -127,7 +144,7 @@ async def _raw_http(target: str, frame, shape):
                        "outputs": [{"name": "SCORES", "parameters": {"classification": TOP_K,
                                                                      "binary_data": True}}]}).encode()
     body = head + frame.tobytes()
-    request = (f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: {target}\r\n"
+    request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {target}\r\n"
                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     host, port = target.rsplit(":", 1)
@@ -147,24 +164,52 @@ async def _raw_http(target: str, frame, shape):
     return post, close
 
 
-def _alternating(q, targets: dict, size: int, seconds: float, warmup_s: float) -> None:
+def _triton(kind: str, target: str, frame, model: str):
+    """tritonclient's own client (blocking calls: the caller is alone when these run)."""
+    if kind == "triton-http":
+        import tritonclient.http as tc
+    else:
+        import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(target)
+    image = tc.InferInput("IMAGE", [1, *frame.shape], "UINT8")
+    if kind == "triton-http":
+        image.set_data_from_numpy(frame[None], binary_data=True)
+        out = tc.InferRequestedOutput("SCORES", binary_data=True, class_count=TOP_K)
+    else:
+        image.set_data_from_numpy(frame[None])
+        out = tc.InferRequestedOutput("SCORES", class_count=TOP_K)
+
+    async def infer():
+        client.infer(model, [image], outputs=[out]).as_numpy("SCORES")
+
+    async def close():
+        client.close()
+    return infer, close
+
+
+def _alternating(q, targets: dict, size: int, seconds: float, warmup_s: float, model: str = MODEL) -> None:
     """One caller process, one request at a time, the kinds in turn (ring, http, http-raw, grpc,
     ring, ...): the latency each kind adds is the median of its differences to the mean of the
     ring requests either side of it (the one before it and the one after), so a change of the
     machine's load during the run falls on all kinds alike and a drift cancels."""
     try:
         import uvloop
-        q.put(("ok", uvloop.run(_alternate(targets, size, seconds, warmup_s))))
+        q.put(("ok", uvloop.run(_alternate(targets, size, seconds, warmup_s, model))))
     except Exception:                                       # noqa: reported to the parent
         import traceback
         q.put(("error", traceback.format_exc()))
 
 
-async def _alternate(targets, size, seconds, warmup_s) -> dict:
+def _door(kind: str) -> str:
+    return kind.split("-")[-1] if kind.startswith("triton-") else kind.split("-")[0]
+
+
+async def _alternate(targets, size, seconds, warmup_s, model=MODEL) -> dict:
     frame = frames(1, size, seed=2)[0]
-    clients = {k: await _client(k, targets[k.split("-")[0]], frame, 1) for k in SEQ_KINDS}
+    clients = {k: await _client(k, targets[_door(k)], frame, 1, model) for k in SEQ_KINDS
+               if not k.startswith("triton-") or importlib.util.find_spec("tritonclient") is not None}
     try:
-        lat = {k: [] for k in SEQ_KINDS}
+        lat = {k: [] for k in clients}
         start = time.monotonic() + warmup_s
         end = start + seconds
         while (now := time.monotonic()) < end:
@@ -180,18 +225,38 @@ async def _alternate(targets, size, seconds, warmup_s) -> dict:
 
 
 def _front(d: dict):
+    """The front, with its own time per request recorded (daemon/oip/timings.py)."""
     from inferd.daemon.launch import DaemonProcess
+    from inferd.daemon.oip.timings import ENV
+    timings = os.path.join(d["workdir"], "front-timings.json")
     proc = DaemonProcess.start(["--set", "oip.http=127.0.0.1:0", "--set", "oip.grpc=127.0.0.1:0"],
-                               socket_path=d["socket"], workdir=d["workdir"], wait=False, module="inferd.daemon.oip")
+                               socket_path=d["socket"], workdir=d["workdir"], wait=False, module="inferd.daemon.oip",
+                               env={ENV: timings})
     status = proc.wait_notify("READY=1", timeout=120)
     http, grpc_at = re.search(r"HTTP (\S+) gRPC (\S+)", status).groups()
-    return proc, {"ring": d["socket"], "http": http, "grpc": grpc_at}
+    return proc, timings, {"ring": d["socket"], "http": http, "grpc": grpc_at}
+
+
+def _front_timings(pid: int, path: str) -> dict:
+    """What the front recorded since it was last asked (SIGUSR1; the file appears when written)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the front wrote no timings within 30 s of SIGUSR1")
+        time.sleep(0.02)                                    # noqa: sleep-ok (polls with a deadline)
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def measure(s: dict, log) -> dict:
     out: dict = {"kinds": {}, "sequential": {}}
-    with daemon(["--model", "shapes", "--device", "cpu:1"]) as d:
-        front, targets = _front(d)
+    with daemon(["--model", MODEL, "--device", "cpu:1"]) as d:
+        front, timings_path, targets = _front(d)
         try:
             dpid, fpid = d["proc"].pid, front.pid
             runs = {k: {"count": 0, "seconds": 0.0, "lat": [], "daemon_cpu": 0.0, "front_cpu": 0.0,
@@ -217,10 +282,17 @@ def measure(s: dict, log) -> dict:
                                       "daemon_cpu_us": 1e6 * run["daemon_cpu"] / max(run["count"], 1),
                                       "front_cpu_us": 1e6 * run["front_cpu"] / max(run["count"], 1),
                                       "loop_cpu_us": 1e6 * run["loop_cpu"] / max(run["count"], 1)}
+            _front_timings(fpid, timings_path)               # from here on: the one caller's requests
             lat = run_in_child(_alternating, (targets, s["size"], s["seq_seconds"], s["warmup_s"]),
                                s["seq_seconds"] + 120, "oip-alternating")
+            own = _front_timings(fpid, timings_path)
+            # per door: the front's time a request (request read to reply written, HTTP; handler start
+            # to reply handed back, gRPC), and of it the front's own work outside the wait for the daemon
+            out["front_own"] = {door: {"total": latency_stats([t for t, _ in v]),
+                                       "outside_wait": latency_stats([t - w for t, w in v])}
+                                for door, v in own.items() if v}
             ring = lat["ring"]
-            for kind in SEQ_KINDS:
+            for kind in lat:
                 n = min(len(lat[kind]), len(ring) - 1)
                 added = [lat[kind][i] - (ring[i] + ring[i + 1]) / 2 for i in range(n)]
                 out["sequential"][kind] = {**latency_stats(lat[kind]), "added_p50_ms": latency_stats(added)["p50_ms"]}
@@ -235,6 +307,15 @@ def measure(s: dict, log) -> dict:
                      "added_p50_ms_1": q["added_p50_ms"],
                      "target_met": k["rps"] / ring["rps"] >= 0.8 and q["added_p50_ms"] <= 0.5}
     out["http"]["added_p50_ms_1_raw"] = out["sequential"]["http-raw"]["added_p50_ms"]
+    for kind in ("http", "grpc"):
+        if f"triton-{kind}" in out["sequential"]:
+            out[kind]["added_p50_ms_1_triton"] = out["sequential"][f"triton-{kind}"]["added_p50_ms"]
+        if kind in out.get("front_own", {}):
+            own = out["front_own"][kind]
+            out[kind]["front_p50_ms"] = own["total"]["p50_ms"]
+            # the front's time against the ring's whole round trip, both medians of the one caller's run
+            out[kind]["front_added_p50_ms"] = own["total"]["p50_ms"] - out["sequential"]["ring"]["p50_ms"]
+            out[kind]["front_outside_wait_p50_ms"] = own["outside_wait"]["p50_ms"]
     return out
 
 
@@ -259,6 +340,15 @@ def render(r: dict) -> str:
         if "added_p50_ms_1_raw" in k:
             lines.append(f"    {kind}: added p50 {k['added_p50_ms_1_raw'] * 1000:.0f} us with one caller whose "
                          "HTTP client is a bare HTTP/1.1 one (http-raw): the front's part without aiohttp's client")
+        if "added_p50_ms_1_triton" in k:
+            lines.append(f"    {kind}: added p50 {k['added_p50_ms_1_triton'] * 1000:.0f} us with one caller on "
+                         f"tritonclient.{kind}")
+        if "front_p50_ms" in k:
+            what = "request read to reply written" if kind == "http" else "handler start to reply handed to grpcio"
+            lines.append(f"    {kind}: the front's own time a request ({what}), one caller: p50 "
+                         f"{k['front_p50_ms'] * 1000:.0f} us, {k['front_added_p50_ms'] * 1000:.0f} us over the ring's "
+                         f"p50; outside its wait for the daemon's answer "
+                         f"{k['front_outside_wait_p50_ms'] * 1000:.0f} us")
     return "\n".join(lines)
 
 

@@ -15,13 +15,13 @@ at any point leaves either the old ``meta`` with its intact files or the new one
 
     offset  size  field
     0       8     magic            b"INFDANNX"
-    8       4     format version   u32, currently 1
+    8       4     format version   u32, currently 2 (1 had no key versions; read as all zero)
     12      4     dim              u32, floats per vector (the store's)
     16      8     capacity         u64, rows (the store's)
     24      16    embedding id     the store header's (daemon/caching/embedding_store.py): vectors of
                                    another embedding definition are never searched
     40      1     shared           u8: 1 = one scope of every row, 0 = one scope per uid
-    41      1     scalar           u8: 1 = float16 (the graph's stored vectors)
+    41      1     scalar           u8, the graph's stored vectors: 1 = float16, 2 = int8, 3 = bfloat16
     42      2     connectivity     u16, HNSW M
     44      4     expansion_add    u32, HNSW ef_construction
     48      8     generation       u64, the save that wrote this file
@@ -35,8 +35,9 @@ at any point leaves either the old ``meta`` with its intact files or the new one
                     24 u32 zlib.crc32 of the whole file  28  u32 reserved
     ...     capacity * 24   rows, what the graphs hold under each store row (the graph key):
                     0  u64 stamp of the store row when it was inserted (0: not in any graph)
-                    8  u32 uid of the row                12 u32 reserved
-                    16 8 bytes: the first 8 bytes of its content hash
+                    8  u32 uid of the row                12 u32 key version: the row's graph
+                    16 8 bytes: the first 8 bytes of       key is row | version << 32 (NOTE
+                       its content hash                    [ deferred removals ] in ann_index.py)
 
 At open, a graph key counts only while the store row still has that stamp, uid and content hash
 (the vector of a row is its content's, under the embedding id above): a row the store took for
@@ -53,16 +54,18 @@ import zlib
 import numpy as np
 
 MAGIC = b"INFDANNX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 1: no key versions (every row's key was its row number)
+READS = (1, 2)                   # a version 1 file's versions are zero: the same keys
 HEAD_SIZE = 128
 ALL = 0xFFFFFFFF                  # the scope of every row (embeddings.shared)
-SCALAR_F16 = 1
+SCALARS = {"f16": 1, "i8": 2, "bf16": 3}  # the graph's stored vectors: meta's scalar byte
+SCALAR_BYTES = {"f16": 2, "i8": 1, "bf16": 2}
 
 _HEAD = struct.Struct("<8sIIQ16sBBHIQII")        # bytes 0..64; the header check follows
 _U32 = struct.Struct("<I")
 _SCOPE = struct.Struct("<IIQQII")
-ROW = np.dtype({"names": ["stamp", "uid", "hash"], "formats": ["<u8", "<u4", "<u8"],
-                "offsets": [0, 8, 16], "itemsize": 24})
+ROW = np.dtype({"names": ["stamp", "uid", "ver", "hash"], "formats": ["<u8", "<u4", "<u4", "<u8"],
+                "offsets": [0, 8, 12, 16], "itemsize": 24})
 
 
 class IndexFileError(Exception):
@@ -94,7 +97,7 @@ def write_meta(directory: str, ident: dict, generation: int, scopes: list[tuple[
         table += _SCOPE.pack(uid, 0, os.path.getsize(path), count, file_crc(path), 0)
     body = table + np.ascontiguousarray(rows, ROW).tobytes()
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, ident["dim"], ident["capacity"], ident["embedding"],
-                      int(ident["shared"]), SCALAR_F16, ident["connectivity"], ident["expansion_add"],
+                      int(ident["shared"]), SCALARS[ident["scalar"]], ident["connectivity"], ident["expansion_add"],
                       generation, len(scopes), zlib.crc32(body))
     head += _U32.pack(zlib.crc32(head))
     tmp = meta_path(directory) + ".tmp"
@@ -127,15 +130,16 @@ def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, in
         raise IndexFileError(f"meta truncated to {len(data)} bytes")
     fields = _HEAD.unpack_from(data)
     magic, version, dim, capacity, embedding, shared, scalar, conn, ef_add, generation, count, body_crc = fields
-    if magic != MAGIC or version != FORMAT_VERSION:
+    if magic != MAGIC or version not in READS:
         raise IndexFileError(f"magic {magic!r} version {version}, expected {MAGIC!r} version {FORMAT_VERSION}")
     if _U32.unpack_from(data, _HEAD.size)[0] != zlib.crc32(data[:_HEAD.size]):
         raise IndexFileError("meta header check does not match")
     found = {"dim": dim, "capacity": capacity, "embedding": embedding, "shared": bool(shared),
-             "connectivity": conn, "expansion_add": ef_add}
-    if scalar != SCALAR_F16 or found != {k: ident[k] for k in found}:
+             "scalar": {v: k for k, v in SCALARS.items()}.get(scalar, scalar), "connectivity": conn,
+             "expansion_add": ef_add}
+    if found != {k: ident[k] for k in found}:
         diff = ", ".join(f"{k} {found[k]!r} (now {ident[k]!r})" for k in found if found[k] != ident[k])
-        raise IndexFileError(f"made for another store or index shape: {diff or 'scalar'}")
+        raise IndexFileError(f"made for another store or index shape: {diff}")
     body = data[HEAD_SIZE:]
     if len(body) != count * _SCOPE.size + capacity * ROW.itemsize or zlib.crc32(body) != body_crc:
         raise IndexFileError("meta body truncated or its check does not match")

@@ -8,16 +8,19 @@ never a wrong answer, another uid's row, or a stale tag.
 
 Why usearch (bench/ann/libs.py, docs/benchmarks.md "Near-duplicate index"): on this machine, with
 the built-in 305-float embeddings, it was the one library that memory-maps a saved graph (reopening
-a million rows takes milliseconds, not a read of the file), stores vectors as float16 (the graph
-takes ~760 bytes a row beside the store's 1,332, within 2x of the raw vector in all), removes keys
-(a full store recycles rows), and releases the GIL in search and insert. hnswlib searched fastest
+a million rows takes milliseconds, not a read of the file), stores vectors as float16 or int8 (the
+graph takes ~760 or ~420 bytes a row beside the store's 1,332, within 2x of the raw vector in all),
+removes keys (a full store recycles rows), and releases the GIL in search and insert. int8 with M
+12 and ef_construction 32 is the default: at a million rows it finds the same near-duplicates as
+float16 with M 16 and ef 64 for a third of the insert CPU (the store re-ranks every candidate by
+its float32 vectors, so the int8 copy only has to find them). hnswlib searched fastest
 but keeps float32 vectors and reads the whole file at open; faiss' HNSW cannot remove a row;
 voyager was slowest.
 
 Scopes. With ``embeddings.shared`` one graph holds every row; otherwise one graph per uid holds
 that uid's rows (a uid's search walks its own graph only, so a small uid's rows are never drowned by
 a large one's, which a filter over one shared graph would do: bench/ann/libs.py ``--uids``). The
-graph key of a row is its store row number.
+graph key of a row is its store row number and a version (NOTE [ deferred removals ]).
 
 NOTE [ index rows ]
 A row is *indexed* when the graph of its scope holds it under the store row's current stamp, uid
@@ -37,7 +40,7 @@ crash-safe order); reopened memory-mapped (usearch ``view``), checked on the ins
 a writable copy of each graph and swaps it in.
 
 NOTE [ verified before searched ]
-A restart must not wait for the checksum of a large graph (760 MB at a million rows: about a
+A restart must not wait for the checksum of a large graph (420 MB at a million rows: about half a
 second warm, more cold), and must not search a damaged one either: usearch maps a graph file
 without looking at its links, and a flipped byte in a link sends its search outside the mapping
 (bench/ann/damage.py: a crash of the process, or keys the graph never held). The store would drop
@@ -70,26 +73,39 @@ _log = logging.getLogger("inferd.embeddings")
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
     """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
-    connectivity: int = 16
-    expansion_add: int = 64
+    connectivity: int = 12
+    expansion_add: int = 32
+    scalar: str = "i8"
     expansion_search: int = 64
     exact_below: int = 5_000
     exact_max: int = 100_000
     max_pending: int = 4_096
     save_interval_s: float = 300.0
-    batch_wait_s: float = 1.0
+    batch_wait_s: float = 5.0
     threads: int = 1
 
 
-BATCH = 256
+BATCH = 1024
 
 # NOTE [ batched inserts ]
 # A row the store recycles (a full store, every new image) must leave its graph before its new
-# vector enters it, and usearch pays for removals at the next insert with a pass over the whole
-# graph: 44 ms at a million rows, whether one row was removed or three hundred (an insert alone:
-# 1.6 ms). So the inserter waits until BATCH rows are pending or the first of them has waited
-# ``batch_wait_s``, removes them all, then inserts them: one pass per batch. The pending rows are
-# scanned exactly meanwhile, so nothing is missed while they wait.
+# vector enters it, and usearch pays for removals at the next insert call, once per call: 40-65
+# ms at a million rows (the earlier float16 graph: 44), whether one row was removed or a thousand (an
+# insert alone: 0.3 ms, int8, M 12; bench/ann/inserts.py ``--graph``). So the inserter waits until
+# BATCH rows are pending or ``batch_wait_s`` has passed since its last insert ended, and inserts
+# them in one go; the removals themselves wait longer still (NOTE [ deferred removals ]). The
+# pending rows are scanned exactly meanwhile (1024 rows: a tenth of a millisecond), so nothing is
+# missed while they wait.
+
+# NOTE [ deferred removals ]
+# usearch's pass after removals (NOTE [ batched inserts ]) is paid once per insert call however
+# few rows were removed, so at a few frames a second (a batch of tens of rows every
+# ``batch_wait_s``) it cost more than the inserts. So a row's graph key is ``row | version << 32``,
+# its version one more at each insert (``meta`` keeps it); a recycled row's old key stays in its
+# graph, stale, and is removed with the others once they are 1/STALE_SHARE of the graph's nodes
+# (at a million rows: one pass per ~16,000 rows) and before every save. A search drops the stale
+# keys it meets (their version is not the row's), so they cost a few candidates, never an answer.
+STALE_SHARE = 64
 
 
 class EmbeddingIndexBusy(Exception):
@@ -104,7 +120,8 @@ class _Graph:
     def __init__(self, index, path: str | None = None):
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
-        self.per_row = 2 * index.ndim + 10 * index.connectivity   # float16 vector + links, estimated
+        self.stale: list[int] = []                     # NOTE [ deferred removals ]
+        self.per_row = index.ndim * ann_file.SCALAR_BYTES[index.dtype.name.lower()] + 10 * index.connectivity  # estimated
         self.size = self.bytes = 0
         self.measure()
 
@@ -146,7 +163,7 @@ class AnnIndex:
         self._saved_at = time.monotonic()
         self._changed = False
         self.counters = {"reopened": 0, "rebuilt": 0, "inserted": 0, "saves": 0, "save_s": 0.0,
-                         "searches": 0, "exact_searches": 0, "busy": 0}
+                         "searches": 0, "exact_searches": 0, "busy": 0, "thread_cpu_s": 0.0}
         self._thread: threading.Thread | None = None
         self._drop: list[int] = []
         self._held = 0                                      # rows the graphs hold
@@ -204,7 +221,7 @@ class AnnIndex:
             if index is None or len(index) != count or index.ndim != self.ident["dim"]:
                 raise IndexFileError(f"graph file {os.path.basename(path)} holds "
                                      f"{None if index is None else len(index)} rows, meta says {count}")
-            index.expansion_search = self.options.expansion_search
+            self._tune(index)
             graphs[uid] = _Graph(index, path)
         self.graphs, self.rows, self._generation = graphs, rows, generation
         self._held = int((rows["stamp"] != 0).sum())
@@ -215,8 +232,14 @@ class AnnIndex:
         from usearch.index import Index
 
         o = self.options
-        return Index(ndim=self.ident["dim"], metric="cos", dtype="f16", connectivity=o.connectivity,
+        return Index(ndim=self.ident["dim"], metric="cos", dtype=o.scalar, connectivity=o.connectivity,
                      expansion_add=o.expansion_add, expansion_search=o.expansion_search)
+
+    def _tune(self, index) -> None:
+        """A restored graph's expansions: a usearch file keeps neither, and a graph restored
+        without them inserts with usearch's own ef 128 (twice the CPU of 64 an insert)."""
+        index.expansion_add = self.options.expansion_add
+        index.expansion_search = self.options.expansion_search
 
     # the store's side ------------------------------------------------------------------------
     def changed(self, row: int) -> None:
@@ -240,7 +263,7 @@ class AnnIndex:
         return list(self.graphs) if uid is None else [uid]
 
     def candidates(self, query: np.ndarray, count: int, uid: int | None) -> np.ndarray:
-        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (float16).
+        """Up to ``count`` rows per scope ``uid`` searches, nearest first by the graph (its scalar kind).
         The caller checks each against the store and :meth:`pending` (NOTE [ index rows ])."""
         out = []
         with self._lock:
@@ -248,7 +271,11 @@ class AnnIndex:
             for key in self.scope(uid):
                 g = self.graphs.get(key)
                 if g is not None and len(g):
-                    out.append(np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.int64))
+                    keys = np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.uint64)
+                    rows = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+                    # a stale key (NOTE [ deferred removals ]) is an older image of its row: dropped
+                    live = (self.rows["ver"][rows] == (keys >> np.uint64(32))) & (self.rows["stamp"][rows] != 0)
+                    out.append(rows[live])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def scope_rows(self, uid: int | None) -> int:
@@ -266,6 +293,8 @@ class AnnIndex:
         try:
             self._load_views()
             while not self._stop:
+                # the inserter's own CPU (inserts, removals, checks, saves), for the daemon's stats
+                self.counters["thread_cpu_s"] = round(time.thread_time(), 3)
                 with self.source.lock:
                     batch = list(itertools.islice(self.pending.items(), 4 * BATCH))
                     wait = self._pending_since + self.options.batch_wait_s - time.monotonic()
@@ -334,11 +363,13 @@ class AnnIndex:
             if g.view_path is None or self._stop:
                 continue
             index = Index.restore(g.view_path, view=False)
-            index.expansion_search = self.options.expansion_search
+            self._tune(index)
             loaded = _Graph(index)                          # measured outside the lock
             loaded.dirty = False
             with self._lock:
                 self.graphs[key] = loaded
+        if any(g.view_path is not None for g in self.graphs.values()):
+            return                                      # stopped first: the next start drops them
         with self._lock:
             for row in self._drop:
                 self._remove(row)
@@ -346,15 +377,24 @@ class AnnIndex:
         self._drop = []
 
     def _remove(self, row: int) -> None:
+        """Take ``row`` out of its graph (NOTE [ deferred removals ]: its key is left there, stale,
+        until the graph's next flush). Graph lock."""
         r = self.rows[row]
         if r["stamp"]:
             g = self.graphs.get(ALL if self.ident["shared"] else int(r["uid"]))
             if g is not None:
-                g.index.remove(row)
-                g.dirty = True
-                g.refresh()
-            self.rows[row] = (0, 0, 0)
+                g.stale.append(row | int(r["ver"]) << 32)
+            self.rows["stamp"][row] = self.rows["uid"][row] = self.rows["hash"][row] = 0   # ver kept
             self._held -= 1
+
+    def _flush(self, g: "_Graph", force: bool = False) -> None:
+        """Remove ``g``'s stale keys from it once they are STALE_SHARE of its nodes (or ``force``:
+        before a save). Graph lock."""
+        if g.stale and g.view_path is None and (force or len(g.stale) * STALE_SHARE >= len(g.index)):
+            g.index.remove(np.asarray(g.stale, np.uint64))
+            g.stale = []
+            g.dirty = True
+            g.refresh()
 
     def _insert(self, batch: list[tuple[int, int]]) -> None:
         """Insert ``batch`` (row, sequence number) into the graphs, 64 rows per hold of the graph
@@ -374,17 +414,24 @@ class AnnIndex:
                     g = self.graphs.get(key)
                     if g is None:
                         g = self.graphs[key] = _Graph(self._new_graph())
-                    g.index.add(rows[part], vectors[part], threads=self.options.threads)
+                    self._flush(g)
+                    at = rows[part]
+                    ver = self.rows["ver"][at] + np.uint32(1)   # wraps after 2**32 reuses of a row
+                    g.index.add(at.astype(np.uint64) | ver.astype(np.uint64) << np.uint64(32), vectors[part],
+                                threads=self.options.threads)
                     g.dirty = True
                     g.refresh()
-                    at = rows[part]
                     self.rows["stamp"][at], self.rows["uid"][at], self.rows["hash"][at] = stamp[part], uid[part], hash8[part]
+                    self.rows["ver"][at] = ver
                     self._held += len(at)
         self.counters["inserted"] += int(valid.sum())
         with self.source.lock:
             for row, seq in batch:
                 if self.pending.get(row) == seq:
                     del self.pending[row]
+            # the rows stored meanwhile wait for a batch of their own (NOTE [ batched inserts ]):
+            # from the oldest pending row's time, a tiny batch would go at once, each paying the pass
+            self._pending_since = time.monotonic()
         self._changed = True
 
     def _try_save(self) -> None:
@@ -404,6 +451,8 @@ class AnnIndex:
         generation = self._generation + 1
         scopes, keep = [], {"meta"}
         with self._lock:
+            for g in self.graphs.values():              # a saved graph holds no stale key
+                self._flush(g, force=True)
             rows = self.rows.copy()
             graphs = dict(self.graphs)
         for key, g in graphs.items():

@@ -66,7 +66,7 @@ index is measured against, answers small stores, and answers while a store of at
 EmbeddingIndexBusy (the daemon answers overloaded).
 
 NOTE [ searching ]
-The index proposes candidates (HNSW over float16 copies of the vectors, one graph per uid unless
+The index proposes candidates (HNSW over int8 copies of the vectors by default, one graph per uid unless
 shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
 to the asking uid and not pending (written since the index took them), adds every pending row the
 uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
@@ -177,19 +177,20 @@ def index_options(cfg) -> IndexOptions | None:
     if not cfg.index:
         return None
     return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
-                        expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
+                        scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
                         save_interval_s=cfg.index_save_interval_s)
 
 
-def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
+def remove_stale(directory: str, keep: str | list[str], log=_log) -> list[str]:
     """Remove from ``directory`` the stores that :func:`default_path` named for other models or
-    embedding definitions than ``keep``'s (and their ``.corrupt-*`` set-asides): one file per
+    embedding definitions than ``keep``'s (one path, or a list: a daemon of several models keeps
+    a store each) (and their ``.corrupt-*`` set-asides): one file per
     model ever served otherwise piles up in the cache directory (a GB at the default capacity),
     with the near-duplicate index directory (``.index``) of each. A store another process holds
     (its ``flock``: a daemon sharing the folder) is left alone, and so is its index. Returns the
     names of the stores removed; one log line says what and how much."""
-    keep_name = os.path.basename(keep)
+    keep_names = {os.path.basename(k) for k in ([keep] if isinstance(keep, str) else keep)}
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -197,11 +198,11 @@ def remove_stale(directory: str, keep: str, log=_log) -> list[str]:
     removed, freed = [], 0
     for name in names:
         base = name.split(".corrupt-")[0]
-        if name.startswith("embeddings-") and name.endswith(".store.index") and name != keep_name + ".index" \
+        if name.startswith("embeddings-") and name.endswith(".store.index") and name[:-len(".index")] not in keep_names \
                 and not os.path.exists(os.path.join(directory, name[:-len(".index")])):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)   # its store went before
             continue
-        if not (name.startswith("embeddings-") and base.endswith(".store")) or base == keep_name:
+        if not (name.startswith("embeddings-") and base.endswith(".store")) or base in keep_names:
             continue
         path = os.path.join(directory, name)
         try:
@@ -335,7 +336,7 @@ class EmbeddingStore:
 
     def _open_index(self, options: IndexOptions, log) -> None:
         ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
-                 "shared": self.shared, "connectivity": options.connectivity,
+                 "shared": self.shared, "scalar": options.scalar, "connectivity": options.connectivity,
                  "expansion_add": options.expansion_add}
         source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
         self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
@@ -640,6 +641,13 @@ class EmbeddingStore:
         best = best[np.argsort(-sims[best], kind="stable")]
         return [(self._hashes[i], self._tags[i], float(sims[j]))
                 for i, j in zip(rows[best].tolist(), best.tolist()) if sims[j] >= min_similarity]
+
+    @property
+    def checking(self) -> bool:
+        """Whether the vectors of a reopened store are still being checked (NOTE [ vectors checked
+        when first used ]): a start-up cost, about a second of a core at a million rows."""
+        sweeper = self._sweeper
+        return sweeper is not None and sweeper.is_alive()
 
     def index_stats(self) -> dict | None:
         """The near-duplicate index's counters (rows, pending, reopened, rebuilt ...), or None."""

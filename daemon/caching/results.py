@@ -166,7 +166,11 @@ class Caches:
         self.digest = digest
         self.counters = counters
         self.cache: cachefile.ResultCache | None = None
-        self.store = None
+        self.store = None                   # the first (default) model's embedding store
+        # with several models, the stores of the others, by model id (daemon/models/catalog.py):
+        # each model's embeddings in a file of its own digest, so versions never share rows
+        self.stores: dict = {}
+        self.first_mid = 0                  # the model whose store is ``store`` (the scheduler's first)
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
         self._looked = 0                    # looked-up misses seen at a low hit rate
@@ -180,7 +184,11 @@ class Caches:
 
     @property
     def hashing(self) -> bool:
-        return self.cache is not None or self.store is not None
+        return self.cache is not None or self.store is not None or bool(self.stores)
+
+    def store_for(self, mid: int):
+        """Model ``mid``'s embedding store, or None."""
+        return self.store if mid == self.first_mid else self.stores.get(mid)
 
     # what a new session is handed at hello (daemon/front/handshake.py) ---------------------------
     def share_cache(self) -> int | None:
@@ -202,14 +210,20 @@ class Caches:
         self.keep_k = min(self.cache.geometry.max_k, len(self.spec.labels))
         log.info("result cache %s: %d MiB", path, c.size_mb)
 
-    def open_store(self, path: str, dim: int, embedding: str = "") -> None:
-        """Open the embedding store (``embedding``: the definition's id, daemon/models/embedding_pooling.py)."""
+    def open_store(self, path: str, dim: int, embedding: str = "", mid: int | None = None):
+        """Open the embedding store (``embedding``: the definition's id, daemon/models/embedding_pooling.py)
+        of the first model, or of model ``mid``; returns it."""
         private_directory(os.path.dirname(path) or ".")
-        self.store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
-                                         shared=self.cfg.embeddings.shared, log=log, embedding=embedding,
-                                         index=index_options(self.cfg.embeddings))
-        log.info("embedding store %s: %d of %d rows, dim %d", path, len(self.store),
+        store = EmbeddingStore.open(path, self.cfg.embeddings.capacity, dim,
+                                    shared=self.cfg.embeddings.shared, log=log, embedding=embedding,
+                                    index=index_options(self.cfg.embeddings))
+        if mid is None or mid == self.first_mid:
+            self.store = store
+        else:
+            self.stores[mid] = store
+        log.info("embedding store %s: %d of %d rows, dim %d", path, len(store),
                  self.cfg.embeddings.capacity, dim)
+        return store
 
     def hashing_for(self, looked, op: str, tag) -> tuple[str, bool]:
         """Where a request's frame is hashed, decided at admission in O(1) (the caller checks
@@ -219,7 +233,7 @@ class Caches:
         misses ]), and whether a STAGED request is sampled for insert)."""
         if op != "classify" or self.l2 is not None:
             return LOOP, False
-        if looked is not True or tag is not None or self.store is not None or self.cache is None \
+        if looked is not True or tag is not None or self.store is not None or self.stores or self.cache is None \
                 or self.hit_rate >= self.cfg.cache.min_hit_rate:
             return STAGED, False
         self._looked += 1
@@ -340,10 +354,11 @@ class Caches:
             self.counters["client_hits"] += n
             self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
 
-    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int, insert: bool = False) -> None:
+    def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int, insert: bool = False,
+                 mid: int | None = None) -> None:
         """After a computed answer: insert (sampled while the hit rate is low, always when
         ``insert``: sampled at admission, NOTE [ unhashed misses ]), keep the embedding as
-        ``uid``'s (the uid of the request's session)."""
+        ``uid``'s (the uid of the request's session) in its model's (``mid``) store."""
         if self.cache is not None and key:
             self._misses += 1
             if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
@@ -353,8 +368,9 @@ class Caches:
                 self.counters["inserts"] += 1
             else:
                 self.counters["inserts_skipped"] += 1
-        if self.store is not None and vector is not None and content:
-            self.store.add(content, vector, tag, uid=uid)
+        store = self.store if mid is None or mid == self.first_mid else self.stores.get(mid)
+        if store is not None and vector is not None and content:
+            store.add(content, vector, tag, uid=uid)
         if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
             self.l2.store(key, top)
 
@@ -366,14 +382,15 @@ class Caches:
                 self.counters["evictions"] += 1
             self.counters["inserts"] += 1
 
-    def retag(self, content: bytes, tag, uid: int) -> None:
+    def retag(self, content: bytes, tag, uid: int, mid: int | None = None) -> None:
         """A tagged request of ``uid`` answered from the cache: ``uid``'s row for the frame takes
         the tag. The vector may come from any uid's row (it depends on the bytes alone and is not
         sent anywhere); no other uid's row or tag changes."""
-        if tag is not None and self.store is not None:
-            vector = self.store.get(content, uid=None)
+        store = self.store if mid is None or mid == self.first_mid else self.stores.get(mid)
+        if tag is not None and store is not None:
+            vector = store.get(content, uid=None)
             if vector is not None:
-                self.store.add(content, vector, tag, uid=uid)
+                store.add(content, vector, tag, uid=uid)
 
     def stats(self) -> dict:
         c = self.counters
@@ -389,6 +406,7 @@ class Caches:
             out["file"] = self.cache.stats()
         if self.store is not None:
             out["embeddings"] = len(self.store)
+            out["embeddings_checking"] = self.store.checking
             if (index := self.store.index_stats()) is not None:
                 out["embedding_index"] = index
         if self.l2 is not None:
@@ -398,7 +416,7 @@ class Caches:
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)
-        for thing in (self.cache, self.store):
+        for thing in (self.cache, self.store, *self.stores.values()):
             if thing is not None:
                 thing.close()
 

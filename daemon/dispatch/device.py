@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .profile import LatencyProfile
+from .lanes import ModelLanes
 from .queues import DeviceQueue, StagingLead
 
 HEALTHY, OUT, PROBING, DISABLED = "healthy", "out", "probing", "disabled"
@@ -21,13 +22,14 @@ class Device:
         self.name = name
         self.torch_device = torch.device(name)
         self.threads = threads
+        self._clock = clock
         self.queue = DeviceQueue(clock) if clock else DeviceQueue()
         # the measured latency per batch size of each model (by model id, daemon/models/catalog.py);
         # ``profile`` is model 0's (the only one of a one-model daemon): readiness, stats, retry hints
         self.profiles = [LatencyProfile()]
         self.profile = self.profiles[0]
-        self.running_mid = 0               # the model of the running batch (its executor sets it)
-        self.staged_mid = 0                # ... and of the batch staged behind it (its collector)
+        self.running_profile = self.profile    # the profile of the running batch's model (its executor)
+        self.staged_profile = self.profile     # ... and of the batch staged behind it (its collector)
         self.lead = StagingLead()          # rule 0's lead, learnt by its collector (queues.py)
         self.collector = None              # its pipeline's Collector thread (daemon/pipeline/collector.py)
         self.executor = None               # ... and Executor thread (daemon/pipeline/executor.py)
@@ -49,13 +51,44 @@ class Device:
         self.outs = 0                      # times taken out of rotation (its executor reads it)
         self.kept_since = None             # start of a batch kept past its bound (the only device)
 
-    def use_models(self, count: int) -> None:
-        """A latency profile for each of ``count`` models (at start-up)."""
-        self.profiles = [self.profiles[0], *(LatencyProfile() for _ in range(count - 1))]
+    def use_models(self, shares: list[float], make_order, max_batch: int) -> None:
+        """Several models (by id, ``shares`` their weights): a latency profile and a queue lane
+        each (daemon/dispatch/lanes.py). At start-up, while the queue is empty."""
+        self.profiles = [self.profile, *(LatencyProfile() for _ in shares[1:])]
+        self.queue = ModelLanes(make_order, shares, lambda mid, n: self.profiles[mid].latency(n), max_batch,
+                                *([self._clock] if self._clock else []))
+
+    def add_model(self, mid: int, shares: list[float], make_order, max_batch: int) -> None:
+        """Model ``mid`` loaded live (a new id, or one an unloaded model left; ``shares``: each
+        id's weight): a fresh latency profile (its executor puts the one its warm-up taught in its
+        place) and a lane. A one-model device's queue becomes lanes here: its queued requests move
+        to lane 0 in their order, in one step on the loop (the only thread that puts), and its
+        collector, waiting in the old queue's ``take``, comes to the new one within its idle timeout."""
+        if mid > len(self.profiles):
+            raise RuntimeError(f"model id {mid} after {len(self.profiles)}: every device has a lane per model id")
+        if not isinstance(self.queue, ModelLanes):
+            old = self.queue
+            lanes = ModelLanes(make_order, shares[:mid], lambda m, n: self.profiles[m].latency(n), max_batch,
+                               *([self._clock] if self._clock else []))
+            moved = old.drain()
+            if moved:
+                lanes.put_front(moved)
+            self.queue = lanes
+            old.poke()
+        self.queue.add_lane(mid, make_order(), shares[mid])
+        if mid == len(self.profiles):
+            self.profiles.append(LatencyProfile())
+        else:
+            self.profiles[mid] = LatencyProfile()
+
+    def set_share(self, mid: int, share: float) -> None:
+        """Model ``mid``'s weight of this device from now on (one model: nothing to share)."""
+        if isinstance(self.queue, ModelLanes):
+            self.queue.set_share(mid, share)
 
     def running_latency(self) -> float:
         """Expected seconds of the running batch (0: none)."""
-        return self.profiles[self.running_mid].latency(self.running_size) if self.running_size else 0.0
+        return self.running_profile.latency(self.running_size) if self.running_size else 0.0
 
     def stage_lead(self) -> float:
         """Seconds before this device is free that its collector closes the next batch (rule 0 of

@@ -50,8 +50,7 @@ class HealthMonitor:
         self.tick = min(0.1, cfg.watchdog_floor_s / 5)
 
     def bound(self, dev, size: int) -> float:
-        factor = self.cfg.watchdog_factor        # the running batch's model's profile
-        return max(self.cfg.watchdog_floor_s, factor * dev.profiles[dev.running_mid].latency(size))
+        return max(self.cfg.watchdog_floor_s, self.cfg.watchdog_factor * dev.running_profile.latency(size))
 
     def batch_ok(self, dev, canary: bool) -> None:
         dev.failures = 0

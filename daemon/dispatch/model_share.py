@@ -1,7 +1,7 @@
 """Which model a device serves next when several have work: the policy over a device's lanes.
 
-A DeviceQueue (daemon/dispatch/queues.py) holds one lane per model (the mechanism: orders, lock,
-blocking take); this module only decides which lane the next batch comes from. Pure bookkeeping,
+A device of several models queues in ModelLanes (daemon/dispatch/lanes.py: one lane per model,
+the lock, the blocking take); this module only decides which lane the next batch comes from. Pure bookkeeping,
 no lock, no clock, no threads: the queue calls it under its lock, and tests drive it batch by batch
 (tests/unit/test_model_share.py).
 
@@ -32,12 +32,12 @@ the arrivals. Runs bound the switches: a lane's run lasts until it is RUN_S (8 m
 weighted seconds) ahead of the lane furthest behind, so while two models both have work a switch
 happens about every 2 x RUN_S x weight of device time, never every batch (when a batch is longer,
 every batch; then a switch is a small part of it anyway). Measured here (bench/models, a CPU
-device, one thread, batch 8 at 64x64, two runs): a batch of shapes after a batch of resnet18 took
-1.02-1.08x a batch of shapes after shapes, resnet18 after shapes 0.96-1.02x of resnet18 after
+device, one thread, batch 8 at 64x64, three runs): a batch of shapes after a batch of resnet18
+took 1.02-1.08x a batch of shapes after shapes, resnet18 after shapes 0.92-1.02x of resnet18 after
 resnet18: within this shared host's noise (the weights, 0.1 and 45 MB, and the activations do not
 stay in this CPU's caches between batches either way), so RUN_S is kept short, for latency. A deadline overrides the run: a lane
 whose front request would miss its deadline if it waited for one more batch of the current lane
-goes first (``urgent`` in DeviceQueue._choose) and is charged as any other batch.
+goes first (ModelLanes._choose, daemon/dispatch/lanes.py) and is charged as any other batch.
 """
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ RUN_S = 0.008
 class ModelShare:
     """Weighted fair queueing over lanes ``0 .. len(shares) - 1`` (NOTE [ model share ])."""
 
-    __slots__ = ("weight", "vt", "ring", "current", "now_vt", "run_s", "turns", "served")
+    __slots__ = ("weight", "vt", "ring", "current", "now_vt", "run_s", "turns", "served", "low")
 
     def __init__(self, shares: list[float], run_s: float = RUN_S):
-        low = min(shares) if shares else 1.0
+        low = self.low = min(shares) if shares else 1.0
         self.weight = [s / low for s in shares]
         self.vt = [0.0] * len(shares)      # weighted device seconds charged to each lane
         self.ring: list[int] = []          # lanes with queued work, in the order they got it
@@ -60,6 +60,16 @@ class ModelShare:
         self.run_s = run_s
         self.turns = 0                     # runs begun (stats)
         self.served = [0.0] * len(shares)  # device seconds charged per lane (stats, the share test)
+
+    def add(self, lane: int, share: float) -> None:
+        """Lane ``lane`` (a new one, or an idle one whose model was unloaded) serves a model of
+        ``share`` from now on (a model loaded live): it starts level with the lanes served now."""
+        if lane == len(self.weight):
+            self.weight.append(0.0)
+            self.vt.append(0.0)
+            self.served.append(0.0)
+        self.weight[lane] = share / self.low
+        self.vt[lane], self.served[lane] = self.now_vt, 0.0
 
     def active(self, lane: int) -> None:
         """``lane`` got work while it had none; at most ``run_s`` of credit is kept."""

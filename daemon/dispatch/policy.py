@@ -49,10 +49,10 @@ def busy_until(dev, now: float) -> float:
     t = now
     started, size = dev.running_since, dev.running_size
     if started is not None:
-        t = max(t, started + dev.profiles[dev.running_mid].latency(size))
+        t = max(t, started + dev.running_profile.latency(size))
     staged = dev.staged
     if staged:
-        t += dev.profiles[dev.staged_mid].latency(len(staged))
+        t += dev.staged_profile.latency(len(staged))
     return t
 
 
@@ -65,7 +65,7 @@ def backlog(dev, now: float, max_batch: int, extra: int = 0, mid: int = 0) -> fl
 def finish_in(dev, now: float, max_batch: int, frames: int, mid: int = 0) -> float:
     """Seconds until ``dev`` would finish the batch it runs and the next ``frames`` it serves (a
     request's place in the fair order, for admission: NOTE [ batch planning ])."""
-    return running_left(dev, now) + drain_time(dev.profiles[mid].latency, frames, max_batch)
+    return running_left(dev, now) + drain_time((dev.profiles[mid] if mid else dev.profile).latency, frames, max_batch)
 
 
 class Weighted:
@@ -76,11 +76,14 @@ class Weighted:
         """The healthy device (not ``exclude``; one ``served`` may run on, when given) with the
         earliest expected finish for one more request, or None."""
         best, best_key = None, None
-        mid = served.mid if served is not None else 0
+        mid = 0
+        if served is not None:              # several models: its devices, its profile
+            devices = [d for d in devices if served.runs_on(d.index)]
+            mid = served.mid
         for dev in devices:
-            if not dev.healthy or dev is exclude or (served is not None and not served.runs_on(dev.index)):
+            if not dev.healthy or dev is exclude:
                 continue
-            key = (backlog(dev, now, max_batch, extra=1, mid=mid), dev.outstanding, dev.index)
+            key = (backlog(dev, now, max_batch, 1, mid), dev.outstanding, dev.index)
             if best_key is None or key < best_key:
                 best, best_key = dev, key
         return best

@@ -95,7 +95,6 @@ import time
 from typing import Callable
 
 from .fairness import Fifo
-from .model_share import ModelShare
 
 
 LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 0)
@@ -252,12 +251,6 @@ class DeviceQueue:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, order=None):
         self._items = order if order is not None else Fifo()
-        # one lane (an order) per model this device serves; lane i is model id i
-        # (daemon/models/catalog.py). One model: ``_items`` alone, no policy (NOTE [ model share ])
-        self._lanes = [self._items]
-        self._share: ModelShare | None = None
-        self._latency: Callable[[int, int], float] = lambda mid, n: 0.0
-        self._max_batch = 1
         self._cond = threading.Condition(threading.Lock())
         self._clock = clock
         self._last_put = None
@@ -267,38 +260,14 @@ class DeviceQueue:
         self._listening = True       # a waiting take wants to hear of arrivals (not in rule 0)
 
     def __len__(self) -> int:
-        if self._share is None:
-            return len(self._items)
-        return sum(map(len, self._lanes))
+        return len(self._items)
 
     def use(self, order) -> None:
         """Serve in ``order`` (daemon/dispatch/fairness.py) from now on; only while empty (at start-up)."""
         with self._cond:
-            if len(self):
+            if len(self._items):
                 raise RuntimeError("a device queue's order can change only while it is empty")
             self._items = order
-            self._lanes = [order]
-
-    def use_models(self, make_order: Callable[[], object], shares: list[float],
-                   latency: Callable[[int, int], float], max_batch: int) -> None:
-        """One lane per model (model ids 0 .. len(shares) - 1), each in an order ``make_order()``
-        makes, shared by ModelShare by ``shares`` (NOTE [ model share ]); ``latency(mid, n)``: a
-        batch's expected seconds on this device. One model: the plain queue. At start-up only."""
-        with self._cond:
-            if len(self):
-                raise RuntimeError("a device queue's lanes can change only while it is empty")
-            self._lanes = [make_order() for _ in shares] or [make_order()]
-            self._items = self._lanes[0]
-            self._share = ModelShare(shares) if len(shares) > 1 else None
-            self._latency, self._max_batch = latency, max_batch
-
-    def lane_len(self, mid: int) -> int:
-        return len(self._lanes[mid])
-
-    def share_served(self) -> list[float]:
-        """Device seconds charged to each model's lane so far (one model: [])."""
-        share = self._share
-        return list(share.served) if share is not None else []
 
     def put(self, item) -> None:
         with self._cond:
@@ -308,13 +277,7 @@ class DeviceQueue:
                 self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
             self._last_put = now
             self._arrived(getattr(item, "session", None))
-            if self._share is None:
-                self._items.push(item)
-            else:
-                lane = self._lanes[item.mid]
-                if not len(lane):
-                    self._share.active(item.mid)
-                lane.push(item)
+            self._items.push(item)
             if self._listening:
                 self._cond.notify()
 
@@ -354,63 +317,30 @@ class DeviceQueue:
     def put_front(self, items: list) -> None:
         """Put requests back at the front, oldest first (re-dispatched work keeps its age)."""
         with self._cond:
-            if self._share is None:
-                self._items.push_front(items)
-            else:
-                for mid in sorted({r.mid for r in items}):
-                    lane = self._lanes[mid]
-                    if not len(lane):
-                        self._share.active(mid)
-                    lane.push_front([r for r in items if r.mid == mid])
+            self._items.push_front(items)
             self._cond.notify()
 
     def drain(self) -> list:
-        """Take every queued request (the device leaves rotation), in serving order (lane by lane)."""
+        """Take every queued request (the device leaves rotation), in serving order."""
         with self._cond:
-            if self._share is None:
-                return self._items.clear()
-            out = []
-            for mid, lane in enumerate(self._lanes):
-                out += lane.clear()
-                self._share.idle(mid)
-            return out
+            return self._items.clear()
 
     def steal(self, count: int, serves: Callable[[int], bool] | None = None) -> list:
         """Take up to ``count`` requests from the back (newest; under fair share, of the longest
-        flow), oldest of them first; with several models, of the longest lane among the models
-        ``serves(mid)`` allows (a batch is one model's)."""
+        flow), oldest of them first. (``serves``: the models the thief runs; one model here.)"""
         with self._cond:
-            if self._share is None:
-                return self._items.take_newest(count)
-            lanes = [(len(lane), mid) for mid, lane in enumerate(self._lanes)
-                     if len(lane) and (serves is None or serves(mid))]
-            if not lanes:
-                return []
-            mid = max(lanes)[1]
-            taken = self._lanes[mid].take_newest(count)
-            if not len(self._lanes[mid]):
-                self._share.idle(mid)
-            return taken
+            return self._items.take_newest(count)
 
     def ahead(self, flow, mid: int = 0) -> int:
-        """Requests expected to be served before one more of ``flow`` (a uid) of model ``mid``:
-        for admission. With several models, its lane's fair order plus the other lanes' work the
-        device serves meanwhile by their shares (NOTE [ model share ]), at most what they hold."""
+        """Requests expected to be served before one more of ``flow`` (a uid): for admission.
+        (``mid``: the request's model; one model here, daemon/dispatch/lanes.py for several.)"""
         with self._cond:
-            share = self._share
-            if share is None:
-                return self._items.ahead(flow)
-            mine = self._lanes[mid].ahead(flow)
-            others = [(len(lane), share.weight[i]) for i, lane in enumerate(self._lanes) if i != mid and len(lane)]
-            if not others:
-                return mine
-            ratio = sum(w for _, w in others) / share.weight[mid]
-            return mine + min(sum(n for n, _ in others), math.ceil((mine + 1) * ratio))
+            return self._items.ahead(flow)
 
     def over_share(self, flow, limit: int, mid: int = 0) -> bool:
         """``flow`` holds at least its share of ``limit`` queued requests (fair share off: always)."""
         with self._cond:
-            return self._lanes[mid].over_share(flow, limit)
+            return self._items.over_share(flow, limit)
 
     def poke(self) -> None:
         """Make a waiting ``take`` plan again now (its device became free sooner than expected)."""
@@ -423,40 +353,25 @@ class DeviceQueue:
             self._stopped = True
             self._cond.notify_all()
 
-    def _choose(self, now: float) -> int:
-        """The lane the next batch comes from (several models): ModelShare's run, unless another
-        lane's front request would miss its deadline behind one more batch of that lane
-        (NOTE [ model share ]). Under the lock."""
-        share = self._share
-        ring = share.ring
-        if len(ring) == 1:
-            return ring[0]
-        lane = share.head()
-        B, latency = self._max_batch, self._latency
-        after = now + latency(lane, min(len(self._lanes[lane]), B))
-        urgent, soonest = lane, math.inf
-        for mid in ring:
-            if mid == lane:
-                continue
-            order = self._lanes[mid]
-            front = next(order.upcoming())
-            due = front.deadline
-            if due < soonest and due < after + latency(mid, min(len(order), B)):
-                urgent, soonest = mid, due
-        return urgent
+    def lane_len(self, mid: int) -> int:
+        return len(self._items)
+
+    def share_served(self) -> list[float]:
+        """Device seconds charged to each model (several models: daemon/dispatch/lanes.py)."""
+        return []
 
     def take(self, plan: Callable[[float, object, list], tuple[int, float]],
              idle_timeout: float) -> list | None:
         """Block until ``plan`` says go, and return that many requests from the front of the
         order (``plan`` reads them front-first: ``len`` and indexing; its third argument is the
-        expected arrivals; with several models a fourth, the model id of the lane it plans, and
-        the batch is that lane's alone: batches never mix models). Returns [] when the queue
+        expected arrivals; ModelLanes passes a fourth, the model of the lane it plans, and the
+        batch is that lane's alone). Returns [] when the queue
         stayed empty for ``idle_timeout`` (the caller may steal or beat its heartbeat), None once
         stopped and empty."""
         with self._cond:
             idle_until = self._clock() + idle_timeout
             while True:
-                if not len(self):
+                if self._empty():
                     if self._stopped:
                         return None
                     left = idle_until - self._clock()
@@ -464,21 +379,21 @@ class DeviceQueue:
                         return []
                     self._cond.wait(left)
                     continue
-                now = self._clock()
-                if self._share is None:
-                    count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
-                    if count:
-                        return [self._items.pop() for _ in range(count)]
-                else:
-                    mid = self._choose(now)
-                    lane = self._lanes[mid]
-                    count, until, *listen = plan(now, _Ahead(lane), self._expected_times(now), mid)
-                    if count:
-                        batch = [lane.pop() for _ in range(count)]
-                        self._share.charge(mid, self._latency(mid, count))
-                        if not len(lane):
-                            self._share.idle(mid)
-                        return batch
-                self._listening = not listen or listen[0]
+                batch, until, listen = self._next(plan, self._clock())
+                if batch:
+                    return batch
+                self._listening = listen
                 self._cond.wait(max(until - self._clock(), 0.0))
                 self._listening = True
+
+    # what ModelLanes (daemon/dispatch/lanes.py) changes: under the lock, once per batch ----------
+    def _empty(self) -> bool:
+        return not self._items
+
+    def _next(self, plan, now: float) -> tuple[list | None, float, bool]:
+        """The batch ``plan`` says go with now, or (None, when to ask again, whether an arrival
+        should wake the wait)."""
+        count, until, *listen = plan(now, _Ahead(self._items), self._expected_times(now))
+        if count:
+            return [self._items.pop() for _ in range(count)], 0.0, True
+        return None, until, not listen or listen[0]

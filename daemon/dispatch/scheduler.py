@@ -75,6 +75,7 @@ class Scheduler:
         if not isinstance(catalog, Catalog):   # a LoadedModel alone: a one-model catalog
             catalog = Catalog.of([(None, catalog)])
         self.catalog = catalog
+        self.several = not catalog.single   # replies say which model answered (``_stamp``)
         # the default model at start: the Served whose keys, store and generation the caches hold,
         # hello's ``model`` (what a client that names none is told), and a reload's target
         self.first = catalog.default_served
@@ -92,19 +93,26 @@ class Scheduler:
                                     send_canary=self._send_canary, counters=self.counters, clock=clock,
                                     stats=self.stats)
         self.caches = Caches(cfg, self.model.spec, self.model.digest, self.counters)
+        self.caches.first_mid = self.first.mid
         if cfg.dispatch.fair_share:         # NOTE [ batch planning ] in daemon/dispatch/queues.py
             quantum = fairness.quanta(principal_weights(cfg))
             make = lambda: fairness.DeficitRoundRobin(_flow_of, quantum)
         else:
             make = fairness.Fifo
+        self._make_order = make             # a model loaded live gets its lanes in it (add_lanes)
         shares = [s.share for s in catalog.by_id]
         for dev in devices:
             if len(shares) > 1:             # a lane per model, shared by NOTE [ model share ]
-                dev.use_models(len(shares))
-                dev.queue.use_models(make, shares, lambda mid, n, d=dev: d.profiles[mid].latency(n),
-                                     cfg.batching.max_batch)
+                dev.use_models(shares, make, cfg.batching.max_batch)
             elif cfg.dispatch.fair_share:
                 dev.queue.use(make())
+
+    def add_lanes(self, mid: int, shares: list[float]) -> None:
+        """A lane and a latency profile for model ``mid`` on every device (a model loaded live,
+        daemon/ops/model_ops.py; ``shares``: each model id's weight). Empty until the catalog
+        routes requests to it."""
+        for dev in self.devices:
+            dev.add_model(mid, shares, self._make_order, self.cfg.batching.max_batch)
 
     @property
     def gen(self) -> int:
@@ -193,10 +201,9 @@ class Scheduler:
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
         caches.client_hits(msg.get("hits"))
-        if op != "classify" and (caches.store is None or served is not self.first):
+        if op != "classify" and caches.store_for(served.mid) is None:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: model {served.name} exposes none, "
-                           "or embeddings.enabled is false (with several models, the embedding store "
-                           f"keeps {self.first.name} version {self.first.version}'s)")
+                           "or embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
         logits = check_logits(msg, served.spec, op)
         args = check_near(msg) if op == "near" else None
@@ -228,7 +235,7 @@ class Scheduler:
             staged = where == STAGED
         request = Request(session, session.ring, rid, slot, top_k, now, now + timeout, frame=frame,
                           key=key or b"", content=content or b"", hash=staged, insert=insert, op=op,
-                          tag=tag, args=args, gen=served.gen, logits=logits, served=served, mid=served.mid)
+                          tag=tag, args=args, gen=served.model.gen, logits=logits, served=served, mid=served.mid)
         session.inflight[slot] = rid
         if upload is not None:              # every slot of the run held until the reply, like the frame's
             for s in upload[0]:
@@ -238,6 +245,7 @@ class Scheduler:
         if key and op == "classify" and not logits:
             session.claim(key, request)
         self.outstanding += 1
+        served.inflight += 1                # an unloaded model is freed once none is left
         session.think.submitted(session, now, device.queue)    # NOTE [ batch planning ]
         # NOTE [ fleet cache ] in daemon/caching/fleet/cache.py
         if caches.l2 is not None and key and op == "classify" and not logits:
@@ -256,7 +264,7 @@ class Scheduler:
             return
         if top is not None and r.gen == r.served.gen:
             self.caches.adopt(r.key, top)
-            self.caches.retag(r.content, r.tag, r.session.peer[1])
+            self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
             self.stats.outcome("cached_l2", served=r.served)   # its coalesced followers were counted at admission
             replies: dict = {}
             r.answer = top
@@ -274,7 +282,7 @@ class Scheduler:
         if op == "classify" and caches.cache is not None:
             hit = caches.lookup(key, top_k)
             if hit is not None:
-                caches.retag(content, tag, session.peer[1])
+                caches.retag(content, tag, session.peer[1], served.mid)
                 self.stats.outcome("cached", served=served)
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, served.gen, served))
@@ -288,9 +296,9 @@ class Scheduler:
                 self.stats.outcome("coalesced", served=served)
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
-            vector = caches.store.get(content, uid=session.peer[1])   # its own row (unless shared)
+            vector = caches.store_for(served.mid).get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
-                caches.retag(content, tag, session.peer[1])     # a new tag wins, as classify's does
+                caches.retag(content, tag, session.peer[1], served.mid)     # a new tag wins, as classify's does
                 self.stats.outcome("cached", served=served)
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None),
                                          served.gen, served))
@@ -308,7 +316,7 @@ class Scheduler:
                            f"flight (server.max_inflight_per_uid {server.max_inflight_per_uid}); wait "
                            "for replies, or ask the operator to raise the limit",
                            retry_after_ms=self._batch_ms())
-        device = self.policy.choose(self.devices, now, max_batch, served=served if served.devices else None)
+        device = self.policy.choose(self.devices, now, max_batch, served=served if self.several else None)
         if device is None:
             self.counters["no_healthy_device"] += 1
             raise Rejected(wire.E_NO_HEALTHY_DEVICE, _none_in_rotation(self.devices))
@@ -428,7 +436,7 @@ class Scheduler:
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1])
+                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
                 self.stats.outcome("cached", served=r.served)
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
@@ -443,6 +451,7 @@ class Scheduler:
                 r.done = True
                 r.device.outstanding -= 1
                 self.outstanding -= 1
+                self._let_go(r.served)
             elif leader.answer is not None:
                 self._answer(replies, r, lambda rid, k, top=leader.answer: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]]}, r.served.gen)
@@ -470,19 +479,21 @@ class Scheduler:
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
         answered = []
+        # a batch is one model's: is its generation the one serving now?
+        current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
         for e in result.with_outcome(Outcome.DONE):
             if not live(e):
                 continue
             r, top, vector = e.request, e.top, e.embedding
             result.device.frames += 1
             answered.append(r)
-            if r.op != "near" and result.gen == r.served.gen:   # a query is searched, never stored;
+            if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert)
+                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
             if r.op == "classify":
                 r.answer = top
-                if e.upload is not None and result.gen == r.served.gen:
+                if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
@@ -510,15 +521,24 @@ class Scheduler:
     def _stamp(self, session, message: dict, gen: int, served=None) -> dict:
         """Mark an answer with the model generation that computed it, and with several models
         which one (``served``: [name, version]); the first answer of a newer generation of the
-        first model than the session knows also carries that model's description."""
+        first model than the session knows also carries that model's description, and the first
+        answer of another model (or of its new generation) to a session carries that one's
+        (``served_model``): a model loaded or swapped after hello, or a canary version the client
+        never heard of, is named by its own labels, never the default model's."""
         if message.get("ok"):
             message["gen"] = gen
-            if served is not None and not self.catalog.single:
+            if (self.several or served is not self.first) and served is not None:
+                # (a model unloaded still answers the requests admitted before: stamped too)
                 message["served"] = [served.name, served.version]
                 if served is not self.first:
+                    told, key = session.told_models, (served.name, served.version)
+                    if gen == served.gen and told.get(key) != (served.digest, gen):
+                        told[key] = (served.digest, gen)
+                        message["served_model"] = served.describe()
                     return message
             if gen > session.told_gen and gen == self.gen:
-                message["model"] = self.model.describe()
+                # (several models: with its version, so a client files it under (name, version))
+                message["model"] = self.first.describe() if self.several else self.model.describe()
                 session.told_gen = gen
         return message
 
@@ -555,10 +575,24 @@ class Scheduler:
             session.unclaim(r.key, r)
         r.device.outstanding -= 1
         self.outstanding -= 1
+        served = r.served
+        if served is not None:              # (Scheduler._let_go, inline: once per request)
+            served.inflight -= 1
+            if served.retired and not served.inflight and served.on_idle is not None:
+                served.on_idle()
         if session.closed and not session.inflight:
             session.release_ring()
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
             self.on_idle()
+
+    @staticmethod
+    def _let_go(served) -> None:
+        """One request of ``served`` answered; the last one of an unloaded model lets it be freed."""
+        if served is None:
+            return
+        served.inflight -= 1
+        if served.retired and not served.inflight and served.on_idle is not None:
+            served.on_idle()
 
     # failures ---------------------------------------------------------------------------------
     def _redispatch(self, requests: list, failed_dev, why: str) -> None:
@@ -569,7 +603,7 @@ class Scheduler:
         for r in requests:
             r.attempt += 1
             target = self.policy.choose(self.devices, now, max_batch, exclude=failed_dev,
-                                        served=r.served if r.served is not None and r.served.devices else None)
+                                        served=r.served if self.several else None)
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1
@@ -598,9 +632,10 @@ class Scheduler:
         self._redispatch(moved, dev, f"device {dev.label} left rotation: {reason}")
 
     def _send_canary(self, dev) -> None:
-        """A blank frame of the first model this device runs."""
+        """A blank frame of the first model this device runs: the daemon's first model where it
+        runs (it is never unloaded, so no canary can outlive its model's replica)."""
         now = self._clock()
-        served = self.catalog.on_device(dev.index)[0]
+        served = self.first if self.first.runs_on(dev.index) else self.catalog.on_device(dev.index)[0]
         dev.queue.put(Request(None, None, -1, -1, 1, now, now + 3600.0, dev, served=served, mid=served.mid))
 
     def describe(self) -> dict:

@@ -32,6 +32,17 @@ at a time per connection, each answered before the next is read::
     promote      model (a name), version        promoted {name, version}, route: every request
                  (optional: the canary)         naming no version gets it from now on
                                                 (daemon/models/catalog.py); unknown_model else
+    models       -                              models [{name, version, route, default, devices,
+                                                share, digest, gen, inflight, state (serving |
+                                                unloading)}, ...], routes, default_model
+    load         name, model (a file path or    loaded {name, version, digest, gen}, route,
+                 a built-in name), version,     seconds: served from the next request on
+                 devices, share, canary_percent, (NOTE [ live models ] in daemon/ops/model_ops.py);
+                 canary_uids; set: any other    invalid_input (a bad key, served already),
+                 [[models]] keys                reload_failed (does not load): nothing changed
+    unload       name, version (optional:       unloaded [{name, version, digest, gen}], answered
+                 every version of the name)     (its requests admitted before, all answered),
+                                                seconds: replied once it is freed; unknown_model
 
 Errors are the client protocol's (``bad_request``, ``unknown_op``, ``invalid_input``, ...) plus
 ``reload_failed``. ``inferctl`` (inferd.client.cli) is the command-line face of this socket.
@@ -44,6 +55,7 @@ import os
 
 from .listener import Listener, group_gid, peer_credentials, peer_groups
 from ..ops.logs import RateLimitedLog
+from ..ops.model_ops import ModelOpError
 from ..ops.reload import ReloadError
 from .admission import Rejected
 from ...shm import wire
@@ -55,7 +67,8 @@ _refused = RateLimitedLog(log, interval=10.0)
 
 MAX_CONNECTIONS = 32            # concurrent admin connections (inferctl top holds one)
 MAX_FRAME = 64 * 1024
-OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device", "promote")
+OPS = ("health", "stats", "metrics", "reload", "drain", "flush_cache", "device", "promote", "models", "load",
+       "unload")
 
 
 class AdminServer:
@@ -158,7 +171,7 @@ class AdminServer:
                 try:
                     name, version = msg.get("name"), msg.get("version")
                     served = server.swap.target(name, version)     # several models: the one named
-                    configured = served.config if not server.catalog.single else server.cfg.model
+                    configured = served.config if served.config is not None else server.cfg.model
                     body = await server.swap.reload(configured, source, section, settings, served)
                 except ReloadError as exc:
                     raise Rejected(wire.E_RELOAD_FAILED, str(exc)) from None
@@ -168,6 +181,10 @@ class AdminServer:
                 body = server.flush_cache(peer)
             elif op == "promote":
                 body = server.promote(msg.get("model"), msg.get("version"), f"pid {peer[0]} uid {peer[1]}")
+            elif op == "models":
+                body = server.models.describe()
+            elif op in ("load", "unload"):
+                body = await self._model_op(op, msg, peer)
             elif op == "device":
                 index, action = msg.get("index"), msg.get("action")
                 if type(index) is not int or not 0 <= index < len(server.devices):
@@ -184,3 +201,19 @@ class AdminServer:
             log.exception("admin op %r failed", op)
             return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
         return {"id": rid, "ok": True, **body}
+
+    async def _model_op(self, op: str, msg: dict, peer: tuple) -> dict:
+        """load or unload (daemon/ops/model_ops.py); Rejected with its code says why nothing changed."""
+        models = self.server.models
+        who = f"pid {peer[0]} uid {peer[1]}"
+        try:
+            if op == "load":
+                entry = models.entry(msg)
+                log.info("load of model %s version %d asked by %s", entry.name, entry.version, who)
+                return await models.load(entry)
+            log.info("unload of model %s%s asked by %s", msg.get("name"),
+                     f" version {msg['version']}" if msg.get("version") is not None else "", who)
+            return await models.unload(msg.get("name"), msg.get("version"))
+        except ModelOpError as exc:
+            log.error("%s refused: %s", op, exc)
+            raise Rejected(exc.code, str(exc)) from None

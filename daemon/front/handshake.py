@@ -191,7 +191,7 @@ def hello_reply(server, rid, sid: int, geometry: RingGeometry, cache: dict | Non
     """The reply to an accepted hello; ``cache``: Caches.hello_cache()."""
     return {"id": rid, "ok": True, "session": sid, "version": wire.PROTOCOL_VERSION,
             "ring": {"slots": geometry.slots, "slot_bytes": geometry.slot_bytes},
-            "model": server.model.describe(),
+            "model": server.model.describe() if server.catalog.single else server.scheduler.first.describe(),
             **({"models": server.catalog.describe(), "default_model": server.catalog.default.name}
                if not server.catalog.single else {}),
             "cache": cache,

@@ -85,6 +85,7 @@ class Session(asyncio.Protocol):
         self._pending_lock = threading.Lock()
         self.closed = False
         self.told_gen = 0                      # newest model generation this client was told of
+        self.told_models: dict = {}            # (name, version) -> (digest, gen) told of, other models
         self.batches = False                   # it sent classify_many: its replies may come batched
         self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
         self.transport: asyncio.Transport | None = None

@@ -24,6 +24,13 @@ is then stable), else the newest is stable and takes all the traffic that names 
 which Served new requests resolve to, on the loop, between two requests, so no request fails:
 every admitted request keeps the Served it resolved to (both versions stay loaded).
 
+Live changes (daemon/ops/model_ops.py, NOTE [ live models ]). ``enter`` routes to a model loaded
+while serving, ``remove`` stops routing to one being unloaded, each on the loop in one step. A
+removed Served stays in ``by_id`` (``retired``; its requests admitted before keep it and are
+answered) until every device freed it (``released``); then ``free_mid`` gives its id to the next
+model loaded, so ids, lanes and profiles do not grow with every load. ``live`` is what is served
+now: iterate it, not ``by_id``, to list the models.
+
 Keys. A [[models]] entry's digest carries its name and version (daemon/models/loading.py), so two
 versions of one file still key the result cache, the embedding store and the clients' local
 lookups apart, and every answer is cached under the model that computed it. ``[model]`` alone is
@@ -31,6 +38,7 @@ a one-model catalog whose digest is the model's own, as before (its name: the sp
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -38,6 +46,17 @@ from ...shm import wire
 
 DEFAULT_NAME = "default"
 _SPREAD = 2654435761          # Knuth's multiplicative hash: request ids 1, 2, 3 ... spread over 2**32
+
+
+def store_digest(digest: str) -> str:
+    """What a model's embedding store file is named by (daemon/caching/embedding_store.py
+    ``default_path``, which keeps 16 characters of it): a plain digest as it is (the name stores
+    have always had), else a hash of the whole: a digest tagged with its precision (``+bf16``,
+    daemon/pipeline/engine_options.py) or, for a [[models]] entry, with ``-NAME.vVERSION``, so
+    the bf16 and fp32 runs of one file, and versions of one file, get stores of their own."""
+    if "-" not in digest and "+" not in digest:
+        return digest
+    return hashlib.blake2b(digest.encode(), digest_size=8).hexdigest()
 
 
 class UnknownModel(Exception):
@@ -59,6 +78,12 @@ class Served:
     share: float = 1.0
     keep_k: int = 0                    # top-k kept per answer (the cache's max_k, at most its classes)
     config: object = None              # its [model] / [[models]] entry
+    # live unloading (daemon/ops/model_ops.py): requests admitted and not yet answered (the loop
+    # counts them), unloaded (no request resolves to it), its per-device state freed (its id reusable)
+    inflight: int = 0
+    retired: bool = False
+    released: bool = False
+    on_idle: object = None             # called once retired and its last request is answered
     _keyed: tuple | None = field(default=None, repr=False)    # (model, keying) of ``keying``
 
     @property
@@ -204,7 +229,7 @@ class Catalog:
         """hello's and info's ``models``: each (name, version) with its input, classes, labels id,
         top-k, generation, whether it is what a request naming no model gets, and its route."""
         out = []
-        for s in self.by_id:
+        for s in self.live:
             route = self.routes[s.name]
             out.append({**s.describe(), "default": route is self.default and route.stable is s,
                         "route": "canary" if route.canary is s else "stable" if route.stable is s else "named",
@@ -221,10 +246,15 @@ class Catalog:
 
     def largest_frame(self) -> int:
         """Bytes of the largest model input: every session's ring slots hold one (docs/protocol.md)."""
-        return max(s.spec.frame_bytes for s in self.by_id)
+        return max(s.spec.frame_bytes for s in self.live)
 
     def on_device(self, index: int) -> list[Served]:
-        return [s for s in self.by_id if s.runs_on(index)]
+        return [s for s in self.live if s.runs_on(index)]
+
+    @property
+    def live(self) -> list[Served]:
+        """The models served now: ``by_id`` less those unloaded (whose ids stay until reused)."""
+        return [s for s in self.by_id if not s.retired]
 
     # operations (the loop) --------------------------------------------------------------------
     def promote(self, name: str, version: int | None = None) -> Served:
@@ -248,9 +278,52 @@ class Catalog:
         route.canary_percent, route.canary_uids = 0.0, frozenset()
         return target
 
+    def free_mid(self, taken=frozenset()) -> int:
+        """The id a model loaded now gets: one an unloaded model left once its per-device state
+        was freed (its lane, profile and runner slots are reused), else a new one; none in ``taken``
+        (ids of models being loaded)."""
+        return next((s.mid for s in self.by_id if s.released and s.mid not in taken),
+                    max([len(self.by_id) - 1, *taken]) + 1)
+
+    def enter(self, served: Served) -> None:
+        """Serve ``served`` (loaded and warm on its devices) from the next request on: on the loop,
+        one step. A version newer than its name's others takes the route the configuration would
+        give it (stable, or the canary when it names a split); an older one is reached by naming it."""
+        if served.mid == len(self.by_id):
+            self.by_id.append(served)
+        else:
+            self.by_id[served.mid] = served
+        route = self.routes.setdefault(served.name, Route(served.name))
+        route.versions[served.version] = served
+        if served.version == max(route.versions):
+            self._split(route)
+        self.single = len(self.live) == 1
+
+    def reroute(self, name: str) -> None:
+        """The route of ``name`` made again from its versions' configuration (SIGHUP changed a
+        canary key): the newest stable, or the canary when it names a split."""
+        self._split(self.routes[name])
+
+    def remove(self, served: Served) -> None:
+        """Resolve no request to ``served`` from the next one on (on the loop, one step): requests
+        naming it get UnknownModel; those admitted already keep it and are answered. When it was
+        its name's stable or canary version, the split ends: the canary left is stable, else the
+        newest version left. Its id is not reused before ``released`` is set."""
+        route = self.routes[served.name]
+        del route.versions[served.version]
+        served.retired = True
+        if not route.versions:
+            del self.routes[served.name]
+        elif served is route.stable or served is route.canary:
+            left = route.canary if route.canary is not None and route.canary is not served else (
+                route.stable if route.stable is not served else route.versions[max(route.versions)])
+            route.stable, route.canary = left, None
+            route.canary_percent, route.canary_uids = 0.0, frozenset()
+        self.single = len(self.live) == 1
+
     def check_devices(self, count: int) -> None:
         """Every entry's devices exist. Raises ConfigError naming the entry."""
-        for s in self.by_id:
+        for s in self.live:
             bad = sorted(i for i in (s.devices or ()) if i >= count)
             if bad:
                 raise ConfigError(f"model {s.name} version {s.version}: devices {bad} do not exist; "

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.CONFIG
     from ..ops import logs
     logs.setup(cfg.server.log_level)           # journald priorities, as the daemon's lines
-    from .front import run                      # aiohttp and the client library: after the config
+    from .front import run                      # the doors' stacks and the client library: after the config
     from ...client.errors import InferdError
     try:
         return run(cfg)

@@ -18,8 +18,6 @@ import signal
 import time
 from importlib import metadata
 
-from aiohttp import web
-
 from ..config import Config
 from ..errors import ConfigError
 from ..front.listener import Listener
@@ -27,6 +25,7 @@ from ..ops.sd_notify import notify
 from . import addresses, doors
 from .backend import Backend
 from .http_front import HttpDoor
+from .timings import Recorder
 
 log = logging.getLogger("inferd.oip")
 STOP_GRACE_S = 5.0
@@ -60,24 +59,27 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     backend = Backend(cfg.socket_path, ring_slots=oip.ring_slots, max_principals=oip.max_principals,
                       timeout_s=oip.request_timeout_ms / 1000.0, admin_path=cfg.admin_socket_path)
     await backend.start()
-    runner = listener = grpc_door = None
+    recorder = Recorder.from_env()              # benchmarks only: the front's own time per request
+    if recorder is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, recorder.dump)
+    http_server = listener = grpc_door = None
     try:
         if http_at is not None:
             door = HttpDoor(backend, auth, network=not http_at.unix, max_batch=oip.max_batch, version=version())
-            runner = web.ServerRunner(door.server(oip.max_request_bytes, keepalive_timeout=oip.idle_timeout_s,
-                                                  access_log=None), handle_signals=False)
-            await runner.setup()
+            http_server = door.server(oip.max_request_bytes, oip.idle_timeout_s)
+            if recorder is not None:
+                http_server.timings = recorder.doors["http"]
             if http_at.unix:
                 listener = Listener.bind(http_at.path, oip.socket_mode)
-                site = web.SockSite(runner, listener.sock)
+                await http_server.start(sock=listener.sock)
             else:
-                site = web.TCPSite(runner, http_at.host, http_at.port, ssl_context=tls, reuse_address=True)
-            await site.start()
-            if not http_at.unix and http_at.port == 0:        # port 0: the one the kernel chose
-                http_at = addresses.Address(host=http_at.host, port=site._server.sockets[0].getsockname()[1])
+                port = await http_server.start(host=http_at.host, port=http_at.port, ssl=tls)
+                http_at = addresses.Address(host=http_at.host, port=port)     # port 0: the one the kernel chose
         if grpc_at is not None:
             from .grpc_front import GrpcDoor        # grpcio loads only when a gRPC door is configured
             grpc_door = GrpcDoor(backend, auth, grpc_at, oip, version=version())
+            if recorder is not None:
+                grpc_door.timings = recorder.doors["grpc"]
             await grpc_door.start()
             grpc_at = grpc_door.address
         log.info("OIP front ready: HTTP on %s, gRPC on %s, serving %s for the daemon on %s",
@@ -89,8 +91,8 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     finally:
         if grpc_door is not None:
             await grpc_door.stop(STOP_GRACE_S)
-        if runner is not None:
-            await runner.cleanup()
+        if http_server is not None:
+            await http_server.close(STOP_GRACE_S)
         if listener is not None:
             listener.close()
         await backend.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import grpc
 import numpy as np
@@ -39,6 +40,7 @@ class GrpcDoor:
         self.address = address
         self.oip = oip
         self.version = version
+        self.timings = None                     # a Timings (daemon/oip/timings.py) when measured
         self._server: grpc.aio.Server | None = None
         self._inode: int | None = None
 
@@ -126,6 +128,7 @@ class GrpcDoor:
 
     # inference --------------------------------------------------------------------------------
     async def model_infer(self, request, context):
+        began = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
         principal = self.auth.bearer(metadata.get("authorization"), network=not self.address.unix)
         target = self._model(request.model_name, request.model_version)
@@ -137,10 +140,15 @@ class GrpcDoor:
             parsed.timeout_s = left
         backend = self.backend
         classes = target.classes
+        asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
                                          parsed.logits(), target)
+        waited = time.perf_counter() - asked
         labels = await backend.labels_of(target)
-        return response(target.name, parsed, tensors.outputs(parsed, results, classes, labels), target.version)
+        reply = response(target.name, parsed, tensors.outputs(parsed, results, classes, labels), target.version)
+        if self.timings is not None:
+            self.timings.add(began, waited)
+        return reply
 
 
 def _guard(fn):

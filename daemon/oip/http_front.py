@@ -1,5 +1,5 @@
-"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on aiohttp's low-level
-server (one handler routing by the path's parts: no Application, router or middlewares).
+"""The HTTP/REST door of the OIP front (KServe v2 as Triton serves it), on the front's own
+HTTP/1.1 server (daemon/oip/http_server.py, on httptools; one handler routing by the path's parts).
 
     GET  /v2/health/live                              200 while the front runs
     GET  /v2/health/ready                             200 when an inference can be served, else 503
@@ -27,27 +27,27 @@ import asyncio
 import json
 import logging
 import socket
-
-from aiohttp import web
+import time
 
 from ..front.listener import peer_credentials, peer_groups
 from . import tensors
 from .errors import OipError
+from .http_server import HttpServer, Request, Response
 
 log = logging.getLogger("inferd.oip.http")
 SERVER_NAME = "inferd"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
 _HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_KEY = _HEADER_LENGTH.lower()
 #: JSON bodies larger than this are parsed off the loop (a 12 KB frame as a JSON list is ~50 KB)
 OFFLOAD_JSON_BYTES = 256 * 1024
 
 
-def _json(body, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
-                        content_type="application/json", headers=headers)
+def _json(body, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(status, json.dumps(body, separators=(",", ":")).encode(), "application/json", headers)
 
 
-def error_response(exc: OipError) -> web.Response:
+def error_response(exc: OipError) -> Response:
     return _json({"error": exc.message}, exc.http_status, exc.http_headers())
 
 
@@ -55,9 +55,9 @@ class HttpDoor:
     """The routes above for one backend (daemon/oip/backend.py). ``network``: a TCP door, whose
     callers are tenants; otherwise a Unix socket, whose callers are the peers' uids.
 
-    It runs on aiohttp's low-level server (``web.Server``): one handler that routes by splitting
-    the path, with no Application, router or middleware chain per request; an inference pays for
-    the HTTP parsing, its own JSON and the client library's ring, little else."""
+    It runs on the front's own HTTP/1.1 server (daemon/oip/http_server.py): one handler that
+    routes by splitting the path; an inference pays for httptools' parsing, its own JSON and the
+    client library's ring, little else."""
 
     def __init__(self, backend, auth, *, network: bool, max_batch: int, version: str):
         self.backend = backend
@@ -67,16 +67,10 @@ class HttpDoor:
         self.version = version
         self._gets = {"": self.model_metadata, "ready": self.model_ready, "config": self.model_config}
 
-    def server(self, max_request_bytes: int, **kwargs) -> web.Server:
-        """The door as an aiohttp low-level server (``kwargs``: its RequestHandler's, such as
-        keepalive_timeout and access_log); bodies over ``max_request_bytes`` are answered 413.
-        Made on the loop that serves it."""
-        loop = asyncio.get_running_loop()
-
-        def request_factory(message, payload, protocol, writer, task):
-            return web.BaseRequest(message, payload, protocol, writer, task, loop,
-                                   client_max_size=max_request_bytes)
-        return web.Server(self.handle, request_factory=request_factory, **kwargs)
+    def server(self, max_request_bytes: int, idle_timeout_s: float) -> HttpServer:
+        """The door as an HTTP server: bodies over ``max_request_bytes`` are answered 413, a
+        keep-alive connection idle for ``idle_timeout_s`` is closed."""
+        return HttpServer(self.handle, max_body=max_request_bytes, idle_timeout_s=idle_timeout_s)
 
     def route(self, method: str, path: str):
         """(the handler, the model and version the path names); the handler is None for a path
@@ -110,9 +104,9 @@ class HttpDoor:
             return "POST" if post else "GET, HEAD", model, version
         return handler, model, version
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         """Every request: routed, then its errors as OIP error bodies (a bug answers this request
-        500, never the door)."""
+        500, never the door). ``Expect: 100-continue`` was answered by the server."""
         try:
             path = request.path
             if path == "/v2":
@@ -124,30 +118,20 @@ class HttpDoor:
                 return _json({"error": "Not Found"}, 404)
             if isinstance(handler, str):
                 return _json({"error": "Method Not Allowed"}, 405, {"Allow": handler})
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                # what curl sends before a large body; aiohttp's router answers it, this server must
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return await handler(request, model, version)
         except OipError as exc:
             return error_response(exc)
-        except web.HTTPRequestEntityTooLarge as exc:
-            return error_response(OipError("too_large", f"{exc.text}; raise oip.max_request_bytes or send "
-                                                        "fewer images per request"))
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                return _json({"error": exc.reason}, exc.status)
-            raise
         except Exception:                   # a bug: this request only, never the front
             log.exception("%s %s failed", request.method, request.path)
             return _json({"error": "internal error in the OIP front; its log says more"}, 500)
 
     # health and metadata ----------------------------------------------------------------------
     async def live(self, request, model, version):
-        return web.Response(status=200)
+        return Response(200)
 
     async def ready(self, request, model="", version=""):
         ok, why = await self.backend.ready()
-        return web.Response(status=200) if ok else _json({"error": why}, 503)
+        return Response(200) if ok else _json({"error": why}, 503)
 
     async def server_metadata(self, request, model, version):
         return _json({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
@@ -176,7 +160,7 @@ class HttpDoor:
         """Triton's model repository index: every model served, its version and state (READY, or
         UNAVAILABLE while the daemon is not ready, with the reason); ``{"ready": true}`` lists
         only the ready ones. Loading and unloading are the admin socket's (inferctl), not OIP's."""
-        body = await request.read()
+        body = request.body
         try:
             only_ready = bool(body) and json.loads(body).get("ready") is True
         except (ValueError, AttributeError):
@@ -188,20 +172,23 @@ class HttpDoor:
         return _json([{"name": name, "version": v, **state} for name, v in await self.backend.index()])
 
     # inference --------------------------------------------------------------------------------
-    def _principal(self, request):
+    def _principal(self, request: Request):
         if self.network:
-            return self.auth.bearer(request.headers.get("Authorization"), network=True)
-        sock = request.transport.get_extra_info("socket") if request.transport else None
-        if sock is None or sock.family != socket.AF_UNIX:
-            raise OipError("unavailable", "the connection closed")
-        _, uid, gid = peer_credentials(sock)
-        return self.auth.unix_peer(uid, gid, peer_groups(sock))
+            return self.auth.bearer(request.headers.get("authorization"), network=True)
+        connection = request.connection
+        if connection.memo is None:             # the peer's credentials, read once per connection
+            sock = connection.transport.get_extra_info("socket") if connection.transport else None
+            if sock is None or sock.family != socket.AF_UNIX:
+                raise OipError("unavailable", "the connection closed")
+            _, uid, gid = peer_credentials(sock)
+            connection.memo = self.auth.unix_peer(uid, gid, peer_groups(sock))
+        return connection.memo
 
     async def infer(self, request, model, version):
         principal = self._principal(request)
         target = self._model(model, version)
-        body = await request.read()
-        length = request.headers.get(_HEADER_LENGTH)
+        body = request.body
+        length = request.headers.get(_HEADER_LENGTH_KEY)
         json_bytes = int(length) if length and length.isdigit() else len(body)
         if min(json_bytes, len(body)) > OFFLOAD_JSON_BYTES:
             # a large JSON body: parsed in a worker thread, not on the loop every caller shares
@@ -211,8 +198,10 @@ class HttpDoor:
             parsed, binary_out = parse_request(*split_body(body, length), self.max_batch)
         backend = self.backend
         classes = target.classes
+        asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
                                          parsed.logits(), target)
+        request.waited = time.perf_counter() - asked
         labels = await backend.labels_of(target)
         return response(target.name, parsed, tensors.outputs(parsed, results, classes, labels), binary_out,
                         target.version)
@@ -292,7 +281,7 @@ _MAX_HEADS = 256
 
 
 def response(name: str, request: tensors.Inference, outputs: list, binary_out: bool,
-             version: str = "1") -> web.Response:
+             version: str = "1") -> Response:
     blobs, described, key = [], [], [name, version]
     for w, datatype, array in outputs:
         if w.binary:
@@ -320,6 +309,5 @@ def response(name: str, request: tensors.Inference, outputs: list, binary_out: b
     if request.id:
         head = b'{"id":' + json.dumps(request.id).encode() + b"," + head[1:]
     if not blobs:
-        return web.Response(body=head, content_type="application/json")
-    return web.Response(body=b"".join([head, *blobs]), content_type="application/octet-stream",
-                        headers={_HEADER_LENGTH: str(len(head))})
+        return Response(200, head, "application/json")
+    return Response(200, b"".join([head, *blobs]), "application/octet-stream", {_HEADER_LENGTH: str(len(head))})

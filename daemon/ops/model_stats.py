@@ -9,8 +9,10 @@ queue, compute, reply and total latency of its answers, its rate ring, and per d
 the device spent running its batches (the device share an operator checks against ``share``), its
 frames, batches and batch sizes. A one-model daemon keeps none of it: its one model's figures are
 the daemon's, read off them when asked (``alone``), so a one-model request pays for nothing here.
-When a second model arrives at run time the first one's record is forked from the daemon's figures
-(everything so far was that model's), then both are kept from the next event on.
+When a second model arrives at run time (daemon/ops/model_ops.py) the first one's record is forked
+from the daemon's figures (everything so far was that model's), then every model's is kept from
+the next event on, also after an unload leaves one model (the daemon's figures then hold others').
+An unloaded model's row stays, ``served`` false (the metrics leave it out).
 
     event                                   kept, several models only
     -----                                   -------------------------
@@ -113,24 +115,25 @@ def summaries(stats, now: float) -> list[dict]:
     its rates, and per device its seconds there, its share of the device's time spent on models,
     and the share configured for it (its ``share`` over those of the models the device runs)."""
     catalog = stats.catalog
-    if not catalog.by_id:
+    live = list(getattr(catalog, "live", catalog.by_id))
+    if not live:
         return []
-    if catalog.single:
-        records = [alone(stats, catalog.by_id[0])]
+    if catalog.single and not stats.models:
+        records = [alone(stats, live[0])]
     else:
-        records = [stats.model(s) for s in catalog.by_id]
-        records += [r for s, r in stats.models.items() if s not in catalog.by_id]   # left since
+        records = [stats.model(s) for s in live]
+        records += [r for s, r in stats.models.items() if s not in live]   # unloaded since
     spent: dict = collections.Counter()         # device -> seconds on every model
     for rec in records:
         for dev, d in rec.devices.items():
             spent[dev] += d.seconds
-    weights = {dev: sum(s.share for s in catalog.by_id if s.runs_on(dev.index)) for dev in stats.devices}
+    weights = {dev: sum(s.share for s in live if s.runs_on(dev.index)) for dev in stats.devices}
     default = catalog.default.stable if getattr(catalog, "default", None) is not None else None
-    return [_row(stats, rec, now, spent, weights, rec.served is default) for rec in records]
+    return [_row(stats, rec, now, spent, weights, rec.served is default, live) for rec in records]
 
 
-def _row(stats, rec: ModelStats, now: float, spent: dict, weights: dict, default: bool) -> dict:
-    served, catalog = rec.served, stats.catalog
+def _row(stats, rec: ModelStats, now: float, spent: dict, weights: dict, default: bool, live: list) -> dict:
+    served = rec.served
     devices = []
     for dev in stats.devices:           # every device it runs on, and any it ran on before
         if dev not in rec.devices and not served.runs_on(dev.index):
@@ -139,7 +142,7 @@ def _row(stats, rec: ModelStats, now: float, spent: dict, weights: dict, default
         devices.append({"index": dev.index, "label": dev.label, "seconds": round(d.seconds, 6),
                         "share": round(d.seconds / spent[dev], 4) if spent[dev] else None,
                         "share_configured": (round(served.share / weights[dev], 4)
-                                             if served in catalog.by_id and weights[dev] else None),
+                                             if served in live and weights[dev] else None),
                         "frames": d.frames, "batches": d.batches, "batch_sizes": d.sizes.pairs()})
     sizes = collections.Counter()
     for d in rec.devices.values():
@@ -152,7 +155,7 @@ def _row(stats, rec: ModelStats, now: float, spent: dict, weights: dict, default
     answers = sum(outcomes.get(k, 0) for k in ANSWERS)
     return {
         "name": served.name, "version": served.version, "mid": served.mid, "digest": served.digest,
-        "gen": served.gen, "default": default, "served": served in catalog.by_id, "share": served.share,
+        "gen": served.gen, "default": default, "served": served in live, "share": served.share,
         "requests": requests, "answers": answers, "errors": requests - answers, "outcomes": outcomes,
         "late": rec.late, "frames": sum(d.frames for d in rec.devices.values()),
         "batches": sum(d.batches for d in rec.devices.values()),

@@ -54,7 +54,7 @@ import time
 from ..caching.embedding_store import EmbeddingStore, EmbeddingStoreError, default_path, index_options
 from ..config import ConfigError, ModelConfig, ModelEntryConfig, entry_name, from_dict
 from ..models import loading as model_mod
-from ..models.catalog import UnknownModel
+from ..models.catalog import UnknownModel, store_digest
 from ..models.embedding_pooling import embedding_id
 
 log = logging.getLogger("inferd.reload")
@@ -187,10 +187,13 @@ class ModelSwap:
             new.gen = old.gen + 1
             dim = await self._stage(new, served)
             if served is self.scheduler.first:      # the embedding store is the first model's
-                store = await asyncio.to_thread(self._open_store, new, dim)
+                store = await asyncio.to_thread(self._open_store, new, dim, self.scheduler.caches.store)
                 self._switch(new, store)
             else:
-                self._switch_other(served, new)
+                # (embeddings.path names the default model's one file: the others keep none)
+                store = None if self.embeddings.path else await asyncio.to_thread(
+                    self._open_store, new, dim, self.scheduler.caches.stores.get(served.mid))
+                self._switch_other(served, new, store)
         except ReloadError as exc:
             log.error("reload failed; still serving %s (digest %s): %s", old.spec.name, old.digest, exc)
             self._done(False)
@@ -202,6 +205,29 @@ class ModelSwap:
                  old.spec.name, old.digest, new.spec.name, new.digest, new.gen, len(self.devices), seconds)
         self._done(True)
         return {"changed": True, "model": _brief(new), "previous": _brief(old), "seconds": seconds}
+
+    async def stage(self, served, new):
+        """``new`` staged and warm in ``served``'s place on its devices, and its embedding store
+        opened: the store (or None). A [[models]] list applied by SIGHUP (daemon/ops/model_ops.py)
+        stages every change before it switches any. ReloadError: the devices staged let it go."""
+        dim = await self._stage(new, served)
+        first = served is self.scheduler.first
+        caches = self.scheduler.caches
+        return await self.open_store(new, dim, caches.store if first else caches.stores.get(served.mid), first)
+
+    async def open_store(self, new, dim: int, current=None, first: bool = False):
+        """The embedding store of ``new`` (off the loop), or None: for a model other than the first
+        none when ``embeddings.path`` names the default model's one file. ReloadError says why not."""
+        if not first and self.embeddings.path:
+            return None
+        return await asyncio.to_thread(self._open_store, new, dim, current)
+
+    def switch(self, served, new, store) -> None:
+        """Switch ``served`` to ``new`` staged by ``stage`` (on the loop, no await)."""
+        if served is self.scheduler.first:
+            self._switch(new, store)
+        else:
+            self._switch_other(served, new, store)
 
     async def _stage(self, new, served) -> int:
         """Load and warm ``new`` in ``served``'s place on every device that runs it, one after
@@ -223,13 +249,17 @@ class ModelSwap:
             staged.append(dev)
         return dims[0] if dims else 0
 
-    def _open_store(self, new, dim: int):
-        """The embedding store of the new model (one file per digest), or None."""
+    def _open_store(self, new, dim: int, current=None):
+        """The embedding store of the new model (one file per digest), or None. ``current``: the
+        store of the model it replaces, kept when it is that very file (the same weights and
+        embedding definition: a swap that changes labels or top-k only)."""
         cfg = self.embeddings
         if not (cfg.enabled and dim):
             return None
         embedding = embedding_id(new.spec)
-        path = cfg.path or default_path(self.store_dir, new.digest, embedding)
+        path = cfg.path or default_path(self.store_dir, store_digest(new.digest), embedding)
+        if current is not None and current.path == path and current.dim == dim:
+            return current
         if cfg.path and self.scheduler.caches.store is not None:
             raise ReloadError("embeddings.path names one file: a model swap needs a store per model; "
                               "leave embeddings.path empty (one file per model digest)")
@@ -247,19 +277,25 @@ class ModelSwap:
         caches.store = store
         activated = [dev.executor.activate(new.gen, store) for dev in self.devices
                      if dev.executor.runs(self.scheduler.first.mid)]
-        if old_store is not None:
+        if old_store is not None and old_store is not store:
             self._retire(old_store, activated)
 
-    def _switch_other(self, served, new) -> None:
+    def _switch_other(self, served, new, store) -> None:
         """A model other than the first: its Served takes the new model (requests resolve to it,
-        are checked and keyed by it from now on), each device running it is told to activate it.
-        Its answers are keyed by its own digest, so nothing cached needs emptying."""
-        cache = self.scheduler.caches.cache
+        are checked and keyed by it from now on) and its embedding ``store``, each device running it
+        is told to activate it. Its answers are keyed by its own digest, so nothing cached needs
+        emptying."""
+        caches = self.scheduler.caches
+        cache = caches.cache
         served.keep_k = min(cache.geometry.max_k, len(new.spec.labels)) if cache is not None else 0
         served.model = new
-        for dev in self.devices:
-            if dev.executor.runs(served.mid):
-                dev.executor.activate(new.gen, None)
+        old_store = caches.stores.pop(served.mid, None)
+        if store is not None:
+            caches.stores[served.mid] = store
+        activated = [dev.executor.activate(new.gen, store) for dev in self.devices
+                     if dev.executor.runs(served.mid)]
+        if old_store is not None and old_store is not store:
+            self._retire(old_store, activated)
 
 
 def _shape(model) -> str:

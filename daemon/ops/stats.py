@@ -96,6 +96,7 @@ class _NoCatalog:
 
     single = True
     by_id: list = []
+    live: list = []
     default = None
 
 
@@ -162,7 +163,7 @@ class Stats:
 
     def outcome(self, name: str, n: int = 1, served=None) -> None:
         """``n`` requests answered as ``name``; ``served``: the model they named, once resolved."""
-        if served is not None and not self.catalog.single:
+        if served is not None and (self.models or not self.catalog.single):
             self.model(served).outcomes[name] += n     # (first: a fork copies the daemon's before it)
         self.outcomes[name] += n
 
@@ -174,7 +175,7 @@ class Stats:
         if rec is None:
             if self._alone_so_far:          # the daemon goes from one model to several
                 self._alone_so_far = False
-                first = self.catalog.by_id[0]
+                first = self.catalog.live[0]
                 self.models[first] = model_stats.alone(self, first)
             rec = self.models.get(served) or self.models.setdefault(served, ModelStats(served))
         return rec
@@ -201,7 +202,7 @@ class Stats:
         rec = self.devices.get(result.device) or self.add_device(result.device)
         started, finished = result.started, result.finished
         frames = 0 if result.canary else result.count(Outcome.DONE)
-        if not self.catalog.single:
+        if self.models or not self.catalog.single:
             self._model_batch(result, answered, frames, now)
         rec.busy += finished - started
         rec.window.add(started, finished, frames)

@@ -163,7 +163,7 @@ class Collector(threading.Thread):
                 self._deliver(result)
                 continue
             dev.handover(live, self._clock(), full=len(batch) == self._max_batch, mid=mid)   # in time? (rule 0)
-            dev.staged_mid = mid
+            dev.staged_profile = dev.profiles[mid]
             dev.staged = live
             executor.submit(result, buffer)
 

@@ -16,11 +16,11 @@ import queue as queues
 import threading
 import time
 from concurrent.futures import Future
-
-import torch
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING, Callable
+
+import torch
 
 from . import device_thread, thread_pools
 from .engine import Engine, Staging
@@ -57,7 +57,7 @@ class Executor(threading.Thread):
         self.device = device
         # what it runs: a LoadedModel (model id 0), or the catalog's Served this device may run
         # (daemon/models/catalog.py): one runner (engine, staging, profile) per model id
-        self._models = ([(0, model, keep_k, None)] if isinstance(model, LoadedModel) or not isinstance(model, list)
+        self._models = ([(0, model, keep_k, None)] if not isinstance(model, list)
                         else [(s.mid, s.model, s.keep_k, s.name) for s in model])
         self._model = self._models[0][1]
         count = max(mid for mid, *_ in self._models) + 1
@@ -77,7 +77,6 @@ class Executor(threading.Thread):
         self._clock = clock
         self._inbox: queues.SimpleQueue = queues.SimpleQueue()
         self.embedding_dim = 0
-        self.store: EmbeddingStore | None = None    # set by the server once it is open
         self._runners: list[_Runner | None] = [None] * count    # by model id: what this thread runs
         self._active: _Runner | None = None     # the first model's runner (a one-model daemon's)
         self._staged: _Runner | None = None     # a model loaded beside it, waiting to be activated
@@ -135,6 +134,24 @@ class Executor(threading.Thread):
             self._deliver(result)
             self.device.beat = self._clock()
         return None
+
+    @property
+    def store(self) -> EmbeddingStore | None:
+        """The first model's embedding store (the server sets it once open; a swap replaces it)."""
+        return self._active.store if self._active is not None else None
+
+    @store.setter
+    def store(self, store) -> None:
+        self._active.store = store
+
+    def set_store(self, mid: int, store) -> None:
+        """Model ``mid``'s embedding store (several models: each its own, daemon/caching/results.py).
+        Set before the collector starts taking batches, or between two of them."""
+        self._runners[mid].store = store
+
+    def embedding_dim_of(self, mid: int) -> int:
+        runner = self._runners[mid] if mid < len(self._runners) else None
+        return runner.engine.embedding_dim if runner is not None else 0
 
     def staging_of(self, mid: int) -> Staging:
         """Model ``mid``'s staging buffers (its frame shape)."""
@@ -194,6 +211,43 @@ class Executor(threading.Thread):
         """Forget a staged model of generation ``gen`` (the swap failed elsewhere)."""
         self._inbox.put(("discard", gen, None, None))
 
+    # models loaded and unloaded live (daemon/ops/model_ops.py) -------------------------------------
+    def add(self, model: LoadedModel, keep_k: int, mid: int) -> Future:
+        """Put ``model`` on this device as model id ``mid`` (a new id, or one ``drop`` freed),
+        between two batches: its staging buffers, its replica, warmed up, its latency profile the
+        device's ``profiles[mid]``. Its requests may come once the future has the embedding width
+        (or the exception that stopped it: nothing of it is kept)."""
+        future: Future = Future()
+        self._inbox.put(("add", model, (keep_k, mid), future))
+        return future
+
+    def drop(self, mid: int) -> Future:
+        """Free model ``mid``'s replica and staging buffers after the batches handed over before
+        (none of its requests may be queued any more). The future is done once they are let go."""
+        future: Future = Future()
+        self._inbox.put(("drop", mid, None, future))
+        return future
+
+    def _add(self, model: LoadedModel, keep_k: int, mid: int) -> int:
+        while len(self._runners) <= mid:
+            self._runners.append(None)
+            self._stagings.append(None)
+        try:
+            self._stagings[mid] = Staging(self.device.torch_device, self._max_batch, model.spec.frame_shape,
+                                          STAGING_BUFFERS)
+            runner = self._load(model, keep_k, LatencyProfile(), mid)
+        except BaseException:
+            self._stagings[mid] = None
+            raise
+        self._runners[mid] = runner
+        self.device.profiles[mid] = runner.profile
+        return runner.engine.embedding_dim
+
+    def _drop(self, mid: int) -> None:
+        self._runners[mid] = self._stagings[mid] = None       # runs(mid) is False from now on
+        if self.device.torch_device.type == "cuda":
+            torch.cuda.empty_cache()        # its replica's memory back for the next model loaded
+
     def _serve(self, what: str, a, b, future) -> None:
         if what == "stage":
             if future.set_running_or_notify_cancel():
@@ -211,14 +265,20 @@ class Executor(threading.Thread):
                 mid = self._staged_mid
                 self._runners[mid], self._staged = self._staged, None
                 self.device.profiles[mid] = self._runners[mid].profile
+                self._runners[mid].store = b
                 if mid == self._models[0][0]:
                     self._active = self._runners[mid]
-                    self.store = b
                     self.embedding_dim = self._active.engine.embedding_dim
                     if mid == 0:
                         self.device.profile = self._active.profile
             if future.set_running_or_notify_cancel():
                 future.set_result(self._active.engine.model.gen)
+        elif what in ("add", "drop"):
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._add(a, *b) if what == "add" else self._drop(a))
+                except BaseException as exc:  # reported to the load, which keeps nothing of it
+                    future.set_exception(exc)
         elif what == "discard" and self._staged is not None and self._staged.engine.model.gen == a:
             self._staged = None
 
@@ -230,6 +290,14 @@ class Executor(threading.Thread):
         pending = result.with_outcome(Outcome.PENDING)
         mid = pending[0].request.mid if pending else self._models[0][0]
         runner = self._runners[mid]
+        if runner is None:          # unloaded: only a canary can be left in its lane (the loop
+            for e in pending:       # frees a model once its last request was answered)
+                e.outcome = Outcome.DROPPED
+            self.free.put(buffer)
+            dev.staged = []
+            result.finished = self._clock()
+            self._deliver(result)
+            return None
         engine = runner.engine
         result.gen = engine.model.gen
         now = result.started = self._clock()
@@ -242,7 +310,7 @@ class Executor(threading.Thread):
             return None
         flight = _Flight(result, live, runner, [], dev.outs, time.perf_counter(),
                          engine.streams.asynchronous)
-        dev.running_mid = mid
+        dev.running_profile = runner.profile
         dev.running, dev.staged = dev.running + live, []
         dev.running_size += len(live)
         if dev.running_since is None:
@@ -261,7 +329,7 @@ class Executor(threading.Thread):
             flight.logits = [i for i, e in enumerate(live) if e.request.logits]
             extra = {"logits_rows": flight.logits} if flight.logits else {}
             flight.pending = engine.launch(self._stagings[mid].tensors[buffer], len(live), max(flight.keep),
-                                           want_embedding=self.store is not None and runner is self._active,
+                                           want_embedding=runner.store is not None,
                                            wait_copy=not flight.asynchronous, **extra)
             if flight.asynchronous:
                 flight.pending.wait_staged()    # the frames are on the device: the buffer is free
@@ -292,13 +360,14 @@ class Executor(threading.Thread):
                 e.outcome, e.top = Outcome.DONE, [[c, s] for c, s in zip(idx[:k], sc[:k])]
                 if vectors is not None:
                     e.embedding = vectors[i]
-                    if self.store is not None and e.request.op == "near" and flight.runner is self._active:
+                    store = flight.runner.store
+                    if store is not None and e.request.op == "near":
                         # searches hold the store's lock for milliseconds at 100k rows: here, off
                         # the loop ... among the rows its uid may see
                         # (daemon/caching/embedding_store.py: per uid unless shared)
                         r = e.request
                         try:
-                            e.matches = self.store.search(e.embedding, *r.args, uid=r.session.peer[1])
+                            e.matches = store.search(e.embedding, *r.args, uid=r.session.peer[1])
                         except EmbeddingIndexBusy as exc:   # this request only: answered overloaded
                             e.matches = exc
         except Exception as exc:  # a model failure reaches every request of the batch, typed
@@ -338,6 +407,7 @@ class _Runner:
     engine: Engine
     profile: LatencyProfile
     mid: int = 0                # its model id (daemon/models/catalog.py)
+    store: object = None        # its model's embedding store, when it keeps embeddings
 
 
 @dataclass(slots=True, eq=False)

@@ -1,15 +1,20 @@
 """Several models in one daemon ([[models]]): each answers as the in-process model does, requests
 name theirs (or get the default), an unknown one is a typed error naming those there are, hello
 and info list them, and no batch ever mixes two models."""
+import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import RawClient, admin_path, short_dir, spawn_daemon
-from inferd.client import AdminClient, Client, InvalidInput, ReloadFailed, UnknownModel
+from helpers import RawClient, admin_path, short_dir, spawn_daemon, wait_until
+from inferd.client import AdminClient, AsyncClient, Client, InvalidInput, ReloadFailed, UnknownModel
+from inferd.daemon import exitcodes
 from inferd.daemon.models import zoo
 from inferd.daemon.models.zoo.shapes import make_dataset
 from inferd.daemon.models.zoo.synthetic import level_of
@@ -89,6 +94,23 @@ def test_each_model_answers_as_in_process_under_mixed_load(two):
     assert counters["mixed_batches"] == 0
     assert counters["batches_model_0"] > 0 and counters["batches_model_1"] > 0
     assert counters["frames_model_0"] >= 96 and counters["frames_model_1"] >= 96
+
+
+def test_async_client_names_its_model_and_sizes_frames_for_it(two):
+    """AsyncClient(model=...) and a per-call model: frames of any size are resized for the model
+    that answers (a 64x64 white frame becomes synth's 16x16: level 9)."""
+    async def run():
+        async with AsyncClient(two.socket_path, model="synth") as c:
+            white = np.full((64, 64, 3), 255, np.uint8)
+            mine = await c.classify(white, top_k=1)
+            other = await c.classify(white, top_k=2, model="shapes")
+            names = await c.labels(model="synth")
+            with pytest.raises(UnknownModel):
+                await c.classify(white, model="synth", version=3)
+            return mine, other, names
+    mine, other, names = asyncio.run(run())
+    assert (mine[0].index, mine[0].label) == (9, "level_9") and names[9] == "level_9"
+    assert len(other) == 2 and other[0].label in zoo.build("shapes")[1].labels
 
 
 def test_unknown_model_is_a_typed_error_naming_the_models(two):
@@ -186,3 +208,69 @@ def test_a_reload_names_the_model_it_swaps(two):
     with Client(two.socket_path, model="synth") as c:
         assert c.classify(np.full((16, 16, 3), 255, np.uint8), top_k=1)[0].label == "level_9"
         assert c.info()["models"][1]["top_k"] == 3
+
+
+def test_inferctl_classify_takes_a_model(two, tmp_path):
+    frame = tmp_path / "white.npy"
+    np.save(frame, np.full((40, 40, 3), 255, np.uint8))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "inferd.client.cli", "--socket", two.socket_path,
+                                     "classify", "--json", "-k", "1", *a], capture_output=True, text=True,
+                                    timeout=60)
+    out = run("--model", "synth", str(frame))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[str(frame)][0]["label"] == "level_9"
+    bad = run("--model", "nope", str(frame))
+    assert bad.returncode == 1 and "synth" in bad.stderr and "nope" in bad.stderr
+
+
+def test_start_up_names_the_entry_that_does_not_load():
+    work = short_dir()
+    junk = os.path.join(work, "junk.pt2")
+    with open(junk, "wb") as fh:
+        fh.write(b"not a model")
+    config = write_config(TWO_MODELS + f"""
+[[models]]
+path = "{junk}"
+input = "uint8_nhwc"
+input_height = 16
+input_width = 16
+""")
+    d = spawn_daemon("--config", config, model="", wait=False)
+    try:
+        rc = d.proc.wait(120)
+        log = d.log()
+    finally:
+        d.kill()
+    assert rc == exitcodes.CONFIG, log
+    assert "configuration error: models[2] (junk version 1): model.path: cannot load" in log, log
+
+
+def test_a_named_model_is_answered_from_the_local_cache_under_its_own_key(two):
+    """A repeat for synth is found in the client's read-only mapping, under synth's digest and
+    preprocessing (hello's ``models``), not the default model's."""
+    frame = np.full((16, 16, 3), 77, np.uint8)
+    with Client(two.socket_path, model="synth") as c:
+        first = c.classify(frame, top_k=1)
+        wait_until(lambda: c.classify(frame, top_k=1) and c.cache_hits >= 1, 10, "a local hit for synth")
+        hits = c.cache_hits
+        assert c.classify(frame, top_k=1)[0].index == first[0].index == level_of(77)
+        assert c.cache_hits == hits + 1
+
+
+def test_a_reload_of_the_default_model_renames_its_classes_in_the_client(two):
+    """The default model swapped to other labels: a client connected before names the next
+    answers with the new labels (the first answer of the new generation carries it, filed under
+    its name and version), and the other model's answers keep theirs."""
+    labels = os.path.join(short_dir(), "shapes.labels")
+    names = [f"renamed_{k}" for k in range(len(zoo.build("shapes")[1].labels))]
+    with open(labels, "w") as fh:
+        fh.write("\n".join(names) + "\n")
+    frame = np.zeros((64, 64, 3), np.uint8)
+    with Client(two.socket_path) as c:
+        before = c.classify(frame, top_k=1)[0]
+        with AdminClient(admin_path(two)) as admin:
+            assert admin.call("reload", name="shapes", set={"labels": labels})["changed"]
+        after = [c.classify(frame, top_k=1, model=m)[0] for m in (None, "shapes", "synth")]
+    assert not before.label.startswith("renamed_")
+    assert after[0].label == after[1].label == names[after[0].index]
+    assert after[2].label.startswith("level_")

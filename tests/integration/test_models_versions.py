@@ -160,3 +160,43 @@ def test_promotion_under_load_fails_no_request():
     assert not errors, errors
     assert rc == 0
     assert after and all(label.startswith("new_") for label in after), set(after)
+
+
+def test_each_version_keeps_its_embeddings_apart():
+    """Two versions of one file with an embedding: each keeps its own store (a file per digest),
+    so a near-duplicate query of one version finds only what that version embedded."""
+    work = short_dir()
+    path = os.path.join(work, "models.toml")
+    with open(path, "w") as fh:
+        fh.write('[[models]]\nbuiltin = "shapes"\nname = "s"\nwarmup_batches = 1\n\n'
+                 '[[models]]\nbuiltin = "shapes"\nname = "s"\nversion = 2\nwarmup_batches = 1\n')
+    d = spawn_daemon("--config", path, "--set", "embeddings.capacity=1000", model="")
+    try:
+        frame = np.zeros((64, 64, 3), np.uint8)
+        frame[16:48, 16:48] = 200
+        with Client(d.socket_path, model="s") as c:
+            c.classify(frame, tag="v1-only", version=1)
+            assert [m.tag for m in c.near_duplicates(frame, version=1)] == ["v1-only"]
+            assert c.near_duplicates(frame, version=2) == []
+            c.classify(frame, tag="v2-only", version=2)
+            assert [m.tag for m in c.near_duplicates(frame, version=2)] == ["v2-only"]
+            assert [m.tag for m in c.near_duplicates(frame, version=1)] == ["v1-only"]
+        stores = sorted(n for n in os.listdir(d.workdir) if n.startswith("embeddings-") and n.endswith(".store"))
+        assert len(stores) == 2, stores                     # a file per version
+    finally:
+        rc = d.stop()
+        d.kill()
+    assert rc == 0
+    # served again with version 1 alone: version 2's store goes at start-up, version 1's stays
+    with open(path, "w") as fh:
+        fh.write('[[models]]\nbuiltin = "shapes"\nname = "s"\nwarmup_batches = 1\n')
+    again = spawn_daemon("--config", path, "--set", "embeddings.capacity=1000", model="", workdir=d.workdir)
+    try:
+        left = sorted(n for n in os.listdir(d.workdir) if n.startswith("embeddings-") and n.endswith(".store"))
+        assert len(left) == 1 and left[0] in stores, (left, stores)
+        with Client(again.socket_path, model="s") as c:
+            assert [m.tag for m in c.near_duplicates(frame)] == ["v1-only"]
+    finally:
+        rc = again.stop()
+        again.cleanup()
+    assert rc == 0

@@ -2,6 +2,7 @@
 answers against the exact scan, per-uid scoping, recycled rows, saving and reopening without a
 rebuild, and a missing, corrupt, truncated, stale or foreign index rebuilt from the store, never a
 wrong answer (through a real daemon: tests/integration/test_near_index.py)."""
+import dataclasses
 import os
 import stat
 import threading
@@ -16,7 +17,7 @@ from inferd.daemon.caching.embedding_store import EmbeddingStore
 pytestmark = pytest.mark.timeout(120)
 
 DIM = 32
-OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0)
+OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0, batch_wait_s=0.05)
 
 
 def h(n: int) -> bytes:
@@ -59,8 +60,11 @@ def fill(path, n=1500, uids=(0,), opts=OPTS, capacity=None, **kw) -> tuple[Embed
     return store, v
 
 
-def test_index_answers_as_the_exact_scan(path):
-    store, v = fill(path)
+@pytest.mark.parametrize("scalar", ["f16", "i8", "bf16"])
+def test_index_answers_as_the_exact_scan(path, scalar):
+    """Whatever the graph keeps of a vector (int8 included), the store re-ranks by its own float32."""
+    store, v = fill(path, opts=dataclasses.replace(OPTS, scalar=scalar))
+    assert store._ann.graphs[0].index.dtype.name.lower() == scalar
     try:
         rng = np.random.default_rng(1)
         hits, same = 0, 0
@@ -100,8 +104,12 @@ def test_shared_sees_every_row(path):
         store.close()
 
 
-def test_recycled_rows_never_answer_for_their_old_image(path):
-    store = EmbeddingStore.open(path, 1600, DIM, index=OPTS)
+@pytest.mark.parametrize("opts, bound", [
+    (OPTS, 0.95),                                        # the defaults: int8, M 12, ef 32
+    (dataclasses.replace(OPTS, scalar="f16", connectivity=16, expansion_add=64), 0.97),
+], ids=["defaults", "f16-m16-ef64"])
+def test_recycled_rows_never_answer_for_their_old_image(path, opts, bound):
+    store = EmbeddingStore.open(path, 1600, DIM, index=opts)
     v = vectors(4800)
     try:
         for i in range(4800):                           # three times round the store
@@ -115,8 +123,10 @@ def test_recycled_rows_never_answer_for_their_old_image(path):
             if i >= 3200:                               # still stored: found first, as exactly
                 first.append(got[0][1] == want[0] == str(i))
             overlap.append(len({t for _, t, _ in got} & set(want)) / 5)
-        # approximate: a graph that recycled every row three times may lose one (docs/benchmarks.md)
-        assert np.mean(first) >= 0.97 and np.mean(overlap) >= 0.9, (np.mean(first), np.mean(overlap))
+        # approximate: a graph that recycled every row three times may lose one (docs/benchmarks.md);
+        # on these 32-float clusters M 12 / ef 32 loses about a point more than M 16 / ef 64 (on the
+        # built-in embeddings at a million rows: none, bench.ann)
+        assert np.mean(first) >= bound and np.mean(overlap) >= 0.9, (np.mean(first), np.mean(overlap))
     finally:
         store.close()
 
@@ -236,16 +246,68 @@ def test_a_damaged_index_is_rebuilt_with_one_line(path, damage, caplog):
         store.close()
 
 
-def test_another_shape_or_scoping_rebuilds(path):
+def test_another_shape_or_scoping_rebuilds(path, caplog):
+    """Every parameter the saved graphs were built with is in ``meta``: another one rebuilds."""
     store, v = fill(path, n=600)
     store.close()
-    for kw in ({"index": IndexOptions(exact_below=0, connectivity=8)}, {"index": OPTS, "shared": True}):
+    caplog.set_level("INFO", logger="inferd.embeddings")
+    assert (OPTS.connectivity, OPTS.expansion_add, OPTS.scalar) == (12, 32, "i8")   # the defaults
+    for kw, what in (({"index": dataclasses.replace(OPTS, connectivity=8)}, "connectivity 12 (now 8)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24)},
+                      "expansion_add 32 (now 24)"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24, scalar="f16")},
+                      "scalar 'i8' (now 'f16')"),
+                     ({"index": dataclasses.replace(OPTS, connectivity=8, expansion_add=24, scalar="f16"),
+                       "shared": True}, "shared False (now True)")):
+        caplog.clear()
         store = EmbeddingStore.open(path, 600, DIM, **kw)
         try:
             assert store.index_stats()["rebuilt"] == 1
+            assert any(what in r.getMessage() for r in caplog.records), (what, caplog.records)
             assert store.search(v[4], 1, -1.0, uid=0)[0][1] == "4"
         finally:
             store.close()
+
+
+def test_a_reopened_graph_inserts_with_the_configured_expansion(path):
+    """usearch's file keeps neither expansion: a graph reopened without them would insert with
+    usearch's own ef 128, twice the CPU of the configured 64."""
+    opts = dataclasses.replace(OPTS, expansion_add=24, expansion_search=40)
+    store, v = fill(path, n=600, opts=opts)
+    store.close()
+    store = EmbeddingStore.open(path, 600, DIM, index=opts)
+    try:
+        ann = store._ann
+        assert all((g.index.expansion_add, g.index.expansion_search) == (24, 40) for g in ann.graphs.values())
+        settled(store)                                   # the writable copies swapped in
+        assert ann.stats()["mapped"] == 0
+        assert all((g.index.expansion_add, g.index.expansion_search) == (24, 40) for g in ann.graphs.values())
+    finally:
+        store.close()
+
+
+def test_rows_stored_during_an_insert_wait_for_a_batch_of_their_own(path):
+    """NOTE [ batched inserts ]: the rows the store wrote while a batch was inserted are not taken
+    at once (each insert call after removals costs a pass over the graph's keys), but once BATCH
+    are pending or ``batch_wait_s`` has passed since that insert ended."""
+    store, v = fill(path, n=300)
+    store.close()
+    store = EmbeddingStore.open(path, 300, DIM, index=dataclasses.replace(OPTS, batch_wait_s=3600.0))
+    ann = store._ann
+    try:
+        settled(store)
+        w = vectors(20, seed=5)
+        since = ann._pending_since
+        before = time.monotonic()
+        for i in range(10):
+            store.add(h(1000 + i), w[i], None, uid=0)    # recycles rows: removals, then inserts
+        batch = list(ann.pending.items())
+        assert len(batch) == 10 and ann.stats()["inserted"] == 0  # the thread waits for more
+        ann._insert(batch[:4])                          # as the thread does; 6 rows stay pending
+        assert len(ann.pending) == 6 and ann.stats()["inserted"] == 4
+        assert ann._pending_since >= before > since     # their wait starts now, not with the first row
+    finally:
+        store.close()
 
 
 def test_busy_rather_than_a_long_scan(path):
@@ -333,4 +395,38 @@ def test_a_reopened_graph_answers_only_once_its_checksum_passed(path, monkeypatc
         assert store.search(v[5], 1, -1.0, uid=0)[0][1] == "5"
     finally:
         gate.set()
+        store.close()
+
+
+def test_a_recycled_rows_old_key_stays_stale_until_a_flush_and_never_answers(path):
+    """NOTE [ deferred removals ]: recycling a few rows leaves their old keys in the graph (no
+    removal pass per batch); a search drops them; a save removes them; a reopened graph holds
+    exactly the store's rows, under their new keys."""
+    from inferd.daemon.caching.ann_index import STALE_SHARE
+
+    n = 3000
+    store, v = fill(path, n=n, capacity=n)
+    ann = store._ann
+    w = vectors(20, seed=9)
+    try:
+        for i in range(20):                             # 20 < 3000 / STALE_SHARE: no flush
+            store.add(h(50_000 + i), w[i], f"w{i}", uid=0)
+        settled(store)
+        g = ann.graphs[0]
+        assert 20 < n // STALE_SHARE and len(g.stale) == 20 and len(g.index) == n + 20
+        for i in range(20):                             # the recycled rows' old images: gone
+            assert store.search(w[i], 1, -1.0, uid=0)[0][1] == f"w{i}"
+            assert all(t != str(i) for _, t, _ in store.search(v[i], 10, -1.0, uid=0))
+    finally:
+        store.close()                                   # saves: the stale keys removed first
+    store = EmbeddingStore.open(path, n, DIM, index=OPTS)
+    try:
+        stats = settled(store)
+        assert stats["reopened"] == 1 and stats["inserted"] == 0
+        g = store._ann.graphs[0]
+        assert len(g.index) == n and not g.stale
+        assert store._ann.rows["ver"][:20].tolist() == [2] * 20 and store._ann.rows["ver"][20:].max() == 1
+        for i in range(0, 20, 3):
+            assert store.search(w[i], 1, -1.0, uid=0)[0][1] == f"w{i}"
+    finally:
         store.close()

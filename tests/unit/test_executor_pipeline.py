@@ -19,6 +19,7 @@ from inferd.daemon.pipeline.executor import Executor
 from inferd.daemon.pipeline.records import BatchResult, Outcome, Request
 from inferd.daemon.config import ModelConfig
 from inferd.daemon.dispatch.device import Device
+from inferd.daemon.dispatch.fairness import Fifo
 from inferd.daemon.pipeline.engine import Engine
 from inferd.daemon.models.zoo.shapes import make_dataset
 
@@ -115,3 +116,29 @@ def test_a_request_re_dispatched_while_its_batch_was_staged_is_not_computed(monk
     assert [e.request for e in got.entries] == live
     idx, _, _ = _want(model, images[[0, 2]], 3)        # the rows closed up: each answer is its own
     assert [[i for i, _ in e.top] for e in got.with_outcome(Outcome.DONE)] == idx
+
+
+def test_a_model_that_does_not_fit_the_device_is_named(monkeypatch):
+    """Start-up with several models: the one whose load runs out of device memory is named in a
+    ConfigError (the daemon exits 78 with it), not a bare OutOfMemoryError of some model."""
+    from inferd.daemon.config import ConfigError, from_dict
+    from inferd.daemon.models.catalog import Catalog
+
+    class Full(Engine):
+        def load(self):
+            if self.model.spec.name == "big":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+            return super().load()
+
+    monkeypatch.setattr(executor_mod, "Engine", Full)
+    cfg = from_dict({"models": [{"builtin": "noop", "name": "small"}, {"builtin": "noop", "name": "big"}]})
+    catalog = Catalog.of([(m, model_mod.load(m)) for m in cfg.models])
+    dev = Device(0, "cpu", 1)
+    dev.use_models([1.0, 1.0], Fifo, 4)
+    ex = Executor(dev, catalog.by_id, deliver=lambda r: None, max_batch=4, warmup_batches=0)
+    ex.start()
+    assert ex.ready.wait(30)
+    ex.join(10)
+    assert isinstance(ex.startup_error, ConfigError)
+    message = str(ex.startup_error)
+    assert "model big does not fit cpu#0's memory" in message and "20.00 GiB" in message and "\n" not in message

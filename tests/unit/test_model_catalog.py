@@ -118,3 +118,30 @@ def test_largest_frame_and_one_model_catalog():
     assert cat.largest_frame() == 64 * 64 * 3
     one = Catalog.of([(None, model("shapes"))])
     assert one.single and one.resolve(None, None, 0, 1) is one.by_id[0] and one.default.name == "shapes"
+
+
+def test_a_reload_keeps_a_models_entry_its_place():
+    """model_config (daemon/ops/reload.py) of a [[models]] entry: a new source or keys, but its
+    name, version, devices, share and route keys stay, so the swap keeps its place in the catalog."""
+    from inferd.daemon.config import ModelEntryConfig
+    from inferd.daemon.ops.reload import model_config
+
+    cfg = from_dict({"models": [{"builtin": "shapes", "name": "s", "version": 3, "share": 2.0, "devices": [0],
+                                 "canary_percent": 5}]}).models[0]
+    new = model_config(cfg, "noop", settings={"top_k": 2})
+    assert isinstance(new, ModelEntryConfig)
+    assert (new.builtin, new.top_k, new.name, new.version, new.share, new.devices, new.canary_percent) == \
+        ("noop", 2, "s", 3, 2.0, [0], 5.0)
+    assert model_config(cfg) is cfg
+
+
+def test_store_digest_keeps_precisions_and_versions_apart():
+    """The embedding store's file keeps 16 characters of what store_digest gives: a plain digest
+    keeps its old name, while a precision tag or a [[models]] name and version get files of their
+    own (a bf16 run must not read the fp32 run's embeddings)."""
+    from inferd.daemon.models.catalog import store_digest
+    plain = "ab" * 16
+    assert store_digest(plain) == plain
+    names = {store_digest(d)[:16] for d in (plain, plain + "+bf16", plain + "+fp16",
+                                            plain + "-a.v1", plain + "-a.v2", plain + "+bf16-a.v1")}
+    assert len(names) == 6

@@ -7,6 +7,7 @@ import pytest
 
 from inferd.daemon.dispatch.fairness import Fifo
 from inferd.daemon.dispatch.model_share import ModelShare
+from inferd.daemon.dispatch.lanes import ModelLanes
 from inferd.daemon.dispatch.queues import DeviceQueue
 
 
@@ -83,12 +84,10 @@ def request(mid: int, deadline: float = 1e9, arrived: float = 0.0):
 
 
 def lanes_queue(shares, latency=lambda mid, n: 0.001 * n, max_batch=4):
-    q = DeviceQueue(clock=lambda: 0.0)
-    q.use_models(Fifo, shares, latency, max_batch)
-    return q
+    return ModelLanes(Fifo, shares, latency, max_batch, clock=lambda: 0.0)
 
 
-def take_all(q: DeviceQueue, max_batch: int = 4) -> list[list]:
+def take_all(q: ModelLanes, max_batch: int = 4) -> list[list]:
     out = []
     while len(q):
         out.append(q.take(lambda now, queued, expected, mid=0: (min(len(queued), max_batch), 0.0), 0.0))

@@ -146,3 +146,28 @@ def test_a_second_model_arriving_forks_the_first_ones_record_from_the_daemons():
     assert rows["late"]["outcomes"] == {"ok": 1} and rows["late"]["latency"]["total"]["count"] == 1
     assert rows["shapes"]["devices"][0]["share"] == pytest.approx(0.01 / 0.06, abs=1e-3)
     assert sched.stats.outcomes["ok"] == 3
+
+
+def test_an_unloaded_models_row_stays_and_the_one_left_keeps_its_own_figures():
+    """After an unload leaves one model, figures stay per model (the daemon's hold the other's too)."""
+    clock = Clock(10.0)
+    heavy, light = _model("heavy", "d1"), _model("light", "d2")
+    sched, dev = _scheduler(clock, [heavy, light])
+    s = FakeSession(1000, heavy.spec.frame_bytes, slots=16)
+    sched.submit(s, 0, _classify(heavy.spec, 0, model="heavy"))
+    sched.submit(s, 1, _classify(light.spec, 1, model="light"))
+    taken = dev.queue.drain()
+    _run(sched, dev, [r for r in taken if r.mid == 0], 0, 10.01, 10.02, 10.03, clock)
+    _run(sched, dev, [r for r in taken if r.mid == 1], 1, 10.03, 10.04, 10.05, clock)
+    catalog = sched.catalog
+    catalog.remove(catalog.by_id[1])                        # as an unload does
+    assert catalog.single
+    sched.submit(s, 2, _classify(heavy.spec, 2))
+    _run(sched, dev, dev.queue.drain(), 0, 10.06, 10.07, 10.08, clock)
+    rows = {m["name"]: m for m in sched.stats.snapshot()["models"]}
+    assert rows["heavy"]["outcomes"] == {"ok": 2} and rows["heavy"]["served"]
+    assert rows["light"]["outcomes"] == {"ok": 1} and not rows["light"]["served"]
+    assert sched.stats.outcomes["ok"] == 3
+    names = {lab["name"] for (fam, lab) in ((f, dict(l)) for f, l in _samples(_full(sched, sched.stats.snapshot())))
+             if fam == "inferd_model_info"}
+    assert names == {"heavy"}                               # metrics list the models served
