@@ -340,7 +340,17 @@ class AsyncClient(ClientSettings):
     async def labels(self, model: str | None = None, version: int | None = None) -> tuple[str, ...]:
         """A model's class names (Client.labels)."""
         self._check_open()
-        return await self._names(self._target(model, version)[0])
+        return await self._names((await self._model_target(model, version))[0])
+
+    async def _model_target(self, model: str | None, version: int | None) -> tuple:
+        """Client._model_target: a model loaded live since hello is looked for in ``info``."""
+        try:
+            return self._target(model, version)
+        except errors.UnknownModel as exc:
+            if not self._should_list_models(exc):
+                raise
+        self._core.learn_models((await self._call({"op": "info"})).get("models"))
+        return self._target(model, version)
 
     async def _names(self, model: ModelInfo) -> tuple[str, ...]:
         """Fetched at most once per labels_id, however many tasks ask at once."""
@@ -373,7 +383,7 @@ class AsyncClient(ClientSettings):
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
         core = self._core
-        target = self._target(model, version)
+        target = await self._model_target(model, version)
         core.check(top_k, timeout, target[0])
         deadline = self._clock() + timeout
         items = await self._prepare(list(images), target[0])
@@ -413,7 +423,7 @@ class AsyncClient(ClientSettings):
 
     async def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
         self._check_open()
-        target, fields, _ = self._target(model, version)
+        target, fields, _ = await self._model_target(model, version)
         extra = {**extra, **fields}
         (item,) = await self._prepare([image], target)
         frame = item.frame() if item.encoded is None else await self._loop.run_in_executor(None, item.frame)

@@ -271,8 +271,20 @@ class Client(ClientSettings):
         per list of names (``labels`` request; hello carries only their number and ``labels_id``),
         then kept. Numbered classes ("0", "1", ...: a model without a labels file) are named
         without asking."""
+        target = self._model_target(model, version)[0]
         with self._lock:
-            return self._names(self._target(model, version)[0])
+            return self._names(target)
+
+    def _model_target(self, model: str | None, version: int | None) -> tuple:
+        """``_target``; a model this session was not told of is looked for once more in the
+        daemon's ``info`` (a model loaded live since hello), at most once a second."""
+        try:
+            return self._target(model, version)
+        except errors.UnknownModel as exc:
+            if not self._should_list_models(exc):
+                raise
+        self._core.learn_models(self._call({"op": "info"}).get("models"))
+        return self._target(model, version)
 
     def _names(self, model: ModelInfo) -> tuple[str, ...]:
         names = self._core.names(model)
@@ -304,7 +316,7 @@ class Client(ClientSettings):
         (see near_duplicates). If any request fails, the others still complete (no slot is left in
         flight) and the first error is raised.
         """
-        target = self._target(model, version)
+        target = self._model_target(model, version)
         h, w, _ = target[0].input_shape                            # frames sized for that model
         items = [decode.prepare(img, h, w) for img in images]     # read, not yet decoded
         timeout = self.timeout if timeout is None else timeout
@@ -340,7 +352,7 @@ class Client(ClientSettings):
                                                      timeout, model, version))
 
     def _embedding_op(self, image, op: str, extra: dict, timeout, model=None, version=None) -> dict:
-        target, fields, _ = self._target(model, version)
+        target, fields, _ = self._model_target(model, version)
         h, w, _ = target.input_shape
         extra = {**extra, **fields}
         frame = decode.prepare(image, h, w).frame()

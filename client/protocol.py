@@ -85,6 +85,16 @@ class InFlight:
     hits: int                # local hits it reported (given back if it is refused unread)
 
 
+#: How often a client may ask ``info`` for the models when a request names one it does not know
+#: (ProtocolCore.may_list_models): a model loaded live since the session's hello.
+LIST_MODELS_S = 1.0
+
+
+def _frame_bytes(model: ModelInfo) -> int:
+    h, w, c = model.input_shape
+    return h * w * c
+
+
 class ProtocolCore:
     """The state of one client across its sessions (see the module docstring). ``hits`` is the
     client's HitReport (its timer is the client's way of waiting)."""
@@ -108,6 +118,8 @@ class ProtocolCore:
         self._models: dict[int, ModelInfo] = {}
         self._label_book: dict[str, tuple] = {}     # labels_id -> names
         self.catalog: dict[tuple, ModelInfo] = {}   # (name, version) -> model, with several (hello)
+        self._listed_at = float("-inf")             # when info's list of models was last asked
+        self.too_large: set[tuple] = set()          # (name, version) listed whose frames outgrow the ring
 
     # sessions ---------------------------------------------------------------------------------
     def adopt(self, conn: Connection) -> None:
@@ -118,6 +130,7 @@ class ProtocolCore:
         self.cache, self._ring = conn.cache, conn.ring
         self._models = {conn.model.gen: conn.model}
         self.catalog = {(m.name, m.version): m for m in getattr(conn, "models", ())}
+        self.too_large = set()
         self.free = list(range(conn.ring.geometry.slots - 1, -1, -1))
         self._max_batch = getattr(conn, "max_batch", 0)     # (a stand-in connection may lack it)
         self.inflight = {}
@@ -320,10 +333,33 @@ class ProtocolCore:
         else:
             model = next((m for m in versions if m.route == "stable"), versions[0] if versions else None)
         if model is None:
+            if any(n == name and version in (None, v) for n, v in self.too_large):
+                raise errors.UnknownModel(f"model {name!r} was loaded after this session began and its "
+                                          f"frames are larger than the session's ring slots: connect again")
             known = ", ".join(f"{n} v{v}" for n, v in self.catalog)
             raise errors.UnknownModel(f"no model {name!r}{'' if version is None else f' version {version}'} "
                                       f"is served; the models are {known}")
         return model, fields, version is not None or len(versions) == 1
+
+    def may_list_models(self, now: float) -> bool:
+        """Whether a request naming a model this session was not told of may ask ``info`` for the
+        list now (a model loaded live since hello): at most once per LIST_MODELS_S, so a caller
+        that names a model nobody serves costs the daemon one ``info`` a second, not one a request."""
+        if now - self._listed_at < LIST_MODELS_S:
+            return False
+        self._listed_at = now
+        return True
+
+    def learn_models(self, listed) -> None:
+        """``info``'s ``models`` (the daemon's catalog now) in place of hello's. A model whose frames
+        are larger than this session's ring slots stays out (hello sized the ring for the models
+        there were): naming it says so, and a new session (reconnecting) sizes for it."""
+        if not isinstance(listed, list) or not listed:
+            return
+        slot = self._ring.geometry.slot_bytes if self._ring is not None else 0
+        models = [ModelInfo.from_wire(m) for m in listed if isinstance(m, dict)]
+        self.too_large = {(m.name, m.version) for m in models if slot and _frame_bytes(m) > slot}
+        self.catalog = {(m.name, m.version): m for m in models if (m.name, m.version) not in self.too_large}
 
     def check(self, top_k, timeout, model: ModelInfo | None = None) -> None:
         """The daemon's own range checks, made here too so a local cache hit answers a bad

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from . import errors
 from .connection import Connection
 from ..shm import paths
 
@@ -52,6 +53,12 @@ class ClientSettings:
         if model is None and version is None:
             model, version = self.model_name, self.model_version
         return self._core.target(model, version)
+
+    def _should_list_models(self, exc: Exception) -> bool:
+        """After UnknownModel from ``_target``: ask the daemon's ``info`` for its models now (a
+        model loaded live since hello), then try once more? (ProtocolCore.may_list_models)"""
+        return isinstance(exc, errors.UnknownModel) and self._core is not None \
+            and self._core.may_list_models(self._clock())
 
     def _open_connection(self, hello_timeout: float) -> Connection:
         """Connect and say hello with these settings, blocking; the connect is bounded by

@@ -385,3 +385,39 @@ def test_a_model_loaded_live_keeps_its_embeddings_in_a_store_of_its_own():
         assert "ERROR" not in d.log()
     finally:
         stop(d)
+
+
+def test_a_session_opened_before_a_load_names_the_new_model():
+    """Clients connected before a load name the new model without connecting again: they ask the
+    daemon's info for the models once (Client and AsyncClient alike); a model loaded since whose
+    frames outgrow the session's ring slots is refused naming why, and a new session takes it."""
+    import asyncio
+
+    from inferd.client import AsyncClient
+
+    work = short_dir()
+    d = start(work, entry("a"))
+    white = np.full((16, 16, 3), 255, np.uint8)
+
+    def load():
+        with AdminClient(admin_path(d)) as admin:
+            admin.call("load", name="b", model="synthetic", set={"labels": labels_file(work, "bee"), "warmup_batches": 1})
+            admin.call("load", name="big", model="synthetic", set={"input_height": 48, "input_width": 48, "warmup_batches": 1})
+
+    async def async_session_across_the_load():
+        async with AsyncClient(d.socket_path, cache=False) as ac:
+            await asyncio.to_thread(load)
+            return (await ac.classify(white, top_k=1, model="b"))[0].label
+
+    try:
+        with Client(d.socket_path, cache=False) as c:
+            assert asyncio.run(async_session_across_the_load()) == "bee_9"
+            assert c.classify(white, top_k=1, model="b")[0].label == "bee_9"
+            with pytest.raises(UnknownModel, match="ring slots"):
+                c.classify(white, model="big")
+            with pytest.raises(UnknownModel, match="b v1"):
+                c.classify(white, model="nowhere")
+        with Client(d.socket_path, cache=False) as fresh:
+            assert fresh.classify(np.full((48, 48, 3), 255, np.uint8), top_k=1, model="big")[0].label == "level_9"
+    finally:
+        stop(d)

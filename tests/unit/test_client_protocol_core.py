@@ -178,3 +178,31 @@ def test_a_logits_call_asks_the_daemon_and_reads_one_float32_per_class(session):
     for bad in ({"top": [[2, 0.9]]}, {"top": [[2, 0.9]], "logits": row[:2].tobytes()}):
         with pytest.raises(ProtocolError, match="logits"):
             core.answer(bad, MODEL, True)
+
+
+def test_models_listed_later_are_asked_for_at_most_once_a_second_and_sized_against_the_ring(session):
+    """A model loaded live since hello: the core may ask info for the list once per
+    LIST_MODELS_S; what it learns resolves, and a model whose frames outgrow the ring's slots is
+    refused naming why rather than written past a slot."""
+    from inferd.client import UnknownModel
+    from inferd.client.protocol import LIST_MODELS_S
+
+    core = _core()
+    core.adopt(session())
+    with pytest.raises(UnknownModel, match="serves fake"):
+        core.target("b", None)
+    assert core.may_list_models(100.0)
+    assert not core.may_list_models(100.0 + LIST_MODELS_S / 2)
+    assert core.may_list_models(100.0 + LIST_MODELS_S)
+    listed = [{"name": n, "digest": f"d{n}", "input": list(shape), "top_k": 1, "classes": 3,
+               "version": 1, "route": "stable", "labels_id": "numbered"}
+              for n, shape in (("fake", (8, 8, 3)), ("b", (4, 4, 3)), ("big", (16, 16, 3)))]
+    core.learn_models(listed)
+    assert core.target("b", None)[0].input_shape == (4, 4, 3)
+    assert core.target(None, None)[0].name == "fake"
+    with pytest.raises(UnknownModel, match="ring slots"):
+        core.target("big", None)
+    with pytest.raises(UnknownModel, match="b v1"):
+        core.target("nowhere", None)
+    core.adopt(session())                          # a new session: hello's list again
+    assert not core.too_large and not core.catalog
