@@ -11,8 +11,8 @@ client; repeats are answered from the read-only result cache without a round tri
 
 Models. A path names a model, and maybe a version (``/v2/models/{name}[/versions/{v}]``):
 ``target`` resolves it against the models the daemon's hello listed (its client library's own
-resolution, inferd.client.protocol ``ProtocolCore.target``), so the front knows no model the
-daemon does not serve and OIP's 404 / NOT_FOUND names the ones it does. A path without a version
+resolution, inferd.client.aio ``AsyncClient._model_target``: hello's list, then the daemon's
+``info`` for a model loaded live since), so the front knows no model the daemon does not serve and OIP's 404 / NOT_FOUND names the ones it does. A path without a version
 goes to the name's route (the daemon picks stable or canary, as for any client); a request for the
 default model naming no version is sent without a model field, as from any one-model client.
 
@@ -138,14 +138,16 @@ class Backend:
         """Every model served (inferd.client ModelInfo each): hello's list, or the one model."""
         return list(self.own._core.catalog.values()) or [self.own.model]
 
-    def target(self, name: str, version: str) -> Target:
-        """The model a path names, or OipError not_found naming the models there are."""
+    async def target(self, name: str, version: str) -> Target:
+        """The model a path names, or OipError not_found naming the models there are. A name
+        the front's hello did not list is looked for in the daemon's ``info`` (the client
+        library's own look-up, at most once a second): a model loaded live is served at once."""
         if version and not version.isdigit():
             raise OipError("not_found", f"no model {name!r} version {version!r}: versions are numbers; "
                            f"the models are {self._names()}")
         pinned = int(version) if version else None
         try:
-            info, _, _ = self.own._target(name, pinned)
+            info, _, _ = await self.own._model_target(name, pinned)
         except client_errors.UnknownModel:
             raise OipError("not_found", f"no model {name!r}{f' version {version}' if version else ''} is "
                            f"served; the models are {self._names()}") from None

@@ -105,12 +105,12 @@ class GrpcDoor:
         ok, _ = await self.backend.ready()
         return pb.ServerReadyResponse(ready=ok)
 
-    def _model(self, name: str, version: str):
+    async def _model(self, name: str, version: str):
         """The model the request names (daemon/oip/backend.py Target), or OipError not_found."""
-        return self.backend.target(name, version)
+        return await self.backend.target(name, version)
 
     async def model_ready(self, request, context):
-        self._model(request.name, request.version)
+        await self._model(request.name, request.version)
         ok, _ = await self.backend.ready()
         return pb.ModelReadyResponse(ready=ok)
 
@@ -118,7 +118,7 @@ class GrpcDoor:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     async def model_metadata(self, request, context):
-        t = self._model(request.name, request.version)
+        t = await self._model(request.name, request.version)
         md = tensors.metadata(t.name, t.classes, self.backend.versions(t.name))
         t = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -131,7 +131,7 @@ class GrpcDoor:
         began = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
         principal = self.auth.bearer(metadata.get("authorization"), network=not self.address.unix)
-        target = self._model(request.model_name, request.model_version)
+        target = await self._model(request.model_name, request.model_version)
         parsed = parse_request(request, self.oip.max_batch)
         left = context.time_remaining()
         if left is not None and (parsed.timeout_s is None or left < parsed.timeout_s):

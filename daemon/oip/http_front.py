@@ -136,20 +136,20 @@ class HttpDoor:
     async def server_metadata(self, request, model, version):
         return _json({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
 
-    def _model(self, name: str, version: str):
+    async def _model(self, name: str, version: str):
         """The model the path names (daemon/oip/backend.py Target), or OipError not_found."""
-        return self.backend.target(name, version)
+        return await self.backend.target(name, version)
 
     async def model_metadata(self, request, model, version):
-        t = self._model(model, version)
+        t = await self._model(model, version)
         return _json(tensors.metadata(t.name, t.classes, self.backend.versions(t.name)))
 
     async def model_ready(self, request, model, version):
-        self._model(model, version)
+        await self._model(model, version)
         return await self.ready(request)
 
     async def model_config(self, request, model, version):
-        t = self._model(model, version)
+        t = await self._model(model, version)
         return _json({"name": t.name, "platform": "inferd", "max_batch_size": 0,
                       "input": [{"name": tensors.IMAGE, "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
                                 {"name": tensors.IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [-1]}],
@@ -186,7 +186,7 @@ class HttpDoor:
 
     async def infer(self, request, model, version):
         principal = self._principal(request)
-        target = self._model(model, version)
+        target = await self._model(model, version)
         body = request.body
         length = request.headers.get(_HEADER_LENGTH_KEY)
         json_bytes = int(length) if length and length.isdigit() else len(body)

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import admin_path, short_dir, spawn_daemon
+from helpers import admin_path, short_dir, spawn_daemon, wait_until
 from inferd.client import AdminClient, Client
 from inferd.daemon.models.zoo.synthetic import level_of
 from test_oip_front import Front
@@ -164,3 +164,34 @@ def test_the_repository_index_lists_every_model_and_its_state(served):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(req, timeout=10)
     assert caught.value.code == 405
+
+
+def test_a_model_loaded_live_is_served_by_the_running_front_and_one_unloaded_is_not_found(served):
+    """The front's hello did not list it: the name is looked for in the daemon's info."""
+    daemon, front = served
+    h = tritonhttp.InferenceServerClient(front.http)
+    g = tritongrpc.InferenceServerClient(front.grpc)
+    with AdminClient(admin_path(daemon)) as admin:
+        admin.call("load", name="late", model="synthetic", set={"warmup_batches": 1})
+        try:
+            def metadata():             # the client library asks info at most once a second
+                try:
+                    return h.get_model_metadata("late")
+                except InferenceServerException:
+                    return None
+            assert wait_until(metadata, 10, "the front serving the model loaded live")["name"] == "late"
+            inp = tritonhttp.InferInput("IMAGE", [1, 16, 16, 3], "UINT8")
+            inp.set_data_from_numpy(_levels([255]))
+            out = [tritonhttp.InferRequestedOutput("SCORES", class_count=1)]
+            top = h.infer("late", [inp], outputs=out).as_numpy("SCORES")[0][0]
+            assert (top.decode() if isinstance(top, bytes) else top).split(":")[1] == str(level_of(255))
+            ginp = tritongrpc.InferInput("IMAGE", [1, 16, 16, 3], "UINT8")
+            ginp.set_data_from_numpy(_levels([0]))
+            assert g.infer("late", [ginp]).as_numpy("SCORES").shape == (1, 10)
+            assert ("late", "1", "READY") in {(m["name"], m["version"], m["state"])
+                                              for m in h.get_model_repository_index()}
+        finally:
+            admin.call("unload", name="late")
+    with pytest.raises(InferenceServerException) as caught:
+        h.infer("late", [inp], outputs=out)
+    assert "404" in str(caught.value.status()) and "late" in caught.value.message()
