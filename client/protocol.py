@@ -359,7 +359,8 @@ class ProtocolCore:
         slot = self._ring.geometry.slot_bytes if self._ring is not None else 0
         models = [ModelInfo.from_wire(m) for m in listed if isinstance(m, dict)]
         self.too_large = {(m.name, m.version) for m in models if slot and _frame_bytes(m) > slot}
-        self.catalog = {(m.name, m.version): m for m in models if (m.name, m.version) not in self.too_large}
+        fit = {(m.name, m.version): m for m in models if (m.name, m.version) not in self.too_large}
+        self.catalog = fit if len(models) > 1 else {}      # one model: no list, as hello has none
 
     def check(self, top_k, timeout, model: ModelInfo | None = None) -> None:
         """The daemon's own range checks, made here too so a local cache hit answers a bad
