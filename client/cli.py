@@ -12,7 +12,7 @@ Admin socket (root, the daemon's user, members of server.admin_group)::
     inferctl health [--wait]            exit 0 when ready; --wait blocks until it is; says why
                                         not, the capacity (frames/s) and the agent-check's line
     inferctl stats                      a readable table (--json: everything, structured)
-    inferctl top                        live per-device view, refreshed every second
+    inferctl top                        live per-device (and per-model) view, refreshed every second
     inferctl metrics                    Prometheus text
     inferctl reload [NAME] [MODEL] [--set model.KEY=VALUE]... [--model-config FILE]
                                         swap a model without failing a request; the [model]
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--wait-timeout", type=_positive(float), default=HEALTH_WAIT_S, metavar="SECONDS",
                    help=f"give up waiting after this long (default {HEALTH_WAIT_S:.0f})")
     sub.add_parser("stats", parents=[common], help="statistics as a table")
-    t = sub.add_parser("top", parents=[common], help="live per-device view")
+    t = sub.add_parser("top", parents=[common], help="live per-device and per-model view")
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS")
     t.add_argument("--iterations", type=_positive(int), default=None, metavar="N",
                    help="stop after N refreshes (default: until Ctrl-C)")
@@ -405,6 +405,31 @@ _DEVICE_HEADER = ["device", "state", "frames/s 1s/10s/60s", "busy", "queue", "ba
                   "p50 ms", "p99 ms"]
 
 
+def _model_rows(snap: dict) -> list[list]:
+    """A row per model served (the admin stats' ``models``): its frames per second, its share of
+    the devices' time over the last 10 s against its configured share, requests and errors, batch
+    sizes, and the latency split (queue wait, compute, total)."""
+    models = [m for m in snap.get("models", []) if m.get("served", True)]
+    spent = sum(m.get("device_seconds_per_s", {}).get("10s", 0) for m in models)
+    rows = []
+    for m in models:
+        fps, lat = m.get("frames_per_s", {}), m.get("latency", {})
+        mine = m.get("device_seconds_per_s", {}).get("10s", 0)
+        configured = [d["share_configured"] for d in m.get("devices", []) if d.get("share_configured") is not None]
+        want = f"{100 * sum(configured) / len(configured):.0f}%" if configured else "-"
+        rows.append([f"{m['name']} v{m['version']}{' *' if m.get('default') else ''}",
+                     f"{fps.get('1s', 0):.0f}/{fps.get('10s', 0):.0f}/{fps.get('60s', 0):.0f}",
+                     f"{100 * mine / spent:.0f}%" if spent else "-", want, m.get("requests", 0),
+                     m.get("errors", 0), f"{m.get('batch_mean', 0):.1f}",
+                     _ms(lat.get("queue", {}).get("p50_ms")), _ms(lat.get("compute", {}).get("p50_ms")),
+                     _ms(lat.get("total", {}).get("p50_ms")), _ms(lat.get("total", {}).get("p99_ms"))])
+    return rows
+
+
+_MODEL_HEADER = ["model", "frames/s 1s/10s/60s", "share 10s", "configured", "requests", "errors", "batch",
+                 "queue p50", "compute p50", "p50 ms", "p99 ms"]
+
+
 def _cache_line(snap: dict) -> str:
     c = snap.get("cache") or {}
     if not c.get("enabled"):
@@ -424,7 +449,11 @@ def render_top(snap: dict) -> str:
     head = (f"inferd {m.get('name', '?')} gen {m.get('gen', '?')}  up {snap.get('uptime_s', 0):.0f} s  "
             f"sessions {sessions}  in flight {snap.get('in_flight', 0)}  "
             f"p50 {_ms(lat.get('p50_ms'))} ms  p99 {_ms(lat.get('p99_ms'))} ms")
-    return "\n".join([head, _table(_device_rows(snap), _DEVICE_HEADER), _cache_line(snap)])
+    parts = [head, _table(_device_rows(snap), _DEVICE_HEADER)]
+    models = _model_rows(snap)
+    if len(models) > 1:                 # several models: a row each (one model: the head names it)
+        parts.append(_table(models, _MODEL_HEADER))
+    return "\n".join([*parts, _cache_line(snap)])
 
 
 def render_stats(snap: dict) -> str:

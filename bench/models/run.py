@@ -8,7 +8,10 @@ Two measurements, written to ``OUT/models.json``:
   with a classify_many of max_batch frames in flight in a loop) for ``seconds``; the figure is
   each model's frames in the window (the same cost per frame, so frames are device time) over
   the total, against its configured share (target: within 10 % of it), and the device seconds
-  the policy charged each lane (``model_seconds`` in info) beside it.
+  the policy charged each lane (``model_seconds`` in info) beside it. The operator's view of the
+  same window comes beside them: each model's device seconds and share of the device from the
+  admin socket's ``stats`` (its ``models`` rows, daemon/ops/stats.py), against the configured share
+  the same rows give, so what ``inferctl top`` and the metrics report is checked against the load.
 - **switch**: what changing models costs a CPU device, in process, one torch thread: batches of
   model A timed after a batch of A and after a batch of B (shapes and resnet18 at 64x64, batch 8),
   interleaved so drift hits both, medians and their ratio. This is what NOTE [ model share ] in
@@ -41,8 +44,15 @@ def models_config(workdir: str) -> str:
     return path
 
 
+def _device_seconds(admin) -> dict:
+    """{model name: (seconds on device 0, its configured share there)} from the admin stats."""
+    rows = admin.call("stats")["models"]
+    return {m["name"]: (m["devices"][0]["seconds"], m["devices"][0]["share_configured"]) for m in rows}
+
+
 def measure_share(settings: dict, log) -> dict:
-    from inferd.client import Client
+    from inferd.client import AdminClient, Client
+    from inferd.shm.paths import admin_socket_path
 
     workdir = daemons.short_workdir()
     config = models_config(workdir)
@@ -69,10 +79,10 @@ def measure_share(settings: dict, log) -> dict:
         for t in threads:
             t.start()
         time.sleep(settings["warmup_s"])  # noqa: sleep-ok  the load settles before the window
-        with Client(d["socket"]) as c:
-            before = c.info()
+        with Client(d["socket"]) as c, AdminClient(admin_socket_path(None, d["socket"])) as admin:
+            before, seen_before = c.info(), _device_seconds(admin)
             time.sleep(settings["seconds"])  # noqa: sleep-ok  the measured window
-            after = c.info()
+            after, seen_after = c.info(), _device_seconds(admin)
         stop.set()
         for t in threads:
             t.join(30)
@@ -80,12 +90,16 @@ def measure_share(settings: dict, log) -> dict:
               for i in range(len(SHARES))]
     charged = [a - b for a, b in zip(after["devices"][0]["model_seconds"], before["devices"][0]["model_seconds"])]
     total, want_total = sum(frames) or 1, sum(SHARES.values())
+    seen = {name: seen_after[name][0] - seen_before[name][0] for name in SHARES}
+    seen_total = sum(seen.values()) or 1.0
     rows = []
     for (name, share), n, s in zip(SHARES.items(), frames, charged):
         want = share / want_total
         got = n / total
         rows.append({"model": name, "share": share, "want": want, "frames": n, "got": got,
-                     "error": got / want - 1.0, "charged_s": s})
+                     "error": got / want - 1.0, "charged_s": s, "stats_s": seen[name],
+                     "stats_share": seen[name] / seen_total, "stats_configured": seen_after[name][1],
+                     "stats_error": seen[name] / seen_total / want - 1.0})
     log(f"share: {rows}")
     return {"rows": rows, "fps": total / settings["seconds"], "mixed_batches": after["counters"].get("mixed_batches", 0),
             "errors": errors, "daemon": daemons.daemon_summary(d)}
@@ -138,11 +152,17 @@ def render(results: dict) -> str:
     lines = [f"Two synthetic models on one CPU device, shares {SHARES} ({share['fps']:.0f} frames/s in all, "
              f"mixed batches {share['mixed_batches']}, client errors {len(share['errors'])}):"]
     lines += report.table([("model", "<6"), ("share", ">6.1f"), ("want", ">6.3f"), ("got", ">6.3f"),
-                           ("error", ">+7.1%"), ("frames", ">7d"), ("charged s", ">9.2f")],
-                          [[r["model"], r["share"], r["want"], r["got"], r["error"], r["frames"], r["charged_s"]]
+                           ("error", ">+7.1%"), ("frames", ">7d"), ("charged s", ">9.2f"),
+                           ("stats s", ">8.2f"), ("stats share", ">11.3f"), ("configured", ">10.3f"),
+                           ("stats error", ">+11.1%")],
+                          [[r["model"], r["share"], r["want"], r["got"], r["error"], r["frames"], r["charged_s"],
+                            r.get("stats_s", 0.0), r.get("stats_share", 0.0), r.get("stats_configured") or 0.0,
+                            r.get("stats_error", 0.0)]
                            for r in share["rows"]])
     ok = all(abs(r["error"]) <= TARGET for r in share["rows"])
     lines.append(f"target: each within {TARGET:.0%} of its share: {'met' if ok else 'NOT met'}")
+    lines.append("(got: frames over the window; stats: the device seconds of each model in the admin "
+                 "stats over the same window, and the configured share those rows give)")
     lines.append("")
     lines.append("Switching models on a CPU device (batch 8 at 64x64, one thread): a batch of A after A / after B")
     lines += report.table([("model A", "<8"), ("after A ms", ">10.2f"), ("after B ms", ">10.2f"), ("ratio", ">6.3f")],

@@ -83,7 +83,7 @@ class Scheduler:
         self.spec = self.model.spec
         self.devices = devices
         self.policy = policies.make(cfg.dispatch.policy)
-        self.stats = Stats(cfg, devices, clock)       # NOTE [ stats ] in daemon/ops/stats.py
+        self.stats = Stats(cfg, devices, clock, catalog=catalog)   # NOTE [ stats ] in daemon/ops/stats.py
         self.counters = self.stats.counters           # raw counters health and caching bump too
         self.outstanding = 0
         self.draining = False
@@ -142,10 +142,14 @@ class Scheduler:
     # admission --------------------------------------------------------------------------------
     def submit(self, session, rid: int, msg: dict, op: str = "classify") -> None:
         """Check and admit one classify / embed / near request. Raises Rejected."""
+        served = None
         try:
-            self._submit(session, rid, msg, op)
-        except Rejected as exc:             # every refusal is an outcome, named by its code
-            self.stats.outcome(exc.code)
+            if self.draining:
+                raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
+            served = self._resolve(msg, session.peer[1], rid)
+            self._submit(session, rid, msg, op, served)
+        except Rejected as exc:             # every refusal is an outcome, named by its code (and
+            self.stats.outcome(exc.code, served=served)     # its model's, once resolved)
             raise
 
     def submit_many(self, session, rid: int, msg: dict) -> None:
@@ -166,7 +170,7 @@ class Scheduler:
             self.stats.outcome(wire.E_BAD_REQUEST)
             raise Rejected(wire.E_BAD_REQUEST, f"{wire.CLASSIFY_MANY} carries no upload: send a frame "
                            "with its encoded bytes as a classify of its own")
-        refused = []
+        refused, served = [], None
         try:
             if self.draining:
                 raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
@@ -177,7 +181,7 @@ class Scheduler:
             logits = check_logits(msg, served.spec, "classify")
         except Rejected as exc:
             for i in range(len(slots)):
-                self.stats.outcome(exc.code)
+                self.stats.outcome(exc.code, served=served)
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
             self._write({session: refused})
             return
@@ -187,15 +191,12 @@ class Scheduler:
                 self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
                             tag, None, None, looked, logits, served)
             except Rejected as exc:
-                self.stats.outcome(exc.code)
+                self.stats.outcome(exc.code, served=served)
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
         if refused:
             self._write({session: refused})
 
-    def _submit(self, session, rid: int, msg: dict, op: str) -> None:
-        if self.draining:
-            raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
-        served = self._resolve(msg, session.peer[1], rid)
+    def _submit(self, session, rid: int, msg: dict, op: str, served) -> None:
         slot, top_k, timeout = check_classify(msg, session.ring, served.spec, session.inflight,
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
@@ -264,7 +265,7 @@ class Scheduler:
         if top is not None and r.gen == r.served.gen:
             self.caches.adopt(r.key, top)
             self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
-            self.stats.outcome("cached_l2")   # its coalesced followers were counted at admission
+            self.stats.outcome("cached_l2", served=r.served)   # its coalesced followers were counted at admission
             replies: dict = {}
             r.answer = top
             self._answer(replies, r, lambda rid, k: {"id": rid, "ok": True, "cached": True,
@@ -282,7 +283,7 @@ class Scheduler:
             hit = caches.lookup(key, top_k)
             if hit is not None:
                 caches.retag(content, tag, session.peer[1], served.mid)
-                self.stats.outcome("cached")
+                self.stats.outcome("cached", served=served)
                 session.send(self._stamp(session, {"id": rid, "ok": True, "top": [list(p) for p in hit[:top_k]],
                                                    "cached": True}, served.gen, served))
                 return True
@@ -292,13 +293,13 @@ class Scheduler:
                 session.inflight[slot] = rid
                 self.counters["coalesced"] += 1
                 self.stats.admitted(session.peer[1])      # its slot is held until the leader's reply
-                self.stats.outcome("coalesced")
+                self.stats.outcome("coalesced", served=served)
                 return True
         if op == "embed":                   # (near always runs: its search belongs off the loop)
             vector = caches.store_for(served.mid).get(content, uid=session.peer[1])   # its own row (unless shared)
             if vector is not None:
                 caches.retag(content, tag, session.peer[1], served.mid)     # a new tag wins, as classify's does
-                self.stats.outcome("cached")
+                self.stats.outcome("cached", served=served)
                 session.send(self._stamp(session, self._embedding_reply(rid, op, vector, content, None),
                                          served.gen, served))
                 return True
@@ -367,16 +368,16 @@ class Scheduler:
         answered = self._answer_computed(result, live, replies)
         for e in result.with_outcome(Outcome.EXPIRED):
             if live(e):
-                self.stats.outcome(wire.E_DEADLINE_EXCEEDED)
+                self.stats.outcome(wire.E_DEADLINE_EXCEEDED, served=e.request.served)
                 self._answer(replies, e.request, lambda rid, k: wire.error(
                     rid, wire.E_DEADLINE_EXCEEDED, "the deadline passed while queued; not computed"))
         for e in result.with_outcome(Outcome.DROPPED):
             if live(e):
-                self.stats.outcome("dropped")
+                self.stats.outcome("dropped", served=e.request.served)
                 self._finish(e.request)
         for e in result.with_outcome(Outcome.UNREADABLE):   # its client shrank its (posix) ring: its error alone
             if live(e):
-                self.stats.outcome(wire.E_INVALID_INPUT)
+                self.stats.outcome(wire.E_INVALID_INPUT, served=e.request.served)
                 self._answer(replies, e.request, lambda rid, k, why=e.why: wire.error(rid, wire.E_INVALID_INPUT, why))
         failed = result.with_outcome(Outcome.FAILED)
         if result.canary:
@@ -436,7 +437,7 @@ class Scheduler:
                 r = e.request
                 r.answer = e.top
                 self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
-                self.stats.outcome("cached")
+                self.stats.outcome("cached", served=r.served)
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
         for e in result.with_outcome(Outcome.COALESCED):
@@ -444,7 +445,7 @@ class Scheduler:
                 continue
             r, leader = e.request, e.leader
             self.counters["coalesced"] += 1
-            self.stats.outcome("coalesced")
+            self.stats.outcome("coalesced", served=r.served)
             if not leader.done:             # its slot stays held until the leader's reply
                 leader.followers.append((r.id, r.slot, r.top_k))
                 r.done = True
@@ -504,7 +505,7 @@ class Scheduler:
                 message = self._embedding_reply(r.id, r.op, vector, r.content, e.matches)
                 if not message["ok"]:
                     answered.pop()
-                    self.stats.outcome("failed")
+                    self.stats.outcome("failed", served=r.served)
                 self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
         return answered
 
@@ -606,7 +607,7 @@ class Scheduler:
             if r.attempt >= self.cfg.health.max_attempts or target is None:
                 code = wire.E_INTERNAL if target is not None else wire.E_NO_HEALTHY_DEVICE
                 self.counters["failed"] += 1
-                self.stats.outcome("failed")
+                self.stats.outcome("failed", served=r.served)
                 replies: dict = {}
                 self._answer(replies, r, lambda rid, k: wire.error(
                     rid, code, f"not computed: {why} (tried on {r.attempt} device(s))"))

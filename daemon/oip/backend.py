@@ -7,7 +7,14 @@ privacy scope apply to the caller, not to the front. Frames go into that session
 client; repeats are answered from the read-only result cache without a round trip. At most
 ``oip.max_principals`` sessions stay open; the least recently used idle one is closed to make room.
 
-``own`` is the front's session as itself: the model's metadata, its labels and readiness.
+``own`` is the front's session as itself: the models' metadata, their labels and readiness.
+
+Models. A path names a model, and maybe a version (``/v2/models/{name}[/versions/{v}]``):
+``target`` resolves it against the models the daemon's hello listed (its client library's own
+resolution, inferd.client.aio ``AsyncClient._model_target``: hello's list, then the daemon's
+``info`` for a model loaded live since), so the front knows no model the daemon does not serve and OIP's 404 / NOT_FOUND names the ones it does. A path without a version
+goes to the name's route (the daemon picks stable or canary, as for any client); a request for the
+default model naming no version is sent without a model field, as from any one-model client.
 
 Sessions do not wait for a daemon that went away (``reconnect=False``): a request that finds none
 is answered 503 at once, so a balancer sends it elsewhere, and the session is dropped; the next
@@ -74,6 +81,22 @@ class _PrincipalClient(AsyncClient):
                                hello_timeout=hello_timeout, principal=self._principal)
 
 
+@dataclass(frozen=True)
+class Target:
+    """The model an OIP path names: ``name`` and ``version`` as OIP spells them (a version is a
+    string; "" when the path named none), the client library's ModelInfo, and what a classify
+    passes to name it (None, None: the default model by its route, as a one-model client sends)."""
+    name: str
+    version: str
+    info: object                        # inferd.client ModelInfo
+    model: str | None = None
+    pinned: int | None = None           # the version the path named
+
+    @property
+    def classes(self) -> int:
+        return self.info.classes or len(self.info.labels)
+
+
 class Backend:
     def __init__(self, socket_path: str, *, ring_slots: int, max_principals: int, timeout_s: float,
                  admin_path: str | None = None):
@@ -87,6 +110,7 @@ class Backend:
         self._busy: collections.Counter[Principal] = collections.Counter()     # requests in flight
         self.own: AsyncClient | None = None
         self.labels: tuple = ()
+        self._labels: dict[str, tuple] = {}    # labels_id -> names, of models other than the default
 
     async def start(self, connect_timeout: float = 30.0) -> None:
         """Open the front's own session (waits up to ``connect_timeout`` for the daemon)."""
@@ -109,6 +133,57 @@ class Backend:
     def classes(self) -> int:
         m = self.own.model
         return m.classes or len(m.labels)
+
+    def models(self) -> list:
+        """Every model served (inferd.client ModelInfo each): hello's list, or the one model."""
+        return list(self.own._core.catalog.values()) or [self.own.model]
+
+    async def target(self, name: str, version: str) -> Target:
+        """The model a path names, or OipError not_found naming the models there are. A name
+        the front's hello did not list is looked for in the daemon's ``info`` (the client
+        library's own look-up, at most once a second): a model loaded live is served at once."""
+        if version and not version.isdigit():
+            raise OipError("not_found", f"no model {name!r} version {version!r}: versions are numbers; "
+                           f"the models are {self._names()}")
+        pinned = int(version) if version else None
+        try:
+            info, _, _ = await self.own._model_target(name, pinned)
+        except client_errors.UnknownModel:
+            raise OipError("not_found", f"no model {name!r}{f' version {version}' if version else ''} is "
+                           f"served; the models are {self._names()}") from None
+        default = self.own.model
+        plain = pinned is None and info.name == default.name     # the default by its route: no fields
+        return Target(info.name, version or str(info.version or 1), info,
+                      None if plain else info.name, pinned)
+
+    async def index(self) -> list[tuple[str, str]]:
+        """(name, version) of every model the daemon serves now (its ``info``: models loaded
+        since the front's hello are listed too)."""
+        try:
+            info = await asyncio.wait_for(self.own.info(), 2.0)
+        except (client_errors.InferdError, TimeoutError) as exc:
+            raise OipError("unavailable", f"the daemon does not answer: {exc}") from None
+        listed = info.get("models") or []
+        if listed:
+            return [(str(m["name"]), str(m.get("version") or 1)) for m in listed]
+        return [(m.name, str(m.version or 1)) for m in self.models()]
+
+    def _names(self) -> str:
+        return ", ".join(f"{m.name} (version {m.version or 1})" for m in self.models())
+
+    def versions(self, name: str) -> list[str]:
+        """The versions served under ``name``, as OIP lists them."""
+        return sorted({str(m.version or 1) for m in self.models() if m.name == name}, key=int)
+
+    async def labels_of(self, target: Target) -> tuple:
+        """The class names of ``target``'s model (the default's kept in ``labels``)."""
+        info = target.info
+        if info.labels_id == self.own.model.labels_id:
+            return self.labels
+        names = self._labels.get(info.labels_id)
+        if names is None:
+            names = self._labels[info.labels_id] = await self.own.labels(info.name, info.version or None)
+        return names
 
     async def ready(self) -> tuple[bool, str]:
         """Whether an inference sent now can be served, and why not. The daemon's own word when
@@ -144,12 +219,15 @@ class Backend:
 
     # inference --------------------------------------------------------------------------------
     async def classify(self, principal: Principal, images: list, top_k: int, timeout_s: float | None,
-                       logits: bool = False) -> list:
+                       logits: bool = False, target: Target | None = None) -> list:
         """Each image's predictions (inferd.client Predictions, with their ``logits`` rows when
-        ``logits``), as ``principal``. Frames of
+        ``logits``), as ``principal``, by ``target``'s model (None: the default). Frames of
         another size are resized in a worker thread first (the client library would resize them
         on this loop: a large frame would stall every other caller of the front)."""
-        h, w, _ = self.own.model.input_shape
+        model = pinned = None
+        if target is not None:
+            model, pinned = target.model, target.pinned
+        h, w, _ = (target.info if target is not None else self.own.model).input_shape
         if any(isinstance(im, np.ndarray) and im.shape[:2] != (h, w) for im in images):
             images = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: [to_frame(im, h, w) if isinstance(im, np.ndarray) else im for im in images])
@@ -158,7 +236,8 @@ class Backend:
             self.labels = await self.own.labels()
         self._busy[principal] += 1
         try:
-            return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s, logits=logits)
+            return await client.classify_many(images, top_k, timeout=timeout_s or self.timeout_s, logits=logits,
+                                              model=model, version=pinned)
         except client_errors.DaemonUnavailable as exc:
             self._forget(principal, client)
             raise from_client(exc) from None

@@ -70,6 +70,8 @@ class OipError(Exception):
 def from_client(exc: client_errors.InferdError) -> OipError:
     """The OipError for an error of the client library (what the daemon answered)."""
     message = str(exc)
+    if isinstance(exc, client_errors.UnknownModel):     # a model unloaded since the front's hello
+        return OipError("not_found", message)
     if isinstance(exc, client_errors.InvalidInput):
         return OipError("invalid", message)
     if isinstance(exc, client_errors.Overloaded):

@@ -105,15 +105,12 @@ class GrpcDoor:
         ok, _ = await self.backend.ready()
         return pb.ServerReadyResponse(ready=ok)
 
-    def _model(self, name: str, version: str) -> str:
-        model = self.backend.model
-        if name != model.name or version not in ("", "1"):
-            raise OipError("not_found", f"no model {name!r}{f' version {version!r}' if version else ''}; "
-                           f"this daemon serves {model.name!r} (version 1)")
-        return name
+    async def _model(self, name: str, version: str):
+        """The model the request names (daemon/oip/backend.py Target), or OipError not_found."""
+        return await self.backend.target(name, version)
 
     async def model_ready(self, request, context):
-        self._model(request.name, request.version)
+        await self._model(request.name, request.version)
         ok, _ = await self.backend.ready()
         return pb.ModelReadyResponse(ready=ok)
 
@@ -121,7 +118,8 @@ class GrpcDoor:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     async def model_metadata(self, request, context):
-        md = tensors.metadata(self._model(request.name, request.version), self.backend.classes)
+        t = await self._model(request.name, request.version)
+        md = tensors.metadata(t.name, t.classes, self.backend.versions(t.name))
         t = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=md["name"], versions=md["versions"], platform=md["platform"],
@@ -133,7 +131,7 @@ class GrpcDoor:
         began = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
         principal = self.auth.bearer(metadata.get("authorization"), network=not self.address.unix)
-        name = self._model(request.model_name, request.model_version)
+        target = await self._model(request.model_name, request.model_version)
         parsed = parse_request(request, self.oip.max_batch)
         left = context.time_remaining()
         if left is not None and (parsed.timeout_s is None or left < parsed.timeout_s):
@@ -141,12 +139,13 @@ class GrpcDoor:
                 raise OipError("deadline", "the call's deadline passed before it was read")
             parsed.timeout_s = left
         backend = self.backend
-        classes = backend.classes
+        classes = target.classes
         asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
-                                         parsed.logits())
+                                         parsed.logits(), target)
         waited = time.perf_counter() - asked
-        reply = response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels))
+        labels = await backend.labels_of(target)
+        reply = response(target.name, parsed, tensors.outputs(parsed, results, classes, labels), target.version)
         if self.timings is not None:
             self.timings.add(began, waited)
         return reply
@@ -221,11 +220,11 @@ _MAX_ENTRIES = 256
 _VERSION_1 = _field(2, b"1")
 
 
-def response(name: str, request: tensors.Inference, outputs: list) -> bytes:
-    """The ModelInferResponse, encoded: model_name, model_version "1", id, an outputs entry and a
+def response(name: str, request: tensors.Inference, outputs: list, version: str = "1") -> bytes:
+    """The ModelInferResponse, encoded: model_name, model_version, id, an outputs entry and a
     raw_output_contents for each output (what ``pb.ModelInferResponse(...).SerializeToString()``
     gives, field for field, without building the message)."""
-    parts = [_field(1, name.encode()), _VERSION_1]
+    parts = [_field(1, name.encode()), _VERSION_1 if version == "1" else _field(2, version.encode())]
     if request.id:
         parts.append(_field(3, request.id.encode()))
     raw = []

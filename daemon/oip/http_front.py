@@ -7,6 +7,7 @@ HTTP/1.1 server (daemon/oip/http_server.py, on httptools; one handler routing by
     GET  /v2/models/{model}[/versions/{v}]            model metadata (daemon/oip/tensors.py)
     GET  /v2/models/{model}[/versions/{v}]/ready      200 when ready, else 503 (404: unknown model)
     POST /v2/models/{model}[/versions/{v}]/infer      inference: JSON, or the binary tensor data
+    POST /v2/repository/index                         the models served (Triton's repository extension)
                                                       extension (Inference-Header-Content-Length:
                                                       the JSON's length; tensors' bytes follow it)
 
@@ -80,6 +81,8 @@ class HttpDoor:
         model = version = ""
         if parts[2] == "health" and len(parts) == 4 and parts[3] in ("live", "ready"):
             handler, post = (self.live if parts[3] == "live" else self.ready), False
+        elif parts[2] == "repository" and len(parts) == 4 and parts[3] == "index":
+            handler, post = self.repository_index, True
         elif parts[2] == "models" and len(parts) >= 4 and parts[3]:
             model, rest = parts[3], parts[4:]
             if rest[:1] == ["versions"]:
@@ -133,27 +136,40 @@ class HttpDoor:
     async def server_metadata(self, request, model, version):
         return _json({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
 
-    def _model(self, name: str, version: str) -> str:
-        model = self.backend.model
-        if name != model.name or version not in ("", "1"):
-            raise OipError("not_found", f"no model {name!r}{f' version {version!r}' if version else ''}; "
-                           f"this daemon serves {model.name!r} (version 1)")
-        return name
+    async def _model(self, name: str, version: str):
+        """The model the path names (daemon/oip/backend.py Target), or OipError not_found."""
+        return await self.backend.target(name, version)
 
     async def model_metadata(self, request, model, version):
-        return _json(tensors.metadata(self._model(model, version), self.backend.classes))
+        t = await self._model(model, version)
+        return _json(tensors.metadata(t.name, t.classes, self.backend.versions(t.name)))
 
     async def model_ready(self, request, model, version):
-        self._model(model, version)
+        await self._model(model, version)
         return await self.ready(request)
 
     async def model_config(self, request, model, version):
-        name = self._model(model, version)
-        return _json({"name": name, "platform": "inferd", "max_batch_size": 0,
+        t = await self._model(model, version)
+        return _json({"name": t.name, "platform": "inferd", "max_batch_size": 0,
                       "input": [{"name": tensors.IMAGE, "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
                                 {"name": tensors.IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [-1]}],
-                      "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [-1, self.backend.classes]}
+                      "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [-1, t.classes]}
                                  for name in tensors.OUTPUTS]})
+
+    async def repository_index(self, request, model, version):
+        """Triton's model repository index: every model served, its version and state (READY, or
+        UNAVAILABLE while the daemon is not ready, with the reason); ``{"ready": true}`` lists
+        only the ready ones. Loading and unloading are the admin socket's (inferctl), not OIP's."""
+        body = request.body
+        try:
+            only_ready = bool(body) and json.loads(body).get("ready") is True
+        except (ValueError, AttributeError):
+            raise OipError("invalid", "the repository index request's body must be a JSON object") from None
+        ok, why = await self.backend.ready()
+        if only_ready and not ok:
+            return _json([])
+        state = {"state": "READY", "reason": ""} if ok else {"state": "UNAVAILABLE", "reason": why}
+        return _json([{"name": name, "version": v, **state} for name, v in await self.backend.index()])
 
     # inference --------------------------------------------------------------------------------
     def _principal(self, request: Request):
@@ -170,7 +186,7 @@ class HttpDoor:
 
     async def infer(self, request, model, version):
         principal = self._principal(request)
-        name = self._model(model, version)
+        target = await self._model(model, version)
         body = request.body
         length = request.headers.get(_HEADER_LENGTH_KEY)
         json_bytes = int(length) if length and length.isdigit() else len(body)
@@ -181,12 +197,14 @@ class HttpDoor:
         else:
             parsed, binary_out = parse_request(*split_body(body, length), self.max_batch)
         backend = self.backend
-        classes = backend.classes
+        classes = target.classes
         asked = time.perf_counter()
         results = await backend.classify(principal, parsed.images, parsed.top_k(classes), parsed.timeout_s,
-                                         parsed.logits())
+                                         parsed.logits(), target)
         request.waited = time.perf_counter() - asked
-        return response(name, parsed, tensors.outputs(parsed, results, classes, backend.labels), binary_out)
+        labels = await backend.labels_of(target)
+        return response(target.name, parsed, tensors.outputs(parsed, results, classes, labels), binary_out,
+                        target.version)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
@@ -262,8 +280,9 @@ _HEADS: dict = {}
 _MAX_HEADS = 256
 
 
-def response(name: str, request: tensors.Inference, outputs: list, binary_out: bool) -> Response:
-    blobs, described, key = [], [], [name]
+def response(name: str, request: tensors.Inference, outputs: list, binary_out: bool,
+             version: str = "1") -> Response:
+    blobs, described, key = [], [], [name, version]
     for w, datatype, array in outputs:
         if w.binary:
             blob = tensors.bytes_binary(array) if datatype == "BYTES" else array.astype("<f4").tobytes()
@@ -283,7 +302,7 @@ def response(name: str, request: tensors.Inference, outputs: list, binary_out: b
     key = tuple(key) if key is not None else None
     head = _HEADS.get(key) if key is not None else None
     if head is None:
-        head = json.dumps({"model_name": name, "model_version": "1", "outputs": described},
+        head = json.dumps({"model_name": name, "model_version": version, "outputs": described},
                           separators=(",", ":")).encode()
         if key is not None and len(_HEADS) < _MAX_HEADS:
             _HEADS[key] = head

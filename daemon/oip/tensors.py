@@ -74,9 +74,9 @@ class Inference:
         return any(w.name == LOGITS for w in self.outputs)
 
 
-def metadata(model_name: str, classes: int) -> dict:
+def metadata(model_name: str, classes: int, versions=("1",)) -> dict:
     """Model metadata as OIP's model metadata response spells it (HTTP; gRPC builds the same)."""
-    return {"name": model_name, "versions": ["1"], "platform": "inferd",
+    return {"name": model_name, "versions": list(versions), "platform": "inferd",
             "inputs": [{"name": IMAGE, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
                        {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUTS]}

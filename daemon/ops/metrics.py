@@ -17,6 +17,14 @@ a Unix socket), their bearer token and what every local user can reach are
 daemon/ops/metrics_listener.py's; its text leaves out the per-uid series (``inferd_uid_*``: who
 uses the daemon and how much) unless ``metrics.per_uid`` asks for them, so it is rendered from a
 registry of its own. docs/operations.md ("Metrics") lists every metric and what each door exposes.
+
+Models. The families a model owns carry ``model`` and ``version`` labels: requests by outcome,
+late requests, the latency phases, and per device its frames, batches, busy seconds and batch
+sizes (so a device's share per model is a ratio of two ``rate(inferd_device_busy_seconds_total)``).
+The names are those of a one-model daemon, whose one model labels every series; a refusal before a
+request's model was known (unknown_model, bad_request) has empty ``model`` and ``version``. A
+scrape stays O(models x devices x buckets): no family is labelled by uid and model at once, and
+a device's request latency stays per device.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .metrics_listener import HttpListeners, parse_listen  # noqa: F401 (parse_listen: its old home)
-from .stats import LATENCY_BOUNDS
+from .histograms import LATENCY_BOUNDS
 
 log = logging.getLogger("inferd.metrics")
 
@@ -154,11 +162,20 @@ def _size_buckets(pairs: list, max_batch: int) -> list:
 def families(s: dict, per_uid: bool = True):
     """Metric families of one ``Server.stats_snapshot()``; docs/operations.md lists them. The
     per-uid families only with ``per_uid``."""
-    m = s["model"]
-    info = GaugeMetricFamily("inferd_model_info", "The model being served (value 1)",
-                             labels=["name", "digest", "generation"])
-    info.add_metric([m["name"], m["digest"], str(m.get("gen", 0))], 1)
+    models = [m for m in s.get("models", ()) if m.get("served", True)]
+    info = GaugeMetricFamily("inferd_model_info", "A model being served (value 1): its name, version, "
+                             "digest, generation, and whether requests naming no model get it",
+                             labels=["name", "version", "digest", "generation", "is_default"])
+    for m in models or [{**s["model"], "version": "", "default": True}]:
+        info.add_metric([m["name"], str(m["version"]), m["digest"], str(m.get("gen", 0)),
+                         str(int(bool(m["default"])))], 1)
     yield info
+    if models:
+        share = GaugeMetricFamily("inferd_model_share", "A model's configured weight of the time of the "
+                                  "devices it runs on ([[models]] share)", labels=["model", "version"])
+        for m in models:
+            share.add_metric([m["name"], str(m["version"])], m["share"])
+        yield share
     yield _gauge("inferd_start_time_seconds", "Unix time the daemon started", s["started_unix"])
     if "readiness" in s:                # daemon/ops/readiness.py: what a balancer is told
         r = s["readiness"]
@@ -169,26 +186,11 @@ def families(s: dict, per_uid: bool = True):
     yield _gauge("inferd_sessions", "Client sessions open", s["sessions"]["open"])
     yield _counter("inferd_sessions_opened", "Client sessions that passed hello", s["sessions"]["opened"])
 
-    outcomes = s["requests"]["outcomes"]
-    fam = CounterMetricFamily("inferd_requests", "Requests (classify, embed, near) by how they were "
-                              "answered", labels=["outcome"])
-    for name in (*OUTCOMES, *sorted(set(outcomes) - set(OUTCOMES))):
-        fam.add_metric([name], outcomes.get(name, 0))
-    yield fam
-    yield _counter("inferd_requests_late", "Requests answered ok after their deadline",
-                   s["requests"]["late"])
-    yield _gauge("inferd_requests_in_flight", "Requests admitted and not yet answered", s["in_flight"])
-    if s["histograms"]:
-        fam = HistogramMetricFamily("inferd_request_duration_seconds", "Latency of requests computed by "
-                                    "a batch, by phase: queue (admission to batch start), compute (the "
-                                    "batch), reply (batch done to reply written), total", labels=["phase"])
-        for phase, h in s["latency"].items():
-            fam.add_metric([phase], _latency_buckets(h["buckets"]), h["sum_s"])
-        yield fam
+    yield from _request_families(s, models)
 
     if per_uid:
         yield from _uid_families(s["uids"])
-    yield from _device_families(s["devices"], s["histograms"], s["max_batch"])
+    yield from _device_families(s["devices"], s["histograms"], s["max_batch"], s.get("models", ()))
     yield from _cache_families(s["cache"], s["counters"])
     if "l2" in s["cache"]:
         yield from _l2_families(s["cache"]["l2"])
@@ -205,6 +207,39 @@ def families(s: dict, per_uid: bool = True):
                    c.get("redispatched", 0))
     yield _counter("inferd_stale_results", "Results dropped because their request had gone elsewhere",
                    c.get("stale_results", 0))
+
+
+def _request_families(s: dict, models: list):
+    """Requests by outcome and model, late ones, in flight, the latency phases per model."""
+    outcomes = s["requests"]["outcomes"]
+    fam = CounterMetricFamily("inferd_requests", "Requests (classify, embed, near) by how they were "
+                              "answered, per model (empty: refused before its model was known)",
+                              labels=["outcome", "model", "version"])
+    rest = dict(outcomes)
+    for m in models or [{"name": "", "version": "", "outcomes": outcomes}]:
+        mine, labels = m["outcomes"], [m["name"], str(m["version"])]
+        for name in (*OUTCOMES, *sorted(set(mine) - set(OUTCOMES))):
+            fam.add_metric([name, *labels], mine.get(name, 0))
+            rest[name] = rest.get(name, 0) - mine.get(name, 0)
+    for name, n in sorted(rest.items()):
+        if n > 0:
+            fam.add_metric([name, "", ""], n)
+    yield fam
+    late = CounterMetricFamily("inferd_requests_late", "Requests answered ok after their deadline",
+                               labels=["model", "version"])
+    for m in models or [{"name": "", "version": "", "late": s["requests"]["late"]}]:
+        late.add_metric([m["name"], str(m["version"])], m["late"])
+    yield late
+    yield _gauge("inferd_requests_in_flight", "Requests admitted and not yet answered", s["in_flight"])
+    if s["histograms"]:
+        fam = HistogramMetricFamily("inferd_request_duration_seconds", "Latency of requests computed by "
+                                    "a batch, by phase: queue (admission to batch start), compute (the "
+                                    "batch), reply (batch done to reply written), total; per model",
+                                    labels=["phase", "model", "version"])
+        for m in models or [{"name": "", "version": "", "latency": s["latency"]}]:
+            for phase, h in m["latency"].items():
+                fam.add_metric([phase, m["name"], str(m["version"])], _latency_buckets(h["buckets"]), h["sum_s"])
+        yield fam
 
 
 DOOR_REFUSALS = ("prehello_uid", "prehello_total", "evicted", "descriptors")
@@ -252,8 +287,8 @@ def _uid_families(uids: list):
 
 # Past 50 lines on purpose: one table of the per-device families, then one loop that fills a row
 # of each per device; split, a family's declaration and its filling would sit apart.
-def _device_families(devices: list, histograms: bool, max_batch: int):
-    labels = ["device"]
+def _device_families(devices: list, histograms: bool, max_batch: int, models=()):
+    labels, by_model = ["device"], ["device", "model", "version"]
     fams = {
         "state": GaugeMetricFamily("inferd_device_state", "1 for the device's health state, 0 for the "
                                    "others", labels=["device", "state"]),
@@ -261,11 +296,12 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
                                    "health transition (its start if none)", labels=labels),
         "transitions": CounterMetricFamily("inferd_device_transitions", "Health transitions into each "
                                            "state", labels=["device", "state"]),
-        "frames": CounterMetricFamily("inferd_device_frames", "Frames computed", labels=labels),
-        "batches": CounterMetricFamily("inferd_device_batches", "Batches computed", labels=labels),
+        "frames": CounterMetricFamily("inferd_device_frames", "Frames computed, per model", labels=by_model),
+        "batches": CounterMetricFamily("inferd_device_batches", "Batches computed, per model", labels=by_model),
         "failed": CounterMetricFamily("inferd_device_failed_batches", "Batches that raised", labels=labels),
-        "busy": CounterMetricFamily("inferd_device_busy_seconds", "Seconds spent running batches",
-                                    labels=labels),
+        "busy": CounterMetricFamily("inferd_device_busy_seconds", "Seconds spent running batches, per model "
+                                    "(a model's share of the device: its rate over the device's)",
+                                    labels=by_model),
         "stall": CounterMetricFamily("inferd_device_stall_seconds", "Seconds the device sat idle while a "
                                      "request of its next batch was waiting (pipeline bubbles)", labels=labels),
         "fps": GaugeMetricFamily("inferd_device_frames_per_second", "Frames computed per second over the "
@@ -277,28 +313,37 @@ def _device_families(devices: list, histograms: bool, max_batch: int):
         "outstanding": GaugeMetricFamily("inferd_device_outstanding_requests", "Requests assigned to the "
                                          "device, queued or running", labels=labels),
     }
-    sizes = HistogramMetricFamily("inferd_device_batch_size", "Frames per computed batch", labels=labels)
+    sizes = HistogramMetricFamily("inferd_device_batch_size", "Frames per computed batch, per model",
+                                  labels=by_model)
     latency = HistogramMetricFamily("inferd_device_request_duration_seconds", "Latency (admission to "
                                     "reply) of the requests the device computed", labels=labels)
+    per_device: dict = {}               # device index -> [(model, version, its row there)]
+    for m in models:
+        for row in m["devices"]:
+            per_device.setdefault(row["index"], []).append((m["name"], str(m["version"]), row))
     for d in devices:
         dev = [d["label"]]
         for state in (*DEVICE_STATES, *([d["state"]] if d["state"] not in DEVICE_STATES else [])):
             fams["state"].add_metric([d["label"], state], float(d["state"] == state))
             fams["transitions"].add_metric([d["label"], state], d["transitions"].get(state, 0))
         fams["since"].add_metric(dev, d["state_since_unix"])
-        fams["frames"].add_metric(dev, d["frames"])
-        fams["batches"].add_metric(dev, d["batches"])
         fams["failed"].add_metric(dev, d["failed_batches"])
-        fams["busy"].add_metric(dev, d["busy_s"])
         fams["stall"].add_metric(dev, d["stall_s"])
+        rows = per_device.get(d["index"]) or [("", "", {"frames": d["frames"], "batches": d["batches"],
+                                                         "seconds": d["busy_s"], "batch_sizes": d["batch_sizes"]})]
+        for name, version, row in rows:
+            mine = [d["label"], name, version]
+            fams["frames"].add_metric(mine, row["frames"])
+            fams["batches"].add_metric(mine, row["batches"])
+            fams["busy"].add_metric(mine, row["seconds"])
+            sizes.add_metric(mine, _size_buckets(row["batch_sizes"], max_batch),
+                             float(sum(size * n for size, n in row["batch_sizes"])))
         for window, value in d["frames_per_s"].items():
             fams["fps"].add_metric([d["label"], window], value)
         for window, value in d["busy_ratio"].items():
             fams["ratio"].add_metric([d["label"], window], value)
         fams["queued"].add_metric(dev, d["queued"])
         fams["outstanding"].add_metric(dev, d["outstanding"])
-        sizes.add_metric(dev, _size_buckets(d["batch_sizes"], max_batch),
-                         float(sum(size * n for size, n in d["batch_sizes"])))
         latency.add_metric(dev, _latency_buckets(d["latency"]["buckets"]), d["latency"]["sum_s"])
     yield from fams.values()
     if histograms:

@@ -28,6 +28,9 @@ NOTE [ stats ]
     Caches (daemon/caching/results.py): lookups, inserts,   cache counters in ``counters``; entries used kept
       a client's report of its own hits             by the cache file itself (insert / flush)
     the model reload: Stats.reload_done(ok)         counters: reloads, reloads_failed
+    several models (NOTE [ stats per model ] in     per model: outcomes, latency phases, its rate
+      daemon/ops/model_stats.py)                    window, and per device seconds, frames,
+                                                    batches, batch sizes
     the fleet cache (daemon/caching/fleet/cache.py): lookups by      its own ``counts``, ``wait`` histograms and
       verdict, writes, breaker moves               breaker, read by Caches.stats (``cache.l2``)
 
@@ -41,168 +44,27 @@ the scheduler makes three (queue, total, and total again for its device), per ba
 (compute, reply, batch size) and one per-second ring update. ``metrics.enabled = false`` skips the histograms; counters, gauges and
 rates are always kept (they cost an addition each).
 
+Per model (several models only): daemon/ops/model_stats.py, NOTE [ stats per model ]; a
+one-model daemon pays one attribute test per batch and per outcome for it.
+
 Time is monotonic seconds from an injected ``clock`` (tests drive it); wall-clock time is used
 only to show operators when something happened (``wall``, also injectable).
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import time
 from typing import TYPE_CHECKING, Callable
 
 from ..pipeline.records import Outcome
+from . import model_stats
+# the containers (daemon/ops/histograms.py), also importable from here as before
+from .histograms import (LATENCY_BOUNDS, PHASES, WINDOWS, Histogram, SizeHistogram,  # noqa: F401
+                         Window, quantile)
+from .model_stats import ModelStats
 
 if TYPE_CHECKING:
     from ..pipeline.records import BatchResult, Request
-
-#: Upper bounds (seconds) of the latency buckets: 5 per decade from 10 us to 100 s, so a quantile
-#: read off them is within a factor 10**0.2 = 1.58 of the truth before interpolation.
-LATENCY_BOUNDS = tuple(float(f"{10 ** (k / 5):.3g}") for k in range(-25, 11))
-#: The windows of the per-device rates, seconds.
-WINDOWS = (1, 10, 60)
-PHASES = ("queue", "compute", "reply", "total")
-#: Slots of the per-second ring: the longest window, the second in progress, and spare.
-_RING = 64
-
-
-class Histogram:
-    """Counts per bucket (``counts[i]``: bounds[i-1] < value <= bounds[i]; the last: above every
-    bound) and the sum of the values. Prometheus semantics: a bucket's bound is inclusive."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds):
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float, n: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile (0..1), interpolated linearly inside its bucket as Prometheus'
-        histogram_quantile does; None when empty. Above the last bound: the last bound."""
-        return quantile(self.bounds, self.counts, q)
-
-    def buckets(self) -> list:
-        """[[upper bound or None (above the last), count], ...] of the non-empty buckets."""
-        bounds = (*self.bounds, None)
-        return [[bounds[i], n] for i, n in enumerate(self.counts) if n]
-
-    def summary(self, scale: float = 1000.0, suffix: str = "_ms") -> dict:
-        """count, sum (unscaled), mean, p50, p90, p99 (times ``scale``), the non-empty buckets."""
-        n = self.count
-        out = {"count": n, "sum_s": self.sum, f"mean{suffix}": round(self.sum / n * scale, 4) if n else None}
-        for q in (0.5, 0.9, 0.99):
-            v = self.quantile(q)
-            out[f"p{round(q * 100)}{suffix}"] = None if v is None else round(v * scale, 4)
-        out["buckets"] = self.buckets()
-        return out
-
-
-def quantile(bounds, counts, q: float) -> float | None:
-    """q-quantile of bucket ``counts`` over upper ``bounds`` (len(counts) == len(bounds) + 1); the
-    first bucket starts at 0. Also for a client that diffs two readings of ``buckets()``."""
-    total = sum(counts)
-    if not total:
-        return None
-    rank = q * total
-    seen = 0
-    for i, n in enumerate(counts):
-        if n and seen + n >= rank:
-            if i == len(bounds):
-                return float(bounds[-1])
-            lower = bounds[i - 1] if i else 0.0
-            return lower + (bounds[i] - lower) * max(rank - seen, 0.0) / n
-        seen += n
-    return float(bounds[-1])
-
-
-class SizeHistogram:
-    """Batch sizes 1..max_batch counted exactly (an index, no search)."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self, max_batch: int):
-        self.counts = [0] * (max_batch + 1)
-        self.sum = 0
-
-    def observe(self, size: int) -> None:
-        self.counts[min(size, len(self.counts) - 1)] += 1
-        self.sum += size
-
-    def pairs(self) -> list:
-        """[[size, batches], ...] of the sizes seen."""
-        return [[size, n] for size, n in enumerate(self.counts) if n]
-
-    def buckets(self) -> list:
-        """Cumulative (bound, count) at 1, 2, 4, ... and max_batch, for Prometheus ``le``."""
-        top = len(self.counts) - 1
-        bounds = sorted({*(2 ** i for i in range(top.bit_length()) if 2 ** i <= top), top})
-        out, seen, i = [], 0, 0
-        for b in bounds:
-            while i <= b:
-                seen += self.counts[i]
-                i += 1
-            out.append((b, seen))
-        return out
-
-
-class Window:
-    """A device's work per second in a ring of ``_RING`` one-second slots: frames answered (at the
-    second its batch finished) and busy seconds (a batch's run split over the seconds it spans).
-    A slot is claimed by writing its second into ``sec``; a stale slot reads as empty."""
-
-    __slots__ = ("sec", "frames", "busy")
-
-    def __init__(self):
-        self.sec = [-1] * _RING
-        self.frames = [0] * _RING
-        self.busy = [0.0] * _RING
-
-    def _slot(self, second: int) -> int:
-        i = second % _RING
-        if self.sec[i] != second:
-            self.sec[i], self.frames[i], self.busy[i] = second, 0, 0.0
-        return i
-
-    def add(self, started: float, finished: float, frames: int) -> None:
-        """One batch. Batches of a device finish in order, so no slot written here is newer than
-        ``finished``; a batch longer than the ring counts only its last _RING - 1 seconds."""
-        self.frames[self._slot(int(finished))] += frames
-        t = max(started, finished - (_RING - 1))
-        second = int(t)
-        while t < finished:
-            end = min(finished, second + 1.0)
-            self.busy[self._slot(second)] += end - t
-            t, second = end, second + 1
-
-    def rates(self, now: float, since: float) -> tuple[dict, dict]:
-        """({window: frames/s}, {window: busy ratio}) over each of WINDOWS, measured from the
-        start of the second ``window`` seconds before ``now`` (or ``since``, if later) to ``now``."""
-        s = int(now)
-        frames = dict.fromkeys(WINDOWS, 0)
-        busy = dict.fromkeys(WINDOWS, 0.0)
-        for back in range(WINDOWS[-1] + 1):
-            i = (s - back) % _RING
-            if self.sec[i] != s - back:
-                continue
-            for w in WINDOWS:
-                if back <= w:
-                    frames[w] += self.frames[i]
-                    busy[w] += self.busy[i]
-        fps, ratio = {}, {}
-        for w in WINDOWS:
-            span = now - max(s - w, since)
-            fps[w] = frames[w] / span if span > 0 else 0.0
-            ratio[w] = min(busy[w] / span, 1.0) if span > 0 else 0.0
-        return fps, ratio
 
 
 class DeviceStats:
@@ -229,6 +91,18 @@ class DeviceStats:
         self.transitions = collections.Counter()
 
 
+class _NoCatalog:
+    """Stats made without a catalog (unit tests of the daemon's figures): no model rows."""
+
+    single = True
+    by_id: list = []
+    live: list = []
+    default = None
+
+
+_NO_CATALOG = _NoCatalog()
+
+
 class UidStats:
     __slots__ = ("sessions", "in_flight", "requests")
 
@@ -241,7 +115,7 @@ class Stats:
     (daemon/caching/results.py, daemon/dispatch/health.py, the scheduler's batch counters); the rest has methods."""
 
     def __init__(self, cfg, devices: list, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, catalog=None):
         self.timing = cfg.metrics.enabled          # keep the histograms
         self.counters = collections.Counter()
         self.outcomes = collections.Counter()      # requests by how they were answered
@@ -250,14 +124,19 @@ class Stats:
         self.uids: dict[int, UidStats] = {}
         self._clock, self._wall = clock, wall
         self.started, self.started_wall = clock(), wall()
-        self._max_batch = cfg.batching.max_batch
+        self.max_batch = cfg.batching.max_batch
         self.devices: dict = {}                    # Device -> DeviceStats
         self.door = None                           # the client socket's (daemon/front/door.py): snapshot()
+        # what is served (daemon/models/catalog.py); its ``single`` says whether figures are kept
+        # per model too (NOTE [ stats per model ]); None: no model rows at all (unit tests)
+        self.catalog = catalog if catalog is not None else _NO_CATALOG
+        self.models: dict = {}                     # Served -> ModelStats, several models only
+        self._alone_so_far = self.catalog.single   # a second model arriving forks the first's record
         for dev in devices:
             self.add_device(dev)
 
     def add_device(self, dev) -> DeviceStats:
-        rec = self.devices[dev] = DeviceStats(dev, self._max_batch, self._clock(), self._wall())
+        rec = self.devices[dev] = DeviceStats(dev, self.max_batch, self._clock(), self._wall())
         return rec
 
     # sessions and requests ----------------------------------------------------------------------
@@ -282,8 +161,34 @@ class Stats:
     def finished(self, uid: int, n: int = 1) -> None:
         self._uid(uid).in_flight -= n
 
-    def outcome(self, name: str, n: int = 1) -> None:
+    def outcome(self, name: str, n: int = 1, served=None) -> None:
+        """``n`` requests answered as ``name``; ``served``: the model they named, once resolved."""
+        if served is not None and (self.models or not self.catalog.single):
+            self.model(served).outcomes[name] += n     # (first: a fork copies the daemon's before it)
         self.outcomes[name] += n
+
+    # per model (NOTE [ stats per model ] in daemon/ops/model_stats.py) ------------------------
+    def model(self, served) -> ModelStats:
+        """``served``'s record (several models only); the first one asked for after a one-model
+        daemon took a second model forks the first model's from the daemon's figures."""
+        rec = self.models.get(served)
+        if rec is None:
+            if self._alone_so_far:          # the daemon goes from one model to several
+                self._alone_so_far = False
+                first = self.catalog.live[0]
+                self.models[first] = model_stats.alone(self, first)
+            rec = self.models.get(served) or self.models.setdefault(served, ModelStats(served))
+        return rec
+
+    def _model_batch(self, result: BatchResult, answered: list, frames: int, now: float) -> None:
+        """A batch's figures in its model's record (several models only)."""
+        if result.mid >= 0:
+            served = self.catalog.by_id[result.mid]
+        elif result.entries and result.entries[0].request.served is not None:
+            served = result.entries[0].request.served
+        else:
+            return
+        self.model(served).batch(result, answered, frames, now, self.timing, self.max_batch)
 
     def reload_done(self, ok: bool) -> None:
         """Called by the model reload, once per attempt (kept in ``counters``: reloads,
@@ -297,6 +202,8 @@ class Stats:
         rec = self.devices.get(result.device) or self.add_device(result.device)
         started, finished = result.started, result.finished
         frames = 0 if result.canary else result.count(Outcome.DONE)
+        if self.models or not self.catalog.single:
+            self._model_batch(result, answered, frames, now)
         rec.busy += finished - started
         rec.window.add(started, finished, frames)
         if answered:
@@ -364,14 +271,19 @@ class Stats:
         """Everything above as plain data (str keys, ints, floats, lists): see Server.stats_snapshot."""
         now = self._clock()
         return {"uptime_s": round(now - self.started, 3), "started_unix": round(self.started_wall, 3),
-                "histograms": self.timing, "max_batch": self._max_batch,
+                "histograms": self.timing, "max_batch": self.max_batch,
                 "requests": {"outcomes": dict(self.outcomes), "late": self.late},
                 "latency": {phase: h.summary() for phase, h in self.latency.items()},
                 "uids": [{"uid": uid, "sessions": u.sessions, "in_flight": u.in_flight,
                           "requests": u.requests} for uid, u in sorted(self.uids.items())],
                 "devices": [self.device_summary(rec, now) for rec in self.devices.values()],
+                "models": self.model_summaries(now),
                 "reloads": {"ok": self.counters["reloads"], "failed": self.counters["reloads_failed"]},
                 "door": self.door.snapshot() if self.door is not None else None,
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v)
                              for k, v in self.counters.items()}}
 
+
+    def model_summaries(self, now: float) -> list[dict]:
+        """A row per served model (daemon/ops/model_stats.py ``summaries``)."""
+        return model_stats.summaries(self, now)

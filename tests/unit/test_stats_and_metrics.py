@@ -257,13 +257,17 @@ def test_prometheus_families_of_a_snapshot_parse_back(spec):
     text = generate_latest(SnapshotCollector(lambda: snap)).decode()
     samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
                for fam in text_string_to_metric_families(text) for x in fam.samples}
-    assert samples[("inferd_requests_total", (("outcome", "ok"),))] == 4
-    assert samples[("inferd_request_duration_seconds_count", (("phase", "total"),))] == 4
-    assert samples[("inferd_request_duration_seconds_bucket", (("le", "+Inf"), ("phase", "queue")))] == 4
-    assert samples[("inferd_request_duration_seconds_bucket", (("le", "0.001"), ("phase", "queue")))] == 0
-    assert samples[("inferd_request_duration_seconds_bucket", (("le", "0.00158"), ("phase", "queue")))] == 4
-    assert samples[("inferd_device_batch_size_bucket", (("device", "cpu#0"), ("le", "2")))] == 0
-    assert samples[("inferd_device_batch_size_bucket", (("device", "cpu#0"), ("le", "4")))] == 1
+    one = {"model": "shapes", "version": "1"}           # a one-model daemon labels every series
+
+    def at(name, **labels):
+        return samples[(name, tuple(sorted({**one, **labels}.items())))]
+    assert at("inferd_requests_total", outcome="ok") == 4
+    assert at("inferd_request_duration_seconds_count", phase="total") == 4
+    assert at("inferd_request_duration_seconds_bucket", le="+Inf", phase="queue") == 4
+    assert at("inferd_request_duration_seconds_bucket", le="0.001", phase="queue") == 0
+    assert at("inferd_request_duration_seconds_bucket", le="0.00158", phase="queue") == 4
+    assert at("inferd_device_batch_size_bucket", device="cpu#0", le="2") == 0
+    assert at("inferd_device_batch_size_bucket", device="cpu#0", le="4") == 1
     assert samples[("inferd_uid_requests_total", (("uid", "1000"),))] == 4
     assert samples[("inferd_device_state", (("device", "cpu#0"), ("state", "healthy")))] == 1
 
