@@ -397,6 +397,15 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
         time.sleep(0.01)  # noqa: sleep-ok: polling with a deadline, not waiting for things to settle
 
 
+def wait_fused_preprocessing(daemon, timeout: float = 60.0) -> None:
+    """Until the daemon's fused preprocessing (numba, 20+ MiB, loaded on a thread of its own after
+    READY) has loaded or given up: a test that measures the daemon's RSS takes its baseline after."""
+    from inferd.client import AdminClient
+    with AdminClient(admin_path(daemon)) as admin:
+        wait_until(lambda: admin.call("stats")["threads"]["fused_preprocessing"] not in ("idle", "loading"),
+                   timeout=timeout, what="the fused preprocessing loaded")
+
+
 def sample_images() -> list[tuple[str, "object"]]:
     """The committed sample PNGs as (true label, uint8 HxWx3 array)."""
     import numpy as np

@@ -41,7 +41,7 @@ import psutil
 import pytest
 
 from helpers import (TESTS, RawClient, admin_path, during_attack, sample_images, short_dir, shm_leftovers,
-                     spawn_daemon, wait_until)
+                     spawn_daemon, wait_fused_preprocessing, wait_until)
 from inferd.client import AdminClient, Client
 from inferd.daemon.config import ServerConfig
 from inferd.daemon.front.loop_share import LoopShare
@@ -362,6 +362,7 @@ def test_a_client_that_never_reads_keeps_memory_bounded_and_is_disconnected():
         victim = Client(d.socket_path, cache=False)
         for _ in range(30):                               # warm: first requests allocate
             assert victim.classify(image)[0].label == label
+        wait_fused_preprocessing(d)                       # numba's 20+ MiB, loaded after READY
         base = proc.memory_info().rss
         attacker = RawClient(d.socket_path, ring_slots=8)
         for slot in range(8):

@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import TESTS, RawClient, admin_path, during_attack, sample_images, short_dir, wait_until
+from helpers import (TESTS, RawClient, admin_path, during_attack, sample_images, short_dir, wait_fused_preprocessing,
+                     wait_until)
 from inferd.client import AdminClient, Client
 from inferd.daemon.front.loop_share import LoopShare
 from inferd.shm import wire
@@ -240,9 +241,7 @@ def test_reply_buffers_of_closed_sessions_come_back(fresh_daemon):
     pid = d.pid
     with Client(d.socket_path) as warm:         # the first session's one-time costs, before the baseline
         warm.classify(sample_images()[0][1])
-    with AdminClient(admin_path(d)) as admin:   # and the fused preprocessing's (numba: 20+ MiB)
-        wait_until(lambda: admin.call("stats")["threads"]["fused_preprocessing"] not in ("idle", "loading"),
-                   timeout=60, what="the fused preprocessing loaded")
+    wait_fused_preprocessing(d)                 # and the fused preprocessing's (numba: 20+ MiB)
     before = _rss_mib(pid)
     # ~1 KiB replies each: about a thousand fill a session's reply_buffer_bytes (1 MiB)
     infos = b"".join(wire.encode({"op": "info", "id": i}) for i in range(3000))
