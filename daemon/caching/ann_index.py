@@ -117,7 +117,8 @@ STALE_SHARE = 64
 # meanwhile, up to ``max_pending``), frames cannot: so the inserter runs at a lower priority
 # (Linux nice is per thread), ``nice`` steps below the daemon. At nice 10 it still gets about a
 # tenth of a core that the request path wants whole (CFS weights 110 against 1024), enough for a
-# few hundred inserts a second, and all of any idle core.
+# few hundred inserts a second, and all of any idle core. The start-up's work (the graphs'
+# checksums, their loading), which near queries wait for, runs at the daemon's priority.
 def _lower_priority(nice: int, log) -> None:
     """Lower the calling thread's priority by ``nice`` steps (0: unchanged); a refusal costs a
     log line, never the thread."""
@@ -312,9 +313,10 @@ class AnnIndex:
 
     # the inserter thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        _lower_priority(self.options.nice, self.log)
         try:
             self._load_views()
+            # after the start-up's checks and loads, which a near query waits for (busy)
+            _lower_priority(self.options.nice, self.log)
             while not self._stop:
                 # the inserter's own CPU (inserts, removals, checks, saves), for the daemon's stats
                 self.counters["thread_cpu_s"] = round(time.thread_time(), 3)
