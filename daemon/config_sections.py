@@ -253,6 +253,11 @@ class EmbeddingsConfig:
                                                "(~420 MB at a million rows); a crash loses only the "
                                                "inserts since, redone from the store at start-up",
                                         lo=1.0, hi=86400.0)
+    index_nice: int = _opt(10, "how many nice steps below the daemon the index's inserter thread "
+                               "runs (0: the same priority): inserts wait for cores the request "
+                               "path leaves, rows pending meanwhile are scanned exactly "
+                               "(NOTE [ the inserter yields ] in daemon/caching/ann_index.py)",
+                           lo=0, hi=19)
 
 @dataclass
 class MetricsConfig:

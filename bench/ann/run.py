@@ -116,7 +116,8 @@ def index_spec(text: str) -> tuple[dict, str]:
     BASE_INDEX (the search-time ``ef`` builds nothing)."""
     from inferd.daemon.caching.ann_index import IndexOptions
 
-    names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search"}
+    names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search",
+             "nice": "nice"}
     defaults = IndexOptions()
     fields = {f: getattr(defaults, f) for f in BASE_INDEX}
     for part in filter(None, text.split(",")):
@@ -277,7 +278,8 @@ def thread_cpu(pid: int) -> dict:
 MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
 
 
-def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8) -> dict:
+def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8,
+               alt: dict | None = None, alt_path: str = "") -> dict:
     """Daemon CPU per classified frame (new images: each one stored and, with the index, inserted)
     with this store against the store off, in the same run: three daemons side by side (off; a
     copy of the store with its index; another copy without), each started and settled (vectors
@@ -298,16 +300,20 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     from ..lib.daemons import cache_daemon, daemon_summary
     from ..lib.measure import cpu_seconds
 
-    imgs = make_dataset(frames * len(MODES) * rounds + 3, seed + 7)[0]
+    alt = alt if alt is not None or not alt_path else {}
+    modes = MODES + ((("alt", True, True),) if alt is not None else ())
+    imgs = make_dataset(frames * len(modes) * rounds + 4, seed + 7)[0]
     names = {"connectivity": "index_m", "expansion_add": "index_ef_construction", "scalar": "index_scalar",
-             "expansion_search": "index_ef"}
-    tuned = [a for k, v in index.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
+             "expansion_search": "index_ef", "nice": "index_nice"}
+    sets = lambda fields: [a for k, v in fields.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
+    tuned = sets(index)
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
-    out = {"frames_per_burst": frames, "rounds": rounds, "index": index, "daemons": {}}
+    out = {"frames_per_burst": frames, "rounds": rounds, "index": index, "alt": alt or {}, "alt_path": alt_path,
+           "daemons": {}}
     try:
         with contextlib.ExitStack() as stack:
             live = {}
-            for n, (mode, on, indexed) in enumerate(MODES):
+            for n, (mode, on, indexed) in enumerate(modes):
                 args = ["--model", "shapes"]
                 if on:
                     copy = os.path.join(tmp, f"{mode}.store")
@@ -315,9 +321,11 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                     if indexed:
                         shutil.copytree(path + ".index", copy + ".index")
                     args += ["--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
-                             "--set", f"embeddings.index={'true' if indexed else 'false'}", *tuned]
+                             "--set", f"embeddings.index={'true' if indexed else 'false'}", *tuned,
+                             *(sets(alt) if mode == "alt" else [])]
                 t0 = time.perf_counter()
-                d = stack.enter_context(cache_daemon(args, cache=False, embeddings=on))
+                env = {"PYTHONPATH": alt_path} if mode == "alt" and alt_path else None
+                d = stack.enter_context(cache_daemon(args, cache=False, embeddings=on, env=env))
                 c = stack.enter_context(Client(d["socket"]))
                 c.classify(imgs[n])
                 live[mode] = {"d": d, "c": c, "indexed": indexed, "start_s": round(time.perf_counter() - t0, 2)}
@@ -334,7 +342,7 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                 x.update(settled_s=round(time.perf_counter() - t0, 2), bursts=[], wall=0.0,
                          cpu0=cpu_seconds(x["d"]["proc"].pid), threads0=thread_cpu(x["d"]["proc"].pid),
                          ins0=(x["c"].info()["cache"].get("embedding_index") or {}).get("thread_cpu_s", 0.0))
-            at = 3
+            at = 4
             for r in range(rounds):
                 for mode, x in live.items():
                     pid, part = x["d"]["proc"].pid, imgs[at:at + frames]
@@ -370,8 +378,11 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     out["on_over_off"] = round(cpu["on"] / cpu["off"], 3)              # everything storing costs
     out["no_index_over_off"] = round(cpu["no_index"] / cpu["off"], 3)  # the store alone
     out["index_over_no_index"] = round(cpu["on"] / cpu["no_index"], 3)  # what the index adds
+    if alt is not None:
+        out["alt_over_on"] = round(cpu["alt"] / cpu["on"], 3)
+        out["alt_over_off"] = round(cpu["alt"] / cpu["off"], 3)
     b = {m: np.asarray(r["bursts_ms_per_frame"]) for m, r in out["daemons"].items()}
-    for m in ("on", "no_index"):    # each round's own ratio: its bursts a few seconds apart
+    for m in ("on", "no_index", "alt")[:3 if alt is not None else 2]:    # each round's own ratio: its bursts a few seconds apart
         ratio = b[m] / b["off"]
         out[f"{m}_over_off_bursts"] = {"median": round(float(np.median(ratio)), 3), "min": round(float(ratio.min()), 3),
                                        "max": round(float(ratio.max()), 3)}
@@ -398,6 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-only", action="store_true", help="only the daemon CPU per frame, at the largest size")
     p.add_argument("--cpu-rounds", type=int, default=8, help="rounds of --cpu-frames to each of off / on / "
                    "on without the index (three daemons side by side)")
+    p.add_argument("--cpu-alt", default="", help="with --cpu-only: a fourth daemon with the index under "
+                   "these settings that build nothing (e.g. nice=0), beside the others")
+    p.add_argument("--cpu-alt-path", default="", help="with --cpu-only: the fourth daemon imports inferd "
+                   "from this PYTHONPATH (another version of the code: before a change)")
     p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
                    "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
     p.add_argument("--build-only", action="store_true",
@@ -435,7 +450,8 @@ def main(argv=None) -> int:
     if args.build_only:
         return 0
     if args.cpu_only:
-        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds)
+        alt = {k: v for k, v in index_spec(args.cpu_alt)[0].items() if index.get(k) != v} if args.cpu_alt else None
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds, alt, args.cpu_alt_path)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:

@@ -83,6 +83,7 @@ class IndexOptions:
     save_interval_s: float = 300.0
     batch_wait_s: float = 5.0
     threads: int = 1
+    nice: int = 10
 
 
 BATCH = 1024
@@ -106,6 +107,28 @@ BATCH = 1024
 # (at a million rows: one pass per ~16,000 rows) and before every save. A search drops the stale
 # keys it meets (their version is not the row's), so they cost a few candidates, never an answer.
 STALE_SHARE = 64
+
+
+# NOTE [ the inserter yields ]
+# On a host whose cores the request path keeps busy, the inserter is one more runnable thread
+# beside a CPU device's OpenMP team: each time it takes a core from a team member, the other
+# members wait at the next op's barrier (spinning, then a futex sleep and wake-up), CPU the
+# frames pay for and no insert needs. Inserts can wait (the rows pending are scanned exactly
+# meanwhile, up to ``max_pending``), frames cannot: so the inserter runs at a lower priority
+# (Linux nice is per thread), ``nice`` steps below the daemon. At nice 10 it still gets about a
+# tenth of a core that the request path wants whole (CFS weights 110 against 1024), enough for a
+# few hundred inserts a second, and all of any idle core. The start-up's work (the graphs'
+# checksums, their loading), which near queries wait for, runs at the daemon's priority.
+def _lower_priority(nice: int, log) -> None:
+    """Lower the calling thread's priority by ``nice`` steps (0: unchanged); a refusal costs a
+    log line, never the thread."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        log.info("near-duplicate index: the inserter keeps the daemon's priority (%s)", exc)
 
 
 class EmbeddingIndexBusy(Exception):
@@ -292,6 +315,8 @@ class AnnIndex:
     def _run(self) -> None:
         try:
             self._load_views()
+            # after the start-up's checks and loads, which a near query waits for (busy)
+            _lower_priority(self.options.nice, self.log)
             while not self._stop:
                 # the inserter's own CPU (inserts, removals, checks, saves), for the daemon's stats
                 self.counters["thread_cpu_s"] = round(time.thread_time(), 3)

@@ -179,7 +179,7 @@ def index_options(cfg) -> IndexOptions | None:
     return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
-                        save_interval_s=cfg.index_save_interval_s)
+                        save_interval_s=cfg.index_save_interval_s, nice=cfg.index_nice)
 
 
 def remove_stale(directory: str, keep: str | list[str], log=_log) -> list[str]:

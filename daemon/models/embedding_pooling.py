@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from . import pooling_jit
+
 MEAN = "mean"
 MAX_CELLS = 16              # grid and thumbnail sides: 16 x 16 x C floats is plenty for layout
 BLANK = 1e-3                # the constant column of grid / thumbnail embeddings (see the NOTE)
@@ -85,7 +87,10 @@ class Pool:
     def __call__(self, features: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
         """Unit rows (float32) from a layer's output (N, C, H, W or N, D) and the batch's uint8
         NHWC ``frames`` (read only with a thumbnail; its rows past N are ignored). ValueError
-        when grid pooling meets an output that is not 4-D."""
+        when grid pooling meets an output that is not 4-D. On a CPU, one compiled pass
+        (NOTE [ fused pooling ] in daemon/models/pooling_jit.py) where it covers the batch."""
+        if pooling_jit.covers(features, frames, self.grid, self.thumbnail):
+            return pooling_jit.embed(features, frames, self.grid, self.thumbnail, BLANK)
         v = features.float()                  # a no-op in fp32; under autocast, pool in fp32
         if v.dim() == 4:
             if self.grid:

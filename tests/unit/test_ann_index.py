@@ -430,3 +430,18 @@ def test_a_recycled_rows_old_key_stays_stale_until_a_flush_and_never_answers(pat
             assert store.search(w[i], 1, -1.0, uid=0)[0][1] == f"w{i}"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_the_inserter_runs_below_the_daemons_priority(path, nice):
+    """NOTE [ the inserter yields ]: the inserter thread, and only it, is ``nice`` steps below
+    the process (Linux nice is per thread)."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    store, _ = fill(path, n=300, opts=dataclasses.replace(OPTS, nice=nice))
+    try:
+        thread = store._ann._thread
+        assert thread.is_alive()
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, own + nice)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        store.close()
