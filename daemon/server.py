@@ -143,6 +143,9 @@ class Server:
                f"{', '.join(d.name for d in self.devices)}")
         log.info("ready: serving %s (digest %s) on %s; socket %s, admin socket %s", self.model.spec.name,
                  self.model.digest, ", ".join(d.label for d in self.devices), self.listener.path, self.admin.path)
+        if not self.catalog.single:         # and the others, by name and version
+            log.info("models: %s (default %s)", ", ".join(f"{s.name} v{s.version}" for s in self.catalog.live),
+                     self.catalog.default.name)
         if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
             self.front = FrontSupervisor(self.cfg)
             self.front.start()
