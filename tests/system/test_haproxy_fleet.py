@@ -57,7 +57,7 @@ class Host:
             self.d = spawn_daemon(*front, "--set", "cache.enabled=false", "--set", f"batching.max_batch={MAX_BATCH}",
                                   "--set", f'fleet.agent="127.0.0.1:{self.agent_port}"',
                                   "--set", f"fleet.reference_fps={REFERENCE_FPS}", "--set", "health.backoff_s=0.5",
-                                  "--set", "model.warmup_batches=3",
+                                  "--set", "model.warmup_batches=8",
                                   *daemon_args, model="synthetic", workdir=self.workdir)
         finally:
             del os.environ["INFERD_SYNTHETIC"]
