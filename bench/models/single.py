@@ -1,12 +1,13 @@
-"""One model, before and after many models: ``python -m bench.models.single [--quick] [--baseline DIR]
-[--out bench/out]``.
+"""One model, before and after many models: ``python -m bench.models.single [--quick]
+[--baseline DIR|REVISION] [--out bench/out]``.
 
 The many-models daemon must serve a one-model configuration exactly as fast as the daemon before
 it. This runs the request-path benchmark (bench/load: the in-process ceiling, then 1, 4 and 16
 closed-loop clients against a daemon, each row's img/s as a ratio to the in-process model at the
 batch its frames in flight allow; and the no-op round trip against a bare ping-pong) on two
 copies of the ``inferd`` package, alternately, in one run: the baseline (``--baseline``: a
-checkout's root, default /work/main, the code before many models) and this checkout. The harness
+checkout's root, or a git revision of this repository, extracted for the run; default BASELINE,
+the last commit that served one model per daemon) and this checkout. The harness
 is this checkout's bench/ for both; only the package the daemon, clients and ceiling import
 differs (PYTHONPATH points each run at a folder of links, ``inferd/{daemon,client,shm}``, to one
 tree's folders). Rounds alternate baseline, this, baseline, this ..., so drift on a shared machine
@@ -33,7 +34,24 @@ from ..lib import report
 SETTINGS = {"full": {"rounds": 3, "quick": False, "loop_rounds": 10, "loop_batches": 1000},
             "quick": {"rounds": 2, "quick": True, "loop_rounds": 6, "loop_batches": 400}}
 CASES = "1,4,16"
-BASELINE = "/work/main"
+#: The last commit of one model per daemon: what a one-model configuration is compared with.
+BASELINE = "b6f0d1f"
+
+
+def tree_of(baseline: str, tmp: str) -> str:
+    """``baseline``'s root: a folder as it is, else a git revision of this repository extracted
+    (``git archive``) into ``tmp``."""
+    if os.path.isdir(baseline):
+        return baseline
+    dest = os.path.join(tmp, "baseline-tree")
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", report.REPO, "archive", baseline, "daemon", "client", "shm"],
+                             capture_output=True, timeout=120)
+    if archive.returncode:
+        raise SystemExit(f"--baseline {baseline}: neither a folder nor a revision of {report.REPO}: "
+                         f"{archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True, timeout=120)
+    return dest
 
 
 def farm(root: str, where: str) -> str:
@@ -82,7 +100,7 @@ def measure(settings: dict, log, baseline: str = BASELINE) -> dict:
     runs = {"baseline": [], "this": []}
     loops = {"baseline": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="inferd-single-") as tmp:
-        paths = {"baseline": farm(baseline, os.path.join(tmp, "baseline")),
+        paths = {"baseline": farm(tree_of(baseline, tmp), os.path.join(tmp, "baseline")),
                  "this": farm(report.REPO, os.path.join(tmp, "this"))}
         for i in range(settings["loop_rounds"]):
             for tree in ("baseline", "this"):
@@ -95,13 +113,15 @@ def measure(settings: dict, log, baseline: str = BASELINE) -> dict:
     keys = list(runs["this"][0]) if runs["this"] else []
     ratio = {k: statistics.median(r[k] for r in runs["this"]) / statistics.median(r[k] for r in runs["baseline"])
              for k in keys}
-    return {"machine": report.machine(), "baseline": os.path.abspath(baseline), "this": report.REPO,
+    return {"machine": report.machine(), "baseline": baseline, "this": report.REPO,
             "baseline_commit": _commit(baseline), "runs": runs, "this_over_baseline": ratio, "loop": loops}
 
 
-def _commit(root: str) -> str:
+def _commit(baseline: str) -> str:
+    """The commit a folder's checkout is at, or a revision's."""
+    where, rev = (baseline, "HEAD") if os.path.isdir(baseline) else (report.REPO, baseline)
     try:
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+        return subprocess.run(["git", "-C", where, "rev-parse", "--short", rev], capture_output=True,
                               text=True, timeout=10).stdout.strip()
     except OSError:
         return ""
@@ -142,7 +162,8 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = report.parser(__doc__, "models_single.json", "2 rounds of bench.load --quick")
-    p.add_argument("--baseline", default=BASELINE, help="the checkout to compare with (default /work/main)")
+    p.add_argument("--baseline", default=BASELINE, help=f"the checkout (a folder) or git revision to compare with (default {BASELINE}, "
+                   "the last commit of one model per daemon)")
     p.add_argument("--rounds", type=int, default=None, help="pairs of bench.load runs (default 3; --quick 2; "
                    "0: the loop's work alone)")
     args = p.parse_args(argv)
