@@ -19,38 +19,10 @@ import sys
 import time
 from types import SimpleNamespace
 
+from .loop_cost import FakeSession
+
 FRAMES = 16
 MESSAGES = 500
-
-
-class Session:
-    """What the scheduler touches of a session."""
-
-    def __init__(self, frame_bytes: int):
-        from inferd.daemon.dispatch.queues import ThinkTime
-        from inferd.shm.ring import RingGeometry
-
-        self.peer = (4242, 1000, 1000)
-        self.ring = SimpleNamespace(geometry=RingGeometry(64, frame_bytes))
-        self.inflight, self.pending = {}, {}
-        self.closed, self.told_gen, self.batches = False, 1, True    # it knows generation 1
-        self.think = ThinkTime()
-        self.written = 0
-
-    def send(self, message):
-        self.written += 1
-
-    def write(self, data):
-        self.written += 1
-
-    def claim(self, key, request):
-        return request
-
-    def unclaim(self, key, request):
-        pass
-
-    def release_ring(self):
-        pass
 
 
 def setup():
@@ -68,7 +40,8 @@ def setup():
     for b in (1, FRAMES):
         dev.profile.observe(b, 0.0001 * b)
     sched = Scheduler(cfg, SimpleNamespace(spec=spec, digest="digest", gen=1), [dev], time.monotonic)
-    session = Session(spec.frame_bytes)
+    session = FakeSession(1000, spec.frame_bytes, 64)
+    session.told_gen = 1                     # it knows generation 1
     msg = {"op": "classify_many", "slots": list(range(FRAMES)), "nbytes": spec.frame_bytes, "dtype": "uint8",
            "shape": list(spec.frame_shape), "top_k": 5}
     top = [[0, 0.9], [1, 0.05], [2, 0.03], [3, 0.01], [4, 0.01]]

@@ -22,7 +22,7 @@ import time
 from types import SimpleNamespace
 
 
-class _Session:
+class FakeSession:
     """What the scheduler touches of a Session (tests/helpers.py FakeSession, replies dropped)."""
 
     def __init__(self, uid: int, frame_bytes: int, slots: int):
@@ -65,7 +65,7 @@ def measure(batches: int, batch: int) -> dict:
     now = [10.0]
     dev = Device(0, "cpu", 1)
     sched = Scheduler(cfg, SimpleNamespace(spec=spec, digest="digest", gen=0), [dev], lambda: now[0])
-    session = _Session(1000, spec.frame_bytes, batch)
+    session = FakeSession(1000, spec.frame_bytes, batch)
     msgs = [{"op": "classify", "slot": i, "nbytes": spec.frame_bytes, "dtype": "uint8",
              "shape": list(spec.frame_shape), "top_k": 1} for i in range(batch)]
     top = [[0, 1.0]]
