@@ -220,24 +220,23 @@ def check_input_form(m: "ModelConfig", key: str = "model") -> None:
                           "model.input = \"uint8_nhwc\" if the model normalises inside")
 
 
+#: The sections written as lists of tables: ``[[device]]`` and ``[[models]]``, their entries' class
+#: and the Config field that lists them.
+TABLE_LISTS = {"device": (DeviceConfig, "devices"), "models": (ModelEntryConfig, "models")}
+
+
 def from_dict(data: dict, overrides: dict | None = None) -> Config:
     """Build and check a Config from parsed TOML plus ``{"section.key": value}`` overrides."""
     cfg = Config()
     for section, values in data.items():
-        if section == "device":
+        if section in TABLE_LISTS:
+            make, field = TABLE_LISTS[section]
             if not isinstance(values, list):
-                raise ConfigError("device: expected a list of tables ([[device]])")
-            for i, dev in enumerate(values):
-                d = DeviceConfig()
-                _apply(d, f"device[{i}]", dev)
-                cfg.devices.append(d)
-        elif section == "models":
-            if not isinstance(values, list):
-                raise ConfigError("models: expected a list of tables ([[models]])")
+                raise ConfigError(f"{section}: expected a list of tables ([[{section}]])")
             for i, entry in enumerate(values):
-                m = ModelEntryConfig()
-                _apply(m, f"models[{i}]", entry)
-                cfg.models.append(m)
+                item = make()
+                _apply(item, f"{section}[{i}]", entry)
+                getattr(cfg, field).append(item)
         elif section in SECTIONS:
             _apply(getattr(cfg, section), section, values)
         else:
@@ -290,7 +289,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def reference() -> str:
     """The configuration reference as a Markdown table (for docs/configuration.md)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, cls in [*SECTIONS.items(), ("device", DeviceConfig), ("models", ModelEntryConfig)]:
+    for section, cls in [*SECTIONS.items(), *((name, make) for name, (make, _) in TABLE_LISTS.items())]:
         for f in dataclasses.fields(cls):
             if cls is ModelEntryConfig and f.name in _MODEL_KEYS:
                 continue                    # [model]'s keys, listed there

@@ -175,10 +175,11 @@ class Scheduler:
             if self.draining:
                 raise Rejected(wire.E_SHUTTING_DOWN, "the daemon is shutting down; reconnect to its successor")
             served = self._resolve(msg, session.peer[1], rid)
-            top_k, timeout = check_frame(msg, session.ring, served.spec, self.cfg.batching.default_timeout_ms)
+            spec = served.spec
+            top_k, timeout = check_frame(msg, session.ring, spec, self.cfg.batching.default_timeout_ms)
             self.caches.client_hits(msg.get("hits"))
             tag = check_tag(msg.get("tag"))
-            logits = check_logits(msg, served.spec, "classify")
+            logits = check_logits(msg, spec, "classify")
         except Rejected as exc:
             for i in range(len(slots)):
                 self.stats.outcome(exc.code, served=served)
@@ -197,7 +198,8 @@ class Scheduler:
             self._write({session: refused})
 
     def _submit(self, session, rid: int, msg: dict, op: str, served) -> None:
-        slot, top_k, timeout = check_classify(msg, session.ring, served.spec, session.inflight,
+        spec = served.spec
+        slot, top_k, timeout = check_classify(msg, session.ring, spec, session.inflight,
                                               self.cfg.batching.default_timeout_ms)
         caches = self.caches
         caches.client_hits(msg.get("hits"))
@@ -205,7 +207,7 @@ class Scheduler:
             raise Rejected(wire.E_INVALID_INPUT, f"{op} needs embeddings: model {served.name} exposes none, "
                            "or embeddings.enabled is false")
         tag = check_tag(msg.get("tag"))
-        logits = check_logits(msg, served.spec, op)
+        logits = check_logits(msg, spec, op)
         args = check_near(msg) if op == "near" else None
         upload = check_upload(msg, session.ring, slot, session.inflight, op)
         if upload is not None and served is not self.first:
