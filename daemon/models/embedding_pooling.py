@@ -45,8 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from . import pooling_jit
-
+pooling_jit = None          # daemon/models/pooling_jit.py, once a pool has run (Pool.__call__)
 MEAN = "mean"
 MAX_CELLS = 16              # grid and thumbnail sides: 16 x 16 x C floats is plenty for layout
 BLANK = 1e-3                # the constant column of grid / thumbnail embeddings (see the NOTE)
@@ -89,6 +88,10 @@ class Pool:
         NHWC ``frames`` (read only with a thumbnail; its rows past N are ignored). ValueError
         when grid pooling meets an output that is not 4-D. On a CPU, one compiled pass
         (NOTE [ fused pooling ] in daemon/models/pooling_jit.py) where it covers the batch."""
+        global pooling_jit
+        if pooling_jit is None:             # imported at the first call: it imports numba (a
+            from . import pooling_jit as loaded     # second), which only models that keep
+            pooling_jit = loaded            # embeddings need, never beside every start's warm-up
         if pooling_jit.covers(features, frames, self.grid, self.thumbnail):
             return pooling_jit.embed(features, frames, self.grid, self.thumbnail, BLANK)
         v = features.float()                  # a no-op in fp32; under autocast, pool in fp32
