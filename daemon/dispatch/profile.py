@@ -16,6 +16,7 @@ so a reader sees either the old or the new average, which is all an estimate nee
 from __future__ import annotations
 
 import bisect
+import statistics
 
 
 class LatencyProfile:
@@ -31,6 +32,15 @@ class LatencyProfile:
             self._seconds[batch] = seconds
         else:
             self._seconds[batch] = old + self.alpha * (seconds - old)
+
+    def seed(self, batch: int, samples: list[float]) -> None:
+        """Start the size ``batch`` at the typical one of a warm-up's ``samples`` (the lower median),
+        replacing what it held: a moving average started at the first warm-up batch, which pays for
+        caches, allocator and threads still cold, keeps most of that outlier through a short warm-up
+        (0.8^7 of it after 8 batches) and under-reports the device's capacity for as long."""
+        if samples:
+            self._seconds.pop(batch, None)
+            self.observe(batch, statistics.median_low(samples))
 
     @property
     def known(self) -> bool:

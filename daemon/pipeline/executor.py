@@ -182,12 +182,15 @@ class Executor(threading.Thread):
         # which would teach the profile seconds of compilation as a batch time
         engine.prepare(self._max_batch)
         frames = self._stagings[mid].tensors[0]
+        samples: dict[int, list[float]] = {}
         for _ in range(self._warmup):               # warm up, and seed the latency profile
             for size in warmup_sizes(self._max_batch, padded=engine.options.padded,
                                      asynchronous=engine.streams.asynchronous):
                 t0 = time.perf_counter()
                 engine.launch(frames, size, 1).result()
-                profile.observe(size, time.perf_counter() - t0)
+                samples.setdefault(size, []).append(time.perf_counter() - t0)
+        for size, seconds in samples.items():
+            profile.seed(size, seconds)
         engine.synchronize()
         return _Runner(engine, profile, mid)
 

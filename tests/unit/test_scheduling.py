@@ -269,6 +269,23 @@ def test_profile_smooths_per_size_and_interpolates():
     assert p.snapshot() == {"1": 10.0, "16": 50.0}
 
 
+
+def test_profile_seeded_by_warmup_ignores_a_cold_first_batch():
+    """A warm-up's first batch pays for cold caches and threads: the profile starts at the typical
+    batch of the warm-up, so the capacity a host reports at start is what it delivers."""
+    samples = [0.100, 0.022, 0.023, 0.022, 0.021, 0.022, 0.024, 0.022]
+    seeded = LatencyProfile()
+    seeded.seed(32, samples)
+    assert seeded.latency(32) == pytest.approx(0.022)
+    averaged = LatencyProfile()
+    for s in samples:
+        averaged.observe(32, s)
+    assert averaged.latency(32) > 0.036                      # what a moving average from the first kept
+    seeded.observe(32, 0.032)                                # and later batches move it as before
+    assert seeded.latency(32) == pytest.approx(0.024)
+    seeded.seed(32, [0.050, 0.040])                          # a new warm-up (a reload) replaces it
+    assert seeded.latency(32) == pytest.approx(0.040)
+
 # queue ------------------------------------------------------------------------------------------
 def test_queue_take_steal_drain_and_put_front():
     clock = iter(range(1000)).__next__
