@@ -248,9 +248,14 @@ def test_a_flooding_uid_gets_its_share_and_a_victim_keeps_its_latency(fresh_daem
     share = served[65534] / (served[65534] + served[0])
     p50, p99 = _quantiles(alone)
     q50, q99 = _quantiles(loaded)
+    # a batch's compute time as the daemon measured it, nearly all of it under the flood: what a
+    # batch costs on this machine at this moment (a loaded CI host makes it several times slower)
+    batch = after["latency"]["compute"]["p99_ms"] / 1e3
     print(f"victim (uid 65534) alone p50 {p50 * 1e3:.1f} ms p99 {p99 * 1e3:.1f} ms; against a flood "
           f"of {depth} in flight from uid 0 (queue_limit 1024): p50 {q50 * 1e3:.1f} ms p99 {q99 * 1e3:.1f} ms; "
           f"pipelined for 4 s: {done['frames']} frames, {share:.1%} of the {served[65534] + served[0]} "
-          f"served (uid 0: {served[0]})")
+          f"served (uid 0: {served[0]}); batches p99 {batch * 1e3:.1f} ms")
     assert 0.3 <= share <= 0.7, served             # each uid served, neither shut out
-    assert q99 < 5 * p99 + 0.5, (alone, loaded)     # (on a loaded machine the likelier to fail)
+    # the victim's one request waits for the batch running, the one staged behind it and its own,
+    # never behind the flood's queue (a thousand frames: some 60 batches): within 5 batches
+    assert q99 < p99 + 5 * batch, (alone, loaded, batch)
