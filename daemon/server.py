@@ -39,6 +39,7 @@ from .ops.model_ops import LiveModels, ModelOpError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
+from .oip.resident import ResidentFront
 from .oip.supervisor import FrontSupervisor
 from .dispatch import fairness
 from .models.catalog import UnknownModel, store_digest
@@ -146,8 +147,10 @@ class Server:
         if not self.catalog.single:         # and the others, by name and version
             log.info("models: %s (default %s)", ", ".join(f"{s.name} v{s.version}" for s in self.catalog.live),
                      self.catalog.default.name)
-        if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
-            self.front = FrontSupervisor(self.cfg)
+        if self.cfg.oip.enabled:            # the OIP front: a supervised child (daemon/oip/supervisor.py)
+            #                                 or on this loop (daemon/oip/resident.py)
+            place = FrontSupervisor if self.cfg.oip.placement == "process" else ResidentFront
+            self.front = place(self.cfg)
             self.front.start()
         await self._stop.wait()
         await self._announce_drain()

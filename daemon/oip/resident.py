@@ -1,0 +1,101 @@
+"""The OIP front on the daemon's own event loop (``oip.placement = "daemon"``).
+
+    daemon READY=1 -> the front's ``serve`` (daemon/oip/front.py) as a task on the daemon's loop:
+                      the same doors, backend and sessions as the front's process, the daemon's
+                      socket reached from the same loop (no process between caller and daemon)
+    serve fails    -> logged, and started again after a back-off (1 s, doubling to 30 s; reset
+                      once it has run for a minute), as the supervisor restarts a process
+    daemon drains  -> its doors close first (requests under way finish, within the bound), then
+                      the daemon's own drain
+
+The same face as FrontSupervisor (daemon/oip/supervisor.py): ``start``, ``stop``, ``describe``,
+``pid``; the server holds one or the other. What it saves and what it costs: a request wakes one
+process (the daemon) where the front's process made two more wake-ups and one more socket hop;
+the front's Python (HTTP parsing, JSON, tensors, the client library's session, and grpcio's
+callbacks for a gRPC call) runs on the loop that admits and answers every request, so the loop's
+CPU a request grows by that much (docs/oip.md, "Where it runs", measured by bench/oip/).
+
+Decoding BYTES inputs and resizing frames stay off the loop (the client library and the backend
+hand them to worker threads), and large JSON bodies are parsed in a worker thread too.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from ..errors import ConfigError
+
+log = logging.getLogger("inferd.oip")
+BACKOFF_S, BACKOFF_MAX_S, HEALTHY_RUN_S = 1.0, 30.0, 60.0
+
+
+class ResidentFront:
+    def __init__(self, cfg, clock=time.monotonic):
+        self._cfg = cfg
+        self._clock = clock
+        self._doors = {"http": "starting", "grpc": "starting"}
+        self.restarts = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep_running())
+
+    def describe(self) -> dict:
+        """The doors bound (ports resolved) and where they run, for ``health`` and ``info``."""
+        return {**self._doors, "pid": self.pid, "restarts": self.restarts, "placement": "daemon"}
+
+    @property
+    def pid(self) -> int | None:
+        return os.getpid() if self._task is not None and not self._task.done() else None
+
+    def _ready(self, http, grpc_at) -> None:
+        self._doors = {"http": str(http) if http is not None else "off",
+                       "grpc": str(grpc_at) if grpc_at is not None else "off"}
+
+    async def _keep_running(self) -> None:
+        from .front import serve            # the front's modules load only when it is placed here
+        backoff = BACKOFF_S
+        while not self._stop.is_set():
+            started = self._clock()
+            try:
+                await serve(self._cfg, self._stop, on_ready=self._ready)
+                return
+            except asyncio.CancelledError:
+                raise
+            except ConfigError as exc:      # nothing a retry would change
+                log.error("the OIP front cannot start: %s", exc)
+                self._doors = {"http": f"invalid: {exc}", "grpc": f"invalid: {exc}"}
+                return
+            except Exception:
+                log.exception("the OIP front on the daemon's loop failed; starting it again in %.0f s", backoff)
+                self.restarts += 1
+                self._doors = {"http": "restarting", "grpc": "restarting"}
+            if self._clock() - started >= HEALTHY_RUN_S:
+                backoff = BACKOFF_S
+            try:
+                await asyncio.wait_for(self._stop.wait(), backoff)     # the restart back-off, cut by stop
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def stop(self, timeout: float) -> None:
+        """Close the doors (requests under way finish), waiting up to ``timeout``; then cancel
+        what is left. Idempotent."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            log.warning("the OIP front did not stop within %.1f s; cancelling it", timeout)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        except Exception:
+            log.exception("the OIP front failed while stopping")
