@@ -149,8 +149,10 @@ class Server:
                      self.catalog.default.name)
         if self.cfg.oip.enabled:            # the OIP front: a supervised child (daemon/oip/supervisor.py)
             #                                 or on this loop (daemon/oip/resident.py)
-            place = FrontSupervisor if self.cfg.oip.placement == "process" else ResidentFront
-            self.front = place(self.cfg)
+            if self.cfg.oip.placement == "process":
+                self.front = FrontSupervisor(self.cfg)
+            else:
+                self.front = ResidentFront(self.cfg, self)
             self.front.start()
         await self._stop.wait()
         await self._announce_drain()

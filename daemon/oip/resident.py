@@ -1,8 +1,9 @@
 """The OIP front on the daemon's own event loop (``oip.placement = "daemon"``).
 
     daemon READY=1 -> the front's ``serve`` (daemon/oip/front.py) as a task on the daemon's loop:
-                      the same doors, backend and sessions as the front's process, the daemon's
-                      socket reached from the same loop (no process between caller and daemon)
+                      the same doors, routes, errors and principals as the front's process; its
+                      inferences go straight into admission (daemon/oip/direct.py: a session per
+                      principal on the loop, no socket, no client library)
     serve fails    -> logged, and started again after a back-off (1 s, doubling to 30 s; reset
                       once it has run for a minute), as the supervisor restarts a process
     daemon drains  -> its doors close first (requests under way finish, within the bound), then
@@ -10,13 +11,13 @@
 
 The same face as FrontSupervisor (daemon/oip/supervisor.py): ``start``, ``stop``, ``describe``,
 ``pid``; the server holds one or the other. What it saves and what it costs: a request wakes one
-process (the daemon) where the front's process made two more wake-ups and one more socket hop;
-the front's Python (HTTP parsing, JSON, tensors, the client library's session, and grpcio's
-callbacks for a gRPC call) runs on the loop that admits and answers every request, so the loop's
-CPU a request grows by that much (docs/oip.md, "Where it runs", measured by bench/oip/).
+process (the daemon) where the front's process made two more wake-ups and two more socket hops;
+the front's Python (HTTP parsing, JSON, tensors, and grpcio's callbacks for a gRPC call) runs on
+the loop that admits and answers every request, so the loop's CPU a request grows by that much
+(docs/oip.md, "Where it runs", measured by bench/oip/).
 
-Decoding BYTES inputs and resizing frames stay off the loop (the client library and the backend
-hand them to worker threads), and large JSON bodies are parsed in a worker thread too.
+Decoding BYTES inputs and resizing frames stay off the loop (a small thread pool), and large JSON
+bodies are parsed in a worker thread too.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ BACKOFF_S, BACKOFF_MAX_S, HEALTHY_RUN_S = 1.0, 30.0, 60.0
 
 
 class ResidentFront:
-    def __init__(self, cfg, clock=time.monotonic):
+    def __init__(self, cfg, server, clock=time.monotonic):
         self._cfg = cfg
+        self._server = server                   # what the direct backend submits to
         self._clock = clock
         self._doors = {"http": "starting", "grpc": "starting"}
         self.restarts = 0
@@ -56,12 +58,14 @@ class ResidentFront:
                        "grpc": str(grpc_at) if grpc_at is not None else "off"}
 
     async def _keep_running(self) -> None:
-        from .front import serve            # the front's modules load only when it is placed here
+        from .direct import DirectBackend   # the front's modules load only when it is placed here
+        from .front import backend_options, serve
         backoff = BACKOFF_S
         while not self._stop.is_set():
             started = self._clock()
             try:
-                await serve(self._cfg, self._stop, on_ready=self._ready)
+                backend = DirectBackend(self._server, self._cfg.socket_path, **backend_options(self._cfg))
+                await serve(self._cfg, self._stop, on_ready=self._ready, backend=backend)
                 return
             except asyncio.CancelledError:
                 raise

@@ -37,6 +37,8 @@ pytestmark = pytest.mark.timeout(300)
 TOKEN = secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BODY = 256 * 1024
+#: each principal's slots on the daemon's loop: fewer than a request's images below
+RING_SLOTS = 4
 
 
 def _tokens_file() -> str:
@@ -57,13 +59,14 @@ def _doors(daemon) -> dict:
 
 @pytest.fixture(scope="module")
 def resident():
-    """A daemon serving OIP on its loop: TCP doors with a tokens file, a small body limit and a
-    1 s idle timeout (so a slow-loris connection that stops is closed within the test)."""
+    """A daemon serving OIP on its loop: TCP doors with a tokens file, a small body limit, a 1 s
+    idle timeout (so a slow-loris connection that stops is closed within the test) and rings of
+    RING_SLOTS slots (so a request of more images waits for slots to come free)."""
     tokens = _tokens_file()
     daemon = spawn_daemon("--set", "oip.enabled=true", "--set", 'oip.placement="daemon"',
                           "--set", 'oip.http="127.0.0.1:0"', "--set", 'oip.grpc="127.0.0.1:0"',
                           "--set", f'oip.tokens_file="{tokens}"', "--set", f"oip.max_request_bytes={MAX_BODY}",
-                          "--set", "oip.idle_timeout_s=1.0")
+                          "--set", "oip.idle_timeout_s=1.0", "--set", f"oip.ring_slots={RING_SLOTS}")
     try:
         yield daemon, _doors(daemon)
     finally:
@@ -90,7 +93,8 @@ def _triton_infer(module, address: str, images, headers: dict, name="IMAGE") -> 
             inp = module.InferInput("IMAGE_BYTES", [len(images)], "BYTES")
             inp.set_data_from_numpy(np.array(images, dtype=np.object_))
         out = module.InferRequestedOutput("SCORES", class_count=3)
-        got = client.infer("shapes", [inp], outputs=[out], headers=headers).as_numpy("SCORES")
+        # (a copy: tritonclient.http writes Inference-Header-Content-Length into the dict it is given)
+        got = client.infer("shapes", [inp], outputs=[out], headers=dict(headers)).as_numpy("SCORES")
         return [list(row) for row in got]
     finally:
         client.close()
@@ -121,6 +125,54 @@ def test_both_doors_answer_as_the_python_client_from_the_daemons_loop(resident):
     health = subprocess.run([sys.executable, "-m", "inferd.client.cli", "--socket", daemon.socket_path, "health"],
                             capture_output=True, text=True, timeout=60)
     assert f"OIP front: HTTP {doors['http']}, gRPC {doors['grpc']} (on the daemon's event loop)" in health.stdout
+
+
+def test_more_images_than_ring_slots_logits_and_each_error_path(resident):
+    """A request of more images than its principal's ring has slots is sent as slots come free;
+    LOGITS equal the Python client's; every refusal has its OIP status (HTTP and gRPC)."""
+    daemon, doors = resident
+    http, grpc_auth = doors["http"], {k.lower(): v for k, v in AUTH.items()}
+    batch = frames(3 * RING_SLOTS + 1, seed=5)
+    assert _triton_infer(tritonhttp, http, batch, AUTH) == python_top3(daemon, batch)
+    with Client(daemon.socket_path) as c:
+        want = np.stack([p.logits for p in c.classify_many(list(batch[:2]), top_k=3, logits=True)])
+    g = tritongrpc.InferenceServerClient(doors["grpc"])
+    inp = tritongrpc.InferInput("IMAGE", [2, 64, 64, 3], "UINT8")
+    inp.set_data_from_numpy(batch[:2])
+    got = g.infer("shapes", [inp], outputs=[tritongrpc.InferRequestedOutput("LOGITS")],
+                  headers=grpc_auth).as_numpy("LOGITS")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    def body(shape, data=None, **extra) -> bytes:
+        n = int(np.prod(shape))
+        return json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": shape,
+                                       "data": data if data is not None else [0] * n}], **extra}).encode()
+    for payload, headers, want_status in [
+            (body([1, 8, 8, 4]), AUTH, 400),
+            (json.dumps({"inputs": [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1],
+                                     "data": ["not an image"]}]}).encode(), AUTH, 400),
+            (body([1, 2, 2, 3]), {}, 401),
+            (body([1, 64, 64, 3], data=frames(1, seed=99).reshape(-1).tolist(), parameters={"timeout": 1}),
+             AUTH, (429, 504))]:
+        status, reply = _post(http, payload, headers)
+        assert status in (want_status if isinstance(want_status, tuple) else (want_status,)), (status, reply)
+        assert reply["error"]
+    request = urllib.request.Request(f"http://{http}/v2/models/nope/infer", data=body([1, 2, 2, 3]), headers=AUTH)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 404 and "shapes" in json.loads(err.value.read())["error"]
+    from tritonclient.utils import InferenceServerException
+    bad = tritongrpc.InferInput("IMAGE", [1, 4, 4, 2], "UINT8")
+    bad.set_data_from_numpy(np.zeros((1, 4, 4, 2), np.uint8))
+    good = tritongrpc.InferInput("IMAGE", [1, 4, 4, 3], "UINT8")
+    good.set_data_from_numpy(np.zeros((1, 4, 4, 3), np.uint8))
+    for model, inputs, headers, code in [("shapes", [bad], grpc_auth, "StatusCode.INVALID_ARGUMENT"),
+                                         ("nope", [good], grpc_auth, "StatusCode.NOT_FOUND"),
+                                         ("shapes", [good], {}, "StatusCode.UNAUTHENTICATED")]:
+        with pytest.raises(InferenceServerException) as info:
+            g.infer(model, inputs, headers=headers)
+        assert info.value.status() == code
+    assert daemon.proc.poll() is None
 
 
 def _front_children(parent: int) -> list:
