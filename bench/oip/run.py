@@ -2,8 +2,12 @@
 
     python -m bench.oip [--quick]
 
-One daemon (the built-in model, 64x64 frames, one CPU device of one thread; the result cache off,
-so every request reaches the model) and one OIP front (daemon/oip/, loopback TCP doors). Three
+For each placement of the front, one after the other: one daemon (the built-in model, 64x64
+frames, one CPU device of one thread; the result cache off, so every request reaches the model)
+and its OIP front (daemon/oip/, loopback TCP doors), as a process of its own (``process``), on
+the daemon's loop straight into admission (``daemon``, daemon/oip/direct.py), and on the daemon's
+loop through a client-library session over the daemon's socket (``daemon-client``: what the direct
+way saves). Each placement's figures are against its own daemon's ring path. Three
 kinds of caller, each one process with ``callers`` requests in flight (asyncio tasks):
 
     ring   AsyncClient over the Unix socket and its shared-memory ring (the baseline)
@@ -27,9 +31,10 @@ The added latency, three views:
    and of it, the front's work outside its wait for the daemon's answer.
 
 CPU per request: the daemon's (all threads, and its event loop thread alone) and the front's CPU
-seconds over each window divided by its answers, from /proc: the front's figure is what its work
-would add to the daemon's event loop, its busiest thread, if it ran inside the daemon instead of
-beside it (docs/oip.md, "Where it runs"). bench/oip/servers.py measures the server stacks alone.
+seconds over each window divided by its answers, from /proc: on the daemon's loop, the loop's
+figure holds the front's work (its process's figure is 0), the cost that placement puts on the
+daemon's busiest thread (docs/oip.md, "Where it runs"). bench/oip/servers.py measures the server
+stacks alone.
 """
 from __future__ import annotations
 
@@ -275,12 +280,16 @@ def _front_timings(pid: int, path: str) -> dict:
         return json.load(fh)
 
 
-PLACEMENTS = ("process", "daemon")
+#: process: the front's own process; daemon: on the daemon's loop, straight into admission
+#: (daemon/oip/direct.py); daemon-client: on the daemon's loop, but through a client-library
+#: session over the daemon's own socket (as the front's process reaches it): what the direct
+#: way saves
+PLACEMENTS = ("process", "daemon", "daemon-client")
 
 
 def measure(s: dict, log) -> dict:
-    """Each placement of the front (a process of its own, then the daemon's loop) against its own
-    daemon's ring path, one after the other in this run."""
+    """Each placement of the front against its own daemon's ring path, one after the other in
+    this run."""
     out = {"placements": {}}
     for placement in PLACEMENTS:
         log(f"front placement: {placement}")
@@ -292,9 +301,11 @@ def _measure(s: dict, log, placement: str) -> dict:
     from inferd.daemon.oip.timings import ENV
     out: dict = {"kinds": {}, "sequential": {}}
     args = ["--model", MODEL, "--device", "cpu:1"]
-    resident = placement == "daemon"
+    from inferd.daemon.oip.resident import CLIENT_BACKEND_ENV
+    resident = placement.startswith("daemon")
     timings_file = os.path.join(short_workdir(), "front-timings.json") if resident else None
-    with daemon(args + (RESIDENT if resident else []), env={ENV: timings_file} if resident else None) as d:
+    env = {ENV: timings_file, **({CLIENT_BACKEND_ENV: "client"} if placement == "daemon-client" else {})}
+    with daemon(args + (RESIDENT if resident else []), env=env if resident else None) as d:
         if resident:
             front, timings_path, targets = None, timings_file, _resident(d)
         else:
@@ -372,8 +383,11 @@ def render(results: dict) -> str:
              f"model on one CPU device ({results['command'] and ' '.join(results['command'])})"]
     placements = results.get("placements") or {"process": results}     # (results of runs before placements)
     for placement, r in placements.items():
-        where = "on the daemon's event loop" if placement == "daemon" else "as a process of its own"
-        lines += ["", f"the front {where} (oip.placement = {placement!r})", ""]
+        where = {"process": "as a process of its own (oip.placement = 'process')",
+                 "daemon": "on the daemon's event loop, straight into admission (oip.placement = 'daemon')",
+                 "daemon-client": "on the daemon's event loop, through a client-library session over "
+                                  "its socket (what the direct way saves)"}[placement]
+        lines += ["", f"the front {where}", ""]
         lines += _render(s, r)
     return "\n".join(lines)
 

@@ -29,6 +29,10 @@ import time
 from ..errors import ConfigError
 
 log = logging.getLogger("inferd.oip")
+#: "client" here makes the resident front reach the daemon as the front's process does (a
+#: client-library session per principal, over the daemon's own socket, on the same loop) instead
+#: of directly: for bench/oip/ to measure what the direct way saves; nothing else sets it
+CLIENT_BACKEND_ENV = "INFERD_OIP_RESIDENT_BACKEND"
 BACKOFF_S, BACKOFF_MAX_S, HEALTHY_RUN_S = 1.0, 30.0, 60.0
 
 
@@ -64,7 +68,10 @@ class ResidentFront:
         while not self._stop.is_set():
             started = self._clock()
             try:
-                backend = DirectBackend(self._server, self._cfg.socket_path, **backend_options(self._cfg))
+                if os.environ.get(CLIENT_BACKEND_ENV) == "client":     # benchmarks only (the docstring)
+                    backend = None                  # serve's own: the client library over the socket
+                else:
+                    backend = DirectBackend(self._server, self._cfg.socket_path, **backend_options(self._cfg))
                 await serve(self._cfg, self._stop, on_ready=self._ready, backend=backend)
                 return
             except asyncio.CancelledError:
