@@ -39,8 +39,7 @@ from .ops.model_ops import LiveModels, ModelOpError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
-from .oip.resident import ResidentFront
-from .oip.supervisor import FrontSupervisor
+from .oip.resident import place as place_front
 from .dispatch import fairness
 from .models.catalog import UnknownModel, store_digest
 from .models.loading import LoadedModel
@@ -147,12 +146,9 @@ class Server:
         if not self.catalog.single:         # and the others, by name and version
             log.info("models: %s (default %s)", ", ".join(f"{s.name} v{s.version}" for s in self.catalog.live),
                      self.catalog.default.name)
-        if self.cfg.oip.enabled:            # the OIP front: a supervised child (daemon/oip/supervisor.py)
-            #                                 or on this loop (daemon/oip/resident.py)
-            if self.cfg.oip.placement == "process":
-                self.front = FrontSupervisor(self.cfg)
-            else:
-                self.front = ResidentFront(self.cfg, self)
+        if self.cfg.oip.enabled:            # the OIP front: a supervised child (daemon/oip/supervisor.py),
+            #                                 on this loop, or both (oip.placement: daemon/oip/resident.py)
+            self.front = place_front(self.cfg, self)
             self.front.start()
         await self._stop.wait()
         await self._announce_drain()

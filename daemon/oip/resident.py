@@ -10,7 +10,8 @@
                       the daemon's own drain
 
 The same face as FrontSupervisor (daemon/oip/supervisor.py): ``start``, ``stop``, ``describe``,
-``pid``; the server holds one or the other. What it saves and what it costs: a request wakes one
+``pid``; the server holds what ``place`` gives: the supervisor, this, or (``"http-daemon"``) the
+HTTP door here and the gRPC door in the supervised process (SplitFront). What it saves and what it costs: a request wakes one
 process (the daemon) where the front's process made two more wake-ups and two more socket hops;
 the front's Python (HTTP parsing, JSON, tensors, and grpcio's callbacks for a gRPC call) runs on
 the loop that admits and answers every request, so the loop's CPU a request grows by that much
@@ -22,6 +23,7 @@ bodies are parsed in a worker thread too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -110,3 +112,46 @@ class ResidentFront:
                 pass
         except Exception:
             log.exception("the OIP front failed while stopping")
+
+
+class SplitFront:
+    """``oip.placement = "http-daemon"``: the HTTP door on the daemon's loop (ResidentFront), the
+    gRPC door in the front's supervised process (FrontSupervisor), so grpcio's own cost a call
+    (several hundred microseconds of CPU, bench/oip/servers.py) stays off the loop. One face."""
+
+    def __init__(self, cfg, server):
+        from .supervisor import FrontSupervisor
+        only = lambda **door: dataclasses.replace(cfg, oip=dataclasses.replace(cfg.oip, **door))
+        self.http = ResidentFront(only(grpc="off"), server)
+        self.grpc = FrontSupervisor(only(http="off"))
+
+    def start(self) -> None:
+        self.http.start()
+        self.grpc.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.grpc.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.http.restarts + self.grpc.restarts
+
+    def describe(self) -> dict:
+        http, grpc_door = self.http.describe(), self.grpc.describe()
+        return {"http": http["http"], "grpc": grpc_door["grpc"], "pid": grpc_door["pid"],
+                "restarts": http["restarts"] + grpc_door["restarts"], "placement": "http-daemon"}
+
+    async def stop(self, timeout: float) -> None:
+        await asyncio.gather(self.http.stop(timeout), self.grpc.stop(timeout))
+
+
+def place(cfg, server):
+    """The front the daemon runs with ``[oip] enabled``, where ``oip.placement`` puts it."""
+    from .supervisor import FrontSupervisor
+    placement = cfg.oip.placement
+    if placement == "process":
+        return FrontSupervisor(cfg)
+    if placement == "http-daemon":
+        return SplitFront(cfg, server)
+    return ResidentFront(cfg, server)

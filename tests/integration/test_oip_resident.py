@@ -322,3 +322,67 @@ def test_local_callers_on_the_unix_door_are_their_uids_and_drain_closes_it_first
         assert not os.path.exists(http)
     finally:
         daemon.cleanup()
+
+
+def test_http_on_the_daemons_loop_and_grpc_in_the_supervised_process():
+    """``oip.placement = "http-daemon"``: the HTTP door on the daemon's loop, the gRPC door in
+    the front's supervised process (which serves no HTTP); both answer as the Python client;
+    SIGTERM stops both."""
+    where = short_dir()
+    http, grpc_port = f"{where}/http.sock", _free_port()
+    daemon = spawn_daemon("--set", "oip.enabled=true", "--set", 'oip.placement="http-daemon"',
+                          "--set", f'oip.http="{http}"', "--set", f'oip.grpc="127.0.0.1:{grpc_port}"', fork=False)
+    try:
+        doors = _doors(daemon)
+        assert doors["http"] == http and doors["grpc"] == f"127.0.0.1:{grpc_port}", doors
+        assert doors["placement"] == "http-daemon"
+        child = wait_until(lambda: _front_children(daemon.pid), 60, "the gRPC front's process")[0]
+        assert doors["pid"] in (None, child)
+        with open(f"/proc/{child}/cmdline", "rb") as fh:
+            assert b'oip.http="off"' in fh.read()         # the process serves gRPC alone
+        batch = frames(2, seed=21)
+        want = python_top3(daemon, batch)
+        g = tritongrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        wait_until(lambda: _live(g), 60, "the gRPC door")
+        assert _triton_infer(tritongrpc, f"127.0.0.1:{grpc_port}", batch, {}) == want
+        body = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(batch.shape),
+                                       "data": batch.reshape(-1).tolist()}],
+                           "outputs": [{"name": "SCORES", "parameters": {"classification": 3}}]}).encode()
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        s.connect(http)
+        s.sendall(b"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        s.close()
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(payload)["outputs"][0]["data"] == [e.decode() for row in want for e in row]
+        assert daemon.stop() == 0
+        assert not os.path.exists(http)
+        wait_until(lambda: not os.path.exists(f"/proc/{child}") or _zombie(child), 30, "the gRPC front gone")
+    finally:
+        daemon.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _live(client) -> bool:
+    try:
+        return client.is_server_live()
+    except Exception:                           # noqa: not listening yet
+        return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
