@@ -340,6 +340,8 @@ def _oip_line(oip: dict | None) -> str:
     running = f"pid {oip['pid']}" if oip.get("pid") else "not running"
     if oip.get("placement") == "daemon" and oip.get("pid"):
         running = "on the daemon's event loop"
+    elif oip.get("placement") == "http-daemon":
+        running = f"HTTP on the daemon's event loop, gRPC {running}"
     restarts = f", restarted {oip['restarts']} times" if oip.get("restarts") else ""
     return f"\nOIP front: HTTP {oip.get('http')}, gRPC {oip.get('grpc')} ({running}{restarts})"
 

@@ -146,8 +146,7 @@ class Server:
         if not self.catalog.single:         # and the others, by name and version
             log.info("models: %s (default %s)", ", ".join(f"{s.name} v{s.version}" for s in self.catalog.live),
                      self.catalog.default.name)
-        if self.cfg.oip.enabled:            # the OIP front: a supervised child (daemon/oip/supervisor.py),
-            #                                 on this loop, or both (oip.placement: daemon/oip/resident.py)
+        if self.cfg.oip.enabled:            # the OIP front, where oip.placement puts it (daemon/oip/resident.py)
             self.front = place_front(self.cfg, self)
             self.front.start()
         await self._stop.wait()

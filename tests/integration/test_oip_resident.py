@@ -340,6 +340,9 @@ def test_http_on_the_daemons_loop_and_grpc_in_the_supervised_process():
         assert doors["pid"] in (None, child)
         with open(f"/proc/{child}/cmdline", "rb") as fh:
             assert b'oip.http="off"' in fh.read()         # the process serves gRPC alone
+        health = subprocess.run([sys.executable, "-m", "inferd.client.cli", "--socket", daemon.socket_path,
+                                 "health"], capture_output=True, text=True, timeout=60)
+        assert f"(HTTP on the daemon's event loop, gRPC pid {child})" in health.stdout, health.stdout
         batch = frames(2, seed=21)
         want = python_top3(daemon, batch)
         g = tritongrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
