@@ -333,10 +333,15 @@ def _health(args) -> int:
 
 
 def _oip_line(oip: dict | None) -> str:
-    """The OIP front's doors, when the daemon supervises one (``[oip] enabled``)."""
+    """The OIP front's doors, when the daemon runs one (``[oip] enabled``): its process, or the
+    daemon's own loop (``oip.placement``)."""
     if not oip:
         return ""
     running = f"pid {oip['pid']}" if oip.get("pid") else "not running"
+    if oip.get("placement") == "daemon" and oip.get("pid"):
+        running = "on the daemon's event loop"
+    elif oip.get("placement") == "http-daemon":
+        running = f"HTTP on the daemon's event loop, gRPC {running}"
     restarts = f", restarted {oip['restarts']} times" if oip.get("restarts") else ""
     return f"\nOIP front: HTTP {oip.get('http')}, gRPC {oip.get('grpc')} ({running}{restarts})"
 

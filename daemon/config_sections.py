@@ -386,6 +386,15 @@ class OipConfig:
     enabled: bool = _opt(False, "start the Open Inference Protocol front (KServe v2 over HTTP and gRPC, "
                                 "daemon/oip/) as a supervised child process of the daemon; it can also run "
                                 "alone: python -m inferd.daemon.oip --config FILE")
+    placement: str = _opt("process", "where the front runs with enabled: \"process\", a supervised child "
+                                     "(its HTTP, JSON and protobuf work on another core, a crash of it never "
+                                     "the daemon's); \"daemon\", on the daemon's own event loop, straight "
+                                     "into admission (no process hop each way, but every OIP request's work "
+                                     "on the loop that admits and answers every request); \"http-daemon\": "
+                                     "the HTTP door on the daemon's loop, the gRPC door in the supervised "
+                                     "process (grpcio's cost a call kept off the loop). docs/oip.md, \"Where "
+                                     "it runs\", has the measurements",
+                          choices=("process", "daemon", "http-daemon"))
     http: str = _opt("", "where the HTTP/REST door listens: a Unix socket path, or HOST:PORT for TCP "
                          "(127.0.0.1:8000, [::1]:8000); empty: oip-http.sock beside the client socket; "
                          "\"off\": no HTTP door")

@@ -39,7 +39,7 @@ from .ops.model_ops import LiveModels, ModelOpError
 from .front.listener import Listener
 from .front.loop_share import LoopShare
 from .front.principal import weights as principal_weights
-from .oip.supervisor import FrontSupervisor
+from .oip.resident import place as place_front
 from .dispatch import fairness
 from .models.catalog import UnknownModel, store_digest
 from .models.loading import LoadedModel
@@ -146,8 +146,8 @@ class Server:
         if not self.catalog.single:         # and the others, by name and version
             log.info("models: %s (default %s)", ", ".join(f"{s.name} v{s.version}" for s in self.catalog.live),
                      self.catalog.default.name)
-        if self.cfg.oip.enabled:            # the OIP front, a supervised child (daemon/oip/supervisor.py)
-            self.front = FrontSupervisor(self.cfg)
+        if self.cfg.oip.enabled:            # the OIP front, where oip.placement puts it (daemon/oip/resident.py)
+            self.front = place_front(self.cfg, self)
             self.front.start()
         await self._stop.wait()
         await self._announce_drain()

@@ -2,8 +2,12 @@
 
     python -m bench.oip [--quick]
 
-One daemon (the built-in model, 64x64 frames, one CPU device of one thread; the result cache off,
-so every request reaches the model) and one OIP front (daemon/oip/, loopback TCP doors). Three
+For each placement of the front, one after the other: one daemon (the built-in model, 64x64
+frames, one CPU device of one thread; the result cache off, so every request reaches the model)
+and its OIP front (daemon/oip/, loopback TCP doors), as a process of its own (``process``), on
+the daemon's loop straight into admission (``daemon``, daemon/oip/direct.py), and on the daemon's
+loop through a client-library session over the daemon's socket (``daemon-client``: what the direct
+way saves). Each placement's figures are against its own daemon's ring path. Three
 kinds of caller, each one process with ``callers`` requests in flight (asyncio tasks):
 
     ring   AsyncClient over the Unix socket and its shared-memory ring (the baseline)
@@ -27,9 +31,10 @@ The added latency, three views:
    and of it, the front's work outside its wait for the daemon's answer.
 
 CPU per request: the daemon's (all threads, and its event loop thread alone) and the front's CPU
-seconds over each window divided by its answers, from /proc: the front's figure is what its work
-would add to the daemon's event loop, its busiest thread, if it ran inside the daemon instead of
-beside it (docs/oip.md, "Where it runs"). bench/oip/servers.py measures the server stacks alone.
+seconds over each window divided by its answers, from /proc: on the daemon's loop, the loop's
+figure holds the front's work (its process's figure is 0), the cost that placement puts on the
+daemon's busiest thread (docs/oip.md, "Where it runs"). bench/oip/servers.py measures the server
+stacks alone.
 """
 from __future__ import annotations
 
@@ -38,10 +43,11 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
-from ..lib.daemons import daemon
+from ..lib.daemons import daemon, short_workdir
 from ..lib.measure import cpu_seconds, frames, latency_stats, thread_cpu_seconds
 from ..lib.procs import run_in_child
 from ..lib.report import settings_main, table
@@ -225,7 +231,8 @@ async def _alternate(targets, size, seconds, warmup_s, model=MODEL) -> dict:
 
 
 def _front(d: dict):
-    """The front, with its own time per request recorded (daemon/oip/timings.py)."""
+    """The front as a process of its own beside the daemon ``d``, with its own time per request
+    recorded (daemon/oip/timings.py): (its process, the timings file, the addresses of each kind)."""
     from inferd.daemon.launch import DaemonProcess
     from inferd.daemon.oip.timings import ENV
     timings = os.path.join(d["workdir"], "front-timings.json")
@@ -235,6 +242,26 @@ def _front(d: dict):
     status = proc.wait_notify("READY=1", timeout=120)
     http, grpc_at = re.search(r"HTTP (\S+) gRPC (\S+)", status).groups()
     return proc, timings, {"ring": d["socket"], "http": http, "grpc": grpc_at}
+
+
+#: the daemon's arguments that place the front on its own loop (oip.placement = "daemon")
+RESIDENT = ["--set", "oip.enabled=true", "--set", 'oip.placement="daemon"',
+            "--set", 'oip.http="127.0.0.1:0"', "--set", 'oip.grpc="127.0.0.1:0"']
+
+
+def _resident(d: dict) -> dict:
+    """The addresses of each kind of a daemon whose front runs on its loop, once its doors are
+    bound (the daemon's ``health`` names them)."""
+    from inferd.client import AdminClient
+    deadline = time.monotonic() + 120
+    while True:
+        with AdminClient(os.path.join(d["workdir"], "admin.sock")) as admin:
+            doors = admin.call("health").get("oip") or {}
+        if ":" in str(doors.get("http")) and ":" in str(doors.get("grpc")):
+            return {"ring": d["socket"], "http": doors["http"], "grpc": doors["grpc"]}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon's OIP doors were not bound within 120 s: {doors}")
+        time.sleep(0.05)                                    # noqa: sleep-ok (polls with a deadline)
 
 
 def _front_timings(pid: int, path: str) -> dict:
@@ -253,12 +280,40 @@ def _front_timings(pid: int, path: str) -> dict:
         return json.load(fh)
 
 
+#: process: the front's own process; daemon: on the daemon's loop, straight into admission
+#: (daemon/oip/direct.py); daemon-client: on the daemon's loop, but through a client-library
+#: session over the daemon's own socket (as the front's process reaches it): what the direct
+#: way saves
+PLACEMENTS = ("process", "daemon", "daemon-client")
+
+
 def measure(s: dict, log) -> dict:
+    """Each placement of the front against its own daemon's ring path, one after the other in
+    this run."""
+    out = {"placements": {}}
+    for placement in PLACEMENTS:
+        log(f"front placement: {placement}")
+        out["placements"][placement] = _measure(s, log, placement)
+    return out
+
+
+def _measure(s: dict, log, placement: str) -> dict:
+    from inferd.daemon.oip.timings import ENV
     out: dict = {"kinds": {}, "sequential": {}}
-    with daemon(["--model", MODEL, "--device", "cpu:1"]) as d:
-        front, timings_path, targets = _front(d)
+    args = ["--model", MODEL, "--device", "cpu:1"]
+    from inferd.daemon.oip.resident import CLIENT_BACKEND_ENV
+    resident = placement.startswith("daemon")
+    timings_file = os.path.join(short_workdir(), "front-timings.json") if resident else None
+    env = {ENV: timings_file, **({CLIENT_BACKEND_ENV: "client"} if placement == "daemon-client" else {})}
+    with daemon(args + (RESIDENT if resident else []), env=env if resident else None) as d:
+        if resident:
+            front, timings_path, targets = None, timings_file, _resident(d)
+        else:
+            front, timings_path, targets = _front(d)
         try:
-            dpid, fpid = d["proc"].pid, front.pid
+            # the front's process, or (on the daemon's loop) none: its CPU is the daemon's
+            dpid = d["proc"].pid
+            fpid = front.pid if front is not None else dpid
             runs = {k: {"count": 0, "seconds": 0.0, "lat": [], "daemon_cpu": 0.0, "front_cpu": 0.0,
                         "loop_cpu": 0.0} for k in KINDS}
             for r in range(s["rounds"]):
@@ -274,7 +329,7 @@ def measure(s: dict, log) -> dict:
                     run["seconds"] += got["seconds"]
                     run["lat"] += got["lat"]
                     run["daemon_cpu"] += (c1[0] - c0[0]) * s["seconds"] / total
-                    run["front_cpu"] += (c1[1] - c0[1]) * s["seconds"] / total
+                    run["front_cpu"] += (c1[1] - c0[1]) * s["seconds"] / total if front is not None else 0.0
                     run["loop_cpu"] += (c1[2] - c0[2]) * s["seconds"] / total
                     log(f"round {r + 1} {kind}: {got['count'] / got['seconds']:.0f} req/s")
             for kind, run in runs.items():
@@ -298,8 +353,11 @@ def measure(s: dict, log) -> dict:
                 out["sequential"][kind] = {**latency_stats(lat[kind]), "added_p50_ms": latency_stats(added)["p50_ms"]}
                 log(f"one caller {kind}: p50 {out['sequential'][kind]['p50_ms']:.3f} ms")
         finally:
-            front.stop(timeout=30)
-            front.kill()
+            if front is not None:
+                front.stop(timeout=30)
+                front.kill()
+            if timings_file is not None:
+                shutil.rmtree(os.path.dirname(timings_file), ignore_errors=True)
     ring = out["kinds"]["ring"]
     for kind in ("http", "grpc"):
         k, q = out["kinds"][kind], out["sequential"][kind]
@@ -319,10 +377,23 @@ def measure(s: dict, log) -> dict:
     return out
 
 
-def render(r: dict) -> str:
-    s = r["settings"]
+def render(results: dict) -> str:
+    s = results["settings"]
     lines = [f"OIP front vs the ring path: {s['callers']} callers, {s['size']}x{s['size']} frames, the built-in "
-             f"model on one CPU device ({r['command'] and ' '.join(r['command'])})", ""]
+             f"model on one CPU device ({results['command'] and ' '.join(results['command'])})"]
+    placements = results.get("placements") or {"process": results}     # (results of runs before placements)
+    for placement, r in placements.items():
+        where = {"process": "as a process of its own (oip.placement = 'process')",
+                 "daemon": "on the daemon's event loop, straight into admission (oip.placement = 'daemon')",
+                 "daemon-client": "on the daemon's event loop, through a client-library session over "
+                                  "its socket (what the direct way saves)"}[placement]
+        lines += ["", f"the front {where}", ""]
+        lines += _render(s, r)
+    return "\n".join(lines)
+
+
+def _render(s: dict, r: dict) -> list:
+    lines = []
     cols = [("caller", "<6"), ("req/s", ">8.0f"), ("vs ring", ">8.2f"), ("p50 ms", ">8.3f"), ("p99 ms", ">8.3f"),
             ("1-caller p50", ">12.3f"), ("daemon us/req", ">13.0f"), ("its loop", ">8.0f"),
             ("front us/req", ">12.0f")]
@@ -349,7 +420,7 @@ def render(r: dict) -> str:
                          f"{k['front_p50_ms'] * 1000:.0f} us, {k['front_added_p50_ms'] * 1000:.0f} us over the ring's "
                          f"p50; outside its wait for the daemon's answer "
                          f"{k['front_outside_wait_p50_ms'] * 1000:.0f} us")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:

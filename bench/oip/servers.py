@@ -14,6 +14,14 @@ p50 latency and the server process's CPU per request (all its threads, from /pro
     grpc-handoff   grpc.server(ThreadPoolExecutor), the handler hands the call to an asyncio loop
                    (run_coroutine_threadsafe) and waits: how a sync door would reach the front's
                    asyncio backend (the client library's sessions)
+    grpc-aio-lat   grpc.aio with latency-oriented settings: the epoll1 poller, optimization_target
+                   "latency", no retries, no BDP probing, 16 KB HTTP/2 frames
+    grpc-aio-unix  grpc.aio on a Unix socket (the caller's channel to unix:PATH)
+    grpclib        grpclib (pure asyncio over h2) on uvloop, TCP
+    grpclib-unix   grpclib on a Unix socket
+
+Every gRPC stack is called by the same client (grpcio's blocking channel), so the rows differ by
+their server alone.
 
 The stacks alternate (each runs ``rounds`` times, its figures the median over them), so a change
 of the machine's load falls on all of them alike.
@@ -29,16 +37,23 @@ from ..lib.report import settings_main, table
 
 SETTINGS = {"full": {"requests": 3000, "rounds": 2, "warmup": 300},
             "quick": {"requests": 800, "rounds": 1, "warmup": 100}}
-STACKS = ("http-aiohttp", "http-own", "grpc-aio", "grpc-sync", "grpc-handoff")
+STACKS = ("http-aiohttp", "http-own", "grpc-aio", "grpc-sync", "grpc-handoff", "grpc-aio-lat", "grpc-aio-unix",
+          "grpclib", "grpclib-unix")
+#: grpc.aio's latency-oriented settings (grpc-aio-lat), beside GRPC_POLL_STRATEGY=epoll1
+LATENCY_OPTIONS = [("grpc.optimization_target", "latency"), ("grpc.enable_retries", 0),
+                   ("grpc.http2.bdp_probe", 0), ("grpc.http2.max_frame_size", 16384)]
 REQUEST = b"x" * 12400
 REPLY = b"y" * 120
 HEADER = "Inference-Header-Content-Length"
 
 
 def _serve(q, stack: str) -> None:
-    """The server process: reports its port, then serves until killed."""
+    """The server process: reports its port (or Unix socket path), then serves until killed."""
+    import os
+    if stack == "grpc-aio-lat":
+        os.environ["GRPC_POLL_STRATEGY"] = "epoll1"        # read when grpcio starts, in this process
     import uvloop
-    if stack.startswith("grpc-") and stack != "grpc-aio":
+    if stack in ("grpc-sync", "grpc-handoff"):
         server, port = _grpc_sync(stack == "grpc-handoff")      # held: a collected server stops
         q.put(("ok", port))
         while server is not None:
@@ -64,18 +79,62 @@ async def _serve_async(q, stack: str) -> None:
         async def handle(request):
             return Response(200, REPLY, "application/octet-stream", {HEADER: "100"})
         port = await HttpServer(handle, max_body=1 << 26, idle_timeout_s=600).start(host="127.0.0.1", port=0)
+    elif stack.startswith("grpclib"):
+        port = await _grpclib(stack.endswith("-unix"))
     else:
         import grpc
 
         async def infer(request, context):
             return REPLY
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=LATENCY_OPTIONS if stack == "grpc-aio-lat" else None)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Svc", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        if stack == "grpc-aio-unix":
+            port = _unix_path()
+            server.add_insecure_port(f"unix:{port}")
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
     q.put(("ok", port))
     await asyncio.Event().wait()
+
+
+def _unix_path() -> str:
+    import tempfile
+    return tempfile.mktemp(prefix="oip-bench-", suffix=".sock", dir="/tmp")
+
+
+async def _grpclib(unix: bool):
+    """A grpclib server of the one method, its messages raw bytes (no protobuf either side)."""
+    from grpclib.const import Cardinality, Handler
+    from grpclib.encoding.base import CodecBase
+    from grpclib.server import Server
+
+    class Raw(CodecBase):
+        __content_subtype__ = "proto"
+
+        def encode(self, message, message_type):
+            return message
+
+        def decode(self, data, message_type):
+            return data
+
+    class Svc:
+        async def infer(self, stream):
+            await stream.recv_message()
+            await stream.send_message(REPLY)
+
+        def __mapping__(self):
+            return {"/bench.Svc/Infer": Handler(self.infer, Cardinality.UNARY_UNARY, bytes, bytes)}
+
+    server = Server([Svc()], codec=Raw())
+    _grpclib.server = server                                # held: a collected server stops
+    if unix:
+        path = _unix_path()
+        await server.start(path=path)
+        return path
+    await server.start("127.0.0.1", 0)
+    return server._server.sockets[0].getsockname()[1]
 
 
 def _grpc_sync(handoff: bool):
@@ -129,7 +188,9 @@ def _http_caller(port: int):
 def measure_stack(stack: str, s: dict) -> dict:
     import psutil
     from ..lib.procs import CTX, stop_processes
+    import os
     q = CTX.Queue()
+    port = None
     proc = CTX.Process(target=_serve, args=(q, stack), name=f"oip-{stack}", daemon=True)
     proc.start()
     try:
@@ -139,7 +200,7 @@ def measure_stack(stack: str, s: dict) -> dict:
             call, close = _http_caller(port)
         else:
             import grpc
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            channel = grpc.insecure_channel(f"unix:{port}" if isinstance(port, str) else f"127.0.0.1:{port}")
             rpc = channel.unary_unary("/bench.Svc/Infer")
             call, close = (lambda: rpc(REQUEST)), channel.close
         try:
@@ -157,6 +218,11 @@ def measure_stack(stack: str, s: dict) -> dict:
         return {"p50_us": 1e6 * lat[len(lat) // 2], "cpu_us": 1e6 * cpu / s["requests"]}
     finally:
         stop_processes([proc])
+        if isinstance(port, str):
+            try:
+                os.unlink(port)
+            except FileNotFoundError:
+                pass
 
 
 def measure(s: dict, log) -> dict:
@@ -173,7 +239,7 @@ def measure(s: dict, log) -> dict:
 
 def render(r: dict) -> str:
     lines = [f"The OIP front's server stacks, a handler that does nothing, one caller ({' '.join(r['command'])})", ""]
-    cols = [("stack", "<13"), ("p50 us", ">8.0f"), ("server CPU us/req", ">18.0f")]
+    cols = [("stack", "<14"), ("p50 us", ">8.0f"), ("server CPU us/req", ">18.0f")]
     lines += table(cols, [(k, v["p50_us"], v["cpu_us"]) for k, v in r["stacks"].items()])
     return "\n".join(lines)
 

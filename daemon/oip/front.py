@@ -51,13 +51,24 @@ def plan(cfg: Config) -> tuple[addresses.Address | None, addresses.Address | Non
     return http, grpc_at
 
 
-async def serve(cfg: Config, stop: asyncio.Event) -> None:
+def backend_options(cfg: Config) -> dict:
+    """The Backend's settings from the configuration."""
+    oip = cfg.oip
+    return {"ring_slots": oip.ring_slots, "max_principals": oip.max_principals,
+            "timeout_s": oip.request_timeout_ms / 1000.0, "admin_path": cfg.admin_socket_path}
+
+
+async def serve(cfg: Config, stop: asyncio.Event, on_ready=None, backend: Backend | None = None) -> None:
+    """Serve the doors until ``stop`` is set. ``on_ready(http, grpc)`` is told the addresses bound
+    (ports resolved); without it, the front is a process of its own and tells systemd (READY=1
+    and the addresses in STATUS=, which tests and scripts read). ``backend``: the daemon's side,
+    when not a client-library session per principal (daemon/oip/direct.py, on the daemon's loop)."""
     oip = cfg.oip
     http_at, grpc_at = plan(cfg)
     tls = doors.tls_context(oip)
     auth = doors.Authenticator(oip.tokens_file, time.monotonic)
-    backend = Backend(cfg.socket_path, ring_slots=oip.ring_slots, max_principals=oip.max_principals,
-                      timeout_s=oip.request_timeout_ms / 1000.0, admin_path=cfg.admin_socket_path)
+    if backend is None:
+        backend = Backend(cfg.socket_path, **backend_options(cfg))
     await backend.start()
     recorder = Recorder.from_env()              # benchmarks only: the front's own time per request
     if recorder is not None:
@@ -84,10 +95,13 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
             grpc_at = grpc_door.address
         log.info("OIP front ready: HTTP on %s, gRPC on %s, serving %s for the daemon on %s",
                  http_at or "off", grpc_at or "off", backend.model.name, cfg.socket_path)
-        # the addresses bound (a port 0 resolved): tests and scripts read them from STATUS=
-        notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'} gRPC {grpc_at or 'off'}")
+        if on_ready is not None:
+            on_ready(http_at, grpc_at)
+        else:   # the addresses bound (a port 0 resolved): tests and scripts read them from STATUS=
+            notify(f"READY=1\nSTATUS=OIP front: HTTP {http_at or 'off'} gRPC {grpc_at or 'off'}")
         await stop.wait()
-        notify("STOPPING=1")
+        if on_ready is None:
+            notify("STOPPING=1")
     finally:
         if grpc_door is not None:
             await grpc_door.stop(STOP_GRACE_S)

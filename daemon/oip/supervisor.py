@@ -78,7 +78,7 @@ class FrontSupervisor:
 
     def describe(self) -> dict:
         """The front's doors and process, for the daemon's ``health`` and ``info`` (inferctl)."""
-        return {**self._doors, "pid": self.pid, "restarts": self.restarts}
+        return {**self._doors, "pid": self.pid, "restarts": self.restarts, "placement": "process"}
 
     @property
     def pid(self) -> int | None:

@@ -689,7 +689,8 @@ def test_the_daemon_supervises_its_front():
         assert f"OIP front: HTTP {http}, gRPC off (pid {pid})" in health.stdout, health
         info = subprocess.run([sys.executable, "-m", "inferd.client.cli", "--socket", daemon.socket_path, "info",
                                "--json"], capture_output=True, text=True, timeout=60)
-        assert json.loads(info.stdout)["oip"] == {"http": http, "grpc": "off", "pid": pid, "restarts": 0}, info
+        assert json.loads(info.stdout)["oip"] == {"http": http, "grpc": "off", "pid": pid, "restarts": 0,
+                                                   "placement": "process"}, info
         os.kill(pid, 9)                                      # the front dies: the daemon starts another
         wait_until(lambda: _front_pid(daemon.pid) not in (None, pid), 30, "a new front")
         wait_until(ready, 60, "the new front's HTTP door")

@@ -42,16 +42,18 @@ class Host:
     """One host of the fleet: a daemon (synthetic model, one device at ``speed``, the agent-check)
     and its OIP front on a loopback TCP port."""
 
-    def __init__(self, name: str, speed: float, *daemon_args: str, supervised: bool = False):
+    def __init__(self, name: str, speed: float, *daemon_args: str, supervised: bool | str = False):
         self.name = name
         self.workdir = short_dir()
         self.control = os.path.join(self.workdir, "synthetic.json")
         self.values = {"base_ms": BASE_MS, "per_frame_ms": PER_FRAME_MS, "speed": {"0": speed}, "fault": {}}
         self.write()
         self.http_port, self.agent_port = free_port(), free_port()
-        # supervised: the daemon starts its front itself ([oip] enabled: one unit, as systemd runs it)
-        front = ("--set", "oip.enabled=true", "--set", f'oip.http="127.0.0.1:{self.http_port}"',
-                 "--set", 'oip.grpc="off"') if supervised else ()
+        # supervised: the daemon starts its front itself ([oip] enabled: one unit, as systemd runs it),
+        # as a child process (True) or on its own loop ("daemon": oip.placement)
+        placement = supervised if isinstance(supervised, str) else "process"
+        front = ("--set", "oip.enabled=true", "--set", f'oip.placement="{placement}"',
+                 "--set", f'oip.http="127.0.0.1:{self.http_port}"', "--set", 'oip.grpc="off"') if supervised else ()
         os.environ["INFERD_SYNTHETIC"] = self.control
         try:
             self.d = spawn_daemon(*front, "--set", "cache.enabled=false", "--set", f"batching.max_batch={MAX_BATCH}",
@@ -103,7 +105,7 @@ def fleet():
     made: dict = {}
 
     class Fleet:
-        def start(self, *specs, grace_s: float = 0.0, supervised: bool = False):
+        def start(self, *specs, grace_s: float = 0.0, supervised: bool | str = False):
             args = ("--set", f"fleet.drain_grace_s={grace_s}") if grace_s else ()
             for name, speed in specs:
                 made[name] = Host(name, speed, *args, supervised=supervised)
@@ -179,7 +181,7 @@ def test_a_host_whose_devices_fail_leaves_rotation_and_no_request_fails(fleet):
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("supervised", [False, True], ids=["own-front", "supervised-front"])
+@pytest.mark.parametrize("supervised", [False, True, "daemon"], ids=["own-front", "supervised-front", "resident-front"])
 def test_a_drained_host_gets_no_new_requests_and_none_fails(fleet, supervised):
     fleet.start(("a", 1.0), ("b", 1.0), grace_s=2.0, supervised=supervised)
     load = Load(fleet.haproxy.port, threads=4)
