@@ -37,7 +37,7 @@ import numpy as np
 from . import fairness
 from . import policy as policies
 from ..pipeline.records import BatchResult, Outcome, Request
-from ..caching.results import LOOP, STAGED, Caches
+from ..caching.results import LOOP, STAGED, UNHASHED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
@@ -53,6 +53,33 @@ from ...shm import wire
 # reply path must end in _finish; split across modules, that invariant would have no one place to
 # be read. What does not touch them is elsewhere: field checks (daemon/front/admission.py), device
 # choice (policy.py), fair order and planning (fairness.py, queues.py), caches (caching/results.py).
+# NOTE [ group admission ]
+#
+# A classify_many of K frames costs the loop O(1) Python a message plus a small O(K) loop, not K
+# times the per-request machinery: its shared fields are checked once (submit_many); then, where
+# every one of its requests would pass admission one by one, they are admitted as a group:
+#
+#   check_slot per slot (bounds, busy; a slot named twice in the message: one at a time instead)
+#   the uid's quota:        in_flight + K <= server.max_inflight_per_uid
+#   one device choice:      policy.choose once (the group goes to one device, in one lane)
+#   the queue's bound:      outstanding + K <= batching.queue_limit (so no share check can refuse)
+#   the deadline of the LAST: finish_in(ahead(uid, extra=K-1) + 1): it has the most ahead of it,
+#                           so if it finishes in time every one before it does
+#   -> K Requests (one arrival time, one deadline), counts bumped by K, ThinkTime once,
+#      DeviceQueue.put_many: one lock, one wake, the same fair order, gap and expectations
+#
+# Where any of those could refuse one of them (the quota or the queue near full, a deadline too
+# tight for the last, no device, the fleet cache hashing on the loop), the message goes one request
+# at a time through ``_enter`` exactly as before, so a group is split where the uid's share, its
+# quota or a deadline says so, with each refused request's own error. tests/unit/test_group_admission.py
+# checks that both ways end in the same queue, refusals and counts.
+#
+# The way back is per batch too: on_batch_done sorts a batch's entries by outcome in one pass
+# (BatchResult.settle), builds a plain reply (one model, no followers, no logits, no upload, a
+# generation the session knows) as one dict with no stamping call, gives the counts of a run of
+# alike requests back at once (``_finish_many``), and the latency histograms take one observation
+# per run of requests that arrived together (Stats.batch), with its count: p50 and p99 stay per
+# request.
 log = logging.getLogger("inferd.scheduler")
 _late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
 
@@ -186,16 +213,81 @@ class Scheduler:
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
             self._write({session: refused})
             return
-        looked, inflight, ring = msg.get("looked"), session.inflight, session.ring
-        for i, slot in enumerate(slots):
-            try:
-                self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
-                            tag, None, None, looked, logits, served)
-            except Rejected as exc:
-                self.stats.outcome(exc.code, served=served)
-                refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
+        looked = msg.get("looked")
+        if not self._enter_group(session, rid, slots, top_k, timeout, tag, looked, logits, served, refused):
+            inflight, ring = session.inflight, session.ring
+            for i, slot in enumerate(slots):
+                try:
+                    self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
+                                tag, None, None, looked, logits, served)
+                except Rejected as exc:
+                    self.stats.outcome(exc.code, served=served)
+                    refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
         if refused:
             self._write({session: refused})
+
+    def _enter_group(self, session, rid: int, slots: list, top_k: int, timeout: float, tag, looked,
+                     logits: bool, served, refused: list) -> bool:
+        """Admit a classify_many's requests as one group, when every one of them would pass
+        ``_enter``'s checks one by one (NOTE [ group admission ]); False (nothing done) where any
+        check could refuse one of them, or a frame must be copied on the loop: ``_enter`` then
+        takes them one at a time. Slots refused on their own go to ``refused``."""
+        caches = self.caches
+        if caches.l2 is not None:           # the fleet cache hashes on the loop: one at a time
+            return False
+        inflight, ring = session.inflight, session.ring
+        ok, ids, bad = [], [], []
+        for i, slot in enumerate(slots):
+            try:
+                slot = check_slot(slot, ring, inflight)
+            except Rejected as exc:
+                bad.append((rid + i, exc))
+                continue
+            ok.append(slot)
+            ids.append(rid + i)
+        k = len(ok)
+        if k > 1 and len(set(ok)) < k:      # a slot named twice: the second is refused as busy
+            return False
+        if k:
+            uid = session.peer[1]
+            server, batching = self.cfg.server, self.cfg.batching
+            held = self.stats.uids.get(uid)
+            if held is not None and held.in_flight + k > server.max_inflight_per_uid:
+                return False
+            now = self._clock()
+            deadline = now + timeout
+            device = self.policy.choose(self.devices, now, batching.max_batch,
+                                        served=served if self.several else None)
+            if device is None or device.outstanding + k > batching.queue_limit:
+                return False
+            queue, mid = device.queue, served.mid
+            # the last of the group has the most ahead of it: if it finishes in time, all do
+            last = policies.finish_in(device, now, batching.max_batch, queue.ahead(uid, mid, k - 1) + 1, mid)
+            if now + last > deadline:
+                return False
+        for i, exc in bad:
+            self.stats.outcome(exc.code, served=served)
+            refused.append(wire.error(i, exc.code, str(exc), **exc.extra))
+        if not k:
+            return True
+        where, insert = (caches.hashing_for(looked, "classify", tag) if caches.hashing
+                         else (UNHASHED, False))
+        gen = served.model.gen
+        requests = []
+        for n, slot in enumerate(ok):
+            if n and looked is True and caches.hashing:     # (sampling decides request by request)
+                where, insert = caches.hashing_for(looked, "classify", tag)
+            requests.append(Request(session, ring, ids[n], slot, top_k, now, deadline, device, 0, False, None,
+                                    b"", b"", where == STAGED, insert, None, "classify", tag, None, [], gen,
+                                    logits, served, mid))
+            inflight[slot] = ids[n]
+        self.stats.admitted(uid, k)
+        self.outstanding += k
+        served.inflight += k
+        session.think.submitted(session, now, queue, k)
+        device.outstanding += k
+        queue.put_many(requests)
+        return True
 
     def _submit(self, session, rid: int, msg: dict, op: str, served) -> None:
         spec = served.spec
@@ -357,6 +449,7 @@ class Scheduler:
         # a canary has no session: it only informs the health monitor below
         live = lambda e: e.request.session is not None and e.current()
         replies: dict = {}
+        result.settle()                     # the entries by outcome, one pass (records.py)
         self._hashed(result, live)
         if result.early:                    # hits and coalesced frames, ahead of their batch
             self._answer_settled(result, live, replies)
@@ -480,23 +573,38 @@ class Scheduler:
         """Queue the replies of a batch's computed requests that are still ``live``, keep their
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
-        answered = []
+        answered, plain = [], []
         # a batch is one model's: is its generation the one serving now?
         current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
+        gen, first, remember = result.gen, self.first, self.caches.remember
+        # a reply needs nothing but its generation (``_stamp``) when one model is served and the
+        # session knows this generation: built here, the rest by ``_stamp``
+        bare = not self.several
         for e in result.with_outcome(Outcome.DONE):
-            if not live(e):
+            r = e.request
+            if r.session is None or r.done or r.attempt != e.attempt:      # not live
                 continue
-            r, top, vector = e.request, e.top, e.embedding
-            result.device.frames += 1
+            top, vector = e.top, e.embedding
             answered.append(r)
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
-                self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
+                remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
+                         vector, r.tag, r.session.peer[1], r.insert, r.mid)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
+                if (e.logits is None and not r.followers and r.upload is None and bare
+                        and r.served is first and gen <= r.session.told_gen):
+                    # the plain reply (NOTE [ group admission ]: its bookkeeping once a batch)
+                    session = r.session
+                    messages = replies.get(session)
+                    if messages is None:
+                        messages = replies[session] = []
+                    messages.append({"id": r.id, "ok": True, "top": top[:r.top_k], "gen": gen} if gen
+                                    else {"id": r.id, "ok": True, "top": top[:r.top_k]})
+                    plain.append(r)
+                    continue
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
                         "id": rid, "ok": True, "top": top[:k], "logits": raw}, result.gen)
@@ -509,6 +617,8 @@ class Scheduler:
                     answered.pop()
                     self.stats.outcome("failed", served=r.served)
                 self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        result.device.frames += len(answered)
+        self._finish_many(plain)
         return answered
 
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
@@ -587,12 +697,54 @@ class Scheduler:
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
             self.on_idle()
 
+    def _finish_many(self, done: list) -> None:
+        """``_finish`` of answered requests without followers or an upload, the counts they hold
+        (uid, device, model, daemon) given back once per run of alike ones (NOTE [ group
+        admission ])."""
+        if not done:
+            return
+        run_uid = run_dev = run_served = None
+        n_uid = n_dev = n_served = 0
+        stats, closing = self.stats, []
+        for r in done:
+            r.done = True
+            session = r.session
+            session.inflight.pop(r.slot, None)
+            if r.key:
+                session.unclaim(r.key, r)
+            if session.closed and not session.inflight:
+                closing.append(session)
+            uid, dev, served = session.peer[1], r.device, r.served
+            if uid != run_uid:
+                if n_uid:
+                    stats.finished(run_uid, n_uid)
+                run_uid, n_uid = uid, 0
+            n_uid += 1
+            if dev is not run_dev:
+                if n_dev:
+                    run_dev.outstanding -= n_dev
+                run_dev, n_dev = dev, 0
+            n_dev += 1
+            if served is not run_served:
+                if n_served:
+                    self._let_go(run_served, n_served)
+                run_served, n_served = served, 0
+            n_served += 1
+        stats.finished(run_uid, n_uid)
+        run_dev.outstanding -= n_dev
+        self.outstanding -= len(done)
+        for session in closing:
+            session.release_ring()
+        self._let_go(run_served, n_served)
+        if self.outstanding == 0 and self.draining and self.on_idle is not None:
+            self.on_idle()
+
     @staticmethod
-    def _let_go(served) -> None:
-        """One request of ``served`` answered; the last one of an unloaded model lets it be freed."""
+    def _let_go(served, n: int = 1) -> None:
+        """``n`` requests of ``served`` answered; the last one of an unloaded model lets it be freed."""
         if served is None:
             return
-        served.inflight -= 1
+        served.inflight -= n
         if served.retired and not served.inflight and served.on_idle is not None:
             served.on_idle()
 

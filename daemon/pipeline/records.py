@@ -133,6 +133,9 @@ class BatchResult:
     #                                                COALESCED), sent ahead of their batch
     hash_seconds: float = 0.0                      # the collector's time hashing ...
     hashed: int = 0                                # ... this many rows
+    settled: dict | None = field(default=None, repr=False)
+    #                                                outcome -> its entries, once the loop has it
+    #                                                (``settle``): every outcome final by then
 
     @classmethod
     def taking(cls, device: Device, requests: list[Request]) -> BatchResult:
@@ -146,10 +149,27 @@ class BatchResult:
 
     def with_outcome(self, outcome: Outcome) -> list[BatchEntry]:
         """Its entries in ``outcome``, in the order taken (for PENDING: the staging buffer's rows)."""
+        if self.settled is not None:
+            return self.settled.get(outcome, [])
         return [e for e in self.entries if e.outcome is outcome]
 
     def count(self, outcome: Outcome) -> int:
+        if self.settled is not None:
+            return len(self.settled.get(outcome, ()))
         return sum(e.outcome is outcome for e in self.entries)
+
+    def settle(self) -> dict:
+        """The entries by outcome, in one pass, kept: on the loop, once the batch is back and no
+        pipeline thread writes an entry any more (``with_outcome`` and ``count`` read it then)."""
+        by: dict = {}
+        for e in self.entries:
+            group = by.get(e.outcome)
+            if group is None:
+                by[e.outcome] = [e]
+            else:
+                group.append(e)
+        self.settled = by
+        return by
 
 
 def screen(entries: list[BatchEntry], cutoff: float) -> list[BatchEntry]:
