@@ -91,8 +91,58 @@ MAX_BATCH_REQUESTS = 256
 #: A message of many replies, one per request (a batch's replies to one session, in one write):
 #: ``{"replies": [reply, ...]}``, no ``id`` of its own. Sent only to a client that sent classify_many.
 REPLIES = "replies"
+#: Plain classify answers of one batch to one session, packed: no map per answer, no list per
+#: pair, so neither side walks K small objects (docs/protocol.md, "answers"):
+#: ``{"answers": [id, ...], "k": <int32 pairs per answer>, "top": <(int32 index, float64 score)
+#: pairs, answer after answer>, "gen": generation}``, little-endian, no ``id`` of its own. Sent only
+#: to a client whose classify_many said ``"answers": 1`` (it reads them); anything an answer needs
+#: beyond id, top and gen (an error, a model's description, logits, ``cached``) goes as a reply.
+ANSWERS = "answers"
+_K = struct.Struct("<i")
+_PAIR = struct.Struct("<id")
+_packs: dict[int, struct.Struct] = {}
 
 _packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack_answers(ids: list, ks: list, tops: list, gen: int) -> bytes:
+    """One ``answers`` frame: request ``ids[i]`` answered with the pairs ``tops[i]`` (``ks[i]`` of
+    them: [[index, score], ...], best first) by generation ``gen`` (0: unstamped)."""
+    n = len(ids)
+    flat = [v for top in tops for pair in top for v in pair]
+    pairs = len(flat) // 2
+    fmt, ks_fmt = _packs.get(pairs), _packs.get(-n)
+    if fmt is None or ks_fmt is None:
+        if len(_packs) > 256:               # (sizes come and go with the load: keep a few)
+            _packs.clear()
+        fmt = _packs[pairs] = struct.Struct("<" + "id" * pairs)
+        ks_fmt = _packs[-n] = struct.Struct(f"<{n}i")
+    body = {ANSWERS: ids, "k": ks_fmt.pack(*ks), "top": fmt.pack(*flat)}
+    if gen:
+        body["gen"] = gen
+    return encode(body)
+
+
+def unpack_answers(message: dict) -> list[dict]:
+    """The replies an ``answers`` message carries, each as the ``{"id", "ok", "top", "gen"}`` reply
+    it stands for (``top`` as (index, score) tuples). Raises FrameError(bad_frame) for one that
+    does not add up."""
+    ids, ks, top, gen = message.get(ANSWERS), message.get("k"), message.get("top"), message.get("gen")
+    if (type(ids) is not list or type(ks) is not bytes or type(top) is not bytes
+            or len(ks) != _K.size * len(ids) or len(top) % _PAIR.size or (gen is not None and type(gen) is not int)):
+        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k and top do not match")
+    counts = struct.unpack(f"<{len(ids)}i", ks)
+    flat = list(_PAIR.iter_unpack(top))
+    if sum(counts) != len(flat) or any(k < 0 for k in counts):
+        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k and top do not match")
+    out, pos = [], 0
+    for rid, k in zip(ids, counts):
+        reply = {"id": rid, "ok": True, "top": flat[pos:pos + k]}
+        if gen is not None:
+            reply["gen"] = gen
+        out.append(reply)
+        pos += k
+    return out
 
 
 class FrameError(Exception):

@@ -31,6 +31,7 @@ computed.
 from __future__ import annotations
 
 import logging
+import struct
 
 import numpy as np
 
@@ -488,7 +489,9 @@ class Scheduler:
         horizon = self.cfg.batching.max_delay_ms / 1000.0
         self._write(replies)
         for session, messages in replies.items():
-            session.think.replied(session, now, len(messages), dev.queue, horizon)
+            count = len(messages) if not messages or type(messages[0]) is not _Answers else \
+                len(messages) - 1 + len(messages[0].ids)
+            session.think.replied(session, now, count, dev.queue, horizon)
         self.stats.batch(result, answered, now)
         if len(dev.queue):
             # the planner learns who is coming back only now (NOTE [ batch planning ]): if it waits
@@ -557,8 +560,14 @@ class Scheduler:
 
     def _write(self, replies: dict) -> None:
         """One write per session: a client that batches its requests gets its replies in one
-        ``replies`` message (docs/protocol.md), any other one frame each."""
+        ``replies`` message (docs/protocol.md), and its plain answers in one ``answers`` message
+        when it reads those; any other one frame each."""
         for session, messages in replies.items():
+            if messages and type(messages[0]) is _Answers:
+                session.write(messages[0].encode())
+                messages = messages[1:]
+                if not messages:
+                    continue
             if session.batches and len(messages) > 1 and any("logits" in m for m in messages):
                 # a reply with logits (up to 4 MiB) goes in a frame of its own: no bundle of a
                 # batch's replies can pass the client's frame limit
@@ -601,8 +610,15 @@ class Scheduler:
                     messages = replies.get(session)
                     if messages is None:
                         messages = replies[session] = []
-                    messages.append({"id": r.id, "ok": True, "top": top[:r.top_k], "gen": gen} if gen
-                                    else {"id": r.id, "ok": True, "top": top[:r.top_k]})
+                    if getattr(session, "packed", False):      # one ``answers`` frame (shm/wire.py)
+                        packed = messages[0] if messages and type(messages[0]) is _Answers else None
+                        if packed is None:
+                            packed = _Answers(gen)
+                            messages.insert(0, packed)
+                        packed.add(r.id, top[:r.top_k])
+                    else:
+                        messages.append({"id": r.id, "ok": True, "top": top[:r.top_k], "gen": gen} if gen
+                                        else {"id": r.id, "ok": True, "top": top[:r.top_k]})
                     plain.append(r)
                     continue
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
@@ -800,6 +816,32 @@ class Scheduler:
                 "requests": dict(self.stats.outcomes),
                 "devices": [d.describe() for d in self.devices], "cache": self.caches.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}
+
+
+class _Answers:
+    """A session's plain classify answers of one batch, to go as one ``answers`` frame
+    (wire.pack_answers): ids, their pairs and the generation, no dict per answer."""
+
+    __slots__ = ("gen", "ids", "ks", "tops")
+
+    def __init__(self, gen: int):
+        self.gen = gen
+        self.ids: list = []
+        self.ks: list = []
+        self.tops: list = []
+
+    def add(self, rid: int, top: list) -> None:
+        self.ids.append(rid)
+        self.ks.append(len(top))
+        self.tops.append(top)
+
+    def encode(self) -> bytes:
+        try:
+            return wire.pack_answers(self.ids, self.ks, self.tops, self.gen)
+        except (struct.error, TypeError, ValueError):   # a pair that is not (int, float): as replies
+            gen = {"gen": self.gen} if self.gen else {}
+            return wire.encode({wire.REPLIES: [{"id": rid, "ok": True, "top": top, **gen}
+                                               for rid, top in zip(self.ids, self.tops)]})
 
 
 def _none_in_rotation(devices) -> str:

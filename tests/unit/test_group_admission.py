@@ -130,10 +130,11 @@ def test_a_slot_named_twice_in_one_message_is_refused_as_busy_the_second_time():
     assert [r.slot for r in dev.queue.drain()] == [3, 4]
 
 
-def test_a_group_is_one_put_and_its_replies_one_message_with_the_counts_given_back():
+@pytest.mark.parametrize("packed", [False, True], ids=["replies", "answers"])
+def test_a_group_is_one_put_and_its_replies_one_message_with_the_counts_given_back(packed):
     sched, dev, errors = scheduler()
     session = helpers.FakeSession(1000, SPEC.frame_bytes, 64)
-    session.batches = True
+    session.batches, session.packed = True, packed
     puts = []
     put_many = dev.queue.put_many
     dev.queue.put_many = lambda items: (puts.append(len(items)), put_many(items))
@@ -147,9 +148,11 @@ def test_a_group_is_one_put_and_its_replies_one_message_with_the_counts_given_ba
     del sched._write                                # the real one: one ``replies`` message
     sched.on_batch_done(result)
     [sent] = session.sent
-    reply = wire.decode_body(sent[wire.HEADER.size:])
-    assert [m["id"] for m in reply["replies"]] == list(range(1, 17))
-    assert all(m["ok"] and len(m["top"]) == 2 and m["top"][0][0] == n for n, m in enumerate(reply["replies"]))
+    message = wire.decode_body(sent[wire.HEADER.size:])
+    replies = wire.unpack_answers(message) if packed else message["replies"]
+    assert (wire.ANSWERS in message) == packed
+    assert [m["id"] for m in replies] == list(range(1, 17))
+    assert all(m["ok"] and len(m["top"]) == 2 and m["top"][0][0] == n for n, m in enumerate(replies))
     assert session.inflight == {} and sched.outstanding == 0 and dev.outstanding == 0
     assert sched.stats.uids[1000].in_flight == 0 and sched.stats.outcomes["ok"] == 16
     assert sched.stats.latency["total"].count == 16 and sched.stats.latency["queue"].count == 16
