@@ -39,6 +39,7 @@ client decoded from a JPEG/PNG/WebP file may also name a second slot holding tho
 from __future__ import annotations
 
 import struct
+from itertools import chain
 
 import msgpack
 
@@ -98,6 +99,7 @@ REPLIES = "replies"
 #: to a client whose classify_many said ``"answers": 1`` (it reads them); anything an answer needs
 #: beyond id, top and gen (an error, a model's description, logits, ``cached``) goes as a reply.
 ANSWERS = "answers"
+_chain = chain.from_iterable
 _K = struct.Struct("<i")
 _PAIR = struct.Struct("<id")
 _packs: dict[int, struct.Struct] = {}
@@ -109,7 +111,7 @@ def pack_answers(ids: list, ks: list, tops: list, gen: int) -> bytes:
     """One ``answers`` frame: request ``ids[i]`` answered with the pairs ``tops[i]`` (``ks[i]`` of
     them: [[index, score], ...], best first) by generation ``gen`` (0: unstamped)."""
     n = len(ids)
-    flat = [v for top in tops for pair in top for v in pair]
+    flat = list(_chain(_chain(tops)))         # index, score, index, score, ... (C loops)
     pairs = len(flat) // 2
     fmt, ks_fmt = _packs.get(pairs), _packs.get(-n)
     if fmt is None or ks_fmt is None:

@@ -520,8 +520,9 @@ class Scheduler:
             if e.key:
                 if e.looked:
                     caches.count_lookup(e.outcome is Outcome.HIT)
-                if live(e):
-                    e.request.key, e.request.content = e.key, e.content
+                r = e.request
+                if r.session is not None and not r.done and r.attempt == e.attempt:    # live(e), inline
+                    r.key, r.content = e.key, e.content
         if result.hashed:
             self.counters["hash_seconds"] += result.hash_seconds
             self.counters["hashed"] += result.hashed

@@ -161,8 +161,11 @@ class BatchResult:
     def settle(self) -> dict:
         """The entries by outcome, in one pass, kept: on the loop, once the batch is back and no
         pipeline thread writes an entry any more (``with_outcome`` and ``count`` read it then)."""
-        by: dict = {}
-        for e in self.entries:
+        done, others = [], []
+        for e in self.entries:              # (DONE by identity: an Enum's hash is Python code)
+            (done if e.outcome is Outcome.DONE else others).append(e)
+        by: dict = {Outcome.DONE: done} if done else {}
+        for e in others:
             group = by.get(e.outcome)
             if group is None:
                 by[e.outcome] = [e]
