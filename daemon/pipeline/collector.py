@@ -5,7 +5,9 @@ NOTE [ request path ]
 
     loop thread       Session.data_received -> Scheduler.submit (daemon/dispatch/scheduler.py):
                         checks every field, admits against the deadline, picks a device
-                        (daemon/dispatch/policy.py); Request (records.py) -> device.queue.put
+                        (daemon/dispatch/policy.py); Request (records.py) -> device.queue.put;
+                        a classify_many's requests as one group where each would pass alone
+                        (NOTE [ group admission ]): one device choice, one put_many
                              |
                              v  DeviceQueue (daemon/dispatch/queues.py)
     collector thread  take a free staging buffer of the executor
@@ -43,7 +45,8 @@ NOTE [ request path ]
                              v
     loop thread       Scheduler.on_batch_done(result), by each entry's outcome: one reply per live
                         request, all of a session's in one write (one ``replies`` message for a
-                        client that batches), slot released, ring freed when a closed session's
+                        client that batches, its plain answers packed in one ``answers`` message
+                        when it reads those), slot released, ring freed when a closed session's
                         last request comes back; answers stored (only here: the loop is the
                         cache's one writer); a COALESCED one rides on its leader (answered with
                         it, or from its answer if that came first, or queued again if it
