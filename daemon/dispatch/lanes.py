@@ -77,7 +77,10 @@ class ModelLanes(DeviceQueue):
     def put(self, item) -> None:
         with self._cond:
             self._arrivals(getattr(item, "session", None), 1)
-            self._push_all((item,))
+            lane = self._lanes[item.mid]
+            if not len(lane):
+                self._share.active(item.mid)
+            lane.push(item)
             if self._listening:
                 self._cond.notify()
 

@@ -134,7 +134,7 @@ class BatchResult:
     hash_seconds: float = 0.0                      # the collector's time hashing ...
     hashed: int = 0                                # ... this many rows
     settled: dict | None = field(default=None, repr=False)
-    #                                                outcome -> its entries, once the loop has it
+    #                                                outcome's value -> its entries, once the loop has it
     #                                                (``settle``): every outcome final by then
 
     @classmethod
@@ -150,25 +150,27 @@ class BatchResult:
     def with_outcome(self, outcome: Outcome) -> list[BatchEntry]:
         """Its entries in ``outcome``, in the order taken (for PENDING: the staging buffer's rows)."""
         if self.settled is not None:
-            return self.settled.get(outcome, [])
+            return self.settled.get(outcome._value_, [])
         return [e for e in self.entries if e.outcome is outcome]
 
     def count(self, outcome: Outcome) -> int:
         if self.settled is not None:
-            return len(self.settled.get(outcome, ()))
+            return len(self.settled.get(outcome._value_, ()))
         return sum(e.outcome is outcome for e in self.entries)
 
     def settle(self) -> dict:
         """The entries by outcome, in one pass, kept: on the loop, once the batch is back and no
         pipeline thread writes an entry any more (``with_outcome`` and ``count`` read it then)."""
+        # keyed by each outcome's value: an Enum member's own hash is Python code, a str's is not
         done, others = [], []
-        for e in self.entries:              # (DONE by identity: an Enum's hash is Python code)
+        for e in self.entries:
             (done if e.outcome is Outcome.DONE else others).append(e)
-        by: dict = {Outcome.DONE: done} if done else {}
+        by: dict = {Outcome.DONE._value_: done} if done else {}
         for e in others:
-            group = by.get(e.outcome)
+            key = e.outcome._value_
+            group = by.get(key)
             if group is None:
-                by[e.outcome] = [e]
+                by[key] = [e]
             else:
                 group.append(e)
         self.settled = by
