@@ -54,6 +54,7 @@ from ...shm import wire
 # reply path must end in _finish; split across modules, that invariant would have no one place to
 # be read. What does not touch them is elsewhere: field checks (daemon/front/admission.py), device
 # choice (policy.py), fair order and planning (fairness.py, queues.py), caches (caching/results.py).
+
 # NOTE [ group admission ]
 #
 # A classify_many of K frames costs the loop O(1) Python a message plus a small O(K) loop, not K
@@ -583,7 +584,7 @@ class Scheduler:
         """Queue the replies of a batch's computed requests that are still ``live``, keep their
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
-        answered, plain = [], []
+        answered, plain, computed = [], [], 0
         # a batch is one model's: is its generation the one serving now?
         current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
         gen, first, remember = result.gen, self.first, self.caches.remember
@@ -595,6 +596,7 @@ class Scheduler:
             if r.session is None or r.done or r.attempt != e.attempt:      # not live
                 continue
             top, vector = e.top, e.embedding
+            computed += 1
             answered.append(r)
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
@@ -634,7 +636,7 @@ class Scheduler:
                     answered.pop()
                     self.stats.outcome("failed", served=r.served)
                 self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
-        result.device.frames += len(answered)
+        result.device.frames += computed
         self._finish_many(plain)
         return answered
 
