@@ -156,3 +156,23 @@ def test_a_group_is_one_put_and_its_replies_one_message_with_the_counts_given_ba
     assert session.inflight == {} and sched.outstanding == 0 and dev.outstanding == 0
     assert sched.stats.uids[1000].in_flight == 0 and sched.stats.outcomes["ok"] == 16
     assert sched.stats.latency["total"].count == 16 and sched.stats.latency["queue"].count == 16
+
+
+def test_latency_histograms_take_a_run_of_requests_that_arrived_together_as_one_weighted_observation():
+    from inferd.daemon.ops.histograms import Histogram
+
+    sched, dev, _ = scheduler()
+    arrivals = [99.990] * 5 + [99.995] * 3 + [99.990] * 2 + [99.999]
+    answered = [SimpleNamespace(arrived=a, deadline=99.996 + 0.01 * (n % 2)) for n, a in enumerate(arrivals)]
+    result = BatchResult(dev, [])
+    result.started, result.finished = 100.0, 100.001
+    sched.stats.batch(result, answered, 100.002)
+    lat = sched.stats.latency
+    expect_total, expect_queue = Histogram(lat["total"].bounds), Histogram(lat["queue"].bounds)
+    for a in arrivals:
+        expect_total.observe(100.002 - a)
+        expect_queue.observe(100.0 - a)
+    assert lat["total"].counts == expect_total.counts and lat["queue"].counts == expect_queue.counts
+    assert lat["total"].sum == pytest.approx(expect_total.sum)
+    assert lat["total"].quantile(0.99) == expect_total.quantile(0.99)
+    assert sched.stats.late == sum(100.002 > r.deadline for r in answered)
