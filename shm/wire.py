@@ -95,9 +95,10 @@ REPLIES = "replies"
 #: Plain classify answers of one batch to one session, packed: no map per answer, no list per
 #: pair, so neither side walks K small objects (docs/protocol.md, "answers"):
 #: ``{"answers": [id, ...], "k": <int32 pairs per answer>, "top": <(int32 index, float64 score)
-#: pairs, answer after answer>, "gen": generation}``, little-endian, no ``id`` of its own. Sent only
-#: to a client whose classify_many said ``"answers": 1`` (it reads them); anything an answer needs
-#: beyond id, top and gen (an error, a model's description, logits, ``cached``) goes as a reply.
+#: pairs, answer after answer>, "gen": generation, "cached": <a byte per answer, 1: cached>}``,
+#: little-endian, no ``id`` of its own (``gen`` and ``cached`` only where some answer has one). Sent
+#: only to a client whose classify_many said ``"answers": 1`` (it reads them); anything an answer
+#: needs beyond id, top, gen and cached (an error, a model's description, logits) goes as a reply.
 ANSWERS = "answers"
 _chain = chain.from_iterable
 _K = struct.Struct("<i")
@@ -107,9 +108,10 @@ _packs: dict[int, struct.Struct] = {}
 _packer = msgpack.Packer(use_bin_type=True)
 
 
-def pack_answers(ids: list, ks: list, tops: list, gen: int) -> bytes:
+def pack_answers(ids: list, ks: list, tops: list, gen: int, cached: list | None = None) -> bytes:
     """One ``answers`` frame: request ``ids[i]`` answered with the pairs ``tops[i]`` (``ks[i]`` of
-    them: [[index, score], ...], best first) by generation ``gen`` (0: unstamped)."""
+    them: [[index, score], ...], best first) by generation ``gen`` (0: unstamped); ``cached[i]``
+    true: that answer came from the daemon's result cache (as a reply's ``cached``)."""
     n = len(ids)
     flat = list(_chain(_chain(tops)))         # index, score, index, score, ... (C loops)
     pairs = len(flat) // 2
@@ -122,6 +124,8 @@ def pack_answers(ids: list, ks: list, tops: list, gen: int) -> bytes:
     body = {ANSWERS: ids, "k": ks_fmt.pack(*ks), "top": fmt.pack(*flat)}
     if gen:
         body["gen"] = gen
+    if cached is not None and any(cached):
+        body["cached"] = bytes(map(bool, cached))
     return encode(body)
 
 
@@ -135,13 +139,17 @@ def unpack_answers(message: dict) -> list[dict]:
         raise FrameError(E_BAD_FRAME, "an answers message whose ids, k and top do not match")
     counts = struct.unpack(f"<{len(ids)}i", ks)
     flat = list(_PAIR.iter_unpack(top))
-    if sum(counts) != len(flat) or any(k < 0 for k in counts):
-        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k and top do not match")
+    cached = message.get("cached", b"")
+    if sum(counts) != len(flat) or any(k < 0 for k in counts) or type(cached) is not bytes \
+            or len(cached) not in (0, len(ids)):
+        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k, top and cached do not match")
     out, pos = [], 0
-    for rid, k in zip(ids, counts):
+    for n, (rid, k) in enumerate(zip(ids, counts)):
         reply = {"id": rid, "ok": True, "top": flat[pos:pos + k]}
         if gen is not None:
             reply["gen"] = gen
+        if cached and cached[n]:
+            reply["cached"] = True
         out.append(reply)
         pos += k
     return out

@@ -532,14 +532,22 @@ class Scheduler:
         """The entries the collector settled without computing: a cache hit answered from the
         cache; a frame coalesced with an identical one of its session rides on that leader,
         answered with it (or from its answer, if it came first; or queued again, if it failed)."""
+        plain = []
         for e in result.with_outcome(Outcome.HIT):
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
+                if r.tag is not None:
+                    self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
+                if self._plain(replies, r, e.top, r.served.gen, True):
+                    plain.append(r)
+                    continue
                 self.stats.outcome("cached", served=r.served)
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
+        if plain:
+            self.stats.outcome("cached", len(plain), served=self.first)
+            self._finish_many(plain)
         for e in result.with_outcome(Outcome.COALESCED):
             if not live(e):
                 continue
@@ -587,10 +595,7 @@ class Scheduler:
         answered, plain, computed = [], [], 0
         # a batch is one model's: is its generation the one serving now?
         current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
-        gen, first, remember = result.gen, self.first, self.caches.remember
-        # a reply needs nothing but its generation (``_stamp``) when one model is served and the
-        # session knows this generation: built here, the rest by ``_stamp``
-        bare = not self.several
+        gen, remember = result.gen, self.caches.remember
         for e in result.with_outcome(Outcome.DONE):
             r = e.request
             if r.session is None or r.done or r.attempt != e.attempt:      # not live
@@ -606,23 +611,8 @@ class Scheduler:
                 r.answer = top
                 if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
-                if (e.logits is None and not r.followers and r.upload is None and bare
-                        and r.served is first and gen <= r.session.told_gen):
-                    # the plain reply (NOTE [ group admission ]: its bookkeeping once a batch)
-                    session = r.session
-                    messages = replies.get(session)
-                    if messages is None:
-                        messages = replies[session] = []
-                    if getattr(session, "packed", False):      # one ``answers`` frame (shm/wire.py)
-                        packed = messages[0] if messages and type(messages[0]) is _Answers else None
-                        if packed is None:
-                            packed = _Answers(gen)
-                            messages.insert(0, packed)
-                        packed.add(r.id, top[:r.top_k])
-                    else:
-                        messages.append({"id": r.id, "ok": True, "top": top[:r.top_k], "gen": gen} if gen
-                                        else {"id": r.id, "ok": True, "top": top[:r.top_k]})
-                    plain.append(r)
+                if e.logits is None and self._plain(replies, r, top, gen):
+                    plain.append(r)         # (its bookkeeping once a batch: ``_finish_many``)
                     continue
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
@@ -639,6 +629,34 @@ class Scheduler:
         result.device.frames += computed
         self._finish_many(plain)
         return answered
+
+    def _plain(self, replies: dict, r: Request, top: list, gen: int, cached: bool = False) -> bool:
+        """Queue ``r``'s answer ``top`` (by generation ``gen``; from the cache) where it needs no
+        more than id, top, gen and cached: one model, no followers, no upload, a generation its
+        session knows (``_stamp`` would add nothing else). One ``answers`` entry for a session that
+        reads those, else a map. False where ``_answer`` must make it; the caller finishes ``r``."""
+        session = r.session
+        if self.several or r.followers or r.upload is not None or r.served is not self.first \
+                or gen > session.told_gen:
+            return False
+        messages = replies.get(session)
+        if messages is None:
+            messages = replies[session] = []
+        if getattr(session, "packed", False):       # one ``answers`` frame (shm/wire.py)
+            packed = messages[0] if messages and type(messages[0]) is _Answers else None
+            if packed is None:
+                packed = _Answers(gen)
+                messages.insert(0, packed)
+            if packed.gen == gen:                   # (else, after a model swap: a map of its own)
+                packed.add(r.id, top[:r.top_k], cached)
+                return True
+        message = {"id": r.id, "ok": True, "top": top[:r.top_k]}
+        if gen:
+            message["gen"] = gen
+        if cached:
+            message["cached"] = True
+        messages.append(message)
+        return True
 
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
@@ -825,26 +843,29 @@ class _Answers:
     """A session's plain classify answers of one batch, to go as one ``answers`` frame
     (wire.pack_answers): ids, their pairs and the generation, no dict per answer."""
 
-    __slots__ = ("gen", "ids", "ks", "tops")
+    __slots__ = ("gen", "ids", "ks", "tops", "cached")
 
     def __init__(self, gen: int):
         self.gen = gen
         self.ids: list = []
         self.ks: list = []
         self.tops: list = []
+        self.cached: list = []
 
-    def add(self, rid: int, top: list) -> None:
+    def add(self, rid: int, top: list, cached: bool = False) -> None:
         self.ids.append(rid)
         self.ks.append(len(top))
         self.tops.append(top)
+        self.cached.append(cached)
 
     def encode(self) -> bytes:
         try:
-            return wire.pack_answers(self.ids, self.ks, self.tops, self.gen)
+            return wire.pack_answers(self.ids, self.ks, self.tops, self.gen, self.cached)
         except (struct.error, TypeError, ValueError):   # a pair that is not (int, float): as replies
             gen = {"gen": self.gen} if self.gen else {}
-            return wire.encode({wire.REPLIES: [{"id": rid, "ok": True, "top": top, **gen}
-                                               for rid, top in zip(self.ids, self.tops)]})
+            return wire.encode({wire.REPLIES: [{"id": rid, "ok": True, "top": top, **gen,
+                                                **({"cached": True} if cached else {})}
+                                               for rid, top, cached in zip(self.ids, self.tops, self.cached)]})
 
 
 def _none_in_rotation(devices) -> str:

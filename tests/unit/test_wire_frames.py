@@ -53,6 +53,10 @@ def test_answers_pack_and_unpack_to_the_replies_they_stand_for():
                        for rid, top in zip(ids, tops)]
     (unstamped,) = wire.FrameReader(1 << 20, wire.MAX_DEPTH).feed(wire.pack_answers([1], [1], [[[4, 0.5]]], 0))
     assert wire.unpack_answers(unstamped) == [{"id": 1, "ok": True, "top": [(4, 0.5)]}]
+    (hits,) = wire.FrameReader(1 << 20, wire.MAX_DEPTH).feed(
+        wire.pack_answers([1, 2], [1, 1], [[[4, 0.5]], [[5, 0.25]]], 2, [False, True]))
+    assert wire.unpack_answers(hits) == [{"id": 1, "ok": True, "top": [(4, 0.5)], "gen": 2},
+                                         {"id": 2, "ok": True, "top": [(5, 0.25)], "gen": 2, "cached": True}]
 
 
 @pytest.mark.parametrize("bad", [
@@ -62,6 +66,7 @@ def test_answers_pack_and_unpack_to_the_replies_they_stand_for():
     {"answers": [1], "k": (-1).to_bytes(4, "little", signed=True), "top": b""},
     {"answers": "1", "k": b"", "top": b""},
     {"answers": [1], "k": (1).to_bytes(4, "little"), "top": b"\0" * 12, "gen": "3"},
+    {"answers": [1], "k": (1).to_bytes(4, "little"), "top": b"\0" * 12, "cached": b"\1\1"},
 ])
 def test_an_answers_message_that_does_not_add_up_is_a_bad_frame(bad):
     with pytest.raises(wire.FrameError) as err:
