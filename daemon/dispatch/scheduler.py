@@ -445,6 +445,19 @@ class Scheduler:
         device.queue.put(request)
 
     # results ----------------------------------------------------------------------------------
+    def seal_answers(self, result: BatchResult) -> None:
+        """On the pipeline thread that delivers a batch, before the loop has it: seal the cache
+        entries of its computed classify answers that the loop will surely insert (Caches.seal),
+        so the loop's insert is a lock, a way and a write (``remember`` seals any other itself,
+        and again if the cache was flushed or the key changed meanwhile). Reads the entries, which
+        no other thread writes then, and the caches' hit rate (a float: any value is safe)."""
+        seal = self.caches.seal
+        for e in result.entries:
+            if e.key and e.outcome is Outcome.DONE:
+                r = e.request
+                if r.op == "classify":
+                    e.sealed = seal(e.key, e.top, r.insert)
+
     def on_batch_done(self, result: BatchResult) -> None:
         """Every request of one batch comes back here: reply, re-dispatch, or drop if stale."""
         dev = result.device
@@ -606,7 +619,7 @@ class Scheduler:
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                         vector, r.tag, r.session.peer[1], r.insert, r.mid)
+                         vector, r.tag, r.session.peer[1], r.insert, r.mid, e.sealed)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:

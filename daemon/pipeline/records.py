@@ -109,6 +109,8 @@ class BatchEntry:
     leader: Request | None = None                  # COALESCED: the request whose answer it takes
     frame: np.ndarray | None = None                # a private copy of its staged row, for an upload's check
     upload: np.ndarray | None = None               # the collector's copy of its upload's encoded bytes
+    sealed: tuple | None = None                    # DONE: its cache entry sealed by the delivering
+    #                                                thread (Scheduler.seal_answers), or None
 
     def current(self) -> bool:
         """The entry still speaks for its request: not answered meanwhile, and not re-dispatched
