@@ -247,6 +247,13 @@ class Connection:
                     self.close()
                     raise errors.ProtocolError(f"unreadable replies message from the daemon: {many!r:.200}")
                 self._ready.extend(many)
+            elif type(m) is dict and wire.ANSWERS in m and "id" not in m:
+                # plain answers of one batch, packed (shm/wire.py): each as the reply it stands for
+                try:
+                    self._ready.extend(wire.unpack_answers(m))
+                except wire.FrameError as exc:
+                    self.close()
+                    raise errors.ProtocolError(f"unreadable answers message from the daemon: {exc}") from None
             else:
                 self._ready.append(m)
 

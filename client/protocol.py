@@ -212,7 +212,8 @@ class ProtocolCore:
                 self.inflight[rid] = InFlight(call, index, slot, None, hits if rid == first else 0)
             call.inflight += n
             msg = {"op": wire.CLASSIFY_MANY, "id": first, "slots": slots, "shape": list(frame.shape),
-                   "dtype": "uint8", "nbytes": frame.nbytes, "timeout_ms": left * 1000.0, **call.extra}
+                   "dtype": "uint8", "nbytes": frame.nbytes, "timeout_ms": left * 1000.0, wire.ANSWERS: 1,
+                   **call.extra}
             if hits:
                 msg["hits"] = hits
             out.append(wire.encode(msg))

@@ -300,6 +300,7 @@ class Server:
                    for s in self.catalog.by_id)
 
     def _deliver_threadsafe(self, result: BatchResult) -> None:
+        self.scheduler.seal_answers(result)     # the cache's BLAKE3 work here, not on the loop
         self._loop.call_soon_threadsafe(self.scheduler.on_batch_done, result)
 
     async def _drain(self, accept: asyncio.Task) -> None:

@@ -374,10 +374,11 @@ class ResultCache:
         flat = _pairs(k).unpack_from(body, 8)
         return list(zip(flat[0::2], flat[1::2]))
 
-    def insert(self, key: bytes, top) -> bool:
-        """Store 1..max_k (class index, score) pairs under ``key``; True if another key was evicted."""
-        if self._fd is None:
-            raise CacheError(f"insert needs open_writer; result cache {self.path} is read-only or closed")
+    def seal(self, key: bytes, top) -> tuple:
+        """What ``insert`` computes before it takes the lock, for any thread: the entry's secrets
+        (BLAKE3 key derivation), its body and the body sealed for the current flush generation
+        (MAC and mask). ``insert(key, top, sealed)`` stores it, sealing again only if the cache was
+        flushed meanwhile. ValueError for pairs that do not fit an entry."""
         k, max_k = len(top), self.geometry.max_k
         secrets = EntrySecrets(key)
         if not 1 <= k <= max_k:
@@ -387,8 +388,20 @@ class ResultCache:
         except (struct.error, OverflowError, TypeError) as exc:
             raise ValueError(f"pairs must be (class index 0..2**32-1, float32 score): {exc}") from None
         body = _KPAD.pack(k, 0) + payload + bytes(8 * (max_k - k))      # every answer the same size
+        generation = self._generation()
+        return key, secrets, body, generation, secrets.seal(generation, body)
+
+    def insert(self, key: bytes, top, sealed: tuple | None = None) -> bool:
+        """Store 1..max_k (class index, score) pairs under ``key``; True if another key was evicted.
+        ``sealed``: ``seal(key, top)`` made beforehand (another thread), or None."""
+        if self._fd is None:
+            raise CacheError(f"insert needs open_writer; result cache {self.path} is read-only or closed")
+        if sealed is None or sealed[0] != key:
+            sealed = self.seal(key, top)
+        _, secrets, body, generation, record = sealed
         with self._lock:
-            sealed = secrets.seal(self._generation(), body)
+            current = self._generation()
+            sealed = record if generation == current else secrets.seal(current, body)
             off, evicted, was_empty = self._choose_way(secrets.tag)
             self._write(off, sealed)
             self._clock += 1

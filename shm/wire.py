@@ -39,6 +39,7 @@ client decoded from a JPEG/PNG/WebP file may also name a second slot holding tho
 from __future__ import annotations
 
 import struct
+from itertools import chain
 
 import msgpack
 
@@ -91,8 +92,67 @@ MAX_BATCH_REQUESTS = 256
 #: A message of many replies, one per request (a batch's replies to one session, in one write):
 #: ``{"replies": [reply, ...]}``, no ``id`` of its own. Sent only to a client that sent classify_many.
 REPLIES = "replies"
+#: Plain classify answers of one batch to one session, packed: no map per answer, no list per
+#: pair, so neither side walks K small objects (docs/protocol.md, "answers"):
+#: ``{"answers": [id, ...], "k": <int32 pairs per answer>, "top": <(int32 index, float64 score)
+#: pairs, answer after answer>, "gen": generation, "cached": <a byte per answer, 1: cached>}``,
+#: little-endian, no ``id`` of its own (``gen`` and ``cached`` only where some answer has one). Sent
+#: only to a client whose classify_many said ``"answers": 1`` (it reads them); anything an answer
+#: needs beyond id, top, gen and cached (an error, a model's description, logits) goes as a reply.
+ANSWERS = "answers"
+_chain = chain.from_iterable
+_K = struct.Struct("<i")
+_PAIR = struct.Struct("<id")
+_packs: dict[int, struct.Struct] = {}
 
 _packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack_answers(ids: list, ks: list, tops: list, gen: int, cached: list | None = None) -> bytes:
+    """One ``answers`` frame: request ``ids[i]`` answered with the pairs ``tops[i]`` (``ks[i]`` of
+    them: [[index, score], ...], best first) by generation ``gen`` (0: unstamped); ``cached[i]``
+    true: that answer came from the daemon's result cache (as a reply's ``cached``)."""
+    n = len(ids)
+    flat = list(_chain(_chain(tops)))         # index, score, index, score, ... (C loops)
+    pairs = len(flat) // 2
+    fmt, ks_fmt = _packs.get(pairs), _packs.get(-n)
+    if fmt is None or ks_fmt is None:
+        if len(_packs) > 256:               # (sizes come and go with the load: keep a few)
+            _packs.clear()
+        fmt = _packs[pairs] = struct.Struct("<" + "id" * pairs)
+        ks_fmt = _packs[-n] = struct.Struct(f"<{n}i")
+    body = {ANSWERS: ids, "k": ks_fmt.pack(*ks), "top": fmt.pack(*flat)}
+    if gen:
+        body["gen"] = gen
+    if cached is not None and any(cached):
+        body["cached"] = bytes(map(bool, cached))
+    return encode(body)
+
+
+def unpack_answers(message: dict) -> list[dict]:
+    """The replies an ``answers`` message carries, each as the ``{"id", "ok", "top", "gen"}`` reply
+    it stands for (``top`` as (index, score) tuples). Raises FrameError(bad_frame) for one that
+    does not add up."""
+    ids, ks, top, gen = message.get(ANSWERS), message.get("k"), message.get("top"), message.get("gen")
+    if (type(ids) is not list or type(ks) is not bytes or type(top) is not bytes
+            or len(ks) != _K.size * len(ids) or len(top) % _PAIR.size or (gen is not None and type(gen) is not int)):
+        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k and top do not match")
+    counts = struct.unpack(f"<{len(ids)}i", ks)
+    flat = list(_PAIR.iter_unpack(top))
+    cached = message.get("cached", b"")
+    if sum(counts) != len(flat) or any(k < 0 for k in counts) or type(cached) is not bytes \
+            or len(cached) not in (0, len(ids)):
+        raise FrameError(E_BAD_FRAME, "an answers message whose ids, k, top and cached do not match")
+    out, pos = [], 0
+    for n, (rid, k) in enumerate(zip(ids, counts)):
+        reply = {"id": rid, "ok": True, "top": flat[pos:pos + k]}
+        if gen is not None:
+            reply["gen"] = gen
+        if cached and cached[n]:
+            reply["cached"] = True
+        out.append(reply)
+        pos += k
+    return out
 
 
 class FrameError(Exception):

@@ -14,9 +14,9 @@ CPU_OFF_US = 50.0             # 224x224 unique, cache off: daemon CPU per frame
 SMALL_ON_FPS = 25_000.0       # 64x64 unique, cache on: frames/s
 
 
-def _row(rows, size: int, cache: bool, devices: int = 1, frames: str = "unique"):
+def _row(rows, size: int, cache: bool, devices: int = 1, frames: str = "unique", tree: str = "this"):
     return next((r for r in rows if (r["size"], r["cache"], r["devices"], r["frames"])
-                 == (size, cache, devices, frames)), None)
+                 == (size, cache, devices, frames) and r.get("tree", "this") == tree), None)
 
 
 def targets(rows: list) -> list[dict]:
@@ -63,7 +63,7 @@ def _rows(results: dict) -> list[str]:
     num = lambda v, spec: "-" if v is None else format(v, spec)
     cells = []
     for r in results["rows"]:
-        cells.append((f"{r['size']}x{r['size']}", "on" if r["cache"] else "off", r["devices"], r["frames"],
+        cells.append((r.get("tree", "this"), f"{r['size']}x{r['size']}", "on" if r["cache"] else "off", r["devices"], r["frames"],
                       r["frames_s"], r["x_bare"], num(r["x_one_device"], ".2f"),
                       num(r["cpu_us_per_frame"], ".1f"), r["daemon_cores"], num(r["loop_us_per_frame"], ".1f"),
                       pct(r["loop_share"]), pct(r["loop_cores"]), pct(r["busiest_other_thread_cores"]),
@@ -72,7 +72,7 @@ def _rows(results: dict) -> list[str]:
     return [f"Feed rate: {results['clients']} client processes x {results['in_flight']} frames in flight "
             f"(classify_many, client cache off), uint8 no-op, max_batch {results['max_batch']}, "
             f"CPU devices of 1 thread",
-            *table([("size", "<7"), ("cache", "<5"), ("dev", ">3"), ("frames", "<8"), ("frames/s", ">9.0f"),
+            *table([("tree", "<4"), ("size", "<7"), ("cache", "<5"), ("dev", ">3"), ("frames", "<8"), ("frames/s", ">9.0f"),
                     ("x bare", ">6.2f"), ("x 1 dev", ">7"), ("us/frame", ">8"), ("cores", ">5.2f"),
                     ("loop us", ">7"), ("loop %", ">6"), ("loop busy", ">9"), ("top other", ">9"),
                     ("computed/s", ">10.0f"), ("cached/s", ">8.0f"), ("batch", ">5"),
@@ -104,7 +104,29 @@ def _summary(results: dict) -> list[str]:
     return out
 
 
+def _compare(results: dict) -> list[str]:
+    """With ``--alt-path``: each row of this tree over the same row of the other, measured beside it."""
+    rows = results["rows"]
+    alt = [r for r in rows if r.get("tree") == "alt"]
+    if not alt:
+        return []
+    cells = []
+    for a in alt:
+        t = _row(rows, a["size"], a["cache"], a["devices"], a["frames"])
+        if t is None:
+            continue
+        ratio = lambda key: "-" if not (t[key] and a[key]) else f"{t[key] / a[key]:.2f}"
+        cells.append((f"{a['size']}x{a['size']}", "on" if a["cache"] else "off", a["devices"], a["frames"],
+                      t["frames_s"], a["frames_s"], ratio("frames_s"), t["cpu_us_per_frame"] or 0,
+                      a["cpu_us_per_frame"] or 0, ratio("cpu_us_per_frame"), t["loop_us_per_frame"] or 0,
+                      a["loop_us_per_frame"] or 0, ratio("loop_us_per_frame")))
+    return [f"This tree against the daemon of {results.get('alt_path')} (alt), each pair measured one after the other:",
+            *table([("size", "<7"), ("cache", "<5"), ("dev", ">3"), ("frames", "<8"), ("frames/s", ">9.0f"),
+                    ("alt", ">7.0f"), ("x alt", ">5"), ("us/frame", ">8.1f"), ("alt", ">6.1f"), ("x alt", ">5"),
+                    ("loop us", ">7.1f"), ("alt", ">6.1f"), ("x alt", ">5")], cells)]
+
+
 def render(results: dict) -> str:
     """The whole printed report."""
-    return "\n\n".join("\n".join(p) for p in (_baseline(results["baseline"]), _rows(results),
-                                                _summary(results)))
+    parts = (_baseline(results["baseline"]), _rows(results), _compare(results), _summary(results))
+    return "\n\n".join("\n".join(p) for p in parts if p)

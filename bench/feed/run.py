@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from functools import partial
 
 import numpy as np
 
@@ -104,27 +105,34 @@ def run_case(d: dict, probe, size: int, repeat: float, salt: int, warmup_s: floa
     return summarise(a, b, pid, done, seconds)
 
 
-def run_daemon(path: str, size: int, cache: bool, devices: int, s: dict, log, salt: int) -> tuple[list, dict]:
-    """One daemon, every frame mix against it in turn; its rows and how it ended."""
+def run_daemon(path: str, size: int, cache: bool, devices: int, s: dict, log, salt: int,
+               alt_path: str = "") -> tuple[list, dict]:
+    """One daemon, every frame mix against it in turn; its rows and how it ended. ``alt_path``: the
+    daemon imports ``inferd`` from there (PYTHONPATH) instead, the other tree of a comparison."""
     from inferd.client import Client
 
     args = model.daemon_args(path, size, devices, cache, MAX_BATCH)
     rows = []
-    with daemon(args) as d:
+    with daemon(args, {"PYTHONPATH": alt_path} if alt_path else None) as d:
         with Client(d["socket"]) as probe:
             for n, (mix, repeat) in enumerate(FRAMES):
                 row = run_case(d, probe, size, repeat, salt + n, s["warmup_s"], s["seconds"])
-                row.update(size=size, cache=cache, devices=devices, frames=mix, repeat=repeat)
+                row.update(size=size, cache=cache, devices=devices, frames=mix, repeat=repeat,
+                           tree="alt" if alt_path else "this")
                 rows.append(row)
-                log(f"    {size}x{size} cache {'on ' if cache else 'off'} {devices} dev {mix:<8}"
+                log(f"    {'alt  ' if alt_path else ''}{size}x{size} cache {'on ' if cache else 'off'} {devices} dev {mix:<8}"
                     f"{row['frames_s']:9.0f} frames/s  {row['cpu_us_per_frame'] or 0:6.1f} us/frame, "
                     f"loop {row['loop_us_per_frame'] or 0:5.1f} us ({row['loop_cores']:.0%} of a core)")
     ended = {k: d.get(k) for k in ("args", "exit_code", "shm_leftovers", "log_problems")}
     return rows, ended
 
 
-def measure(s: dict, log) -> dict:
-    """The bare baseline, then every daemon of ``s["daemons"]`` in order; rows, ratios, targets."""
+def measure(s: dict, log, alt_path: str = "", only: tuple = ()) -> dict:
+    """The bare baseline, then every daemon of ``s["daemons"]`` in order (those of ``only`` alone,
+    when given); with ``alt_path``, each one also from the tree there, right after it (the
+    clients are this tree's either way); rows, ratios, targets (this tree's rows)."""
+    if only:
+        s = {**s, "daemons": tuple(d for d in s["daemons"] if _case_name(*d) in only)}
     sizes = sorted({size for size, _, _ in s["daemons"]})
     results = {"machine": lib_report.machine(), "clients": CLIENTS, "in_flight": IN_FLIGHT,
                "max_batch": MAX_BATCH}
@@ -137,23 +145,48 @@ def measure(s: dict, log) -> dict:
         for k, (size, cache, devices) in enumerate(s["daemons"]):
             log(f"daemon {k + 1}/{len(s['daemons'])}: {size}x{size}, cache {'on' if cache else 'off'}, "
                 f"{devices} x cpu:1 ...")
-            got, ended = run_daemon(path, size, cache, devices, s, log, salt=len(FRAMES) * k)
+            got, ended = run_daemon(path, size, cache, devices, s, log, salt=2 * len(FRAMES) * k)
             rows += got
             daemons.append(ended)
+            if alt_path:
+                got, ended = run_daemon(path, size, cache, devices, s, log, len(FRAMES) * (2 * k + 1), alt_path)
+                rows += got
+                daemons.append(ended)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for r in rows:
         r["x_bare"] = r["frames_s"] / bare["sizes"][str(r["size"])]["frames_s"]
-        one = next((o for o in rows if (o["size"], o["cache"], o["frames"], o["devices"])
-                    == (r["size"], r["cache"], r["frames"], 1)), None)
+        one = next((o for o in rows if (o["size"], o["cache"], o["frames"], o["devices"], o["tree"])
+                    == (r["size"], r["cache"], r["frames"], 1, r["tree"])), None)
         r["x_one_device"] = r["frames_s"] / one["frames_s"] if one and one["frames_s"] else None
-    results.update(rows=rows, daemons=daemons)
-    results["targets"] = report.targets(rows)
+    results.update(rows=rows, daemons=daemons, alt_path=alt_path)
+    results["targets"] = report.targets([r for r in rows if r["tree"] == "this"])
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results
 
 
+def _case_name(size: int, cache: bool, devices: int) -> str:
+    """A daemon's name for ``--only``: ``224on1`` is 224x224, cache on, one device."""
+    return f"{size}{'on' if cache else 'off'}{devices}"
+
+
 def main(argv=None) -> int:
-    """Parse the shared options, measure (or --replot), write OUT/feed.json, print the report."""
-    return lib_report.settings_main(argv, __doc__, "feed.json", "about a minute", SETTINGS, measure,
+    """Parse the shared options and this family's own (``--alt-path TREE``: every daemon also run
+    from the tree whose ``inferd`` package is at TREE, for a before/after in one run; ``--only
+    NAME,...``: those daemons alone, e.g. ``64on1,224on1``), measure (or --replot), write
+    OUT/feed.json, print the report."""
+    import argparse
+    import sys
+
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--alt-path", default="")
+    own.add_argument("--only", default="")
+    mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if mine.alt_path and not os.path.isdir(os.path.join(mine.alt_path, "inferd")):
+        raise SystemExit(f"--alt-path {mine.alt_path}: no inferd package there (give the folder PYTHONPATH "
+                         "would name, e.g. ../old-tree/.pkg)")
+    only = tuple(n for n in mine.only.split(",") if n)
+    return lib_report.settings_main(rest, __doc__, "feed.json", "about a minute", SETTINGS,
+                                    partial(measure, alt_path=os.path.abspath(mine.alt_path) if mine.alt_path else "",
+                                            only=only),
                                     report.render)

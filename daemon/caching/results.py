@@ -354,16 +354,30 @@ class Caches:
             self.counters["client_hits"] += n
             self.hit_rate += (1 - self.hit_rate) * (1 - (1 - RATE_ALPHA) ** min(n, 1000))
 
+    def seal(self, key: bytes, top: list, insert: bool = False):
+        """For a pipeline thread delivering a computed answer: the cache entry ``remember`` would
+        insert, sealed beforehand (ResultCache.seal: the BLAKE3 work of an insert, off the loop),
+        where it will surely be inserted (the hit rate at or over ``cache.min_hit_rate``, or
+        ``insert``); else None (a sampled insert is sealed on the loop). Any thread."""
+        cache = self.cache
+        if cache is None or not key or not (insert or self.hit_rate >= self.cfg.cache.min_hit_rate):
+            return None
+        try:
+            return cache.seal(key, top)
+        except (cachefile.CacheError, ValueError):    # closed or set aside meanwhile; pairs it cannot hold
+            return None
+
     def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int, insert: bool = False,
-                 mid: int | None = None) -> None:
+                 mid: int | None = None, sealed=None) -> None:
         """After a computed answer: insert (sampled while the hit rate is low, always when
         ``insert``: sampled at admission, NOTE [ unhashed misses ]), keep the embedding as
-        ``uid``'s (the uid of the request's session) in its model's (``mid``) store."""
+        ``uid``'s (the uid of the request's session) in its model's (``mid``) store. ``sealed``:
+        the entry ``seal`` made off the loop, or None."""
         if self.cache is not None and key:
             self._misses += 1
             if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
                     or insert:
-                if self.cache.insert(key, top):
+                if self.cache.insert(key, top, sealed):
                     self.counters["evictions"] += 1
                 self.counters["inserts"] += 1
             else:

@@ -63,6 +63,9 @@ class Fifo:
     def push(self, item) -> None:
         self._items.append(item)
 
+    def push_many(self, items) -> None:
+        self._items.extend(items)
+
     def push_front(self, items: list) -> None:
         self._items.extendleft(reversed(items))
 
@@ -82,8 +85,8 @@ class Fifo:
         self._items.clear()
         return items
 
-    def ahead(self, flow) -> int:
-        return len(self._items)
+    def ahead(self, flow, extra: int = 0) -> int:
+        return len(self._items) + extra
 
     def over_share(self, flow, limit: int) -> bool:
         return True
@@ -143,6 +146,17 @@ class DeficitRoundRobin:
         session.items.append(item)
         flow.size += 1
         self._size += 1
+
+    def push_many(self, items) -> None:
+        """``push`` of each of ``items``, all of one session (a message's requests): one look-up."""
+        self.push(items[0])
+        if len(items) > 1:
+            rest = items[1:]
+            key, session_key = self._flow_of(items[0])
+            flow = self._flows[key]
+            flow.by_key[session_key].items.extend(rest)
+            flow.size += len(rest)
+            self._size += len(rest)
 
     def push_front(self, items: list) -> None:
         self._front.extendleft(reversed(items))
@@ -207,11 +221,14 @@ class DeficitRoundRobin:
         self._quanta, self._size = 0.0, 0
         return items
 
-    def ahead(self, key) -> int:
+    def ahead(self, key, extra: int = 0) -> int:
+        """Items served before one more of flow ``key``; ``extra``: once ``extra`` more of it are
+        queued (a group admitted at once judges its last by it)."""
         flow = self._flows.get(key)
         mine, quantum = (flow.size, flow.quantum) if flow else (0, self._quantum_of(key))
         quanta = self._quanta + (0.0 if flow else quantum)
-        return len(self._front) + min(self._size, math.ceil((mine + 1) * quanta / quantum) - 1)
+        mine += extra
+        return len(self._front) + min(self._size + extra, math.ceil((mine + 1) * quanta / quantum) - 1)
 
     def over_share(self, key, limit: int) -> bool:
         flow = self._flows.get(key)

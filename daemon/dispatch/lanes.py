@@ -76,18 +76,21 @@ class ModelLanes(DeviceQueue):
 
     def put(self, item) -> None:
         with self._cond:
-            now = self._clock()
-            if self._last_put is not None:
-                dt = now - self._last_put
-                self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
-            self._last_put = now
-            self._arrived(getattr(item, "session", None))
+            self._arrivals(getattr(item, "session", None), 1)
             lane = self._lanes[item.mid]
             if not len(lane):
                 self._share.active(item.mid)
             lane.push(item)
             if self._listening:
                 self._cond.notify()
+
+    def _push_all(self, items) -> None:
+        """Requests of one model into its lane (``put_many``: one message's, all of one model)."""
+        mid = items[0].mid
+        lane = self._lanes[mid]
+        if not len(lane):
+            self._share.active(mid)
+        lane.push_many(items)
 
     def put_front(self, items: list) -> None:
         with self._cond:
@@ -121,12 +124,13 @@ class ModelLanes(DeviceQueue):
                 self._share.idle(mid)
             return taken
 
-    def ahead(self, flow, mid: int = 0) -> int:
+    def ahead(self, flow, mid: int = 0, extra: int = 0) -> int:
         """Its lane's fair order, plus the other lanes' work the device serves meanwhile by their
-        shares (NOTE [ model share ]), at most what they hold."""
+        shares (NOTE [ model share ]), at most what they hold; ``extra``: as DeviceQueue.ahead."""
         with self._cond:
             share = self._share
-            mine = self._lanes[mid].ahead(flow)
+            lane = self._lanes[mid]
+            mine = lane.ahead(flow, extra) if extra else lane.ahead(flow)
             others = [(len(lane), share.weight[i]) for i, lane in enumerate(self._lanes) if i != mid and len(lane)]
             if not others:
                 return mine

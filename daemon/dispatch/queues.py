@@ -202,15 +202,15 @@ class ThinkTime:
         self._replied_at: float | None = None
         self._expected_on = None               # the DeviceQueue told to expect this session
 
-    def submitted(self, session, now: float, queue: "DeviceQueue") -> None:
-        """A request of ``session`` is going to ``queue`` at ``now``."""
+    def submitted(self, session, now: float, queue: "DeviceQueue", n: int = 1) -> None:
+        """``n`` requests of ``session`` are going to ``queue`` at ``now``."""
         at = self._replied_at
         if at is not None:
             dt = now - at
             self.seconds = dt if self.seconds is None else self.seconds + self.ALPHA * (dt - self.seconds)
             self._replied_at = None
         if self._expected_on is not None and self._expected_on is not queue:
-            self._expected_on.arrived(session)      # ``queue.put`` counts it where it goes
+            self._expected_on.arrived(session, n)   # ``queue.put`` counts them where they go
 
     def replied(self, session, now: float, count: int, queue: "DeviceQueue", horizon: float) -> None:
         """``count`` replies went to ``session`` at ``now`` from ``queue``'s device: expect as many
@@ -271,15 +271,37 @@ class DeviceQueue:
 
     def put(self, item) -> None:
         with self._cond:
-            now = self._clock()
-            if self._last_put is not None:
-                dt = now - self._last_put
-                self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
-            self._last_put = now
-            self._arrived(getattr(item, "session", None))
+            self._arrivals(getattr(item, "session", None), 1)
             self._items.push(item)
             if self._listening:
                 self._cond.notify()
+
+    def put_many(self, items: list) -> None:
+        """Put the requests of one message (one session, one model) at once: one lock, one wake,
+        the same order, gap and expectations as ``put`` of each in turn (NOTE [ group admission ]
+        in daemon/dispatch/scheduler.py)."""
+        with self._cond:
+            self._arrivals(items[0].session, len(items))
+            self._push_all(items)
+            if self._listening:
+                self._cond.notify()
+
+    def _push_all(self, items: list) -> None:
+        self._items.push_many(items)
+
+    def _arrivals(self, session, n: int) -> None:
+        """``n`` requests of ``session`` arrive now: the smoothed gap (the first after the last
+        arrival, the others 0 apart) and the expectations."""
+        now = self._clock()
+        if self._last_put is not None:
+            dt = now - self._last_put
+            self.gap = dt if self.gap == math.inf else self.gap + self.GAP_ALPHA * (dt - self.gap)
+            if n > 1:
+                self.gap *= (1.0 - self.GAP_ALPHA) ** (n - 1)
+        elif n > 1:
+            self.gap = 0.0
+        self._last_put = now
+        self._arrived(session, n)
 
     def expect(self, session, count: int, at: float) -> None:
         """``count`` more requests of ``session`` are expected at ``at`` (expected arrivals in
@@ -287,15 +309,15 @@ class DeviceQueue:
         with self._cond:
             self._expected[session] = [count, at]
 
-    def arrived(self, session) -> None:
-        """A request of ``session`` went to another device: one less expected here."""
+    def arrived(self, session, n: int = 1) -> None:
+        """``n`` requests of ``session`` went to another device: as many less expected here."""
         with self._cond:
-            self._arrived(session)
+            self._arrived(session, n)
 
-    def _arrived(self, session) -> None:
+    def _arrived(self, session, n: int = 1) -> None:
         entry = self._expected.get(session)
         if entry is not None:
-            entry[0] -= 1
+            entry[0] -= n
             if entry[0] <= 0:
                 del self._expected[session]
 
@@ -331,11 +353,12 @@ class DeviceQueue:
         with self._cond:
             return self._items.take_newest(count)
 
-    def ahead(self, flow, mid: int = 0) -> int:
-        """Requests expected to be served before one more of ``flow`` (a uid): for admission.
-        (``mid``: the request's model; one model here, daemon/dispatch/lanes.py for several.)"""
+    def ahead(self, flow, mid: int = 0, extra: int = 0) -> int:
+        """Requests expected to be served before one more of ``flow`` (a uid): for admission;
+        ``extra``: once that many more of ``flow`` are queued (the last of a group). (``mid``: the
+        request's model; one model here, daemon/dispatch/lanes.py for several.)"""
         with self._cond:
-            return self._items.ahead(flow)
+            return self._items.ahead(flow, extra) if extra else self._items.ahead(flow)
 
     def over_share(self, flow, limit: int, mid: int = 0) -> bool:
         """``flow`` holds at least its share of ``limit`` queued requests (fair share off: always)."""

@@ -31,13 +31,14 @@ computed.
 from __future__ import annotations
 
 import logging
+import struct
 
 import numpy as np
 
 from . import fairness
 from . import policy as policies
 from ..pipeline.records import BatchResult, Outcome, Request
-from ..caching.results import LOOP, STAGED, Caches
+from ..caching.results import LOOP, STAGED, UNHASHED, Caches
 from .device import DISABLED
 from .health import HealthMonitor
 from ..ops.logs import RateLimitedLog
@@ -53,6 +54,34 @@ from ...shm import wire
 # reply path must end in _finish; split across modules, that invariant would have no one place to
 # be read. What does not touch them is elsewhere: field checks (daemon/front/admission.py), device
 # choice (policy.py), fair order and planning (fairness.py, queues.py), caches (caching/results.py).
+
+# NOTE [ group admission ]
+#
+# A classify_many of K frames costs the loop O(1) Python a message plus a small O(K) loop, not K
+# times the per-request machinery: its shared fields are checked once (submit_many); then, where
+# every one of its requests would pass admission one by one, they are admitted as a group:
+#
+#   check_slot per slot (bounds, busy; a slot named twice in the message: one at a time instead)
+#   the uid's quota:        in_flight + K <= server.max_inflight_per_uid
+#   one device choice:      policy.choose once (the group goes to one device, in one lane)
+#   the queue's bound:      outstanding + K <= batching.queue_limit (so no share check can refuse)
+#   the deadline of the LAST: finish_in(ahead(uid, extra=K-1) + 1): it has the most ahead of it,
+#                           so if it finishes in time every one before it does
+#   -> K Requests (one arrival time, one deadline), counts bumped by K, ThinkTime once,
+#      DeviceQueue.put_many: one lock, one wake, the same fair order, gap and expectations
+#
+# Where any of those could refuse one of them (the quota or the queue near full, a deadline too
+# tight for the last, no device, the fleet cache hashing on the loop), the message goes one request
+# at a time through ``_enter`` exactly as before, so a group is split where the uid's share, its
+# quota or a deadline says so, with each refused request's own error. tests/unit/test_group_admission.py
+# checks that both ways end in the same queue, refusals and counts.
+#
+# The way back is per batch too: on_batch_done sorts a batch's entries by outcome in one pass
+# (BatchResult.settle), builds a plain reply (one model, no followers, no logits, no upload, a
+# generation the session knows) as one dict with no stamping call, gives the counts of a run of
+# alike requests back at once (``_finish_many``), and the latency histograms take one observation
+# per run of requests that arrived together (Stats.batch), with its count: p50 and p99 stay per
+# request.
 log = logging.getLogger("inferd.scheduler")
 _late = RateLimitedLog(log)         # one per batch of a slow device: one line per 10 s
 
@@ -186,16 +215,81 @@ class Scheduler:
                 refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
             self._write({session: refused})
             return
-        looked, inflight, ring = msg.get("looked"), session.inflight, session.ring
-        for i, slot in enumerate(slots):
-            try:
-                self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
-                            tag, None, None, looked, logits, served)
-            except Rejected as exc:
-                self.stats.outcome(exc.code, served=served)
-                refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
+        looked = msg.get("looked")
+        if not self._enter_group(session, rid, slots, top_k, timeout, tag, looked, logits, served, refused):
+            inflight, ring = session.inflight, session.ring
+            for i, slot in enumerate(slots):
+                try:
+                    self._enter(session, rid + i, check_slot(slot, ring, inflight), top_k, timeout, "classify",
+                                tag, None, None, looked, logits, served)
+                except Rejected as exc:
+                    self.stats.outcome(exc.code, served=served)
+                    refused.append(wire.error(rid + i, exc.code, str(exc), **exc.extra))
         if refused:
             self._write({session: refused})
+
+    def _enter_group(self, session, rid: int, slots: list, top_k: int, timeout: float, tag, looked,
+                     logits: bool, served, refused: list) -> bool:
+        """Admit a classify_many's requests as one group, when every one of them would pass
+        ``_enter``'s checks one by one (NOTE [ group admission ]); False (nothing done) where any
+        check could refuse one of them, or a frame must be copied on the loop: ``_enter`` then
+        takes them one at a time. Slots refused on their own go to ``refused``."""
+        caches = self.caches
+        if caches.l2 is not None:           # the fleet cache hashes on the loop: one at a time
+            return False
+        inflight, ring = session.inflight, session.ring
+        ok, ids, bad = [], [], []
+        for i, slot in enumerate(slots):
+            try:
+                slot = check_slot(slot, ring, inflight)
+            except Rejected as exc:
+                bad.append((rid + i, exc))
+                continue
+            ok.append(slot)
+            ids.append(rid + i)
+        k = len(ok)
+        if k > 1 and len(set(ok)) < k:      # a slot named twice: the second is refused as busy
+            return False
+        if k:
+            uid = session.peer[1]
+            server, batching = self.cfg.server, self.cfg.batching
+            held = self.stats.uids.get(uid)
+            if held is not None and held.in_flight + k > server.max_inflight_per_uid:
+                return False
+            now = self._clock()
+            deadline = now + timeout
+            device = self.policy.choose(self.devices, now, batching.max_batch,
+                                        served=served if self.several else None)
+            if device is None or device.outstanding + k > batching.queue_limit:
+                return False
+            queue, mid = device.queue, served.mid
+            # the last of the group has the most ahead of it: if it finishes in time, all do
+            last = policies.finish_in(device, now, batching.max_batch, queue.ahead(uid, mid, k - 1) + 1, mid)
+            if now + last > deadline:
+                return False
+        for i, exc in bad:
+            self.stats.outcome(exc.code, served=served)
+            refused.append(wire.error(i, exc.code, str(exc), **exc.extra))
+        if not k:
+            return True
+        where, insert = (caches.hashing_for(looked, "classify", tag) if caches.hashing
+                         else (UNHASHED, False))
+        gen = served.model.gen
+        requests = []
+        for n, slot in enumerate(ok):
+            if n and looked is True and caches.hashing:     # (sampling decides request by request)
+                where, insert = caches.hashing_for(looked, "classify", tag)
+            requests.append(Request(session, ring, ids[n], slot, top_k, now, deadline, device, 0, False, None,
+                                    b"", b"", where == STAGED, insert, None, "classify", tag, None, [], gen,
+                                    logits, served, mid))
+            inflight[slot] = ids[n]
+        self.stats.admitted(uid, k)
+        self.outstanding += k
+        served.inflight += k
+        session.think.submitted(session, now, queue, k)
+        device.outstanding += k
+        queue.put_many(requests)
+        return True
 
     def _submit(self, session, rid: int, msg: dict, op: str, served) -> None:
         spec = served.spec
@@ -351,12 +445,26 @@ class Scheduler:
         device.queue.put(request)
 
     # results ----------------------------------------------------------------------------------
+    def seal_answers(self, result: BatchResult) -> None:
+        """On the pipeline thread that delivers a batch, before the loop has it: seal the cache
+        entries of its computed classify answers that the loop will surely insert (Caches.seal),
+        so the loop's insert is a lock, a way and a write (``remember`` seals any other itself,
+        and again if the cache was flushed or the key changed meanwhile). Reads the entries, which
+        no other thread writes then, and the caches' hit rate (a float: any value is safe)."""
+        seal = self.caches.seal
+        for e in result.entries:
+            if e.key and e.outcome is Outcome.DONE:
+                r = e.request
+                if r.op == "classify":
+                    e.sealed = seal(e.key, e.top, r.insert)
+
     def on_batch_done(self, result: BatchResult) -> None:
         """Every request of one batch comes back here: reply, re-dispatch, or drop if stale."""
         dev = result.device
         # a canary has no session: it only informs the health monitor below
         live = lambda e: e.request.session is not None and e.current()
         replies: dict = {}
+        result.settle()                     # the entries by outcome, one pass (records.py)
         self._hashed(result, live)
         if result.early:                    # hits and coalesced frames, ahead of their batch
             self._answer_settled(result, live, replies)
@@ -395,7 +503,9 @@ class Scheduler:
         horizon = self.cfg.batching.max_delay_ms / 1000.0
         self._write(replies)
         for session, messages in replies.items():
-            session.think.replied(session, now, len(messages), dev.queue, horizon)
+            count = len(messages) if not messages or type(messages[0]) is not _Answers else \
+                len(messages) - 1 + len(messages[0].ids)
+            session.think.replied(session, now, count, dev.queue, horizon)
         self.stats.batch(result, answered, now)
         if len(dev.queue):
             # the planner learns who is coming back only now (NOTE [ batch planning ]): if it waits
@@ -424,8 +534,9 @@ class Scheduler:
             if e.key:
                 if e.looked:
                     caches.count_lookup(e.outcome is Outcome.HIT)
-                if live(e):
-                    e.request.key, e.request.content = e.key, e.content
+                r = e.request
+                if r.session is not None and not r.done and r.attempt == e.attempt:    # live(e), inline
+                    r.key, r.content = e.key, e.content
         if result.hashed:
             self.counters["hash_seconds"] += result.hash_seconds
             self.counters["hashed"] += result.hashed
@@ -434,14 +545,22 @@ class Scheduler:
         """The entries the collector settled without computing: a cache hit answered from the
         cache; a frame coalesced with an identical one of its session rides on that leader,
         answered with it (or from its answer, if it came first; or queued again, if it failed)."""
+        plain = []
         for e in result.with_outcome(Outcome.HIT):
             if live(e):
                 r = e.request
                 r.answer = e.top
-                self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
+                if r.tag is not None:
+                    self.caches.retag(r.content, r.tag, r.session.peer[1], r.mid)
+                if self._plain(replies, r, e.top, r.served.gen, True):
+                    plain.append(r)
+                    continue
                 self.stats.outcome("cached", served=r.served)
                 self._answer(replies, r, lambda rid, k, top=e.top: {
                     "id": rid, "ok": True, "top": [list(p) for p in top[:k]], "cached": True}, r.served.gen)
+        if plain:
+            self.stats.outcome("cached", len(plain), served=self.first)
+            self._finish_many(plain)
         for e in result.with_outcome(Outcome.COALESCED):
             if not live(e):
                 continue
@@ -464,8 +583,14 @@ class Scheduler:
 
     def _write(self, replies: dict) -> None:
         """One write per session: a client that batches its requests gets its replies in one
-        ``replies`` message (docs/protocol.md), any other one frame each."""
+        ``replies`` message (docs/protocol.md), and its plain answers in one ``answers`` message
+        when it reads those; any other one frame each."""
         for session, messages in replies.items():
+            if messages and type(messages[0]) is _Answers:
+                session.write(messages[0].encode())
+                messages = messages[1:]
+                if not messages:
+                    continue
             if session.batches and len(messages) > 1 and any("logits" in m for m in messages):
                 # a reply with logits (up to 4 MiB) goes in a frame of its own: no bundle of a
                 # batch's replies can pass the client's frame limit
@@ -480,23 +605,28 @@ class Scheduler:
         """Queue the replies of a batch's computed requests that are still ``live``, keep their
         answers (cache, embeddings, a verified upload); the live requests answered ok (their
         latency is kept)."""
-        answered = []
+        answered, plain, computed = [], [], 0
         # a batch is one model's: is its generation the one serving now?
         current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
+        gen, remember = result.gen, self.caches.remember
         for e in result.with_outcome(Outcome.DONE):
-            if not live(e):
+            r = e.request
+            if r.session is None or r.done or r.attempt != e.attempt:      # not live
                 continue
-            r, top, vector = e.request, e.top, e.embedding
-            result.device.frames += 1
+            top, vector = e.top, e.embedding
+            computed += 1
             answered.append(r)
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
-                self.caches.remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                                     vector, r.tag, r.session.peer[1], r.insert, r.mid)
+                remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
+                         vector, r.tag, r.session.peer[1], r.insert, r.mid, e.sealed)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:
                     self.caches.verify_upload(e.upload, e.frame, top)
+                if e.logits is None and self._plain(replies, r, top, gen):
+                    plain.append(r)         # (its bookkeeping once a batch: ``_finish_many``)
+                    continue
                 if e.logits is not None:    # it has no followers: it never leads coalesced frames
                     self._answer(replies, r, lambda rid, k, top=top, raw=e.logits.tobytes(): {
                         "id": rid, "ok": True, "top": top[:k], "logits": raw}, result.gen)
@@ -509,7 +639,37 @@ class Scheduler:
                     answered.pop()
                     self.stats.outcome("failed", served=r.served)
                 self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        result.device.frames += computed
+        self._finish_many(plain)
         return answered
+
+    def _plain(self, replies: dict, r: Request, top: list, gen: int, cached: bool = False) -> bool:
+        """Queue ``r``'s answer ``top`` (by generation ``gen``; from the cache) where it needs no
+        more than id, top, gen and cached: one model, no followers, no upload, a generation its
+        session knows (``_stamp`` would add nothing else). One ``answers`` entry for a session that
+        reads those, else a map. False where ``_answer`` must make it; the caller finishes ``r``."""
+        session = r.session
+        if self.several or r.followers or r.upload is not None or r.served is not self.first \
+                or gen > session.told_gen:
+            return False
+        messages = replies.get(session)
+        if messages is None:
+            messages = replies[session] = []
+        if getattr(session, "packed", False):       # one ``answers`` frame (shm/wire.py)
+            packed = messages[0] if messages and type(messages[0]) is _Answers else None
+            if packed is None:
+                packed = _Answers(gen)
+                messages.insert(0, packed)
+            if packed.gen == gen:                   # (else, after a model swap: a map of its own)
+                packed.add(r.id, top[:r.top_k], cached)
+                return True
+        message = {"id": r.id, "ok": True, "top": top[:r.top_k]}
+        if gen:
+            message["gen"] = gen
+        if cached:
+            message["cached"] = True
+        messages.append(message)
+        return True
 
     def _answer(self, replies: dict, r: Request, make, gen: int = 0) -> None:
         """Queue ``make(id, top_k)`` for the request and each identical frame coalesced with it;
@@ -587,12 +747,54 @@ class Scheduler:
         if self.outstanding == 0 and self.draining and self.on_idle is not None:
             self.on_idle()
 
+    def _finish_many(self, done: list) -> None:
+        """``_finish`` of answered requests without followers or an upload, the counts they hold
+        (uid, device, model, daemon) given back once per run of alike ones (NOTE [ group
+        admission ])."""
+        if not done:
+            return
+        run_uid = run_dev = run_served = None
+        n_uid = n_dev = n_served = 0
+        stats, closing = self.stats, []
+        for r in done:
+            r.done = True
+            session = r.session
+            session.inflight.pop(r.slot, None)
+            if r.key:
+                session.unclaim(r.key, r)
+            if session.closed and not session.inflight:
+                closing.append(session)
+            uid, dev, served = session.peer[1], r.device, r.served
+            if uid != run_uid:
+                if n_uid:
+                    stats.finished(run_uid, n_uid)
+                run_uid, n_uid = uid, 0
+            n_uid += 1
+            if dev is not run_dev:
+                if n_dev:
+                    run_dev.outstanding -= n_dev
+                run_dev, n_dev = dev, 0
+            n_dev += 1
+            if served is not run_served:
+                if n_served:
+                    self._let_go(run_served, n_served)
+                run_served, n_served = served, 0
+            n_served += 1
+        stats.finished(run_uid, n_uid)
+        run_dev.outstanding -= n_dev
+        self.outstanding -= len(done)
+        for session in closing:
+            session.release_ring()
+        self._let_go(run_served, n_served)
+        if self.outstanding == 0 and self.draining and self.on_idle is not None:
+            self.on_idle()
+
     @staticmethod
-    def _let_go(served) -> None:
-        """One request of ``served`` answered; the last one of an unloaded model lets it be freed."""
+    def _let_go(served, n: int = 1) -> None:
+        """``n`` requests of ``served`` answered; the last one of an unloaded model lets it be freed."""
         if served is None:
             return
-        served.inflight -= 1
+        served.inflight -= n
         if served.retired and not served.inflight and served.on_idle is not None:
             served.on_idle()
 
@@ -648,6 +850,35 @@ class Scheduler:
                 "requests": dict(self.stats.outcomes),
                 "devices": [d.describe() for d in self.devices], "cache": self.caches.stats(),
                 "counters": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}}
+
+
+class _Answers:
+    """A session's plain classify answers of one batch, to go as one ``answers`` frame
+    (wire.pack_answers): ids, their pairs and the generation, no dict per answer."""
+
+    __slots__ = ("gen", "ids", "ks", "tops", "cached")
+
+    def __init__(self, gen: int):
+        self.gen = gen
+        self.ids: list = []
+        self.ks: list = []
+        self.tops: list = []
+        self.cached: list = []
+
+    def add(self, rid: int, top: list, cached: bool = False) -> None:
+        self.ids.append(rid)
+        self.ks.append(len(top))
+        self.tops.append(top)
+        self.cached.append(cached)
+
+    def encode(self) -> bytes:
+        try:
+            return wire.pack_answers(self.ids, self.ks, self.tops, self.gen, self.cached)
+        except (struct.error, TypeError, ValueError):   # a pair that is not (int, float): as replies
+            gen = {"gen": self.gen} if self.gen else {}
+            return wire.encode({wire.REPLIES: [{"id": rid, "ok": True, "top": top, **gen,
+                                                **({"cached": True} if cached else {})}
+                                               for rid, top, cached in zip(self.ids, self.tops, self.cached)]})
 
 
 def _none_in_rotation(devices) -> str:

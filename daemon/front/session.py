@@ -87,6 +87,7 @@ class Session(asyncio.Protocol):
         self.told_gen = 0                      # newest model generation this client was told of
         self.told_models: dict = {}            # (name, version) -> (digest, gen) told of, other models
         self.batches = False                   # it sent classify_many: its replies may come batched
+        self.packed = False                    # ... and said it reads ``answers`` messages (shm/wire.py)
         self.think = ThinkTime()               # for the batch planner (daemon/dispatch/queues.py)
         self.transport: asyncio.Transport | None = None
         self.waiting = False                   # queued for a turn (daemon/front/loop_share.py)
@@ -289,6 +290,8 @@ class Session(asyncio.Protocol):
                 self._submit(self, rid, msg, op)
             elif op == wire.CLASSIFY_MANY:
                 self.batches = True             # it reads ``replies`` messages from now on
+                if msg.get(wire.ANSWERS) == 1:
+                    self.packed = True          # and ``answers`` messages
                 self._submit_many(self, rid, msg)
             elif op == "flush_cache":
                 raise Rejected(wire.E_UNKNOWN_OP, "flush_cache moved to the admin socket: "

@@ -152,11 +152,11 @@ class Stats:
     def session_closed(self, uid: int) -> None:
         self._uid(uid).sessions -= 1
 
-    def admitted(self, uid: int) -> None:
-        """A request of ``uid`` holds a slot until ``finished`` (coalesced ones too)."""
+    def admitted(self, uid: int, n: int = 1) -> None:
+        """``n`` requests of ``uid`` hold a slot each until ``finished`` (coalesced ones too)."""
         rec = self._uid(uid)
-        rec.in_flight += 1
-        rec.requests += 1
+        rec.in_flight += n
+        rec.requests += n
 
     def finished(self, uid: int, n: int = 1) -> None:
         self._uid(uid).in_flight -= n
@@ -231,14 +231,28 @@ class Stats:
             lat["compute"].observe(finished - started, n)
             lat["reply"].observe(now - finished, n)
             queue, total, dev_total, dev_queue = lat["queue"], lat["total"], rec.latency, rec.queue
+            # one observation (with its count) per run of requests that arrived together: a
+            # classify_many's are admitted at one time, so a batch makes a few, not one a frame
+            late, arrived, n_run = 0, None, 0
             for r in answered:
-                queue.observe(started - r.arrived)
-                dev_queue.observe(started - r.arrived)
-                seconds = now - r.arrived
-                total.observe(seconds)
-                dev_total.observe(seconds)
                 if now > r.deadline:
-                    self.late += 1
+                    late += 1
+                if r.arrived == arrived:
+                    n_run += 1
+                    continue
+                if n_run:
+                    self._observe_run(queue, dev_queue, total, dev_total, started - arrived, now - arrived, n_run)
+                arrived, n_run = r.arrived, 1
+            self._observe_run(queue, dev_queue, total, dev_total, started - arrived, now - arrived, n_run)
+            self.late += late
+
+    @staticmethod
+    def _observe_run(queue, dev_queue, total, dev_total, waited: float, seconds: float, n: int) -> None:
+        """``n`` requests that waited ``waited`` before their batch and ``seconds`` in all."""
+        queue.observe(waited, n)
+        dev_queue.observe(waited, n)
+        total.observe(seconds, n)
+        dev_total.observe(seconds, n)
 
     def device_state(self, dev, state: str) -> None:
         """A health transition of ``dev`` into ``state`` (daemon/dispatch/health.py)."""

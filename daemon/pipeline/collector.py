@@ -5,7 +5,9 @@ NOTE [ request path ]
 
     loop thread       Session.data_received -> Scheduler.submit (daemon/dispatch/scheduler.py):
                         checks every field, admits against the deadline, picks a device
-                        (daemon/dispatch/policy.py); Request (records.py) -> device.queue.put
+                        (daemon/dispatch/policy.py); Request (records.py) -> device.queue.put;
+                        a classify_many's requests as one group where each would pass alone
+                        (NOTE [ group admission ]): one device choice, one put_many
                              |
                              v  DeviceQueue (daemon/dispatch/queues.py)
     collector thread  take a free staging buffer of the executor
@@ -38,12 +40,15 @@ NOTE [ request path ]
                         (daemon/pipeline/engine.py); the buffer back once its frames are there
                       each entry DONE with its top-k (its embedding row, near-duplicate matches
                         searched here), or every one FAILED with the batch's error
-                      deliver(result): call_soon_threadsafe, one call per batch
+                      deliver(result): the cache entries the loop will surely insert sealed
+                        here (Scheduler.seal_answers: the BLAKE3 of an insert, off the loop),
+                        then call_soon_threadsafe, one call per batch
                              |
                              v
     loop thread       Scheduler.on_batch_done(result), by each entry's outcome: one reply per live
                         request, all of a session's in one write (one ``replies`` message for a
-                        client that batches), slot released, ring freed when a closed session's
+                        client that batches, its plain answers packed in one ``answers`` message
+                        when it reads those), slot released, ring freed when a closed session's
                         last request comes back; answers stored (only here: the loop is the
                         cache's one writer); a COALESCED one rides on its leader (answered with
                         it, or from its answer if that came first, or queued again if it
@@ -57,7 +62,9 @@ the frame's bytes is a device thread's, with the GIL let go, so it runs in paral
 Why the trust argument holds. The row is the daemon's own copy: the client cannot write the staging
 buffer, and the ring slot stays the daemon's (``Session.inflight``) until the request's reply, so
 the client may reuse it only after that. The hash is taken over that row, the model computes on
-that row, and the loop alone inserts, under the key of the row an answer was computed from: what
+that row, and the loop alone inserts (a pipeline thread may seal the entry beforehand, from that
+key and that answer; the loop stores it only under the same key, sealed again if the cache was
+flushed meanwhile), under the key of the row an answer was computed from: what
 the client wrote before, during or after the copy can only change which bytes its own request is
 answered for. Coalescing is per session: a frame only ever rides on an identical frame of the same
 client (the same content hash under the same model), so it tells a client nothing about another's

@@ -109,6 +109,8 @@ class BatchEntry:
     leader: Request | None = None                  # COALESCED: the request whose answer it takes
     frame: np.ndarray | None = None                # a private copy of its staged row, for an upload's check
     upload: np.ndarray | None = None               # the collector's copy of its upload's encoded bytes
+    sealed: tuple | None = None                    # DONE: its cache entry sealed by the delivering
+    #                                                thread (Scheduler.seal_answers), or None
 
     def current(self) -> bool:
         """The entry still speaks for its request: not answered meanwhile, and not re-dispatched
@@ -133,6 +135,9 @@ class BatchResult:
     #                                                COALESCED), sent ahead of their batch
     hash_seconds: float = 0.0                      # the collector's time hashing ...
     hashed: int = 0                                # ... this many rows
+    settled: dict | None = field(default=None, repr=False)
+    #                                                outcome's value -> its entries, once the loop has it
+    #                                                (``settle``): every outcome final by then
 
     @classmethod
     def taking(cls, device: Device, requests: list[Request]) -> BatchResult:
@@ -146,10 +151,32 @@ class BatchResult:
 
     def with_outcome(self, outcome: Outcome) -> list[BatchEntry]:
         """Its entries in ``outcome``, in the order taken (for PENDING: the staging buffer's rows)."""
+        if self.settled is not None:
+            return self.settled.get(outcome._value_, [])
         return [e for e in self.entries if e.outcome is outcome]
 
     def count(self, outcome: Outcome) -> int:
+        if self.settled is not None:
+            return len(self.settled.get(outcome._value_, ()))
         return sum(e.outcome is outcome for e in self.entries)
+
+    def settle(self) -> dict:
+        """The entries by outcome, in one pass, kept: on the loop, once the batch is back and no
+        pipeline thread writes an entry any more (``with_outcome`` and ``count`` read it then)."""
+        # keyed by each outcome's value: an Enum member's own hash is Python code, a str's is not
+        done, others = [], []
+        for e in self.entries:
+            (done if e.outcome is Outcome.DONE else others).append(e)
+        by: dict = {Outcome.DONE._value_: done} if done else {}
+        for e in others:
+            key = e.outcome._value_
+            group = by.get(key)
+            if group is None:
+                by[key] = [e]
+            else:
+                group.append(e)
+        self.settled = by
+        return by
 
 
 def screen(entries: list[BatchEntry], cutoff: float) -> list[BatchEntry]:

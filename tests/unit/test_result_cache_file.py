@@ -427,3 +427,21 @@ def test_sigkill_during_writes_never_yields_a_wrong_answer(path):
     # writes.
     assert torn_rounds >= MIN_TORN_ROUNDS, \
         f"seed {seed}: only {torn_rounds} of 100 kills landed mid-write; the test no longer tests crashes"
+
+
+def test_an_entry_sealed_beforehand_is_inserted_as_is_or_sealed_again_when_it_went_stale(path):
+    cache = ResultCache.open_writer(path, 1 << 18)
+    reader = ResultCache.open_reader(path)
+    a, b, c = key_of(1), key_of(2), key_of(3)
+    cache.insert(a, [(1, 0.5)], cache.seal(a, [(1, 0.5)]))              # sealed by another thread
+    assert reader.lookup(a) == [(1, 0.5)]
+    cache.insert(b, [(2, 0.5)], cache.seal(c, [(3, 0.5)]))              # another key's: sealed again
+    assert reader.lookup(b) == [(2, 0.5)] and reader.lookup(c) is None
+    early = cache.seal(c, [(4, 0.25)])
+    cache.flush()                                                       # the generation moved on
+    cache.insert(c, [(4, 0.25)], early)
+    assert reader.lookup(c) == [(4, 0.25)]                              # readable: sealed for the new one
+    with pytest.raises(ValueError):
+        cache.seal(a, [])
+    reader.close()
+    cache.close()
