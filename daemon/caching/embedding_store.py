@@ -120,6 +120,7 @@ import zlib
 import numpy as np
 
 from ...shm import ownedfile
+from . import ann_ivf
 from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
 
 # Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
@@ -176,7 +177,7 @@ def index_options(cfg) -> IndexOptions | None:
     """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
     if not cfg.index:
         return None
-    return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
+    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
                         save_interval_s=cfg.index_save_interval_s, nice=cfg.index_nice)
@@ -336,8 +337,11 @@ class EmbeddingStore:
 
     def _open_index(self, options: IndexOptions, log) -> None:
         ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
-                 "shared": self.shared, "scalar": options.scalar, "connectivity": options.connectivity,
-                 "expansion_add": options.expansion_add}
+                 "shared": self.shared, "kind": options.kind, "lists": 0, "scalar": options.scalar,
+                 "connectivity": options.connectivity, "expansion_add": options.expansion_add}
+        if options.kind == "ivf":                        # meta's fields for it (daemon/caching/ann_file.py)
+            lists = options.lists or ann_ivf.auto_lists(self.capacity)
+            ident.update(lists=lists, scalar="ivf-i8", connectivity=0, expansion_add=lists)
         source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
         self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
 
