@@ -107,24 +107,26 @@ def embedding() -> str:
 
 #: The index the stores under --keep are first built with (the defaults until 2026-12-07); a
 #: store for other parameters is a copy of that one whose index the daemon's own path rebuilt.
-BASE_INDEX = {"scalar": "f16", "connectivity": 16, "expansion_add": 64}
+BASE_INDEX = {"scalar": "f16", "connectivity": 16, "expansion_add": 64, "kind": "hnsw", "lists": 0}
 
 
 def index_spec(text: str) -> tuple[dict, str]:
-    """``--index`` ("scalar=i8,m=12,ef_add=32", the daemon's defaults for what it leaves out) as
+    """``--index`` ("scalar=i8,m=12,ef_add=32", or "kind=ivf[,lists=4096][,probe=16]": the
+    daemon's defaults for what it leaves out) as
     IndexOptions fields, and the store name's suffix: the built parameters that differ from
     BASE_INDEX (the search-time ``ef`` builds nothing)."""
     from inferd.daemon.caching.ann_index import IndexOptions
 
     names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search",
-             "nice": "nice"}
+             "nice": "nice", "kind": "kind", "lists": "lists", "probe": "probe"}
     defaults = IndexOptions()
     fields = {f: getattr(defaults, f) for f in BASE_INDEX}
     for part in filter(None, text.split(",")):
         key, value = part.split("=")
-        fields[names[key]] = value if key == "scalar" else int(value)
-    tail = "".join(f"-{key}{fields[f]}" for key, f in (("scalar", "scalar"), ("m", "connectivity"),
-                                                      ("ef_add", "expansion_add")) if fields[f] != BASE_INDEX[f])
+        fields[names[key]] = value if key in ("scalar", "kind") else int(value)
+    built = (("kind", "kind"), ("lists", "lists")) if fields["kind"] == "ivf" else \
+        (("scalar", "scalar"), ("m", "connectivity"), ("ef_add", "expansion_add"))
+    tail = "".join(f"-{key}{fields[f]}" for key, f in built if fields[f] != BASE_INDEX[f])
     return fields, tail
 
 
@@ -216,7 +218,8 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
                                        "writable_s": round(writable, 3), "checked_s": round(checked, 3),
                                        "rebuilt": stats["rebuilt"]}}
         dim = data["stored"].shape[1]
-        graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index") if n.startswith("scope-")]
+        graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index")
+                       if n.startswith(("scope-", "centroids-"))]
         out["memory_bytes_per_row"] = {
             "raw_vector": 4 * dim, "graph_in_memory": round(stats["bytes"] / rows),
             "graph_file": round(sum(os.path.getsize(p) for p in graph_files) / rows),
@@ -304,7 +307,8 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     modes = MODES + ((("alt", True, True),) if alt is not None else ())
     imgs = make_dataset(frames * len(modes) * rounds + 4, seed + 7)[0]
     names = {"connectivity": "index_m", "expansion_add": "index_ef_construction", "scalar": "index_scalar",
-             "expansion_search": "index_ef", "nice": "index_nice"}
+             "expansion_search": "index_ef", "nice": "index_nice", "kind": "index_kind", "lists": "index_lists",
+             "probe": "index_probe"}
     sets = lambda fields: [a for k, v in fields.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
     tuned = sets(index)
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
