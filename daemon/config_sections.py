@@ -236,6 +236,9 @@ class EmbeddingsConfig:
     index_lists: int = _opt(0, "IVF lists (centroids); 0: the power of two nearest 4 * sqrt(capacity), "
                                "4,096 at a million rows (changing it rebuilds the index)", lo=0, hi=1 << 20)
     index_probe: int = _opt(16, "IVF lists scanned a query (more: better recall, slower)", lo=1, hi=1 << 20)
+    index_train_rows: int = _opt(0, "IVF: rows stored before its centroids are trained (the exact scan "
+                                    "answers until then); 0: 39 a list, at most index_exact_max and half "
+                                    "the capacity", lo=0, hi=100_000_000)
     index_exact_below: int = _opt(5_000, "stores with fewer rows are scanned exactly (as fast as the "
                                          "graph there, and exact)", lo=0, hi=100_000_000)
     index_exact_max: int = _opt(100_000, "while the index rebuilds or is over index_max_pending rows "

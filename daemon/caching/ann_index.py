@@ -453,7 +453,7 @@ class AnnIndex:
     # 39 a list, faiss' own minimum for a good k-means, but at most ``embeddings.index_exact_max``
     # and half the capacity) every row stays pending and the store answers by its exact scan (a
     # store over index_exact_max would answer busy: it never waits here, as train_rows is at
-    # most that). Then the inserter samples up to 64 rows a list from the pending ones, trains
+    # most that). Then the inserter samples up to 40 rows a list from the pending ones, trains
     # the centroids (k-means, 10 rounds: a minute of the niced thread at 4,096 lists and 100k
     # rows on this machine), and inserts every pending row as usual. The centroids are saved
     # with the lists and kept for the index's life: rows of later kinds are assigned to the
@@ -473,7 +473,7 @@ class AnnIndex:
             rows = np.fromiter(self.pending, np.int64, len(self.pending))
         t0 = time.monotonic()
         rng = np.random.default_rng(len(rows))
-        rows = np.sort(rng.choice(rows, min(len(rows), 64 * nlist), replace=False))
+        rows = np.sort(rng.choice(rows, min(len(rows), 40 * nlist), replace=False))
         parts = []
         for chunk in np.array_split(rows, max(1, len(rows) // 8192)):
             with self.source.lock:                          # a slice at a time: adds go on meanwhile

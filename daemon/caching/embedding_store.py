@@ -177,7 +177,8 @@ def index_options(cfg) -> IndexOptions | None:
     """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
     if not cfg.index:
         return None
-    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
+    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe,
+                        train_rows=cfg.index_train_rows, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
                         save_interval_s=cfg.index_save_interval_s, nice=cfg.index_nice)
