@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import types
 
 import numpy as np
@@ -50,7 +51,7 @@ FORMAT_VERSION = 1
 _HEAD = struct.Struct("<8sIIIIQ")                 # 32 bytes
 
 PAD = 16                                          # faiss scans int8 codes with SIMD only when dim % 16 == 0
-_threads_set = False
+_local = threading.local()
 
 
 def padded(dim: int) -> int:
@@ -70,14 +71,15 @@ def _pad(vectors: np.ndarray, width: int) -> np.ndarray:
 
 
 def _faiss():
-    """faiss with its OpenMP team at one thread: a query or an insert of the daemon must never
-    wake a second team beside the CPU devices' (training asks for more itself, explicitly)."""
-    global _threads_set
+    """faiss, with its OpenMP team at one thread for the calling thread: a query or an insert of
+    the daemon must never wake a second team beside the CPU devices' (the bundled OpenBLAS, which
+    the inserts' assignment calls, is OpenMP's too). OpenMP's thread count is a per-thread
+    setting, so each thread that calls faiss sets it once (training asks for more, explicitly)."""
     import faiss
 
-    if not _threads_set:
+    if not getattr(_local, "one", False):
         faiss.omp_set_num_threads(1)
-        _threads_set = True
+        _local.one = True
     return faiss
 
 
@@ -155,6 +157,7 @@ class IvfScope:
         return _HEAD.size + 8 * self.ivf.nlist + len(self) * (8 + self.ivf.code_size)
 
     def add(self, keys: np.ndarray, vectors: np.ndarray, threads: int = 1) -> None:
+        _faiss()                                  # this thread's OpenMP team: one
         self.ivf.add_with_ids(_pad(vectors, self.width), np.asarray(keys, np.uint64).view(np.int64))
 
     def remove(self, keys: np.ndarray) -> None:
