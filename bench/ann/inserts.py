@@ -105,9 +105,10 @@ def ivf_costs(spec, x, rng, args, copies, pick, others, nearest):
     ivf.cp.niter = args.train_iter
     t = time.perf_counter()
     faiss.omp_set_num_threads(2)                        # training is set-up, not an insert
-    ivf.train(x[rng.choice(args.rows, min(args.rows, args.train_per_list * nlist), replace=False)])
+    first = args.train_first or args.rows               # drift: centroids of the early rows only
+    ivf.train(x[rng.choice(first, min(first, args.train_per_list * nlist), replace=False)])
     faiss.omp_set_num_threads(1)
-    res = {"nlist": nlist, "quantizer": qkind, "dim": dim, "scalar": scalar, "train_s": round(time.perf_counter() - t, 2)}
+    res = {"nlist": nlist, "quantizer": qkind, "dim": dim, "trained_on_first": args.train_first or args.rows, "scalar": scalar, "train_s": round(time.perf_counter() - t, 2)}
     n, c0 = len(x), cpu()
     tail = int(n * 0.9)
     for s in range(0, n, args.batch):
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256, help="IVF rows an insert call")
     ap.add_argument("--quantizer-ef", type=int, default=32, help="efSearch of an HNSW quantizer")
     ap.add_argument("--train-per-list", type=int, default=40, help="IVF training rows per list")
+    ap.add_argument("--train-first", type=int, default=0, help="IVF: train on the first N rows only "
+                    "(bench.ann's stores: 100k real rows, then synthetic ones: recall of rows stored after)")
     ap.add_argument("--train-iter", type=int, default=10, help="k-means iterations of IVF training")
     ap.add_argument("--graph", default="", help="instead: insert costs in this saved graph file "
                     "(a store's .index/scope-*.usearch), --batches rows a call, with --vectors")
