@@ -51,3 +51,41 @@ def test_what_it_does_not_cover_takes_the_torch_ops():
     double = torch.relu(torch.randn(2, 4, 8, 8)).to(torch.float64)
     assert torch.equal(pool(double, None), torch_ops(pool, double, None))
     assert embedding_pooling.pooling_jit is pooling_jit
+
+
+def test_a_cpu_engine_pools_in_the_hook_to_the_same_rows():
+    """NOTE [ pooled while hot ]: the built-in model's embedding, pooled by its layer's forward
+    hook, equals the torch ops' pooling of that layer's output after the forward pass."""
+    from inferd.daemon.config import ModelConfig
+    from inferd.daemon.models import loading
+    from inferd.daemon.models.zoo.shapes import make_dataset
+    from inferd.daemon.pipeline import engine as engine_mod
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = engine_mod.Engine(torch.device("cpu"), loading.load(ModelConfig()), keep_k=3)
+        engine.load()
+        engine.team = None
+        frames = torch.from_numpy(make_dataset(5, 4)[0])
+        hot = []
+        hook = engine_mod._capture
+
+        def spy(module, inputs, output):
+            hook(module, inputs, output)
+            hot.append((output.clone(), engine_mod._current.embedding))
+        layer = dict(engine.replica.named_modules())[engine.model.spec.embedding_layer]
+        layer._forward_hooks.clear()
+        layer.register_forward_hook(spy)
+        try:
+            got = engine.launch(frames, 5, 3, want_embedding=True).result()[2]
+        finally:
+            layer._forward_hooks.clear()
+            layer._inferd_hooked = False
+        (features, stashed), = hot
+        assert isinstance(stashed, embedding_pooling.Pooled)   # pooled in the hook, not after
+        want = torch_ops(engine.pool, features, frames)
+        assert got.shape == tuple(want.shape)
+        assert torch.allclose(torch.from_numpy(got), want, atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
