@@ -1,6 +1,5 @@
 """What the embedding costs a CPU batch, in one process: the built-in model's forward pass with and
-without the embedding (pooled in the layer's hook, NOTE [ pooled while hot ], and after the pass,
-as before it), and the pooling alone, the torch ops (the definition) against the compiled
+without the embedding, and the pooling alone, the torch ops (the definition) against the compiled
 pass (daemon/models/pooling_jit.py), interleaved, one torch thread, per batch size.
 
     python -m bench.ann.pooling [--reps 200]
@@ -37,7 +36,6 @@ def main(argv=None) -> int:
     from inferd.daemon.config import ModelConfig
     from inferd.daemon.models import loading as model_mod
     from inferd.daemon.models import pooling_jit
-    from inferd.daemon.models import embedding_pooling
     from inferd.daemon.models.embedding_pooling import Pool
     from inferd.daemon.models.zoo.shapes import make_dataset
     from inferd.daemon.pipeline.engine import Engine, Staging
@@ -56,18 +54,8 @@ def main(argv=None) -> int:
     pool, covers = Pool.parse("grid:4+thumbnail:4"), pooling_jit.covers
     for n in map(int, args.batches.split(",")):
         launch = lambda want: engine.launch(staging.tensors[0], n, 3, want_embedding=want).result()
-        hot = embedding_pooling.Pool.hot
-
-        def after_pass():                               # the hook keeps the output; pooled at the end
-            embedding_pooling.Pool.hot = lambda self, features, frames: None
-            try:
-                return launch(True)
-            finally:
-                embedding_pooling.Pool.hot = hot
-
-        forward = per_frame({"off": lambda: launch(False), "on": lambda: launch(True), "after": after_pass},
-                            n, args.reps)
-        off, on, after = forward["off"], forward["on"], forward["after"]
+        forward = per_frame({"off": lambda: launch(False), "on": lambda: launch(True)}, n, args.reps)
+        off, on = forward["off"], forward["on"]
         feats = torch.relu(torch.randn(n, 16, 64, 64))
         frames = staging.tensors[0][:n]
 
@@ -81,8 +69,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             pooled = per_frame({"ops": torch_ops, "fused": lambda: pool(feats, frames)}, n, args.reps)
         ops, fused = pooled["ops"], pooled["fused"]
-        print(f"batch {n}: forward {off:.0f} us a frame, with the embedding {on:.0f} (+{on - off:.0f}; "
-              f"pooled after the pass {after:.0f}, +{after - off:.0f}); "
+        print(f"batch {n}: forward {off:.0f} us a frame, with the embedding {on:.0f} (+{on - off:.0f}); "
               f"pooling: torch ops {ops:.0f}, compiled {fused:.0f}", flush=True)
     return 0
 

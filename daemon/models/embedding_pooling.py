@@ -36,17 +36,6 @@ layer with ``model.embedding_layer`` (an early or middle convolution block) and 
 
 The pooling runs on the device, inside the forward pass (daemon/pipeline/engine.py ``embedding_of``), so
 only the pooled rows are copied back, and a CUDA graph captures it with the model.
-
-NOTE [ pooled while hot ]
-On a CPU the compiled pass (daemon/models/pooling_jit.py) runs in the hooked layer's forward hook,
-the moment the layer has written its output, rather than after the whole forward pass: the
-built-in model's ``features.0`` is 16 x 64 x 64 floats a frame (256 KB), in the core's cache when
-the hook runs and evicted by the layers after it by the end of the pass. Pooled after the pass,
-it cost 120-186 us a frame at batches of 1-4 against 40-60 us on a cached copy (``python -m
-bench.ann.pooling``, docs/benchmarks.md "Near-duplicate index"): most of the device thread's
-extra CPU with the embedding on. The result is the same rows (the layer's output is not changed
-after its hook: the next layer reads it), so stored vectors keep matching; anything the
-compiled pass does not cover is pooled after the pass by the torch ops, as before.
 """
 from __future__ import annotations
 
@@ -61,14 +50,6 @@ MEAN = "mean"
 MAX_CELLS = 16              # grid and thumbnail sides: 16 x 16 x C floats is plenty for layout
 BLANK = 1e-3                # the constant column of grid / thumbnail embeddings (see the NOTE)
 _TERM = re.compile(r"^(mean|grid:(\d+)|thumbnail:(\d+))$")
-
-
-class Pooled:
-    """Embedding rows a forward hook pooled already (NOTE [ pooled while hot ])."""
-    __slots__ = ("rows",)
-
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -131,17 +112,6 @@ class Pool:
             parts.append(thumbnail(frames[:v.shape[0]], self.thumbnail))
         parts.append(v.new_full((v.shape[0], 1), BLANK))
         return F.normalize(torch.cat(parts, dim=1), dim=1)
-
-    def hot(self, features: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor | None:
-        """The embedding rows of a batch the compiled pass covers, computed in the hooked layer's
-        forward hook (NOTE [ pooled while hot ]); None: pooled after the forward pass, as ever."""
-        global pooling_jit
-        if pooling_jit is None:
-            from . import pooling_jit as loaded
-            pooling_jit = loaded
-        if not pooling_jit.covers(features, frames, self.grid, self.thumbnail):
-            return None
-        return pooling_jit.embed(features, frames, self.grid, self.thumbnail, BLANK)
 
     def width(self, features_width: int) -> int:
         """The embedding's width for a layer part of ``features_width`` floats (C x G x G or D)."""

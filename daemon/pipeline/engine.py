@@ -57,7 +57,7 @@ import torch
 from ..config import ConfigError
 from ..models.loading import LoadedModel, check_output, logits_of
 from .engine_options import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
-from ..models.embedding_pooling import MEAN, Pool, Pooled
+from ..models.embedding_pooling import MEAN, Pool
 from . import thread_pools
 from .preprocess import Preprocess
 from .streams import streams_for
@@ -276,13 +276,8 @@ class Engine:
         autocast; call in inference mode. Traced whole into a CUDA graph when ``model.compile =
         graphs``."""
         x = self.preprocess(rows)
-        # NOTE [ pooled while hot ] in daemon/models/embedding_pooling.py: on a CPU the hook pools
-        _current.pool_now = (self.pool, rows) if want_embedding and self.device.type == "cpu" else None
-        try:
-            with self.options.autocast(self.device):
-                raw = self._run(x)
-        finally:
-            _current.pool_now = None
+        with self.options.autocast(self.device):
+            raw = self._run(x)
         vectors = embedding_of(raw, rows, self.pool) if want_embedding and self.embedding_dim else None
         return logits_of(raw), vectors
 
@@ -362,9 +357,7 @@ def unpack(host: torch.Tensor, k: int, dim: int):
 
 
 def _capture(module, inputs, output) -> None:
-    now = getattr(_current, "pool_now", None)
-    pooled = None if now is None else now[0].hot(output, now[1])
-    _current.embedding = output if pooled is None else Pooled(pooled)
+    _current.embedding = output
 
 
 def _hook(module, name: str = "") -> None:
@@ -390,4 +383,4 @@ def embedding_of(output, frames: torch.Tensor | None = None, pool: Pool = Pool()
     if vectors is None:
         return None
     _current.embedding = None
-    return vectors.rows if isinstance(vectors, Pooled) else pool(vectors, frames)
+    return pool(vectors, frames)
