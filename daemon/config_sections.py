@@ -222,7 +222,7 @@ class EmbeddingsConfig:
                          lo=1, hi=100_000_000)
     shared: bool = _opt(False, "near-duplicate results and tags are visible to every uid; false: a "
                                "uid sees only the images it stored itself")
-    index: bool = _opt(True, "search through an approximate index (HNSW graphs, usearch, one per uid "
+    index: bool = _opt(True, "search through an approximate index (index_kind: HNSW graphs or IVF lists, one per uid "
                              "or one for all when shared) saved in <store file>.index/ and reopened "
                              "memory-mapped; false: every search scans the whole store exactly "
                              "(~70 ms a query at a million rows)")

@@ -1,4 +1,8 @@
-"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope.
+"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope;
+or, with ``embeddings.index_kind = "ivf"``, inverted lists of int8 codes (faiss) over centroids
+trained once the store holds enough rows (daemon/caching/ann_ivf.py: cheaper inserts at a million
+rows; NOTE [ IVF training ] below). Everything else here holds for both kinds: a "graph" below is
+either a usearch graph or one scope's lists.
 
 The embedding store (daemon/caching/embedding_store.py) is the truth; this index only proposes
 candidate rows, and the store answers from its own float32 vectors: every candidate is checked
