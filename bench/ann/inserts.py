@@ -108,7 +108,8 @@ def ivf_costs(spec, x, rng, args, copies, pick, others, nearest):
     first = args.train_first or args.rows               # drift: centroids of the early rows only
     ivf.train(x[rng.choice(first, min(first, args.train_per_list * nlist), replace=False)])
     faiss.omp_set_num_threads(1)
-    res = {"nlist": nlist, "quantizer": qkind, "dim": dim, "trained_on_first": args.train_first or args.rows, "scalar": scalar, "train_s": round(time.perf_counter() - t, 2)}
+    res = {"nlist": nlist, "quantizer": qkind, "dim": dim, "trained_on_first": args.train_first or args.rows,
+           "scalar": scalar, "train_s": round(time.perf_counter() - t, 2)}
     n, c0 = len(x), cpu()
     tail = int(n * 0.9)
     for s in range(0, n, args.batch):

@@ -9,7 +9,8 @@ A directory ``<store file>.index/`` holds one usearch graph file per scope (a ui
 when ``embeddings.shared``), named ``scope-<uid or all>-<generation>.usearch``, and one ``meta``
 file that names them. An IVF index (``embeddings.index_kind = "ivf"``, daemon/caching/ann_ivf.py:
 the files' layouts) holds ``scope-<uid or all>-<generation>.ivf`` lists instead, and the
-centroids they share, ``centroids-<generation>.ivf``, named in the scope table too. A save writes new graph files under a new generation, then ``meta`` through
+centroids they share, ``centroids-<generation>.ivf``, named in the scope table too. A save
+writes new graph files under a new generation, then ``meta`` through
 a temporary file renamed into place, then removes the files of older generations: a daemon killed
 at any point leaves either the old ``meta`` with its intact files or the new one with its own.
 

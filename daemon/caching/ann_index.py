@@ -379,7 +379,8 @@ class AnnIndex:
                     self._try_save()
             with self.source.lock:
                 batch = list(self.pending.items()) if len(self.pending) <= self.options.max_pending else []
-            if batch and (self.centroids is not None or self.ident["kind"] != "ivf"):                                       # a few: inserted now rather than at reopen
+            # a few: inserted now rather than at reopen (lists: only once trained)
+            if batch and (self.centroids is not None or self.ident["kind"] != "ivf"):
                 self._insert(batch)
             if self._changed:
                 self._try_save()                            # the rest is pending at reopen
@@ -466,7 +467,8 @@ class AnnIndex:
     # (its files removed or damaged, ``embeddings.index_lists`` changed).
     def train_rows(self) -> int:
         nlist = self.ident["lists"]
-        return self.options.train_rows or max(nlist, min(self.options.exact_max, self.ident["capacity"] // 2, 39 * nlist))
+        auto = min(self.options.exact_max, self.ident["capacity"] // 2, 39 * nlist)
+        return self.options.train_rows or max(nlist, auto)
 
     def _train(self) -> bool:
         """Train the IVF centroids once enough rows wait (NOTE [ IVF training ]); False: not yet."""

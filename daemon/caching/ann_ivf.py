@@ -132,7 +132,8 @@ class Centroids:
             template = faiss.read_index(path)
         except RuntimeError as exc:
             raise ValueError(f"centroids file {os.path.basename(path)} unreadable: {exc}") from None
-        if not isinstance(template, faiss.IndexIVFScalarQuantizer) or template.d != padded(dim) or not template.is_trained:
+        if not isinstance(template, faiss.IndexIVFScalarQuantizer) or template.d != padded(dim) \
+                or not template.is_trained:
             raise ValueError(f"centroids file {os.path.basename(path)} is not a trained {padded(dim)}-dim IVF-SQ")
         return cls(template)
 

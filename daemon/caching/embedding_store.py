@@ -67,7 +67,8 @@ EmbeddingIndexBusy (the daemon answers overloaded).
 
 NOTE [ searching ]
 The index proposes candidates (HNSW over int8 copies of the vectors by default, or IVF lists of
-int8 codes, one graph or set of lists per uid unless shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
+int8 codes, one graph or set of lists per uid unless shared), outside the store's lock; under it,
+the store keeps the candidates that are valid, visible
 to the asking uid and not pending (written since the index took them), adds every pending row the
 uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
 the store's current ones: the index can only miss a row (recall), never return a wrong, stale or
