@@ -462,9 +462,10 @@ class AnnIndex:
     # the centroids (k-means, 10 rounds: a minute of the niced thread at 4,096 lists and 100k
     # rows on this machine), and inserts every pending row as usual. The centroids are saved
     # with the lists and kept for the index's life: rows of later kinds are assigned to the
-    # nearest of them (bench/ann measures the recall of rows stored after the training: at a
-    # million rows, 900k of them). They are trained again only when the index is rebuilt
-    # (its files removed or damaged, ``embeddings.index_lists`` changed).
+    # nearest of them (``bench.ann.inserts --train-first``: trained on the first 100k of a
+    # million rows, every changed copy of the 900k after them found; docs/benchmarks.md). They
+    # are trained again only when the index is rebuilt (its files removed or damaged,
+    # ``embeddings.index_lists`` or the kind changed); not when lists grow uneven.
     def train_rows(self) -> int:
         nlist = self.ident["lists"]
         auto = min(self.options.exact_max, self.ident["capacity"] // 2, 39 * nlist)
