@@ -34,8 +34,9 @@ def _index_lines(log: str) -> list[str]:
 
 
 def _settled(c: Client) -> dict:
-    """The daemon's index counters once nothing waits to be inserted."""
-    return wait_until(lambda: (s := c.info()["cache"]["embedding_index"])["pending"] == 0 and s,
+    """The daemon's index counters once nothing waits to be inserted and the saved files were
+    checked (an IVF index reads its lists after faiss' import, which can outlast the start-up)."""
+    return wait_until(lambda: (s := c.info()["cache"]["embedding_index"])["pending"] == 0 and s["verified"] and s,
                       timeout=60, what="the index to take every stored row")
 
 
