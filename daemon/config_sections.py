@@ -222,10 +222,23 @@ class EmbeddingsConfig:
                          lo=1, hi=100_000_000)
     shared: bool = _opt(False, "near-duplicate results and tags are visible to every uid; false: a "
                                "uid sees only the images it stored itself")
-    index: bool = _opt(True, "search through an approximate index (HNSW graphs, usearch, one per uid "
+    index: bool = _opt(True, "search through an approximate index (index_kind: HNSW graphs or IVF lists, one per uid "
                              "or one for all when shared) saved in <store file>.index/ and reopened "
                              "memory-mapped; false: every search scans the whole store exactly "
                              "(~70 ms a query at a million rows)")
+    index_kind: str = _opt("hnsw", "the index's structure: hnsw (usearch graphs: a query ~1 ms at a "
+                                   "million rows, an insert 0.3-0.4 ms of the inserter's CPU there) or "
+                                   "ivf (faiss inverted lists of int8 codes over trained centroids: an "
+                                   "insert ~0.05 ms at any size; trained once the store holds "
+                                   "39 rows a list, at most index_exact_max, exact scan before; "
+                                   "docs/benchmarks.md \"Near-duplicate index\"); changing it rebuilds "
+                                   "the index", choices=("hnsw", "ivf"))
+    index_lists: int = _opt(0, "IVF lists (centroids); 0: the power of two nearest 4 * sqrt(capacity), "
+                               "4,096 at a million rows (changing it rebuilds the index)", lo=0, hi=1 << 20)
+    index_probe: int = _opt(16, "IVF lists scanned a query (more: better recall, slower)", lo=1, hi=1 << 20)
+    index_train_rows: int = _opt(0, "IVF: rows stored before its centroids are trained (the exact scan "
+                                    "answers until then); 0: 39 a list, at most index_exact_max and half "
+                                    "the capacity", lo=0, hi=100_000_000)
     index_exact_below: int = _opt(5_000, "stores with fewer rows are scanned exactly (as fast as the "
                                          "graph there, and exact)", lo=0, hi=100_000_000)
     index_exact_max: int = _opt(100_000, "while the index rebuilds or is over index_max_pending rows "

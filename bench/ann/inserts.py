@@ -84,6 +84,56 @@ def graph_costs(path: str, vectors: str, batches: list[int], ef_add: list[int]) 
     return out
 
 
+def ivf_costs(spec, x, rng, args, copies, pick, others, nearest):
+    """One faiss IVF layout, ``nlist/quantizer/scalar`` (quantizer: flat = every centroid compared,
+    batched through BLAS; hnsw = an HNSW graph over the centroids; scalar: 8bit or fp16): training,
+    insert CPU a row in batches of ``--batch``, list sizes, query costs at each nprobe, and the
+    cost of removing 1/64 of the rows at once (NOTE [ deferred removals ] in ann_index.py)."""
+    import faiss
+
+    nlist, qkind, scalar = spec.split("/")
+    if args.pad:                                        # faiss' SIMD scan wants dim % 16 == 0 (else scalar code)
+        padded = -(-x.shape[1] // args.pad) * args.pad
+        pad = lambda a: np.pad(np.asarray(a, np.float32), ((0, 0), (0, padded - a.shape[1])))
+        x, copies, others = pad(x), pad(copies), pad(others)
+    nlist, dim = int(nlist), x.shape[1]
+    quant = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT) if qkind == "hnsw" else faiss.IndexFlatIP(dim)
+    if qkind == "hnsw":
+        quant.hnsw.efConstruction, quant.hnsw.efSearch = 40, args.quantizer_ef
+    qt = {"8bit": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}[scalar]
+    ivf = faiss.IndexIVFScalarQuantizer(quant, dim, nlist, qt, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.niter = args.train_iter
+    t = time.perf_counter()
+    faiss.omp_set_num_threads(2)                        # training is set-up, not an insert
+    first = args.train_first or args.rows               # drift: centroids of the early rows only
+    ivf.train(x[rng.choice(first, min(first, args.train_per_list * nlist), replace=False)])
+    faiss.omp_set_num_threads(1)
+    res = {"nlist": nlist, "quantizer": qkind, "dim": dim, "trained_on_first": args.train_first or args.rows,
+           "scalar": scalar, "train_s": round(time.perf_counter() - t, 2)}
+    n, c0 = len(x), cpu()
+    tail = int(n * 0.9)
+    for s in range(0, n, args.batch):
+        if s <= tail < s + args.batch:
+            c1 = cpu()
+        ivf.add_with_ids(x[s:s + args.batch], np.arange(s, min(n, s + args.batch), dtype=np.int64))
+    c2 = cpu()
+    res.update({"insert_ms_cpu": round(1e3 * (c2 - c0) / n, 4),
+                "insert_ms_cpu_last10pct": round(1e3 * (c2 - c1) / (n - tail), 4)})
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)])
+    res["list_rows"] = {"mean": round(float(sizes.mean()), 1), "p99": int(np.percentile(sizes, 99)), "max": int(sizes.max())}
+    res["bytes_per_row"] = round((ivf.code_size + 8) + nlist * dim * 4 * (2 if qkind == "hnsw" else 1) / n, 1)
+    for nprobe in map(int, args.nprobe.split(",")):
+        ivf.nprobe = nprobe
+        s = lambda q: ivf.search(q[None], CAND)[1][0]
+        res[f"nprobe{nprobe}"] = {"changed": ask(s, copies, pick), "other": ask(s, others, nearest)}
+        print(json.dumps({f"nprobe{nprobe}": res[f"nprobe{nprobe}"]}), flush=True)
+    gone = np.arange(0, n, 64, dtype=np.int64)
+    c = cpu()
+    ivf.remove_ids(faiss.IDSelectorBatch(gone))
+    res["remove_1_64th_s_cpu"] = round(cpu() - c, 3)
+    return f"faiss IVF{nlist}-{qkind}-SQ{scalar}", res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ann.inserts", description=__doc__.split("\n")[0])
     ap.add_argument("--vectors", default="", help=".npy of real unit embeddings (rows x dim)")
@@ -96,6 +146,15 @@ def main(argv=None) -> int:
                     help="M/expansion_add[/scalar] (f16 unless said: i8, bf16)")
     ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default: 4 * sqrt(rows); -1: no IVF)")
     ap.add_argument("--nprobe", default="8,16,32,64")
+    ap.add_argument("--ivf", default="", help="IVF layouts nlist/quantizer/scalar, e.g. 4096/hnsw/8bit,4096/flat/8bit "
+                    "(default: one --nlist/flat/fp16)")
+    ap.add_argument("--pad", type=int, default=0, help="IVF: zero-pad vectors to a multiple of this many floats")
+    ap.add_argument("--batch", type=int, default=256, help="IVF rows an insert call")
+    ap.add_argument("--quantizer-ef", type=int, default=32, help="efSearch of an HNSW quantizer")
+    ap.add_argument("--train-per-list", type=int, default=40, help="IVF training rows per list")
+    ap.add_argument("--train-first", type=int, default=0, help="IVF: train on the first N rows only "
+                    "(bench.ann's stores: 100k real rows, then synthetic ones: recall of rows stored after)")
+    ap.add_argument("--train-iter", type=int, default=10, help="k-means iterations of IVF training")
     ap.add_argument("--graph", default="", help="instead: insert costs in this saved graph file "
                     "(a store's .index/scope-*.usearch), --batches rows a call, with --vectors")
     ap.add_argument("--batches", default="8,64,1024")
@@ -137,22 +196,11 @@ def main(argv=None) -> int:
         del ix
     if args.nlist < 0:
         return 0
-    nlist = args.nlist or int(4 * np.sqrt(args.rows))
-    quant = faiss.IndexFlatIP(x.shape[1])
-    ivf = faiss.IndexIVFScalarQuantizer(quant, x.shape[1], nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    t = time.perf_counter()
-    faiss.omp_set_num_threads(2)                        # training is set-up, not an insert
-    ivf.train(x[rng.choice(args.rows, min(args.rows, 40 * nlist), replace=False)])
-    faiss.omp_set_num_threads(1)
-    ix = faiss.IndexIDMap(ivf)
-    res = {"nlist": nlist, "train_s": round(time.perf_counter() - t, 2)}
-    res.update(fill(lambda k, v: ix.add_with_ids(np.ascontiguousarray(v), k.astype(np.int64)), x))
-    for nprobe in map(int, args.nprobe.split(",")):
-        ivf.nprobe = nprobe
-        s = lambda q: ix.search(q[None], CAND)[1][0]
-        res[f"nprobe{nprobe}"] = {"changed": ask(s, copies, pick), "other": ask(s, others, nearest)}
-    out["faiss IVF-SQfp16"] = res
-    print(json.dumps({"faiss IVF-SQfp16": res}), flush=True)
+    specs = args.ivf.split(",") if args.ivf else [f"{args.nlist or int(4 * np.sqrt(args.rows))}/flat/fp16"]
+    for spec in specs:
+        name, res = ivf_costs(spec, x, rng, args, copies, pick, others, nearest)
+        out[name] = res
+        print(json.dumps({name: res}), flush=True)
     return 0
 
 

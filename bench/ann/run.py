@@ -107,24 +107,26 @@ def embedding() -> str:
 
 #: The index the stores under --keep are first built with (the defaults until 2026-12-07); a
 #: store for other parameters is a copy of that one whose index the daemon's own path rebuilt.
-BASE_INDEX = {"scalar": "f16", "connectivity": 16, "expansion_add": 64}
+BASE_INDEX = {"scalar": "f16", "connectivity": 16, "expansion_add": 64, "kind": "hnsw", "lists": 0}
 
 
 def index_spec(text: str) -> tuple[dict, str]:
-    """``--index`` ("scalar=i8,m=12,ef_add=32", the daemon's defaults for what it leaves out) as
+    """``--index`` ("scalar=i8,m=12,ef_add=32", or "kind=ivf[,lists=4096][,probe=16]": the
+    daemon's defaults for what it leaves out) as
     IndexOptions fields, and the store name's suffix: the built parameters that differ from
     BASE_INDEX (the search-time ``ef`` builds nothing)."""
     from inferd.daemon.caching.ann_index import IndexOptions
 
     names = {"scalar": "scalar", "m": "connectivity", "ef_add": "expansion_add", "ef": "expansion_search",
-             "nice": "nice"}
+             "nice": "nice", "kind": "kind", "lists": "lists", "probe": "probe"}
     defaults = IndexOptions()
     fields = {f: getattr(defaults, f) for f in BASE_INDEX}
     for part in filter(None, text.split(",")):
         key, value = part.split("=")
-        fields[names[key]] = value if key == "scalar" else int(value)
-    tail = "".join(f"-{key}{fields[f]}" for key, f in (("scalar", "scalar"), ("m", "connectivity"),
-                                                      ("ef_add", "expansion_add")) if fields[f] != BASE_INDEX[f])
+        fields[names[key]] = value if key in ("scalar", "kind") else int(value)
+    built = (("kind", "kind"), ("lists", "lists")) if fields["kind"] == "ivf" else \
+        (("scalar", "scalar"), ("m", "connectivity"), ("ef_add", "expansion_add"))
+    tail = "".join(f"-{key}{fields[f]}" for key, f in built if fields[f] != BASE_INDEX[f])
     return fields, tail
 
 
@@ -216,7 +218,8 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
                                        "writable_s": round(writable, 3), "checked_s": round(checked, 3),
                                        "rebuilt": stats["rebuilt"]}}
         dim = data["stored"].shape[1]
-        graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index") if n.startswith("scope-")]
+        graph_files = [os.path.join(path + ".index", n) for n in os.listdir(path + ".index")
+                       if n.startswith(("scope-", "centroids-"))]
         out["memory_bytes_per_row"] = {
             "raw_vector": 4 * dim, "graph_in_memory": round(stats["bytes"] / rows),
             "graph_file": round(sum(os.path.getsize(p) for p in graph_files) / rows),
@@ -279,7 +282,7 @@ MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
 
 
 def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8,
-               alt: dict | None = None, alt_path: str = "") -> dict:
+               alt: dict | None = None, alt_path: str = "", alt_store: str = "") -> dict:
     """Daemon CPU per classified frame (new images: each one stored and, with the index, inserted)
     with this store against the store off, in the same run: three daemons side by side (off; a
     copy of the store with its index; another copy without), each started and settled (vectors
@@ -288,7 +291,8 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     all three alike, a few seconds apart. Each daemon's CPU is counted over the whole run, its
     idle time between its bursts included, so the inserts the index does after a burst count
     (the last ones waited for at the end); each burst's own figure gives the spread. Result cache
-    off in all."""
+    off in all. ``alt_store``: the fourth daemon's store (with its index), where ``alt`` builds
+    another index (another kind: the HNSW graphs beside the IVF lists in one run)."""
     import contextlib
     import shutil
     import tempfile
@@ -304,11 +308,13 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     modes = MODES + ((("alt", True, True),) if alt is not None else ())
     imgs = make_dataset(frames * len(modes) * rounds + 4, seed + 7)[0]
     names = {"connectivity": "index_m", "expansion_add": "index_ef_construction", "scalar": "index_scalar",
-             "expansion_search": "index_ef", "nice": "index_nice"}
+             "expansion_search": "index_ef", "nice": "index_nice", "kind": "index_kind", "lists": "index_lists",
+             "probe": "index_probe"}
     sets = lambda fields: [a for k, v in fields.items() for a in ("--set", f'embeddings.{names[k]}={json.dumps(v)}')]
     tuned = sets(index)
     tmp = tempfile.mkdtemp(prefix="inferd-annd", dir="/tmp")
     out = {"frames_per_burst": frames, "rounds": rounds, "index": index, "alt": alt or {}, "alt_path": alt_path,
+           "alt_store": alt_store,
            "daemons": {}}
     try:
         with contextlib.ExitStack() as stack:
@@ -316,10 +322,10 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
             for n, (mode, on, indexed) in enumerate(modes):
                 args = ["--model", "shapes"]
                 if on:
-                    copy = os.path.join(tmp, f"{mode}.store")
-                    shutil.copyfile(path, copy)
+                    copy, src = os.path.join(tmp, f"{mode}.store"), alt_store if mode == "alt" and alt_store else path
+                    shutil.copyfile(src, copy)
                     if indexed:
-                        shutil.copytree(path + ".index", copy + ".index")
+                        shutil.copytree(src + ".index", copy + ".index")
                     args += ["--set", f"embeddings.capacity={rows}", "--set", f'embeddings.path="{copy}"',
                              "--set", f"embeddings.index={'true' if indexed else 'false'}", *tuned,
                              *(sets(alt) if mode == "alt" else [])]
@@ -410,7 +416,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-rounds", type=int, default=8, help="rounds of --cpu-frames to each of off / on / "
                    "on without the index (three daemons side by side)")
     p.add_argument("--cpu-alt", default="", help="with --cpu-only: a fourth daemon with the index under "
-                   "these settings that build nothing (e.g. nice=0), beside the others")
+                   "these settings (e.g. nice=0), beside the others; settings that build another index "
+                   "(kind=hnsw,scalar=i8,m=12,ef_add=32) use the store built for them")
     p.add_argument("--cpu-alt-path", default="", help="with --cpu-only: the fourth daemon imports inferd "
                    "from this PYTHONPATH (another version of the code: before a change)")
     p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
@@ -450,8 +457,15 @@ def main(argv=None) -> int:
     if args.build_only:
         return 0
     if args.cpu_only:
-        alt = {k: v for k, v in index_spec(args.cpu_alt)[0].items() if index.get(k) != v} if args.cpu_alt else None
-        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds, alt, args.cpu_alt_path)
+        alt_fields, alt_tail = index_spec(args.cpu_alt) if args.cpu_alt else ({}, "")
+        alt = {k: v for k, v in alt_fields.items() if index.get(k) != v} if args.cpu_alt else None
+        alt_store = ""
+        if alt and alt_tail != tail:                    # it builds another index: its own store, as built
+            alt_store = base.replace(".store", f"{alt_tail}.store")
+            build(alt_store, rows, data, vectors, args.seed, log, alt_fields, base if alt_tail else "")
+            alt = alt_fields
+        out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds, alt, args.cpu_alt_path,
+                         alt_store)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:

@@ -7,7 +7,10 @@ definition, scoping or graph shape) costs a rebuild from the store, never a wron
 
 A directory ``<store file>.index/`` holds one usearch graph file per scope (a uid, or every row
 when ``embeddings.shared``), named ``scope-<uid or all>-<generation>.usearch``, and one ``meta``
-file that names them. A save writes new graph files under a new generation, then ``meta`` through
+file that names them. An IVF index (``embeddings.index_kind = "ivf"``, daemon/caching/ann_ivf.py:
+the files' layouts) holds ``scope-<uid or all>-<generation>.ivf`` lists instead, and the
+centroids they share, ``centroids-<generation>.ivf``, named in the scope table too. A save
+writes new graph files under a new generation, then ``meta`` through
 a temporary file renamed into place, then removes the files of older generations: a daemon killed
 at any point leaves either the old ``meta`` with its intact files or the new one with its own.
 
@@ -21,16 +24,18 @@ at any point leaves either the old ``meta`` with its intact files or the new one
     24      16    embedding id     the store header's (daemon/caching/embedding_store.py): vectors of
                                    another embedding definition are never searched
     40      1     shared           u8: 1 = one scope of every row, 0 = one scope per uid
-    41      1     scalar           u8, the graph's stored vectors: 1 = float16, 2 = int8, 3 = bfloat16
-    42      2     connectivity     u16, HNSW M
-    44      4     expansion_add    u32, HNSW ef_construction
+    41      1     scalar           u8, the graph's stored vectors: 1 = float16, 2 = int8, 3 = bfloat16;
+                                   4 = IVF lists of int8 codes (the index is an IVF one)
+    42      2     connectivity     u16, HNSW M (IVF: 0)
+    44      4     expansion_add    u32, HNSW ef_construction (IVF: the lists, nlist)
     48      8     generation       u64, the save that wrote this file
     56      4     scopes           u32, S
     60      4     body check       zlib.crc32 of bytes 128..end
     64      4     header check     zlib.crc32 of bytes 0..64
     68      60    reserved         zero
     128     S*32  scope table, one entry per graph file:
-                    0  u32 uid (0xFFFFFFFF: every row)    4  u32 reserved
+                    0  u32 uid (0xFFFFFFFF: every row;    4  u32 reserved
+                           0xFFFFFFFE: IVF centroids)
                     8  u64 file size                     16  u64 rows in the graph
                     24 u32 zlib.crc32 of the whole file  28  u32 reserved
     ...     capacity * 24   rows, what the graphs hold under each store row (the graph key):
@@ -58,8 +63,10 @@ FORMAT_VERSION = 2               # 1: no key versions (every row's key was its r
 READS = (1, 2)                   # a version 1 file's versions are zero: the same keys
 HEAD_SIZE = 128
 ALL = 0xFFFFFFFF                  # the scope of every row (embeddings.shared)
-SCALARS = {"f16": 1, "i8": 2, "bf16": 3}  # the graph's stored vectors: meta's scalar byte
+CENTROIDS = 0xFFFFFFFE            # the scope table's entry of an IVF index's centroids file
+SCALARS = {"f16": 1, "i8": 2, "bf16": 3, "ivf-i8": 4}  # the graph's stored vectors: meta's scalar byte
 SCALAR_BYTES = {"f16": 2, "i8": 1, "bf16": 2}
+EXTENSIONS = {"hnsw": "usearch", "ivf": "ivf"}
 
 _HEAD = struct.Struct("<8sIIQ16sBBHIQII")        # bytes 0..64; the header check follows
 _U32 = struct.Struct("<I")
@@ -76,8 +83,14 @@ def meta_path(directory: str) -> str:
     return os.path.join(directory, "meta")
 
 
-def graph_name(uid: int, generation: int) -> str:
-    return f"scope-{'all' if uid == ALL else uid}-{generation}.usearch"
+def graph_name(uid: int, generation: int, kind: str = "hnsw") -> str:
+    if uid == CENTROIDS:
+        return centroids_name(generation)
+    return f"scope-{'all' if uid == ALL else uid}-{generation}.{EXTENSIONS[kind]}"
+
+
+def centroids_name(generation: int) -> str:
+    return f"centroids-{generation}.ivf"
 
 
 def file_crc(path: str) -> int:
@@ -146,7 +159,7 @@ def read_meta(directory: str, ident: dict) -> tuple[int, list[tuple[int, str, in
     scopes = []
     for i in range(count):
         uid, _, size, n, crc, _ = _SCOPE.unpack_from(body, i * _SCOPE.size)
-        path = os.path.join(directory, graph_name(uid, generation))
+        path = os.path.join(directory, graph_name(uid, generation, "ivf" if scalar == SCALARS["ivf-i8"] else "hnsw"))
         try:
             real = os.path.getsize(path)
         except FileNotFoundError:
@@ -167,7 +180,7 @@ def check_graph(path: str, crc: int) -> None:
 def remove_others(directory: str, keep: set[str]) -> None:
     """Remove graph files (and temporaries) of the directory that ``keep`` does not name."""
     for name in os.listdir(directory):
-        if name not in keep and (name.startswith("scope-") or name.endswith(".tmp")):
+        if name not in keep and (name.startswith(("scope-", "centroids-")) or name.endswith(".tmp")):
             try:
                 os.unlink(os.path.join(directory, name))
             except FileNotFoundError:

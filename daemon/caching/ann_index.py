@@ -1,4 +1,8 @@
-"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope.
+"""The near-duplicate index: HNSW graphs (usearch) over the embedding store's rows, one per scope;
+or, with ``embeddings.index_kind = "ivf"``, inverted lists of int8 codes (faiss) over centroids
+trained once the store holds enough rows (daemon/caching/ann_ivf.py: cheaper inserts at a million
+rows; NOTE [ IVF training ] below). Everything else here holds for both kinds: a "graph" below is
+either a usearch graph or one scope's lists.
 
 The embedding store (daemon/caching/embedding_store.py) is the truth; this index only proposes
 candidate rows, and the store answers from its own float32 vectors: every candidate is checked
@@ -64,8 +68,8 @@ import time
 
 import numpy as np
 
-from . import ann_file
-from .ann_file import ALL, IndexFileError
+from . import ann_file, ann_ivf
+from .ann_file import ALL, CENTROIDS, IndexFileError
 
 _log = logging.getLogger("inferd.embeddings")
 
@@ -73,6 +77,10 @@ _log = logging.getLogger("inferd.embeddings")
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
     """What shapes the graphs and when they answer (EmbeddingsConfig documents each)."""
+    kind: str = "hnsw"                  # or "ivf": daemon/caching/ann_ivf.py
+    lists: int = 0                      # IVF lists; 0: ann_ivf.auto_lists(capacity)
+    probe: int = 16                     # IVF lists scanned a query
+    train_rows: int = 0                 # IVF: rows stored before training; 0: NOTE [ IVF training ]
     connectivity: int = 12
     expansion_add: int = 32
     scalar: str = "i8"
@@ -144,7 +152,10 @@ class _Graph:
         self.index, self.view_path = index, path       # view_path: the mapped file, until loaded
         self.dirty = path is None
         self.stale: list[int] = []                     # NOTE [ deferred removals ]
-        self.per_row = index.ndim * ann_file.SCALAR_BYTES[index.dtype.name.lower()] + 10 * index.connectivity  # estimated
+        if isinstance(index, ann_ivf.IvfScope):                                       # estimated
+            self.per_row = index.width + 8
+        else:
+            self.per_row = index.ndim * ann_file.SCALAR_BYTES[index.dtype.name.lower()] + 10 * index.connectivity
         self.size = self.bytes = 0
         self.measure()
 
@@ -193,6 +204,9 @@ class AnnIndex:
         self._checks: list[tuple[str, int]] = []            # (graph file, checksum) still to verify
         self._reopened: tuple = ()                          # its log line, said once verified
         self.verified = True                                # NOTE [ verified before searched ]
+        self.centroids: ann_ivf.Centroids | None = None     # IVF: trained (NOTE [ IVF training ])
+        self._ivf_files: tuple = ()                         # IVF: (centroids path, [(uid, path, rows)]) to load
+        self._centroids_saved = False                       # IVF: the centroids file of _generation is theirs
 
     # opening ---------------------------------------------------------------------------------
     @classmethod
@@ -227,7 +241,9 @@ class AnnIndex:
             for row in np.flatnonzero(valid & ~current).tolist():
                 self._seq += 1
                 self.pending[row] = self._seq
-            ann_file.remove_others(directory, {os.path.basename(g.view_path) for g in self.graphs.values()})
+            ann_file.remove_others(directory, {os.path.basename(g.view_path) for g in self.graphs.values()}
+                                   | {os.path.basename(p) for p in (self._ivf_files[:1] + tuple(
+                                       path for _, path, _ in (self._ivf_files[1] if self._ivf_files else ())))})
             # rows a graph holds that the store no longer has (not pending): removed by the thread
             self._drop = np.flatnonzero((self.rows["stamp"] != 0) & ~current & ~valid).tolist()
         self._thread = threading.Thread(target=self._run, name="inferd-ann", daemon=True)
@@ -235,9 +251,19 @@ class AnnIndex:
         return self
 
     def _reopen(self) -> None:
+        generation, scopes, rows = ann_file.read_meta(self.directory, self.ident)
+        if self.ident["kind"] == "ivf":                     # read whole once checked: on the thread
+            cent = [path for uid, path, _, _ in scopes if uid == CENTROIDS]
+            if len(cent) != 1:
+                raise IndexFileError("an IVF index without its centroids file")
+            self._ivf_files = (cent[0], [(uid, path, n) for uid, path, n, _ in scopes if uid != CENTROIDS])
+            self.rows, self._generation = rows, generation
+            self._held = int((rows["stamp"] != 0).sum())
+            self._checks = [(path, crc) for _, path, _, crc in scopes]
+            self.verified = False
+            return
         from usearch.index import Index
 
-        generation, scopes, rows = ann_file.read_meta(self.directory, self.ident)
         graphs = {}
         for uid, path, count, _ in scopes:
             index = Index.restore(path, view=True)
@@ -252,6 +278,10 @@ class AnnIndex:
         self.verified = not self._checks
 
     def _new_graph(self):
+        if self.ident["kind"] == "ivf":
+            scope = self.centroids.new_scope()
+            scope.nprobe = self.options.probe
+            return scope
         from usearch.index import Index
 
         o = self.options
@@ -277,8 +307,10 @@ class AnnIndex:
 
     def answers(self) -> bool:
         """Whether the graphs plus an exact scan of the pending rows answer now (store lock): the
-        graphs verified (NOTE [ verified before searched ]) and not too far behind the store."""
-        return self.verified and len(self.pending) <= self.options.max_pending
+        graphs verified (NOTE [ verified before searched ]) and not too far behind the store (an
+        IVF index not trained yet is all behind: NOTE [ IVF training ])."""
+        return self.verified and len(self.pending) <= self.options.max_pending and \
+            (self.centroids is not None or self.ident["kind"] != "ivf")
 
     def scope(self, uid: int | None) -> list[int]:
         if self.ident["shared"]:
@@ -295,6 +327,7 @@ class AnnIndex:
                 g = self.graphs.get(key)
                 if g is not None and len(g):
                     keys = np.asarray(g.index.search(query, min(count, len(g)), threads=1).keys, np.uint64)
+                    keys = keys[(keys & np.uint64(0xFFFFFFFF)) < len(self.rows)]
                     rows = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
                     # a stale key (NOTE [ deferred removals ]) is an older image of its row: dropped
                     live = (self.rows["ver"][rows] == (keys >> np.uint64(32))) & (self.rows["stamp"][rows] != 0)
@@ -320,6 +353,11 @@ class AnnIndex:
             while not self._stop:
                 # the inserter's own CPU (inserts, removals, checks, saves), for the daemon's stats
                 self.counters["thread_cpu_s"] = round(time.thread_time(), 3)
+                if self.ident["kind"] == "ivf" and self.centroids is None and not self._train():
+                    with self._wake:                        # NOTE [ IVF training ]: not enough rows yet
+                        if not self._stop:
+                            self._wake.wait(self.options.batch_wait_s)
+                    continue
                 with self.source.lock:
                     batch = list(itertools.islice(self.pending.items(), 4 * BATCH))
                     wait = self._pending_since + self.options.batch_wait_s - time.monotonic()
@@ -341,7 +379,8 @@ class AnnIndex:
                     self._try_save()
             with self.source.lock:
                 batch = list(self.pending.items()) if len(self.pending) <= self.options.max_pending else []
-            if batch:                                       # a few: inserted now rather than at reopen
+            # a few: inserted now rather than at reopen (lists: only once trained)
+            if batch and (self.centroids is not None or self.ident["kind"] != "ivf"):
                 self._insert(batch)
             if self._changed:
                 self._try_save()                            # the rest is pending at reopen
@@ -359,24 +398,104 @@ class AnnIndex:
                     return
                 ann_file.check_graph(path, crc)
         except (IndexFileError, OSError) as exc:
-            with self.source.lock:
-                valid = self.source.state()[0]
-                for row in np.flatnonzero(valid).tolist():  # pending first: stats never see neither
-                    self._seq += 1
-                    self.pending[row] = self._seq
-                self._pending_since = time.monotonic()
-                with self._lock:
-                    self.graphs, self._held, self._drop = {}, 0, []
-                    self.rows = np.zeros(self.ident["capacity"], ann_file.ROW)
-            self.counters["reopened"], self.counters["rebuilt"] = 0, 1
-            self._changed = True
-            self.log.warning("near-duplicate index %s rebuilt from the store (%d rows): %s",
-                             self.directory, int(valid.sum()), exc)
+            self._rebuild(exc)
         else:
+            if self._ivf_files and not self._load_ivf():
+                return
             if self._reopened:
                 self.log.info(*self._reopened)
         self._checks = []
         self.verified = True
+
+    def _rebuild(self, exc) -> None:
+        """Drop every graph (and IVF centroids) and make every row of the store pending: one log line."""
+        with self.source.lock:
+            valid = self.source.state()[0]
+            for row in np.flatnonzero(valid).tolist():      # pending first: stats never see neither
+                self._seq += 1
+                self.pending[row] = self._seq
+            self._pending_since = time.monotonic()
+            with self._lock:
+                self.graphs, self._held, self._drop = {}, 0, []
+                self.rows = np.zeros(self.ident["capacity"], ann_file.ROW)
+                self.centroids, self._ivf_files = None, ()
+        self.counters["reopened"], self.counters["rebuilt"] = 0, 1
+        self._changed = True
+        self._checks = []
+        self.verified = True
+        self.log.warning("near-duplicate index %s rebuilt from the store (%d rows): %s",
+                         self.directory, int(valid.sum()), exc)
+
+    def _load_ivf(self) -> bool:
+        """Read the checked IVF files (centroids, then each scope's lists) into memory and serve
+        from them; a file that does not read is a rebuild (False)."""
+        path, scopes = self._ivf_files
+        try:
+            centroids = ann_ivf.Centroids.load(path, self.ident["dim"])
+            if centroids.nlist != self.ident["lists"]:
+                raise IndexFileError(f"centroids of {centroids.nlist} lists, {self.ident['lists']} configured")
+            graphs = {}
+            for uid, gpath, count in scopes:
+                if self._stop:
+                    return False                            # the next start reads them again
+                scope = ann_ivf.IvfScope.restore(gpath, centroids)
+                scope.nprobe = self.options.probe
+                if len(scope) != count:
+                    raise IndexFileError(f"{os.path.basename(gpath)} holds {len(scope)} rows, meta says {count}")
+                g = graphs[uid] = _Graph(scope)
+                g.dirty = False
+        except (IndexFileError, ValueError, RuntimeError, OSError) as exc:
+            self._rebuild(exc)
+            return False
+        with self._lock:
+            self.graphs, self.centroids, self._ivf_files = graphs, centroids, ()
+        self._centroids_saved = True
+        return True
+
+    # NOTE [ IVF training ]
+    # An IVF index (daemon/caching/ann_ivf.py) needs centroids before its first row, trained on
+    # rows like the ones it will hold. So until the store holds ``train_rows`` rows (by default
+    # 39 a list, faiss' own minimum for a good k-means, but at most ``embeddings.index_exact_max``
+    # and half the capacity) every row stays pending and the store answers by its exact scan (a
+    # store over index_exact_max would answer busy: it never waits here, as train_rows is at
+    # most that). Then the inserter samples up to 40 rows a list from the pending ones, trains
+    # the centroids (k-means, 10 rounds: a minute of the niced thread at 4,096 lists and 100k
+    # rows on this machine), and inserts every pending row as usual. The centroids are saved
+    # with the lists and kept for the index's life: rows of later kinds are assigned to the
+    # nearest of them (``bench.ann.inserts --train-first``: trained on the first 100k of a
+    # million rows, every changed copy of the 900k after them found; docs/benchmarks.md). They
+    # are trained again only when the index is rebuilt (its files removed or damaged,
+    # ``embeddings.index_lists`` or the kind changed); not when lists grow uneven.
+    def train_rows(self) -> int:
+        nlist = self.ident["lists"]
+        auto = min(self.options.exact_max, self.ident["capacity"] // 2, 39 * nlist)
+        return self.options.train_rows or max(nlist, auto)
+
+    def _train(self) -> bool:
+        """Train the IVF centroids once enough rows wait (NOTE [ IVF training ]); False: not yet."""
+        nlist = self.ident["lists"]
+        with self.source.lock:
+            if len(self.pending) < self.train_rows():
+                return False
+            rows = np.fromiter(self.pending, np.int64, len(self.pending))
+        t0 = time.monotonic()
+        rng = np.random.default_rng(len(rows))
+        rows = np.sort(rng.choice(rows, min(len(rows), 40 * nlist), replace=False))
+        parts = []
+        for chunk in np.array_split(rows, max(1, len(rows) // 8192)):
+            with self.source.lock:                          # a slice at a time: adds go on meanwhile
+                valid, _, _, _, vectors = self.source.read(chunk)
+            parts.append(vectors[valid])
+        sample = np.concatenate(parts)
+        if len(sample) < nlist:
+            return False
+        centroids = ann_ivf.Centroids.train(sample, nlist, self.options.threads)
+        with self._lock:
+            self.centroids = centroids
+        self._centroids_saved, self._changed = False, True
+        self.log.info("near-duplicate index %s: IVF centroids trained (%d lists, %d rows, %.1f s)",
+                      self.directory, nlist, len(sample), time.monotonic() - t0)
+        return True
 
     def _load_views(self) -> None:
         """Verify the reopened graphs, swap each memory-mapped graph for a writable copy, and
@@ -384,6 +503,8 @@ class AnnIndex:
         from usearch.index import Index
 
         self._verify()
+        if not self.verified:                               # stopped while checking
+            return
         for key, g in list(self.graphs.items()):
             if g.view_path is None or self._stop:
                 continue
@@ -480,17 +601,25 @@ class AnnIndex:
                 self._flush(g, force=True)
             rows = self.rows.copy()
             graphs = dict(self.graphs)
+            centroids = self.centroids
+        kind = self.ident["kind"]
+        if centroids is not None:                           # first: the lists are nothing without them
+            path = os.path.join(self.directory, ann_file.centroids_name(generation))
+            old = os.path.join(self.directory, ann_file.centroids_name(self._generation))
+            if self._centroids_saved and os.path.exists(old):
+                os.link(old, path)
+            else:
+                self._write(centroids.save, path)
+                self._centroids_saved = True
+            scopes.append((CENTROIDS, path, centroids.nlist))
+            keep.add(os.path.basename(path))
         for key, g in graphs.items():
-            path = os.path.join(self.directory, ann_file.graph_name(key, generation))
-            old = g.view_path or os.path.join(self.directory, ann_file.graph_name(key, self._generation))
+            path = os.path.join(self.directory, ann_file.graph_name(key, generation, kind))
+            old = g.view_path or os.path.join(self.directory, ann_file.graph_name(key, self._generation, kind))
             if not g.dirty and os.path.exists(old):
                 os.link(old, path)                          # unchanged: the same bytes under the new name
             else:
-                g.index.save(path + ".tmp")
-                with open(path + ".tmp", "rb+") as fh:
-                    os.fchmod(fh.fileno(), 0o600)           # other uids' vectors: the daemon's alone
-                    os.fsync(fh.fileno())
-                os.replace(path + ".tmp", path)
+                self._write(g.index.save, path)
                 g.dirty = False
                 if len(g):                                  # the file is the serialized graph
                     g.per_row = os.path.getsize(path) / len(g)
@@ -503,6 +632,15 @@ class AnnIndex:
         self._generation, self._changed, self._saved_at = generation, False, time.monotonic()
         self.counters["saves"] += 1
         self.counters["save_s"] = round(time.monotonic() - t0, 3)
+
+    @staticmethod
+    def _write(save, path: str) -> None:
+        """``save(tmp)``, then the temporary file made private, fsync'ed and renamed to ``path``."""
+        save(path + ".tmp")
+        with open(path + ".tmp", "rb+") as fh:
+            os.fchmod(fh.fileno(), 0o600)                   # other uids' vectors: the daemon's alone
+            os.fsync(fh.fileno())
+        os.replace(path + ".tmp", path)
 
     def close(self) -> None:
         """Stop the inserter thread (it saves what changed first). Idempotent."""

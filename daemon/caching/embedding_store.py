@@ -66,8 +66,9 @@ index is measured against, answers small stores, and answers while a store of at
 EmbeddingIndexBusy (the daemon answers overloaded).
 
 NOTE [ searching ]
-The index proposes candidates (HNSW over int8 copies of the vectors by default, one graph per uid unless
-shared), outside the store's lock; under it, the store keeps the candidates that are valid, visible
+The index proposes candidates (HNSW over int8 copies of the vectors by default, or IVF lists of
+int8 codes, one graph or set of lists per uid unless shared), outside the store's lock; under it,
+the store keeps the candidates that are valid, visible
 to the asking uid and not pending (written since the index took them), adds every pending row the
 uid may see, and ranks them all by their float32 vectors here. Similarities are exact, rows are
 the store's current ones: the index can only miss a row (recall), never return a wrong, stale or
@@ -120,6 +121,7 @@ import zlib
 import numpy as np
 
 from ...shm import ownedfile
+from . import ann_ivf
 from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
 
 # Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
@@ -176,7 +178,8 @@ def index_options(cfg) -> IndexOptions | None:
     """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
     if not cfg.index:
         return None
-    return IndexOptions(connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
+    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe,
+                        train_rows=cfg.index_train_rows, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
                         save_interval_s=cfg.index_save_interval_s, nice=cfg.index_nice)
@@ -336,8 +339,11 @@ class EmbeddingStore:
 
     def _open_index(self, options: IndexOptions, log) -> None:
         ident = {"dim": self.dim, "capacity": self.capacity, "embedding": bytes(self._mm[32:48]),
-                 "shared": self.shared, "scalar": options.scalar, "connectivity": options.connectivity,
-                 "expansion_add": options.expansion_add}
+                 "shared": self.shared, "kind": options.kind, "lists": 0, "scalar": options.scalar,
+                 "connectivity": options.connectivity, "expansion_add": options.expansion_add}
+        if options.kind == "ivf":                        # meta's fields for it (daemon/caching/ann_file.py)
+            lists = options.lists or ann_ivf.auto_lists(self.capacity)
+            ident.update(lists=lists, scalar="ivf-i8", connectivity=0, expansion_add=lists)
         source = types.SimpleNamespace(lock=self._lock, state=self._index_state, read=self._index_read)
         self._ann = AnnIndex.open(self.path + ".index", ident, options, source, _as_logger(log))
 

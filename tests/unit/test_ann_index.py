@@ -17,7 +17,12 @@ from inferd.daemon.caching.embedding_store import EmbeddingStore
 pytestmark = pytest.mark.timeout(120)
 
 DIM = 32
-OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0, batch_wait_s=0.05)
+# ANN_KIND=ivf runs this module's tests of what both kinds promise against the IVF lists
+# (daemon/caching/ann_ivf.py; their own tests: test_ann_ivf.py); the graphs' own ones are skipped
+KIND = os.environ.get("ANN_KIND", "hnsw")
+OPTS = IndexOptions(exact_below=0, save_interval_s=3600.0, batch_wait_s=0.05,
+                    **({"kind": "ivf", "lists": 16, "probe": 4} if KIND == "ivf" else {}))
+hnsw_only = pytest.mark.skipif(KIND != "hnsw", reason="the HNSW graphs' own (usearch files and parameters)")
 
 
 def h(n: int) -> bytes:
@@ -60,6 +65,7 @@ def fill(path, n=1500, uids=(0,), opts=OPTS, capacity=None, **kw) -> tuple[Embed
     return store, v
 
 
+@hnsw_only
 @pytest.mark.parametrize("scalar", ["f16", "i8", "bf16"])
 def test_index_answers_as_the_exact_scan(path, scalar):
     """Whatever the graph keeps of a vector (int8 included), the store re-ranks by its own float32."""
@@ -219,6 +225,7 @@ def truncate(p):
     os.truncate(p, os.path.getsize(p) // 2)
 
 
+@hnsw_only
 @pytest.mark.parametrize("damage", [
     lambda path: garbage(graph_files(path)[0]),
     lambda path: truncate(graph_files(path)[0]),
@@ -246,6 +253,7 @@ def test_a_damaged_index_is_rebuilt_with_one_line(path, damage, caplog):
         store.close()
 
 
+@hnsw_only
 def test_another_shape_or_scoping_rebuilds(path, caplog):
     """Every parameter the saved graphs were built with is in ``meta``: another one rebuilds."""
     store, v = fill(path, n=600)
@@ -269,6 +277,7 @@ def test_another_shape_or_scoping_rebuilds(path, caplog):
             store.close()
 
 
+@hnsw_only
 def test_a_reopened_graph_inserts_with_the_configured_expansion(path):
     """usearch's file keeps neither expansion: a graph reopened without them would insert with
     usearch's own ef 128, twice the CPU of the configured 64."""
@@ -374,6 +383,7 @@ def test_an_index_of_another_store_is_rebuilt(path, tmp_path, caplog):
         store.close()
 
 
+@hnsw_only
 def test_a_reopened_graph_answers_only_once_its_checksum_passed(path, monkeypatch):
     """open returns before the graphs' checksums are read; until they pass, a store too large to
     scan answers busy (a typed retry), never from an unchecked graph."""
