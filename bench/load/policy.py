@@ -1,13 +1,22 @@
-"""The daemon's thread settings side by side: ``python -m bench.load.policy [--quick] [--rounds R]``.
+"""The daemon's thread settings against the in-process ceiling, interleaved: ``python -m bench.load.policy
+[--quick] [--rounds R] [--policies NAME,...|all]``.
 
 The measurements behind the ``threads`` defaults (daemon/pipeline/thread_pools.py, NOTE [ thread
-pools ]; daemon/pipeline/team_size.py): the in-process ceiling once (bench/load/ceiling.py, the
-fastest of its settings at each batch size), then, for each setting of ``POLICIES``, a daemon
-(ResNet-18 @ 64x64, ``--device cpu:2``, max batch 16 / 5 ms, cache and embeddings off) under N
-client processes with one request in flight each (bench/load/daemon_load.py), N = 1, 4 and 16.
-With ``--rounds`` > 1 the settings take turns, round after round, so a shared machine's drift
-reaches them alike; a figure is the median over rounds. Each row: img/s, its ratio to the ceiling
-at batch N, p50 and p99 latency, the mean batch.
+pools ]; daemon/pipeline/team_size.py). Every ceiling setting (bench/load/ceiling.py ``SETTINGS``:
+torch's defaults, passive, one thread) is loaded once in a child of its own (``ceiling.Worker``),
+and every chosen setting of ``POLICIES`` gets a daemon of its own (ResNet-18 @ 64x64, ``--device
+cpu:2``, max batch 16 / 5 ms, cache and embeddings off), all kept running. Then ``--rounds`` rounds
+(default 3): for each N of 1, 4 and 16, the ceiling at batch N (the fastest setting, measured now)
+and each daemon under N client processes with one request in flight each
+(bench/load/daemon_load.py), the ceiling first in odd rounds and last in even ones. A ratio is
+always against the ceiling of its own round, taken seconds from it, never against one caught at a
+quiet moment minutes before; each figure is the median over rounds, with its min and max.
+
+The machine is shared: beside every window the report gives the rest of the machine's load (busy
+cores from /proc/stat less our own processes' CPU), and for the daemon where its time went: the
+event loop thread's and the model threads' (executor and OpenMP team, named ``inferd-dev<i>``)
+CPU and run-queue wait (schedstat: runnable but not running), the mean batch, the forward-pass
+time per batch, and the garbage collector's collections (admin stats ``threads.gc``).
 
     old            threads.omp_wait_policy = passive, per_batch = fixed (the defaults before)
     auto           the defaults: a little spinning where the teams fit, team size per batch measured
@@ -17,8 +26,11 @@ at batch N, p50 and p99 latency, the mean batch.
     auto spin1e5   the defaults with ten times the spinning (threads.omp_spin_count = 100000)
     default team   OpenMP's own waiting (as the in-process ceiling's default), team size measured
     default fixed  OpenMP's own waiting, the whole share on every batch
+    auto no freeze the defaults without freezing the start-up heap (threads.gc_freeze = false)
+    auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
 
-``--policies`` picks some of them by name (comma-separated; default: all).
+``--policies`` picks some of them by name (comma-separated; default: auto; ``all``: every one,
+each a daemon running at once, so mind the memory).
 
 Writes ``OUT/policy.json``.
 """
@@ -44,6 +56,7 @@ POLICIES = (
     ("default team", ["threads.omp_wait_policy=\"default\""]),
     ("default fixed", ["threads.omp_wait_policy=\"default\"", "threads.per_batch=\"fixed\""]),
     ("auto no freeze", ["threads.gc_freeze=false"]),
+    ("auto bound", [], {"OMP_PROC_BIND": "true"}),
 )
 CASES = ((1, 1), (4, 1), (16, 1))
 DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.5, "seconds": 4.0},
@@ -95,9 +108,9 @@ def measure(d: dict, rounds: int, log, policies=POLICIES, cases=CASES) -> dict:
         workers = [stack.enter_context(ceiling.Worker(name, env, *threads))
                    for name, env, *threads in ceiling.SETTINGS]
         served = {}
-        for name, sets in policies:
+        for name, sets, *env in policies:
             args = daemon_load.daemon_args() + [a for kv in sets for a in ("--set", kv)]
-            dd = stack.enter_context(daemon(args))
+            dd = stack.enter_context(daemon(args, env[0] if env else None))
             admin_path = os.path.join(os.path.dirname(dd["socket"]), "admin.sock")
             served[name] = (dd, stack.enter_context(Client(dd["socket"])),
                             stack.enter_context(AdminClient(admin_path)))
@@ -123,7 +136,9 @@ def measure(d: dict, rounds: int, log, policies=POLICIES, cases=CASES) -> dict:
                         f"loop {r['loop_cpu']:.2f}/{r['loop_wait']:.2f}, model {r['model_cpu']:.2f}/{r['model_wait']:.2f}, "
                         f"gc {r['gc_full']} full, {r['gc_ms']:.0f} ms"
                         for name, r in entry["daemons"].items()))
-    out.update(policies={name: sets for name, sets in policies}, rounds_n=rounds,
+        # the collector over each daemon's whole life (start-up's collections included)
+        out["gc"] = {name: (a.call("stats").get("threads") or {}).get("gc") for name, (_, _, a) in served.items()}
+    out.update(policies={name: sets for name, sets, *_ in policies}, rounds_n=rounds,
                cases=[list(c) for c in cases])
     return out
 
@@ -183,6 +198,10 @@ def render(results: dict) -> str:
                  "loop and model run/wait: the daemon's event loop thread and its model threads (executor and "
                  "OpenMP team), cores running and threads runnable but waiting for a core, from schedstat; gc: "
                  "full collections in a window and the ms all collections took, the largest over rounds)")
+    for name, gc in (results.get("gc") or {}).items():
+        if gc:
+            lines.append(f"  gc over the life of {name}: collections by generation {gc['collections']}, longest "
+                         f"{gc['longest_ms']} ms, {gc['frozen']} objects frozen at start")
     return "\n".join(lines)
 
 
@@ -194,11 +213,11 @@ def main(argv=None) -> int:
                    help="these settings, each a daemon of its own kept running through the rounds "
                         "(default: auto; 'all' for every one)")
     args = p.parse_args(argv)
-    known = dict(POLICIES)
+    known = {p[0]: p for p in POLICIES}
     names = list(known) if args.policies == "all" else [n.strip() for n in args.policies.split(",")]
     if unknown := [n for n in names if n not in known]:
         p.error(f"unknown --policies {', '.join(unknown)}: choose among {', '.join(known)}")
-    chosen = tuple((n, known[n]) for n in names)
+    chosen = tuple(known[n] for n in names)
     procs.sigterm_as_exit()
     if args.replot:
         return report.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
