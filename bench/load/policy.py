@@ -28,6 +28,8 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     default fixed  OpenMP's own waiting, the whole share on every batch
     auto no freeze the defaults without freezing the start-up heap (threads.gc_freeze = false)
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
+    auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis
+                   (do N clients' requests form batches of N when they have time to come back?)
 
 ``--policies`` picks some of them by name (comma-separated; default: auto; ``all``: every one,
 each a daemon running at once, so mind the memory).
@@ -57,9 +59,10 @@ POLICIES = (
     ("default fixed", ["threads.omp_wait_policy=\"default\"", "threads.per_batch=\"fixed\""]),
     ("auto no freeze", ["threads.gc_freeze=false"]),
     ("auto bound", [], {"OMP_PROC_BIND": "true"}),
+    ("auto delay20", ["batching.max_delay_ms=20"]),
 )
 CASES = ((1, 1), (4, 1), (16, 1))
-DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.5, "seconds": 4.0},
+DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.0, "seconds": 3.0},
              "quick": {"ceiling_warmup_s": 0.3, "ceiling_s": 1.0, "warmup_s": 0.5, "seconds": 2.0}}
 
 
@@ -88,6 +91,7 @@ def _daemon_row(served, n: int, depth: int, d: dict) -> dict:
             "loop_cpu": r["daemon"]["threads"]["loop"]["cpu"], "loop_wait": r["daemon"]["threads"]["loop"]["wait"],
             "model_cpu": r["daemon"]["threads"]["model"]["cpu"],
             "model_wait": r["daemon"]["threads"]["model"]["wait"],
+            "batch_sizes": r["daemon"].get("batch_sizes", {}),
             "gc_full": r["daemon"].get("gc", {}).get("collections", [0, 0, 0])[2],
             "gc_ms": 1000.0 * r["daemon"].get("gc", {}).get("seconds", 0.0)}
 
