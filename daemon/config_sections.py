@@ -319,12 +319,6 @@ class ThreadsConfig:
                                            "the event loop busy each op would cost up to this (NOTE "
                                            "[ thread pools ] in daemon/pipeline/thread_pools.py)",
                                      lo=0.01, hi=100.0)
-    gc_freeze: bool = _opt(True, "once the models are loaded and warmed, move every object then alive "
-                                 "(torch, the models: ~170,000) out of the garbage collector's reach "
-                                 "(gc.freeze), so a full collection while serving scans only what "
-                                 "serving made: 160-250 ms of GIL held on this kind of host before "
-                                 "(NOTE [ thread pools ] in daemon/pipeline/thread_pools.py)")
-
 
 @dataclass
 class L2Config:

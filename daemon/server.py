@@ -29,7 +29,6 @@ from .ops import metrics
 from .pipeline.collector import Collector
 from .pipeline.executor import Executor
 from .pipeline.records import BatchResult
-from .pipeline.thread_pools import settle_heap
 from .dispatch.device import Device
 from .config import Config, ConfigError
 from .front.admin import AdminServer
@@ -131,7 +130,6 @@ class Server:
             self.admin.close()
             self._close_agent()
             return exitcodes.STARTUP_FAILED
-        settle_heap(self.cfg.threads.gc_freeze)   # models loaded and warmed (NOTE [ thread pools ])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload_signal)

@@ -26,7 +26,6 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     auto spin1e5   the defaults with ten times the spinning (threads.omp_spin_count = 100000)
     default team   OpenMP's own waiting (as the in-process ceiling's default), team size measured
     default fixed  OpenMP's own waiting, the whole share on every batch
-    auto no freeze the defaults without freezing the start-up heap (threads.gc_freeze = false)
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
     auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis
                    (do N clients' requests form batches of N when they have time to come back?)
@@ -57,7 +56,6 @@ POLICIES = (
     ("auto spin1e5", ["threads.omp_spin_count=100000"]),
     ("default team", ["threads.omp_wait_policy=\"default\""]),
     ("default fixed", ["threads.omp_wait_policy=\"default\"", "threads.per_batch=\"fixed\""]),
-    ("auto no freeze", ["threads.gc_freeze=false"]),
     ("auto bound", [], {"OMP_PROC_BIND": "true"}),
     ("auto delay20", ["batching.max_delay_ms=20"]),
 )

@@ -13,8 +13,8 @@ NOTE [ thread pools ]
     the team of one batch      each CPU batch                        threads.per_batch (auto)
     the GIL's hand-over        every thread: the event loop, each    threads.switch_interval_ms (0.25)
                                  device's collector and executor
-    the garbage collector      whichever thread allocates when a     threads.gc_freeze (true)
-                                 generation's threshold is crossed
+    the garbage collector      whichever thread allocates when a     Python's thresholds (watched:
+                                 generation's threshold is crossed     GcWatch)
 
 Why each limit. The daemon's real work is the devices' batches; every other pool competes with them
 for the same cores. numpy's OpenBLAS starts one worker per core when it is loaded, and a worker that
@@ -58,15 +58,13 @@ work that then yields to the devices', which is what a daemon serving its device
 The garbage collector. A collection runs on whichever thread crossed a threshold and holds the
 GIL until it ends, so the event loop, every collector and every executor (between two torch ops)
 wait for it. A young collection takes microseconds; a full one walks every tracked object, and
-after start-up torch and the model leave about 170,000 of them: 160-250 ms a full collection on
-the shared 2-core development machine, one long stall of every request in flight each time the
-survivors of serving add up to a quarter of that. :func:`settle_heap`, just before READY,
-collects once and freezes what is alive then (``gc.freeze``: start-up's objects go to a
-generation no collection scans), so a full collection while serving walks only what serving made
-(microseconds after a freeze, measured the same way). The cost: an object of start-up that later
-becomes cyclic garbage is never collected (reference counting still frees the rest); start-up
-builds nothing that is meant to go. :class:`GcWatch` counts the collections by generation and
-times them for the admin ``stats`` (``threads.gc``), so a pause shows where it happens.
+after start-up torch and the model leave about 250,000 of them: 80-250 ms a full collection on the
+shared 2-core development machine. Whether that happens while serving is what :class:`GcWatch`
+answers (admin ``stats``, ``threads.gc``: collections by generation, their seconds, the longest):
+in bench.load.policy's runs (2026-12-07, about six minutes of serving each) every daemon made one
+full collection, at start-up, and none while serving (157 young ones in all), so freezing the
+start-up heap (``gc.freeze`` before READY, tried in the same runs) changed nothing measurable
+and is not done. A p99 that the watch ties to a full collection would bring it back.
 
 Names. Each device's executor thread takes the OS name ``inferd-dev<index>`` (:data:`THREAD_NAME`)
 before its first torch op, and the OpenMP workers it starts inherit it: ``top -H``, py-spy and
@@ -80,8 +78,7 @@ Cores. The CPU devices' threads together may use at most the usable cores
 so its OpenMP team (created by that thread, inheriting its affinity) stays there too.
 
 Who calls what: :func:`prepare_environment` before torch is imported; :func:`plan` when the devices
-are built; :func:`configure_process` once torch and numpy are loaded; :func:`settle_heap` when
-every device is warm, before READY (daemon/server.py); :func:`enter_device_thread`
+are built; :func:`configure_process` once torch and numpy are loaded; :func:`enter_device_thread`
 first thing in each executor thread (daemon/pipeline/executor.py); :func:`snapshot` for the admin
 ``stats`` reply (``threads``).
 """
@@ -281,7 +278,6 @@ class GcWatch:
         self.count = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
         self.longest_ms = [0.0, 0.0, 0.0]
-        self.frozen = 0
         self._t0 = 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
@@ -306,26 +302,10 @@ class GcWatch:
             gc.callbacks.remove(self)
 
     def snapshot(self) -> dict:
+        import gc
+
         return {"collections": list(self.count), "seconds": [round(s, 6) for s in self.seconds],
-                "longest_ms": [round(m, 3) for m in self.longest_ms], "frozen": self.frozen}
-
-
-def settle_heap(freeze: bool) -> int:
-    """Call once the models are loaded and warmed, just before the daemon says it is ready: with
-    ``freeze`` (threads.gc_freeze), collect once, then ``gc.freeze()`` every object alive, so the
-    collections while serving never scan torch's and the models' objects again (NOTE [ thread
-    pools ], "The garbage collector"). Returns how many objects were frozen (0 without)."""
-    import gc
-
-    if not freeze:
-        return 0
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    with _state.lock:
-        if _state.gc is not None:
-            _state.gc.frozen = frozen
-    return frozen
+                "longest_ms": [round(m, 3) for m in self.longest_ms], "frozen": gc.get_freeze_count()}
 
 
 def per_batch() -> str:

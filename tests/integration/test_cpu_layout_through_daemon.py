@@ -132,19 +132,18 @@ def test_a_fresh_daemon_spins_briefly_where_its_team_fits_and_sleeps_where_teams
 
 
 @pytest.mark.timeout(180)
-def test_a_ready_daemon_has_frozen_its_start_up_heap_and_names_its_model_threads(fresh_daemon):
-    """threads.gc_freeze (NOTE [ thread pools ], "The garbage collector"): by READY the objects of
-    start-up (torch, the model) are out of the collector's reach, so a full collection while
-    serving stays short, and the admin stats count every collection; the device's executor thread
-    carries the name inferd-dev0 (THREAD_NAME), the event loop the process's own."""
+def test_a_daemon_counts_its_collections_and_names_its_model_threads(fresh_daemon):
+    """The admin stats count the garbage collector's runs by generation (NOTE [ thread pools ], "The
+    garbage collector": a full one holds the GIL for tens of milliseconds), and the device's
+    executor thread carries the name inferd-dev0 (THREAD_NAME), the event loop the process's own."""
     d = fresh_daemon("--device", "cpu:1", "--set", "cache.enabled=false")
     with Client(d.socket_path) as c:
         label, image = sample_images()[0]
         for _ in range(5):
             assert c.classify(image)[0].label == label
     info = _threads_info(d)
-    assert info["gc"]["frozen"] > 20000                  # torch alone leaves ~100,000 objects
     assert len(info["gc"]["collections"]) == 3 and sum(info["gc"]["collections"]) > 0
+    assert info["gc"]["frozen"] == 0
     tid = info["devices"][0]["tid"]
     with open(f"/proc/{d.pid}/task/{tid}/comm") as fh:
         assert fh.read().strip() == "inferd-dev0"

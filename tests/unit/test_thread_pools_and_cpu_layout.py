@@ -173,22 +173,17 @@ def test_the_gc_watch_counts_each_collection_and_its_time_by_generation():
     assert snap["longest_ms"][0] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_settle_heap_freezes_what_is_alive_only_when_asked_and_the_snapshot_says_so():
+def test_the_snapshot_counts_the_collections_from_configure_process_on():
     import gc
 
     threads.configure_process(1, 1)
-    try:
-        assert threads.settle_heap(False) == 0 and gc.get_freeze_count() == 0
-        keep = [object() for _ in range(1000)]            # alive at start-up: frozen
-        frozen = threads.settle_heap(True)
-        assert frozen >= 1000 and gc.get_freeze_count() == frozen
-        assert threads.snapshot()["gc"]["frozen"] == frozen
-        before = threads.snapshot()["gc"]["collections"][2]
-        gc.collect()
-        assert threads.snapshot()["gc"]["collections"][2] == before + 1
-        del keep
-    finally:
-        gc.unfreeze()
+    before = threads.snapshot()["gc"]
+    gc.collect()
+    after = threads.snapshot()["gc"]
+    assert after["collections"][2] == before["collections"][2] + 1
+    assert after["longest_ms"][2] >= 0.0 and after["frozen"] == gc.get_freeze_count()
+    threads.reset_for_tests()
+    assert sum(isinstance(cb, threads.GcWatch) for cb in gc.callbacks) == 0    # uninstalled
 
 
 def test_a_device_thread_and_the_openmp_team_it_starts_carry_the_devices_name():
