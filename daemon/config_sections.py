@@ -320,6 +320,7 @@ class ThreadsConfig:
                                            "[ thread pools ] in daemon/pipeline/thread_pools.py)",
                                      lo=0.01, hi=100.0)
 
+
 @dataclass
 class L2Config:
     """The fleet-wide second level of the result cache on Redis / Valkey (docs/fleet.md)."""
