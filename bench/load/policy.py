@@ -139,7 +139,8 @@ def measure(d: dict, rounds: int, log, policies=POLICIES, cases=CASES) -> dict:
                         f"gc {r['gc_full']} full, {r['gc_ms']:.0f} ms"
                         for name, r in entry["daemons"].items()))
         # the collector over each daemon's whole life (start-up's collections included)
-        out["gc"] = {name: (a.call("stats").get("threads") or {}).get("gc") for name, (_, _, a) in served.items()}
+        out["threads_end"] = {name: a.call("stats").get("threads") or {} for name, (_, _, a) in served.items()}
+        out["gc"] = {name: t.get("gc") for name, t in out["threads_end"].items()}
     out.update(policies={name: sets for name, sets, *_ in policies}, rounds_n=rounds,
                cases=[list(c) for c in cases])
     return out
