@@ -89,6 +89,7 @@ def _daemon_row(served, n: int, depth: int, d: dict) -> dict:
             "loop_cpu": r["daemon"]["threads"]["loop"]["cpu"], "loop_wait": r["daemon"]["threads"]["loop"]["wait"],
             "model_cpu": r["daemon"]["threads"]["model"]["cpu"],
             "model_wait": r["daemon"]["threads"]["model"]["wait"],
+            "rest_cpu": r["daemon"]["threads"]["other"]["cpu"],          # collectors, watchdog, ...
             "batch_sizes": r["daemon"].get("batch_sizes", {}),
             "gc_full": r["daemon"].get("gc", {}).get("collections", [0, 0, 0])[2],
             "gc_ms": 1000.0 * r["daemon"].get("gc", {}).get("seconds", 0.0)}
