@@ -43,6 +43,12 @@ already in the environment wins. What the spin count cannot see, the load of the
 serving, the team size per batch does: on a contended machine one thread runs each batch faster
 than two, and a team of one has no worker to spin or wake (daemon/pipeline/team_size.py, NOTE
 [ team size per batch ]).
+Measured again interleaved (2026-12-07, docs/benchmarks.md "Thread pools and the CPU layout"): in
+a process of its own, at a quiet moment, 10,000 spins ran a batch of four as fast as OpenMP's
+default (22-32 against 24-31 ms; passive 40-45), with or without a pause of up to 10 ms between
+batches; the daemon's own batch of four took 36-41 ms at such moments whatever the count (10,000,
+100,000 or OpenMP's own) and team size, so the count is not what is left between the daemon and
+the in-process model there.
 
 The GIL. A torch op lets go of the GIL while it computes and takes it back to return, so a device
 thread asks for it again after every op: about 30 times in a forward pass of the shapes CNN. When
