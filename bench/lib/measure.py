@@ -88,3 +88,34 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
             continue
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def thread_sched(pid: int) -> dict[int, tuple[str, float, float]]:
+    """Each thread of process ``pid``: ``tid -> (name, cpu seconds, run-queue wait seconds)`` so far,
+    from /proc/PID/task/TID/comm and schedstat (the wait is time spent runnable but not running:
+    what a thread lost to the others on its cores). A thread that ends meanwhile is left out."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as fh:
+                name = fh.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                run_ns, wait_ns, _ = (int(x) for x in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        out[int(tid)] = (name, run_ns / 1e9, wait_ns / 1e9)
+    return out
+
+
+def thread_groups(pid: int, before: dict, after: dict, seconds: float, model_prefix: str) -> dict:
+    """``thread_sched`` deltas of process ``pid`` over ``seconds``, summed per group: ``loop`` (the
+    main thread), ``model`` (threads named ``model_prefix``...: the devices' executors and their
+    OpenMP teams) and ``other``; each ``{"cpu": cores, "wait": run-queue wait, threads waiting on
+    average}``."""
+    groups = {g: {"cpu": 0.0, "wait": 0.0} for g in ("loop", "model", "other")}
+    for tid, (name, run, wait) in after.items():
+        _, run0, wait0 = before.get(tid, (name, 0.0, 0.0))
+        g = "loop" if tid == pid else "model" if name.startswith(model_prefix) else "other"
+        groups[g]["cpu"] += (run - run0) / seconds
+        groups[g]["wait"] += (wait - wait0) / seconds
+    return groups

@@ -100,6 +100,89 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threa
         q.put(("error", traceback.format_exc()))
 
 
+def _serve(q, commands, omp_env: dict, threads: int = THREADS) -> None:
+    """Child body of :class:`Worker`: load the model once under ``omp_env``, report ready, then
+    measure each ``(batch, warmup_s, seconds)`` from ``commands`` until None. Each reply is
+    ``_time_batch``'s row plus what the machine did meanwhile, read from /proc/stat around the
+    timed part: ``busy_cores`` (every process) and ``own_cores`` (this child), so that
+    ``busy_cores - own_cores`` is the load the rest of the machine put beside the measurement."""
+    try:
+        import os
+
+        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            os.environ.pop(name, None)
+        os.environ.update(omp_env)
+        import torch
+
+        from ..lib.measure import machine_cpu
+
+        torch.set_num_threads(threads)
+        from inferd.daemon.models import zoo
+
+        model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
+        steps = {}
+        q.put(("ok", ("ready", torch.get_num_threads())))
+        while (cmd := commands.get()) is not None:
+            batch, warmup_s, seconds = cmd
+            step = steps.get(batch) or steps.setdefault(batch, _make_step(model, spec, batch))
+            end = time.perf_counter() + warmup_s
+            while time.perf_counter() < end:
+                step()
+            m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
+            row = _time_batch(step, batch, 0.0, seconds)
+            m1, c1, t1 = machine_cpu(), time.process_time(), time.perf_counter()
+            row.update(busy_cores=(m1["busy_s"] - m0["busy_s"]) / (t1 - t0),
+                       steal_cores=(m1["steal_s"] - m0["steal_s"]) / (t1 - t0),
+                       own_cores=(c1 - c0) / (t1 - t0))
+            q.put(("ok", row))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+class Worker:
+    """One ceiling setting kept loaded in a child process of its own, measured on demand, so that
+    a benchmark can take the ceiling again and again between its daemon windows (rounds) without
+    paying the model's load each time. ``measure(batch, warmup_s, seconds)`` returns
+    ``_time_batch``'s row plus ``busy_cores``, ``own_cores`` and ``steal_cores`` (``_serve``).
+    ``close()`` is safe twice; use it as a context manager."""
+
+    def __init__(self, name: str, omp_env: dict, threads: int = THREADS):
+        from ..lib.procs import CTX
+
+        self.name, self.omp_env = name, dict(omp_env)
+        self.q, self.commands = CTX.Queue(), CTX.Queue()
+        self.proc = CTX.Process(target=_serve, args=(self.q, self.commands, self.omp_env, threads),
+                                name=f"bench-ceiling-{name.replace(' ', '-')}", daemon=True)
+        self.proc.start()
+        try:
+            self.threads = self._reply(120.0)[1]
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, timeout: float):
+        from ..lib.procs import collect_results
+
+        return collect_results(self.q, [self.proc], 1, timeout)[0]
+
+    def measure(self, batch: int, warmup_s: float, seconds: float) -> dict:
+        self.commands.put((batch, warmup_s, seconds))
+        return {**self._reply(warmup_s + seconds + 120.0), "setting": self.name}
+
+    def close(self) -> None:
+        from ..lib.procs import stop_processes
+
+        if self.proc.is_alive():
+            self.commands.put(None)
+        stop_processes([self.proc])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def fair(ceiling: dict, max_batch: int):
     """``in_flight -> (batch, img/s)``: the in-process figure at the largest batch ``in_flight``
     frames allow under ``max_batch`` (the fair ceiling of a row; measured batch sizes only, the

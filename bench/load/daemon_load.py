@@ -22,10 +22,14 @@ import traceback
 import numpy as np
 
 from ..lib.daemons import counters, daemon
-from ..lib.measure import cpu_seconds, frames, latency_stats, sleep_until
+from ..lib.measure import (cpu_seconds, frames, latency_stats, machine_cpu, sleep_until, thread_groups,
+                           thread_sched)
 from ..lib.procs import RESULT_GRACE_S, children, report_ready
 
 DEVICES = ("cpu:2",)
+#: The OS name the daemon gives each device's executor thread and its OpenMP team
+#: (daemon/pipeline/thread_pools.py THREAD_NAME; not imported: the parent never loads torch).
+MODEL_THREADS = "inferd-dev"
 MAX_BATCH = 16
 
 
@@ -77,23 +81,45 @@ def _client(q, index: int, socket_path: str, depth: int, warmup_s: float, second
         q.put(("error", traceback.format_exc()))
 
 
-def _busy_seconds(admin) -> dict:
-    """{device label: busy seconds so far} from the admin socket's stats (daemon/ops/stats.py); {}
-    without an admin connection."""
-    return {d["label"]: d["busy_s"] for d in admin.call("stats")["devices"]} if admin else {}
+def _busy_seconds(admin) -> tuple[dict, dict, dict]:
+    """({device label: busy seconds so far}, the garbage collector's counts so far, {batch size:
+    batches so far, all devices}) from the admin socket's stats (daemon/ops/stats.py; ``threads.gc``:
+    daemon/pipeline/thread_pools.py GcWatch); empty dicts without an admin connection."""
+    if not admin:
+        return {}, {}, {}
+    stats = admin.call("stats")
+    sizes: dict = {}
+    for d in stats["devices"]:
+        for size, n in d.get("batch_sizes") or ():
+            sizes[size] = sizes.get(size, 0) + n
+    return ({d["label"]: d["busy_s"] for d in stats["devices"]},
+            (stats.get("threads") or {}).get("gc") or {}, sizes)
 
 
 def _window_counters(probe, admin, pid: int, t_measure: float, seconds: float) -> dict:
     """Daemon counter deltas over [t_measure, t_measure + seconds], read by the parent's ``probe``,
-    plus the daemon process's CPU use over the window (``cpu_cores``) and each device's busy
-    fraction (``device_busy``: busy seconds / window, from ``admin``)."""
+    plus the daemon process's CPU use over the window (``cpu_cores``), the whole machine's
+    (``machine_busy_cores``, /proc/stat), each device's busy fraction (``device_busy``: busy
+    seconds / window, from ``admin``) and the CPU and run-queue wait of the daemon's thread groups
+    (``threads``: loop, model, other; bench/lib/measure.py thread_groups)."""
     sleep_until(t_measure)
-    before, busy0, cpu0 = counters(probe), _busy_seconds(admin), cpu_seconds(pid)
+    before, (busy0, gc0, sizes0), cpu0, m0 = counters(probe), _busy_seconds(admin), cpu_seconds(pid), machine_cpu()
+    s0 = thread_sched(pid)
     sleep_until(t_measure + seconds)
-    after, busy1, cpu1 = counters(probe), _busy_seconds(admin), cpu_seconds(pid)
+    after, (busy1, gc1, sizes1), cpu1, m1 = counters(probe), _busy_seconds(admin), cpu_seconds(pid), machine_cpu()
+    s1 = thread_sched(pid)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames", "batches", "model_seconds",
                                                                "expired", "overloaded", "failed")}
     delta["cpu_cores"] = (cpu1 - cpu0) / seconds
+    delta["machine_busy_cores"] = (m1["busy_s"] - m0["busy_s"]) / seconds    # every process (/proc/stat)
+    delta["machine_steal_cores"] = (m1["steal_s"] - m0["steal_s"]) / seconds
+    # who in the daemon ran and who waited for a core: the loop, the model's threads, the rest
+    delta["threads"] = thread_groups(pid, s0, s1, seconds, MODEL_THREADS)
+    # batches by size in the window: whether N clients' requests form batches of N or split
+    delta["batch_sizes"] = {k: v - sizes0.get(k, 0) for k, v in sorted(sizes1.items()) if v > sizes0.get(k, 0)}
+    if gc1:     # collections by generation in the window, and the seconds they held the GIL
+        delta["gc"] = {"collections": [b - a for a, b in zip(gc0["collections"], gc1["collections"])],
+                       "seconds": sum(gc1["seconds"]) - sum(gc0["seconds"])}
     delta["device_busy"] = {label: (busy1.get(label, 0.0) - b) / seconds for label, b in busy0.items()}
     return delta
 

@@ -13,6 +13,8 @@ NOTE [ thread pools ]
     the team of one batch      each CPU batch                        threads.per_batch (auto)
     the GIL's hand-over        every thread: the event loop, each    threads.switch_interval_ms (0.25)
                                  device's collector and executor
+    the garbage collector      whichever thread allocates when a     Python's thresholds (watched:
+                                 generation's threshold is crossed     GcWatch)
 
 Why each limit. The daemon's real work is the devices' batches; every other pool competes with them
 for the same cores. numpy's OpenBLAS starts one worker per core when it is loaded, and a worker that
@@ -41,6 +43,12 @@ already in the environment wins. What the spin count cannot see, the load of the
 serving, the team size per batch does: on a contended machine one thread runs each batch faster
 than two, and a team of one has no worker to spin or wake (daemon/pipeline/team_size.py, NOTE
 [ team size per batch ]).
+Measured again interleaved (2026-12-07, docs/benchmarks.md "Thread pools and the CPU layout"): in
+a process of its own, at a quiet moment, 10,000 spins ran a batch of four as fast as OpenMP's
+default (22-32 against 24-31 ms; passive 40-45), with or without a pause of up to 10 ms between
+batches; the daemon's own batch of four took 36-41 ms at such moments whatever the count (10,000,
+100,000 or OpenMP's own) and team size, so the count is not what is left between the daemon and
+the in-process model there.
 
 The GIL. A torch op lets go of the GIL while it computes and takes it back to return, so a device
 thread asks for it again after every op: about 30 times in a forward pass of the shapes CNN. When
@@ -52,6 +60,22 @@ client classifying one frame at a time during such a flood waited over a second
 as a whole leaves the devices). At 0.25 ms the same forward pass takes 13 ms. The price is more
 switches when two threads both want to run Python, a few microseconds each, and it is the loop's
 work that then yields to the devices', which is what a daemon serving its devices wants.
+
+The garbage collector. A collection runs on whichever thread crossed a threshold and holds the
+GIL until it ends, so the event loop, every collector and every executor (between two torch ops)
+wait for it. A young collection takes microseconds; a full one walks every tracked object, and
+after start-up torch and the model leave about 250,000 of them: 80-250 ms a full collection on the
+shared 2-core development machine. Whether that happens while serving is what :class:`GcWatch`
+answers (admin ``stats``, ``threads.gc``: collections by generation, their seconds, the longest):
+in bench.load.policy's runs (2026-12-07, about six minutes of serving each) every daemon made one
+full collection, at start-up, and none while serving (157 young ones in all), so freezing the
+start-up heap (``gc.freeze`` before READY, tried in the same runs) changed nothing measurable
+and is not done. A p99 that the watch ties to a full collection would bring it back.
+
+Names. Each device's executor thread takes the OS name ``inferd-dev<index>`` (:data:`THREAD_NAME`)
+before its first torch op, and the OpenMP workers it starts inherit it: ``top -H``, py-spy and
+/proc/PID/task/*/comm (and bench/load's per-thread run-queue wait, from schedstat) tell the
+model's threads from the event loop (the process's own name) and the rest.
 
 Cores. The CPU devices' threads together may use at most the usable cores
 (``os.sched_getaffinity``); :func:`plan` shares them out and warns about (or, with
@@ -108,6 +132,7 @@ class _Registry:
         self.blas_limit = 0
         self.controller = None                           # threadpoolctl.ThreadpoolController
         self.layout: dict | None = None                  # cpu:auto's choice (daemon/pipeline/cpu_layout.py)
+        self.gc: GcWatch | None = None                   # configure_process installs it
 
 
 _state = _Registry()
@@ -235,9 +260,58 @@ def configure_process(blas_threads: int, interop_threads: int,
         torch.set_num_interop_threads(interop_threads)
     except RuntimeError as exc:        # the inter-op pool already started: keep what it has
         log.warning("torch inter-op threads stay at %d: %s", torch.get_num_interop_threads(), exc)
+    watch = GcWatch()
+    watch.install()
     with _state.lock:
+        if _state.gc is not None:
+            _state.gc.uninstall()
         _state.controller, _state.blas_limit = controller, blas_threads
         _state.per_batch = per_batch
+        _state.gc = watch
+
+
+class GcWatch:
+    """How often and how long Python's garbage collector ran in this process, by generation
+    (``gc.callbacks``): collections, seconds in all, and the longest, in ms. A collection holds
+    the GIL throughout, so every thread (the event loop, each collector and executor between two
+    torch ops) waits for its end: a long one is a latency spike for every request then in flight.
+    ``install`` once; ``snapshot`` for the admin ``stats`` (``threads.gc``)."""
+
+    def __init__(self, clock=None):
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest_ms = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = self.clock()
+            return
+        gen, took = info["generation"], self.clock() - self._t0
+        self.count[gen] += 1
+        self.seconds[gen] += took
+        self.longest_ms[gen] = max(self.longest_ms[gen], 1000.0 * took)
+
+    def install(self) -> None:
+        import gc
+
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def uninstall(self) -> None:
+        import gc
+
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+
+    def snapshot(self) -> dict:
+        import gc
+
+        return {"collections": list(self.count), "seconds": [round(s, 6) for s in self.seconds],
+                "longest_ms": [round(m, 3) for m in self.longest_ms], "frozen": gc.get_freeze_count()}
 
 
 def per_batch() -> str:
@@ -256,6 +330,7 @@ def enter_device_thread(device) -> dict:
 
     share = _state.assignments.get(device.index) or Assignment(getattr(device, "threads", 0))
     applied = {"device": device.label, "tid": threading.get_native_id(), "cores": []}
+    name_native_thread(f"{THREAD_NAME}{device.index}")
     if device.torch_device.type == "cpu":
         threads = device.threads or share.threads
         # torch copies its process-wide count into a thread at the thread's first parallel op;
@@ -275,6 +350,24 @@ def enter_device_thread(device) -> dict:
         _state.entered[device.index] = applied
         _state.threads[threading.get_ident()] = device.index
     return applied
+
+
+#: The OS name (comm) of each device's executor thread, with the device's index after it. The
+#: OpenMP workers that thread creates inherit the name, so ``top -H``, py-spy and
+#: /proc/PID/task/*/comm tell the model's threads from the event loop (the process's own name)
+#: and the rest; bench/load/daemon_load.py reads each group's CPU and run-queue wait by it.
+THREAD_NAME = "inferd-dev"
+
+
+def name_native_thread(name: str) -> bool:
+    """Give the calling thread the OS name ``name`` (cut to the 15 bytes Linux keeps); False where
+    the OS does not let it (no /proc), never raising: a name is for people and tools only."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as fh:
+            fh.write(name[:15])
+        return True
+    except OSError:
+        return False
 
 
 def record_team(team) -> None:
@@ -309,6 +402,8 @@ def snapshot() -> dict:
                "devices": [dict(v, planned=_state.assignments.get(i, Assignment(0)).threads)
                            for i, v in sorted(_state.entered.items())]}
         teams = dict(_state.teams)
+        if _state.gc is not None:
+            out["gc"] = _state.gc.snapshot()
     preprocess = sys.modules.get(__name__.rsplit(".", 1)[0] + ".preprocess")   # never imported from here
     out["fused_preprocessing"] = preprocess.FUSED_LOADER.state() if preprocess is not None else "idle"
     for d, (i, _) in zip(out["devices"], sorted(_state.entered.items())):
@@ -329,4 +424,6 @@ def snapshot() -> dict:
 def reset_for_tests() -> None:
     """Forget every decision (unit tests run several plans in one process)."""
     global _state
+    if _state.gc is not None:
+        _state.gc.uninstall()
     _state = _Registry()

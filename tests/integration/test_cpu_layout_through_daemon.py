@@ -129,3 +129,23 @@ def test_a_fresh_daemon_spins_briefly_where_its_team_fits_and_sleeps_where_teams
         assert _threads_info(d)["omp_wait_policy"] == "PASSIVE"
     finally:
         os.environ.update(saved)
+
+
+@pytest.mark.timeout(180)
+def test_a_daemon_counts_its_collections_and_names_its_model_threads(fresh_daemon):
+    """The admin stats count the garbage collector's runs by generation (NOTE [ thread pools ], "The
+    garbage collector": a full one holds the GIL for tens of milliseconds), and the device's
+    executor thread carries the name inferd-dev0 (THREAD_NAME), the event loop the process's own."""
+    d = fresh_daemon("--device", "cpu:1", "--set", "cache.enabled=false")
+    with Client(d.socket_path) as c:
+        label, image = sample_images()[0]
+        for _ in range(5):
+            assert c.classify(image)[0].label == label
+    info = _threads_info(d)
+    assert len(info["gc"]["collections"]) == 3 and sum(info["gc"]["collections"]) > 0
+    assert info["gc"]["frozen"] == 0
+    tid = info["devices"][0]["tid"]
+    with open(f"/proc/{d.pid}/task/{tid}/comm") as fh:
+        assert fh.read().strip() == "inferd-dev0"
+    with open(f"/proc/{d.pid}/task/{d.pid}/comm") as fh:
+        assert fh.read().strip() != "inferd-dev0"

@@ -150,3 +150,71 @@ def test_enter_device_thread_sets_this_threads_team_and_pins_it():
     assert os.sched_getaffinity(0) == set(cores)            # the caller's thread is not pinned
     snap = threads.snapshot()["devices"]
     assert snap == [dict(seen["applied"], planned=1)]
+
+
+# the garbage collector and thread names --------------------------------------------------------------
+def test_the_gc_watch_counts_each_collection_and_its_time_by_generation():
+    """GcWatch (NOTE [ thread pools ], "The garbage collector") times every collection with the
+    clock it is given, by generation: a forced full one is counted with its time and is the longest."""
+    import gc
+
+    ticks = iter([10.0, 10.25, 20.0, 20.001])
+    watch = threads.GcWatch(clock=lambda: next(ticks))
+    watch.install()
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        watch.uninstall()
+    assert watch not in gc.callbacks
+    snap = watch.snapshot()
+    assert snap["collections"] == [1, 0, 1]
+    assert snap["seconds"][2] == pytest.approx(0.25) and snap["longest_ms"][2] == pytest.approx(250.0)
+    assert snap["longest_ms"][0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_snapshot_counts_the_collections_from_configure_process_on():
+    import gc
+
+    threads.configure_process(1, 1)
+    before = threads.snapshot()["gc"]
+    gc.collect()
+    after = threads.snapshot()["gc"]
+    assert after["collections"][2] == before["collections"][2] + 1
+    assert after["longest_ms"][2] >= 0.0 and after["frozen"] == gc.get_freeze_count()
+    threads.reset_for_tests()
+    assert sum(isinstance(cb, threads.GcWatch) for cb in gc.callbacks) == 0    # uninstalled
+
+
+def test_a_device_thread_and_the_openmp_team_it_starts_carry_the_devices_name():
+    """enter_device_thread names the executor thread inferd-dev<index> (THREAD_NAME); the OpenMP
+    workers it then creates inherit the name, so tools and bench/load tell them from the loop."""
+    import threading as th
+    from types import SimpleNamespace
+
+    import torch
+
+    dev = SimpleNamespace(index=3, label="cpu#3", threads=2, torch_device=torch.device("cpu"))
+    threads.plan(devs(("cpu", 2)), tuple(sorted(os.sched_getaffinity(0))))
+    seen, named, release = {}, th.Event(), th.Event()
+
+    def body():
+        threads.enter_device_thread(dev)
+        torch.ones(256, 256) @ torch.ones(256, 256)      # a parallel region: the team starts
+        seen["tid"] = th.get_native_id()
+        seen["names"] = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                seen["names"][int(tid)] = fh.read().strip()
+        named.set()
+        release.wait(10)                     # alive while the caller reads the names
+
+    worker = th.Thread(target=body)
+    worker.start()
+    try:
+        assert named.wait(30), "the device thread never read its names"
+    finally:
+        release.set()
+        worker.join(timeout=30)
+    assert seen["names"][seen["tid"]] == "inferd-dev3"
+    assert seen["names"][os.getpid()] != "inferd-dev3"             # the caller keeps its name
