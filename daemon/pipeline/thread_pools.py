@@ -50,6 +50,16 @@ batches; the daemon's own batch of four took 36-41 ms at such moments whatever t
 100,000 or OpenMP's own) and team size, so the count is not what is left between the daemon and
 the in-process model there.
 
+One team per thread that computes. What was left was a parallel region on the event loop's thread:
+the staging buffers' ``torch.zeros`` (and any op over more than torch's grain of 32,768 elements)
+ran as an OpenMP team there, before the executors started, and from then on every executor
+thread's team ran 1.6-1.8x slower for the life of the process (a plain process reproduces it: one
+``torch.zeros`` of 16 64x64 frames on the main thread, then resnet18 @ 64x64 on two threads in
+another thread, 30 against 17 ms a batch of 4). So :func:`configure_process` sets the loop's
+thread, and the default of every thread started after it, to one thread: only the executors
+(:func:`enter_device_thread`) and the start-up measurement (daemon/pipeline/cpu_layout.py) set a
+team of their own. The daemon's warm-up went from 38 to 17 ms a batch of 4, the in-process figure.
+
 The GIL. A torch op lets go of the GIL while it computes and takes it back to return, so a device
 thread asks for it again after every op: about 30 times in a forward pass of the shapes CNN. When
 another thread holds it (the event loop busy with one client's flood of ``info`` requests, say),
@@ -254,6 +264,12 @@ def configure_process(blas_threads: int, interop_threads: int,
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1000)
 
+    # The calling thread, the event loop's, runs no OpenMP team, and threads started later default
+    # to none either (each device's executor sets its own share, enter_device_thread): a parallel
+    # region on the loop's thread (a torch.zeros of a staging buffer is one) left every device
+    # thread's team 1.7x slower for the life of the process (resnet18 @ 64x64, 2 threads, a batch
+    # of 4: 30 ms against 17; NOTE [ thread pools ])
+    torch.set_num_threads(1)
     controller = ThreadpoolController()
     controller.select(user_api="blas").limit(limits=blas_threads)
     try:
