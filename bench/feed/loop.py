@@ -20,11 +20,11 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
+from ..lib.measure import bytecodes
 from ..models.loop_cost import FakeSession
 
 FRAMES = 16
@@ -90,20 +90,7 @@ def measure(rounds: int, insert_all: bool) -> dict:
             for i in range(MESSAGES):
                 one(1000 * (r + 1) + i)
             per_frame.append((time.perf_counter() - t0 - state["off_loop"]) / (MESSAGES * FRAMES) * 1e6)
-        count = 0
-
-        def tracer(frame, event, arg):
-            nonlocal count
-            frame.f_trace_opcodes = True
-            if event == "opcode":
-                count += 1
-            return tracer
-        sys.settrace(tracer)
-        try:
-            for i in range(50):
-                one(100_000 + i)
-        finally:
-            sys.settrace(None)
+        count = bytecodes(lambda: [one(100_000 + i) for i in range(50)])
         return {"us_per_frame_median": statistics.median(per_frame), "min": min(per_frame),
                 "bytecodes_per_frame": count / (50 * FRAMES), "insert_all": insert_all, "rounds": per_frame}
     finally:

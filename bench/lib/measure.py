@@ -119,3 +119,24 @@ def thread_groups(pid: int, before: dict, after: dict, seconds: float, model_pre
         groups[g]["cpu"] += (run - run0) / seconds
         groups[g]["wait"] += (wait - wait0) / seconds
     return groups
+
+
+def bytecodes(run) -> int:
+    """Bytecodes Python runs in ``run()``, every frame of its call tree (an opcode trace): the
+    deterministic measure of a code path's Python, which no other load on the machine moves."""
+    import sys
+
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return tracer
+    sys.settrace(tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return count

@@ -78,21 +78,28 @@ def _time_batch(step, batch: int, warmup_s: float, seconds: float) -> dict:
             "batch_ms_mean": 1000.0 * sum(times) / len(times)}
 
 
+def _load(omp_env: dict, threads: int):
+    """In a measuring child: ``omp_env`` set before torch (and with it libgomp) loads, torch on
+    ``threads`` threads, the model built; returns (torch, model, spec)."""
+    import os
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        os.environ.pop(name, None)
+    os.environ.update(omp_env)
+    import torch
+
+    torch.set_num_threads(threads)
+    from inferd.daemon.models import zoo
+
+    model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
+    return torch, model, spec
+
+
 def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threads: int = THREADS) -> None:
     """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``.
     ``omp_env`` goes into the environment before torch (and with it libgomp) is loaded."""
     try:
-        import os
-
-        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-            os.environ.pop(name, None)
-        os.environ.update(omp_env)
-        import torch
-
-        torch.set_num_threads(threads)
-        from inferd.daemon.models import zoo
-
-        model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
+        torch, model, spec = _load(omp_env, threads)
         rows = [_time_batch(_make_step(model, spec, b), b, warmup_s, seconds) for b in batch_sizes]
         q.put(("ok", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "omp_env": omp_env}))
@@ -107,19 +114,9 @@ def _serve(q, commands, omp_env: dict, threads: int = THREADS) -> None:
     timed part: ``busy_cores`` (every process) and ``own_cores`` (this child), so that
     ``busy_cores - own_cores`` is the load the rest of the machine put beside the measurement."""
     try:
-        import os
-
-        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-            os.environ.pop(name, None)
-        os.environ.update(omp_env)
-        import torch
-
         from ..lib.measure import machine_cpu
 
-        torch.set_num_threads(threads)
-        from inferd.daemon.models import zoo
-
-        model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
+        torch, model, spec = _load(omp_env, threads)
         steps = {}
         q.put(("ok", ("ready", torch.get_num_threads())))
         while (cmd := commands.get()) is not None:

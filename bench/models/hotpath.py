@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
+from ..lib.measure import bytecodes
 from .loop_cost import FakeSession
 
 FRAMES = 16
@@ -73,21 +73,7 @@ def bytecodes_per_frame(messages: int = 50) -> float:
     one = setup()
     for i in range(10):
         one(i)
-    count = 0
-
-    def tracer(frame, event, arg):
-        nonlocal count
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            count += 1
-        return tracer
-    sys.settrace(tracer)
-    try:
-        for i in range(10, 10 + messages):
-            one(i)
-    finally:
-        sys.settrace(None)
-    return count / (messages * FRAMES)
+    return bytecodes(lambda: [one(i) for i in range(10, 10 + messages)]) / (messages * FRAMES)
 
 
 def main() -> int:

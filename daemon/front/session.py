@@ -55,7 +55,33 @@ _idle = RateLimitedLog(log)
 #   replies is aborted after unread_timeout_s.
 
 
-class Session(asyncio.Protocol):
+class Leaders:
+    """The requests of one session that lead identical frames in flight: cache key -> the Request
+    claimed by the collectors of every device once they hashed a row, let go on the loop when it
+    is answered (NOTE [ request path ] in daemon/pipeline/collector.py). A client's Session and
+    the OIP front's sessions on the loop (daemon/oip/direct.py) coalesce alike."""
+
+    def _init_leaders(self) -> None:
+        self.pending: dict[bytes, object] = {}
+        self._pending_lock = threading.Lock()
+
+    def claim(self, key: bytes, request):
+        """The request that leads frames of ``key`` in this session: ``request`` itself if none
+        in flight does (it leads from now on), else that one. Any thread (collectors claim)."""
+        with self._pending_lock:
+            leader = self.pending.get(key)
+            if leader is None or leader.done:
+                self.pending[key] = leader = request
+            return leader
+
+    def unclaim(self, key: bytes, request) -> None:
+        """``request`` (answered) leads frames of ``key`` no more. Loop thread."""
+        with self._pending_lock:
+            if self.pending.get(key) is request:
+                del self.pending[key]
+
+
+class Session(asyncio.Protocol, Leaders):
     """The loop-side state of one client. ``inflight`` maps slot -> request id; the ring is
     released when the session has closed and its last in-flight request has come back.
     Flow control and timeouts: NOTE [ session flow control ].
@@ -78,11 +104,7 @@ class Session(asyncio.Protocol):
         self.ring = ring
         self.peer = peer                       # (pid, uid, gid)
         self.inflight: dict[int, int] = {}
-        # cache key -> the Request in flight that leads identical frames of this session: claimed by
-        # the collectors of every device once they hashed a row, let go on the loop when it is
-        # answered (NOTE [ request path ] in daemon/pipeline/collector.py)
-        self.pending: dict[bytes, object] = {}
-        self._pending_lock = threading.Lock()
+        self._init_leaders()                   # pending: the leaders of identical frames (Leaders)
         self.closed = False
         self.told_gen = 0                      # newest model generation this client was told of
         self.told_models: dict = {}            # (name, version) -> (digest, gen) told of, other models
@@ -316,21 +338,6 @@ class Session(asyncio.Protocol):
         """``hits``: requests the client answered from its read-only cache mapping, reported
         within a second and at close, so the hit rate needs no request to follow them."""
         self._hits(check_hits(n))
-
-    def claim(self, key: bytes, request):
-        """The request that leads frames of ``key`` in this session: ``request`` itself if none
-        in flight does (it leads from now on), else that one. Any thread (collectors claim)."""
-        with self._pending_lock:
-            leader = self.pending.get(key)
-            if leader is None or leader.done:
-                self.pending[key] = leader = request
-            return leader
-
-    def unclaim(self, key: bytes, request) -> None:
-        """``request`` (answered) leads frames of ``key`` no more. Loop thread."""
-        with self._pending_lock:
-            if self.pending.get(key) is request:
-                del self.pending[key]
 
     def send(self, message: dict) -> None:
         self.write(wire.encode(message))

@@ -33,7 +33,6 @@ import collections
 import concurrent.futures
 import logging
 import os
-import threading
 
 import numpy as np
 
@@ -45,6 +44,7 @@ from ..dispatch.queues import ThinkTime
 from ..front import principal as principals
 from ..front.admission import Rejected
 from ..front.handshake import check_hello
+from ..front.session import Leaders
 from .backend import Backend, Principal, Target
 from .errors import OipError, from_client
 
@@ -63,7 +63,7 @@ class _Closed:
         return True
 
 
-class DirectSession:
+class DirectSession(Leaders):
     """One principal's session on the loop (the module docstring). Loop thread only, except
     ``claim`` (the collectors)."""
 
@@ -74,8 +74,7 @@ class DirectSession:
         self.peer = peer                       # (pid, uid, gid): the principal's
         self.name = name
         self.inflight: dict[int, int] = {}     # slot -> request id (the scheduler's)
-        self.pending: dict[bytes, object] = {}
-        self._pending_lock = threading.Lock()
+        self._init_leaders()                   # pending, claim, unclaim (daemon/front/session.py)
         self.closed = False
         self.told_gen = 0
         self.told_models: dict = {}
@@ -94,18 +93,6 @@ class DirectSession:
         return f"DirectSession({self.sid}, {self.name})"
 
     # what the scheduler and the collectors use of a Session -----------------------------------
-    def claim(self, key: bytes, request):
-        with self._pending_lock:
-            leader = self.pending.get(key)
-            if leader is None or leader.done:
-                self.pending[key] = leader = request
-            return leader
-
-    def unclaim(self, key: bytes, request) -> None:
-        with self._pending_lock:
-            if self.pending.get(key) is request:
-                del self.pending[key]
-
     def send(self, message: dict) -> None:
         self._settle(message)
 

@@ -288,6 +288,24 @@ def test_hostile_callers_on_the_daemons_loop_leave_a_good_caller_served(resident
     assert tritongrpc.InferenceServerClient(doors["grpc"]).is_server_live()
 
 
+def _json_top3_over_unix(http: str, batch) -> tuple[bytes, bytes]:
+    """POST ``batch`` as JSON with the classification extension (top 3) to the HTTP door on the
+    Unix socket ``http``, on a connection of its own: the reply's head and body."""
+    body = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(batch.shape),
+                                   "data": batch.reshape(-1).tolist()}],
+                       "outputs": [{"name": "SCORES", "parameters": {"classification": 3}}]}).encode()
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(http)
+    s.sendall(b"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reply = b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    s.close()
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return head, payload
+
 def test_local_callers_on_the_unix_door_are_their_uids_and_drain_closes_it_first():
     """On a Unix socket the peer's uid is the principal, as with the front's process; SIGTERM
     closes the door (its socket unlinked) and the daemon exits 0."""
@@ -299,19 +317,7 @@ def test_local_callers_on_the_unix_door_are_their_uids_and_drain_closes_it_first
         doors = _doors(daemon)
         assert doors == {"http": http, "grpc": "off", "pid": daemon.pid, "restarts": 0, "placement": "daemon"}
         batch = frames(1, seed=3)
-        body = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(batch.shape),
-                                       "data": batch.reshape(-1).tolist()}],
-                           "outputs": [{"name": "SCORES", "parameters": {"classification": 3}}]}).encode()
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(http)
-        s.sendall(b"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-        s.close()
-        head, _, payload = reply.partition(b"\r\n\r\n")
+        head, payload = _json_top3_over_unix(http, batch)
         assert head.startswith(b"HTTP/1.1 200"), head
         want = [w.decode() for w in python_top3(daemon, batch)[0]]
         assert json.loads(payload)["outputs"][0]["data"] == want
@@ -348,19 +354,7 @@ def test_http_on_the_daemons_loop_and_grpc_in_the_supervised_process():
         g = tritongrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         wait_until(lambda: _live(g), 60, "the gRPC door")
         assert _triton_infer(tritongrpc, f"127.0.0.1:{grpc_port}", batch, {}) == want
-        body = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(batch.shape),
-                                       "data": batch.reshape(-1).tolist()}],
-                           "outputs": [{"name": "SCORES", "parameters": {"classification": 3}}]}).encode()
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(http)
-        s.sendall(b"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-        s.close()
-        head, _, payload = reply.partition(b"\r\n\r\n")
+        head, payload = _json_top3_over_unix(http, batch)
         assert head.startswith(b"HTTP/1.1 200"), head
         assert json.loads(payload)["outputs"][0]["data"] == [e.decode() for row in want for e in row]
         assert daemon.stop() == 0
