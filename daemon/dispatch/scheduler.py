@@ -71,7 +71,8 @@ from ...shm import wire
 #      DeviceQueue.put_many: one lock, one wake, the same fair order, gap and expectations
 #
 # Where any of those could refuse one of them (the quota or the queue near full, a deadline too
-# tight for the last, no device, the fleet cache hashing on the loop), the message goes one request
+# tight for the last, no device, the fleet cache hashing on the loop), and on a pool of devices
+# (one device choice would put all of one call's frames on one device), the message goes one request
 # at a time through ``_enter`` exactly as before, so a group is split where the uid's share, its
 # quota or a deadline says so, with each refused request's own error. tests/unit/test_group_admission.py
 # checks that both ways end in the same queue, refusals and counts.
@@ -237,6 +238,8 @@ class Scheduler:
         caches = self.caches
         if caches.l2 is not None:           # the fleet cache hashes on the loop: one at a time
             return False
+        if len(self.devices) > 1:           # a pool: each request's device chosen on its own, so one
+            return False                    # call's frames spread over the devices, not all on one
         inflight, ring = session.inflight, session.ring
         ok, ids, bad = [], [], []
         for i, slot in enumerate(slots):
