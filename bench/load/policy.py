@@ -1,5 +1,5 @@
 """The daemon's thread settings against the in-process ceiling, interleaved: ``python -m bench.load.policy
-[--quick] [--rounds R] [--policies NAME,...|all]``.
+[--quick] [--rounds R] [--policies NAME,...|all] [--clients N,...]``.
 
 The measurements behind the ``threads`` defaults (daemon/pipeline/thread_pools.py, NOTE [ thread
 pools ]; daemon/pipeline/team_size.py). Every ceiling setting (bench/load/ceiling.py ``SETTINGS``:
@@ -29,6 +29,9 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
     auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis
                    (do N clients' requests form batches of N when they have time to come back?)
+    auto fixed     the defaults with the fixed batching window (batching.window = "fixed": a batch
+                   waits for clients expected back only inside max_delay, the rule before the
+                   measured window, NOTE [ measured window ] in daemon/dispatch/formation.py)
 
 ``--policies`` picks some of them by name (comma-separated; default: auto; ``all``: every one,
 each a daemon running at once, so mind the memory).
@@ -58,6 +61,7 @@ POLICIES = (
     ("default fixed", ["threads.omp_wait_policy=\"default\"", "threads.per_batch=\"fixed\""]),
     ("auto bound", [], {"OMP_PROC_BIND": "true"}),
     ("auto delay20", ["batching.max_delay_ms=20"]),
+    ("auto fixed", ["batching.window=\"fixed\""]),
 )
 CASES = ((1, 1), (4, 1), (16, 1))
 DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.0, "seconds": 3.0},
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default="auto", metavar="NAME,...",
                    help="these settings, each a daemon of its own kept running through the rounds "
                         "(default: auto; 'all' for every one)")
+    p.add_argument("--clients", default="1,4,16", metavar="N,...",
+                   help="the client counts, each with one request in flight (default 1,4,16)")
     args = p.parse_args(argv)
     known = {p[0]: p for p in POLICIES}
     names = list(known) if args.policies == "all" else [n.strip() for n in args.policies.split(",")]
@@ -227,7 +233,8 @@ def main(argv=None) -> int:
         return report.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
     d = DURATIONS["quick" if args.quick else "full"]
     t0 = time.monotonic()
-    results = measure(d, args.rounds, lambda msg: print(msg, flush=True), chosen)
+    cases = tuple((int(n), 1) for n in args.clients.split(","))
+    results = measure(d, args.rounds, lambda msg: print(msg, flush=True), chosen, cases)
     results.update(durations=d, quick=args.quick, command=report.command(), machine=report.machine(),
                    wall_s=time.monotonic() - t0, loadavg=os.getloadavg(),
                    date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
