@@ -1,5 +1,5 @@
 """The daemon's thread settings against the in-process ceiling, interleaved: ``python -m bench.load.policy
-[--quick] [--rounds R] [--policies NAME,...|all] [--clients N,...]``.
+[--quick] [--rounds R] [--policies NAME,...|all] [--clients N,...] [--alt-path TREE]``.
 
 The measurements behind the ``threads`` defaults (daemon/pipeline/thread_pools.py, NOTE [ thread
 pools ]; daemon/pipeline/team_size.py). Every ceiling setting (bench/load/ceiling.py ``SETTINGS``:
@@ -34,7 +34,9 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
                    measured window, NOTE [ measured window ] in daemon/dispatch/formation.py)
 
 ``--policies`` picks some of them by name (comma-separated; default: auto; ``all``: every one,
-each a daemon running at once, so mind the memory).
+each a daemon running at once, so mind the memory). ``--alt-path TREE`` adds ``before``: the
+defaults of another source tree (the code before a change), a daemon run from that tree's
+``.pkg`` beside the others, in the same rounds. ``--clients`` picks the N (default 1,4,16).
 
 Writes ``OUT/policy.json``.
 """
@@ -220,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default="auto", metavar="NAME,...",
                    help="these settings, each a daemon of its own kept running through the rounds "
                         "(default: auto; 'all' for every one)")
+    p.add_argument("--alt-path", default="", metavar="TREE",
+                   help="also a daemon of the defaults from another source tree (its .pkg, else the "
+                        "tree itself, as PYTHONPATH): the code before a change, measured in the same rounds")
     p.add_argument("--clients", default="1,4,16", metavar="N,...",
                    help="the client counts, each with one request in flight (default 1,4,16)")
     args = p.parse_args(argv)
@@ -228,6 +233,9 @@ def main(argv=None) -> int:
     if unknown := [n for n in names if n not in known]:
         p.error(f"unknown --policies {', '.join(unknown)}: choose among {', '.join(known)}")
     chosen = tuple(known[n] for n in names)
+    if args.alt_path:
+        pkg = os.path.join(args.alt_path, ".pkg")
+        chosen += (("before", [], {"PYTHONPATH": pkg if os.path.isdir(pkg) else args.alt_path}),)
     procs.sigterm_as_exit()
     if args.replot:
         return report.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])

@@ -16,23 +16,38 @@ of eight, and a request that lands behind the other half waits a batch more, whi
 The measured window asks what the daemon measures instead of a constant: the device's latency
 profile L(b) (daemon/dispatch/profile.py), the sessions with a request in flight and their think
 times (``ThinkTime``: the k expected back, each at its own time), the batch's deadlines. With S the
-batch's start (now, or when the busy device is free) and the k-th expected arrival at t:
+batch's start if it went now (now, or when the busy device is free), R when the n could first have
+gone (the device free and the last of them queued) and the k-th expected arrival at t:
 
     together(k) = max(t, S) + L(n + k)             wait for the k, run one batch of n + k
-    apart(k)    = max(S + L(n), t) + L(k)          go now with n; the k run after them
+    apart(k)    = max(R + L(n), t) + L(k)          the n from R; the k after them
 
 Waiting for those k pays only if it finishes all n + k sooner: together(k) < apart(k), i.e. the
-wait is shorter than what one batch of n + k saves over two batches, L(n) + L(k) - L(n + k) (the
-fixed cost batching amortises), less nothing else. Among the k that pay, and whose batch still
-meets the earliest deadline of the n (together(k) <= D(n)), the planner waits for the one with the
-best rate (n + k) / (together(k) - S), as rule 3 does, with no bound but those: a client that is
-late by more than GRACE is given up on (``DeviceQueue`` drops its expectation), and a session whose
-think time exceeds one full batch's time is never expected at all (:func:`horizon`), since no
-saving can cover such a wait. Sixteen clients then form batches of sixteen: when half of them are
+wait since R is shorter than what one batch of n + k saves over two, L(n) + L(k) - L(n + k) (the
+fixed cost batching amortises). Counted from R, not from now, so the wait as a whole is bounded
+by that saving, not each look at it (from now, "a little longer" would always pay). An arrival
+not yet due is waited for until it is due, then the plan is made again; one overdue is waited for
+until the break-even R + L(n) + L(k) - L(n + k), where one batch would end as two would. Among
+the k that pay, and whose batch still meets the earliest deadline of the n (together(k) <= D(n)),
+the planner waits for the one with the best rate (n + k) / (together(k) - S), as rule 3 does. An
+expectation stays while one full batch's time could still cover it (:func:`overdue_grace`), and a
+session whose think time exceeds one full batch's time is never expected at all
+(:func:`horizon`), since no saving can cover such a wait. Sixteen clients then form batches of sixteen: when half of them are
 queued just before the device is free and the other half are expected back a think time after
 their replies, two batches of eight (2 L(8)) lose to a wait of the think time plus L(16) whenever
 the think time is shorter than L(8) + L(8) - L(16) (about 8 ms for ResNet-18 @ 64x64 here), and the
 first frame back after a full batch waits for the other fifteen by the same sum.
+
+Where it loses. The comparison is of one batch against two back to back; it does not see that
+with two halves alternating, each half's way back overlaps the other's batch. So when clients
+come back later than the fixed cost (a loaded host, slow clients), keeping them together leaves
+the device idle for their way back, where alternating halves would keep it busy: in
+tests/unit/test_batch_planner_simulation.py (L(b) = 9.5 + 1.3 b ms, sixteen clients back 6-18 ms
+after their replies) 336 img/s against the fixed window's 404, with p99/p50 1.18 against 1.22;
+with clients back within the fixed cost it gains (2-6 ms: 444 against 418 img/s, p99/p50 1.07
+against 2.02). Counting the wait from when the device went idle instead of from R switches to
+alternating halves there, but flips between the two when the way back is near the fixed cost
+(p99/p50 2.1 at 4-12 ms), so it is not done.
 
 What stays as it was: rule 0 (a busy device's batch closes LEAD before it is free), rule 1 (a full
 batch goes at once), rule 2 (the deadline cap), the fair order that decides which frames are "the

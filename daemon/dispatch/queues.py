@@ -136,6 +136,7 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
     if m < n:
         return m, 0.0
     if window == "measured" and expected:
+        # from when these n could first have gone: the device free, the last of them arrived
         ready = max(free_at, idle_since, max(queued[i].arrived for i in range(n)))
         return wait_for_company(now, start, ready, n, latency, max_batch, deadlines[-1], expected)
     return _goodput(now, start, n, latency, max_batch, window_end, deadlines[-1], gap, expected)
