@@ -47,7 +47,7 @@ after their replies) 336 img/s against the fixed window's 404, with p99/p50 1.18
 with clients back within the fixed cost it gains (2-6 ms: 444 against 418 img/s, p99/p50 1.07
 against 2.02). Counting the wait from when the device went idle instead of from R switches to
 alternating halves there, but flips between the two when the way back is near the fixed cost
-(p99/p50 2.1 at 4-12 ms), so it is not done.
+(batches of 12.2, p99/p50 2.1 with clients back 4-12 ms), so it is not done.
 
 What stays as it was: rule 0 (a busy device's batch closes LEAD before it is free), rule 1 (a full
 batch goes at once), rule 2 (the deadline cap), the fair order that decides which frames are "the
