@@ -104,3 +104,20 @@ def test_an_estimate_taken_under_another_load_is_measured_again_at_once():
     # ... and a load that stays the same does not trigger it: one in 200 explores, as before
     steady = run(team, 1, {1: 0.010, 2: 0.008}, 400)
     assert steady.count(1) <= 400 // 200 + 1
+
+
+def test_a_much_slower_smaller_team_skips_the_early_explorations():
+    """Sixteen frames on one thread take twice as long as on two: one such batch is the p99 of
+    sixteen clients, so it is explored only one batch in explore_every, not after 8, 16, 32, ...;
+    a smaller team close to the share (within COSTLY) keeps the early schedule."""
+    team = TeamSize(2, trials=2, explore_every=200)
+    picked = run(team, 16, {1: 0.010, 2: 0.005}, 200)
+    assert picked[4:].count(1) == 0                     # 8, 16, 32, 64, 128 skipped
+    picked = run(team, 16, {1: 0.010, 2: 0.005}, 200)
+    assert 1 <= picked.count(1) <= 2                    # one in 200
+    close = TeamSize(2, trials=2, explore_every=200)
+    picked = run(close, 16, {1: 0.0065, 2: 0.005}, 200)
+    assert picked[4:].count(1) >= 4                     # the early schedule
+    # and when the load changes, the chosen team's own times send it to measure one thread at once
+    picked = run(team, 16, {1: 0.010, 2: 0.030}, 30)
+    assert picked[-10:] == [1] * 10
