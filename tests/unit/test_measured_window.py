@@ -147,3 +147,18 @@ def test_the_queue_keeps_an_overdue_expectation_for_its_grace():
     q.expect(s, 2, 100.001)
     q.grace = 0.050
     assert q._expected_times(clock.now) == [100.001, 100.001]   # the measured window's: still expected
+
+
+def test_a_stale_estimate_of_the_larger_batch_does_not_stop_the_wait():
+    # L(4) stuck at 35 ms from a loaded moment, L(1) 9 and L(3) 16 ms now: as measured, one batch
+    # of four (35) never beats three now and one after (16 + 9); read no dearer per frame than
+    # the three (21.3 ms), a fourth client 2 ms away is worth waiting for
+    table = {1: 0.009, 2: 0.012, 3: 0.016, 4: 0.035}
+    lat = table.__getitem__
+    queued = [req(arrived=100.0) for _ in range(3)]
+    n, until = plan_batch(100.0, queued, lat, 16, 0.005, math.inf, True, 100.0, [100.002], 100.0,
+                          window="measured")
+    assert n == 0 and until == pytest.approx(100.002)
+    # ... but not one 5 ms away: 5 + 21.3 ms is later than 16 + 9
+    assert plan_batch(100.0, queued, lat, 16, 0.005, math.inf, True, 100.0, [100.005], 100.0,
+                      window="measured") == (3, 0.0)
