@@ -32,11 +32,12 @@ the k that pay, and whose batch still meets the earliest deadline of the n (toge
 the planner waits for the one with the best rate (n + k) / (together(k) - S), as rule 3 does. An
 expectation stays while one full batch's time could still cover it (:func:`overdue_grace`), and a
 session whose think time exceeds one full batch's time is never expected at all
-(:func:`horizon`), since no saving can cover such a wait. Sixteen clients then form batches of sixteen: when half of them are
-queued just before the device is free and the other half are expected back a think time after
-their replies, two batches of eight (2 L(8)) lose to a wait of the think time plus L(16) whenever
-the think time is shorter than L(8) + L(8) - L(16) (about 8 ms for ResNet-18 @ 64x64 here), and the
-first frame back after a full batch waits for the other fifteen by the same sum.
+(:func:`horizon`), since no saving can cover such a wait. Sixteen clients then form batches of
+sixteen: when half of them are queued just before the device is free and the other half are
+expected back a think time after their replies, two batches of eight (2 L(8)) lose to a wait of
+the think time plus L(16) whenever the think time is shorter than L(8) + L(8) - L(16) (about 6 ms
+for ResNet-18 @ 64x64 here), and the first frame back after a full batch waits for the other
+fifteen by the same sum.
 
 Where it loses. The comparison is of one batch against two back to back; it does not see that
 with two halves alternating, each half's way back overlaps the other's batch. So when clients
@@ -67,8 +68,6 @@ clients all queued will send nothing more, so that wait is rule 3 as it was, ins
 lone client is never held: nobody else is expected.
 """
 from __future__ import annotations
-
-import math
 
 WINDOWS = ("measured", "fixed")
 
