@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .dispatch.formation import WINDOWS
 from .dispatch.policy import POLICIES
 from ..shm import limits, paths
 from ..shm.ring import BACKENDS
@@ -101,12 +102,18 @@ class RingConfig:
 @dataclass
 class BatchingConfig:
     max_batch: int = _opt(32, "frames in one batch", lo=1, hi=4096)
-    max_delay_ms: float = _opt(2.0, "longest a batch waits for more frames after its first", lo=0.0, hi=10000.0)
+    max_delay_ms: float = _opt(2.0, "longest a batch waits for more frames after its first (with window = "
+                                    "measured: for frames predicted from the arrival rate only)",
+                               lo=0.0, hi=10000.0)
     queue_limit: int = _opt(1024, "frames queued or running per device before overloaded", lo=1, hi=1 << 20)
     default_timeout_ms: float = _opt(30000.0, "deadline of a request that names none", lo=1.0,
                                      hi=limits.MAX_TIMEOUT_MS)
     adaptive: bool = _opt(True, "pick batch sizes from the measured latency profile and deadlines "
                                 "(NOTE [ batch planning ] in daemon/dispatch/queues.py); false: fixed window")
+    window: str = _opt("measured", "how long a batch waits for clients expected back (adaptive only): "
+                                   "measured, while one batch of them all ends sooner than two "
+                                   "(NOTE [ measured window ] in daemon/dispatch/formation.py); fixed, "
+                                   "never past max_delay_ms after its first frame", choices=WINDOWS)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The daemon's thread settings against the in-process ceiling, interleaved: ``python -m bench.load.policy
-[--quick] [--rounds R] [--policies NAME,...|all]``.
+[--quick] [--rounds R] [--policies NAME,...|all] [--clients N,...] [--alt-path TREE]``.
 
 The measurements behind the ``threads`` defaults (daemon/pipeline/thread_pools.py, NOTE [ thread
 pools ]; daemon/pipeline/team_size.py). Every ceiling setting (bench/load/ceiling.py ``SETTINGS``:
@@ -29,9 +29,14 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
     auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis
                    (do N clients' requests form batches of N when they have time to come back?)
+    auto fixed     the defaults with the fixed batching window (batching.window = "fixed": a batch
+                   waits for clients expected back only inside max_delay, the rule before the
+                   measured window, NOTE [ measured window ] in daemon/dispatch/formation.py)
 
 ``--policies`` picks some of them by name (comma-separated; default: auto; ``all``: every one,
-each a daemon running at once, so mind the memory).
+each a daemon running at once, so mind the memory). ``--alt-path TREE`` adds ``before``: the
+defaults of another source tree (the code before a change), a daemon run from that tree's
+``.pkg`` beside the others, in the same rounds. ``--clients`` picks the N (default 1,4,16).
 
 Writes ``OUT/policy.json``.
 """
@@ -58,6 +63,7 @@ POLICIES = (
     ("default fixed", ["threads.omp_wait_policy=\"default\"", "threads.per_batch=\"fixed\""]),
     ("auto bound", [], {"OMP_PROC_BIND": "true"}),
     ("auto delay20", ["batching.max_delay_ms=20"]),
+    ("auto fixed", ["batching.window=\"fixed\""]),
 )
 CASES = ((1, 1), (4, 1), (16, 1))
 DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.0, "seconds": 3.0},
@@ -216,18 +222,27 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default="auto", metavar="NAME,...",
                    help="these settings, each a daemon of its own kept running through the rounds "
                         "(default: auto; 'all' for every one)")
+    p.add_argument("--alt-path", default="", metavar="TREE",
+                   help="also a daemon of the defaults from another source tree (its .pkg, else the "
+                        "tree itself, as PYTHONPATH): the code before a change, measured in the same rounds")
+    p.add_argument("--clients", default="1,4,16", metavar="N,...",
+                   help="the client counts, each with one request in flight (default 1,4,16)")
     args = p.parse_args(argv)
     known = {p[0]: p for p in POLICIES}
     names = list(known) if args.policies == "all" else [n.strip() for n in args.policies.split(",")]
     if unknown := [n for n in names if n not in known]:
         p.error(f"unknown --policies {', '.join(unknown)}: choose among {', '.join(known)}")
     chosen = tuple(known[n] for n in names)
+    if args.alt_path:
+        pkg = os.path.join(args.alt_path, ".pkg")
+        chosen += (("before", [], {"PYTHONPATH": pkg if os.path.isdir(pkg) else args.alt_path}),)
     procs.sigterm_as_exit()
     if args.replot:
         return report.replot(args.replot, args.img_dir, args.out, render, lambda results, img_dir: [])
     d = DURATIONS["quick" if args.quick else "full"]
     t0 = time.monotonic()
-    results = measure(d, args.rounds, lambda msg: print(msg, flush=True), chosen)
+    cases = tuple((int(n), 1) for n in args.clients.split(","))
+    results = measure(d, args.rounds, lambda msg: print(msg, flush=True), chosen, cases)
     results.update(durations=d, quick=args.quick, command=report.command(), machine=report.machine(),
                    wall_s=time.monotonic() - t0, loadavg=os.getloadavg(),
                    date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))

@@ -45,13 +45,18 @@ request spent behind a busy device ("first" is in the order the device serves: f
      arrivals expected by then runs n + k frames in (t - S) + L(n + k). Wait for the k with the best
      rate (n + k) / ((t - S) + L(n + k)) if it beats n / L(n), t is inside the window (t <= a0 + W)
      and the batch still meets its deadlines (t + L(n + k) <= D(n)); else go now.
+     That is the fixed window (``batching.window = "fixed"``). The default, the measured window,
+     keeps it only for arrivals predicted from the gap; for sessions expected back it waits while
+     one batch of n + k would end sooner than n now and k after, however long that is, and no
+     longer: NOTE [ measured window ] in daemon/dispatch/formation.py.
 
 Expected arrivals. Most clients wait for an answer before they send the next frame (closed loop:
 one or a few requests in flight each). The scheduler learns each session's think time, from a reply
 to its next request (smoothed), and when it answers k of a session's requests it tells the device
 queue to expect k requests from that session at reply + think (``DeviceQueue.expect``); a request
 of that session arriving takes one off. An expectation overdue by GRACE is dropped (that client is
-not coming soon), so a wait for it ends at most GRACE after it was due, and never past the window.
+not coming soon), so a wait for it ends at most GRACE after it was due, and never past the window
+(the fixed window; the measured one keeps it for one full batch's time and prices the wait).
 The sessions of the running batch count too: they are expected back at F + think (the collector
 adds them, daemon/pipeline/collector.py), so when two half batches alternate on a busy device (eight clients
 queued at F while the other eight compute) the planner sees the eight about to come back, and waits
@@ -95,19 +100,22 @@ import time
 from typing import Callable
 
 from .fairness import Fifo
+from .formation import GRACE, wait_for_company     # GRACE: an expected arrival overdue by this much is not waited for
 
 
 LEAD = 0.0005      # seconds before the device is free that the next batch is closed (rule 0)
-GRACE = 0.002      # an expected arrival overdue by this much is not waited for (expected arrivals)
 
 
 def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: int,
                max_delay: float, gap: float, adaptive: bool = True, free_at: float = 0.0,
-               expected=(), idle_since: float = 0.0, lead: float = LEAD) -> tuple[int, float]:
+               expected=(), idle_since: float = 0.0, lead: float = LEAD,
+               window: str = "fixed") -> tuple[int, float]:
     """See NOTE [ batch planning ]. ``queued`` is the queue front-first (needs ``arrived`` and
     ``deadline`` on each item); it is not modified. ``expected``: the times more requests are
     expected at, ascending (overdue ones already dropped). A third element False in the answer
-    (rule 0) says that no arrival can change it: the queue need not wake the planner for one."""
+    (rule 0) says that no arrival can change it: the queue need not wake the planner for one.
+    ``window``: "fixed", rule 3 waits only inside a0 + max_delay; "measured", rule 3 as NOTE
+    [ measured window ] in daemon/dispatch/formation.py says (batching.window)."""
     if now < free_at - lead:
         return 0, free_at - lead, False
     n = min(len(queued), max_batch)
@@ -127,6 +135,10 @@ def plan_batch(now: float, queued, latency: Callable[[int], float], max_batch: i
         m -= 1
     if m < n:
         return m, 0.0
+    if window == "measured" and expected:
+        # from when these n could first have gone: the device free, the last of them arrived
+        ready = max(free_at, idle_since, max(queued[i].arrived for i in range(n)))
+        return wait_for_company(now, start, ready, n, latency, max_batch, deadlines[-1], expected)
     return _goodput(now, start, n, latency, max_batch, window_end, deadlines[-1], gap, expected)
 
 
@@ -258,6 +270,7 @@ class DeviceQueue:
         self._stopped = False
         self._expected: dict = {}    # session -> [requests expected, at] (NOTE [ batch planning ])
         self._listening = True       # a waiting take wants to hear of arrivals (not in rule 0)
+        self.grace = GRACE           # overdue expectations are dropped after this (formation.horizon)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -322,12 +335,14 @@ class DeviceQueue:
                 del self._expected[session]
 
     def _expected_times(self, now: float) -> list:
-        """The expected arrivals, ascending, one time per request; drops those overdue by GRACE."""
+        """The expected arrivals, ascending, one time per request; drops those overdue by
+        ``grace`` (GRACE; the collector widens it under the measured window)."""
         if not self._expected:
             return []
         times, gone = [], []
+        grace = self.grace
         for session, (count, at) in self._expected.items():
-            if at + GRACE < now:
+            if at + grace < now:
                 gone.append(session)
             else:
                 times.extend([at] * count)

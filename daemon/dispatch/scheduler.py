@@ -37,6 +37,7 @@ import numpy as np
 
 from . import fairness
 from . import policy as policies
+from .formation import horizon as expect_horizon
 from ..pipeline.records import BatchResult, Outcome, Request
 from ..caching.results import LOOP, STAGED, UNHASHED, Caches
 from .device import DISABLED
@@ -503,7 +504,7 @@ class Scheduler:
         else:
             self.health.batch_ok(dev, False)
         now = self._clock()
-        horizon = self.cfg.batching.max_delay_ms / 1000.0
+        horizon = expect_horizon(self.cfg.batching, dev.profile)
         self._write(replies)
         for session, messages in replies.items():
             count = len(messages) if not messages or type(messages[0]) is not _Answers else \

@@ -100,6 +100,7 @@ import numpy as np
 
 from .executor import Executor
 from .records import BatchEntry, BatchResult, Outcome, screen
+from ..dispatch.formation import horizon as expect_horizon, overdue_grace
 from ..dispatch.policy import busy_until
 from ..dispatch.queues import plan_batch
 from ...shm.ring import RingError
@@ -249,7 +250,8 @@ _SETTLED = (Outcome.HIT, Outcome.COALESCED)
 def _plan(device, batching, now: float, queued, expected, mid: int = 0) -> tuple[int, float]:
     """NOTE [ batch planning ] for the lane of model ``mid`` (its profile; the device's state)."""
     free_at = busy_until(device, now)
-    horizon = batching.max_delay_ms / 1000.0
+    horizon = expect_horizon(batching, device.profiles[mid])
+    device.queue.grace = overdue_grace(batching, horizon)
     # the running batch's clients come back one think time after its replies (NOTE [ batch
     # planning ], expected arrivals)
     sessions = (e.request.session for e in device.running)
@@ -262,4 +264,4 @@ def _plan(device, batching, now: float, queued, expected, mid: int = 0) -> tuple
     lead = device.stage_lead()
     return plan_batch(now, queued, device.profiles[mid].latency, batching.max_batch, batching.max_delay_ms / 1000.0,
                       device.queue.gap, batching.adaptive, free_at, expected,
-                      free_at if free_at > now else device.last_finished, lead)
+                      free_at if free_at > now else device.last_finished, lead, batching.window)

@@ -82,6 +82,12 @@ full collection, at start-up, and none while serving (157 young ones in all), so
 start-up heap (``gc.freeze`` before READY, tried in the same runs) changed nothing measurable
 and is not done. A p99 that the watch ties to a full collection would bring it back.
 
+Hand-offs. A lone request crosses three threads (loop -> collector -> executor -> loop). Timed
+stage by stage in the daemon (docs/benchmarks.md, "Thread pools and the CPU layout": where a lone
+request's time goes), the three wakes together cost 0.1-0.25 ms of the 0.4-1.0 ms a request spends
+outside the model, the rest being the loop's Python and the client's side and socket; running an
+idle device's batch on its collector thread would save one wake, 0.02-0.14 ms, and is not done.
+
 Names. Each device's executor thread takes the OS name ``inferd-dev<index>`` (:data:`THREAD_NAME`)
 before its first torch op, and the OpenMP workers it starts inherit it: ``top -H``, py-spy and
 /proc/PID/task/*/comm (and bench/load's per-thread run-queue wait, from schedstat) tell the

@@ -89,3 +89,35 @@ def test_an_exploring_batch_is_rare():
     early = len([g for g in (8, 16, 32, 64, 128) if 6 + sum((8, 16, 32, 64, 128)[:(8, 16, 32, 64, 128).index(g) + 1]) < 2000])
     assert picked[6:].count(2) <= early + 2000 // 200   # the first few, then one in 200
     assert picked[1000:].count(2) <= 1000 // 200 + 1    # under 1%: out of the 99th percentile
+
+
+def test_an_estimate_taken_under_another_load_is_measured_again_at_once():
+    """Batches of one ran under heavy load (one thread 30 ms a frame, two 36: one chosen), then a
+    lone client on a quiet machine: the chosen team's own times fall to 10 ms within a few batches,
+    and the other team, measured under the old load, is measured again then, not an exploring
+    interval (here 150 batches) later."""
+    team = TeamSize(2, trials=2, explore_every=200)
+    run(team, 1, {1: 0.030, 2: 0.036}, 300)             # past the trials and the early explorations
+    assert team.best(1) == 1
+    picked = run(team, 1, {1: 0.010, 2: 0.008}, 30)     # quiet: two threads are faster
+    assert picked.index(2) <= 10 and picked[-10:] == [2] * 10
+    # ... and a load that stays the same does not trigger it: one in 200 explores, as before
+    steady = run(team, 1, {1: 0.010, 2: 0.008}, 400)
+    assert steady.count(1) <= 400 // 200 + 1
+
+
+def test_a_much_slower_smaller_team_skips_the_early_explorations():
+    """Sixteen frames on one thread take twice as long as on two: one such batch is the p99 of
+    sixteen clients, so it is explored only one batch in explore_every, not after 8, 16, 32, ...;
+    a smaller team close to the share (within COSTLY) keeps the early schedule."""
+    team = TeamSize(2, trials=2, explore_every=200)
+    picked = run(team, 16, {1: 0.010, 2: 0.005}, 200)
+    assert picked[4:].count(1) == 0                     # 8, 16, 32, 64, 128 skipped
+    picked = run(team, 16, {1: 0.010, 2: 0.005}, 200)
+    assert 1 <= picked.count(1) <= 2                    # one in 200
+    close = TeamSize(2, trials=2, explore_every=200)
+    picked = run(close, 16, {1: 0.0065, 2: 0.005}, 200)
+    assert picked[4:].count(1) >= 4                     # the early schedule
+    # and when the load changes, the chosen team's own times send it to measure one thread at once
+    picked = run(team, 16, {1: 0.010, 2: 0.030}, 30)
+    assert picked[-10:] == [1] * 10
