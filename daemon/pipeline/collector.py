@@ -16,11 +16,16 @@ NOTE [ request path ]
                       BatchResult.taking(batch): one BatchEntry per request, its attempt noted
                       screen (records.py): DROPPED if its session closed or it was answered
                         meanwhile, EXPIRED if it cannot finish by its deadline
-                      copy each frame from its ring slot straight into its row of the buffer (one
-                        copy, the GIL let go); a slot not read whole: UNREADABLE
+                      a pass at a time (PASS_BYTES of frames, so the rows are still in the core's
+                        cache when hashed), in three steps over the pass:
+                      copy each frame from its ring slot straight into its row of the buffer: a run
+                        of one sealed ring's slots in one compiled gather (slot_copy.py: one GIL
+                        hand-over for the run, not one a frame); a posix ring's slot by pread; a
+                        slot not read whole: UNREADABLE
                       a request admitted to be hashed (Request.hash): BLAKE3 over its row, the
-                        daemon's own copy (Caches.hash_row, GIL let go: devices hash in parallel);
-                        an identical frame of its session in flight (Session.claim): COALESCED
+                        daemon's own copy (Caches.hash_row, GIL let go: devices hash in parallel),
+                        its cache key one small update of a prepared state (shm/cache.py)
+                      then each: an identical frame of its session in flight (Session.claim): COALESCED
                         behind that leader, the row not kept (the next frame is staged over it,
                         so it costs the model nothing); else it leads, and its key in the result
                         cache: HIT, its answer taken, the row not kept either (a request for its
@@ -61,7 +66,9 @@ the frame's bytes is a device thread's, with the GIL let go, so it runs in paral
 
 Why the trust argument holds. The row is the daemon's own copy: the client cannot write the staging
 buffer, and the ring slot stays the daemon's (``Session.inflight``) until the request's reply, so
-the client may reuse it only after that. The hash is taken over that row, the model computes on
+the client may reuse it only after that. The gather reads only a sealed (memfd) mapping, which
+the client cannot shrink under it, at offsets from the daemon's own geometry and slot numbers it
+checked; what it copies is the row, exactly as a per-frame copy would. The hash is taken over that row, the model computes on
 that row, and the loop alone inserts (a pipeline thread may seal the entry beforehand, from that
 key and that answer; the loop stores it only under the same key, sealed again if the cache was
 flushed meanwhile), under the key of the row an answer was computed from: what
@@ -72,6 +79,16 @@ frames. It lives on the collectors' side because only there is the hash known; t
 (``Session.pending``) is shared by every device's collector under a lock, so identical frames
 coalesce across devices too, and a leader leaves it when the loop answers it (a late follower then
 takes the leader's answer from the record).
+
+Why the key and the entry's tag are still two small hashes after the frame's. The cache key binds
+the frame's content hash to the model digest and preprocessing, and a client must compute the
+same key from its own copy with nothing the daemon holds secret (it looks the cache up itself);
+the content hash alone keys the embedding store. So the frame is hashed once (the ~25-30 us
+BLAKE3 of 150 KB), and the key is a BLAKE3 over 32 bytes from a state prepared per model (about
+1 us, GIL held); the entry's tag and MAC key (shm/cacheseal.py) come from the key, since a
+reader has only the key (about 1.4 us). Folding the model prefix into the frame hash would save
+the 1 us at the price of a new cache format and a content hash that means something else to the
+store: not worth it beside the frame hash itself.
 
 Two buffers per device ("double-buffered staging", owned by the executor): while the executor
 computes batch k from one, the collector plans batch k+1, waiting for company for free while the
