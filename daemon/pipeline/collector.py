@@ -128,9 +128,9 @@ if TYPE_CHECKING:
 
 IDLE_TIMEOUT = 0.1          # an idle collector looks for work to steal and beats this often
 #: Bytes of frames staged in one pass, copied and then hashed: the rows are still in the core's
-#: cache when hashed (512 KiB: 3 frames of 224x224, 42 of 64x64; a pass of 6 224x224 frames hashed
-#: measurably slower than frame by frame)
-PASS_BYTES = 1 << 19
+#: cache when hashed (256 KiB: 21 frames of 64x64 a gather; a 224x224 frame alone, since passes of
+#: 2, 3 and 6 such frames staged 3-9 % slower than one at a time, in process on this machine)
+PASS_BYTES = 1 << 18
 
 
 class Collector(threading.Thread):
@@ -226,6 +226,8 @@ class Collector(threading.Thread):
         staged: list[BatchEntry] = []
         per_pass = max(1, PASS_BYTES // rows[0].nbytes)
         spent, hashed = 0.0, 0
+        if per_pass == 1:                           # large frames: the same steps, one frame a pass
+            return self._stage_each(result, live, rows)
         for at in range(0, len(live), per_pass):
             first = len(staged)
             filled = self._copy(live[at:at + per_pass], rows, first)
@@ -247,6 +249,34 @@ class Collector(threading.Thread):
                     except RingError:               # computed from its frame, no entry
                         e.upload = None
                 staged.append(e)
+        if hashed:
+            result.hash_seconds, result.hashed = spent, hashed
+        return staged
+
+    def _stage_each(self, result: BatchResult, live: list[BatchEntry], rows) -> list[BatchEntry]:
+        """``_stage`` for frames of a pass each (PASS_BYTES), without the passes' bookkeeping: a
+        224x224 frame is ~3 us of Python cheaper a frame this way."""
+        staged: list[BatchEntry] = []
+        caches = self._caches
+        spent, hashed = 0.0, 0
+        for e in live:
+            r, row = e.request, rows[len(staged)]
+            if not _copy_one(e, row):
+                continue
+            if r.hash and caches is not None:
+                t0 = time.perf_counter()
+                e.content, e.key = caches.hash_row(row, r.served.keying if r.served is not None else None)
+                spent += time.perf_counter() - t0
+                hashed += 1
+                if self._settle(e):
+                    continue
+            if r.upload is not None and r.upload[1]:
+                try:
+                    e.upload = r.ring.read_run(r.upload[0].start, r.upload[1])
+                    e.frame = row.copy()
+                except RingError:                   # computed from its frame, no entry
+                    e.upload = None
+            staged.append(e)
         if hashed:
             result.hash_seconds, result.hashed = spent, hashed
         return staged
@@ -280,17 +310,8 @@ class Collector(threading.Thread):
                 i = j
                 continue
             i += 1
-            if r.frame is not None:                 # a private copy taken on the loop
-                np.copyto(row, r.frame.reshape(row.shape))
-            elif r.ring is None:                    # canary: a blank frame
-                row.fill(0)
-            else:
-                try:
-                    r.ring.read_slot(r.slot, row.nbytes, out=row)
-                except RingError as exc:
-                    e.outcome, e.why = Outcome.UNREADABLE, f"slot {r.slot} cannot be read: {exc}"
-                    continue
-            filled.append(e)
+            if _copy_one(e, row):
+                filled.append(e)
         return filled
 
     def _hash(self, filled: list[BatchEntry], rows, first: int) -> int:
@@ -328,6 +349,24 @@ class Collector(threading.Thread):
             e.outcome, e.top = Outcome.HIT, hit
             return True
         return False
+
+
+def _copy_one(e: BatchEntry, row) -> bool:
+    """One entry's frame into ``row``: a private copy taken on the loop, a canary's blank frame,
+    or its slot (a posix ring by pread: never a mapped read of an unsealed ring). False, settled
+    UNREADABLE, when the slot cannot be read whole."""
+    r = e.request
+    if r.frame is not None:
+        np.copyto(row, r.frame.reshape(row.shape))
+    elif r.ring is None:
+        row.fill(0)
+    else:
+        try:
+            r.ring.read_slot(r.slot, row.nbytes, out=row)
+        except RingError as exc:
+            e.outcome, e.why = Outcome.UNREADABLE, f"slot {r.slot} cannot be read: {exc}"
+            return False
+    return True
 
 
 #: Outcomes the collector settles before computing: answered at once.
