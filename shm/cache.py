@@ -146,14 +146,26 @@ class CacheNoSpace(CacheError, ownedfile.OwnedFileNoSpace):
     """The cache file's filesystem has no room for its blocks; no file was left at the path."""
 
 
+_CONTENT = blake3.blake3(derive_key_context="inferd 2026-01 frame content hash v1")
+_KEY = blake3.blake3(derive_key_context="inferd 2026-01 result cache key v1")
+
+
+@functools.lru_cache(maxsize=64)
+def _frame_header(dtype: str, shape: tuple) -> bytes:
+    """The bytes :func:`content_hash` hashes before a frame's own: dtype and shape, length-prefixed."""
+    code = dtype.encode()
+    return struct.pack(f"<I{len(code)}sI{len(shape)}Q", len(code), code, len(shape), *shape)
+
+
 def content_hash(frame: np.ndarray) -> bytes:
-    """32-byte BLAKE3 of a frame's dtype (byte order included), shape and C-contiguous bytes."""
+    """32-byte BLAKE3 of a frame's dtype (byte order included), shape and C-contiguous bytes.
+    (The derive-key state is made once and copied: the same hash, without a key derivation per
+    call; BLAKE3 lets go of the GIL over a large frame.)"""
     arr = np.ascontiguousarray(frame)
     if arr.dtype.hasobject:                              # its bytes would be pointers
         raise ValueError("content_hash needs a numeric array, got an object array")
-    dtype = arr.dtype.str.encode()
-    h = blake3.blake3(derive_key_context="inferd 2026-01 frame content hash v1")
-    h.update(struct.pack(f"<I{len(dtype)}sI{arr.ndim}Q", len(dtype), dtype, arr.ndim, *arr.shape))
+    h = _CONTENT.copy()
+    h.update(_frame_header(arr.dtype.str, arr.shape))
     h.update(memoryview(arr).cast("B"))
     return h.digest()
 
@@ -162,10 +174,19 @@ def cache_key(model_digest: str, preprocess: str, content_hash: bytes) -> bytes:
     """32-byte cache key. Every field is length-prefixed, so ("ab", "c") and ("a", "bc") differ."""
     if len(content_hash) != 32:
         raise ValueError(f"content_hash must be 32 bytes (from content_hash()), got {len(content_hash)}")
-    h = blake3.blake3(derive_key_context="inferd 2026-01 result cache key v1")
-    for part in (model_digest.encode(), preprocess.encode(), bytes(content_hash)):
-        h.update(_U64.pack(len(part)) + part)
+    h = _key_prefix(model_digest, preprocess).copy()
+    h.update(_U64.pack(32) + bytes(content_hash))
     return h.digest()
+
+
+@functools.lru_cache(maxsize=64)
+def _key_prefix(model_digest: str, preprocess: str):
+    """The key hasher with a model's digest and preprocessing fed: copied for each key, so a key
+    costs one small update (the bytes are those :func:`cache_key` always hashed)."""
+    h = _KEY.copy()
+    for part in (model_digest.encode(), preprocess.encode()):
+        h.update(_U64.pack(len(part)) + part)
+    return h
 
 
 def encoded_key(model_digest: str, preprocess: str, decoder: str, encoded_hash: bytes) -> bytes:

@@ -68,7 +68,8 @@ def _rows(results: dict) -> list[str]:
                       num(r["cpu_us_per_frame"], ".1f"), r["daemon_cores"], num(r["loop_us_per_frame"], ".1f"),
                       pct(r["loop_share"]), pct(r["loop_cores"]), pct(r["busiest_other_thread_cores"]),
                       r["computed_s"], r["daemon_hits_s"] + r["coalesced_s"], num(r["mean_batch"], ".1f"),
-                      r["latency"]["p50_ms"], r["clients_cores"], r["machine_cores"]))
+                      r["latency"]["p50_ms"], r["clients_cores"], num(r.get("client_us_per_frame"), ".1f"),
+                      r["machine_cores"]))
     return [f"Feed rate: {results['clients']} client processes x {results['in_flight']} frames in flight "
             f"(classify_many, client cache off), uint8 no-op, max_batch {results['max_batch']}, "
             f"CPU devices of 1 thread",
@@ -76,14 +77,14 @@ def _rows(results: dict) -> list[str]:
                     ("x bare", ">6.2f"), ("x 1 dev", ">7"), ("us/frame", ">8"), ("cores", ">5.2f"),
                     ("loop us", ">7"), ("loop %", ">6"), ("loop busy", ">9"), ("top other", ">9"),
                     ("computed/s", ">10.0f"), ("cached/s", ">8.0f"), ("batch", ">5"),
-                    ("p50 ms", ">6.2f"), ("clients", ">7.2f"), ("machine", ">7.2f")], cells),
+                    ("p50 ms", ">6.2f"), ("clients", ">7.2f"), ("cl us", ">5"), ("machine", ">7.2f")], cells),
             "    (frames/s: into the daemon, counted by the clients; x bare: against the bare "
             "baseline of the size; us/frame: daemon CPU (every thread) per frame, cores: its CPU use; "
             "loop us: the event loop thread's CPU per frame, loop %: its share of the daemon's CPU, "
             "loop busy: of one core; top other: the busiest other daemon thread, of one core; "
             "computed/s: frames through the model, cached/s: answered by the daemon's cache or "
             "coalesced; batch: mean frames per batch; p50 ms: one call of 16 frames; clients, "
-            "machine: cores used by the 4 clients, by everything)"]
+            "machine: cores used by the 4 clients, by everything; cl us: the clients' CPU per frame)"]
 
 
 def _summary(results: dict) -> list[str]:

@@ -89,6 +89,7 @@ def summarise(a: dict, b: dict, pid: int, done: list, seconds: float) -> dict:
             "failed": b.get("c_failed", 0) - a.get("c_failed", 0),
             "machine_cores": rate("busy_s"), "steal_cores": rate("steal_s"),
             "clients_cores": sum(c[3] for c in done),
+            "client_us_per_frame": per_frame(sum(c[3] for c in done)),
             "latency": latency_stats(np.concatenate([np.asarray(c[2]) for c in done]))}
 
 
@@ -122,7 +123,8 @@ def run_daemon(path: str, size: int, cache: bool, devices: int, s: dict, log, sa
                 rows.append(row)
                 log(f"    {'alt  ' if alt_path else ''}{size}x{size} cache {'on ' if cache else 'off'} {devices} dev {mix:<8}"
                     f"{row['frames_s']:9.0f} frames/s  {row['cpu_us_per_frame'] or 0:6.1f} us/frame, "
-                    f"loop {row['loop_us_per_frame'] or 0:5.1f} us ({row['loop_cores']:.0%} of a core)")
+                    f"loop {row['loop_us_per_frame'] or 0:5.1f} us ({row['loop_cores']:.0%} of a core), "
+                    f"clients {row['client_us_per_frame'] or 0:5.1f} us/frame")
     ended = {k: d.get(k) for k in ("args", "exit_code", "shm_leftovers", "log_problems")}
     return rows, ended
 

@@ -257,16 +257,23 @@ class Caches:
 
     def peek(self, key: bytes, top_k: int):
         """Cached top pairs (at least ``top_k``) for a staged row's key, or None; counted by the
-        loop (``count_lookup``) when the batch comes back. Any thread: a lookup reads the file
+        loop (``count_lookups``) when the batch comes back. Any thread: a lookup reads the file
         under its seqlock, as clients do."""
         cache = self.cache
         hit = cache.lookup(key) if cache is not None else None
         return hit if hit is not None and len(hit) >= top_k else None
 
-    def count_lookup(self, hit: bool) -> None:
-        """A lookup a collector made (``peek``), counted on the loop."""
-        self.counters["daemon_hits" if hit else "misses"] += 1
-        self.hit_rate += RATE_ALPHA * (hit - self.hit_rate)
+    def count_lookups(self, hits: int, misses: int) -> None:
+        """A batch's lookups made by its collector (``peek``), counted on the loop at once: the
+        hit rate moves as if the misses came first, then the hits (n steps toward one value in
+        closed form: ``(1 - RATE_ALPHA) ** n`` of the distance is left)."""
+        c = self.counters
+        if misses:
+            c["misses"] += misses
+            self.hit_rate *= (1 - RATE_ALPHA) ** misses
+        if hits:
+            c["daemon_hits"] += hits
+            self.hit_rate = 1 - (1 - self.hit_rate) * (1 - RATE_ALPHA) ** hits
 
     def private_copy(self, ring, slot: int, served=None) -> tuple[np.ndarray, bytes, bytes]:
         """(frame copy, content hash, cache key) for a checked slot of model ``served`` (None: the

@@ -533,14 +533,19 @@ class Scheduler:
     def _hashed(self, result: BatchResult, live) -> None:
         """What the collector learnt by hashing a batch's rows: each live request's key and content
         hash (its answer is stored under them), the lookups it made, the time it took."""
-        caches = self.caches
+        hits = misses = 0
         for e in result.entries:
             if e.key:
                 if e.looked:
-                    caches.count_lookup(e.outcome is Outcome.HIT)
+                    if e.outcome is Outcome.HIT:
+                        hits += 1
+                    else:
+                        misses += 1
                 r = e.request
                 if r.session is not None and not r.done and r.attempt == e.attempt:    # live(e), inline
                     r.key, r.content = e.key, e.content
+        if hits or misses:
+            self.caches.count_lookups(hits, misses)
         if result.hashed:
             self.counters["hash_seconds"] += result.hash_seconds
             self.counters["hashed"] += result.hashed
