@@ -278,11 +278,41 @@ def thread_cpu(pid: int) -> dict:
     return out
 
 
+def thread_names(pid: int) -> dict:
+    """{tid: Python thread name} of ``pid``'s Python threads by ``py-spy dump`` (where py-spy is
+    installed; {} otherwise): the collector and the loop share the process's OS name, and an OpenMP
+    worker takes its executor's, so the two names together say which thread is which."""
+    import re
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    try:
+        text = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {int(t): n for t, n in re.findall(r'^Thread (?:0x)?(\d+) \([a-z]+\): "([^"]*)"', text, re.M)}
+
+
+def thread_roles(pid: int, cpu: dict, names: dict) -> dict:
+    """``cpu`` ({"<tid> <comm>": ms}) relabelled "<comm>/<Python name or role>": the loop is the
+    process's first thread; a thread of an executor's OS name that Python does not know is its
+    OpenMP worker. Threads of the same label are summed; under 0.005 ms dropped."""
+    out: dict = {}
+    for key, ms in cpu.items():
+        tid, comm = key.split(" ", 1)
+        tid = int(tid)
+        role = "loop" if tid == pid else names.get(tid) or ("omp" if comm.startswith("inferd-dev") else "?")
+        label = f"{comm}/{role}"
+        out[label] = round(out.get(label, 0.0) + ms, 3)
+    return dict(sorted(((k, v) for k, v in out.items() if v >= 0.005), key=lambda kv: -kv[1]))
+
+
 MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
 
 
 def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8,
-               alt: dict | None = None, alt_path: str = "", alt_store: str = "") -> dict:
+               alt: dict | None = None, alt_path: str = "", alt_store: str = "", profile: str = "") -> dict:
     """Daemon CPU per classified frame (new images: each one stored and, with the index, inserted)
     with this store against the store off, in the same run: three daemons side by side (off; a
     copy of the store with its index; another copy without), each started and settled (vectors
@@ -292,7 +322,9 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     idle time between its bursts included, so the inserts the index does after a burst count
     (the last ones waited for at the end); each burst's own figure gives the spread. Result cache
     off in all. ``alt_store``: the fourth daemon's store (with its index), where ``alt`` builds
-    another index (another kind: the HNSW graphs beside the IVF lists in one run)."""
+    another index (another kind: the HNSW graphs beside the IVF lists in one run). ``profile``: a
+    file for ``py-spy record --threads`` (raw, 200 Hz) of the store-on daemon over its bursts (its
+    samples cost that daemon CPU: a run with a profile judges where, not how much)."""
     import contextlib
     import shutil
     import tempfile
@@ -348,7 +380,13 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                 x.update(settled_s=round(time.perf_counter() - t0, 2), bursts=[], wall=0.0,
                          cpu0=cpu_seconds(x["d"]["proc"].pid), threads0=thread_cpu(x["d"]["proc"].pid),
                          ins0=(x["c"].info()["cache"].get("embedding_index") or {}).get("thread_cpu_s", 0.0))
-            at = 4
+            at, spy = 4, None
+            if profile:
+                import subprocess
+                exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+                spy = subprocess.Popen([exe, "record", "--threads", "--idle", "-n", "-r", "200", "-f", "raw",
+                                        "-o", profile, "-p", str(live["on"]["d"]["proc"].pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for r in range(rounds):
                 for mode, x in live.items():
                     pid, part = x["d"]["proc"].pid, imgs[at:at + frames]
@@ -357,6 +395,9 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                     _parallel(4, x["d"]["socket"], range(len(part)), lambda cl, i: cl.classify(part[i]))
                     x["wall"] += time.perf_counter() - t0
                     x["bursts"].append(round(1e3 * (cpu_seconds(pid) - c0) / len(part), 3))
+            if spy is not None:
+                spy.send_signal(2)                      # SIGINT: py-spy writes its file and ends
+                spy.wait(60)
             log("  bursts, ms a frame: " + json.dumps({m: x["bursts"] for m, x in live.items()}))
             for mode, x in live.items():
                 while busy(x["c"], x["indexed"]):       # the inserts of the last burst count too
@@ -366,9 +407,9 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                 res = {"start_s": x["start_s"], "settled_s": x["settled_s"],
                        "cpu_ms_per_frame": round(1e3 * (cpu_seconds(pid) - x["cpu0"]) / n, 3),
                        "bursts_ms_per_frame": x["bursts"], "frames_per_s": round(n / x["wall"], 1),
-                       "threads_ms_per_frame": dict(sorted(
-                           ((t, round(1e3 * (v - x["threads0"].get(t, 0.0)) / n, 3)) for t, v in threads.items()),
-                           key=lambda kv: -kv[1])[:5])}
+                       "threads_ms_per_frame": thread_roles(pid, {
+                           t: 1e3 * (v - x["threads0"].get(t, 0.0)) / n for t, v in threads.items()},
+                           thread_names(pid))}
                 st = x["c"].info()["cache"].get("embedding_index")
                 if st:
                     res["inserter_ms_per_frame"] = round(1e3 * (st["thread_cpu_s"] - x["ins0"]) / n, 3)
@@ -424,6 +465,8 @@ def main(argv=None) -> int:
                    "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
+    p.add_argument("--profile", default="", help="with --cpu-only: py-spy record the store-on daemon's "
+                   "threads over its bursts into this file (raw; its CPU figures then include py-spy's cost)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
@@ -465,7 +508,7 @@ def main(argv=None) -> int:
             build(alt_store, rows, data, vectors, args.seed, log, alt_fields, base if alt_tail else "")
             alt = alt_fields
         out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds, alt, args.cpu_alt_path,
-                         alt_store)
+                         alt_store, args.profile)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:

@@ -68,6 +68,7 @@ import time
 
 import numpy as np
 
+from ..pipeline.thread_pools import name_native_thread
 from . import ann_file, ann_ivf
 from .ann_file import ALL, CENTROIDS, IndexFileError
 
@@ -297,11 +298,19 @@ class AnnIndex:
     # the store's side ------------------------------------------------------------------------
     def changed(self, row: int) -> None:
         """Row ``row`` holds a new image (the store calls this under its lock)."""
-        self._seq += 1
-        if not self.pending:
+        self.changed_many((row,))
+
+    def changed_many(self, rows) -> None:
+        """:meth:`changed` for several rows (the store's batch write, under its lock): one wake-up
+        at most, where the first pending row or a full BATCH comes (NOTE [ batched inserts ])."""
+        pending, before = self.pending, len(self.pending)
+        if not before:
             self._pending_since = time.monotonic()
-        self.pending[row] = self._seq
-        if len(self.pending) == 1 or len(self.pending) % BATCH == 0:
+        for row in rows:
+            self._seq += 1
+            pending[row] = self._seq
+        after = len(pending)
+        if after and (before == 0 or after // BATCH > before // BATCH):
             with self._wake:
                 self._wake.notify()
 
@@ -346,6 +355,7 @@ class AnnIndex:
 
     # the inserter thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        name_native_thread("inferd-ann")                    # its CPU apart in /proc, top -H, py-spy
         try:
             self._load_views()
             # after the start-up's checks and loads, which a near query waits for (busy)
