@@ -410,7 +410,9 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                        "threads_ms_per_frame": thread_roles(pid, {
                            t: 1e3 * (v - x["threads0"].get(t, 0.0)) / n for t, v in threads.items()},
                            thread_names(pid))}
-                st = x["c"].info()["cache"].get("embedding_index")
+                if "embeddings_write_us_mean" in (info := x["c"].info()["cache"]):
+                    res["store_write_us_a_row"] = info["embeddings_write_us_mean"]    # on the loop
+                st = info.get("embedding_index")
                 if st:
                     res["inserter_ms_per_frame"] = round(1e3 * (st["thread_cpu_s"] - x["ins0"]) / n, 3)
                     res["index_stats"] = {k: st[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
@@ -462,7 +464,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-alt-path", default="", help="with --cpu-only: the fourth daemon imports inferd "
                    "from this PYTHONPATH (another version of the code: before a change)")
     p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
-                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
+                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so; "
+                   "without kind=, the kind embeddings.index_kind = \"auto\" takes at each size")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
     p.add_argument("--profile", default="", help="with --cpu-only: py-spy record the store-on daemon's "
@@ -487,9 +490,13 @@ def main(argv=None) -> int:
         f"in {time.perf_counter() - t0:.1f} s")
     report = {"stored": args.stored, "copies_per_change": args.copies, "fresh": args.fresh, "k": K,
               "threshold": DEFAULT_MIN_SIMILARITY, "filler": vectors or "synthetic", "sizes": []}
-    index, tail = index_spec(args.index)
-    report["index"] = index
+    from inferd.daemon.caching.ann_index import kind_for
+
     for rows in (int(s) for s in args.sizes.split(",")):
+        # the kind the daemon's default (embeddings.index_kind = "auto") takes at this size, unless named
+        spec = args.index if "kind=" in args.index else ",".join(filter(None, (args.index, f"kind={kind_for('auto', rows)}")))
+        index, tail = index_spec(spec)
+        report["index"] = index
         base = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
         path = base.replace(".store", f"{tail}.store")
         info = build(path, rows, data, vectors, args.seed, log, index, base if tail else "")

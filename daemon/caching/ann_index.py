@@ -97,6 +97,25 @@ class IndexOptions:
 
 BATCH = 1024
 
+# NOTE [ the kind follows the capacity ]
+# ``embeddings.index_kind = "auto"`` (the default) takes IVF lists for a store of more than
+# IVF_ABOVE rows of capacity and HNSW graphs up to it. At a million rows an HNSW insert walks the
+# graph (0.35-0.44 ms of the inserter's CPU a stored frame, 1.11-1.29x the daemon's CPU a frame
+# of the store off), where a list's is one assignment among trained centroids (~0.05 ms at any
+# size) with the same recall and a query as fast (docs/benchmarks.md "Near-duplicate index").
+# Up to ~100k rows a graph insert is ~0.1 ms, and a graph answers from index_exact_below rows
+# with no training, where lists wait for 39 rows a list (~40k rows at 100k of capacity) and
+# the exact scan answers until then: graphs there.
+IVF_ABOVE = 100_000
+
+
+def kind_for(kind: str, capacity: int) -> str:
+    """The index kind ``embeddings.index_kind`` means for a store of ``capacity`` rows: "auto"
+    resolved (NOTE [ the kind follows the capacity ]), "hnsw" and "ivf" as they are."""
+    if kind != "auto":
+        return kind
+    return "ivf" if capacity > IVF_ABOVE else "hnsw"
+
 # NOTE [ batched inserts ]
 # A row the store recycles (a full store, every new image) must leave its graph before its new
 # vector enters it, and usearch pays for removals at the next insert call, once per call: 40-65

@@ -123,7 +123,7 @@ import numpy as np
 from ...shm import ownedfile
 from . import ann_ivf
 from ..pipeline.thread_pools import name_native_thread
-from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
+from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions, kind_for
 
 # Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
 # the store that writes it are one format; split, a change to a row's bytes would have to be made
@@ -182,7 +182,7 @@ def index_options(cfg) -> IndexOptions | None:
     """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
     if not cfg.index:
         return None
-    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe,
+    return IndexOptions(kind=kind_for(cfg.index_kind, cfg.capacity), lists=cfg.index_lists, probe=cfg.index_probe,
                         train_rows=cfg.index_train_rows, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,

@@ -173,6 +173,7 @@ class Caches:
         self.first_mid = 0                  # the model whose store is ``store`` (the scheduler's first)
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
+        self._written = [0.0, 0]            # seconds in ``keep``, rows it wrote
         self._looked = 0                    # looked-up misses seen at a low hit rate
         # what keys a row, swapped in one assignment by a reload: device threads read it
         self.keying = (digest, spec.preprocess_id)
@@ -393,16 +394,19 @@ class Caches:
         if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
             self.l2.store(key, top)
 
-    @staticmethod
-    def keep(rows: list) -> None:
+    def keep(self, rows: list) -> None:
         """Write the embeddings :meth:`remember` collected in ``rows`` for one batch: one
-        ``add_many`` a store (a batch is one model's: one store)."""
+        ``add_many`` a store (a batch is one model's: one store). Timed, for the stats
+        (``embeddings_write_us_mean``: the loop's cost of a stored row)."""
+        t0 = time.perf_counter()
         by: dict = {}
         for store, content, vector, tag, uid in rows:
             by.setdefault(id(store), (store, []))[1].append((content, vector, tag, uid))
         for store, entries in by.values():
             contents, vectors, tags, uids = zip(*entries)
             store.add_many(list(contents), np.stack(vectors), list(tags), list(uids))
+        self._written[0] += time.perf_counter() - t0
+        self._written[1] += len(rows)
 
     def adopt(self, key: bytes, top: list) -> None:
         """An answer another host computed (a fleet cache hit): stored locally without sampling
@@ -437,6 +441,7 @@ class Caches:
         if self.store is not None:
             out["embeddings"] = len(self.store)
             out["embeddings_checking"] = self.store.checking
+            out["embeddings_write_us_mean"] = round(1e6 * self._written[0] / max(self._written[1], 1), 2)
             if (index := self.store.index_stats()) is not None:
                 out["embedding_index"] = index
         if self.l2 is not None:

@@ -200,3 +200,16 @@ def test_options_from_the_config():
     o = index_options(EmbeddingsConfig(index_kind="ivf", index_lists=256, index_probe=8))
     assert (o.kind, o.lists, o.probe) == ("ivf", 256, 8)
     assert IndexOptions().kind == "hnsw"
+
+
+def test_the_default_kind_follows_the_capacity():
+    """``auto`` (the default): IVF lists above 100,000 rows of capacity, HNSW graphs up to it; a
+    kind named is kept whatever the capacity."""
+    from inferd.daemon.caching.embedding_store import index_options
+    from inferd.daemon.config_sections import EmbeddingsConfig
+
+    assert EmbeddingsConfig().index_kind == "auto"
+    assert [index_options(EmbeddingsConfig(capacity=c)).kind for c in (1_000, 100_000, 100_001, 10_000_000)] \
+        == ["hnsw", "hnsw", "ivf", "ivf"]
+    assert index_options(EmbeddingsConfig(capacity=1_000_000, index_kind="hnsw")).kind == "hnsw"
+    assert index_options(EmbeddingsConfig(capacity=1_000, index_kind="ivf")).kind == "ivf"
