@@ -412,6 +412,7 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                            thread_names(pid))}
                 if "embeddings_write_us_mean" in (info := x["c"].info()["cache"]):
                     res["store_write_us_a_row"] = info["embeddings_write_us_mean"]    # on the loop
+                    res["hash_us_a_frame"] = info.get("hash_us_mean")                 # on the collector
                 st = info.get("embedding_index")
                 if st:
                     res["inserter_ms_per_frame"] = round(1e3 * (st["thread_cpu_s"] - x["ins0"]) / n, 3)
