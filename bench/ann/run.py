@@ -264,8 +264,9 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
     return out
 
 
-def thread_cpu(pid: int) -> dict:
-    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}."""
+def thread_cpu(pid: int, kernel: bool = False) -> dict:
+    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}; ``kernel``: its
+    system time alone (page faults, syscalls)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -274,7 +275,8 @@ def thread_cpu(pid: int) -> dict:
         except FileNotFoundError:                       # ended meanwhile
             continue
         fields = rest.split()
-        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[12]) + (0 if kernel else int(fields[11]))) \
+            / os.sysconf("SC_CLK_TCK")
     return out
 
 
@@ -379,6 +381,7 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                     time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's start-up, with the index's counters)
                 x.update(settled_s=round(time.perf_counter() - t0, 2), bursts=[], wall=0.0,
                          cpu0=cpu_seconds(x["d"]["proc"].pid), threads0=thread_cpu(x["d"]["proc"].pid),
+                         sys0=thread_cpu(x["d"]["proc"].pid, kernel=True),
                          ins0=(x["c"].info()["cache"].get("embedding_index") or {}).get("thread_cpu_s", 0.0))
             at, spy = 4, None
             if profile:
@@ -403,13 +406,14 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                 while busy(x["c"], x["indexed"]):       # the inserts of the last burst count too
                     time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
                 pid, n = x["d"]["proc"].pid, frames * rounds
-                threads = thread_cpu(pid)
+                threads, kernel, names = thread_cpu(pid), thread_cpu(pid, kernel=True), thread_names(pid)
                 res = {"start_s": x["start_s"], "settled_s": x["settled_s"],
                        "cpu_ms_per_frame": round(1e3 * (cpu_seconds(pid) - x["cpu0"]) / n, 3),
                        "bursts_ms_per_frame": x["bursts"], "frames_per_s": round(n / x["wall"], 1),
                        "threads_ms_per_frame": thread_roles(pid, {
-                           t: 1e3 * (v - x["threads0"].get(t, 0.0)) / n for t, v in threads.items()},
-                           thread_names(pid))}
+                           t: 1e3 * (v - x["threads0"].get(t, 0.0)) / n for t, v in threads.items()}, names),
+                       "threads_kernel_ms_per_frame": thread_roles(pid, {
+                           t: 1e3 * (v - x["sys0"].get(t, 0.0)) / n for t, v in kernel.items()}, names)}
                 if "embeddings_write_us_mean" in (info := x["c"].info()["cache"]):
                     res["store_write_us_a_row"] = info["embeddings_write_us_mean"]    # on the loop
                     res["hash_us_a_frame"] = info.get("hash_us_mean")                 # on the collector
