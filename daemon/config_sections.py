@@ -233,13 +233,16 @@ class EmbeddingsConfig:
                              "or one for all when shared) saved in <store file>.index/ and reopened "
                              "memory-mapped; false: every search scans the whole store exactly "
                              "(~70 ms a query at a million rows)")
-    index_kind: str = _opt("hnsw", "the index's structure: hnsw (usearch graphs: a query ~1 ms at a "
-                                   "million rows, an insert 0.3-0.4 ms of the inserter's CPU there) or "
+    index_kind: str = _opt("auto", "the index's structure: hnsw (usearch graphs: a query ~1 ms at a "
+                                   "million rows, an insert 0.3-0.4 ms of the inserter's CPU there), "
                                    "ivf (faiss inverted lists of int8 codes over trained centroids: an "
                                    "insert ~0.05 ms at any size; trained once the store holds "
-                                   "39 rows a list, at most index_exact_max, exact scan before; "
-                                   "docs/benchmarks.md \"Near-duplicate index\"); changing it rebuilds "
-                                   "the index", choices=("hnsw", "ivf"))
+                                   "39 rows a list, at most index_exact_max, exact scan before), or "
+                                   "auto: ivf above 100,000 rows of capacity, hnsw up to it (NOTE "
+                                   "[ the kind follows the capacity ] in daemon/caching/ann_index.py; "
+                                   "docs/benchmarks.md \"Near-duplicate index\"); changing it, or a "
+                                   "capacity that changes what auto means, rebuilds the index",
+                           choices=("auto", "hnsw", "ivf"))
     index_lists: int = _opt(0, "IVF lists (centroids); 0: the power of two nearest 4 * sqrt(capacity), "
                                "4,096 at a million rows (changing it rebuilds the index)", lo=0, hi=1 << 20)
     index_probe: int = _opt(16, "IVF lists scanned a query (more: better recall, slower)", lo=1, hi=1 << 20)

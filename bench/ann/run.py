@@ -264,8 +264,9 @@ def measure(path: str, rows: int, data: dict, queries: int, threshold: float, lo
     return out
 
 
-def thread_cpu(pid: int) -> dict:
-    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}."""
+def thread_cpu(pid: int, kernel: bool = False) -> dict:
+    """CPU seconds so far of each thread of ``pid``: {"<tid> <name>": seconds}; ``kernel``: its
+    system time alone (page faults, syscalls)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -274,15 +275,46 @@ def thread_cpu(pid: int) -> dict:
         except FileNotFoundError:                       # ended meanwhile
             continue
         fields = rest.split()
-        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[f"{tid} {head.split('(', 1)[1]}"] = (int(fields[12]) + (0 if kernel else int(fields[11]))) \
+            / os.sysconf("SC_CLK_TCK")
     return out
+
+
+def thread_names(pid: int) -> dict:
+    """{tid: Python thread name} of ``pid``'s Python threads by ``py-spy dump`` (where py-spy is
+    installed; {} otherwise): the collector and the loop share the process's OS name, and an OpenMP
+    worker takes its executor's, so the two names together say which thread is which."""
+    import re
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    try:
+        text = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {int(t): n for t, n in re.findall(r'^Thread (?:0x)?(\d+) \([a-z]+\): "([^"]*)"', text, re.M)}
+
+
+def thread_roles(pid: int, cpu: dict, names: dict) -> dict:
+    """``cpu`` ({"<tid> <comm>": ms}) relabelled "<comm>/<Python name or role>": the loop is the
+    process's first thread; a thread of an executor's OS name that Python does not know is its
+    OpenMP worker. Threads of the same label are summed; under 0.005 ms dropped."""
+    out: dict = {}
+    for key, ms in cpu.items():
+        tid, comm = key.split(" ", 1)
+        tid = int(tid)
+        role = "loop" if tid == pid else names.get(tid) or ("omp" if comm.startswith("inferd-dev") else "?")
+        label = f"{comm}/{role}"
+        out[label] = round(out.get(label, 0.0) + ms, 3)
+    return dict(sorted(((k, v) for k, v in out.items() if v >= 0.005), key=lambda kv: -kv[1]))
 
 
 MODES = (("off", False, False), ("on", True, True), ("no_index", True, False))
 
 
 def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, rounds: int = 8,
-               alt: dict | None = None, alt_path: str = "", alt_store: str = "") -> dict:
+               alt: dict | None = None, alt_path: str = "", alt_store: str = "", profile: str = "") -> dict:
     """Daemon CPU per classified frame (new images: each one stored and, with the index, inserted)
     with this store against the store off, in the same run: three daemons side by side (off; a
     copy of the store with its index; another copy without), each started and settled (vectors
@@ -292,7 +324,9 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
     idle time between its bursts included, so the inserts the index does after a burst count
     (the last ones waited for at the end); each burst's own figure gives the spread. Result cache
     off in all. ``alt_store``: the fourth daemon's store (with its index), where ``alt`` builds
-    another index (another kind: the HNSW graphs beside the IVF lists in one run)."""
+    another index (another kind: the HNSW graphs beside the IVF lists in one run). ``profile``: a
+    file for ``py-spy record --threads`` (raw, 200 Hz) of the store-on daemon over its bursts (its
+    samples cost that daemon CPU: a run with a profile judges where, not how much)."""
     import contextlib
     import shutil
     import tempfile
@@ -347,8 +381,15 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                     time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's start-up, with the index's counters)
                 x.update(settled_s=round(time.perf_counter() - t0, 2), bursts=[], wall=0.0,
                          cpu0=cpu_seconds(x["d"]["proc"].pid), threads0=thread_cpu(x["d"]["proc"].pid),
+                         sys0=thread_cpu(x["d"]["proc"].pid, kernel=True),
                          ins0=(x["c"].info()["cache"].get("embedding_index") or {}).get("thread_cpu_s", 0.0))
-            at = 4
+            at, spy = 4, None
+            if profile:
+                import subprocess
+                exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+                spy = subprocess.Popen([exe, "record", "--threads", "--idle", "-n", "-r", "200", "-f", "raw",
+                                        "-o", profile, "-p", str(live["on"]["d"]["proc"].pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for r in range(rounds):
                 for mode, x in live.items():
                     pid, part = x["d"]["proc"].pid, imgs[at:at + frames]
@@ -357,19 +398,26 @@ def daemon_cpu(path: str, rows: int, frames: int, seed: int, log, index: dict, r
                     _parallel(4, x["d"]["socket"], range(len(part)), lambda cl, i: cl.classify(part[i]))
                     x["wall"] += time.perf_counter() - t0
                     x["bursts"].append(round(1e3 * (cpu_seconds(pid) - c0) / len(part), 3))
+            if spy is not None:
+                spy.send_signal(2)                      # SIGINT: py-spy writes its file and ends
+                spy.wait(60)
             log("  bursts, ms a frame: " + json.dumps({m: x["bursts"] for m, x in live.items()}))
             for mode, x in live.items():
                 while busy(x["c"], x["indexed"]):       # the inserts of the last burst count too
                     time.sleep(0.05)  # noqa: sleep-ok (polling the daemon's counter)
                 pid, n = x["d"]["proc"].pid, frames * rounds
-                threads = thread_cpu(pid)
+                threads, kernel, names = thread_cpu(pid), thread_cpu(pid, kernel=True), thread_names(pid)
                 res = {"start_s": x["start_s"], "settled_s": x["settled_s"],
                        "cpu_ms_per_frame": round(1e3 * (cpu_seconds(pid) - x["cpu0"]) / n, 3),
                        "bursts_ms_per_frame": x["bursts"], "frames_per_s": round(n / x["wall"], 1),
-                       "threads_ms_per_frame": dict(sorted(
-                           ((t, round(1e3 * (v - x["threads0"].get(t, 0.0)) / n, 3)) for t, v in threads.items()),
-                           key=lambda kv: -kv[1])[:5])}
-                st = x["c"].info()["cache"].get("embedding_index")
+                       "threads_ms_per_frame": thread_roles(pid, {
+                           t: 1e3 * (v - x["threads0"].get(t, 0.0)) / n for t, v in threads.items()}, names),
+                       "threads_kernel_ms_per_frame": thread_roles(pid, {
+                           t: 1e3 * (v - x["sys0"].get(t, 0.0)) / n for t, v in kernel.items()}, names)}
+                if "embeddings_write_us_mean" in (info := x["c"].info()["cache"]):
+                    res["store_write_us_a_row"] = info["embeddings_write_us_mean"]    # on the loop
+                    res["hash_us_a_frame"] = info.get("hash_us_mean")                 # on the collector
+                st = info.get("embedding_index")
                 if st:
                     res["inserter_ms_per_frame"] = round(1e3 * (st["thread_cpu_s"] - x["ins0"]) / n, 3)
                     res["index_stats"] = {k: st[k] for k in ("rows", "reopened", "rebuilt", "inserted")}
@@ -421,9 +469,12 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-alt-path", default="", help="with --cpu-only: the fourth daemon imports inferd "
                    "from this PYTHONPATH (another version of the code: before a change)")
     p.add_argument("--index", default="", help="index parameters other than the defaults, e.g. "
-                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so")
+                   "scalar=i8,m=12,ef_add=32: a copy of the default store, its index rebuilt so; "
+                   "without kind=, the kind embeddings.index_kind = \"auto\" takes at each size")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the stores and stop: data preparation, run it niced outside the lock")
+    p.add_argument("--profile", default="", help="with --cpu-only: py-spy record the store-on daemon's "
+                   "threads over its bursts into this file (raw; its CPU figures then include py-spy's cost)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
@@ -444,9 +495,13 @@ def main(argv=None) -> int:
         f"in {time.perf_counter() - t0:.1f} s")
     report = {"stored": args.stored, "copies_per_change": args.copies, "fresh": args.fresh, "k": K,
               "threshold": DEFAULT_MIN_SIMILARITY, "filler": vectors or "synthetic", "sizes": []}
-    index, tail = index_spec(args.index)
-    report["index"] = index
+    from inferd.daemon.caching.ann_index import kind_for
+
     for rows in (int(s) for s in args.sizes.split(",")):
+        # the kind the daemon's default (embeddings.index_kind = "auto") takes at this size, unless named
+        spec = args.index if "kind=" in args.index else ",".join(filter(None, (args.index, f"kind={kind_for('auto', rows)}")))
+        index, tail = index_spec(spec)
+        report["index"] = index
         base = os.path.join(args.keep, f"s{rows}-seed{args.seed}-stored{args.stored}.store")
         path = base.replace(".store", f"{tail}.store")
         info = build(path, rows, data, vectors, args.seed, log, index, base if tail else "")
@@ -465,7 +520,7 @@ def main(argv=None) -> int:
             build(alt_store, rows, data, vectors, args.seed, log, alt_fields, base if alt_tail else "")
             alt = alt_fields
         out = daemon_cpu(path, rows, args.cpu_frames, args.seed, log, index, args.cpu_rounds, alt, args.cpu_alt_path,
-                         alt_store)
+                         alt_store, args.profile)
         return print_json(out, args.out)
     big = report["sizes"][-1]
     if args.cpu_frames:

@@ -68,6 +68,7 @@ import time
 
 import numpy as np
 
+from ..pipeline.thread_pools import name_native_thread
 from . import ann_file, ann_ivf
 from .ann_file import ALL, CENTROIDS, IndexFileError
 
@@ -95,6 +96,25 @@ class IndexOptions:
 
 
 BATCH = 1024
+
+# NOTE [ the kind follows the capacity ]
+# ``embeddings.index_kind = "auto"`` (the default) takes IVF lists for a store of more than
+# IVF_ABOVE rows of capacity and HNSW graphs up to it. At a million rows an HNSW insert walks the
+# graph (0.35-0.44 ms of the inserter's CPU a stored frame, 1.11-1.29x the daemon's CPU a frame
+# of the store off), where a list's is one assignment among trained centroids (~0.05 ms at any
+# size) with the same recall and a query as fast (docs/benchmarks.md "Near-duplicate index").
+# Up to ~100k rows a graph insert is ~0.1 ms, and a graph answers from index_exact_below rows
+# with no training, where lists wait for 39 rows a list (~40k rows at 100k of capacity) and
+# the exact scan answers until then: graphs there.
+IVF_ABOVE = 100_000
+
+
+def kind_for(kind: str, capacity: int) -> str:
+    """The index kind ``embeddings.index_kind`` means for a store of ``capacity`` rows: "auto"
+    resolved (NOTE [ the kind follows the capacity ]), "hnsw" and "ivf" as they are."""
+    if kind != "auto":
+        return kind
+    return "ivf" if capacity > IVF_ABOVE else "hnsw"
 
 # NOTE [ batched inserts ]
 # A row the store recycles (a full store, every new image) must leave its graph before its new
@@ -297,11 +317,19 @@ class AnnIndex:
     # the store's side ------------------------------------------------------------------------
     def changed(self, row: int) -> None:
         """Row ``row`` holds a new image (the store calls this under its lock)."""
-        self._seq += 1
-        if not self.pending:
+        self.changed_many((row,))
+
+    def changed_many(self, rows) -> None:
+        """:meth:`changed` for several rows (the store's batch write, under its lock): one wake-up
+        at most, where the first pending row or a full BATCH comes (NOTE [ batched inserts ])."""
+        pending, before = self.pending, len(self.pending)
+        if not before:
             self._pending_since = time.monotonic()
-        self.pending[row] = self._seq
-        if len(self.pending) == 1 or len(self.pending) % BATCH == 0:
+        for row in rows:
+            self._seq += 1
+            pending[row] = self._seq
+        after = len(pending)
+        if after and (before == 0 or after // BATCH > before // BATCH):
             with self._wake:
                 self._wake.notify()
 
@@ -346,6 +374,7 @@ class AnnIndex:
 
     # the inserter thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        name_native_thread("inferd-ann")                    # its CPU apart in /proc, top -H, py-spy
         try:
             self._load_views()
             # after the start-up's checks and loads, which a near query waits for (busy)

@@ -122,7 +122,8 @@ import numpy as np
 
 from ...shm import ownedfile
 from . import ann_ivf
-from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions
+from ..pipeline.thread_pools import name_native_thread
+from .ann_index import AnnIndex, EmbeddingIndexBusy, IndexOptions, kind_for
 
 # Why one module of ~580 lines: the file layout drawn above, the start-up checks that read it and
 # the store that writes it are one format; split, a change to a row's bytes would have to be made
@@ -142,6 +143,9 @@ _U32 = struct.Struct("<I")
 _META = np.dtype({"names": ["valid", "tag_len", "uid", "hash", "tag", "stamp"],
                   "formats": ["u1", "u1", "<u4", ("u1", (32,)), ("u1", (TAG_MAX,)), "<u8"],
                   "offsets": [0, 1, 4, 8, 40, 104], "itemsize": META_SIZE})
+_UNIT_LOW, _UNIT_HIGH = (1 - 1e-5) ** 2, (1 + 1e-5) ** 2   # a norm within 1e-5 of one, squared
+_RECORD = struct.Struct("<BBxxI32s64sQ")         # one _META row as bytes (valid, tag length, uid, hash, tag, stamp)
+assert _RECORD.size == META_SIZE
 _log = logging.getLogger("inferd.embeddings")
 
 
@@ -178,7 +182,7 @@ def index_options(cfg) -> IndexOptions | None:
     """The index options an ``[embeddings]`` section (EmbeddingsConfig) asks for, or None."""
     if not cfg.index:
         return None
-    return IndexOptions(kind=cfg.index_kind, lists=cfg.index_lists, probe=cfg.index_probe,
+    return IndexOptions(kind=kind_for(cfg.index_kind, cfg.capacity), lists=cfg.index_lists, probe=cfg.index_probe,
                         train_rows=cfg.index_train_rows, connectivity=cfg.index_m, expansion_add=cfg.index_ef_construction,
                         scalar=cfg.index_scalar, expansion_search=cfg.index_ef, exact_below=cfg.index_exact_below,
                         exact_max=cfg.index_exact_max, max_pending=cfg.index_max_pending,
@@ -289,6 +293,8 @@ class EmbeddingStore:
         self._lock = threading.Lock()
         self._vectors = np.frombuffer(mm, np.float32, capacity * dim, HEADER_SIZE).reshape(capacity, dim)
         self._meta = np.frombuffer(mm, _META, capacity, HEADER_SIZE + capacity * dim * 4)
+        self._meta_bytes = self._meta.view(np.uint8).reshape(capacity, META_SIZE)   # the same, as rows of bytes
+        self._uids, self._stamps = self._meta["uid"], self._meta["stamp"]   # field views, made once
         self._valid = np.zeros(capacity, dtype=bool)     # a copy of the flags, for masking searches
         self._index: dict[bytes, dict[int, int]] = {}    # content hash -> {uid: row}
         self._owned: dict[int, collections.deque] = {}   # uid -> its rows, oldest first (NOTE above)
@@ -396,6 +402,7 @@ class EmbeddingStore:
     def _sweep(self) -> None:
         """Check every vector not yet checked, a slice at a time (NOTE [ vectors checked when
         first used ]); ends at close."""
+        name_native_thread("inferd-embcheck")
         for start in range(0, self.capacity, self.SWEEP_ROWS):
             with self._lock:
                 if self._mm is None:
@@ -478,45 +485,113 @@ class EmbeddingStore:
         """Store ``vector`` (normalised here) as ``uid``'s for ``content_hash``, replacing that
         uid's row for the hash if present, else taking a free row or, once the store is full, the
         oldest row of ``uid`` or of the largest holder (NOTE [ a full store is shared by uid ]).
-        Other uids' rows for the same hash are left as they are. Returns the row."""
-        key = bytes(content_hash)
-        if len(key) != 32:
-            raise ValueError(f"content_hash must be 32 bytes (inferd.shm.cache.content_hash), got {len(key)}")
+        Other uids' rows for the same hash are left as they are. Returns the row. ValueError for a
+        bad hash, uid, tag, or a vector that is not finite and non-zero."""
+        self._check_entry(content_hash, uid, tag)
+        return self._write([bytes(content_hash)], self._unit(vector).reshape(1, -1), [tag], [uid])[0]
+
+    def add_many(self, content_hashes: list, vectors: np.ndarray, tags: list, uids: list) -> list[int]:
+        """:meth:`add` for a batch's rows (NOTE [ rows written per batch ]): entry i is
+        ``content_hashes[i]``, ``vectors[i]``, ``tags[i]``, ``uids[i]``; what is stored is what
+        :meth:`add` of each in turn would store. Returns each entry's row; -1 for a vector that is not
+        finite and non-zero (the others are written). ValueError for a bad hash, uid or tag,
+        before anything is written."""
+        for key, uid, tag in zip(content_hashes, uids, tags):
+            self._check_entry(key, uid, tag)
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(content_hashes):
+            raise ValueError(f"{len(content_hashes)} vectors of ({self.dim},) expected, got {vectors.shape}")
+        units, ok = self._units(vectors)
+        if ok is None or ok.all():
+            return self._write([bytes(k) for k in content_hashes], units, list(tags), list(uids))
+        at = np.flatnonzero(ok)
+        out = [-1] * len(content_hashes)
+        if len(at):
+            rows = self._write([bytes(content_hashes[i]) for i in at], units[at], [tags[i] for i in at],
+                               [uids[i] for i in at])
+            for i, row in zip(at.tolist(), rows):
+                out[i] = row
+        return out
+
+    @staticmethod
+    def _check_entry(content_hash, uid, tag) -> None:
+        if len(content_hash) != 32:
+            raise ValueError(f"content_hash must be 32 bytes (inferd.shm.cache.content_hash), got {len(content_hash)}")
         if type(uid) is not int or not 0 <= uid < 2**32:
             raise ValueError(f"uid must be an int 0..2**32-1 (the storing request's uid), got {uid!r}")
-        unit = self._unit(vector)
-        raw_tag = None if tag is None else tag.encode("utf-8")
-        if raw_tag is not None and len(raw_tag) > TAG_MAX:
-            raise ValueError(f"a tag is at most {TAG_MAX} bytes of UTF-8, got {len(raw_tag)}")
+        if tag is not None and len(tag.encode("utf-8")) > TAG_MAX:
+            raise ValueError(f"a tag is at most {TAG_MAX} bytes of UTF-8, got {len(tag.encode('utf-8'))}")
+
+    # NOTE [ rows written per batch ]
+    # The daemon stores a computed batch's embeddings on the event loop, once a batch
+    # (daemon/caching/results.py ``Caches.keep``): one hold of the lock, the vectors' lengths
+    # checked in one pass, and each field written for every row of the batch by one numpy
+    # assignment rather than about a dozen numpy calls a row (~11 us a row in-process, the
+    # store's part of the loop's cost a frame). What stays a row at a time is what is a row's own:
+    # which row it takes (its uid's oldest, a free one), the hash's owners, the index's pending
+    # entry. A batch clears ``valid`` of all its rows, writes them, then sets it: a daemon killed
+    # mid-write loses that batch's rows only.
+    def _write(self, keys: list, units: np.ndarray, tags: list, uids: list) -> list[int]:
+        """Write checked entries (``units``: unit float32 rows); their rows, in order."""
+        raw = [b"" if t is None else t.encode("utf-8") for t in tags]
         with self._lock:
             self._require_open()
-            row = self._index.get(key, {}).get(uid)
-            fresh = row is None
-            if fresh:
-                row = self._take_row(uid)
+            rows, stamp, owned, index, hashes = [], self._stamps, self._owned, self._index, self._hashes
+            records, moved, ages = [], [], {}            # ages: rows taken by this batch
+            for key, uid, tag, r in zip(keys, uids, tags, raw):
+                row = index.get(key, {}).get(uid)
+                if row is None:                          # a new image: a row of its own
+                    row = self._take_row(uid)
+                    # taken now (a later entry of the batch must not take it again), written below
+                    index.setdefault(key, {})[uid] = row
+                    hashes[row] = key
+                    self._stamp += 1
+                    age = ages[row] = self._stamp
+                    owned.setdefault(uid, collections.deque()).append(row)
+                    self._valid[row] = True
+                    self._count += 1
+                    if row >= self._high:
+                        self._high = row + 1
+                    moved.append(True)
+                elif row in ages:                        # taken by this batch: a rewrite of it
+                    age = ages[row]
+                    moved.append(True)
+                else:                                    # its rewrite keeps the row's age
+                    age = int(stamp[row])
+                    moved.append(None)                   # decided below, by the vector
+                self._checked[row] = True
+                self._tags[row] = tag
+                rows.append(row)
+                # the record with ``valid`` 0: set once vector and record are written
+                records.append(_RECORD.pack(0, NO_TAG if tag is None else len(r), uid, key, r, age))
+            at = rows
+            if len(set(rows)) < len(rows):               # a row twice (a rewrite, or recycled by a
+                last = sorted({row: i for i, row in enumerate(rows)}.values())   # tiny store): the
+                at, units = [rows[i] for i in last], units[last]   # later entry's record and vector
+                records, moved = [records[i] for i in last], [moved[i] for i in last]
             # the index re-inserts a new image, or a rewrite with another vector (the daemon's
             # rewrites carry the same frame's, so equal up to float noise: kept where they are)
-            moved = fresh or not np.allclose(self._vectors[row], unit, rtol=0, atol=1e-4)
-            self._meta["valid"][row] = 0                 # a kill loses this row only
-            if fresh:
-                self._stamp += 1
-                self._meta["stamp"][row] = self._stamp
-                self._owned.setdefault(uid, collections.deque()).append(row)
-                self._count += 1
-            self._vectors[row] = unit
-            self._checked[row] = True
-            self._meta["tag_len"][row] = NO_TAG if raw_tag is None else len(raw_tag)
-            self._meta["uid"][row] = uid
-            self._meta["hash"][row] = np.frombuffer(key, np.uint8)
-            self._meta["tag"][row] = np.frombuffer((raw_tag or b"").ljust(TAG_MAX, b"\0"), np.uint8)
-            self._meta["valid"][row] = 1
-            self._index.setdefault(key, {})[uid] = row
-            self._hashes[row], self._tags[row] = key, tag
-            self._valid[row] = True
-            self._high = max(self._high, row + 1)
-            if moved and self._ann is not None:
-                self._ann.changed(row)                   # a new image in this row: to (re)index
-        return row
+            if None in moved:
+                again = [i for i, m in enumerate(moved) if m is None]
+                diff = np.abs(self._vectors[[at[i] for i in again]] - units[again]).max(axis=1) > 1e-4
+                for i, m in zip(again, diff.tolist()):
+                    moved[i] = m
+            meta, vectors = self._meta_bytes, self._vectors
+            if len(at) < 4:                              # a few rows: by row (no index arrays)
+                for i, row in enumerate(at):
+                    meta[row, 0] = 0                     # a kill loses this row only
+                    meta[row] = np.frombuffer(records[i], np.uint8)
+                    vectors[row] = units[i]
+                    meta[row, 0] = 1
+            else:                                        # each field of every row at once
+                at = np.asarray(at, np.intp)
+                meta[at, 0] = 0                          # a kill loses this batch's rows only
+                meta[at] = np.frombuffer(b"".join(records), np.uint8).reshape(len(at), META_SIZE)
+                vectors[at] = units
+                meta[at, 0] = 1
+            if self._ann is not None and any(moved):     # new images in these rows: to (re)index
+                self._ann.changed_many([row for row, m in zip(np.asarray(at).tolist(), moved) if m])
+        return rows
 
     def _take_row(self, uid: int) -> int:
         """The row a new (uid, content hash) goes to: a free one, else one taken from its owner
@@ -528,7 +603,7 @@ class EmbeddingStore:
         owned = self._owned
         mine = owned.get(uid)
         if not mine or len(mine) < self.capacity // (len(owned) + (mine is None)):
-            stamps = self._meta["stamp"]
+            stamps = self._stamps
             uid = max(owned, key=lambda u: (len(owned[u]), -int(stamps[owned[u][0]])))
         rows = owned[uid]
         row = rows.popleft()
@@ -543,7 +618,7 @@ class EmbeddingStore:
         if not self._valid[row]:
             return
         owners = self._index.get(self._hashes[row], {})
-        owners.pop(int(self._meta["uid"][row]), None)
+        owners.pop(int(self._uids[row]), None)
         if not owners:
             self._index.pop(self._hashes[row], None)
         self._valid[row] = False
@@ -670,7 +745,7 @@ class EmbeddingStore:
         with self._lock:
             mm, self._mm = self._mm, None
             fd, self._fd = self._fd, None
-            self._vectors = self._meta = None            # views first: a viewed mapping cannot close
+            self._vectors = self._meta = self._meta_bytes = self._uids = self._stamps = None   # views first: a viewed mapping cannot close
             if mm is not None:
                 mm.close()
             if fd is not None:
@@ -678,18 +753,35 @@ class EmbeddingStore:
         if sweeper is not None:
             sweeper.join()                               # it stops at its next slice: the mapping is gone
 
+    def _units(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(unit rows, ok): ``vectors`` (N, dim) float32 normalised, each row whose norm is
+        within 1e-5 of one kept bit for bit (the device normalised it: an embed answered from the
+        store returns exactly what the computed embed returned); ``ok`` False for a row that is
+        not finite or all zero (its unit row is garbage), None when every row is fine."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"a vector here has shape ({self.dim},), got {vectors.shape[1:]}")
+        # the usual case, the device's unit rows, in one numpy call: float32 sums of squares are
+        # within ~1e-6 of one for them, far inside the 2e-5 this asks
+        if all(_UNIT_LOW < x < _UNIT_HIGH for x in np.einsum("ij,ij->i", vectors, vectors).tolist()):
+            return vectors, None
+        squares = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+        unit = (squares > _UNIT_LOW) & (squares < _UNIT_HIGH)
+        norms = np.sqrt(squares)
+        ok = np.isfinite(norms) & (norms > 0)
+        scale = np.where(unit | ~ok, 1.0, norms).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            return vectors / scale[:, None], ok
+
     def _unit(self, vector: np.ndarray) -> np.ndarray:
+        """One vector of shape (dim,) as :meth:`_units` makes it; ValueError if it is not finite
+        and non-zero."""
         v = np.asarray(vector, dtype=np.float32)
         if v.shape != (self.dim,):
             raise ValueError(f"a vector here has shape ({self.dim},), got {v.shape}")
-        norm = float(np.linalg.norm(v.astype(np.float64)))
-        if not np.isfinite(norm) or norm == 0.0:
+        units, ok = self._units(v.reshape(1, -1))
+        if ok is not None and not ok[0]:
             raise ValueError("a vector must be finite and not all zero to be normalised")
-        if abs(norm - 1.0) < 1e-5:
-            # already unit (the device normalised it): kept bit for bit, so an embed answered from
-            # the store returns exactly what the computed embed returned
-            return v
-        return (v / norm).astype(np.float32)
+        return units[0]
 
     def _require_open(self) -> None:
         if self._mm is None:

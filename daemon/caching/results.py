@@ -173,6 +173,7 @@ class Caches:
         self.first_mid = 0                  # the model whose store is ``store`` (the scheduler's first)
         self.hit_rate = 1.0                 # optimistic until traffic says otherwise
         self._misses = 0
+        self._written = [0.0, 0]            # seconds in ``keep``, rows it wrote
         self._looked = 0                    # looked-up misses seen at a low hit rate
         # what keys a row, swapped in one assignment by a reload: device threads read it
         self.keying = (digest, spec.preprocess_id)
@@ -375,11 +376,13 @@ class Caches:
             return None
 
     def remember(self, key: bytes, content: bytes, top: list, vector, tag, uid: int, insert: bool = False,
-                 mid: int | None = None, sealed=None) -> None:
+                 mid: int | None = None, sealed=None, rows: list | None = None) -> None:
         """After a computed answer: insert (sampled while the hit rate is low, always when
         ``insert``: sampled at admission, NOTE [ unhashed misses ]), keep the embedding as
-        ``uid``'s (the uid of the request's session) in its model's (``mid``) store. ``sealed``:
-        the entry ``seal`` made off the loop, or None."""
+        ``uid``'s (the uid of the request's session) in its model's (``mid``) store: at once, or
+        with ``rows`` (a list) appended there for :meth:`keep` to write with the rest of its batch
+        (NOTE [ rows written per batch ] in embedding_store.py). ``sealed``: the entry ``seal`` made
+        off the loop, or None."""
         if self.cache is not None and key:
             self._misses += 1
             if self.hit_rate >= self.cfg.cache.min_hit_rate or self._misses % self.cfg.cache.sample_every == 0 \
@@ -391,9 +394,27 @@ class Caches:
                 self.counters["inserts_skipped"] += 1
         store = self.store if mid is None or mid == self.first_mid else self.stores.get(mid)
         if store is not None and vector is not None and content:
-            store.add(content, vector, tag, uid=uid)
+            if rows is None:
+                store.add(content, vector, tag, uid=uid)
+            else:
+                rows.append((store, content, vector, tag, uid))
         if self.l2 is not None and key:     # write-through to the fleet (NOTE [ fleet cache ])
             self.l2.store(key, top)
+
+    def keep(self, rows: list) -> None:
+        """Write the embeddings :meth:`remember` collected in ``rows`` for one batch: one
+        ``add_many`` a store (a batch is one model's: one store). Timed, for the stats
+        (``embeddings_write_us_mean``: the loop's CPU a stored row; its thread's CPU clock, as
+        the wall clock counts the turns other threads take the core)."""
+        t0 = time.thread_time()
+        by: dict = {}
+        for store, content, vector, tag, uid in rows:
+            by.setdefault(id(store), (store, []))[1].append((content, vector, tag, uid))
+        for store, entries in by.values():
+            contents, vectors, tags, uids = zip(*entries)
+            store.add_many(list(contents), np.stack(vectors), list(tags), list(uids))
+        self._written[0] += time.thread_time() - t0
+        self._written[1] += len(rows)
 
     def adopt(self, key: bytes, top: list) -> None:
         """An answer another host computed (a fleet cache hit): stored locally without sampling
@@ -428,6 +449,7 @@ class Caches:
         if self.store is not None:
             out["embeddings"] = len(self.store)
             out["embeddings_checking"] = self.store.checking
+            out["embeddings_write_us_mean"] = round(1e6 * self._written[0] / max(self._written[1], 1), 2)
             if (index := self.store.index_stats()) is not None:
                 out["embedding_index"] = index
         if self.l2 is not None:

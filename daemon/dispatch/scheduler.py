@@ -617,7 +617,7 @@ class Scheduler:
         answered, plain, computed = [], [], 0
         # a batch is one model's: is its generation the one serving now?
         current = result.gen == (self.catalog.by_id[result.mid].model.gen if result.mid >= 0 else self.gen)
-        gen, remember = result.gen, self.caches.remember
+        gen, remember, rows = result.gen, self.caches.remember, []     # rows: the batch's embeddings
         for e in result.with_outcome(Outcome.DONE):
             r = e.request
             if r.session is None or r.done or r.attempt != e.attempt:      # not live
@@ -628,7 +628,7 @@ class Scheduler:
             if r.op != "near" and current:   # a query is searched, never stored;
                 # an answer of the model before a swap is never stored (NOTE [ model swap ])
                 remember(self._key_for(r) if r.op == "classify" else b"", r.content, top,
-                         vector, r.tag, r.session.peer[1], r.insert, r.mid, e.sealed)
+                         vector, r.tag, r.session.peer[1], r.insert, r.mid, e.sealed, rows)
             if r.op == "classify":
                 r.answer = top
                 if e.upload is not None and current:
@@ -648,6 +648,8 @@ class Scheduler:
                     answered.pop()
                     self.stats.outcome("failed", served=r.served)
                 self._answer(replies, r, lambda rid, k, m=message: m, result.gen)
+        if rows:                            # one write a batch (NOTE [ rows written per batch ])
+            self.caches.keep(rows)
         result.device.frames += computed
         self._finish_many(plain)
         return answered

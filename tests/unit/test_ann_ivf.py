@@ -200,3 +200,45 @@ def test_options_from_the_config():
     o = index_options(EmbeddingsConfig(index_kind="ivf", index_lists=256, index_probe=8))
     assert (o.kind, o.lists, o.probe) == ("ivf", 256, 8)
     assert IndexOptions().kind == "hnsw"
+
+
+def test_the_default_kind_follows_the_capacity():
+    """``auto`` (the default): IVF lists above 100,000 rows of capacity, HNSW graphs up to it; a
+    kind named is kept whatever the capacity."""
+    from inferd.daemon.caching.embedding_store import index_options
+    from inferd.daemon.config_sections import EmbeddingsConfig
+
+    assert EmbeddingsConfig().index_kind == "auto"
+    assert [index_options(EmbeddingsConfig(capacity=c)).kind for c in (1_000, 100_000, 100_001, 10_000_000)] \
+        == ["hnsw", "hnsw", "ivf", "ivf"]
+    assert index_options(EmbeddingsConfig(capacity=1_000_000, index_kind="hnsw")).kind == "hnsw"
+    assert index_options(EmbeddingsConfig(capacity=1_000, index_kind="ivf")).kind == "ivf"
+
+
+def test_restored_lists_take_new_rows_as_lists_never_saved_do(tmp_path):
+    """A scope restored from its file (each list read back with room to grow: NOTE [ room to
+    grow ]) holds exactly the saved rows, and rows added after it go where they would have gone
+    in the scope that was never saved: the same lists, keys and codes, the same search."""
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(900, DIM)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    centroids = ann_ivf.Centroids.train(rows[:400], 16)
+    kept = centroids.new_scope()
+    kept.add(np.arange(600, dtype=np.uint64), rows[:600])
+    kept.save(str(tmp_path / "scope.ivf"))
+    restored = ann_ivf.IvfScope.restore(str(tmp_path / "scope.ivf"), centroids)
+
+    def lists(scope):
+        return [(l, n, ids.copy(), codes.copy()) for l, n, ids, codes in scope._lists()]
+
+    def same(a, b):
+        return len(a) == len(b) and all(x[:2] == y[:2] and np.array_equal(x[2], y[2]) and np.array_equal(x[3], y[3])
+                                        for x, y in zip(a, b))
+
+    assert len(restored) == 600 and same(lists(restored), lists(kept))
+    for scope in (kept, restored):                  # 300 more: every list grows past its room
+        for at in range(600, 900, 50):
+            scope.add(np.arange(at, at + 50, dtype=np.uint64), rows[at:at + 50])
+    assert len(restored) == 900 and same(lists(restored), lists(kept))
+    for q in rows[::37]:
+        assert np.array_equal(restored.search(q, 5).keys, kept.search(q, 5).keys)

@@ -72,6 +72,37 @@ def test_bad_input_is_refused(path):
     store.close()
 
 
+def test_a_batch_writes_what_its_adds_one_by_one_write(tmp_path):
+    """add_many (the daemon's write of a batch's rows) against add, entry by entry: the same rows
+    returned and the same file, byte for byte, through rewrites, a (uid, hash) twice in a batch,
+    a store so small that a batch recycles its own row, tags, several uids, and a zero vector
+    (refused by add, -1 and nothing written by add_many)."""
+    rng = np.random.default_rng(5)
+    one, many = (EmbeddingStore.open(str(tmp_path / f"{n}.store"), capacity=5, dim=6) for n in ("one", "many"))
+    for batch in range(40):
+        n = int(rng.integers(1, 9))
+        keys = [h(int(k)) for k in rng.integers(0, 12, n)]
+        uids = [int(u) for u in rng.integers(0, 3, n)]
+        tags = [None if rng.random() < 0.5 else f"t{int(rng.integers(100))}" for _ in range(n)]
+        vectors = rng.normal(size=(n, 6)).astype(np.float32)
+        vectors[rng.random(n) < 0.5] /= np.linalg.norm(vectors, axis=1, keepdims=True)[0]
+        if batch % 7 == 3:
+            vectors[0] = 0.0
+        expected = []
+        for key, v, tag, uid in zip(keys, vectors, tags, uids):
+            try:
+                expected.append(one.add(key, v, tag, uid=uid))
+            except ValueError:
+                expected.append(-1)
+        assert many.add_many(keys, vectors, tags, uids) == expected
+        assert len(many) == len(one)
+    with pytest.raises(ValueError, match="32 bytes"):
+        many.add_many([h(1), b"short"], np.ones((2, 6)), [None, None], [0, 0])
+    one.close(), many.close()
+    with open(tmp_path / "one.store", "rb") as a, open(tmp_path / "many.store", "rb") as b:
+        assert a.read() == b.read()
+
+
 def test_search_matches_brute_force(path):
     rng = np.random.default_rng(7)
     vectors = rng.standard_normal((500, 32)).astype(np.float32)
