@@ -168,7 +168,6 @@ class Collector(threading.Thread):
             executor.stop()
             executor.join()
 
-
     def _collect(self) -> None:
         dev, executor = self.device, self.executor
         while True:
@@ -244,11 +243,7 @@ class Collector(threading.Thread):
                 if len(staged) < i:                 # a row settled before it: close up
                     np.copyto(row, rows[i])
                 if r.upload is not None and r.upload[1]:
-                    try:
-                        e.upload = r.ring.read_run(r.upload[0].start, r.upload[1])
-                        e.frame = row.copy()
-                    except RingError:               # computed from its frame, no entry
-                        e.upload = None
+                    _keep_upload(e, row)
                 staged.append(e)
         if hashed:
             result.hash_seconds, result.hashed = spent, hashed
@@ -272,11 +267,7 @@ class Collector(threading.Thread):
                 if self._settle(e):
                     continue
             if r.upload is not None and r.upload[1]:
-                try:
-                    e.upload = r.ring.read_run(r.upload[0].start, r.upload[1])
-                    e.frame = row.copy()
-                except RingError:                   # computed from its frame, no entry
-                    e.upload = None
+                _keep_upload(e, row)
             staged.append(e)
         if hashed:
             result.hash_seconds, result.hashed = spent, hashed
@@ -368,6 +359,18 @@ def _copy_one(e: BatchEntry, row) -> bool:
             e.outcome, e.why = Outcome.UNREADABLE, f"slot {r.slot} cannot be read: {exc}"
             return False
     return True
+
+
+def _keep_upload(e: BatchEntry, row) -> None:
+    """What an upload's check needs (shm/uploads.py): its encoded run, read now, and the decoded
+    frame staged in ``row``; neither where the run cannot be read (computed from its frame, no
+    entry)."""
+    r = e.request
+    try:
+        e.upload = r.ring.read_run(r.upload[0].start, r.upload[1])
+        e.frame = row.copy()
+    except RingError:
+        e.upload = None
 
 
 #: Outcomes the collector settles before computing: answered at once.
