@@ -87,16 +87,22 @@ def test_index_answers_as_the_exact_scan(path, scalar):
         store.close()
 
 
+def each_uid_sees_only_its_own(store: EmbeddingStore, v: np.ndarray) -> None:
+    """Rows i of ``fill(n=1200, uids=(1000, 2000, 3000))``: uid 1000 * (i % 3 + 1)'s. Each uid's
+    search finds only its own rows, its own copy of a row first; a uid with none finds nothing."""
+    for i in range(0, 1200, 13):
+        for uid in (1000, 2000, 3000):
+            got = store.search(v[i], 10, -1.0, uid=uid)
+            assert got and all(int(t) % 3 == (uid // 1000 - 1) for _, t, _ in got)
+            assert (got[0][1] == str(i)) == (i % 3 == uid // 1000 - 1)
+    assert store.search(v[5], 3, -1.0, uid=4000) == []
+
+
 def test_a_uid_sees_only_its_own_rows(path):
     store, v = fill(path, n=1200, uids=(1000, 2000, 3000))
     try:
         assert store.index_stats()["graphs"] == 3       # one graph per uid
-        for i in range(0, 1200, 13):
-            for uid in (1000, 2000, 3000):
-                got = store.search(v[i], 10, -1.0, uid=uid)
-                assert got and all(int(t) % 3 == (uid // 1000 - 1) for _, t, _ in got)
-                assert (got[0][1] == str(i)) == (i % 3 == uid // 1000 - 1)
-        assert store.search(v[5], 3, -1.0, uid=4000) == []
+        each_uid_sees_only_its_own(store, v)
     finally:
         store.close()
 

@@ -12,7 +12,7 @@ import pytest
 from inferd.daemon.caching import ann_ivf
 from inferd.daemon.caching.ann_index import IndexOptions
 from inferd.daemon.caching.embedding_store import EmbeddingStore
-from test_ann_index import DIM, OPTS, exact, fill, garbage, h, settled, truncate, vectors
+from test_ann_index import DIM, OPTS, each_uid_sees_only_its_own, exact, fill, garbage, h, settled, truncate, vectors
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,12 +85,7 @@ def test_a_uid_sees_only_its_own_lists(path):
         assert store.index_stats()["graphs"] == 3       # one scope per uid, one set of centroids
         cent = store._ann.centroids
         assert all(g.index.centroids is cent for g in store._ann.graphs.values())
-        for i in range(0, 1200, 13):
-            for uid in (1000, 2000, 3000):
-                got = store.search(v[i], 10, -1.0, uid=uid)
-                assert got and all(int(t) % 3 == (uid // 1000 - 1) for _, t, _ in got)
-                assert (got[0][1] == str(i)) == (i % 3 == uid // 1000 - 1)
-        assert store.search(v[5], 3, -1.0, uid=4000) == []
+        each_uid_sees_only_its_own(store, v)
     finally:
         store.close()
     store, v = fill(path + "2", n=900, uids=(1000, 2000), opts=IVF, shared=True)
