@@ -86,14 +86,20 @@ def test_byte_count_larger_than_the_slot(raw):
     _expect_error(raw, 4, wire.E_INVALID_INPUT, "does not fit a slot")
 
 
-def test_slot_reused_while_in_flight(daemon):
-    c = RawClient(daemon.socket_path, ring_slots=2)
+def test_slot_reused_while_in_flight(fresh_daemon):
+    # A daemon whose lone frame waits a second for company: request 5 is surely still in flight
+    # when request 6 names its slot (both go in one write), however loaded the machine is.
+    d = fresh_daemon("--set", "batching.adaptive=false", "--set", "batching.max_delay_ms=1000")
+    c = RawClient(d.socket_path, ring_slots=2)
     try:
-        c.classify(5, 0, FRAME, timeout_ms=60000)
-        c.classify(6, 0, FRAME)                                   # same slot, no reply yet
-        replies = {r["id"]: r for r in (c.recv(), c.recv())}
-        assert replies[5]["ok"] is True
-        assert replies[6]["code"] == wire.E_SLOT_BUSY and "already carries request 5" in replies[6]["message"]
+        c.ring.slot(0, FRAME.nbytes)[:] = FRAME.reshape(-1)
+        head = {"op": "classify", "slot": 0, "shape": list(FRAME.shape), "dtype": "uint8",
+                "nbytes": FRAME.nbytes}
+        c.send_raw(wire.encode({**head, "id": 5, "timeout_ms": 60000}) + wire.encode({**head, "id": 6}))
+        first, second = c.recv(), c.recv()
+        assert second["id"] == 5 and second["ok"] is True, (first, second)
+        assert first["id"] == 6 and first["code"] == wire.E_SLOT_BUSY, first
+        assert "already carries request 5" in first["message"]
     finally:
         c.close()
 
