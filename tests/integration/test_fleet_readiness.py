@@ -85,6 +85,13 @@ def expected_fps(devices=1):
     return devices * MAX_BATCH * 1000.0 / (BASE_MS + PER_FRAME_MS * MAX_BATCH)   # 484.8 a device
 
 
+def profile_fps(host) -> dict[int, float]:
+    """Frames/s each device's measured latency profile says it delivers at MAX_BATCH (admin stats)."""
+    with AdminClient(admin_path(host.d)) as a:
+        devices = a.call("stats")["devices"]
+    return {d["index"]: MAX_BATCH * 1000.0 / d["batch_ms"][str(MAX_BATCH)] for d in devices}
+
+
 def test_starting_ready_and_capacity_agree():
     host = Host(2, wait=False, fault={"0": "hang"})         # the warm-up hangs: the daemon stays starting
     try:
@@ -96,9 +103,13 @@ def test_starting_ready_and_capacity_agree():
         host.d.wait_notify("READY=1")
         health, info, line = host.health(), host.info(), host.agent()
         assert health["ready"] and info["ready"] and health["reason"] is None and info["state"] == "ready"
-        # capacity: what the two devices' profiles say they deliver at full batches (within the
-        # sleep overhead of the synthetic model), and the agent's weight is that on its scale
-        assert expected_fps(2) * 0.8 < health["capacity_fps"] <= expected_fps(2) * 1.02
+        # capacity: what the two devices' profiles say they deliver at full batches, and the
+        # agent's weight is that on its scale; the profiles are measured times of the synthetic
+        # model's sleeps, never faster than those (a loaded machine makes them slower: a CI run
+        # with four test workers measured 0.3x)
+        by_profile = profile_fps(host)
+        assert health["capacity_fps"] == pytest.approx(sum(by_profile.values()), rel=0.01)
+        assert expected_fps(2) * 0.1 < health["capacity_fps"] <= expected_fps(2) * 1.02
         assert line == f"up ready {round(health['capacity_fps'] / 10)}%\n"
         assert health["agent"]["line"] == line.strip()
         with AdminClient(admin_path(host.d)) as a:               # and Prometheus says the same
@@ -108,7 +119,7 @@ def test_starting_ready_and_capacity_agree():
         with AdminClient(admin_path(host.d)) as a:
             a.call("device", index=1, action="disable")
         half = host.health()["capacity_fps"]
-        assert half == pytest.approx(health["capacity_fps"] / 2, rel=0.15)
+        assert half == pytest.approx(profile_fps(host)[0], rel=0.01)
         assert host.agent() == f"up ready {round(half / 10)}%\n"
     finally:
         host.close()
