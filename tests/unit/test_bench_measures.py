@@ -1,6 +1,7 @@
 """The benchmarks' own arithmetic, on fake measurements: the in-process ceiling is the faster OpenMP
 setting at each batch size (never the daemon's own by default), and the feed-rate rows split the
-daemon's CPU between its event loop thread and the rest as the thread times say."""
+daemon's CPU between its event loop thread and the rest as the thread times say; the hashing bench
+times one thread, two threads and two processes."""
 from __future__ import annotations
 
 import sys
@@ -111,3 +112,17 @@ def test_the_feed_targets_read_the_one_device_unique_rows():
     assert got["224x224 unique, cache off: daemon CPU per frame <= 50 us"] == (40.0, True)
     assert got["64x64 unique, cache on, 4 client processes: >= 25,000 frames/s"] == (30_000, True)
     assert feed_report.targets([row(64, False, 1, 1.0, 1.0, 1.0)]) == []   # nothing it can answer
+
+
+@pytest.mark.timeout(120)
+def test_the_hashing_bench_times_one_thread_two_threads_and_two_processes(capsys):
+    from bench.feed import hashing
+    assert hashing.main(["--size", "32", "--count", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("BLAKE3 of a 32x32x3 frame (3,072 bytes), 200 hashes each")
+    rows = {line.split("  ")[1].strip(): line for line in lines[1:]}
+    assert set(rows) == {"one thread", "two threads, one process", "two processes"}
+    for name, line in rows.items():    # one time a hash per thread or process, then the sum's rate
+        times = line.split("us a hash")[0].split(name)[1].split("/")
+        assert len(times) == (1 if name == "one thread" else 2) and all(float(t) > 0 for t in times)
+    assert rows["one thread"].rstrip().endswith("1.00x one thread")
