@@ -48,7 +48,10 @@ a process of its own, at a quiet moment, 10,000 spins ran a batch of four as fas
 default (22-32 against 24-31 ms; passive 40-45), with or without a pause of up to 10 ms between
 batches; the daemon's own batch of four took 36-41 ms at such moments whatever the count (10,000,
 100,000 or OpenMP's own) and team size, so the count is not what is left between the daemon and
-the in-process model there.
+the in-process model there. Through the daemon, later (docs/benchmarks.md, "The spin count,
+measured again"): OpenMP's own count ran 3-8 % closer to the model on the quiet machine, and with
+two busy processes beside it fell to half of it at four clients (p99 839 ms) where 10,000 kept
+0.88: a daemon shares its host, so 10,000 stays; a dedicated host may raise it.
 
 One team per thread that computes. What was left was a parallel region on the event loop's thread:
 the staging buffers' ``torch.zeros`` (and any op over more than torch's grain of 32,768 elements)
