@@ -1,7 +1,8 @@
 """The benchmarks' own arithmetic, on fake measurements: the in-process ceiling is the faster OpenMP
 setting at each batch size (never the daemon's own by default), and the feed-rate rows split the
 daemon's CPU between its event loop thread and the rest as the thread times say; the hashing bench
-times one thread, two threads and two processes."""
+times one thread, two threads and two processes; the prepared forms of the model compute what eager
+does."""
 from __future__ import annotations
 
 import sys
@@ -126,3 +127,19 @@ def test_the_hashing_bench_times_one_thread_two_threads_and_two_processes(capsys
         times = line.split("us a hash")[0].split(name)[1].split("/")
         assert len(times) == (1 if name == "one thread" else 2) and all(float(t) > 0 for t in times)
     assert rows["one thread"].rstrip().endswith("1.00x one thread")
+
+
+@pytest.mark.timeout(120)
+def test_the_prepared_forms_of_the_model_compute_what_eager_computes():
+    import torch
+    from bench.load import prepared
+    from inferd.daemon.models import zoo
+    model = zoo.build("resnet18")[0].eval()
+    x = torch.randn(2, 3, 64, 64)
+    forms = prepared.forms(model, x)
+    assert [name for name, *_ in forms] == ["eager", "fx fused, channels_last", "traced, frozen"]
+    with torch.inference_mode():
+        ref = model(x)
+        for name, module, xx in forms:
+            assert torch.allclose(module(xx), ref, atol=1e-4), name
+    assert prepared.ms_a_batch(model, x, 0.05) > 0.0
