@@ -141,7 +141,7 @@ def _check_model(m: ModelConfig, key: str) -> None:
         if not m.input_height or not m.input_width:
             raise ConfigError(f"{key}.input_height / {key}.input_width: required (> 0) with {key}.path")
     check_input_form(m, key)
-    if m.compile != "none" and m.warmup_batches < 1:
+    if m.compile in ("graphs", "compile") and m.warmup_batches < 1:
         raise ConfigError(f"{key}.compile: {m.compile} prepares every batch size during the "
                           f"warm-up; set {key}.warmup_batches >= 1")
 

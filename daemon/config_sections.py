@@ -35,7 +35,7 @@ from ..shm.ring import BACKENDS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_FORMATS = ("auto", "torchscript", "export")
 PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/pipeline/engine_options.py)
-COMPILE_MODES = ("none", "graphs", "compile")  # model.compile (daemon/pipeline/engine_options.py)
+COMPILE_MODES = ("none", "graphs", "compile", "freeze")  # model.compile (daemon/pipeline/engine_options.py)
 INPUT_FORMS = ("float_nchw", "uint8_nhwc")     # model.input (daemon/pipeline/preprocess.py)
 
 
@@ -178,7 +178,10 @@ class ModelConfig:
     compile: str = _opt("none", "none; graphs: CUDA graphs captured per batch size (powers of two up to "
                                 "max_batch, batches padded up), for small models and batches; compile: "
                                 "torch.compile with static shapes per size (minutes at start-up); both "
-                                "prepared during warm-up (docs/operations.md, GPU)", choices=COMPILE_MODES)
+                                "prepared during warm-up (docs/operations.md, GPU); freeze (CPU, fp32): "
+                                "traced once, frozen and optimised for inference (conv-bn folded, oneDNN "
+                                "kernels; any batch size, answers within float rounding of the model's): "
+                                "for models without Python control flow", choices=COMPILE_MODES)
 
 
 @dataclass

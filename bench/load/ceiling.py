@@ -11,7 +11,9 @@ setting of ``SETTINGS`` is measured in a fresh child (the environment must be se
 loads libgomp): torch's defaults (2 threads), what a user who runs the model in their own process
 gets; ``OMP_WAIT_POLICY=PASSIVE``, which spares the cores between batches but wakes its threads
 slower; and torch's defaults on one thread, since the daemon may run a batch on one thread
-(threads.per_batch, daemon/pipeline/team_size.py) and a user could too. A run adds the daemon's
+(threads.per_batch, daemon/pipeline/team_size.py) and a user could too; and the model in two faster
+forms a user could run it in, at torch's defaults (``FORMS``: traced and frozen, or FX-fused in
+channels_last; bench/load/prepared.py), which the daemon does not run yet. A run adds the daemon's
 own OpenMP setting (``GOMP_SPINCOUNT=10000`` with threads.omp_wait_policy = auto on cpu:2) as one
 more candidate (``candidates``). At each batch size the fastest of them is the ceiling
 (``fastest``), and the report says which one that was, beside each setting's own figure. The best
@@ -30,10 +32,18 @@ MODEL = "resnet18"
 INPUT_SIZE = 64
 THREADS = 2
 TOP_K = 5
-#: The settings the ceiling is measured at, by name: ``(name, OpenMP environment[, torch threads])``
-#: (threads: THREADS unless given): torch's defaults (nothing set), passive waiting, and torch's
-#: defaults on one thread. Names are what the report shows.
-SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("1 thread", {}, 1))
+#: The settings the ceiling is measured at, by name: ``(name, OpenMP environment[, torch threads[,
+#: form]])`` (threads: THREADS unless given; form: "eager" unless given, see ``FORMS``): torch's
+#: defaults (nothing set), passive waiting, torch's defaults on one thread, and the model in the
+#: two faster forms bench/load/prepared.py found, at torch's defaults. Names are what the report
+#: shows.
+SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("1 thread", {}, 1),
+            ("traced", {}, THREADS, "traced"), ("fx fused", {}, THREADS, "fx fused"))
+#: The forms of the model a setting may run: eager (as built, what the daemon runs), traced
+#: (TorchScript traced, frozen and optimised for inference), fx fused (FX conv-bn fusion, the
+#: weights and the input in channels_last). Each computes the same model within float rounding
+#: (bench/load/prepared.py, tests/unit/test_bench_measures.py).
+FORMS = ("eager", "traced", "fx fused")
 
 
 def _make_step(model, spec, batch: int):
@@ -78,9 +88,9 @@ def _time_batch(step, batch: int, warmup_s: float, seconds: float) -> dict:
             "batch_ms_mean": 1000.0 * sum(times) / len(times)}
 
 
-def _load(omp_env: dict, threads: int):
+def _load(omp_env: dict, threads: int, form: str = "eager"):
     """In a measuring child: ``omp_env`` set before torch (and with it libgomp) loads, torch on
-    ``threads`` threads, the model built; returns (torch, model, spec)."""
+    ``threads`` threads, the model built in ``form``; returns (torch, model, spec)."""
     import os
 
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
@@ -92,14 +102,42 @@ def _load(omp_env: dict, threads: int):
     from inferd.daemon.models import zoo
 
     model, spec = zoo.build(MODEL, input_size=INPUT_SIZE)
-    return torch, model, spec
+    return torch, in_form(model, form, (1, 3, spec.input_height, spec.input_width)), spec
 
 
-def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threads: int = THREADS) -> None:
+def in_form(model, form: str, shape: tuple):
+    """``model`` (eval mode) in ``form`` of ``FORMS``, for inputs of ``shape`` but any batch size."""
+    import torch
+
+    from .prepared import forms
+
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; one of {', '.join(FORMS)}")
+    if form == "eager":
+        return model
+    made = {name: module for name, module, _ in forms(model, torch.zeros(shape))}
+    if form == "traced":
+        return made["traced, frozen"]
+
+    class ChannelsLast(torch.nn.Module):
+        """The FX-fused model, whose weights are in channels_last, given its input so."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.contiguous(memory_format=torch.channels_last))
+
+    return ChannelsLast(made["fx fused, channels_last"])
+
+
+def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threads: int = THREADS,
+           form: str = "eager") -> None:
     """Child process body: report ``("ok", [per-batch-size dicts])`` or ``("error", traceback)``.
     ``omp_env`` goes into the environment before torch (and with it libgomp) is loaded."""
     try:
-        torch, model, spec = _load(omp_env, threads)
+        torch, model, spec = _load(omp_env, threads, form)
         rows = [_time_batch(_make_step(model, spec, b), b, warmup_s, seconds) for b in batch_sizes]
         q.put(("ok", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "omp_env": omp_env}))
@@ -107,7 +145,7 @@ def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threa
         q.put(("error", traceback.format_exc()))
 
 
-def _serve(q, commands, omp_env: dict, threads: int = THREADS) -> None:
+def _serve(q, commands, omp_env: dict, threads: int = THREADS, form: str = "eager") -> None:
     """Child body of :class:`Worker`: load the model once under ``omp_env``, report ready, then
     measure each ``(batch, warmup_s, seconds)`` from ``commands`` until None. Each reply is
     ``_time_batch``'s row plus what the machine did meanwhile, read from /proc/stat around the
@@ -116,7 +154,7 @@ def _serve(q, commands, omp_env: dict, threads: int = THREADS) -> None:
     try:
         from ..lib.measure import machine_cpu
 
-        torch, model, spec = _load(omp_env, threads)
+        torch, model, spec = _load(omp_env, threads, form)
         steps = {}
         q.put(("ok", ("ready", torch.get_num_threads())))
         while (cmd := commands.get()) is not None:
@@ -143,12 +181,12 @@ class Worker:
     ``_time_batch``'s row plus ``busy_cores``, ``own_cores`` and ``steal_cores`` (``_serve``).
     ``close()`` is safe twice; use it as a context manager."""
 
-    def __init__(self, name: str, omp_env: dict, threads: int = THREADS):
+    def __init__(self, name: str, omp_env: dict, threads: int = THREADS, form: str = "eager"):
         from ..lib.procs import CTX
 
         self.name, self.omp_env = name, dict(omp_env)
         self.q, self.commands = CTX.Queue(), CTX.Queue()
-        self.proc = CTX.Process(target=_serve, args=(self.q, self.commands, self.omp_env, threads),
+        self.proc = CTX.Process(target=_serve, args=(self.q, self.commands, self.omp_env, threads, form),
                                 name=f"bench-ceiling-{name.replace(' ', '-')}", daemon=True)
         self.proc.start()
         try:

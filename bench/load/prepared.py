@@ -8,9 +8,9 @@ batch over the rounds (with the range) and how far each form's outputs are from 
 
 Why it exists: the ceiling of the CPU benchmarks is meant to be the model at the fastest settings
 found on the machine, and these forms compute the same model (float rounding apart) faster at
-some batch sizes here. Neither the ceiling nor the daemon uses them yet (docs/benchmarks.md,
-Thread pools and the CPU layout, "A faster form of the model"): a frozen TorchScript module takes
-no forward hooks, which the daemon's embeddings use, and TorchScript is deprecated in this torch.
+some batch sizes here. So bench/load/ceiling.py takes both as candidates, and the daemon runs the
+traced form with ``model.compile = "freeze"`` (docs/benchmarks.md, Thread pools and the CPU
+layout, "A faster form of the model").
 """
 from __future__ import annotations
 

@@ -48,6 +48,7 @@ device. An executor that frees the buffer on ``Pending.staged()`` passes ``wait_
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ import torch
 
 from ..config import ConfigError
 from ..models.loading import LoadedModel, check_output, logits_of
-from .engine_options import CudaGraphs, EngineOptions, batch_sizes, compiled, size_for
+from .engine_options import CudaGraphs, EngineOptions, batch_sizes, compiled, frozen, size_for
 from ..models.embedding_pooling import MEAN, Pool
 from . import thread_pools
 from .preprocess import Preprocess
@@ -64,6 +65,7 @@ from .streams import streams_for
 from .team_size import TeamSize
 
 _current = threading.local()
+log = logging.getLogger("inferd.engine")
 INPUT_BUFFERS = 2           # device input buffers of the unpadded path (see NOTE [ engine streams ])
 
 
@@ -202,7 +204,13 @@ class Engine:
         # on a CPU ] in daemon/pipeline/preprocess.py): Done has read the batch's output before
         # launch returns
         self.preprocess = Preprocess.of(spec, self.device, channels_last=opts.channels_last, reuse=True)
-        if spec.embedding_layer:
+        if opts.compile == "freeze":            # the embedding layer's output traced as a second one
+            one = torch.zeros((1, *spec.frame_shape), dtype=torch.uint8, device=self.device)
+            example = Preprocess.of(spec, self.device, channels_last=opts.channels_last)(one)
+            self.replica = frozen(self.replica, example, spec.embedding_layer)
+            log.info("%s: the model traced, frozen and optimised for inference (model.compile = freeze)",
+                     self.device)
+        elif spec.embedding_layer:
             _hook(dict(self.replica.named_modules())[spec.embedding_layer], spec.embedding_layer)
         self.pool = Pool.parse(getattr(spec, "embedding_pool", "") or MEAN)
         blank = torch.zeros((2, *spec.frame_shape), dtype=torch.uint8, device=self.device)

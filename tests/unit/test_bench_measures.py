@@ -47,10 +47,11 @@ def test_the_ceiling_leaves_out_a_batch_size_not_measured_by_every_setting():
 
 def test_the_ceiling_candidates_are_torch_defaults_passive_one_thread_plus_a_different_daemon_setting():
     names = lambda settings: [name for name, *_ in settings]
-    base = ["default", "passive", "1 thread"]
+    base = ["default", "passive", "1 thread", "traced", "fx fused"]
     assert names(ceiling.candidates()) == base
     assert ceiling.candidates()[0][1] == {}                                # nothing set: torch's defaults
     assert ceiling.candidates()[2][1:] == ({}, 1)                          # torch's defaults, one thread
+    assert [c[1:] for c in ceiling.candidates()[3:]] == [({}, 2, "traced"), ({}, 2, "fx fused")]
     assert names(ceiling.candidates({"OMP_WAIT_POLICY": "PASSIVE"})) == base
     assert names(ceiling.candidates({})) == base
     active = ceiling.candidates({"OMP_WAIT_POLICY": "ACTIVE"})
@@ -131,6 +132,8 @@ def test_the_hashing_bench_times_one_thread_two_threads_and_two_processes(capsys
 
 @pytest.mark.timeout(120)
 def test_the_prepared_forms_of_the_model_compute_what_eager_computes():
+    """bench.load.prepared's forms, and the ceiling's, prepared at one batch size: the same outputs
+    as eager within float rounding at every batch size, from an NCHW input as the daemon's."""
     import torch
     from bench.load import prepared
     from inferd.daemon.models import zoo
@@ -142,4 +145,11 @@ def test_the_prepared_forms_of_the_model_compute_what_eager_computes():
         ref = model(x)
         for name, module, xx in forms:
             assert torch.allclose(module(xx), ref, atol=1e-4), name
+        for form in ceiling.FORMS:
+            module = ceiling.in_form(model, form, (1, 3, 64, 64))
+            for batch in (1, 5):
+                y = torch.randn(batch, 3, 64, 64)
+                assert torch.allclose(module(y), model(y), atol=1e-4), (form, batch)
+    with pytest.raises(ValueError, match="unknown form"):
+        ceiling.in_form(model, "onnx", (1, 3, 64, 64))
     assert prepared.ms_a_batch(model, x, 0.05) > 0.0

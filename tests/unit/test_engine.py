@@ -301,9 +301,32 @@ def test_bf16_and_channels_last_on_cpu_agree_with_fp32():
     assert conv.weight.is_contiguous()
 
 
+def test_a_frozen_model_answers_within_float_rounding_at_any_batch_size_with_its_embeddings():
+    """model.compile = freeze: traced once on one frame, frozen, optimised; batches of 1, 5 and 11
+    run as they are (no padding), with the answers and the embedding layer's pooled output of the
+    eager model within float rounding, and the shared module left without the trace's hook."""
+    model, engine = _shapes(options=EngineOptions(compile="freeze"))
+    assert isinstance(engine.replica, torch.jit.ScriptModule) and not engine.options.padded
+    layer = dict(model.module.named_modules())[model.spec.embedding_layer]
+    assert not layer._forward_hooks                          # the trace's own hook is gone
+    engine_mod._hook(layer)                                  # for the eager reference (_want)
+    images, staging = _frames(11)
+    seen = []
+    forward = engine._forward
+    engine._forward = lambda rows, want=True: seen.append(rows.shape[0]) or forward(rows, want)
+    for n in (1, 5, 11):
+        indices, scores, vectors = engine.launch(staging.tensors[0], n, 4, want_embedding=True).result()
+        want_idx, want_scores, want_vectors = _want(model, images[:n], 4)
+        assert indices == want_idx
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        np.testing.assert_allclose(vectors, want_vectors, atol=1e-5)
+    assert seen == [1, 5, 11] and engine.embedding_dim == want_vectors.shape[1]
+
+
 @pytest.mark.parametrize("options, message", [
     (EngineOptions(precision="fp16"), "model.precision: fp16 needs a CUDA device"),
     (EngineOptions(compile="graphs"), "model.compile: graphs are CUDA graphs"),
+    (EngineOptions(compile="freeze", precision="bf16"), "model.compile: freeze is for CPU devices at fp32"),
 ])
 def test_options_a_cpu_cannot_run_stop_the_load(options, message):
     with pytest.raises(ConfigError, match=message):
