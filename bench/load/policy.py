@@ -29,6 +29,7 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
     auto freeze    the defaults with the model traced, frozen and optimised for inference
                    (model.compile = freeze)
+    freeze fixed   model.compile = freeze, the whole share on every batch
     auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis
                    (do N clients' requests form batches of N when they have time to come back?)
     auto fixed     the defaults with the fixed batching window (batching.window = "fixed": a batch
@@ -67,6 +68,7 @@ POLICIES = (
     ("auto delay20", ["batching.max_delay_ms=20"]),
     ("auto fixed", ["batching.window=\"fixed\""]),
     ("auto freeze", ["model.compile=\"freeze\""]),
+    ("freeze fixed", ["model.compile=\"freeze\"", "threads.per_batch=\"fixed\""]),
 )
 CASES = ((1, 1), (4, 1), (16, 1))
 DURATIONS = {"full": {"ceiling_warmup_s": 0.5, "ceiling_s": 2.0, "warmup_s": 1.0, "seconds": 3.0},
