@@ -12,10 +12,10 @@ loads libgomp): torch's defaults (2 threads), what a user who runs the model in 
 gets; ``OMP_WAIT_POLICY=PASSIVE``, which spares the cores between batches but wakes its threads
 slower; and torch's defaults on one thread, since the daemon may run a batch on one thread
 (threads.per_batch, daemon/pipeline/team_size.py) and a user could too; and the model in two faster
-forms a user could run it in, at torch's defaults (``FORMS``: traced and frozen, or FX-fused in
-channels_last; bench/load/prepared.py), which the daemon does not run yet. A run adds the daemon's
-own OpenMP setting (``GOMP_SPINCOUNT=10000`` with threads.omp_wait_policy = auto on cpu:2) as one
-more candidate (``candidates``). At each batch size the fastest of them is the ceiling
+forms a user could run it in, at torch's defaults (``FORMS``: traced and frozen, as the daemon's
+``model.compile = "freeze"`` runs it, or FX-fused in channels_last; bench/load/prepared.py). A run
+adds the daemon's own OpenMP setting (``GOMP_SPINCOUNT=10000`` with threads.omp_wait_policy = auto
+on cpu:2) as one more candidate (``candidates``). At each batch size the fastest of them is the ceiling
 (``fastest``), and the report says which one that was, beside each setting's own figure. The best
 img/s over the batch sizes is the overall ceiling.
 """
@@ -39,10 +39,10 @@ TOP_K = 5
 #: shows.
 SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("1 thread", {}, 1),
             ("traced", {}, THREADS, "traced"), ("fx fused", {}, THREADS, "fx fused"))
-#: The forms of the model a setting may run: eager (as built, what the daemon runs), traced
-#: (TorchScript traced, frozen and optimised for inference), fx fused (FX conv-bn fusion, the
-#: weights and the input in channels_last). Each computes the same model within float rounding
-#: (bench/load/prepared.py, tests/unit/test_bench_measures.py).
+#: The forms of the model a setting may run: eager (as built, the daemon's default), traced
+#: (traced, frozen and optimised for inference: model.compile = "freeze"), fx fused (FX conv-bn
+#: fusion, the weights and the input in channels_last). Each computes the same model within float
+#: rounding (bench/load/prepared.py, tests/unit/test_bench_measures.py).
 FORMS = ("eager", "traced", "fx fused")
 
 
@@ -109,15 +109,16 @@ def in_form(model, form: str, shape: tuple):
     """``model`` (eval mode) in ``form`` of ``FORMS``, for inputs of ``shape`` but any batch size."""
     import torch
 
-    from .prepared import forms
+    from inferd.daemon.pipeline.engine_options import frozen
+
+    from .prepared import fx_fused
 
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; one of {', '.join(FORMS)}")
     if form == "eager":
         return model
-    made = {name: module for name, module, _ in forms(model, torch.zeros(shape))}
     if form == "traced":
-        return made["traced, frozen"]
+        return frozen(model, torch.zeros(shape))
 
     class ChannelsLast(torch.nn.Module):
         """The FX-fused model, whose weights are in channels_last, given its input so."""
@@ -129,7 +130,7 @@ def in_form(model, form: str, shape: tuple):
         def forward(self, x):
             return self.inner(x.contiguous(memory_format=torch.channels_last))
 
-    return ChannelsLast(made["fx fused, channels_last"])
+    return ChannelsLast(fx_fused(model))
 
 
 def _child(q, batch_sizes, warmup_s: float, seconds: float, omp_env: dict, threads: int = THREADS,

@@ -22,15 +22,20 @@ import time
 import torch
 
 
-def forms(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
-    """(name, module, its input) for eager, FX fused in channels_last, traced and frozen."""
+def fx_fused(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with FX conv-bn fusion, its weights in channels_last (its input must be)."""
     from torch.fx.experimental.optimization import fuse
 
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    fused = fuse(copy.deepcopy(model)).to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
-    return [("eager", model, x), ("fx fused, channels_last", fused, xcl), ("traced, frozen", traced, x)]
+    return fuse(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+
+
+def forms(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """(name, module, its input) for eager, FX fused in channels_last, and traced and frozen as the
+    daemon's ``model.compile = "freeze"`` does it (daemon/pipeline/engine_options.py ``frozen``)."""
+    from inferd.daemon.pipeline.engine_options import frozen
+
+    return [("eager", model, x), ("fx fused, channels_last", fx_fused(model), x.contiguous(memory_format=torch.channels_last)),
+            ("traced, frozen", frozen(model, x), x)]
 
 
 def ms_a_batch(module, x: torch.Tensor, seconds: float) -> float:
