@@ -179,7 +179,7 @@ class ModelConfig:
                                 "max_batch, batches padded up), for small models and batches; compile: "
                                 "torch.compile with static shapes per size (minutes at start-up); both "
                                 "prepared during warm-up (docs/operations.md, GPU); freeze (CPU, fp32): "
-                                "traced once, frozen and optimised for inference (conv-bn folded, oneDNN "
+                                "a channels_last copy traced once and frozen (conv-bn folded, oneDNN "
                                 "kernels; any batch size, answers within float rounding of the model's): "
                                 "for models without Python control flow", choices=COMPILE_MODES)
 

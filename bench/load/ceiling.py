@@ -40,7 +40,7 @@ TOP_K = 5
 SETTINGS = (("default", {}), ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}), ("1 thread", {}, 1),
             ("traced", {}, THREADS, "traced"), ("fx fused", {}, THREADS, "fx fused"))
 #: The forms of the model a setting may run: eager (as built, the daemon's default), traced
-#: (traced, frozen and optimised for inference: model.compile = "freeze"), fx fused (FX conv-bn
+#: (in channels_last, traced and frozen: model.compile = "freeze"), fx fused (FX conv-bn
 #: fusion, the weights and the input in channels_last). Each computes the same model within float
 #: rounding (bench/load/prepared.py, tests/unit/test_bench_measures.py).
 FORMS = ("eager", "traced", "fx fused")

@@ -27,7 +27,7 @@ time per batch, and the garbage collector's collections (admin stats ``threads.g
     default team   OpenMP's own waiting (as the in-process ceiling's default), team size measured
     default fixed  OpenMP's own waiting, the whole share on every batch
     auto bound     the defaults with OMP_PROC_BIND=true: each OpenMP thread bound to a core
-    auto freeze    the defaults with the model traced, frozen and optimised for inference
+    auto freeze    the defaults with the model in channels_last, traced and frozen
                    (model.compile = freeze)
     freeze fixed   model.compile = freeze, the whole share on every batch
     auto delay20   the defaults with a 20 ms batching window, not the target's 5 ms: a diagnosis

@@ -2,14 +2,16 @@
 bench.load.prepared [--batches 1,4,16] [--rounds 5] [--seconds 0.8]`` times the built-in
 ResNet-18-style model at 64x64 on 2 threads, per batch size, in three forms taking turns (each
 round in the other order): eager (what bench/load/ceiling.py measures and the daemon runs), FX
-conv-bn fusion in channels_last (``torch.fx.experimental.optimization.fuse``), and traced, frozen
-and optimised for inference (``torch.jit.optimize_for_inference``). It prints the median ms a
-batch over the rounds (with the range) and how far each form's outputs are from eager's.
+conv-bn fusion in channels_last (``torch.fx.experimental.optimization.fuse``), in channels_last,
+traced and frozen (``torch.jit.freeze``, the daemon's ``model.compile = "freeze"``), and the same
+also through ``torch.jit.optimize_for_inference`` (which the daemon does not use: shown so the
+choice can be checked). It prints the median ms a batch over the rounds (with the range) and how
+far each form's outputs are from eager's.
 
 Why it exists: the ceiling of the CPU benchmarks is meant to be the model at the fastest settings
 found on the machine, and these forms compute the same model (float rounding apart) faster at
 some batch sizes here. So bench/load/ceiling.py takes both as candidates, and the daemon runs the
-traced form with ``model.compile = "freeze"`` (docs/benchmarks.md, Thread pools and the CPU
+frozen form with ``model.compile = "freeze"`` (docs/benchmarks.md, Thread pools and the CPU
 layout, "A faster form of the model").
 """
 from __future__ import annotations
@@ -30,12 +32,15 @@ def fx_fused(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def forms(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
-    """(name, module, its input) for eager, FX fused in channels_last, and traced and frozen as the
-    daemon's ``model.compile = "freeze"`` does it (daemon/pipeline/engine_options.py ``frozen``)."""
+    """(name, module, its input) for eager, FX fused in channels_last, traced and frozen as the
+    daemon's ``model.compile = "freeze"`` does it (daemon/pipeline/engine_options.py ``frozen``),
+    and that through ``torch.jit.optimize_for_inference``."""
     from inferd.daemon.pipeline.engine_options import frozen
 
+    with torch.inference_mode():
+        optimised = torch.jit.optimize_for_inference(frozen(model, x))
     return [("eager", model, x), ("fx fused, channels_last", fx_fused(model), x.contiguous(memory_format=torch.channels_last)),
-            ("traced, frozen", frozen(model, x), x)]
+            ("traced, frozen", frozen(model, x), x), ("+ optimize_for_inference", optimised, x)]
 
 
 def ms_a_batch(module, x: torch.Tensor, seconds: float) -> float:

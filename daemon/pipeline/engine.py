@@ -208,7 +208,7 @@ class Engine:
             one = torch.zeros((1, *spec.frame_shape), dtype=torch.uint8, device=self.device)
             example = Preprocess.of(spec, self.device, channels_last=opts.channels_last)(one)
             self.replica = frozen(self.replica, example, spec.embedding_layer)
-            log.info("%s: the model traced, frozen and optimised for inference (model.compile = freeze)",
+            log.info("%s: the model in channels_last, traced and frozen (model.compile = freeze)",
                      self.device)
         elif spec.embedding_layer:
             _hook(dict(self.replica.named_modules())[spec.embedding_layer], spec.embedding_layer)

@@ -14,19 +14,23 @@ When they pay (docs/operations.md, "GPU"):
 - ``compile``: torch.compile (inductor) fuses the preprocessing, normalisation and activations;
   worth it for a long-running service, at the price of minutes of compilation at start-up (one per
   prepared size). Works on CPU too.
-- ``freeze`` (CPU, fp32): the model traced once on one blank frame, frozen and optimised for
-  inference (``torch.jit.optimize_for_inference``: batch norm folded into the convolutions, oneDNN
-  kernels, weights prepacked), then run at any batch size, with no padding. On this project's
-  2-core development VM it ran ResNet-18 at 64x64 1.1-1.5x faster than eager at batches of 4 and
-  16, within 2e-6 of its outputs (``python -m bench.load.prepared``), where torch.compile was
-  slower than eager. A trace records the ops of one pass, so a model whose forward branches on
-  its input or does other work in Python must not use it. TorchScript takes no forward hooks, so
-  the embedding layer's output is traced as a second output of the pass (``frozen``).
+- ``freeze`` (CPU, fp32): a copy of the model with its weights in channels_last, traced once on
+  one blank frame and frozen (``torch.jit.freeze``: weights become constants, batch norm is folded
+  into the convolutions, and oneDNN runs the channels_last convolutions without reordering any
+  tensor), then run at any batch size, with no padding. On this project's 2-core development VM it
+  ran ResNet-18 at 64x64 1.6-1.8x faster than eager at batch 1 and 1.15-1.35x at batches of 4 to
+  16, within 2e-6 of its outputs, with the input in either memory format (``python -m
+  bench.load.prepared``). ``torch.jit.optimize_for_inference`` on top was tried and is not used:
+  its conversions to and from oneDNN's own layout cost as much as they save, 1.6x slower at batch
+  1 and no faster at 4 to 16; torch.compile was slower than eager there. A trace records the ops of
+  one pass, so a model whose forward branches on its input or does other work in Python must not
+  use it. TorchScript takes no forward hooks, so the embedding layer's output is traced as a second
+  output of the pass (``frozen``).
 """
 from __future__ import annotations
 
 import contextlib
-import threading
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -156,23 +160,23 @@ class CudaGraphs:
 
 
 def frozen(module, example: torch.Tensor, layer: str = ""):
-    """``module`` for ``model.compile = "freeze"``: traced on ``example`` (a preprocessed batch),
-    frozen and optimised for inference. With ``layer`` (the embedding layer, a submodule), the
-    pass returns (its output, that layer's output): the tuple the engine reads an embedding from,
-    since a TorchScript module takes no hook. A TorchScript module is frozen as it is (its own
-    forward returns what it returns). ``module`` itself is left as it was: CPU devices share it."""
+    """``module`` for ``model.compile = "freeze"``: a copy in channels_last, traced on ``example`` (a
+    preprocessed batch, in either memory format) and frozen. With ``layer`` (the embedding layer, a
+    submodule), the pass returns (its output, that layer's output): the tuple the engine reads an
+    embedding from, since a TorchScript module takes no hook. A TorchScript module is frozen as it
+    is (its own forward returns what it returns). ``module`` itself is left as it was: CPU devices
+    share it."""
     if isinstance(module, torch.jit.ScriptModule):
         if layer:
             raise ConfigError(f"model.embedding_layer: {layer!r} is in a TorchScript module, which takes "
                               f"no forward hooks; return (logits, embedding) from forward instead")
         with torch.inference_mode():
-            return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-    traced_thread = threading.get_ident()
+            return torch.jit.freeze(copy.deepcopy(module).to(memory_format=torch.channels_last).eval())
+    module = copy.deepcopy(module).to(memory_format=torch.channels_last).eval()
     seen: list = []
 
-    def keep(_module, _inputs, output):       # this thread's pass only: another device may be
-        if threading.get_ident() == traced_thread:  # running the shared module meanwhile
-            seen.append(output)
+    def keep(_module, _inputs, output):
+        seen.append(output)
 
     class WithLayer(torch.nn.Module):
         def __init__(self):
@@ -187,8 +191,8 @@ def frozen(module, example: torch.Tensor, layer: str = ""):
     handle = dict(module.named_modules())[layer].register_forward_hook(keep) if layer else None
     try:
         with torch.inference_mode():
-            traced = torch.jit.trace(WithLayer().eval() if layer else module.eval(), example, check_trace=False)
-            return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            return torch.jit.freeze(torch.jit.trace(WithLayer().eval() if layer else module, example,
+                                                    check_trace=False))
     finally:
         if handle is not None:
             handle.remove()

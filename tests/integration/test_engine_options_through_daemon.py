@@ -46,5 +46,5 @@ def test_a_frozen_model_daemon_answers_and_embeds_as_the_eager_one(fresh_daemon)
             np.testing.assert_allclose(client.embed(image), reference.embed(image), atol=1e-5)
     assert [[p.index for p in t] for t in got] == want.indices.tolist()
     np.testing.assert_allclose([[p.score for p in t] for t in got], want.values.numpy(), atol=1e-5)
-    assert "traced, frozen and optimised for inference" in frozen.log()
+    assert "in channels_last, traced and frozen" in frozen.log()
     assert frozen.stop() == 0 and eager.stop() == 0

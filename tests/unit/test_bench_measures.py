@@ -140,7 +140,8 @@ def test_the_prepared_forms_of_the_model_compute_what_eager_computes():
     model = zoo.build("resnet18")[0].eval()
     x = torch.randn(2, 3, 64, 64)
     forms = prepared.forms(model, x)
-    assert [name for name, *_ in forms] == ["eager", "fx fused, channels_last", "traced, frozen"]
+    assert [name for name, *_ in forms] == ["eager", "fx fused, channels_last", "traced, frozen",
+                                          "+ optimize_for_inference"]
     with torch.inference_mode():
         ref = model(x)
         for name, module, xx in forms:

@@ -302,13 +302,16 @@ def test_bf16_and_channels_last_on_cpu_agree_with_fp32():
 
 
 def test_a_frozen_model_answers_within_float_rounding_at_any_batch_size_with_its_embeddings():
-    """model.compile = freeze: traced once on one frame, frozen, optimised; batches of 1, 5 and 11
-    run as they are (no padding), with the answers and the embedding layer's pooled output of the
-    eager model within float rounding, and the shared module left without the trace's hook."""
+    """model.compile = freeze: a channels_last copy traced once on one frame and frozen; batches of
+    1, 5 and 11 run as they are (no padding), with the answers and the embedding layer's pooled
+    output of the eager model within float rounding, and the shared module left as it was: no
+    trace's hook, its weights in their own memory format."""
     model, engine = _shapes(options=EngineOptions(compile="freeze"))
     assert isinstance(engine.replica, torch.jit.ScriptModule) and not engine.options.padded
     layer = dict(model.module.named_modules())[model.spec.embedding_layer]
     assert not layer._forward_hooks                          # the trace's own hook is gone
+    weights = [p for p in model.module.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() for p in weights)   # the copy went channels_last
     engine_mod._hook(layer)                                  # for the eager reference (_want)
     images, staging = _frames(11)
     seen = []
