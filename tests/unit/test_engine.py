@@ -301,12 +301,13 @@ def test_bf16_and_channels_last_on_cpu_agree_with_fp32():
     assert conv.weight.is_contiguous()
 
 
-def test_a_frozen_model_answers_within_float_rounding_at_any_batch_size_with_its_embeddings():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw input", "channels_last input"])
+def test_a_frozen_model_answers_within_float_rounding_at_any_batch_size_with_its_embeddings(channels_last):
     """model.compile = freeze: a channels_last copy traced once on one frame and frozen; batches of
     1, 5 and 11 run as they are (no padding), with the answers and the embedding layer's pooled
     output of the eager model within float rounding, and the shared module left as it was: no
     trace's hook, its weights in their own memory format."""
-    model, engine = _shapes(options=EngineOptions(compile="freeze"))
+    model, engine = _shapes(options=EngineOptions(compile="freeze", channels_last=channels_last))
     assert isinstance(engine.replica, torch.jit.ScriptModule) and not engine.options.padded
     layer = dict(model.module.named_modules())[model.spec.embedding_layer]
     assert not layer._forward_hooks                          # the trace's own hook is gone
