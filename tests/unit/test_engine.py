@@ -327,6 +327,33 @@ def test_a_frozen_model_answers_within_float_rounding_at_any_batch_size_with_its
     assert seen == [1, 5, 11] and engine.embedding_dim == want_vectors.shape[1]
 
 
+class _ConvBn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+def test_a_torchscript_model_is_frozen_as_a_copy_and_names_no_embedding_layer():
+    """A TorchScript model under freeze: frozen as it is, from a channels_last copy (the shared
+    module keeps its weights' format), within float rounding at another batch size; an embedding
+    layer inside it is refused by name, since TorchScript takes no hooks."""
+    from inferd.daemon.pipeline.engine_options import frozen
+    bn = _ConvBn().eval()
+    bn.bn.running_mean.uniform_(-1, 1)                      # folding that ignored the statistics
+    bn.bn.running_var.uniform_(0.5, 2)                      # would show
+    scripted = torch.jit.script(bn)
+    module = frozen(scripted, torch.zeros(1, 3, 8, 8))
+    assert isinstance(module, torch.jit.ScriptModule) and scripted.conv.weight.is_contiguous()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), scripted(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="model.embedding_layer: 'conv' is in a TorchScript module"):
+        frozen(scripted, torch.zeros(1, 3, 8, 8), "conv")
+
+
 @pytest.mark.parametrize("options, message", [
     (EngineOptions(precision="fp16"), "model.precision: fp16 needs a CUDA device"),
     (EngineOptions(compile="graphs"), "model.compile: graphs are CUDA graphs"),
