@@ -20,9 +20,11 @@ When they pay (docs/operations.md, "GPU"):
   tensor), then run at any batch size, with no padding. On this project's 2-core development VM it
   ran ResNet-18 at 64x64 1.6-1.8x faster than eager at batch 1 and 1.15-1.35x at batches of 4 to
   16, within 2e-6 of its outputs, with the input in either memory format (``python -m
-  bench.load.prepared``). ``torch.jit.optimize_for_inference`` on top was tried and is not used:
-  its conversions to and from oneDNN's own layout cost as much as they save, 1.6x slower at batch
-  1 and no faster at 4 to 16; torch.compile was slower than eager there. A trace records the ops of
+  bench.load.prepared``); at 224x224, ResNet-50 1.5-1.9x and ResNet-18 1.55-1.7x at batches of 1
+  to 16. ``torch.jit.optimize_for_inference`` on top was tried and is not used: its conversions
+  to and from oneDNN's own layout cost as much as they save, 1.6x slower at batch 1 at 64x64 and
+  no faster above but at ResNet-50's batch of 4 (docs/benchmarks.md, "The frozen form in
+  channels_last"); torch.compile was slower than eager there. A trace records the ops of
   one pass, so a model whose forward branches on its input or does other work in Python must not
   use it. TorchScript takes no forward hooks, so the embedding layer's output is traced as a second
   output of the pass (``frozen``).
