@@ -702,7 +702,7 @@ def test_fuzzed_frames_get_typed_answers_while_a_good_client_stays_correct(roomy
         if fuzz.rng.random() < 0.3:
             kind = _sacrificial(roomy.socket_path, fuzz)
             sacrificed[kind] = sacrificed.get(kind, 0) + 1
-        assert not good_errors, good_errors
+        assert not good_errors, (good_errors, roomy.log()[-20000:])
     stop.set()
     good.join(60)
     elapsed = time.monotonic() - t0
@@ -711,7 +711,7 @@ def test_fuzzed_frames_get_typed_answers_while_a_good_client_stays_correct(roomy
     print(f"{sent} fuzzed frames over {FUZZ_SESSIONS} sessions in {elapsed:.1f} s; replies by outcome "
           f"{dict(sorted(outcomes.items()))}; sacrificial connections {sacrificed}; "
           f"the good client checked {checked[0]} answers")
-    assert not good_errors, good_errors
+    assert not good_errors, (good_errors, roomy.log()[-20000:])
     assert checked[0] >= len(images)
     assert sum(outcomes.values()) > FUZZ_FRAMES // 2 and outcomes.get(wire.E_BAD_FRAME)
     assert outcomes.get("ok") and outcomes.get(wire.E_INVALID_INPUT) and outcomes.get(wire.E_BAD_REQUEST)
