@@ -47,7 +47,8 @@ def test_sigterm_finishes_admitted_work_then_exits_cleanly(fresh_daemon):
     finally:
         c.close()
     answered = {r["id"]: r for r in replies}
-    assert all(answered[i]["ok"] and len(answered[i]["top"]) == 5 for i in range(32)), "admitted work lost"
+    lost = {i: answered.get(i) for i in range(32) if not (answered.get(i, {}).get("ok") and len(answered[i]["top"]) == 5)}
+    assert not lost, ("admitted work lost", lost, d.log()[-20000:])
     assert not os.path.exists(d.socket_path)
     assert not shm_leftovers(d.prefix)
     assert "SIGTERM: draining" in d.log() and "stopped" in d.log()
