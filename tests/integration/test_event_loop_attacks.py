@@ -255,8 +255,9 @@ def test_ten_thousand_infos_in_one_write_do_not_stall_a_victim(roomy):
 # write of 10,000 info requests, every reply read, again, until stdin closes. Replies are counted by
 # their headers and only the last of each round is decoded, so the attacker needs little CPU and
 # the daemon's event loop always has its frames to handle. argv: tests dir, socket, uid or "-",
-# sessions. Prints "flooding" once connected, then one JSON line: rounds done, replies read, last
-# replies of a round not ok.
+# sessions. Prints "flooding" once connected, then one JSON line: rounds done, replies read (each
+# counted as it comes, so a slow machine's unfinished round counts too), every 1000th reply of a
+# session decoded ("checked") and those not ok.
 INFO_FLOOD = """
 import json, os, select, sys
 sys.path.insert(0, sys.argv[1])
@@ -269,7 +270,7 @@ sessions = {}
 for _ in range(int(sys.argv[4])):
     c = RawClient(sys.argv[2])
     sessions[c.sock] = {"sent": 0, "got": 0, "buf": bytearray()}
-counts = {"rounds": 0, "replies": 0, "not_ok": 0}
+counts = {"rounds": 0, "replies": 0, "checked": 0, "not_ok": 0}
 print("flooding", flush=True)
 while not select.select([sys.stdin], [], [], 0)[0]:    # until stdin closes
     r, w, _ = select.select(list(sessions), [s for s, v in sessions.items() if v["sent"] < len(flood)], [], 10)
@@ -285,12 +286,15 @@ while not select.select([sys.stdin], [], [], 0)[0]:    # until stdin closes
             end = pos + wire.HEADER_SIZE + wire.HEADER.unpack_from(buf, pos)[0]
             if end > len(buf):
                 break
-            v["got"], last, pos = v["got"] + 1, bytes(buf[pos:end]), end
+            v["got"] += 1
+            counts["replies"] += 1
+            if v["got"] % 1000 == 0:                   # a sample decoded: answered, not refused
+                counts["checked"] += 1
+                counts["not_ok"] += not wire.FrameReader(wire.MAX_REPLY_FRAME).feed(bytes(buf[pos:end]))[0].get("ok")
+            pos = end
         del buf[:pos]
-        if v["got"] == 10_000:                         # a round done: check its last, again
-            counts["not_ok"] += not wire.FrameReader(wire.MAX_REPLY_FRAME).feed(last)[0].get("ok")
+        if v["got"] == 10_000:                         # a round done: again
             counts["rounds"] += 1
-            counts["replies"] += 10_000
             v["sent"] = v["got"] = 0
 print(json.dumps(counts), flush=True)
 """
@@ -340,7 +344,9 @@ def test_an_info_flood_leaves_the_device_threads_the_gil(fresh_daemon):
               f"beside {'uid 65534' if root else 'this uid'}'s info flood ({counts}): {len(attacked)} "
               f"classifies, p50 {_p(attacked, 50):.2f} ms p99 {_p(attacked, 99):.2f} ms, max "
               f"{max(attacked) * 1e3:.0f} ms")
-        assert counts["rounds"] >= 2 and counts["not_ok"] == 0, counts      # the flood ran, answered
+        # the flood ran and was answered: at least 1,000 infos a second (no client of the library
+        # asks that often), counted as they came, since a slow machine may finish no 10,000 round
+        assert counts["replies"] >= 5_000 and counts["checked"] >= 5 and counts["not_ok"] == 0, counts
         assert _p(attacked, 99) < 400, "the victim's frames waited behind the info flood for the GIL"
     assert d.proc.poll() is None, d.log()
 
