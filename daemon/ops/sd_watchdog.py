@@ -5,7 +5,9 @@ gets done", not "a timer fired". A ping is sent only when all of these hold:
 
 - the event loop runs: the check is a task on it, so a blocked loop sends nothing;
 - every device thread of a device *in rotation* (state ``healthy``) is alive, and either
-  - runs a batch that is still within its health watchdog bound (``HealthMonitor.bound``), or
+  - runs a batch that is still within its health watchdog bound (``HealthMonitor.bound``) plus
+    SLACK: health takes a stuck device out within bound + its tick, on this same loop, which a
+    loaded host runs late, and a device health is about to take out is no reason to withhold, or
   - beat recently: ``Device.beat`` is stamped each time ``DeviceQueue.take`` returns, at least
     every IDLE_TIMEOUT (0.1 s) when idle. Between two beats the thread runs at most one batch
     (within its bound, else health takes the device out) and waits at most max_delay for a batch
@@ -63,7 +65,7 @@ def stalls(devices, now: float, *, bound: Callable[[object, int], float], max_de
         started, size = dev.running_since, dev.running_size
         if started is not None:
             limit = bound(dev, size)
-            if now - started > limit:
+            if now - started > limit + SLACK:
                 reasons.append(f"{dev.label}: batch of {size} running for {now - started:.1f} s, "
                                f"past its bound of {limit:.1f} s")
             continue
@@ -87,6 +89,10 @@ class Watchdog:
         self._status_at = -float("inf")
         self._frames = (clock(), self._frames_done())
         self.missing: list[str] = []        # the reasons of the last miss, [] while all is well
+        now = clock()
+        for dev in server.devices:          # made at READY: the warm-up that just ended is a
+            if not dev.beat:                # thread's last sign of life, though a thread slow to
+                dev.beat = now              # take its first batch on a loaded host has not beaten
 
     def _frames_done(self) -> int:
         return sum(dev.frames for dev in self.server.devices)

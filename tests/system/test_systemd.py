@@ -244,6 +244,15 @@ def test_a_batch_within_its_bound_is_progress_even_without_a_beat():
     assert watchdog.stalls([dev], 100.0, bound=bound, max_delay=0.002) == []
 
 
+def test_a_batch_just_past_its_bound_is_left_to_health():
+    """Health takes a stuck device out within its bound and a tick, on the loop the watchdog runs
+    on too; on a loaded host the watchdog's look may come first, and must not blame it."""
+    assert watchdog.stalls([fake_device(beat=90.0, running_since=98.5, size=8)], 100.0, bound=bound,
+                           max_delay=0.002) == []
+    assert watchdog.stalls([fake_device(beat=90.0, running_since=97.9, size=8)], 100.0, bound=bound,
+                           max_delay=0.002) != []
+
+
 def test_a_stuck_in_rotation_device_withholds_the_ping():
     dev = fake_device(beat=90.0, running_since=97.0, size=8)
     reasons = watchdog.stalls([dev], 100.0, bound=bound, max_delay=0.002)
@@ -306,6 +315,21 @@ def test_the_task_pings_only_while_progress_is_made_and_looks_again_soon_after_a
     clock.now += 5.0
     dog.tick()
     assert sent[-1].startswith("WATCHDOG=1\nSTATUS=") and "0 of 1 devices in rotation" in sent[-1]
+
+
+def test_a_thread_that_has_not_beaten_since_ready_counts_from_ready():
+    """The task starts at READY=1, when every device thread has just warmed up: one slow to take
+    its first batch on a loaded host has not beaten yet, and is silent only from READY on."""
+    clock, sent = Clock(100_000.0), []
+    dev = fake_device(beat=0.0)
+    dog = watchdog.Watchdog(FakeServer([dev]), 2.0, clock=clock, send=sent.append)
+    assert dev.beat == 100_000.0
+    assert dog.tick() == 1.0 and sent[-1].startswith("WATCHDOG=1")
+    clock.now += 3.0                                      # never beat since: past bound + SLACK
+    sent.clear()
+    dog.tick()
+    assert dog.missing == ["cpu#0: device thread silent for 3.0 s (limit 2.1 s)"]
+    assert all("WATCHDOG=1" not in s for s in sent)
 
 
 def test_while_draining_only_the_loop_counts():
