@@ -24,7 +24,7 @@ from typing import Any
 from .caching.fleet.codec import check_l2_config
 from .ops.agent_check import parse_agent
 from .ops.metrics_listener import check_config as check_metrics_config
-from .config_sections import (COMPILE_MODES, INPUT_FORMS, LOG_LEVELS, MODEL_FORMATS, PRECISIONS, SECTIONS,
+from .config_sections import (COMPILE_MODES, PER_SIZE_MODES, INPUT_FORMS, LOG_LEVELS, MODEL_FORMATS, PRECISIONS, SECTIONS,
                               BatchingConfig, CacheConfig, Config, DeviceConfig, DispatchConfig,
                               EmbeddingsConfig, FleetConfig, HealthConfig, L2Config, MetricsConfig, ModelConfig,
                               ModelEntryConfig,
@@ -35,7 +35,7 @@ from .front.listener import SUN_PATH_MAX
 __all__ = ["ConfigError", "Config", "load", "from_dict", "parse_override", "reference", "check_input_form",
            "SECTIONS", "default_cache_path", "ServerConfig", "RingConfig", "BatchingConfig", "ModelConfig",
            "DispatchConfig", "HealthConfig", "CacheConfig", "EmbeddingsConfig", "MetricsConfig", "L2Config",
-           "FleetConfig", "ThreadsConfig", "DeviceConfig", "ModelEntryConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES",
+           "FleetConfig", "ThreadsConfig", "DeviceConfig", "ModelEntryConfig", "LOG_LEVELS", "MODEL_FORMATS", "PRECISIONS", "COMPILE_MODES", "PER_SIZE_MODES",
            "INPUT_FORMS"]
 
 
@@ -141,7 +141,7 @@ def _check_model(m: ModelConfig, key: str) -> None:
         if not m.input_height or not m.input_width:
             raise ConfigError(f"{key}.input_height / {key}.input_width: required (> 0) with {key}.path")
     check_input_form(m, key)
-    if m.compile in ("graphs", "compile") and m.warmup_batches < 1:
+    if m.compile in PER_SIZE_MODES and m.warmup_batches < 1:
         raise ConfigError(f"{key}.compile: {m.compile} prepares every batch size during the "
                           f"warm-up; set {key}.warmup_batches >= 1")
 

@@ -36,6 +36,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_FORMATS = ("auto", "torchscript", "export")
 PRECISIONS = ("fp32", "bf16", "fp16")          # model.precision (daemon/pipeline/engine_options.py)
 COMPILE_MODES = ("none", "graphs", "compile", "freeze")  # model.compile (daemon/pipeline/engine_options.py)
+PER_SIZE_MODES = ("graphs", "compile")       # those prepared per batch size in the warm-up, batches padded up
 INPUT_FORMS = ("float_nchw", "uint8_nhwc")     # model.input (daemon/pipeline/preprocess.py)
 
 

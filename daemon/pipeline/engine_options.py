@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import COMPILE_MODES, PRECISIONS, ConfigError
+from ..config import COMPILE_MODES, PER_SIZE_MODES, PRECISIONS, ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +76,7 @@ class EngineOptions:
     @property
     def padded(self) -> bool:
         """Batches run at prepared sizes (padded up)."""
-        return self.compile in ("graphs", "compile")
+        return self.compile in PER_SIZE_MODES
 
     def autocast(self, device: torch.device):
         """The autocast context of the forward pass (none for fp32)."""
@@ -168,17 +168,14 @@ def frozen(module, example: torch.Tensor, layer: str = ""):
     embedding from, since a TorchScript module takes no hook. A TorchScript module is frozen as it
     is (its own forward returns what it returns). ``module`` itself is left as it was: CPU devices
     share it."""
+    if isinstance(module, torch.jit.ScriptModule) and layer:
+        raise ConfigError(f"model.embedding_layer: {layer!r} is in a TorchScript module, which takes "
+                          f"no forward hooks; return (logits, embedding) from forward instead")
+    module = copy.deepcopy(module).to(memory_format=torch.channels_last).eval()   # this call's own
     if isinstance(module, torch.jit.ScriptModule):
-        if layer:
-            raise ConfigError(f"model.embedding_layer: {layer!r} is in a TorchScript module, which takes "
-                              f"no forward hooks; return (logits, embedding) from forward instead")
         with torch.inference_mode():
-            return torch.jit.freeze(copy.deepcopy(module).to(memory_format=torch.channels_last).eval())
-    module = copy.deepcopy(module).to(memory_format=torch.channels_last).eval()
+            return torch.jit.freeze(module)
     seen: list = []
-
-    def keep(_module, _inputs, output):
-        seen.append(output)
 
     class WithLayer(torch.nn.Module):
         def __init__(self):
@@ -190,11 +187,7 @@ def frozen(module, example: torch.Tensor, layer: str = ""):
             out = self.model(x)
             return out, seen[-1]
 
-    handle = dict(module.named_modules())[layer].register_forward_hook(keep) if layer else None
-    try:
-        with torch.inference_mode():
-            return torch.jit.freeze(torch.jit.trace(WithLayer().eval() if layer else module, example,
-                                                    check_trace=False))
-    finally:
-        if handle is not None:
-            handle.remove()
+    if layer:                               # on the copy, which the trace records without it
+        dict(module.named_modules())[layer].register_forward_hook(lambda _m, _i, output: seen.append(output))
+    with torch.inference_mode():
+        return torch.jit.freeze(torch.jit.trace(WithLayer().eval() if layer else module, example, check_trace=False))
